@@ -1,0 +1,219 @@
+"""The artifact bundle: a directory with one model file, manifest.json and golden.npz.
+
+Standard library and numpy only: this module runs on devices.
+
+    <name>-<target>/
+      manifest.json   schema, versions, target profile, model file + sha256, I/O with
+                      quantization, source sha256, calibration summary, validation metrics
+      model.tflite | model.onnx
+      golden.npz      a few inputs and the expected outputs (device health check)
+
+Bundles are written into a temporary directory beside the destination and
+renamed into place, so a failed write leaves nothing a user would find.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+import numpy as np
+
+from edgekit.errors import BundleError
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+GOLDEN = "golden.npz"
+MODEL_FILES = {"tflite": "model.tflite", "onnx": "model.onnx"}
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_name(name: str, what: str = "model name") -> str:
+    """Names end up in device paths: letters, digits, '.', '_' and '-', no traversal."""
+    if not _NAME_RE.match(name) or ".." in name:
+        raise BundleError(f"invalid {what} {name!r}",
+                          hint="use letters, digits, '.', '_' and '-' (max 128), not starting "
+                               "with '.' or '-', and no '..'")
+    return name
+
+
+def sha256_file(path: os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_tree(root: os.PathLike) -> str:
+    """One digest for a directory: relative paths and contents, in sorted order."""
+    root = Path(root)
+    h = hashlib.sha256()
+    for p in sorted(q for q in root.rglob("*") if q.is_file()):
+        h.update(p.relative_to(root).as_posix().encode() + b"\0")
+        h.update(sha256_file(p).encode() + b"\n")
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A bundle read from disk and verified."""
+
+    path: Path
+    manifest: Dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.manifest["name"]
+
+    @property
+    def target(self) -> str:
+        return self.manifest["target"]["name"]
+
+    @property
+    def format(self) -> str:
+        return self.manifest["model"]["format"]
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / self.manifest["model"]["file"]
+
+    @property
+    def golden_path(self) -> Path:
+        return self.path / GOLDEN
+
+    def digest(self) -> str:
+        """The release id used on devices: the sha256 of the whole bundle directory."""
+        return sha256_tree(self.path)
+
+    def golden(self) -> Dict[str, np.ndarray]:
+        with np.load(self.golden_path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+
+
+def is_bundle(path: os.PathLike) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def read_bundle(path: os.PathLike, verify: bool = True) -> Bundle:
+    """Read a bundle's manifest; with `verify`, check the model file's size and sha256."""
+    p = Path(path)
+    mpath = p / MANIFEST
+    if not p.is_dir():
+        raise BundleError("bundle directory not found", path=str(p),
+                          hint="give the directory `edgekit convert` wrote, e.g. build/model-rpi4")
+    if not mpath.is_file():
+        raise BundleError("not a bundle: no manifest.json", path=str(p),
+                          hint="give a directory written by `edgekit convert`, or a .tflite/.onnx file")
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BundleError(f"manifest.json is not valid JSON ({e})", path=str(p)) from None
+    for key in ("schema", "name", "model", "target", "inputs", "outputs"):
+        if key not in manifest:
+            raise BundleError(f"manifest.json lacks '{key}'", path=str(p))
+    if manifest["schema"] > SCHEMA_VERSION:
+        raise BundleError(f"bundle schema {manifest['schema']} is newer than this edgekit "
+                          f"understands ({SCHEMA_VERSION})", path=str(p),
+                          hint="upgrade edgekit on this machine")
+    bundle = Bundle(p, manifest)
+    check_name(bundle.name)
+    if verify:
+        verify_bundle(bundle)
+    return bundle
+
+
+def verify_bundle(bundle: Bundle) -> None:
+    m = bundle.manifest["model"]
+    mp = bundle.model_path
+    if Path(m["file"]).name != m["file"]:
+        raise BundleError(f"model file name {m['file']!r} is not a plain file name", path=str(bundle.path))
+    if not mp.is_file():
+        raise BundleError(f"model file {m['file']} is missing", path=str(bundle.path))
+    size = mp.stat().st_size
+    if size != m["bytes"]:
+        raise BundleError(f"{m['file']} is {size} bytes, manifest says {m['bytes']}: "
+                          "the bundle is damaged", path=str(bundle.path))
+    digest = sha256_file(mp)
+    if digest != m["sha256"]:
+        raise BundleError(f"{m['file']} sha256 {digest[:12]}… does not match the manifest's "
+                          f"{m['sha256'][:12]}…: the bundle is damaged or was modified",
+                          path=str(bundle.path))
+    golden = bundle.manifest.get("golden")
+    if golden and not bundle.golden_path.is_file():
+        raise BundleError("golden.npz is missing", path=str(bundle.path))
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, float) and (obj != obj or obj in (float("inf"), float("-inf"))):
+        return None  # JSON has no NaN/Inf
+    return obj
+
+
+def write_json_atomic(path: os.PathLike, data: Any) -> None:
+    """Write JSON via a temporary file in the same directory and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(_jsonable(data), f, indent=2, sort_keys=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_bundle(dest: os.PathLike, *, fmt: str, model_bytes: bytes, manifest: Dict[str, Any],
+                 golden: Dict[str, np.ndarray],
+                 check: Optional[Callable[[Path], None]] = None) -> Bundle:
+    """Write a bundle atomically: temp dir beside `dest`, fill, optional `check(tmpdir)`, rename.
+
+    `manifest` gets the model file entry filled in here. An existing bundle at
+    `dest` is replaced only once the new one is complete.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    old = None
+    try:
+        fname = MODEL_FILES[fmt]
+        (tmp / fname).write_bytes(model_bytes)
+        np.savez(tmp / GOLDEN, **golden)
+        manifest = dict(manifest)
+        manifest["schema"] = SCHEMA_VERSION
+        manifest["model"] = dict(manifest.get("model", {}), file=fname, format=fmt,
+                                 sha256=hashlib.sha256(model_bytes).hexdigest(),
+                                 bytes=len(model_bytes))
+        write_json_atomic(tmp / MANIFEST, manifest)
+        if check is not None:
+            check(tmp)
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not dest.exists():
+            os.replace(old, dest)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return read_bundle(dest)

@@ -1,0 +1,119 @@
+"""SavedModel -> float ONNX (tf2onnx, in process) -> INT8 ONNX (ONNX Runtime static quantization)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+from edgekit.convert.data import Dataset
+from edgekit.errors import ConversionError
+from edgekit.targets import OnnxBuild
+
+_QDQ = ("QuantizeLinear", "DequantizeLinear")
+_SHAPE_OPS = {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Shape", "Gather",
+              "Concat", "Slice", "Identity", "Cast", "Constant", "ConstantOfShape", "Split",
+              "Resize", "MaxPool", "Pad", "Expand"}
+
+
+def saved_model_to_onnx(saved_model: Path, opset: int) -> bytes:
+    import tensorflow as tf
+    from tf2onnx import convert as t2o
+    from tf2onnx import tf_loader
+
+    graph_def, inputs, outputs, renames = tf_loader.from_saved_model(
+        str(saved_model), None, None, return_tensors_to_rename=True)
+    with tf.device("/cpu:0"):
+        proto, _ = t2o._convert_common(graph_def, name=str(saved_model), opset=opset,
+                                       input_names=inputs, output_names=outputs,
+                                       tensors_to_rename=renames)
+    return proto.SerializeToString()
+
+
+def adapt_opset(model_bytes: bytes, opset: int) -> bytes:
+    """An ONNX source at another opset than the target's: convert, or say why not."""
+    import onnx
+
+    m = onnx.load_from_string(model_bytes)
+    current = max((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), default=opset)
+    if current == opset:
+        return model_bytes
+    try:
+        from onnx import version_converter
+
+        return version_converter.convert_version(m, opset).SerializeToString()
+    except Exception as e:
+        raise ConversionError(f"the model uses opset {current} and the target needs {opset}; "
+                              f"onnx's version converter failed: {str(e).splitlines()[0][:200]}",
+                              stage="onnx opset", hint="export the model at the target's opset") from None
+
+
+class _Reader:
+    """ONNX Runtime's CalibrationDataReader protocol (get_next), with progress."""
+
+    def __init__(self, calib: Dataset, tick):
+        self._calib, self._i, self._tick = calib, 0, tick
+
+    def get_next(self):
+        if self._i >= len(self._calib):
+            return None
+        self._i += 1
+        if self._tick:
+            self._tick(self._i, len(self._calib))
+        return self._calib.sample(self._i - 1)
+
+    def rewind(self):
+        self._i = 0
+
+
+def quantize(float_bytes: bytes, calib: Dataset, build: OnnxBuild,
+             tick: Optional[Callable[[int, int], None]] = None,
+             nodes_to_exclude=None) -> bytes:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    qtype = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+    with tempfile.TemporaryDirectory(prefix="edgekit-onnx-") as d:
+        src, pre, out = Path(d, "float.onnx"), Path(d, "pre.onnx"), Path(d, "int8.onnx")
+        src.write_bytes(float_bytes)
+        try:
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
+        except Exception:
+            pre = src  # pre-processing is an optimization; quantization works without it
+        quantize_static(
+            str(pre), str(out), _Reader(calib, tick),
+            quant_format=QuantFormat.QDQ if build.quant_format == "qdq" else QuantFormat.QOperator,
+            per_channel=build.per_channel,
+            reduce_range=build.reduce_range,
+            activation_type=qtype[build.activation_type],
+            weight_type=qtype[build.weight_type],
+            calibrate_method=CalibrationMethod.MinMax,
+            nodes_to_exclude=list(nodes_to_exclude or []),
+            extra_options={"ActivationSymmetric": build.symmetric_activations,
+                           "WeightSymmetric": build.symmetric_weights},
+        )
+        return out.read_bytes()
+
+
+def float_ops(model_bytes: bytes) -> Dict[str, int]:
+    """Compute nodes whose activation inputs do not all come from DequantizeLinear (QDQ), or
+    that are not integer ops (QOperator): the ops that stayed float."""
+    import onnx
+
+    m = onnx.load_from_string(model_bytes)
+    g = m.graph
+    producer = {o: n for n in g.node for o in n.output}
+    inits = {i.name for i in g.initializer}
+    out: Dict[str, int] = {}
+    for n in g.node:
+        if n.op_type in _QDQ or n.op_type in _SHAPE_OPS or n.domain == "com.microsoft" \
+                or n.op_type.startswith("QLinear") or n.op_type.endswith("Integer"):
+            continue
+        acts = [i for i in n.input if i and i not in inits
+                and not (i in producer and producer[i].op_type == "Constant")]
+        if not acts:
+            continue
+        if all(i in producer and producer[i].op_type == "DequantizeLinear" for i in acts):
+            continue
+        out[n.op_type] = out.get(n.op_type, 0) + 1
+    return out

@@ -1,0 +1,80 @@
+"""SavedModel -> full-integer TFLite (int8, or int16 activations x int8 weights)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+from edgekit.convert.data import Dataset
+from edgekit.targets import TFLiteBuild
+
+_IO_TYPES = {"int8": "int8", "uint8": "uint8", "float32": "float32"}
+
+
+def to_tflite(saved_model: Path, calib: Dataset, build: TFLiteBuild,
+              tick: Optional[Callable[[int, int], None]] = None) -> bytes:
+    import tensorflow as tf
+
+    conv = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    n = len(calib)
+
+    def representative():
+        for i in range(n):
+            if tick:
+                tick(i + 1, n)
+            yield {k: v for k, v in calib.sample(i).items()}
+
+    conv.representative_dataset = representative
+    if build.activations == "int16":
+        conv.target_spec.supported_ops = [
+            tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8,
+            tf.lite.OpsSet.TFLITE_BUILTINS]
+        io = tf.int16 if build.io_type != "float32" else tf.float32
+    else:
+        # INT8 kernels first; an op without one stays float and is reported, never silently.
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8,
+                                          tf.lite.OpsSet.TFLITE_BUILTINS]
+        io = getattr(tf, _IO_TYPES[build.io_type])
+    conv.inference_input_type = io
+    conv.inference_output_type = io
+    if not build.per_channel:
+        conv._experimental_disable_per_channel = True
+    return conv.convert()
+
+
+def float_ops(model_path: Path) -> dict:
+    """Op name -> count of ops that compute in float (QUANTIZE/DEQUANTIZE at the edges excluded)."""
+    from edgekit.runtime.tflite import find_interpreter
+
+    _, interp_cls, _ = find_interpreter()
+    interp = interp_cls(model_path=str(model_path))
+    try:
+        ops = interp._get_ops_details()
+        dtypes = {t["index"]: t["dtype"] for t in interp.get_tensor_details()}
+    except Exception:
+        return {}
+    import numpy as np
+
+    out: dict = {}
+    for op in ops:
+        if op["op_name"] in ("QUANTIZE", "DEQUANTIZE"):
+            continue
+        outs = [i for i in op["outputs"] if i >= 0]
+        if any(np.dtype(dtypes.get(i, np.int8)) == np.float32 for i in outs):
+            out[op["op_name"]] = out.get(op["op_name"], 0) + 1
+    return out
+
+
+def op_counts(model_path: Path) -> dict:
+    from edgekit.runtime.tflite import find_interpreter
+
+    _, interp_cls, _ = find_interpreter()
+    interp = interp_cls(model_path=str(model_path))
+    counts: dict = {}
+    try:
+        for op in interp._get_ops_details():
+            counts[op["op_name"]] = counts.get(op["op_name"], 0) + 1
+    except Exception:
+        pass
+    return counts

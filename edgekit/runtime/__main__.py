@@ -1,0 +1,122 @@
+"""python -m edgekit.runtime {run,bench,check,facts}: the device side, argparse only.
+
+Exit status: 0 fine, 1 a check failed, 2 a usage problem (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import List, Optional
+
+import numpy as np
+
+from edgekit.errors import DataError, EdgekitError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m edgekit.runtime")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def common(sp):
+        sp.add_argument("model", help="bundle directory, .tflite or .onnx")
+        sp.add_argument("--backend", default=None, help="litert, tflite-runtime, tensorflow, onnxruntime")
+        sp.add_argument("--threads", type=int, default=None)
+        sp.add_argument("--json", action="store_true", help="JSON on stdout")
+
+    r = sub.add_parser("run", help="run once on an input file and print the float outputs")
+    common(r)
+    r.add_argument("--input", required=True, help=".npy (single input) or .npz keyed by input name")
+    r.add_argument("--raw", action="store_true", help="integer tensors in and out")
+    b = sub.add_parser("bench", help="measure latency (the DESIGN.md method)")
+    common(b)
+    b.add_argument("--runs", type=int, default=200)
+    b.add_argument("--warmup", type=int, default=20)
+    b.add_argument("--no-end-to-end", action="store_true")
+    b.add_argument("--out", default=None, help="also write the JSON report here")
+    c = sub.add_parser("check", help="golden health check of a bundle")
+    common(c)
+    sub.add_parser("facts", help="this machine: arch, CPU, memory, OS, backends (JSON)")
+    return p
+
+
+def read_inputs(path: str, names: List[str]) -> dict:
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read input file ({e})", path=path,
+                        hint="give a .npy array or an .npz keyed by input name") from None
+    if isinstance(data, np.ndarray):
+        if len(names) != 1:
+            raise DataError(f"a .npy holds one array but the model has inputs {names}", path=path,
+                            hint="use an .npz keyed by input name")
+        return {names[0]: data}
+    with data:
+        keys = list(data.files)
+        if len(names) == 1 and len(keys) == 1:
+            return {names[0]: data[keys[0]]}
+        missing = [n for n in names if n not in keys]
+        if missing:
+            raise DataError(f"no array for input '{missing[0]}' (file has {keys})", path=path)
+        return {n: data[n] for n in names}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except EdgekitError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+def _dispatch(args) -> int:
+    if args.cmd == "facts":
+        from edgekit.runtime.facts import device_facts
+
+        print(json.dumps(device_facts(), indent=2))
+        return 0
+    from edgekit.runtime import load
+
+    model = load(args.model, backend=args.backend, threads=args.threads)
+    if args.cmd == "run":
+        feeds = read_inputs(args.input, [s.name for s in model.inputs])
+        out = model.run(**feeds, raw=args.raw)
+        if args.json:
+            print(json.dumps({k: v.tolist() for k, v in out.items()}))
+        else:
+            with np.printoptions(precision=5, suppress=True, threshold=200):
+                for k, v in out.items():
+                    print(f"{k} {v.dtype}{list(v.shape)}:\n{v}")
+        return 0
+    if args.cmd == "bench":
+        from edgekit.bundle import write_json_atomic
+        from edgekit.runtime.report import bench_table
+
+        rep = model.benchmark(runs=args.runs, warmup=args.warmup,
+                              end_to_end=not args.no_end_to_end)
+        if args.out:
+            write_json_atomic(args.out, rep)
+        print(json.dumps(rep) if args.json else bench_table([rep]))
+        return 0
+    if args.cmd == "check":
+        from edgekit.runtime.check import golden_check
+
+        res = golden_check(model)
+        res.update(backend=model.backend, backend_version=model.backend_version)
+        if args.json:
+            print(json.dumps(res))
+        else:
+            for name, o in res["outputs"].items():
+                print(f"{name}: max abs error {o['max_abs_err']:.6g} (tolerance {o['atol']:.6g}) "
+                      f"{'ok' if o['ok'] else 'FAILED'}")
+        return 0 if res["ok"] else 1
+    raise AssertionError(args.cmd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

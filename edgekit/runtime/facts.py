@@ -1,0 +1,80 @@
+"""What this machine can run: backends and versions, plus the measuring conditions."""
+
+from __future__ import annotations
+
+import importlib
+import platform
+import sys
+from typing import Any, Dict
+
+from edgekit.runtime.bench import conditions
+
+_PROBES = (
+    ("litert", "ai_edge_litert.interpreter", "ai-edge-litert"),
+    ("tflite-runtime", "tflite_runtime.interpreter", "tflite-runtime"),
+    ("tensorflow", "tensorflow", "tensorflow"),
+    ("onnxruntime", "onnxruntime", "onnxruntime"),
+)
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for d in (dist, dist + "-cpu", dist + "-gpu"):
+        try:
+            return version(d)
+        except PackageNotFoundError:
+            continue
+    return "unknown"
+
+
+def backends() -> Dict[str, Any]:
+    """Backend -> {'version', 'providers'} for each importable one; failures named, not raised."""
+    found: Dict[str, Any] = {}
+    for name, mod, dist in _PROBES:
+        try:
+            m = importlib.import_module(mod)
+        except Exception as e:
+            found[name] = {"available": False, "error": f"{type(e).__name__}: {e}".splitlines()[0]}
+            continue
+        entry: Dict[str, Any] = {"available": True, "version": _version(dist)}
+        if name == "onnxruntime":
+            entry["providers"] = list(m.get_available_providers())
+        found[name] = entry
+    return found
+
+
+def device_facts() -> Dict[str, Any]:
+    cond = conditions()
+    mem_kb = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    mem_kb = int(line.split()[1])
+    except OSError:
+        pass
+    flags = []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags = line.split(":", 1)[1].split()
+                    break
+    except OSError:
+        pass
+    return {
+        "arch": platform.machine(),
+        "cpu_model": cond["cpu_model"],
+        "cpu_features": flags,
+        "cores": cond["cpu_count"],
+        "memory_mb": mem_kb // 1024 if mem_kb else None,
+        "os": cond.get("os"),
+        "python": platform.python_version(),
+        "python_executable": sys.executable,
+        "numpy": cond["numpy"],
+        "board": cond["board"],
+        "l4t": cond["l4t"],
+        "backends": backends(),
+        "conditions": cond,
+    }

@@ -1,0 +1,28 @@
+"""Tables of benchmark reports (standard library only)."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+from edgekit.table import render
+
+
+def bench_table(reports: List[Dict[str, Any]], label: str = "model") -> str:
+    rows = []
+    for r in reports:
+        lat, e2e = r["latency"], r.get("end_to_end") or {}
+        rows.append([r.get("label") or r.get("bundle") or r["model"], r["format"],
+                     f"{r['backend']} {r['backend_version']}", r["threads"],
+                     r["load_ms"], r["first_inference_ms"], lat["p50_ms"], lat["p90_ms"],
+                     lat["p99_ms"], lat["cv"], e2e.get("p50_ms"), lat["throughput_per_s"],
+                     "NOISY" if r["noisy"] else "ok"])
+    table = render([label, "format", "backend", "thr", "load ms", "first ms", "p50 ms", "p90 ms",
+                    "p99 ms", "cv", "e2e p50", "inf/s", "run"], rows)
+    notes = [f"{r.get('label') or r.get('bundle') or r['model']}: noisy: " + "; ".join(r["noise_reasons"])
+             for r in reports if r["noisy"]]
+    if reports:
+        c = reports[0]["conditions"]
+        notes.append(f"conditions: {c['cpu_model']} ({c['machine']}, {c['cpu_count']} cores), "
+                     f"governor {c['governor'] or 'n/a'}, load {c['loadavg'][0] if c['loadavg'] else 'n/a'}"
+                     f", {reports[0]['runs']} runs after {reports[0]['warmup']} warm-up")
+    return table + ("\n" + "\n".join(notes) if notes else "")

@@ -1,0 +1,151 @@
+"""TFLite backend: ai_edge_litert, tflite_runtime (legacy, numpy<2) or tensorflow.lite.
+
+The interpreter module is imported here, inside the function that needs it, so
+a device with numpy and any one of them runs edgekit.runtime.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from edgekit.errors import BackendUnavailable
+from edgekit.runtime.spec import TensorSpec
+
+# (backend name, module holding Interpreter, distribution for the version)
+IMPLEMENTATIONS = (
+    ("litert", "ai_edge_litert.interpreter", "ai-edge-litert"),
+    ("tflite-runtime", "tflite_runtime.interpreter", "tflite-runtime"),
+    ("tensorflow", "tensorflow.lite", "tensorflow"),
+)
+
+
+def _dist_version(dist: str, module) -> str:
+    try:
+        from importlib.metadata import version
+
+        return version(dist)
+    except Exception:
+        pass
+    for alt in ("tensorflow-cpu",):
+        try:
+            from importlib.metadata import version
+
+            return version(alt)
+        except Exception:
+            continue
+    return getattr(module, "__version__", "unknown")
+
+
+def find_interpreter(prefer: Optional[str] = None) -> Tuple[str, object, str]:
+    """(backend name, Interpreter class, version) of the first importable implementation."""
+    tried = []
+    for name, modname, dist in IMPLEMENTATIONS:
+        if prefer and name != prefer:
+            continue
+        try:
+            mod = importlib.import_module(modname)
+        except Exception as e:  # ImportError, or a broken install (e.g. numpy ABI mismatch)
+            tried.append(f"{name}: {type(e).__name__}: {e}".splitlines()[0])
+            continue
+        interp = getattr(mod, "Interpreter")
+        top = importlib.import_module(modname.split(".")[0])
+        return name, interp, _dist_version(dist, top)
+    raise BackendUnavailable(
+        "no TFLite interpreter can be imported" + (f" (backend={prefer})" if prefer else "")
+        + ("; tried " + "; ".join(tried) if tried else ""), fmt="tflite",
+        hint="pip install ai-edge-litert  (or tflite-runtime==2.14.0 with numpy<2 on older images)")
+
+
+def _spec(d: dict, name: Optional[str] = None) -> TensorSpec:
+    q = d.get("quantization_parameters") or {}
+    scales = q.get("scales")
+    dtype = np.dtype(d["dtype"]).name
+    shape = tuple(int(s) for s in d.get("shape_signature", d["shape"]))
+    if scales is not None and len(scales) and np.issubdtype(np.dtype(dtype), np.integer):
+        return TensorSpec(name or d["name"], shape, dtype,
+                          tuple(float(s) for s in scales),
+                          tuple(int(z) for z in q["zero_points"]),
+                          int(q.get("quantized_dimension", 0)))
+    return TensorSpec(name or d["name"], shape, dtype)
+
+
+class TFLiteBackend:
+    format = "tflite"
+
+    def __init__(self, path: str, threads: Optional[int] = None, prefer: Optional[str] = None):
+        self.name, interp_cls, self.version = find_interpreter(prefer)
+        kwargs = {"model_path": str(path)}
+        if threads:
+            kwargs["num_threads"] = int(threads)
+        try:
+            self._interp = interp_cls(**kwargs)
+            self._interp.allocate_tensors()
+        except ValueError as e:
+            raise BackendUnavailable(f"{self.name} {self.version} cannot load {path}: {e}",
+                                     fmt="tflite",
+                                     hint="the model needs an op or op version this runtime "
+                                          "does not have; upgrade the runtime or rebuild for it") from None
+        self.threads = threads
+        self.providers: List[str] = ["XNNPACK (default delegate)"]
+        in_det = self._interp.get_input_details()
+        out_det = self._interp.get_output_details()
+        in_names, out_names = self._signature_names(in_det, out_det)
+        self._in_index = [d["index"] for d in in_det]
+        self._out_index = [d["index"] for d in out_det]
+        self.inputs = [_spec(d, n) for d, n in zip(in_det, in_names)]
+        self.outputs = [_spec(d, n) for d, n in zip(out_det, out_names)]
+        self._shapes = [tuple(d["shape"]) for d in in_det]
+
+    def _signature_names(self, in_det, out_det):
+        """Names from the model's signature (what the source model called them), else tensor names."""
+        in_names = [d["name"] for d in in_det]
+        out_names = [d["name"] for d in out_det]
+        try:
+            sigs = self._interp.get_signature_list()
+        except Exception:
+            return in_names, out_names
+        if len(sigs) != 1:
+            return in_names, out_names
+        key = next(iter(sigs))
+        try:
+            runner = self._interp.get_signature_runner(key)
+            by_index_in = {d["index"]: n for n, d in runner.get_input_details().items()}
+            by_index_out = {d["index"]: n for n, d in runner.get_output_details().items()}
+        except Exception:
+            return in_names, out_names
+        in_names = [by_index_in.get(d["index"], d["name"]) for d in in_det]
+        out_names = [by_index_out.get(d["index"], d["name"]) for d in out_det]
+        return in_names, out_names
+
+    def set_inputs(self, arrays: List[np.ndarray]) -> None:
+        """Set raw (already quantized) inputs, resizing a dynamic batch when it changes."""
+        resized = False
+        for i, (idx, a) in enumerate(zip(self._in_index, arrays)):
+            if tuple(a.shape) != self._shapes[i]:
+                self._interp.resize_tensor_input(idx, list(a.shape), strict=True)
+                self._shapes[i] = tuple(a.shape)
+                resized = True
+        if resized:
+            self._interp.allocate_tensors()
+        for idx, a in zip(self._in_index, arrays):
+            self._interp.set_tensor(idx, a)
+
+    def invoke(self) -> None:
+        self._interp.invoke()
+
+    def get_outputs(self) -> List[np.ndarray]:
+        return [self._interp.get_tensor(i) for i in self._out_index]
+
+    def op_summary(self) -> Dict[str, int]:
+        """Op type -> count (uses the interpreter's op details where the version has them)."""
+        counts: Dict[str, int] = {}
+        try:
+            ops = self._interp._get_ops_details()
+        except Exception:
+            return counts
+        for op in ops:
+            counts[op["op_name"]] = counts.get(op["op_name"], 0) + 1
+        return counts
