@@ -231,8 +231,8 @@ def _check_array(a: np.ndarray, spec: TensorSpec, path: str, what: str) -> np.nd
     if a.ndim == len(want) - 1 and all(d in (-1, g) for d, g in zip(want[1:], a.shape)):
         a = a[None]  # a single sample without its batch axis
     if a.ndim != len(want) or any(d not in (-1, g) for d, g in zip(want[1:], a.shape[1:])):
-        raise DataError(f"{what} data has shape {tuple(a.shape)}, the model takes "
-                        f"{tuple('N' if d == -1 and i == 0 else d for i, d in enumerate(want))} "
+        dims = ", ".join("N" if i == 0 else ("?" if d == -1 else str(d)) for i, d in enumerate(want))
+        raise DataError(f"{what} data has shape {tuple(a.shape)}, the model takes ({dims}) "
                         "(first axis: samples)", path=path, tensor=spec.name)
     if a.shape[0] == 0:
         raise DataError(f"{what} data is empty (0 samples)", path=path, tensor=spec.name)

@@ -18,7 +18,7 @@ from edgekit.runtime.spec import TensorSpec
 IMPLEMENTATIONS = (
     ("litert", "ai_edge_litert.interpreter", "ai-edge-litert"),
     ("tflite-runtime", "tflite_runtime.interpreter", "tflite-runtime"),
-    ("tensorflow", "tensorflow.lite", "tensorflow"),
+    ("tensorflow", "tensorflow.lite.python.interpreter", "tensorflow"),
 )
 
 
@@ -47,10 +47,10 @@ def find_interpreter(prefer: Optional[str] = None) -> Tuple[str, object, str]:
             continue
         try:
             mod = importlib.import_module(modname)
+            interp = getattr(mod, "Interpreter")
         except Exception as e:  # ImportError, or a broken install (e.g. numpy ABI mismatch)
             tried.append(f"{name}: {type(e).__name__}: {e}".splitlines()[0])
             continue
-        interp = getattr(mod, "Interpreter")
         top = importlib.import_module(modname.split(".")[0])
         return name, interp, _dist_version(dist, top)
     raise BackendUnavailable(

@@ -1,0 +1,99 @@
+"""Shared fixtures: a trained digits CNN, its bundles for every target, CLI runners, device venvs."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = Path(__file__).resolve().parent / "models" / "mlperf-tiny"
+sys.path.insert(0, str(ROOT / "examples"))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory):
+    """(model path, calib.npz, val.npz) of a digits CNN trained here in seconds."""
+    from digits import train
+
+    d = tmp_path_factory.mktemp("digits")
+    model = train(d, epochs=8)
+    return model, d / "calib.npz", d / "val.npz"
+
+
+@pytest.fixture(scope="session")
+def digits_build(digits, tmp_path_factory):
+    """The digits CNN converted for every shipped target (one ConvertResult)."""
+    from edgekit.convert import convert
+    from edgekit.targets import builtin_names
+
+    model, calib, val = digits
+    out = tmp_path_factory.mktemp("build")
+    return convert(str(model), builtin_names(), str(out), calib=str(calib), val=str(val))
+
+
+def bundle_of(result, target, fmt=None):
+    for b in result.bundles:
+        if b.target == target and (fmt is None or b.fmt == fmt):
+            return b
+    raise KeyError((target, fmt))
+
+
+@pytest.fixture
+def cli():
+    """Run the edgekit CLI in process: returns click's Result (exit_code, stdout, stderr)."""
+    from click.testing import CliRunner
+
+    from edgekit.cli import cli as root
+
+    def run(*args):
+        return CliRunner().invoke(root, [str(a) for a in args], catch_exceptions=False)
+
+    return run
+
+
+def run_cli_process(*args, cwd=None, env=None):
+    """The real `edgekit` program in a subprocess: exit status and streams as a user sees them."""
+    e = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "edgekit.cli", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, env=e, timeout=600)
+
+
+# --- device-like Python environments (no TensorFlow) --------------------------
+
+VENV_CACHE = Path(os.environ.get("EDGEKIT_TEST_CACHE", Path.home() / ".cache" / "edgekit-tests"))
+
+
+def device_venv(requirements):
+    """A cached venv with only `requirements` (no TensorFlow): like a device's image.
+
+    Any failure to build it fails the test (CI must not silently skip device coverage).
+    """
+    key = hashlib.sha256((sys.version + "\n".join(requirements)).encode()).hexdigest()[:16]
+    venv = VENV_CACHE / f"venv-{key}"
+    py = venv / "bin" / "python"
+    if not (venv / ".complete").exists():
+        import shutil
+
+        shutil.rmtree(venv, ignore_errors=True)
+        VENV_CACHE.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        r = subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                            *requirements], capture_output=True, text=True)
+        assert r.returncode == 0, f"cannot build device venv {requirements}:\n{r.stderr[-2000:]}"
+        (venv / ".complete").write_text("\n".join(requirements))
+    return py
+
+
+def run_in_venv(py, *args, cwd=None):
+    """Run `python -m edgekit.runtime ...` from the repo's source in that venv."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("PYTHONHOME", None)
+    return subprocess.run([str(py), *map(str, args)], capture_output=True, text=True, env=env,
+                          cwd=cwd or ROOT, timeout=300)
