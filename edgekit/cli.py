@@ -238,6 +238,286 @@ def bench(models, runs, warmup, backend, threads, as_json, out):
     click.echo(json.dumps(data) if as_json else bench_table(reports))
 
 
+# --- devices, deploy, status, rollback, profile ----------------------------------
+
+_inventory_opt = click.option("--inventory", type=click.Path(), envvar="EDGEKIT_INVENTORY",
+                              help="devices.toml (default: ./devices.toml, or $EDGEKIT_INVENTORY).")
+_trust_opt = click.option("--trust-new-host", is_flag=True,
+                          help="Accept and record an unknown host key (a changed key is always refused).")
+
+
+def _select(inventory, device, group, all_devices):
+    from edgekit.deploy.inventory import load_inventory
+
+    inv = load_inventory(inventory)
+    return inv, inv.select(device, group, all_devices)
+
+
+def _options(inv, trust_new_host=False, keep=3, quiet=False):
+    from edgekit.deploy.ops import Options
+    from edgekit.progress import Progress
+
+    return Options(inv, trust_new_host=trust_new_host, keep=keep, progress=Progress(enabled=not quiet))
+
+
+def _finish(group, as_json, headers, row, title=""):
+    """Print per-device results (table or JSON); exit 1 when any device failed."""
+    from edgekit.table import render
+
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in group.results], indent=2, default=str))
+    else:
+        click.echo(render(headers, [row(r) for r in group.results], title=title))
+        for r in group.results:
+            for w in r.warnings:
+                click.echo(f"warning: {r.device}: {w}", err=True)
+            if r.reason:
+                click.echo(f"{r.device}: {r.reason}", err=True)
+    if group.failed:
+        raise click.exceptions.Exit(1)
+
+
+@cli.group()
+def device():
+    """The devices in the inventory: add, list, info, setup."""
+
+
+@device.command("add")
+@click.argument("name")
+@click.option("--host", required=True, help="Address, or a Host alias from ~/.ssh/config.")
+@click.option("--port", type=int)
+@click.option("--user")
+@click.option("--key-file", type=click.Path())
+@click.option("--target", help="The device's target profile (see `edgekit targets list`).")
+@click.option("--root", default="~/.edgekit", show_default=True, help="Device directory for edgekit.")
+@click.option("--python", "python_", default="python3", show_default=True, help="Python on the device.")
+@click.option("--group", "groups", multiple=True, help="Group(s) for fleet commands.")
+@click.option("--replace", is_flag=True, help="Overwrite a device of that name.")
+@_inventory_opt
+def device_add(name, host, port, user, key_file, target, root, python_, groups, replace, inventory):
+    """Add a device to devices.toml (no passwords stored: keys or ssh-agent)."""
+    from edgekit.deploy.inventory import Device, load_inventory
+    from edgekit.targets import load_target
+
+    if target:
+        load_target(target)
+    inv = load_inventory(inventory, must_exist=False)
+    inv.add(Device(name=name, host=host, port=port, user=user, key_file=key_file, target=target,
+                   root=root, python=python_, groups=tuple(groups)), replace_existing=replace)
+    inv.save()
+    click.echo(f"added {name} ({user + '@' if user else ''}{host}) to {inv.path}")
+
+
+@device.command("list")
+@_inventory_opt
+@click.option("--json", "as_json", is_flag=True)
+def device_list(inventory, as_json):
+    """The devices in the inventory."""
+    import dataclasses
+
+    from edgekit.deploy.inventory import load_inventory
+    from edgekit.table import render
+
+    inv = load_inventory(inventory)
+    if as_json:
+        click.echo(json.dumps([dataclasses.asdict(d) for d in inv.devices.values()], indent=2))
+        return
+    click.echo(render(["device", "address", "target", "groups", "root", "python"],
+                      [[d.name, d.address, d.target, ",".join(d.groups), d.root, d.python]
+                       for d in inv.devices.values()]))
+
+
+def _device_selection(f):
+    f = click.option("--all", "all_devices", is_flag=True, help="Every device in the inventory.")(f)
+    f = click.option("--group", "-g", help="A group of devices.")(f)
+    return f
+
+
+@device.command("info")
+@click.argument("name", required=False)
+@_device_selection
+@_inventory_opt
+@_trust_opt
+@click.option("--json", "as_json", is_flag=True)
+def device_info(name, group, all_devices, inventory, trust_new_host, as_json):
+    """What a device is: arch, CPU, memory, OS, Python, backends; the profile that fits."""
+    from edgekit.deploy import ops
+    from edgekit.deploy.fleet import fan_out
+
+    inv, devs = _select(inventory, name, group, all_devices)
+    opts = _options(inv, trust_new_host)
+    res = fan_out(devs, lambda d: ops.info(d, opts))
+
+    def row(r):
+        f = r.data.get("facts", {})
+        b = ", ".join(f"{k} {v.get('version')}" for k, v in f.get("backends", {}).items() if v.get("available"))
+        return [r.device, f.get("arch"), f.get("cpu_model"), f.get("cores"), f.get("memory_mb"),
+                f.get("os"), f.get("python"), b or "none", f.get("board") or f.get("l4t"),
+                f.get("suggested_target"), r.status if not r.ok else "ok"]
+
+    _finish(res, as_json, ["device", "arch", "cpu", "cores", "MB", "os", "python", "backends",
+                           "board", "suggested", "result"], row)
+
+
+@device.command("setup")
+@click.argument("name", required=False)
+@_device_selection
+@_inventory_opt
+@_trust_opt
+@click.option("--parallel", type=int, default=8, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def device_setup(name, group, all_devices, inventory, trust_new_host, parallel, as_json):
+    """Push the edgekit runtime to the device(s) and check a backend is there."""
+    from edgekit.deploy import ops
+    from edgekit.deploy.fleet import fan_out
+
+    inv, devs = _select(inventory, name, group, all_devices)
+    opts = _options(inv, trust_new_host)
+    res = fan_out(devs, lambda d: ops.setup(d, opts), parallel)
+    _finish(res, as_json, ["device", "runtime", "python", "backends", "result"],
+            lambda r: [r.device, r.data.get("runtime"), r.data.get("python"),
+                       ", ".join(f"{k} {v}" for k, v in (r.data.get("backends") or {}).items()),
+                       r.status])
+
+
+def _load_bundle(path):
+    from edgekit.bundle import read_bundle
+
+    return read_bundle(path)
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--device", "-d", "device_name", help="One device from the inventory.")
+@_device_selection
+@click.option("--parallel", type=int, default=8, show_default=True, help="Devices at a time.")
+@click.option("--keep", type=int, default=3, show_default=True, help="Releases kept per model.")
+@click.option("--dry-run", is_flag=True, help="Say what would change on which device; touch nothing.")
+@_inventory_opt
+@_trust_opt
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
+def deploy(bundle, device_name, group, all_devices, parallel, keep, dry_run, inventory, trust_new_host,
+           as_json, quiet):
+    """Deploy BUNDLE: upload, verify, switch atomically, health-check, roll back on failure."""
+    from edgekit.deploy import ops
+    from edgekit.deploy.fleet import fan_out
+
+    if keep < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--keep")
+    b = _load_bundle(bundle)
+    inv, devs = _select(inventory, device_name, group, all_devices)
+    opts = _options(inv, trust_new_host, keep, quiet or as_json)
+    res = fan_out(devs, lambda d: ops.deploy(d, b, opts, dry_run=dry_run), parallel)
+    _finish(res, as_json, ["device", "result", "release", "previous", "sent KiB", "backend", "seconds"],
+            lambda r: [r.device, r.status, (r.data.get("sha256") or "")[:12],
+                       (r.data.get("previous") or "-")[:12], r.data.get("bytes_sent", 0) / 1024,
+                       r.data.get("backend"), r.seconds],
+            title=f"{'dry run: ' if dry_run else ''}deploy {b.name} ({b.target}, {b.format})")
+
+
+@cli.command()
+@click.option("--device", "-d", "device_name", help="One device from the inventory.")
+@_device_selection
+@click.option("--model", help="Only this model.")
+@click.option("--no-health", is_flag=True, help="Skip the golden health check of current releases.")
+@_inventory_opt
+@_trust_opt
+@click.option("--json", "as_json", is_flag=True)
+def status(device_name, group, all_devices, model, no_health, inventory, trust_new_host, as_json):
+    """Per device and model: current release, older ones, health."""
+    from edgekit.deploy import ops
+    from edgekit.deploy.fleet import fan_out
+    if not (device_name or group or all_devices):
+        all_devices = True
+    inv, devs = _select(inventory, device_name, group, all_devices)
+    opts = _options(inv, trust_new_host)
+    res = fan_out(devs, lambda d: ops.status(d, opts, model, health=not no_health))
+    if as_json:
+        _finish(res, True, [], None)
+        return
+    from edgekit.table import render
+
+    rows = []
+    for r in res.results:
+        if not r.data.get("models"):
+            rows.append([r.device, "-", "-", "-", "-", r.reason or r.status])
+        for name, m in (r.data.get("models") or {}).items():
+            h = m.get("health") or {}
+            older = [x["sha256"][:12] for x in m["releases"] if x["sha256"] != m.get("current")]
+            rows.append([r.device, name, (m.get("current") or "-")[:12], ", ".join(older) or "-",
+                         "ok" if h.get("ok") else ("-" if not h else "FAILED"),
+                         h.get("backend", "")])
+    click.echo(render(["device", "model", "current", "older releases", "health", "backend"], rows))
+    for r in res.failed:
+        click.echo(f"{r.device}: {r.reason}", err=True)
+    if res.failed:
+        raise click.exceptions.Exit(1)
+
+
+@cli.command()
+@click.argument("device_name")
+@click.argument("model")
+@click.option("--to", "to", help="A release sha256 (or a unique prefix) instead of the previous one.")
+@_inventory_opt
+@_trust_opt
+@click.option("--json", "as_json", is_flag=True)
+def rollback(device_name, model, to, inventory, trust_new_host, as_json):
+    """Switch MODEL on DEVICE back to its previous release (or --to SHA)."""
+    from edgekit.deploy import ops
+    from edgekit.deploy.fleet import fan_out
+
+    inv, devs = _select(inventory, device_name, None, False)
+    opts = _options(inv, trust_new_host)
+    res = fan_out(devs, lambda d: ops.rollback(d, model, opts, to))
+    _finish(res, as_json, ["device", "model", "was", "now", "health", "result"],
+            lambda r: [r.device, model, (r.data.get("previous") or "-")[:12], (r.data.get("current") or "-")[:12],
+                       "ok" if (r.data.get("health") or {}).get("ok") else "FAILED",
+                       r.status if r.ok else r.reason or r.status])
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--device", "-d", "device_name", help="One device from the inventory.")
+@_device_selection
+@click.option("--runs", type=int, default=200, show_default=True)
+@click.option("--warmup", type=int, default=20, show_default=True)
+@click.option("--threads", type=int, help="Override the profile's thread count.")
+@click.option("--parallel", type=int, default=1, show_default=True,
+              help="Devices profiled at a time (1: no device disturbs another's figures).")
+@click.option("--save-dir", default="profiles", show_default=True, type=click.Path(),
+              help="Where the JSON reports are saved (<dir>/<device>/...).")
+@_inventory_opt
+@_trust_opt
+@click.option("--json", "as_json", is_flag=True)
+def profile(bundle, device_name, group, all_devices, runs, warmup, threads, parallel, save_dir, inventory,
+            trust_new_host, as_json):
+    """Measure BUNDLE on the device(s) with the latency method; table, JSON saved under profiles/."""
+    from edgekit.deploy import ops
+    from edgekit.deploy.fleet import fan_out
+    from edgekit.runtime.report import bench_table
+
+    b = _load_bundle(bundle)
+    inv, devs = _select(inventory, device_name, group, all_devices)
+    opts = _options(inv, trust_new_host, quiet=as_json)
+    res = fan_out(devs, lambda d: ops.profile(d, b, opts, runs, warmup, save_dir, threads), parallel)
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in res.results], indent=2, default=str))
+    else:
+        reps = [r.data["report"] for r in res.succeeded]
+        if reps:
+            click.echo(bench_table(reps, label="device"))
+        for r in res.results:
+            for w in r.warnings:
+                click.echo(f"warning: {r.device}: {w}", err=True)
+            if r.data.get("saved"):
+                click.echo(f"{r.device}: saved {r.data['saved']}")
+        for r in res.failed:
+            click.echo(f"{r.device}: {r.reason}", err=True)
+    if res.failed:
+        raise click.exceptions.Exit(1)
+
+
 def main(argv: Optional[list] = None) -> None:
     cli.main(args=argv, prog_name="edgekit", standalone_mode=True)
 

@@ -98,3 +98,34 @@ class BudgetMissed(EdgekitError):
     """A validation missed its accuracy budget; the report was still written."""
 
     exit_code = 1
+
+
+class DeviceError(EdgekitError):
+    """Something about one device: unreachable, refused, missing runtime, out of space.
+
+    In a fleet run this is data (a failed result for that device), not a crash.
+    """
+
+    def __init__(self, message: str, *, device: str | None = None, host: str | None = None,
+                 hint: str | None = None):
+        where = f"device {device}" if device else ""
+        if host:
+            where += f" ({host})" if where else host
+        super().__init__(f"{where}: {message}" if where else message, hint=hint)
+        self.device = device
+        self.host = host
+
+
+class HostKeyError(DeviceError):
+    """An unknown host key (refused unless trusted) or a changed one (always refused)."""
+
+    def __init__(self, message: str, *, device: str | None = None, host: str | None = None,
+                 fingerprint: str | None = None, expected: str | None = None,
+                 hint: str | None = None):
+        super().__init__(message, device=device, host=host, hint=hint)
+        self.fingerprint = fingerprint
+        self.expected = expected
+
+
+class InventoryError(EdgekitError):
+    """devices.toml that cannot be read, or a device/group that is not in it."""

@@ -39,6 +39,16 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="golden health check of a bundle")
     common(c)
     sub.add_parser("facts", help="this machine: arch, CPU, memory, OS, backends (JSON)")
+    rel = sub.add_parser("release", help="device side of deploy: status/activate/rollback/verify (JSON)")
+    rel.add_argument("action", choices=["status", "activate", "store", "rollback", "verify", "clean"])
+    rel.add_argument("--root", required=True)
+    rel.add_argument("--name")
+    rel.add_argument("--sha")
+    rel.add_argument("--incoming")
+    rel.add_argument("--to")
+    rel.add_argument("--keep", type=int, default=3)
+    rel.add_argument("--no-check", action="store_true")
+    rel.add_argument("--health", action="store_true")
     return p
 
 
@@ -75,6 +85,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _dispatch(args) -> int:
+    if args.cmd == "release":
+        return _release(args)
     if args.cmd == "facts":
         from edgekit.runtime.facts import device_facts
 
@@ -116,6 +128,28 @@ def _dispatch(args) -> int:
                       f"{'ok' if o['ok'] else 'FAILED'}")
         return 0 if res["ok"] else 1
     raise AssertionError(args.cmd)
+
+
+def _release(args) -> int:
+    from edgekit.runtime import releases as r
+
+    if args.action != "status" and not args.name:
+        raise DataError(f"release {args.action} needs --name")
+    if args.action == "status":
+        out = r.status(args.root, args.name, health=args.health)
+    elif args.action == "activate":
+        out = r.activate(args.root, args.name, args.sha, incoming=args.incoming, keep=args.keep,
+                         check=not args.no_check)
+    elif args.action == "store":
+        out = r.store(args.root, args.name, args.sha, args.incoming)
+    elif args.action == "rollback":
+        out = r.rollback(args.root, args.name, to=args.to, check=not args.no_check)
+    elif args.action == "verify":
+        out = {"ok": r.verify(r.model_dir(args.root, args.name) / "releases" / args.sha, args.sha)}
+    else:
+        out = {"removed": r.clean_incoming(args.root, args.name)}
+    print(json.dumps(out))
+    return 0
 
 
 if __name__ == "__main__":

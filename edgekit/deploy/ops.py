@@ -1,0 +1,202 @@
+"""What edgekit does to one device: info, setup, deploy (or dry run), status, rollback, profile."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from edgekit.bundle import Bundle, write_json_atomic
+from edgekit.deploy.connection import Connection
+from edgekit.deploy.fleet import DeviceResult
+from edgekit.deploy.inventory import Device, Inventory
+from edgekit.deploy.session import DeviceSession
+from edgekit.progress import Progress
+
+
+class Options:
+    """Settings shared by every device of one run."""
+
+    def __init__(self, inventory: Inventory, *, trust_new_host: bool = False, keep: int = 3,
+                 progress: Optional[Progress] = None, timeout: float = 10.0):
+        self.inventory = inventory
+        self.trust_new_host = trust_new_host
+        self.keep = keep
+        self.progress = progress or Progress(enabled=False)
+        self.timeout = timeout
+
+    def connect(self, device: Device) -> Connection:
+        return Connection(device, self.inventory, trust_new_host=self.trust_new_host,
+                          timeout=self.timeout).open()
+
+
+def suggest_target(facts: Dict[str, Any]) -> Optional[str]:
+    """The shipped profile that fits what the device says about itself."""
+    arch = facts.get("arch", "")
+    text = " ".join(str(facts.get(k) or "") for k in ("board", "cpu_model", "l4t")).lower()
+    flags = set(facts.get("cpu_features") or [])
+    if facts.get("l4t") or "jetson" in text:
+        return "jetson-orin" if ("orin" in text or "r36" in text or "r35" in text) else "jetson-nano"
+    if arch in ("aarch64", "arm64", "armv7l"):
+        if "raspberry pi 5" in text or "cortex-a76" in text:
+            return "rpi5"
+        if "zero 2" in text or "cortex-a53" in text:
+            return "rpi-zero2"
+        return "rpi4"
+    if arch in ("x86_64", "amd64"):
+        return "x86-avx512-vnni" if "avx512_vnni" in flags else "x86-avx2"
+    return None
+
+
+def info(device: Device, opts: Options) -> DeviceResult:
+    with opts.connect(device) as c:
+        s = DeviceSession(c)
+        s.ensure_runtime()
+        f = s.facts()
+    f["suggested_target"] = suggest_target(f)
+    warnings = []
+    if device.target and f["suggested_target"] and device.target != f["suggested_target"]:
+        warnings.append(f"inventory says target {device.target}, the device looks like {f['suggested_target']}")
+    return DeviceResult(device.name, "ok", data={"facts": f}, warnings=warnings)
+
+
+def setup(device: Device, opts: Options) -> DeviceResult:
+    with opts.connect(device) as c:
+        s = DeviceSession(c)
+        pushed = s.ensure_runtime(force=True)
+        f = s.facts()
+    usable = [n for n, b in f["backends"].items() if b.get("available")]
+    if not usable:
+        from edgekit.deploy.session import INSTALL_HINTS
+
+        return DeviceResult(device.name, "failed",
+                            reason=f"device {device.name}: runtime installed under {s.root}/runtime, but no "
+                                   f"inference backend is importable: {INSTALL_HINTS['tflite']}; or {INSTALL_HINTS['onnx']}",
+                            data={"facts": f})
+    return DeviceResult(device.name, "ok", data={"runtime": f"{s.root}/runtime", "pushed": pushed,
+                                                 "backends": {n: f["backends"][n].get("version") for n in usable},
+                                                 "python": f["python"]})
+
+
+def _mismatch(device: Device, bundle: Bundle):
+    if device.target and device.target != bundle.target:
+        return [f"bundle built for {bundle.target}, device profile is {device.target}"]
+    return []
+
+
+def deploy(device: Device, bundle: Bundle, opts: Options, dry_run: bool = False) -> DeviceResult:
+    name, sha = bundle.name, bundle.digest()
+    warnings = _mismatch(device, bundle)
+    data: Dict[str, Any] = {"model": name, "sha256": sha, "bytes_sent": 0}
+    with opts.connect(device) as c:
+        s = DeviceSession(c)
+        stale = s.runtime_status() is None
+        if dry_run:
+            entry = _model_status(s, name, runtime=not stale)
+            cur = entry.get("current")
+            have = any(r["sha256"] == sha for r in entry.get("releases", []))
+            data.update(previous=cur, runtime=("would push" if stale else "present"))
+            status = "unchanged" if cur == sha else ("would-switch" if have else "would-upload")
+            if status == "unchanged":
+                status = "would-verify"  # verified on the real run
+            return DeviceResult(device.name, status, data=data, warnings=warnings)
+        s.ensure_runtime()
+        data["backend"] = s.check_backend(bundle.format)
+        entry = s.release("status", "--name", name)["models"].get(name, {})
+        cur = entry.get("current")
+        have = any(r["sha256"] == sha for r in entry.get("releases", []))
+        data["previous"] = cur
+        incoming = None
+        if have and not s.release("verify", "--name", name, "--sha", sha)["ok"]:
+            warnings.append(f"release {sha[:12]} on the device was modified or damaged: uploaded again")
+            have = False
+        if have and cur == sha:
+            return DeviceResult(device.name, "unchanged", data=data, warnings=warnings)
+        if not have:
+            tick = opts.progress.ticker(f"[{device.name}] upload", "")
+            incoming, data["bytes_sent"] = s.upload_bundle(bundle.path, name, sha,
+                                                           tick=lambda d, t: tick(d >> 10, t >> 10, "KiB"))
+        args = ["--name", name, "--sha", sha, "--keep", str(opts.keep)]
+        if incoming:
+            args += ["--incoming", incoming]
+        res = s.release("activate", *args)
+    data.update(health=res.get("health"), current=res.get("current"), pruned=res.get("pruned", []))
+    status = res["status"]
+    reason = None
+    if status == "rolled-back":
+        h = res.get("health") or {}
+        reason = "health check failed on the device: " + (h.get("error") or ", ".join(
+            f"{k} max error {v['max_abs_err']:.4g} > {v['atol']:.4g}"
+            for k, v in (h.get("outputs") or {}).items() if not v.get("ok")))
+        reason += f"; current is back at {(res.get('current') or 'none')[:12]}"
+    return DeviceResult(device.name, status, reason=reason, data=data, warnings=warnings)
+
+
+def _model_status(s: DeviceSession, name: Optional[str], runtime: bool = True, health: bool = False):
+    if not runtime:
+        return {}
+    args = ["--name", name] if name else []
+    if health:
+        args.append("--health")
+    st = s.release("status", *args)
+    return st["models"].get(name, {}) if name else st
+
+
+def status(device: Device, opts: Options, model: Optional[str] = None, health: bool = True) -> DeviceResult:
+    with opts.connect(device) as c:
+        s = DeviceSession(c)
+        s.ensure_runtime()
+        st = s.release("status", *(["--name", model] if model else []), *(["--health"] if health else []))
+    bad = [n for n, m in st["models"].items() if health and m.get("current") and not m["health"].get("ok")]
+    return DeviceResult(device.name, "failed" if bad else "ok",
+                        reason=(f"unhealthy: {', '.join(bad)}" if bad else None),
+                        data={"models": st["models"], "free_bytes": st["free_bytes"]})
+
+
+def rollback(device: Device, model: str, opts: Options, to: Optional[str] = None) -> DeviceResult:
+    with opts.connect(device) as c:
+        s = DeviceSession(c)
+        s.ensure_runtime()
+        res = s.release("rollback", "--name", model, *(["--to", to] if to else []))
+    ok = (res.get("health") or {}).get("ok", True)
+    return DeviceResult(device.name, "rolled-back-by-request" if ok else "failed",
+                        reason=None if ok else "the release rolled back to fails its health check",
+                        data=res)
+
+
+def profile(device: Device, bundle: Bundle, opts: Options, runs: int = 200, warmup: int = 20,
+            out_dir: Optional[Path] = None, threads: Optional[int] = None) -> DeviceResult:
+    name, sha = bundle.name, bundle.digest()
+    warnings = _mismatch(device, bundle)
+    with opts.connect(device) as c:
+        s = DeviceSession(c)
+        s.ensure_runtime()
+        s.check_backend(bundle.format)
+        entry = s.release("status", "--name", name)["models"].get(name, {})
+        have = any(r["sha256"] == sha for r in entry.get("releases", []))
+        if have and not s.release("verify", "--name", name, "--sha", sha)["ok"]:
+            have = False
+        if not have:
+            tick = opts.progress.ticker(f"[{device.name}] upload", "")
+            incoming, _ = s.upload_bundle(bundle.path, name, sha, tick=lambda d, t: tick(d >> 10, t >> 10, "KiB"))
+            s.release("store", "--name", name, "--sha", sha, "--incoming", incoming)
+        opts.progress.say(f"[{device.name}] profiling {name}: {warmup} warm-up + {runs} runs on the device")
+        path = f"{s.root}/models/{name}/releases/{sha}"
+        args = ["bench", path, "--json", "--runs", str(runs), "--warmup", str(warmup)]
+        if threads:
+            args += ["--threads", str(threads)]
+        rep = s.call(*args, timeout=3600)
+    rep["device"] = device.name
+    rep["label"] = device.name
+    rep["bundle_sha256"] = sha
+    saved = None
+    if out_dir is not None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        saved = Path(out_dir) / device.name / f"{name}-{bundle.target}-{bundle.format}-{stamp}.json"
+        write_json_atomic(saved, rep)
+    return DeviceResult(device.name, "ok", data={"report": rep, "saved": str(saved) if saved else None},
+                        warnings=warnings)
+
+
+__all__ = ["Options", "info", "setup", "deploy", "status", "rollback", "profile", "suggest_target", "json"]

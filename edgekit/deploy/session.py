@@ -1,0 +1,198 @@
+"""A device session: the edgekit runtime on the device, and calls into it (JSON back).
+
+The device side is `python -m edgekit.runtime ...` from <root>/runtime, pushed by
+`edgekit device setup` (and on demand by deploy/profile when missing or stale).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import stat
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import edgekit
+from edgekit.deploy.connection import Connection
+from edgekit.errors import DeviceError
+
+PKG = Path(edgekit.__file__).resolve().parent
+# What a device needs: the runtime and what it imports (standard library + numpy only).
+RUNTIME_FILES = ["__init__.py", "errors.py", "bundle.py", "table.py"] + \
+    sorted(f"runtime/{p.name}" for p in (PKG / "runtime").glob("*.py"))
+
+INSTALL_HINTS = {
+    "tflite": "pip install ai-edge-litert  (or, on numpy<2 images: pip install tflite-runtime==2.14.0)",
+    "onnx": "pip install onnxruntime  (onnxruntime-gpu on a Jetson, from NVIDIA's builds)",
+}
+
+
+def runtime_digest() -> str:
+    h = hashlib.sha256()
+    for rel in RUNTIME_FILES:
+        h.update(rel.encode() + b"\0" + (PKG / rel).read_bytes())
+    return h.hexdigest()
+
+
+class DeviceSession:
+    def __init__(self, conn: Connection):
+        self.conn = conn
+        self.device = conn.device
+        self.root = conn.path(self.device.root).rstrip("/")
+        self._facts: Optional[Dict[str, Any]] = None
+
+    def err(self, message: str, hint: Optional[str] = None) -> DeviceError:
+        return self.conn._err(message, hint)
+
+    # -- files ---------------------------------------------------------------
+    def makedirs(self, path: str) -> None:
+        sftp = self.conn.sftp
+        parts, cur = path.strip("/").split("/"), ""
+        for p in parts:
+            cur += "/" + p
+            try:
+                st = sftp.stat(cur)
+                if not stat.S_ISDIR(st.st_mode):
+                    raise self.err(f"{cur} exists and is not a directory")
+            except FileNotFoundError:
+                try:
+                    sftp.mkdir(cur)
+                except OSError as e:
+                    raise self.err(f"cannot create {cur}: {e}") from None
+
+    def put_files(self, files: List[Tuple[Path, str]], tick: Optional[Callable[[int, int], None]] = None) -> int:
+        """Upload (local path, remote path) pairs with pipelined SFTP writes; bytes sent."""
+        total = sum(f.stat().st_size for f, _ in files)
+        done = 0
+        sftp = self.conn.sftp
+        for local, remote in files:
+            self.makedirs(posixpath.dirname(remote))
+            base = done
+
+            def cb(sent, _size, base=base):
+                if tick:
+                    tick(base + sent, total)
+
+            try:
+                with open(local, "rb") as fl, sftp.open(remote, "wb", bufsize=1 << 20) as fr:
+                    fr.set_pipelined(True)
+                    sent = 0
+                    while True:
+                        chunk = fl.read(1 << 20)
+                        if not chunk:
+                            break
+                        fr.write(chunk)
+                        sent += len(chunk)
+                        cb(sent, None)
+                if sftp.stat(remote).st_size != local.stat().st_size:
+                    raise OSError(f"size mismatch after upload of {remote}")
+            except (OSError, EOFError) as e:
+                raise self._upload_error(e, remote, total) from None
+            done += local.stat().st_size
+        if tick and not files:
+            tick(0, 0)
+        return total
+
+    def _upload_error(self, e: Exception, remote: str, total: int) -> DeviceError:
+        free = None
+        try:
+            free = self.release("status")["free_bytes"]
+        except Exception:
+            pass
+        if free is not None and free < total:
+            return self.err(f"no space left under {self.root}: {free / 1e6:.1f} MB free, the upload "
+                            f"needs {total / 1e6:.1f} MB", hint="free space on the device or set another root")
+        return self.err(f"upload of {remote} failed: {type(e).__name__}: {e or 'connection lost'}",
+                        hint="check the device and deploy again (nothing was switched)")
+
+    # -- runtime ---------------------------------------------------------------
+    def runtime_status(self) -> Optional[str]:
+        try:
+            with self.conn.sftp.open(f"{self.root}/runtime/VERSION") as f:
+                return f.read().decode().strip()
+        except (FileNotFoundError, OSError):
+            return None
+
+    def ensure_runtime(self, force: bool = False) -> bool:
+        """Push the runtime if missing or different; True when it was pushed."""
+        digest = runtime_digest()
+        if not force and self.runtime_status() == digest:
+            return False
+        tag = uuid.uuid4().hex[:8]
+        new = f"{self.root}/.runtime-{tag}"
+        files = [(PKG / rel, f"{new}/edgekit/{rel}") for rel in RUNTIME_FILES]
+        self.makedirs(self.root)
+        self.put_files(files)
+        with self.conn.sftp.open(f"{new}/VERSION", "w") as f:
+            f.write(digest + "\n")
+        # swap directories: rename the old away, the new into place, remove the old
+        old = f"{self.root}/.runtime-old-{tag}"
+        rc, _, err = self.conn.run(["sh", "-c", 'if [ -e "$1" ]; then mv "$1" "$2"; fi; mv "$3" "$1" && rm -rf "$2"',
+                                    "sh", f"{self.root}/runtime", old, new])
+        if rc != 0:
+            raise self.err(f"cannot install the runtime under {self.root}: {err.strip()}")
+        return True
+
+    def call(self, *args: str, timeout: float = 600.0) -> Dict[str, Any]:
+        """python -m edgekit.runtime ARGS on the device; its JSON answer, or a clear DeviceError."""
+        py = self.device.python
+        rc, out, err = self.conn.run([py, "-m", "edgekit.runtime", *args],
+                                     env={"PYTHONPATH": f"{self.root}/runtime",
+                                          "PYTHONDONTWRITEBYTECODE": "1"},
+                                     cwd="/", timeout=timeout)
+        if rc == 127:
+            raise self.err(f"'{py}' not found on the device",
+                           hint="install python3 there, or set python = \"/path/to/python\" in the inventory")
+        if "No module named 'numpy'" in err:
+            raise self.err(f"numpy is not installed for {py} on the device", hint=f"{py} -m pip install numpy")
+        if rc not in (0, 1):
+            lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+            msg = next((ln[len("error: "):] for ln in reversed(lines) if ln.startswith("error: ")),
+                       lines[-1] if lines else f"exit status {rc}")
+            raise self.err(msg)
+        try:
+            return json.loads(out)
+        except ValueError:
+            pass
+        try:  # anything a backend printed before the answer: the answer is the last line
+            return json.loads(out.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            raise self.err(f"unexpected answer from the device runtime: {out[-300:]!r} {err[-300:]!r}") from None
+
+    def facts(self) -> Dict[str, Any]:
+        if self._facts is None:
+            self._facts = self.call("facts")
+        return self._facts
+
+    def release(self, action: str, *args: str) -> Dict[str, Any]:
+        return self.call("release", action, "--root", self.root, *args)
+
+    def check_backend(self, fmt: str) -> str:
+        """The backend the device will use for `fmt`, or a clear error naming what to install."""
+        b = self.facts()["backends"]
+        order = ["litert", "tflite-runtime", "tensorflow"] if fmt == "tflite" else ["onnxruntime"]
+        for name in order:
+            if b.get(name, {}).get("available"):
+                return f"{name} {b[name].get('version', '')}".strip()
+        why = ", ".join(f"{n}: {b.get(n, {}).get('error', 'absent')}" for n in order)
+        raise self.err(f"no backend on the device can run a .{fmt} model ({why})",
+                       hint=INSTALL_HINTS[fmt])
+
+    def upload_bundle(self, bundle_path: Path, name: str, sha: str,
+                      tick: Optional[Callable[[int, int], None]] = None) -> Tuple[str, int]:
+        """Upload into models/<name>/.incoming-<sha12>-<tag>; (incoming dir name, bytes)."""
+        files = sorted(p for p in bundle_path.rglob("*") if p.is_file())
+        size = sum(p.stat().st_size for p in files)
+        st = self.release("status", "--name", name)
+        if st["free_bytes"] < size * 1.05 + (1 << 16):
+            raise self.err(f"no space left under {self.root}: {st['free_bytes'] / 1e6:.2f} MB free, "
+                           f"the bundle needs {size / 1e6:.2f} MB",
+                           hint="free space on the device, lower --keep, or set another root")
+        self.release("clean", "--name", name)
+        incoming = f".incoming-{sha[:12]}-{uuid.uuid4().hex[:8]}"
+        mdir = f"{self.root}/models/{name}"
+        pairs = [(p, f"{mdir}/{incoming}/{p.relative_to(bundle_path).as_posix()}") for p in files]
+        sent = self.put_files(pairs, tick)
+        return incoming, sent

@@ -1,0 +1,248 @@
+"""The device side of a deploy: releases, the `current` switch, health check, rollback.
+
+Runs on the device (standard library and numpy), called over SSH as
+`python -m edgekit.runtime release ...`. Layout under the device root:
+
+    models/<name>/releases/<sha256>/   one directory per bundle (sha256 of the whole bundle)
+    models/<name>/current -> releases/<sha256>
+    models/<name>/history              one activated sha256 per line (for rollback)
+    models/<name>/.incoming-*          uploads in progress (never read as a release)
+
+Every switch of `current` is a new symlink renamed over the old one (atomic).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from edgekit.bundle import check_name, sha256_tree
+from edgekit.errors import BundleError, EdgekitError
+
+KEEP_DEFAULT = 3
+_INCOMING = re.compile(r"^\.incoming-[0-9a-f]{12}-[0-9a-f]{8}$")
+_SHA = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _check_sha(sha: str) -> str:
+    if not sha or not _SHA.match(sha):
+        raise BundleError(f"{sha!r} is not a release id (64 hex digits)")
+    return sha
+
+
+def model_dir(root: str, name: str) -> Path:
+    return Path(root) / "models" / check_name(name)
+
+
+def _current(mdir: Path) -> Optional[str]:
+    cur = mdir / "current"
+    if not cur.is_symlink():
+        return None
+    return Path(os.readlink(cur)).name
+
+
+def _history(mdir: Path) -> List[str]:
+    try:
+        return [ln.strip() for ln in (mdir / "history").read_text().splitlines() if ln.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def _append_history(mdir: Path, sha: str) -> None:
+    with open(mdir / "history", "a") as f:
+        f.write(sha + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def switch(mdir: Path, sha: Optional[str]) -> None:
+    """Point `current` at releases/<sha> by renaming a new symlink over it (or remove it)."""
+    cur = mdir / "current"
+    if sha is None:
+        if cur.is_symlink():
+            cur.unlink()
+        return
+    tmp = mdir / f".current-{os.getpid()}"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(os.path.join("releases", sha), tmp)
+    os.replace(tmp, cur)
+
+
+def status(root: str, name: Optional[str] = None, health: bool = False) -> Dict[str, Any]:
+    base = Path(root) / "models"
+    names = [name] if name else sorted(p.name for p in base.iterdir() if p.is_dir()) \
+        if base.is_dir() else []
+    out: Dict[str, Any] = {"root": str(root), "models": {}}
+    for n in names:
+        mdir = model_dir(root, n)
+        rel = mdir / "releases"
+        releases = []
+        if rel.is_dir():
+            for r in sorted(rel.iterdir(), key=lambda p: p.stat().st_mtime):
+                if not r.is_dir() or r.name.startswith("."):
+                    continue
+                info: Dict[str, Any] = {"sha256": r.name, "mtime": r.stat().st_mtime}
+                try:
+                    m = json.loads((r / "manifest.json").read_text())
+                    info.update(target=m["target"]["name"], format=m["model"]["format"],
+                                created=m.get("created"))
+                except (OSError, ValueError, KeyError):
+                    info["error"] = "manifest unreadable"
+                releases.append(info)
+        entry: Dict[str, Any] = {"current": _current(mdir), "releases": releases,
+                                 "history": _history(mdir)[-10:],
+                                 "incoming": sorted(p.name for p in mdir.glob(".incoming-*"))}
+        if health and entry["current"]:
+            entry["health"] = health_check(mdir / "current")
+        out["models"][n] = entry
+    existing = Path(root)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    out["free_bytes"] = shutil.disk_usage(existing).free
+    return out
+
+
+def verify(path: Path, sha: str) -> bool:
+    return path.is_dir() and sha256_tree(path) == sha
+
+
+def health_check(bundle_dir: Path) -> Dict[str, Any]:
+    """Load through the runtime and compare the golden outputs; never raises."""
+    try:
+        from edgekit.runtime import load
+        from edgekit.runtime.check import golden_check
+
+        m = load(bundle_dir)
+        res = golden_check(m)
+        res.update(backend=m.backend, backend_version=m.backend_version)
+        return res
+    except EdgekitError as e:
+        return {"ok": False, "error": str(e)}
+    except Exception as e:  # a backend crash is a failed health check, not a crashed deploy
+        return {"ok": False, "error": f"{type(e).__name__}: {e}"}
+
+
+def _take_upload(mdir: Path, incoming: str, sha: str) -> Path:
+    """Verify an upload directory against the sha256 the controller sent; rename it into place."""
+    rel = mdir / "releases"
+    rel.mkdir(parents=True, exist_ok=True)
+    target = rel / _check_sha(sha)
+    if not _INCOMING.match(incoming):
+        raise BundleError(f"{incoming!r} is not an upload directory name")
+    inc = mdir / incoming
+    if not inc.is_dir():
+        raise BundleError(f"upload directory {incoming} is missing on the device",
+                          hint="the upload was interrupted; deploy again")
+    got = sha256_tree(inc)
+    if got != sha:
+        shutil.rmtree(inc, ignore_errors=True)
+        raise BundleError(f"upload verification failed: sha256 {got[:12]}… on the device, "
+                          f"{sha[:12]}… sent", hint="the transfer was corrupted; deploy again")
+    if target.exists():
+        stale = rel / f".replaced-{sha[:12]}-{os.getpid()}"
+        os.replace(target, stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    os.replace(inc, target)
+    return target
+
+
+def store(root: str, name: str, sha: str, incoming: str) -> Dict[str, Any]:
+    """Keep an uploaded release without switching `current` (used by profile)."""
+    target = _take_upload(model_dir(root, name), incoming, sha)
+    return {"name": name, "sha256": sha, "path": str(target), "status": "stored"}
+
+
+def activate(root: str, name: str, sha: str, incoming: Optional[str] = None,
+             keep: int = KEEP_DEFAULT, check: bool = True) -> Dict[str, Any]:
+    """Verify an upload (or an existing release), switch `current` to it, health-check,
+    roll back on failure, prune old releases. Returns what happened."""
+    mdir = model_dir(root, name)
+    rel = mdir / "releases"
+    rel.mkdir(parents=True, exist_ok=True)
+    target = rel / _check_sha(sha)
+    previous = _current(mdir)
+    result: Dict[str, Any] = {"name": name, "sha256": sha, "previous": previous}
+    if incoming is not None:
+        _take_upload(mdir, incoming, sha)
+    elif not verify(target, sha):
+        raise BundleError(f"release {sha[:12]}… is missing or modified on the device",
+                          hint="deploy uploads it again")
+    if previous == sha:
+        result["status"] = "unchanged"
+    else:
+        switch(mdir, sha)
+        os.utime(target)
+        _append_history(mdir, sha)
+        result["status"] = "deployed"
+    if check:
+        h = health_check(mdir / "current")
+        result["health"] = h
+        if not h.get("ok"):
+            switch(mdir, previous if previous and (rel / previous).is_dir() else None)
+            if previous:
+                _append_history(mdir, previous)
+            result["status"] = "rolled-back"
+            result["current"] = previous
+            return result
+    result["current"] = sha
+    result["pruned"] = prune(mdir, keep)
+    return result
+
+
+def rollback(root: str, name: str, to: Optional[str] = None, check: bool = True) -> Dict[str, Any]:
+    mdir = model_dir(root, name)
+    cur = _current(mdir)
+    rel = mdir / "releases"
+    if to is None:
+        hist = [h for h in _history(mdir) if h != cur and (rel / h).is_dir()]
+        if not hist:
+            raise EdgekitError(f"model '{name}' has no earlier release to roll back to")
+        to = hist[-1]
+    else:
+        matches = [p.name for p in rel.iterdir() if p.name.startswith(to)] if rel.is_dir() else []
+        if len(matches) != 1:
+            raise EdgekitError(f"no single release of '{name}' starts with '{to}'"
+                               + (f" (matches: {', '.join(m[:12] for m in matches)})" if matches else ""))
+        to = matches[0]
+    switch(mdir, to)
+    os.utime(rel / to)
+    _append_history(mdir, to)
+    res: Dict[str, Any] = {"name": name, "previous": cur, "current": to, "status": "rolled-back"}
+    if check:
+        res["health"] = health_check(mdir / "current")
+    return res
+
+
+def prune(mdir: Path, keep: int) -> List[str]:
+    """Keep the newest `keep` releases (current always kept); remove stale uploads."""
+    rel = mdir / "releases"
+    cur = _current(mdir)
+    dirs = sorted((p for p in rel.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                  key=lambda p: p.stat().st_mtime, reverse=True)
+    removed = []
+    for p in dirs[max(keep, 1):]:
+        if p.name != cur:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
+    for p in rel.glob(".replaced-*"):
+        shutil.rmtree(p, ignore_errors=True)
+    for p in mdir.glob(".incoming-*"):  # an interrupted upload older than a minute
+        if time.time() - p.stat().st_mtime > 60:
+            shutil.rmtree(p, ignore_errors=True)
+    return removed
+
+
+def clean_incoming(root: str, name: str) -> List[str]:
+    """Remove every unfinished upload of a model (called before a new upload starts)."""
+    mdir = model_dir(root, name)
+    gone = []
+    for p in mdir.glob(".incoming-*"):
+        shutil.rmtree(p, ignore_errors=True)
+        gone.append(p.name)
+    return gone
