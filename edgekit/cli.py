@@ -386,6 +386,27 @@ def _load_bundle(path):
     return read_bundle(path)
 
 
+def _load_bundles(path):
+    """A bundle directory, or a convert output directory holding several bundles."""
+    from pathlib import Path
+
+    from edgekit.bundle import is_bundle, read_bundle
+    from edgekit.errors import BundleError
+
+    p = Path(path)
+    if is_bundle(p) or not p.is_dir():
+        return [read_bundle(p)]
+    found = [read_bundle(q) for q in sorted(p.iterdir()) if q.is_dir() and is_bundle(q)]
+    if not found:
+        raise BundleError("neither a bundle nor a directory of bundles", path=str(p),
+                          hint="give a directory written by `edgekit convert`")
+    names = {b.name for b in found}
+    if len(names) > 1:
+        raise BundleError(f"holds bundles of several models ({', '.join(sorted(names))})", path=str(p),
+                          hint="deploy one model at a time: give its bundle directory")
+    return found
+
+
 @cli.command()
 @click.argument("bundle", type=click.Path())
 @click.option("--device", "-d", "device_name", help="One device from the inventory.")
@@ -399,21 +420,26 @@ def _load_bundle(path):
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
 def deploy(bundle, device_name, group, all_devices, parallel, keep, dry_run, inventory, trust_new_host,
            as_json, quiet):
-    """Deploy BUNDLE: upload, verify, switch atomically, health-check, roll back on failure."""
+    """Deploy BUNDLE: upload, verify, switch atomically, health-check, roll back on failure.
+
+    BUNDLE may also be a convert output directory: each device then gets the bundle built
+    for its target profile, in a format a backend on the device runs."""
     from edgekit.deploy import ops
     from edgekit.deploy.fleet import fan_out
 
     if keep < 1:
         raise click.BadParameter("must be at least 1", param_hint="--keep")
-    b = _load_bundle(bundle)
+    bs = _load_bundles(bundle)
     inv, devs = _select(inventory, device_name, group, all_devices)
     opts = _options(inv, trust_new_host, keep, quiet or as_json)
-    res = fan_out(devs, lambda d: ops.deploy(d, b, opts, dry_run=dry_run), parallel)
-    _finish(res, as_json, ["device", "result", "release", "previous", "sent KiB", "backend", "seconds"],
-            lambda r: [r.device, r.status, (r.data.get("sha256") or "")[:12],
+    res = fan_out(devs, lambda d: ops.deploy(d, bs, opts, dry_run=dry_run), parallel)
+    _finish(res, as_json, ["device", "result", "bundle", "release", "previous", "sent KiB", "backend",
+                           "seconds"],
+            lambda r: [r.device, r.status, r.data.get("bundle", "-"), (r.data.get("sha256") or "")[:12],
                        (r.data.get("previous") or "-")[:12], r.data.get("bytes_sent", 0) / 1024,
                        r.data.get("backend"), r.seconds],
-            title=f"{'dry run: ' if dry_run else ''}deploy {b.name} ({b.target}, {b.format})")
+            title=f"{'dry run: ' if dry_run else ''}deploy {bs[0].name}"
+                  + (f" ({bs[0].target}, {bs[0].format})" if len(bs) == 1 else f" ({len(bs)} bundles)"))
 
 
 @cli.command()

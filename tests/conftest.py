@@ -97,3 +97,41 @@ def run_in_venv(py, *args, cwd=None):
     env.pop("PYTHONHOME", None)
     return subprocess.run([str(py), *map(str, args)], capture_output=True, text=True, env=env,
                           cwd=cwd or ROOT, timeout=300)
+
+
+# --- the device lab: real sshd in network namespaces ----------------------------
+
+LAB_DEVICES = {  # name: (venv requirements, target profile, backend the device will use)
+    "legacy-pi": (["numpy<2", "tflite-runtime==2.14.0"], "rpi4", "tflite-runtime"),
+    "modern-pi": (["ai-edge-litert"], "rpi5", "litert"),
+    "x86-box": (["onnxruntime"], "x86-avx2", "onnxruntime"),
+}
+
+
+@pytest.fixture(scope="session")
+def lab_session(tmp_path_factory):
+    from devicelab import Lab
+
+    lab = Lab(tmp_path_factory.mktemp("lab"))
+    lab.setup()
+    try:
+        for name, (reqs, _, _) in LAB_DEVICES.items():
+            lab.add(name, str(device_venv(reqs)))
+        yield lab
+    finally:
+        lab.teardown()
+
+
+@pytest.fixture
+def lab(lab_session):
+    """The three lab devices, running, with empty device roots, known host keys, an inventory."""
+    import shutil
+
+    for d in lab_session.devices.values():
+        if d.proc is None or d.proc.poll() is not None:
+            d.start()
+        shutil.rmtree(d.root, ignore_errors=True)
+        d.root.mkdir(parents=True)
+    lab_session.write_known_hosts()
+    lab_session.write_inventory(extra={n: {"target": t} for n, (_, t, _) in LAB_DEVICES.items()})
+    return lab_session

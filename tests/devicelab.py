@@ -112,6 +112,18 @@ class LabDevice:
         _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", self.dir / "host_ed25519")
         self.start()
 
+    def mount_tmpfs(self, size: str) -> None:
+        """Put the device root on a small tmpfs. `ip netns exec` gives sshd its own mount
+        namespace (a copy taken at start), so sshd restarts to see the mount."""
+        self.stop()
+        _sh("mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", self.root)
+        self.start()
+
+    def unmount(self) -> None:
+        self.stop()
+        _sh("umount", "-l", self.root, check=False)
+        self.start()
+
     def destroy(self) -> None:
         self.stop()
         _sh("umount", "-l", self.root, check=False)

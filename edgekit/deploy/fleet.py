@@ -12,7 +12,7 @@ from edgekit.deploy.inventory import Device
 from edgekit.errors import EdgekitError
 
 OK_STATUSES = {"deployed", "unchanged", "stored", "ok", "rolled-back-by-request",
-               "would-upload", "would-switch", "would-verify"}
+               "would-upload", "would-switch"}
 
 
 @dataclass

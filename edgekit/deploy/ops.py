@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 from edgekit.bundle import Bundle, write_json_atomic
 from edgekit.deploy.connection import Connection
 from edgekit.deploy.fleet import DeviceResult
 from edgekit.deploy.inventory import Device, Inventory
-from edgekit.deploy.session import DeviceSession
+from edgekit.deploy.session import INSTALL_HINTS, DeviceSession
+from edgekit.errors import DeviceError
 from edgekit.progress import Progress
 
 
@@ -68,8 +69,6 @@ def setup(device: Device, opts: Options) -> DeviceResult:
         f = s.facts()
     usable = [n for n, b in f["backends"].items() if b.get("available")]
     if not usable:
-        from edgekit.deploy.session import INSTALL_HINTS
-
         return DeviceResult(device.name, "failed",
                             reason=f"device {device.name}: runtime installed under {s.root}/runtime, but no "
                                    f"inference backend is importable: {INSTALL_HINTS['tflite']}; or {INSTALL_HINTS['onnx']}",
@@ -85,23 +84,60 @@ def _mismatch(device: Device, bundle: Bundle):
     return []
 
 
-def deploy(device: Device, bundle: Bundle, opts: Options, dry_run: bool = False) -> DeviceResult:
-    name, sha = bundle.name, bundle.digest()
-    warnings = _mismatch(device, bundle)
-    data: Dict[str, Any] = {"model": name, "sha256": sha, "bytes_sent": 0}
+def choose_bundle(device: Device, bundles: Sequence[Bundle], runnable: Optional[Sequence[str]]) -> Bundle:
+    """From a convert output: the bundle for the device's target profile (in the profile's
+    order of formats) that a backend on the device can run."""
+    if len(bundles) == 1:
+        return bundles[0]
+    mine = [b for b in bundles if b.target == device.target] if device.target else list(bundles)
+    if not mine:
+        raise DeviceError(f"none of the bundles is built for its target {device.target} "
+                          f"(have: {', '.join(sorted({b.target for b in bundles}))})", device=device.name,
+                          hint=f"convert with --target {device.target}")
+    order = list(mine[0].manifest["target"].get("formats") or []) if device.target else []
+    mine.sort(key=lambda b: order.index(b.format) if b.format in order else len(order))
+    for b in mine:
+        if runnable is None or b.format in runnable:
+            return b
+    raise DeviceError(f"no backend on the device runs {' or '.join(sorted({b.format for b in mine}))}",
+                      device=device.name, hint=" / ".join(INSTALL_HINTS[b.format] for b in mine[:1]))
+
+
+def _runnable(s: DeviceSession) -> List[str]:
+    b = s.facts()["backends"]
+    fmts = []
+    if any(b.get(n, {}).get("available") for n in ("litert", "tflite-runtime", "tensorflow")):
+        fmts.append("tflite")
+    if b.get("onnxruntime", {}).get("available"):
+        fmts.append("onnx")
+    return fmts
+
+
+def deploy(device: Device, bundles: Union[Bundle, Sequence[Bundle]], opts: Options,
+           dry_run: bool = False) -> DeviceResult:
+    candidates = [bundles] if isinstance(bundles, Bundle) else list(bundles)
     with opts.connect(device) as c:
         s = DeviceSession(c)
         stale = s.runtime_status() is None
+        if not dry_run:
+            s.ensure_runtime()
+            stale = False
+        bundle = choose_bundle(device, candidates,
+                               _runnable(s) if len(candidates) > 1 and not stale else None)
+        name, sha = bundle.name, bundle.digest()
+        warnings = _mismatch(device, bundle)
+        data: Dict[str, Any] = {"model": name, "sha256": sha, "bytes_sent": 0,
+                                "bundle": bundle.path.name, "format": bundle.format}
         if dry_run:
             entry = _model_status(s, name, runtime=not stale)
             cur = entry.get("current")
             have = any(r["sha256"] == sha for r in entry.get("releases", []))
+            if have and not s.release("verify", "--name", name, "--sha", sha)["ok"]:  # read-only
+                warnings.append(f"release {sha[:12]} on the device was modified or damaged: would upload again")
+                have = False
             data.update(previous=cur, runtime=("would push" if stale else "present"))
-            status = "unchanged" if cur == sha else ("would-switch" if have else "would-upload")
-            if status == "unchanged":
-                status = "would-verify"  # verified on the real run
+            status = "unchanged" if (have and cur == sha) else ("would-switch" if have else "would-upload")
             return DeviceResult(device.name, status, data=data, warnings=warnings)
-        s.ensure_runtime()
         data["backend"] = s.check_backend(bundle.format)
         entry = s.release("status", "--name", name)["models"].get(name, {})
         cur = entry.get("current")
@@ -123,6 +159,8 @@ def deploy(device: Device, bundle: Bundle, opts: Options, dry_run: bool = False)
         res = s.release("activate", *args)
     data.update(health=res.get("health"), current=res.get("current"), pruned=res.get("pruned", []))
     status = res["status"]
+    if incoming and status == "unchanged":
+        status = "deployed"  # the damaged release was uploaded again and checked
     reason = None
     if status == "rolled-back":
         h = res.get("health") or {}
