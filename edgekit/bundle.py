@@ -22,11 +22,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+import sys
 from typing import Any, Callable, Dict, Optional
 
-import numpy as np
-
 from edgekit.errors import BundleError
+
+# numpy is imported where arrays are touched, so the device's release bookkeeping
+# (status, verify) starts without it.
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -93,7 +95,9 @@ class Bundle:
         """The release id used on devices: the sha256 of the whole bundle directory."""
         return sha256_tree(self.path)
 
-    def golden(self) -> Dict[str, np.ndarray]:
+    def golden(self) -> Dict[str, Any]:
+        import numpy as np
+
         with np.load(self.golden_path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
 
@@ -152,13 +156,14 @@ def verify_bundle(bundle: Bundle) -> None:
 
 
 def _jsonable(obj: Any) -> Any:
+    np = sys.modules.get("numpy")
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
+    if np is not None and isinstance(obj, np.generic):
         return obj.item()
-    if isinstance(obj, np.ndarray):
+    if np is not None and isinstance(obj, np.ndarray):
         return obj.tolist()
     if isinstance(obj, float) and (obj != obj or obj in (float("inf"), float("-inf"))):
         return None  # JSON has no NaN/Inf
@@ -182,13 +187,15 @@ def write_json_atomic(path: os.PathLike, data: Any) -> None:
 
 
 def write_bundle(dest: os.PathLike, *, fmt: str, model_bytes: bytes, manifest: Dict[str, Any],
-                 golden: Dict[str, np.ndarray],
+                 golden: Dict[str, Any],
                  check: Optional[Callable[[Path], None]] = None) -> Bundle:
     """Write a bundle atomically: temp dir beside `dest`, fill, optional `check(tmpdir)`, rename.
 
     `manifest` gets the model file entry filled in here. An existing bundle at
     `dest` is replaced only once the new one is complete.
     """
+    import numpy as np
+
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))

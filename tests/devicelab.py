@@ -131,13 +131,24 @@ class LabDevice:
         _sh("ip", "netns", "del", self.ns, check=False)
 
 
+def _free_net() -> int:
+    """A 10.N.0.0/16 no interface here uses (another lab, a leftover, the host's own)."""
+    used = _sh("ip", "-4", "-o", "addr", "show", check=False).stdout
+    start = 200 + os.getpid() % 50
+    for k in range(50):
+        n = 200 + (start - 200 + k) % 50
+        if f" 10.{n}." not in used:
+            return n
+    raise RuntimeError("no free 10.200-249.x.x network for the device lab")
+
+
 class Lab:
     """A set of LabDevices, a client key, a known_hosts file and an inventory."""
 
     def __init__(self, directory: Path):
         self.dir = directory
         self.tag = f"{os.getpid() % 10000}"
-        self.net = 200 + os.getpid() % 50
+        self.net = _free_net()
         self.devices: Dict[str, LabDevice] = {}
         self.key = self.dir / "client_ed25519"
         self.known_hosts = self.dir / "known_hosts"

@@ -104,7 +104,7 @@ def choose_bundle(device: Device, bundles: Sequence[Bundle], runnable: Optional[
 
 
 def _runnable(s: DeviceSession) -> List[str]:
-    b = s.facts()["backends"]
+    b = s.backends()
     fmts = []
     if any(b.get(n, {}).get("available") for n in ("litert", "tflite-runtime", "tensorflow")):
         fmts.append("tflite")
@@ -122,14 +122,17 @@ def deploy(device: Device, bundles: Union[Bundle, Sequence[Bundle]], opts: Optio
         if not dry_run:
             s.ensure_runtime()
             stale = False
+        name = candidates[0].name
+        st = s.release("status", "--name", name, *([] if dry_run else ["--clean-incoming"])) \
+            if not stale else {"models": {}, "free_bytes": 0}
         bundle = choose_bundle(device, candidates,
                                _runnable(s) if len(candidates) > 1 and not stale else None)
-        name, sha = bundle.name, bundle.digest()
+        sha = bundle.digest()
         warnings = _mismatch(device, bundle)
         data: Dict[str, Any] = {"model": name, "sha256": sha, "bytes_sent": 0,
                                 "bundle": bundle.path.name, "format": bundle.format}
         if dry_run:
-            entry = _model_status(s, name, runtime=not stale)
+            entry = st["models"].get(name, {})
             cur = entry.get("current")
             have = any(r["sha256"] == sha for r in entry.get("releases", []))
             if have and not s.release("verify", "--name", name, "--sha", sha)["ok"]:  # read-only
@@ -139,7 +142,7 @@ def deploy(device: Device, bundles: Union[Bundle, Sequence[Bundle]], opts: Optio
             status = "unchanged" if (have and cur == sha) else ("would-switch" if have else "would-upload")
             return DeviceResult(device.name, status, data=data, warnings=warnings)
         data["backend"] = s.check_backend(bundle.format)
-        entry = s.release("status", "--name", name)["models"].get(name, {})
+        entry = st["models"].get(name, {})
         cur = entry.get("current")
         have = any(r["sha256"] == sha for r in entry.get("releases", []))
         data["previous"] = cur
@@ -151,7 +154,7 @@ def deploy(device: Device, bundles: Union[Bundle, Sequence[Bundle]], opts: Optio
             return DeviceResult(device.name, "unchanged", data=data, warnings=warnings)
         if not have:
             tick = opts.progress.ticker(f"[{device.name}] upload", "")
-            incoming, data["bytes_sent"] = s.upload_bundle(bundle.path, name, sha,
+            incoming, data["bytes_sent"] = s.upload_bundle(bundle.path, name, sha, st["free_bytes"],
                                                            tick=lambda d, t: tick(d >> 10, t >> 10, "KiB"))
         args = ["--name", name, "--sha", sha, "--keep", str(opts.keep)]
         if incoming:
@@ -169,16 +172,6 @@ def deploy(device: Device, bundles: Union[Bundle, Sequence[Bundle]], opts: Optio
             for k, v in (h.get("outputs") or {}).items() if not v.get("ok")))
         reason += f"; current is back at {(res.get('current') or 'none')[:12]}"
     return DeviceResult(device.name, status, reason=reason, data=data, warnings=warnings)
-
-
-def _model_status(s: DeviceSession, name: Optional[str], runtime: bool = True, health: bool = False):
-    if not runtime:
-        return {}
-    args = ["--name", name] if name else []
-    if health:
-        args.append("--health")
-    st = s.release("status", *args)
-    return st["models"].get(name, {}) if name else st
 
 
 def status(device: Device, opts: Options, model: Optional[str] = None, health: bool = True) -> DeviceResult:
@@ -210,14 +203,16 @@ def profile(device: Device, bundle: Bundle, opts: Options, runs: int = 200, warm
     with opts.connect(device) as c:
         s = DeviceSession(c)
         s.ensure_runtime()
+        st = s.release("status", "--name", name, "--clean-incoming")
         s.check_backend(bundle.format)
-        entry = s.release("status", "--name", name)["models"].get(name, {})
+        entry = st["models"].get(name, {})
         have = any(r["sha256"] == sha for r in entry.get("releases", []))
         if have and not s.release("verify", "--name", name, "--sha", sha)["ok"]:
             have = False
         if not have:
             tick = opts.progress.ticker(f"[{device.name}] upload", "")
-            incoming, _ = s.upload_bundle(bundle.path, name, sha, tick=lambda d, t: tick(d >> 10, t >> 10, "KiB"))
+            incoming, _ = s.upload_bundle(bundle.path, name, sha, st["free_bytes"],
+                                          tick=lambda d, t: tick(d >> 10, t >> 10, "KiB"))
             s.release("store", "--name", name, "--sha", sha, "--incoming", incoming)
         opts.progress.say(f"[{device.name}] profiling {name}: {warmup} warm-up + {runs} runs on the device")
         path = f"{s.root}/models/{name}/releases/{sha}"

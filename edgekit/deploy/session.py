@@ -42,6 +42,7 @@ class DeviceSession:
         self.device = conn.device
         self.root = conn.path(self.device.root).rstrip("/")
         self._facts: Optional[Dict[str, Any]] = None
+        self._backends: Optional[Dict[str, Any]] = None
 
     def err(self, message: str, hint: Optional[str] = None) -> DeviceError:
         return self.conn._err(message, hint)
@@ -166,12 +167,21 @@ class DeviceSession:
             self._facts = self.call("facts")
         return self._facts
 
+    def backends(self) -> Dict[str, Any]:
+        """Installed backends, from the last status call (cheap) or the full facts."""
+        if self._backends is None:
+            self._backends = self.facts()["backends"]
+        return self._backends
+
     def release(self, action: str, *args: str) -> Dict[str, Any]:
-        return self.call("release", action, "--root", self.root, *args)
+        out = self.call("release", action, "--root", self.root, *args)
+        if "backends" in out:
+            self._backends = out["backends"]
+        return out
 
     def check_backend(self, fmt: str) -> str:
         """The backend the device will use for `fmt`, or a clear error naming what to install."""
-        b = self.facts()["backends"]
+        b = self.backends()
         order = ["litert", "tflite-runtime", "tensorflow"] if fmt == "tflite" else ["onnxruntime"]
         for name in order:
             if b.get(name, {}).get("available"):
@@ -180,17 +190,18 @@ class DeviceSession:
         raise self.err(f"no backend on the device can run a .{fmt} model ({why})",
                        hint=INSTALL_HINTS[fmt])
 
-    def upload_bundle(self, bundle_path: Path, name: str, sha: str,
+    def upload_bundle(self, bundle_path: Path, name: str, sha: str, free_bytes: int,
                       tick: Optional[Callable[[int, int], None]] = None) -> Tuple[str, int]:
-        """Upload into models/<name>/.incoming-<sha12>-<tag>; (incoming dir name, bytes)."""
+        """Upload into models/<name>/.incoming-<sha12>-<tag>; (incoming dir name, bytes).
+
+        `free_bytes` comes from the status call made just before (which also removed
+        the model's unfinished uploads), so no extra round trip is spent here."""
         files = sorted(p for p in bundle_path.rglob("*") if p.is_file())
         size = sum(p.stat().st_size for p in files)
-        st = self.release("status", "--name", name)
-        if st["free_bytes"] < size * 1.05 + (1 << 16):
-            raise self.err(f"no space left under {self.root}: {st['free_bytes'] / 1e6:.2f} MB free, "
+        if free_bytes < size * 1.05 + (1 << 16):
+            raise self.err(f"no space left under {self.root}: {free_bytes / 1e6:.2f} MB free, "
                            f"the bundle needs {size / 1e6:.2f} MB",
                            hint="free space on the device, lower --keep, or set another root")
-        self.release("clean", "--name", name)
         incoming = f".incoming-{sha[:12]}-{uuid.uuid4().hex[:8]}"
         mdir = f"{self.root}/models/{name}"
         pairs = [(p, f"{mdir}/{incoming}/{p.relative_to(bundle_path).as_posix()}") for p in files]

@@ -5,10 +5,20 @@
     y = model(x)                          # float in, float out
     report = model.benchmark(runs=200, warmup=20)
 
-No backend is imported until a model of its format is loaded.
+No backend is imported until a model of its format is loaded, and numpy not until
+a model is (so `python -m edgekit.runtime release ...` bookkeeping starts fast).
 """
 
-from edgekit.runtime.model import BACKENDS, Model, load
-from edgekit.runtime.spec import TensorSpec
-
 __all__ = ["load", "Model", "TensorSpec", "BACKENDS"]
+
+
+def __getattr__(name):
+    if name in ("load", "Model", "BACKENDS"):
+        from edgekit.runtime import model
+
+        return getattr(model, name)
+    if name == "TensorSpec":
+        from edgekit.runtime.spec import TensorSpec
+
+        return TensorSpec
+    raise AttributeError(f"module 'edgekit.runtime' has no attribute {name!r}")

@@ -10,8 +10,6 @@ import json
 import sys
 from typing import List, Optional
 
-import numpy as np
-
 from edgekit.errors import DataError, EdgekitError
 
 
@@ -49,10 +47,14 @@ def _parser() -> argparse.ArgumentParser:
     rel.add_argument("--keep", type=int, default=3)
     rel.add_argument("--no-check", action="store_true")
     rel.add_argument("--health", action="store_true")
+    rel.add_argument("--clean-incoming", action="store_true",
+                     help="with status: first remove the model's unfinished uploads")
     return p
 
 
 def read_inputs(path: str, names: List[str]) -> dict:
+    import numpy as np
+
     try:
         data = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
@@ -88,7 +90,7 @@ def _dispatch(args) -> int:
     if args.cmd == "release":
         return _release(args)
     if args.cmd == "facts":
-        from edgekit.runtime.facts import device_facts
+        from edgekit.runtime.facts import device_facts  # noqa: F811
 
         print(json.dumps(device_facts(), indent=2))
         return 0
@@ -101,6 +103,8 @@ def _dispatch(args) -> int:
         if args.json:
             print(json.dumps({k: v.tolist() for k, v in out.items()}))
         else:
+            import numpy as np
+
             with np.printoptions(precision=5, suppress=True, threshold=200):
                 for k, v in out.items():
                     print(f"{k} {v.dtype}{list(v.shape)}:\n{v}")
@@ -136,7 +140,12 @@ def _release(args) -> int:
     if args.action != "status" and not args.name:
         raise DataError(f"release {args.action} needs --name")
     if args.action == "status":
+        removed = r.clean_incoming(args.root, args.name) if args.clean_incoming and args.name else []
         out = r.status(args.root, args.name, health=args.health)
+        out["removed_incoming"] = removed
+        from edgekit.runtime.facts import installed_backends
+
+        out["backends"] = installed_backends()
     elif args.action == "activate":
         out = r.activate(args.root, args.name, args.sha, incoming=args.incoming, keep=args.keep,
                          check=not args.no_check)

@@ -7,8 +7,6 @@ import platform
 import sys
 from typing import Any, Dict
 
-from edgekit.runtime.bench import conditions
-
 _PROBES = (
     ("litert", "ai_edge_litert.interpreter", "ai-edge-litert"),
     ("tflite-runtime", "tflite_runtime.interpreter", "tflite-runtime"),
@@ -44,7 +42,25 @@ def backends() -> Dict[str, Any]:
     return found
 
 
+def installed_backends() -> Dict[str, Any]:
+    """Which backends are installed, without importing them (cheap: used on every deploy).
+    A broken install still shows up later, when the health check loads the model."""
+    from importlib.util import find_spec
+
+    found: Dict[str, Any] = {}
+    for name, mod, dist in _PROBES:
+        try:
+            spec = find_spec(mod.split(".")[0]) and find_spec(mod)
+        except (ImportError, ValueError):
+            spec = None
+        found[name] = ({"available": True, "version": _version(dist)} if spec
+                       else {"available": False, "error": f"{mod} is not installed"})
+    return found
+
+
 def device_facts() -> Dict[str, Any]:
+    from edgekit.runtime.bench import conditions
+
     cond = conditions()
     mem_kb = None
     try:
