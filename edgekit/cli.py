@@ -327,6 +327,67 @@ def device_list(inventory, as_json):
                        for d in inv.devices.values()]))
 
 
+@device.group("local")
+def device_local():
+    """Devices on this machine (sshd in a network namespace; Linux, root): try deploy without a board."""
+
+
+@device_local.command("up")
+@click.argument("name", default="local")
+@click.option("--target", help="The profile it stands in for (default: what `device info` suggests).")
+@click.option("--python", "python_", help="Python for its runtime (default: this one).")
+@click.option("--group", "groups", multiple=True)
+@_inventory_opt
+def device_local_up(name, target, python_, groups, inventory):
+    """Start local device NAME and add it to the inventory (its host key to known_hosts)."""
+    import os
+    from pathlib import Path
+
+    from edgekit.deploy import localdev
+    from edgekit.deploy.inventory import Device, load_inventory
+
+    inv = load_inventory(inventory, must_exist=False)
+    info = localdev.up(name, python_)
+    known = Path(os.path.expanduser(inv.known_hosts))
+    known.parent.mkdir(parents=True, exist_ok=True)
+    lines = [ln for ln in (known.read_text().splitlines() if known.is_file() else [])
+             if ln.split(" ", 1)[0] != info["host"]]
+    known.write_text("\n".join(lines + [info["host_key"]]) + "\n")
+    inv.add(Device(name=name, host=info["host"], user="root", key_file=info["key_file"], target=target,
+                   root=info["root"], python=info["python"], groups=tuple(groups) or ("local",)),
+            replace_existing=True)
+    inv.save()
+    click.echo(f"local device {name} is up at {info['host']} (root {info['root']}); "
+               f"in {inv.path}, host key in {known}")
+
+
+@device_local.command("down")
+@click.argument("name", default="local")
+@_inventory_opt
+def device_local_down(name, inventory):
+    """Stop local device NAME, remove its state and its inventory entry."""
+    from edgekit.deploy import localdev
+    from edgekit.deploy.inventory import load_inventory
+
+    gone = localdev.down(name)
+    inv = load_inventory(inventory, must_exist=False)
+    if name in inv.devices:
+        inv.remove(name)
+        inv.save()
+    click.echo(f"local device {name} {'removed' if gone else 'was not running'}")
+
+
+@device_local.command("list")
+def device_local_list():
+    """Local devices on this machine."""
+    from edgekit.deploy import localdev
+    from edgekit.table import render
+
+    click.echo(render(["name", "address", "running", "python", "root"],
+                      [[d["name"], d["address"], d["running"], d["python"], d["root"]]
+                       for d in localdev.listing()]))
+
+
 def _device_selection(f):
     f = click.option("--all", "all_devices", is_flag=True, help="Every device in the inventory.")(f)
     f = click.option("--group", "-g", help="A group of devices.")(f)

@@ -1,12 +1,14 @@
-"""The README's main job: the example model converted for every target, run and measured here.
+"""The README's main job: the example model converted for every target, run, deployed, profiled.
 
-    python examples/main_job.py [--out edgekit-demo] [--runs 200]
+    python examples/main_job.py [--out edgekit-demo] [--runs 200] [--no-device] [--keep-device]
 
 1. trains the digits CNN (examples/digits.py) unless <out>/digits.keras exists;
-2. `edgekit convert` for every shipped target, validated on held-out digits;
-3. loads each bundle with edgekit.runtime, checks its golden outputs, benchmarks it;
-4. prints one table (target, format, size, accuracy float -> INT8, p50 latency) and saves
-   <out>/main-job.json.
+2. converts it for every shipped target, validated on held-out digits;
+3. loads each bundle with edgekit.runtime, checks its golden outputs, benchmarks it here;
+4. starts a local device (sshd in its own network namespace: Linux, root, openssh-server,
+   iproute2), deploys the whole build to it over SSH (it takes the bundle for its profile),
+   and profiles that bundle on it;
+5. prints the tables and saves <out>/main-job.json.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ def main() -> int:
     ap.add_argument("--out", default="edgekit-demo")
     ap.add_argument("--runs", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--no-device", action="store_true", help="skip the local device (deploy + profile)")
+    ap.add_argument("--keep-device", action="store_true", help="leave the local device running")
     a = ap.parse_args()
     out = Path(a.out)
     progress = Progress()
@@ -70,9 +74,56 @@ def main() -> int:
     c = records[0]["benchmark"]["conditions"] if records else {}
     print(f"measured on {c.get('cpu_model')} ({c.get('cpu_count')} cores); latency is this machine's, "
           "not the target's: deploy and `edgekit profile` for the device's figures")
-    write_json_atomic(out / "main-job.json", {"convert": result.to_dict(), "bundles": records})
+    device = None if a.no_device else deploy_and_profile(out, a, progress)
+    write_json_atomic(out / "main-job.json", {"convert": result.to_dict(), "bundles": records,
+                                              "device": device})
     print(f"bundles in {out / 'build'}, JSON in {out / 'main-job.json'}")
-    return 0 if all(r["health"]["ok"] for r in records) else 1
+    ok = all(r["health"]["ok"] for r in records) and (device is None or device.get("ok", True))
+    return 0 if ok else 1
+
+
+def deploy_and_profile(out: Path, a, progress: Progress):
+    """A local device, the whole build deployed to it over SSH, its bundle profiled on it."""
+    from edgekit.bundle import read_bundle
+    from edgekit.deploy import localdev, ops
+    from edgekit.deploy.inventory import Device, Inventory
+    from edgekit.errors import EdgekitError
+    from edgekit.runtime.report import bench_table
+
+    base = out / "local-devices"
+    try:
+        localdev.check_prerequisites()
+    except EdgekitError as e:
+        print(f"\nlocal device skipped: {e}")
+        return {"skipped": str(e)}
+    progress.say("starting a local device (sshd in its own network namespace)")
+    info = localdev.up("demo-device", base=base)
+    try:
+        (out / "known_hosts").write_text(info["host_key"] + "\n")
+        inv = Inventory(out / "devices.toml", known_hosts=str(out / "known_hosts"),
+                        ssh_config=str(out / "ssh_config"))
+        probe = Device(name="demo-device", host=info["host"], user="root", key_file=info["key_file"],
+                       root=info["root"], python=info["python"])
+        opts = ops.Options(inv, progress=progress)
+        facts = ops.info(probe, opts).data["facts"]
+        dev = Device(**{**probe.__dict__, "target": facts["suggested_target"]})
+        inv.add(dev, replace_existing=True)
+        inv.save()
+        bundles = [read_bundle(p) for p in sorted((out / "build").iterdir()) if (p / "manifest.json").is_file()]
+        dep = ops.deploy(dev, bundles, opts)
+        chosen = read_bundle(out / "build" / dep.data["bundle"])
+        prof = ops.profile(dev, chosen, opts, runs=a.runs, warmup=a.warmup, out_dir=out / "profiles")
+        print(f"\ndeployed to local device demo-device ({info['host']}, looks like {dev.target}): "
+              f"{dep.data['bundle']} {dep.status}, health {'ok' if (dep.data.get('health') or {}).get('ok') else 'FAILED'}")
+        print(bench_table([prof.data["report"]], label="device"))
+        print(f"profile saved to {prof.data['saved']}" + (
+            f"; device kept: `edgekit status --inventory {inv.path}`, "
+            f"`EDGEKIT_LOCAL_DEVICES={base} edgekit device local down demo-device --inventory {inv.path}`"
+            if a.keep_device else "; local device removed (--keep-device keeps it)"))
+        return {"ok": dep.ok, "deploy": dep.to_dict(), "profile": prof.data["saved"]}
+    finally:
+        if not a.keep_device:
+            localdev.down("demo-device", base=base)
 
 
 if __name__ == "__main__":

@@ -301,3 +301,27 @@ def test_device_add_and_list(cli, tmp_path):
     inv.write_text(inv.read_text() + 'password = "hunter2"\n')
     r = cli("device", "list", "--inventory", inv)
     assert r.exit_code == 2 and "no passwords in the inventory" in r.stderr
+
+
+def test_local_device_up_deploy_down(cli, digits_build, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEKIT_LOCAL_DEVICES", str(tmp_path / "local"))
+    inv = tmp_path / "devices.toml"
+    inv.write_text(f'[ssh]\nknown_hosts = "{tmp_path / "known_hosts"}"\nconfig = "{tmp_path / "cfg"}"\n')
+    r = cli("device", "local", "up", "bench-box", "--target", "x86-avx2", "--inventory", inv)
+    assert r.exit_code == 0, r.stderr
+    try:
+        d = load_inventory(inv).devices["bench-box"]
+        assert d.target == "x86-avx2" and d.host in (tmp_path / "known_hosts").read_text()
+        out = digits_build.bundles[0].path.parent
+        r = cli("deploy", out, "-d", "bench-box", "--inventory", inv, "--json")
+        res = json.loads(r.stdout)[0]
+        assert r.exit_code == 0 and res["bundle"] == "digits-x86-avx2" and res["health"]["ok"]
+        r = cli("device", "local", "list")
+        assert "bench-box" in r.stdout and "yes" in r.stdout
+        meta = json.loads((tmp_path / "local" / "bench-box" / "device.json").read_text())
+    finally:
+        r = cli("device", "local", "down", "bench-box", "--inventory", inv)
+    assert r.exit_code == 0 and "removed" in r.stdout
+    assert "bench-box" not in load_inventory(inv).devices
+    ns = f"ek{meta['tag']}d{meta['index']}"
+    assert ns not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
