@@ -77,7 +77,7 @@ class DeviceSession:
                     tick(base + sent, total)
 
             try:
-                with open(local, "rb") as fl, sftp.open(remote, "wb", bufsize=1 << 20) as fr:
+                with open(local, "rb") as fl, sftp.open(remote, "wb", bufsize=0) as fr:
                     fr.set_pipelined(True)
                     sent = 0
                     while True:
