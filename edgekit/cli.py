@@ -132,10 +132,13 @@ def targets_show(target, as_json):
               help="Only these formats (default: every format the target lists).")
 @click.option("--max-accuracy-drop", type=float,
               help="Budget in points (accuracy with labels, else top-1 agreement); a miss exits 1.")
+@click.option("--compat-check", type=click.Choice(["auto", "venv", "emulated", "off"]), default="auto",
+              show_default=True, help="Check each artifact in the oldest runtime its target runs "
+              "(runtime.min_runtime): emulated arm64 root when built, else a cached venv.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
 def convert(model, target_names, calib, calib_random, calib_samples, preprocess, val, out, name,
-            formats, max_accuracy_drop, as_json, quiet):
+            formats, max_accuracy_drop, compat_check, as_json, quiet):
     """Convert MODEL (.keras, .h5, SavedModel dir, .onnx) into an INT8 bundle per target."""
     from edgekit.convert import convert as run_convert
     from edgekit.errors import BudgetMissed
@@ -146,7 +149,8 @@ def convert(model, target_names, calib, calib_random, calib_samples, preprocess,
         result = run_convert(model, target_names, out, calib=calib, val=val, preprocess=preprocess,
                              calib_samples=calib_samples, random_calibration=calib_random,
                              max_accuracy_drop=max_accuracy_drop, name=name,
-                             formats=list(formats) or None, progress=progress)
+                             formats=list(formats) or None, compat_check=compat_check,
+                             progress=progress)
     except BudgetMissed:
         _print_report(out, name or _stem(model), as_json)
         raise
@@ -279,7 +283,7 @@ def _finish(group, as_json, headers, row, title=""):
 
 @cli.group()
 def device():
-    """The devices in the inventory: add, list, info, setup."""
+    """The devices in the inventory: add, list, info, setup; local and emulated devices."""
 
 
 @device.command("add")
@@ -340,19 +344,12 @@ def device_local():
 @_inventory_opt
 def device_local_up(name, target, python_, groups, inventory):
     """Start local device NAME and add it to the inventory (its host key to known_hosts)."""
-    import os
-    from pathlib import Path
-
     from edgekit.deploy import localdev
     from edgekit.deploy.inventory import Device, load_inventory
 
     inv = load_inventory(inventory, must_exist=False)
     info = localdev.up(name, python_)
-    known = Path(os.path.expanduser(inv.known_hosts))
-    known.parent.mkdir(parents=True, exist_ok=True)
-    lines = [ln for ln in (known.read_text().splitlines() if known.is_file() else [])
-             if ln.split(" ", 1)[0] != info["host"]]
-    known.write_text("\n".join(lines + [info["host_key"]]) + "\n")
+    known = _record_host_key(inv, info["host_key"])
     inv.add(Device(name=name, host=info["host"], user="root", key_file=info["key_file"], target=target,
                    root=info["root"], python=info["python"], groups=tuple(groups) or ("local",)),
             replace_existing=True)
@@ -386,6 +383,80 @@ def device_local_list():
     click.echo(render(["name", "address", "running", "python", "root"],
                       [[d["name"], d["address"], d["running"], d["python"], d["root"]]
                        for d in localdev.listing()]))
+
+
+def _record_host_key(inv, line):
+    import os
+    from pathlib import Path
+
+    known = Path(os.path.expanduser(inv.known_hosts))
+    known.parent.mkdir(parents=True, exist_ok=True)
+    host = line.split(" ", 1)[0]
+    lines = [ln for ln in (known.read_text().splitlines() if known.is_file() else []) if ln.split(" ", 1)[0] != host]
+    known.write_text("\n".join(lines + [line]) + "\n")
+    return known
+
+
+@device.group("emulate")
+def device_emulate():
+    """An emulated arm64 Raspberry-Pi-OS-like device (Debian 12 arm64 under qemu; Linux, root)."""
+
+
+@device_emulate.command("up")
+@click.argument("name", default="emulated-pi")
+@click.option("--target", default="rpi4", show_default=True, help="The profile it stands in for.")
+@click.option("--group", "groups", multiple=True)
+@_inventory_opt
+def device_emulate_up(name, target, groups, inventory):
+    """Build the arm64 root once (cached; minutes), start device NAME, add it to the inventory."""
+    from edgekit.deploy import emulate
+    from edgekit.deploy.inventory import Device, load_inventory
+    from edgekit.targets import load_target
+
+    load_target(target)
+    inv = load_inventory(inventory, must_exist=False)
+    info = emulate.up(name, say=lambda t: click.echo(t, err=True))
+    known = _record_host_key(inv, info["host_key"])
+    inv.add(Device(name=name, host=info["host"], user="root", key_file=info["key_file"], target=target,
+                   root=info["root"], python=info["python"], groups=tuple(groups) or ("emulated",)),
+            replace_existing=True)
+    inv.save()
+    click.echo(f"emulated arm64 device {name} is up at {info['host']} (aarch64 under qemu; tflite-runtime "
+               f"2.14, numpy<2); in {inv.path}, host key in {known}")
+
+
+@device_emulate.command("down")
+@click.argument("name", default="emulated-pi")
+@_inventory_opt
+def device_emulate_down(name, inventory):
+    """Stop emulated device NAME and remove it from the inventory (the cached root stays)."""
+    from edgekit.deploy import emulate
+    from edgekit.deploy.inventory import load_inventory
+
+    gone = emulate.down(name)
+    inv = load_inventory(inventory, must_exist=False)
+    if name in inv.devices:
+        inv.remove(name)
+        inv.save()
+    click.echo(f"emulated device {name} {'removed' if gone else 'was not running'}")
+
+
+@device_emulate.command("status")
+@click.argument("name", default="emulated-pi")
+@click.option("--json", "as_json", is_flag=True)
+def device_emulate_status(name, as_json):
+    """Whether the arm64 root is built (and how long it took), and whether NAME runs."""
+    from edgekit.deploy import emulate
+    from edgekit.table import kv
+
+    st = emulate.status(name)
+    if as_json:
+        click.echo(json.dumps(st, indent=2))
+        return
+    dev = st["device"] or {}
+    click.echo(kv([("root built", st["root_built"]), ("root", st["root"]), ("recipe key", st["recipe_key"]),
+                   ("build seconds", st["build_seconds"]), ("device", dev.get("name")),
+                   ("address", dev.get("address")), ("running", dev.get("running"))]))
 
 
 def _device_selection(f):

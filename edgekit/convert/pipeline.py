@@ -8,6 +8,8 @@ a budget miss still writes every bundle and the report, then raises BudgetMissed
 
 from __future__ import annotations
 
+import hashlib
+import json
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -150,7 +152,7 @@ def convert(model: str, targets: Sequence[str], out: str, *, calib: Optional[str
             val: Optional[str] = None, preprocess: Optional[str] = None,
             calib_samples: int = 200, random_calibration: bool = False,
             max_accuracy_drop: Optional[float] = None, name: Optional[str] = None,
-            formats: Optional[Sequence[str]] = None,
+            formats: Optional[Sequence[str]] = None, compat_check: str = "auto",
             progress: Optional[Progress] = None) -> ConvertResult:
     progress = progress or Progress(enabled=False)
     if not targets:
@@ -192,6 +194,7 @@ def convert(model: str, targets: Sequence[str], out: str, *, calib: Optional[str
                                       "notes": source.notes}, cal_info,
                                max_accuracy_drop=max_accuracy_drop)
         cache: Dict[Tuple[str, Any], Artifact] = {}
+        compat_cache: Dict = {}
         float_onnx: Dict[int, bytes] = {}
         for t, fmt, suffix in plan:
             build = t.tflite if fmt == "tflite" else t.onnx
@@ -207,7 +210,22 @@ def convert(model: str, targets: Sequence[str], out: str, *, calib: Optional[str
             ok = None if max_accuracy_drop is None or drop is None else drop <= max_accuracy_drop
             dest = out_dir / f"{name}-{t.name}{suffix}"
             manifest = _manifest(name, t, art, result, max_accuracy_drop, ok)
-            write_bundle(dest, fmt=fmt, model_bytes=art.data, manifest=manifest, golden=art.golden)
+
+            def compat_check_tmp(tmp: Path, t=t, fmt=fmt, art=art) -> None:
+                from edgekit.convert import compat
+
+                records = compat.check(tmp, t, fmt, compat_check, compat_cache,
+                                       hashlib.sha256(art.data).hexdigest())
+                for r in records:
+                    if r.get("checked", True) and "where" in r:
+                        progress.say(f"[{t.name}] {fmt}: loads and matches in {' + '.join(r['requirements'])} "
+                                     f"({r['where']})")
+                m = json.loads((tmp / "manifest.json").read_text())
+                m["compatibility"] = records
+                write_json_atomic(tmp / "manifest.json", m)
+
+            write_bundle(dest, fmt=fmt, model_bytes=art.data, manifest=manifest, golden=art.golden,
+                         check=compat_check_tmp)
             result.bundles.append(BundleResult(t.name, fmt, dest, art, ok))
         result.report_path = out_dir / f"{name}.convert.json"
         write_json_atomic(result.report_path, result.to_dict())

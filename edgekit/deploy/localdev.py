@@ -82,8 +82,7 @@ class LocalDevice:
     def start(self, timeout: float = 15.0) -> None:
         Path("/run/sshd").mkdir(parents=True, exist_ok=True)
         with open(self.dir / "sshd.log", "ab") as log:
-            self.proc = subprocess.Popen(["ip", "netns", "exec", self.ns, SSHD, "-D", "-e",
-                                          "-f", str(self.dir / "sshd_config")],
+            self.proc = subprocess.Popen(["ip", "netns", "exec", self.ns, *self.sshd_argv()],
                                          stdout=log, stderr=log, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -96,6 +95,9 @@ class LocalDevice:
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError(f"sshd for {self.name} did not answer on {self.addr}:22")
+
+    def sshd_argv(self) -> List[str]:
+        return [SSHD, "-D", "-e", "-f", str(self.dir / "sshd_config")]
 
     def running(self) -> bool:
         return bool(_sh("ip", "netns", "pids", self.ns, check=False).stdout.split())

@@ -6,7 +6,6 @@ The device side is `python -m edgekit.runtime ...` from <root>/runtime, pushed b
 
 from __future__ import annotations
 
-import hashlib
 import json
 import posixpath
 import stat
@@ -14,26 +13,14 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-import edgekit
 from edgekit.deploy.connection import Connection
 from edgekit.errors import DeviceError
-
-PKG = Path(edgekit.__file__).resolve().parent
-# What a device needs: the runtime and what it imports (standard library + numpy only).
-RUNTIME_FILES = ["__init__.py", "errors.py", "bundle.py", "table.py"] + \
-    sorted(f"runtime/{p.name}" for p in (PKG / "runtime").glob("*.py"))
+from edgekit.runtime.files import PKG, runtime_digest, runtime_files
 
 INSTALL_HINTS = {
     "tflite": "pip install ai-edge-litert  (or, on numpy<2 images: pip install tflite-runtime==2.14.0)",
     "onnx": "pip install onnxruntime  (onnxruntime-gpu on a Jetson, from NVIDIA's builds)",
 }
-
-
-def runtime_digest() -> str:
-    h = hashlib.sha256()
-    for rel in RUNTIME_FILES:
-        h.update(rel.encode() + b"\0" + (PKG / rel).read_bytes())
-    return h.hexdigest()
 
 
 class DeviceSession:
@@ -123,7 +110,7 @@ class DeviceSession:
             return False
         tag = uuid.uuid4().hex[:8]
         new = f"{self.root}/.runtime-{tag}"
-        files = [(PKG / rel, f"{new}/edgekit/{rel}") for rel in RUNTIME_FILES]
+        files = [(PKG / rel, f"{new}/edgekit/{rel}") for rel in runtime_files()]
         self.makedirs(self.root)
         self.put_files(files)
         with self.conn.sftp.open(f"{new}/VERSION", "w") as f:

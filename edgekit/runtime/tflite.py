@@ -83,8 +83,9 @@ class TFLiteBackend:
         try:
             self._interp = interp_cls(**kwargs)
             self._interp.allocate_tensors()
-        except ValueError as e:
-            raise BackendUnavailable(f"{self.name} {self.version} cannot load {path}: {e}",
+        except (ValueError, RuntimeError) as e:  # unknown op version (load) / unsupported type (prepare)
+            msg = " ".join(str(e).split())
+            raise BackendUnavailable(f"{self.name} {self.version} cannot load {path}: {msg}",
                                      fmt="tflite",
                                      hint="the model needs an op or op version this runtime "
                                           "does not have; upgrade the runtime or rebuild for it") from None

@@ -1,0 +1,336 @@
+"""An emulated arm64 Raspberry-Pi-OS-like device, for users (and tests) without a board.
+
+Debian 12 arm64 (the base of Raspberry Pi OS Bookworm) built by debootstrap, with
+Python 3.11, numpy<2 and tflite-runtime 2.14 (what older Pi images run) in a venv, and
+OpenSSH's sshd. Real aarch64 binaries run under qemu-user-static through binfmt_misc,
+so the TFLite kernels exercised are the ARM ones. The root is built once and cached,
+keyed by its recipe; a device is that root's aarch64 sshd, chrooted, in its own network
+namespace (a LocalDevice), with its own host key and device root.
+
+    python -m edgekit.deploy.emulate build      # build (or find) the cached root
+    edgekit device emulate up|down|status       # the same, as an inventory device
+
+Needs Linux, root, debootstrap, qemu-user-static, openssh-client, iproute2, and the
+Debian and PyPI registries for the build.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+from edgekit.deploy.localdev import LocalDevice, _free_net, _sh, check_prerequisites
+from edgekit.errors import DeviceError
+
+RECIPE: Dict[str, object] = {
+    "version": 1,
+    "suite": "bookworm",
+    "arch": "arm64",
+    "variant": "minbase",
+    "include": ["python3", "python3-venv", "python3-pip", "openssh-server", "ca-certificates"],
+    "pip": ["numpy<2", "tflite-runtime==2.14.0"],
+}
+VENV = "/opt/edgekit-venv"
+DEVICE_ROOT = "/var/lib/edgekit"          # the edgekit root, as the device sees it
+QEMU = "/usr/bin/qemu-aarch64-static"
+BINFMT = Path("/proc/sys/fs/binfmt_misc")
+# The standard qemu-aarch64 registration (ELF64, little endian, e_machine 0xb7), F: the
+# interpreter is opened now, so it works inside chroots.
+_BINFMT_LINE = (r":qemu-aarch64:M::\x7fELF\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\xb7\x00"
+                r":\xff\xff\xff\xff\xff\xff\xff\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff"
+                f":{QEMU}:F")
+
+
+def recipe_key(recipe: Dict[str, object] = RECIPE) -> str:
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EDGEKIT_EMULATE_CACHE", Path.home() / ".cache" / "edgekit" / "emulated"))
+
+
+def root_path(recipe: Dict[str, object] = RECIPE) -> Path:
+    return cache_dir() / recipe_key(recipe) / "root"
+
+
+def is_built(recipe: Dict[str, object] = RECIPE) -> bool:
+    return (cache_dir() / recipe_key(recipe) / ".complete").is_file()
+
+
+def check_tools() -> None:
+    missing = [p for p, t in (("debootstrap", "debootstrap"), ("qemu-user-static", QEMU)) if not shutil.which(t)]
+    if missing:
+        raise DeviceError("an emulated device needs " + " and ".join(missing),
+                          hint="apt-get install qemu-user-static debootstrap")
+
+
+def ensure_binfmt() -> None:
+    """Mount binfmt_misc if needed and register qemu-aarch64 (with the F flag)."""
+    if not (BINFMT / "register").exists():
+        r = _sh("mount", "-t", "binfmt_misc", "binfmt_misc", str(BINFMT), check=False)
+        if r.returncode != 0:
+            raise DeviceError(f"cannot mount binfmt_misc: {r.stderr.strip()}",
+                              hint="run as root on a Linux host that allows it")
+    entry = BINFMT / "qemu-aarch64"
+    if entry.exists():
+        text = entry.read_text()
+        if "enabled" in text and "F" in (re.search(r"flags: (\w*)", text) or [None, ""])[1]:
+            return
+        entry.write_text("-1")  # a registration without F cannot run inside a chroot: replace it
+    (BINFMT / "register").write_text(_BINFMT_LINE)
+
+
+def debian_mirror() -> str:
+    """The Debian mirror apt already uses here."""
+    for f in [Path("/etc/apt/sources.list.d/debian.sources")] + sorted(Path("/etc/apt/sources.list.d").glob("*.sources")):
+        if f.is_file():
+            for block in f.read_text().split("\n\n"):
+                uris = re.search(r"^URIs:\s*(\S+)", block, re.M)
+                suites = re.search(r"^Suites:\s*(.+)$", block, re.M)
+                if uris and suites and "bookworm" in suites.group(1).split() and "security" not in uris.group(1):
+                    return uris.group(1)
+    sl = Path("/etc/apt/sources.list")
+    if sl.is_file():
+        m = re.search(r"^deb\s+(?:\[[^\]]*\]\s+)?(\S+)\s+bookworm\s", sl.read_text(), re.M)
+        if m:
+            return m.group(1)
+    return "http://deb.debian.org/debian"
+
+
+def in_root(root: Path, argv: List[str], env: Optional[Dict[str, str]] = None, log=None,
+            timeout: float = 1800) -> subprocess.CompletedProcess:
+    """Run argv chrooted into root, with /dev and /proc mounted in a private mount namespace."""
+    script = ('mount --bind /dev "$1/dev" && mount -t proc proc "$1/proc" && '
+              'root="$1" && shift && exec chroot "$root" "$@"')
+    e = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root",
+         "LANG": "C.UTF-8"}
+    e.update(env or {})
+    return subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", str(root),
+                           *argv], env=e, stdout=log, stderr=subprocess.STDOUT if log else None,
+                          timeout=timeout, check=False)
+
+
+def build(recipe: Dict[str, object] = RECIPE, say: Callable[[str], None] = print) -> Path:
+    """Build the root once (cached under cache_dir()/<recipe key>); returns its path."""
+    key = recipe_key(recipe)
+    final = cache_dir() / key
+    if (final / ".complete").is_file():
+        return final / "root"
+    check_prerequisites()
+    check_tools()
+    ensure_binfmt()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    work = final.parent / f".{key}.build-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    root = work / "root"
+    log_path = work / "build.log"
+    t0 = time.monotonic()
+    try:
+        with open(log_path, "w") as log:
+            mirror = debian_mirror()
+            say(f"emulated device: debootstrap {recipe['suite']} {recipe['arch']} from {mirror} "
+                "(a few minutes, once)")
+            r = subprocess.run(["debootstrap", f"--arch={recipe['arch']}", f"--variant={recipe['variant']}",
+                                "--include=" + ",".join(recipe["include"]), str(recipe["suite"]), str(root),
+                                mirror], stdout=log, stderr=subprocess.STDOUT, timeout=3600)
+            if r.returncode != 0:
+                raise DeviceError(f"debootstrap failed (exit {r.returncode}); log: {log_path}")
+            say(f"emulated device: venv with {' '.join(recipe['pip'])} (under emulation)")
+            r = in_root(root, ["python3", "-m", "venv", VENV], log=log)
+            if r.returncode != 0:
+                raise DeviceError(f"python3 -m venv failed in the arm64 root; log: {log_path}")
+            cert = "/etc/ssl/certs/ca-certificates.crt"
+            if Path(cert).is_file():  # the host's CA bundle: the same registry access as here
+                shutil.copy(cert, root / "etc/ssl/certs/edgekit-host-ca.crt")
+            env = {"PIP_CERT": "/etc/ssl/certs/edgekit-host-ca.crt", "PIP_DEFAULT_TIMEOUT": "180",
+                   "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+            for k in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_TRUSTED_HOST"):
+                if os.environ.get(k):
+                    env[k] = os.environ[k]
+            r = in_root(root, [f"{VENV}/bin/pip", "install", "--no-cache-dir", "--only-binary=:all:",
+                               *recipe["pip"]], env=env, log=log)
+            if r.returncode != 0:
+                raise DeviceError(f"pip install {' '.join(recipe['pip'])} failed in the arm64 root; log: {log_path}")
+            r = in_root(root, [f"{VENV}/bin/python", "-c",
+                               "import platform, numpy, tflite_runtime.interpreter as t; "
+                               "print(platform.machine(), numpy.__version__)"], log=log)
+            if r.returncode != 0:
+                raise DeviceError(f"the arm64 venv does not import numpy + tflite-runtime; log: {log_path}")
+            for d in ("run/sshd", DEVICE_ROOT.lstrip("/"), "etc/edgekit"):
+                (root / d).mkdir(parents=True, exist_ok=True)
+            for k in root.glob("etc/ssh/ssh_host_*"):  # each device gets its own host key
+                k.unlink()
+        (work / ".complete").write_text(json.dumps({"recipe": recipe, "seconds": time.monotonic() - t0}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(work, final)
+    except BaseException:
+        keep = final.parent / f"failed-{key}.log"
+        if log_path.exists():
+            shutil.copy(log_path, keep)
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    say(f"emulated device root ready in {time.monotonic() - t0:.0f} s: {final / 'root'}")
+    return final / "root"
+
+
+def build_seconds(recipe: Dict[str, object] = RECIPE) -> Optional[float]:
+    try:
+        return json.loads((cache_dir() / recipe_key(recipe) / ".complete").read_text())["seconds"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+class EmulatedDevice(LocalDevice):
+    """A LocalDevice whose sshd is the arm64 root's, chrooted (so everything it runs is aarch64)."""
+
+    def __init__(self, directory: Path, name: str, *, root: Path, tag: str, net: int, index: int,
+                 authorized_keys: Path):
+        super().__init__(directory, name, f"{VENV}/bin/python", tag=tag, net=net, index=index,
+                         authorized_keys=authorized_keys)
+        self.chroot = root
+        self.etc = root / "etc" / "edgekit" / name           # host key, sshd config, keys
+        self.root = root / DEVICE_ROOT.lstrip("/") / name     # the device root, seen from here
+        self.device_root = f"{DEVICE_ROOT}/{name}"            # ... and from the device
+
+    def create(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.etc.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True)
+        key = self.etc / "host_ed25519"
+        if not key.exists():
+            _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key)
+        shutil.copy(self.authorized_keys, self.etc / "authorized_keys")
+        inside = f"/etc/edgekit/{self.name}"
+        (self.etc / "sshd_config").write_text(
+            f"Port 22\nListenAddress {self.addr}\nHostKey {inside}/host_ed25519\n"
+            f"PidFile /run/sshd-{self.name}.pid\nAuthorizedKeysFile {inside}/authorized_keys\n"
+            "PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+            "UsePAM no\nStrictModes no\nUseDNS no\nSubsystem sftp internal-sftp\nLogLevel ERROR\n"
+            "MaxStartups 100:30:200\n")
+        self._netns()
+        self.start()
+
+    def _netns(self) -> None:
+        _sh("ip", "netns", "add", self.ns)
+        _sh("ip", "link", "add", self.veth_host, "type", "veth", "peer", "name", self.veth_dev)
+        _sh("ip", "link", "set", self.veth_dev, "netns", self.ns)
+        _sh("ip", "addr", "add", f"{self.host_addr}/30", "dev", self.veth_host)
+        _sh("ip", "link", "set", self.veth_host, "up")
+        _sh("ip", "netns", "exec", self.ns, "ip", "addr", "add", f"{self.addr}/30", "dev", self.veth_dev)
+        _sh("ip", "netns", "exec", self.ns, "ip", "link", "set", self.veth_dev, "up")
+        _sh("ip", "netns", "exec", self.ns, "ip", "link", "set", "lo", "up")
+
+    def host_key_line(self) -> str:
+        return f"{self.addr} " + " ".join((self.etc / "host_ed25519.pub").read_text().split()[:2])
+
+    def sshd_argv(self) -> List[str]:
+        ensure_binfmt()
+        script = ('mount --bind /dev "$1/dev" && mount -t proc proc "$1/proc" && '
+                  'exec chroot "$1" /usr/sbin/sshd -D -e -f "$2"')
+        return ["sh", "-c", script, "sh", str(self.chroot), f"/etc/edgekit/{self.name}/sshd_config"]
+
+    def start(self, timeout: float = 60.0) -> None:
+        super().start(timeout=timeout)
+
+
+def _load(d: Path) -> EmulatedDevice:
+    m = json.loads((d / "device.json").read_text())
+    return EmulatedDevice(d, m["name"], root=Path(m["chroot"]), tag=m["tag"], net=m["net"], index=m["index"],
+                          authorized_keys=Path(m["authorized_keys"]))
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get("EDGEKIT_LOCAL_DEVICES", Path.home() / ".cache" / "edgekit" / "local-devices"))
+
+
+def up(name: str = "emulated-pi", say: Callable[[str], None] = print, base: Optional[Path] = None,
+       authorized_keys: Optional[Path] = None) -> Dict[str, str]:
+    """Build (or reuse) the root and start device `name`; what an inventory entry needs."""
+    check_prerequisites()
+    root = build(say=say)
+    d = Path(base or state_dir()) / name
+    if (d / "device.json").is_file():
+        dev = _load(d)
+        if not dev.running():
+            dev.destroy()
+            shutil.rmtree(d, ignore_errors=True)
+            return up(name, say, base, authorized_keys)
+    else:
+        d.mkdir(parents=True, exist_ok=True)
+        key = d / "client_ed25519"
+        if authorized_keys is None:
+            if not key.exists():
+                _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"edgekit-emulated-{name}", "-f", key)
+            (d / "authorized_keys").write_text((d / "client_ed25519.pub").read_text())
+            authorized_keys = d / "authorized_keys"
+        index = 200 + sum(1 for p in d.parent.iterdir() if (p / "device.json").is_file()) % 50
+        tag = f"e{index}"
+        dev = EmulatedDevice(d, name, root=root, tag=tag, net=_free_net(), index=index,
+                             authorized_keys=authorized_keys)
+        (d / "device.json").write_text(json.dumps({
+            "name": name, "kind": "emulated-arm64", "chroot": str(root), "tag": tag,
+            "net": int(dev.addr.split(".")[1]), "index": index, "authorized_keys": str(authorized_keys)}))
+        try:
+            dev.create()
+        except Exception as e:
+            dev.destroy()
+            shutil.rmtree(d, ignore_errors=True)
+            raise DeviceError(f"cannot start emulated device {name}: {e}") from None
+    return {"host": dev.addr, "user": "root", "key_file": str(d / "client_ed25519"), "root": dev.device_root,
+            "python": dev.python, "host_key": dev.host_key_line()}
+
+
+def down(name: str = "emulated-pi", base: Optional[Path] = None) -> bool:
+    d = Path(base or state_dir()) / name
+    if not (d / "device.json").is_file():
+        return False
+    dev = _load(d)
+    dev.destroy()
+    shutil.rmtree(dev.root, ignore_errors=True)
+    shutil.rmtree(dev.etc, ignore_errors=True)
+    shutil.rmtree(d, ignore_errors=True)
+    return True
+
+
+def status(name: str = "emulated-pi", base: Optional[Path] = None) -> Dict[str, object]:
+    d = Path(base or state_dir()) / name
+    out: Dict[str, object] = {"root_built": is_built(), "root": str(root_path()), "recipe_key": recipe_key(),
+                              "build_seconds": build_seconds(), "device": None}
+    if (d / "device.json").is_file():
+        dev = _load(d)
+        out["device"] = {"name": name, "address": dev.addr, "running": dev.running(),
+                         "device_root": dev.device_root}
+    return out
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m edgekit.deploy.emulate")
+    ap.add_argument("action", choices=["build", "status", "key"])
+    a = ap.parse_args(argv)
+    try:
+        if a.action == "build":
+            print(build())
+        elif a.action == "key":
+            print(recipe_key())
+        else:
+            print(json.dumps(status(), indent=2))
+    except DeviceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
