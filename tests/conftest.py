@@ -135,3 +135,30 @@ def lab(lab_session):
     lab_session.write_known_hosts()
     lab_session.write_inventory(extra={n: {"target": t} for n, (_, t, _) in LAB_DEVICES.items()})
     return lab_session
+
+
+@pytest.fixture(scope="session")
+def emulated(lab_session):
+    """The emulated arm64 Pi (Debian 12 arm64 under qemu, tflite-runtime 2.14, numpy<2), as a
+    device of the lab: its root is built once and cached (minutes the first time)."""
+    from edgekit.deploy import emulate
+
+    info = emulate.up("emulated-pi", say=lambda t: print(t, flush=True), base=lab_session.dir / "emulated",
+                      authorized_keys=lab_session.dir / "authorized_keys")
+    try:
+        yield info
+    finally:
+        emulate.down("emulated-pi", base=lab_session.dir / "emulated")
+
+
+@pytest.fixture
+def emu_inventory(emulated, lab_session, tmp_path):
+    """An inventory with just the emulated device (lab key, its own known_hosts)."""
+    known = tmp_path / "known_hosts"
+    known.write_text(emulated["host_key"] + "\n")
+    inv = tmp_path / "devices.toml"
+    inv.write_text(f'[ssh]\nknown_hosts = "{known}"\nconfig = "{lab_session.ssh_config}"\n\n'
+                   f'[devices.emulated-pi]\nhost = "{emulated["host"]}"\nuser = "root"\n'
+                   f'key_file = "{lab_session.key}"\nroot = "{emulated["root"]}"\n'
+                   f'python = "{emulated["python"]}"\ntarget = "rpi4"\n')
+    return inv

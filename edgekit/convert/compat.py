@@ -176,7 +176,8 @@ def check(bundle_dir: Path, profile: TargetProfile, fmt: str, mode: str = "auto"
     record = {"requirements": reqs, "where": where, "checked": res.get("checked", True), **res}
     if record["checked"] and not res.get("ok"):
         detail = _explain(res["error"], reqs) if res.get("error") else ", ".join(
-            f"output {k} differs by {v['max_abs_err']:.4g} (tolerance {v['atol']:.4g})"
+            f"output {k}: SNR {v['snr_db']:.1f} dB vs golden (min {res.get('min_snr_db')}), top-1 agreement "
+            f"{v['top1_agreement']}, max difference {v['max_abs_err']:.4g}"
             for k, v in res.get("outputs", {}).items() if not v.get("ok"))
         raise ConversionError(f"the {fmt} artifact fails in {' + '.join(reqs)} ({where}): {detail}",
                               target=profile.name, stage="compatibility",

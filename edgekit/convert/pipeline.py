@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import platform
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -27,10 +28,11 @@ from edgekit.convert.sources import Source, detect_kind, load_source
 from edgekit.errors import BudgetMissed, ConversionError, DataError, EdgekitError
 from edgekit.progress import Progress
 from edgekit.runtime import load as load_model
+from edgekit.runtime.check import MIN_SNR_DB, MIN_TOP1
 from edgekit.table import render
 from edgekit.targets import TargetProfile, load_target
 
-GOLDEN_SAMPLES = 4
+GOLDEN_SAMPLES = 8
 HELD_OUT = 0.2
 
 
@@ -44,9 +46,9 @@ class Artifact:
     inputs: List[Dict[str, Any]]
     outputs: List[Dict[str, Any]]
     golden: Dict[str, np.ndarray]
-    golden_atol: Dict[str, float]
     seconds: float
     build: Dict[str, Any]
+    golden_backend: str = ""
 
 
 @dataclass
@@ -303,12 +305,13 @@ def _build(source: Source, fmt: str, build, calib: Dataset, val: Dataset, ref_ou
         g_out = q.run(**g_in)
         golden = {f"input:{k}": v for k, v in g_in.items()}
         golden.update({f"output:{k}": v for k, v in g_out.items()})
-        atol = {s.name: validate.golden_tolerance(g_out[s.name], s) for s in q.outputs}
         import dataclasses
 
-        return Artifact(fmt, data, float_bytes, metrics, ops,
+        art = Artifact(fmt, data, float_bytes, metrics, ops,
                         [s.to_dict() for s in q.inputs], [s.to_dict() for s in q.outputs],
-                        golden, atol, time.monotonic() - t0, dataclasses.asdict(build))
+                        golden, time.monotonic() - t0, dataclasses.asdict(build))
+        art.golden_backend = f"{q.backend} {q.backend_version} on {platform.machine()}"
+        return art
 
 
 def _manifest(name: str, t: TargetProfile, art: Artifact, result: ConvertResult,
@@ -330,5 +333,6 @@ def _manifest(name: str, t: TargetProfile, art: Artifact, result: ConvertResult,
                            reference="float32 TFLite of the source (no quantization)"
                            if result.source["kind"] != "onnx" else "the source ONNX model, float32"),
         "golden": {"file": "golden.npz", "samples": int(next(iter(art.golden.values())).shape[0]),
-                   "atol": art.golden_atol},
+                   "made_with": art.golden_backend, "min_snr_db": MIN_SNR_DB,
+                   "min_top1_agreement": MIN_TOP1},
     }

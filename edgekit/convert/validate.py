@@ -54,13 +54,3 @@ def budget_drop(metrics: Dict[str, Any]) -> Optional[float]:
     if metrics.get("top1_agreement") is not None:
         return 100.0 - metrics["top1_agreement"]
     return None
-
-
-def golden_tolerance(expected: np.ndarray, spec) -> float:
-    """How far a device's output may be from the x86 golden output and still be healthy:
-    two quantization steps for an integer output, else 2% of the output's range."""
-    rng = float(expected.max() - expected.min()) if expected.size else 0.0
-    tol = 0.02 * rng + 1e-6
-    if spec.quantized and len(spec.scale) == 1:
-        tol = max(tol, 2.0 * float(spec.scale[0]) + 1e-7)
-    return tol

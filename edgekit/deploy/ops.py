@@ -168,8 +168,8 @@ def deploy(device: Device, bundles: Union[Bundle, Sequence[Bundle]], opts: Optio
     if status == "rolled-back":
         h = res.get("health") or {}
         reason = "health check failed on the device: " + (h.get("error") or ", ".join(
-            f"{k} max error {v['max_abs_err']:.4g} > {v['atol']:.4g}"
-            for k, v in (h.get("outputs") or {}).items() if not v.get("ok")))
+            f"{k}: SNR {v['snr_db']:.1f} dB vs golden (min {h.get('min_snr_db')}), top-1 agreement "
+            f"{v['top1_agreement']}" for k, v in (h.get("outputs") or {}).items() if not v.get("ok")))
         reason += f"; current is back at {(res.get('current') or 'none')[:12]}"
     return DeviceResult(device.name, status, reason=reason, data=data, warnings=warnings)
 

@@ -128,8 +128,10 @@ def _dispatch(args) -> int:
             print(json.dumps(res))
         else:
             for name, o in res["outputs"].items():
-                print(f"{name}: max abs error {o['max_abs_err']:.6g} (tolerance {o['atol']:.6g}) "
-                      f"{'ok' if o['ok'] else 'FAILED'}")
+                print(f"{name}: SNR {o['snr_db']:.1f} dB (min {res['min_snr_db']}), top-1 agreement "
+                      f"{o['top1_agreement']}, max difference {o['max_abs_err']:.6g}"
+                      + (f" ({o['max_steps']} steps)" if o["max_steps"] is not None else "")
+                      + f": {'ok' if o['ok'] else 'FAILED'}")
         return 0 if res["ok"] else 1
     raise AssertionError(args.cmd)
 
