@@ -345,15 +345,9 @@ def device_local():
 def device_local_up(name, target, python_, groups, inventory):
     """Start local device NAME and add it to the inventory (its host key to known_hosts)."""
     from edgekit.deploy import localdev
-    from edgekit.deploy.inventory import Device, load_inventory
 
-    inv = load_inventory(inventory, must_exist=False)
     info = localdev.up(name, python_)
-    known = _record_host_key(inv, info["host_key"])
-    inv.add(Device(name=name, host=info["host"], user="root", key_file=info["key_file"], target=target,
-                   root=info["root"], python=info["python"], groups=tuple(groups) or ("local",)),
-            replace_existing=True)
-    inv.save()
+    inv, known = _add_started_device(inventory, name, info, target, groups, "local")
     click.echo(f"local device {name} is up at {info['host']} (root {info['root']}); "
                f"in {inv.path}, host key in {known}")
 
@@ -364,13 +358,9 @@ def device_local_up(name, target, python_, groups, inventory):
 def device_local_down(name, inventory):
     """Stop local device NAME, remove its state and its inventory entry."""
     from edgekit.deploy import localdev
-    from edgekit.deploy.inventory import load_inventory
 
     gone = localdev.down(name)
-    inv = load_inventory(inventory, must_exist=False)
-    if name in inv.devices:
-        inv.remove(name)
-        inv.save()
+    _remove_started_device(inventory, name)
     click.echo(f"local device {name} {'removed' if gone else 'was not running'}")
 
 
@@ -383,6 +373,28 @@ def device_local_list():
     click.echo(render(["name", "address", "running", "python", "root"],
                       [[d["name"], d["address"], d["running"], d["python"], d["root"]]
                        for d in localdev.listing()]))
+
+
+def _add_started_device(inventory, name, info, target, groups, default_group):
+    """Add a device edgekit started here (local or emulated) to the inventory, its key to known_hosts."""
+    from edgekit.deploy.inventory import Device, load_inventory
+
+    inv = load_inventory(inventory, must_exist=False)
+    known = _record_host_key(inv, info["host_key"])
+    inv.add(Device(name=name, host=info["host"], user="root", key_file=info["key_file"], target=target,
+                   root=info["root"], python=info["python"], groups=tuple(groups) or (default_group,)),
+            replace_existing=True)
+    inv.save()
+    return inv, known
+
+
+def _remove_started_device(inventory, name):
+    from edgekit.deploy.inventory import load_inventory
+
+    inv = load_inventory(inventory, must_exist=False)
+    if name in inv.devices:
+        inv.remove(name)
+        inv.save()
 
 
 def _record_host_key(inv, line):
@@ -410,17 +422,11 @@ def device_emulate():
 def device_emulate_up(name, target, groups, inventory):
     """Build the arm64 root once (cached; minutes), start device NAME, add it to the inventory."""
     from edgekit.deploy import emulate
-    from edgekit.deploy.inventory import Device, load_inventory
     from edgekit.targets import load_target
 
     load_target(target)
-    inv = load_inventory(inventory, must_exist=False)
     info = emulate.up(name, say=lambda t: click.echo(t, err=True))
-    known = _record_host_key(inv, info["host_key"])
-    inv.add(Device(name=name, host=info["host"], user="root", key_file=info["key_file"], target=target,
-                   root=info["root"], python=info["python"], groups=tuple(groups) or ("emulated",)),
-            replace_existing=True)
-    inv.save()
+    inv, known = _add_started_device(inventory, name, info, target, groups, "emulated")
     click.echo(f"emulated arm64 device {name} is up at {info['host']} (aarch64 under qemu; tflite-runtime "
                f"2.14, numpy<2); in {inv.path}, host key in {known}")
 
@@ -431,13 +437,9 @@ def device_emulate_up(name, target, groups, inventory):
 def device_emulate_down(name, inventory):
     """Stop emulated device NAME and remove it from the inventory (the cached root stays)."""
     from edgekit.deploy import emulate
-    from edgekit.deploy.inventory import load_inventory
 
     gone = emulate.down(name)
-    inv = load_inventory(inventory, must_exist=False)
-    if name in inv.devices:
-        inv.remove(name)
-        inv.save()
+    _remove_started_device(inventory, name)
     click.echo(f"emulated device {name} {'removed' if gone else 'was not running'}")
 
 

@@ -6,16 +6,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-
-def snr_db(ref: np.ndarray, got: np.ndarray) -> float:
-    ref = ref.astype(np.float64)
-    noise = float(np.sum((ref - got.astype(np.float64)) ** 2))
-    signal = float(np.sum(ref ** 2))
-    if noise == 0:
-        return float("inf")
-    if signal == 0:
-        return float("-inf")
-    return 10.0 * np.log10(signal / noise)
+from edgekit.runtime.check import snr_db
 
 
 def _is_classifier(a: np.ndarray) -> bool:

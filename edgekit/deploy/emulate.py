@@ -220,16 +220,6 @@ class EmulatedDevice(LocalDevice):
         self._netns()
         self.start()
 
-    def _netns(self) -> None:
-        _sh("ip", "netns", "add", self.ns)
-        _sh("ip", "link", "add", self.veth_host, "type", "veth", "peer", "name", self.veth_dev)
-        _sh("ip", "link", "set", self.veth_dev, "netns", self.ns)
-        _sh("ip", "addr", "add", f"{self.host_addr}/30", "dev", self.veth_host)
-        _sh("ip", "link", "set", self.veth_host, "up")
-        _sh("ip", "netns", "exec", self.ns, "ip", "addr", "add", f"{self.addr}/30", "dev", self.veth_dev)
-        _sh("ip", "netns", "exec", self.ns, "ip", "link", "set", self.veth_dev, "up")
-        _sh("ip", "netns", "exec", self.ns, "ip", "link", "set", "lo", "up")
-
     def host_key_line(self) -> str:
         return f"{self.addr} " + " ".join((self.etc / "host_ed25519.pub").read_text().split()[:2])
 

@@ -66,6 +66,11 @@ class LocalDevice:
         self.root.mkdir(exist_ok=True)
         _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", self.dir / "host_ed25519")
         (self.dir / "sshd_config").write_text(_SSHD_CONFIG.format(addr=self.addr, dir=self.dir, keys=self.authorized_keys))
+        self._netns()
+        self.start()
+
+    def _netns(self) -> None:
+        """The device's network namespace and its veth pair: its own address, reachable from here."""
         _sh("ip", "netns", "add", self.ns)
         _sh("ip", "link", "add", self.veth_host, "type", "veth", "peer", "name", self.veth_dev)
         _sh("ip", "link", "set", self.veth_dev, "netns", self.ns)
@@ -74,7 +79,6 @@ class LocalDevice:
         _sh("ip", "netns", "exec", self.ns, "ip", "addr", "add", f"{self.addr}/30", "dev", self.veth_dev)
         _sh("ip", "netns", "exec", self.ns, "ip", "link", "set", self.veth_dev, "up")
         _sh("ip", "netns", "exec", self.ns, "ip", "link", "set", "lo", "up")
-        self.start()
 
     def host_key_line(self) -> str:
         return f"{self.addr} " + " ".join((self.dir / "host_ed25519.pub").read_text().split()[:2])
