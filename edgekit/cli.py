@@ -132,13 +132,20 @@ def targets_show(target, as_json):
               help="Only these formats (default: every format the target lists).")
 @click.option("--max-accuracy-drop", type=float,
               help="Budget in points (accuracy with labels, else top-1 agreement); a miss exits 1.")
+@click.option("--search-budget", type=float, default=300.0, show_default=True,
+              help="Seconds the mixed-precision search may take when full INT8 misses --max-accuracy-drop.")
+@click.option("--search-first", is_flag=True,
+              help="Stop at the first mixed-precision result that meets the budget (default: keep the "
+                   "smallest, then fastest, of those tried).")
+@click.option("--no-mixed-precision", is_flag=True, help="Never keep layers in float; just report a miss.")
 @click.option("--compat-check", type=click.Choice(["auto", "venv", "emulated", "off"]), default="auto",
               show_default=True, help="Check each artifact in the oldest runtime its target runs "
               "(runtime.min_runtime): emulated arm64 root when built, else a cached venv.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
 def convert(model, target_names, calib, calib_random, calib_samples, preprocess, val, out, name,
-            formats, max_accuracy_drop, compat_check, as_json, quiet):
+            formats, max_accuracy_drop, search_budget, search_first, no_mixed_precision, compat_check,
+            as_json, quiet):
     """Convert MODEL (.keras, .h5, SavedModel dir, .onnx) into an INT8 bundle per target."""
     from edgekit.convert import convert as run_convert
     from edgekit.errors import BudgetMissed
@@ -150,7 +157,8 @@ def convert(model, target_names, calib, calib_random, calib_samples, preprocess,
                              calib_samples=calib_samples, random_calibration=calib_random,
                              max_accuracy_drop=max_accuracy_drop, name=name,
                              formats=list(formats) or None, compat_check=compat_check,
-                             progress=progress)
+                             mixed_precision=not no_mixed_precision, search_budget=search_budget,
+                             search_first=search_first, progress=progress)
     except BudgetMissed:
         _print_report(out, name or _stem(model), as_json)
         raise

@@ -65,21 +65,43 @@ class _Reader:
     def rewind(self):
         self._i = 0
 
+    def __iter__(self):  # ONNX Runtime's debugging helpers iterate readers
+        self.rewind()
+        return iter(self.get_next, None)
+
+
+_PRE_CACHE: Dict[str, bytes] = {}
+
+
+def preprocess(float_bytes: bytes) -> bytes:
+    """ONNX Runtime's quantization pre-processing (shape inference, fusions). Node names
+    change here, so anything naming nodes to exclude must name them in this graph."""
+    import hashlib
+
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    key = hashlib.sha256(float_bytes).hexdigest()
+    if key not in _PRE_CACHE:
+        with tempfile.TemporaryDirectory(prefix="edgekit-pre-") as d:
+            src, pre = Path(d, "float.onnx"), Path(d, "pre.onnx")
+            src.write_bytes(float_bytes)
+            try:
+                quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
+                _PRE_CACHE[key] = pre.read_bytes()
+            except Exception:
+                _PRE_CACHE[key] = float_bytes  # an optimization; quantization works without it
+    return _PRE_CACHE[key]
+
 
 def quantize(float_bytes: bytes, calib: Dataset, build: OnnxBuild,
              tick: Optional[Callable[[int, int], None]] = None,
              nodes_to_exclude=None) -> bytes:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     qtype = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
     with tempfile.TemporaryDirectory(prefix="edgekit-onnx-") as d:
-        src, pre, out = Path(d, "float.onnx"), Path(d, "pre.onnx"), Path(d, "int8.onnx")
-        src.write_bytes(float_bytes)
-        try:
-            quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
-        except Exception:
-            pre = src  # pre-processing is an optimization; quantization works without it
+        pre, out = Path(d, "pre.onnx"), Path(d, "int8.onnx")
+        pre.write_bytes(preprocess(float_bytes))
         quantize_static(
             str(pre), str(out), _Reader(calib, tick),
             quant_format=QuantFormat.QDQ if build.quant_format == "qdq" else QuantFormat.QOperator,

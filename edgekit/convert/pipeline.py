@@ -49,6 +49,7 @@ class Artifact:
     seconds: float
     build: Dict[str, Any]
     golden_backend: str = ""
+    mixed: Optional[Dict[str, Any]] = None
 
 
 @dataclass
@@ -89,6 +90,21 @@ class ConvertResult:
                 f"validation samples ({self.calibration['validation_source']})"
         text = render(["bundle", "format", "KiB", "size×", "top-1 agree %", "acc % f→q", "SNR dB",
                        "max |err|", "float ops", "budget"], rows, title=title)
+        seen = set()
+        for b in self.bundles:
+            mp = b.artifact.mixed
+            if not mp or id(b.artifact) in seen:
+                continue
+            seen.add(id(b.artifact))
+            full = mp["full_int8"]
+            rows = [["(full INT8)", full["drop"], full["bytes"] / 1024, full["p50_ms"], "no"]]
+            rows += [[", ".join(st["float_layers"]), st["drop"], st["bytes"] / 1024, st["p50_ms"],
+                      "yes" if st["meets_budget"] else ("failed" if st["error"] else "no")] for st in mp["steps"]]
+            text += "\n\n" + render(["kept in float", "drop (points)", "KiB", "p50 ms here", "meets"], rows,
+                                     title=f"mixed precision for {b.path.name} ({b.fmt}): budget {mp['budget_points']} "
+                                           f"points of {mp['metric']}; chosen: "
+                                           + (", ".join(mp["float_layers"]) if mp["met"] else "none met")
+                                           + f" ({mp['stopped']})")
         if self.calibration.get("random"):
             text += "\nWARNING: random calibration data: the accuracy figures above mean nothing."
         return text
@@ -100,7 +116,8 @@ class ConvertResult:
             "bundles": [{"path": str(b.path), "target": b.target, "format": b.fmt,
                          "bytes": len(b.artifact.data), "float_bytes": b.artifact.float_bytes,
                          "validation": b.artifact.metrics, "float_ops": b.artifact.float_ops,
-                         "within_budget": b.within_budget, "seconds": b.artifact.seconds}
+                         "within_budget": b.within_budget, "seconds": b.artifact.seconds,
+                         "mixed_precision": b.artifact.mixed}
                         for b in self.bundles],
         }
 
@@ -155,6 +172,7 @@ def convert(model: str, targets: Sequence[str], out: str, *, calib: Optional[str
             calib_samples: int = 200, random_calibration: bool = False,
             max_accuracy_drop: Optional[float] = None, name: Optional[str] = None,
             formats: Optional[Sequence[str]] = None, compat_check: str = "auto",
+            mixed_precision: bool = True, search_budget: float = 300.0, search_first: bool = False,
             progress: Optional[Progress] = None) -> ConvertResult:
     progress = progress or Progress(enabled=False)
     if not targets:
@@ -190,6 +208,9 @@ def convert(model: str, targets: Sequence[str], out: str, *, calib: Optional[str
         progress.say(f"calibration: {len(calib_ds)} samples from {cal_info['source']}; "
                      f"validation: {len(val_ds)} samples from {cal_info['validation_source']}")
         ref_outputs = reference.run(**val_ds.inputs)
+        ctx = _Ctx(val_ds, ref_outputs, ref_in, ref_out)
+        mixed = None if (max_accuracy_drop is None or not mixed_precision) else {
+            "max_drop": max_accuracy_drop, "seconds": search_budget, "first": search_first}
 
         result = ConvertResult(name, {"path": str(source.path), "kind": source.kind,
                                       "sha256": source.sha256, "bytes": source.bytes,
@@ -203,8 +224,7 @@ def convert(model: str, targets: Sequence[str], out: str, *, calib: Optional[str
             key = (fmt, build)
             if key not in cache:
                 progress.say(f"[{t.name}] {fmt}: converting")
-                cache[key] = _build(source, fmt, build, calib_ds, val_ds, ref_outputs, ref_in,
-                                    ref_out, float_onnx, progress, t.name)
+                cache[key] = _build(source, fmt, build, calib_ds, ctx, float_onnx, progress, t.name, mixed)
             else:
                 progress.say(f"[{t.name}] {fmt}: same build as an earlier target, reused")
             art = cache[key]
@@ -266,52 +286,124 @@ def _datasets(specs, calib, val, preprocess, calib_samples, random_calibration):
     return calib_ds, val_ds, info
 
 
-def _build(source: Source, fmt: str, build, calib: Dataset, val: Dataset, ref_outputs,
-           ref_in: List[str], ref_out: List[str], float_onnx: Dict[int, bytes],
-           progress: Progress, target: str) -> Artifact:
+class _Ctx:
+    """What every artifact of one conversion is measured against."""
+
+    def __init__(self, val: Dataset, ref_outputs, ref_in: List[str], ref_out: List[str]):
+        self.val, self.ref_outputs, self.ref_in, self.ref_out = val, ref_outputs, ref_in, ref_out
+
+
+def _measure(data: bytes, fmt: str, ctx: _Ctx, timing_runs: int = 0) -> Dict[str, Any]:
+    """Load an artifact with the runtime; validation metrics, float ops, I/O, golden data."""
+    from edgekit.convert import onnx as onnx_conv
+    from edgekit.convert import tflite as tflite_conv
+
+    with tempfile.TemporaryDirectory(prefix="edgekit-art-") as d:
+        path = Path(d) / MODEL_FILES[fmt]
+        path.write_bytes(data)
+        q = load_model(path, providers=["CPUExecutionProvider"])
+        got = _by_ref_names(q.run(**_feeds(q, ctx.val.inputs, ctx.ref_in)), q, ctx.ref_out)
+        metrics = validate.compare(ctx.ref_outputs, got, ctx.ref_out, ctx.val.labels)
+        n = min(GOLDEN_SAMPLES, len(ctx.val))
+        g_in = _feeds(q, ctx.val.take(slice(0, n)).inputs, ctx.ref_in)
+        g_out = q.run(**g_in)
+        golden = {f"input:{k}": v for k, v in g_in.items()}
+        golden.update({f"output:{k}": v for k, v in g_out.items()})
+        p50 = None
+        if timing_runs:
+            p50 = q.benchmark(runs=timing_runs, warmup=10, end_to_end=False)["latency"]["p50_ms"]
+        return {"metrics": metrics, "golden": golden, "p50_ms": p50,
+                "float_ops": tflite_conv.float_ops(path) if fmt == "tflite" else onnx_conv.float_ops(data),
+                "inputs": [s.to_dict() for s in q.inputs], "outputs": [s.to_dict() for s in q.outputs],
+                "golden_backend": f"{q.backend} {q.backend_version} on {platform.machine()}"}
+
+
+def _build(source: Source, fmt: str, build, calib: Dataset, ctx: _Ctx, float_onnx: Dict[int, bytes],
+           progress: Progress, target: str, mixed: Optional[Dict[str, Any]] = None) -> Artifact:
     from edgekit.convert import onnx as onnx_conv
     from edgekit.convert import tflite as tflite_conv
 
     t0 = time.monotonic()
     tick = progress.ticker(f"[{target}] calibrating", " samples")
-    with tempfile.TemporaryDirectory(prefix="edgekit-art-") as d:
-        path = Path(d) / MODEL_FILES[fmt]
-        with captured_stderr() as cap:
-            try:
-                if fmt == "tflite":
-                    data = tflite_conv.to_tflite(source.saved_model, calib, build, tick)
-                    float_bytes = len(source.float_tflite)
-                else:
-                    if build.opset not in float_onnx:
-                        float_onnx[build.opset] = (
-                            onnx_conv.saved_model_to_onnx(source.saved_model, build.opset)
-                            if source.is_tf else onnx_conv.adapt_opset(source.onnx_bytes, build.opset))
-                    float_bytes = len(float_onnx[build.opset])
-                    data = onnx_conv.quantize(float_onnx[build.opset], calib, build, tick)
-            except EdgekitError:
-                raise
-            except Exception as e:
-                native = "; ".join(cap.tail(3))
-                raise ConversionError(f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-                                      + (f" [{native}]" if native else ""),
-                                      target=target, stage=f"{fmt} conversion") from None
-        path.write_bytes(data)
-        q = load_model(path, providers=["CPUExecutionProvider"])
-        got = _by_ref_names(q.run(**_feeds(q, val.inputs, ref_in)), q, ref_out)
-        metrics = validate.compare(ref_outputs, got, ref_out, val.labels)
-        ops = tflite_conv.float_ops(path) if fmt == "tflite" else onnx_conv.float_ops(data)
-        n = min(GOLDEN_SAMPLES, len(val))
-        g_in = _feeds(q, val.take(slice(0, n)).inputs, ref_in)
-        g_out = q.run(**g_in)
-        golden = {f"input:{k}": v for k, v in g_in.items()}
-        golden.update({f"output:{k}": v for k, v in g_out.items()})
-        import dataclasses
+    with captured_stderr() as cap:
+        try:
+            if fmt == "tflite":
+                data = tflite_conv.to_tflite(source.saved_model, calib, build, tick)
+                float_bytes = len(source.float_tflite)
+            else:
+                if build.opset not in float_onnx:
+                    float_onnx[build.opset] = (
+                        onnx_conv.saved_model_to_onnx(source.saved_model, build.opset)
+                        if source.is_tf else onnx_conv.adapt_opset(source.onnx_bytes, build.opset))
+                float_bytes = len(float_onnx[build.opset])
+                data = onnx_conv.quantize(float_onnx[build.opset], calib, build, tick)
+        except EdgekitError:
+            raise
+        except Exception as e:
+            native = "; ".join(cap.tail(3))
+            raise ConversionError(f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+                                  + (f" [{native}]" if native else ""),
+                                  target=target, stage=f"{fmt} conversion") from None
+    m = _measure(data, fmt, ctx)
+    record = None
+    drop = validate.budget_drop(m["metrics"])
+    if mixed is not None and drop is not None and drop > mixed["max_drop"]:
+        progress.say(f"[{target}] {fmt}: full INT8 drops {drop:.2f} points > {mixed['max_drop']}: "
+                     "searching for layers to keep in float")
+        found = _mixed_search(source, fmt, build, calib, ctx, float_onnx, data, mixed, progress, target)
+        record = found["record"]
+        if found["chosen"] is not None:
+            data = found["chosen"].data
+            m = _measure(data, fmt, ctx)
+    import dataclasses
 
-        art = Artifact(fmt, data, float_bytes, metrics, ops,
-                        [s.to_dict() for s in q.inputs], [s.to_dict() for s in q.outputs],
-                        golden, time.monotonic() - t0, dataclasses.asdict(build))
-        art.golden_backend = f"{q.backend} {q.backend_version} on {platform.machine()}"
-        return art
+    art = Artifact(fmt, data, float_bytes, m["metrics"], m["float_ops"], m["inputs"], m["outputs"],
+                   m["golden"], time.monotonic() - t0, dataclasses.asdict(build))
+    art.golden_backend = m["golden_backend"]
+    art.mixed = record
+    return art
+
+
+def _mixed_search(source: Source, fmt: str, build, calib: Dataset, ctx: _Ctx, float_onnx: Dict[int, bytes],
+                  int8_data: bytes, mixed: Dict[str, Any], progress: Progress, target: str) -> Dict[str, Any]:
+    from edgekit.convert import mixed as mp
+    from edgekit.convert import onnx as onnx_conv
+
+    with captured_stderr():
+        if fmt == "tflite":
+            layers = mp.tflite_sensitivity(source.saved_model, calib, source.layer_names)
+        else:
+            layers = mp.onnx_sensitivity(float_onnx[build.opset], int8_data, calib, source.layer_names)
+
+    def make(nodes):
+        with captured_stderr():
+            if fmt == "tflite":
+                return mp.tflite_with_float(source.saved_model, calib, nodes)
+            return onnx_conv.quantize(float_onnx[build.opset], calib, build, nodes_to_exclude=nodes)
+
+    def evaluate(data):
+        return _measure(data, fmt, ctx, timing_runs=50)
+
+    full = _measure(int8_data, fmt, ctx, timing_runs=50)
+    res = mp.search(layers, make, evaluate, validate.budget_drop, mixed["max_drop"], mixed["seconds"],
+                    mixed["first"], progress.say)
+    chosen = res["chosen"]
+    record = {
+        "budget_points": mixed["max_drop"], "metric": "accuracy" if ctx.val.labels is not None else "top-1 agreement",
+        "sensitivity": [{"layer": lay.source, "node": lay.node, "op": lay.op, "score": lay.sensitivity}
+                        for lay in layers],
+        "full_int8": {"bytes": len(int8_data), "drop": validate.budget_drop(full["metrics"]),
+                      "p50_ms": full["p50_ms"]},
+        "steps": [c.summary() for c in res["tried"]], "stopped": res["stopped"],
+        "float_layers": [lay.source for lay in chosen.float_layers] if chosen else None,
+        "met": chosen is not None,
+    }
+    if chosen is not None:
+        progress.say(f"[{target}] {fmt}: kept in float: {', '.join(record['float_layers'])} "
+                     f"(drop {chosen.drop:.2f}, {len(chosen.data) / 1024:.1f} KiB)")
+    else:
+        progress.say(f"[{target}] {fmt}: no candidate met the budget ({res['stopped']}); full INT8 kept")
+    return {"chosen": chosen, "record": record}
 
 
 def _manifest(name: str, t: TargetProfile, art: Artifact, result: ConvertResult,
@@ -321,7 +413,8 @@ def _manifest(name: str, t: TargetProfile, art: Artifact, result: ConvertResult,
         "edgekit_version": edgekit.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "target": t.to_dict(),
-        "model": {"precision": "int16x8" if art.build.get("activations") == "int16" else "int8",
+        "model": {"precision": ("int16x8" if art.build.get("activations") == "int16" else "int8")
+                  + ("+float" if art.mixed and art.mixed.get("met") else ""),
                   "build": art.build},
         "inputs": art.inputs,
         "outputs": art.outputs,
@@ -332,6 +425,7 @@ def _manifest(name: str, t: TargetProfile, art: Artifact, result: ConvertResult,
                            max_accuracy_drop=budget, within_budget=ok,
                            reference="float32 TFLite of the source (no quantization)"
                            if result.source["kind"] != "onnx" else "the source ONNX model, float32"),
+        "mixed_precision": art.mixed,
         "golden": {"file": "golden.npz", "samples": int(next(iter(art.golden.values())).shape[0]),
                    "made_with": art.golden_backend, "min_snr_db": MIN_SNR_DB,
                    "min_top1_agreement": MIN_TOP1},

@@ -31,6 +31,7 @@ class Source:
     float_tflite: Optional[bytes] = None
     reference_path: Optional[Path] = None
     notes: List[str] = field(default_factory=list)
+    layer_names: List[str] = field(default_factory=list)   # the source's layer names, where known
 
     @property
     def is_tf(self) -> bool:
@@ -102,6 +103,7 @@ def load_source(path: str, workdir: Path) -> Source:
                 src.saved_model = p
             else:
                 model, src.kind = _load_keras(p, kind, src)
+                src.layer_names = [layer.name for layer in model.layers]
                 sm = workdir / "saved_model"
                 if src.kind == "tf_keras-h5":
                     model.export(str(sm))

@@ -1,0 +1,76 @@
+"""Accuracy-aware mixed precision on a deliberately quantization-sensitive model."""
+
+import json
+
+import numpy as np
+import pytest
+
+from edgekit.bundle import read_bundle
+
+
+def make_sensitive(model_path, out_path):
+    """The digits CNN with one fc1 unit scaled x1000 and its outgoing weights /1000: the same
+    function in float (ReLU is positively homogeneous), but fc1's output now spans a range
+    1000x wider, so per-tensor INT8 activations crush every other unit."""
+    import keras
+
+    m = keras.models.load_model(model_path)
+    W, b = m.get_layer("fc1").get_weights()
+    W2, b2 = m.get_layer("logits").get_weights()
+    k = int(np.argmax(np.abs(W2).sum(1)))
+    W[:, k] *= 1000.0
+    b[k] *= 1000.0
+    W2[k, :] /= 1000.0
+    m.get_layer("fc1").set_weights([W, b])
+    m.get_layer("logits").set_weights([W2, b2])
+    m.save(out_path)
+    return out_path
+
+
+@pytest.fixture(scope="module")
+def sensitive(digits, tmp_path_factory):
+    model, calib, val = digits
+    return make_sensitive(model, tmp_path_factory.mktemp("sens") / "sensitive.keras"), calib, val
+
+
+@pytest.mark.parametrize("target, fmt", [("rpi4", "tflite"), ("rpi4", "onnx")])
+def test_mixed_precision_meets_a_budget_plain_int8_misses(cli, sensitive, tmp_path, target, fmt):
+    model, calib, val = sensitive
+    args = [model, "-t", target, "--format", fmt, "--calib", calib, "--val", val, "--max-accuracy-drop", "1"]
+    r = cli("convert", *args, "--no-mixed-precision", "--out", tmp_path / "plain")
+    assert r.exit_code == 1
+    plain = json.loads((tmp_path / "plain" / "sensitive.convert.json").read_text())["bundles"][0]
+    assert plain["validation"]["accuracy_drop"] > 50  # INT8 alone is useless here
+
+    r = cli("convert", *args, "--out", tmp_path / "mixed")
+    assert r.exit_code == 0, r.stdout + r.stderr
+    assert "mixed precision for" in r.stdout
+    b = read_bundle(next(p for p in (tmp_path / "mixed").iterdir() if p.is_dir()))
+    m = b.manifest
+    mp = m["mixed_precision"]
+    assert mp["met"] and {"fc1", "logits"} <= set(mp["float_layers"])
+    assert m["validation"]["accuracy_drop"] <= 1.0 and m["validation"]["within_budget"]
+    assert m["model"]["precision"] == "int8+float"
+    assert [s["layer"] for s in mp["sensitivity"]][:2] == ["fc1", "logits"] or \
+        {"fc1", "logits"} <= {s["layer"] for s in mp["sensitivity"][:3]}
+    assert mp["full_int8"]["drop"] > 50 and all("bytes" in st and "p50_ms" in st for st in mp["steps"])
+    if fmt == "tflite":  # the mixed artifact is checked in tflite-runtime 2.14 like any other
+        assert b.manifest["compatibility"][0]["ok"]
+
+
+def test_search_first_and_time_budget(sensitive, tmp_path):
+    from edgekit.convert import convert
+    from edgekit.errors import BudgetMissed
+
+    model, calib, val = sensitive
+    r = convert(str(model), ["rpi4"], str(tmp_path / "first"), calib=str(calib), val=str(val),
+                formats=["tflite"], max_accuracy_drop=1.0, search_first=True)
+    mp = r.bundles[0].artifact.mixed
+    assert mp["met"] and mp["steps"][-1]["meets_budget"] and "first candidate" in mp["stopped"]
+    assert sum(st["meets_budget"] for st in mp["steps"]) == 1
+    with pytest.raises(BudgetMissed):
+        convert(str(model), ["rpi4"], str(tmp_path / "none"), calib=str(calib), val=str(val),
+                formats=["tflite"], max_accuracy_drop=1.0, search_budget=0)
+    rep = json.loads((tmp_path / "none" / "sensitive.convert.json").read_text())["bundles"][0]
+    assert rep["mixed_precision"]["stopped"].startswith("search budget of 0 s spent")
+    assert rep["within_budget"] is False
