@@ -250,6 +250,81 @@ def bench(models, runs, warmup, backend, threads, as_json, out):
     click.echo(json.dumps(data) if as_json else bench_table(reports))
 
 
+# --- making models fit: prune, distill -----------------------------------------------
+
+def _before_after(rows, title):
+    from edgekit.table import render
+
+    return render(["", "params", "MFLOPs", "float KiB", "gzip KiB", "zeros", "accuracy %", "p50 ms here"],
+                  [[label, f["params"], f["flops"] / 1e6, f["tflite_bytes"] / 1024, f["gzip_bytes"] / 1024,
+                    f["zero_weights"], f["accuracy"], f["p50_ms"]] for label, f in rows], title=title)
+
+
+@cli.command()
+@click.argument("model", type=click.Path())
+@click.option("--data", required=True, type=click.Path(), help="Training data: .npz with inputs and 'labels'.")
+@click.option("--val", type=click.Path(), help="Validation .npz with labels (default: last 20% of --data).")
+@click.option("--sparsity", type=float, default=0.5, show_default=True, help="Fraction of channels/weights removed.")
+@click.option("--method", type=click.Choice(["structured", "magnitude"]), default="structured", show_default=True,
+              help="structured: fewer filters, a smaller and faster model; magnitude: zeroed weights, compresses.")
+@click.option("--epochs", type=int, default=5, show_default=True, help="Fine-tuning epochs.")
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--out", "-o", type=click.Path(), help="Where to save the pruned model (.keras).")
+@click.option("--json", "as_json", is_flag=True)
+def prune(model, data, val, sparsity, method, epochs, lr, out, as_json):
+    """Prune MODEL (Keras 3) and fine-tune it; parameters, FLOPs, size, accuracy, latency before/after."""
+    from edgekit.optimize.prune import prune as run_prune
+
+    res = run_prune(model, data, sparsity=sparsity, method=method, epochs=epochs, lr=lr, val=val,
+                    out=out or _beside(model, "pruned"), say=lambda t: click.echo(t, err=True))
+    if as_json:
+        click.echo(json.dumps(res, indent=2, default=str))
+        return
+    click.echo(_before_after([("before", res["before"]), ("after", res["after"])],
+                             f"{method} pruning, sparsity {sparsity}, {epochs} epoch(s) of fine-tuning"))
+    r = res["ratios"]
+    click.echo(f"params x{r['params']:.3f}, FLOPs x{r['flops']:.3f}, p50 x{r['p50']:.3f}, gzip x{r['gzip']:.3f}; "
+               f"accuracy drop {res['accuracy_drop']:.2f} points; saved {res['saved']}")
+
+
+@cli.command()
+@click.option("--teacher", required=True, type=click.Path())
+@click.option("--student", type=click.Path(), help="A student model file; or derive one with --width.")
+@click.option("--width", type=float, help="Student = the teacher's architecture this many times as wide.")
+@click.option("--data", required=True, type=click.Path(), help="Training data: .npz with inputs and 'labels'.")
+@click.option("--val", type=click.Path())
+@click.option("--temperature", type=float, default=4.0, show_default=True)
+@click.option("--alpha", type=float, default=0.5, show_default=True, help="Weight of the hard-label loss.")
+@click.option("--epochs", type=int, default=20, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--baseline", is_flag=True, help="Also train the same student without the teacher, to compare.")
+@click.option("--out", "-o", type=click.Path(), help="Where to save the student (.keras).")
+@click.option("--json", "as_json", is_flag=True)
+def distill(teacher, student, width, data, val, temperature, alpha, epochs, lr, baseline, out, as_json):
+    """Distill TEACHER into a smaller student; accuracy, size and latency of both."""
+    from edgekit.optimize.distill import distill as run_distill
+
+    res = run_distill(teacher, data, student_path=student, width=width, temperature=temperature, alpha=alpha,
+                      epochs=epochs, lr=lr, val=val, out=out or _beside(teacher, "student"), baseline=baseline,
+                      say=lambda t: click.echo(t, err=True))
+    if as_json:
+        click.echo(json.dumps(res, indent=2, default=str))
+        return
+    click.echo(_before_after([("teacher", res["teacher"]), ("student", res["student"])],
+                             f"distillation, T={temperature}, alpha={alpha}, {epochs} epoch(s)"))
+    if baseline:
+        click.echo(f"same student without the teacher: {res['student_without_teacher']['accuracy']:.2f}% "
+                   f"(gain from the teacher {res['gain_from_teacher']:+.2f} points)")
+    click.echo(f"saved {res['saved']}; convert it like any model: edgekit convert {res['saved']} -t ...")
+
+
+def _beside(model: str, what: str) -> str:
+    from pathlib import Path
+
+    p = Path(model)
+    return str(p.with_name(f"{p.stem}-{what}.keras"))
+
+
 # --- devices, deploy, status, rollback, profile ----------------------------------
 
 _inventory_opt = click.option("--inventory", type=click.Path(), envvar="EDGEKIT_INVENTORY",

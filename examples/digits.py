@@ -3,6 +3,7 @@
 Seconds on a laptop CPU, no download. Writes:
     <out>/digits.keras     the float Keras 3 model
     <out>/calib.npz        calibration inputs ('image')
+    <out>/train.npz        the training inputs with their labels (for prune / distill)
     <out>/val.npz          validation inputs and labels ('image', 'labels'), never trained on
 
     python examples/digits.py --out work/
@@ -57,6 +58,7 @@ def train(out_dir: Path, epochs: int = 15, seed: int = 0) -> Path:
     path = out_dir / "digits.keras"
     model.save(path)
     np.savez(out_dir / "calib.npz", image=xt)
+    np.savez(out_dir / "train.npz", image=xt, labels=yt)
     np.savez(out_dir / "val.npz", image=xv, labels=yv)
     return path
 

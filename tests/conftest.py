@@ -23,7 +23,7 @@ def digits(tmp_path_factory):
     from digits import train
 
     d = tmp_path_factory.mktemp("digits")
-    model = train(d, epochs=8)
+    model = train(d, epochs=8)  # also writes train.npz (inputs + labels)
     return model, d / "calib.npz", d / "val.npz"
 
 
