@@ -132,6 +132,8 @@ def targets_show(target, as_json):
               help="Only these formats (default: every format the target lists).")
 @click.option("--max-accuracy-drop", type=float,
               help="Budget in points (accuracy with labels, else top-1 agreement); a miss exits 1.")
+@click.option("--precision", type=click.Choice(["int8", "int16x8", "fp16"]), default="int8", show_default=True,
+              help="int16x8: 16-bit activations, 8-bit weights (between INT8 and float); fp16: GPU targets.")
 @click.option("--search-budget", type=float, default=300.0, show_default=True,
               help="Seconds the mixed-precision search may take when full INT8 misses --max-accuracy-drop.")
 @click.option("--search-first", is_flag=True,
@@ -144,8 +146,8 @@ def targets_show(target, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
 def convert(model, target_names, calib, calib_random, calib_samples, preprocess, val, out, name,
-            formats, max_accuracy_drop, search_budget, search_first, no_mixed_precision, compat_check,
-            as_json, quiet):
+            formats, max_accuracy_drop, precision, search_budget, search_first, no_mixed_precision,
+            compat_check, as_json, quiet):
     """Convert MODEL (.keras, .h5, SavedModel dir, .onnx) into an INT8 bundle per target."""
     from edgekit.convert import convert as run_convert
     from edgekit.errors import BudgetMissed
@@ -158,7 +160,7 @@ def convert(model, target_names, calib, calib_random, calib_samples, preprocess,
                              max_accuracy_drop=max_accuracy_drop, name=name,
                              formats=list(formats) or None, compat_check=compat_check,
                              mixed_precision=not no_mixed_precision, search_budget=search_budget,
-                             search_first=search_first, progress=progress)
+                             search_first=search_first, precision=precision, progress=progress)
     except BudgetMissed:
         _print_report(out, name or _stem(model), as_json)
         raise

@@ -50,11 +50,11 @@ _SCHEMA: Dict[str, Dict[str, Tuple[str, Optional[Tuple[Any, ...]], Any]]] = {
     "tflite": {
         "io_type": (_STR, ("int8", "uint8", "float32"), "int8"),
         "per_channel": (_BOOL, None, True),
-        "activations": (_STR, ("int8", "int16"), "int8"),
+        "activations": (_STR, ("int8", "int16", "float16"), "int8"),
     },
     "onnx": {
         "quant_format": (_STR, ("qdq", "qoperator"), "qdq"),
-        "activation_type": (_STR, ("int8", "uint8"), "uint8"),
+        "activation_type": (_STR, ("int8", "uint8", "int16"), "uint8"),
         "weight_type": (_STR, ("int8", "uint8"), "int8"),
         "per_channel": (_BOOL, None, True),
         "reduce_range": (_BOOL, None, False),
@@ -62,6 +62,7 @@ _SCHEMA: Dict[str, Dict[str, Tuple[str, Optional[Tuple[Any, ...]], Any]]] = {
         "symmetric_weights": (_BOOL, None, True),
         "opset": (_INT, None, 17),
         "fp16_allowed": (_BOOL, None, False),
+        "fp16": (_BOOL, None, False),
     },
     "runtime": {
         "threads": (_INT, None, ...),
@@ -107,8 +108,11 @@ class OnnxBuild:
     symmetric_weights: bool = True
     opset: int = 17
     fp16_allowed: bool = False
+    fp16: bool = False             # build an FP16 model instead of INT8 (needs fp16_allowed)
 
     def __post_init__(self) -> None:
+        if self.fp16 and not self.fp16_allowed:
+            raise ValueError("onnx.fp16 needs onnx.fp16_allowed (a GPU target)")
         if self.symmetric_activations and self.activation_type == "uint8":
             raise ValueError("symmetric_activations needs activation_type = \"int8\" "
                              "(a symmetric uint8 range wastes half the codes)")

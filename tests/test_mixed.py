@@ -74,3 +74,34 @@ def test_search_first_and_time_budget(sensitive, tmp_path):
     rep = json.loads((tmp_path / "none" / "sensitive.convert.json").read_text())["bundles"][0]
     assert rep["mixed_precision"]["stopped"].startswith("search budget of 0 s spent")
     assert rep["within_budget"] is False
+
+
+def test_precision_rungs(digits, tmp_path, cli):
+    """int16x8: 16-bit activations, 8-bit weights (higher SNR at INT8 size); fp16 for GPU targets only."""
+    from edgekit.convert import convert
+    from edgekit.runtime import load
+    from edgekit.runtime.check import golden_check
+
+    model, calib, val = digits
+    base = convert(str(model), ["jetson-orin"], str(tmp_path / "i8"), calib=str(calib), val=str(val))
+    r16 = convert(str(model), ["jetson-orin"], str(tmp_path / "i16"), calib=str(calib), val=str(val),
+                  precision="int16x8")
+    fp = convert(str(model), ["jetson-orin"], str(tmp_path / "fp16"), calib=str(calib), val=str(val),
+                 precision="fp16")
+
+    def snr(r, fmt):
+        b = next(b for b in r.bundles if b.fmt == fmt)
+        m = b.artifact.metrics
+        return m["outputs"][m["primary_output"]]["snr_db"], len(b.artifact.data), b
+
+    for fmt in ("tflite", "onnx"):
+        s8, n8, _ = snr(base, fmt)
+        s16, n16, b16 = snr(r16, fmt)
+        sfp, nfp, bfp = snr(fp, fmt)
+        assert s16 > s8 + 3 and n16 < 1.2 * n8, (fmt, s8, s16, n8, n16)
+        assert sfp > s16 and 1.5 * n8 < nfp < 0.6 * bfp.artifact.float_bytes * 1.2, (fmt, nfp)
+        assert read_bundle(b16.path).manifest["model"]["precision"] == "int16x8"
+        assert read_bundle(bfp.path).manifest["model"]["precision"] == "fp16"
+        assert golden_check(load(b16.path))["ok"] and golden_check(load(bfp.path))["ok"]
+    r = cli("convert", model, "-t", "rpi4", "--precision", "fp16", "--calib", calib, "--out", tmp_path / "x")
+    assert r.exit_code == 2 and "no FP16 path" in r.stderr

@@ -98,7 +98,7 @@ def quantize(float_bytes: bytes, calib: Dataset, build: OnnxBuild,
              nodes_to_exclude=None) -> bytes:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    qtype = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+    qtype = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8, "int16": QuantType.QInt16}
     with tempfile.TemporaryDirectory(prefix="edgekit-onnx-") as d:
         pre, out = Path(d, "pre.onnx"), Path(d, "int8.onnx")
         pre.write_bytes(preprocess(float_bytes))
@@ -112,7 +112,9 @@ def quantize(float_bytes: bytes, calib: Dataset, build: OnnxBuild,
             calibrate_method=CalibrationMethod.MinMax,
             nodes_to_exclude=list(nodes_to_exclude or []),
             extra_options={"ActivationSymmetric": build.symmetric_activations,
-                           "WeightSymmetric": build.symmetric_weights},
+                           "WeightSymmetric": build.symmetric_weights,
+                           # 16-bit Q/DQ before opset 21 exists as ONNX Runtime's contrib ops
+                           "UseQDQContribOps": build.activation_type == "int16" and build.opset < 21},
         )
         return out.read_bytes()
 
@@ -139,3 +141,12 @@ def float_ops(model_bytes: bytes) -> Dict[str, int]:
             continue
         out[n.op_type] = out.get(n.op_type, 0) + 1
     return out
+
+
+def to_fp16(float_bytes: bytes) -> bytes:
+    """FP16 weights and compute, float32 inputs/outputs (for GPU execution providers)."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    m = convert_float_to_float16(onnx.load_from_string(float_bytes), keep_io_types=True)
+    return m.SerializeToString()

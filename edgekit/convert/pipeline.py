@@ -69,6 +69,7 @@ class ConvertResult:
     bundles: List[BundleResult] = field(default_factory=list)
     report_path: Optional[Path] = None
     max_accuracy_drop: Optional[float] = None
+    precision: str = "int8"
 
     @property
     def missed(self) -> List[BundleResult]:
@@ -86,7 +87,7 @@ class ConvertResult:
                          m["outputs"][m["primary_output"]]["max_abs_err"],
                          ", ".join(f"{k}×{v}" for k, v in sorted(a.float_ops.items())) or "none",
                          {None: "-", True: "ok", False: "MISSED"}[b.within_budget]])
-        title = f"{self.name}: float vs INT8 on {self.calibration['validation_samples']} " \
+        title = f"{self.name}: float vs {self.precision.upper()} on {self.calibration['validation_samples']} " \
                 f"validation samples ({self.calibration['validation_source']})"
         text = render(["bundle", "format", "KiB", "size×", "top-1 agree %", "acc % f→q", "SNR dB",
                        "max |err|", "float ops", "budget"], rows, title=title)
@@ -120,6 +121,29 @@ class ConvertResult:
                          "mixed_precision": b.artifact.mixed}
                         for b in self.bundles],
         }
+
+
+PRECISIONS = ("int8", "int16x8", "fp16")
+
+
+def with_precision(t: TargetProfile, precision: str) -> TargetProfile:
+    """The profile's builds at another precision: int16x8 (16-bit activations, 8-bit weights, a
+    rung between INT8 and float) or fp16 (GPU targets: profiles with onnx.fp16_allowed)."""
+    import dataclasses
+
+    if precision not in PRECISIONS:
+        raise EdgekitError(f"unknown precision {precision!r}", hint="one of " + ", ".join(PRECISIONS))
+    if precision == "int8":
+        return t
+    if precision == "int16x8":
+        return dataclasses.replace(t, tflite=dataclasses.replace(t.tflite, activations="int16"),
+                                   onnx=dataclasses.replace(t.onnx, activation_type="int16"))
+    if not t.onnx.fp16_allowed:
+        raise EdgekitError(f"target {t.name} has no FP16 path (onnx.fp16_allowed is false)",
+                           hint="--precision fp16 is for GPU targets (jetson-orin, jetson-nano); "
+                                "use int8 or int16x8 here")
+    return dataclasses.replace(t, tflite=dataclasses.replace(t.tflite, activations="float16", io_type="float32"),
+                               onnx=dataclasses.replace(t.onnx, fp16=True))
 
 
 def _plan(kind: str, profiles: Sequence[TargetProfile], formats: Optional[Sequence[str]]):
@@ -173,11 +197,12 @@ def convert(model: str, targets: Sequence[str], out: str, *, calib: Optional[str
             max_accuracy_drop: Optional[float] = None, name: Optional[str] = None,
             formats: Optional[Sequence[str]] = None, compat_check: str = "auto",
             mixed_precision: bool = True, search_budget: float = 300.0, search_first: bool = False,
+            precision: str = "int8",
             progress: Optional[Progress] = None) -> ConvertResult:
     progress = progress or Progress(enabled=False)
     if not targets:
         raise EdgekitError("no target given", hint="add --target NAME (see `edgekit targets list`)")
-    profiles = [load_target(t) for t in dict.fromkeys(targets)]
+    profiles = [with_precision(load_target(t), precision) for t in dict.fromkeys(targets)]
     kind = detect_kind(Path(model))
     plan = _plan(kind, profiles, formats)
     name = check_name(name or Path(model).stem or Path(model).name)
@@ -215,7 +240,7 @@ def convert(model: str, targets: Sequence[str], out: str, *, calib: Optional[str
         result = ConvertResult(name, {"path": str(source.path), "kind": source.kind,
                                       "sha256": source.sha256, "bytes": source.bytes,
                                       "notes": source.notes}, cal_info,
-                               max_accuracy_drop=max_accuracy_drop)
+                               max_accuracy_drop=max_accuracy_drop, precision=precision)
         cache: Dict[Tuple[str, Any], Artifact] = {}
         compat_cache: Dict = {}
         float_onnx: Dict[int, bytes] = {}
@@ -336,7 +361,8 @@ def _build(source: Source, fmt: str, build, calib: Dataset, ctx: _Ctx, float_onn
                         onnx_conv.saved_model_to_onnx(source.saved_model, build.opset)
                         if source.is_tf else onnx_conv.adapt_opset(source.onnx_bytes, build.opset))
                 float_bytes = len(float_onnx[build.opset])
-                data = onnx_conv.quantize(float_onnx[build.opset], calib, build, tick)
+                data = (onnx_conv.to_fp16(float_onnx[build.opset]) if build.fp16 else
+                        onnx_conv.quantize(float_onnx[build.opset], calib, build, tick))
         except EdgekitError:
             raise
         except Exception as e:
@@ -406,6 +432,15 @@ def _mixed_search(source: Source, fmt: str, build, calib: Dataset, ctx: _Ctx, fl
     return {"chosen": chosen, "record": record}
 
 
+def _precision(art: Artifact) -> str:
+    b = art.build
+    if b.get("fp16") or b.get("activations") == "float16":
+        return "fp16"
+    if b.get("activations") == "int16" or b.get("activation_type") == "int16":
+        return "int16x8"
+    return "int8"
+
+
 def _manifest(name: str, t: TargetProfile, art: Artifact, result: ConvertResult,
               budget: Optional[float], ok: Optional[bool]) -> Dict[str, Any]:
     return {
@@ -413,8 +448,7 @@ def _manifest(name: str, t: TargetProfile, art: Artifact, result: ConvertResult,
         "edgekit_version": edgekit.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "target": t.to_dict(),
-        "model": {"precision": ("int16x8" if art.build.get("activations") == "int16" else "int8")
-                  + ("+float" if art.mixed and art.mixed.get("met") else ""),
+        "model": {"precision": _precision(art) + ("+float" if art.mixed and art.mixed.get("met") else ""),
                   "build": art.build},
         "inputs": art.inputs,
         "outputs": art.outputs,

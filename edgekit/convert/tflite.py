@@ -25,6 +25,9 @@ def to_tflite(saved_model: Path, calib: Dataset, build: TFLiteBuild,
                 tick(i + 1, n)
             yield {k: v for k, v in calib.sample(i).items()}
 
+    if build.activations == "float16":  # FP16 weights, float compute: a GPU delegate's format
+        conv.target_spec.supported_types = [tf.float16]
+        return conv.convert()
     conv.representative_dataset = representative
     if build.activations == "int16":
         conv.target_spec.supported_ops = [
