@@ -271,14 +271,15 @@ def _before_after(rows, title):
               help="structured: fewer filters, a smaller and faster model; magnitude: zeroed weights, compresses.")
 @click.option("--epochs", type=int, default=5, show_default=True, help="Fine-tuning epochs.")
 @click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--distill", is_flag=True, help="Fine-tune against the original's softened outputs too.")
 @click.option("--out", "-o", type=click.Path(), help="Where to save the pruned model (.keras).")
 @click.option("--json", "as_json", is_flag=True)
-def prune(model, data, val, sparsity, method, epochs, lr, out, as_json):
+def prune(model, data, val, sparsity, method, epochs, lr, distill, out, as_json):
     """Prune MODEL (Keras 3) and fine-tune it; parameters, FLOPs, size, accuracy, latency before/after."""
     from edgekit.optimize.prune import prune as run_prune
 
     res = run_prune(model, data, sparsity=sparsity, method=method, epochs=epochs, lr=lr, val=val,
-                    out=out or _beside(model, "pruned"), say=lambda t: click.echo(t, err=True))
+                    out=out or _beside(model, "pruned"), distill=distill, say=lambda t: click.echo(t, err=True))
     if as_json:
         click.echo(json.dumps(res, indent=2, default=str))
         return

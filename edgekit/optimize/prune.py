@@ -54,7 +54,9 @@ def _magnitude_callback(model, target: float, total_steps: int):
 
 def prune(model_path: str, data: str, *, sparsity: float = 0.5, method: str = "structured",
           epochs: int = 5, lr: float = 1e-3, val: Optional[str] = None, out: Optional[str] = None,
-          say: Callable[[str], None] = print, runs: int = 200) -> Dict[str, Any]:
+          distill: bool = False, say: Callable[[str], None] = print, runs: int = 200) -> Dict[str, Any]:
+    """`distill`: fine-tune against the original model's softened outputs (it is the teacher)
+    as well as the labels, which recovers more than the labels alone when they are few or noisy."""
     if not 0.0 < sparsity < 1.0:
         raise DataError(f"--sparsity must be between 0 and 1 (exclusive), not {sparsity}")
     if method not in ("structured", "magnitude"):
@@ -79,17 +81,27 @@ def prune(model_path: str, data: str, *, sparsity: float = 0.5, method: str = "s
         callbacks = [_magnitude_callback(pruned, sparsity, steps)]
     after_cut = common.accuracy(pruned, val_ds)
     if epochs:
-        say(f"fine-tuning {epochs} epoch(s) on {len(train)} samples")
-        common.compile_for(pruned, lr)
-        pruned.fit(common._x(pruned, train), train.labels, epochs=epochs, batch_size=32, verbose=0,
-                   callbacks=callbacks)
+        say(f"fine-tuning {epochs} epoch(s) on {len(train)} samples"
+            + (" with the original as teacher" if distill else ""))
+        if distill:
+            import keras
+
+            from edgekit.optimize.distill import make_distiller
+
+            trainer = make_distiller(pruned, model, temperature=4.0, alpha=0.5)
+            trainer.compile(optimizer=keras.optimizers.Adam(lr))
+        else:
+            common.compile_for(pruned, lr)
+            trainer = pruned
+        trainer.fit(common._x(pruned, train), train.labels, epochs=epochs, batch_size=32, verbose=0,
+                    callbacks=callbacks)
     if method == "magnitude":  # the last schedule step: exactly the target sparsity
         cb = _magnitude_callback(pruned, sparsity, 1)
         cb.step = 10
         cb.on_train_batch_end(0)
     after = common.figures(pruned, val_ds, runs)
     saved = common.save(pruned, out) if out else None
-    return {"method": method, "sparsity": sparsity, "epochs": epochs, "kept_channels": kept,
+    return {"method": method, "sparsity": sparsity, "epochs": epochs, "distill": distill, "kept_channels": kept,
             "before": before, "after": after, "accuracy_right_after_cut": after_cut,
             "ratios": {"params": after["params"] / before["params"], "flops": after["flops"] / before["flops"],
                        "p50": after["p50_ms"] / before["p50_ms"], "gzip": after["gzip_bytes"] / before["gzip_bytes"]},

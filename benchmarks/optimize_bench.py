@@ -1,0 +1,103 @@
+"""Issue 4's figures, measured here side by side.
+
+    python benchmarks/optimize_bench.py mixed     # sensitive model: plain INT8 vs mixed precision
+    python benchmarks/optimize_bench.py prune     # 50% structured: digits (accuracy) and ResNet-8 (fidelity)
+    python benchmarks/optimize_bench.py distill   # half-width student with vs without the teacher
+
+ResNet-8 has no labelled data here: its "accuracy" is fidelity, the pruned model's top-1
+agreement with the original on natural-image crops, fine-tuned on the original's labels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "models" / "mlperf-tiny"
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "examples"))
+
+
+def digits_model(d: Path, epochs: int = 15) -> Path:
+    from digits import train
+
+    return train(d, epochs=epochs)
+
+
+def bench_mixed(d: Path) -> dict:
+    from test_mixed import make_sensitive
+
+    from edgekit.convert import convert
+
+    model = digits_model(d)
+    sens = make_sensitive(model, d / "sensitive.keras")
+    out = {}
+    for fmt in ("tflite", "onnx"):
+        r = convert(str(sens), ["rpi4"], str(d / f"mp-{fmt}"), calib=str(d / "calib.npz"), val=str(d / "val.npz"),
+                    formats=[fmt], max_accuracy_drop=1.0, compat_check="off")
+        a = r.bundles[0].artifact
+        mp = a.mixed
+        out[fmt] = {"plain_int8_drop": mp["full_int8"]["drop"], "plain_int8_bytes": mp["full_int8"]["bytes"],
+                    "mixed_drop": a.metrics["accuracy_drop"], "mixed_bytes": len(a.data),
+                    "float_bytes": a.float_bytes, "float_layers": mp["float_layers"],
+                    "layers_in_model": len(mp["sensitivity"]), "candidates_tried": len(mp["steps"])}
+    return out
+
+
+def bench_prune(d: Path) -> dict:
+    import keras
+
+    from imagegen import natural_patches
+
+    from edgekit.optimize.prune import prune
+
+    model = digits_model(d)
+    res = {"digits": prune(str(model), str(d / "train.npz"), sparsity=0.5, epochs=5, val=str(d / "val.npz"),
+                           out=str(d / "digits-pruned.keras"), say=lambda t: None, runs=500)}
+    ref = keras.models.load_model(SHARED / "pretrainedResnet.h5", compile=False)
+    xt, xv = natural_patches(4000, 11, 32), natural_patches(500, 12, 32)
+    np.savez(d / "r_train.npz", xt, labels=ref.predict(xt, verbose=0).argmax(1))
+    np.savez(d / "r_val.npz", xv, labels=ref.predict(xv, verbose=0).argmax(1))
+    for distill in (False, True):
+        res[f"resnet8_fidelity{'_distilled' if distill else ''}"] = prune(
+            str(SHARED / "pretrainedResnet.h5"), str(d / "r_train.npz"), sparsity=0.5, epochs=10,
+            val=str(d / "r_val.npz"), out=str(d / "r-pruned.keras"), distill=distill, say=lambda t: None, runs=500)
+    return {k: {"params_ratio": v["ratios"]["params"], "flops_ratio": v["ratios"]["flops"],
+                "p50_ratio": v["ratios"]["p50"], "accuracy_before": v["before"]["accuracy"],
+                "accuracy_after": v["after"]["accuracy"], "drop_points": v["accuracy_drop"],
+                "right_after_cut": v["accuracy_right_after_cut"], "kept": v["kept_channels"]}
+            for k, v in res.items()}
+
+
+def bench_distill(d: Path) -> dict:
+    from edgekit.optimize.distill import distill
+
+    model = digits_model(d)
+    rows = []
+    for seed in (0, 1, 2):
+        r = distill(str(model), str(d / "train.npz"), width=0.5, val=str(d / "val.npz"), baseline=True,
+                    seed=seed, say=lambda t: None, runs=50)
+        rows.append({"seed": seed, "student": r["student"]["accuracy"],
+                     "without_teacher": r["student_without_teacher"]["accuracy"], "gain": r["gain_from_teacher"],
+                     "teacher": r["teacher"]["accuracy"], "student_params": r["student"]["params"],
+                     "teacher_params": r["teacher"]["params"]})
+    return {"runs": rows, "mean_gain": float(np.mean([x["gain"] for x in rows]))}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["mixed", "prune", "distill"])
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="edgekit-opt-") as d:
+        res = {"mixed": bench_mixed, "prune": bench_prune, "distill": bench_distill}[a.what](Path(d))
+    print(json.dumps(res, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
