@@ -82,3 +82,13 @@ def test_op_newer_than_the_device_runtime_fails_conversion(tmp_path, cli):
     assert r.exit_code == 0, r.stderr
     m = json.loads((tmp_path / "out" / "m-pi-16x8" / "manifest.json").read_text())
     assert m["compatibility"][0]["checked"] is False and m["model"]["precision"] == "int16x8"
+
+
+def test_relative_output_directory(digits, tmp_path, monkeypatch, cli):
+    """The check runs the old runtime from another working directory: relative paths must hold."""
+    model, calib, _ = digits
+    monkeypatch.chdir(tmp_path)
+    r = cli("convert", model, "-t", "x86-avx2", "--format", "onnx", "--calib", calib, "--out", "rel/build")
+    assert r.exit_code == 0, r.stderr
+    m = json.loads((tmp_path / "rel" / "build" / "digits-x86-avx2" / "manifest.json").read_text())
+    assert m["compatibility"][0]["ok"] and m["compatibility"][0]["backend_version"] == "1.16.3"

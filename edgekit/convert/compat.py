@@ -146,6 +146,7 @@ def check(bundle_dir: Path, profile: TargetProfile, fmt: str, mode: str = "auto"
     Raises ConversionError when the artifact fails to load or match there."""
     if mode not in MODES:
         raise ConversionError(f"unknown compatibility mode {mode!r}", hint="one of " + ", ".join(MODES))
+    bundle_dir = Path(bundle_dir).resolve()  # the check runs from another working directory
     reqs, unchecked = requirements(profile, fmt)
     records = [{"requirements": [u], "checked": False,
                 "reason": "the device's own build; cannot be installed here"} for u in unchecked]
