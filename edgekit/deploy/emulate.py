@@ -248,7 +248,7 @@ def up(name: str = "emulated-pi", say: Callable[[str], None] = print, base: Opti
     """Build (or reuse) the root and start device `name`; what an inventory entry needs."""
     check_prerequisites()
     root = build(say=say)
-    d = Path(base or state_dir()) / name
+    d = (Path(base or state_dir()) / name).resolve()
     if (d / "device.json").is_file():
         dev = _load(d)
         if not dev.running():

@@ -56,9 +56,9 @@ class LocalDevice:
         self.veth_dev = f"ek{tag}v{index}"
         self.addr = f"10.{net}.{index}.2"
         self.host_addr = f"10.{net}.{index}.1"
-        self.dir = directory
+        self.dir = Path(directory).resolve()          # sshd wants absolute paths in its config
         self.root = self.dir / "edgekit-root"
-        self.authorized_keys = authorized_keys
+        self.authorized_keys = Path(authorized_keys).resolve()
         self.proc: Optional[subprocess.Popen] = None
 
     def create(self) -> None:
@@ -189,7 +189,7 @@ def _load(d: Path) -> LocalDevice:
 def up(name: str, python: Optional[str] = None, base: Optional[Path] = None) -> Dict[str, str]:
     """Create (or restart) a local device; returns what an inventory entry needs."""
     check_prerequisites()
-    d = state_dir(base) / name
+    d = (state_dir(base) / name).resolve()
     if (d / "device.json").is_file():
         dev = _load(d)
         if not dev.running():
