@@ -325,3 +325,39 @@ def test_local_device_up_deploy_down(cli, digits_build, tmp_path, monkeypatch):
     assert "bench-box" not in load_inventory(inv).devices
     ns = f"ek{meta['tag']}d{meta['index']}"
     assert ns not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+
+def test_ssh_config_alias_and_agent(cli, lab, digits_build, tmp_path):
+    """A Host alias from the ssh config (HostName, User, IdentityFile), and a key only in ssh-agent."""
+    import os
+
+    dev = lab.devices["modern-pi"]
+    lab.ssh_config.write_text(f"Host kitchen-pi\n    HostName {dev.addr}\n    User root\n"
+                              f"    IdentityFile {lab.key}\n")
+    inv = tmp_path / "alias.toml"
+    inv.write_text(f'[ssh]\nknown_hosts = "{lab.known_hosts}"\nconfig = "{lab.ssh_config}"\n\n'
+                   f'[devices.kitchen]\nhost = "kitchen-pi"\nroot = "{dev.root}"\npython = "{dev.python}"\n')
+    b = bundle_of(digits_build, "rpi5", "tflite").path
+    r = cli("deploy", b, "-d", "kitchen", "--inventory", inv, "--json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)[0]["status"] == "deployed"
+    # ssh-agent: no key file anywhere, the key is only loaded into an agent
+    lab.ssh_config.write_text("")
+    agent = subprocess.run(["ssh-agent", "-s"], capture_output=True, text=True, check=True).stdout
+    env = dict(line.split(";")[0].split("=", 1) for line in agent.splitlines() if "=" in line.split(";")[0])
+    try:
+        subprocess.run(["ssh-add", str(lab.key)], env={**os.environ, **env}, check=True, capture_output=True)
+        inv.write_text(f'[ssh]\nknown_hosts = "{lab.known_hosts}"\nconfig = "{lab.ssh_config}"\n\n'
+                       f'[devices.kitchen]\nhost = "{dev.addr}"\nuser = "root"\nroot = "{dev.root}"\n'
+                       f'python = "{dev.python}"\n')
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            r = cli("status", "-d", "kitchen", "--inventory", inv, "--json")
+        finally:
+            for k, v in old.items():
+                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        assert r.exit_code == 0, r.stderr
+        assert json.loads(r.stdout)[0]["models"]["digits"]["health"]["ok"]
+    finally:
+        subprocess.run(["ssh-agent", "-k"], env={**os.environ, **env}, capture_output=True)

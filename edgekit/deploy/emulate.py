@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from edgekit.deploy.localdev import LocalDevice, _free_net, _sh, check_prerequisites
+from edgekit.deploy.localdev import LocalDevice, _free_net, _sh, check_prerequisites, free_slot
 from edgekit.errors import DeviceError
 
 RECIPE: Dict[str, object] = {
@@ -263,7 +263,7 @@ def up(name: str = "emulated-pi", say: Callable[[str], None] = print, base: Opti
                 _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"edgekit-emulated-{name}", "-f", key)
             (d / "authorized_keys").write_text((d / "client_ed25519.pub").read_text())
             authorized_keys = d / "authorized_keys"
-        index = 200 + sum(1 for p in d.parent.iterdir() if (p / "device.json").is_file()) % 50
+        index = free_slot("e", start=200)
         tag = f"e{index}"
         dev = EmulatedDevice(d, name, root=root, tag=tag, net=_free_net(), index=index,
                              authorized_keys=authorized_keys)

@@ -160,6 +160,15 @@ def _free_net() -> int:
 
 
 
+def free_slot(prefix: str, used=(), start: int = 1) -> int:
+    """An index i whose namespace ek<prefix><i>d<i> exists nowhere on this machine (names are global)."""
+    existing = set(_sh("ip", "netns", "list", check=False).stdout.split())
+    for i in range(start, start + 250):
+        if i not in used and f"ek{prefix}{i}d{i}" not in existing:
+            return i
+    raise DeviceError("no free network namespace name for a local device")
+
+
 def check_prerequisites() -> None:
     missing = [t for t, ok in (("openssh-server (/usr/sbin/sshd)", Path(SSHD).exists()),
                                 ("iproute2 (ip)", shutil.which("ip")), ("ssh-keygen", shutil.which("ssh-keygen")))
@@ -204,7 +213,7 @@ def up(name: str, python: Optional[str] = None, base: Optional[Path] = None) -> 
             _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"edgekit-local-{name}", "-f", key)
         (d / "authorized_keys").write_text((d / "client_ed25519.pub").read_text())
         used = {_load(p).index for p in state_dir(base).iterdir() if (p / "device.json").is_file()}
-        index = next(i for i in range(1, 250) if i not in used)
+        index = free_slot("l", used)
         dev = LocalDevice(d, name, python or sys.executable, tag=f"l{index}", net=_free_net(), index=index,
                           authorized_keys=d / "authorized_keys")
         (d / "device.json").write_text(json.dumps({
