@@ -2,7 +2,6 @@
 tflite-runtime 2.14) under qemu-user-static, reached over SSH like a board."""
 
 import json
-import shutil
 import tempfile
 from pathlib import Path
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -105,7 +105,7 @@ class Inventory:
         del self.devices[name]
 
     def save(self) -> None:
-        lines = [f"# edgekit inventory: devices to deploy to (no passwords: keys or ssh-agent)",
+        lines = ["# edgekit inventory: devices to deploy to (no passwords: keys or ssh-agent)",
                  "", "[ssh]", f"known_hosts = {_q(self.known_hosts)}", f"config = {_q(self.ssh_config)}"]
         for d in self.devices.values():
             lines += ["", f"[devices.{_q(d.name)}]"]
@@ -176,4 +176,4 @@ def load_inventory(path: Optional[os.PathLike] = None, must_exist: bool = True) 
     return inv
 
 
-__all__ = ["Device", "Inventory", "load_inventory", "default_path", "replace"]
+__all__ = ["Device", "Inventory", "load_inventory", "default_path"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -232,4 +231,4 @@ def profile(device: Device, bundle: Bundle, opts: Options, runs: int = 200, warm
                         warnings=warnings)
 
 
-__all__ = ["Options", "info", "setup", "deploy", "status", "rollback", "profile", "suggest_target", "json"]
+__all__ = ["Options", "info", "setup", "deploy", "status", "rollback", "profile", "suggest_target", "choose_bundle"]

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, Optional
 
-import numpy as np
-
 from edgekit.errors import DataError
 from edgekit.optimize import common, surgery
 
@@ -88,4 +86,4 @@ def distill(teacher_path: str, data: str, *, student_path: Optional[str] = None,
     return result
 
 
-__all__ = ["distill", "make_distiller", "np"]
+__all__ = ["distill", "make_distiller"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 
@@ -182,4 +182,4 @@ def widths(model, width: float) -> Dict[str, np.ndarray]:
             for name in plan(model)}
 
 
-__all__ = ["plan", "l1_keep", "rebuild", "count", "prunable_layers", "widths", "Optional"]
+__all__ = ["plan", "l1_keep", "rebuild", "count", "prunable_layers", "widths"]

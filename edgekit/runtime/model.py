@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from edgekit.bundle import Bundle, is_bundle, read_bundle
+from edgekit.bundle import Bundle, read_bundle
 from edgekit.errors import BackendUnavailable, BundleError, DataError
 from edgekit.runtime.spec import TensorSpec
 

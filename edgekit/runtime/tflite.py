@@ -47,7 +47,7 @@ def find_interpreter(prefer: Optional[str] = None) -> Tuple[str, object, str]:
             continue
         try:
             mod = importlib.import_module(modname)
-            interp = getattr(mod, "Interpreter")
+            interp = mod.Interpreter
         except Exception as e:  # ImportError, or a broken install (e.g. numpy ABI mismatch)
             tried.append(f"{name}: {type(e).__name__}: {e}".splitlines()[0])
             continue
