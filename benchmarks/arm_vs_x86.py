@@ -42,11 +42,10 @@ def on_arm(bundle: Path, xq: np.ndarray) -> np.ndarray:
         shutil.copytree(bundle, t / "b")
         np.save(t / "x.npy", xq)
         inside = "/" + str(t.relative_to(root))
-        p = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
-                            'mount --bind /dev "$1/dev" && mount -t proc proc "$1/proc" && '
-                            'exec chroot "$1" env PYTHONPATH="$2" /opt/edgekit-venv/bin/python -c "$3" "$4" "$5"',
-                            "sh", str(root), f"{inside}/rt", CODE, f"{inside}/b", f"{inside}/x.npy"],
-                           capture_output=True, text=True, check=True)
+        p = emulate.in_root(root, [f"{emulate.VENV}/bin/python", "-c", CODE, f"{inside}/b", f"{inside}/x.npy"],
+                            env={"PYTHONPATH": f"{inside}/rt"}, capture=True)
+        if p.returncode != 0:
+            raise RuntimeError(f"on the emulated device: {p.stderr[-500:]}")
         return np.asarray(json.loads(p.stdout))
     finally:
         shutil.rmtree(t, ignore_errors=True)

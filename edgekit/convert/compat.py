@@ -118,12 +118,10 @@ def _run_emulated(bundle_dir: Path) -> Dict[str, Any]:
         copy_runtime(tmp / "rt")
         shutil.copytree(bundle_dir, tmp / "bundle")
         inside = "/" + str(tmp.relative_to(root))
-        proc = subprocess.run(
-            ["unshare", "-m", "--propagation", "private", "sh", "-c",
-             'mount --bind /dev "$1/dev" && mount -t proc proc "$1/proc" && r="$1" && shift && '
-             'exec chroot "$r" env PYTHONPATH="$1" PYTHONDONTWRITEBYTECODE=1 "$2" -m edgekit.runtime check "$3" --json',
-             "sh", str(root), f"{inside}/rt", f"{emulate.VENV}/bin/python", f"{inside}/bundle"],
-            capture_output=True, text=True, timeout=900)
+        proc = emulate.in_root(root, [f"{emulate.VENV}/bin/python", "-m", "edgekit.runtime", "check",
+                                      f"{inside}/bundle", "--json"],
+                               env={"PYTHONPATH": f"{inside}/rt", "PYTHONDONTWRITEBYTECODE": "1"},
+                               timeout=900, capture=True)
         return _parse(proc)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -106,15 +106,18 @@ def debian_mirror() -> str:
 
 
 def in_root(root: Path, argv: List[str], env: Optional[Dict[str, str]] = None, log=None,
-            timeout: float = 1800) -> subprocess.CompletedProcess:
-    """Run argv chrooted into root, with /dev and /proc mounted in a private mount namespace."""
+            timeout: float = 1800, capture: bool = False) -> subprocess.CompletedProcess:
+    """Run argv chrooted into root, with /dev and /proc mounted in a private mount namespace.
+    Output goes to `log` (stdout and stderr together), or is captured as text with `capture`."""
     script = ('mount --bind /dev "$1/dev" && mount -t proc proc "$1/proc" && '
               'root="$1" && shift && exec chroot "$root" "$@"')
     e = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root",
          "LANG": "C.UTF-8"}
     e.update(env or {})
-    return subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", str(root),
-                           *argv], env=e, stdout=log, stderr=subprocess.STDOUT if log else None,
+    cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", str(root), *argv]
+    if capture:
+        return subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=timeout, check=False)
+    return subprocess.run(cmd, env=e, stdout=log, stderr=subprocess.STDOUT if log else None,
                           timeout=timeout, check=False)
 
 
