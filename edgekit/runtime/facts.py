@@ -15,7 +15,8 @@ _PROBES = (
 )
 
 
-def _version(dist: str) -> str:
+def dist_version(dist: str) -> str:
+    """The installed version of `dist`, or of its -cpu / -gpu build (tensorflow-cpu, onnxruntime-gpu)."""
     from importlib.metadata import PackageNotFoundError, version
 
     for d in (dist, dist + "-cpu", dist + "-gpu"):
@@ -35,7 +36,7 @@ def backends() -> Dict[str, Any]:
         except Exception as e:
             found[name] = {"available": False, "error": f"{type(e).__name__}: {e}".splitlines()[0]}
             continue
-        entry: Dict[str, Any] = {"available": True, "version": _version(dist)}
+        entry: Dict[str, Any] = {"available": True, "version": dist_version(dist)}
         if name == "onnxruntime":
             entry["providers"] = list(m.get_available_providers())
         found[name] = entry
@@ -53,7 +54,7 @@ def installed_backends() -> Dict[str, Any]:
             spec = find_spec(mod.split(".")[0]) and find_spec(mod)
         except (ImportError, ValueError):
             spec = None
-        found[name] = ({"available": True, "version": _version(dist)} if spec
+        found[name] = ({"available": True, "version": dist_version(dist)} if spec
                        else {"available": False, "error": f"{mod} is not installed"})
     return found
 

@@ -23,20 +23,10 @@ IMPLEMENTATIONS = (
 
 
 def _dist_version(dist: str, module) -> str:
-    try:
-        from importlib.metadata import version
+    from edgekit.runtime.facts import dist_version
 
-        return version(dist)
-    except Exception:
-        pass
-    for alt in ("tensorflow-cpu",):
-        try:
-            from importlib.metadata import version
-
-            return version(alt)
-        except Exception:
-            continue
-    return getattr(module, "__version__", "unknown")
+    v = dist_version(dist)
+    return v if v != "unknown" else getattr(module, "__version__", "unknown")
 
 
 def find_interpreter(prefer: Optional[str] = None) -> Tuple[str, object, str]:
