@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -66,28 +65,16 @@ def run_cli_process(*args, cwd=None, env=None):
 
 # --- device-like Python environments (no TensorFlow) --------------------------
 
-VENV_CACHE = Path(os.environ.get("EDGEKIT_TEST_CACHE", Path.home() / ".cache" / "edgekit-tests"))
-
-
 def device_venv(requirements):
-    """A cached venv with only `requirements` (no TensorFlow): like a device's image.
+    """A cached venv with only `requirements` (no TensorFlow): like a device's image. The same
+    venvs the converter's compatibility check uses (edgekit.convert.compat.venv_python), so a
+    run builds each one once. A failure to build it fails the test: CI never skips devices."""
+    from edgekit.convert.compat import CompatUnavailable, venv_python
 
-    Any failure to build it fails the test (CI must not silently skip device coverage).
-    """
-    key = hashlib.sha256((sys.version + "\n".join(requirements)).encode()).hexdigest()[:16]
-    venv = VENV_CACHE / f"venv-{key}"
-    py = venv / "bin" / "python"
-    if not (venv / ".complete").exists():
-        import shutil
-
-        shutil.rmtree(venv, ignore_errors=True)
-        VENV_CACHE.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        r = subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                            *requirements], capture_output=True, text=True)
-        assert r.returncode == 0, f"cannot build device venv {requirements}:\n{r.stderr[-2000:]}"
-        (venv / ".complete").write_text("\n".join(requirements))
-    return py
+    try:
+        return venv_python(list(requirements))
+    except CompatUnavailable as e:
+        pytest.fail(f"cannot build device venv {requirements}: {e}")
 
 
 def run_in_venv(py, *args, cwd=None):
