@@ -334,13 +334,15 @@ def _measure(data: bytes, fmt: str, ctx: _Ctx, timing_runs: int = 0) -> Dict[str
         g_out = q.run(**g_in)
         golden = {f"input:{k}": v for k, v in g_in.items()}
         golden.update({f"output:{k}": v for k, v in g_out.items()})
-        p50 = None
-        if timing_runs:
-            p50 = q.benchmark(runs=timing_runs, warmup=10, end_to_end=False)["latency"]["p50_ms"]
+        p50 = _p50(q, timing_runs) if timing_runs else None
         return {"metrics": metrics, "golden": golden, "p50_ms": p50,
                 "float_ops": tflite_conv.float_ops(path) if fmt == "tflite" else onnx_conv.float_ops(data),
                 "inputs": [s.to_dict() for s in q.inputs], "outputs": [s.to_dict() for s in q.outputs],
                 "golden_backend": f"{q.backend} {q.backend_version} on {platform.machine()}"}
+
+
+def _p50(model, runs: int) -> float:
+    return model.benchmark(runs=runs, warmup=10, end_to_end=False)["latency"]["p50_ms"]
 
 
 def _build(source: Source, fmt: str, build, calib: Dataset, ctx: _Ctx, float_onnx: Dict[int, bytes],
@@ -376,7 +378,7 @@ def _build(source: Source, fmt: str, build, calib: Dataset, ctx: _Ctx, float_onn
     if mixed is not None and drop is not None and drop > mixed["max_drop"]:
         progress.say(f"[{target}] {fmt}: full INT8 drops {drop:.2f} points > {mixed['max_drop']}: "
                      "searching for layers to keep in float")
-        found = _mixed_search(source, fmt, build, calib, ctx, float_onnx, data, mixed, progress, target)
+        found = _mixed_search(source, fmt, build, calib, ctx, float_onnx, data, m, mixed, progress, target)
         record = found["record"]
         if found["chosen"] is not None:
             data = found["chosen"].data
@@ -391,7 +393,8 @@ def _build(source: Source, fmt: str, build, calib: Dataset, ctx: _Ctx, float_onn
 
 
 def _mixed_search(source: Source, fmt: str, build, calib: Dataset, ctx: _Ctx, float_onnx: Dict[int, bytes],
-                  int8_data: bytes, mixed: Dict[str, Any], progress: Progress, target: str) -> Dict[str, Any]:
+                  int8_data: bytes, int8_measured: Dict[str, Any], mixed: Dict[str, Any], progress: Progress,
+                  target: str) -> Dict[str, Any]:
     from edgekit.convert import mixed as mp
     from edgekit.convert import onnx as onnx_conv
 
@@ -410,7 +413,10 @@ def _mixed_search(source: Source, fmt: str, build, calib: Dataset, ctx: _Ctx, fl
     def evaluate(data):
         return _measure(data, fmt, ctx, timing_runs=50)
 
-    full = _measure(int8_data, fmt, ctx, timing_runs=50)
+    with tempfile.TemporaryDirectory(prefix="edgekit-art-") as d:  # full INT8 is measured; time it alike
+        path = Path(d) / MODEL_FILES[fmt]
+        path.write_bytes(int8_data)
+        full = dict(int8_measured, p50_ms=_p50(load_model(path, providers=["CPUExecutionProvider"]), 50))
     res = mp.search(layers, make, evaluate, validate.budget_drop, mixed["max_drop"], mixed["seconds"],
                     mixed["first"], progress.say)
     chosen = res["chosen"]
