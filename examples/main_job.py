@@ -87,6 +87,8 @@ def main() -> int:
 
 def deploy_and_profile(out: Path, a, progress: Progress):
     """A local device, the whole build deployed to it over SSH, its bundle profiled on it."""
+    import dataclasses
+
     from edgekit.bundle import read_bundle
     from edgekit.deploy import localdev, ops
     from edgekit.deploy.inventory import Device, Inventory
@@ -116,7 +118,7 @@ def deploy_and_profile(out: Path, a, progress: Progress):
                        root=info["root"], python=info["python"])
         opts = ops.Options(inv, progress=progress)
         facts = ops.info(probe, opts).data["facts"]
-        dev = Device(**{**probe.__dict__, "target": facts["suggested_target"]})
+        dev = dataclasses.replace(probe, target=facts["suggested_target"])
         inv.add(dev, replace_existing=True)
         inv.save()
         bundles = [read_bundle(p) for p in sorted((out / "build").iterdir()) if (p / "manifest.json").is_file()]

@@ -99,7 +99,7 @@ def choose_bundle(device: Device, bundles: Sequence[Bundle], runnable: Optional[
         if runnable is None or b.format in runnable:
             return b
     raise DeviceError(f"no backend on the device runs {' or '.join(sorted({b.format for b in mine}))}",
-                      device=device.name, hint=" / ".join(INSTALL_HINTS[b.format] for b in mine[:1]))
+                      device=device.name, hint=INSTALL_HINTS[mine[0].format])
 
 
 def _runnable(s: DeviceSession) -> List[str]:
