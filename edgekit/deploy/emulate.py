@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+from edgekit.deploy import localdev
 from edgekit.deploy.localdev import LocalDevice, _free_net, _sh, check_prerequisites, free_slot
 from edgekit.errors import DeviceError
 
@@ -226,6 +227,12 @@ class EmulatedDevice(LocalDevice):
     def host_key_line(self) -> str:
         return f"{self.addr} " + " ".join((self.etc / "host_ed25519.pub").read_text().split()[:2])
 
+    def destroy(self) -> None:
+        """Also remove what this device keeps inside the shared arm64 root (the root stays)."""
+        super().destroy()
+        shutil.rmtree(self.root, ignore_errors=True)
+        shutil.rmtree(self.etc, ignore_errors=True)
+
     def sshd_argv(self) -> List[str]:
         ensure_binfmt()
         script = ('mount --bind /dev "$1/dev" && mount -t proc proc "$1/proc" && '
@@ -242,16 +249,12 @@ def _load(d: Path) -> EmulatedDevice:
                           authorized_keys=Path(m["authorized_keys"]))
 
 
-def state_dir() -> Path:
-    return Path(os.environ.get("EDGEKIT_LOCAL_DEVICES", Path.home() / ".cache" / "edgekit" / "local-devices"))
-
-
 def up(name: str = "emulated-pi", say: Callable[[str], None] = print, base: Optional[Path] = None,
        authorized_keys: Optional[Path] = None) -> Dict[str, str]:
     """Build (or reuse) the root and start device `name`; what an inventory entry needs."""
     check_prerequisites()
     root = build(say=say)
-    d = (Path(base or state_dir()) / name).resolve()
+    d = (localdev.state_dir(base) / name).resolve()
     if (d / "device.json").is_file():
         dev = _load(d)
         if not dev.running():
@@ -284,19 +287,11 @@ def up(name: str = "emulated-pi", say: Callable[[str], None] = print, base: Opti
 
 
 def down(name: str = "emulated-pi", base: Optional[Path] = None) -> bool:
-    d = Path(base or state_dir()) / name
-    if not (d / "device.json").is_file():
-        return False
-    dev = _load(d)
-    dev.destroy()
-    shutil.rmtree(dev.root, ignore_errors=True)
-    shutil.rmtree(dev.etc, ignore_errors=True)
-    shutil.rmtree(d, ignore_errors=True)
-    return True
+    return localdev.down(name, base, loader=_load)
 
 
 def status(name: str = "emulated-pi", base: Optional[Path] = None) -> Dict[str, object]:
-    d = Path(base or state_dir()) / name
+    d = localdev.state_dir(base) / name
     out: Dict[str, object] = {"root_built": is_built(), "root": str(root_path()), "recipe_key": recipe_key(),
                               "build_seconds": build_seconds(), "device": None}
     if (d / "device.json").is_file():

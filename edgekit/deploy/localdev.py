@@ -229,11 +229,12 @@ def up(name: str, python: Optional[str] = None, base: Optional[Path] = None) -> 
             "root": str(dev.root), "python": dev.python, "host_key": dev.host_key_line()}
 
 
-def down(name: str, base: Optional[Path] = None) -> bool:
+def down(name: str, base: Optional[Path] = None, loader=None) -> bool:
+    """Stop a device started here and remove its state (`loader`: how its kind reads device.json)."""
     d = state_dir(base) / name
     if not (d / "device.json").is_file():
         return False
-    _load(d).destroy()
+    (loader or _load)(d).destroy()
     shutil.rmtree(d, ignore_errors=True)
     return True
 
