@@ -252,7 +252,7 @@ def bench(models, runs, warmup, backend, threads, as_json, out):
     click.echo(json.dumps(data) if as_json else bench_table(reports))
 
 
-# --- making models fit: prune, distill -----------------------------------------------
+# --- making models fit: prune, distill, qat -----------------------------------------------
 
 def _before_after(rows, title):
     from edgekit.table import render
@@ -319,6 +319,74 @@ def distill(teacher, student, width, data, val, temperature, alpha, epochs, lr, 
         click.echo(f"same student without the teacher: {res['student_without_teacher']['accuracy']:.2f}% "
                    f"(gain from the teacher {res['gain_from_teacher']:+.2f} points)")
     click.echo(f"saved {res['saved']}; convert it like any model: edgekit convert {res['saved']} -t ...")
+
+
+@cli.command()
+@click.argument("model", type=click.Path())
+@click.option("--data", required=True, type=click.Path(), help="Training data: .npz with inputs and 'labels'.")
+@click.option("--val", type=click.Path(), help="Validation .npz with labels (default: last 20% of --data).")
+@click.option("--target", "-t", "target_names", multiple=True, required=True,
+              help="Target profile name or .toml path; repeat for several.")
+@click.option("--format", "formats", multiple=True, type=click.Choice(["tflite", "onnx"]),
+              help="Only these formats (default: every format the target lists).")
+@click.option("--epochs", type=int, default=3, show_default=True, help="Fine-tuning epochs (0: calibrate only).")
+@click.option("--lr", type=float, default=1e-4, show_default=True, help="Start of a cosine decay to 0.")
+@click.option("--calib-samples", type=int, default=256, show_default=True,
+              help="Training samples the starting ranges are chosen on.")
+@click.option("--fixed-ranges", is_flag=True, help="Train the weights only; keep the calibrated ranges.")
+@click.option("--max-accuracy-drop", type=float,
+              help="Budget in points below the original float model's accuracy; a miss exits 1.")
+@click.option("--compat-check", type=click.Choice(["auto", "venv", "emulated", "off"]), default="auto",
+              show_default=True, help="As for convert.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", "-o", default="build", show_default=True, type=click.Path())
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
+def qat(model, data, val, target_names, formats, epochs, lr, calib_samples, fixed_ranges, max_accuracy_drop,
+        compat_check, seed, out, as_json, quiet):
+    """Quantization-aware training: fine-tune MODEL (Keras 3) with fake quantization, then convert it.
+
+    For when post-training INT8 misses the budget and mixed precision would keep layers in float.
+    Writes the trained model (OUT/<name>-qat.keras), a bundle per target, and a report comparing
+    each bundle with the post-training INT8 of the original.
+    """
+    from pathlib import Path
+
+    from edgekit.errors import BudgetMissed
+    from edgekit.optimize.qat import qat as run_qat
+    from edgekit.progress import Progress
+
+    say = (lambda t: None) if quiet else (lambda t: click.echo(t, err=True))
+    try:
+        res = run_qat(model, data, list(target_names), out, val=val, epochs=epochs, lr=lr,
+                      calib_samples=calib_samples, ranges_trainable=not fixed_ranges,
+                      max_accuracy_drop=max_accuracy_drop, formats=list(formats) or None,
+                      compat_check=compat_check, seed=seed, say=say, progress=Progress(enabled=not quiet))
+    except BudgetMissed:
+        p = Path(out) / f"{Path(model).stem}-qat.qat.json"
+        if p.is_file():
+            res = json.loads(p.read_text())
+            click.echo(json.dumps(res, indent=2) if as_json else _qat_table(res))
+        raise
+    click.echo(json.dumps(res, indent=2, default=str) if as_json else _qat_table(res))
+
+
+def _qat_table(res) -> str:
+    from pathlib import Path
+
+    from edgekit.table import render
+
+    rows = [[Path(b["bundle"]).name, b["format"], b["bytes"] / 1024,
+             ", ".join(f"{k}×{v}" for k, v in sorted(b["float_ops"].items())) or "none",
+             b["ptq_accuracy"], b["qat_accuracy"], b["ptq_drop"], b["qat_drop"],
+             {None: "-", True: "ok", False: "MISSED"}[b["within_budget"]]] for b in res["bundles"]]
+    text = render(["bundle", "format", "KiB", "float ops", "PTQ acc %", "QAT acc %", "PTQ drop", "QAT drop",
+                   "budget"], rows,
+                  title=f"QAT vs post-training INT8, against the float model's {res['float_accuracy']:.2f}% "
+                        f"on {res['validation_samples']} validation samples")
+    return text + (f"\nfake-quantized: {res['calibrated_accuracy']:.2f}% calibrated, {res['trained_accuracy']:.2f}% "
+                   f"after {res['epochs']} epoch(s) ({res['seconds']:.1f} s); model {res['qat_model']}; "
+                   f"report {res['report']}")
 
 
 def _beside(model: str, what: str) -> str:

@@ -95,7 +95,11 @@ def preprocess(float_bytes: bytes) -> bytes:
 
 def quantize(float_bytes: bytes, calib: Dataset, build: OnnxBuild,
              tick: Optional[Callable[[int, int], None]] = None,
-             nodes_to_exclude=None) -> bytes:
+             nodes_to_exclude=None, range_overrides: Optional[Dict[str, tuple]] = None) -> bytes:
+    """range_overrides: tensor name -> (min, max) to use instead of calibrating it (a
+    quantization-aware trained model's learned input ranges)."""
+    import numpy as np
+
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     qtype = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8, "int16": QuantType.QInt16}
@@ -111,7 +115,9 @@ def quantize(float_bytes: bytes, calib: Dataset, build: OnnxBuild,
             weight_type=qtype[build.weight_type],
             calibrate_method=CalibrationMethod.MinMax,
             nodes_to_exclude=list(nodes_to_exclude or []),
-            extra_options={"ActivationSymmetric": build.symmetric_activations,
+            extra_options={"TensorQuantOverrides": {k: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
+                                                for k, (lo, hi) in (range_overrides or {}).items()},
+                           "ActivationSymmetric": build.symmetric_activations,
                            "WeightSymmetric": build.symmetric_weights,
                            # 16-bit Q/DQ before opset 21 exists as ONNX Runtime's contrib ops
                            "UseQDQContribOps": build.activation_type == "int16" and build.opset < 21},

@@ -223,6 +223,9 @@ def convert(model: str, targets: Sequence[str], out: str, *, calib: Optional[str
     with tempfile.TemporaryDirectory(prefix="edgekit-convert-") as wd:
         progress.say(f"reading {model}")
         source = load_source(model, Path(wd))
+        if source.qat and precision != "int8":
+            raise EdgekitError(f"a quantization-aware trained model converts to INT8 only, not {precision}",
+                               hint="drop --precision, or convert the model from before `edgekit qat`")
         reference = load_model(source.reference_path)
         specs = reference.inputs
         ref_in = [s.name for s in specs]
@@ -234,12 +237,15 @@ def convert(model: str, targets: Sequence[str], out: str, *, calib: Optional[str
                      f"validation: {len(val_ds)} samples from {cal_info['validation_source']}")
         ref_outputs = reference.run(**val_ds.inputs)
         ctx = _Ctx(val_ds, ref_outputs, ref_in, ref_out)
-        mixed = None if (max_accuracy_drop is None or not mixed_precision) else {
+        if source.qat and max_accuracy_drop is not None and mixed_precision:
+            progress.say("quantization-aware trained model: no mixed-precision search (its ranges were "
+                         "trained for full INT8)")
+        mixed = None if (max_accuracy_drop is None or not mixed_precision or source.qat) else {
             "max_drop": max_accuracy_drop, "seconds": search_budget, "first": search_first}
 
         result = ConvertResult(name, {"path": str(source.path), "kind": source.kind,
                                       "sha256": source.sha256, "bytes": source.bytes,
-                                      "notes": source.notes}, cal_info,
+                                      "notes": source.notes, "qat": source.qat}, cal_info,
                                max_accuracy_drop=max_accuracy_drop, precision=precision)
         cache: Dict[Tuple[str, Any], Artifact] = {}
         compat_cache: Dict = {}
@@ -274,6 +280,7 @@ def convert(model: str, targets: Sequence[str], out: str, *, calib: Optional[str
             write_bundle(dest, fmt=fmt, model_bytes=art.data, manifest=manifest, golden=art.golden,
                          check=compat_check_tmp)
             result.bundles.append(BundleResult(t.name, fmt, dest, art, ok))
+        source_qat = source.qat
         result.report_path = out_dir / f"{name}.convert.json"
         write_json_atomic(result.report_path, result.to_dict())
     if result.missed:
@@ -281,7 +288,10 @@ def convert(model: str, targets: Sequence[str], out: str, *, calib: Optional[str
         raise BudgetMissed(f"{len(result.missed)} bundle(s) miss --max-accuracy-drop "
                            f"{max_accuracy_drop}: worst {worst.path.name} drops "
                            f"{validate.budget_drop(worst.artifact.metrics):.2f} points",
-                           hint=f"report written to {result.report_path}")
+                           hint=f"report written to {result.report_path}; "
+                                + ("quantization-aware training (edgekit qat) may recover it in full INT8"
+                                   if (mixed_precision or source_qat) else
+                                   "allow mixed precision (drop --no-mixed-precision), or try edgekit qat"))
     return result
 
 
@@ -360,11 +370,13 @@ def _build(source: Source, fmt: str, build, calib: Dataset, ctx: _Ctx, float_onn
             else:
                 if build.opset not in float_onnx:
                     float_onnx[build.opset] = (
-                        onnx_conv.saved_model_to_onnx(source.saved_model, build.opset)
+                        onnx_conv.saved_model_to_onnx(source.onnx_saved_model or source.saved_model,
+                                                      build.opset)
                         if source.is_tf else onnx_conv.adapt_opset(source.onnx_bytes, build.opset))
                 float_bytes = len(float_onnx[build.opset])
                 data = (onnx_conv.to_fp16(float_onnx[build.opset]) if build.fp16 else
-                        onnx_conv.quantize(float_onnx[build.opset], calib, build, tick))
+                        onnx_conv.quantize(float_onnx[build.opset], calib, build, tick,
+                                           range_overrides=source.input_ranges))
         except EdgekitError:
             raise
         except Exception as e:

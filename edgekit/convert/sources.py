@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from edgekit.bundle import sha256_file, sha256_tree
 from edgekit.convert.native import captured_stderr, quiet_tensorflow
@@ -32,6 +32,9 @@ class Source:
     reference_path: Optional[Path] = None
     notes: List[str] = field(default_factory=list)
     layer_names: List[str] = field(default_factory=list)   # the source's layer names, where known
+    qat: bool = False               # trained with edgekit's fake quantization (edgekit qat)
+    onnx_saved_model: Optional[Path] = None   # QAT: the graph ONNX is made from (ranges as Clip)
+    input_ranges: Dict[str, Tuple[float, float]] = field(default_factory=dict)  # QAT: learned input ranges
 
     @property
     def is_tf(self) -> bool:
@@ -64,6 +67,8 @@ def detect_kind(path: Path) -> str:
 def _load_keras(path: Path, kind: str, src: Source):
     """Keras 3 first; a Keras 2 .h5 that Keras 3 rejects goes to tf_keras."""
     import keras
+
+    from edgekit.convert import fakequant  # noqa: F401  (registers the QAT layers for loading)
 
     try:
         return keras.models.load_model(str(path), compile=False), kind
@@ -108,6 +113,11 @@ def load_source(path: str, workdir: Path) -> Source:
                 if src.kind == "tf_keras-h5":
                     model.export(str(sm))
                 else:
+                    from edgekit.convert import fakequant
+
+                    src.qat = fakequant.is_qat(model)
+                    if src.qat:
+                        return _qat_source(src, model, workdir)
                     model.export(str(sm), verbose=False)
                 src.saved_model = sm
             conv = tf.lite.TFLiteConverter.from_saved_model(str(src.saved_model))
@@ -118,6 +128,28 @@ def load_source(path: str, workdir: Path) -> Source:
             detail = "; ".join(cap.tail(2))
             raise SourceModelError(f"cannot read the model as {kind}: {str(e).splitlines()[0][:300]}"
                                    + (f" [{detail}]" if detail else ""), path=str(p)) from None
+    src.reference_path = workdir / "reference_float.tflite"
+    src.reference_path.write_bytes(src.float_tflite)
+    return src
+
+
+def _qat_source(src: Source, model, workdir: Path) -> Source:
+    """A QAT model, three ways: FakeQuant graph (TFLite), Clip graph (ONNX), float reference."""
+    import tensorflow as tf
+
+    from edgekit.convert import fakequant
+
+    for mode, attr in (("fakequant", "saved_model"), ("clip", "onnx_saved_model"), ("float", None)):
+        sm = workdir / f"saved_model_{mode}"
+        with fakequant.mode(mode):
+            model.export(str(sm), verbose=False)
+        if attr:
+            setattr(src, attr, sm)
+        else:
+            src.float_tflite = tf.lite.TFLiteConverter.from_saved_model(str(sm)).convert()
+    src.input_ranges = fakequant.input_ranges(model)
+    src.notes.append("quantization-aware trained: its learned ranges are the INT8 ranges; the float "
+                     "reference is the same model with fake quantization off")
     src.reference_path = workdir / "reference_float.tflite"
     src.reference_path.write_bytes(src.float_tflite)
     return src

@@ -59,7 +59,7 @@ def _x(model, ds: Dataset):
 
 
 def outputs_probabilities(model) -> bool:
-    last = model.layers[-1]
+    last = [layer for layer in model.layers if type(layer).__name__ != "FakeQuant"][-1]
     act = getattr(last, "activation", None)
     return getattr(act, "__name__", "") == "softmax" or type(last).__name__ == "Softmax"
 

@@ -1,0 +1,151 @@
+"""Fake quantization layers for Keras 3 (quantization-aware training) and how they export.
+
+Weights: symmetric, per output channel, 127 levels each side of zero: the grid TFLite and
+ONNX Runtime use for per-channel INT8 weights, so a weight trained on it converts unchanged.
+Activations: per tensor, 256 levels over a learned [lo, hi] (TF's FakeQuantWithMinMaxVars,
+which nudges the range so that zero is exact, as the converters do).
+
+One model, four ways to run it (`mode()`):
+- "train": fake quantization on (each activation point can be switched off: `on`, so
+  ranges can be calibrated one point at a time);
+- "fakequant": activations through FakeQuantWithMinMaxVars only; weights as stored (on the
+  grid after training). The TFLite converter takes these ranges (its QAT path);
+- "clip": each activation point clipped to its range. For ONNX: ONNX Runtime's quantizer
+  folds a Clip into the quantization of its output, so the learned range becomes the range
+  (a model input's range goes to the quantizer as an override instead: `input_ranges`);
+- "float": no quantization at all (the float reference of a QAT model).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Dict, Iterator, Tuple
+
+import keras
+import tensorflow as tf
+
+MODES = ("train", "fakequant", "clip", "float")
+_MODE: contextvars.ContextVar = contextvars.ContextVar("edgekit_fakequant_mode", default="train")
+
+
+@contextlib.contextmanager
+def mode(name: str) -> Iterator[None]:
+    """Trace (export, predict) the model's fake quantization as `name` inside this block."""
+    if name not in MODES:
+        raise ValueError(f"fake quantization mode must be one of {MODES}, not {name!r}")
+    token = _MODE.set(name)
+    try:
+        yield
+    finally:
+        _MODE.reset(token)
+
+
+def weight_grid(w, depthwise: bool = False):
+    """w on the per-output-channel symmetric INT8 grid (straight-through gradient)."""
+    shape = tf.shape(w)
+    if depthwise:  # (kh, kw, cin, mult): the converters' channels are cin*mult
+        w = tf.reshape(w, tf.concat([shape[:2], [-1]], 0))
+    axes = list(range(len(w.shape) - 1))
+    m = tf.maximum(tf.stop_gradient(tf.reduce_max(tf.abs(w), axis=axes)), 1e-8)
+    q = tf.quantization.fake_quant_with_min_max_vars_per_channel(w, -m, m, num_bits=8, narrow_range=True)
+    return tf.reshape(q, shape) if depthwise else q
+
+
+def _grid_in_training(w, depthwise: bool = False):
+    return weight_grid(w, depthwise) if _MODE.get() == "train" else w
+
+
+@keras.saving.register_keras_serializable(package="edgekit")
+class FakeQuant(keras.layers.Layer):
+    """Per-tensor activation fake quantization over a learned range [lo, hi] (lo <= 0 <= hi)."""
+
+    def __init__(self, lo: float = 0.0, hi: float = 1.0, at_input: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.lo_init, self.hi_init, self.at_input = float(lo), float(hi), bool(at_input)
+
+    def build(self, input_shape):
+        self.lo = self.add_weight(shape=(), name="lo", initializer=keras.initializers.Constant(self.lo_init))
+        self.hi = self.add_weight(shape=(), name="hi", initializer=keras.initializers.Constant(self.hi_init))
+        self.on = self.add_weight(shape=(), name="on", initializer="ones", trainable=False)
+
+    def call(self, x):
+        m = _MODE.get()
+        if m == "float":
+            return x
+        if m == "clip" and self.at_input:
+            return x
+        if m == "clip":  # the ClipByValue op itself: tf2onnx makes it one Clip (tf.clip_by_value: Min+Max)
+            return tf.raw_ops.ClipByValue(t=x, clip_value_min=self.lo, clip_value_max=self.hi)
+        q = tf.quantization.fake_quant_with_min_max_vars(x, self.lo, self.hi, num_bits=8)
+        if m == "fakequant":
+            return q
+        return x + self.on * (q - x)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return dict(super().get_config(), lo=self.lo_init, hi=self.hi_init, at_input=self.at_input)
+
+
+@keras.saving.register_keras_serializable(package="edgekit")
+class QConv2D(keras.layers.Conv2D):
+    def convolution_op(self, inputs, kernel):
+        return super().convolution_op(inputs, _grid_in_training(kernel))
+
+
+@keras.saving.register_keras_serializable(package="edgekit")
+class QDepthwiseConv2D(keras.layers.DepthwiseConv2D):
+    def call(self, inputs):
+        x = keras.ops.depthwise_conv(inputs, _grid_in_training(self.kernel, depthwise=True),
+                                     strides=self.strides, padding=self.padding,
+                                     dilation_rate=self.dilation_rate, data_format=self.data_format)
+        if self.use_bias:
+            shape = (1,) * (len(x.shape) - 1) + (-1,) if self.data_format == "channels_last" \
+                else (1, -1) + (1,) * (len(x.shape) - 2)
+            x = x + keras.ops.reshape(self.bias, shape)
+        return self.activation(x) if self.activation is not None else x
+
+
+@keras.saving.register_keras_serializable(package="edgekit")
+class QDense(keras.layers.Dense):
+    def call(self, inputs, training=None):
+        x = keras.ops.matmul(inputs, _grid_in_training(self.kernel))
+        if self.use_bias:
+            x = x + self.bias
+        return self.activation(x) if self.activation is not None else x
+
+
+QUANTIZED = {"Conv2D": QConv2D, "DepthwiseConv2D": QDepthwiseConv2D, "Dense": QDense}
+CUSTOM_OBJECTS = {c.__name__: c for c in (FakeQuant, QConv2D, QDepthwiseConv2D, QDense)}
+
+
+def is_qat(model) -> bool:
+    return any(isinstance(layer, FakeQuant) for layer in getattr(model, "layers", []))
+
+
+def input_ranges(model) -> Dict[str, Tuple[float, float]]:
+    """Model input name -> its learned range (the fake quantization right after the input)."""
+    out: Dict[str, Tuple[float, float]] = {}
+    for layer in model.layers:
+        if isinstance(layer, FakeQuant) and layer.at_input:
+            name = layer.input._keras_history.operation.name
+            out[name] = (float(layer.lo.numpy()), float(layer.hi.numpy()))
+    return out
+
+
+def bake(model) -> None:
+    """Put every quantized layer's weights on the INT8 grid, and every range around zero:
+    the converters then reproduce exactly what training saw."""
+    for layer in model.layers:
+        if isinstance(layer, tuple(QUANTIZED.values())):
+            layer.kernel.assign(weight_grid(layer.kernel, isinstance(layer, QDepthwiseConv2D)))
+        elif isinstance(layer, FakeQuant):
+            lo, hi = float(layer.lo.numpy()), float(layer.hi.numpy())
+            lo, hi = min(lo, 0.0), max(hi, 0.0)
+            if hi - lo < 1e-6:
+                hi = lo + 1e-6
+            layer.lo.assign(lo)
+            layer.hi.assign(hi)
+            layer.on.assign(1.0)

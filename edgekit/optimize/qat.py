@@ -1,0 +1,356 @@
+"""Quantization-aware training for Keras 3 models: `edgekit qat`.
+
+Why our own: tensorflow-model-optimization 0.8 (its quantize_model) rejects Keras 3 models
+("`to_quantize` can only either be a keras Sequential or Functional model"): it checks for
+tf_keras classes. The logic QAT needs is small, and here it follows the converters exactly:
+
+1. BatchNormalization after a Conv2D / DepthwiseConv2D / Dense (its only consumer) is folded
+   into that layer's weights, as the converters fold it.
+2. The model is cloned with fake quantization where INT8 models quantize
+   (edgekit.convert.fakequant): weights per output channel; activations at the model inputs and
+   after every layer that computes new values. A ReLU/ReLU6 (or folded BatchNorm) right after a
+   layer is part of it (the converters fuse it), so the point moves past it; pooling, reshapes
+   and dropout keep their input's quantization.
+3. Ranges: min/max calibration lets a few outliers take the whole range (the failure that
+   mixed precision works around by keeping layers in float). Each range starts instead at the
+   clip that minimizes the error of the model's outputs on calibration data, point by point in
+   graph order with the earlier points already quantized.
+4. Weights and ranges then train together on the labelled data (Adam, learning rate decaying to
+   zero on a cosine): straight-through gradients (TF's FakeQuant ops; a range moves by the
+   gradient of what it clips).
+5. The trained model is saved with its weights on the INT8 grid and its FakeQuant layers;
+   `edgekit convert` reads it (the learned ranges become the INT8 ranges in both formats).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+
+from edgekit.errors import DataError, SourceModelError
+
+FOLLOWERS = {"BatchNormalization", "Activation", "ReLU"}
+KEEP_QUANTIZATION = {"MaxPooling2D", "MaxPooling1D", "AveragePooling2D", "AveragePooling1D",
+                     "GlobalAveragePooling2D", "GlobalMaxPooling2D", "GlobalAveragePooling1D",
+                     "GlobalMaxPooling1D", "Flatten", "Reshape", "Dropout", "SpatialDropout2D",
+                     "GaussianNoise", "ZeroPadding2D", "Cropping2D", "UpSampling2D", "InputLayer"}
+FOLDS_INTO = {"Conv2D", "DepthwiseConv2D", "Dense"}
+CANDIDATES = 24
+
+
+def _cls(layer) -> str:
+    return type(layer).__name__
+
+
+def _fusable_activation(layer) -> bool:
+    """ReLU / ReLU6 / linear: the converters fuse these into the op before them."""
+    k = _cls(layer)
+    if k == "ReLU":
+        return (not getattr(layer, "negative_slope", 0)) and not getattr(layer, "threshold", 0) \
+            and getattr(layer, "max_value", None) in (None, 6.0, 6)
+    if k == "Activation":
+        return getattr(layer.activation, "__name__", "") in ("relu", "relu6", "linear")
+    return False
+
+
+def _producers(model) -> Dict[str, List]:
+    out: Dict[str, List] = {}
+    for layer in model.layers:
+        srcs = []
+        for node in getattr(layer, "_inbound_nodes", []):
+            for t in getattr(node, "input_tensors", []):
+                srcs.append(t._keras_history.operation)
+        out[layer.name] = srcs
+    return out
+
+
+def analyse(model) -> Dict[str, Any]:
+    """Which BatchNorms fold, and after which layers a fake-quantization point goes."""
+    from edgekit.optimize.surgery import _consumers
+
+    for layer in model.layers:
+        if hasattr(layer, "layers") and _cls(layer) not in ("InputLayer",):
+            raise SourceModelError(f"layer {layer.name} is a nested model; QAT needs a flat model",
+                                   hint="rebuild it as one functional model")
+    consumers, producers = _consumers(model), _producers(model)
+    outputs = {t._keras_history.operation.name for t in model.outputs}
+
+    def only_consumer(layer) -> Optional[Any]:
+        c = consumers[layer.name]
+        return c[0] if len(c) == 1 and layer.name not in outputs else None
+
+    folded: Dict[str, str] = {}   # BatchNorm name -> the layer it folds into
+    for layer in model.layers:
+        if _cls(layer) == "BatchNormalization" and len(producers[layer.name]) == 1:
+            p = producers[layer.name][0]
+            axis = layer.axis if isinstance(layer.axis, int) else (layer.axis[0] if len(layer.axis) == 1 else None)
+            if _cls(p) in FOLDS_INTO and only_consumer(p) is layer and axis in (-1, len(layer.input.shape) - 1):
+                folded[layer.name] = p.name
+
+    def fused(layer) -> bool:   # computed inside the op before it
+        if layer.name in folded:
+            return True
+        if not _fusable_activation(layer) or len(producers[layer.name]) != 1:
+            return False
+        p = producers[layer.name][0]
+        return only_consumer(p) is layer and _cls(p) not in KEEP_QUANTIZATION
+
+    points = []
+    for layer in model.layers:
+        k = _cls(layer)
+        if k in KEEP_QUANTIZATION:
+            continue
+        nxt = only_consumer(layer)
+        if nxt is not None and fused(nxt):
+            continue   # the point moves past the fused follower
+        points.append(layer.name)
+    return {"folded": folded, "points": points}
+
+
+def _fold(bn, layer_weights: List[np.ndarray], depthwise: bool) -> List[np.ndarray]:
+    gamma = bn.gamma.numpy() if bn.scale else 1.0
+    beta = bn.beta.numpy() if bn.center else 0.0
+    s = gamma / np.sqrt(bn.moving_variance.numpy() + bn.epsilon)
+    kernel = layer_weights[0]
+    bias = layer_weights[1] if len(layer_weights) > 1 else np.zeros(s.shape, np.float32)
+    if depthwise:
+        kernel = kernel * s.reshape(kernel.shape[2], kernel.shape[3])
+    else:
+        kernel = kernel * s
+    bias = (bias - bn.moving_mean.numpy()) * s + beta
+    return [kernel.astype(np.float32), np.asarray(bias, np.float32)]
+
+
+def _functional(model):
+    import keras
+
+    if isinstance(model, keras.Sequential):
+        inp = keras.Input(model.inputs[0].shape[1:], name=model.inputs[0].name.split(":")[0])
+        x = inp
+        for layer in model.layers:
+            x = layer(x)
+        return keras.Model(inp, x, name=model.name)
+    return model
+
+
+def quantized_model(model):
+    """A clone of `model` with BatchNorm folded and fake quantization in place (all points off
+    until calibrated). Returns (qmodel, plan)."""
+    import keras
+
+    from edgekit.convert import fakequant as fq
+
+    model = _functional(model)
+    info = analyse(model)
+    folded, points = info["folded"], set(info["points"])
+    fold_target = {v: k for k, v in folded.items()}
+    quantized_inputs: Dict[int, Any] = {}
+
+    def clone_function(layer):
+        k = _cls(layer)
+        if k in fq.QUANTIZED:
+            cfg = layer.get_config()
+            if layer.name in fold_target:
+                cfg["use_bias"] = True
+            return fq.QUANTIZED[k].from_config(cfg)
+        return layer.__class__.from_config(layer.get_config())
+
+    def quantize_input(t):
+        if _cls(t._keras_history.operation) != "InputLayer":
+            return t
+        if id(t) not in quantized_inputs:
+            quantized_inputs[id(t)] = fq.FakeQuant(name=f"fq_{t._keras_history.operation.name}",
+                                                    at_input=True)(t)
+        return quantized_inputs[id(t)]
+
+    def call_function(layer, *args, **kwargs):
+        args = keras.tree.map_structure(
+            lambda t: quantize_input(t) if isinstance(t, keras.KerasTensor) else t, args)
+        out = args[0] if layer.name in folded else layer(*args, **kwargs)
+        if layer.name in points:
+            out = fq.FakeQuant(name=f"fq_{layer.name}")(out)
+        return out
+
+    q = keras.models.clone_model(model, clone_function=clone_function, call_function=call_function)
+    for layer in model.layers:
+        if layer.name in folded or not layer.weights:
+            continue
+        w = layer.get_weights()
+        if layer.name in fold_target:
+            w = _fold(model.get_layer(fold_target[layer.name]), w, _cls(layer) == "DepthwiseConv2D")
+        q.get_layer(layer.name).set_weights(w)
+    for layer in q.layers:
+        if isinstance(layer, fq.FakeQuant):
+            layer.on.assign(0.0)
+    return q, dict(info, fake_quant=[layer.name for layer in q.layers if isinstance(layer, fq.FakeQuant)])
+
+
+def _x(model, arrays: Dict[str, np.ndarray]):
+    xs = list(arrays.values())
+    return xs[0] if len(model.inputs) == 1 else xs
+
+
+def _outputs(model, x) -> List[np.ndarray]:
+    out = model.predict(x, verbose=0, batch_size=256)
+    return out if isinstance(out, list) else [out]
+
+
+def calibrate(q, reference, x, say: Callable[[str], None] = print) -> List[Dict[str, Any]]:
+    """Each point's range: the clip of its observed [min, max] (scaled 1/1000 ... 1) that
+    minimizes the model outputs' error (each output's MSE over its variance), in graph order."""
+    import keras
+
+    from edgekit.convert import fakequant as fq
+
+    ref = _outputs(reference, x)
+    var = [max(float(r.var()), 1e-12) for r in ref]
+    fqs = [layer for layer in q.layers if isinstance(layer, fq.FakeQuant)]
+    probe = keras.Model(q.inputs, [layer.output for layer in fqs])
+    chosen = []
+    for i, layer in enumerate(fqs):
+        acts = probe.predict(x, verbose=0, batch_size=256)
+        a = acts[i] if isinstance(acts, list) else acts
+        lo0, hi0 = min(float(a.min()), 0.0), max(float(a.max()), 0.0)
+        if hi0 - lo0 < 1e-8:
+            hi0 = lo0 + 1e-6
+        layer.on.assign(1.0)
+        best = None
+        for f in np.geomspace(1e-3, 1.0, CANDIDATES):
+            layer.lo.assign(lo0 * f)
+            layer.hi.assign(hi0 * f)
+            err = sum(float(((o - r) ** 2).mean()) / v for o, r, v in zip(_outputs(q, x), ref, var))
+            if best is None or err < best[0] * (1 - 1e-9):
+                best = (err, f)
+        layer.lo.assign(lo0 * best[1])
+        layer.hi.assign(hi0 * best[1])
+        chosen.append({"point": layer.name, "observed": [lo0, hi0], "range": [lo0 * best[1], hi0 * best[1]],
+                       "clip": float(best[1]), "output_error": best[0]})
+        say(f"  {layer.name}: range [{lo0 * best[1]:.4g}, {hi0 * best[1]:.4g}] of observed "
+            f"[{lo0:.4g}, {hi0:.4g}] (relative output error {best[0]:.3g})")
+    return chosen
+
+
+def train(q, train_ds, epochs: int, lr: float, ranges_trainable: bool = True,
+          say: Callable[[str], None] = print) -> List[Dict[str, float]]:
+    import keras
+
+    from edgekit.convert import fakequant as fq
+    from edgekit.optimize import common
+
+    for layer in q.layers:
+        if isinstance(layer, fq.FakeQuant):
+            layer.lo.trainable = layer.hi.trainable = ranges_trainable
+    steps = max(1, epochs * int(np.ceil(len(train_ds) / 32)))
+    common.compile_for(q, keras.optimizers.schedules.CosineDecay(lr, steps))  # fine-tuning: decay to 0
+    history: List[Dict[str, float]] = []
+
+    class Report(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs or {}
+            history.append({k: float(v) for k, v in logs.items()})
+            say(f"  epoch {epoch + 1}/{epochs}: loss {logs.get('loss', float('nan')):.4f}, "
+                f"accuracy {100 * logs.get('accuracy', float('nan')):.2f}% (fake-quantized)")
+
+    q.fit(_x(q, train_ds.inputs), train_ds.labels, epochs=epochs, batch_size=32, verbose=0,
+          callbacks=[Report()])
+    fq.bake(q)
+    return history
+
+
+def qat(model_path: str, data: str, targets: List[str], out: str, *, val: Optional[str] = None,
+        epochs: int = 3, lr: float = 1e-4, calib_samples: int = 256, ranges_trainable: bool = True,
+        max_accuracy_drop: Optional[float] = None, formats=None, compat_check: str = "auto", seed: int = 0,
+        say: Callable[[str], None] = print, progress=None) -> Dict[str, Any]:
+    """Fine-tune `model_path` with fake quantization, save it, convert it for `targets`, and
+    convert the original the plain post-training way too, for the comparison."""
+    import tempfile
+    from pathlib import Path
+
+    from edgekit.bundle import check_name, write_json_atomic
+    from edgekit.convert import convert
+    from edgekit.errors import BudgetMissed, EdgekitError
+    from edgekit.optimize import common
+    from edgekit.targets import load_target
+
+    if epochs < 0:
+        raise DataError(f"--epochs must be >= 0, not {epochs}")
+    if not lr > 0:
+        raise DataError(f"--lr must be positive, not {lr}")
+    if not targets:
+        raise EdgekitError("no target given", hint="add --target NAME (see `edgekit targets list`)")
+    for t in targets:
+        p = load_target(t)
+        if not (p.tflite.per_channel and p.onnx.per_channel):
+            raise EdgekitError(f"target {t} quantizes weights per tensor; QAT here trains per-channel weights",
+                               hint="use a target with per_channel = true")
+    model = common.load_keras(model_path)
+    train_ds, val_ds = common.training_data(model, data, val)
+    name = check_name(Path(model_path).stem + "-qat")
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    float_acc = common.accuracy(model, val_ds)
+    say(f"original float model: {float_acc:.2f}% on {len(val_ds)} validation samples")
+
+    q, plan = quantized_model(model)
+    say(f"fake quantization at {len(plan['fake_quant'])} points"
+        + (f"; BatchNorm folded: {', '.join(plan['folded'])}" if plan["folded"] else ""))
+    calib_x = _x(q, train_ds.take(slice(0, min(calib_samples, len(train_ds)))).inputs)
+    say(f"calibrating ranges on {min(calib_samples, len(train_ds))} training samples")
+    ranges = calibrate(q, model, calib_x, say)
+    start_acc = common.accuracy(q, val_ds)
+    say(f"fake-quantized, calibrated, before training: {start_acc:.2f}%")
+    say(f"training {epochs} epoch(s) at lr {lr} on {len(train_ds)} samples")
+    history = train(q, train_ds, epochs, lr, ranges_trainable, say) if epochs else []
+    if not epochs:
+        from edgekit.convert import fakequant as fq
+        fq.bake(q)
+    qat_acc = common.accuracy(q, val_ds)
+    say(f"fake-quantized, trained: {qat_acc:.2f}%")
+    train_s = time.monotonic() - t0
+    model_out = common.save(q, str(out_dir / f"{name}.keras"))
+
+    with tempfile.TemporaryDirectory(prefix="edgekit-qat-") as d:
+        calib_npz, val_npz = Path(d) / "calib.npz", Path(d) / "val.npz"
+        np.savez(calib_npz, **train_ds.take(slice(0, min(calib_samples, len(train_ds)))).inputs)
+        np.savez(val_npz, labels=val_ds.labels, **val_ds.inputs)
+        say("converting the QAT model")
+        res = convert(str(model_out), targets, str(out_dir), calib=str(calib_npz), val=str(val_npz),
+                      name=name, formats=formats, compat_check=compat_check, progress=progress)
+        say("converting the original the post-training way (for comparison; not kept)")
+        ptq = convert(model_path, targets, str(Path(d) / "ptq"), calib=str(calib_npz), val=str(val_npz),
+                      formats=formats, compat_check="off", mixed_precision=False, progress=None)
+    ptq_by = {(b.target, b.fmt): b for b in ptq.bundles}
+    rows = []
+    for b in res.bundles:
+        p = ptq_by[(b.target, b.fmt)]
+        qa, pa = b.artifact.metrics.get("accuracy_int8"), p.artifact.metrics.get("accuracy_int8")
+        rows.append({"bundle": str(b.path), "target": b.target, "format": b.fmt, "bytes": len(b.artifact.data),
+                     "float_ops": b.artifact.float_ops, "ptq_accuracy": pa, "qat_accuracy": qa,
+                     "ptq_drop": None if pa is None else float_acc - pa,
+                     "qat_drop": None if qa is None else float_acc - qa,
+                     "within_budget": None if max_accuracy_drop is None or qa is None
+                     else float_acc - qa <= max_accuracy_drop})
+    result = {"model": str(model_path), "qat_model": str(model_out), "float_accuracy": float_acc,
+              "calibrated_accuracy": start_acc, "trained_accuracy": qat_acc, "epochs": epochs, "lr": lr,
+              "ranges_trainable": ranges_trainable, "seconds": train_s, "plan": plan, "ranges": ranges,
+              "history": history, "bundles": rows, "max_accuracy_drop": max_accuracy_drop,
+              "validation_samples": len(val_ds)}
+    report = out_dir / f"{name}.qat.json"
+    write_json_atomic(report, dict(result, report=str(report)))
+    result["report"] = str(report)
+    missed = [r for r in rows if r["within_budget"] is False]
+    if missed:
+        worst = max(missed, key=lambda r: r["qat_drop"])
+        raise BudgetMissed(f"{len(missed)} QAT bundle(s) miss --max-accuracy-drop {max_accuracy_drop}: worst "
+                           f"{Path(worst['bundle']).name} drops {worst['qat_drop']:.2f} points",
+                           hint=f"report written to {report}; more --epochs, or keep sensitive layers in "
+                                "float: edgekit convert --max-accuracy-drop (mixed precision)")
+    return result
+
+__all__ = ["analyse", "quantized_model", "calibrate", "train", "qat"]
