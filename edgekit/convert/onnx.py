@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from pathlib import Path
 from typing import Callable, Dict, Optional
@@ -86,7 +87,10 @@ def preprocess(float_bytes: bytes) -> bytes:
             src, pre = Path(d, "float.onnx"), Path(d, "pre.onnx")
             src.write_bytes(float_bytes)
             try:
-                quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
+                # in d: where symbolic shape inference gives up, it leaves sym_shape_infer_temp.onnx
+                # in the working directory (the user's, otherwise)
+                with contextlib.chdir(d):
+                    quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
                 _PRE_CACHE[key] = pre.read_bytes()
             except Exception:
                 _PRE_CACHE[key] = float_bytes  # an optimization; quantization works without it
