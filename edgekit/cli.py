@@ -334,6 +334,8 @@ def distill(teacher, student, width, data, val, temperature, alpha, epochs, lr, 
 @click.option("--calib-samples", type=int, default=256, show_default=True,
               help="Training samples the starting ranges are chosen on.")
 @click.option("--fixed-ranges", is_flag=True, help="Train the weights only; keep the calibrated ranges.")
+@click.option("--distill", is_flag=True, help="Match the original's outputs (KL) instead of the labels: for "
+              "labels that are the float model's own predictions on data unlike its training set.")
 @click.option("--max-accuracy-drop", type=float,
               help="Budget in points below the original float model's accuracy; a miss exits 1.")
 @click.option("--compat-check", type=click.Choice(["auto", "venv", "emulated", "off"]), default="auto",
@@ -342,8 +344,8 @@ def distill(teacher, student, width, data, val, temperature, alpha, epochs, lr, 
 @click.option("--out", "-o", default="build", show_default=True, type=click.Path())
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
-def qat(model, data, val, target_names, formats, epochs, lr, calib_samples, fixed_ranges, max_accuracy_drop,
-        compat_check, seed, out, as_json, quiet):
+def qat(model, data, val, target_names, formats, epochs, lr, calib_samples, fixed_ranges, distill,
+        max_accuracy_drop, compat_check, seed, out, as_json, quiet):
     """Quantization-aware training: fine-tune MODEL (Keras 3) with fake quantization, then convert it.
 
     For when post-training INT8 misses the budget and mixed precision would keep layers in float.
@@ -361,7 +363,8 @@ def qat(model, data, val, target_names, formats, epochs, lr, calib_samples, fixe
         res = run_qat(model, data, list(target_names), out, val=val, epochs=epochs, lr=lr,
                       calib_samples=calib_samples, ranges_trainable=not fixed_ranges,
                       max_accuracy_drop=max_accuracy_drop, formats=list(formats) or None,
-                      compat_check=compat_check, seed=seed, say=say, progress=Progress(enabled=not quiet))
+                      compat_check=compat_check, seed=seed, distill=distill, say=say,
+                      progress=Progress(enabled=not quiet))
     except BudgetMissed:
         p = Path(out) / f"{Path(model).stem}-qat.qat.json"
         if p.is_file():

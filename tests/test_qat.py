@@ -117,11 +117,14 @@ def test_folding_and_points_on_a_residual_depthwise_model(tmp_path):
     assert plan["folded"] == {"bn1": "c1", "bn2": "dw"}
     assert plan["points"] == ["r1", "bn2", "pw", "r2", "head"]   # bn2: the depthwise output, folded
     q, info = Q.quantized_model(m)
-    assert info["fake_quant"] == ["fq_x", "fq_r1", "fq_bn2", "fq_pw", "fq_r2", "fq_head"]
+    # gap: average pooling requantizes onto its input's range; head: softmax split off its dense
+    assert info["fake_quant"] == ["fq_x", "fq_r1", "fq_bn2", "fq_pw", "fq_r2", "fq_gap", "fq_head_pre", "fq_head"]
+    assert q.get_layer("fq_gap").same_as == "fq_r2"
     with fq.mode("float"):
         np.testing.assert_allclose(q.predict(x, verbose=0), m.predict(x, verbose=0), atol=1e-5)
     Q.calibrate(q, m, x, say=lambda s: None)
     fq.bake(q)
+    assert float(q.get_layer("fq_gap").hi.numpy()) == float(q.get_layer("fq_r2").hi.numpy())
     q.save(tmp_path / "q.keras")
     np.savez(tmp_path / "c.npz", x=x)
     res = convert(str(tmp_path / "q.keras"), ["rpi4"], str(tmp_path / "b"), calib=str(tmp_path / "c.npz"),

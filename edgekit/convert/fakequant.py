@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Dict, Iterator, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import keras
 import tensorflow as tf
@@ -60,9 +60,12 @@ def _grid_in_training(w, depthwise: bool = False):
 class FakeQuant(keras.layers.Layer):
     """Per-tensor activation fake quantization over a learned range [lo, hi] (lo <= 0 <= hi)."""
 
-    def __init__(self, lo: float = 0.0, hi: float = 1.0, at_input: bool = False, **kwargs):
+    def __init__(self, lo: float = 0.0, hi: float = 1.0, at_input: bool = False, same_as: Optional[str] = None,
+                 **kwargs):
+        """same_as: another point's name whose range this one keeps (an average pooling's output
+        is requantized onto its input's scale: the converters require the same scale there)."""
         super().__init__(**kwargs)
-        self.lo_init, self.hi_init, self.at_input = float(lo), float(hi), bool(at_input)
+        self.lo_init, self.hi_init, self.at_input, self.same_as = float(lo), float(hi), bool(at_input), same_as
 
     def build(self, input_shape):
         self.lo = self.add_weight(shape=(), name="lo", initializer=keras.initializers.Constant(self.lo_init))
@@ -86,7 +89,8 @@ class FakeQuant(keras.layers.Layer):
         return input_shape
 
     def get_config(self):
-        return dict(super().get_config(), lo=self.lo_init, hi=self.hi_init, at_input=self.at_input)
+        return dict(super().get_config(), lo=self.lo_init, hi=self.hi_init, at_input=self.at_input,
+                    same_as=self.same_as)
 
 
 @keras.saving.register_keras_serializable(package="edgekit")
@@ -149,3 +153,8 @@ def bake(model) -> None:
             layer.lo.assign(lo)
             layer.hi.assign(hi)
             layer.on.assign(1.0)
+    for layer in model.layers:   # in graph order: a shared range's source is baked already
+        if isinstance(layer, FakeQuant) and layer.same_as:
+            src = model.get_layer(layer.same_as)
+            layer.lo.assign(src.lo)
+            layer.hi.assign(src.hi)

@@ -280,7 +280,6 @@ def convert(model: str, targets: Sequence[str], out: str, *, calib: Optional[str
             write_bundle(dest, fmt=fmt, model_bytes=art.data, manifest=manifest, golden=art.golden,
                          check=compat_check_tmp)
             result.bundles.append(BundleResult(t.name, fmt, dest, art, ok))
-        source_qat = source.qat
         result.report_path = out_dir / f"{name}.convert.json"
         write_json_atomic(result.report_path, result.to_dict())
     if result.missed:
@@ -290,7 +289,7 @@ def convert(model: str, targets: Sequence[str], out: str, *, calib: Optional[str
                            f"{validate.budget_drop(worst.artifact.metrics):.2f} points",
                            hint=f"report written to {result.report_path}; "
                                 + ("quantization-aware training (edgekit qat) may recover it in full INT8"
-                                   if (mixed_precision or source_qat) else
+                                   if (mixed_precision or source.qat) else
                                    "allow mixed precision (drop --no-mixed-precision), or try edgekit qat"))
     return result
 

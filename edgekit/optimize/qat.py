@@ -9,8 +9,10 @@ tf_keras classes. The logic QAT needs is small, and here it follows the converte
 2. The model is cloned with fake quantization where INT8 models quantize
    (edgekit.convert.fakequant): weights per output channel; activations at the model inputs and
    after every layer that computes new values. A ReLU/ReLU6 (or folded BatchNorm) right after a
-   layer is part of it (the converters fuse it), so the point moves past it; pooling, reshapes
-   and dropout keep their input's quantization.
+   layer is part of it (the converters fuse it), so the point moves past it; a softmax or
+   sigmoid inside a layer gets a point before it as well (the converters quantize both
+   tensors). Max pooling, reshapes and dropout keep their input's quantization; an average
+   pooling's output is requantized onto its input's range (the converters keep that scale).
 3. Ranges: min/max calibration lets a few outliers take the whole range (the failure that
    mixed precision works around by keeping layers in float). Each range starts instead at the
    clip that minimizes the error of the model's outputs on calibration data, point by point in
@@ -37,6 +39,8 @@ KEEP_QUANTIZATION = {"MaxPooling2D", "MaxPooling1D", "AveragePooling2D", "Averag
                      "GlobalMaxPooling1D", "Flatten", "Reshape", "Dropout", "SpatialDropout2D",
                      "GaussianNoise", "ZeroPadding2D", "Cropping2D", "UpSampling2D", "InputLayer"}
 FOLDS_INTO = {"Conv2D", "DepthwiseConv2D", "Dense"}
+AVERAGES = {"AveragePooling2D", "AveragePooling1D", "GlobalAveragePooling2D", "GlobalAveragePooling1D"}
+FUSABLE = ("relu", "relu6", "linear")
 CANDIDATES = 24
 
 
@@ -51,7 +55,7 @@ def _fusable_activation(layer) -> bool:
         return (not getattr(layer, "negative_slope", 0)) and not getattr(layer, "threshold", 0) \
             and getattr(layer, "max_value", None) in (None, 6.0, 6)
     if k == "Activation":
-        return getattr(layer.activation, "__name__", "") in ("relu", "relu6", "linear")
+        return getattr(layer.activation, "__name__", "") in FUSABLE
     return False
 
 
@@ -148,14 +152,29 @@ def quantized_model(model):
     fold_target = {v: k for k, v in folded.items()}
     quantized_inputs: Dict[int, Any] = {}
 
+    split: Dict[str, Any] = {}   # layer -> its activation, applied after a point of its own
+
     def clone_function(layer):
         k = _cls(layer)
         if k in fq.QUANTIZED:
             cfg = layer.get_config()
             if layer.name in fold_target:
                 cfg["use_bias"] = True
+            act = getattr(layer.activation, "__name__", "linear")
+            if act not in FUSABLE:  # softmax, sigmoid...: the converters quantize the tensor before it too
+                split[layer.name] = cfg["activation"]
+                cfg["activation"] = "linear"
             return fq.QUANTIZED[k].from_config(cfg)
         return layer.__class__.from_config(layer.get_config())
+
+    def upstream_point(t) -> Optional[str]:
+        op = t._keras_history.operation
+        while not isinstance(op, fq.FakeQuant):
+            if _cls(op) not in KEEP_QUANTIZATION or _cls(op) == "InputLayer":
+                return None
+            t = op.input
+            op = t._keras_history.operation
+        return op.name
 
     def quantize_input(t):
         if _cls(t._keras_history.operation) != "InputLayer":
@@ -169,8 +188,15 @@ def quantized_model(model):
         args = keras.tree.map_structure(
             lambda t: quantize_input(t) if isinstance(t, keras.KerasTensor) else t, args)
         out = args[0] if layer.name in folded else layer(*args, **kwargs)
+        if layer.name in split:
+            out = fq.FakeQuant(name=f"fq_{layer.name}_pre")(out)
+            out = keras.layers.Activation(split[layer.name], name=f"{layer.name}_activation")(out)
         if layer.name in points:
             out = fq.FakeQuant(name=f"fq_{layer.name}")(out)
+        elif _cls(layer) in AVERAGES and isinstance(args[0], keras.KerasTensor):
+            source = upstream_point(args[0])
+            if source is not None:
+                out = fq.FakeQuant(name=f"fq_{layer.name}", same_as=source)(out)
         return out
 
     q = keras.models.clone_model(model, clone_function=clone_function, call_function=call_function)
@@ -210,6 +236,12 @@ def calibrate(q, reference, x, say: Callable[[str], None] = print) -> List[Dict[
     probe = keras.Model(q.inputs, [layer.output for layer in fqs])
     chosen = []
     for i, layer in enumerate(fqs):
+        if layer.same_as:
+            src = q.get_layer(layer.same_as)
+            layer.lo.assign(src.lo)
+            layer.hi.assign(src.hi)
+            layer.on.assign(1.0)
+            continue
         acts = probe.predict(x, verbose=0, batch_size=256)
         a = acts[i] if isinstance(acts, list) else acts
         lo0, hi0 = min(float(a.min()), 0.0), max(float(a.max()), 0.0)
@@ -233,7 +265,10 @@ def calibrate(q, reference, x, say: Callable[[str], None] = print) -> List[Dict[
 
 
 def train(q, train_ds, epochs: int, lr: float, ranges_trainable: bool = True,
-          say: Callable[[str], None] = print) -> List[Dict[str, float]]:
+          say: Callable[[str], None] = print, teacher=None) -> List[Dict[str, float]]:
+    """teacher: match this (float) model's outputs (KL divergence at T=1) instead of the labels:
+    what to do when the labels are the float model's own predictions on data it was not trained
+    on (ResNet-8 on natural crops here: hard labels there pull the model away from itself)."""
     import keras
 
     from edgekit.convert import fakequant as fq
@@ -241,20 +276,28 @@ def train(q, train_ds, epochs: int, lr: float, ranges_trainable: bool = True,
 
     for layer in q.layers:
         if isinstance(layer, fq.FakeQuant):
-            layer.lo.trainable = layer.hi.trainable = ranges_trainable
+            layer.lo.trainable = layer.hi.trainable = ranges_trainable and not layer.same_as
     steps = max(1, epochs * int(np.ceil(len(train_ds) / 32)))
-    common.compile_for(q, keras.optimizers.schedules.CosineDecay(lr, steps))  # fine-tuning: decay to 0
+    schedule = keras.optimizers.schedules.CosineDecay(lr, steps)  # fine-tuning: decay to 0
+    if teacher is not None:
+        from edgekit.optimize.distill import make_distiller
+
+        trainer = make_distiller(q, teacher, temperature=1.0, alpha=0.0)
+        trainer.compile(optimizer=keras.optimizers.Adam(schedule))
+    else:
+        common.compile_for(q, schedule)
+        trainer = q
     history: List[Dict[str, float]] = []
 
     class Report(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             logs = logs or {}
             history.append({k: float(v) for k, v in logs.items()})
-            say(f"  epoch {epoch + 1}/{epochs}: loss {logs.get('loss', float('nan')):.4f}, "
-                f"accuracy {100 * logs.get('accuracy', float('nan')):.2f}% (fake-quantized)")
+            acc = f", accuracy {100 * logs['accuracy']:.2f}% (fake-quantized)" if "accuracy" in logs else ""
+            say(f"  epoch {epoch + 1}/{epochs}: loss {logs.get('loss', float('nan')):.4f}{acc}")
 
-    q.fit(_x(q, train_ds.inputs), train_ds.labels, epochs=epochs, batch_size=32, verbose=0,
-          callbacks=[Report()])
+    trainer.fit(_x(q, train_ds.inputs), train_ds.labels, epochs=epochs, batch_size=32, verbose=0,
+                callbacks=[Report()])
     fq.bake(q)
     return history
 
@@ -262,6 +305,7 @@ def train(q, train_ds, epochs: int, lr: float, ranges_trainable: bool = True,
 def qat(model_path: str, data: str, targets: List[str], out: str, *, val: Optional[str] = None,
         epochs: int = 3, lr: float = 1e-4, calib_samples: int = 256, ranges_trainable: bool = True,
         max_accuracy_drop: Optional[float] = None, formats=None, compat_check: str = "auto", seed: int = 0,
+        distill: bool = False,
         say: Callable[[str], None] = print, progress=None) -> Dict[str, Any]:
     """Fine-tune `model_path` with fake quantization, save it, convert it for `targets`, and
     convert the original the plain post-training way too, for the comparison."""
@@ -270,6 +314,7 @@ def qat(model_path: str, data: str, targets: List[str], out: str, *, val: Option
 
     from edgekit.bundle import check_name, write_json_atomic
     from edgekit.convert import convert
+    from edgekit.convert import fakequant as fq
     from edgekit.errors import BudgetMissed, EdgekitError
     from edgekit.optimize import common
     from edgekit.targets import load_target
@@ -278,6 +323,8 @@ def qat(model_path: str, data: str, targets: List[str], out: str, *, val: Option
         raise DataError(f"--epochs must be >= 0, not {epochs}")
     if not lr > 0:
         raise DataError(f"--lr must be positive, not {lr}")
+    if calib_samples < 1:
+        raise DataError(f"--calib-samples must be at least 1, not {calib_samples}")
     if not targets:
         raise EdgekitError("no target given", hint="add --target NAME (see `edgekit targets list`)")
     for t in targets:
@@ -305,10 +352,12 @@ def qat(model_path: str, data: str, targets: List[str], out: str, *, val: Option
     ranges = calibrate(q, model, calib_x, say)
     start_acc = common.accuracy(q, val_ds)
     say(f"fake-quantized, calibrated, before training: {start_acc:.2f}%")
-    say(f"training {epochs} epoch(s) at lr {lr} on {len(train_ds)} samples")
-    history = train(q, train_ds, epochs, lr, ranges_trainable, say) if epochs else []
-    if not epochs:
-        from edgekit.convert import fakequant as fq
+    say(f"training {epochs} epoch(s) at lr {lr} on {len(train_ds)} samples"
+        + (", matching the original's outputs" if distill else ""))
+    if epochs:
+        history = train(q, train_ds, epochs, lr, ranges_trainable, say, teacher=model if distill else None)
+    else:
+        history = []
         fq.bake(q)
     qat_acc = common.accuracy(q, val_ds)
     say(f"fake-quantized, trained: {qat_acc:.2f}%")
@@ -338,6 +387,7 @@ def qat(model_path: str, data: str, targets: List[str], out: str, *, val: Option
                      else float_acc - qa <= max_accuracy_drop})
     result = {"model": str(model_path), "qat_model": str(model_out), "float_accuracy": float_acc,
               "calibrated_accuracy": start_acc, "trained_accuracy": qat_acc, "epochs": epochs, "lr": lr,
+              "distill": distill,
               "ranges_trainable": ranges_trainable, "seconds": train_s, "plan": plan, "ranges": ranges,
               "history": history, "bundles": rows, "max_accuracy_drop": max_accuracy_drop,
               "validation_samples": len(val_ds)}
