@@ -155,6 +155,17 @@ def _qat_source(src: Source, model, workdir: Path) -> Source:
     return src
 
 
+def float_tflite(model) -> bytes:
+    """A Keras 3 model as float32 TFLite (the pruning and distillation reports time it)."""
+    import tempfile
+
+    import tensorflow as tf
+
+    with tempfile.TemporaryDirectory(prefix="edgekit-float-") as d, captured_stderr():
+        model.export(str(Path(d) / "sm"), verbose=False)
+        return tf.lite.TFLiteConverter.from_saved_model(str(Path(d) / "sm")).convert()
+
+
 def _load_onnx(p: Path) -> Source:
     try:
         import onnx

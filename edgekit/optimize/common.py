@@ -79,18 +79,9 @@ def accuracy(model, ds: Dataset) -> float:
     return float((pred.argmax(-1) == ds.labels).mean() * 100.0)
 
 
-def float_tflite(model) -> bytes:
-    import tensorflow as tf
-
-    from edgekit.convert.native import captured_stderr
-
-    with tempfile.TemporaryDirectory(prefix="edgekit-opt-") as d, captured_stderr():
-        model.export(str(Path(d) / "sm"), verbose=False)
-        return tf.lite.TFLiteConverter.from_saved_model(str(Path(d) / "sm")).convert()
-
-
 def figures(model, val: Dataset, runs: int = 200) -> Dict[str, Any]:
     """Parameters, FLOPs, float TFLite size (and gzipped: what zeros buy), accuracy, local p50."""
+    from edgekit.convert.sources import float_tflite
     from edgekit.optimize.surgery import count
     from edgekit.runtime import load
 
