@@ -127,3 +127,14 @@ def test_image_folder_calibration(tmp_path, digits, cli):
     r = cli("convert", model, "-t", "rpi4", "--calib", folder, "--preprocess", "resize=8x8,gamma=2",
             "--out", tmp_path / "o2")
     assert r.exit_code == 2 and "unknown preprocess key 'gamma'" in _one_line(r.stderr)
+
+
+def test_training_tools_print_nothing_but_the_error(tmp_path, digits):
+    """TensorFlow's C++ start-up lines (which ignore TF_CPP_MIN_LOG_LEVEL) stay off the terminal."""
+    model, _, _ = digits
+    for args in (("prune", model, "--data", tmp_path / "nope.npz"),
+                 ("qat", model, "--data", tmp_path / "nope.npz", "-t", "rpi4", "--out", tmp_path / "q")):
+        p = run_cli_process(*args)
+        assert p.returncode == 2
+        assert p.stderr.strip().splitlines() == [_one_line(p.stderr)], p.stderr
+        assert "nope.npz" in p.stderr and "not found" in p.stderr

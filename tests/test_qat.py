@@ -138,7 +138,10 @@ def test_qat_bad_input(cli, spread, tmp_path):
     model, train, val = spread
     r = cli("qat", model, "--data", train, "-t", "rpi4", "--epochs", "-1", "--out", tmp_path)
     assert r.exit_code == 2 and "--epochs must be >= 0" in r.stderr
-    r = cli("qat", tmp_path / "nope.tflite", "--data", train, "-t", "rpi4", "--out", tmp_path)
+    r = cli("qat", tmp_path / "nope.keras", "--data", train, "-t", "rpi4", "--out", tmp_path)
+    assert r.exit_code == 2 and "model file not found" in r.stderr
+    (tmp_path / "m.tflite").write_bytes(b"x")
+    r = cli("qat", tmp_path / "m.tflite", "--data", train, "-t", "rpi4", "--out", tmp_path)
     assert r.exit_code == 2 and "Keras model file" in r.stderr
     assert not list(tmp_path.glob("*.keras"))
 

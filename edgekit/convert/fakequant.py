@@ -22,8 +22,10 @@ import contextlib
 import contextvars
 from typing import Dict, Iterator, Optional, Tuple
 
-import keras
-import tensorflow as tf
+from edgekit.convert.native import import_keras_quietly
+
+keras = import_keras_quietly()
+import tensorflow as tf  # noqa: E402  (imported quietly just above)
 
 MODES = ("train", "fakequant", "clip", "float")
 _MODE: contextvars.ContextVar = contextvars.ContextVar("edgekit_fakequant_mode", default="train")

@@ -50,3 +50,14 @@ def captured_stderr(enabled: bool = True) -> Iterator[Captured]:
             os.close(saved)
             tmp.seek(0)
             cap.text = tmp.read().decode("utf-8", "replace")
+
+
+def import_keras_quietly():
+    """Import TensorFlow and Keras with their C++ start-up lines (which ignore
+    TF_CPP_MIN_LOG_LEVEL: they come before absl's logging starts) kept from the terminal."""
+    quiet_tensorflow()
+    with captured_stderr():
+        import keras
+        import tensorflow  # noqa: F401
+    return keras
+

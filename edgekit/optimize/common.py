@@ -16,10 +16,13 @@ from edgekit.errors import DataError, SourceModelError
 
 def load_keras(path: str):
     """A Keras 3 model (.keras or a Keras-3-loadable .h5): these tools rebuild and train it."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import keras
+    from edgekit.convert.native import import_keras_quietly
+
+    keras = import_keras_quietly()
 
     p = Path(path)
+    if not p.exists():
+        raise SourceModelError("model file not found", path=str(p))
     if not p.is_file() or p.suffix.lower() not in (".keras", ".h5", ".hdf5"):
         raise SourceModelError("give a Keras model file (.keras, or .h5 that Keras 3 loads)", path=str(p))
     try:
