@@ -159,3 +159,24 @@ def test_a_qat_model_converts_to_int8_only(cli, spread, tmp_path):
             "--out", tmp_path / "o")
     assert r.exit_code == 2 and "INT8 only" in r.stderr
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_weight_grid_follows_the_coarsest_build(spread, tmp_path):
+    """ONNX Runtime's reduce_range builds (x86-avx2) take 7-bit weights: QAT trains on that grid."""
+    from edgekit.convert import fakequant as fq
+    from edgekit.optimize import qat as Q
+    from edgekit.targets import load_target
+
+    assert Q.weight_levels_for([load_target("rpi4")]) == 127
+    assert Q.weight_levels_for([load_target("rpi4"), load_target("x86-avx2")]) == 64
+    assert Q.weight_levels_for([load_target("x86-avx2")], formats=["tflite"]) == 127
+    model, _, _ = spread
+    q, info = Q.quantized_model(keras.models.load_model(model), weight_levels=64)
+    fq.bake(q)
+    q.save(tmp_path / "q.keras")
+    layer = keras.models.load_model(tmp_path / "q.keras").get_layer("fc1")
+    assert layer.weight_levels == 64
+    k = layer.get_weights()[0]
+    steps = k / (np.abs(k).max(0) / 64)
+    np.testing.assert_allclose(steps, np.round(steps), atol=1e-3)
+    assert np.abs(np.round(steps)).max() == 64

@@ -1,7 +1,8 @@
 """Fake quantization layers for Keras 3 (quantization-aware training) and how they export.
 
-Weights: symmetric, per output channel, 127 levels each side of zero: the grid TFLite and
-ONNX Runtime use for per-channel INT8 weights, so a weight trained on it converts unchanged.
+Weights: symmetric, per output channel, 127 steps each side of zero: the grid TFLite and
+ONNX Runtime use for per-channel INT8 weights, so a weight trained on it converts unchanged
+(64 for ONNX Runtime's reduce_range builds: 7-bit weights).
 Activations: per tensor, 256 levels over a learned [lo, hi] (TF's FakeQuantWithMinMaxVars,
 which nudges the range so that zero is exact, as the converters do).
 
@@ -43,19 +44,32 @@ def mode(name: str) -> Iterator[None]:
         _MODE.reset(token)
 
 
-def weight_grid(w, depthwise: bool = False):
-    """w on the per-output-channel symmetric INT8 grid (straight-through gradient)."""
+def weight_grid(w, depthwise: bool = False, levels: int = 127):
+    """w on a symmetric per-output-channel grid of `levels` steps each side of zero, scale
+    max|w| / levels (straight-through gradient). 127: INT8 per channel in TFLite and ONNX
+    Runtime; 64: ONNX Runtime's reduce_range (7-bit) weights."""
     shape = tf.shape(w)
     if depthwise:  # (kh, kw, cin, mult): the converters' channels are cin*mult
         w = tf.reshape(w, tf.concat([shape[:2], [-1]], 0))
     axes = list(range(len(w.shape) - 1))
-    m = tf.maximum(tf.stop_gradient(tf.reduce_max(tf.abs(w), axis=axes)), 1e-8)
-    q = tf.quantization.fake_quant_with_min_max_vars_per_channel(w, -m, m, num_bits=8, narrow_range=True)
+    scale = tf.maximum(tf.stop_gradient(tf.reduce_max(tf.abs(w), axis=axes)), 1e-8) / float(levels)
+    q = tf.clip_by_value(tf.round(w / scale), -float(levels), float(levels)) * scale
+    q = w + tf.stop_gradient(q - w)
     return tf.reshape(q, shape) if depthwise else q
 
 
-def _grid_in_training(w, depthwise: bool = False):
-    return weight_grid(w, depthwise) if _MODE.get() == "train" else w
+class _WeightGrid:
+    """What the quantized layers share: their grid (`weight_levels`), used only in training
+    (afterwards the weights are stored on it)."""
+
+    def _init_grid(self, weight_levels: int) -> None:
+        self.weight_levels = int(weight_levels)
+
+    def _grid(self, w, depthwise: bool = False):
+        return weight_grid(w, depthwise, self.weight_levels) if _MODE.get() == "train" else w
+
+    def get_config(self):
+        return dict(super().get_config(), weight_levels=self.weight_levels)
 
 
 @keras.saving.register_keras_serializable(package="edgekit")
@@ -96,15 +110,23 @@ class FakeQuant(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="edgekit")
-class QConv2D(keras.layers.Conv2D):
+class QConv2D(_WeightGrid, keras.layers.Conv2D):
+    def __init__(self, *args, weight_levels: int = 127, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_grid(weight_levels)
+
     def convolution_op(self, inputs, kernel):
-        return super().convolution_op(inputs, _grid_in_training(kernel))
+        return super().convolution_op(inputs, self._grid(kernel))
 
 
 @keras.saving.register_keras_serializable(package="edgekit")
-class QDepthwiseConv2D(keras.layers.DepthwiseConv2D):
+class QDepthwiseConv2D(_WeightGrid, keras.layers.DepthwiseConv2D):
+    def __init__(self, *args, weight_levels: int = 127, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_grid(weight_levels)
+
     def call(self, inputs):
-        x = keras.ops.depthwise_conv(inputs, _grid_in_training(self.kernel, depthwise=True),
+        x = keras.ops.depthwise_conv(inputs, self._grid(self.kernel, depthwise=True),
                                      strides=self.strides, padding=self.padding,
                                      dilation_rate=self.dilation_rate, data_format=self.data_format)
         if self.use_bias:
@@ -115,9 +137,13 @@ class QDepthwiseConv2D(keras.layers.DepthwiseConv2D):
 
 
 @keras.saving.register_keras_serializable(package="edgekit")
-class QDense(keras.layers.Dense):
+class QDense(_WeightGrid, keras.layers.Dense):
+    def __init__(self, *args, weight_levels: int = 127, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_grid(weight_levels)
+
     def call(self, inputs, training=None):
-        x = keras.ops.matmul(inputs, _grid_in_training(self.kernel))
+        x = keras.ops.matmul(inputs, self._grid(self.kernel))
         if self.use_bias:
             x = x + self.bias
         return self.activation(x) if self.activation is not None else x
@@ -146,7 +172,7 @@ def bake(model) -> None:
     the converters then reproduce exactly what training saw."""
     for layer in model.layers:
         if isinstance(layer, tuple(QUANTIZED.values())):
-            layer.kernel.assign(weight_grid(layer.kernel, isinstance(layer, QDepthwiseConv2D)))
+            layer.kernel.assign(weight_grid(layer.kernel, isinstance(layer, QDepthwiseConv2D), layer.weight_levels))
         elif isinstance(layer, FakeQuant):
             lo, hi = float(layer.lo.numpy()), float(layer.hi.numpy())
             lo, hi = min(lo, 0.0), max(hi, 0.0)

@@ -139,9 +139,10 @@ def _functional(model):
     return model
 
 
-def quantized_model(model):
+def quantized_model(model, weight_levels: int = 127):
     """A clone of `model` with BatchNorm folded and fake quantization in place (all points off
-    until calibrated). Returns (qmodel, plan)."""
+    until calibrated), weights on a grid of `weight_levels` steps each side of zero (127: INT8;
+    64: ONNX Runtime's reduce_range). Returns (qmodel, plan)."""
     import keras
 
     from edgekit.convert import fakequant as fq
@@ -160,6 +161,7 @@ def quantized_model(model):
             cfg = layer.get_config()
             if layer.name in fold_target:
                 cfg["use_bias"] = True
+            cfg["weight_levels"] = weight_levels
             act = getattr(layer.activation, "__name__", "linear")
             if act not in FUSABLE:  # softmax, sigmoid...: the converters quantize the tensor before it too
                 split[layer.name] = cfg["activation"]
@@ -210,7 +212,18 @@ def quantized_model(model):
     for layer in q.layers:
         if isinstance(layer, fq.FakeQuant):
             layer.on.assign(0.0)
-    return q, dict(info, fake_quant=[layer.name for layer in q.layers if isinstance(layer, fq.FakeQuant)])
+    return q, dict(info, fake_quant=[layer.name for layer in q.layers if isinstance(layer, fq.FakeQuant)],
+                   weight_levels=weight_levels)
+
+
+def weight_levels_for(profiles, formats=None) -> int:
+    """The coarsest weight grid among the builds: 64 when an ONNX build uses reduce_range
+    (7-bit weights), else 127. Trained on the coarser grid, the finer builds only round each
+    weight by at most half their own step, as post-training quantization always does."""
+    for p in profiles:
+        if "onnx" in p.formats and (not formats or "onnx" in formats) and p.onnx.reduce_range:
+            return 64
+    return 127
 
 
 def _x(model, arrays: Dict[str, np.ndarray]):
@@ -327,11 +340,12 @@ def qat(model_path: str, data: str, targets: List[str], out: str, *, val: Option
         raise DataError(f"--calib-samples must be at least 1, not {calib_samples}")
     if not targets:
         raise EdgekitError("no target given", hint="add --target NAME (see `edgekit targets list`)")
-    for t in targets:
-        p = load_target(t)
+    profiles = [load_target(t) for t in targets]
+    for p in profiles:
         if not (p.tflite.per_channel and p.onnx.per_channel):
-            raise EdgekitError(f"target {t} quantizes weights per tensor; QAT here trains per-channel weights",
+            raise EdgekitError(f"target {p.name} quantizes weights per tensor; QAT here trains per-channel weights",
                                hint="use a target with per_channel = true")
+    levels = weight_levels_for(profiles, formats)
     model = common.load_keras(model_path)
     train_ds, val_ds = common.training_data(model, data, val)
     name = check_name(Path(model_path).stem + "-qat")
@@ -344,8 +358,9 @@ def qat(model_path: str, data: str, targets: List[str], out: str, *, val: Option
     float_acc = common.accuracy(model, val_ds)
     say(f"original float model: {float_acc:.2f}% on {len(val_ds)} validation samples")
 
-    q, plan = quantized_model(model)
-    say(f"fake quantization at {len(plan['fake_quant'])} points"
+    q, plan = quantized_model(model, levels)
+    say(f"fake quantization at {len(plan['fake_quant'])} points, weights on a {levels}-step grid"
+        + (" (an ONNX build uses reduce_range)" if levels != 127 else "")
         + (f"; BatchNorm folded: {', '.join(plan['folded'])}" if plan["folded"] else ""))
     calib_x = _x(q, train_ds.take(slice(0, min(calib_samples, len(train_ds)))).inputs)
     say(f"calibrating ranges on {min(calib_samples, len(train_ds))} training samples")
