@@ -226,11 +226,6 @@ def weight_levels_for(profiles, formats=None) -> int:
     return 127
 
 
-def _x(model, arrays: Dict[str, np.ndarray]):
-    xs = list(arrays.values())
-    return xs[0] if len(model.inputs) == 1 else xs
-
-
 def _outputs(model, x) -> List[np.ndarray]:
     out = model.predict(x, verbose=0, batch_size=256)
     return out if isinstance(out, list) else [out]
@@ -309,7 +304,7 @@ def train(q, train_ds, epochs: int, lr: float, ranges_trainable: bool = True,
             acc = f", accuracy {100 * logs['accuracy']:.2f}% (fake-quantized)" if "accuracy" in logs else ""
             say(f"  epoch {epoch + 1}/{epochs}: loss {logs.get('loss', float('nan')):.4f}{acc}")
 
-    trainer.fit(_x(q, train_ds.inputs), train_ds.labels, epochs=epochs, batch_size=32, verbose=0,
+    trainer.fit(common._x(q, train_ds), train_ds.labels, epochs=epochs, batch_size=32, verbose=0,
                 callbacks=[Report()])
     fq.bake(q)
     return history
@@ -327,7 +322,6 @@ def qat(model_path: str, data: str, targets: List[str], out: str, *, val: Option
 
     from edgekit.bundle import check_name, write_json_atomic
     from edgekit.convert import convert
-    from edgekit.convert import fakequant as fq
     from edgekit.errors import BudgetMissed, EdgekitError
     from edgekit.optimize import common
     from edgekit.targets import load_target
@@ -346,11 +340,14 @@ def qat(model_path: str, data: str, targets: List[str], out: str, *, val: Option
             raise EdgekitError(f"target {p.name} quantizes weights per tensor; QAT here trains per-channel weights",
                                hint="use a target with per_channel = true")
     levels = weight_levels_for(profiles, formats)
-    model = common.load_keras(model_path)
-    train_ds, val_ds = common.training_data(model, data, val)
-    name = check_name(Path(model_path).stem + "-qat")
+    model = common.load_keras(model_path)   # imports keras quietly; fakequant after it
     import keras
 
+    from edgekit.convert import fakequant as fq
+
+    train_ds, val_ds = common.training_data(model, data, val)
+    name = check_name(Path(model_path).stem + "-qat")
+    n_cal = min(calib_samples, len(train_ds))
     keras.utils.set_random_seed(seed)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -362,14 +359,14 @@ def qat(model_path: str, data: str, targets: List[str], out: str, *, val: Option
     say(f"fake quantization at {len(plan['fake_quant'])} points, weights on a {levels}-step grid"
         + (" (an ONNX build uses reduce_range)" if levels != 127 else "")
         + (f"; BatchNorm folded: {', '.join(plan['folded'])}" if plan["folded"] else ""))
-    calib_x = _x(q, train_ds.take(slice(0, min(calib_samples, len(train_ds)))).inputs)
-    say(f"calibrating ranges on {min(calib_samples, len(train_ds))} training samples")
+    calib_x = common._x(q, train_ds.take(slice(0, n_cal)))
+    say(f"calibrating ranges on {n_cal} training samples")
     ranges = calibrate(q, model, calib_x, say)
     start_acc = common.accuracy(q, val_ds)
     say(f"fake-quantized, calibrated, before training: {start_acc:.2f}%")
-    say(f"training {epochs} epoch(s) at lr {lr} on {len(train_ds)} samples"
-        + (", matching the original's outputs" if distill else ""))
     if epochs:
+        say(f"training {epochs} epoch(s) at lr {lr} on {len(train_ds)} samples"
+            + (", matching the original's outputs" if distill else ""))
         history = train(q, train_ds, epochs, lr, ranges_trainable, say, teacher=model if distill else None)
     else:
         history = []
@@ -381,30 +378,20 @@ def qat(model_path: str, data: str, targets: List[str], out: str, *, val: Option
 
     with tempfile.TemporaryDirectory(prefix="edgekit-qat-") as d:
         calib_npz, val_npz = Path(d) / "calib.npz", Path(d) / "val.npz"
-        np.savez(calib_npz, **train_ds.take(slice(0, min(calib_samples, len(train_ds)))).inputs)
+        np.savez(calib_npz, **train_ds.take(slice(0, n_cal)).inputs)
         np.savez(val_npz, labels=val_ds.labels, **val_ds.inputs)
         say("converting the QAT model")
         res = convert(str(model_out), targets, str(out_dir), calib=str(calib_npz), val=str(val_npz),
-                      name=name, formats=formats, compat_check=compat_check, progress=progress)
+                      calib_samples=n_cal, name=name, formats=formats, compat_check=compat_check,
+                      progress=progress)
         say("converting the original the post-training way (for comparison; not kept)")
         ptq = convert(model_path, targets, str(Path(d) / "ptq"), calib=str(calib_npz), val=str(val_npz),
-                      formats=formats, compat_check="off", mixed_precision=False, progress=None)
-    ptq_by = {(b.target, b.fmt): b for b in ptq.bundles}
-    rows = []
-    for b in res.bundles:
-        p = ptq_by[(b.target, b.fmt)]
-        qa, pa = b.artifact.metrics.get("accuracy_int8"), p.artifact.metrics.get("accuracy_int8")
-        rows.append({"bundle": str(b.path), "target": b.target, "format": b.fmt, "bytes": len(b.artifact.data),
-                     "float_ops": b.artifact.float_ops, "ptq_accuracy": pa, "qat_accuracy": qa,
-                     "ptq_drop": None if pa is None else float_acc - pa,
-                     "qat_drop": None if qa is None else float_acc - qa,
-                     "within_budget": None if max_accuracy_drop is None or qa is None
-                     else float_acc - qa <= max_accuracy_drop})
+                      calib_samples=n_cal, formats=formats, compat_check="off", mixed_precision=False)
+    rows = _compare(res, ptq, float_acc, max_accuracy_drop)
     result = {"model": str(model_path), "qat_model": str(model_out), "float_accuracy": float_acc,
               "calibrated_accuracy": start_acc, "trained_accuracy": qat_acc, "epochs": epochs, "lr": lr,
-              "distill": distill,
-              "ranges_trainable": ranges_trainable, "seconds": train_s, "plan": plan, "ranges": ranges,
-              "history": history, "bundles": rows, "max_accuracy_drop": max_accuracy_drop,
+              "distill": distill, "ranges_trainable": ranges_trainable, "seconds": train_s, "plan": plan,
+              "ranges": ranges, "history": history, "bundles": rows, "max_accuracy_drop": max_accuracy_drop,
               "validation_samples": len(val_ds)}
     report = out_dir / f"{name}.qat.json"
     write_json_atomic(report, dict(result, report=str(report)))
@@ -418,4 +405,20 @@ def qat(model_path: str, data: str, targets: List[str], out: str, *, val: Option
                                 "float: edgekit convert --max-accuracy-drop (mixed precision)")
     return result
 
-__all__ = ["analyse", "quantized_model", "calibrate", "train", "qat"]
+
+def _compare(qat_result, ptq_result, float_acc: float, budget: Optional[float]) -> List[Dict[str, Any]]:
+    """Each QAT bundle beside the post-training INT8 bundle of the original for the same build."""
+    ptq_by = {(b.target, b.fmt): b for b in ptq_result.bundles}
+    rows = []
+    for b in qat_result.bundles:
+        qa = b.artifact.metrics.get("accuracy_int8")
+        pa = ptq_by[(b.target, b.fmt)].artifact.metrics.get("accuracy_int8")
+        rows.append({"bundle": str(b.path), "target": b.target, "format": b.fmt, "bytes": len(b.artifact.data),
+                     "float_ops": b.artifact.float_ops, "ptq_accuracy": pa, "qat_accuracy": qa,
+                     "ptq_drop": None if pa is None else float_acc - pa,
+                     "qat_drop": None if qa is None else float_acc - qa,
+                     "within_budget": None if budget is None or qa is None else float_acc - qa <= budget})
+    return rows
+
+
+__all__ = ["analyse", "quantized_model", "weight_levels_for", "calibrate", "train", "qat"]
