@@ -180,3 +180,22 @@ def test_weight_grid_follows_the_coarsest_build(spread, tmp_path):
     steps = k / (np.abs(k).max(0) / 64)
     np.testing.assert_allclose(steps, np.round(steps), atol=1e-3)
     assert np.abs(np.round(steps)).max() == 64
+
+
+def test_sequential_model_and_batchnorm_after_an_activation():
+    """A Sequential model works as its functional graph; a BatchNorm after a ReLU'd conv is not
+    folded (folding it would move it before the ReLU: another function)."""
+    from edgekit.convert import fakequant as fq
+    from edgekit.optimize import qat as Q
+
+    m = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(8, 3, activation="relu", name="c"),
+                          keras.layers.BatchNormalization(name="bn"), keras.layers.MaxPooling2D(),
+                          keras.layers.Flatten(), keras.layers.Dense(10, name="d")])
+    m.get_layer("bn").set_weights([np.linspace(0.5, 2, 8), np.linspace(-1, 1, 8), np.linspace(-0.3, 0.3, 8),
+                                   np.linspace(0.5, 3, 8)])
+    plan = Q.analyse(m)
+    assert plan == {"folded": {}, "points": ["c", "bn", "d"]}
+    q, _ = Q.quantized_model(m)
+    x = np.random.default_rng(0).uniform(0, 1, (16, 8, 8, 1)).astype(np.float32)
+    with fq.mode("float"):
+        np.testing.assert_allclose(q.predict(x, verbose=0), m.predict(x, verbose=0), atol=1e-5)

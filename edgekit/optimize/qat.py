@@ -65,7 +65,8 @@ def _producers(model) -> Dict[str, List]:
         srcs = []
         for node in getattr(layer, "_inbound_nodes", []):
             for t in getattr(node, "input_tensors", []):
-                srcs.append(t._keras_history.operation)
+                if t._keras_history.operation not in srcs:
+                    srcs.append(t._keras_history.operation)
         out[layer.name] = srcs
     return out
 
@@ -74,6 +75,7 @@ def analyse(model) -> Dict[str, Any]:
     """Which BatchNorms fold, and after which layers a fake-quantization point goes."""
     from edgekit.optimize.surgery import _consumers
 
+    model = _functional(model)
     for layer in model.layers:
         if hasattr(layer, "layers") and _cls(layer) not in ("InputLayer",):
             raise SourceModelError(f"layer {layer.name} is a nested model; QAT needs a flat model",
@@ -90,8 +92,10 @@ def analyse(model) -> Dict[str, Any]:
         if _cls(layer) == "BatchNormalization" and len(producers[layer.name]) == 1:
             p = producers[layer.name][0]
             axis = layer.axis if isinstance(layer.axis, int) else (layer.axis[0] if len(layer.axis) == 1 else None)
-            if _cls(p) in FOLDS_INTO and only_consumer(p) is layer and axis in (-1, len(layer.input.shape) - 1):
-                folded[layer.name] = p.name
+            linear = getattr(getattr(p, "activation", None), "__name__", "linear") == "linear"
+            if _cls(p) in FOLDS_INTO and linear and only_consumer(p) is layer \
+                    and axis in (-1, len(layer.input.shape) - 1):
+                folded[layer.name] = p.name   # (after an activation it would not be the same function)
 
     def fused(layer) -> bool:   # computed inside the op before it
         if layer.name in folded:
@@ -128,14 +132,11 @@ def _fold(bn, layer_weights: List[np.ndarray], depthwise: bool) -> List[np.ndarr
 
 
 def _functional(model):
+    """A Sequential model as the functional graph it already holds (no layer called again)."""
     import keras
 
     if isinstance(model, keras.Sequential):
-        inp = keras.Input(model.inputs[0].shape[1:], name=model.inputs[0].name.split(":")[0])
-        x = inp
-        for layer in model.layers:
-            x = layer(x)
-        return keras.Model(inp, x, name=model.name)
+        return keras.Model(model.inputs, model.outputs, name=model.name)
     return model
 
 
