@@ -127,7 +127,8 @@ def deploy_and_profile(out: Path, a, progress: Progress):
         prof = ops.profile(dev, chosen, opts, runs=a.runs, warmup=a.warmup, out_dir=out / "profiles")
         print(f"\ndeployed to {'the emulated arm64' if a.emulated else 'local'} device demo-device "
               f"({info['host']}, looks like {dev.target}): "
-              f"{dep.data['bundle']} {dep.status}, health {'ok' if (dep.data.get('health') or {}).get('ok') else 'FAILED'}")
+              f"{dep.data['bundle']} {dep.status}, "
+              f"health {'ok' if (dep.data.get('health') or {}).get('ok') else 'FAILED'}")
         print(bench_table([prof.data["report"]], label="device"))
         print(f"profile saved to {prof.data['saved']}" + (
             f"; device kept: `edgekit status --inventory {inv.path}`, "

@@ -48,8 +48,8 @@ def test_manifest_records_what_was_built(digits_build):
     assert m["calibration"]["samples"] == 200 and m["calibration"]["random"] is False
     assert m["validation"]["samples"] == len(np.load(digits_build.calibration["validation_source"])["labels"])
     assert m["inputs"][0]["name"] == "image"
-    assert {"snr_db", "max_abs_err"} <= set(m["validation"]["outputs"]["logits"] if "logits" in m["validation"]["outputs"]
-                                            else next(iter(m["validation"]["outputs"].values())))
+    outs = m["validation"]["outputs"]
+    assert {"snr_db", "max_abs_err"} <= set(outs["logits"] if "logits" in outs else next(iter(outs.values())))
     t = read_bundle(bundle_of(digits_build, "rpi4", "tflite").path).manifest
     assert t["inputs"][0]["dtype"] == "int8" and t["inputs"][0]["quantization"]["scale"]
     assert digits_build.report_path.is_file()

@@ -91,7 +91,8 @@ def ensure_binfmt() -> None:
 
 def debian_mirror() -> str:
     """The Debian mirror apt already uses here."""
-    for f in [Path("/etc/apt/sources.list.d/debian.sources")] + sorted(Path("/etc/apt/sources.list.d").glob("*.sources")):
+    sources = Path("/etc/apt/sources.list.d")
+    for f in [sources / "debian.sources"] + sorted(sources.glob("*.sources")):
         if f.is_file():
             for block in f.read_text().split("\n\n"):
                 uris = re.search(r"^URIs:\s*(\S+)", block, re.M)

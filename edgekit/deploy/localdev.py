@@ -65,7 +65,8 @@ class LocalDevice:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.root.mkdir(exist_ok=True)
         _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", self.dir / "host_ed25519")
-        (self.dir / "sshd_config").write_text(_SSHD_CONFIG.format(addr=self.addr, dir=self.dir, keys=self.authorized_keys))
+        (self.dir / "sshd_config").write_text(
+            _SSHD_CONFIG.format(addr=self.addr, dir=self.dir, keys=self.authorized_keys))
         self._netns()
         self.start()
 

@@ -70,7 +70,8 @@ def setup(device: Device, opts: Options) -> DeviceResult:
     if not usable:
         return DeviceResult(device.name, "failed",
                             reason=f"device {device.name}: runtime installed under {s.root}/runtime, but no "
-                                   f"inference backend is importable: {INSTALL_HINTS['tflite']}; or {INSTALL_HINTS['onnx']}",
+                                   f"inference backend is importable: {INSTALL_HINTS['tflite']}; "
+                                   f"or {INSTALL_HINTS['onnx']}",
                             data={"facts": f})
     return DeviceResult(device.name, "ok", data={"runtime": f"{s.root}/runtime", "pushed": pushed,
                                                  "backends": {n: f["backends"][n].get("version") for n in usable},
