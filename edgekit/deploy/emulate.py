@@ -274,17 +274,10 @@ def up(name: str = "emulated-pi", say: Callable[[str], None] = print, base: Opti
         tag = f"e{index}"
         dev = EmulatedDevice(d, name, root=root, tag=tag, net=_free_net(), index=index,
                              authorized_keys=authorized_keys)
-        (d / "device.json").write_text(json.dumps({
-            "name": name, "kind": "emulated-arm64", "chroot": str(root), "tag": tag,
-            "net": int(dev.addr.split(".")[1]), "index": index, "authorized_keys": str(authorized_keys)}))
-        try:
-            dev.create()
-        except Exception as e:
-            dev.destroy()
-            shutil.rmtree(d, ignore_errors=True)
-            raise DeviceError(f"cannot start emulated device {name}: {e}") from None
-    return {"host": dev.addr, "user": "root", "key_file": str(d / "client_ed25519"), "root": dev.device_root,
-            "python": dev.python, "host_key": dev.host_key_line()}
+        dev.launch({"name": name, "kind": "emulated-arm64", "chroot": str(root), "tag": tag,
+                    "net": int(dev.addr.split(".")[1]), "index": index, "authorized_keys": str(authorized_keys)},
+                   "emulated")
+    return dev.connection()
 
 
 def down(name: str = "emulated-pi", base: Optional[Path] = None) -> bool:

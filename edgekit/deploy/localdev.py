@@ -58,6 +58,7 @@ class LocalDevice:
         self.host_addr = f"10.{net}.{index}.1"
         self.dir = Path(directory).resolve()          # sshd wants absolute paths in its config
         self.root = self.dir / "edgekit-root"
+        self.device_root = str(self.root)             # the root as the device's own paths name it
         self.authorized_keys = Path(authorized_keys).resolve()
         self.proc: Optional[subprocess.Popen] = None
 
@@ -83,6 +84,21 @@ class LocalDevice:
 
     def host_key_line(self) -> str:
         return f"{self.addr} " + " ".join((self.dir / "host_ed25519.pub").read_text().split()[:2])
+
+    def launch(self, record: Dict, what: str) -> None:
+        """Record the device (device.json) and start it; on failure undo all of it."""
+        (self.dir / "device.json").write_text(json.dumps(record))
+        try:
+            self.create()
+        except Exception as e:
+            self.destroy()
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise DeviceError(f"cannot start {what} device {self.name}: {e}") from None
+
+    def connection(self) -> Dict[str, str]:
+        """What an inventory entry needs to reach it."""
+        return {"host": self.addr, "user": "root", "key_file": str(self.dir / "client_ed25519"),
+                "root": self.device_root, "python": self.python, "host_key": self.host_key_line()}
 
     def start(self, timeout: float = 15.0) -> None:
         Path("/run/sshd").mkdir(parents=True, exist_ok=True)
@@ -217,17 +233,9 @@ def up(name: str, python: Optional[str] = None, base: Optional[Path] = None) -> 
         index = free_slot("l", used)
         dev = LocalDevice(d, name, python or sys.executable, tag=f"l{index}", net=_free_net(), index=index,
                           authorized_keys=d / "authorized_keys")
-        (d / "device.json").write_text(json.dumps({
-            "name": name, "python": dev.python, "tag": f"l{index}", "net": int(dev.addr.split(".")[1]),
-            "index": index, "authorized_keys": str(d / "authorized_keys")}))
-        try:
-            dev.create()
-        except Exception as e:
-            dev.destroy()
-            shutil.rmtree(d, ignore_errors=True)
-            raise DeviceError(f"cannot start local device {name}: {e}") from None
-    return {"host": dev.addr, "user": "root", "key_file": str(d / "client_ed25519"),
-            "root": str(dev.root), "python": dev.python, "host_key": dev.host_key_line()}
+        dev.launch({"name": name, "python": dev.python, "tag": f"l{index}", "net": int(dev.addr.split(".")[1]),
+                    "index": index, "authorized_keys": str(d / "authorized_keys")}, "local")
+    return dev.connection()
 
 
 def down(name: str, base: Optional[Path] = None, loader=None) -> bool:
