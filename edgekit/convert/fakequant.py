@@ -62,7 +62,8 @@ class _WeightGrid:
     """What the quantized layers share: their grid (`weight_levels`), used only in training
     (afterwards the weights are stored on it)."""
 
-    def _init_grid(self, weight_levels: int) -> None:
+    def __init__(self, *args, weight_levels: int = 127, **kwargs):
+        super().__init__(*args, **kwargs)
         self.weight_levels = int(weight_levels)
 
     def _grid(self, w, depthwise: bool = False):
@@ -90,9 +91,7 @@ class FakeQuant(keras.layers.Layer):
 
     def call(self, x):
         m = _MODE.get()
-        if m == "float":
-            return x
-        if m == "clip" and self.at_input:
+        if m == "float" or (m == "clip" and self.at_input):
             return x
         if m == "clip":  # the ClipByValue op itself: tf2onnx makes it one Clip (tf.clip_by_value: Min+Max)
             return tf.raw_ops.ClipByValue(t=x, clip_value_min=self.lo, clip_value_max=self.hi)
@@ -111,20 +110,12 @@ class FakeQuant(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="edgekit")
 class QConv2D(_WeightGrid, keras.layers.Conv2D):
-    def __init__(self, *args, weight_levels: int = 127, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._init_grid(weight_levels)
-
     def convolution_op(self, inputs, kernel):
         return super().convolution_op(inputs, self._grid(kernel))
 
 
 @keras.saving.register_keras_serializable(package="edgekit")
 class QDepthwiseConv2D(_WeightGrid, keras.layers.DepthwiseConv2D):
-    def __init__(self, *args, weight_levels: int = 127, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._init_grid(weight_levels)
-
     def call(self, inputs):
         x = keras.ops.depthwise_conv(inputs, self._grid(self.kernel, depthwise=True),
                                      strides=self.strides, padding=self.padding,
@@ -138,10 +129,6 @@ class QDepthwiseConv2D(_WeightGrid, keras.layers.DepthwiseConv2D):
 
 @keras.saving.register_keras_serializable(package="edgekit")
 class QDense(_WeightGrid, keras.layers.Dense):
-    def __init__(self, *args, weight_levels: int = 127, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._init_grid(weight_levels)
-
     def call(self, inputs, training=None):
         x = keras.ops.matmul(inputs, self._grid(self.kernel))
         if self.use_bias:
