@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default=None, help="also write the JSON report here")
     c = sub.add_parser("check", help="golden health check of a bundle")
     common(c)
+    c.add_argument("--reference-numerics", action="store_true",
+                   help="ONNX: run the QDQ graph as written (no fused integer kernels)")
     sub.add_parser("facts", help="this machine: arch, CPU, memory, OS, backends (JSON)")
     rel = sub.add_parser("release", help="device side of deploy: status/activate/rollback/verify (JSON)")
     rel.add_argument("action", choices=["status", "activate", "store", "rollback", "verify", "clean"])
@@ -96,7 +98,8 @@ def _dispatch(args) -> int:
         return 0
     from edgekit.runtime import load
 
-    model = load(args.model, backend=args.backend, threads=args.threads)
+    model = load(args.model, backend=args.backend, threads=args.threads,
+                 reference_numerics=getattr(args, "reference_numerics", False))
     if args.cmd == "run":
         feeds = read_inputs(args.input, [s.name for s in model.inputs])
         out = model.run(**feeds, raw=args.raw)

@@ -18,7 +18,7 @@ ArrayLike = Union[np.ndarray, Sequence[Any]]
 
 
 def _open_backend(model_path: Path, fmt: str, backend: Optional[str], threads: Optional[int],
-                  providers: Optional[Sequence[str]]):
+                  providers: Optional[Sequence[str]], reference_numerics: bool = False):
     if backend is not None and backend not in BACKENDS:
         raise BackendUnavailable(f"unknown backend {backend!r}",
                                  hint="choose one of: " + ", ".join(BACKENDS))
@@ -35,17 +35,20 @@ def _open_backend(model_path: Path, fmt: str, backend: Optional[str], threads: O
                                      hint="use backend='onnxruntime'")
         from edgekit.runtime.onnx import OnnxBackend
 
-        return OnnxBackend(str(model_path), threads=threads, providers=providers)
+        return OnnxBackend(str(model_path), threads=threads, providers=providers,
+                           reference_numerics=reference_numerics)
     raise BundleError(f"unknown model format {fmt!r}", path=str(model_path),
                       hint="edgekit runs .tflite and .onnx models")
 
 
 def load(path: Union[str, Path], *, backend: Optional[str] = None, threads: Optional[int] = None,
-         providers: Optional[Sequence[str]] = None, verify: bool = True) -> "Model":
+         providers: Optional[Sequence[str]] = None, verify: bool = True,
+         reference_numerics: bool = False) -> "Model":
     """Load a bundle directory, or any .tflite / .onnx file.
 
     For a bundle, threads and execution providers default to its target profile's;
     the model file's sha256 is checked against the manifest unless `verify=False`.
+    `reference_numerics`: an ONNX QDQ graph runs as written, in float (see OnnxBackend).
     """
     t0 = time.perf_counter_ns()
     p = Path(path)
@@ -65,7 +68,7 @@ def load(path: Union[str, Path], *, backend: Optional[str] = None, threads: Opti
                               hint="give a bundle directory, a .tflite or an .onnx file")
     else:
         raise BundleError("no such file or bundle directory", path=str(p))
-    impl = _open_backend(model_path, fmt, backend, threads, providers)
+    impl = _open_backend(model_path, fmt, backend, threads, providers, reference_numerics)
     load_ns = time.perf_counter_ns() - t0
     return Model(impl, path=p, bundle=bundle, load_ns=load_ns)
 

@@ -26,7 +26,10 @@ class OnnxBackend:
     name = "onnxruntime"
 
     def __init__(self, path: str, threads: Optional[int] = None,
-                 providers: Optional[Sequence[str]] = None):
+                 providers: Optional[Sequence[str]] = None, reference_numerics: bool = False):
+        """reference_numerics: run a QDQ graph as written (graph optimizations off: no fused
+        integer kernels), i.e. the exact-arithmetic result a target computes, on a host whose
+        integer kernels saturate (x86 without VNNI)."""
         try:
             import onnxruntime as ort
         except Exception as e:
@@ -46,6 +49,9 @@ class OnnxBackend:
         self.providers_requested = wanted
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        self.reference_numerics = reference_numerics
+        if reference_numerics:
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         if threads:
             opts.intra_op_num_threads = int(threads)
             opts.inter_op_num_threads = 1
