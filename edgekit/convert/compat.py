@@ -90,11 +90,12 @@ def _parse(proc: subprocess.CompletedProcess) -> Dict[str, Any]:
     return {"ok": False, "error": msg}
 
 
-def _run_in_venv(bundle_dir: Path, reqs: List[str]) -> Dict[str, Any]:
+def _run_in_venv(bundle_dir: Path, reqs: List[str], reference: bool = False) -> Dict[str, Any]:
     py = venv_python(reqs)
     with tempfile.TemporaryDirectory(prefix="edgekit-compat-") as d:
         rt = copy_runtime(Path(d))
-        proc = subprocess.run([str(py), "-m", "edgekit.runtime", "check", str(bundle_dir), "--json"],
+        proc = subprocess.run([str(py), "-m", "edgekit.runtime", "check", str(bundle_dir), "--json",
+                               *(["--reference-numerics"] if reference else [])],
                               capture_output=True, text=True, cwd=d, timeout=600,
                               env={"PYTHONPATH": str(rt), "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
                                    "PYTHONDONTWRITEBYTECODE": "1"})
@@ -139,9 +140,11 @@ def _explain(error: str, reqs: List[str]) -> str:
 
 
 def check(bundle_dir: Path, profile: TargetProfile, fmt: str, mode: str = "auto",
-          cache: Optional[Dict] = None, artifact_sha: str = "") -> List[Dict[str, Any]]:
+          cache: Optional[Dict] = None, artifact_sha: str = "", reference: bool = False) -> List[Dict[str, Any]]:
     """Check a (temporary) bundle; returns the manifest's compatibility records.
-    Raises ConversionError when the artifact fails to load or match there."""
+    Raises ConversionError when the artifact fails to load or match there. `reference`: the golden
+    outputs are in reference numerics (convert.numerics), so an x86 venv runs the QDQ graph as written
+    (the host's kernels would saturate where the target's do not)."""
     if mode not in MODES:
         raise ConversionError(f"unknown compatibility mode {mode!r}", hint="one of " + ", ".join(MODES))
     bundle_dir = Path(bundle_dir).resolve()  # the check runs from another working directory
@@ -158,13 +161,14 @@ def check(bundle_dir: Path, profile: TargetProfile, fmt: str, mode: str = "auto"
     if mode == "emulated" and not where.startswith("emulated"):
         raise ConversionError("no emulated arm64 root that has " + " + ".join(reqs), target=profile.name,
                               stage="compatibility", hint="edgekit device emulate up (Linux, root)")
-    key = (artifact_sha, tuple(reqs), where)
+    key = (artifact_sha, tuple(reqs), where, reference)
     if cache is not None and key in cache:
         res = dict(cache[key])
     else:
         t0 = time.monotonic()
         try:
-            res = _run_emulated(bundle_dir) if where.startswith("emulated") else _run_in_venv(bundle_dir, reqs)
+            res = _run_emulated(bundle_dir) if where.startswith("emulated") else \
+                _run_in_venv(bundle_dir, reqs, reference)
         except CompatUnavailable as e:
             if mode != "auto":
                 raise ConversionError(str(e), target=profile.name, stage="compatibility") from None
@@ -173,6 +177,8 @@ def check(bundle_dir: Path, profile: TargetProfile, fmt: str, mode: str = "auto"
         if cache is not None:
             cache[key] = res
     record = {"requirements": reqs, "where": where, "checked": res.get("checked", True), **res}
+    if reference and not where.startswith("emulated"):
+        record["numerics"] = "reference (QDQ graph as written: this host's kernels saturate)"
     if record["checked"] and not res.get("ok"):
         detail = _explain(res["error"], reqs) if res.get("error") else ", ".join(
             f"output {k}: SNR {v['snr_db']:.1f} dB vs golden (min {res.get('min_snr_db')}), top-1 agreement "
