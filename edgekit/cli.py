@@ -835,6 +835,54 @@ def profile(bundle, device_name, group, all_devices, runs, warmup, threads, para
         raise click.exceptions.Exit(1)
 
 
+# --- serve ---------------------------------------------------------------------
+
+@cli.command()
+@click.argument("paths", nargs=-1, type=click.Path())
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; beyond loopback it needs --token or --insecure.")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--token", help="Require 'Authorization: Bearer TOKEN' (or $EDGEKIT_SERVE_TOKEN, --token-file).")
+@click.option("--token-file", type=click.Path(), help="Read the token from this file.")
+@click.option("--insecure", is_flag=True, help="Allow a non-loopback --host without a token.")
+@click.option("--tls-cert", type=click.Path())
+@click.option("--tls-key", type=click.Path())
+@click.option("--max-concurrency", type=int, default=1, show_default=True, help="Inferences running at once.")
+@click.option("--max-queue", type=int, default=64, show_default=True, help="Requests waiting; beyond it 503.")
+@click.option("--max-batch", type=int, default=1, show_default=True, help="Dynamic batching up to N samples.")
+@click.option("--max-delay-ms", type=float, default=2.0, show_default=True, help="Wait this long to fill a batch.")
+@click.option("--max-body-mb", type=float, default=64.0, show_default=True, help="Request body limit.")
+@click.option("--threads", type=int, help="Backend threads (default: the target profile's).")
+@click.option("--backend", help="litert, tflite-runtime, tensorflow, onnxruntime")
+@click.option("--poll-interval", type=float, default=1.0, show_default=True,
+              help="Seconds between checks of a deployed model's `current`.")
+@click.option("--no-check", is_flag=True, help="Skip the golden check when a release is loaded.")
+@click.option("--pid-file", type=click.Path(), help="Write the server's pid here (for --stop).")
+@click.option("--stop", is_flag=True, help="Stop the server started with --pid-file, then exit.")
+@click.option("--access-log", is_flag=True)
+def serve(paths, stop, **opts):
+    """Serve bundles over KServe's Open Inference Protocol v2 (HTTP/REST, binary tensors).
+
+    PATHS: bundle directories, .tflite/.onnx files, or a device root (~/.edgekit: every deployed
+    model, following its `current` release with a golden-checked hot swap)."""
+    import argparse
+
+    from edgekit.serve.__main__ import config_from, setup_logging
+    from edgekit.serve.server import ServeError, serve as run_server, stop as stop_server
+
+    if stop:
+        if not opts["pid_file"]:
+            raise ServeError("--stop needs --pid-file (the file the server was started with)")
+        click.echo(f"stopped the server (pid {stop_server(opts['pid_file'])})")
+        return
+    if not paths:
+        raise click.UsageError("give at least one bundle directory, model file or device root to serve")
+    opts["no_check"] = opts.get("no_check", False)
+    config = config_from(argparse.Namespace(**opts))
+    setup_logging()
+    run_server(list(paths), config, say=lambda t: click.echo(t, err=True))
+
+
 def main(argv: Optional[list] = None) -> None:
     cli.main(args=argv, prog_name="edgekit", standalone_mode=True)
 

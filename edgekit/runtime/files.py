@@ -14,7 +14,8 @@ PKG = Path(__file__).resolve().parent.parent
 def runtime_files() -> List[str]:
     """Paths relative to the edgekit package: the runtime and what it imports."""
     return ["__init__.py", "errors.py", "bundle.py", "table.py"] + \
-        sorted(f"runtime/{p.name}" for p in (PKG / "runtime").glob("*.py"))
+        sorted(f"runtime/{p.name}" for p in (PKG / "runtime").glob("*.py")) + \
+        sorted(f"serve/{p.name}" for p in (PKG / "serve").glob("*.py"))  # python -m edgekit.serve (needs uvicorn)
 
 
 def runtime_digest() -> str:

@@ -1,0 +1,204 @@
+"""ServeConfig (validated) and serve(): load the models, then run the ASGI app under uvicorn.
+
+uvicorn is imported here only (the `serve` extra); the rest of edgekit.serve is standard library
+and numpy, like edgekit.runtime.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+from edgekit.errors import EdgekitError
+from edgekit.serve.engine import Engine
+from edgekit.serve.metrics import Metrics
+from edgekit.serve.models import ModelEntry, discover
+
+log = logging.getLogger("edgekit.serve")
+
+TOKEN_ENV = "EDGEKIT_SERVE_TOKEN"
+
+
+class ServeError(EdgekitError):
+    """A serve option or situation the user can fix (bad combination, port in use, no uvicorn)."""
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token: Optional[str] = None
+    insecure: bool = False
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
+    max_concurrency: int = 1
+    max_queue: int = 64
+    max_batch: int = 1
+    max_delay_ms: float = 2.0
+    max_body_mb: float = 64.0
+    threads: Optional[int] = None
+    backend: Optional[str] = None
+    poll_interval: float = 1.0
+    check: bool = True
+    pid_file: Optional[str] = None
+    access_log: bool = False
+
+    def __post_init__(self):
+        if not 0 <= self.port <= 65535:
+            raise ServeError(f"--port {self.port} is not a TCP port (0-65535)")
+        if not is_loopback(self.host) and not self.token and not self.insecure:
+            raise ServeError(f"--host {self.host} opens the API beyond this machine without a token",
+                             hint=f"pass --token (or set {TOKEN_ENV}) so clients must send "
+                                  "'Authorization: Bearer <token>', or --insecure to allow anyone")
+        if self.token is not None and len(self.token) < 16:
+            raise ServeError("the token is shorter than 16 characters",
+                             hint="use a long random one, e.g. python3 -c 'import secrets; "
+                                  "print(secrets.token_urlsafe(32))'")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ServeError("--tls-cert and --tls-key go together")
+        for f in (self.tls_cert, self.tls_key):
+            if f and not Path(f).is_file():
+                raise ServeError(f"TLS file not found: {f}")
+        for opt, v, lo in (("--max-concurrency", self.max_concurrency, 1), ("--max-queue", self.max_queue, 0),
+                           ("--max-batch", self.max_batch, 1)):
+            if v < lo:
+                raise ServeError(f"{opt} must be at least {lo} (got {v})")
+        if self.max_delay_ms < 0 or self.max_body_mb <= 0 or self.poll_interval <= 0:
+            raise ServeError("--max-delay-ms must be >= 0, --max-body-mb and the poll interval > 0")
+
+    @property
+    def max_body(self) -> int:
+        return int(self.max_body_mb * (1 << 20))
+
+    @property
+    def load_kwargs(self):
+        return {"instances": self.max_concurrency, "threads": self.threads, "backend": self.backend,
+                "check": self.check}
+
+
+def build(paths: List[str], config: ServeConfig) -> Tuple["object", List[ModelEntry]]:
+    """Load every model (golden-checked) and make the ASGI app. A model whose release fails
+    comes up not ready (a deployed model may get a good release later); a bundle or file given
+    directly that fails is an error."""
+    from edgekit.serve.app import App
+
+    entries = []
+    for src in discover(paths):
+        e = ModelEntry(src)
+        ok = e.try_load(src.resolve(), **config.load_kwargs)
+        if not ok and src.kind != "deployed":
+            raise ServeError(f"cannot serve {src.path}: {e.failure['error']}")
+        entries.append(e)
+    metrics = Metrics()
+    engine = Engine(max_concurrency=config.max_concurrency, max_queue=config.max_queue,
+                    max_batch=config.max_batch, max_delay_ms=config.max_delay_ms, metrics=metrics)
+    app = App(entries, engine, metrics, token=config.token, max_body=config.max_body,
+              poll_interval=config.poll_interval, load_kwargs=config.load_kwargs)
+    return app, entries
+
+
+def _write_pid(path: str) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}")
+    tmp.write_text(f"{os.getpid()}\n")
+    os.replace(tmp, p)
+
+
+def serve(paths: List[str], config: ServeConfig, say=print) -> None:
+    """Run until SIGINT/SIGTERM."""
+    try:
+        import uvicorn
+    except ImportError:
+        raise ServeError("uvicorn is not installed", hint="pip install 'edgekit[serve]'") from None
+    app, entries = build(paths, config)
+    scheme = "https" if config.tls_cert else "http"
+    ucfg = uvicorn.Config(app, host=config.host, port=config.port, http="h11", loop="asyncio",
+                          lifespan="on", access_log=config.access_log, log_level="warning",
+                          server_header=False, date_header=False, timeout_keep_alive=30,
+                          ssl_certfile=config.tls_cert, ssl_keyfile=config.tls_key)
+    server = uvicorn.Server(ucfg)
+    for e in entries:
+        a = e.active
+        say(f"model {e.name}: " + (f"version {a.version} ({a.backend} {a.backend_version}, {a.format})"
+                                   if a else f"NOT READY: {(e.failure or {}).get('error')}"))
+    say(f"serving on {scheme}://{config.host}:{config.port}/v2 "
+        f"(auth: {'bearer token' if config.token else 'none'}; max concurrency {config.max_concurrency}, "
+        f"queue {config.max_queue}" + (f", batching up to {config.max_batch} within {config.max_delay_ms} ms"
+                                       if config.max_batch > 1 else "") + ")")
+    if config.pid_file:
+        _write_pid(config.pid_file)
+    try:
+        server.run()
+    finally:
+        if config.pid_file:
+            try:
+                if Path(config.pid_file).read_text().strip() == str(os.getpid()):
+                    os.unlink(config.pid_file)
+            except OSError:
+                pass
+    if not server.started:
+        raise ServeError(f"could not listen on {config.host}:{config.port}",
+                         hint="is the port in use? choose another with --port")
+
+
+def stop(pid_file: str, timeout: float = 10.0) -> int:
+    """Stop the server whose pid is in pid_file (SIGTERM; it finishes running requests). Returns the pid."""
+    import time
+
+    p = Path(pid_file)
+    try:
+        pid = int(p.read_text().strip())
+    except (OSError, ValueError):
+        raise ServeError(f"no server pid in {pid_file}", hint="is it running? (--pid-file)") from None
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        cmdline = None
+    if cmdline is not None and b"edgekit" not in cmdline:  # the pid was reused by another program
+        cmdline = None
+    if cmdline is None:
+        try:
+            p.unlink()
+        except OSError:
+            pass
+        raise ServeError(f"the server (pid {pid}) is not running; removed the stale {pid_file}")
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            try:
+                if p.read_text().strip() == str(pid):
+                    p.unlink()
+            except OSError:
+                pass
+            return pid
+        time.sleep(0.05)
+    raise ServeError(f"the server (pid {pid}) did not stop within {timeout:.0f} s")
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its parent to reap it has stopped serving)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
