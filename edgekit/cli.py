@@ -145,9 +145,10 @@ def targets_show(target, as_json):
               "(runtime.min_runtime): emulated arm64 root when built, else a cached venv.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
+@click.option("--report", "html_report", is_flag=True, help="Also write OUT/report.html (edgekit report OUT).")
 def convert(model, target_names, calib, calib_random, calib_samples, preprocess, val, out, name,
             formats, max_accuracy_drop, precision, search_budget, search_first, no_mixed_precision,
-            compat_check, as_json, quiet):
+            compat_check, as_json, quiet, html_report):
     """Convert MODEL (.keras, .h5, SavedModel dir, .onnx) into an INT8 bundle per target."""
     from edgekit.convert import convert as run_convert
     from edgekit.errors import BudgetMissed
@@ -163,12 +164,16 @@ def convert(model, target_names, calib, calib_random, calib_samples, preprocess,
                              search_first=search_first, precision=precision, progress=progress)
     except BudgetMissed:
         _print_report(out, name or _stem(model), as_json)
+        if html_report:
+            _html_report(out, err=True)
         raise
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2, default=str))
     else:
         click.echo(result.table())
         click.echo(f"report: {result.report_path}")
+    if html_report:
+        _html_report(out, err=as_json)
 
 
 def _stem(model: str) -> str:
@@ -807,8 +812,10 @@ def rollback(device_name, model, to, inventory, trust_new_host, as_json):
 @_inventory_opt
 @_trust_opt
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--report", "html_report", is_flag=True,
+              help="Also write the HTML report of the bundle's build directory with these profiles.")
 def profile(bundle, device_name, group, all_devices, runs, warmup, threads, parallel, save_dir, inventory,
-            trust_new_host, as_json):
+            trust_new_host, as_json, html_report):
     """Measure BUNDLE on the device(s) with the latency method; table, JSON saved under profiles/."""
     from edgekit.deploy import ops
     from edgekit.deploy.fleet import fan_out
@@ -831,6 +838,10 @@ def profile(bundle, device_name, group, all_devices, runs, warmup, threads, para
                 click.echo(f"{r.device}: saved {r.data['saved']}")
         for r in res.failed:
             click.echo(f"{r.device}: {r.reason}", err=True)
+    if html_report:
+        from pathlib import Path
+
+        _html_report(Path(bundle).resolve().parent, [save_dir], err=as_json)
     if res.failed:
         raise click.exceptions.Exit(1)
 
@@ -881,6 +892,30 @@ def serve(paths, stop, **opts):
     config = config_from(argparse.Namespace(**opts))
     setup_logging()
     run_server(list(paths), config, say=lambda t: click.echo(t, err=True))
+
+
+# --- report --------------------------------------------------------------------
+
+@cli.command()
+@click.argument("build_dir", type=click.Path())
+@click.option("--profiles", multiple=True, type=click.Path(),
+              help="Directory (or JSON file) of latency reports: `edgekit profile --save-dir`, `edgekit bench "
+                   "--out`; repeat for several. BUILD_DIR itself is always searched.")
+@click.option("--rollouts", multiple=True, type=click.Path(), help="Directory of *.rollout.json records.")
+@click.option("--out", "-o", type=click.Path(), help="The HTML file (default: BUILD_DIR/report.html).")
+def report(build_dir, profiles, rollouts, out):
+    """One self-contained HTML page (inline SVG charts, no network) of what BUILD_DIR's conversion and
+    the measurements of its bundles found: sizes, fidelity, latency here and on devices, per-layer
+    sensitivity, compatibility, conditions."""
+    from edgekit.report import write_report
+
+    click.echo(str(write_report(build_dir, profiles, out, rollouts)))
+
+
+def _html_report(build_dir, profiles=(), err=False):
+    from edgekit.report import write_report
+
+    click.echo(f"html report: {write_report(build_dir, profiles)}", err=err)
 
 
 def main(argv: Optional[list] = None) -> None:

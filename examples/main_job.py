@@ -9,7 +9,7 @@
    iproute2), deploys the whole build to it over SSH (it takes the bundle for its profile),
    and profiles that bundle on it (--emulated: the emulated arm64 Raspberry-Pi-OS-like device
    instead, built once and cached, about 4 minutes the first time);
-5. prints the tables and saves <out>/main-job.json.
+5. prints the tables, saves <out>/main-job.json and writes <out>/report.html (edgekit report).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from digits import train  # noqa: E402
 from edgekit.bundle import write_json_atomic  # noqa: E402
 from edgekit.convert import convert  # noqa: E402
 from edgekit.progress import Progress  # noqa: E402
+from edgekit.report import write_report  # noqa: E402
 from edgekit.runtime import load  # noqa: E402
 from edgekit.runtime.check import golden_check  # noqa: E402
 from edgekit.table import render  # noqa: E402
@@ -59,6 +60,7 @@ def main() -> int:
             m = load(b.path)
         health = golden_check(m)
         rep = m.benchmark(runs=a.runs, warmup=a.warmup)
+        write_json_atomic(out / "bench" / f"{b.path.name}.json", rep)  # raw samples, for the HTML report
         v = b.artifact.metrics
         rows.append([b.target, b.fmt, len(b.artifact.data) / 1024, len(b.artifact.data) / b.artifact.float_bytes,
                      f"{v['accuracy_float']:.2f} → {v['accuracy_int8']:.2f}", v["top1_agreement"],
@@ -81,6 +83,9 @@ def main() -> int:
     write_json_atomic(out / "main-job.json", {"convert": result.to_dict(), "bundles": records,
                                               "device": device})
     print(f"bundles in {out / 'build'}, JSON in {out / 'main-job.json'}")
+    html = write_report(out / "build", [d for d in (out / "bench", out / "profiles") if d.is_dir()],
+                        out / "report.html")
+    print(f"report: {html}")
     ok = all(r["health"]["ok"] for r in records) and (device is None or device.get("ok", True))
     return 0 if ok else 1
 

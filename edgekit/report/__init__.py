@@ -1,0 +1,50 @@
+"""`edgekit report`: one self-contained HTML page with inline SVG charts from what edgekit wrote.
+
+    from edgekit.report import write_report
+    path = write_report("build/", profiles=["profiles/"], out="build/report.html")
+
+Reads a convert output directory (`<name>.convert.json`, each bundle's manifest.json) and any
+latency reports with raw samples under it or under `profiles` (`edgekit bench --out`,
+`edgekit profile`), `*.qat.json` / `*.prune.json` / `*.distill.json`, and `*.rollout.json`
+under it or `rollouts`. Standard library only: no plotting library, no script, no network.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+from edgekit.report.collect import ReportData, ReportError
+
+DEFAULT_NAME = "report.html"
+
+
+def build_report(build_dir: os.PathLike, profiles: Sequence[os.PathLike] = (),
+                 rollouts: Sequence[os.PathLike] = ()) -> str:
+    """The HTML text of the report (nothing written)."""
+    from edgekit.report.collect import collect
+    from edgekit.report.render import render
+
+    return render(collect(build_dir, profiles, rollouts))
+
+
+def write_report(build_dir: os.PathLike, profiles: Sequence[os.PathLike] = (), out: Optional[os.PathLike] = None,
+                 rollouts: Sequence[os.PathLike] = ()) -> Path:
+    """Write the report (default BUILD_DIR/report.html) atomically; returns its path."""
+    html = build_report(build_dir, profiles, rollouts)
+    dest = Path(out) if out is not None else Path(build_dir) / DEFAULT_NAME
+    if dest.is_dir():
+        raise ReportError("is a directory", path=str(dest), hint="give a file name ending in .html with -o")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(html, encoding="utf-8")
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return dest
+
+
+__all__ = ["build_report", "write_report", "ReportData", "ReportError"]

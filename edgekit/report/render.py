@@ -1,0 +1,433 @@
+"""ReportData -> one self-contained HTML page (inline CSS and SVG; no script, no network).
+
+A Content-Security-Policy forbids every external resource, so a chart that tried to load
+anything would fail loudly in the browser's console instead of quietly needing a network.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from html import escape
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+import edgekit
+from edgekit.report import svg
+from edgekit.report.collect import HERE, BundleInfo, ModelInfo, ReportData, Run, fraction
+
+CSS = """
+.wide{overflow-x:auto;max-width:100%}
+body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,'DejaVu Sans',sans-serif;margin:24px 32px;color:#222;
+ max-width:1500px;line-height:1.4}
+h1{font-size:24px;margin:0 0 4px} h4{font-size:14px;margin:16px 0 4px}
+h2{font-size:20px;margin:32px 0 8px;border-bottom:2px solid #0072B2;
+ padding-bottom:4px} h3{font-size:16px;margin:22px 0 6px}
+p.meta,p.note{color:#555;font-size:13px;margin:4px 0}
+table{border-collapse:collapse;font-size:13px;margin:6px 0 10px}
+th,td{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}
+th{background:#f3f6f9;font-weight:600} td.num{text-align:right;font-variant-numeric:tabular-nums}
+tr.bad td{background:#fdecea} span.bad{color:#b3261e;font-weight:600} span.ok{color:#1b7a3d}
+span.muted{color:#888}
+.charts{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}
+figure.chart{width:min-content;margin:0;border:1px solid #e3e3e3;border-radius:4px;padding:4px;background:#fff}
+figure.chart figcaption{font-size:12px;color:#555;padding:2px 4px}
+.grid{display:grid;gap:10px;align-items:start}
+.grid .rowhead{font-size:13px;font-weight:600;align-self:center;word-break:break-all}
+.grid .colhead{font-size:13px;font-weight:600;text-align:center}
+code{font-size:12px;background:#f4f4f4;padding:0 3px}
+table.conditions td:nth-child(12){min-width:200px;font-size:12px} table.conditions td:nth-child(13){white-space:nowrap}
+table.summary td:first-child,table.conditions td:first-child{white-space:nowrap}
+@media print{figure.chart{break-inside:avoid}}
+"""
+
+CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
+
+
+def _id(*parts: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", "-".join(p for p in parts if p)).strip("-")
+
+
+def _num(v: Optional[float], fmt: str = "{:.3g}", empty: str = "–") -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return empty
+    return fmt.format(v)
+
+
+def _pct(v: Optional[float], digits: int = 2) -> str:
+    return "–" if v is None else f"{v * 100:.{digits}f}"
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], *, cls: str = "", numeric: Sequence[int] = (),
+          bad_rows: Sequence[int] = ()) -> str:
+    """An HTML table; cells are text (escaped) or Markup (HTML as is); rows in `bad_rows` shaded."""
+    out = [f'<div class="wide"><table class="{cls}"><thead><tr>' + "".join(f"<th>{escape(h)}</th>" for h in headers)
+           + "</tr></thead><tbody>"]
+    for i, r in enumerate(rows):
+        cells = []
+        for j, v in enumerate(r):
+            text = v.html if isinstance(v, Markup) else escape("–" if v is None else str(v))
+            cells.append(f'<td class="num">{text}</td>' if j in numeric else f"<td>{text}</td>")
+        out.append(f'<tr{" class=bad" if i in bad_rows else ""}>' + "".join(cells) + "</tr>")
+    out.append("</tbody></table></div>")
+    return "".join(out)
+
+
+class Markup:
+    def __init__(self, html: str):
+        self.html = html
+
+
+def figure(svg_text: str, chart_id: str, caption: str = "") -> str:
+    cap = f"<figcaption>{escape(caption)}</figcaption>" if caption else ""
+    return f'<figure class="chart" id="fig-{chart_id}" data-chart="{chart_id}">{svg_text}{cap}</figure>'
+
+
+def _short_device(run: Run) -> str:
+    return run.device if run.device != HERE else f"here ({run.conditions.get('hostname') or 'this machine'})"
+
+
+def _fidelity(m: ModelInfo):
+    """(value of a bundle in 0..1, axis label, what it is): accuracy with labels, else agreement."""
+    if m.has_labels:
+        return (lambda b: b.accuracy_quant), "accuracy of the converted model (%)", "accuracy"
+    return (lambda b: b.agreement), "top-1 agreement with the float model (%)", "top-1 agreement"
+
+
+def _budget(b: BundleInfo) -> Markup:
+    if b.failure:
+        return Markup(f'<span class="bad">FAILED</span> {escape(b.failure)}')
+    if b.within_budget is None:
+        return Markup('<span class="muted">–</span>')
+    return Markup('<span class="ok">ok</span>' if b.within_budget else '<span class="bad">MISSED</span>')
+
+
+def summary(m: ModelInfo) -> str:
+    devices = m.devices
+    headers = ["bundle", "target", "format", "precision", "KiB", "× float", "top-1 agree %",
+               "accuracy % float → conv." if m.has_labels else "accuracy %", "SNR dB", "ops left in float",
+               "result"] + [f"p50 ms {'here' if d == HERE else 'on ' + d}" for d in devices]
+    rows, bad = [], []
+    for i, b in enumerate(m.bundles):
+        acc = (f"{_pct(b.accuracy_float)} → {_pct(b.accuracy_quant)}"
+               if b.accuracy_quant is not None else "–")
+        ratio = b.bytes / b.float_bytes if b.bytes and b.float_bytes else None
+        ops = ", ".join(f"{k}×{v}" for k, v in sorted(b.float_ops.items())) or "none"
+        cells = [b.key, b.target, b.fmt, b.precision, _num(b.bytes / 1024 if b.bytes else None, "{:.1f}"),
+                 _num(ratio, "{:.2f}"), _pct(b.agreement), acc, _num(b.snr_db, "{:.1f}"), ops, _budget(b)]
+        for d in devices:
+            p = b.p50(d)
+            src = "" if not (d == HERE and p is not None and not any(r.device == HERE for r in b.runs)) \
+                else " (convert)"
+            cells.append(_num(p, "{:.4g}") + src)
+        rows.append(cells)
+        if b.failure or b.within_budget is False or any(c.get("checked") and c.get("ok") is False
+                                                        for c in b.compatibility or []):
+            bad.append(i)
+    return table(headers, rows, cls="summary", numeric=[4, 5, 6, 8] + list(range(11, 11 + len(devices))),
+                 bad_rows=bad)
+
+
+def _point(b: BundleInfo, x: Optional[float], y: Optional[float], what: str, xunit: str) -> Optional[svg.Point]:
+    if x is None or y is None:
+        return None
+    return svg.Point(x, y, b.target, b.fmt, tip=f"{b.key} ({b.precision}): {what} {y * 100:.2f}%, {x:.4g} {xunit}")
+
+
+def tradeoff_charts(m: ModelInfo) -> str:
+    value, ylabel, what = _fidelity(m)
+    parts = []
+    keys = dict(series_title="target", shape_title="format", series_order=[b.target for b in m.bundles],
+                shape_order=["tflite", "onnx", *(b.fmt for b in m.bundles)])
+    cid = _id(m.name, "fidelity-size")
+    pts = [p for b in m.bundles if (p := _point(b, b.bytes / 1024 if b.bytes else None, value(b), what, "KiB"))]
+    parts.append(figure(svg.scatter(pts, title=f"{what} vs size", x_label="model file size (KiB)",
+                                    y_label=ylabel, y_percent=True, chart_id=cid, **keys),
+                        cid, f"One point per bundle ({len(pts)}). Targets that share a build sit side by side."))
+    for d in m.devices or [HERE]:
+        cid = _id(m.name, "fidelity-p50", d)
+        pts = [p for b in m.bundles if (p := _point(b, b.p50(d), value(b), what, "ms"))]
+        where = "here" if d == HERE else f"on {d}"
+        ms = [p.x for p in pts]
+        parts.append(figure(svg.scatter(pts, title=f"{what} vs p50 latency {where}",
+                                        x_label=f"p50 latency {where} (ms)", y_label=ylabel, y_percent=True,
+                                        x_log=bool(ms) and min(ms) > 0 and max(ms) / min(ms) > 20,
+                                        chart_id=cid, **keys),
+                            cid, f"One point per bundle measured {where} ({len(pts)} of {len(m.bundles)})."
+                            + ("" if pts else " Nothing measured: `edgekit bench BUNDLE --out "
+                                              "BUILD/bench/NAME.json` or `edgekit profile`.")))
+    return '<div class="charts">' + "".join(parts) + "</div>"
+
+
+def latency_section(m: ModelInfo) -> str:
+    measured = [b for b in m.bundles if any(r.samples_ms for r in b.runs)]
+    if not measured:
+        return ('<p class="note">No latency distributions: no benchmark or profile JSON with raw samples was '
+                'found for this model (<code>edgekit bench BUNDLE --out BUILD/bench/NAME.json</code>, '
+                '<code>edgekit profile BUNDLE --device D --save-dir BUILD/profiles</code>, or '
+                '<code>--profiles DIR</code>).</p>')
+    devices = [d for d in m.devices if any(r.device == d and r.samples_ms for b in measured for r in b.runs)]
+    parts = ['<div class="charts">']
+    for d in devices:
+        series, cols = [], []
+        for i, b in enumerate(measured):
+            r = _latest(b, d)
+            if r is not None:
+                series.append((b.key, r.samples_ms))
+                cols.append(svg.colour(i))
+        cid = _id(m.name, "cdf", d)
+        where = "here" if d == HERE else f"on {d}"
+        parts.append(figure(svg.cdf(series, title=f"latency distribution {where} (CDF)",
+                                    x_label="inference latency (ms)", chart_id=cid, colours=cols), cid,
+                            "Each line: every timed run of one bundle (warm-up discarded), inference call alone."))
+    parts.append("</div>")
+    parts.append("<h3>Histograms per bundle and device</h3>")
+    if len(devices) == 1:  # one machine: the histograms side by side, wrapping
+        d = devices[0]
+        parts.append('<div class="charts">')
+        for b in measured:
+            r = _latest(b, d)
+            cid = _id(m.name, "hist", b.key, d)
+            parts.append(figure(_hist(m, measured, b, r, title=b.key), cid,
+                                f"{len(r.samples_ms)} runs {'here' if d == HERE else 'on ' + d}, p50 {r.p50_ms:.3g} ms"
+                                + (" · NOISY: " + "; ".join(r.noise_reasons) if r.noisy else "")))
+        return "".join(parts) + "</div>"
+    # small multiples: one row per bundle, one column per device
+    cols = len(devices)
+    grid = [f'<div class="grid" style="grid-template-columns:180px repeat({cols},330px)"><div></div>']
+    grid += [f'<div class="colhead">{escape("here" if d == HERE else d)}</div>' for d in devices]
+    for b in measured:
+        grid.append(f'<div class="rowhead">{escape(b.key)}</div>')
+        for j, d in enumerate(devices):
+            r = _latest(b, d)
+            if r is None or not r.samples_ms:
+                grid.append('<div class="muted">not measured</div>')
+                continue
+            cid = _id(m.name, "hist", b.key, d)
+            noisy = " · NOISY" if r.noisy else ""
+            title = f"{len(r.samples_ms)} runs, p50 {r.p50_ms:.3g} ms{noisy}"
+            grid.append(figure(_hist(m, measured, b, r, title=title), cid))
+    grid.append("</div>")
+    parts.append("".join(grid))
+    return "".join(parts)
+
+
+def _hist(m: ModelInfo, measured: List[BundleInfo], b: BundleInfo, r: Run, title: str) -> str:
+    return svg.histogram(r.samples_ms, title=title, x_label="inference latency (ms)",
+                         chart_id=_id(m.name, "hist", b.key, r.device), col=svg.colour(measured.index(b)))
+
+
+def _latest(b: BundleInfo, device: str) -> Optional[Run]:
+    rs = [r for r in b.runs if r.device == device]
+    return sorted(rs, key=lambda r: r.timestamp or "")[-1] if rs else None
+
+
+def conditions_table(m: ModelInfo) -> str:
+    runs = [(b, r) for b in m.bundles for r in sorted(b.runs, key=lambda r: (r.device, r.timestamp or ""))]
+    if not runs:
+        return '<p class="note">No measurements.</p>'
+    rows = []
+    for b, r in runs:
+        c = r.conditions
+        load = c.get("loadavg")
+        temp = c.get("temperature_c")
+        cpu = " · ".join(str(x) for x in (c.get("board") or c.get("cpu_model"),
+                                          f"{c['cpu_count']} cores" if c.get("cpu_count") else None) if x)
+        rows.append([b.key, Markup(f"{escape(_short_device(r))}<br><span class=muted>{escape(cpu)}</span>"),
+                     Markup(f"{escape(r.backend)}<br><span class=muted>{escape(str(r.threads))} threads</span>"),
+                     c.get("governor") or "–", _num(temp, "{:.1f}"),
+                     c.get("throttled") or "–", _num(load[0] if isinstance(load, list) and load else None, "{:.2f}"),
+                     r.stats.get("count"), _num(r.p50_ms, "{:.4g}"), _num(r.stats.get("p99_ms"), "{:.4g}"),
+                     _num(r.stats.get("cv"), "{:.3f}"),
+                     Markup('<span class="bad">noisy</span>: ' + escape("; ".join(r.noise_reasons))
+                            if r.noisy else '<span class="ok">no</span>'),
+                     Markup(f'<span title="{escape(r.file)}">{escape((r.timestamp or "?")[:19].replace("T", " "))}'
+                            f'<br><span class="muted">{escape(Path(r.file).name)}</span></span>')])
+    return table(["bundle", "device", "backend", "governor", "temp °C", "throttled", "load (1 min)", "runs",
+                  "p50 ms", "p99 ms", "CV", "noisy?", "when (file)"], rows,
+                 numeric=[4, 6, 7, 8, 9, 10], cls="conditions")
+
+
+def mixed_section(m: ModelInfo) -> str:
+    seen, parts = set(), []
+    for b in m.bundles:
+        mp = b.mixed
+        if not isinstance(mp, dict):
+            continue
+        sens = mp.get("sensitivity") or []
+        key = (b.fmt, tuple(s.get("layer") for s in sens), tuple(mp.get("float_layers") or []))
+        if key in seen:  # targets sharing a build share one search
+            continue
+        seen.add(key)
+        kept = set(mp.get("float_layers") or []) if mp.get("met") else set()
+        items = [(str(s.get("layer") or s.get("node")) + (f" · {s['op']}" if s.get("op") else ""), s.get("score"),
+                  s.get("layer") in kept) for s in sens]
+        cid = _id(m.name, "sensitivity", b.key)
+        chosen = ", ".join(sorted(kept)) if kept else "none (full INT8 kept)"
+        parts.append(f"<h4>{escape(b.key)} ({escape(b.fmt)})</h4>")
+        budget = mp.get("budget_points", mp.get("max_drop_points"))
+        parts.append(f'<p class="note">Budget {escape(str(budget))} points of '
+                     f'{escape(str(mp.get("metric")))}; kept in float: <b>{escape(chosen)}</b>; search: '
+                     f'{escape(str(mp.get("stopped")))}.</p>')
+        parts.append('<div class="charts">' + figure(
+            svg.hbars(items, title=f"per-layer sensitivity, {b.key}", x_label="error when the layer is "
+                      "quantized (larger: more damage; the converter's per-layer measure)", chart_id=cid),
+            cid, "Sorted as measured, most sensitive first; red: layers mixed precision kept in float.") + "</div>")
+        full = mp.get("full_int8") or {}
+        rows = [["(full INT8)", _num(_drop(full), "{:.2f}"), _num((full.get("bytes") or 0) / 1024 or None,
+                                                                          "{:.1f}"),
+                 _num(full.get("p50_ms"), "{:.4g}"), "no"]]
+        for st in mp.get("steps") or []:
+            rows.append([", ".join(st.get("float_layers") or []), _num(_drop(st), "{:.2f}"),
+                         _num((st.get("bytes") or 0) / 1024 or None, "{:.1f}"), _num(st.get("p50_ms"), "{:.4g}"),
+                         "yes" if st.get("meets_budget") else (f"failed: {st['error']}" if st.get("error")
+                                                               else "no")])
+        parts.append(table(["kept in float", "drop (points)", "KiB", "p50 ms here", "meets budget"], rows,
+                           numeric=[1, 2, 3]))
+    for b in m.bundles:
+        if b.rescue:
+            rows = [[st.get("rung"), st.get("what"), _pct(fraction(st, "top1_agreement", False)),
+                     _num(st.get("snr_db"), "{:.1f}"), _num((st.get("bytes") or 0) / 1024 or None, "{:.1f}"),
+                     "yes" if st.get("meets") else (st.get("error") or "no")] for st in b.rescue]
+            parts.append(f"<h4>rescue ladder of {escape(b.key)} ({escape(b.fmt)})</h4>"
+                         + table(["rung", "what", "top-1 agree %", "SNR dB", "KiB", "meets floor"], rows,
+                                 numeric=[2, 3, 4]))
+    if not parts:
+        return ('<p class="note">No mixed-precision search or rescue ran for this model (it runs when full INT8 misses '
+                '<code>--max-accuracy-drop</code>).</p>')
+    return "".join(parts)
+
+
+def _drop(st: Dict[str, Any]) -> Optional[float]:
+    return next((st[k] for k in ("drop_points", "accuracy_drop_points", "drop") if st.get(k) is not None), None)
+
+
+def compat_section(m: ModelInfo) -> str:
+    rows, bad = [], []
+    for b in m.bundles:
+        none = ("the profile names no oldest runtime for this format" if b.compatibility is not None
+                else "no compatibility record in the manifest")
+        for c in b.compatibility or [{"checked": False, "reason": none}]:
+            outs = c.get("outputs") or {}
+            fig = "; ".join(f"{k}: SNR {_num(v.get('snr_db'), '{:.1f}')} dB, top-1 "
+                            f"{_num(v.get('top1_agreement'), '{:.3g}')}" for k, v in outs.items()
+                            if isinstance(v, dict))
+            if not c.get("checked"):
+                res = Markup(f'<span class="muted">not checked</span>: {escape(str(c.get("reason") or ""))}')
+            elif c.get("ok"):
+                res = Markup('<span class="ok">loads and matches</span>')
+            else:
+                res = Markup(f'<span class="bad">FAILS</span>: {escape(str(c.get("error") or ""))}')
+                bad.append(len(rows))
+            rows.append([b.key, " + ".join(c.get("requirements") or []), c.get("where") or "–", res,
+                         c.get("backend") or "–", fig or "–", _num(c.get("seconds"), "{:.1f}")])
+    return table(["bundle", "oldest runtime of the target", "where checked", "result", "backend",
+                  "vs golden", "seconds"], rows, numeric=[6], bad_rows=bad)
+
+
+def optimize_section(m: ModelInfo) -> str:
+    parts = []
+    for rec in m.optimize:
+        kind = rec["_kind"]
+        if kind == "qat" and isinstance(rec.get("bundles"), list):
+            rows = [[Path(str(b.get("bundle"))).name, b.get("format"), _num((b.get("bytes") or 0) / 1024 or None,
+                                                                             "{:.1f}"),
+                     _num(b.get("ptq_accuracy"), "{:.2f}"), _num(b.get("qat_accuracy"), "{:.2f}"),
+                     _num(b.get("ptq_drop"), "{:.2f}"), _num(b.get("qat_drop"), "{:.2f}")] for b in rec["bundles"]]
+            parts.append(f"<h3>quantization-aware training ({escape(Path(rec['_file']).name)})</h3>"
+                         + table(["bundle", "format", "KiB", "PTQ acc %", "QAT acc %", "PTQ drop", "QAT drop"],
+                                 rows, numeric=[2, 3, 4, 5, 6]))
+        pairs = [(a, b) for a, b in (("before", "after"), ("teacher", "student")) if isinstance(rec.get(a), dict)
+                 and isinstance(rec.get(b), dict)]
+        for a, b in pairs:
+            rows = [[lab, f.get("params"), _num((f.get("flops") or 0) / 1e6 or None, "{:.3g}"),
+                     _num((f.get("tflite_bytes") or 0) / 1024 or None, "{:.1f}"),
+                     _num((f.get("gzip_bytes") or 0) / 1024 or None, "{:.1f}"), _num(f.get("accuracy"), "{:.2f}"),
+                     _num(f.get("p50_ms"), "{:.4g}")] for lab, f in ((a, rec[a]), (b, rec[b]))]
+            parts.append(f"<h3>{escape(kind)} ({escape(Path(rec['_file']).name)})</h3>"
+                         + table(["", "params", "MFLOPs", "float KiB", "gzip KiB", "accuracy %", "p50 ms here"],
+                                 rows, numeric=[1, 2, 3, 4, 5, 6]))
+    return "".join(parts)
+
+
+def rollouts_section(rollouts: List[Dict[str, Any]]) -> str:
+    """Rollout records as written by `edgekit deploy` staged rollouts: the scalar fields of each,
+    and per-device states counted (whatever the record calls its device list)."""
+    rows = []
+    for r in rollouts:
+        devs = r.get("devices") or r.get("per_device") or {}
+        states: Dict[str, int] = {}
+        items = devs.values() if isinstance(devs, dict) else devs if isinstance(devs, list) else []
+        for d in items:
+            s = d.get("state") or d.get("status") if isinstance(d, dict) else d
+            states[str(s)] = states.get(str(s), 0) + 1
+        batches = r.get("batches")
+        rows.append([r.get("id") or r.get("rollout_id") or Path(r["_file"]).name.split(".")[0],
+                     r.get("bundle") or r.get("model") or "–", r.get("group") or "–",
+                     r.get("state") or r.get("status") or "–",
+                     len(batches) if isinstance(batches, list) else "–",
+                     ", ".join(f"{k}: {v}" for k, v in sorted(states.items())) or "–",
+                     r.get("started") or r.get("created") or "–", Path(r["_file"]).name])
+    return table(["rollout", "bundle", "group", "state", "batches", "devices by state", "started", "file"], rows,
+                 numeric=[4])
+
+
+def model_section(m: ModelInfo) -> str:
+    src, cal = m.source, m.calibration
+    meta = []
+    if src:
+        meta.append(f"source {escape(str(src.get('path') or ''))} ({escape(str(src.get('kind') or '?'))}, "
+                    f"sha256 {escape(str(src.get('sha256') or '')[:12])})")
+    if cal:
+        meta.append(f"calibration: {escape(str(cal.get('samples', '?')))} samples from "
+                    f"{escape(str(cal.get('source', '?')))}; validation: "
+                    f"{escape(str(cal.get('validation_samples', '?')))} samples from "
+                    f"{escape(str(cal.get('validation_source', '?')))}"
+                    + ("" if cal.get("labels") else " (no labels: agreement, not accuracy)"))
+        if cal.get("random"):
+            meta.append('<span class="bad">random calibration data: the accuracy figures mean nothing</span>')
+    if m.max_accuracy_drop is not None:
+        meta.append(f"budget: --max-accuracy-drop {escape(str(m.max_accuracy_drop))}")
+    sid = _id("model", m.name)
+    out = [f'<section class="model" id="{sid}"><h2>{escape(m.name)}</h2>']
+    out += [f'<p class="meta">{x}</p>' for x in meta]
+    out.append("<h3>Bundles</h3>" + summary(m))
+    out.append('<p class="note">Fidelity is measured against the float model on the validation data, in the '
+               'numerics recorded in each manifest; p50 "here" is this machine\'s, not the target\'s.</p>')
+    out.append("<h3>Fidelity against size and speed</h3>" + tradeoff_charts(m))
+    out.append("<h3>Latency distributions</h3>" + latency_section(m))
+    out.append("<h3>Measurement conditions</h3>" + conditions_table(m))
+    out.append("<h3>Mixed precision: per-layer sensitivity</h3>" + mixed_section(m))
+    out.append("<h3>Compatibility with each target's oldest runtime</h3>" + compat_section(m))
+    opt = optimize_section(m)
+    if opt:
+        out.append("<h3>Making it fit: pruning, distillation, QAT</h3>" + opt)
+    out.append("</section>")
+    return "".join(out)
+
+
+def render(data: ReportData) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    body = [f"<h1>edgekit report</h1><p class=\"meta\">{escape(str(Path(data.build_dir)))} · "
+            f"{len(data.models)} model(s), {sum(len(m.bundles) for m in data.models)} bundle(s), "
+            f"{sum(len(b.runs) for m in data.models for b in m.bundles)} latency measurement(s) · "
+            f"edgekit {escape(edgekit.__version__)} · {when}</p>"]
+    if len(data.models) > 1:
+        body.append("<p class=\"meta\">" + " · ".join(f'<a href="#{_id("model", m.name)}">{escape(m.name)}</a>'
+                                                     for m in data.models) + "</p>")
+    body += [model_section(m) for m in data.models]
+    if data.rollouts:
+        body.append('<section id="rollouts"><h2>Rollouts</h2>' + rollouts_section(data.rollouts) + "</section>")
+    if data.unmatched_runs or data.skipped:
+        rows = [[Path(r.file).name, r.device, f"{r.model} {r.target} {r.fmt}", "no bundle of this build matches"]
+                for r in data.unmatched_runs]
+        rows += [[Path(f).name, "–", "–", why] for f, why in data.skipped]
+        body.append('<section id="not-shown"><h2>Files not shown</h2>'
+                    + table(["file", "device", "bundle", "why"], rows) + "</section>")
+    title = "edgekit report: " + ", ".join(m.name for m in data.models)
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>{escape(title)}</title><style>{CSS}</style></head><body>" + "".join(body)
+            + "</body></html>\n")
