@@ -862,6 +862,8 @@ def profile(bundle, device_name, group, all_devices, runs, warmup, threads, para
 @click.option("--max-queue", type=int, default=64, show_default=True, help="Requests waiting; beyond it 503.")
 @click.option("--max-batch", type=int, default=1, show_default=True, help="Dynamic batching up to N samples.")
 @click.option("--max-delay-ms", type=float, default=2.0, show_default=True, help="Wait this long to fill a batch.")
+@click.option("--inline-ms", type=float, default=2.0, show_default=True,
+              help="Run inferences shorter than this on the server's loop thread (0: never).")
 @click.option("--max-body-mb", type=float, default=64.0, show_default=True, help="Request body limit.")
 @click.option("--threads", type=int, help="Backend threads (default: the target profile's).")
 @click.option("--backend", help="litert, tflite-runtime, tensorflow, onnxruntime")

@@ -459,7 +459,8 @@ def test_hot_swap_under_load_has_no_failed_request(tmp_path):
     want = {k: _reference(b).run(x)["scores"] for k, b in (("v1", v1), ("v2", v2))}
     seen, failures = [], []
     stop = threading.Event()
-    with Server(root, args=["--poll-interval", "0.1", "--max-concurrency", "2"], tmp=tmp_path) as srv:
+    with Server(root, args=["--poll-interval", "0.1", "--max-concurrency", "2", "--inline-ms", "0"],
+                tmp=tmp_path) as srv:
         def loop():
             c = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
             body = json.dumps(_infer_doc(x)).encode()
@@ -503,6 +504,22 @@ def test_hot_swap_under_load_has_no_failed_request(tmp_path):
     assert meta["edgekit"]["failed_release"]["version"] == shas["bad"][:12]
     assert "golden check failed" in meta["edgekit"]["failed_release"]["error"]
     assert f"release {shas['bad'][:12]} failed" in log and f"still serving {shas['v2'][:12]}" in log
+
+
+def test_probe_checks_golden_outputs_through_the_api(two, tmp_path):
+    from edgekit.runtime import releases
+    from edgekit.serve.probe import probe
+
+    root = tmp_path / "root"
+    releases.switch(releases.model_dir(str(root), "two"), _install(root, "two", two))
+    with Server(root, tmp=tmp_path) as srv:
+        res = probe(srv.port, str(root), models=["two"])
+        assert res["ok"] and res["models"]["two"]["outputs"]["scores"]["ok"], res
+        out = subprocess.run([sys.executable, "-m", "edgekit.serve.probe", "--port", str(srv.port),
+                              "--root", str(root)], capture_output=True, text=True, timeout=60, cwd=str(ROOT))
+        assert out.returncode == 0 and json.loads(out.stdout)["models"]["two"]["ok"]
+    res = probe(srv.port, str(root), models=["two"])  # stopped: nothing answers
+    assert not res["ok"] and "no server answers" in res["error"]
 
 
 def test_cli_serve_stop_with_pid_file(two, tmp_path):

@@ -29,6 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting; beyond it 503 (default 64)")
     p.add_argument("--max-batch", type=int, default=1, help="dynamic batching up to N samples (default 1: off)")
     p.add_argument("--max-delay-ms", type=float, default=2.0, help="wait this long to fill a batch (default 2)")
+    p.add_argument("--inline-ms", type=float, default=2.0,
+                   help="run inferences shorter than this on the server's loop thread (default 2; 0: never)")
     p.add_argument("--max-body-mb", type=float, default=64.0, help="request body limit (default 64 MiB)")
     p.add_argument("--threads", type=int, default=None, help="backend threads (default: the target's)")
     p.add_argument("--backend", default=None, help="litert, tflite-runtime, tensorflow, onnxruntime")
@@ -52,6 +54,7 @@ def config_from(args) -> "object":
     return ServeConfig(host=args.host, port=args.port, token=token, insecure=args.insecure,
                        tls_cert=args.tls_cert, tls_key=args.tls_key, max_concurrency=args.max_concurrency,
                        max_queue=args.max_queue, max_batch=args.max_batch, max_delay_ms=args.max_delay_ms,
+                       inline_ms=args.inline_ms,
                        max_body_mb=args.max_body_mb, threads=args.threads, backend=args.backend,
                        poll_interval=args.poll_interval, check=not args.no_check, pid_file=args.pid_file,
                        access_log=args.access_log)

@@ -5,7 +5,10 @@ each with its own runtime instance of the release (see models.InstancePool). A r
 the queue for a free slot; when `max_queue` requests already wait, it is refused at once
 (503): memory never grows with load. With batching, requests for a model whose inputs have a
 dynamic batch dimension are stacked (up to `max_batch` samples, waiting at most `max_delay_ms`
-for more after the first) and run as one call; each request gets its own rows back.
+for more after the first) and run as one call; each request gets its own rows back. A request
+whose inference takes under `inline_ms` (measured when the release was loaded) runs on the
+loop's own thread when a slot is free: for a model that small, handing it to a worker thread
+and back costs more than the inference.
 """
 
 from __future__ import annotations
@@ -43,11 +46,12 @@ class _Item:
 
 class Engine:
     def __init__(self, *, max_concurrency: int, max_queue: int, max_batch: int, max_delay_ms: float,
-                 metrics: Metrics):
+                 metrics: Metrics, inline_ms: float = 0.0):
         self.max_concurrency = max_concurrency
         self.max_queue = max_queue
         self.max_batch = max_batch
         self.max_delay = max_delay_ms / 1000.0
+        self.inline_ms = inline_ms
         self.metrics = metrics
         self.waiting = 0
         self.in_flight = 0
@@ -95,6 +99,14 @@ class Engine:
             fut = self._loop.create_future()
             b.queue.put_nowait(_Item(release, arrays, raw, n, fut))
             return await fut
+        if n * release.sample_ms <= self.inline_ms and not self._slots.locked():
+            # a tiny model: run it on the loop's thread (a worker thread hand-off costs more than it)
+            async with self._slots:
+                self.in_flight += 1
+                try:
+                    return self._execute(release, [(arrays, raw, n)])[0]
+                finally:
+                    self.in_flight -= 1
         self._admit(False)
         queued = True
         try:

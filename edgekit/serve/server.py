@@ -49,6 +49,7 @@ class ServeConfig:
     max_queue: int = 64
     max_batch: int = 1
     max_delay_ms: float = 2.0
+    inline_ms: float = 2.0
     max_body_mb: float = 64.0
     threads: Optional[int] = None
     backend: Optional[str] = None
@@ -77,8 +78,9 @@ class ServeConfig:
                            ("--max-batch", self.max_batch, 1)):
             if v < lo:
                 raise ServeError(f"{opt} must be at least {lo} (got {v})")
-        if self.max_delay_ms < 0 or self.max_body_mb <= 0 or self.poll_interval <= 0:
-            raise ServeError("--max-delay-ms must be >= 0, --max-body-mb and the poll interval > 0")
+        if min(self.max_delay_ms, self.inline_ms) < 0 or min(self.max_body_mb, self.poll_interval) <= 0:
+            raise ServeError("--max-delay-ms and --inline-ms must be >= 0, --max-body-mb and the poll "
+                             "interval > 0")
 
     @property
     def max_body(self) -> int:
@@ -105,7 +107,8 @@ def build(paths: List[str], config: ServeConfig) -> Tuple["object", List[ModelEn
         entries.append(e)
     metrics = Metrics()
     engine = Engine(max_concurrency=config.max_concurrency, max_queue=config.max_queue,
-                    max_batch=config.max_batch, max_delay_ms=config.max_delay_ms, metrics=metrics)
+                    max_batch=config.max_batch, max_delay_ms=config.max_delay_ms, metrics=metrics,
+                    inline_ms=config.inline_ms)
     app = App(entries, engine, metrics, token=config.token, max_body=config.max_body,
               poll_interval=config.poll_interval, load_kwargs=config.load_kwargs)
     return app, entries
@@ -127,7 +130,7 @@ def serve(paths: List[str], config: ServeConfig, say=print) -> None:
         raise ServeError("uvicorn is not installed", hint="pip install 'edgekit[serve]'") from None
     app, entries = build(paths, config)
     scheme = "https" if config.tls_cert else "http"
-    ucfg = uvicorn.Config(app, host=config.host, port=config.port, http="h11", loop="asyncio",
+    ucfg = uvicorn.Config(app, host=config.host, port=config.port, http="auto", loop="auto",
                           lifespan="on", access_log=config.access_log, log_level="warning",
                           server_header=False, date_header=False, timeout_keep_alive=30,
                           ssl_certfile=config.tls_cert, ssl_keyfile=config.tls_key)
