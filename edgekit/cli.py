@@ -203,7 +203,7 @@ def _print_report(out: str, name: str, as_json: bool) -> None:
 # --- run / bench ---------------------------------------------------------------
 
 _backend_opt = click.option("--backend", type=click.Choice(
-    ["litert", "tflite-runtime", "tensorflow", "onnxruntime"]), help="Force a backend.")
+    ["litert", "tflite-runtime", "tensorflow", "onnxruntime", "openvino"]), help="Force a backend.")
 
 
 @cli.command()

@@ -111,6 +111,14 @@ def conditions() -> Dict[str, Any]:
     return c
 
 
+def _cpu_budget() -> Dict[str, Any]:
+    from edgekit.runtime.threads import cpu_budget
+
+    b = cpu_budget()
+    return {"cpus_affinity": b["affinity"], "cgroup_cpu_limit": b["cgroup_cpu_limit"],
+            "cpus_usable": b["usable"]}
+
+
 def noise_reasons(lat: Dict[str, float], cond: Dict[str, Any]) -> List[str]:
     reasons = []
     if lat.get("count", 0) < 10:
@@ -122,6 +130,9 @@ def noise_reasons(lat: Dict[str, float], cond: Dict[str, Any]) -> List[str]:
     load, cores = cond.get("loadavg"), cond.get("cpu_count") or 1
     if load and load[0] > 0.75 * cores:
         reasons.append(f"load average {load[0]:.2f} on {cores} cores")
+    used, usable = cond.get("threads"), cond.get("cpus_usable")
+    if used and usable and used > usable:
+        reasons.append(f"{used} threads on {usable} usable CPUs")
     if cond.get("governor") not in (None, "performance"):
         reasons.append(f"cpufreq governor is '{cond['governor']}', not 'performance'")
     if cond.get("throttled") not in (None, "0x0"):
@@ -166,6 +177,8 @@ def benchmark(model, runs: int = 200, warmup: int = 20, inputs=None,
 
     lat = stats(samples)
     cond = conditions()
+    cond.update(threads_requested=getattr(model, "threads_requested", None), threads=model.threads,
+                **_cpu_budget())
     reasons = noise_reasons(lat, cond)
     return {
         "model": str(model.path),
@@ -175,6 +188,7 @@ def benchmark(model, runs: int = 200, warmup: int = 20, inputs=None,
         "backend": model.backend,
         "backend_version": model.backend_version,
         "threads": model.threads,
+        "threads_requested": getattr(model, "threads_requested", None),
         "providers": model.providers,
         "inputs": [s.to_dict() for s in model.inputs],
         "load_ms": model.load_ms,

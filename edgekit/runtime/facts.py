@@ -12,7 +12,12 @@ _PROBES = (
     ("tflite-runtime", "tflite_runtime.interpreter", "tflite-runtime"),
     ("tensorflow", "tensorflow", "tensorflow"),
     ("onnxruntime", "onnxruntime", "onnxruntime"),
+    ("openvino", "openvino", "openvino"),
 )
+
+# which model formats each backend runs
+FORMATS = {"litert": "tflite", "tflite-runtime": "tflite", "tensorflow": "tflite",
+           "onnxruntime": "onnx", "openvino": "onnx"}
 
 
 def dist_version(dist: str) -> str:
@@ -39,6 +44,12 @@ def backends() -> Dict[str, Any]:
         entry: Dict[str, Any] = {"available": True, "version": dist_version(dist)}
         if name == "onnxruntime":
             entry["providers"] = list(m.get_available_providers())
+        elif name == "openvino":
+            try:
+                entry["providers"] = list(m.Core().available_devices)
+            except RuntimeError as e:  # installed, but no device plugin loads
+                entry.update(available=False, error=f"RuntimeError: {e}".splitlines()[0])
+        entry["format"] = FORMATS[name]
         found[name] = entry
     return found
 
@@ -54,7 +65,7 @@ def installed_backends() -> Dict[str, Any]:
             spec = find_spec(mod.split(".")[0]) and find_spec(mod)
         except (ImportError, ValueError):
             spec = None
-        found[name] = ({"available": True, "version": dist_version(dist)} if spec
+        found[name] = ({"available": True, "version": dist_version(dist), "format": FORMATS[name]} if spec
                        else {"available": False, "error": f"{mod} is not installed"})
     return found
 

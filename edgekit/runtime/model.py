@@ -12,7 +12,9 @@ from edgekit.bundle import Bundle, read_bundle
 from edgekit.errors import BackendUnavailable, BundleError, DataError
 from edgekit.runtime.spec import TensorSpec
 
-BACKENDS = ("litert", "tflite-runtime", "tensorflow", "onnxruntime")
+BACKENDS = ("litert", "tflite-runtime", "tensorflow", "onnxruntime", "openvino")
+TFLITE_BACKENDS = ("litert", "tflite-runtime", "tensorflow")
+ONNX_BACKENDS = ("onnxruntime", "openvino")
 
 ArrayLike = Union[np.ndarray, Sequence[Any]]
 
@@ -23,18 +25,32 @@ def _open_backend(model_path: Path, fmt: str, backend: Optional[str], threads: O
         raise BackendUnavailable(f"unknown backend {backend!r}",
                                  hint="choose one of: " + ", ".join(BACKENDS))
     if fmt == "tflite":
-        if backend == "onnxruntime":
-            raise BackendUnavailable("onnxruntime cannot run a .tflite model", fmt=fmt,
+        if backend in ONNX_BACKENDS:
+            raise BackendUnavailable(f"{backend} cannot run a .tflite model", fmt=fmt,
                                      hint="use a TFLite backend: litert, tflite-runtime or tensorflow")
         from edgekit.runtime.tflite import TFLiteBackend
 
         return TFLiteBackend(str(model_path), threads=threads, prefer=backend)
     if fmt == "onnx":
-        if backend not in (None, "onnxruntime"):
+        if backend in TFLITE_BACKENDS:
             raise BackendUnavailable(f"{backend} cannot run an .onnx model", fmt=fmt,
-                                     hint="use backend='onnxruntime'")
-        from edgekit.runtime.onnx import OnnxBackend
+                                     hint="use backend='onnxruntime' or backend='openvino'")
+        if backend == "openvino":
+            if reference_numerics:
+                raise BackendUnavailable("reference numerics run the QDQ graph in ONNX Runtime", fmt=fmt,
+                                         hint="use backend='onnxruntime' with reference_numerics=True")
+            from edgekit.runtime.openvino import OpenVinoBackend
 
+            return OpenVinoBackend(str(model_path), threads=threads)
+        from edgekit.runtime.onnx import OnnxBackend, onnxruntime_importable
+
+        if backend is None and not reference_numerics and not onnxruntime_importable():
+            from importlib.util import find_spec
+
+            if find_spec("openvino") is not None:  # a device with OpenVINO and no ONNX Runtime
+                from edgekit.runtime.openvino import OpenVinoBackend
+
+                return OpenVinoBackend(str(model_path), threads=threads)
         return OnnxBackend(str(model_path), threads=threads, providers=providers,
                            reference_numerics=reference_numerics)
     raise BundleError(f"unknown model format {fmt!r}", path=str(model_path),
@@ -46,18 +62,26 @@ def load(path: Union[str, Path], *, backend: Optional[str] = None, threads: Opti
          reference_numerics: bool = False) -> "Model":
     """Load a bundle directory, or any .tflite / .onnx file.
 
-    For a bundle, threads and execution providers default to its target profile's;
+    Threads: `threads=` is used as given; otherwise a bundle's target profile's count,
+    clamped to the CPUs this process may use (affinity and cgroup quota, see
+    runtime.threads); a bare file without `threads=` uses those usable CPUs.
+    `model.threads_requested` and `model.threads` say what was asked and what is used.
+    For a bundle, execution providers default to its target profile's;
     the model file's sha256 is checked against the manifest unless `verify=False`.
-    `reference_numerics`: an ONNX QDQ graph runs as written, in float (see OnnxBackend).
+    `reference_numerics`: an ONNX QDQ graph runs as written, in float (see OnnxBackend): what a
+    target with exact integer arithmetic computes, on a host whose integer kernels saturate.
     """
+    from edgekit.runtime.threads import choose_threads
+
     t0 = time.perf_counter_ns()
     p = Path(path)
     bundle: Optional[Bundle] = None
+    profile_threads: Optional[int] = None
     if p.is_dir():
         bundle = read_bundle(p, verify=verify)
         model_path, fmt = bundle.model_path, bundle.format
         rt = bundle.manifest["target"].get("runtime", {})
-        threads = threads if threads is not None else rt.get("threads")
+        profile_threads = rt.get("threads")
         if providers is None and fmt == "onnx":
             providers = rt.get("execution_providers")
     elif p.is_file():
@@ -68,9 +92,11 @@ def load(path: Union[str, Path], *, backend: Optional[str] = None, threads: Opti
                               hint="give a bundle directory, a .tflite or an .onnx file")
     else:
         raise BundleError("no such file or bundle directory", path=str(p))
-    impl = _open_backend(model_path, fmt, backend, threads, providers, reference_numerics)
+    requested = threads if threads is not None else profile_threads
+    used = choose_threads(threads, profile_threads)
+    impl = _open_backend(model_path, fmt, backend, used, providers, reference_numerics)
     load_ns = time.perf_counter_ns() - t0
-    return Model(impl, path=p, bundle=bundle, load_ns=load_ns)
+    return Model(impl, path=p, bundle=bundle, load_ns=load_ns, threads_requested=requested)
 
 
 class Model:
@@ -80,8 +106,10 @@ class Model:
     parameters for a bare file); `run(..., raw=True)` exchanges the integer tensors.
     """
 
-    def __init__(self, impl, *, path: Path, bundle: Optional[Bundle], load_ns: int):
+    def __init__(self, impl, *, path: Path, bundle: Optional[Bundle], load_ns: int,
+                 threads_requested: Optional[int] = None):
         self._impl = impl
+        self.threads_requested: Optional[int] = threads_requested
         self.path = path
         self.bundle = bundle
         self.manifest: Optional[Dict[str, Any]] = bundle.manifest if bundle else None
@@ -91,6 +119,7 @@ class Model:
         self.outputs: List[TensorSpec] = list(impl.outputs)
         if bundle is not None:
             self._check_manifest_io()
+        self._prepare()
 
     # -- facts ------------------------------------------------------------
     @property
@@ -107,6 +136,7 @@ class Model:
 
     @property
     def threads(self) -> Optional[int]:
+        """The threads the backend runs with (see threads_requested for what was asked)."""
         return self._impl.threads
 
     @property
@@ -149,6 +179,18 @@ class Model:
                             f"({[s.name for s in self.inputs]}), got {len(args)}")
         return [np.asarray(a) for a in args]
 
+    def _prepare(self) -> None:
+        """Per-tensor work done once, so a call does only what each input needs."""
+        self._in_names = [s.name for s in self.inputs]
+        # an input whose rank and non-batch dims are fixed skips the full shape check when they match
+        self._in_tail = [None if not s.shape or -1 in s.shape[1:] else tuple(s.shape[1:]) for s in self.inputs]
+        self._in_batch = [s.shape[0] if s.shape and s.shape[0] != -1 else None for s in self.inputs]
+        self._in_conv = [_Converter(s) for s in self.inputs]
+        self._out_conv = [_Converter(s) for s in self.outputs]
+        self._out_names = [s.name for s in self.outputs]
+        self._owns_outputs = bool(getattr(self._impl, "returns_fresh_arrays", False))
+        self._one_to_one = len(self.inputs) == 1 and len(self.outputs) == 1 and self._in_tail[0] is not None
+
     def _check_shape(self, spec: TensorSpec, a: np.ndarray) -> None:
         if a.ndim != len(spec.shape) or any(
                 d not in (-1, g) for d, g in zip(spec.shape[1:], a.shape[1:])):
@@ -157,36 +199,59 @@ class Model:
         if not np.issubdtype(a.dtype, np.number) and a.dtype != np.bool_:
             raise DataError(f"dtype {a.dtype} is not numeric", tensor=spec.name)
 
+    def _feeds(self, args, kwargs, raw: bool) -> List[np.ndarray]:
+        if not kwargs and len(args) == len(self.inputs) and all(type(a) is np.ndarray for a in args):
+            arrays = args  # the common case: arrays, positionally
+        else:
+            arrays = self._as_list(args, kwargs)
+        feeds = []
+        for i, a in enumerate(arrays):
+            tail = self._in_tail[i]
+            if tail is None or a.shape[1:] != tail or a.dtype.kind not in "fiub":
+                self._check_shape(self.inputs[i], a)
+            if raw:
+                a = a.astype(self.inputs[i].dtype, copy=False)
+            else:
+                a = self._in_conv[i].quantize(a)
+            feeds.append(a if a.flags.c_contiguous else np.ascontiguousarray(a))
+        return feeds
+
     def run(self, *args, raw: bool = False, **kwargs) -> Dict[str, np.ndarray]:
         """Run once; returns {output name: array}. raw=True: integer tensors in and out."""
-        arrays = self._as_list(args, kwargs)
-        for s, a in zip(self.inputs, arrays):
-            self._check_shape(s, a)
-        feeds = [np.ascontiguousarray(a.astype(s.dtype, copy=False) if raw else s.quantize(a))
-                 for s, a in zip(self.inputs, arrays)]
-        outs = self._run_raw(feeds)
+        outs = self._run_raw(self._feeds(args, kwargs, raw))
         if not raw:
-            outs = [s.dequantize(o) for s, o in zip(self.outputs, outs)]
-        return {s.name: o for s, o in zip(self.outputs, outs)}
+            outs = [c.dequantize(o) for c, o in zip(self._out_conv, outs)]
+        return dict(zip(self._out_names, outs))
 
     def _run_raw(self, feeds: List[np.ndarray]) -> List[np.ndarray]:
         """Run quantized feeds; a batch larger than a fixed batch dimension runs sample by sample."""
         batch = feeds[0].shape[0] if feeds[0].ndim else 1
-        fixed = any(s.shape and s.shape[0] not in (-1, a.shape[0])
-                    for s, a in zip(self.inputs, feeds))
-        if fixed and batch > 1:
+        if batch > 1 and any(b is not None and b != a.shape[0] for b, a in zip(self._in_batch, feeds)):
             parts = [self._run_raw([f[i:i + 1] for f in feeds]) for i in range(batch)]
             return [np.concatenate([p[k] for p in parts]) for k in range(len(self.outputs))]
-        t0 = time.perf_counter_ns()
-        self._impl.set_inputs(feeds)
-        self._impl.invoke()
-        outs = [np.array(o) for o in self._impl.get_outputs()]
+        impl = self._impl
+        if self.first_inference_ms is None:
+            t0 = time.perf_counter_ns()
+        impl.set_inputs(feeds)
+        impl.invoke()
+        outs = impl.get_outputs()
+        if not self._owns_outputs:
+            outs = [np.array(o) for o in outs]
         if self.first_inference_ms is None:
             self.first_inference_ms = (time.perf_counter_ns() - t0) / 1e6
         return outs
 
     def __call__(self, *args, **kwargs):
         """Float in, float out: one output -> an array, several -> a dict by name."""
+        if self._one_to_one and len(args) == 1 and not kwargs:
+            a = args[0]  # the common case, kept short: one array in, one out
+            if type(a) is np.ndarray and a.shape[1:] == self._in_tail[0] and a.ndim and a.dtype.kind in "fiu":
+                q = self._in_conv[0].quantize(a)
+                outs = self._run_raw([q if q.flags.c_contiguous else np.ascontiguousarray(q)])
+                return self._out_conv[0].dequantize(outs[0])
+        if len(self.outputs) == 1 and "raw" not in kwargs:
+            outs = self._run_raw(self._feeds(args, kwargs, False))
+            return self._out_conv[0].dequantize(outs[0])
         out = self.run(*args, **kwargs)
         if len(out) == 1:
             return next(iter(out.values()))
@@ -223,3 +288,52 @@ class Model:
     def __repr__(self) -> str:
         return (f"Model({str(self.path)!r}, format={self.format}, backend={self.backend} "
                 f"{self.backend_version}, inputs={[s.name for s in self.inputs]})")
+
+
+try:  # the clip ufunc itself: np.clip's Python wrappers cost more than clipping a small tensor
+    _clip = np._core.umath.clip
+except AttributeError:  # numpy < 2
+    _clip = np.core.umath.clip
+
+
+class _Converter:
+    """One tensor's float <-> integer conversion with its constants made once: the same
+    numbers as TensorSpec.quantize / dequantize (a scale of 1 divides by nothing)."""
+
+    __slots__ = ("spec", "dtype", "quantized", "per_axis", "scale", "zp", "lo", "hi", "unit")
+
+    def __init__(self, spec: TensorSpec):
+        self.spec = spec
+        self.dtype = np.dtype(spec.dtype)
+        self.quantized = spec.quantized
+        self.per_axis = self.quantized and len(spec.scale) > 1
+        if self.quantized and not self.per_axis:
+            self.scale = np.float32(spec.scale[0])
+            self.zp = np.float32(spec.zero_point[0])
+            self.unit = self.scale == np.float32(1.0)
+            info = np.iinfo(self.dtype)
+            self.lo, self.hi = np.float32(info.min), np.float32(info.max)
+
+    def quantize(self, x: np.ndarray) -> np.ndarray:
+        if not self.quantized:
+            return x.astype(self.dtype, copy=False)
+        if self.per_axis or x.dtype.kind != "f":
+            return self.spec.quantize(x)
+        if self.unit:
+            q = np.rint(x, dtype=np.float32)
+        else:
+            q = np.divide(x, self.scale, dtype=np.float32)
+            np.rint(q, out=q)
+        q += self.zp  # integers: exact
+        _clip(q, self.lo, self.hi, out=q)
+        return q.astype(self.dtype)
+
+    def dequantize(self, q: np.ndarray) -> np.ndarray:
+        if not self.quantized:
+            return q
+        if self.per_axis:
+            return self.spec.dequantize(q)
+        f = q.astype(np.float32)
+        f -= self.zp
+        f *= self.scale
+        return f

@@ -21,9 +21,16 @@ def _shape(dims) -> tuple:
     return tuple(d if isinstance(d, int) and d >= 0 else -1 for d in dims)
 
 
+def onnxruntime_importable() -> bool:
+    from importlib.util import find_spec
+
+    return find_spec("onnxruntime") is not None
+
+
 class OnnxBackend:
     format = "onnx"
     name = "onnxruntime"
+    returns_fresh_arrays = True  # InferenceSession.run allocates its outputs
 
     def __init__(self, path: str, threads: Optional[int] = None,
                  providers: Optional[Sequence[str]] = None, reference_numerics: bool = False):

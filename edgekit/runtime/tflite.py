@@ -64,6 +64,7 @@ def _spec(d: dict, name: Optional[str] = None) -> TensorSpec:
 
 class TFLiteBackend:
     format = "tflite"
+    returns_fresh_arrays = True  # Interpreter.get_tensor returns a copy
 
     def __init__(self, path: str, threads: Optional[int] = None, prefer: Optional[str] = None):
         self.name, interp_cls, self.version = find_interpreter(prefer)

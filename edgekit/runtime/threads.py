@@ -1,0 +1,148 @@
+"""How many threads this process can really use (standard library only).
+
+A profile names the device's cores (rpi4: 4), but the process may be pinned to
+fewer (taskset, a container's cpuset) or capped by a cgroup v2 CPU quota
+(`docker run --cpus 1.5`, Kubernetes CPU limits). An inference thread pool larger
+than that runs its threads in turns: every parallel operator waits for the one that
+is not scheduled, so latency gets worse, not better.
+
+The quota is rounded down (at least 1): a quota of 1.5 CPUs gives 1 thread. Inference
+pools run in lock-step and ONNX Runtime's spin while they wait, so a second thread on
+half a CPU burns the quota and then the whole group is throttled until the next
+period (CFS bandwidth control); p99 suffers far more than p50 gains. One thread on
+1.5 CPUs is never throttled.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Dict, Optional
+
+CPU_MAX_ENV = "EDGEKIT_CGROUP_CPU_MAX"
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def parse_cpu_max(text: str) -> Optional[float]:
+    """cgroup v2 `cpu.max` ("QUOTA PERIOD", QUOTA may be "max") -> CPUs allowed, None for no limit.
+
+    Raises ValueError for text that is not in that format."""
+    parts = text.split()
+    if not parts or len(parts) > 2:
+        raise ValueError(f"not a cpu.max line: {text!r}")
+    if parts[0] == "max":
+        return None
+    quota = int(parts[0])
+    period = int(parts[1]) if len(parts) == 2 else 100000
+    if quota <= 0 or period <= 0:
+        raise ValueError(f"not a cpu.max line: {text!r}")
+    return quota / period
+
+
+def _cgroup_cpu_max_files() -> list:
+    """This process's cgroup v2 cpu.max files, from its own cgroup up to the root."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return []
+    rel = None
+    for line in lines:
+        if line.startswith("0::"):
+            rel = line[3:].strip()
+    if rel is None:  # cgroup v1 only
+        return []
+    d = (CGROUP_ROOT / rel.lstrip("/")).resolve()
+    files = []
+    while True:
+        files.append(d / "cpu.max")
+        if d == CGROUP_ROOT or CGROUP_ROOT not in d.parents:
+            break
+        d = d.parent
+    return files
+
+
+def cgroup_cpu_limit(cpu_max: Optional[str] = None) -> Optional[float]:
+    """CPUs allowed by cgroup v2 quotas (the tightest along the hierarchy), None when unlimited.
+
+    cpu_max: a file to read instead (the env var EDGEKIT_CGROUP_CPU_MAX does the same)."""
+    path = cpu_max or os.environ.get(CPU_MAX_ENV)
+    if path:  # a file the caller named must be there and be right
+        try:
+            return parse_cpu_max(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            from edgekit.errors import EdgekitError
+
+            raise EdgekitError(f"cannot read the CPU quota from {path} ({e})",
+                               hint=f"give a cgroup v2 cpu.max file ('QUOTA PERIOD' or 'max PERIOD'), "
+                                    f"or unset {CPU_MAX_ENV}") from None
+    limit: Optional[float] = None
+    for f in _cgroup_cpu_max_files():
+        try:
+            cpus = parse_cpu_max(f.read_text())
+        except (OSError, ValueError):  # no cpu controller there (or not v2): no limit from it
+            continue
+        if cpus is not None and (limit is None or cpus < limit):
+            limit = cpus
+    v1 = _cgroup_v1_limit()
+    if v1 is not None and (limit is None or v1 < limit):
+        limit = v1
+    return limit
+
+
+def _cgroup_v1_limit() -> Optional[float]:
+    """cgroup v1's cpu.cfs_quota_us / cpu.cfs_period_us (older Docker hosts); None: no limit."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) == 3 and "cpu" in parts[1].split(","):
+            for mount in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
+                d = CGROUP_ROOT / mount / parts[2].lstrip("/")
+                try:
+                    quota = int((d / "cpu.cfs_quota_us").read_text())
+                    period = int((d / "cpu.cfs_period_us").read_text())
+                except (OSError, ValueError):
+                    continue
+                return quota / period if quota > 0 and period > 0 else None
+    return None
+
+
+def affinity_cpus() -> int:
+    """CPUs this process may be scheduled on (taskset, cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def usable_cpus(cpu_max: Optional[str] = None) -> int:
+    """min(affinity, floor(cgroup quota)), at least 1."""
+    n = affinity_cpus()
+    limit = cgroup_cpu_limit(cpu_max)
+    if limit is not None:
+        n = min(n, max(1, int(limit)))
+    return max(1, n)
+
+
+def cpu_budget(cpu_max: Optional[str] = None) -> Dict[str, object]:
+    """What the clamp was computed from (recorded in reports)."""
+    limit = cgroup_cpu_limit(cpu_max)
+    return {"affinity": affinity_cpus(), "cgroup_cpu_limit": limit, "usable": usable_cpus(cpu_max)}
+
+
+def choose_threads(explicit: Optional[int], profile: Optional[int],
+                   cpu_max: Optional[str] = None) -> Optional[int]:
+    """Threads to run with: an explicit request as given; otherwise the profile's count
+    clamped to the CPUs this process may use; with neither, the usable CPUs."""
+    if explicit is not None:
+        if int(explicit) < 1:
+            from edgekit.errors import EdgekitError
+
+            raise EdgekitError(f"threads must be at least 1 (got {explicit})")
+        return int(explicit)
+    usable = usable_cpus(cpu_max)
+    if profile is None:
+        return usable
+    return max(1, min(int(profile), usable))
