@@ -153,6 +153,16 @@ class Server:
         f = open(f"/proc/{self.proc.pid}/stat").read().rsplit(")", 1)[1].split()
         return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
+    def batches(self):
+        """(samples run, model executions) so far, from the server's /metrics."""
+        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        c.request("GET", "/metrics")
+        text = c.getresponse().read().decode()
+        c.close()
+        vals = {ln.split("{")[0]: float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
+                if ln.startswith(("edgekit_serve_batch_size_sum", "edgekit_serve_batch_size_count"))}
+        return vals.get("edgekit_serve_batch_size_sum", 0.0), vals.get("edgekit_serve_batch_size_count", 0.0)
+
     def stop(self):
         self.proc.terminate()
         try:
@@ -199,10 +209,11 @@ def via_api(port, name, input_name, x, c, total, time_limit):
 def table(rows):
     from edgekit.table import render
 
-    return render(["model", "mode", "c", "p50 ms", "p99 ms", "req/s", "CPU ms/req", "ok", "failed"],
+    return render(["model", "mode", "c", "p50 ms", "p99 ms", "req/s", "CPU ms/req", "mean batch", "ok", "failed"],
                   [[r["model"], r["mode"], r["c"], f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}",
                     f"{r['throughput_per_s']:.1f}", f"{r['cpu_ms_per_request']:.2f}",
-                    r["requests"], r["failed"]] for r in rows])
+                    f"{r['mean_batch']:.1f}" if "mean_batch" in r else "-", r["requests"], r["failed"]]
+                   for r in rows])
 
 
 def main(argv=None):
@@ -248,12 +259,16 @@ def main(argv=None):
                              **in_process(path, x, c, a.requests, a.threads, a.time_limit)))
         for mode, extra in modes:
             srv = Server(path, ["--threads", str(a.threads), *extra], log)
+            seen = srv.batches()
             try:
                 for c in CONCURRENCY:
                     say(f"{label}: API {mode}, c={c}")
                     cpu0 = srv.cpu_s()
                     r = via_api(srv.port, served, input_name, x, c, a.requests, a.time_limit)
                     r["cpu_ms_per_request"] = (srv.cpu_s() - cpu0) * 1e3 / max(r["requests"] + 5, 1)
+                    runs = srv.batches()
+                    r["mean_batch"] = (runs[0] - seen[0]) / max(runs[1] - seen[1], 1)
+                    seen = runs
                     rows.append(dict(model=label, mode=f"API {mode}", c=c, **r))
             finally:
                 srv.stop()
@@ -275,7 +290,8 @@ def main(argv=None):
 
     doc = {"rows": rows, "summary": summary, "conditions": {
         "cpu_count": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-        "threads_per_instance": a.threads, "requests_per_measurement": a.requests, "mobilenet_size": a.mobilenet_size, "facts": device_facts()}}
+        "threads_per_instance": a.threads, "requests_per_measurement": a.requests,
+        "mobilenet_size": a.mobilenet_size, "facts": device_facts()}}
     if a.out:
         tmp = a.out + ".tmp"
         with open(tmp, "w") as f:

@@ -93,14 +93,15 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, *paths, args=(), env=None, tmp=None):
+    def __init__(self, *paths, args=(), env=None, tmp=None, cwd=ROOT):
         self.port = _free_port()
         self.log = Path(tmp or "/tmp") / f"serve-{self.port}.log"
-        e = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
+        e = dict(os.environ, PYTHONPATH=str(ROOT))
+        e.update(env or {})
         self._logf = open(self.log, "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "edgekit.serve", *map(str, paths),
                                       "--port", str(self.port), *map(str, args)],
-                                     stdout=self._logf, stderr=subprocess.STDOUT, env=e, cwd=str(ROOT))
+                                     stdout=self._logf, stderr=subprocess.STDOUT, env=e, cwd=str(cwd))
         self.url = f"127.0.0.1:{self.port}"
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -233,6 +234,20 @@ def test_serve_imports_only_the_device_side():
     from edgekit.runtime.files import runtime_files
 
     assert "serve/__main__.py" in runtime_files()  # pushed to devices with the runtime
+
+
+def test_serves_from_the_runtime_pushed_to_devices(two, tmp_path):
+    """The files deploy pushes (runtime/files.py) are enough for `python -m edgekit.serve`."""
+    from edgekit.runtime.files import copy_runtime
+
+    pushed = copy_runtime(tmp_path / "runtime")
+    with Server(two, env={"PYTHONPATH": str(pushed)}, tmp=tmp_path, cwd=tmp_path) as srv:
+        st, body = srv.json("POST", "/v2/models/two/infer", _infer_doc(np.ones((1, 4), np.float32)))
+        assert st == 200 and [o["name"] for o in body["outputs"]] == ["scores", "relu"]
+    code = "import edgekit.serve.server as s; print(s.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=str(tmp_path), env=dict(os.environ, PYTHONPATH=str(pushed)))
+    assert out.stdout.strip().startswith(str(pushed)), out
 
 
 # --- the real client against a real server ---------------------------------------------------

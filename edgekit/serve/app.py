@@ -228,6 +228,7 @@ class App:
         if version is not None and not rel.matches(version):
             raise ProtocolError(404, f"model '{entry.name}' has no version '{version[:64]}' being served "
                                      f"(serving {rel.version})")
+        self.engine.check_capacity()
         body = await self._read_body(scope, receive)
         hlen = None
         for k, v in scope["headers"]:

@@ -71,6 +71,11 @@ class Engine:
         self._pool.shutdown(wait=True)
 
     # -- accounting ---------------------------------------------------------
+    def check_capacity(self) -> None:
+        """Refuse (503) before a body is even read when the queue is already full."""
+        if self._slots.locked() and self.waiting >= self.max_queue + (self.max_batch if self.max_batch > 1 else 0):
+            raise QueueFull(self.max_queue)
+
     def _admit(self, batching: bool) -> None:
         """A request waits only when every slot is busy (a batch being filled may hold up to
         max_batch requests besides the queue); beyond that it is refused at once."""

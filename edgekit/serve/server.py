@@ -133,6 +133,8 @@ def serve(paths: List[str], config: ServeConfig, say=print) -> None:
     ucfg = uvicorn.Config(app, host=config.host, port=config.port, http="auto", loop="auto",
                           lifespan="on", access_log=config.access_log, log_level="warning",
                           server_header=False, date_header=False, timeout_keep_alive=30,
+                          # connections beyond what the queue can hold get uvicorn's plain 503
+                          limit_concurrency=config.max_concurrency * config.max_batch + config.max_queue + 64,
                           ssl_certfile=config.tls_cert, ssl_keyfile=config.tls_key)
     server = uvicorn.Server(ucfg)
     for e in entries:
