@@ -31,7 +31,7 @@ CODE = ("import sys,json,numpy as np; from edgekit.runtime import load; m=load(s
 
 
 def on_arm(bundle: Path, xq: np.ndarray) -> np.ndarray:
-    from edgekit.deploy import emulate
+    from edgekit.lab import emulated as emulate
     from edgekit.runtime.files import copy_runtime
 
     root = emulate.root_path()
@@ -71,7 +71,7 @@ def main():
     from imagegen import natural_patches
 
     from edgekit.convert import convert
-    from edgekit.deploy import emulate
+    from edgekit.lab import emulated as emulate
     from edgekit.runtime import load
 
     t0 = time.monotonic()

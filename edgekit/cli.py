@@ -506,9 +506,9 @@ def device_local():
 @_inventory_opt
 def device_local_up(name, target, python_, groups, inventory):
     """Start local device NAME and add it to the inventory (its host key to known_hosts)."""
-    from edgekit.deploy import localdev
+    from edgekit.lab import local
 
-    info = localdev.up(name, python_)
+    info = local.up(name, python_)
     inv, known = _add_started_device(inventory, name, info, target, groups, "local")
     click.echo(f"local device {name} is up at {info['host']} (root {info['root']}); "
                f"in {inv.path}, host key in {known}")
@@ -519,9 +519,9 @@ def device_local_up(name, target, python_, groups, inventory):
 @_inventory_opt
 def device_local_down(name, inventory):
     """Stop local device NAME, remove its state and its inventory entry."""
-    from edgekit.deploy import localdev
+    from edgekit.lab import local
 
-    gone = localdev.down(name)
+    gone = local.down(name)
     _remove_started_device(inventory, name)
     click.echo(f"local device {name} {'removed' if gone else 'was not running'}")
 
@@ -529,12 +529,12 @@ def device_local_down(name, inventory):
 @device_local.command("list")
 def device_local_list():
     """Local devices on this machine."""
-    from edgekit.deploy import localdev
+    from edgekit.lab import local
     from edgekit.table import render
 
     click.echo(render(["name", "address", "running", "python", "root"],
                       [[d["name"], d["address"], d["running"], d["python"], d["root"]]
-                       for d in localdev.listing()]))
+                       for d in local.listing()]))
 
 
 def _add_started_device(inventory, name, info, target, groups, default_group):
@@ -583,11 +583,11 @@ def device_emulate():
 @_inventory_opt
 def device_emulate_up(name, target, groups, inventory):
     """Build the arm64 root once (cached; minutes), start device NAME, add it to the inventory."""
-    from edgekit.deploy import emulate
+    from edgekit.lab import emulated
     from edgekit.targets import load_target
 
     load_target(target)
-    info = emulate.up(name, say=lambda t: click.echo(t, err=True))
+    info = emulated.up(name, say=lambda t: click.echo(t, err=True))
     inv, known = _add_started_device(inventory, name, info, target, groups, "emulated")
     click.echo(f"emulated arm64 device {name} is up at {info['host']} (aarch64 under qemu; tflite-runtime "
                f"2.14, numpy<2); in {inv.path}, host key in {known}")
@@ -598,9 +598,9 @@ def device_emulate_up(name, target, groups, inventory):
 @_inventory_opt
 def device_emulate_down(name, inventory):
     """Stop emulated device NAME and remove it from the inventory (the cached root stays)."""
-    from edgekit.deploy import emulate
+    from edgekit.lab import emulated
 
-    gone = emulate.down(name)
+    gone = emulated.down(name)
     _remove_started_device(inventory, name)
     click.echo(f"emulated device {name} {'removed' if gone else 'was not running'}")
 
@@ -610,10 +610,10 @@ def device_emulate_down(name, inventory):
 @click.option("--json", "as_json", is_flag=True)
 def device_emulate_status(name, as_json):
     """Whether the arm64 root is built (and how long it took), and whether NAME runs."""
-    from edgekit.deploy import emulate
+    from edgekit.lab import emulated
     from edgekit.table import kv
 
-    st = emulate.status(name)
+    st = emulated.status(name)
     if as_json:
         click.echo(json.dumps(st, indent=2))
         return

@@ -95,26 +95,27 @@ def deploy_and_profile(out: Path, a, progress: Progress):
     import dataclasses
 
     from edgekit.bundle import read_bundle
-    from edgekit.deploy import localdev, ops
+    from edgekit.deploy import ops
     from edgekit.deploy.inventory import Device, Inventory
     from edgekit.errors import EdgekitError
+    from edgekit.lab import local
     from edgekit.runtime.report import bench_table
 
     base = out / "local-devices"
     try:
-        localdev.check_prerequisites()
+        local.check_prerequisites()
     except EdgekitError as e:
         print(f"\nlocal device skipped: {e}")
         return {"skipped": str(e)}
     if a.emulated:
-        from edgekit.deploy import emulate as kind
+        from edgekit.lab import emulated as kind
 
         progress.say("starting the emulated arm64 device (Debian 12 arm64 under qemu)")
         info = kind.up("demo-device", say=progress.say, base=base)
     else:
-        kind = localdev
+        kind = local
         progress.say("starting a local device (sshd in its own network namespace)")
-        info = localdev.up("demo-device", base=base)
+        info = local.up("demo-device", base=base)
     try:
         (out / "known_hosts").write_text(info["host_key"] + "\n")
         inv = Inventory(out / "devices.toml", known_hosts=str(out / "known_hosts"),

@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/system-deps.sh
-exec python3 -m edgekit.deploy.emulate build
+exec python3 -m edgekit.lab.emulated build

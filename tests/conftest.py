@@ -127,14 +127,14 @@ def lab(lab_session):
 def emulated(lab_session):
     """The emulated arm64 Pi (Debian 12 arm64 under qemu, tflite-runtime 2.14, numpy<2), as a
     device of the lab: its root is built once and cached (minutes the first time)."""
-    from edgekit.deploy import emulate
+    from edgekit.lab import emulated as emu
 
-    info = emulate.up("emulated-pi", say=lambda t: print(t, flush=True), base=lab_session.dir / "emulated",
+    info = emu.up("emulated-pi", say=lambda t: print(t, flush=True), base=lab_session.dir / "emulated",
                       authorized_keys=lab_session.dir / "authorized_keys")
     try:
         yield info
     finally:
-        emulate.down("emulated-pi", base=lab_session.dir / "emulated")
+        emu.down("emulated-pi", base=lab_session.dir / "emulated")
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The deploy tests' fleet: several local devices (edgekit.deploy.localdev) sharing one
+"""The deploy tests' fleet: several local devices (edgekit.lab.local) sharing one
 client key, a known_hosts file and an inventory. Nothing is mocked: the tests deploy over
 real SSH to a real sshd into real directories."""
 
@@ -8,7 +8,8 @@ import os
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from edgekit.deploy.localdev import LocalDevice, _free_net, _sh, check_prerequisites
+from edgekit.lab import keys
+from edgekit.lab.local import LocalDevice, check_prerequisites, free_net
 
 LabDevice = LocalDevice
 
@@ -16,10 +17,10 @@ LabDevice = LocalDevice
 class Lab:
     """A set of LabDevices, a client key, a known_hosts file and an inventory."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, tag: Optional[str] = None):
         self.dir = directory
-        self.tag = f"{os.getpid() % 10000}"
-        self.net = _free_net()
+        self.tag = tag or f"{os.getpid() % 10000}"   # namespace names are machine-wide: one tag per lab
+        self.net = free_net()
         self.devices: Dict[str, LabDevice] = {}
         self.key = self.dir / "client_ed25519"
         self.known_hosts = self.dir / "known_hosts"
@@ -29,8 +30,7 @@ class Lab:
     def setup(self) -> None:
         check_prerequisites()
         self.dir.mkdir(parents=True, exist_ok=True)
-        _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", self.key)
-        (self.dir / "authorized_keys").write_text((self.dir / "client_ed25519.pub").read_text())
+        keys.client_key(self.dir)
         self.ssh_config.write_text("")
 
     def add(self, name: str, python: str) -> LabDevice:

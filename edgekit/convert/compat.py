@@ -103,14 +103,14 @@ def _run_in_venv(bundle_dir: Path, reqs: List[str], reference: bool = False) -> 
 
 
 def _emulation_fits(reqs: List[str]) -> bool:
-    from edgekit.deploy import emulate
+    from edgekit.lab import emulated as emulate
 
     return (os.geteuid() == 0 and emulate.is_built() and sys.platform == "linux"
             and set(reqs) <= set(emulate.RECIPE["pip"]))
 
 
 def _run_emulated(bundle_dir: Path) -> Dict[str, Any]:
-    from edgekit.deploy import emulate
+    from edgekit.lab import emulated as emulate
 
     root = emulate.root_path()
     emulate.ensure_binfmt()

@@ -7,7 +7,7 @@ so the TFLite kernels exercised are the ARM ones. The root is built once and cac
 keyed by its recipe; a device is that root's aarch64 sshd, chrooted, in its own network
 namespace (a LocalDevice), with its own host key and device root.
 
-    python -m edgekit.deploy.emulate build      # build (or find) the cached root
+    python -m edgekit.lab.emulated build        # build (or find) the cached root
     edgekit device emulate up|down|status       # the same, as an inventory device
 
 Needs Linux, root, debootstrap, qemu-user-static, openssh-client, iproute2, and the
@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from edgekit.deploy import localdev
-from edgekit.deploy.localdev import LocalDevice, _free_net, _sh, check_prerequisites, free_slot
 from edgekit.errors import DeviceError
+from edgekit.lab import keys, local
+from edgekit.lab.local import LocalDevice, _sh, check_prerequisites, free_net, free_slot, sshd_config
 
 RECIPE: Dict[str, object] = {
     "version": 1,
@@ -107,16 +107,24 @@ def debian_mirror() -> str:
     return "http://deb.debian.org/debian"
 
 
+# The one chroot script: /dev and /proc mounted into the root (in the caller's own mount
+# namespace: `unshare -m` here, `ip netns exec` for a device's sshd), then argv inside it.
+_CHROOT = ('mount --bind /dev "$1/dev" && mount -t proc proc "$1/proc" && '
+           'root="$1" && shift && exec chroot "$root" "$@"')
+
+
+def _chroot_argv(root: Path, argv: List[str]) -> List[str]:
+    return ["sh", "-c", _CHROOT, "sh", str(root), *argv]
+
+
 def in_root(root: Path, argv: List[str], env: Optional[Dict[str, str]] = None, log=None,
             timeout: float = 1800, capture: bool = False) -> subprocess.CompletedProcess:
     """Run argv chrooted into root, with /dev and /proc mounted in a private mount namespace.
     Output goes to `log` (stdout and stderr together), or is captured as text with `capture`."""
-    script = ('mount --bind /dev "$1/dev" && mount -t proc proc "$1/proc" && '
-              'root="$1" && shift && exec chroot "$root" "$@"')
     e = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root",
          "LANG": "C.UTF-8"}
     e.update(env or {})
-    cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", str(root), *argv]
+    cmd = ["unshare", "-m", "--propagation", "private", *_chroot_argv(root, argv)]
     if capture:
         return subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=timeout, check=False)
     return subprocess.run(cmd, env=e, stdout=log, stderr=subprocess.STDOUT if log else None,
@@ -211,22 +219,16 @@ class EmulatedDevice(LocalDevice):
         self.dir.mkdir(parents=True, exist_ok=True)
         self.etc.mkdir(parents=True, exist_ok=True)
         self.root.mkdir(parents=True, exist_ok=True)
-        key = self.etc / "host_ed25519"
-        if not key.exists():
-            _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key)
+        keys.keygen(self.etc / "host_ed25519")
         shutil.copy(self.authorized_keys, self.etc / "authorized_keys")
         inside = f"/etc/edgekit/{self.name}"
-        (self.etc / "sshd_config").write_text(
-            f"Port 22\nListenAddress {self.addr}\nHostKey {inside}/host_ed25519\n"
-            f"PidFile /run/sshd-{self.name}.pid\nAuthorizedKeysFile {inside}/authorized_keys\n"
-            "PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
-            "UsePAM no\nStrictModes no\nUseDNS no\nSubsystem sftp internal-sftp\nLogLevel ERROR\n"
-            "MaxStartups 100:30:200\n")
+        (self.etc / "sshd_config").write_text(sshd_config(self.addr, f"{inside}/host_ed25519",
+                                                          f"/run/sshd-{self.name}.pid", f"{inside}/authorized_keys"))
         self._netns()
         self.start()
 
     def host_key_line(self) -> str:
-        return f"{self.addr} " + " ".join((self.etc / "host_ed25519.pub").read_text().split()[:2])
+        return f"{self.addr} " + keys.public_line(self.etc / "host_ed25519")
 
     def destroy(self) -> None:
         """Also remove what this device keeps inside the shared arm64 root (the root stays)."""
@@ -236,9 +238,7 @@ class EmulatedDevice(LocalDevice):
 
     def sshd_argv(self) -> List[str]:
         ensure_binfmt()
-        script = ('mount --bind /dev "$1/dev" && mount -t proc proc "$1/proc" && '
-                  'exec chroot "$1" /usr/sbin/sshd -D -e -f "$2"')
-        return ["sh", "-c", script, "sh", str(self.chroot), f"/etc/edgekit/{self.name}/sshd_config"]
+        return _chroot_argv(self.chroot, ["/usr/sbin/sshd", "-D", "-e", "-f", f"/etc/edgekit/{self.name}/sshd_config"])
 
     def start(self, timeout: float = 60.0) -> None:
         super().start(timeout=timeout)
@@ -255,7 +255,7 @@ def up(name: str = "emulated-pi", say: Callable[[str], None] = print, base: Opti
     """Build (or reuse) the root and start device `name`; what an inventory entry needs."""
     check_prerequisites()
     root = build(say=say)
-    d = (localdev.state_dir(base) / name).resolve()
+    d = (local.state_dir(base) / name).resolve()
     if (d / "device.json").is_file():
         dev = _load(d)
         if not dev.running():
@@ -264,15 +264,11 @@ def up(name: str = "emulated-pi", say: Callable[[str], None] = print, base: Opti
             return up(name, say, base, authorized_keys)
     else:
         d.mkdir(parents=True, exist_ok=True)
-        key = d / "client_ed25519"
         if authorized_keys is None:
-            if not key.exists():
-                _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"edgekit-emulated-{name}", "-f", key)
-            (d / "authorized_keys").write_text((d / "client_ed25519.pub").read_text())
-            authorized_keys = d / "authorized_keys"
+            _, authorized_keys = keys.client_key(d, f"edgekit-emulated-{name}")
         index = free_slot("e", start=200)
         tag = f"e{index}"
-        dev = EmulatedDevice(d, name, root=root, tag=tag, net=_free_net(), index=index,
+        dev = EmulatedDevice(d, name, root=root, tag=tag, net=free_net(), index=index,
                              authorized_keys=authorized_keys)
         dev.launch({"name": name, "kind": "emulated-arm64", "chroot": str(root), "tag": tag,
                     "net": int(dev.addr.split(".")[1]), "index": index, "authorized_keys": str(authorized_keys)},
@@ -281,11 +277,11 @@ def up(name: str = "emulated-pi", say: Callable[[str], None] = print, base: Opti
 
 
 def down(name: str = "emulated-pi", base: Optional[Path] = None) -> bool:
-    return localdev.down(name, base, loader=_load)
+    return local.down(name, base, loader=_load)
 
 
 def status(name: str = "emulated-pi", base: Optional[Path] = None) -> Dict[str, object]:
-    d = localdev.state_dir(base) / name
+    d = local.state_dir(base) / name
     out: Dict[str, object] = {"root_built": is_built(), "root": str(root_path()), "recipe_key": recipe_key(),
                               "build_seconds": build_seconds(), "device": None}
     if (d / "device.json").is_file():
@@ -298,7 +294,7 @@ def status(name: str = "emulated-pi", base: Optional[Path] = None) -> Dict[str, 
 def main(argv: Optional[List[str]] = None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m edgekit.deploy.emulate")
+    ap = argparse.ArgumentParser(prog="python -m edgekit.lab.emulated")
     ap.add_argument("action", choices=["build", "status", "key"])
     a = ap.parse_args(argv)
     try:

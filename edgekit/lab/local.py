@@ -4,6 +4,7 @@ A local device has its own veth pair and address (10.<net>.<i>.2, the host side 
 own host key, its own device root and its own Python. It is a real SSH target: the tests
 deploy to a fleet of them, and `edgekit device local up` gives a user without a board one
 to try the whole path on. Linux, root, /usr/sbin/sshd (openssh-server) and `ip` (iproute2).
+The emulated arm64 device (emulated.py) is a LocalDevice whose sshd runs in a chroot.
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from edgekit.errors import DeviceError
+from edgekit.lab import keys
 
 SSHD = "/usr/sbin/sshd"
 _SSHD_CONFIG = """\
 Port 22
 ListenAddress {addr}
-HostKey {dir}/host_ed25519
-PidFile {dir}/sshd.pid
+HostKey {host_key}
+PidFile {pid_file}
 AuthorizedKeysFile {keys}
 PermitRootLogin prohibit-password
 PasswordAuthentication no
@@ -39,6 +41,11 @@ LogLevel ERROR
 MaxStartups 100:30:200
 MaxSessions 100
 """
+
+
+def sshd_config(addr: str, host_key: str, pid_file: str, authorized_keys: str) -> str:
+    """The one sshd configuration of every stand-in device (paths as its sshd sees them)."""
+    return _SSHD_CONFIG.format(addr=addr, host_key=host_key, pid_file=pid_file, keys=authorized_keys)
 
 
 def _sh(*args, check=True, **kw):
@@ -65,9 +72,9 @@ class LocalDevice:
     def create(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.root.mkdir(exist_ok=True)
-        _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", self.dir / "host_ed25519")
-        (self.dir / "sshd_config").write_text(
-            _SSHD_CONFIG.format(addr=self.addr, dir=self.dir, keys=self.authorized_keys))
+        keys.keygen(self.dir / "host_ed25519")
+        (self.dir / "sshd_config").write_text(sshd_config(self.addr, f"{self.dir}/host_ed25519",
+                                                          f"{self.dir}/sshd.pid", str(self.authorized_keys)))
         self._netns()
         self.start()
 
@@ -83,7 +90,7 @@ class LocalDevice:
         _sh("ip", "netns", "exec", self.ns, "ip", "link", "set", "lo", "up")
 
     def host_key_line(self) -> str:
-        return f"{self.addr} " + " ".join((self.dir / "host_ed25519.pub").read_text().split()[:2])
+        return f"{self.addr} " + keys.public_line(self.dir / "host_ed25519")
 
     def launch(self, record: Dict, what: str) -> None:
         """Record the device (device.json) and start it; on failure undo all of it."""
@@ -140,9 +147,7 @@ class LocalDevice:
 
     def regenerate_host_key(self) -> None:
         self.stop()
-        for f in self.dir.glob("host_ed25519*"):
-            f.unlink()
-        _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", self.dir / "host_ed25519")
+        keys.keygen(self.dir / "host_ed25519", replace=True)
         self.start()
 
     def mount_tmpfs(self, size: str) -> None:
@@ -164,7 +169,7 @@ class LocalDevice:
         _sh("ip", "netns", "del", self.ns, check=False)
 
 
-def _free_net() -> int:
+def free_net() -> int:
     """A 10.N.0.0/16 no interface here uses (another lab, a leftover, the host's own)."""
     used = _sh("ip", "-4", "-o", "addr", "show", check=False).stdout
     start = 200 + os.getpid() % 50
@@ -173,8 +178,6 @@ def _free_net() -> int:
         if f" 10.{n}." not in used:
             return n
     raise RuntimeError("no free 10.200-249.x.x network for the device lab")
-
-
 
 
 def free_slot(prefix: str, used=(), start: int = 1) -> int:
@@ -225,13 +228,10 @@ def up(name: str, python: Optional[str] = None, base: Optional[Path] = None) -> 
             dev.start()
     else:
         d.mkdir(parents=True, exist_ok=True)
-        key = d / "client_ed25519"
-        if not key.exists():
-            _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"edgekit-local-{name}", "-f", key)
-        (d / "authorized_keys").write_text((d / "client_ed25519.pub").read_text())
+        keys.client_key(d, f"edgekit-local-{name}")
         used = {_load(p).index for p in state_dir(base).iterdir() if (p / "device.json").is_file()}
         index = free_slot("l", used)
-        dev = LocalDevice(d, name, python or sys.executable, tag=f"l{index}", net=_free_net(), index=index,
+        dev = LocalDevice(d, name, python or sys.executable, tag=f"l{index}", net=free_net(), index=index,
                           authorized_keys=d / "authorized_keys")
         dev.launch({"name": name, "python": dev.python, "tag": f"l{index}", "net": int(dev.addr.split(".")[1]),
                     "index": index, "authorized_keys": str(d / "authorized_keys")}, "local")
