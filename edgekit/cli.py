@@ -872,8 +872,9 @@ def profile(bundle, device_name, group, all_devices, runs, warmup, threads, para
 @click.option("--no-check", is_flag=True, help="Skip the golden check when a release is loaded.")
 @click.option("--pid-file", type=click.Path(), help="Write the server's pid here (for --stop).")
 @click.option("--stop", is_flag=True, help="Stop the server started with --pid-file, then exit.")
+@click.option("--status", "show_status", is_flag=True, help="The state of the server started with --pid-file (JSON).")
 @click.option("--access-log", is_flag=True)
-def serve(paths, stop, **opts):
+def serve(paths, stop, show_status, **opts):
     """Serve bundles over KServe's Open Inference Protocol v2 (HTTP/REST, binary tensors).
 
     PATHS: bundle directories, .tflite/.onnx files, or a device root (~/.edgekit: every deployed
@@ -883,6 +884,13 @@ def serve(paths, stop, **opts):
     from edgekit.serve.__main__ import config_from, setup_logging
     from edgekit.serve.server import ServeError, serve as run_server, stop as stop_server
 
+    if show_status:
+        from edgekit.serve.server import state
+
+        if not opts["pid_file"]:
+            raise ServeError("--status needs --pid-file (the file the server was started with)")
+        click.echo(json.dumps(state(opts["pid_file"])))
+        return
     if stop:
         if not opts["pid_file"]:
             raise ServeError("--stop needs --pid-file (the file the server was started with)")

@@ -542,11 +542,19 @@ def test_cli_serve_stop_with_pid_file(two, tmp_path):
     with Server(two, args=["--pid-file", pid_file], tmp=tmp_path) as srv:
         _wait_for(pid_file.is_file)
         assert int(pid_file.read_text()) == srv.proc.pid
+        out = subprocess.run([sys.executable, "-m", "edgekit.serve", "--status", "--pid-file", str(pid_file)],
+                             capture_output=True, text=True, timeout=60, cwd=str(ROOT))
+        st = json.loads(out.stdout)
+        assert st["running"] and st["pid"] == srv.proc.pid and st["url"] == f"http://127.0.0.1:{srv.port}/v2"
+        assert st["models"] == ["two"]
         out = subprocess.run([sys.executable, "-m", "edgekit.cli", "serve", "--stop", "--pid-file", str(pid_file)],
                              capture_output=True, text=True, timeout=60, cwd=str(ROOT))
         assert out.returncode == 0, out.stderr
         assert srv.proc.wait(timeout=20) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal
-        assert not pid_file.exists()
+        assert not pid_file.exists() and not Path(str(pid_file) + ".json").exists()
+    from edgekit.serve.server import state
+
+    assert state(str(pid_file)) == {"running": False, "pid_file": str(pid_file)}
     out = subprocess.run([sys.executable, "-m", "edgekit.serve", "--stop", "--pid-file", str(pid_file)],
                          capture_output=True, text=True, timeout=60, cwd=str(ROOT))
     assert out.returncode == 2 and out.stderr.startswith("error: no server pid")

@@ -38,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-check", action="store_true", help="skip the golden check when loading a release")
     p.add_argument("--pid-file", default=None, help="write the server's pid here (for --stop)")
     p.add_argument("--stop", action="store_true", help="stop the server named by --pid-file, then exit")
+    p.add_argument("--status", action="store_true",
+                   help="print the state of the server named by --pid-file (JSON), then exit")
     p.add_argument("--access-log", action="store_true")
 
 
@@ -74,6 +76,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         from edgekit.serve.server import ServeError, serve, stop
 
+        if args.status:
+            import json
+
+            from edgekit.serve.server import state
+
+            if not args.pid_file:
+                raise ServeError("--status needs --pid-file (the file the server was started with)")
+            print(json.dumps(state(args.pid_file)))
+            return 0
         if args.stop:
             if not args.pid_file:
                 raise ServeError("--stop needs --pid-file (the file the server was started with)")
