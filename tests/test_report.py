@@ -147,6 +147,22 @@ def test_reader_matches_runs_and_reports_what_it_skipped(tmp_path):
     with pytest.raises(col.ReportError, match="no convert report"):
         col.collect(tmp_path / "build" / "profiles")
 
+    # a staged rollout's record (edgekit deploy --canary/--batches keeps them as <id>.json)
+    rollouts = tmp_path / "rollouts"
+    rollouts.mkdir()
+    (rollouts / "r-20261122-1.json").write_text(json.dumps(
+        {"id": "r-20261122-1", "model": "m", "state": "aborted", "created": "2026-11-22T10:00:00Z",
+         "bundle": str(build), "plan": {}, "abort": {"batch": "canary", "failed": 1, "of": 1},
+         "batches": [{"label": "canary", "state": "failed"}, {"label": "50%", "state": "pending"}],
+         "devices": {"a": {"state": "reverted"}, "b": {"state": "pending"}, "c": {"state": "pending"}}}))
+    from edgekit.report.render import render
+
+    data = col.collect(build, rollouts=[rollouts])
+    assert [r["id"] for r in data.rollouts] == ["r-20261122-1"]
+    html = render(data)
+    assert "canary (failed) → 50% (pending)" in html and "pending: 2, reverted: 1" in html
+    assert "batch canary: 1 of 1 failed" in html
+
 
 # --- the whole page in Chromium --------------------------------------------------------------
 
@@ -288,7 +304,7 @@ def report_inputs(digits_build, digits, lab, cli, tmp_path_factory):
     model, calib, val = digits
     sens = make_sensitive(model, base / "sensitive.keras")
     r = cli("convert", sens, "-t", "rpi4", "--format", "tflite", "--calib", calib, "--val", val,
-            "--max-accuracy-drop", 1, "--search-first", "--out", build, "--report", "-q")
+            "--max-accuracy-drop", 1, "--search-first", "--compat-check", "venv", "--out", build, "--report", "-q")
     assert r.exit_code == 0, r.stdout + r.stderr
     assert f"html report: {build / 'report.html'}" in r.stdout and (build / "report.html").is_file()
     benched = ["digits-rpi4", "digits-x86-avx2"]

@@ -3,7 +3,7 @@
 The one place that knows the JSON files' keys: `OUT/<name>.convert.json` and each bundle's
 `manifest.json` (convert), latency reports with raw samples (`edgekit bench --out`,
 `edgekit profile` under profiles/<device>/, the runtime's `benchmark()`), `*.qat.json`,
-`*.prune.json`, `*.distill.json` and `*.rollout.json`. Files are taken as they are on disk;
+`*.prune.json`, `*.distill.json` and staged rollouts' records. Files are taken as they are on disk;
 keys that have been renamed across edgekit versions are looked up under every name they
 have had (for example agreement as `top1_agreement` in percent or as a 0..1 fraction, or a
 unit-suffixed name), and every figure leaves here in one unit: fractions 0..1, bytes,
@@ -422,7 +422,7 @@ def collect(build_dir: os.PathLike, profiles: Sequence[os.PathLike] = (),
         d = _load_json(f, skipped)
         if d is None:
             continue
-        if f.name.endswith(".rollout.json") and isinstance(d, dict):
+        if _is_rollout(f, d):
             rollout_recs.append(dict(d, _file=str(f)))
         elif f.name.endswith((".qat.json", ".prune.json", ".distill.json")) and isinstance(d, dict):
             kind = f.name.rsplit(".", 2)[-2]
@@ -438,6 +438,13 @@ def collect(build_dir: os.PathLike, profiles: Sequence[os.PathLike] = (),
         else:
             b.runs.append(r)
     return ReportData(str(build), list(models.values()), rollout_recs, unmatched, skipped)
+
+
+def _is_rollout(f: Path, d: Any) -> bool:
+    """A staged rollout's record (`edgekit deploy --canary/--batches`: <id>.json in its rollouts
+    directory), or any *.rollout.json."""
+    return isinstance(d, dict) and (f.name.endswith(".rollout.json") or (
+        isinstance(d.get("batches"), list) and isinstance(d.get("devices"), (dict, list)) and "plan" in d))
 
 
 def _match(models: Dict[str, ModelInfo], r: Run) -> Optional[BundleInfo]:

@@ -34,11 +34,12 @@ span.muted{color:#888}
 figure.chart{width:min-content;margin:0;border:1px solid #e3e3e3;border-radius:4px;padding:4px;background:#fff}
 figure.chart figcaption{font-size:12px;color:#555;padding:2px 4px}
 .grid{display:grid;gap:10px;align-items:start}
-.grid .rowhead{font-size:13px;font-weight:600;align-self:center;word-break:break-all}
+.grid .rowhead{font-size:13px;font-weight:600;align-self:center}
+.grid .note{font-size:13px;color:#888;align-self:center;text-align:center}
 .grid .colhead{font-size:13px;font-weight:600;text-align:center}
 code{font-size:12px;background:#f4f4f4;padding:0 3px}
 table.conditions td:nth-child(12){min-width:200px;font-size:12px} table.conditions td:nth-child(13){white-space:nowrap}
-table.summary td:first-child,table.conditions td:first-child{white-space:nowrap}
+table.summary td:nth-child(-n+4),table.conditions td:first-child{white-space:nowrap}
 @media print{figure.chart{break-inside:avoid}}
 """
 
@@ -170,46 +171,53 @@ def latency_section(m: ModelInfo) -> str:
     devices = [d for d in m.devices if any(r.device == d and r.samples_ms for b in measured for r in b.runs)]
     parts = ['<div class="charts">']
     for d in devices:
-        series, cols = [], []
+        series, cols, dashes = [], [], []
         for i, b in enumerate(measured):
             r = _latest(b, d)
             if r is not None:
                 series.append((b.key, r.samples_ms))
                 cols.append(svg.colour(i))
+                dashes.append("5 3" if b.fmt == "onnx" else "")
         cid = _id(m.name, "cdf", d)
         where = "here" if d == HERE else f"on {d}"
         parts.append(figure(svg.cdf(series, title=f"latency distribution {where} (CDF)",
-                                    x_label="inference latency (ms)", chart_id=cid, colours=cols), cid,
-                            "Each line: every timed run of one bundle (warm-up discarded), inference call alone."))
+                                    x_label="inference latency (ms)", chart_id=cid, colours=cols,
+                                    dashes=dashes), cid,
+                            "Each line: every timed run of one bundle (warm-up discarded), inference call alone; "
+                            "dashed: ONNX."))
     parts.append("</div>")
     parts.append("<h3>Histograms per bundle and device</h3>")
-    if len(devices) == 1:  # one machine: the histograms side by side, wrapping
-        d = devices[0]
+    where = {b.key: [d for d in devices if (r := _latest(b, d)) is not None and r.samples_ms] for b in measured}
+    multi = [b for b in measured if len(where[b.key]) > 1]
+    if multi:  # measured on several machines: one row per bundle, one column per machine, side by side
+        cols = [d for d in devices if any(d in where[b.key] for b in multi)]
+        grid = [f'<div class="grid" style="grid-template-columns:max-content repeat({len(cols)},max-content)">'
+                '<div></div>']
+        grid += [f'<div class="colhead">{escape("here" if d == HERE else d)}</div>' for d in cols]
+        for b in multi:
+            grid.append(f'<div class="rowhead">{escape(b.key)}</div>')
+            for d in cols:
+                r = _latest(b, d)
+                if d not in where[b.key]:
+                    grid.append('<div class="note">not measured there</div>')
+                    continue
+                noisy = " · NOISY" if r.noisy else ""
+                grid.append(figure(_hist(m, measured, b, r, f"{len(r.samples_ms)} runs, p50 {r.p50_ms:.3g} ms{noisy}"),
+                                   _id(m.name, "hist", b.key, d)))
+        parts.append("".join(grid) + "</div>")
+    for d in devices:  # the rest: per machine, wrapping
+        alone = [b for b in measured if where[b.key] == [d]]
+        if not alone:
+            continue
+        if multi or len(devices) > 1:
+            parts.append(f"<h4>measured {'here' if d == HERE else 'on ' + escape(d)} only</h4>")
         parts.append('<div class="charts">')
-        for b in measured:
+        for b in alone:
             r = _latest(b, d)
-            cid = _id(m.name, "hist", b.key, d)
-            parts.append(figure(_hist(m, measured, b, r, title=b.key), cid,
+            parts.append(figure(_hist(m, measured, b, r, b.key), _id(m.name, "hist", b.key, d),
                                 f"{len(r.samples_ms)} runs {'here' if d == HERE else 'on ' + d}, p50 {r.p50_ms:.3g} ms"
                                 + (" · NOISY: " + "; ".join(r.noise_reasons) if r.noisy else "")))
-        return "".join(parts) + "</div>"
-    # small multiples: one row per bundle, one column per device
-    cols = len(devices)
-    grid = [f'<div class="grid" style="grid-template-columns:180px repeat({cols},330px)"><div></div>']
-    grid += [f'<div class="colhead">{escape("here" if d == HERE else d)}</div>' for d in devices]
-    for b in measured:
-        grid.append(f'<div class="rowhead">{escape(b.key)}</div>')
-        for j, d in enumerate(devices):
-            r = _latest(b, d)
-            if r is None or not r.samples_ms:
-                grid.append('<div class="muted">not measured</div>')
-                continue
-            cid = _id(m.name, "hist", b.key, d)
-            noisy = " · NOISY" if r.noisy else ""
-            title = f"{len(r.samples_ms)} runs, p50 {r.p50_ms:.3g} ms{noisy}"
-            grid.append(figure(_hist(m, measured, b, r, title=title), cid))
-    grid.append("</div>")
-    parts.append("".join(grid))
+        parts.append("</div>")
     return "".join(parts)
 
 
@@ -352,25 +360,29 @@ def optimize_section(m: ModelInfo) -> str:
 
 
 def rollouts_section(rollouts: List[Dict[str, Any]]) -> str:
-    """Rollout records as written by `edgekit deploy` staged rollouts: the scalar fields of each,
-    and per-device states counted (whatever the record calls its device list)."""
-    rows = []
-    for r in rollouts:
-        devs = r.get("devices") or r.get("per_device") or {}
+    """Staged rollouts' records (`edgekit deploy` with --canary/--batches): one row each, with its
+    devices counted by state and the abort, if any."""
+    rows, bad = [], []
+    for r in sorted(rollouts, key=lambda r: str(r.get("created") or r.get("started") or "")):
+        devs = r.get("devices") or {}
         states: Dict[str, int] = {}
-        items = devs.values() if isinstance(devs, dict) else devs if isinstance(devs, list) else []
-        for d in items:
-            s = d.get("state") or d.get("status") if isinstance(d, dict) else d
+        for d in (devs.values() if isinstance(devs, dict) else devs):
+            s = (d.get("state") or d.get("status")) if isinstance(d, dict) else d
             states[str(s)] = states.get(str(s), 0) + 1
-        batches = r.get("batches")
-        rows.append([r.get("id") or r.get("rollout_id") or Path(r["_file"]).name.split(".")[0],
-                     r.get("bundle") or r.get("model") or "–", r.get("group") or "–",
-                     r.get("state") or r.get("status") or "–",
-                     len(batches) if isinstance(batches, list) else "–",
-                     ", ".join(f"{k}: {v}" for k, v in sorted(states.items())) or "–",
-                     r.get("started") or r.get("created") or "–", Path(r["_file"]).name])
-    return table(["rollout", "bundle", "group", "state", "batches", "devices by state", "started", "file"], rows,
-                 numeric=[4])
+        batches = r.get("batches") if isinstance(r.get("batches"), list) else []
+        ab = r.get("abort")
+        abort = (f"batch {ab.get('batch')}: {ab.get('failed')} of {ab.get('of')} failed" if isinstance(ab, dict)
+                 else "–")
+        if isinstance(ab, dict) or str(r.get("state")) in ("aborted", "failed"):
+            bad.append(len(rows))
+        rows.append([r.get("id") or Path(r["_file"]).name.split(".")[0], r.get("model") or "–",
+                     Path(str(r.get("bundle"))).name if r.get("bundle") else "–", r.get("state") or "–",
+                     " → ".join(f"{b.get('label', i)} ({b.get('state', '?')})" for i, b in enumerate(batches)
+                                if isinstance(b, dict)) or "–",
+                     ", ".join(f"{k}: {v}" for k, v in sorted(states.items())) or "–", abort,
+                     str(r.get("created") or r.get("started") or "–")[:19].replace("T", " ")])
+    return table(["rollout", "model", "bundle", "state", "batches", "devices by state", "abort", "created"], rows,
+                 bad_rows=bad)
 
 
 def model_section(m: ModelInfo) -> str:

@@ -192,9 +192,10 @@ class Canvas:
             y += 18
         for i, (label, col, shape) in enumerate(entries):
             cy = y + i * 18 + 6
-            if shape == "line":
+            if shape in ("line", "dashed"):
+                da = ' stroke-dasharray="5 3"' if shape == "dashed" else ""
                 g.append(f'<line x1="{_f(x)}" y1="{_f(cy)}" x2="{_f(x + 16)}" y2="{_f(cy)}" stroke="{col}" '
-                         f'stroke-width="2.5"/>')
+                         f'stroke-width="2.5"{da}/>')
             elif shape == "bar":
                 g.append(f'<rect x="{_f(x + 2)}" y="{_f(cy - 6)}" width="12" height="12" fill="{col}"/>')
             else:
@@ -251,7 +252,7 @@ class Point:
 
 
 def scatter(points: Sequence[Point], *, title: str, x_label: str, y_label: str, x_log: bool = False,
-            y_percent: bool = False, chart_id: str = "", width: int = 470, height: int = 340,
+            y_percent: bool = False, chart_id: str = "", width: int = 440, height: int = 330,
             series_title: str = "", shape_title: str = "", series_order: Sequence[str] = (),
             shape_order: Sequence[str] = ()) -> str:
     """One marker per point: colour by `series`, shape by `shape_key`, both in the legend. The
@@ -261,7 +262,8 @@ def scatter(points: Sequence[Point], *, title: str, x_label: str, y_label: str, 
     shapes = list(dict.fromkeys([*shape_order, *(p.shape_key for p in points)]))
     present_s = {p.series for p in points}
     present_k = {p.shape_key for p in points}
-    legend_w = _legend_width(series + shapes, max(series_title, shape_title, key=len))
+    legend_w = _legend_width([x for x in series if x in present_s] + [k for k in shapes if k in present_k],
+                             max(series_title, shape_title, key=len))
     c = Canvas(width + legend_w, height, title, right=legend_w + 12, chart_id=chart_id, kind="scatter")
     ok = [p for p in points if p.x is not None and p.y is not None and math.isfinite(p.x) and math.isfinite(p.y)
           and (p.x > 0 or not x_log)]
@@ -294,10 +296,11 @@ def scatter(points: Sequence[Point], *, title: str, x_label: str, y_label: str, 
 
 def cdf(series: Sequence[Tuple[str, Sequence[float]]], *, title: str, x_label: str,
         chart_id: str = "", width: int = 640, height: int = 340, x_log: Optional[bool] = None,
-        colours: Optional[Sequence[str]] = None) -> str:
+        colours: Optional[Sequence[str]] = None, dashes: Optional[Sequence[str]] = None) -> str:
     """Empirical CDF of each series' samples as a step line; x on a log axis when they span
     more than 20x (so a fast and a slow bundle both stay readable)."""
     cols = list(colours) if colours else [colour(i) for i in range(len(series))]
+    dash = {lab: d for (lab, _), d in zip(series, dashes or [])}
     data = [(lab, sorted(v for v in s if math.isfinite(v)), col) for (lab, s), col in zip(series, cols)]
     data = [(lab, s, col) for lab, s, col in data if s]
     allv = [v for _, s, _ in data for v in s]
@@ -317,19 +320,20 @@ def cdf(series: Sequence[Tuple[str, Sequence[float]]], *, title: str, x_label: s
         for j, v in enumerate(s):
             pts.append(f"H{_f(xa(v))}V{_f(ya((j + 1) / n))}")
         p50 = s[(n - 1) // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
-        c.add(f'<path class="mark line" d="{"".join(pts)}" fill="none" stroke="{col}" stroke-width="2">'
+        da = f' stroke-dasharray="{dash[lab]}"' if dash.get(lab) else ""
+        c.add(f'<path class="mark line" d="{"".join(pts)}" fill="none" stroke="{col}" stroke-width="2"{da}>'
               f'<title>{escape(lab)}: {n} runs, p50 {p50:.4g} ms</title></path>')
-    c.legend([(lab, col, "line") for lab, _, col in data])
+    c.legend([(lab, col, "dashed" if dash.get(lab) else "line") for lab, _, col in data])
     return c.svg()
 
 
 def histogram(samples: Sequence[float], *, title: str, x_label: str, chart_id: str = "", col: str = PALETTE[0],
-              bins: Optional[int] = None, width: int = 340, height: int = 210) -> str:
+              bins: Optional[int] = None, width: int = 340, height: int = 222) -> str:
     """Counts per bin, p50 and p99 as dashed lines. The axis ends at the upper outer fence
     (Q3 + 3 IQR, at least p90): slower runs are counted in the last bar and said in a note, so a
     few outliers (a busy machine) do not squeeze the distribution into one bar."""
     s = sorted(v for v in samples if math.isfinite(v))
-    c = Canvas(width, height, title, left=50, bottom=44, chart_id=chart_id, kind="histogram")
+    c = Canvas(width, height, title, left=50, top=48, bottom=44, chart_id=chart_id, kind="histogram")
     if not s:
         xa, ya = Axis(0, 1, c.x0, c.x1), Axis(0, 1, c.y0, c.y1)
         c.axes(xa, ya, x_label, "runs")
@@ -369,7 +373,7 @@ def histogram(samples: Sequence[float], *, title: str, x_label: str, chart_id: s
     if over:
         tail.append(f"{over} slower (to {s[-1]:.3g}) in the last bar")
     if tail:
-        c.text(c.x1, c.y1 + 10 + 24, "; ".join(tail), anchor="end", size=10, fill="#666")
+        c.text(c.x1, 36, "; ".join(tail), anchor="end", size=10, fill="#666")
     return c.svg()
 
 
