@@ -27,7 +27,9 @@ from edgekit.errors import ConversionError
 from edgekit.runtime.files import copy_runtime
 from edgekit.targets import TargetProfile
 
-MODES = ("auto", "venv", "emulated", "off")
+# accept-crash: as auto, but a crash under emulation (which cannot be told from a runtime bug
+# without a board) is recorded in the manifest, op and shape named, and the bundle still written.
+MODES = ("auto", "venv", "emulated", "off", "accept-crash")
 _RUNTIME_PKGS = {"tflite": ("tflite-runtime",), "onnx": ("onnxruntime",)}
 
 
@@ -87,7 +89,7 @@ def _parse(proc: subprocess.CompletedProcess) -> Dict[str, Any]:
     lines = [ln for ln in (proc.stderr or "").strip().splitlines() if ln.strip()]
     msg = next((ln[len("error: "):] for ln in reversed(lines) if ln.startswith("error: ")),
                lines[-1] if lines else f"exit status {proc.returncode}")
-    return {"ok": False, "error": msg}
+    return {"ok": False, "error": msg, **({"crashed": True} if crashed(proc) else {})}
 
 
 def _run_in_venv(bundle_dir: Path, reqs: List[str], reference: bool = False) -> Dict[str, Any]:
@@ -148,6 +150,7 @@ def check(bundle_dir: Path, profile: TargetProfile, fmt: str, mode: str = "auto"
     if mode not in MODES:
         raise ConversionError(f"unknown compatibility mode {mode!r}", hint="one of " + ", ".join(MODES))
     bundle_dir = Path(bundle_dir).resolve()  # the check runs from another working directory
+    accept_crash, mode = mode == "accept-crash", ("auto" if mode == "accept-crash" else mode)
     reqs, unchecked = requirements(profile, fmt)
     records = [{"requirements": [u], "checked": False,
                 "reason": "the device's own build; cannot be installed here"} for u in unchecked]
@@ -174,19 +177,227 @@ def check(bundle_dir: Path, profile: TargetProfile, fmt: str, mode: str = "auto"
                 raise ConversionError(str(e), target=profile.name, stage="compatibility") from None
             res = {"checked": False, "reason": str(e)}
         res["seconds"] = time.monotonic() - t0
+        if res.get("crashed") and fmt == "tflite":
+            try:
+                res["crash"] = attribute_crash(bundle_dir, reqs, where.startswith("emulated"))
+            except (OSError, subprocess.SubprocessError, CompatUnavailable, ConversionError) as e:
+                res["crash"] = {"reproduced": None, "statement": f"could not bisect the crash: {e}"}
         if cache is not None:
             cache[key] = res
     record = {"requirements": reqs, "where": where, "checked": res.get("checked", True), **res}
     if reference and not where.startswith("emulated"):
         record["numerics"] = "reference (QDQ graph as written: this host's kernels saturate)"
-    if record["checked"] and not res.get("ok"):
+    if fmt == "tflite" and (bundle_dir / "model.tflite").is_file():
+        from edgekit.convert.tflite_fc import rewrites_of
+
+        rewrites = [r for r in rewrites_of((bundle_dir / "model.tflite").read_bytes()) if r["rewritten"]]
+        if rewrites:
+            record["graph_rewrites"] = rewrites
+    crash = res.get("crash") or {}
+    if record["checked"] and not res.get("ok") and crash.get("reproduced") and accept_crash \
+            and not crash.get("attributed"):
+        record["accepted"] = "--compat-check accept-crash: " + crash["statement"]
+    elif record["checked"] and not res.get("ok"):
         detail = _explain(res["error"], reqs) if res.get("error") else ", ".join(
             f"output {k}: SNR {v['snr_db']:.1f} dB vs golden (min {res.get('min_snr_db')}), top-1 agreement "
             f"{v['top1_agreement']}, max difference {v['max_abs_err']:.4g}"
             for k, v in res.get("outputs", {}).items() if not v.get("ok"))
+        if crash.get("statement"):
+            detail += f" ({crash['statement']})"
+        unattributed = crash.get("reproduced") and not crash.get("attributed")
         raise ConversionError(f"the {fmt} artifact fails in {' + '.join(reqs)} ({where}): {detail}",
                               target=profile.name, stage="compatibility",
-                              hint="choose ops/precision that runtime supports, update the devices' "
-                                   "runtime and min_runtime, or --compat-check off to accept the risk")
+                              hint=("a board decides: test one, or --compat-check accept-crash to write the "
+                                    "bundle with this recorded in its manifest" if unattributed else
+                                    "choose ops/precision that runtime supports, update the devices' "
+                                    "runtime and min_runtime, or --compat-check off to accept the risk"))
     records.append(record)
     return records
+
+
+# --- a crash: which op, at which shape, and whose fault ---------------------------------------
+
+# Runs inside the checking environment (stdlib + numpy + the runtime's interpreter): one
+# invoke of a model file on raw inputs, optimized or reference kernels. A crash kills it.
+_PROBE = r"""
+import json, sys
+import numpy as np
+from edgekit.runtime.tflite import find_interpreter
+_, cls, _ = find_interpreter()
+path, feeds, kernels = sys.argv[1], np.load(sys.argv[2]), sys.argv[3]
+kw = {}
+if kernels == "reference":
+    kw["experimental_op_resolver_type"] = sys.modules[cls.__module__].OpResolverType.BUILTIN_REF
+it = cls(model_path=path, **kw)
+dets = it.get_input_details()
+for i, d in enumerate(dets):
+    it.resize_tensor_input(d["index"], list(feeds[str(i)].shape))
+it.allocate_tensors()
+for i, d in enumerate(dets):
+    it.set_tensor(d["index"], feeds[str(i)])
+it.invoke()
+print(json.dumps({"ok": True}))
+"""
+
+
+def crashed(proc: subprocess.CompletedProcess) -> bool:
+    """Killed by a signal (SIGSEGV, SIGABRT...), directly or as qemu reports it."""
+    return proc.returncode < 0 or proc.returncode >= 128 or "uncaught target signal" in (proc.stderr or "")
+
+
+class _Env:
+    """Where probes run: the emulated root (files under its /tmp) or a venv here."""
+
+    def __init__(self, emulated: bool, reqs: List[str]):
+        self.emulated = emulated
+        if emulated:
+            from edgekit.lab import emulated as emulate
+
+            self.root = emulate.root_path()
+            self.dir = Path(tempfile.mkdtemp(prefix="edgekit-probe-", dir=self.root / "tmp"))
+            self.inside = "/" + str(self.dir.relative_to(self.root))
+        else:
+            self.py = venv_python(reqs)
+            self.dir = Path(tempfile.mkdtemp(prefix="edgekit-probe-"))
+            self.inside = str(self.dir)
+        copy_runtime(self.dir / "rt")
+        (self.dir / "probe.py").write_text(_PROBE)
+
+    def put(self, name: str, data: bytes) -> str:
+        (self.dir / name).write_bytes(data)
+        return f"{self.inside}/{name}"
+
+    def probe(self, model: str, feeds: str, kernels: str = "optimized") -> subprocess.CompletedProcess:
+        argv = [f"{self.inside}/probe.py", model, feeds, kernels]
+        env = {"PYTHONPATH": f"{self.inside}/rt", "PYTHONDONTWRITEBYTECODE": "1"}
+        if self.emulated:
+            from edgekit.lab import emulated as emulate
+
+            return emulate.in_root(self.root, [f"{emulate.VENV}/bin/python", *argv], env=env, timeout=600,
+                                   capture=True)
+        env["PATH"] = os.environ.get("PATH", "/usr/bin:/bin")
+        return subprocess.run([str(self.py), *argv], capture_output=True, text=True, env=env, timeout=600,
+                              cwd=self.dir)
+
+    def close(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _prefix(model, k: int) -> bytes:
+    """The model's first k+1 operators, with the outputs of operator k as the model's outputs
+    (TFLite runs every operator of a subgraph, so this runs exactly operators 0..k)."""
+    import copy
+
+    import flatbuffers
+
+    m = copy.copy(model)
+    sg = copy.copy(model.subgraphs[0])
+    sg.operators = model.subgraphs[0].operators[:k + 1]
+    sg.outputs = [int(i) for i in sg.operators[k].outputs if int(i) >= 0]
+    m.subgraphs = [sg] + list(model.subgraphs[1:])
+    m.signatureDefs = []
+    b = flatbuffers.Builder(1 << 16)
+    b.Finish(m.Pack(b), file_identifier=b"TFL3")
+    return bytes(b.Output())
+
+
+def _op_facts(model_bytes: bytes, feeds: List[Any]) -> List[Dict[str, Any]]:
+    """Per operator (here, on the host): name, input/output shapes and dtypes at these inputs."""
+    import numpy as np
+
+    from edgekit.runtime.tflite import find_interpreter
+
+    _, cls, _ = find_interpreter()
+    it = cls(model_content=model_bytes)  # shapes stay readable after invoke
+    dets = it.get_input_details()
+    for d, x in zip(dets, feeds):
+        it.resize_tensor_input(d["index"], list(x.shape))
+    it.allocate_tensors()
+    for d, x in zip(dets, feeds):
+        it.set_tensor(d["index"], x)
+    it.invoke()
+    t = {d["index"]: d for d in it.get_tensor_details()}
+
+    def desc(i):
+        return {"shape": [int(v) for v in t[i]["shape"]], "dtype": np.dtype(t[i]["dtype"]).name}
+
+    return [{"op": op["op_name"], "inputs": [desc(i) for i in op["inputs"] if i >= 0],
+             "outputs": [desc(i) for i in op["outputs"] if i >= 0]}
+            for op in it._get_ops_details() if op["op_name"] != "DELEGATE"]
+
+
+def attribute_crash(bundle_dir: Path, reqs: List[str], emulated: bool,
+                    say=lambda text: None) -> Dict[str, Any]:
+    """Find the first operator whose run crashes the runtime at batch 1 (the golden sample, one at
+    a time), by bisecting the graph: a prefix of the first k+1 operators runs exactly those, so the
+    smallest crashing prefix ends at the culprit (log2(ops) runs). Then ask the runtime's reference
+    kernels to run that prefix. Returns the manifest's record of it."""
+    import io
+
+    import numpy as np
+
+    from edgekit.runtime import load
+    from edgekit.runtime.check import batch_size
+
+    t0 = time.monotonic()
+    model_path = bundle_dir / "model.tflite"
+    data = model_path.read_bytes()
+    m = load(bundle_dir, verify=False)
+    g = m.bundle.golden()
+    n = batch_size(m)
+    feeds = [np.ascontiguousarray(s.quantize(g[f"input:{s.name}"][:n])) for s in m.inputs]
+    buf = io.BytesIO()
+    np.savez(buf, **{str(i): f for i, f in enumerate(feeds)})
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromPackedBuf(data, 0)
+    ops = len(model.subgraphs[0].operators)
+    env = _Env(emulated, reqs)
+    runs = 0
+    try:
+        x = env.put("feeds.npz", buf.getvalue())
+
+        def crashes(k: int, kernels: str = "optimized") -> bool:
+            nonlocal runs
+            runs += 1
+            path = env.put(f"prefix-{k}.tflite", data if k == ops - 1 else _prefix(model, k))
+            p = env.probe(path, x, kernels)
+            if not crashed(p) and p.returncode != 0:
+                raise ConversionError("the crash probe failed without crashing: "
+                                      + ((p.stderr or "").strip().splitlines() or ["?"])[-1],
+                                      stage="compatibility")
+            return crashed(p)
+
+        say(f"a crash: bisecting the graph ({ops} operators) in {' + '.join(reqs)}")
+        if not crashes(ops - 1):
+            return {"reproduced": False, "batch": n, "probes": runs, "seconds": round(time.monotonic() - t0, 1),
+                    "statement": "the crash did not recur when the model ran alone at batch "
+                                 f"{n}: not attributed to an operator (intermittent, or in the check itself)"}
+        lo, hi = 0, ops - 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if crashes(mid):
+                hi = mid
+            else:
+                lo = mid + 1
+        facts = _op_facts(data, feeds)[lo]
+        reference_runs = not crashes(lo, "reference")
+        whole_reference_runs = reference_runs and not crashes(ops - 1, "reference")
+    finally:
+        env.close()
+    shapes = " x ".join(f"{d['dtype']}{d['shape']}" for d in facts["inputs"])
+    runtime = " + ".join(reqs)
+    where = "under qemu (emulated aarch64)" if emulated else "natively here"
+    if emulated:
+        who = ("cannot be attributed: either the runtime's optimized kernel or qemu's emulation of the "
+               "instructions it uses; only a real board can tell")
+    else:
+        who = "the runtime itself (no emulation involved)"
+    ref = ("its reference kernels run it" + (" and the whole model" if whole_reference_runs else "")
+           if reference_runs else "its reference kernels crash too")
+    return {"reproduced": True, "op": facts["op"], "index": lo, "operators": ops, "batch": n,
+            "inputs": facts["inputs"], "outputs": facts["outputs"],
+            "reference_kernels_run": reference_runs, "attributed": not emulated,
+            "probes": runs, "seconds": round(time.monotonic() - t0, 1),
+            "statement": f"{runtime} crashes {where} in op {facts['op']} (operator {lo} of {ops}) on "
+                         f"{shapes} at batch {n}; {ref}; {who}"}

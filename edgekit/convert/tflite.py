@@ -43,7 +43,9 @@ def to_tflite(saved_model: Path, calib: Dataset, build: TFLiteBuild,
     conv.inference_output_type = io
     if not build.per_channel:
         conv._experimental_disable_per_channel = True
-    return conv.convert()
+    from edgekit.convert.tflite_fc import rewrite  # multi-row int8 FULLY_CONNECTED -> 1x1 CONV_2D
+
+    return rewrite(conv.convert())[0]
 
 
 def float_ops(model_path: Path) -> dict:
