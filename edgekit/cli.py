@@ -911,7 +911,8 @@ def serve(paths, stop, show_status, **opts):
 @click.option("--profiles", multiple=True, type=click.Path(),
               help="Directory (or JSON file) of latency reports: `edgekit profile --save-dir`, `edgekit bench "
                    "--out`; repeat for several. BUILD_DIR itself is always searched.")
-@click.option("--rollouts", multiple=True, type=click.Path(), help="Directory of *.rollout.json records.")
+@click.option("--rollouts", multiple=True, type=click.Path(),
+              help="Directory of staged rollouts' records (default: this build's, from edgekit deploy's own).")
 @click.option("--out", "-o", type=click.Path(), help="The HTML file (default: BUILD_DIR/report.html).")
 def report(build_dir, profiles, rollouts, out):
     """One self-contained HTML page (inline SVG charts, no network) of what BUILD_DIR's conversion and
@@ -919,7 +920,7 @@ def report(build_dir, profiles, rollouts, out):
     sensitivity, compatibility, conditions."""
     from edgekit.report import write_report
 
-    click.echo(str(write_report(build_dir, profiles, out, rollouts)))
+    click.echo(str(write_report(build_dir, profiles, out, list(rollouts) or None)))
 
 
 def _html_report(build_dir, profiles=(), err=False):

@@ -124,7 +124,8 @@ def test_reader_units_across_schema_versions():
     assert col.fraction({"top1_agreement_fraction": 0.5}, "top1_agreement") == 0.5
 
 
-def test_reader_matches_runs_and_reports_what_it_skipped(tmp_path):
+def test_reader_matches_runs_and_reports_what_it_skipped(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEKIT_ROLLOUTS", str(tmp_path / "no-rollouts"))
     build = tmp_path / "build"
     for key, target, fmt in (("m-rpi4", "rpi4", "tflite"), ("m-rpi4-onnx", "rpi4", "onnx")):
         (build / key).mkdir(parents=True)
@@ -159,6 +160,9 @@ def test_reader_matches_runs_and_reports_what_it_skipped(tmp_path):
 
     data = col.collect(build, rollouts=[rollouts])
     assert [r["id"] for r in data.rollouts] == ["r-20261122-1"]
+    monkeypatch.setenv("EDGEKIT_ROLLOUTS", str(rollouts))  # by default: edgekit deploy's, of this build's models
+    assert [r["id"] for r in col.collect(build).rollouts] == ["r-20261122-1"]
+    assert col.collect(build, rollouts=[]).rollouts == []
     html = render(data)
     assert "canary (failed) → 50% (pending)" in html and "pending: 2, reverted: 1" in html
     assert "batch canary: 1 of 1 failed" in html

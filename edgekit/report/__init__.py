@@ -5,8 +5,9 @@
 
 Reads a convert output directory (`<name>.convert.json`, each bundle's manifest.json) and any
 latency reports with raw samples under it or under `profiles` (`edgekit bench --out`,
-`edgekit profile`), `*.qat.json` / `*.prune.json` / `*.distill.json`, and `*.rollout.json`
-under it or `rollouts`. Standard library only: no plotting library, no script, no network.
+`edgekit profile`), `*.qat.json` / `*.prune.json` / `*.distill.json`, and staged rollouts'
+records (from `rollouts`, or by default this build's models' ones from `edgekit deploy`'s
+rollouts directory). Standard library only: no plotting library, no script, no network.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ DEFAULT_NAME = "report.html"
 
 
 def build_report(build_dir: os.PathLike, profiles: Sequence[os.PathLike] = (),
-                 rollouts: Sequence[os.PathLike] = ()) -> str:
+                 rollouts: Optional[Sequence[os.PathLike]] = None) -> str:
     """The HTML text of the report (nothing written)."""
     from edgekit.report.collect import collect
     from edgekit.report.render import render
@@ -30,7 +31,7 @@ def build_report(build_dir: os.PathLike, profiles: Sequence[os.PathLike] = (),
 
 
 def write_report(build_dir: os.PathLike, profiles: Sequence[os.PathLike] = (), out: Optional[os.PathLike] = None,
-                 rollouts: Sequence[os.PathLike] = ()) -> Path:
+                 rollouts: Optional[Sequence[os.PathLike]] = None) -> Path:
     """Write the report (default BUILD_DIR/report.html) atomically; returns its path."""
     html = build_report(build_dir, profiles, rollouts)
     dest = Path(out) if out is not None else Path(build_dir) / DEFAULT_NAME

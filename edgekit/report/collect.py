@@ -78,6 +78,9 @@ class BundleInfo:
     compatibility: Optional[List[Dict[str, Any]]]  # None: the manifest has no record
     convert_p50_ms: Optional[float]       # what convert measured here, if it did
     failure: Optional[str] = None         # convert wrote no bundle: the stage and reason
+    status: Optional[str] = None          # convert's word for the row ("written", "failed"), if it says
+    rescued_by: Optional[str] = None      # the rescue rung that met the floor, if one did
+    numerics: Optional[str] = None        # where fidelity was measured ("host", "reference", ...)
     rescue: List[Dict[str, Any]] = field(default_factory=list)  # convert's rescue ladder, as written
     runs: List[Run] = field(default_factory=list)
 
@@ -266,6 +269,15 @@ def _compat(manifest: Dict[str, Any], record: Dict[str, Any]) -> Optional[List[D
     return None
 
 
+def _numerics(record: Dict[str, Any], v: Dict[str, Any]) -> Optional[str]:
+    for n in (record.get("numerics"), v.get("numerics")):
+        if isinstance(n, dict) and n.get("mode"):
+            return str(n["mode"])
+        if isinstance(n, str):
+            return n
+    return None
+
+
 def _bundle(key: str, model: str, record: Dict[str, Any], manifest: Dict[str, Any]) -> BundleInfo:
     v = dict(manifest.get("validation") or {})
     v.update({k: x for k, x in (record.get("validation") or {}).items() if x is not None})
@@ -280,6 +292,7 @@ def _bundle(key: str, model: str, record: Dict[str, Any], manifest: Dict[str, An
         or _model_bytes(manifest)
     fbytes = _first(record, "float_bytes") or _first(v, "float_bytes")
     wb = record.get("within_budget", v.get("within_budget"))
+    mmodel = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
     return BundleInfo(
         key=key, model=model, target=str(target), fmt=str(fmt), precision=_precision(manifest, record),
         bytes=int(size) if size is not None else None, float_bytes=int(fbytes) if fbytes is not None else None,
@@ -292,7 +305,9 @@ def _bundle(key: str, model: str, record: Dict[str, Any], manifest: Dict[str, An
         convert_p50_ms=_convert_p50(record, manifest),
         failure=(f"{failure.get('stage', '?')}: {failure.get('reason', '')}" if isinstance(failure, dict)
                  else str(failure) if failure else None),
-        rescue=[x for x in (record.get("rescue") or manifest.get("rescue") or []) if isinstance(x, dict)])
+        rescue=[x for x in (record.get("rescue") or manifest.get("rescue") or []) if isinstance(x, dict)],
+        status=record.get("status"), rescued_by=record.get("rescued_by") or mmodel.get("rescued_by"),
+        numerics=_numerics(record, v))
 
 
 # --- latency reports ---------------------------------------------------------------
@@ -361,17 +376,27 @@ def _is_bundle_dir(p: Path) -> bool:
     return (p / "manifest.json").is_file()
 
 
+def default_rollouts_dir() -> Path:
+    """Where `edgekit deploy` keeps staged rollouts' records (the rule of edgekit.deploy.rollout,
+    repeated here so that the report does not import the deploy side)."""
+    if os.environ.get("EDGEKIT_ROLLOUTS"):
+        return Path(os.environ["EDGEKIT_ROLLOUTS"])
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "edgekit" / "rollouts"
+
+
 def collect(build_dir: os.PathLike, profiles: Sequence[os.PathLike] = (),
-            rollouts: Sequence[os.PathLike] = ()) -> ReportData:
+            rollouts: Optional[Sequence[os.PathLike]] = None) -> ReportData:
     """Everything the report shows, from a convert output directory and optional directories of
-    latency reports (profiles) and rollout records."""
+    latency reports (profiles) and rollout records (None: the rollouts of this build's models in
+    the default rollouts directory, if there is one)."""
     build = Path(build_dir)
     if not build.exists():
         raise ReportError("not found", path=str(build), hint="give the directory `edgekit convert --out` wrote")
     if not build.is_dir():
         raise ReportError("is not a directory", path=str(build),
                           hint="give the directory `edgekit convert --out` wrote")
-    for p in list(profiles) + list(rollouts):
+    for p in list(profiles) + list(rollouts or []):
         if not Path(p).exists():
             raise ReportError("not found", path=str(p), hint="give a directory of profile / rollout JSON files")
     skipped: List[Tuple[str, str]] = []
@@ -416,7 +441,7 @@ def collect(build_dir: os.PathLike, profiles: Sequence[os.PathLike] = (),
     # latency reports, optimize records and rollouts: anywhere under the build dir and the extra dirs
     runs: List[Run] = []
     rollout_recs: List[Dict[str, Any]] = []
-    for f in _json_files([build, *map(Path, profiles), *map(Path, rollouts)]):
+    for f in _json_files([build, *map(Path, profiles), *map(Path, rollouts or [])]):
         if f.name == "manifest.json" or f.name.endswith(".convert.json"):
             continue
         d = _load_json(f, skipped)
@@ -429,6 +454,12 @@ def collect(build_dir: os.PathLike, profiles: Sequence[os.PathLike] = (),
             _attach_optimize(models, kind, d, str(f))
         else:
             runs += _latency_reports(d, str(f))
+
+    if rollouts is None and default_rollouts_dir().is_dir():
+        for f in sorted(default_rollouts_dir().glob("*.json")):
+            d = _load_json(f, skipped)
+            if _is_rollout(f, d) and d.get("model") in models:
+                rollout_recs.append(dict(d, _file=str(f)))
 
     unmatched = []
     for r in runs:

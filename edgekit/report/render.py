@@ -99,16 +99,19 @@ def _fidelity(m: ModelInfo):
 def _budget(b: BundleInfo) -> Markup:
     if b.failure:
         return Markup(f'<span class="bad">FAILED</span> {escape(b.failure)}')
+    rescued = f" (rescued: {escape(str(b.rescued_by))})" if b.rescued_by else ""
     if b.within_budget is None:
+        if b.status == "written":  # convert writes a bundle only when it meets the floor
+            return Markup(f'<span class="ok">ok</span>{rescued}')
         return Markup('<span class="muted">–</span>')
-    return Markup('<span class="ok">ok</span>' if b.within_budget else '<span class="bad">MISSED</span>')
+    return Markup(f'<span class="ok">ok</span>{rescued}' if b.within_budget else '<span class="bad">MISSED</span>')
 
 
 def summary(m: ModelInfo) -> str:
     devices = m.devices
     headers = ["bundle", "target", "format", "precision", "KiB", "× float", "top-1 agree %",
                "accuracy % float → conv." if m.has_labels else "accuracy %", "SNR dB", "ops left in float",
-               "result"] + [f"p50 ms {'here' if d == HERE else 'on ' + d}" for d in devices]
+               "numerics", "result"] + [f"p50 ms {'here' if d == HERE else 'on ' + d}" for d in devices]
     rows, bad = [], []
     for i, b in enumerate(m.bundles):
         acc = (f"{_pct(b.accuracy_float)} → {_pct(b.accuracy_quant)}"
@@ -116,7 +119,8 @@ def summary(m: ModelInfo) -> str:
         ratio = b.bytes / b.float_bytes if b.bytes and b.float_bytes else None
         ops = ", ".join(f"{k}×{v}" for k, v in sorted(b.float_ops.items())) or "none"
         cells = [b.key, b.target, b.fmt, b.precision, _num(b.bytes / 1024 if b.bytes else None, "{:.1f}"),
-                 _num(ratio, "{:.2f}"), _pct(b.agreement), acc, _num(b.snr_db, "{:.1f}"), ops, _budget(b)]
+                 _num(ratio, "{:.2f}"), _pct(b.agreement), acc, _num(b.snr_db, "{:.1f}"), ops, b.numerics or "–",
+                 _budget(b)]
         for d in devices:
             p = b.p50(d)
             src = "" if not (d == HERE and p is not None and not any(r.device == HERE for r in b.runs)) \
@@ -126,7 +130,7 @@ def summary(m: ModelInfo) -> str:
         if b.failure or b.within_budget is False or any(c.get("checked") and c.get("ok") is False
                                                         for c in b.compatibility or []):
             bad.append(i)
-    return table(headers, rows, cls="summary", numeric=[4, 5, 6, 8] + list(range(11, 11 + len(devices))),
+    return table(headers, rows, cls="summary", numeric=[4, 5, 6, 8] + list(range(12, 12 + len(devices))),
                  bad_rows=bad)
 
 

@@ -286,7 +286,7 @@ def scatter(points: Sequence[Point], *, title: str, x_label: str, y_label: str, 
         c.add(marker(px, py, SHAPES[shapes.index(p.shape_key) % len(SHAPES)], colour(series.index(p.series)),
                      cls="mark point", tip=p.tip))
     entries = [(s, colour(i), "circle") for i, s in enumerate(series) if s in present_s]
-    c.legend(entries, title=series_title)
+    c.legend(entries, title=series_title if entries else "")
     if present_k:
         y = c.y1 + 4 + (18 if series_title else 0) + len(entries) * 18 + 12
         c.legend([(s, "#555", SHAPES[i % len(SHAPES)]) for i, s in enumerate(shapes) if s in present_k], y=y,
