@@ -168,6 +168,26 @@ def test_reader_matches_runs_and_reports_what_it_skipped(tmp_path, monkeypatch):
     assert "batch canary: 1 of 1 failed" in html
 
 
+def test_prune_and_distill_records_are_shown_with_their_model(tmp_path):
+    """`edgekit prune` / `distill` leave <model>.prune.json / .distill.json beside the saved model."""
+    from edgekit.report.render import render
+
+    build = tmp_path / "build"
+    (build / "m-rpi4").mkdir(parents=True)
+    (build / "m-rpi4" / "manifest.json").write_text(json.dumps(
+        {"schema": 2, "name": "m", "target": {"name": "rpi4"}, "model": {"format": "tflite", "bytes": 10}}))
+    fig = {"params": 1000, "flops": 2e6, "tflite_bytes": 4096, "gzip_bytes": 2048, "zero_weights": 0.0,
+           "accuracy": 98.5, "p50_ms": 0.25}
+    (build / "m.prune.json").write_text(json.dumps({"method": "structured", "before": fig,
+                                                    "after": dict(fig, params=500, p50_ms=0.125)}))
+    (build / "m.distill.json").write_text(json.dumps({"teacher": fig, "student": dict(fig, params=250)}))
+    data = col.collect(build, rollouts=[])
+    assert sorted(r["_kind"] for r in data.models[0].optimize) == ["distill", "prune"]
+    html = render(data)
+    assert "prune (m.prune.json)" in html and "distill (m.distill.json)" in html
+    assert html.count("<td>after</td>") == 1 and html.count("<td>student</td>") == 1
+
+
 # --- the whole page in Chromium --------------------------------------------------------------
 
 @pytest.fixture(scope="session")
