@@ -3,6 +3,9 @@
     python benchmarks/deploy_bench.py upload   # 50 MB bundle: edgekit upload vs scp, same link
     python benchmarks/deploy_bench.py fleet    # 8 devices in parallel vs 1 device: wall time
     python benchmarks/deploy_bench.py profile  # profile over SSH vs the same bench run locally
+    python benchmarks/deploy_bench.py scale    # staged rollout to 1, 4, 8, 16 devices: controller CPU,
+                                               # memory, wall time; device-side CPU apart
+    python benchmarks/deploy_bench.py hashes   # bytes of the bundle hashed per single-device deploy
 
 Each comparison alternates its two sides round by round, so drift hits both.
 """
@@ -30,7 +33,7 @@ from conftest import device_venv  # noqa: E402
 from devicelab import Lab  # noqa: E402
 
 from edgekit.bundle import read_bundle  # noqa: E402
-from edgekit.deploy import ops  # noqa: E402
+from edgekit.deploy import artifact, ops  # noqa: E402
 from edgekit.deploy.connection import Connection  # noqa: E402
 from edgekit.deploy.fleet import fan_out  # noqa: E402
 from edgekit.deploy.inventory import load_inventory  # noqa: E402
@@ -64,8 +67,8 @@ def bench_upload(work: Path, rounds: int, mb: int) -> dict:
     big = work / "big"
     shutil.copytree(src, big)
     (big / "payload.bin").write_bytes(np.random.default_rng(0).bytes(mb << 20))
-    bundle = read_bundle(big)
-    size = sum(p.stat().st_size for p in big.rglob("*") if p.is_file())
+    art = artifact.prepare(read_bundle(big))
+    size = art.bytes
     lab = make_lab(work, 1)
     try:
         dev = lab.devices["dev0"]
@@ -75,9 +78,9 @@ def bench_upload(work: Path, rounds: int, mb: int) -> dict:
             with Connection(inv.devices["dev0"], inv).open() as c:
                 s = DeviceSession(c)
                 s.ensure_runtime()
-                free = s.release("status", "--name", "digits", "--clean-incoming")["free_bytes"]
+                free = s.status("digits", clean_incoming=True).free_bytes
                 t0 = time.perf_counter()
-                incoming, sent = s.upload_bundle(big, "digits", bundle.digest(), free)
+                incoming, sent = s.upload(art, free)
                 ek.append(time.perf_counter() - t0)
             shutil.rmtree(dev.root / "models", ignore_errors=True)
             dest = f"root@{dev.addr}:{dev.root}/scp-copy"
@@ -139,6 +142,116 @@ def bench_fleet(work: Path, rounds: int, n: int) -> dict:
             "lower_bound_wall_s_on_this_machine": med(n, "machine_busy_core_s") / cores,
             "controller_cpu_s_fleet": med(n, "controller_cpu_s")}
 
+def bench_scale(work: Path, sizes=(1, 4, 8, 16), rounds: int = 2) -> dict:
+    """A staged rollout (canary 1, then 50%, 100%; parallel 8) of the digits CNN (a ~20 KB
+    .tflite) to n lab devices, from scratch each round (runtime push + upload + switch + golden
+    check). Controller: this process's CPU seconds (all threads) and the peak of Python memory
+    allocated during the rollout (tracemalloc); devices: the machine's busy core-seconds minus
+    the controller's (the lab's sshd and device Pythons share this machine)."""
+    import resource
+    import tracemalloc
+
+    from edgekit.deploy import artifact
+    from edgekit.deploy.rollout import Plan, Rollout, Share
+
+    src = digits_bundle(work)
+    arts = artifact.load(src)
+    lab = make_lab(work, max(sizes))
+    os.environ["EDGEKIT_ROLLOUTS"] = str(work / "rollouts")
+    out = []
+    try:
+        inv = load_inventory(lab.inventory)
+        devs = list(inv.devices.values())
+        for n in sizes:
+            for _ in range(rounds):
+                for d in lab.devices.values():
+                    shutil.rmtree(d.root, ignore_errors=True)
+                    d.root.mkdir()
+                plan = Plan(canary=Share.parse("1"), stages=Share.parse_list("50%,100%"), parallel=8)
+                r = Rollout.create(plan, arts, devs[:n], ops.Options(inv), lab.inventory, str(src))
+                tracemalloc.start()
+                b0, _ = _cpu_busy()
+                c0 = resource.getrusage(resource.RUSAGE_SELF)
+                t0 = time.perf_counter()
+                rec = r.run()
+                wall = time.perf_counter() - t0
+                c1 = resource.getrusage(resource.RUSAGE_SELF)
+                b1, _ = _cpu_busy()
+                peak = tracemalloc.get_traced_memory()[1]
+                tracemalloc.stop()
+                assert rec["state"] == "done", rec
+                ctl = (c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime)
+                busy = (b1 - b0) / os.sysconf("SC_CLK_TCK")
+                out.append({"devices": n, "batches": len(rec["batches"]), "wall_s": wall, "controller_cpu_s": ctl,
+                            "controller_cpu_s_per_device": ctl / n, "controller_peak_py_mb": peak / 1e6,
+                            "controller_peak_py_mb_per_device": peak / 1e6 / n,
+                            "device_side_cpu_s_per_device": max(0.0, busy - ctl) / n,
+                            "device_seconds_median": statistics.median(d["seconds"] for d in rec["devices"].values())})
+    finally:
+        lab.teardown()
+    table = {}
+    for n in sizes:
+        rows = [x for x in out if x["devices"] == n]
+        table[n] = {k: statistics.median(x[k] for x in rows) for k in rows[0] if k != "devices"}
+    return {"cores": os.cpu_count(), "rounds": rounds, "bundle_bytes": arts[0].bytes, "by_devices": table,
+            "runs": out}
+
+
+def bench_hashes(work: Path) -> dict:
+    """How many times `edgekit deploy BUNDLE -d dev0` (in process, as a user runs it) reads the
+    bundle's bytes into sha256, as bundle-equivalents: here (edgekit.bundle.sha256_file, counted)
+    and on the device (hashlib.sha256 wrapped by a sitecustomize on the device Python's path),
+    for a first deploy and for a redeploy of the same release."""
+    from click.testing import CliRunner
+
+    import edgekit.bundle as bmod
+    from edgekit.cli import cli
+    from edgekit.deploy import artifact
+
+    src = digits_bundle(work)
+    size = sum(p.stat().st_size for p in src.rglob("*") if p.is_file())
+    lab = make_lab(work, 1)
+    site = work / "count-site"
+    site.mkdir()
+    counts = work / "device-hashed-bytes"
+    (site / "sitecustomize.py").write_text(
+        "import atexit, hashlib\n_n = [0]\n_sha = hashlib.sha256\n"
+        "class _H:\n    def __init__(self, data=b''):\n        self._h = _sha(); self.update(data)\n"
+        "    def update(self, b):\n        _n[0] += len(b); self._h.update(b)\n"
+        "    def hexdigest(self):\n        return self._h.hexdigest()\n"
+        "hashlib.sha256 = _H\n"
+        f"atexit.register(lambda: _n[0] and open({str(counts)!r}, 'a').write(str(_n[0]) + '\\n'))\n")
+    wrapper = work / "counting-python"
+    wrapper.write_text(f'#!/bin/sh\nPYTHONPATH="${{PYTHONPATH:+$PYTHONPATH:}}{site}" '
+                       f'exec {lab.devices["dev0"].python} "$@"\n')
+    wrapper.chmod(0o755)
+    lab.write_inventory(extra={"dev0": {"python": str(wrapper)}})
+    here = [0]
+    real = bmod.sha256_file
+
+    def counted(path, *a, **kw):
+        here[0] += Path(path).stat().st_size
+        return real(path, *a, **kw)
+
+    out = {"bundle_bytes": size}
+    try:
+        r = CliRunner().invoke(cli, ["device", "setup", "dev0", "--inventory", str(lab.inventory)])
+        assert r.exit_code == 0, r.output           # the runtime push is not the bundle
+        bmod.sha256_file = artifact.sha256_file = counted
+        for label in ("first_deploy", "redeploy_unchanged"):
+            here[0] = 0
+            counts.unlink(missing_ok=True)
+            r = CliRunner().invoke(cli, ["deploy", str(src), "-d", "dev0", "--inventory", str(lab.inventory), "--json"])
+            assert r.exit_code == 0, r.output
+            dev = sum(int(x) for x in counts.read_text().split()) if counts.exists() else 0
+            out[label] = {"status": json.loads(r.stdout)[0]["status"], "times_here": here[0] / size,
+                          "times_on_device": dev / size, "times_total": (here[0] + dev) / size}
+    finally:
+        bmod.sha256_file = artifact.sha256_file = real
+        lab.teardown()
+    return out
+
+
 
 def resnet8_bundle(work: Path) -> Path:
     from imagegen import natural_patches
@@ -179,7 +292,7 @@ def bench_profile(work: Path, rounds: int, runs: int, threads: int = 1) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["upload", "fleet", "profile"])
+    ap.add_argument("what", choices=["upload", "fleet", "profile", "scale", "hashes"])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--mb", type=int, default=50)
     ap.add_argument("--devices", type=int, default=8)
@@ -189,6 +302,10 @@ def main():
         work = Path(d)
         if a.what == "upload":
             res = bench_upload(work, a.rounds, a.mb)
+        elif a.what == "scale":
+            res = bench_scale(work, rounds=a.rounds)
+        elif a.what == "hashes":
+            res = bench_hashes(work)
         elif a.what == "fleet":
             res = bench_fleet(work, a.rounds, a.devices)
         else:

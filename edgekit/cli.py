@@ -285,7 +285,6 @@ def prune(model, data, val, sparsity, method, epochs, lr, distill, out, as_json)
 
     res = run_prune(model, data, sparsity=sparsity, method=method, epochs=epochs, lr=lr, val=val,
                     out=out or _beside(model, "pruned"), distill=distill, say=lambda t: click.echo(t, err=True))
-    _record_beside(res, "prune")
     if as_json:
         click.echo(json.dumps(res, indent=2, default=str))
         return
@@ -316,7 +315,6 @@ def distill(teacher, student, width, data, val, temperature, alpha, epochs, lr, 
     res = run_distill(teacher, data, student_path=student, width=width, temperature=temperature, alpha=alpha,
                       epochs=epochs, lr=lr, val=val, out=out or _beside(teacher, "student"), baseline=baseline,
                       say=lambda t: click.echo(t, err=True))
-    _record_beside(res, "distill")
     if as_json:
         click.echo(json.dumps(res, indent=2, default=str))
         return
@@ -399,19 +397,6 @@ def _qat_table(res) -> str:
                    f"report {res['report']}")
 
 
-def _record_beside(res, kind):
-    """The before/after record beside the saved model (<model>.<kind>.json), where `edgekit report`
-    finds it when the model sits in the build directory."""
-    from pathlib import Path
-
-    from edgekit.bundle import write_json_atomic
-
-    if res.get("saved"):
-        p = Path(res["saved"]).with_suffix(f".{kind}.json")
-        write_json_atomic(p, res)
-        click.echo(f"record: {p}", err=True)
-
-
 def _beside(model: str, what: str) -> str:
     from pathlib import Path
 
@@ -438,7 +423,10 @@ def _options(inv, trust_new_host=False, keep=3, quiet=False):
     from edgekit.deploy.ops import Options
     from edgekit.progress import Progress
 
-    return Options(inv, trust_new_host=trust_new_host, keep=keep, progress=Progress(enabled=not quiet))
+    ctx = click.get_current_context(silent=True)
+    debug = bool(ctx and ctx.find_root().obj and ctx.find_root().obj.get("debug"))
+    return Options(inv, trust_new_host=trust_new_host, keep=keep, progress=Progress(enabled=not quiet),
+                   debug=debug)
 
 
 def _finish(group, as_json, headers, row, title=""):
@@ -657,7 +645,7 @@ def device_info(name, group, all_devices, inventory, trust_new_host, as_json):
 
     inv, devs = _select(inventory, name, group, all_devices)
     opts = _options(inv, trust_new_host)
-    res = fan_out(devs, lambda d: ops.info(d, opts))
+    res = fan_out(devs, lambda d: ops.info(d, opts), debug=opts.debug)
 
     def row(r):
         f = r.data.get("facts", {})
@@ -684,73 +672,184 @@ def device_setup(name, group, all_devices, inventory, trust_new_host, parallel, 
 
     inv, devs = _select(inventory, name, group, all_devices)
     opts = _options(inv, trust_new_host)
-    res = fan_out(devs, lambda d: ops.setup(d, opts), parallel)
+    res = fan_out(devs, lambda d: ops.setup(d, opts), parallel, debug=opts.debug)
     _finish(res, as_json, ["device", "runtime", "python", "backends", "result"],
             lambda r: [r.device, r.data.get("runtime"), r.data.get("python"),
                        ", ".join(f"{k} {v}" for k, v in (r.data.get("backends") or {}).items()),
                        r.status])
 
 
-def _load_bundle(path):
-    from edgekit.bundle import read_bundle
+def _artifacts(path):
+    """A bundle directory, or a convert output directory holding several bundles: each file hashed once."""
+    from edgekit.deploy import artifact
 
-    return read_bundle(path)
+    return artifact.load(path)
 
 
-def _load_bundles(path):
-    """A bundle directory, or a convert output directory holding several bundles."""
-    from pathlib import Path
+def _rollout_plan(canary, batches, batch_size, max_fail, timeout, offline, max_p50_ms, abort_rollback,
+                  parallel, staged_default_fail):
+    from edgekit.deploy.rollout import Plan, Share
 
-    from edgekit.bundle import is_bundle, read_bundle
-    from edgekit.errors import BundleError
+    def pct(text, hint):
+        try:
+            v = float(str(text).rstrip("%"))
+        except ValueError:
+            raise click.BadParameter(f"{text!r} is not a percentage (e.g. 10%)", param_hint=hint) from None
+        return v / 100
 
-    p = Path(path)
-    if is_bundle(p) or not p.is_dir():
-        return [read_bundle(p)]
-    found = [read_bundle(q) for q in sorted(p.iterdir()) if q.is_dir() and is_bundle(q)]
-    if not found:
-        raise BundleError("neither a bundle nor a directory of bundles", path=str(p),
-                          hint="give a directory written by `edgekit convert`")
-    names = {b.name for b in found}
-    if len(names) > 1:
-        raise BundleError(f"holds bundles of several models ({', '.join(sorted(names))})", path=str(p),
-                          hint="deploy one model at a time: give its bundle directory")
-    return found
+    return Plan(canary=Share.parse(canary, "--canary") if canary else None,
+                stages=Share.parse_list(batches) if batches else (),
+                batch_size=Share.parse(batch_size, "--batch-size") if batch_size else None,
+                max_fail=pct(max_fail, "--max-fail") if max_fail is not None else staged_default_fail,
+                offline=offline, abort_rollback=abort_rollback, timeout=timeout, parallel=parallel,
+                max_p50_ms=max_p50_ms)
+
+
+def _rollout_options(inv, plan, keep, trust_new_host=False, quiet=False):
+    from edgekit.deploy.ops import Gate
+
+    opts = _options(inv, trust_new_host, keep, quiet)
+    if plan.timeout:
+        opts.timeout = min(opts.timeout, plan.timeout)
+        opts.command_timeout = plan.timeout
+    if plan.max_p50_ms:
+        opts.gate = Gate(plan.max_p50_ms, runs=plan.gate_runs)
+    return opts
+
+
+def _plan_table(plan, groups, labels):
+    from edgekit.table import render
+
+    return render(["batch", "devices", "names"], [[lab, len(g), ", ".join(g)] for lab, g in zip(labels, groups)],
+                  title=f"rollout plan: max-fail {plan.max_fail * 100:g}% per batch, offline {plan.offline}, "
+                        f"abort rolls back {plan.abort_rollback}"
+                        + (f", p50 gate {plan.max_p50_ms:g} ms" if plan.max_p50_ms else ""))
+
+
+def _rollout_rows(rec):
+    return [[n, rec["batches"][d["batch"]]["label"], d["state"], d.get("bundle") or "-", (d.get("sha256") or "")[:12],
+             (d.get("previous") or "-")[:12], (d.get("current") or "-")[:12],
+             "-" if d.get("p50_ms") is None else f"{d['p50_ms']:.2f}", d.get("seconds")]
+            for n, d in rec["devices"].items()]
+
+
+_ROLLOUT_HEADERS = ["device", "batch", "result", "bundle", "release", "previous", "current", "p50 ms", "seconds"]
+
+
+def _show_rollout(rec, as_json):
+    from edgekit.deploy.rollout import summary
+    from edgekit.table import render
+
+    if as_json:
+        click.echo(json.dumps(rec, indent=2, default=str))
+    else:
+        click.echo(render(["batch", "devices", "failed", "state", "started", "finished"],
+                          [[b["label"], len(b["devices"]), b["failed"], b["state"], b["started"] or "-",
+                            b["finished"] or "-"] for b in rec["batches"]], title=f"rollout {rec['id']}"))
+        click.echo(render(_ROLLOUT_HEADERS, _rollout_rows(rec)))
+        for n, d in rec["devices"].items():
+            if d.get("reason"):
+                click.echo(f"{n}: {d['reason']}", err=True)
+    click.echo(summary(rec), err=True)
 
 
 @cli.command()
-@click.argument("bundle", type=click.Path())
+@click.argument("bundle", type=click.Path(), required=False)
 @click.option("--device", "-d", "device_name", help="One device from the inventory.")
 @_device_selection
 @click.option("--parallel", type=int, default=8, show_default=True, help="Devices at a time.")
 @click.option("--keep", type=int, default=3, show_default=True, help="Releases kept per model.")
-@click.option("--dry-run", is_flag=True, help="Say what would change on which device; touch nothing.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and what would change on which device; touch nothing.")
+@click.option("--canary", help="Staged rollout: first N devices (or P%) alone.")
+@click.option("--batches", help="Then cumulative shares of the fleet, e.g. 10%,50%,100%.")
+@click.option("--batch-size", help="Or batches of N devices (or P%) after the canary.")
+@click.option("--max-fail", help="Abort when more than P% of a batch fails (staged default 0%).")
+@click.option("--timeout", type=float, help="Seconds for any one step on a device (connect, upload, command).")
+@click.option("--offline", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
+              help="An unreachable device fails (counts toward --max-fail) or is skipped (retried on --resume).")
+@click.option("--max-p50-ms", type=float, help="Health gate: p50 latency measured on the device after the switch.")
+@click.option("--abort-rollback", type=click.Choice(["batch", "all"]), default="batch", show_default=True,
+              help="On abort, revert the failing batch, or every device this rollout switched.")
+@click.option("--resume", "resume_id", help="Continue rollout ID after an abort or a crash of the controller.")
 @_inventory_opt
 @_trust_opt
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
-def deploy(bundle, device_name, group, all_devices, parallel, keep, dry_run, inventory, trust_new_host,
-           as_json, quiet):
+def deploy(bundle, device_name, group, all_devices, parallel, keep, dry_run, canary, batches, batch_size, max_fail,
+           timeout, offline, max_p50_ms, abort_rollback, resume_id, inventory, trust_new_host, as_json, quiet):
     """Deploy BUNDLE: upload, verify, switch atomically, health-check, roll back on failure.
 
     BUNDLE may also be a convert output directory: each device then gets the bundle built
-    for its target profile, in a format a backend on the device runs."""
+    for its target profile, in a format a backend on the device runs. With --canary,
+    --batches or --batch-size the devices are rolled out in stages, recorded so that
+    --resume ID continues and `edgekit status --rollout ID` shows it."""
     from edgekit.deploy import ops
     from edgekit.deploy.fleet import fan_out
+    from edgekit.deploy.rollout import Rollout
 
     if keep < 1:
         raise click.BadParameter("must be at least 1", param_hint="--keep")
-    bs = _load_bundles(bundle)
+    if resume_id:
+        if bundle or device_name or group or all_devices:
+            raise click.UsageError("--resume takes the bundle and devices from the rollout record; give neither")
+        r = Rollout.resume(resume_id, lambda inv, plan, k: _rollout_options(inv, plan, k, trust_new_host,
+                                                                               quiet or as_json))
+        return _run_rollout(r, as_json, quiet)
+    if not bundle:
+        raise click.UsageError("give a BUNDLE (or --resume ID)")
+    arts = _artifacts(bundle)
     inv, devs = _select(inventory, device_name, group, all_devices)
-    opts = _options(inv, trust_new_host, keep, quiet or as_json)
-    res = fan_out(devs, lambda d: ops.deploy(d, bs, opts, dry_run=dry_run), parallel)
-    _finish(res, as_json, ["device", "result", "bundle", "release", "previous", "sent KiB", "backend",
-                           "seconds"],
-            lambda r: [r.device, r.status, r.data.get("bundle", "-"), (r.data.get("sha256") or "")[:12],
-                       (r.data.get("previous") or "-")[:12], r.data.get("bytes_sent", 0) / 1024,
-                       r.data.get("backend"), r.seconds],
-            title=f"{'dry run: ' if dry_run else ''}deploy {bs[0].name}"
-                  + (f" ({bs[0].target}, {bs[0].format})" if len(bs) == 1 else f" ({len(bs)} bundles)"))
+    staged = bool(canary or batches or batch_size or max_fail is not None)
+    plan = _rollout_plan(canary, batches, batch_size, max_fail, timeout, offline, max_p50_ms, abort_rollback,
+                         parallel, 0.0 if staged else 1.0)
+    opts = _rollout_options(inv, plan, keep, trust_new_host, quiet or as_json)
+    title = (f"deploy {arts[0].name}" + (f" ({arts[0].target}, {arts[0].format})" if len(arts) == 1
+                                         else f" ({len(arts)} bundles)"))
+    if dry_run:
+        if staged and not as_json:
+            groups = plan.batches([d.name for d in devs])
+            click.echo(_plan_table(plan, groups, plan.labels(len(groups))))
+        res = fan_out(devs, lambda d: ops.deploy(d, arts, opts, dry_run=True), parallel, debug=opts.debug)
+        _finish(res, as_json, ["device", "result", "bundle", "release", "previous", "sent KiB", "backend",
+                               "seconds"], _deploy_row, title="dry run: " + title)
+        return
+    if not staged:  # all at once, no record: one table row per device
+        res = fan_out(devs, lambda d: ops.deploy(d, arts, opts), parallel, debug=opts.debug)
+        for x in res.results:
+            if x.offline and offline == "skip":
+                x.status = "skipped-offline"
+        _finish(res, as_json, ["device", "result", "bundle", "release", "previous", "sent KiB", "backend",
+                               "seconds"], _deploy_row, title=title)
+        return
+    r = Rollout.create(plan, arts, devs, opts, inv.path, bundle)
+    if not (quiet or as_json):
+        click.echo(f"rollout {r.id}: {len(r.record['batches'])} batches; "
+                   f"`edgekit deploy --resume {r.id}` continues it after an abort or a crash", err=True)
+    _run_rollout(r, as_json)
+
+
+def _deploy_row(r):
+    return [r.device, r.status, r.data.get("bundle", "-"), (r.data.get("sha256") or "")[:12],
+            (r.data.get("previous") or "-")[:12], r.data.get("bytes_sent", 0) / 1024, r.data.get("backend"),
+            r.seconds]
+
+
+def _run_rollout(r, as_json, quiet=False):
+    say = r.opts.progress.say
+
+    def event(kind, info):
+        if kind == "batch":
+            say(f"{info['batch']}: {len(info['devices'])} device(s): {', '.join(info['devices'])}")
+        elif kind == "device":
+            say(f"  {info['device']}: {info['state']}" + (f" ({info['reason']})" if info.get("reason") else ""))
+        elif kind == "abort":
+            say(f"abort at {info['batch']}: {info['failed']} failed; reverting {', '.join(info['reverting']) or 'none'}")
+
+    r.on_event = event
+    rec = r.run()
+    _show_rollout(rec, as_json)
+    if rec["state"] != "done":
+        raise click.exceptions.Exit(1)
 
 
 @cli.command()
@@ -758,18 +857,24 @@ def deploy(bundle, device_name, group, all_devices, parallel, keep, dry_run, inv
 @_device_selection
 @click.option("--model", help="Only this model.")
 @click.option("--no-health", is_flag=True, help="Skip the golden health check of current releases.")
+@click.option("--rollout", "rollout_id", help="Show rollout ID's record (plan, batches, devices) instead.")
 @_inventory_opt
 @_trust_opt
 @click.option("--json", "as_json", is_flag=True)
-def status(device_name, group, all_devices, model, no_health, inventory, trust_new_host, as_json):
-    """Per device and model: current release, older ones, health."""
+def status(device_name, group, all_devices, model, no_health, rollout_id, inventory, trust_new_host, as_json):
+    """Per device and model: current release, older ones, health (or a rollout's record)."""
     from edgekit.deploy import ops
     from edgekit.deploy.fleet import fan_out
+
+    if rollout_id:
+        from edgekit.deploy.rollout import read_record
+
+        return _show_rollout(read_record(rollout_id), as_json)
     if not (device_name or group or all_devices):
         all_devices = True
     inv, devs = _select(inventory, device_name, group, all_devices)
     opts = _options(inv, trust_new_host)
-    res = fan_out(devs, lambda d: ops.status(d, opts, model, health=not no_health))
+    res = fan_out(devs, lambda d: ops.status(d, opts, model, health=not no_health), debug=opts.debug)
     if as_json:
         _finish(res, True, [], None)
         return
@@ -806,7 +911,7 @@ def rollback(device_name, model, to, inventory, trust_new_host, as_json):
 
     inv, devs = _select(inventory, device_name, None, False)
     opts = _options(inv, trust_new_host)
-    res = fan_out(devs, lambda d: ops.rollback(d, model, opts, to))
+    res = fan_out(devs, lambda d: ops.rollback(d, model, opts, to), debug=opts.debug)
     _finish(res, as_json, ["device", "model", "was", "now", "health", "result"],
             lambda r: [r.device, model, (r.data.get("previous") or "-")[:12], (r.data.get("current") or "-")[:12],
                        "ok" if (r.data.get("health") or {}).get("ok") else "FAILED",
@@ -836,10 +941,14 @@ def profile(bundle, device_name, group, all_devices, runs, warmup, threads, para
     from edgekit.deploy.fleet import fan_out
     from edgekit.runtime.report import bench_table
 
-    b = _load_bundle(bundle)
+    from edgekit.bundle import read_bundle
+    from edgekit.deploy.artifact import prepare
+
+    b = prepare(read_bundle(bundle, verify=False))
     inv, devs = _select(inventory, device_name, group, all_devices)
     opts = _options(inv, trust_new_host, quiet=as_json)
-    res = fan_out(devs, lambda d: ops.profile(d, b, opts, runs, warmup, save_dir, threads), parallel)
+    res = fan_out(devs, lambda d: ops.profile(d, b, opts, runs, warmup, save_dir, threads), parallel,
+                  debug=opts.debug)
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in res.results], indent=2, default=str))
     else:
@@ -943,6 +1052,48 @@ def _html_report(build_dir, profiles=(), err=False):
 
     click.echo(f"html report: {write_report(build_dir, profiles)}", err=err)
 
+
+
+@cli.group()
+def export():
+    """Hand a deploy to another tool: `export ansible`."""
+
+
+@export.command("ansible")
+@click.option("--group", "-g", required=True, help="The inventory group to deploy to.")
+@click.option("--bundle", "bundle", required=True, type=click.Path(), help="A bundle, or a convert output directory.")
+@click.option("--out", "-o", required=True, type=click.Path(), help="Directory to write (inventory, playbook, role).")
+@click.option("--canary", help="First N devices (or P%) alone (serial).")
+@click.option("--batches", help="Then cumulative shares of the group, e.g. 10%,50%,100%.")
+@click.option("--batch-size", help="Or batches of N devices (or P%).")
+@click.option("--max-fail", help="max_fail_percentage per batch (staged default 0%).")
+@click.option("--max-p50-ms", type=float, help="Health gate: p50 measured on the device after the switch.")
+@click.option("--forks", type=int, default=50, show_default=True, help="Ansible forks (hosts at a time).")
+@click.option("--keep", type=int, default=3, show_default=True, help="Releases kept per model.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@_inventory_opt
+@click.option("--json", "as_json", is_flag=True)
+def export_ansible(group, bundle, out, canary, batches, batch_size, max_fail, max_p50_ms, forks, keep, force,
+                   inventory, as_json):
+    """Write an Ansible inventory (a group per target profile), playbook and role that do what
+    `edgekit deploy` does, by calling the same device-side release code (`--check`: a dry run)."""
+    from edgekit.deploy import ansible
+    from edgekit.table import kv
+
+    arts = _artifacts(bundle)
+    inv, devs = _select(inventory, None, group, False)
+    staged = bool(canary or batches or batch_size or max_fail is not None)
+    plan = _rollout_plan(canary, batches, batch_size, max_fail, None, "fail", max_p50_ms, "batch", forks,
+                         0.0 if staged else 1.0)
+    res = ansible.export(inv, devs, arts, plan, out, group, keep=keep, force=force)
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+        return
+    click.echo(kv([("directory", res["dir"]), ("hosts", res["hosts"]), ("serial", res["serial"]),
+                   ("max_fail_percentage", res["max_fail_percentage"]),
+                   ("targets", ", ".join(f"{k} ({v})" for k, v in res["targets"].items())),
+                   ("bundles", ", ".join(res["bundles"])), ("run", ansible.run_hint(res["dir"])),
+                   ("dry run", ansible.run_hint(res["dir"], check=True))]))
 
 def main(argv: Optional[list] = None) -> None:
     cli.main(args=argv, prog_name="edgekit", standalone_mode=True)

@@ -73,6 +73,10 @@ class _Unknown(Exception):
         self.hostname, self.key = hostname, key
 
 
+class DeviceUnreachable(DeviceError):
+    """No SSH session could be opened (off, no route, sshd down): a rollout may skip it (--offline skip)."""
+
+
 def _expand(p: str) -> Path:
     return Path(os.path.expanduser(p))
 
@@ -149,8 +153,9 @@ class Connection:
         except (paramiko.ssh_exception.NoValidConnectionsError, socket.timeout, TimeoutError,
                 ConnectionError, OSError, paramiko.SSHException, EOFError) as e:
             client.close()
-            raise self._err(f"unreachable: {type(e).__name__}: {str(e) or 'no answer'}",
-                            hint="is the device on and sshd running? check host and port") from None
+            raise DeviceUnreachable(f"unreachable: {type(e).__name__}: {str(e) or 'no answer'}",
+                                    device=self.device.name, host=self.where,
+                                    hint="is the device on and sshd running? check host and port") from None
         t = client.get_transport()
         t.default_window_size = WINDOW
         t.packetizer.REKEY_BYTES = pow(2, 40)     # no re-key pauses in the middle of an upload

@@ -8,11 +8,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+from edgekit.deploy.connection import DeviceUnreachable
 from edgekit.deploy.inventory import Device
 from edgekit.errors import EdgekitError
 
-OK_STATUSES = {"deployed", "unchanged", "stored", "ok", "rolled-back-by-request",
-               "would-upload", "would-switch"}
+OK_STATUSES = {"deployed", "unchanged", "stored", "ok", "rolled-back-by-request", "reverted", "not-current",
+               "would-upload", "would-switch", "skipped-offline"}
 
 
 @dataclass
@@ -23,6 +24,8 @@ class DeviceResult:
     data: Dict[str, Any] = field(default_factory=dict)
     warnings: List[str] = field(default_factory=list)
     seconds: float = 0.0
+    offline: bool = False            # no SSH session could be opened
+
 
     @property
     def ok(self) -> bool:
@@ -30,7 +33,7 @@ class DeviceResult:
 
     def to_dict(self) -> Dict[str, Any]:
         return {"device": self.device, "status": self.status, "ok": self.ok, "reason": self.reason,
-                "warnings": self.warnings, "seconds": self.seconds, **self.data}
+                "warnings": self.warnings, "seconds": self.seconds, "offline": self.offline, **self.data}
 
 
 @dataclass
@@ -52,11 +55,13 @@ def fan_out(devices: Sequence[Device], fn: Callable[[Device], DeviceResult],
         t0 = time.monotonic()
         try:
             r = fn(d)
+        except DeviceUnreachable as e:
+            r = DeviceResult(d.name, "failed", reason=str(e), offline=True)
         except EdgekitError as e:
             r = DeviceResult(d.name, "failed", reason=str(e))
         except Exception as e:  # a bug or a library error on one device must not stop the others
             reason = f"internal error: {type(e).__name__}: {e}"
-            if debug:
+            if debug:  # --debug: where it happened here (a device's own traceback comes with its error)
                 reason += "\n" + traceback.format_exc()
             r = DeviceResult(d.name, "failed", reason=reason)
         r.seconds = time.monotonic() - t0

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from edgekit.bundle import Bundle, write_json_atomic
+from edgekit.deploy import protocol
+from edgekit.deploy.artifact import Artifact, prepare
 from edgekit.deploy.connection import Connection
 from edgekit.deploy.fleet import DeviceResult
 from edgekit.deploy.inventory import Device, Inventory
@@ -15,20 +18,43 @@ from edgekit.errors import DeviceError
 from edgekit.progress import Progress
 
 
+@dataclass(frozen=True)
+class Gate:
+    """A health gate beyond the golden check: p50 latency measured on the device after the
+    switch, with the latency method of `profile` (a short run: `runs` timed, `warmup` dropped)."""
+
+    max_p50_ms: float
+    runs: int = 50
+    warmup: int = 10
+
+    def __post_init__(self):
+        if not self.max_p50_ms > 0:
+            raise DeviceError(f"--max-p50-ms must be above 0 (got {self.max_p50_ms})")
+        if self.runs < 5 or self.warmup < 0:
+            raise DeviceError("the p50 gate needs at least 5 timed runs and no negative warm-up")
+
+
 class Options:
     """Settings shared by every device of one run."""
 
     def __init__(self, inventory: Inventory, *, trust_new_host: bool = False, keep: int = 3,
-                 progress: Optional[Progress] = None, timeout: float = 10.0):
+                 progress: Optional[Progress] = None, timeout: float = 10.0, debug: bool = False,
+                 command_timeout: Optional[float] = None, gate: Optional[Gate] = None):
         self.inventory = inventory
         self.trust_new_host = trust_new_host
         self.keep = keep
         self.progress = progress or Progress(enabled=False)
-        self.timeout = timeout
+        self.timeout = timeout                    # connecting
+        self.command_timeout = command_timeout    # any one device command (None: the command's own)
+        self.debug = debug                        # device tracebacks in the reasons
+        self.gate = gate
 
     def connect(self, device: Device) -> Connection:
         return Connection(device, self.inventory, trust_new_host=self.trust_new_host,
                           timeout=self.timeout).open()
+
+    def session(self, c: Connection) -> DeviceSession:
+        return DeviceSession(c, debug=self.debug, timeout=self.command_timeout)
 
 
 def suggest_target(facts: Dict[str, Any]) -> Optional[str]:
@@ -51,9 +77,9 @@ def suggest_target(facts: Dict[str, Any]) -> Optional[str]:
 
 def info(device: Device, opts: Options) -> DeviceResult:
     with opts.connect(device) as c:
-        s = DeviceSession(c)
+        s = opts.session(c)
         s.ensure_runtime()
-        f = s.facts()
+        f = dict(s.facts().raw)
     f["suggested_target"] = suggest_target(f)
     warnings = []
     if device.target and f["suggested_target"] and device.target != f["suggested_target"]:
@@ -63,38 +89,37 @@ def info(device: Device, opts: Options) -> DeviceResult:
 
 def setup(device: Device, opts: Options) -> DeviceResult:
     with opts.connect(device) as c:
-        s = DeviceSession(c)
+        s = opts.session(c)
         pushed = s.ensure_runtime(force=True)
         f = s.facts()
-    usable = [n for n, b in f["backends"].items() if b.get("available")]
+    usable = {n: b.version for n, b in f.backends.items() if b.available}
     if not usable:
         return DeviceResult(device.name, "failed",
                             reason=f"device {device.name}: runtime installed under {s.root}/runtime, but no "
                                    f"inference backend is importable: {INSTALL_HINTS['tflite']}; "
                                    f"or {INSTALL_HINTS['onnx']}",
-                            data={"facts": f})
+                            data={"facts": f.raw})
     return DeviceResult(device.name, "ok", data={"runtime": f"{s.root}/runtime", "pushed": pushed,
-                                                 "backends": {n: f["backends"][n].get("version") for n in usable},
-                                                 "python": f["python"]})
+                                                 "backends": usable, "python": f.python})
 
 
-def _mismatch(device: Device, bundle: Bundle):
-    if device.target and device.target != bundle.target:
-        return [f"bundle built for {bundle.target}, device profile is {device.target}"]
+def _mismatch(device: Device, art: Artifact):
+    if device.target and device.target != art.target:
+        return [f"bundle built for {art.target}, device profile is {device.target}"]
     return []
 
 
-def choose_bundle(device: Device, bundles: Sequence[Bundle], runnable: Optional[Sequence[str]]) -> Bundle:
+def choose_bundle(device: Device, artifacts: Sequence[Artifact], runnable: Optional[Sequence[str]]) -> Artifact:
     """From a convert output: the bundle for the device's target profile (in the profile's
     order of formats) that a backend on the device can run."""
-    if len(bundles) == 1:
-        return bundles[0]
-    mine = [b for b in bundles if b.target == device.target] if device.target else list(bundles)
+    if len(artifacts) == 1:
+        return artifacts[0]
+    mine = [b for b in artifacts if b.target == device.target] if device.target else list(artifacts)
     if not mine:
         raise DeviceError(f"none of the bundles is built for its target {device.target} "
-                          f"(have: {', '.join(sorted({b.target for b in bundles}))})", device=device.name,
+                          f"(have: {', '.join(sorted({b.target for b in artifacts}))})", device=device.name,
                           hint=f"convert with --target {device.target}")
-    order = list(mine[0].manifest["target"].get("formats") or []) if device.target else []
+    order = mine[0].formats_in_order if device.target else []
     mine.sort(key=lambda b: order.index(b.format) if b.format in order else len(order))
     for b in mine:
         if runnable is None or b.format in runnable:
@@ -103,133 +128,137 @@ def choose_bundle(device: Device, bundles: Sequence[Bundle], runnable: Optional[
                       device=device.name, hint=INSTALL_HINTS[mine[0].format])
 
 
-def _runnable(s: DeviceSession) -> List[str]:
-    b = s.backends()
-    fmts = []
-    if any(b.get(n, {}).get("available") for n in ("litert", "tflite-runtime", "tensorflow")):
-        fmts.append("tflite")
-    if b.get("onnxruntime", {}).get("available"):
-        fmts.append("onnx")
-    return fmts
+def _artifacts(bundles: Union[Bundle, Artifact, Sequence[Union[Bundle, Artifact]]]) -> List[Artifact]:
+    items = [bundles] if isinstance(bundles, (Bundle, Artifact)) else list(bundles)
+    return [b if isinstance(b, Artifact) else prepare(b) for b in items]
 
 
-def deploy(device: Device, bundles: Union[Bundle, Sequence[Bundle]], opts: Options,
+def _upload(s: DeviceSession, art: Artifact, st: protocol.DeviceStatus, opts: Options) -> Tuple[str, int]:
+    tick = opts.progress.ticker(f"[{s.device.name}] upload", "")
+    return s.upload(art, st.free_bytes, tick=lambda d, t: tick(d >> 10, t >> 10, "KiB"))
+
+
+def _gate(s: DeviceSession, art: Artifact, gate: Gate) -> Tuple[bool, float]:
+    """(passed, p50 ms) of the release just switched to, measured on the device."""
+    rep = s.bench(s.release_path(art.name, art.sha256), gate.runs, gate.warmup)
+    p50 = protocol.latency_p50_ms(rep)
+    return p50 <= gate.max_p50_ms, p50
+
+
+def deploy(device: Device, bundles: Union[Bundle, Artifact, Sequence[Union[Bundle, Artifact]]], opts: Options,
            dry_run: bool = False) -> DeviceResult:
-    candidates = [bundles] if isinstance(bundles, Bundle) else list(bundles)
+    """Upload (unless the release is there), verify on the device, switch, health-check (and the
+    p50 gate), roll back on failure. Bundles: prepared once by the caller for a fleet."""
+    candidates = _artifacts(bundles)
+    name = candidates[0].name
     with opts.connect(device) as c:
-        s = DeviceSession(c)
+        s = opts.session(c)
         stale = s.runtime_status() is None
         if not dry_run:
             s.ensure_runtime()
             stale = False
-        name = candidates[0].name
-        st = s.release("status", "--name", name, *([] if dry_run else ["--clean-incoming"])) \
-            if not stale else {"models": {}, "free_bytes": 0}
-        bundle = choose_bundle(device, candidates,
-                               _runnable(s) if len(candidates) > 1 and not stale else None)
-        sha = bundle.digest()
-        warnings = _mismatch(device, bundle)
-        data: Dict[str, Any] = {"model": name, "sha256": sha, "bytes_sent": 0,
-                                "bundle": bundle.path.name, "format": bundle.format}
-        if dry_run:
-            entry = st["models"].get(name, {})
-            cur = entry.get("current")
-            have = any(r["sha256"] == sha for r in entry.get("releases", []))
-            if have and not s.release("verify", "--name", name, "--sha", sha)["ok"]:  # read-only
-                warnings.append(f"release {sha[:12]} on the device was modified or damaged: would upload again")
-                have = False
-            data.update(previous=cur, runtime=("would push" if stale else "present"))
-            status = "unchanged" if (have and cur == sha) else ("would-switch" if have else "would-upload")
-            return DeviceResult(device.name, status, data=data, warnings=warnings)
-        data["backend"] = s.check_backend(bundle.format)
-        entry = st["models"].get(name, {})
-        cur = entry.get("current")
-        have = any(r["sha256"] == sha for r in entry.get("releases", []))
-        data["previous"] = cur
-        incoming = None
-        if have and not s.release("verify", "--name", name, "--sha", sha)["ok"]:
-            warnings.append(f"release {sha[:12]} on the device was modified or damaged: uploaded again")
+        st = s.status(name, clean_incoming=not dry_run) if not stale else None
+        art = choose_bundle(device, candidates,
+                            protocol.runnable_formats(s.backends()) if len(candidates) > 1 and st else None)
+        sha = art.sha256
+        warnings = _mismatch(device, art)
+        entry = st.model(name) if st else protocol.ModelState(None)
+        have = entry.has(sha)
+        data: Dict[str, Any] = {"model": name, "sha256": sha, "bytes_sent": 0, "bundle": art.path.name,
+                                "format": art.format, "previous": entry.current}
+        if have and not s.verify(name, sha):  # read-only; a dry run says what a deploy would do
+            warnings.append(f"release {sha[:12]} on the device was modified or damaged: "
+                            + ("would upload again" if dry_run else "uploaded again"))
             have = False
-        if have and cur == sha:
+        if dry_run:
+            data["runtime"] = "would push" if stale else "present"
+            status = "unchanged" if (have and entry.current == sha) else ("would-switch" if have else "would-upload")
+            return DeviceResult(device.name, status, data=data, warnings=warnings)
+        data["backend"] = s.check_backend(art.format)
+        if have and entry.current == sha:
             return DeviceResult(device.name, "unchanged", data=data, warnings=warnings)
+        incoming = None
         if not have:
-            tick = opts.progress.ticker(f"[{device.name}] upload", "")
-            incoming, data["bytes_sent"] = s.upload_bundle(bundle.path, name, sha, st["free_bytes"],
-                                                           tick=lambda d, t: tick(d >> 10, t >> 10, "KiB"))
-        args = ["--name", name, "--sha", sha, "--keep", str(opts.keep)]
-        if incoming:
-            args += ["--incoming", incoming]
-        res = s.release("activate", *args)
-    data.update(health=res.get("health"), current=res.get("current"), pruned=res.get("pruned", []))
-    status = res["status"]
-    if incoming and status == "unchanged":
-        status = "deployed"  # the damaged release was uploaded again and checked
-    reason = None
-    if status == "rolled-back":
-        h = res.get("health") or {}
-        reason = "health check failed on the device: " + (h.get("error") or ", ".join(
-            f"{k}: SNR {v['snr_db']:.1f} dB vs golden (min {h.get('min_snr_db')}), top-1 agreement "
-            f"{v['top1_agreement']}" for k, v in (h.get("outputs") or {}).items() if not v.get("ok")))
-        reason += f"; current is back at {(res.get('current') or 'none')[:12]}"
+            incoming, data["bytes_sent"] = _upload(s, art, st, opts)
+        res = s.activate(name, sha, incoming, opts.keep)
+        data.update(health=res.health.raw if res.health else None, current=res.current, pruned=list(res.pruned))
+        status = "deployed" if res.status in ("deployed", "unchanged") else res.status
+        reason = None
+        if status == "rolled-back":
+            reason = (f"health check failed on the device: {res.health.why() if res.health else 'no result'}; "
+                      f"current is back at {(res.current or 'none')[:12]}")
+        elif opts.gate is not None:
+            ok, p50 = _gate(s, art, opts.gate)
+            data["p50_ms"] = p50
+            if not ok:
+                back = s.revert(name, sha, res.previous)
+                data["current"] = back.current
+                status = "rolled-back"
+                reason = (f"p50 {p50:.2f} ms on the device is above --max-p50-ms {opts.gate.max_p50_ms:g}; "
+                          f"current is back at {(back.current or 'none')[:12]}")
     return DeviceResult(device.name, status, reason=reason, data=data, warnings=warnings)
+
+
+def revert(device: Device, name: str, sha: str, to: Optional[str], opts: Options) -> DeviceResult:
+    """Undo one switch (a rollout's abort): `current` back at `to` if it is still `sha`."""
+    with opts.connect(device) as c:
+        res = opts.session(c).revert(name, sha, to)
+    return DeviceResult(device.name, res.status, data={"previous": res.previous, "current": res.current})
 
 
 def status(device: Device, opts: Options, model: Optional[str] = None, health: bool = True) -> DeviceResult:
     with opts.connect(device) as c:
-        s = DeviceSession(c)
+        s = opts.session(c)
         s.ensure_runtime()
-        st = s.release("status", *(["--name", model] if model else []), *(["--health"] if health else []))
-    bad = [n for n, m in st["models"].items() if health and m.get("current") and not m["health"].get("ok")]
+        st = s.status(model, health=health)
+    bad = [n for n, m in st.models.items() if health and m.current and not (m.health and m.health.ok)]
+    models = {n: {"current": m.current, "releases": [asdict(r) for r in m.releases], "history": list(m.history),
+                  "incoming": list(m.incoming), **({"health": m.health.raw} if m.health else {})}
+              for n, m in st.models.items()}
     return DeviceResult(device.name, "failed" if bad else "ok",
                         reason=(f"unhealthy: {', '.join(bad)}" if bad else None),
-                        data={"models": st["models"], "free_bytes": st["free_bytes"]})
+                        data={"models": models, "free_bytes": st.free_bytes})
 
 
 def rollback(device: Device, model: str, opts: Options, to: Optional[str] = None) -> DeviceResult:
     with opts.connect(device) as c:
-        s = DeviceSession(c)
+        s = opts.session(c)
         s.ensure_runtime()
-        res = s.release("rollback", "--name", model, *(["--to", to] if to else []))
-    ok = (res.get("health") or {}).get("ok", True)
+        res = s.rollback(model, to)
+    ok = res.health.ok if res.health else True
     return DeviceResult(device.name, "rolled-back-by-request" if ok else "failed",
                         reason=None if ok else "the release rolled back to fails its health check",
-                        data=res)
+                        data={"name": res.name, "previous": res.previous, "current": res.current,
+                              "health": res.health.raw if res.health else None})
 
 
-def profile(device: Device, bundle: Bundle, opts: Options, runs: int = 200, warmup: int = 20,
+def profile(device: Device, bundle: Union[Bundle, Artifact], opts: Options, runs: int = 200, warmup: int = 20,
             out_dir: Optional[Path] = None, threads: Optional[int] = None) -> DeviceResult:
-    name, sha = bundle.name, bundle.digest()
-    warnings = _mismatch(device, bundle)
+    art = _artifacts(bundle)[0]
+    name, sha = art.name, art.sha256
+    warnings = _mismatch(device, art)
     with opts.connect(device) as c:
-        s = DeviceSession(c)
+        s = opts.session(c)
         s.ensure_runtime()
-        st = s.release("status", "--name", name, "--clean-incoming")
-        s.check_backend(bundle.format)
-        entry = st["models"].get(name, {})
-        have = any(r["sha256"] == sha for r in entry.get("releases", []))
-        if have and not s.release("verify", "--name", name, "--sha", sha)["ok"]:
-            have = False
+        st = s.status(name, clean_incoming=True)
+        s.check_backend(art.format)
+        have = st.model(name).has(sha) and s.verify(name, sha)
         if not have:
-            tick = opts.progress.ticker(f"[{device.name}] upload", "")
-            incoming, _ = s.upload_bundle(bundle.path, name, sha, st["free_bytes"],
-                                          tick=lambda d, t: tick(d >> 10, t >> 10, "KiB"))
-            s.release("store", "--name", name, "--sha", sha, "--incoming", incoming)
+            incoming, _ = _upload(s, art, st, opts)
+            s.store(name, sha, incoming)
         opts.progress.say(f"[{device.name}] profiling {name}: {warmup} warm-up + {runs} runs on the device")
-        path = f"{s.root}/models/{name}/releases/{sha}"
-        args = ["bench", path, "--json", "--runs", str(runs), "--warmup", str(warmup)]
-        if threads:
-            args += ["--threads", str(threads)]
-        rep = s.call(*args, timeout=3600)
+        rep = s.bench(s.release_path(name, sha), runs, warmup, threads)
     rep["device"] = device.name
     rep["label"] = device.name
     rep["bundle_sha256"] = sha
     saved = None
     if out_dir is not None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        saved = Path(out_dir) / device.name / f"{name}-{bundle.target}-{bundle.format}-{stamp}.json"
+        saved = Path(out_dir) / device.name / f"{name}-{art.target}-{art.format}-{stamp}.json"
         write_json_atomic(saved, rep)
     return DeviceResult(device.name, "ok", data={"report": rep, "saved": str(saved) if saved else None},
                         warnings=warnings)
 
 
-__all__ = ["Options", "info", "setup", "deploy", "status", "rollback", "profile", "suggest_target", "choose_bundle"]
+__all__ = ["Options", "Gate", "info", "setup", "deploy", "revert", "status", "rollback", "profile",
+           "suggest_target", "choose_bundle"]

@@ -13,6 +13,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from edgekit.deploy import protocol
+from edgekit.deploy.artifact import Artifact
 from edgekit.deploy.connection import Connection
 from edgekit.errors import DeviceError
 from edgekit.runtime.files import PKG, runtime_digest, runtime_files
@@ -24,12 +26,16 @@ INSTALL_HINTS = {
 
 
 class DeviceSession:
-    def __init__(self, conn: Connection):
+    """One connected device's edgekit: its runtime, and a method per device command with a typed result."""
+
+    def __init__(self, conn: Connection, *, debug: bool = False, timeout: Optional[float] = None):
         self.conn = conn
         self.device = conn.device
         self.root = conn.path(self.device.root).rstrip("/")
-        self._facts: Optional[Dict[str, Any]] = None
-        self._backends: Optional[Dict[str, Any]] = None
+        self.debug = debug
+        self.timeout = timeout            # at most this long for any one device command
+        self._facts: Optional[protocol.Facts] = None
+        self._backends: Optional[Dict[str, protocol.Backend]] = None
 
     def err(self, message: str, hint: Optional[str] = None) -> DeviceError:
         return self.conn._err(message, hint)
@@ -55,6 +61,8 @@ class DeviceSession:
         total = sum(f.stat().st_size for f, _ in files)
         done = 0
         sftp = self.conn.sftp
+        if self.timeout is not None:  # a device that stops answering fails the upload after this long
+            sftp.get_channel().settimeout(self.timeout)
         for local, remote in files:
             self.makedirs(posixpath.dirname(remote))
             base = done
@@ -86,8 +94,8 @@ class DeviceSession:
     def _upload_error(self, e: Exception, remote: str, total: int) -> DeviceError:
         free = None
         try:
-            free = self.release("status")["free_bytes"]
-        except Exception:
+            free = self.status().free_bytes
+        except DeviceError:
             pass
         if free is not None and free < total:
             return self.err(f"no space left under {self.root}: {free / 1e6:.1f} MB free, the upload "
@@ -124,21 +132,25 @@ class DeviceSession:
         return True
 
     def call(self, *args: str, timeout: float = 600.0) -> Dict[str, Any]:
-        """python -m edgekit.runtime ARGS on the device; its JSON answer, or a clear DeviceError."""
+        """python -m edgekit.runtime ARGS on the device; its JSON answer, or a clear DeviceError
+        (with `debug`, the device's traceback is part of it)."""
         py = self.device.python
-        rc, out, err = self.conn.run([py, "-m", "edgekit.runtime", *args],
-                                     env={"PYTHONPATH": f"{self.root}/runtime",
-                                          "PYTHONDONTWRITEBYTECODE": "1"},
-                                     cwd="/", timeout=timeout)
+        words = list(args)
+        if self.debug:
+            words.insert(0, "--debug")
+        rc, out, err = self.conn.run(protocol.argv(py, *words), env=protocol.env(self.root), cwd="/",
+                                     timeout=timeout if self.timeout is None else min(timeout, self.timeout))
         if rc == 127:
             raise self.err(f"'{py}' not found on the device",
                            hint="install python3 there, or set python = \"/path/to/python\" in the inventory")
         if "No module named 'numpy'" in err:
             raise self.err(f"numpy is not installed for {py} on the device", hint=f"{py} -m pip install numpy")
-        if rc not in (0, 1):
+        if rc not in (0, 1) or (self.debug and rc != 0 and "Traceback (most recent call last)" in err):
             lines = [ln for ln in err.strip().splitlines() if ln.strip()]
             msg = next((ln[len("error: "):] for ln in reversed(lines) if ln.startswith("error: ")),
                        lines[-1] if lines else f"exit status {rc}")
+            if self.debug and "Traceback (most recent call last)" in err:   # --debug: the device's own traceback
+                msg += "\ndevice traceback:\n" + err[err.index("Traceback (most recent call last)"):].strip()
             raise self.err(msg)
         try:
             return json.loads(out)
@@ -149,48 +161,76 @@ class DeviceSession:
         except (ValueError, IndexError):
             raise self.err(f"unexpected answer from the device runtime: {out[-300:]!r} {err[-300:]!r}") from None
 
-    def facts(self) -> Dict[str, Any]:
+    # -- the typed calls (one per device command) ---------------------------------
+    def facts(self) -> protocol.Facts:
         if self._facts is None:
-            self._facts = self.call("facts")
+            self._facts = protocol.Facts.parse(self.call("facts"))
+            self._backends = self._facts.backends
         return self._facts
 
-    def backends(self) -> Dict[str, Any]:
+    def backends(self) -> Dict[str, protocol.Backend]:
         """Installed backends, from the last status call (cheap) or the full facts."""
         if self._backends is None:
-            self._backends = self.facts()["backends"]
+            self._backends = self.facts().backends
         return self._backends
 
-    def release(self, action: str, *args: str) -> Dict[str, Any]:
-        out = self.call("release", action, "--root", self.root, *args)
-        if "backends" in out:
-            self._backends = out["backends"]
-        return out
+    def _release(self, action: str, **kw) -> Dict[str, Any]:
+        return self.call(*protocol.release_args(action, self.root, **kw))
+
+    def status(self, name: Optional[str] = None, *, clean_incoming: bool = False,
+               health: bool = False) -> protocol.DeviceStatus:
+        st = protocol.DeviceStatus.parse(self._release("status", name=name, health=health,
+                                                       clean_incoming=clean_incoming and bool(name)))
+        self._backends = st.backends
+        return st
+
+    def activate(self, name: str, sha: str, incoming: Optional[str], keep: int) -> protocol.Activation:
+        return protocol.Activation.parse(self._release("activate", name=name, sha=sha, incoming=incoming, keep=keep))
+
+    def store(self, name: str, sha: str, incoming: str) -> protocol.Stored:
+        return protocol.Stored.parse(self._release("store", name=name, sha=sha, incoming=incoming))
+
+    def rollback(self, name: str, to: Optional[str] = None) -> protocol.Switch:
+        return protocol.Switch.parse(self._release("rollback", name=name, to=to))
+
+    def revert(self, name: str, sha: str, to: Optional[str]) -> protocol.Switch:
+        """Put `current` back at `to` (None: no release) if it is still `sha`."""
+        return protocol.Switch.parse(self._release("revert", name=name, sha=sha, to=to or "none"))
+
+    def verify(self, name: str, sha: str) -> bool:
+        """Read-only: the release directory on the device still has this sha256."""
+        return bool(self._release("verify", name=name, sha=sha)["ok"])
+
+    def bench(self, path: str, runs: int, warmup: int, threads: Optional[int] = None) -> Dict[str, Any]:
+        """The latency report (DESIGN.md's method) of the bundle at `path` on the device."""
+        return self.call(*protocol.bench_args(path, runs, warmup, threads), timeout=3600)
+
+    def release_path(self, name: str, sha: str) -> str:
+        return f"{self.root}/models/{name}/releases/{sha}"
 
     def check_backend(self, fmt: str) -> str:
         """The backend the device will use for `fmt`, or a clear error naming what to install."""
         b = self.backends()
-        order = ["litert", "tflite-runtime", "tensorflow"] if fmt == "tflite" else ["onnxruntime"]
+        order = protocol.TFLITE_BACKENDS if fmt == "tflite" else protocol.ONNX_BACKENDS
         for name in order:
-            if b.get(name, {}).get("available"):
-                return f"{name} {b[name].get('version', '')}".strip()
-        why = ", ".join(f"{n}: {b.get(n, {}).get('error', 'absent')}" for n in order)
+            if name in b and b[name].available:
+                return f"{name} {b[name].version or ''}".strip()
+        why = ", ".join(f"{n}: {b[n].error if n in b else 'absent'}" for n in order)
         raise self.err(f"no backend on the device can run a .{fmt} model ({why})",
                        hint=INSTALL_HINTS[fmt])
 
-    def upload_bundle(self, bundle_path: Path, name: str, sha: str, free_bytes: int,
-                      tick: Optional[Callable[[int, int], None]] = None) -> Tuple[str, int]:
+    def upload(self, art: Artifact, free_bytes: int,
+               tick: Optional[Callable[[int, int], None]] = None) -> Tuple[str, int]:
         """Upload into models/<name>/.incoming-<sha12>-<tag>; (incoming dir name, bytes).
 
         `free_bytes` comes from the status call made just before (which also removed
         the model's unfinished uploads), so no extra round trip is spent here."""
-        files = sorted(p for p in bundle_path.rglob("*") if p.is_file())
-        size = sum(p.stat().st_size for p in files)
+        size = art.bytes
         if free_bytes < size * 1.05 + (1 << 16):
             raise self.err(f"no space left under {self.root}: {free_bytes / 1e6:.2f} MB free, "
                            f"the bundle needs {size / 1e6:.2f} MB",
                            hint="free space on the device, lower --keep, or set another root")
-        incoming = f".incoming-{sha[:12]}-{uuid.uuid4().hex[:8]}"
-        mdir = f"{self.root}/models/{name}"
-        pairs = [(p, f"{mdir}/{incoming}/{p.relative_to(bundle_path).as_posix()}") for p in files]
-        sent = self.put_files(pairs, tick)
+        incoming = f".incoming-{art.sha256[:12]}-{uuid.uuid4().hex[:8]}"
+        mdir = f"{self.root}/models/{art.name}"
+        sent = self.put_files([(p, f"{mdir}/{incoming}/{rel}") for p, rel, _ in art.files], tick)
         return incoming, sent

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import List, Optional
 
@@ -40,8 +41,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="ONNX: run the QDQ graph as written (no fused integer kernels)")
     sub.add_parser("facts", help="this machine: arch, CPU, memory, OS, backends (JSON)")
     rel = sub.add_parser("release", help="device side of deploy: status/activate/rollback/verify (JSON)")
-    rel.add_argument("action", choices=["status", "activate", "store", "rollback", "verify", "clean"])
-    rel.add_argument("--root", required=True)
+    rel.add_argument("action", choices=["status", "activate", "store", "rollback", "revert", "verify", "clean"])
+    rel.add_argument("--root", required=True, type=os.path.expanduser)
     rel.add_argument("--name")
     rel.add_argument("--sha")
     rel.add_argument("--incoming")
@@ -158,6 +159,8 @@ def _release(args) -> int:
         out = r.store(args.root, args.name, args.sha, args.incoming)
     elif args.action == "rollback":
         out = r.rollback(args.root, args.name, to=args.to, check=not args.no_check)
+    elif args.action == "revert":
+        out = r.revert(args.root, args.name, args.sha, None if args.to in (None, "none") else args.to)
     elif args.action == "verify":
         out = {"ok": r.verify(r.model_dir(args.root, args.name) / "releases" / args.sha, args.sha)}
     else:

@@ -112,13 +112,14 @@ def verify(path: Path, sha: str) -> bool:
     return path.is_dir() and sha256_tree(path) == sha
 
 
-def health_check(bundle_dir: Path) -> Dict[str, Any]:
-    """Load through the runtime and compare the golden outputs; never raises."""
+def health_check(bundle_dir: Path, verified: bool = False) -> Dict[str, Any]:
+    """Load through the runtime and compare the golden outputs; never raises. `verified`: the
+    release's sha256 was checked just now, so the model file is not hashed a second time."""
     try:
         from edgekit.runtime import load
         from edgekit.runtime.check import golden_check
 
-        m = load(bundle_dir)
+        m = load(bundle_dir, verify=not verified)
         res = golden_check(m)
         res.update(backend=m.backend, backend_version=m.backend_version)
         return res
@@ -169,7 +170,7 @@ def activate(root: str, name: str, sha: str, incoming: Optional[str] = None,
     previous = _current(mdir)
     result: Dict[str, Any] = {"name": name, "sha256": sha, "previous": previous}
     if incoming is not None:
-        _take_upload(mdir, incoming, sha)
+        _take_upload(mdir, incoming, sha)   # the one sha256 of the bundle on the device
     elif not verify(target, sha):
         raise BundleError(f"release {sha[:12]}… is missing or modified on the device",
                           hint="deploy uploads it again")
@@ -181,7 +182,7 @@ def activate(root: str, name: str, sha: str, incoming: Optional[str] = None,
         _append_history(mdir, sha)
         result["status"] = "deployed"
     if check:
-        h = health_check(mdir / "current")
+        h = health_check(mdir / "current", verified=True)
         result["health"] = h
         if not h.get("ok"):
             switch(mdir, previous if previous and (rel / previous).is_dir() else None)
@@ -216,6 +217,24 @@ def rollback(root: str, name: str, to: Optional[str] = None, check: bool = True)
     res: Dict[str, Any] = {"name": name, "previous": cur, "current": to, "status": "rolled-back"}
     if check:
         res["health"] = health_check(mdir / "current")
+    return res
+
+
+def revert(root: str, name: str, sha: str, to: Optional[str]) -> Dict[str, Any]:
+    """Undo one activation: if `current` is still `sha`, point it back at `to` (None: no
+    current release, as before a first deploy). Idempotent, so an aborted rollout can be
+    reverted again after a crash of its controller."""
+    mdir = model_dir(root, name)
+    cur = _current(mdir)
+    res: Dict[str, Any] = {"name": name, "previous": cur, "current": cur, "status": "not-current"}
+    if cur != _check_sha(sha):
+        return res
+    if to is not None and not (mdir / "releases" / _check_sha(to)).is_dir():
+        raise BundleError(f"release {to[:12]}… of '{name}' is gone from the device: cannot revert to it")
+    switch(mdir, to)
+    if to is not None:
+        _append_history(mdir, to)
+    res.update(current=to, status="reverted")
     return res
 
 
