@@ -39,7 +39,7 @@ figure.chart figcaption{font-size:12px;color:#555;padding:2px 4px}
 .grid .colhead{font-size:13px;font-weight:600;text-align:center}
 code{font-size:12px;background:#f4f4f4;padding:0 3px}
 table.conditions td:nth-child(12){min-width:200px;font-size:12px} table.conditions td:nth-child(13){white-space:nowrap}
-table.summary td:nth-child(-n+4),table.conditions td:first-child{white-space:nowrap}
+table.summary td:nth-child(-n+4),table.summary td:nth-child(8),table.conditions td:first-child{white-space:nowrap}
 @media print{figure.chart{break-inside:avoid}}
 """
 
@@ -109,9 +109,11 @@ def _budget(b: BundleInfo) -> Markup:
 
 def summary(m: ModelInfo) -> str:
     devices = m.devices
+    numerics = any(b.numerics for b in m.bundles)  # where fidelity was measured, when convert says
     headers = ["bundle", "target", "format", "precision", "KiB", "× float", "top-1 agree %",
-               "accuracy % float → conv." if m.has_labels else "accuracy %", "SNR dB", "ops left in float",
-               "numerics", "result"] + [f"p50 ms {'here' if d == HERE else 'on ' + d}" for d in devices]
+               "accuracy % float → conv." if m.has_labels else "accuracy %", "SNR dB", "ops left in float"] \
+        + (["numerics"] if numerics else []) + ["result"] \
+        + [f"p50 ms {'here' if d == HERE else 'on ' + d}" for d in devices]
     rows, bad = [], []
     for i, b in enumerate(m.bundles):
         acc = (f"{_pct(b.accuracy_float)} → {_pct(b.accuracy_quant)}"
@@ -119,8 +121,8 @@ def summary(m: ModelInfo) -> str:
         ratio = b.bytes / b.float_bytes if b.bytes and b.float_bytes else None
         ops = ", ".join(f"{k}×{v}" for k, v in sorted(b.float_ops.items())) or "none"
         cells = [b.key, b.target, b.fmt, b.precision, _num(b.bytes / 1024 if b.bytes else None, "{:.1f}"),
-                 _num(ratio, "{:.2f}"), _pct(b.agreement), acc, _num(b.snr_db, "{:.1f}"), ops, b.numerics or "–",
-                 _budget(b)]
+                 _num(ratio, "{:.2f}"), _pct(b.agreement), acc, _num(b.snr_db, "{:.1f}"), ops] \
+            + ([b.numerics or "–"] if numerics else []) + [_budget(b)]
         for d in devices:
             p = b.p50(d)
             src = "" if not (d == HERE and p is not None and not any(r.device == HERE for r in b.runs)) \
@@ -130,7 +132,8 @@ def summary(m: ModelInfo) -> str:
         if b.failure or b.within_budget is False or any(c.get("checked") and c.get("ok") is False
                                                         for c in b.compatibility or []):
             bad.append(i)
-    return table(headers, rows, cls="summary", numeric=[4, 5, 6, 8] + list(range(12, 12 + len(devices))),
+    first_p50 = len(headers) - len(devices)
+    return table(headers, rows, cls="summary", numeric=[4, 5, 6, 8] + list(range(first_p50, len(headers))),
                  bad_rows=bad)
 
 
@@ -176,11 +179,11 @@ def latency_section(m: ModelInfo) -> str:
     parts = ['<div class="charts">']
     for d in devices:
         series, cols, dashes = [], [], []
-        for i, b in enumerate(measured):
+        for b in measured:
             r = _latest(b, d)
             if r is not None:
                 series.append((b.key, r.samples_ms))
-                cols.append(svg.colour(i))
+                cols.append(_target_colour(m, b))
                 dashes.append("5 3" if b.fmt == "onnx" else "")
         cid = _id(m.name, "cdf", d)
         where = "here" if d == HERE else f"on {d}"
@@ -188,7 +191,7 @@ def latency_section(m: ModelInfo) -> str:
                                     x_label="inference latency (ms)", chart_id=cid, colours=cols,
                                     dashes=dashes), cid,
                             "Each line: every timed run of one bundle (warm-up discarded), inference call alone; "
-                            "dashed: ONNX."))
+                            "colour: its target, as above; dashed: ONNX."))
     parts.append("</div>")
     parts.append("<h3>Histograms per bundle and device</h3>")
     where = {b.key: [d for d in devices if (r := _latest(b, d)) is not None and r.samples_ms] for b in measured}
@@ -227,7 +230,12 @@ def latency_section(m: ModelInfo) -> str:
 
 def _hist(m: ModelInfo, measured: List[BundleInfo], b: BundleInfo, r: Run, title: str) -> str:
     return svg.histogram(r.samples_ms, title=title, x_label="inference latency (ms)",
-                         chart_id=_id(m.name, "hist", b.key, r.device), col=svg.colour(measured.index(b)))
+                         chart_id=_id(m.name, "hist", b.key, r.device), col=_target_colour(m, b))
+
+
+def _target_colour(m: ModelInfo, b: BundleInfo) -> str:
+    """The colour of a bundle's target, the same in every chart of the model."""
+    return svg.colour(list(dict.fromkeys(x.target for x in m.bundles)).index(b.target))
 
 
 def _latest(b: BundleInfo, device: str) -> Optional[Run]:
