@@ -285,6 +285,7 @@ def prune(model, data, val, sparsity, method, epochs, lr, distill, out, as_json)
 
     res = run_prune(model, data, sparsity=sparsity, method=method, epochs=epochs, lr=lr, val=val,
                     out=out or _beside(model, "pruned"), distill=distill, say=lambda t: click.echo(t, err=True))
+    _record_beside(res, "prune")
     if as_json:
         click.echo(json.dumps(res, indent=2, default=str))
         return
@@ -315,6 +316,7 @@ def distill(teacher, student, width, data, val, temperature, alpha, epochs, lr, 
     res = run_distill(teacher, data, student_path=student, width=width, temperature=temperature, alpha=alpha,
                       epochs=epochs, lr=lr, val=val, out=out or _beside(teacher, "student"), baseline=baseline,
                       say=lambda t: click.echo(t, err=True))
+    _record_beside(res, "distill")
     if as_json:
         click.echo(json.dumps(res, indent=2, default=str))
         return
@@ -395,6 +397,19 @@ def _qat_table(res) -> str:
     return text + (f"\nfake-quantized: {res['calibrated_accuracy']:.2f}% calibrated, {res['trained_accuracy']:.2f}% "
                    f"after {res['epochs']} epoch(s) ({res['seconds']:.1f} s); model {res['qat_model']}; "
                    f"report {res['report']}")
+
+
+def _record_beside(res, kind):
+    """The before/after record beside the saved model (<model>.<kind>.json), where `edgekit report`
+    finds it when the model sits in the build directory."""
+    from pathlib import Path
+
+    from edgekit.bundle import write_json_atomic
+
+    if res.get("saved"):
+        p = Path(res["saved"]).with_suffix(f".{kind}.json")
+        write_json_atomic(p, res)
+        click.echo(f"record: {p}", err=True)
 
 
 def _beside(model: str, what: str) -> str:

@@ -147,6 +147,11 @@ def test_reader_matches_runs_and_reports_what_it_skipped(tmp_path, monkeypatch):
     assert [Path(f).name for f, _ in data.skipped] == ["broken.json"]
     with pytest.raises(col.ReportError, match="no convert report"):
         col.collect(tmp_path / "build" / "profiles")
+    (one,) = col.collect(build / "m-rpi4-onnx", [build / "profiles"]).models  # a single bundle directory
+    assert [b.key for b in one.bundles] == ["m-rpi4-onnx"] and one.bundles[0].p50("pi-1") == 2.0
+    from edgekit.report import write_report
+
+    assert write_report(build / "m-rpi4-onnx") == build / "m-rpi4-onnx.report.html"  # not inside the bundle
 
     # a staged rollout's record (edgekit deploy --canary/--batches keeps them as <id>.json)
     rollouts = tmp_path / "rollouts"
@@ -166,6 +171,26 @@ def test_reader_matches_runs_and_reports_what_it_skipped(tmp_path, monkeypatch):
     html = render(data)
     assert "canary (failed) → 50% (pending)" in html and "pending: 2, reverted: 1" in html
     assert "batch canary: 1 of 1 failed" in html
+
+
+def test_prune_and_distill_records_are_shown_with_their_model(tmp_path):
+    """`edgekit prune` / `distill` leave <model>.prune.json / .distill.json beside the saved model."""
+    from edgekit.report.render import render
+
+    build = tmp_path / "build"
+    (build / "m-rpi4").mkdir(parents=True)
+    (build / "m-rpi4" / "manifest.json").write_text(json.dumps(
+        {"schema": 2, "name": "m", "target": {"name": "rpi4"}, "model": {"format": "tflite", "bytes": 10}}))
+    fig = {"params": 1000, "flops": 2e6, "tflite_bytes": 4096, "gzip_bytes": 2048, "zero_weights": 0.0,
+           "accuracy": 98.5, "p50_ms": 0.25}
+    (build / "m.prune.json").write_text(json.dumps({"method": "structured", "before": fig,
+                                                    "after": dict(fig, params=500, p50_ms=0.125)}))
+    (build / "m.distill.json").write_text(json.dumps({"teacher": fig, "student": dict(fig, params=250)}))
+    data = col.collect(build, rollouts=[])
+    assert sorted(r["_kind"] for r in data.models[0].optimize) == ["distill", "prune"]
+    html = render(data)
+    assert "prune (m.prune.json)" in html and "distill (m.distill.json)" in html
+    assert html.count("<td>after</td>") == 1 and html.count("<td>student</td>") == 1
 
 
 # --- the whole page in Chromium --------------------------------------------------------------
@@ -357,7 +382,8 @@ def test_report_in_headless_chromium(report_inputs, chromium, cli, tmp_path):
                                                                  "model-sensitive": 1}
     assert "p50 ms on x86-box" in facts["summaries"][0]["headers"]
     assert charts["digits-fidelity-size"]["marks"] == len(written) == len(dg.bundles) > 10
-    assert charts["digits-fidelity-p50-here"]["marks"] == len(benched)
+    timed_here = {b.key for b in dg.bundles if b.p50(col.HERE) is not None}  # benched, or timed by convert
+    assert set(benched) <= timed_here and charts["digits-fidelity-p50-here"]["marks"] == len(timed_here)
     assert charts["digits-fidelity-p50-x86-box"]["marks"] == 1
     assert charts["digits-cdf-here"]["marks"] == len(benched) and charts["digits-cdf-x86-box"]["marks"] == 1
     assert sorted(charts["digits-cdf-here"]["legend"]) == benched

@@ -131,6 +131,37 @@ def in_root(root: Path, argv: List[str], env: Optional[Dict[str, str]] = None, l
                           timeout=timeout, check=False)
 
 
+HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
+ROOT_CA = "/etc/ssl/certs/edgekit-host-ca.crt"    # the host's CA bundle, as the root sees it
+
+
+def refresh_ca(root: Path) -> Optional[str]:
+    """Copy this host's current CA bundle into the root (temp + rename) and point the root's pip at
+    it (/etc/pip.conf); returns its path inside the root, None when the host has none. Done at
+    every use that may reach a registry (build, device up): a copy from the day the root was
+    built goes stale when a registry's (or a proxy's) chain changes, and pip inside then fails
+    with CERTIFICATE_VERIFY_FAILED while pip here works."""
+    if not HOST_CA.is_file():
+        return None
+    for rel, data in ((ROOT_CA, HOST_CA.read_bytes()), ("/etc/pip.conf", f"[global]\ncert = {ROOT_CA}\n".encode())):
+        dest = root / rel.lstrip("/")
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, dest)
+    return ROOT_CA
+
+
+def pip_failure(log_text: str) -> str:
+    """The line that says why pip failed inside the root, with what to do for a certificate error."""
+    lines = [ln.strip() for ln in log_text.splitlines() if ln.strip()]
+    why = next((ln for ln in reversed(lines) if "CERTIFICATE_VERIFY_FAILED" in ln), None) or \
+        next((ln for ln in reversed(lines) if ln.startswith("ERROR:")), lines[-1] if lines else "no output")
+    if "CERTIFICATE_VERIFY_FAILED" in why:
+        why += (f" (the root uses this host's {HOST_CA}, copied in just now: if pip works here, the registry "
+                "is reached another way here, e.g. PIP_CERT, PIP_INDEX_URL or a proxy; export the same)")
+    return why
+
+
 def build(recipe: Dict[str, object] = RECIPE, say: Callable[[str], None] = print) -> Path:
     """Build the root once (cached under cache_dir()/<recipe key>); returns its path."""
     key = recipe_key(recipe)
@@ -161,18 +192,19 @@ def build(recipe: Dict[str, object] = RECIPE, say: Callable[[str], None] = print
             r = in_root(root, ["python3", "-m", "venv", VENV], log=log)
             if r.returncode != 0:
                 raise DeviceError(f"python3 -m venv failed in the arm64 root; log: {log_path}")
-            cert = "/etc/ssl/certs/ca-certificates.crt"
-            if Path(cert).is_file():  # the host's CA bundle: the same registry access as here
-                shutil.copy(cert, root / "etc/ssl/certs/edgekit-host-ca.crt")
-            env = {"PIP_CERT": "/etc/ssl/certs/edgekit-host-ca.crt", "PIP_DEFAULT_TIMEOUT": "180",
-                   "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+            env = {"PIP_DEFAULT_TIMEOUT": "180", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+            ca = refresh_ca(root)  # the host's CA bundle: the same registry access as here
+            if ca:
+                env["PIP_CERT"] = ca
             for k in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_TRUSTED_HOST"):
                 if os.environ.get(k):
                     env[k] = os.environ[k]
             r = in_root(root, [f"{VENV}/bin/pip", "install", "--no-cache-dir", "--only-binary=:all:",
                                *recipe["pip"]], env=env, log=log)
             if r.returncode != 0:
-                raise DeviceError(f"pip install {' '.join(recipe['pip'])} failed in the arm64 root; log: {log_path}")
+                log.flush()
+                raise DeviceError(f"pip install {' '.join(recipe['pip'])} failed inside the emulated arm64 root: "
+                                  f"{pip_failure(log_path.read_text(errors='replace'))}; log: {log_path}")
             r = in_root(root, [f"{VENV}/bin/python", "-c",
                                "import platform, numpy, tflite_runtime.interpreter as t; "
                                "print(platform.machine(), numpy.__version__)"], log=log)
@@ -255,6 +287,7 @@ def up(name: str = "emulated-pi", say: Callable[[str], None] = print, base: Opti
     """Build (or reuse) the root and start device `name`; what an inventory entry needs."""
     check_prerequisites()
     root = build(say=say)
+    refresh_ca(root)  # pip on the device (over SSH) reaches the registry with today's CA bundle
     d = (local.state_dir(base) / name).resolve()
     if (d / "device.json").is_file():
         dev = _load(d)

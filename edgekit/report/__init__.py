@@ -32,9 +32,16 @@ def build_report(build_dir: os.PathLike, profiles: Sequence[os.PathLike] = (),
 
 def write_report(build_dir: os.PathLike, profiles: Sequence[os.PathLike] = (), out: Optional[os.PathLike] = None,
                  rollouts: Optional[Sequence[os.PathLike]] = None) -> Path:
-    """Write the report (default BUILD_DIR/report.html) atomically; returns its path."""
+    """Write the report (default BUILD_DIR/report.html; for a single bundle directory,
+    <bundle>.report.html beside it) atomically; returns its path."""
     html = build_report(build_dir, profiles, rollouts)
-    dest = Path(out) if out is not None else Path(build_dir) / DEFAULT_NAME
+    build = Path(build_dir)
+    if out is not None:
+        dest = Path(out)
+    elif (build / "manifest.json").is_file():  # one bundle: never write inside it (its digest would change)
+        dest = build.parent / f"{build.name}.{DEFAULT_NAME}"
+    else:
+        dest = build / DEFAULT_NAME
     if dest.is_dir():
         raise ReportError("is a directory", path=str(dest), hint="give a file name ending in .html with -o")
     dest.parent.mkdir(parents=True, exist_ok=True)

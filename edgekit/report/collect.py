@@ -402,7 +402,7 @@ def collect(build_dir: os.PathLike, profiles: Sequence[os.PathLike] = (),
     skipped: List[Tuple[str, str]] = []
 
     manifests: Dict[str, Dict[str, Any]] = {}
-    for d in sorted(build.iterdir()):
+    for d in ([build] if _is_bundle_dir(build) else sorted(build.iterdir())):  # one bundle, or a build
         if d.is_dir() and _is_bundle_dir(d):
             m = _load_json(d / "manifest.json", skipped)
             if isinstance(m, dict):

@@ -74,12 +74,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     add_arguments(p)
     args = p.parse_args(argv)
     try:
-        from edgekit.serve.server import ServeError, serve, stop
+        from edgekit.serve.pidfile import ServeError, state, stop
 
         if args.status:
             import json
-
-            from edgekit.serve.server import state
 
             if not args.pid_file:
                 raise ServeError("--status needs --pid-file (the file the server was started with)")
@@ -92,6 +90,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 0
         if not args.paths:
             raise ServeError("give at least one bundle directory, model file or device root to serve")
+        from edgekit.serve.server import serve
+
         setup_logging()
         serve(args.paths, config_from(args), say=lambda t: print(t, file=sys.stderr, flush=True))
         return 0

@@ -60,6 +60,8 @@ def probe(port: int, root: str, host: str = "127.0.0.1", token: Optional[str] = 
             continue
         info = meta.get("edgekit", {})
         res["version"] = info.get("version")
+        if info.get("failed_release"):
+            res["failed_release"] = info["failed_release"]
         sha = info.get("sha256") or ""
         golden = Path(root) / "models" / name / "releases" / sha / "golden.npz"
         if not sha or not golden.is_file():

@@ -9,23 +9,18 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from edgekit.errors import EdgekitError
 from edgekit.serve.engine import Engine
 from edgekit.serve.metrics import Metrics
 from edgekit.serve.models import ModelEntry, discover
+from edgekit.serve.pidfile import ServeError, remove_pid, state, stop, write_pid  # noqa: F401 (re-exported)
 
 log = logging.getLogger("edgekit.serve")
 
 TOKEN_ENV = "EDGEKIT_SERVE_TOKEN"
-
-
-class ServeError(EdgekitError):
-    """A serve option or situation the user can fix (bad combination, port in use, no uvicorn)."""
 
 
 def is_loopback(host: str) -> bool:
@@ -114,60 +109,6 @@ def build(paths: List[str], config: ServeConfig) -> Tuple["object", List[ModelEn
     return app, entries
 
 
-def _write_pid(path: str, config: ServeConfig, entries: List[ModelEntry]) -> None:
-    """The pid file (the pid alone), and beside it <pid file>.json: where the server listens."""
-    import json
-
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    scheme = "https" if config.tls_cert else "http"
-    info = {"pid": os.getpid(), "host": config.host, "port": config.port,
-            "url": f"{scheme}://{config.host}:{config.port}/v2", "auth": "bearer" if config.token else "none",
-            "models": [e.name for e in entries]}
-    for target, text in ((p.with_name(p.name + ".json"), json.dumps(info) + "\n"), (p, f"{os.getpid()}\n")):
-        tmp = target.with_name(f".{target.name}.{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, target)
-
-
-def state(pid_file: str) -> dict:
-    """{'running': bool, 'pid', 'url', ...} of the server started with this pid file."""
-    import json
-
-    p = Path(pid_file)
-    try:
-        pid = int(p.read_text().strip())
-    except (OSError, ValueError):
-        return {"running": False, "pid_file": str(p)}
-    try:
-        info = json.loads(p.with_name(p.name + ".json").read_text())
-    except (OSError, ValueError):
-        info = {}
-    running = _is_server(pid) and _alive(pid)
-    return dict(info, running=running, pid=pid, pid_file=str(p))
-
-
-def _remove_pid(p: Path, pid: int) -> None:
-    """Remove the pid file and its .json when they are still this server's."""
-    try:
-        if p.read_text().strip() != str(pid):
-            return
-        p.with_name(p.name + ".json").unlink()
-    except OSError:
-        pass
-    try:
-        p.unlink()
-    except OSError:
-        pass
-
-
-def _is_server(pid: int) -> bool:
-    try:
-        return b"edgekit" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-
-
 def serve(paths: List[str], config: ServeConfig, say=print) -> None:
     """Run until SIGINT/SIGTERM."""
     try:
@@ -192,47 +133,14 @@ def serve(paths: List[str], config: ServeConfig, say=print) -> None:
         f"queue {config.max_queue}" + (f", batching up to {config.max_batch} within {config.max_delay_ms} ms"
                                        if config.max_batch > 1 else "") + ")")
     if config.pid_file:
-        _write_pid(config.pid_file, config, entries)
+        write_pid(config.pid_file, {
+            "host": config.host, "port": config.port, "url": f"{scheme}://{config.host}:{config.port}/v2",
+            "auth": "bearer" if config.token else "none", "models": [e.name for e in entries]})
     try:
         server.run()
     finally:
         if config.pid_file:
-            _remove_pid(Path(config.pid_file), os.getpid())
+            remove_pid(Path(config.pid_file), os.getpid())
     if not server.started:
         raise ServeError(f"could not listen on {config.host}:{config.port}",
                          hint="is the port in use? choose another with --port")
-
-
-def stop(pid_file: str, timeout: float = 10.0) -> int:
-    """Stop the server whose pid is in pid_file (SIGTERM; it finishes running requests). Returns the pid."""
-    import time
-
-    p = Path(pid_file)
-    try:
-        pid = int(p.read_text().strip())
-    except (OSError, ValueError):
-        raise ServeError(f"no server pid in {pid_file}", hint="is it running? (--pid-file)") from None
-    if not _is_server(pid):  # gone, or the pid was reused by another program
-        _remove_pid(p, pid)
-        raise ServeError(f"the server (pid {pid}) is not running; removed the stale {pid_file}")
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not _alive(pid):
-            _remove_pid(p, pid)
-            return pid
-        time.sleep(0.05)
-    raise ServeError(f"the server (pid {pid}) did not stop within {timeout:.0f} s")
-
-
-def _alive(pid: int) -> bool:
-    """Running (a zombie waiting for its parent to reap it has stopped serving)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")

@@ -1,0 +1,176 @@
+"""The deploy side of `edgekit serve`: the inference server on a device, as a supervised process.
+
+    <root>/serve/serve.pid        the server's pid (and serve.pid.json: where it listens)
+    <root>/serve/serve.log        its log (appended)
+
+`ensure()` starts the server when it is not running (or runs with other settings); a running one
+follows `current` by itself (golden-checked hot swap). Either way the gate is the API itself:
+`python -m edgekit.serve.probe` on the device asks /v2/health/ready, then runs one golden
+inference through the API and waits until the server answers with the new release. The caller
+rolls `current` back when the gate fails. Every remote command is an argv list (quoted by
+Connection.run); nothing from a bundle reaches a shell unquoted.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
+
+from edgekit.errors import DeviceError
+
+# Starts the server detached from the SSH session (setsid where there is one, nohup, stdin from
+# /dev/null, output to the log) and prints its pid. Positional words only: no value is parsed.
+_LAUNCH = r'''
+d=$1; log=$2; py=$3; rt=$4; shift 4
+mkdir -p "$d" || exit 3
+cd / || exit 3
+if command -v setsid >/dev/null 2>&1; then set -- setsid "$py" -m edgekit.serve "$@"
+else set -- "$py" -m edgekit.serve "$@"; fi
+PYTHONPATH="$rt" PYTHONDONTWRITEBYTECODE=1 nohup "$@" >>"$log" 2>&1 </dev/null &
+echo $!
+'''
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    port: int = 8000
+    host: str = "127.0.0.1"
+    token_file: Optional[str] = None  # a file on the device holding the bearer token
+    extra: Tuple[str, ...] = ()       # more `python -m edgekit.serve` options
+    wait_s: float = 90.0              # for the gate
+
+    def __post_init__(self):
+        if not 1 <= self.port <= 65535:
+            raise DeviceError(f"--serve-port {self.port} is not a TCP port")
+        if not _loopback(self.host) and not self.token_file and "--insecure" not in self.extra:
+            raise DeviceError(f"serving on {self.host} needs a token file on the device",
+                              hint="pass --serve-token-file PATH (a file on the device), or serve on 127.0.0.1")
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def files(root: str) -> Tuple[str, str, str]:
+    d = f"{root}/serve"
+    return d, f"{d}/serve.pid", f"{d}/serve.log"
+
+
+def _python(conn, root: str, module: str, *args: str, timeout: float = 60.0):
+    return conn.run([conn.device.python, "-m", module, *args],
+                    env={"PYTHONPATH": f"{root}/runtime", "PYTHONDONTWRITEBYTECODE": "1"}, cwd="/", timeout=timeout)
+
+
+def _json(conn, rc: int, out: str, err: str, what: str) -> Dict[str, Any]:
+    for text in (out, (out.strip().splitlines() or [""])[-1]):  # anything printed before: the last line
+        try:
+            return json.loads(text)
+        except ValueError:
+            pass
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    raise conn._err(f"{what} failed on the device: {lines[-1] if lines else f'exit status {rc}'}",
+                    hint="is edgekit's runtime pushed (edgekit device setup) and uvicorn installed "
+                         "(pip install uvicorn)?")
+
+
+def state(conn, root: str) -> Dict[str, Any]:
+    """{'running': bool, 'pid', 'url', 'models', ...} of the device's server."""
+    _, pid_file, log = files(root)
+    rc, out, err = _python(conn, root, "edgekit.serve", "--status", "--pid-file", pid_file)
+    st = _json(conn, rc, out, err, "edgekit serve --status")
+    st["log"] = log
+    return st
+
+
+def log_tail(conn, root: str, lines: int = 8) -> str:
+    rc, out, _ = conn.run(["tail", "-n", str(lines), files(root)[2]], timeout=30)
+    return out.strip() if rc == 0 else ""
+
+
+def start(conn, root: str, opts: ServeOptions) -> int:
+    d, pid_file, log = files(root)
+    args = [root, "--host", opts.host, "--port", str(opts.port), "--pid-file", pid_file, *opts.extra]
+    if opts.token_file:
+        args += ["--token-file", opts.token_file]
+    rc, out, err = conn.run(["sh", "-c", _LAUNCH, "sh", d, log, conn.device.python, f"{root}/runtime", *args],
+                            timeout=30)
+    if rc != 0 or not out.strip().isdigit():
+        raise conn._err(f"cannot start edgekit serve: {(err or out).strip() or f'exit status {rc}'}")
+    return int(out.strip())
+
+
+def stop(conn, root: str) -> Dict[str, Any]:
+    """Stop the device's server if it runs; {'stopped': pid or None}."""
+    st = state(conn, root)
+    if not st["running"]:
+        return {"stopped": None}
+    rc, out, err = _python(conn, root, "edgekit.serve", "--stop", "--pid-file", files(root)[1])
+    if rc != 0:
+        lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+        raise conn._err(f"cannot stop edgekit serve: {lines[-1] if lines else f'exit status {rc}'}")
+    return {"stopped": st["pid"]}
+
+
+def wait_ready(conn, root: str, opts: ServeOptions, model: str, sha: str) -> Dict[str, Any]:
+    """Until the server is ready and answers a golden inference of `model` with release `sha`."""
+    host = "127.0.0.1" if opts.host in ("0.0.0.0", "::") else opts.host
+    args = ["--host", host, "--port", str(opts.port), "--root", root, "--model", model]
+    if opts.token_file:
+        args += ["--token-file", opts.token_file]
+    deadline = time.monotonic() + opts.wait_s
+    last: Dict[str, Any] = {}
+    while True:
+        rc, out, err = _python(conn, root, "edgekit.serve.probe", *args)
+        last = _json(conn, rc, out, err, "edgekit.serve.probe")
+        m = last.get("models", {}).get(model, {})
+        if last.get("ok") and m.get("version") == sha[:12]:
+            return last
+        failed = m.get("failed_release") or {}
+        if failed.get("version") == sha[:12]:  # the server refused this release: no use waiting
+            raise conn._err(f"the server refused release {sha[:12]}: {failed.get('error')}"
+                            + (f"; it still serves {m['version']}" if m.get("version") else ""))
+        if time.monotonic() > deadline:
+            break
+        if not state(conn, root)["running"]:
+            raise conn._err("edgekit serve stopped: " + (log_tail(conn, root, 3).replace("\n", " | ")
+                                                         or "see " + files(root)[2]))
+        time.sleep(0.5)
+    why = m.get("error") or last.get("error") or (
+        f"serving {m.get('version')}, not {sha[:12]}" if m.get("version") else "no answer")
+    if m.get("outputs") and not m.get("ok"):
+        why = "golden outputs through the API do not match: " + json.dumps(m["outputs"])
+    raise conn._err(f"the server did not pass the gate within {opts.wait_s:.0f} s: {why}")
+
+
+def ensure(conn, root: str, opts: ServeOptions, model: str, sha: str) -> Dict[str, Any]:
+    """Serve `model` at release `sha` (start, or restart with new settings, or let it hot-swap),
+    then gate on ready + one golden inference through the API. Raises DeviceError on failure."""
+    st = state(conn, root)
+    action = "running"
+    if st["running"] and (st.get("port") != opts.port or st.get("host") != opts.host):
+        stop(conn, root)
+        st = {"running": False}
+        action = "restarted"
+    if not st["running"]:
+        start(conn, root, opts)
+        action = "started" if action == "running" else action
+    probe = wait_ready(conn, root, opts, model, sha)
+    st = state(conn, root)
+    return {"serving": action, "url": st.get("url"), "pid": st.get("pid"), "version": sha[:12],
+            "probe": probe["models"][model]}
+
+
+def roll_back(conn, root: str, model: str, to: Optional[str]) -> Dict[str, Any]:
+    """Put `current` back at release `to` (None: remove it) after a failed gate."""
+    if to is None:
+        rc, out, err = conn.run(["rm", "-f", f"{root}/models/{model}/current"], timeout=30)
+        return {"current": None}
+    rc, out, err = _python(conn, root, "edgekit.runtime", "release", "rollback", "--root", root,
+                           "--name", model, "--to", to, "--no-check")
+    return _json(conn, rc, out, err, "release rollback")
