@@ -1010,8 +1010,10 @@ def profile(bundle, device_name, group, all_devices, runs, warmup, threads, para
               help="Seconds between checks of a deployed model's `current`.")
 @click.option("--no-check", is_flag=True, help="Skip the golden check when a release is loaded.")
 @click.option("--pid-file", type=click.Path(), help="Write the server's pid here (for --stop).")
-@click.option("--stop", is_flag=True, help="Stop the server started with --pid-file, then exit.")
-@click.option("--status", "show_status", is_flag=True, help="The state of the server started with --pid-file (JSON).")
+@click.option("--stop", is_flag=True,
+              help="Stop the server started with --pid-file (default ~/.edgekit/serve/serve.pid), then exit.")
+@click.option("--status", "show_status", is_flag=True,
+              help="The state of the server started with --pid-file (default ~/.edgekit/serve/serve.pid), JSON.")
 @click.option("--access-log", is_flag=True)
 def serve(paths, stop, show_status, **opts):
     """Serve bundles over KServe's Open Inference Protocol v2 (HTTP/REST, binary tensors).
@@ -1021,19 +1023,18 @@ def serve(paths, stop, show_status, **opts):
     import argparse
 
     from edgekit.serve.__main__ import config_from, setup_logging
-    from edgekit.serve.server import ServeError, serve as run_server, stop as stop_server
+    from edgekit.serve.server import serve as run_server, stop as stop_server
 
-    if show_status:
-        from edgekit.serve.server import state
+    if show_status or stop:
+        import os
 
-        if not opts["pid_file"]:
-            raise ServeError("--status needs --pid-file (the file the server was started with)")
-        click.echo(json.dumps(state(opts["pid_file"])))
-        return
-    if stop:
-        if not opts["pid_file"]:
-            raise ServeError("--stop needs --pid-file (the file the server was started with)")
-        click.echo(f"stopped the server (pid {stop_server(opts['pid_file'])})")
+        from edgekit.serve.pidfile import DEFAULT_PID_FILE, state
+
+        pid_file = opts["pid_file"] or os.path.expanduser(DEFAULT_PID_FILE)
+        if show_status:
+            click.echo(json.dumps(state(pid_file)))
+        else:
+            click.echo(f"stopped the server (pid {stop_server(pid_file)})")
         return
     if not paths:
         raise click.UsageError("give at least one bundle directory, model file or device root to serve")
@@ -1109,6 +1110,131 @@ def export_ansible(group, bundle, out, canary, batches, batch_size, max_fail, ma
                    ("targets", ", ".join(f"{k} ({v})" for k, v in res["targets"].items())),
                    ("bundles", ", ".join(res["bundles"])), ("run", ansible.run_hint(res["dir"])),
                    ("dry run", ansible.run_hint(res["dir"], check=True))]))
+
+# `edgekit deploy --serve/--no-serve` and the serving state in `edgekit status`: added to those
+# commands here (their options and a step after them), so the deploy code itself stays as it is.
+
+def _bundle_model_name(path) -> Optional[str]:
+    from pathlib import Path
+
+    from edgekit.bundle import is_bundle, read_bundle
+
+    p = Path(path)
+    if is_bundle(p):
+        return read_bundle(p, verify=False).name
+    found = sorted(q for q in p.iterdir() if q.is_dir() and is_bundle(q)) if p.is_dir() else []
+    return read_bundle(found[0], verify=False).name if found else None
+
+
+def _serving_step(kw, enable, sopts):
+    """After a deploy: serve its model on each device (gate: ready + a golden inference through
+    the API; a failure puts `current` back) or, with --no-serve, stop the server."""
+    from edgekit.deploy import serving
+    from edgekit.deploy.fleet import DeviceResult, fan_out
+    from edgekit.errors import DeviceError
+
+    inv, devs = _select(kw["inventory"], kw["device_name"], kw["group"], kw["all_devices"])
+    opts = _options(inv, kw["trust_new_host"], quiet=True)
+    model = _bundle_model_name(kw["bundle"])
+
+    def one(d):
+        with opts.connect(d) as c:
+            root = c.path(d.root).rstrip("/")
+            if not enable:
+                pid = serving.stop(c, root)["stopped"]
+                return DeviceResult(d.name, "ok", data={"serving": f"stopped (pid {pid})" if pid else "not running"})
+            cur, prev = serving.releases_of(c, root, model)
+            if cur is None:
+                return DeviceResult(d.name, "failed", reason=f"model {model} has no current release to serve")
+            try:
+                return DeviceResult(d.name, "ok", data=serving.ensure(c, root, sopts, model, cur))
+            except DeviceError as e:
+                serving.roll_back(c, root, model, prev)
+                again = ""
+                if prev:
+                    try:
+                        serving.ensure(c, root, sopts, model, prev)
+                    except DeviceError as e2:
+                        again = f"; the previous release does not serve either: {e2}"
+                return DeviceResult(d.name, "rolled-back", data={"serving": "FAILED", "version": cur[:12]},
+                                    reason=f"{e}; current is back at {(prev or 'none')[:12]}{again}")
+
+    return fan_out(devs, one, kw.get("parallel") or 8)
+
+
+def _add_serving(deploy_cmd, status_cmd):
+    import functools
+
+    deploy_cmd.params += [
+        click.Option(["--serve/--no-serve"], default=None,
+                     help="After deploying, run the inference API on the device (started or hot-swapped, "
+                          "gated on ready + a golden inference through it; a failure rolls back) / stop it."),
+        click.Option(["--serve-port"], type=int, default=8000, show_default=True),
+        click.Option(["--serve-host"], default="127.0.0.1", show_default=True,
+                     help="Beyond loopback the server needs --serve-token-file."),
+        click.Option(["--serve-token-file"], help="A file ON THE DEVICE holding the bearer token.")]
+    deploy_inner, status_inner = deploy_cmd.callback, status_cmd.callback
+
+    @functools.wraps(deploy_inner)
+    def deploy_then_serve(*a, serve=None, serve_port=8000, serve_host="127.0.0.1", serve_token_file=None, **kw):
+        if serve is None or kw.get("dry_run") or not kw.get("bundle"):
+            return deploy_inner(*a, **kw)
+        from edgekit.deploy.serving import ServeOptions
+
+        sopts = ServeOptions(port=serve_port, host=serve_host, token_file=serve_token_file)
+        code = 0
+        try:
+            deploy_inner(*a, **kw)
+        except click.exceptions.Exit as e:
+            code = e.exit_code
+        res = _serving_step(kw, serve, sopts)
+        if kw.get("as_json"):
+            click.echo(json.dumps({"serving": [r.to_dict() for r in res.results]}, indent=2, default=str))
+        else:
+            _finish_serving(res)
+        if code or res.failed:
+            raise click.exceptions.Exit(code or 1)
+
+    @functools.wraps(status_inner)
+    def status_and_serving(*a, **kw):
+        code = 0
+        try:
+            status_inner(*a, **kw)
+        except click.exceptions.Exit as e:
+            code = e.exit_code
+        if not kw.get("as_json") and not kw.get("rollout_id"):
+            from edgekit.deploy import serving
+            from edgekit.deploy.fleet import DeviceResult, fan_out
+
+            inv, devs = _select(kw["inventory"], kw["device_name"], kw["group"],
+                                kw["all_devices"] or not (kw["device_name"] or kw["group"]))
+            opts = _options(inv, kw["trust_new_host"], quiet=True)
+
+            def one(d):
+                with opts.connect(d) as c:
+                    st = serving.state(c, c.path(d.root).rstrip("/"))
+                return DeviceResult(d.name, "ok", data={
+                    "serving": "yes" if st["running"] else "no", "url": st.get("url") if st["running"] else None,
+                    "pid": st.get("pid") if st["running"] else None})
+
+            _finish_serving(fan_out(devs, one, 8))
+        if code:
+            raise click.exceptions.Exit(code)
+
+    deploy_cmd.callback, status_cmd.callback = deploy_then_serve, status_and_serving
+
+
+def _finish_serving(res):
+    from edgekit.table import render
+
+    click.echo(render(["device", "serving", "address", "version", "pid", "reason"],
+                      [[r.device, r.data.get("serving", r.status), r.data.get("url") or "-",
+                        r.data.get("version") or "-", r.data.get("pid") or "-", r.reason or ""]
+                       for r in res.results], title="edgekit serve"))
+
+
+_add_serving(deploy, status)
+
 
 def main(argv: Optional[list] = None) -> None:
     cli.main(args=argv, prog_name="edgekit", standalone_mode=True)

@@ -86,6 +86,32 @@ def test_serve_on_a_device_follows_current_and_refuses_a_bad_release(serve_box, 
         c.close()
 
 
+def test_cli_deploy_serve_status_no_serve(serve_box, cli, tmp_path):
+    """edgekit deploy --serve: deployed, served, gated through the API; a redeploy hot-swaps;
+    edgekit status shows the address; deploy --no-serve stops it."""
+    lab, dev, inv = serve_box
+    v1 = _onnx_bundle(tmp_path / "v1", bias=0.0)
+    v2 = _onnx_bundle(tmp_path / "v2", bias=10.0)
+
+    def ek(*args):
+        return cli(*args, "--inventory", lab.inventory)
+
+    r = ek("deploy", v1, "--device", "serve-box", "--serve", "--serve-port", "18010")
+    assert r.exit_code == 0, r.output
+    assert "http://127.0.0.1:18010/v2" in r.output and "started" in r.output
+    r = ek("deploy", v2, "--device", "serve-box", "--serve", "--serve-port", "18010")
+    assert r.exit_code == 0, r.output
+    from edgekit.bundle import sha256_tree
+
+    assert sha256_tree(v2)[:12] in r.output and "running" in r.output  # the same server, hot-swapped
+    r = ek("status", "--device", "serve-box")
+    assert "http://127.0.0.1:18010/v2" in r.output, r.output
+    r = ek("deploy", v2, "--device", "serve-box", "--no-serve")
+    assert r.exit_code == 0 and "stopped (pid" in r.output, r.output
+    r = ek("status", "--device", "serve-box", "--no-health")
+    assert "http://127.0.0.1:18010" not in r.output
+
+
 def test_open_host_needs_a_token_file():
     from edgekit.deploy.serving import ServeOptions
 

@@ -166,6 +166,17 @@ def ensure(conn, root: str, opts: ServeOptions, model: str, sha: str) -> Dict[st
             "probe": probe["models"][model]}
 
 
+def releases_of(conn, root: str, model: str) -> Tuple[Optional[str], Optional[str]]:
+    """(current, previous) release of `model` on the device (previous: the last other one in its
+    history that is still there)."""
+    rc, out, err = _python(conn, root, "edgekit.runtime", "release", "status", "--root", root, "--name", model)
+    m = _json(conn, rc, out, err, "release status").get("models", {}).get(model, {})
+    cur = m.get("current")
+    have = {r["sha256"] for r in m.get("releases", [])}
+    older = [h for h in m.get("history", []) if h != cur and h in have]
+    return cur, (older[-1] if older else None)
+
+
 def roll_back(conn, root: str, model: str, to: Optional[str]) -> Dict[str, Any]:
     """Put `current` back at release `to` (None: remove it) after a failed gate."""
     if to is None:

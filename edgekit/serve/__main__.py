@@ -36,7 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default=None, help="litert, tflite-runtime, tensorflow, onnxruntime")
     p.add_argument("--poll-interval", type=float, default=1.0, help="seconds between checks of `current`")
     p.add_argument("--no-check", action="store_true", help="skip the golden check when loading a release")
-    p.add_argument("--pid-file", default=None, help="write the server's pid here (for --stop)")
+    p.add_argument("--pid-file", default=None,
+                   help="write the server's pid here (for --stop/--status; those default to "
+                        "~/.edgekit/serve/serve.pid, where deploy --serve starts it)")
     p.add_argument("--stop", action="store_true", help="stop the server named by --pid-file, then exit")
     p.add_argument("--status", action="store_true",
                    help="print the state of the server named by --pid-file (JSON), then exit")
@@ -74,18 +76,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     add_arguments(p)
     args = p.parse_args(argv)
     try:
-        from edgekit.serve.pidfile import ServeError, state, stop
+        from edgekit.serve.pidfile import DEFAULT_PID_FILE, ServeError, state, stop
+
+        if (args.status or args.stop) and not args.pid_file:
+            args.pid_file = os.path.expanduser(DEFAULT_PID_FILE)
 
         if args.status:
             import json
 
-            if not args.pid_file:
-                raise ServeError("--status needs --pid-file (the file the server was started with)")
             print(json.dumps(state(args.pid_file)))
             return 0
         if args.stop:
-            if not args.pid_file:
-                raise ServeError("--stop needs --pid-file (the file the server was started with)")
             print(f"stopped the server (pid {stop(args.pid_file)})")
             return 0
         if not args.paths:

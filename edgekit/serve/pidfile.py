@@ -13,6 +13,9 @@ from typing import Any, Dict
 from edgekit.errors import EdgekitError
 
 
+DEFAULT_PID_FILE = "~/.edgekit/serve/serve.pid"  # where deploy starts it (<root>/serve/serve.pid)
+
+
 class ServeError(EdgekitError):
     """A serve option or situation the user can fix (bad combination, port in use, no uvicorn)."""
 
