@@ -180,7 +180,7 @@ def check(bundle_dir: Path, profile: TargetProfile, fmt: str, mode: str = "auto"
         if res.get("crashed") and fmt == "tflite":
             try:
                 res["crash"] = attribute_crash(bundle_dir, reqs, where.startswith("emulated"))
-            except (OSError, subprocess.SubprocessError, CompatUnavailable, ConversionError) as e:
+            except (OSError, ValueError, subprocess.SubprocessError, CompatUnavailable, ConversionError) as e:
                 res["crash"] = {"reproduced": None, "statement": f"could not bisect the crash: {e}"}
         if cache is not None:
             cache[key] = res
@@ -217,26 +217,45 @@ def check(bundle_dir: Path, profile: TargetProfile, fmt: str, mode: str = "auto"
 
 # --- a crash: which op, at which shape, and whose fault ---------------------------------------
 
-# Runs inside the checking environment (stdlib + numpy + the runtime's interpreter): one
-# invoke of a model file on raw inputs, optimized or reference kernels. A crash kills it.
+# Runs inside the checking environment (stdlib + numpy + the runtime's interpreter) for the whole
+# bisection: imports once (seconds under qemu), then for each line "model kernels" on stdin forks
+# a child that loads and invokes that model on the raw inputs, and answers with how the child
+# ended ({"signal": 11} for a crash). A crash kills the child only.
 _PROBE = r"""
-import json, sys
+import json, os, sys
 import numpy as np
 from edgekit.runtime.tflite import find_interpreter
 _, cls, _ = find_interpreter()
-path, feeds, kernels = sys.argv[1], np.load(sys.argv[2]), sys.argv[3]
-kw = {}
-if kernels == "reference":
-    kw["experimental_op_resolver_type"] = sys.modules[cls.__module__].OpResolverType.BUILTIN_REF
-it = cls(model_path=path, **kw)
-dets = it.get_input_details()
-for i, d in enumerate(dets):
-    it.resize_tensor_input(d["index"], list(feeds[str(i)].shape))
-it.allocate_tensors()
-for i, d in enumerate(dets):
-    it.set_tensor(d["index"], feeds[str(i)])
-it.invoke()
-print(json.dumps({"ok": True}))
+resolver = sys.modules[cls.__module__].OpResolverType
+with np.load(sys.argv[1]) as z:
+    feeds = [z[str(i)] for i in range(len(z.files))]
+
+def run(path, kernels):
+    kw = {"experimental_op_resolver_type": resolver.BUILTIN_REF} if kernels == "reference" else {}
+    it = cls(model_path=path, **kw)
+    dets = it.get_input_details()
+    for d, x in zip(dets, feeds):
+        it.resize_tensor_input(d["index"], list(x.shape))
+    it.allocate_tensors()
+    for d, x in zip(dets, feeds):
+        it.set_tensor(d["index"], x)
+    it.invoke()
+
+for line in sys.stdin:
+    path, kernels = line.split()
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            run(path, kernels)
+        except Exception as e:
+            sys.stderr.write(f"error: {type(e).__name__}: {e}\n")
+            code = 3
+        sys.stderr.flush()
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    print(json.dumps({"signal": os.WTERMSIG(status)} if os.WIFSIGNALED(status)
+                     else {"exit": os.WEXITSTATUS(status)}), flush=True)
 """
 
 
@@ -246,9 +265,12 @@ def crashed(proc: subprocess.CompletedProcess) -> bool:
 
 
 class _Env:
-    """Where probes run: the emulated root (files under its /tmp) or a venv here."""
+    """Where probes run (the emulated root, files under its /tmp; or a venv here): one probe
+    process for the whole bisection, so the runtime is imported once."""
 
-    def __init__(self, emulated: bool, reqs: List[str]):
+    TIMEOUT = 600.0  # one probe; qemu is slow, a hang is not a crash
+
+    def __init__(self, emulated: bool, reqs: List[str], feeds: bytes):
         self.emulated = emulated
         if emulated:
             from edgekit.lab import emulated as emulate
@@ -262,24 +284,48 @@ class _Env:
             self.inside = str(self.dir)
         copy_runtime(self.dir / "rt")
         (self.dir / "probe.py").write_text(_PROBE)
+        argv = [f"{self.inside}/probe.py", self.put("feeds.npz", feeds)]
+        env = {"PYTHONPATH": f"{self.inside}/rt", "PYTHONDONTWRITEBYTECODE": "1", "OPENBLAS_NUM_THREADS": "1"}
+        self.stderr = open(self.dir / "stderr.txt", "w+")
+        pipes = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True, bufsize=1)
+        if emulated:
+            self.proc = emulate.popen_in_root(self.root, [f"{emulate.VENV}/bin/python", *argv], env=env, **pipes)
+        else:
+            env["PATH"] = os.environ.get("PATH", "/usr/bin:/bin")
+            self.proc = subprocess.Popen([str(self.py), *argv], env=env, cwd=self.dir, **pipes)
 
     def put(self, name: str, data: bytes) -> str:
         (self.dir / name).write_bytes(data)
         return f"{self.inside}/{name}"
 
-    def probe(self, model: str, feeds: str, kernels: str = "optimized") -> subprocess.CompletedProcess:
-        argv = [f"{self.inside}/probe.py", model, feeds, kernels]
-        env = {"PYTHONPATH": f"{self.inside}/rt", "PYTHONDONTWRITEBYTECODE": "1"}
-        if self.emulated:
-            from edgekit.lab import emulated as emulate
+    def last_error(self) -> str:
+        self.stderr.flush()
+        lines = [ln for ln in (self.dir / "stderr.txt").read_text(errors="replace").splitlines() if ln.strip()]
+        return next((ln for ln in reversed(lines) if ln.startswith("error: ")), lines[-1] if lines else "?")
 
-            return emulate.in_root(self.root, [f"{emulate.VENV}/bin/python", *argv], env=env, timeout=600,
-                                   capture=True)
-        env["PATH"] = os.environ.get("PATH", "/usr/bin:/bin")
-        return subprocess.run([str(self.py), *argv], capture_output=True, text=True, env=env, timeout=600,
-                              cwd=self.dir)
+    def crashes(self, model: str, kernels: str = "optimized") -> bool:
+        import select
+
+        self.proc.stdin.write(f"{model} {kernels}\n")
+        self.proc.stdin.flush()
+        ready, _, _ = select.select([self.proc.stdout], [], [], self.TIMEOUT)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            raise CompatUnavailable(f"the crash probe gave no answer ({'timed out' if not ready else 'ended'}): "
+                                    + self.last_error())
+        res = json.loads(line)
+        if res.get("exit", 0) not in (0,):
+            raise CompatUnavailable("the crash probe failed without crashing: " + self.last_error())
+        return "signal" in res
 
     def close(self) -> None:
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
+        self.stderr.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -352,21 +398,13 @@ def attribute_crash(bundle_dir: Path, reqs: List[str], emulated: bool,
 
     model = schema.ModelT.InitFromPackedBuf(data, 0)
     ops = len(model.subgraphs[0].operators)
-    env = _Env(emulated, reqs)
+    env = _Env(emulated, reqs, buf.getvalue())
     runs = 0
     try:
-        x = env.put("feeds.npz", buf.getvalue())
-
         def crashes(k: int, kernels: str = "optimized") -> bool:
             nonlocal runs
             runs += 1
-            path = env.put(f"prefix-{k}.tflite", data if k == ops - 1 else _prefix(model, k))
-            p = env.probe(path, x, kernels)
-            if not crashed(p) and p.returncode != 0:
-                raise ConversionError("the crash probe failed without crashing: "
-                                      + ((p.stderr or "").strip().splitlines() or ["?"])[-1],
-                                      stage="compatibility")
-            return crashed(p)
+            return env.crashes(env.put(f"prefix-{k}.tflite", data if k == ops - 1 else _prefix(model, k)), kernels)
 
         say(f"a crash: bisecting the graph ({ops} operators) in {' + '.join(reqs)}")
         if not crashes(ops - 1):

@@ -131,6 +131,14 @@ def in_root(root: Path, argv: List[str], env: Optional[Dict[str, str]] = None, l
                           timeout=timeout, check=False)
 
 
+def popen_in_root(root: Path, argv: List[str], env: Optional[Dict[str, str]] = None, **popen) -> subprocess.Popen:
+    """As in_root, but started and left running (a process the caller talks to over pipes)."""
+    e = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root",
+         "LANG": "C.UTF-8"}
+    e.update(env or {})
+    return subprocess.Popen(["unshare", "-m", "--propagation", "private", *_chroot_argv(root, argv)], env=e, **popen)
+
+
 HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
 ROOT_CA = "/etc/ssl/certs/edgekit-host-ca.crt"    # the host's CA bundle, as the root sees it
 
