@@ -226,7 +226,8 @@ class DevTools:
         self.proc = subprocess.Popen(
             [str(exe), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             "--disable-extensions", f"--user-data-dir={profile_dir}", "--remote-debugging-port=0",
+             "--disable-extensions", "--disable-dev-shm-usage",  # containers: a small /dev/shm crashes tabs
+             f"--user-data-dir={profile_dir}", "--remote-debugging-port=0",
              f"--window-size={width},{height}", "about:blank"],
             stdout=self.log, stderr=subprocess.STDOUT)
         port_file = profile_dir / "DevToolsActivePort"
