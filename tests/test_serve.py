@@ -30,7 +30,6 @@ import tritonclient.http  # noqa: F401  (the dev extra installs it: a missing cl
 def _onnx_bundle(dest: Path, *, name="two", bias=0.0, slow=0, bad_golden=False):
     """A float ONNX bundle with a dynamic batch. Default: two outputs, scores = x@W + b (3) and
     relu = relu(x) (4). slow=k: one output after k chained 512x512 MatMuls (a model that takes time)."""
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
