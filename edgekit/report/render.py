@@ -286,10 +286,8 @@ def mixed_section(m: ModelInfo) -> str:
         cid = _id(m.name, "sensitivity", b.key)
         chosen = ", ".join(sorted(kept)) if kept else "none (full INT8 kept)"
         parts.append(f"<h4>{escape(b.key)} ({escape(b.fmt)})</h4>")
-        budget = mp.get("budget_points", mp.get("max_drop_points"))
-        parts.append(f'<p class="note">Budget {escape(str(budget))} points of '
-                     f'{escape(str(mp.get("metric")))}; kept in float: <b>{escape(chosen)}</b>; search: '
-                     f'{escape(str(mp.get("stopped")))}.</p>')
+        parts.append(f'<p class="note">{escape(_criterion(mp))}; kept in float: <b>{escape(chosen)}</b>; search: '
+                     f'{escape(str(mp.get("stopped") or "–"))}.</p>')
         parts.append('<div class="charts">' + figure(
             svg.hbars(items, title=f"per-layer sensitivity, {b.key}", x_label="error when the layer is "
                       "quantized (larger: more damage; the converter's per-layer measure)", chart_id=cid),
@@ -309,7 +307,8 @@ def mixed_section(m: ModelInfo) -> str:
         if b.rescue:
             rows = [[st.get("rung"), st.get("what"), _pct(fraction(st, "top1_agreement", False)),
                      _num(st.get("snr_db"), "{:.1f}"), _num((st.get("bytes") or 0) / 1024 or None, "{:.1f}"),
-                     "yes" if st.get("meets") else (st.get("error") or "no")] for st in b.rescue]
+                     "yes" if st.get("meets") else (st.get("error") or "no" + (
+                         f" ({'; '.join(map(str, st['misses']))})" if st.get("misses") else ""))] for st in b.rescue]
             parts.append(f"<h4>rescue ladder of {escape(b.key)} ({escape(b.fmt)})</h4>"
                          + table(["rung", "what", "top-1 agree %", "SNR dB", "KiB", "meets floor"], rows,
                                  numeric=[2, 3, 4]))
@@ -317,6 +316,24 @@ def mixed_section(m: ModelInfo) -> str:
         return ('<p class="note">No mixed-precision search or rescue ran for this model (it runs when full INT8 misses '
                 '<code>--max-accuracy-drop</code>).</p>')
     return "".join(parts)
+
+
+def _criterion(mp: Dict[str, Any]) -> str:
+    """What the mixed-precision search had to meet: a budget in points (older records) or a floor."""
+    budget = mp.get("budget_points", mp.get("max_drop_points"))
+    if budget is not None:
+        return f"budget {budget} points of {mp.get('metric') or 'accuracy'}"
+    fl = mp.get("floor")
+    if isinstance(fl, dict):
+        parts = []
+        if fl.get("min_snr_db") is not None:
+            parts.append(f"SNR ≥ {fl['min_snr_db']:g} dB")
+        if fl.get("min_agreement") is not None:
+            parts.append(f"top-1 agreement ≥ {100 * fl['min_agreement']:g}%")
+        if fl.get("max_accuracy_drop") is not None:
+            parts.append(f"accuracy drop ≤ {fl['max_accuracy_drop']:g} points")
+        return "floor: " + ", ".join(parts)
+    return "budget not recorded"
 
 
 def _drop(st: Dict[str, Any]) -> Optional[float]:
