@@ -10,6 +10,7 @@ import pytest
 
 from edgekit.bundle import read_bundle
 from edgekit.convert import Calibration, ConvertRecipe, convert
+from edgekit.convert.recipe import Floor, Search
 from edgekit.errors import ConversionError
 from edgekit.runtime import load
 
@@ -27,6 +28,7 @@ def emulated_root():
 def _tiny(path):
     import keras
 
+    keras.utils.set_random_seed(0)
     L = keras.layers
     keras.Sequential([keras.Input((12, 12, 2)), L.Conv2D(8, 3, activation="relu"), L.Flatten(),
                       L.Dense(4)]).save(path)
@@ -35,6 +37,7 @@ def _tiny(path):
 def _rank3(path):
     import keras
 
+    keras.utils.set_random_seed(0)
     keras.Sequential([keras.Input((32, 16)), keras.layers.Dense(8, bias_initializer="random_normal")]).save(path)
 
 
@@ -42,6 +45,7 @@ def _encoder(path):
     """One transformer encoder block: multi-head attention, layer norm, GELU MLP; 32 tokens."""
     import keras
 
+    keras.utils.set_random_seed(0)
     L = keras.layers
     x = keras.Input((32, 16))
     h = L.LayerNormalization()(x + L.MultiHeadAttention(2, 8)(x, x))
@@ -58,8 +62,12 @@ def _data(tmp_path, shape, n=48):
 
 
 def _convert(model, tmp_path, calib, val, out="out", mode="emulated"):
+    """For rpi4, full INT8 as to_tflite builds it (no rescue ladder: the artifact under test is the
+    rewritten one). These models are untrained, their logits near ties: top-1 agreement on 16
+    samples means little, so the floor is SNR (20 dB) with agreement relaxed to 50%."""
     return convert(ConvertRecipe(str(model), ["rpi4"], calibration=Calibration(str(calib)), validation=str(val),
-                                 formats=["tflite"], compat_check=mode), str(tmp_path / out))
+                                 formats=["tflite"], compat_check=mode, floor=Floor(min_agreement=0.5),
+                                 search=Search(rescue=False, mixed_precision=False)), str(tmp_path / out))
 
 
 def _record(result):
