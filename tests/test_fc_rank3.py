@@ -138,5 +138,6 @@ def test_unrewritten_crash_is_bisected_named_and_accepted_only_when_asked(tmp_pa
     crash = rec["crash"]
     print(crash["statement"], f"({crash['probes']} runs, {crash['seconds']} s)")
     assert rec["ok"] is False and rec["accepted"].startswith("--compat-check accept-crash")
+    assert compat.describe(rec).startswith("CRASHES in tflite-runtime==2.14.0")   # not "loads and matches"
     assert crash["op"] == "FULLY_CONNECTED" and crash["inputs"][0]["shape"] == [32, 16]
     assert crash["attributed"] is False and crash["reference_kernels_run"] is True and crash["batch"] == 1

@@ -215,6 +215,18 @@ def check(bundle_dir: Path, profile: TargetProfile, fmt: str, mode: str = "auto"
     return records
 
 
+
+def describe(record: Dict[str, Any]) -> str:
+    """One progress line for a compatibility record (a crash accepted with accept-crash is not a pass)."""
+    runtime = " + ".join(record.get("requirements", []))
+    if not record.get("checked", True) or "where" not in record:
+        return f"not checked in {runtime}: {record.get('reason', '?')}"
+    if record.get("accepted"):
+        return f"CRASHES in {runtime} ({record['where']}), written anyway: {record['accepted']}"
+    rewritten = len(record.get("graph_rewrites", []))
+    return (f"loads and matches in {runtime} ({record['where']}, batch {record.get('batch', '?')})"
+            + (f"; {rewritten} FULLY_CONNECTED rewritten as 1x1 CONV_2D" if rewritten else ""))
+
 # --- a crash: which op, at which shape, and whose fault ---------------------------------------
 
 # Runs inside the checking environment (stdlib + numpy + the runtime's interpreter) for the whole
