@@ -70,7 +70,7 @@ def main():
     from digits import digits_data, train
     from imagegen import natural_patches
 
-    from edgekit.convert import convert
+    from edgekit.convert import Calibration, ConvertRecipe, convert
     from edgekit.lab import emulated as emulate
     from edgekit.runtime import load
 
@@ -87,7 +87,8 @@ def main():
                  ("MLPerf Tiny ResNet-8", str(SHARED / "pretrainedResnet.h5"), str(d / "rc.npz"),
                   natural_patches(a.n, 7, 32))]
         for label, model, calib, x in cases:
-            r = convert(model, ["rpi4"], str(d / "out"), calib=calib, formats=["tflite"], compat_check="off")
+            r = convert(ConvertRecipe(model, ["rpi4"], calibration=Calibration(calib), formats=["tflite"],
+                                      compat_check="off"), str(d / "out"))
             b = r.bundles[0].path
             m = load(b)
             xq = m.inputs[0].quantize(x)

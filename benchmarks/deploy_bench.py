@@ -6,6 +6,8 @@
     python benchmarks/deploy_bench.py scale    # staged rollout to 1, 4, 8, 16 devices: controller CPU,
                                                # memory, wall time; device-side CPU apart
     python benchmarks/deploy_bench.py hashes   # bytes of the bundle hashed per single-device deploy
+    python benchmarks/deploy_bench.py ansible  # the exported playbook vs edgekit deploy, same devices:
+                                               # controller CPU and wall time
 
 Each comparison alternates its two sides round by round, so drift hits both.
 """
@@ -43,11 +45,11 @@ from edgekit.deploy.session import DeviceSession  # noqa: E402
 def digits_bundle(work: Path) -> Path:
     from digits import train
 
-    from edgekit.convert import convert
+    from edgekit.convert import Calibration, ConvertRecipe, convert
 
     train(work, epochs=3)
-    r = convert(str(work / "digits.keras"), ["rpi4"], str(work / "build"), calib=str(work / "calib.npz"),
-                formats=["tflite"])
+    r = convert(ConvertRecipe(str(work / "digits.keras"), ["rpi4"], calibration=Calibration(str(work / "calib.npz")),
+                              formats=["tflite"]), str(work / "build"))
     return r.bundles[0].path
 
 
@@ -142,14 +144,15 @@ def bench_fleet(work: Path, rounds: int, n: int) -> dict:
             "lower_bound_wall_s_on_this_machine": med(n, "machine_busy_core_s") / cores,
             "controller_cpu_s_fleet": med(n, "controller_cpu_s")}
 
+
 def bench_scale(work: Path, sizes=(1, 4, 8, 16), rounds: int = 2) -> dict:
-    """A staged rollout (canary 1, then 50%, 100%; parallel 8) of the digits CNN (a ~20 KB
-    .tflite) to n lab devices, from scratch each round (runtime push + upload + switch + golden
-    check). Controller: this process's CPU seconds (all threads) and the peak of Python memory
-    allocated during the rollout (tracemalloc); devices: the machine's busy core-seconds minus
-    the controller's (the lab's sshd and device Pythons share this machine)."""
+    """A staged rollout (canary 1, then 50%, 100%; parallel 8) of the digits CNN (a ~170 KB
+    bundle) to n lab devices, from scratch each round (runtime push + upload + switch + golden
+    check). Controller: this process's CPU seconds (all threads) and the growth of its resident
+    memory (peak VmRSS sampled every 20 ms, minus before; no tracemalloc: it would slow the
+    controller two- to three-fold). Devices: the CPU seconds of everything their sshd ran (the listener's
+    reaped children: sessions, the device Pythons), measured apart from the controller."""
     import resource
-    import tracemalloc
 
     from edgekit.deploy import artifact
     from edgekit.deploy.rollout import Plan, Rollout, Share
@@ -169,23 +172,21 @@ def bench_scale(work: Path, sizes=(1, 4, 8, 16), rounds: int = 2) -> dict:
                     d.root.mkdir()
                 plan = Plan(canary=Share.parse("1"), stages=Share.parse_list("50%,100%"), parallel=8)
                 r = Rollout.create(plan, arts, devs[:n], ops.Options(inv), lab.inventory, str(src))
-                tracemalloc.start()
-                b0, _ = _cpu_busy()
+                used = [lab.devices[d.name] for d in devs[:n]]
+                d0 = sum(_reaped_cpu(d.proc.pid) for d in used)
+                rss = _RssPeak()
                 c0 = resource.getrusage(resource.RUSAGE_SELF)
                 t0 = time.perf_counter()
                 rec = r.run()
                 wall = time.perf_counter() - t0
                 c1 = resource.getrusage(resource.RUSAGE_SELF)
-                b1, _ = _cpu_busy()
-                peak = tracemalloc.get_traced_memory()[1]
-                tracemalloc.stop()
+                rss_growth = rss.stop()
+                d1 = sum(_reaped_cpu(d.proc.pid) for d in used)
                 assert rec["state"] == "done", rec
                 ctl = (c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime)
-                busy = (b1 - b0) / os.sysconf("SC_CLK_TCK")
                 out.append({"devices": n, "batches": len(rec["batches"]), "wall_s": wall, "controller_cpu_s": ctl,
-                            "controller_cpu_s_per_device": ctl / n, "controller_peak_py_mb": peak / 1e6,
-                            "controller_peak_py_mb_per_device": peak / 1e6 / n,
-                            "device_side_cpu_s_per_device": max(0.0, busy - ctl) / n,
+                            "controller_cpu_s_per_device": ctl / n, "controller_rss_growth_mb": rss_growth / 1e6,
+                            "device_cpu_s_per_device": (d1 - d0) / n,
                             "device_seconds_median": statistics.median(d["seconds"] for d in rec["devices"].values())})
     finally:
         lab.teardown()
@@ -195,6 +196,83 @@ def bench_scale(work: Path, sizes=(1, 4, 8, 16), rounds: int = 2) -> dict:
         table[n] = {k: statistics.median(x[k] for x in rows) for k in rows[0] if k != "devices"}
     return {"cores": os.cpu_count(), "rounds": rounds, "bundle_bytes": arts[0].bytes, "by_devices": table,
             "runs": out}
+
+
+def _reaped_cpu(pid: int) -> float:
+    """CPU seconds of a process's children it has waited for (cutime + cstime, /proc/PID/stat)."""
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(f[13]) + int(f[14])) / os.sysconf("SC_CLK_TCK")
+
+
+class _RssPeak:
+    """Samples this process's VmRSS every 20 ms; stop() gives the peak minus the start."""
+
+    def __init__(self):
+        import threading
+
+        self.start, self.peak, self._stop = self._rss(), 0, threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    @staticmethod
+    def _rss() -> int:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def _run(self):
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self._rss())
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._t.join()
+        return max(0, max(self.peak, self._rss()) - self.start)
+
+
+def bench_ansible(work: Path, n: int = 8, rounds: int = 1) -> dict:
+    """The same one-batch deploy to n lab devices (fresh roots) by `edgekit deploy` (in process,
+    parallel n) and by the exported playbook (`ansible-playbook`, forks n): wall time and the
+    controller's CPU seconds (ansible: its processes, RUSAGE_CHILDREN; edgekit: this process)."""
+    import resource
+
+    from click.testing import CliRunner
+
+    from edgekit.cli import cli
+
+    src = digits_bundle(work)
+    lab = make_lab(work, n)
+    out = {"devices": n, "edgekit": [], "ansible": []}
+    try:
+        exp = work / "ansible"
+        r = CliRunner().invoke(cli, ["export", "ansible", "--group", "lab", "--bundle", str(src), "-o", str(exp),
+                                     "--forks", str(n), "--inventory", str(lab.inventory)])
+        assert r.exit_code == 0, r.output
+        env = dict(os.environ, ANSIBLE_NOCOLOR="1")
+        for _ in range(rounds):
+            for side in ("edgekit", "ansible"):
+                for d in lab.devices.values():
+                    shutil.rmtree(d.root, ignore_errors=True)
+                    d.root.mkdir()
+                c0, k0 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+                t0 = time.perf_counter()
+                if side == "edgekit":
+                    r = CliRunner().invoke(cli, ["deploy", str(src), "--group", "lab", "--parallel", str(n), "-q",
+                                                 "--inventory", str(lab.inventory)])
+                    assert r.exit_code == 0, r.output
+                else:
+                    p = subprocess.run(["ansible-playbook", "deploy.yml"], cwd=exp, env=env, capture_output=True,
+                                       text=True)
+                    assert p.returncode == 0, p.stdout[-2000:]
+                wall = time.perf_counter() - t0
+                c1, k1 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+                who = (c1, c0) if side == "edgekit" else (k1, k0)
+                cpu = (who[0].ru_utime - who[1].ru_utime) + (who[0].ru_stime - who[1].ru_stime)
+                out[side].append({"wall_s": wall, "controller_cpu_s": cpu, "controller_cpu_s_per_device": cpu / n})
+    finally:
+        lab.teardown()
+    return out
 
 
 def bench_hashes(work: Path) -> dict:
@@ -252,15 +330,15 @@ def bench_hashes(work: Path) -> dict:
     return out
 
 
-
 def resnet8_bundle(work: Path) -> Path:
     from imagegen import natural_patches
 
-    from edgekit.convert import convert
+    from edgekit.convert import Calibration, ConvertRecipe, convert
 
     np.savez(work / "calib.npz", natural_patches(200, 0, 32))
-    r = convert(str(ROOT.parent / "shared" / "models" / "mlperf-tiny" / "pretrainedResnet.h5"), ["rpi4"],
-                str(work / "build"), calib=str(work / "calib.npz"), formats=["tflite"], name="resnet8")
+    r = convert(ConvertRecipe(str(ROOT.parent / "shared" / "models" / "mlperf-tiny" / "pretrainedResnet.h5"), ["rpi4"],
+                              calibration=Calibration(str(work / "calib.npz")), formats=["tflite"], name="resnet8"),
+                              str(work / "build"))
     return r.bundles[0].path
 
 
@@ -292,7 +370,7 @@ def bench_profile(work: Path, rounds: int, runs: int, threads: int = 1) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["upload", "fleet", "profile", "scale", "hashes"])
+    ap.add_argument("what", choices=["upload", "fleet", "profile", "scale", "hashes", "ansible"])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--mb", type=int, default=50)
     ap.add_argument("--devices", type=int, default=8)
@@ -302,12 +380,14 @@ def main():
         work = Path(d)
         if a.what == "upload":
             res = bench_upload(work, a.rounds, a.mb)
+        elif a.what == "fleet":
+            res = bench_fleet(work, a.rounds, a.devices)
         elif a.what == "scale":
             res = bench_scale(work, rounds=a.rounds)
         elif a.what == "hashes":
             res = bench_hashes(work)
-        elif a.what == "fleet":
-            res = bench_fleet(work, a.rounds, a.devices)
+        elif a.what == "ansible":
+            res = bench_ansible(work, a.devices, a.rounds)
         else:
             res = bench_profile(work, a.rounds, a.runs)
     print(json.dumps(res, indent=2))

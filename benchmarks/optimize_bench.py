@@ -34,20 +34,23 @@ def digits_model(d: Path, epochs: int = 15) -> Path:
 def bench_mixed(d: Path) -> dict:
     from test_mixed import make_sensitive
 
-    from edgekit.convert import convert
+    from edgekit.convert import Calibration, ConvertRecipe, Floor, convert
 
     model = digits_model(d)
     sens = make_sensitive(model, d / "sensitive.keras")
     out = {}
     for fmt in ("tflite", "onnx"):
-        r = convert(str(sens), ["rpi4"], str(d / f"mp-{fmt}"), calib=str(d / "calib.npz"), val=str(d / "val.npz"),
-                    formats=[fmt], max_accuracy_drop=1.0, compat_check="off")
+        r = convert(ConvertRecipe(str(sens), ["rpi4"], calibration=Calibration(str(d / "calib.npz")),
+                                  validation=str(d / "val.npz"), formats=[fmt], compat_check="off",
+                                  floor=Floor(max_accuracy_drop=1.0)), str(d / f"mp-{fmt}"))
         a = r.bundles[0].artifact
-        mp = a.mixed
-        out[fmt] = {"plain_int8_drop": mp["full_int8"]["drop"], "plain_int8_bytes": mp["full_int8"]["bytes"],
-                    "mixed_drop": a.metrics["accuracy_drop"], "mixed_bytes": len(a.data),
-                    "float_bytes": a.float_bytes, "float_layers": mp["float_layers"],
-                    "layers_in_model": len(mp["sensitivity"]), "candidates_tried": len(mp["steps"])}
+        mp = a.mixed or {}          # the rescue ladder may meet the floor before its mixed-precision rung
+        plain = a.rescue[0] if a.rescue else {}
+        out[fmt] = {"plain_int8_drop": plain.get("accuracy_drop_points"), "plain_int8_bytes": plain.get("bytes"),
+                    "rescued_by": a.rescued_by, "rescue_steps": [s["what"] for s in a.rescue],
+                    "rescued_drop": a.metrics["accuracy_drop_points"], "rescued_bytes": len(a.data),
+                    "float_bytes": a.float_bytes, "float_layers": mp.get("float_layers"),
+                    "layers_in_model": len(mp.get("sensitivity", [])), "candidates_tried": len(mp.get("steps", []))}
     return out
 
 
@@ -100,18 +103,21 @@ def bench_qat(d: Path) -> dict:
     from imagegen import natural_patches
     from test_qat import make_spread
 
-    from edgekit.convert import convert
+    from edgekit.convert import Calibration, ConvertRecipe, Floor, convert
     from edgekit.optimize.qat import qat
 
     model = digits_model(d)
     rows = []
     for seed in (0, 1, 2):
         sp = make_spread(model, d / f"spread{seed}.keras", seed=seed)
-        mp = convert(str(sp), ["rpi4"], str(d / f"mp{seed}"), calib=str(d / "train.npz"), val=str(d / "val.npz"),
-                     formats=["tflite"], max_accuracy_drop=1.0, compat_check="off").bundles[0].artifact
-        row = {"seed": seed, "ptq_drop": mp.mixed["full_int8"]["drop"], "ptq_bytes": mp.mixed["full_int8"]["bytes"],
-               "mixed_drop": mp.metrics["accuracy_drop"], "mixed_float_layers": mp.mixed["float_layers"],
-               "mixed_bytes": len(mp.data), "float_bytes": mp.float_bytes}
+        mp = convert(ConvertRecipe(str(sp), ["rpi4"], calibration=Calibration(str(d / "train.npz")),
+                                   validation=str(d / "val.npz"), formats=["tflite"], compat_check="off",
+                                   floor=Floor(max_accuracy_drop=1.0)), str(d / f"mp{seed}")).bundles[0].artifact
+        plain = mp.rescue[0] if mp.rescue else {}
+        row = {"seed": seed, "ptq_drop": plain.get("accuracy_drop_points"), "ptq_bytes": plain.get("bytes"),
+               "rescued_by": mp.rescued_by, "rescued_drop": mp.metrics["accuracy_drop_points"],
+               "mixed_float_layers": (mp.mixed or {}).get("float_layers"),
+               "rescued_bytes": len(mp.data), "float_bytes": mp.float_bytes}
         for epochs in (0, 3):
             r = qat(str(sp), str(d / "train.npz"), ["rpi4"], str(d / f"q{seed}-{epochs}"), val=str(d / "val.npz"),
                     epochs=epochs, compat_check="off", say=lambda t: None)

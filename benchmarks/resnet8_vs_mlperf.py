@@ -28,7 +28,7 @@ def main():
     a = ap.parse_args()
     import keras
 
-    from edgekit.convert import convert
+    from edgekit.convert import Calibration, ConvertRecipe, convert
     from edgekit.convert.validate import snr_db
     from edgekit.runtime import load
     from imagegen import natural_patches, recognised
@@ -40,8 +40,9 @@ def main():
     with tempfile.TemporaryDirectory() as d:
         np.savez(Path(d) / "c.npz", xc)
         np.savez(Path(d) / "v.npz", xv)
-        r = convert(str(SHARED / "pretrainedResnet.h5"), ["rpi4", "x86-avx2"], d + "/out",
-                    calib=d + "/c.npz", val=d + "/v.npz", calib_samples=a.n)
+        r = convert(ConvertRecipe(str(SHARED / "pretrainedResnet.h5"), ["rpi4", "x86-avx2"],
+                                  calibration=Calibration(d + "/c.npz", samples=a.n), validation=d + "/v.npz"),
+                                  d + "/out")
         cands = [(b.path.name, b.path, len(b.artifact.data)) for b in r.bundles]
         ref_file = SHARED / "pretrainedResnet_quant.tflite"
         cands.append(("mlperf-tiny reference INT8", ref_file, ref_file.stat().st_size))

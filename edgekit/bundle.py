@@ -14,23 +14,24 @@ renamed into place, so a failed write leaves nothing a user would find.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import re
 import shutil
-import tempfile
-from dataclasses import dataclass
-from pathlib import Path
 import sys
-from typing import Any, Callable, Dict, Optional
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
 
 from edgekit.errors import BundleError
 
 # numpy is imported where arrays are touched, so the device's release bookkeeping
 # (status, verify) starts without it.
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2   # 2: agreement and accuracy as fractions 0..1, drops in points; recipe, numerics
 MANIFEST = "manifest.json"
 GOLDEN = "golden.npz"
 MODEL_FILES = {"tflite": "model.tflite", "onnx": "model.onnx"}
@@ -64,12 +65,92 @@ def sha256_tree(root: os.PathLike) -> str:
     return h.hexdigest()
 
 
+@dataclass
+class Manifest:
+    """manifest.json, typed: read (older schemas upgraded) and written here only.
+
+    Units: `validation.top1_agreement`, `validation.accuracy_float`, `validation.accuracy_quant`
+    are fractions 0..1; `validation.accuracy_drop_points` is percentage points; every `snr_db`
+    is dB; `*_bytes` bytes. Keys this version does not know are kept (`extra`) and written back.
+    """
+
+    name: str
+    target: Dict[str, Any]
+    model: Dict[str, Any]
+    inputs: List[Dict[str, Any]]
+    outputs: List[Dict[str, Any]]
+    schema: int = SCHEMA_VERSION
+    edgekit_version: str = ""
+    created: str = ""
+    source: Dict[str, Any] = field(default_factory=dict)
+    calibration: Dict[str, Any] = field(default_factory=dict)
+    validation: Dict[str, Any] = field(default_factory=dict)
+    golden: Dict[str, Any] = field(default_factory=dict)
+    recipe: Dict[str, Any] = field(default_factory=dict)
+    mixed_precision: Optional[Dict[str, Any]] = None
+    rescue: List[Dict[str, Any]] = field(default_factory=list)
+    candidates: List[Dict[str, Any]] = field(default_factory=list)
+    compatibility: List[Dict[str, Any]] = field(default_factory=list)
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    REQUIRED = ("schema", "name", "model", "target", "inputs", "outputs")
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any], where: str = "manifest.json") -> "Manifest":
+        for key in cls.REQUIRED:
+            if key not in d:
+                raise BundleError(f"manifest.json lacks '{key}'", path=where)
+        if not isinstance(d["schema"], int) or d["schema"] > SCHEMA_VERSION:
+            raise BundleError(f"bundle schema {d['schema']} is newer than this edgekit understands "
+                              f"({SCHEMA_VERSION})", path=where, hint="upgrade edgekit on this machine")
+        d = _upgrade(dict(d))
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        m = cls(**{k: v for k, v in d.items() if k in known})
+        m.extra = {k: v for k, v in d.items() if k not in known}
+        m.schema = SCHEMA_VERSION
+        return m
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        d.update(self.extra)
+        return d
+
+    @staticmethod
+    def update(bundle_dir: os.PathLike, **changes: Any) -> None:
+        """Set fields of a bundle's manifest in place (atomically), e.g. compatibility records."""
+        path = Path(bundle_dir) / MANIFEST
+        m = Manifest.from_dict(json.loads(path.read_text(encoding="utf-8")), where=str(bundle_dir))
+        for k, v in changes.items():
+            if k not in {f.name for f in dataclasses.fields(Manifest)}:
+                raise KeyError(k)
+            setattr(m, k, v)
+        write_json_atomic(path, m.to_dict())
+
+
+def _upgrade(d: Dict[str, Any]) -> Dict[str, Any]:
+    """Schema 1 -> 2: percentages become fractions, int8-named figures become quant-named ones."""
+    if d.get("schema", 1) >= 2:
+        return d
+    v = dict(d.get("validation") or {})
+    for old, new in (("top1_agreement", "top1_agreement"), ("accuracy_float", "accuracy_float"),
+                     ("accuracy_int8", "accuracy_quant")):
+        if v.get(old) is not None:
+            v[new] = v.pop(old) / 100.0
+    if "accuracy_drop" in v:
+        v["accuracy_drop_points"] = v.pop("accuracy_drop")
+    if "int8_bytes" in v:
+        v["quant_bytes"] = v.pop("int8_bytes")
+    d["validation"] = v
+    return d
+
+
 @dataclass(frozen=True)
 class Bundle:
     """A bundle read from disk and verified."""
 
     path: Path
-    manifest: Dict[str, Any]
+    manifest: Dict[str, Any]           # the manifest as JSON (upgraded to this schema)
+    meta: Optional[Manifest] = None    # the same, typed
 
     @property
     def name(self) -> str:
@@ -117,17 +198,14 @@ def read_bundle(path: os.PathLike, verify: bool = True) -> Bundle:
         raise BundleError("not a bundle: no manifest.json", path=str(p),
                           hint="give a directory written by `edgekit convert`, or a .tflite/.onnx file")
     try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        raw = json.loads(mpath.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise BundleError(f"manifest.json is not valid JSON ({e})", path=str(p)) from None
-    for key in ("schema", "name", "model", "target", "inputs", "outputs"):
-        if key not in manifest:
-            raise BundleError(f"manifest.json lacks '{key}'", path=str(p))
-    if manifest["schema"] > SCHEMA_VERSION:
-        raise BundleError(f"bundle schema {manifest['schema']} is newer than this edgekit "
-                          f"understands ({SCHEMA_VERSION})", path=str(p),
-                          hint="upgrade edgekit on this machine")
-    bundle = Bundle(p, manifest)
+    if not isinstance(raw, dict):
+        raise BundleError("manifest.json is not a JSON object", path=str(p))
+    meta = Manifest.from_dict(raw, where=str(p))
+    manifest = meta.to_dict()
+    bundle = Bundle(p, manifest, meta)
     check_name(bundle.name)
     if verify:
         verify_bundle(bundle)
@@ -209,7 +287,7 @@ def write_bundle(dest: os.PathLike, *, fmt: str, model_bytes: bytes, manifest: D
         manifest["model"] = dict(manifest.get("model", {}), file=fname, format=fmt,
                                  sha256=hashlib.sha256(model_bytes).hexdigest(),
                                  bytes=len(model_bytes))
-        write_json_atomic(tmp / MANIFEST, manifest)
+        write_json_atomic(tmp / MANIFEST, Manifest.from_dict(manifest, where=str(dest)).to_dict())
         if check is not None:
             check(tmp)
         if dest.exists():

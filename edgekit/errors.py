@@ -94,10 +94,25 @@ class ConversionError(EdgekitError):
         self.stage = stage
 
 
+class RecipeError(EdgekitError):
+    """A conversion recipe that does not validate: names the field (and the file it came from)."""
+
+    def __init__(self, message: str, *, field: str | None = None, path: str | None = None,
+                 hint: str | None = None):
+        super().__init__(f"{path}: {message}" if path else message, hint=hint)
+        self.field = field
+        self.path = path
+
+
 class BudgetMissed(EdgekitError):
-    """A validation missed its accuracy budget; the report was still written."""
+    """Some artifacts missed the fidelity floor or failed to convert; the others and the report
+    were written. `result` is the whole ConvertResult (rows, reasons, report path)."""
 
     exit_code = 1
+
+    def __init__(self, message: str, *, result=None, hint: str | None = None):
+        super().__init__(message, hint=hint)
+        self.result = result
 
 
 class DeviceError(EdgekitError):

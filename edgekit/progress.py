@@ -28,7 +28,6 @@ class Progress:
 
     def say(self, text: str) -> None:
         if self.enabled:
-            self._end_line()
             print(text, file=self._out, flush=True)
 
     def ticker(self, label: str, unit: str = ""):
@@ -55,6 +54,3 @@ class Progress:
                     print(f"  {label}  {done}/{total}{unit} {extra}".rstrip(), file=self._out, flush=True)
 
         return tick
-
-    def _end_line(self) -> None:
-        pass

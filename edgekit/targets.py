@@ -50,7 +50,7 @@ _SCHEMA: Dict[str, Dict[str, Tuple[str, Optional[Tuple[Any, ...]], Any]]] = {
     "tflite": {
         "io_type": (_STR, ("int8", "uint8", "float32"), "int8"),
         "per_channel": (_BOOL, None, True),
-        "activations": (_STR, ("int8", "int16", "float16"), "int8"),
+        "activations": (_STR, ("int8", "int16", "float16", "dynamic"), "int8"),
     },
     "onnx": {
         "quant_format": (_STR, ("qdq", "qoperator"), "qdq"),
@@ -63,6 +63,8 @@ _SCHEMA: Dict[str, Dict[str, Tuple[str, Optional[Tuple[Any, ...]], Any]]] = {
         "opset": (_INT, None, 17),
         "fp16_allowed": (_BOOL, None, False),
         "fp16": (_BOOL, None, False),
+        "dynamic": (_BOOL, None, False),
+        "calibration": (_STR, ("minmax", "percentile", "entropy"), "minmax"),
     },
     "runtime": {
         "threads": (_INT, None, ...),
@@ -109,6 +111,8 @@ class OnnxBuild:
     opset: int = 17
     fp16_allowed: bool = False
     fp16: bool = False             # build an FP16 model instead of INT8 (needs fp16_allowed)
+    dynamic: bool = False          # weights INT8, activations quantized at run time (quantize_dynamic)
+    calibration: str = "minmax"    # ONNX Runtime's calibration method (the rescue ladder tries others)
 
     def __post_init__(self) -> None:
         if self.fp16 and not self.fp16_allowed:

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from digits import train  # noqa: E402
 
 from edgekit.bundle import write_json_atomic  # noqa: E402
-from edgekit.convert import convert  # noqa: E402
+from edgekit.convert import Calibration, ConvertRecipe, convert  # noqa: E402
 from edgekit.progress import Progress  # noqa: E402
 from edgekit.report import write_report  # noqa: E402
 from edgekit.runtime import load  # noqa: E402
@@ -49,8 +49,8 @@ def main() -> int:
     if not model.exists():
         progress.say("training the digits CNN (scikit-learn's bundled digits)")
         train(out)
-    result = convert(str(model), builtin_names(), str(out / "build"), calib=str(out / "calib.npz"),
-                     val=str(out / "val.npz"), progress=progress)
+    result = convert(ConvertRecipe(str(model), builtin_names(), calibration=Calibration(str(out / "calib.npz")),
+                                   validation=str(out / "val.npz")), str(out / "build"), progress=progress)
     print(result.table())
     rows, records = [], []
     for b in result.bundles:
@@ -63,7 +63,8 @@ def main() -> int:
         write_json_atomic(out / "bench" / f"{b.path.name}.json", rep)  # raw samples, for the HTML report
         v = b.artifact.metrics
         rows.append([b.target, b.fmt, len(b.artifact.data) / 1024, len(b.artifact.data) / b.artifact.float_bytes,
-                     f"{v['accuracy_float']:.2f} → {v['accuracy_int8']:.2f}", v["top1_agreement"],
+                     f"{100 * v['accuracy_float']:.2f} → {100 * v['accuracy_quant']:.2f}",
+                     100 * v["top1_agreement"],
                      f"{m.backend} ({', '.join(p.replace('ExecutionProvider', '') for p in m.providers)})",
                      m.threads, rep["latency"]["p50_ms"], rep["end_to_end"]["p50_ms"],
                      "ok" if health["ok"] else "FAILED", "noisy" if rep["noisy"] else "ok"])
@@ -73,7 +74,7 @@ def main() -> int:
                                                 "threads", "providers", "conditions", "noisy",
                                                 "noise_reasons", "load_ms", "first_inference_ms")}})
     print()
-    print(render(["target", "format", "KiB", "size×", "accuracy % float → INT8", "agree %",
+    print(render(["target", "format", "KiB", "size×", "accuracy % float → quantized", "agree %",
                   "backend here", "thr", "p50 ms", "e2e p50 ms", "golden", "timing"], rows,
                  title="edgekit main job: digits CNN, every target, measured on this machine"))
     c = records[0]["benchmark"]["conditions"] if records else {}

@@ -28,12 +28,13 @@ def digits(tmp_path_factory):
 @pytest.fixture(scope="session")
 def digits_build(digits, tmp_path_factory):
     """The digits CNN converted for every shipped target (one ConvertResult)."""
-    from edgekit.convert import convert
+    from edgekit.convert import Calibration, ConvertRecipe, convert
     from edgekit.targets import builtin_names
 
     model, calib, val = digits
     out = tmp_path_factory.mktemp("build")
-    return convert(str(model), builtin_names(), str(out), calib=str(calib), val=str(val))
+    return convert(ConvertRecipe(str(model), builtin_names(), calibration=Calibration(str(calib)),
+                                 validation=str(val)), str(out))
 
 
 def bundle_of(result, target, fmt=None):

@@ -8,8 +8,8 @@ import pytest
 
 from conftest import bundle_of
 from edgekit.bundle import read_bundle
-from edgekit.convert import convert
-from edgekit.errors import ConversionError
+from edgekit.convert import Calibration, ConvertRecipe, convert
+from edgekit.errors import BudgetMissed
 
 BOARD = """
 name = "pi-16x8"
@@ -67,16 +67,17 @@ def test_op_newer_than_the_device_runtime_fails_conversion(tmp_path, cli):
     _log_model(tmp_path / "m")
     (tmp_path / "board.toml").write_text(BOARD)
     np.save(tmp_path / "calib.npy", np.random.default_rng(0).normal(size=(40, 16)).astype(np.float32))
-    with pytest.raises(ConversionError) as e:
-        convert(str(tmp_path / "m"), [str(tmp_path / "board.toml")], str(tmp_path / "out"),
-                calib=str(tmp_path / "calib.npy"))
+    with pytest.raises(BudgetMissed) as e:    # the artifact's failure is its row: not written, exit 1
+        convert(ConvertRecipe(str(tmp_path / "m"), [str(tmp_path / "board.toml")],
+                              calibration=Calibration(str(tmp_path / "calib.npy"))), str(tmp_path / "out"))
     msg = str(e.value)
-    assert "op LOG version 2 is newer than tflite-runtime==2.14.0" in msg and "pi-16x8" in msg
+    assert "op LOG version 2 is newer than tflite-runtime==2.14.0" in msg and "m-pi-16x8" in msg
+    assert e.value.result.failed[0].failure.stage == "compatibility"
     assert not (tmp_path / "out" / "m-pi-16x8").exists()
-    # through the CLI: one line, exit 2; and --compat-check off accepts the risk, recorded
+    # through the CLI: one line, exit 1; and --compat-check off accepts the risk, recorded
     r = cli("convert", tmp_path / "m", "-t", tmp_path / "board.toml", "--calib", tmp_path / "calib.npy",
             "--out", tmp_path / "out")
-    assert r.exit_code == 2 and "op LOG version 2" in r.stderr
+    assert r.exit_code == 1 and "op LOG version 2" in r.stderr and "FAILED (compatibility)" in r.stdout
     r = cli("convert", tmp_path / "m", "-t", tmp_path / "board.toml", "--calib", tmp_path / "calib.npy",
             "--out", tmp_path / "out", "--compat-check", "off")
     assert r.exit_code == 0, r.stderr

@@ -9,7 +9,7 @@ import numpy as np
 
 from conftest import bundle_of
 from edgekit.bundle import read_bundle
-from edgekit.convert import convert
+from edgekit.convert import Calibration, ConvertRecipe, convert
 from edgekit.deploy.connection import Connection
 from edgekit.deploy.inventory import load_inventory
 from edgekit.deploy.session import DeviceSession
@@ -70,8 +70,8 @@ def test_rpi4_bundle_deploys_checks_profiles_and_agrees_with_x86(cli, emu_invent
 
 def test_conversion_checks_arm_targets_under_emulation(digits, tmp_path):
     model, calib, val = digits
-    r = convert(str(model), ["rpi4"], str(tmp_path / "out"), calib=str(calib), val=str(val),
-                formats=["tflite"], compat_check="emulated")
+    r = convert(ConvertRecipe(str(model), ["rpi4"], calibration=Calibration(str(calib)), validation=str(val),
+                              formats=["tflite"], compat_check="emulated"), str(tmp_path / "out"))
     rec = read_bundle(r.bundles[0].path).manifest["compatibility"][0]
     assert rec["where"] == "emulated aarch64 (qemu)" and rec["ok"] and rec["backend_version"] == "2.14.0"
 
@@ -87,7 +87,7 @@ def test_two_input_model_runs_on_arm_one_sample_at_a_time(tmp_path):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "c.npz", sensor=rng.normal(size=(60, 6)).astype(np.float32),
              patch=rng.uniform(size=(60, 4, 4, 1)).astype(np.float32))
-    r = convert(str(tmp_path / "two.keras"), ["rpi4"], str(tmp_path / "out"), calib=str(tmp_path / "c.npz"),
-                formats=["tflite"], compat_check="emulated")
+    r = convert(ConvertRecipe(str(tmp_path / "two.keras"), ["rpi4"], calibration=Calibration(str(tmp_path / "c.npz")),
+                              formats=["tflite"], compat_check="emulated"), str(tmp_path / "out"))
     rec = read_bundle(r.bundles[0].path).manifest["compatibility"][0]
     assert rec["where"] == "emulated aarch64 (qemu)" and rec["ok"] and rec["batch"] == 1 and rec["samples"] > 1

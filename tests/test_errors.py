@@ -66,10 +66,10 @@ def test_bad_arguments(tmp_path, digits, cli, args, words):
 
 
 def test_unknown_model_format(tmp_path, cli):
-    f = tmp_path / "model.pt"
+    f = tmp_path / "model.caffemodel"
     f.write_bytes(b"x")
     r = cli("convert", f, "-t", "rpi4", "--calib-random", "--out", tmp_path / "o")
-    assert r.exit_code == 2 and "unknown model format '.pt'" in _one_line(r.stderr)
+    assert r.exit_code == 2 and "unknown model format '.caffemodel'" in _one_line(r.stderr)
 
 
 def test_run_with_wrong_input(tmp_path, digits_build, cli):
@@ -82,18 +82,18 @@ def test_run_with_wrong_input(tmp_path, digits_build, cli):
 
 
 def test_budget_miss_exits_1_and_still_writes_the_report(tmp_path, digits, cli):
-    """Calibration on data 100x too small saturates every activation: a real accuracy loss."""
+    """Calibration on data 100x too small saturates every activation: a real accuracy loss. Without
+    the rescue ladder the artifact is refused: a FAILED row, no bundle, the report, exit 1."""
     model, calib, val = digits
     np.savez(tmp_path / "tiny.npz", image=np.load(calib)["image"] * 0.01)
     r = cli("convert", model, "-t", "rpi4", "--format", "tflite", "--calib", tmp_path / "tiny.npz",
-            "--val", val, "--max-accuracy-drop", "0.5", "--out", tmp_path / "o")
+            "--val", val, "--max-accuracy-drop", "0.5", "--no-rescue", "--out", tmp_path / "o")
     assert r.exit_code == 1, r.stderr
-    assert "miss --max-accuracy-drop 0.5" in _one_line(r.stderr) and "MISSED" in r.stdout
+    assert "accuracy drop" in _one_line(r.stderr) and "> 0.5" in _one_line(r.stderr) and "FAILED" in r.stdout
     report = json.loads((tmp_path / "o" / "digits.convert.json").read_text())
-    assert report["bundles"][0]["within_budget"] is False
-    assert report["bundles"][0]["validation"]["accuracy_drop"] > 0.5
-    manifest = json.loads((tmp_path / "o" / "digits-rpi4" / "manifest.json").read_text())
-    assert manifest["validation"]["within_budget"] is False
+    assert report["bundles"][0]["status"] == "failed"
+    assert report["bundles"][0]["failure"]["validation"]["accuracy_drop_points"] > 0.5
+    assert not (tmp_path / "o" / "digits-rpi4").exists()
     r = cli("convert", model, "-t", "rpi4", "--format", "tflite", "--calib", calib, "--val", val,
             "--max-accuracy-drop", "0.5", "--out", tmp_path / "o2")
     assert r.exit_code == 0 and " ok" in r.stdout
@@ -123,7 +123,7 @@ def test_image_folder_calibration(tmp_path, digits, cli):
     assert r.exit_code == 0, r.stderr
     rep = json.loads(r.stdout)
     assert rep["calibration"]["samples"] == 60
-    assert rep["bundles"][0]["validation"]["accuracy_drop"] <= 1.0
+    assert rep["bundles"][0]["validation"]["accuracy_drop_points"] <= 1.0
     r = cli("convert", model, "-t", "rpi4", "--calib", folder, "--preprocess", "resize=8x8,gamma=2",
             "--out", tmp_path / "o2")
     assert r.exit_code == 2 and "unknown preprocess key 'gamma'" in _one_line(r.stderr)

@@ -37,19 +37,21 @@ def sensitive(digits, tmp_path_factory):
 def test_mixed_precision_meets_a_budget_plain_int8_misses(cli, sensitive, tmp_path, target, fmt):
     model, calib, val = sensitive
     args = [model, "-t", target, "--format", fmt, "--calib", calib, "--val", val, "--max-accuracy-drop", "1"]
-    r = cli("convert", *args, "--no-mixed-precision", "--out", tmp_path / "plain")
+    r = cli("convert", *args, "--no-rescue", "--out", tmp_path / "plain")
     assert r.exit_code == 1
     plain = json.loads((tmp_path / "plain" / "sensitive.convert.json").read_text())["bundles"][0]
-    assert plain["validation"]["accuracy_drop"] > 50  # INT8 alone is useless here
+    assert plain["failure"]["validation"]["accuracy_drop_points"] > 50  # INT8 alone is useless here
 
     r = cli("convert", *args, "--out", tmp_path / "mixed")
     assert r.exit_code == 0, r.stdout + r.stderr
-    assert "mixed precision for" in r.stdout
+    assert "rescue ladder for" in r.stdout and "float for the worst layers" in r.stdout
     b = read_bundle(next(p for p in (tmp_path / "mixed").iterdir() if p.is_dir()))
     m = b.manifest
+    assert m["model"]["rescued_by"] == "float for the worst layers"
+    assert [s["rung"] for s in m["rescue"]][-1] == "float layers"   # every earlier rung tried and recorded
     mp = m["mixed_precision"]
     assert mp["met"] and {"fc1", "logits"} <= set(mp["float_layers"])
-    assert m["validation"]["accuracy_drop"] <= 1.0 and m["validation"]["within_budget"]
+    assert m["validation"]["accuracy_drop_points"] <= 1.0
     assert m["model"]["precision"] == "int8+float"
     assert [s["layer"] for s in mp["sensitivity"]][:2] == ["fc1", "logits"] or \
         {"fc1", "logits"} <= {s["layer"] for s in mp["sensitivity"][:3]}
@@ -59,35 +61,38 @@ def test_mixed_precision_meets_a_budget_plain_int8_misses(cli, sensitive, tmp_pa
 
 
 def test_search_first_and_time_budget(sensitive, tmp_path):
-    from edgekit.convert import convert
+    from edgekit.convert import Calibration, ConvertRecipe, Floor, Search, convert
     from edgekit.errors import BudgetMissed
 
     model, calib, val = sensitive
-    r = convert(str(model), ["rpi4"], str(tmp_path / "first"), calib=str(calib), val=str(val),
-                formats=["tflite"], max_accuracy_drop=1.0, search_first=True)
+    r = convert(ConvertRecipe(str(model), ["rpi4"], calibration=Calibration(str(calib)), validation=str(val),
+                              formats=["tflite"], floor=Floor(max_accuracy_drop=1.0), search=Search(first=True)),
+                              str(tmp_path / "first"))
     mp = r.bundles[0].artifact.mixed
     assert mp["met"] and mp["steps"][-1]["meets_budget"] and "first candidate" in mp["stopped"]
     assert sum(st["meets_budget"] for st in mp["steps"]) == 1
     with pytest.raises(BudgetMissed):
-        convert(str(model), ["rpi4"], str(tmp_path / "none"), calib=str(calib), val=str(val),
-                formats=["tflite"], max_accuracy_drop=1.0, search_budget=0)
+        convert(ConvertRecipe(str(model), ["rpi4"], calibration=Calibration(str(calib)), validation=str(val),
+                              formats=["tflite"], floor=Floor(max_accuracy_drop=1.0), search=Search(seconds=0)),
+                              str(tmp_path / "none"))
     rep = json.loads((tmp_path / "none" / "sensitive.convert.json").read_text())["bundles"][0]
-    assert rep["mixed_precision"]["stopped"].startswith("search budget of 0 s spent")
-    assert rep["within_budget"] is False
+    assert rep["status"] == "failed"
+    assert any("search budget of 0 s spent" in (st["error"] or "") for st in rep["failure"]["rescue"])
 
 
 def test_precision_rungs(digits, tmp_path, cli):
     """int16x8: 16-bit activations, 8-bit weights (higher SNR at INT8 size); fp16 for GPU targets only."""
-    from edgekit.convert import convert
+    from edgekit.convert import Calibration, ConvertRecipe, convert
     from edgekit.runtime import load
     from edgekit.runtime.check import golden_check
 
     model, calib, val = digits
-    base = convert(str(model), ["jetson-orin"], str(tmp_path / "i8"), calib=str(calib), val=str(val))
-    r16 = convert(str(model), ["jetson-orin"], str(tmp_path / "i16"), calib=str(calib), val=str(val),
-                  precision="int16x8")
-    fp = convert(str(model), ["jetson-orin"], str(tmp_path / "fp16"), calib=str(calib), val=str(val),
-                 precision="fp16")
+    base = convert(ConvertRecipe(str(model), ["jetson-orin"], calibration=Calibration(str(calib)),
+                                 validation=str(val)), str(tmp_path / "i8"))
+    r16 = convert(ConvertRecipe(str(model), ["jetson-orin"], calibration=Calibration(str(calib)), validation=str(val),
+                                precision="int16x8"), str(tmp_path / "i16"))
+    fp = convert(ConvertRecipe(str(model), ["jetson-orin"], calibration=Calibration(str(calib)), validation=str(val),
+                               precision="fp16"), str(tmp_path / "fp16"))
 
     def snr(r, fmt):
         b = next(b for b in r.bundles if b.fmt == fmt)

@@ -22,7 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -57,7 +57,7 @@ class Candidate:
         return {"float_layers": [lay.source for lay in self.float_layers],
                 "float_nodes": [n for lay in self.float_layers for n in lay.nodes], "bytes": len(self.data),
                 "drop": self.drop, "top1_agreement": self.metrics.get("top1_agreement"),
-                "accuracy_int8": self.metrics.get("accuracy_int8"), "p50_ms": self.p50_ms,
+                "accuracy_quant": self.metrics.get("accuracy_quant"), "p50_ms": self.p50_ms,
                 "meets_budget": self.meets, "error": self.error}
 
 
@@ -115,7 +115,9 @@ def tflite_with_float(saved_model: Path, calib: Dataset, nodes: Sequence[str]) -
     opts = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=list(nodes))
     dbg = tf.lite.experimental.QuantizationDebugger(converter=_tflite_converter(saved_model, calib),
                                                     debug_dataset=_debug_dataset(calib, 8), debug_options=opts)
-    return dbg.get_nondebug_quantized_model()
+    from edgekit.convert.onnx_tflite import keep_io_order  # the source's input/output order
+
+    return keep_io_order(saved_model, dbg.get_nondebug_quantized_model())
 
 
 # --- ONNX ---------------------------------------------------------------------------
@@ -172,10 +174,13 @@ def candidates(layers: List[Layer]) -> List[List[Layer]]:
     return out
 
 
+Judge = Callable[[Dict[str, Any]], Tuple[bool, Optional[float]]]
+
+
 def search(layers: List[Layer], make: Callable[[List[str]], bytes], evaluate: Callable[[bytes], Dict[str, Any]],
-           budget_drop: Callable[[Dict[str, Any]], Optional[float]], max_drop: float,
-           seconds: float, first: bool, say: Callable[[str], None]) -> Dict[str, Any]:
-    """Try candidates; returns {'chosen': Candidate or None, 'tried': [...], 'stopped': why}."""
+           judge: Judge, seconds: float, first: bool, say: Callable[[str], None]) -> Dict[str, Any]:
+    """Try candidates; returns {'chosen': Candidate or None, 'tried': [...], 'stopped': why}.
+    `judge(metrics)` -> (meets the floor, drop in points to show)."""
     deadline = time.monotonic() + seconds
     tried: List[Candidate] = []
     stopped = "every candidate tried"
@@ -183,7 +188,7 @@ def search(layers: List[Layer], make: Callable[[List[str]], bytes], evaluate: Ca
         if time.monotonic() > deadline:
             stopped = f"search budget of {seconds:.0f} s spent"
             break
-        c = _try(cand_layers, make, evaluate, budget_drop, max_drop, say)
+        c = _try(cand_layers, make, evaluate, judge, say)
         tried.append(c)
         if c.meets and first:
             stopped = "first candidate that meets the budget (--search-first)"
@@ -201,7 +206,7 @@ def search(layers: List[Layer], make: Callable[[List[str]], bytes], evaluate: Ca
             if time.monotonic() > deadline:
                 stopped = f"search budget of {seconds:.0f} s spent"
                 break
-            c = _try(trial, make, evaluate, budget_drop, max_drop, say)
+            c = _try(trial, make, evaluate, judge, say)
             tried.append(c)
             done.add(tuple(x.source for x in trial))
             if c.meets:
@@ -211,17 +216,17 @@ def search(layers: List[Layer], make: Callable[[List[str]], bytes], evaluate: Ca
     return {"chosen": chosen, "tried": tried, "stopped": stopped}
 
 
-def _try(cand_layers, make, evaluate, budget_drop, max_drop, say) -> Candidate:
+def _try(cand_layers, make, evaluate, judge: Judge, say) -> Candidate:
     c = Candidate(cand_layers)
     try:
         c.data = make([n for lay in cand_layers for n in lay.nodes])
         ev = evaluate(c.data)
         c.metrics, c.p50_ms = ev["metrics"], ev["p50_ms"]
-        c.drop = budget_drop(c.metrics)
-        c.meets = c.drop is not None and c.drop <= max_drop
-    except Exception as e:  # a candidate the converter cannot build is skipped, and said
+        c.meets, c.drop = judge(c.metrics)
+    except Exception as e:  # a candidate the converter cannot build is recorded as failed, and said
         c.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     say(f"  float: {', '.join(lay.source for lay in cand_layers)} -> "
-        + (f"drop {c.drop:.2f}, {len(c.data) / 1024:.1f} KiB, p50 {c.p50_ms:.4f} ms"
-           + (" (meets budget)" if c.meets else "") if c.error is None else f"failed: {c.error}"))
+        + (f"drop {c.drop if c.drop is not None else float('nan'):.2f}, {len(c.data) / 1024:.1f} KiB, "
+           f"p50 {c.p50_ms:.4f} ms" + (" (meets the floor)" if c.meets else "") if c.error is None
+           else f"failed: {c.error}"))
     return c

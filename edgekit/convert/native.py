@@ -23,6 +23,38 @@ def quiet_tensorflow() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+_LOG: List[str] = []   # the log file native output goes to while a conversion runs (innermost last)
+
+
+@contextlib.contextmanager
+def logged_output(path) -> Iterator[None]:
+    """Send everything written to fd 1 and fd 2 (TensorFlow's `model.export()` listing, the
+    converters' and MLIR's lines, Python warnings) to `path` for the duration; edgekit's own
+    progress writes to a duplicate of the terminal taken before (edgekit.progress)."""
+    if os.environ.get("EDGEKIT_DEBUG"):
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = (os.dup(1), os.dup(2))
+    with open(path, "ab") as log, open(path, "a", encoding="utf-8", buffering=1) as text, \
+            contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
+        # fds for native code, the Python streams for print() and warnings (they may not be fds 1/2)
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        _LOG.append(str(path))
+        try:
+            yield
+        finally:
+            _LOG.pop()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
 class Captured:
     def __init__(self) -> None:
         self.text = ""
@@ -50,6 +82,9 @@ def captured_stderr(enabled: bool = True) -> Iterator[Captured]:
             os.close(saved)
             tmp.seek(0)
             cap.text = tmp.read().decode("utf-8", "replace")
+            if _LOG and cap.text:
+                with open(_LOG[-1], "a", encoding="utf-8") as log:
+                    log.write(cap.text)
 
 
 def import_keras_quietly():

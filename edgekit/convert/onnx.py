@@ -21,6 +21,11 @@ def saved_model_to_onnx(saved_model: Path, opset: int) -> bytes:
     import tensorflow as tf
     from tf2onnx import convert as t2o
     from tf2onnx import tf_loader
+    from tf2onnx import utils as t2o_utils
+
+    # tf2onnx names the nodes it inserts from a process-wide counter: reset it, so that the same
+    # SavedModel gives the same ONNX file whatever was converted before in this process
+    t2o_utils.INTERNAL_NAME = 1
 
     graph_def, inputs, outputs, renames = tf_loader.from_saved_model(
         str(saved_model), None, None, return_tensors_to_rename=True)
@@ -28,7 +33,30 @@ def saved_model_to_onnx(saved_model: Path, opset: int) -> bytes:
         proto, _ = t2o._convert_common(graph_def, name=str(saved_model), opset=opset,
                                        input_names=inputs, output_names=outputs,
                                        tensors_to_rename=renames)
-    return proto.SerializeToString()
+    return standard_ops(proto).SerializeToString()
+
+
+def standard_ops(model):
+    """Ops tf2onnx emits that ONNX has no kernel for, rewritten in standard ops:
+    Erfc(x) (exact GELU in Keras) -> 1 - Erf(x)."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    if not any(n.op_type == "Erfc" and n.domain in ("", "ai.onnx") for n in g.node):
+        return model
+    nodes = []
+    for n in g.node:
+        if n.op_type != "Erfc":
+            nodes.append(n)
+            continue
+        one, erf = f"{n.name}__one", f"{n.name}__erf"
+        g.initializer.append(numpy_helper.from_array(np.array(1.0, np.float32), one))
+        nodes.append(helper.make_node("Erf", [n.input[0]], [erf], name=f"{n.name}__Erf"))
+        nodes.append(helper.make_node("Sub", [one, erf], [n.output[0]], name=n.name))
+    del g.node[:]
+    g.node.extend(nodes)
+    return model
 
 
 def adapt_opset(model_bytes: bytes, opset: int) -> bytes:
@@ -72,36 +100,59 @@ class _Reader:
 
 
 _PRE_CACHE: Dict[str, bytes] = {}
+_PRE_NOTES: Dict[str, str] = {}
 
 
 def preprocess(float_bytes: bytes) -> bytes:
     """ONNX Runtime's quantization pre-processing (shape inference, fusions). Node names
-    change here, so anything naming nodes to exclude must name them in this graph."""
+    change here, so anything naming nodes to exclude must name them in this graph. Where symbolic
+    shape inference fails (some exporters' dynamic shapes), it runs without it; where the
+    optimizer fails too, the graph is quantized as it is, and `preprocess_note()` says why."""
     import hashlib
 
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     key = hashlib.sha256(float_bytes).hexdigest()
-    if key not in _PRE_CACHE:
-        with tempfile.TemporaryDirectory(prefix="edgekit-pre-") as d:
-            src, pre = Path(d, "float.onnx"), Path(d, "pre.onnx")
-            src.write_bytes(float_bytes)
+    if key in _PRE_CACHE:
+        return _PRE_CACHE[key]
+    errors = []
+    with tempfile.TemporaryDirectory(prefix="edgekit-pre-") as d:
+        src, pre = Path(d, "float.onnx"), Path(d, "pre.onnx")
+        src.write_bytes(float_bytes)
+        for skip_symbolic in (False, True):
             try:
                 # in d: where symbolic shape inference gives up, it leaves sym_shape_infer_temp.onnx
                 # in the working directory (the user's, otherwise)
                 with contextlib.chdir(d):
-                    quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
+                    quant_pre_process(str(src), str(pre), skip_symbolic_shape=skip_symbolic)
                 _PRE_CACHE[key] = pre.read_bytes()
-            except Exception:
-                _PRE_CACHE[key] = float_bytes  # an optimization; quantization works without it
-    return _PRE_CACHE[key]
+                if errors:
+                    _PRE_NOTES[key] = f"pre-processing ran without symbolic shape inference ({errors[0]})"
+                return _PRE_CACHE[key]
+            except ImportError as e:  # an install problem: say so, never fall back in silence
+                raise ConversionError(f"ONNX Runtime's quantization pre-processing cannot run: {e}",
+                                      stage="onnx pre-processing",
+                                      hint="pip install 'edgekit[convert]' (it installs sympy, which "
+                                           "symbolic shape inference needs)") from None
+            except Exception as e:  # recorded below and in the artifact's notes
+                errors.append(f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+    _PRE_NOTES[key] = ("quantized without ONNX Runtime's pre-processing (no fusions; slower): "
+                       + "; ".join(errors))
+    _PRE_CACHE[key] = float_bytes
+    return float_bytes
+
+
+def preprocess_note(float_bytes: bytes) -> Optional[str]:
+    import hashlib
+
+    return _PRE_NOTES.get(hashlib.sha256(float_bytes).hexdigest())
 
 
 def quantize(float_bytes: bytes, calib: Dataset, build: OnnxBuild,
              tick: Optional[Callable[[int, int], None]] = None,
              nodes_to_exclude=None, range_overrides: Optional[Dict[str, tuple]] = None) -> bytes:
     """range_overrides: tensor name -> (min, max) to use instead of calibrating it (a
-    quantization-aware trained model's learned input ranges)."""
+    quantization-aware trained model's learned input ranges, or ranges the rescue ladder chose)."""
     import numpy as np
 
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -117,16 +168,67 @@ def quantize(float_bytes: bytes, calib: Dataset, build: OnnxBuild,
             reduce_range=build.reduce_range,
             activation_type=qtype[build.activation_type],
             weight_type=qtype[build.weight_type],
-            calibrate_method=CalibrationMethod.MinMax,
+            calibrate_method={"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                              "entropy": CalibrationMethod.Entropy}[build.calibration],
             nodes_to_exclude=list(nodes_to_exclude or []),
             extra_options={"TensorQuantOverrides": {k: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
                                                 for k, (lo, hi) in (range_overrides or {}).items()},
                            "ActivationSymmetric": build.symmetric_activations,
                            "WeightSymmetric": build.symmetric_weights,
                            # 16-bit Q/DQ before opset 21 exists as ONNX Runtime's contrib ops
-                           "UseQDQContribOps": build.activation_type == "int16" and build.opset < 21},
+                           "UseQDQContribOps": build.activation_type == "int16" and build.opset < 21,
+                           # percentile: the range that holds 99.999% of the calibration values
+                           "CalibPercentile": 99.999},
         )
         return out.read_bytes()
+
+
+def quantize_dynamic(float_bytes: bytes, build: OnnxBuild) -> bytes:
+    """Weights INT8 ahead of time, activations quantized at run time (MatMul: transformers' dense
+    layers and attention projections), with the profile's reduce_range (7-bit weights on AVX2)."""
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
+
+    with tempfile.TemporaryDirectory(prefix="edgekit-onnx-") as d:
+        pre, out = Path(d, "pre.onnx"), Path(d, "dyn.onnx")
+        pre.write_bytes(preprocess(float_bytes))
+        ort_quantize_dynamic(str(pre), str(out), per_channel=build.per_channel, reduce_range=build.reduce_range,
+                             weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+        return out.read_bytes()
+
+
+def exact_integer_ops(model_bytes: bytes) -> bytes:
+    """MatMulInteger rewritten as int32 MatMul of zero-point-shifted operands: the exact product
+    a target with exact integer dot products computes, on a host whose u8 x s8 kernels saturate
+    (reference numerics for dynamically quantized graphs; see convert.numerics)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    m = onnx.load_from_string(model_bytes)
+    g = m.graph
+    if not any(n.op_type == "MatMulInteger" for n in g.node):
+        return model_bytes
+    nodes = []
+    for n in g.node:
+        if n.op_type != "MatMulInteger":
+            nodes.append(n)
+            continue
+        p = n.name or n.output[0]
+        ops = []
+        for i, side in ((0, "a"), (1, "b")):
+            c = f"{p}__{side}32"
+            nodes.append(helper.make_node("Cast", [n.input[i]], [c], to=TensorProto.INT32))
+            if len(n.input) > 2 + i and n.input[2 + i]:
+                z = f"{p}__{side}zp32"
+                nodes.append(helper.make_node("Cast", [n.input[2 + i]], [z], to=TensorProto.INT32))
+                s = f"{p}__{side}s"
+                nodes.append(helper.make_node("Sub", [c, z], [s]))
+                c = s
+            ops.append(c)
+        nodes.append(helper.make_node("MatMul", ops, [n.output[0]], name=p))
+    del g.node[:]
+    g.node.extend(nodes)
+    return m.SerializeToString()
 
 
 def float_ops(model_bytes: bytes) -> Dict[str, int]:

@@ -1,29 +1,37 @@
-"""Source models: Keras 3 .keras, Keras 2 .h5 (tf_keras fallback), SavedModel, ONNX.
+"""Source models: Keras 3 .keras, Keras 2 .h5 (tf_keras fallback), SavedModel, ONNX, PyTorch.
 
 TF sources become a SavedModel (Keras through `model.export()`, the path that
 survives Keras 3), and the float reference is that SavedModel converted to a
 float32 TFLite model without optimizations: the same graph the INT8 artifacts
 come from, runnable where `tf.saved_model.load` is not (MLPerf Tiny's KWS).
+
+ONNX and PyTorch sources carry their float ONNX graph (`onnx_bytes`, what the ONNX artifacts
+are quantized from) and, for TFLite, a SavedModel made from it by edgekit.convert.onnx_tflite
+that keeps the source's interface (NCHW inputs, names, output order). PyTorch sources
+(edgekit.convert.torch_source, `edgekit[torch]`) are measured against torch itself
+(`reference_outputs`); the ONNX export serves for the interface specs only.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from edgekit.bundle import sha256_file, sha256_tree
 from edgekit.convert.native import captured_stderr, quiet_tensorflow
-from edgekit.errors import SourceModelError
+from edgekit.errors import EdgekitError, SourceModelError
 
 KERAS_SUFFIXES = (".keras",)
 H5_SUFFIXES = (".h5", ".hdf5")
+TORCH_EXPORT_SUFFIXES = (".pt2",)                     # torch.export.save
+TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ptl", ".jit")  # torch.jit.save
 
 
 @dataclass
 class Source:
     path: Path
-    kind: str                       # keras | keras-h5 | tf_keras-h5 | savedmodel | onnx
+    kind: str                       # keras | keras-h5 | tf_keras-h5 | savedmodel | onnx | torch-export | torchscript
     sha256: str
     bytes: int
     saved_model: Optional[Path] = None
@@ -35,10 +43,36 @@ class Source:
     qat: bool = False               # trained with edgekit's fake quantization (edgekit qat)
     onnx_saved_model: Optional[Path] = None   # QAT: the graph ONNX is made from (ranges as Clip)
     input_ranges: Dict[str, Tuple[float, float]] = field(default_factory=dict)  # QAT: learned input ranges
+    input_shapes: Dict[str, Tuple[int, ...]] = field(default_factory=dict)      # dims fixed by the user
+    no_tflite_reason: Optional[str] = None     # why this source has no TFLite path (saved_model is None)
+    # ONNX / PyTorch sources:
+    reference_outputs: Optional[Callable[[Any], Dict[str, Any]]] = None  # dataset -> float outputs (torch)
+    reference_note: str = ""                   # what the float reference is
+    checks: List[Dict[str, Any]] = field(default_factory=list)   # conversion checks made at load time
+    layout: Dict[str, str] = field(default_factory=dict)         # tensor -> how its layout is kept
+    interface: Dict[str, Any] = field(default_factory=dict)      # the source's inputs (shapes) and outputs
 
     @property
     def is_tf(self) -> bool:
-        return self.kind != "onnx"
+        """ONNX artifacts come from the SavedModel (tf2onnx), unless the source carries its ONNX graph."""
+        return self.onnx_bytes is None
+
+    def attach_tflite(self, tfm) -> None:
+        """The SavedModel (and float TFLite) that onnx_tflite made from this source's ONNX graph."""
+        self.saved_model, self.float_tflite = tfm.saved_model, tfm.float_tflite
+        self.layout.update(tfm.layout)
+        self.checks += tfm.checks
+        self.notes += ["TFLite path: onnx2tf -> SavedModel (source interface kept) -> TFLiteConverter"] + tfm.notes
+        self.no_tflite_reason = None
+
+    def describe(self) -> Dict[str, object]:
+        """What the manifest and the report record about the source."""
+        d = {"path": str(self.path), "kind": self.kind, "sha256": self.sha256, "bytes": self.bytes,
+             "notes": list(self.notes), "qat": self.qat}
+        for k in ("reference_note", "checks", "layout", "interface"):
+            if getattr(self, k):
+                d[k.replace("reference_note", "reference")] = getattr(self, k)
+        return d
 
 
 def detect_kind(path: Path) -> str:
@@ -56,12 +90,17 @@ def detect_kind(path: Path) -> str:
         return "keras-h5"
     if suffix == ".onnx":
         return "onnx"
+    if suffix in TORCH_EXPORT_SUFFIXES:
+        return "torch-export"
+    if suffix in TORCHSCRIPT_SUFFIXES:
+        return "torchscript"
     if suffix == ".tflite":
         raise SourceModelError("a .tflite model is already converted; edgekit converts from Keras, "
-                               "SavedModel or ONNX", path=str(path),
+                               "SavedModel, ONNX or PyTorch", path=str(path),
                                hint="run it as it is with `edgekit run` / `edgekit bench`")
     raise SourceModelError(f"unknown model format '{suffix or '(no suffix)'}'", path=str(path),
-                           hint="edgekit converts .keras, .h5, .onnx files and SavedModel directories")
+                           hint="edgekit converts .keras, .h5, .onnx, .pt2 (torch.export), .pt (TorchScript) "
+                                "files and SavedModel directories")
 
 
 def _load_keras(path: Path, kind: str, src: Source):
@@ -91,11 +130,19 @@ def _load_keras(path: Path, kind: str, src: Source):
         return model, "tf_keras-h5"
 
 
-def load_source(path: str, workdir: Path) -> Source:
+def load_source(path: str, workdir: Path, input_shapes: Optional[Dict[str, Tuple[int, ...]]] = None,
+                needs_tflite: bool = True) -> Source:
+    """needs_tflite=False skips making the SavedModel of an ONNX / PyTorch source (onnx2tf)."""
     p = Path(path)
     kind = detect_kind(p)
     if kind == "onnx":
-        return _load_onnx(p)
+        return _load_onnx(p, workdir, dict(input_shapes or {}), needs_tflite)
+    if kind in ("torch-export", "torchscript"):
+        from edgekit.convert import torch_source
+
+        quiet_tensorflow()
+        with captured_stderr():
+            return torch_source.load(p, workdir, input_shapes, needs_tflite)
     quiet_tensorflow()
     digest = sha256_tree(p) if p.is_dir() else sha256_file(p)
     size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
@@ -166,7 +213,8 @@ def float_tflite(model) -> bytes:
         return tf.lite.TFLiteConverter.from_saved_model(str(Path(d) / "sm")).convert()
 
 
-def _load_onnx(p: Path) -> Source:
+def _load_onnx(p: Path, workdir: Optional[Path] = None, input_shapes: Optional[Dict[str, Tuple[int, ...]]] = None,
+               needs_tflite: bool = False) -> Source:
     try:
         import onnx
     except ImportError:
@@ -179,5 +227,28 @@ def _load_onnx(p: Path) -> Source:
     except Exception as e:
         raise SourceModelError(f"not a valid ONNX model: {str(e).splitlines()[0][:300]}",
                                path=str(p)) from None
-    src = Source(p, "onnx", sha256_file(p), len(data), onnx_bytes=data, reference_path=p)
+    src = Source(p, "onnx", sha256_file(p), len(data), onnx_bytes=data, reference_path=p,
+                 no_tflite_reason="TFLite from this ONNX source was not made")
+    src.reference_note = "the source ONNX model in ONNX Runtime, float32"
+    src.input_shapes = dict(input_shapes or {})
+    if workdir is None:
+        return src
+    from edgekit.convert import onnx_tflite as ot
+
+    ins, outs = ot.io_of(data)
+    src.interface = {"inputs": {i.name: list(i.shape) for i in ins}, "outputs": [o.name for o in outs]}
+    if src.input_shapes:   # the user fixed dims the model leaves dynamic: every artifact and the reference use them
+        shapes = ot.resolve_shapes(ins, src.input_shapes, str(p))
+        src.onnx_bytes = ot.fix_shapes(data, shapes)
+        src.reference_path = workdir / "reference_float.onnx"
+        src.reference_path.write_bytes(src.onnx_bytes)
+        src.interface["inputs"] = {k: list(v) for k, v in shapes.items()}
+    if needs_tflite:
+        quiet_tensorflow()
+        try:
+            shapes = ot.resolve_shapes(ins, src.input_shapes, str(p))
+            with captured_stderr():
+                src.attach_tflite(ot.to_saved_model(src.onnx_bytes, workdir, shapes, str(p)))
+        except EdgekitError as e:  # the ONNX rows can still be built; the TFLite rows fail with this reason
+            src.no_tflite_reason = f"no TFLite path for this ONNX model: {e}"
     return src

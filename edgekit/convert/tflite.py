@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from edgekit.convert.data import Dataset
+from edgekit.convert.onnx_tflite import keep_io_order  # the source's input/output order
 from edgekit.targets import TFLiteBuild
 
 _IO_TYPES = {"int8": "int8", "uint8": "uint8", "float32": "float32"}
@@ -27,7 +28,11 @@ def to_tflite(saved_model: Path, calib: Dataset, build: TFLiteBuild,
 
     if build.activations == "float16":  # FP16 weights, float compute: a GPU delegate's format
         conv.target_spec.supported_types = [tf.float16]
-        return conv.convert()
+        return keep_io_order(saved_model, conv.convert())
+    if build.activations == "dynamic":  # dynamic range: INT8 weights, activations quantized at run time
+        if not build.per_channel:
+            conv._experimental_disable_per_channel = True
+        return keep_io_order(saved_model, conv.convert())
     conv.representative_dataset = representative
     if build.activations == "int16":
         conv.target_spec.supported_ops = [
@@ -45,7 +50,7 @@ def to_tflite(saved_model: Path, calib: Dataset, build: TFLiteBuild,
         conv._experimental_disable_per_channel = True
     from edgekit.convert.tflite_fc import rewrite  # multi-row int8 FULLY_CONNECTED -> 1x1 CONV_2D
 
-    return rewrite(conv.convert())[0]
+    return rewrite(keep_io_order(saved_model, conv.convert()))[0]
 
 
 def float_ops(model_path: Path) -> dict:
@@ -54,11 +59,8 @@ def float_ops(model_path: Path) -> dict:
 
     _, interp_cls, _ = find_interpreter()
     interp = interp_cls(model_path=str(model_path))
-    try:
-        ops = interp._get_ops_details()
-        dtypes = {t["index"]: t["dtype"] for t in interp.get_tensor_details()}
-    except Exception:
-        return {}
+    ops = interp._get_ops_details()   # LiteRT / TensorFlow's interpreter (the converting side has one)
+    dtypes = {t["index"]: t["dtype"] for t in interp.get_tensor_details()}
     import numpy as np
 
     out: dict = {}
@@ -70,16 +72,3 @@ def float_ops(model_path: Path) -> dict:
             out[op["op_name"]] = out.get(op["op_name"], 0) + 1
     return out
 
-
-def op_counts(model_path: Path) -> dict:
-    from edgekit.runtime.tflite import find_interpreter
-
-    _, interp_cls, _ = find_interpreter()
-    interp = interp_cls(model_path=str(model_path))
-    counts: dict = {}
-    try:
-        for op in interp._get_ops_details():
-            counts[op["op_name"]] = counts.get(op["op_name"], 0) + 1
-    except Exception:
-        pass
-    return counts

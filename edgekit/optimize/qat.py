@@ -322,7 +322,7 @@ def qat(model_path: str, data: str, targets: List[str], out: str, *, val: Option
     from pathlib import Path
 
     from edgekit.bundle import check_name, write_json_atomic
-    from edgekit.convert import convert
+    from edgekit.convert import Calibration, ConvertRecipe, Floor, InMemoryData, Search, convert
     from edgekit.errors import BudgetMissed, EdgekitError
     from edgekit.optimize import common
     from edgekit.targets import load_target
@@ -377,17 +377,18 @@ def qat(model_path: str, data: str, targets: List[str], out: str, *, val: Option
     train_s = time.monotonic() - t0
     model_out = common.save(q, str(out_dir / f"{name}.keras"))
 
+    mem = InMemoryData(train_ds.take(slice(0, n_cal)), val_ds)     # in memory: no files in between
+    calibration = Calibration(path=str(data), samples=n_cal)
+    say("converting the QAT model")
+    res = convert(ConvertRecipe(str(model_out), tuple(targets), calibration=calibration, name=name,
+                                formats=tuple(formats or ()), compat_check=compat_check,
+                                search=Search(rescue=False)), str(out_dir), progress=progress, data=mem)
+    say("converting the original the post-training way (for comparison; not kept)")
     with tempfile.TemporaryDirectory(prefix="edgekit-qat-") as d:
-        calib_npz, val_npz = Path(d) / "calib.npz", Path(d) / "val.npz"
-        np.savez(calib_npz, **train_ds.take(slice(0, n_cal)).inputs)
-        np.savez(val_npz, labels=val_ds.labels, **val_ds.inputs)
-        say("converting the QAT model")
-        res = convert(str(model_out), targets, str(out_dir), calib=str(calib_npz), val=str(val_npz),
-                      calib_samples=n_cal, name=name, formats=formats, compat_check=compat_check,
-                      progress=progress)
-        say("converting the original the post-training way (for comparison; not kept)")
-        ptq = convert(model_path, targets, str(Path(d) / "ptq"), calib=str(calib_npz), val=str(val_npz),
-                      calib_samples=n_cal, formats=formats, compat_check="off", mixed_precision=False)
+        ptq = convert(ConvertRecipe(model_path, tuple(targets), calibration=calibration,
+                                    formats=tuple(formats or ()), compat_check="off",
+                                    floor=Floor(min_snr_db=-100.0, min_agreement=0.0),
+                                    search=Search(rescue=False)), str(Path(d) / "ptq"), data=mem)
     rows = _compare(res, ptq, float_acc, max_accuracy_drop)
     result = {"model": str(model_path), "qat_model": str(model_out), "float_accuracy": float_acc,
               "calibrated_accuracy": start_acc, "trained_accuracy": qat_acc, "epochs": epochs, "lr": lr,
@@ -412,8 +413,8 @@ def _compare(qat_result, ptq_result, float_acc: float, budget: Optional[float]) 
     ptq_by = {(b.target, b.fmt): b for b in ptq_result.bundles}
     rows = []
     for b in qat_result.bundles:
-        qa = b.artifact.metrics.get("accuracy_int8")
-        pa = ptq_by[(b.target, b.fmt)].artifact.metrics.get("accuracy_int8")
+        qa, pa = (None if r.artifact.metrics.get("accuracy_quant") is None else
+                  100.0 * r.artifact.metrics["accuracy_quant"] for r in (b, ptq_by[(b.target, b.fmt)]))
         rows.append({"bundle": str(b.path), "target": b.target, "format": b.fmt, "bytes": len(b.artifact.data),
                      "float_ops": b.artifact.float_ops, "ptq_accuracy": pa, "qat_accuracy": qa,
                      "ptq_drop": None if pa is None else float_acc - pa,

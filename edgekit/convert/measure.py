@@ -1,0 +1,109 @@
+"""Measuring an artifact against the float reference: metrics, golden data, float ops, I/O.
+
+An artifact is loaded once here, in its target's numerics (convert.numerics): golden outputs
+are what the target computes, within the tolerance recorded in the manifest.
+"""
+
+from __future__ import annotations
+
+import platform
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+from edgekit.bundle import MODEL_FILES
+from edgekit.convert import validate
+from edgekit.convert.data import Dataset
+from edgekit.convert.numerics import Numerics
+from edgekit.runtime import load as load_model
+
+GOLDEN_SAMPLES = 8
+
+
+@dataclass
+class Context:
+    """What every artifact of one conversion is measured against."""
+
+    val: Dataset
+    ref_outputs: Dict[str, np.ndarray]
+    ref_in: List[str]
+    ref_out: List[str]
+
+    @classmethod
+    def make(cls, reference, val: Dataset, source=None) -> "Context":
+        ref_in = [s.name for s in reference.inputs]
+        ref_out = [s.name for s in reference.outputs]
+        outs = getattr(source, "reference_outputs", None)
+        ref_outputs = outs(val) if callable(outs) else reference.run(**val.inputs)
+        return cls(val, ref_outputs, ref_in, ref_out)
+
+
+@dataclass
+class Measured:
+    metrics: Dict[str, Any]
+    golden: Dict[str, np.ndarray]
+    float_ops: Dict[str, int]
+    inputs: List[Dict[str, Any]]
+    outputs: List[Dict[str, Any]]
+    backend: str
+    p50_ms: Optional[float] = None
+
+
+def feeds(model, ds_inputs: Dict[str, np.ndarray], ref_names: List[str]) -> Dict[str, np.ndarray]:
+    """Feed by name; where the artifact renamed inputs, by position in the reference's order."""
+    names = [s.name for s in model.inputs]
+    if set(names) == set(ds_inputs):
+        return {n: ds_inputs[n] for n in names}
+    return {n: ds_inputs[r] for n, r in zip(names, ref_names)}
+
+
+def by_ref_names(out: Dict[str, np.ndarray], model, ref_out_names: List[str]) -> Dict[str, np.ndarray]:
+    names = [s.name for s in model.outputs]
+    if set(names) == set(ref_out_names):
+        return out
+    return {r: out[n] for n, r in zip(names, ref_out_names)}
+
+
+def p50(model, runs: int) -> float:
+    return model.benchmark(runs=runs, warmup=10, end_to_end=False)["latency"]["p50_ms"]
+
+
+def measure(data: bytes, fmt: str, ctx: Context, num: Numerics, timing_runs: int = 0,
+            threads: Optional[int] = None, per_sample: bool = False) -> Measured:
+    """Load the artifact once (in `num`'s numerics) and measure everything from that one load."""
+    from edgekit.convert import onnx as onnx_conv
+    from edgekit.convert import tflite as tflite_conv
+
+    with tempfile.TemporaryDirectory(prefix="edgekit-art-") as d:
+        path = Path(d) / MODEL_FILES[fmt]
+        # reference numerics: QDQ runs as written (no fused kernels), and integer matmuls of a
+        # dynamically quantized graph are computed exactly (int32), as the target computes them
+        path.write_bytes(onnx_conv.exact_integer_ops(data) if (num.reference and fmt == "onnx") else data)
+        q = load_model(path, providers=["CPUExecutionProvider"], reference_numerics=num.reference,
+                       threads=threads)
+        if per_sample:  # activations quantized at run time: per batch, so as a device runs it
+            got = _one_by_one(q, feeds(q, ctx.val.inputs, ctx.ref_in))
+        else:
+            got = q.run(**feeds(q, ctx.val.inputs, ctx.ref_in))
+        got = by_ref_names(got, q, ctx.ref_out)
+        metrics = validate.compare(ctx.ref_outputs, got, ctx.ref_out, ctx.val.labels)
+        n = min(GOLDEN_SAMPLES, len(ctx.val))
+        g_in = feeds(q, ctx.val.take(slice(0, n)).inputs, ctx.ref_in)
+        g_out = _one_by_one(q, g_in)   # as the golden check runs them: one sample at a time
+        golden = {f"input:{k}": v for k, v in g_in.items()}
+        golden.update({f"output:{k}": v for k, v in g_out.items()})
+        return Measured(metrics, golden,
+                        tflite_conv.float_ops(path) if fmt == "tflite" else onnx_conv.float_ops(data),
+                        [s.to_dict() for s in q.inputs], [s.to_dict() for s in q.outputs],
+                        f"{q.backend} {q.backend_version} on {platform.machine()}"
+                        + (" (reference numerics: QDQ graph as written)" if num.reference else ""),
+                        p50(q, timing_runs) if timing_runs else None)
+
+
+def _one_by_one(model, inputs: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    n = next(iter(inputs.values())).shape[0]
+    parts = [model.run(**{k: v[i:i + 1] for k, v in inputs.items()}) for i in range(n)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

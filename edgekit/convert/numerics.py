@@ -1,0 +1,124 @@
+"""Whose numerics are these? Where an artifact's figures and golden outputs are computed faithfully.
+
+Every figure convert reports, and every golden output it writes, must be what the target
+computes, not what this host happens to compute (DESIGN.md, "Numerics").
+
+ONNX Runtime's x86 integer kernels without VNNI multiply u8 x s8 with VPMADDUBSW, whose int16
+pair sums saturate unless the weights are 7-bit (reduce_range) and the activations unsigned.
+ARM (NEON widening multiplies, sdot), VNNI (VPDPBUSD) and TensorRT accumulate exactly in int32.
+So an INT8 ONNX artifact is measured:
+
+- with this host's kernels, where they compute what the target computes: the host has exact
+  integer arithmetic (VNNI, or an ARM host) and so has the target, or the build cannot saturate
+  (U8 activations x 7-bit weights) on either;
+- otherwise in reference semantics: the QDQ graph run as written (ONNX Runtime with graph
+  optimizations off: dequantize, float op, quantize), which is the exact-arithmetic result up to
+  the rounding of the final requantization. The manifest records which, and why.
+
+TFLite artifacts run on this host's TFLite kernels. x86 and ARM TFLite kernels round a little
+differently (ResNet-8: up to 19 int8 steps on the softmax, every top-1 the same); the golden
+check's SNR/agreement tolerance covers that, and the compatibility check runs the target's own
+ARM kernels in the emulated root where it is built.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import FrozenSet, Optional
+
+from edgekit.targets import OnnxBuild, TargetProfile
+
+_X86 = ("x86_64", "amd64", "i686", "i386")
+_VNNI = ("avx512_vnni", "avx_vnni", "avx_vnni_int8")
+
+
+@dataclass(frozen=True)
+class Host:
+    arch: str                       # x86_64 | aarch64 | ...
+    flags: FrozenSet[str]
+
+    @property
+    def is_x86(self) -> bool:
+        return self.arch.lower() in _X86
+
+    @property
+    def exact_int8(self) -> bool:
+        """Integer dot products without int16 saturation: any non-x86 CPU, or x86 with VNNI."""
+        return not self.is_x86 or any(f in self.flags for f in _VNNI)
+
+    def describe(self) -> str:
+        if not self.is_x86:
+            return self.arch
+        return f"{self.arch} {'with VNNI' if self.exact_int8 else 'AVX2 without VNNI'}"
+
+
+@lru_cache(maxsize=1)
+def this_host() -> Host:
+    flags: FrozenSet[str] = frozenset()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key = line.split(":", 1)[0].strip().lower()
+                if key in ("flags", "features"):
+                    flags = frozenset(line.split(":", 1)[1].split())
+                    break
+    except OSError:  # not Linux: no flags known; decided as a host without VNNI (the safe side)
+        pass
+    return Host(platform.machine().lower(), flags)
+
+
+def target_exact_int8(profile: TargetProfile) -> bool:
+    arch = profile.device.arch.lower()
+    if arch not in _X86:
+        return True
+    return any(f in profile.device.cpu_features for f in _VNNI)
+
+
+def saturation_safe(build: OnnxBuild) -> bool:
+    """A build whose int16 pair sums cannot saturate on VPMADDUBSW: u8 activations, 7-bit weights.
+    (Dynamic quantization always quantizes activations to u8 at run time.)"""
+    u8 = build.activation_type == "uint8" or getattr(build, "dynamic", False)
+    return u8 and build.weight_type == "int8" and build.reduce_range
+
+
+@dataclass(frozen=True)
+class Numerics:
+    mode: str            # "host" | "reference"
+    why: str
+    warning: Optional[str] = None
+
+    @property
+    def reference(self) -> bool:
+        return self.mode == "reference"
+
+    def to_dict(self):
+        d = {"mode": self.mode, "why": self.why}
+        if self.warning:
+            d["warning"] = self.warning
+        return d
+
+
+def for_onnx(profile: TargetProfile, build: OnnxBuild, host: Optional[Host] = None) -> Numerics:
+    """How to compute an ONNX artifact's figures and golden outputs faithfully for `profile`."""
+    host = host or this_host()
+    if build.fp16 or (build.activation_type not in ("int8", "uint8") and not getattr(build, "dynamic", False)):
+        return Numerics("host", f"{'FP16' if build.fp16 else build.activation_type + ' activations'}: "
+                                "no 8-bit integer dot products, so no ISA-dependent saturation")
+    target_exact = target_exact_int8(profile)
+    safe = saturation_safe(build)
+    if not target_exact and not safe:
+        return Numerics("reference", "exact integer arithmetic (the graph's integer ops computed exactly)",
+                        warning=f"{profile.name} has no VNNI and this build ({build.activation_type} "
+                                "activations, reduce_range "
+                                f"{'on' if build.reduce_range else 'off'}) can saturate there; the device may "
+                                "compute less accurate results than these figures (use uint8 activations "
+                                "with reduce_range for AVX2 targets)")
+    if host.exact_int8 or safe:
+        why = ("this host's kernels are exact (" + host.describe() + ")" if host.exact_int8 else
+               "u8 activations x 7-bit weights cannot saturate, on this host or the target")
+        return Numerics("host", why)
+    return Numerics("reference", f"this host ({host.describe()}) would saturate where {profile.name} "
+                                 "computes exactly: the graph is run as written, integer products exact "
+                                 "(reference semantics)")

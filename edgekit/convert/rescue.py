@@ -1,0 +1,233 @@
+"""The rescue ladder: what convert tries, in order, when a profile's build misses the fidelity floor.
+
+Each rung is a complete artifact, measured like any other (same validation data, the target's
+numerics), and recorded; the first that meets the floor is shipped, and the report says which.
+
+1. ranges: ONNX: activation ranges chosen per tensor by the error they cause in the model's
+   outputs (convert.ranges), built by the quantizer with those ranges. TFLite: no such hook in
+   the converter; the rung is skipped there (QAT's range search covers Keras models: edgekit qat).
+2. calibration: ONNX Runtime's percentile (99.999%) and entropy calibration.
+3. scheme: per-tensor instead of per-channel weights (both formats); symmetric instead of
+   asymmetric INT8 activations where the profile allows (ONNX). Never a scheme that would
+   saturate on the target (u8 x 7-bit stays on x86 without VNNI).
+4. float for the worst layers (mixed precision): the sensitivity search of convert.mixed with the
+   floor as its budget (a few float layers usually run faster than a whole 16-bit model).
+5. 16-bit activations, 8-bit weights (TFLite 16x8, ONNX 16-bit QDQ), whole model.
+Still below the floor: a Failure with the reason, the worst layers and every step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from edgekit.convert import measure as measuring
+from edgekit.convert import numerics, validate
+from edgekit.convert.native import captured_stderr
+from edgekit.convert.result import Artifact, Failure, primary_snr
+from edgekit.progress import Progress
+
+
+def _step(rung: str, what: str, metrics: Optional[Dict[str, Any]] = None, data: bytes = b"",
+          meets: bool = False, error: Optional[str] = None, seconds: float = 0.0, **extra) -> Dict[str, Any]:
+    d = {"rung": rung, "what": what, "meets": meets, "seconds": round(seconds, 2), "error": error}
+    if metrics is not None:
+        d.update(top1_agreement=metrics.get("top1_agreement"), snr_db=primary_snr(metrics),
+                 accuracy_drop_points=metrics.get("accuracy_drop_points"), bytes=len(data),
+                 misses=validate.floor_misses(metrics, extra.pop("floor")) if "floor" in extra else None)
+    d.update(extra)
+    return d
+
+
+def _variants(row, source) -> List[Tuple[str, str, Any]]:
+    """(rung, description, build) for rungs 2-4, in order; only builds the target can run well."""
+    b = row.build
+    out: List[Tuple[str, str, Any]] = []
+    if row.fmt == "onnx" and not b.fp16 and not b.dynamic and b.activation_type in ("int8", "uint8"):
+        for method in ("percentile", "entropy"):
+            if method != b.calibration:
+                out.append(("calibration", f"{method} calibration", dataclasses.replace(b, calibration=method)))
+        if b.per_channel:
+            out.append(("scheme", "per-tensor weights", dataclasses.replace(b, per_channel=False)))
+        if b.activation_type == "int8" and not b.symmetric_activations:
+            out.append(("scheme", "symmetric activations", dataclasses.replace(b, symmetric_activations=True)))
+        elif b.activation_type == "int8" and b.symmetric_activations and not row.profile.onnx.symmetric_activations:
+            out.append(("scheme", "asymmetric activations", dataclasses.replace(b, symmetric_activations=False)))
+        out.append(("16-bit", "16-bit activations, 8-bit weights",
+                    dataclasses.replace(b, activation_type="int16", symmetric_activations=False)))
+    elif row.fmt == "tflite" and b.activations == "int8":
+        if b.per_channel:
+            out.append(("scheme", "per-tensor weights", dataclasses.replace(b, per_channel=False)))
+        out.append(("16-bit", "16-bit activations, 8-bit weights", dataclasses.replace(b, activations="int16")))
+    return out
+
+
+def ladder(row, recipe, source, calib, ctx: measuring.Context, float_onnx: Dict[int, bytes], plain: Artifact,
+           progress: Progress):
+    """Artifact (rescued) or Failure (nothing met the floor)."""
+    from edgekit.convert import pipeline
+
+    floor = recipe.floor
+    deadline = time.monotonic() + recipe.search.seconds
+    label = f"[{row.profile.name}] {row.fmt}"
+    steps = [_step("profile", "the profile's build (min/max calibration)", plain.metrics, plain.data,
+                   floor=floor)]
+    best: Tuple[tuple, Artifact] = (validate.score(plain.metrics), plain)
+
+    def attempt(rung: str, what: str, make: Callable[[], bytes], build, extra=None) -> Optional[Artifact]:
+        nonlocal best
+        if time.monotonic() > deadline:
+            steps.append(_step(rung, what, error=f"not tried: search budget of {recipe.search.seconds:.0f} s spent"))
+            return None
+        t0 = time.monotonic()
+        num = numerics.for_onnx(row.profile, build) if row.fmt == "onnx" else row.numerics
+        with captured_stderr() as cap:
+            try:
+                data = make()
+                m = measuring.measure(data, row.fmt, ctx, num)
+            except Exception as e:  # a rung the converter cannot build is recorded, and the ladder goes on
+                steps.append(_step(rung, what, error=pipeline._error_line(e, cap), seconds=time.monotonic() - t0))
+                progress.say(f"{label}: rescue: {what}: failed ({steps[-1]['error'][:120]})")
+                return None
+        misses = validate.floor_misses(m.metrics, floor)
+        steps.append(_step(rung, what, m.metrics, data, meets=not misses, seconds=time.monotonic() - t0,
+                           floor=floor, **(extra or {})))
+        progress.say(f"{label}: rescue: {what}: " + ("meets the floor" if not misses else "; ".join(misses)))
+        art = Artifact(row.fmt, data, plain.float_bytes, m.metrics, m.float_ops, m.inputs, m.outputs, m.golden,
+                       0.0, dataclasses.asdict(build), pipeline._precision(build), num.to_dict(), m.backend)
+        if validate.score(m.metrics) > best[0]:
+            best = (validate.score(m.metrics), art)
+        if misses:
+            return None
+        art.rescue, art.rescued_by = steps, what
+        return art
+
+    # 1. ranges by output error (ONNX, 8-bit static)
+    b = row.build
+    if row.fmt == "onnx" and not b.fp16 and not b.dynamic and b.activation_type in ("int8", "uint8"):
+        from edgekit.convert import onnx as onnx_conv
+        from edgekit.convert import ranges
+
+        f = pipeline.float_onnx_for(source, b.opset, float_onnx)
+        with captured_stderr():
+            chosen = ranges.choose(plain.data, onnx_conv.preprocess(f), calib,
+                                   seconds=max(5.0, 0.4 * (deadline - time.monotonic())), say=progress.say)
+        overrides = dict(source.input_ranges, **chosen["overrides"])
+        if chosen["overrides"]:
+            got = attempt("ranges", f"ranges by output error ({len(chosen['overrides'])} tensors clipped)",
+                          lambda: onnx_conv.quantize(f, calib, b, range_overrides=overrides), b,
+                          {"search": {k: v for k, v in chosen.items() if k != "overrides"}})
+            if got:
+                return got
+        else:
+            steps.append(_step("ranges", "ranges by output error", error="no clip lowered the output error",
+                               search={k: v for k, v in chosen.items() if k != "overrides"}))
+    elif row.fmt == "tflite":
+        steps.append(_step("ranges", "ranges by output error",
+                           error="not available for TFLite's converter (edgekit qat searches ranges for Keras models)"))
+
+    # 2-3. other calibrations and schemes
+    variants = _variants(row, source)
+    for rung, what, build in [v for v in variants if v[0] != "16-bit"]:
+        got = attempt(rung, what, lambda build=build: pipeline._convert_once(source, row.fmt, build, calib,
+                                                                               float_onnx)[0], build)
+        if got:
+            return got
+
+    # 4. float for the worst layers
+    worst: List[str] = []
+    if recipe.search.mixed_precision and plain.precision == "int8":
+        if time.monotonic() > deadline:
+            steps.append(_step("float layers", "mixed precision", error="not tried: search budget spent"))
+        else:
+            found = _mixed(row, recipe, source, calib, ctx, float_onnx, plain, progress, deadline)
+            worst = found["worst"]
+            steps.append(_step("float layers", "mixed precision: " + (", ".join(found["record"]["float_layers"] or [])
+                                                                       or "none met the floor"),
+                               found["chosen_metrics"], found["chosen_data"] or b"",
+                               meets=found["chosen"] is not None, floor=floor,
+                               tried=len(found["record"]["steps"])))
+            if found["chosen"] is not None:
+                art = found["chosen"]
+                art.mixed = found["record"]
+                art.rescue, art.rescued_by = steps, "float for the worst layers"
+                return art
+
+    # 5. 16-bit activations, whole model (slower on most runtimes than a few float layers: last)
+    for rung, what, build in [v for v in variants if v[0] == "16-bit"]:
+        got = attempt(rung, what, lambda build=build: pipeline._convert_once(source, row.fmt, build, calib,
+                                                                               float_onnx)[0], build)
+        if got:
+            return got
+    art = best[1]
+    misses = validate.floor_misses(art.metrics, floor)
+    return Failure("fidelity floor",
+                   f"{'; '.join(misses)} even after the rescue ladder (best: {steps_best(steps)})",
+                   hint="see the report's rescue steps; try edgekit qat, a larger --search-budget, or lower "
+                        "--min-snr / --min-agreement if the figures are acceptable",
+                   worst_layers=worst, rescue=steps, metrics=art.metrics)
+
+
+def steps_best(steps: List[Dict[str, Any]]) -> str:
+    measured = [s for s in steps if s.get("top1_agreement") is not None or s.get("snr_db") is not None]
+    if not measured:
+        return "none measured"
+    s = max(measured, key=lambda s: ((s.get("top1_agreement") if s.get("top1_agreement") is not None else 1.0),
+                                     s.get("snr_db") or -1e9))
+    agree = s.get("top1_agreement")
+    return f"{s['what']}: " + (f"agreement {100 * agree:.1f}%, " if agree is not None else "") + \
+        f"SNR {s['snr_db']:.1f} dB"
+
+
+def _mixed(row, recipe, source, calib, ctx, float_onnx, plain: Artifact, progress: Progress,
+           deadline: float) -> Dict[str, Any]:
+    from edgekit.convert import mixed as mp
+    from edgekit.convert import onnx as onnx_conv
+    from edgekit.convert import pipeline
+
+    floor = recipe.floor
+    with captured_stderr():
+        if row.fmt == "tflite":
+            layers = mp.tflite_sensitivity(source.saved_model, calib, source.layer_names)
+        else:
+            layers = mp.onnx_sensitivity(pipeline.float_onnx_for(source, row.build.opset, float_onnx),
+                                         plain.data, calib, source.layer_names)
+
+    def make(nodes):
+        with captured_stderr():
+            if row.fmt == "tflite":
+                return mp.tflite_with_float(source.saved_model, calib, nodes)
+            return onnx_conv.quantize(float_onnx[row.build.opset], calib, row.build, nodes_to_exclude=nodes,
+                                      range_overrides=source.input_ranges)
+
+    measured: Dict[int, measuring.Measured] = {}
+
+    def evaluate(data):
+        m = measuring.measure(data, row.fmt, ctx, row.numerics, timing_runs=30)
+        measured[id(data)] = m
+        return {"metrics": m.metrics, "p50_ms": m.p50_ms}
+
+    def judge(metrics):
+        return (not validate.floor_misses(metrics, floor), validate.budget_drop(metrics))
+
+    res = mp.search(layers, make, evaluate, judge, max(1.0, deadline - time.monotonic()), recipe.search.first,
+                    progress.say)
+    chosen = res["chosen"]
+    record = {
+        "floor": dataclasses.asdict(floor),
+        "sensitivity": [{"layer": lay.source, "node": lay.node, "op": lay.op, "score": lay.sensitivity}
+                        for lay in layers],
+        "full_int8": {"bytes": len(plain.data), "drop": validate.budget_drop(plain.metrics)},
+        "steps": [c.summary() for c in res["tried"]], "stopped": res["stopped"],
+        "float_layers": [lay.source for lay in chosen.float_layers] if chosen else None,
+        "met": chosen is not None,
+    }
+    art = None
+    if chosen is not None:
+        m = measured[id(chosen.data)]
+        art = Artifact(row.fmt, chosen.data, plain.float_bytes, m.metrics, m.float_ops, m.inputs, m.outputs,
+                       m.golden, 0.0, plain.build, plain.precision, plain.numerics, m.backend)
+        progress.say(f"[{row.profile.name}] {row.fmt}: kept in float: {', '.join(record['float_layers'])}")
+    return {"chosen": art, "record": record, "worst": [lay.source for lay in layers[:5]],
+            "chosen_metrics": chosen.metrics if chosen else None, "chosen_data": chosen.data if chosen else None}

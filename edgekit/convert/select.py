@@ -1,0 +1,151 @@
+"""--select fastest: build the candidates worth trying for a target, keep those that meet the floor,
+time each here when this host has the target's ISA, and ship the fastest.
+
+Candidates, for the row's format: the profile's build (already built and measured), the schemes
+worth trying on the target's ISA (ONNX: QOperator instead of QDQ, per-tensor weights, S8S8 only
+where the target has exact integer dot products; TFLite: per-tensor weights), dynamic
+quantization, and the float model itself (XNNPACK's float32 kernels beat its INT8 on AVX2 for
+some models). Each is measured like any artifact (validation, target numerics) and must meet the
+floor; the survivors are timed with the latency method of runtime.bench at the target's threads
+clamped to this machine's usable CPUs (runtime.threads), alternating rounds so that drift hits
+each alike, and the lowest median p50 wins. When this host is not the target's ISA (an ARM target
+on an x86 host, a VNNI target on a host without VNNI), timings here would mislead: nothing is
+timed, the profile's build is kept, and the table says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from edgekit.convert import measure as measuring
+from edgekit.convert import numerics, validate
+from edgekit.convert.native import captured_stderr
+from edgekit.convert.result import Artifact, primary_snr
+from edgekit.progress import Progress
+
+ROUNDS = 3
+RUNS = 40
+
+
+def host_matches(profile) -> Tuple[bool, str]:
+    host = numerics.this_host()
+    arch = profile.device.arch.lower()
+    if (arch in ("x86_64", "amd64")) != host.is_x86 or (not host.is_x86 and arch != host.arch):
+        return False, f"this host ({host.describe()}) is not {profile.name}'s ISA ({arch})"
+    if host.is_x86 and numerics.target_exact_int8(profile) != host.exact_int8:
+        return False, (f"this host ({host.describe()}) and {profile.name} differ in VNNI: their integer "
+                       "kernels are not alike")
+    return True, f"timed here ({host.describe()}, {platform.processor() or platform.machine()})"
+
+
+def _candidates(row, source) -> List[Tuple[str, Any, Optional[Callable[[], bytes]]]]:
+    """(label, build or None for float, maker) for the row's format, beyond the profile's build."""
+    from edgekit.convert import pipeline
+
+    b = row.build
+    out: List[Tuple[str, Any, Optional[Callable[[], bytes]]]] = []
+    if row.fmt == "onnx":
+        if b.quant_format == "qdq":
+            out.append(("QOperator", dataclasses.replace(b, quant_format="qoperator"), None))
+        if b.per_channel:
+            out.append(("per-tensor weights", dataclasses.replace(b, per_channel=False), None))
+        if numerics.target_exact_int8(row.profile) and b.activation_type == "uint8":
+            out.append(("S8S8", dataclasses.replace(b, activation_type="int8"), None))
+        if b.reduce_range and numerics.target_exact_int8(row.profile):
+            out.append(("full-range weights", dataclasses.replace(b, reduce_range=False), None))
+        out.append(("dynamic", dataclasses.replace(b, dynamic=True), None))
+        out.append(("float32", None, lambda: pipeline.float_onnx_for(source, b.opset, {})))
+    else:
+        if b.per_channel:
+            out.append(("per-tensor weights", dataclasses.replace(b, per_channel=False), None))
+        out.append(("dynamic", dataclasses.replace(b, activations="dynamic", io_type="float32"), None))
+        if source.float_tflite:
+            out.append(("float32", None, lambda: source.float_tflite))
+    return out
+
+
+def _numerics_of(row, build):
+    if row.fmt == "onnx" and build is not None:
+        return numerics.for_onnx(row.profile, build)
+    return row.numerics
+
+
+def fastest(row, recipe, source, calib, ctx: measuring.Context, float_onnx: Dict[int, bytes], chosen: Artifact,
+            progress: Progress) -> Artifact:
+    from edgekit.convert import pipeline
+    from edgekit.runtime.threads import choose_threads
+
+    label = f"[{row.profile.name}] {row.fmt}"
+    ok, where = host_matches(row.profile)
+    profile_entry = {"what": f"profile's build ({chosen.precision}" + (", rescued" if chosen.rescued_by else "") + ")",
+                     "bytes": len(chosen.data), "top1_agreement": chosen.metrics.get("top1_agreement"),
+                     "snr_db": primary_snr(chosen.metrics), "meets": True, "timed_where": where}
+    if not ok:
+        progress.say(f"{label}: --select fastest: {where}; the profile's build is kept")
+        chosen.candidates = [dict(profile_entry, chosen=True, p50_ms=None)]
+        return chosen
+    arts: List[Tuple[Dict[str, Any], Artifact]] = [(profile_entry, chosen)]
+    for what, build, make in _candidates(row, source):
+        entry: Dict[str, Any] = {"what": what, "timed_where": where}
+        t0 = time.monotonic()
+        with captured_stderr() as cap:
+            try:
+                data = make() if make else pipeline._convert_once(source, row.fmt, build, calib, float_onnx)[0]
+                num = _numerics_of(row, build)
+                precision = "float32" if build is None else pipeline._precision(build)
+                m = measuring.measure(data, row.fmt, ctx, num, per_sample=precision == "dynamic")
+            except Exception as e:  # a candidate that cannot be built is recorded, not hidden
+                entry.update(error=pipeline._error_line(e, cap), meets=False, bytes=0)
+                progress.say(f"{label}: candidate {what}: failed ({entry['error'][:100]})")
+                chosen.candidates.append(entry)
+                arts.append((entry, None))
+                continue
+        misses = validate.floor_misses(m.metrics, recipe.floor)
+        entry.update(bytes=len(data), top1_agreement=m.metrics.get("top1_agreement"), snr_db=primary_snr(m.metrics),
+                     meets=not misses, misses=misses, seconds=round(time.monotonic() - t0, 2))
+        art = Artifact(row.fmt, data, chosen.float_bytes, m.metrics, m.float_ops, m.inputs, m.outputs, m.golden,
+                       0.0, dataclasses.asdict(build) if build is not None else {"float32": True}, precision,
+                       num.to_dict(), m.backend)
+        arts.append((entry, art))
+    threads = choose_threads(None, row.profile.runtime.threads)
+    timed = [(e, a) for e, a in arts if a is not None and e.get("meets")]
+    samples: Dict[int, List[float]] = {id(a): [] for _, a in timed}
+    for _ in range(ROUNDS):                        # alternate: drift and load hit every candidate alike
+        for e, a in timed:
+            samples[id(a)].append(_p50(a, threads))
+    for e, a in arts:
+        e["p50_ms"] = sorted(samples[id(a)])[len(samples[id(a)]) // 2] if a is not None and id(a) in samples else None
+        e["threads"] = threads
+    winner_entry, winner = min(timed, key=lambda ea: ea[0]["p50_ms"])
+    for e, _ in arts:
+        e["chosen"] = e is winner_entry
+    best_float = min((e["p50_ms"] for e, _ in timed if e["what"] == "float32"), default=None)
+    winner.candidates = [e for e, _ in arts]
+    winner.rescue, winner.rescued_by = chosen.rescue, chosen.rescued_by
+    winner.alternatives = [(_slug(e["what"]), a) for e, a in timed if a is not winner]
+    progress.say(f"{label}: fastest: {winner_entry['what']} at p50 {winner_entry['p50_ms']:.3f} ms ({threads} "
+                 f"thread(s))" + (f", {best_float / winner_entry['p50_ms']:.2f}x float32" if best_float else ""))
+    return winner
+
+
+def _p50(art: Artifact, threads: int) -> float:
+    import tempfile
+    from pathlib import Path
+
+    from edgekit.bundle import MODEL_FILES
+    from edgekit.runtime import load
+
+    with tempfile.TemporaryDirectory(prefix="edgekit-sel-") as d:
+        p = Path(d) / MODEL_FILES[art.fmt]
+        p.write_bytes(art.data)
+        m = load(p, threads=threads, providers=["CPUExecutionProvider"])
+        return m.benchmark(runs=RUNS, warmup=10, end_to_end=False)["latency"]["p50_ms"]
+
+
+def _slug(what: str) -> str:
+    import re
+
+    return re.sub(r"[^a-z0-9]+", "-", what.lower().split("(")[0]).strip("-")
