@@ -44,8 +44,9 @@ def batch_size(model) -> int:
 
 
 def run_like_a_device(model, feeds: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-    """Run stacked samples in chunks of batch_size(model) (a partial last chunk at a fixed batch
-    runs sample by sample, as Model.run does); outputs concatenated back into one stack."""
+    """Run stacked samples in chunks of batch_size(model); outputs concatenated back into one
+    stack. (A golden stack that is not a multiple of a fixed batch leaves a short last chunk,
+    which Model.run handles as it handles any short batch.)"""
     n = int(next(iter(feeds.values())).shape[0])
     step = batch_size(model)
     parts: List[Dict[str, np.ndarray]] = []
