@@ -117,8 +117,17 @@ def stop(conn, root: str) -> Dict[str, Any]:
     return {"stopped": st["pid"]}
 
 
-def wait_ready(conn, root: str, opts: ServeOptions, model: str, sha: str) -> Dict[str, Any]:
-    """Until the server is ready and answers a golden inference of `model` with release `sha`."""
+def _alive(conn, root: str, launched: Optional[int]) -> bool:
+    """The server runs (its pid file says so), or the process just launched is still starting."""
+    if state(conn, root)["running"]:
+        return True
+    return launched is not None and conn.run(["kill", "-0", str(launched)], timeout=30)[0] == 0
+
+
+def wait_ready(conn, root: str, opts: ServeOptions, model: str, sha: str,
+               launched: Optional[int] = None) -> Dict[str, Any]:
+    """Until the server is ready and answers a golden inference of `model` with release `sha`
+    (`launched`: the pid start() returned, alive before the server writes its pid file)."""
     host = "127.0.0.1" if opts.host in ("0.0.0.0", "::") else opts.host
     args = ["--host", host, "--port", str(opts.port), "--root", root, "--model", model]
     if opts.token_file:
@@ -137,7 +146,7 @@ def wait_ready(conn, root: str, opts: ServeOptions, model: str, sha: str) -> Dic
                             + (f"; it still serves {m['version']}" if m.get("version") else ""))
         if time.monotonic() > deadline:
             break
-        if not state(conn, root)["running"]:
+        if not _alive(conn, root, launched):
             raise conn._err("edgekit serve stopped: " + (log_tail(conn, root, 3).replace("\n", " | ")
                                                          or "see " + files(root)[2]))
         time.sleep(0.5)
@@ -157,10 +166,11 @@ def ensure(conn, root: str, opts: ServeOptions, model: str, sha: str) -> Dict[st
         stop(conn, root)
         st = {"running": False}
         action = "restarted"
+    launched = None
     if not st["running"]:
-        start(conn, root, opts)
+        launched = start(conn, root, opts)
         action = "started" if action == "running" else action
-    probe = wait_ready(conn, root, opts, model, sha)
+    probe = wait_ready(conn, root, opts, model, sha, launched)
     st = state(conn, root)
     return {"serving": action, "url": st.get("url"), "pid": st.get("pid"), "version": sha[:12],
             "probe": probe["models"][model]}

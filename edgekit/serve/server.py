@@ -115,28 +115,32 @@ def serve(paths: List[str], config: ServeConfig, say=print) -> None:
         import uvicorn
     except ImportError:
         raise ServeError("uvicorn is not installed", hint="pip install 'edgekit[serve]'") from None
-    app, entries = build(paths, config)
     scheme = "https" if config.tls_cert else "http"
-    ucfg = uvicorn.Config(app, host=config.host, port=config.port, http="auto", loop="auto",
-                          lifespan="on", access_log=config.access_log, log_level="warning",
-                          server_header=False, date_header=False, timeout_keep_alive=30,
-                          # connections beyond what the queue can hold get uvicorn's plain 503
-                          limit_concurrency=config.max_concurrency * config.max_batch + config.max_queue + 64,
-                          ssl_certfile=config.tls_cert, ssl_keyfile=config.tls_key)
-    server = uvicorn.Server(ucfg)
-    for e in entries:
-        a = e.active
-        say(f"model {e.name}: " + (f"version {a.version} ({a.backend} {a.backend_version}, {a.format})"
-                                   if a else f"NOT READY: {(e.failure or {}).get('error')}"))
-    say(f"serving on {scheme}://{config.host}:{config.port}/v2 "
-        f"(auth: {'bearer token' if config.token else 'none'}; max concurrency {config.max_concurrency}, "
-        f"queue {config.max_queue}" + (f", batching up to {config.max_batch} within {config.max_delay_ms} ms"
-                                       if config.max_batch > 1 else "") + ")")
-    if config.pid_file:
+    if config.pid_file:  # first: a supervisor sees the server running while its models load
         write_pid(config.pid_file, {
             "host": config.host, "port": config.port, "url": f"{scheme}://{config.host}:{config.port}/v2",
-            "auth": "bearer" if config.token else "none", "models": [e.name for e in entries]})
+            "auth": "bearer" if config.token else "none", "models": []})
     try:
+        app, entries = build(paths, config)
+        ucfg = uvicorn.Config(app, host=config.host, port=config.port, http="auto", loop="auto",
+                              lifespan="on", access_log=config.access_log, log_level="warning",
+                              server_header=False, date_header=False, timeout_keep_alive=30,
+                              # connections beyond what the queue can hold get uvicorn's plain 503
+                              limit_concurrency=config.max_concurrency * config.max_batch + config.max_queue + 64,
+                              ssl_certfile=config.tls_cert, ssl_keyfile=config.tls_key)
+        server = uvicorn.Server(ucfg)
+        for e in entries:
+            a = e.active
+            say(f"model {e.name}: " + (f"version {a.version} ({a.backend} {a.backend_version}, {a.format})"
+                                       if a else f"NOT READY: {(e.failure or {}).get('error')}"))
+        say(f"serving on {scheme}://{config.host}:{config.port}/v2 "
+            f"(auth: {'bearer token' if config.token else 'none'}; max concurrency {config.max_concurrency}, "
+            f"queue {config.max_queue}" + (f", batching up to {config.max_batch} within {config.max_delay_ms} ms"
+                                           if config.max_batch > 1 else "") + ")")
+        if config.pid_file:
+            write_pid(config.pid_file, {
+                "host": config.host, "port": config.port, "url": f"{scheme}://{config.host}:{config.port}/v2",
+                "auth": "bearer" if config.token else "none", "models": [e.name for e in entries]})
         server.run()
     finally:
         if config.pid_file:
