@@ -26,6 +26,15 @@ def _import():
     return ov
 
 
+def _reason(e: Exception) -> str:
+    """The informative part of an OpenVINO exception (its first lines name only source files)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if "Summary:" in lines:
+        return "; ".join(ln.lstrip("- ") for ln in lines[lines.index("Summary:") + 1:])[:400]
+    useful = [ln for ln in lines if not ln.startswith(("Exception from", "Check '"))]
+    return (useful[-1] if useful else (lines[0] if lines else type(e).__name__))[:400]
+
+
 def _port_name(port) -> str:
     names = sorted(port.get_names())
     try:
@@ -56,8 +65,7 @@ class OpenVinoBackend:
         try:
             self._model = self._core.read_model(str(path))
         except RuntimeError as e:
-            raise BackendUnavailable(f"openvino {self.version} cannot read {path}: "
-                                     f"{str(e).strip().splitlines()[0]}", fmt="onnx",
+            raise BackendUnavailable(f"openvino {self.version} cannot read {path}: {_reason(e)}", fmt="onnx",
                                      hint="the model may use an op this OpenVINO does not support; "
                                           "try backend='onnxruntime'") from None
         self._config: Dict[str, object] = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
@@ -91,7 +99,7 @@ class OpenVinoBackend:
                 compiled = self._core.compile_model(model, self.device, self._config)
             except RuntimeError as e:
                 raise BackendUnavailable(f"openvino {self.version} cannot compile the model for "
-                                         f"{self.device}: {str(e).strip().splitlines()[0]}", fmt="onnx",
+                                         f"{self.device}: {_reason(e)}", fmt="onnx",
                                          hint="try backend='onnxruntime'") from None
             # what the compiled model really runs with (the request, or OpenVINO's own choice)
             self.threads = int(compiled.get_property("INFERENCE_NUM_THREADS"))

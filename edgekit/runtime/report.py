@@ -7,12 +7,18 @@ from typing import Any, Dict, List
 from edgekit.table import render
 
 
+def _threads(r: Dict[str, Any]) -> str:
+    """Threads used, and what was asked where that differs (a profile's count clamped to the CPUs)."""
+    used, asked = r.get("threads"), r.get("threads_requested")
+    return f"{used} (of {asked})" if asked is not None and asked != used else str(used)
+
+
 def bench_table(reports: List[Dict[str, Any]], label: str = "model") -> str:
     rows = []
     for r in reports:
         lat, e2e = r["latency"], r.get("end_to_end") or {}
         rows.append([r.get("label") or r.get("bundle") or r["model"], r["format"],
-                     f"{r['backend']} {r['backend_version']}", r["threads"],
+                     f"{r['backend']} {r['backend_version']}", _threads(r),
                      r["load_ms"], r["first_inference_ms"], lat["p50_ms"], lat["p90_ms"],
                      lat["p99_ms"], lat["cv"], e2e.get("p50_ms"), lat["throughput_per_s"],
                      "NOISY" if r["noisy"] else "ok"])
