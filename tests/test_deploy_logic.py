@@ -240,3 +240,24 @@ def test_tree_digest_is_the_bundle_release_id(tmp_path):
 
     files = {p.relative_to(tmp_path).as_posix(): sha256_file(p) for p in tmp_path.rglob("*") if p.is_file()}
     assert tree_digest(files) == sha256_tree(tmp_path)
+
+
+def test_rollout_record_round_trip(tmp_path, monkeypatch):
+    from edgekit.deploy import ops
+    from edgekit.deploy.inventory import Inventory
+    from edgekit.deploy.rollout import Rollout, read_record
+
+    monkeypatch.setenv("EDGEKIT_ROLLOUTS", str(tmp_path / "rollouts"))
+    devs = [Device(f"d{i}", "h") for i in range(5)]
+    plan = Plan(canary=Share.parse("1"), stages=Share.parse_list("50%,100%"), max_fail=0.2)
+    r = Rollout.create(plan, [_art("rpi4", "tflite", ["tflite"])], devs, ops.Options(Inventory(tmp_path / "i.toml")),
+                       tmp_path / "i.toml", str(tmp_path), rollout_id="digits-test")
+    r.save()
+    rec = read_record("digits-test")
+    assert rec == json.loads(json.dumps(r.record)) and Plan.from_dict(rec["plan"]) == plan
+    assert [b["devices"] for b in rec["batches"]] == [["d0"], ["d1", "d2"], ["d3", "d4"]]
+    assert {d["state"] for d in rec["devices"].values()} == {"pending"}
+    with pytest.raises(RolloutError, match="no rollout 'nope'"):
+        read_record("nope")
+    with pytest.raises(RolloutError, match="not a rollout id"):
+        read_record("../etc/passwd")

@@ -3,6 +3,7 @@ namespaces, real uploads and health checks; one device runs a broken onnxruntime
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -111,6 +112,11 @@ def test_canary_fails_health_check_abort_rollback_and_resume(cli, env, releases)
     assert r.exit_code == 0, r.stdout + r.stderr
     sha_a, sha_b = _sha(a), _sha(b)
     _inventory(lab, broken=["d2"])
+    r = cli("deploy", b, "--group", "fleet", "--canary", 2, "--batches", "50%,100%", "--inventory", lab.inventory,
+            "--dry-run")
+    assert r.exit_code == 0, r.stderr
+    assert "rollout plan" in r.stdout and re.search(r"canary\s+2\s+d1, d2", r.stdout) and "d4, d5, d6" in r.stdout
+    assert r.stdout.count("would-upload") == N and not list(Path(os.environ["EDGEKIT_ROLLOUTS"]).glob("*"))
     r = cli("deploy", b, "--group", "fleet", "--canary", 2, "--batches", "50%,100%", "--inventory", lab.inventory,
             "--json")
     assert r.exit_code == 1, r.stdout + r.stderr
@@ -261,12 +267,14 @@ def test_ansible_export_check_mode_and_failing_host(cli, env, releases, tmp_path
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
     assert p.stdout.count("would-upload") == 3
     assert all(_current(lab, n) == sha_a and sha_b not in _releases(lab, n) for n in hosts)
-    # the real run: d1 (canary) switches; d2 fails its health check in the next batch and is rolled
-    # back; max_fail_percentage 0 stops the play: d3 is never touched
+    # the real run: d1 (canary; its runtime removed, so the role pushes it) switches; d2 fails its
+    # health check in the next batch and is rolled back; max_fail_percentage 0 stops the play:
+    # d3 is never touched
+    shutil.rmtree(lab.devices["d1"].root / "runtime")
     p = subprocess.run(["ansible-playbook", "deploy.yml"], cwd=out, env=e, capture_output=True, text=True,
                        timeout=300)
     assert p.returncode != 0, p.stdout[-3000:]
-    assert _current(lab, "d1") == sha_b
+    assert _current(lab, "d1") == sha_b and (lab.devices["d1"].root / "runtime" / "VERSION").is_file()
     assert _current(lab, "d2") == sha_a and _current(lab, "d3") == sha_a
     assert sha_b not in _releases(lab, "d3")
     assert "d2 failed and was rolled back to " + sha_a[:12] in p.stdout

@@ -54,6 +54,12 @@ _TASKS = """\
     _ek_root: "{{ (_ek_probe.stdout_lines[-1] | from_json).root }}"
     _ek_runtime_ok: "{{ (_ek_probe.stdout_lines[-1] | from_json).version == edgekit_runtime_version }}"
 
+- name: the model's directory under the device root
+  ansible.builtin.file:
+    path: "{{ _ek_root }}/models/{{ edgekit_model }}"
+    state: directory
+  when: not ansible_check_mode
+
 - name: edgekit runtime, when missing or another version (the files edgekit pushes, one checksummed archive)
   when: not _ek_runtime_ok and not ansible_check_mode
   block:

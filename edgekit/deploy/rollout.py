@@ -15,8 +15,10 @@ earlier batches stay unless abort_rollback="all".
 from __future__ import annotations
 
 import fcntl
+import json
 import math
 import os
+import tempfile
 import threading
 import time
 import uuid
@@ -24,7 +26,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from edgekit.bundle import write_json_atomic
 from edgekit.deploy import artifact as artifacts_mod
 from edgekit.deploy import ops
 from edgekit.deploy.artifact import Artifact
@@ -196,8 +197,6 @@ def record_path(rollout_id: str) -> Path:
 
 
 def read_record(rollout_id: str) -> Dict[str, Any]:
-    import json
-
     p = record_path(rollout_id)
     try:
         rec = json.loads(p.read_text())
@@ -227,6 +226,7 @@ class Rollout:
     persist: bool = True
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _saved: float = 0.0
+    _write_s: float = 0.0
 
     # -- creating and loading ---------------------------------------------------------------
     @classmethod
@@ -282,16 +282,29 @@ class Rollout:
 
     # -- the record ---------------------------------------------------------------------------
     def save(self, force: bool = True) -> None:
-        """Write the record atomically; between batches at most twice a second."""
+        """Write the record atomically (compact JSON: the C encoder). Within a batch at most every
+        max(0.5 s, 20 writes' time), so a large fleet's record costs at most ~5% of a core; a crash
+        loses at most that much, and those devices answer `unchanged` on resume."""
         if not self.persist:
             return
         with self._lock:
             now = time.monotonic()
-            if not force and now - self._saved < 0.5:
+            if not force and now - self._saved < max(0.5, 20 * self._write_s):
                 return
             self.record["updated"] = _now()
-            write_json_atomic(record_path(self.id), self.record)
-            self._saved = now
+            path = record_path(self.id)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    json.dump(self.record, f, separators=(",", ":"))
+                os.replace(tmp, path)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                raise
+            self._saved = time.monotonic()
+            self._write_s = self._saved - now
 
     def _lock_file(self):
         """Held while this controller runs the rollout; the OS drops it when the process dies."""
