@@ -1,0 +1,232 @@
+"""PyTorch and ONNX sources through edgekit vs the stock routes: fidelity, size, p50 here.
+
+Models: the tests' digits CNN (BatchNorm, depthwise, residual add) and two-output detector
+head, a small transformer encoder (rows of a digit as 8 tokens), all trained here in seconds,
+and PaddleOCR's text-direction classifier (tests/models/ppocr-cls) on synthetic text lines.
+
+Routes, all measured against the source model's own float outputs on held-out samples:
+- edgekit: `convert` for rpi4 and x86-avx2 (TFLite and ONNX bundles; each profile's scheme)
+- stock ONNX: torch.onnx.export (TorchScript exporter, opset 17; the ONNX file itself for the
+  Paddle model) -> onnxruntime quantize_static with its defaults, run in ONNX Runtime here
+- stock TFLite: onnx2tf's own INT8 (output_integer_quantized_tflite, calibration data given,
+  its default NCHW->NHWC input), float I/O variant
+
+    python benchmarks/torch_bench.py [--json out.json] [--models cnn,detector,transformer,ppocr]
+
+Detector: agreement = detections (score > 0.5) found by both / found by either.
+p50: edgekit.runtime's benchmark (one thread of this shared 2-core host: compare within a run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+N_CAL, N_VAL = 300, 200
+
+
+def _transformer():
+    import torch
+    from torch import nn
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(8, 32)
+            self.pos = nn.Parameter(torch.zeros(1, 8, 32))
+            self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True), 1)
+            self.head = nn.Linear(32, 10)
+
+        def forward(self, tokens):
+            return self.head(self.enc(self.embed(tokens) + self.pos).mean(dim=1))
+
+    return Encoder()
+
+
+def _models(which):
+    import torch
+
+    import test_torch as tt
+
+    torch.set_num_threads(1)
+    x, y = tt._digits()
+    out = {}
+    if "cnn" in which:
+        torch.manual_seed(0)
+        out["cnn"] = (tt._train(tt.CNN(), x[:1400], y[:1400], epochs=6), x, "image", False)
+    if "detector" in which:
+        torch.manual_seed(0)
+        out["detector"] = (tt._train(tt.Detector(), x[:1400], y[:1400], epochs=12, detector=True), x, "image", True)
+    if "transformer" in which:
+        torch.manual_seed(0)
+        xt = x.reshape(-1, 8, 8)
+        out["transformer"] = (tt._train(_transformer(), xt[:1400], y[:1400], epochs=6), xt, "tokens", False)
+    return out
+
+
+def _score(refs, gots, detector):
+    from edgekit.runtime.check import snr_db
+
+    if detector:
+        r, g = refs[0] > 0.5, gots[0] > 0.5
+        agree = float((r & g).sum() / (r | g).sum() * 100)
+    else:
+        agree = float((refs[0].argmax(1) == gots[0].argmax(1)).mean() * 100)
+    return agree, min(snr_db(r, g) for r, g in zip(refs, gots))
+
+
+def _p50(path):
+    from edgekit.runtime import load
+
+    return load(path).benchmark(runs=50, warmup=10, end_to_end=False)["latency"]["p50_ms"]
+
+
+def _stock_onnx(onnx_path, name, x_cal, x_val, d):
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+
+    q = d / "stock_int8.onnx"
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(x_cal)
+
+        def get_next(self):
+            a = next(self.it, None)
+            return None if a is None else {name: a[None]}
+
+    quantize_static(str(onnx_path), str(q), Reader())
+    sess = ort.InferenceSession(str(q), providers=["CPUExecutionProvider"])
+    outs = [np.concatenate(z) for z in zip(*[sess.run(None, {name: a[None]}) for a in x_val])]
+    return q, outs
+
+
+def _stock_tflite(onnx_path, name, x_cal, x_val, d):
+    import contextlib
+    import io
+
+    import onnx2tf
+
+    from edgekit.runtime import load
+
+    nhwc = x_cal.ndim == 4
+    cal = x_cal.transpose(0, 2, 3, 1) if nhwc else x_cal
+    np.save(d / "cal.npy", cal)
+    out = d / "onnx2tf_stock"
+    with contextlib.redirect_stdout(io.StringIO()):
+        onnx2tf.convert(input_onnx_file_path=str(onnx_path), output_folder_path=str(out),
+                        output_integer_quantized_tflite=True, non_verbose=True, not_use_onnxsim=True,
+                        custom_input_op_name_np_data_path=[[name, str(d / "cal.npy"), 0.0, 1.0]])
+    f = next(out.glob("*_integer_quant.tflite"))
+    m = load(f)
+    xv = x_val.transpose(0, 2, 3, 1) if nhwc else x_val
+    res = m.run(**{m.inputs[0].name: xv})
+    return f, list(res.values())
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json")
+    ap.add_argument("--models", default="cnn,detector,transformer,ppocr")
+    a = ap.parse_args()
+    import torch
+
+    from edgekit.convert import Calibration, ConvertRecipe, convert
+    from edgekit.errors import BudgetMissed
+    from edgekit.runtime import load
+    from edgekit.table import render
+
+    which = a.models.split(",")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="torch-bench-") as tmp:
+        cases = []
+        for key, (model, x, name, det) in _models(which).items():
+            d = Path(tmp) / key
+            d.mkdir()
+            pt2 = d / f"{key}.pt2"
+            torch.export.save(torch.export.export(model, (torch.from_numpy(x[:1]),)), str(pt2))
+            onnx_path = d / "stock.onnx"
+            with torch.no_grad():
+                ref_all = model(torch.from_numpy(x[N_CAL:N_CAL + N_VAL]))
+            n_out = len(ref_all) if isinstance(ref_all, tuple) else 1
+            torch.onnx.export(model, (torch.from_numpy(x[:1]),), str(onnx_path), input_names=[name],
+                              output_names=[f"o{i}" for i in range(n_out)], dynamo=False, opset_version=17)
+            refs = [t.numpy() for t in (ref_all if isinstance(ref_all, tuple) else (ref_all,))]
+            cases.append((key, str(pt2), onnx_path, name, x, refs, det, ()))
+        if "ppocr" in which:
+            import onnxruntime as ort
+
+            import test_torch as tt
+
+            d = Path(tmp) / "ppocr"
+            d.mkdir()
+            lines = tt._text_lines(N_CAL + N_VAL, seed=0)
+            sess = ort.InferenceSession(str(tt.PPOCR), providers=["CPUExecutionProvider"])
+            refs = [np.concatenate([sess.run(None, {"x": v[None]})[0] for v in lines[N_CAL:]])]
+            import onnx
+
+            from edgekit.convert.onnx_tflite import fix_shapes
+            fixed = d / "ppocr_fixed.onnx"
+            fixed.write_bytes(fix_shapes(tt.PPOCR.read_bytes(), {"x": (1, 3, 48, 192)}))
+            onnx.checker.check_model(str(fixed))
+            cases.append(("ppocr-cls", str(tt.PPOCR), fixed, "x", lines, refs, False, (("x", (1, 3, 48, 192)),)))
+
+        for key, src, onnx_path, name, x, refs, det, shapes in cases:
+            d = Path(src).parent if key != "ppocr-cls" else Path(tmp) / "ppocr"
+            x_cal, x_val = x[:N_CAL], x[N_CAL:N_CAL + N_VAL]
+            np.save(d / "cal.npy", x_cal)
+            np.save(d / "val.npy", x_val)
+            recipe = ConvertRecipe(model=src, targets=("rpi4", "x86-avx2"), compat_check="off",
+                                   calibration=Calibration(str(d / "cal.npy")), validation=str(d / "val.npy"),
+                                   input_shapes=shapes)
+            try:
+                res = convert(recipe, str(d / "out"))
+            except BudgetMissed as e:
+                res = e.result
+            path_note = "; ".join(n for n in res.source["notes"] if n.startswith(("ONNX from", "TFLite path")))
+            for b in res.bundles:
+                if b.failure is not None:
+                    rows.append({"model": key, "route": f"edgekit {b.target}", "format": b.fmt,
+                                 "failed": b.failure.reason})
+                    continue
+                m = load(b.path)
+                got = m.run(**{name: x_val})
+                agree, snr = _score(refs, list(got.values()), det)
+                rows.append({"model": key, "route": f"edgekit {b.target}", "format": b.fmt,
+                             "bytes": len(b.artifact.data), "agreement": agree, "snr_db": snr,
+                             "p50_ms": _p50(b.path), "path": path_note})
+            for label, fn in (("stock quantize_static", _stock_onnx), ("stock onnx2tf INT8", _stock_tflite)):
+                sd = d / label.replace(" ", "_")
+                sd.mkdir()
+                try:
+                    f, outs = fn(onnx_path, name, x_cal, x_val, sd)
+                except Exception as e:  # noqa: BLE001 - a stock route that fails is a row that says so
+                    rows.append({"model": key, "route": label, "format": "onnx" if "quant" in label else "tflite",
+                                 "failed": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"})
+                    continue
+                agree, snr = _score(refs, outs, det)
+                rows.append({"model": key, "route": label, "format": "onnx" if "quant" in label else "tflite",
+                             "bytes": f.stat().st_size, "agreement": agree, "snr_db": snr, "p50_ms": _p50(f)})
+    table = render(["model", "route", "format", "KiB", "agree %", "SNR dB (worst output)", "p50 ms"],
+                   [[r["model"], r["route"], r["format"], r.get("bytes", 0) / 1024, r.get("agreement", "-"),
+                     r.get("snr_db", "-"), r.get("p50_ms", "-")] if "failed" not in r else
+                    [r["model"], r["route"], r["format"], "-", "-", "FAILED: " + r["failed"][:60], "-"] for r in rows],
+                   title=f"PyTorch / ONNX sources: {N_VAL} held-out samples, reference = the source model in float")
+    print(table)
+    paths = sorted({r["path"] for r in rows if r.get("path")})
+    for p in paths:
+        print("path:", p)
+    if a.json:
+        Path(a.json).write_text(json.dumps({"rows": rows, "samples": N_VAL}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
