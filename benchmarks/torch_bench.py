@@ -83,6 +83,30 @@ def _score(refs, gots, detector):
     return agree, min(snr_db(r, g) for r, g in zip(refs, gots))
 
 
+def _match(refs, outs):
+    """The stock onnx2tf model returns its outputs in its own order and layout (the detector's
+    boxes come back as N x 4 x 16): pair each source output with the one that matches it best."""
+    import itertools
+
+    free, got, changed = list(outs), [], False
+    for r in refs:
+        best = None
+        for k, o in enumerate(free):
+            if o.size != r.size or o.ndim != r.ndim:
+                continue
+            for perm in itertools.permutations(range(o.ndim)):
+                t = np.transpose(o, perm)
+                if t.shape == r.shape:
+                    err = float(np.abs(t - r).mean())
+                    if best is None or err < best[0]:
+                        best = (err, k, t, perm != tuple(range(o.ndim)) or k != len(got))
+        _, k, t, moved = best
+        changed |= moved
+        got.append(t)
+        free.pop(k)
+    return got, changed
+
+
 def _p50(path):
     from edgekit.runtime import load
 
@@ -139,7 +163,7 @@ def main():
     a = ap.parse_args()
     import torch
 
-    from edgekit.convert import Calibration, ConvertRecipe, convert
+    from edgekit.convert import Calibration, ConvertRecipe, Search, convert
     from edgekit.errors import BudgetMissed
     from edgekit.runtime import load
     from edgekit.table import render
@@ -186,7 +210,7 @@ def main():
             np.save(d / "val.npy", x_val)
             recipe = ConvertRecipe(model=src, targets=("rpi4", "x86-avx2"), compat_check="off",
                                    calibration=Calibration(str(d / "cal.npy")), validation=str(d / "val.npy"),
-                                   input_shapes=shapes)
+                                   input_shapes=shapes, search=Search(seconds=120.0))
             try:
                 res = convert(recipe, str(d / "out"))
             except BudgetMissed as e:
@@ -212,8 +236,10 @@ def main():
                     rows.append({"model": key, "route": label, "format": "onnx" if "quant" in label else "tflite",
                                  "failed": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"})
                     continue
+                outs, changed = _match(refs, outs)
                 agree, snr = _score(refs, outs, det)
-                rows.append({"model": key, "route": label, "format": "onnx" if "quant" in label else "tflite",
+                rows.append({"model": key, "route": label + (" (outputs reordered/transposed)" if changed else ""),
+                             "format": "onnx" if "quant" in label else "tflite",
                              "bytes": f.stat().st_size, "agreement": agree, "snr_db": snr, "p50_ms": _p50(f)})
     table = render(["model", "route", "format", "KiB", "agree %", "SNR dB (worst output)", "p50 ms"],
                    [[r["model"], r["route"], r["format"], r.get("bytes", 0) / 1024, r.get("agreement", "-"),

@@ -279,7 +279,8 @@ def export_onnx(prog: _Program, shapes: Dict[str, Tuple[int, ...]], where: str):
 def down_convert(data: bytes, opset: int) -> bytes:
     """The dynamo exporter writes opset 18 or newer, IR version 10 and an ai.onnx.ml import; the
     profiles build at opset 17 (13 for JetPack 4) and their oldest ONNX Runtime (1.16) reads IR 9
-    and ai.onnx.ml 3 at most. onnx's version
+    and ai.onnx.ml 3 at most (declared at 3: an undeclared domain gets ONNX Runtime's newest when
+    the quantization pre-processing saves the optimized graph). onnx's version
     converter leaves attributes the older op does not have (ReduceMean's noop_with_empty_axes):
     those are dropped, and the result is checked against torch by the caller."""
     import onnx
@@ -301,6 +302,8 @@ def down_convert(data: bytes, opset: int) -> bytes:
     keep = [o for o in m.opset_import if (o.domain or "") in used]
     del m.opset_import[:]
     m.opset_import.extend(keep)
+    if "ai.onnx.ml" not in used:   # declared at 1.16's version, or ONNX Runtime's optimizer stamps its newest (5)
+        m.opset_import.append(onnx.helper.make_opsetid("ai.onnx.ml", 3))
     # the IR version the opset needs, not the exporter's newest (ONNX Runtime 1.16 reads IR <= 9)
     m.ir_version = min(m.ir_version, onnx.helper.find_min_ir_version_for(list(m.opset_import)))
     onnx.checker.check_model(m)
