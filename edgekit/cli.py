@@ -402,7 +402,7 @@ def distill(teacher, student, width, data, val, temperature, alpha, epochs, lr, 
               "labels that are the float model's own predictions on data unlike its training set.")
 @click.option("--max-accuracy-drop", type=float,
               help="Budget in points below the original float model's accuracy; a miss exits 1.")
-@click.option("--compat-check", type=click.Choice(["auto", "venv", "emulated", "off"]), default="auto",
+@click.option("--compat-check", type=click.Choice(["auto", "venv", "emulated", "off", "accept-crash"]), default="auto",
               show_default=True, help="As for convert.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", "-o", default="build", show_default=True, type=click.Path())

@@ -57,7 +57,7 @@ def test_all_extras_from_the_wheel_run_every_command_group(wheel, tmp_path, digi
     assert r.returncode == 0 and str(tmp_path / "venv") in r.stdout, r.stdout + r.stderr  # not the checkout
     ek = bin_dir / "edgekit"
     for group in ("convert", "deploy", "device", "status", "rollback", "profile", "prune", "distill", "qat",
-                  "run", "bench", "targets"):
+                  "run", "bench", "targets", "serve", "report", "export"):
         r = _run(bin_dir, ek, group, "--help", cwd=tmp_path)
         assert r.returncode == 0 and "Usage:" in r.stdout, (group, r.stderr[-1500:])
     r = _run(bin_dir, ek, "targets", "list", "--json", cwd=tmp_path)

@@ -21,19 +21,70 @@ def saved_model_to_onnx(saved_model: Path, opset: int) -> bytes:
     import tensorflow as tf
     from tf2onnx import convert as t2o
     from tf2onnx import tf_loader
-    from tf2onnx import utils as t2o_utils
-
-    # tf2onnx names the nodes it inserts from a process-wide counter: reset it, so that the same
-    # SavedModel gives the same ONNX file whatever was converted before in this process
-    t2o_utils.INTERNAL_NAME = 1
 
     graph_def, inputs, outputs, renames = tf_loader.from_saved_model(
         str(saved_model), None, None, return_tensors_to_rename=True)
     with tf.device("/cpu:0"):
-        proto, _ = t2o._convert_common(graph_def, name=str(saved_model), opset=opset,
+        proto, _ = t2o._convert_common(graph_def, name="saved_model", opset=opset,
                                        input_names=inputs, output_names=outputs,
                                        tensors_to_rename=renames)
-    return standard_ops(proto).SerializeToString()
+    proto.graph.doc_string = "converted by tf2onnx from the source's SavedModel"   # not the temp path
+    return _stable_names(standard_ops(proto)).SerializeToString()
+
+
+def _stable_names(model):
+    """tf2onnx names what it inserts NAME__<counter>, from a counter (and a constant de-duplication)
+    that depend on what ran before in the process; rename those in order of appearance (inserted
+    constants as const__eK, initializers in order of first use; shape symbols unk__K), so that a
+    SavedModel always gives the same bytes (and a recipe rebuilds the same sha256). Names from the
+    source (layer names, which mixed precision maps back) are kept."""
+    import re
+
+    pat = re.compile(r"^(.*?)__\d+((?::\d+)?)$")
+    g = model.graph
+    inits = {i.name for i in g.initializer}
+    order: list = [t.name for t in g.input]
+    for n in g.node:
+        order.extend([n.name, *n.input, *n.output])
+    order.extend(o.name for o in g.output)
+    order.extend(i.name for i in g.initializer)
+    mapping, used, count = {}, set(order), {}
+    for name in order:
+        m = pat.match(name)
+        if not m or name in mapping:
+            continue
+        base = "const" if name in inits else m.group(1)
+        count[base] = count.get(base, 0) + 1
+        new = f"{base}__e{count[base]}{m.group(2)}"
+        while new in used:
+            count[base] += 1
+            new = f"{base}__e{count[base]}{m.group(2)}"
+        used.add(new)
+        mapping[name] = new
+    for t in list(g.input) + list(g.output) + list(g.value_info):
+        t.name = mapping.get(t.name, t.name)
+    for n in g.node:
+        n.name = mapping.get(n.name, n.name)
+        n.input[:] = [mapping.get(x, x) for x in n.input]
+        n.output[:] = [mapping.get(x, x) for x in n.output]
+    first_use = {}
+    for k, name in enumerate(x for n in g.node for x in n.input):
+        first_use.setdefault(name, k)
+    ordered = sorted(g.initializer, key=lambda i: (first_use.get(mapping.get(i.name, i.name), 1 << 30),
+                                                   mapping.get(i.name, i.name)))
+    for i in ordered:
+        i.name = mapping.get(i.name, i.name)
+    copies = [type(i)() for i in ordered]
+    for c, i in zip(copies, ordered):
+        c.CopyFrom(i)
+    del g.initializer[:]
+    g.initializer.extend(copies)
+    symbols: dict = {}
+    for t in list(g.input) + list(g.output) + list(g.value_info):
+        for d in t.type.tensor_type.shape.dim:
+            if d.dim_param and re.match(r"^unk__\d+$", d.dim_param):
+                d.dim_param = symbols.setdefault(d.dim_param, f"unk__e{len(symbols) + 1}")
+    return model
 
 
 def standard_ops(model):

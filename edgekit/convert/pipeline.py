@@ -212,11 +212,12 @@ def build_artifact(row: Row, recipe: ConvertRecipe, source: Source, calib: Datas
         except Exception as e:  # any converter failure is recorded as this row's reason, not hidden
             msg = _error_line(e, cap)
             return Failure(f"{row.fmt} conversion", msg, hint=_hint_for(row.fmt, msg))
-    try:
-        m = measuring.measure(data, row.fmt, ctx, num, per_sample=_precision(row.build) == "dynamic")
-    except EdgekitError as e:
-        return Failure("validation", f"the {row.fmt} artifact does not run here: {e.message}",
-                       hint="see the log; --debug shows the traceback")
+    with captured_stderr() as cap:
+        try:
+            m = measuring.measure(data, row.fmt, ctx, num, per_sample=_precision(row.build) == "dynamic")
+        except Exception as e:  # an artifact that does not run is this row's failure, recorded
+            msg = _error_line(e, cap)
+            return Failure("validation", f"the {row.fmt} artifact does not run: {msg}", hint=_hint_for(row.fmt, msg))
     verdict = validate.floor_misses(m.metrics, recipe.floor)
     art = Artifact(row.fmt, data, float_bytes, m.metrics, m.float_ops, m.inputs, m.outputs, m.golden,
                    0.0, dataclasses.asdict(row.build), _precision(row.build), num.to_dict(), m.backend)
@@ -286,8 +287,7 @@ def _write(row: Row, recipe: ConvertRecipe, art: Artifact, result: ConvertResult
                                reference=art.numerics.get("mode") == "reference")
         for r in records:
             if r.get("checked", True) and "where" in r:
-                progress.say(f"[{row.profile.name}] {row.fmt}: loads and matches in "
-                             f"{' + '.join(r['requirements'])} ({r['where']})")
+                progress.say(f"[{row.profile.name}] {row.fmt}: {compat.describe(r)}")
         Manifest.update(tmp, compatibility=records)
 
     try:
@@ -333,6 +333,39 @@ def convert(recipe: ConvertRecipe, out: str = "build", *, progress: Optional[Pro
     return result
 
 
+def _older_ops(row: Row, recipe: ConvertRecipe, source: Source, calib: Dataset, ctx: measuring.Context,
+               float_onnx: Dict[int, bytes], art: Artifact, failure: Failure, progress: Progress) -> Optional[Artifact]:
+    """The target's oldest runtime lacks an op version the artifact uses: per-channel TFLite ops
+    (FULLY_CONNECTED 12 in TF 2.21's dynamic range models, say) have older per-tensor versions.
+    The per-tensor build, measured and held to the floor like any other, or None."""
+    if row.fmt != "tflite" or not row.build.per_channel:
+        return None
+    build = dataclasses.replace(row.build, per_channel=False)
+    progress.say(f"[{row.profile.name}] tflite: {failure.reason.split(': ', 2)[-1][:90]}; trying per-tensor weights")
+    with captured_stderr() as cap:
+        try:
+            data, float_bytes = _convert_once(source, "tflite", build, calib, float_onnx)
+            m = measuring.measure(data, "tflite", ctx, row.numerics, per_sample=_precision(build) == "dynamic")
+        except Exception as e:  # recorded in the row's steps; the compatibility failure stands
+            art.rescue.append({"rung": "compatibility", "what": "per-tensor weights (older op versions)",
+                               "meets": False, "error": _error_line(e, cap)})
+            return None
+    misses = validate.floor_misses(m.metrics, recipe.floor)
+    step = {"rung": "compatibility", "what": "per-tensor weights (older op versions)", "meets": not misses,
+            "top1_agreement": m.metrics.get("top1_agreement"),
+            "snr_db": min(o["snr_db"] for o in m.metrics["outputs"].values()), "bytes": len(data),
+            "misses": misses, "error": None}
+    if misses:
+        failure.rescue = list(failure.rescue) + [step]
+        return None
+    older = Artifact("tflite", data, float_bytes, m.metrics, m.float_ops, m.inputs, m.outputs, m.golden, art.seconds,
+                     dataclasses.asdict(build), _precision(build), art.numerics, m.backend)
+    older.rescue = list(art.rescue) + [step]
+    older.rescued_by = step["what"]
+    older.notes = list(art.notes) + [f"per-channel build refused by the target's oldest runtime: {failure.reason}"]
+    return older
+
+
 def _run(recipe: ConvertRecipe, rows: List[Row], name: str, out_dir: Path, wd: Path, log_path: Path,
          progress: Progress, data: Optional[InMemoryData]) -> ConvertResult:
     progress.say(f"reading {recipe.model}")
@@ -365,6 +398,12 @@ def _run(recipe: ConvertRecipe, rows: List[Row], name: str, out_dir: Path, wd: P
         outcome = built[row.key]
         failure = outcome if isinstance(outcome, Failure) else \
             _write(row, recipe, outcome, result, dest, compat_cache, progress)
+        if failure is not None and failure.stage == "compatibility" and "is newer than" in failure.reason:
+            older = _older_ops(row, recipe, source, calib_ds, ctx, float_onnx, outcome, failure, progress)
+            if older is not None:
+                failure = _write(row, recipe, older, result, dest, compat_cache, progress)
+                if failure is None:
+                    outcome = older
         if failure is not None:
             progress.say(f"[{row.profile.name}] {row.fmt}: FAILED ({failure.stage}): {failure.reason}")
             result.bundles.append(BundleResult(row.profile.name, row.fmt, dest, failure=failure))
