@@ -63,110 +63,135 @@ def _variants(row, source) -> List[Tuple[str, str, Any]]:
     return out
 
 
-def ladder(row, recipe, source, calib, ctx: measuring.Context, float_onnx: Dict[int, bytes], plain: Artifact,
-           progress: Progress):
-    """Artifact (rescued) or Failure (nothing met the floor)."""
-    from edgekit.convert import pipeline
+class _Ladder:
+    """One artifact's walk up the ladder: the steps so far, the best candidate, the time left."""
 
-    floor = recipe.floor
-    deadline = time.monotonic() + recipe.search.seconds
-    label = f"[{row.profile.name}] {row.fmt}"
-    steps = [_step("profile", "the profile's build (min/max calibration)", plain.metrics, plain.data,
-                   floor=floor)]
-    best: Tuple[tuple, Artifact] = (validate.score(plain.metrics), plain)
+    def __init__(self, row, recipe, source, calib, ctx: measuring.Context, float_onnx: Dict[int, bytes],
+                 plain: Artifact, progress: Progress):
+        self.row, self.recipe, self.source, self.calib, self.ctx = row, recipe, source, calib, ctx
+        self.float_onnx, self.plain, self.progress = float_onnx, plain, progress
+        self.floor = recipe.floor
+        self.deadline = time.monotonic() + recipe.search.seconds
+        self.label = f"[{row.profile.name}] {row.fmt}"
+        self.steps = [_step("profile", "the profile's build (min/max calibration)", plain.metrics, plain.data,
+                            floor=self.floor)]
+        self.best: Tuple[tuple, Artifact] = (validate.score(plain.metrics), plain)
+        self.worst: List[str] = []
 
-    def attempt(rung: str, what: str, make: Callable[[], bytes], build, extra=None) -> Optional[Artifact]:
-        nonlocal best
-        if time.monotonic() > deadline:
-            steps.append(_step(rung, what, error=f"not tried: search budget of {recipe.search.seconds:.0f} s spent"))
+    def out_of_time(self) -> bool:
+        return time.monotonic() > self.deadline
+
+    def attempt(self, rung: str, what: str, make: Callable[[], bytes], build, extra=None) -> Optional[Artifact]:
+        """Build, measure and judge one candidate; the artifact if it meets the floor."""
+        from edgekit.convert import pipeline
+
+        if self.out_of_time():
+            self.steps.append(_step(rung, what, error=f"not tried: search budget of "
+                                                      f"{self.recipe.search.seconds:.0f} s spent"))
             return None
-        t0 = time.monotonic()
+        t0, row = time.monotonic(), self.row
         num = numerics.for_onnx(row.profile, build) if row.fmt == "onnx" else row.numerics
         with captured_stderr() as cap:
             try:
                 data = make()
-                m = measuring.measure(data, row.fmt, ctx, num)
+                m = measuring.measure(data, row.fmt, self.ctx, num)
             except Exception as e:  # a rung the converter cannot build is recorded, and the ladder goes on
-                steps.append(_step(rung, what, error=pipeline._error_line(e, cap), seconds=time.monotonic() - t0))
-                progress.say(f"{label}: rescue: {what}: failed ({steps[-1]['error'][:120]})")
+                self.steps.append(_step(rung, what, error=pipeline._error_line(e, cap), seconds=time.monotonic() - t0))
+                self.progress.say(f"{self.label}: rescue: {what}: failed ({self.steps[-1]['error'][:120]})")
                 return None
-        misses = validate.floor_misses(m.metrics, floor)
-        steps.append(_step(rung, what, m.metrics, data, meets=not misses, seconds=time.monotonic() - t0,
-                           floor=floor, **(extra or {})))
-        progress.say(f"{label}: rescue: {what}: " + ("meets the floor" if not misses else "; ".join(misses)))
-        art = Artifact(row.fmt, data, plain.float_bytes, m.metrics, m.float_ops, m.inputs, m.outputs, m.golden,
+        misses = validate.floor_misses(m.metrics, self.floor)
+        self.steps.append(_step(rung, what, m.metrics, data, meets=not misses, seconds=time.monotonic() - t0,
+                                floor=self.floor, **(extra or {})))
+        self.progress.say(f"{self.label}: rescue: {what}: " + ("meets the floor" if not misses else "; ".join(misses)))
+        art = Artifact(row.fmt, data, self.plain.float_bytes, m.metrics, m.float_ops, m.inputs, m.outputs, m.golden,
                        0.0, dataclasses.asdict(build), pipeline._precision(build), num.to_dict(), m.backend)
-        if validate.score(m.metrics) > best[0]:
-            best = (validate.score(m.metrics), art)
-        if misses:
-            return None
-        art.rescue, art.rescued_by = steps, what
+        if validate.score(m.metrics) > self.best[0]:
+            self.best = (validate.score(m.metrics), art)
+        return None if misses else self.shipped(art, what)
+
+    def shipped(self, art: Artifact, what: str) -> Artifact:
+        art.rescue, art.rescued_by = self.steps, what
         return art
 
-    # 1. ranges by output error (ONNX, 8-bit static)
-    b = row.build
-    if row.fmt == "onnx" and not b.fp16 and not b.dynamic and b.activation_type in ("int8", "uint8"):
+    def ranges(self) -> Optional[Artifact]:
+        """Rung 1: activation ranges by output error (ONNX, 8-bit static)."""
+        from edgekit.convert import pipeline
+
+        b = self.row.build
+        if self.row.fmt == "tflite":
+            self.steps.append(_step("ranges", "ranges by output error", error="not available for TFLite's "
+                                    "converter (edgekit qat searches ranges for Keras models)"))
+            return None
+        if b.fp16 or b.dynamic or b.activation_type not in ("int8", "uint8"):
+            return None
         from edgekit.convert import onnx as onnx_conv
         from edgekit.convert import ranges
 
-        f = pipeline.float_onnx_for(source, b.opset, float_onnx)
+        f = pipeline.float_onnx_for(self.source, b.opset, self.float_onnx)
         with captured_stderr():
-            chosen = ranges.choose(plain.data, onnx_conv.preprocess(f), calib,
-                                   seconds=max(5.0, 0.4 * (deadline - time.monotonic())), say=progress.say)
-        overrides = dict(source.input_ranges, **chosen["overrides"])
-        if chosen["overrides"]:
-            got = attempt("ranges", f"ranges by output error ({len(chosen['overrides'])} tensors clipped)",
-                          lambda: onnx_conv.quantize(f, calib, b, range_overrides=overrides), b,
-                          {"search": {k: v for k, v in chosen.items() if k != "overrides"}})
-            if got:
-                return got
-        else:
-            steps.append(_step("ranges", "ranges by output error", error="no clip lowered the output error",
-                               search={k: v for k, v in chosen.items() if k != "overrides"}))
-    elif row.fmt == "tflite":
-        steps.append(_step("ranges", "ranges by output error",
-                           error="not available for TFLite's converter (edgekit qat searches ranges for Keras models)"))
+            chosen = ranges.choose(self.plain.data, onnx_conv.preprocess(f), self.calib,
+                                   seconds=max(5.0, 0.4 * (self.deadline - time.monotonic())),
+                                   say=self.progress.say)
+        search = {k: v for k, v in chosen.items() if k != "overrides"}
+        if not chosen["overrides"]:
+            self.steps.append(_step("ranges", "ranges by output error", error="no clip lowered the output error",
+                                    search=search))
+            return None
+        overrides = dict(self.source.input_ranges, **chosen["overrides"])
+        return self.attempt("ranges", f"ranges by output error ({len(chosen['overrides'])} tensors clipped)",
+                            lambda: onnx_conv.quantize(f, self.calib, b, range_overrides=overrides), b,
+                            {"search": search})
 
-    # 2-3. other calibrations and schemes
+    def variant(self, rung: str, what: str, build) -> Optional[Artifact]:
+        """Rungs 2, 3 and 5: another build of the whole model."""
+        from edgekit.convert import pipeline
+
+        return self.attempt(rung, what, lambda: pipeline._convert_once(self.source, self.row.fmt, build, self.calib,
+                                                                       self.float_onnx)[0], build)
+
+    def float_layers(self) -> Optional[Artifact]:
+        """Rung 4: the worst layers in float (mixed precision, the floor as its budget)."""
+        if not self.recipe.search.mixed_precision or self.plain.precision != "int8":
+            return None
+        if self.out_of_time():
+            self.steps.append(_step("float layers", "mixed precision", error="not tried: search budget spent"))
+            return None
+        found = _mixed(self.row, self.recipe, self.source, self.calib, self.ctx, self.float_onnx, self.plain,
+                       self.progress, self.deadline)
+        self.worst = found["worst"]
+        kept = ", ".join(found["record"]["float_layers"] or []) or "none met the floor"
+        self.steps.append(_step("float layers", f"mixed precision: {kept}", found["chosen_metrics"],
+                                found["chosen_data"] or b"", meets=found["chosen"] is not None, floor=self.floor,
+                                tried=len(found["record"]["steps"])))
+        if found["chosen"] is None:
+            return None
+        found["chosen"].mixed = found["record"]
+        return self.shipped(found["chosen"], "float for the worst layers")
+
+    def failure(self) -> Failure:
+        art = self.best[1]
+        misses = validate.floor_misses(art.metrics, self.floor)
+        return Failure("fidelity floor",
+                       f"{'; '.join(misses)} even after the rescue ladder (best: {steps_best(self.steps)})",
+                       hint="see the report's rescue steps; try edgekit qat, a larger --search-budget, or lower "
+                            "--min-snr / --min-agreement if the figures are acceptable",
+                       worst_layers=self.worst, rescue=self.steps, metrics=art.metrics)
+
+
+def ladder(row, recipe, source, calib, ctx: measuring.Context, float_onnx: Dict[int, bytes], plain: Artifact,
+           progress: Progress):
+    """Artifact (rescued) or Failure (nothing met the floor): the rungs in order, first success wins."""
+    walk = _Ladder(row, recipe, source, calib, ctx, float_onnx, plain, progress)
     variants = _variants(row, source)
-    for rung, what, build in [v for v in variants if v[0] != "16-bit"]:
-        got = attempt(rung, what, lambda build=build: pipeline._convert_once(source, row.fmt, build, calib,
-                                                                               float_onnx)[0], build)
-        if got:
+    rungs = [walk.ranges]
+    rungs += [lambda v=v: walk.variant(*v) for v in variants if v[0] != "16-bit"]
+    rungs += [walk.float_layers]
+    rungs += [lambda v=v: walk.variant(*v) for v in variants if v[0] == "16-bit"]   # slowest on most runtimes
+    for rung in rungs:
+        got = rung()
+        if got is not None:
             return got
-
-    # 4. float for the worst layers
-    worst: List[str] = []
-    if recipe.search.mixed_precision and plain.precision == "int8":
-        if time.monotonic() > deadline:
-            steps.append(_step("float layers", "mixed precision", error="not tried: search budget spent"))
-        else:
-            found = _mixed(row, recipe, source, calib, ctx, float_onnx, plain, progress, deadline)
-            worst = found["worst"]
-            steps.append(_step("float layers", "mixed precision: " + (", ".join(found["record"]["float_layers"] or [])
-                                                                       or "none met the floor"),
-                               found["chosen_metrics"], found["chosen_data"] or b"",
-                               meets=found["chosen"] is not None, floor=floor,
-                               tried=len(found["record"]["steps"])))
-            if found["chosen"] is not None:
-                art = found["chosen"]
-                art.mixed = found["record"]
-                art.rescue, art.rescued_by = steps, "float for the worst layers"
-                return art
-
-    # 5. 16-bit activations, whole model (slower on most runtimes than a few float layers: last)
-    for rung, what, build in [v for v in variants if v[0] == "16-bit"]:
-        got = attempt(rung, what, lambda build=build: pipeline._convert_once(source, row.fmt, build, calib,
-                                                                               float_onnx)[0], build)
-        if got:
-            return got
-    art = best[1]
-    misses = validate.floor_misses(art.metrics, floor)
-    return Failure("fidelity floor",
-                   f"{'; '.join(misses)} even after the rescue ladder (best: {steps_best(steps)})",
-                   hint="see the report's rescue steps; try edgekit qat, a larger --search-budget, or lower "
-                        "--min-snr / --min-agreement if the figures are acceptable",
-                   worst_layers=worst, rescue=steps, metrics=art.metrics)
+    return walk.failure()
 
 
 def steps_best(steps: List[Dict[str, Any]]) -> str:
