@@ -34,7 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed_models import (ONNX_SCHEMES, ROOT, Workdir, cpu_kind, default_work, fidelity, say,  # noqa: E402
                           size_of, write_result)
 
-BASELINE = ("float32 TFLite", "float32 ONNX")  # the best of these two backends' float32 is the baseline
+# the baseline: the better float32 of TFLite (XNNPACK) and ONNX Runtime
+BASELINE = (("float32 TFLite", "litert"), ("float32 ONNX", "onnxruntime"))
+MIN_AGREEMENT = 0.90  # the fastest INT8 row named in the summary must agree this well with float
 
 
 def candidates(w: Workdir):
@@ -69,6 +71,33 @@ def predict(m, xv: np.ndarray) -> np.ndarray:
     """One sample at a time: what is timed is batch 1, and a batch of 100 would make ONNX Runtime's
     arena (and OpenVINO's compiled shapes) hold 100 samples' activations for every row."""
     return np.concatenate([m(xv[i:i + 1]) for i in range(len(xv))])
+
+
+def summarize(model: str, rows):
+    """Ratios to the best float32 (TFLite XNNPACK, ONNX Runtime) and the summary of one model."""
+    timed = [r for r in rows if "p50_ms" in r]
+    base = [r for r in timed if (r["artifact"], r["backend"]) in BASELINE]
+    best = min(base, key=lambda r: r["p50_ms"]) if base else None
+    floats = [r for r in timed if r["kind"] == "float32"]
+    best_any = min(floats, key=lambda r: r["p50_ms"]) if floats else None
+    for r in timed:
+        r["speedup_vs_best_float32"] = best["p50_ms"] / r["p50_ms"] if best else None
+        r["speedup_vs_best_float32_any_backend"] = best_any["p50_ms"] / r["p50_ms"] if best_any else None
+        best_min = min(b["min_ms"] for b in base) if base else None
+        r["speedup_by_min_vs_best_float32"] = best_min / r["min_ms"] if best_min else None
+    summary = {"model": model,
+               "best_float32": {k: best[k] for k in ("artifact", "backend", "p50_ms")} if best else None,
+               "best_float32_any_backend": ({k: best_any[k] for k in ("artifact", "backend", "p50_ms")}
+                                            if best_any else None)}
+    x86 = [r for r in timed if r["artifact"] == "edgekit x86-avx2 bundle"]
+    summary["x86_avx2_bundle"] = {r["backend"]: {"p50_ms": r["p50_ms"], "ratio": r["speedup_vs_best_float32"],
+                                                 "top1_agreement": r["top1_agreement"]} for r in x86}
+    int8 = [r for r in timed if r["kind"] != "float32" and r["top1_agreement"] >= MIN_AGREEMENT]
+    if int8:
+        f = max(int8, key=lambda r: r["speedup_vs_best_float32"])
+        summary["fastest_int8"] = {k: f[k] for k in ("artifact", "backend", "p50_ms", "speedup_vs_best_float32",
+                                                     "top1_agreement", "snr_db")}
+    return summary
 
 
 def run_model(w: Workdir, threads: int, rounds: int, runs: int):
@@ -110,29 +139,7 @@ def run_model(w: Workdir, threads: int, rounds: int, runs: int):
     for row, _ in loaded:
         row["p50_ms"] = float(np.median(row["round_p50_ms"]))
         row["min_ms"] = float(min(row["round_min_ms"]))  # the least disturbed run: robust to load
-    timed = [r for r in rows if "p50_ms" in r]
-    base = [r for r in timed if r["artifact"] in BASELINE]
-    best = min(base, key=lambda r: r["p50_ms"]) if base else None
-    floats = [r for r in timed if r["kind"] == "float32"]
-    best_any = min(floats, key=lambda r: r["p50_ms"]) if floats else None
-    for r in timed:
-        r["speedup_vs_best_float32"] = best["p50_ms"] / r["p50_ms"] if best else None
-        r["speedup_vs_best_float32_any_backend"] = best_any["p50_ms"] / r["p50_ms"] if best_any else None
-        best_min = min(b["min_ms"] for b in base) if base else None
-        r["speedup_by_min_vs_best_float32"] = best_min / r["min_ms"] if best_min else None
-    summary = {"model": w.model,
-               "best_float32": {k: best[k] for k in ("artifact", "backend", "p50_ms")} if best else None,
-               "best_float32_any_backend": ({k: best_any[k] for k in ("artifact", "backend", "p50_ms")}
-                                            if best_any else None)}
-    x86 = [r for r in timed if r["artifact"] == "edgekit x86-avx2 bundle"]
-    summary["x86_avx2_bundle"] = {r["backend"]: {"p50_ms": r["p50_ms"], "ratio": r["speedup_vs_best_float32"],
-                                                 "top1_agreement": r["top1_agreement"]} for r in x86}
-    int8 = [r for r in timed if r["kind"] != "float32"]
-    if int8:
-        f = max(int8, key=lambda r: r["speedup_vs_best_float32"])
-        summary["fastest_int8"] = {k: f[k] for k in ("artifact", "backend", "p50_ms", "speedup_vs_best_float32",
-                                                     "top1_agreement", "snr_db")}
-    return rows, summary
+    return rows, summarize(w.model, rows)
 
 
 def main():
