@@ -184,8 +184,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix=f"ek-{name}-") as d:
             spec = make(Path(d))
             rows += run(name, spec, Path(d))
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"host": this_host().describe(), "rows": rows}, indent=2, default=str))
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)   # after each model: a long run keeps what it has
+        Path(a.out).write_text(json.dumps({"host": this_host().describe(), "rows": rows}, indent=2, default=str))
     from edgekit.table import render
 
     def f(x, k, scale=1.0):

@@ -30,12 +30,14 @@ from edgekit.progress import Progress
 
 
 def _step(rung: str, what: str, metrics: Optional[Dict[str, Any]] = None, data: bytes = b"",
-          meets: bool = False, error: Optional[str] = None, seconds: float = 0.0, **extra) -> Dict[str, Any]:
+          meets: bool = False, error: Optional[str] = None, seconds: float = 0.0, floor=None,
+          **extra) -> Dict[str, Any]:
+    """One rung's record (JSON-ready): what was tried, its figures, whether it met the floor."""
     d = {"rung": rung, "what": what, "meets": meets, "seconds": round(seconds, 2), "error": error}
     if metrics is not None:
         d.update(top1_agreement=metrics.get("top1_agreement"), snr_db=primary_snr(metrics),
                  accuracy_drop_points=metrics.get("accuracy_drop_points"), bytes=len(data),
-                 misses=validate.floor_misses(metrics, extra.pop("floor")) if "floor" in extra else None)
+                 misses=validate.floor_misses(metrics, floor) if floor is not None else None)
     d.update(extra)
     return d
 

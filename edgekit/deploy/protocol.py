@@ -97,7 +97,7 @@ def _backends(d: Optional[Dict[str, Any]]) -> Dict[str, Backend]:
 
 
 TFLITE_BACKENDS = ("litert", "tflite-runtime", "tensorflow")
-ONNX_BACKENDS = ("onnxruntime",)
+ONNX_BACKENDS = ("onnxruntime", "openvino")       # the order a device prefers them in
 
 
 def runnable_formats(backends: Dict[str, Backend]) -> List[str]:

@@ -21,7 +21,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def common(sp):
         sp.add_argument("model", help="bundle directory, .tflite or .onnx")
-        sp.add_argument("--backend", default=None, help="litert, tflite-runtime, tensorflow, onnxruntime")
+        sp.add_argument("--backend", default=None, help="litert, tflite-runtime, tensorflow, onnxruntime, openvino")
         sp.add_argument("--threads", type=int, default=None)
         sp.add_argument("--json", action="store_true", help="JSON on stdout")
 
