@@ -124,8 +124,10 @@ def _fmt(shape) -> str:
     return "x".join("?" if d == -1 else str(d) for d in shape)
 
 
-def fix_shapes(model_bytes: bytes, shapes: Dict[str, Tuple[int, ...]]) -> bytes:
-    """The ONNX model with static input shapes (what the artifacts are built for)."""
+def fix_shapes(model_bytes: bytes, shapes: Dict[str, Tuple[int, ...]], keep_dynamic_batch: bool = False) -> bytes:
+    """The ONNX model with static input shapes (what the artifacts are built for); with
+    keep_dynamic_batch, a dynamic first dimension stays dynamic (batched calibration and
+    validation keep working on the ONNX side)."""
     import onnx
 
     m = onnx.load_from_string(model_bytes)
@@ -133,7 +135,9 @@ def fix_shapes(model_bytes: bytes, shapes: Dict[str, Tuple[int, ...]]) -> bytes:
     for v in m.graph.input:
         if v.name not in shapes:
             continue
-        for d, n in zip(v.type.tensor_type.shape.dim, shapes[v.name]):
+        for k, (d, n) in enumerate(zip(v.type.tensor_type.shape.dim, shapes[v.name])):
+            if keep_dynamic_batch and k == 0 and not (d.HasField("dim_value") and d.dim_value > 0):
+                continue
             if not (d.HasField("dim_value") and d.dim_value == n):
                 d.Clear()
                 d.dim_value = int(n)
@@ -206,7 +210,7 @@ def to_saved_model(model_bytes: bytes, workdir: Path, shapes: Dict[str, Tuple[in
             raise ConversionError(f"onnx2tf changed input '{i.name}' to {got}, the source takes {want}",
                                   stage="onnx -> tensorflow")
         in_map[i.name] = cand[0]
-        if len(want) >= 3:
+        if len(want) >= 4:
             result.layout[i.name] = "source layout kept (NCHW at the interface, transposed inside the graph)"
 
     probe = probe_inputs(inputs, shapes)
@@ -376,13 +380,17 @@ def _run_onnx2tf(model_bytes: bytes, out: Path, inputs: Sequence[OnnxIO], shapes
     with tempfile.TemporaryDirectory(prefix="edgekit-onnx2tf-") as d:
         src = Path(d) / "model.onnx"
         src.write_bytes(_tf_valid_node_names(model_bytes))
-        keep = [i.name for i in inputs if 3 <= len(shapes[i.name]) <= 5]
+        # images (rank 4-5) keep NCHW at the interface, with a TRANSPOSE inside; a rank-3 input is kept as
+        # it is (a transformer's [N, tokens, features] read as NCW came out wrong: max |err| 0.18)
+        keep = [i.name for i in inputs if 4 <= len(shapes[i.name]) <= 5]
+        keep_abs = [i.name for i in inputs if len(shapes[i.name]) == 3]
         sink = io.StringIO()
         try:
             # onnx2tf prints its progress and may write beside the model: keep both out of the user's way
             with contextlib.chdir(d), contextlib.redirect_stdout(sink):
                 onnx2tf.convert(input_onnx_file_path=str(src), output_folder_path=str(out),
                                 keep_ncw_or_nchw_or_ncdhw_input_names=keep or None,
+                                keep_shape_absolutely_input_names=keep_abs or None,
                                 overwrite_input_shape=[f"{n}:{','.join(map(str, s))}" for n, s in shapes.items()],
                                 output_signaturedefs=True, not_use_onnxsim=True, non_verbose=True,
                                 verbosity="error")

@@ -239,7 +239,7 @@ def _load_onnx(p: Path, workdir: Optional[Path] = None, input_shapes: Optional[D
     src.interface = {"inputs": {i.name: list(i.shape) for i in ins}, "outputs": [o.name for o in outs]}
     if src.input_shapes:   # the user fixed dims the model leaves dynamic: every artifact and the reference use them
         shapes = ot.resolve_shapes(ins, src.input_shapes, str(p))
-        src.onnx_bytes = ot.fix_shapes(data, shapes)
+        src.onnx_bytes = ot.fix_shapes(data, shapes, keep_dynamic_batch=True)
         src.reference_path = workdir / "reference_float.onnx"
         src.reference_path.write_bytes(src.onnx_bytes)
         src.interface["inputs"] = {k: list(v) for k, v in shapes.items()}
