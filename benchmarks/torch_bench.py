@@ -35,24 +35,6 @@ sys.path.insert(0, str(ROOT / "tests"))
 N_CAL, N_VAL = 300, 200
 
 
-def _transformer():
-    import torch
-    from torch import nn
-
-    class Encoder(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed = nn.Linear(8, 32)
-            self.pos = nn.Parameter(torch.zeros(1, 8, 32))
-            self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True), 1)
-            self.head = nn.Linear(32, 10)
-
-        def forward(self, tokens):
-            return self.head(self.enc(self.embed(tokens) + self.pos).mean(dim=1))
-
-    return Encoder()
-
-
 def _models(which):
     import torch
 
@@ -70,7 +52,7 @@ def _models(which):
     if "transformer" in which:
         torch.manual_seed(0)
         xt = x.reshape(-1, 8, 8)
-        out["transformer"] = (tt._train(_transformer(), xt[:1400], y[:1400], epochs=6), xt, "tokens", False)
+        out["transformer"] = (tt._train(tt.Encoder(), xt[:1400], y[:1400], epochs=6), xt, "tokens", False)
     return out
 
 
