@@ -110,6 +110,15 @@ def output_error(ref: List[np.ndarray], got: List[np.ndarray]) -> float:
     return total
 
 
+def _run(sess, feeds: Dict[str, np.ndarray], step: Optional[int], extra: Optional[Dict] = None) -> List[np.ndarray]:
+    if not step:
+        return sess.run(None, dict(feeds, **(extra or {})))
+    n = next(iter(feeds.values())).shape[0]
+    parts = [sess.run(None, dict({k: v[i:i + step] for k, v in feeds.items()}, **(extra or {})))
+             for i in range(0, n, step)]
+    return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
+
+
 def choose(qdq_bytes: bytes, float_bytes: bytes, calib: Dataset, seconds: float,
            say: Optional[Callable[[str], None]] = None, samples: int = 48) -> Dict[str, object]:
     """Per-tensor ranges by output error. Returns {'overrides': {tensor: (rmin, rmax)},
@@ -128,16 +137,21 @@ def choose(qdq_bytes: bytes, float_bytes: bytes, calib: Dataset, seconds: float,
     feeds = {i.name: small.inputs[i.name] for i in fsess.get_inputs() if i.name in small.inputs}
     if len(feeds) != len(fsess.get_inputs()):
         feeds = {i.name: v for i, v in zip(fsess.get_inputs(), small.inputs.values())}
-    ref = fsess.run(None, feeds)
+    fixed = {int(i.shape[0]) for i in fsess.get_inputs() if i.shape and isinstance(i.shape[0], int) and i.shape[0] > 0}
+    step = max(fixed) if fixed else None      # a fixed batch (torch exports: 1) runs in chunks of it
+    if step:
+        n = (len(small) // step) * step
+        feeds = {k: v[:n] for k, v in feeds.items()}
+    ref = _run(fsess, feeds, step)
     sess = ort.InferenceSession(_search_model(model, groups), sess_options=opts,
                                 providers=["CPUExecutionProvider"])
     qfeeds = {i.name: feeds[i.name] for i in sess.get_inputs() if i.name in feeds}
 
     def evaluate() -> float:
-        f = dict(qfeeds)
+        params = {}
         for gr in groups:
-            f[gr.scale], f[gr.zero_point] = gr.params(gr.clip)
-        return output_error(ref, sess.run(None, f))
+            params[gr.scale], params[gr.zero_point] = gr.params(gr.clip)
+        return output_error(ref, _run(sess, qfeeds, step, params))
 
     before = best = evaluate()
     evals = 1
