@@ -68,13 +68,13 @@ def run_cli_process(*args, cwd=None, env=None):
 
 def device_venv(requirements):
     """A cached venv with only `requirements` (no TensorFlow): like a device's image. The same
-    venvs the converter's compatibility check uses (edgekit.convert.compat.venv_python), so a
+    venvs the converter's compatibility check uses (edgekit.lab.venvs.venv_python), so a
     run builds each one once. A failure to build it fails the test: CI never skips devices."""
-    from edgekit.convert.compat import CompatUnavailable, venv_python
+    from edgekit.lab.venvs import VenvUnavailable, venv_python
 
     try:
         return venv_python(list(requirements))
-    except CompatUnavailable as e:
+    except VenvUnavailable as e:
         pytest.fail(f"cannot build device venv {requirements}: {e}")
 
 

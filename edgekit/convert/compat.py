@@ -11,7 +11,6 @@ Entries with a space or parentheses are what the device needs but cannot be inst
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from edgekit.errors import ConversionError
+from edgekit.lab.venvs import VenvUnavailable, cache_dir, venv_python  # noqa: F401 (re-exported)
 from edgekit.runtime.files import copy_runtime
 from edgekit.targets import TargetProfile
 
@@ -33,8 +33,8 @@ MODES = ("auto", "venv", "emulated", "off", "accept-crash")
 _RUNTIME_PKGS = {"tflite": ("tflite-runtime",), "onnx": ("onnxruntime",)}
 
 
-class CompatUnavailable(Exception):
-    """The environment for the check cannot be had here (offline, no root, ...)."""
+# the venvs of old runtimes are the lab's (edgekit.lab.venvs); the names stay importable from here
+CompatUnavailable = VenvUnavailable
 
 
 def requirements(profile: TargetProfile, fmt: str) -> Tuple[List[str], List[str]]:
@@ -46,40 +46,6 @@ def requirements(profile: TargetProfile, fmt: str) -> Tuple[List[str], List[str]
         return [], unchecked
     numpy = [e for e in profile.runtime.min_runtime if e.startswith("numpy")]
     return runtime + numpy, unchecked
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("EDGEKIT_COMPAT_CACHE", Path.home() / ".cache" / "edgekit" / "compat"))
-
-
-def venv_python(reqs: List[str]) -> Path:
-    """A cached venv with exactly `reqs` (built once; pip reaches the package registry)."""
-    key = hashlib.sha256(("\n".join(sorted(reqs)) + sys.version).encode()).hexdigest()[:16]
-    venv = cache_dir() / f"venv-{key}"
-    py = venv / "bin" / "python"
-    if (venv / ".complete").is_file():
-        return py
-    tmp = cache_dir() / f".venv-{key}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        subprocess.run([sys.executable, "-m", "venv", str(tmp)], check=True, capture_output=True)
-        r = subprocess.run([str(tmp / "bin" / "python"), "-m", "pip", "install", "-q", "--only-binary=:all:",
-                            "--disable-pip-version-check", *reqs], capture_output=True, text=True, timeout=900)
-        if r.returncode != 0:
-            raise CompatUnavailable(f"pip install {' '.join(reqs)} failed: "
-                                    + (r.stderr.strip().splitlines() or ["?"])[-1])
-        (tmp / ".complete").write_text("\n".join(reqs))
-        if venv.exists():
-            shutil.rmtree(venv)
-        os.replace(tmp, venv)  # venvs are relocatable enough for `python -m` use; paths fixed below
-    except (OSError, subprocess.SubprocessError) as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CompatUnavailable(f"cannot build a venv for {' '.join(reqs)}: {e}") from None
-    except CompatUnavailable:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return py
 
 
 def _parse(proc: subprocess.CompletedProcess) -> Dict[str, Any]:

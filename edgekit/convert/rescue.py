@@ -56,8 +56,9 @@ def _variants(row, source) -> List[Tuple[str, str, Any]]:
             out.append(("scheme", "symmetric activations", dataclasses.replace(b, symmetric_activations=True)))
         elif b.activation_type == "int8" and b.symmetric_activations and not row.profile.onnx.symmetric_activations:
             out.append(("scheme", "asymmetric activations", dataclasses.replace(b, symmetric_activations=False)))
+        # 16-bit QDQ runs as dequantize -> float op (no u8 x s8 kernel to saturate): full-range weights
         out.append(("16-bit", "16-bit activations, 8-bit weights",
-                    dataclasses.replace(b, activation_type="int16", symmetric_activations=False)))
+                    dataclasses.replace(b, activation_type="int16", symmetric_activations=False, reduce_range=False)))
     elif row.fmt == "tflite" and b.activations == "int8":
         if b.per_channel:
             out.append(("scheme", "per-tensor weights", dataclasses.replace(b, per_channel=False)))

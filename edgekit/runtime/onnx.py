@@ -86,6 +86,3 @@ class OnnxBackend:
 
     def get_outputs(self) -> List[np.ndarray]:
         return list(self._result)
-
-    def op_summary(self):
-        return {}

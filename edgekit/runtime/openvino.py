@@ -119,10 +119,3 @@ class OpenVinoBackend:
     def get_outputs(self) -> List[np.ndarray]:
         # the request's buffers are reused by the next inference: copy
         return [self._request.get_output_tensor(i).data.copy() for i in range(len(self.outputs))]
-
-    def op_summary(self) -> Dict[str, int]:
-        counts: Dict[str, int] = {}
-        for op in self._model.get_ordered_ops():
-            t = op.get_type_name()
-            counts[t] = counts.get(t, 0) + 1
-        return counts

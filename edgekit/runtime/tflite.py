@@ -7,7 +7,7 @@ a device with numpy and any one of them runs edgekit.runtime.
 from __future__ import annotations
 
 import importlib
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 
@@ -130,14 +130,3 @@ class TFLiteBackend:
 
     def get_outputs(self) -> List[np.ndarray]:
         return [self._interp.get_tensor(i) for i in self._out_index]
-
-    def op_summary(self) -> Dict[str, int]:
-        """Op type -> count (uses the interpreter's op details where the version has them)."""
-        counts: Dict[str, int] = {}
-        try:
-            ops = self._interp._get_ops_details()
-        except Exception:
-            return counts
-        for op in ops:
-            counts[op["op_name"]] = counts.get(op["op_name"], 0) + 1
-        return counts
