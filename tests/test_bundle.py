@@ -18,7 +18,9 @@ def test_write_read_verify(tmp_path):
     b = _write(tmp_path / "m-t")
     assert b.model_path.read_bytes() == b"model-bytes"
     m = json.loads((tmp_path / "m-t" / "manifest.json").read_text())
-    assert m["model"]["bytes"] == 11 and len(m["model"]["sha256"]) == 64 and m["schema"] == 1
+    from edgekit.bundle import SCHEMA_VERSION
+
+    assert m["model"]["bytes"] == 11 and len(m["model"]["sha256"]) == 64 and m["schema"] == SCHEMA_VERSION
     assert read_bundle(tmp_path / "m-t").digest() == sha256_tree(tmp_path / "m-t")
     assert [p.name for p in tmp_path.iterdir()] == ["m-t"]  # no temporaries left
 

@@ -17,23 +17,30 @@ def test_resnet8_h5(tmp_path):
 
     Inputs: natural-image crops (no CIFAR-10 here). On the crops the float model commits
     to (top-1 >= 0.6) agreement must be >= 97%; on all crops, no worse than MLPerf Tiny's
-    own reference INT8 model.
+    own reference INT8 model. Plain full INT8 is compared (no rescue): on these out-of-distribution
+    crops its output SNR (~17.5 dB) is under convert's default floor, where convert would rescue it
+    with float layers (benchmarks/faithful_bench.py), and MLPerf's model is full INT8.
     """
     import keras
+
+    from edgekit.convert import Floor, Search
+    from edgekit.runtime.check import needs_reference
 
     np.savez(tmp_path / "calib.npz", natural_patches(300, 0, 32))
     xv = natural_patches(300, 1, 32)
     np.savez(tmp_path / "val.npz", xv)
     r = convert(ConvertRecipe(str(MODELS / "pretrainedResnet.h5"), ["rpi4"],
                               calibration=Calibration(str(tmp_path / "calib.npz")),
-                              validation=str(tmp_path / "val.npz")), str(tmp_path / "out"))
+                              validation=str(tmp_path / "val.npz"), floor=Floor(min_snr_db=15.0, min_agreement=0.85),
+                              search=Search(rescue=False)), str(tmp_path / "out"))
     assert r.source["kind"] == "keras-h5"
     ref = keras.models.load_model(MODELS / "pretrainedResnet.h5", compile=False).predict(xv, verbose=0)
     sure = recognised(ref)
     assert sure.sum() >= 100
     theirs = load(MODELS / "pretrainedResnet_quant.tflite")(xv).argmax(1) == ref.argmax(1)
-    for b in r.bundles:
-        agree = load(b.path)(xv).argmax(1) == ref.argmax(1)
+    for b in r.bundles:   # in the target's numerics (rpi4's S8S8 ONNX saturates on x86 without VNNI)
+        agree = load(b.path, reference_numerics=needs_reference(read_bundle(b.path).manifest))(xv).argmax(1) \
+            == ref.argmax(1)
         assert agree[sure].mean() >= 0.97, (b.path.name, agree[sure].mean())
         assert agree.mean() >= theirs.mean(), (b.path.name, agree.mean(), theirs.mean())
         assert golden_check(load(b.path))["ok"]
@@ -113,7 +120,7 @@ def test_multi_input_multi_output_keras(tmp_path):
         assert golden_check(m)["ok"]
 
 
-def test_onnx_source_builds_onnx_and_says_no_to_tflite(tmp_path, digits):
+def test_onnx_source_builds_onnx_at_each_profiles_opset(tmp_path, digits):
     import keras
     import onnx
 
@@ -136,7 +143,7 @@ def test_onnx_source_builds_onnx_and_says_no_to_tflite(tmp_path, digits):
         assert golden_check(load(b.path))["ok"]
     # opset 17 -> 13 has no adapter for Shape: a clear error in that row, nothing written, exit 1
     with pytest.raises(BudgetMissed, match="opset 17 and the target needs 13"):
-        convert(ConvertRecipe(str(tmp_path / "digits17.onnx"), ["jetson-nano"],
+        convert(ConvertRecipe(str(tmp_path / "digits17.onnx"), ["jetson-nano"], formats=("onnx",),
                               calibration=Calibration(str(tmp_path / "calib.npz"))), str(tmp_path / "o1"))
     assert not (tmp_path / "o1" / "digits17-jetson-nano").exists()
 

@@ -80,6 +80,13 @@ def target_exact(manifest: Dict[str, Any]) -> bool:
     return bool(arch) and (arch not in ("x86_64", "amd64") or any(v in dev.get("cpu_features", ()) for v in _VNNI))
 
 
+def needs_reference(manifest: Dict[str, Any]) -> bool:
+    """Whether this host must run the bundle's ONNX graph as written to compute what its target
+    computes: an x86 host without VNNI, an exact-arithmetic target, an ONNX artifact."""
+    return ((manifest.get("model") or {}).get("format") == "onnx" and host_saturates()
+            and target_exact(manifest))
+
+
 def golden_check(model) -> Dict[str, Any]:
     """{'ok': bool, 'outputs': {name: {snr_db, top1_agreement, max_abs_err, max_steps, ok}}}.
 
@@ -88,8 +95,7 @@ def golden_check(model) -> Dict[str, Any]:
     kernels saturate: then the graph is run again as written (reference numerics, what the target
     computes) and the result says so (`numerics`, and `host` with this host's own figures)."""
     result = _golden_check(model)
-    if (result["ok"] or model.format != "onnx" or getattr(model._impl, "reference_numerics", False)
-            or not host_saturates() or not target_exact(model.manifest)):
+    if result["ok"] or getattr(model._impl, "reference_numerics", False) or not needs_reference(model.manifest):
         return result
     from edgekit.runtime.model import load
 
