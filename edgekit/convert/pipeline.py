@@ -220,7 +220,8 @@ def build_artifact(row: Row, recipe: ConvertRecipe, source: Source, calib: Datas
             return Failure("validation", f"the {row.fmt} artifact does not run: {msg}", hint=_hint_for(row.fmt, msg))
     verdict = validate.floor_misses(m.metrics, recipe.floor)
     art = Artifact(row.fmt, data, float_bytes, m.metrics, m.float_ops, m.inputs, m.outputs, m.golden,
-                   0.0, dataclasses.asdict(row.build), _precision(row.build), num.to_dict(), m.backend)
+                   0.0, dataclasses.asdict(row.build), _precision(row.build),
+                   measuring.numerics_record(num, m), m.backend)
     if row.fmt == "onnx" and row.build.opset in float_onnx:
         from edgekit.convert.onnx import preprocess_note
 
@@ -359,7 +360,8 @@ def _older_ops(row: Row, recipe: ConvertRecipe, source: Source, calib: Dataset, 
         failure.rescue = list(failure.rescue) + [step]
         return None
     older = Artifact("tflite", data, float_bytes, m.metrics, m.float_ops, m.inputs, m.outputs, m.golden, art.seconds,
-                     dataclasses.asdict(build), _precision(build), art.numerics, m.backend)
+                     dataclasses.asdict(build), _precision(build),
+                     measuring.numerics_record(row.numerics, m), m.backend)
     older.rescue = list(art.rescue) + [step]
     older.rescued_by = step["what"]
     older.notes = list(art.notes) + [f"per-channel build refused by the target's oldest runtime: {failure.reason}"]

@@ -107,7 +107,8 @@ class _Ladder:
                                 floor=self.floor, **(extra or {})))
         self.progress.say(f"{self.label}: rescue: {what}: " + ("meets the floor" if not misses else "; ".join(misses)))
         art = Artifact(row.fmt, data, self.plain.float_bytes, m.metrics, m.float_ops, m.inputs, m.outputs, m.golden,
-                       0.0, dataclasses.asdict(build), pipeline._precision(build), num.to_dict(), m.backend)
+                       0.0, dataclasses.asdict(build), pipeline._precision(build),
+                       measuring.numerics_record(num, m), m.backend)
         if validate.score(m.metrics) > self.best[0]:
             self.best = (validate.score(m.metrics), art)
         return None if misses else self.shipped(art, what)
@@ -255,7 +256,8 @@ def _mixed(row, recipe, source, calib, ctx, float_onnx, plain: Artifact, progres
     if chosen is not None:
         m = measured[id(chosen.data)]
         art = Artifact(row.fmt, chosen.data, plain.float_bytes, m.metrics, m.float_ops, m.inputs, m.outputs,
-                       m.golden, 0.0, plain.build, plain.precision, plain.numerics, m.backend)
+                       m.golden, 0.0, plain.build, plain.precision,
+                       measuring.numerics_record(row.numerics, m), m.backend)
         progress.say(f"[{row.profile.name}] {row.fmt}: kept in float: {', '.join(record['float_layers'])}")
     return {"chosen": art, "record": record, "worst": [lay.source for lay in layers[:5]],
             "chosen_metrics": chosen.metrics if chosen else None, "chosen_data": chosen.data if chosen else None}

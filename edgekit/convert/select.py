@@ -108,7 +108,7 @@ def fastest(row, recipe, source, calib, ctx: measuring.Context, float_onnx: Dict
                      meets=not misses, misses=misses, seconds=round(time.monotonic() - t0, 2))
         art = Artifact(row.fmt, data, chosen.float_bytes, m.metrics, m.float_ops, m.inputs, m.outputs, m.golden,
                        0.0, dataclasses.asdict(build) if build is not None else {"float32": True}, precision,
-                       num.to_dict(), m.backend)
+                       measuring.numerics_record(num, m), m.backend)
         arts.append((entry, art))
     threads = choose_threads(None, row.profile.runtime.threads)
     timed = [(e, a) for e, a in arts if a is not None and e.get("meets")]
