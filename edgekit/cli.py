@@ -915,7 +915,8 @@ def _run_rollout(r, as_json, quiet=False):
         elif kind == "device":
             say(f"  {info['device']}: {info['state']}" + (f" ({info['reason']})" if info.get("reason") else ""))
         elif kind == "abort":
-            say(f"abort at {info['batch']}: {info['failed']} failed; reverting {', '.join(info['reverting']) or 'none'}")
+            reverting = ", ".join(info["reverting"]) or "none"
+            say(f"abort at {info['batch']}: {info['failed']} failed; reverting {reverting}")
 
     r.on_event = event
     rec = r.run()
