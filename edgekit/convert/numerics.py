@@ -32,10 +32,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import FrozenSet, Optional
 
+from edgekit.runtime.check import X86, cpu_flags, exact_int8
 from edgekit.targets import OnnxBuild, TargetProfile
 
-_X86 = ("x86_64", "amd64", "i686", "i386")
-_VNNI = ("avx512_vnni", "avx_vnni", "avx_vnni_int8")
 
 
 @dataclass(frozen=True)
@@ -45,12 +44,12 @@ class Host:
 
     @property
     def is_x86(self) -> bool:
-        return self.arch.lower() in _X86
+        return self.arch.lower() in X86
 
     @property
     def exact_int8(self) -> bool:
         """Integer dot products without int16 saturation: any non-x86 CPU, or x86 with VNNI."""
-        return not self.is_x86 or any(f in self.flags for f in _VNNI)
+        return exact_int8(self.arch, self.flags)
 
     def describe(self) -> str:
         if not self.is_x86:
@@ -60,24 +59,11 @@ class Host:
 
 @lru_cache(maxsize=1)
 def this_host() -> Host:
-    flags: FrozenSet[str] = frozenset()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key = line.split(":", 1)[0].strip().lower()
-                if key in ("flags", "features"):
-                    flags = frozenset(line.split(":", 1)[1].split())
-                    break
-    except OSError:  # not Linux: no flags known; decided as a host without VNNI (the safe side)
-        pass
-    return Host(platform.machine().lower(), flags)
+    return Host(platform.machine().lower(), cpu_flags())
 
 
 def target_exact_int8(profile: TargetProfile) -> bool:
-    arch = profile.device.arch.lower()
-    if arch not in _X86:
-        return True
-    return any(f in profile.device.cpu_features for f in _VNNI)
+    return exact_int8(profile.device.arch, profile.device.cpu_features)
 
 
 def saturation_safe(build: OnnxBuild) -> bool:

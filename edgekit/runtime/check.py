@@ -55,29 +55,40 @@ def run_like_a_device(model, feeds: Dict[str, np.ndarray]) -> Dict[str, np.ndarr
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else model.run(**feeds)
 
 
-_VNNI = ("avx512_vnni", "avx_vnni", "avx_vnni_int8")
+X86 = ("x86_64", "amd64", "i686", "i386")
+VNNI = ("avx512_vnni", "avx_vnni", "avx_vnni_int8")
+
+
+def exact_int8(arch: str, features) -> bool:
+    """Integer dot products without int16 saturation: any non-x86 CPU (NEON, sdot), or x86 with VNNI.
+    Without VNNI, ONNX Runtime's u8 x s8 kernels (VPMADDUBSW) saturate int16 pair sums."""
+    return arch.lower() not in X86 or any(v in features for v in VNNI)
+
+
+def cpu_flags() -> frozenset:
+    """This CPU's feature flags from /proc/cpuinfo (x86 'flags', ARM 'Features'); empty elsewhere,
+    which counts as a host without VNNI (the safe side)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.split(":", 1)[0].strip().lower() in ("flags", "features"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
 
 
 def host_saturates() -> bool:
-    """An x86 host without VNNI: ONNX Runtime's u8 x s8 kernels (VPMADDUBSW) saturate int16 pair
-    sums where ARM, VNNI and TensorRT compute exactly."""
     import platform
 
-    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "i386"):
-        return False
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.lower().startswith("flags")), [])
-    except OSError:
-        return True
-    return not any(v in flags for v in _VNNI)
+    return not exact_int8(platform.machine(), cpu_flags())
 
 
 def target_exact(manifest: Dict[str, Any]) -> bool:
     """The bundle's target computes integer dot products exactly (ARM, or x86 with VNNI)."""
     dev = (manifest.get("target") or {}).get("device") or {}
-    arch = str(dev.get("arch", "")).lower()
-    return bool(arch) and (arch not in ("x86_64", "amd64") or any(v in dev.get("cpu_features", ()) for v in _VNNI))
+    arch = str(dev.get("arch", ""))
+    return bool(arch) and exact_int8(arch, dev.get("cpu_features", ()))
 
 
 def needs_reference(manifest: Dict[str, Any]) -> bool:
