@@ -103,7 +103,7 @@ def numerics_record(num: Numerics, m: Measured) -> Dict[str, Any]:
 
 def _summary(metrics: Dict[str, Any]) -> Dict[str, Any]:
     return {"top1_agreement": metrics.get("top1_agreement"),
-            "snr_db": min(o["snr_db"] for o in metrics["outputs"].values())}
+            "snr_db": validate.primary_snr(metrics)}
 
 
 def _measure_once(data: bytes, fmt: str, ctx: Context, num: Numerics, timing_runs: int,

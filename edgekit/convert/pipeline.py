@@ -341,21 +341,20 @@ def _older_ops(row: Row, recipe: ConvertRecipe, source: Source, calib: Dataset, 
     The per-tensor build, measured and held to the floor like any other, or None."""
     if row.fmt != "tflite" or not row.build.per_channel:
         return None
+    from edgekit.convert.rescue import _step as rescue_step
+
     build = dataclasses.replace(row.build, per_channel=False)
+    what = "per-tensor weights (older op versions)"
     progress.say(f"[{row.profile.name}] tflite: {failure.reason.split(': ', 2)[-1][:90]}; trying per-tensor weights")
     with captured_stderr() as cap:
         try:
             data, float_bytes = _convert_once(source, "tflite", build, calib, float_onnx)
             m = measuring.measure(data, "tflite", ctx, row.numerics, per_sample=_precision(build) == "dynamic")
         except Exception as e:  # recorded in the row's steps; the compatibility failure stands
-            art.rescue.append({"rung": "compatibility", "what": "per-tensor weights (older op versions)",
-                               "meets": False, "error": _error_line(e, cap)})
+            failure.rescue = list(failure.rescue) + [rescue_step("compatibility", what, error=_error_line(e, cap))]
             return None
     misses = validate.floor_misses(m.metrics, recipe.floor)
-    step = {"rung": "compatibility", "what": "per-tensor weights (older op versions)", "meets": not misses,
-            "top1_agreement": m.metrics.get("top1_agreement"),
-            "snr_db": min(o["snr_db"] for o in m.metrics["outputs"].values()), "bytes": len(data),
-            "misses": misses, "error": None}
+    step = rescue_step("compatibility", what, m.metrics, data, meets=not misses, floor=recipe.floor)
     if misses:
         failure.rescue = list(failure.rescue) + [step]
         return None

@@ -25,7 +25,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from edgekit.convert import measure as measuring
 from edgekit.convert import numerics, validate
 from edgekit.convert.native import captured_stderr
-from edgekit.convert.result import Artifact, Failure, primary_snr
+from edgekit.convert.result import Artifact, Failure
+from edgekit.convert.validate import primary_snr
 from edgekit.progress import Progress
 
 

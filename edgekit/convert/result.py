@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+from edgekit.convert.validate import primary_snr
 from edgekit.table import render
 
 
@@ -69,8 +70,6 @@ class BundleResult:
         return self.failure is None
 
 
-def primary_snr(metrics: Dict[str, Any]) -> float:
-    return min(o["snr_db"] for o in metrics["outputs"].values())
 
 
 def _pct(x: Optional[float]) -> Optional[float]:

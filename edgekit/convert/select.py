@@ -23,7 +23,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from edgekit.convert import measure as measuring
 from edgekit.convert import numerics, validate
 from edgekit.convert.native import captured_stderr
-from edgekit.convert.result import Artifact, primary_snr
+from edgekit.convert.result import Artifact
+from edgekit.convert.validate import primary_snr
 from edgekit.progress import Progress
 
 ROUNDS = 3

@@ -76,4 +76,9 @@ def floor_misses(metrics: Dict[str, Any], floor) -> List[str]:
 def score(metrics: Dict[str, Any]) -> tuple:
     """Higher is better: for ranking candidates that all miss (agreement, then worst SNR)."""
     agree = metrics.get("top1_agreement")
-    return (agree if agree is not None else 1.0, min(o["snr_db"] for o in metrics["outputs"].values()))
+    return (agree if agree is not None else 1.0, primary_snr(metrics))
+
+
+def primary_snr(metrics: Dict[str, Any]) -> float:
+    """The worst output's SNR (dB): the figure the floor holds every output to."""
+    return min(o["snr_db"] for o in metrics["outputs"].values())
