@@ -67,10 +67,11 @@ def target_exact_int8(profile: TargetProfile) -> bool:
 
 
 def saturation_safe(build: OnnxBuild) -> bool:
-    """A build whose int16 pair sums cannot saturate on VPMADDUBSW: u8 activations, 7-bit weights.
+    """A build whose int16 pair sums cannot saturate on VPMADDUBSW: u8 activations, 7-bit weights;
+    or u8 x u8 (uint8 weights), which ONNX Runtime multiplies with widening 16-bit madds, exactly.
     (Dynamic quantization always quantizes activations to u8 at run time.)"""
     u8 = build.activation_type == "uint8" or getattr(build, "dynamic", False)
-    return u8 and build.weight_type == "int8" and build.reduce_range
+    return u8 and ((build.weight_type == "int8" and build.reduce_range) or build.weight_type == "uint8")
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,8 @@ def for_onnx(profile: TargetProfile, build: OnnxBuild, host: Optional[Host] = No
                                 "with reduce_range for AVX2 targets)")
     if host.exact_int8 or safe:
         why = ("this host's kernels are exact (" + host.describe() + ")" if host.exact_int8 else
-               "u8 activations x 7-bit weights cannot saturate, on this host or the target")
+               f"u8 activations x {'u8' if build.weight_type == 'uint8' else '7-bit'} weights cannot saturate, "
+               "on this host or the target")
         return Numerics("host", why)
     return Numerics("reference", f"this host ({host.describe()}) can saturate where {profile.name} computes "
                                  "exactly: measured with this host's kernels and with the graph as written "

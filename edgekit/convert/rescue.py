@@ -3,13 +3,15 @@
 Each rung is a complete artifact, measured like any other (same validation data, the target's
 numerics), and recorded; the first that meets the floor is shipped, and the report says which.
 
-1. ranges: ONNX: activation ranges chosen per tensor by the error they cause in the model's
-   outputs (convert.ranges), built by the quantizer with those ranges. TFLite: no such hook in
-   the converter; the rung is skipped there (QAT's range search covers Keras models: edgekit qat).
+1. ranges: activation ranges chosen per tensor by the error they cause in the model's outputs,
+   built by the format's own quantizer with those ranges: ONNX (convert.ranges: ONNX Runtime's
+   quantizer with TensorQuantOverrides), TFLite (convert.tflite_ranges: the converter's
+   calibrated model with edited min/max, then TensorFlow's MLIR quantizer), 8-bit static builds.
 2. calibration: ONNX Runtime's percentile (99.999%) and entropy calibration.
 3. scheme: per-tensor instead of per-channel weights (both formats); symmetric instead of
-   asymmetric INT8 activations where the profile allows (ONNX). Never a scheme that would
-   saturate on the target (u8 x 7-bit stays on x86 without VNNI).
+   asymmetric INT8 activations where the profile allows (ONNX); on x86 without VNNI, uint8
+   weights (u8 x u8: exact there, full 8-bit weights instead of 7, slower kernels). Never a
+   scheme that would saturate on the target (u8 x 7-bit or u8 x u8 on x86 without VNNI).
 4. float for the worst layers (mixed precision): the sensitivity search of convert.mixed with the
    floor as its budget (a few float layers usually run faster than a whole 16-bit model).
 5. 16-bit activations, 8-bit weights (TFLite 16x8, ONNX 16-bit QDQ), whole model.
@@ -53,6 +55,12 @@ def _variants(row, source) -> List[Tuple[str, str, Any]]:
                 out.append(("calibration", f"{method} calibration", dataclasses.replace(b, calibration=method)))
         if b.per_channel:
             out.append(("scheme", "per-tensor weights", dataclasses.replace(b, per_channel=False)))
+        if (b.activation_type == "uint8" and b.weight_type == "int8" and b.reduce_range
+                and not numerics.target_exact_int8(row.profile)):
+            # x86 without VNNI: u8 x u8 runs on widening 16-bit madds (exact, slower than VPMADDUBSW) and gives
+            # the weights their 8th bit back (digits CNN 32.9 -> 36.7 dB, detector 29.9 -> 32.3, encoder 33.1 -> 35.8)
+            out.append(("scheme", "uint8 weights (u8 x u8: exact without VNNI, full 8-bit weights)",
+                        dataclasses.replace(b, weight_type="uint8", reduce_range=False)))
         if b.activation_type == "int8" and not b.symmetric_activations:
             out.append(("scheme", "symmetric activations", dataclasses.replace(b, symmetric_activations=True)))
         elif b.activation_type == "int8" and b.symmetric_activations and not row.profile.onnx.symmetric_activations:
@@ -124,9 +132,7 @@ class _Ladder:
 
         b = self.row.build
         if self.row.fmt == "tflite":
-            self.steps.append(_step("ranges", "ranges by output error", error="not available for TFLite's "
-                                    "converter (edgekit qat searches ranges for Keras models)"))
-            return None
+            return self.tflite_ranges()
         if b.fp16 or b.dynamic or b.activation_type not in ("int8", "uint8"):
             return None
         from edgekit.convert import onnx as onnx_conv
@@ -145,6 +151,37 @@ class _Ladder:
         overrides = dict(self.source.input_ranges, **chosen["overrides"])
         return self.attempt("ranges", f"ranges by output error ({len(chosen['overrides'])} tensors clipped)",
                             lambda: onnx_conv.quantize(f, self.calib, b, range_overrides=overrides), b,
+                            {"search": search})
+
+    def tflite_ranges(self) -> Optional[Artifact]:
+        """Rung 1 for TFLite: the calibrated model's min/max chosen by output error, then TensorFlow's
+        MLIR quantizer in the profile's scheme (convert.tflite_ranges)."""
+        from edgekit.convert import pipeline
+        from edgekit.convert import tflite_ranges as tr
+
+        b = self.row.build
+        if not tr.supported(b) or self.source.saved_model is None:
+            return None
+        what = "ranges by output error"
+        t0 = time.monotonic()
+        with captured_stderr() as cap:
+            try:
+                calibrated = tr.calibrate(self.source.saved_model, self.calib, b)
+                chosen = tr.choose(calibrated, self.calib, b,
+                                   seconds=max(5.0, 0.4 * (self.deadline - time.monotonic())), say=self.progress.say)
+            except Exception as e:  # the search cannot run on this model: recorded, and the ladder goes on
+                self.steps.append(_step("ranges", what, error=pipeline._error_line(e, cap),
+                                        seconds=time.monotonic() - t0))
+                return None
+        search = {k: v for k, v in chosen.items() if k != "ranges"}
+        search["seconds"] = round(time.monotonic() - t0, 2)
+        if not chosen["ranges"]:
+            self.steps.append(_step("ranges", what, error="no clip lowered the output error", search=search,
+                                    seconds=time.monotonic() - t0))
+            return None
+        search["ranges"] = {k: [round(v[0], 6), round(v[1], 6)] for k, v in chosen["ranges"].items()}
+        return self.attempt("ranges", f"{what} ({len(chosen['ranges'])} tensors clipped)",
+                            lambda: tr.build_with(self.source.saved_model, calibrated, b, chosen["ranges"]), b,
                             {"search": search})
 
     def variant(self, rung: str, what: str, build) -> Optional[Artifact]:
