@@ -1,7 +1,11 @@
-"""The deploy side of `edgekit serve`: the inference server on a device, as a supervised process.
+"""The deploy side of `edgekit serve`: the inference server on a device, as a systemd service
+where systemd runs (edgekit.serve.systemd decides, on the device), else as a supervised process.
 
     <root>/serve/serve.pid        the server's pid (and serve.pid.json: where it listens)
     <root>/serve/serve.log        its log (appended)
+    <root>/serve/serve.env        systemd only: address and token for the unit (mode 0600)
+    /etc/systemd/system/edgekit-serve-<root>-<hash>.service   (or ~/.config/systemd/user/ for a
+                                  lingering non-root user)
 
 `ensure()` starts the server when it is not running (or runs with other settings); a running one
 follows `current` by itself (golden-checked hot swap). Either way the gate is the API itself:
@@ -41,8 +45,11 @@ class ServeOptions:
     token_file: Optional[str] = None  # a file on the device holding the bearer token
     extra: Tuple[str, ...] = ()       # more `python -m edgekit.serve` options
     wait_s: float = 90.0              # for the gate
+    manager: str = "auto"             # auto (systemd where usable), systemd, or process
 
     def __post_init__(self):
+        if self.manager not in ("auto", "systemd", "process"):
+            raise DeviceError(f"serve manager {self.manager!r} is not auto, systemd or process")
         if not 1 <= self.port <= 65535:
             raise DeviceError(f"--serve-port {self.port} is not a TCP port")
         if not _loopback(self.host) and not self.token_file and "--insecure" not in self.extra:
@@ -79,12 +86,17 @@ def _json(conn, rc: int, out: str, err: str, what: str) -> Dict[str, Any]:
                          "(pip install uvicorn)?")
 
 
+def _unit(conn, root: str, action: str, *args: str) -> Dict[str, Any]:
+    """python -m edgekit.serve.systemd ACTION --root ROOT ... on the device (its JSON answer)."""
+    rc, out, err = _python(conn, root, "edgekit.serve.systemd", action, "--root", root, *args, timeout=180)
+    return _json(conn, rc, out, err, f"edgekit.serve.systemd {action}")
+
+
 def state(conn, root: str) -> Dict[str, Any]:
-    """{'running': bool, 'pid', 'url', 'models', ...} of the device's server."""
-    _, pid_file, log = files(root)
-    rc, out, err = _python(conn, root, "edgekit.serve", "--status", "--pid-file", pid_file)
-    st = _json(conn, rc, out, err, "edgekit serve --status")
-    st["log"] = log
+    """{'running': bool, 'pid', 'url', 'models', 'manager': 'systemd' | 'process' | None, ...}
+    of the device's server (with systemd: 'unit', 'scope', 'active_state', 'restarts')."""
+    st = _unit(conn, root, "status")
+    st["log"] = files(root)[2]
     return st
 
 
@@ -106,20 +118,28 @@ def start(conn, root: str, opts: ServeOptions) -> int:
 
 
 def stop(conn, root: str) -> Dict[str, Any]:
-    """Stop the device's server if it runs; {'stopped': pid or None}."""
+    """Stop the device's server if it runs (a systemd unit: disabled and removed, with its env
+    file); {'stopped': pid or None, 'manager', 'unit'?}."""
     st = state(conn, root)
+    if st.get("manager") == "systemd":
+        r = _unit(conn, root, "remove")
+        return {"stopped": r.get("stopped"), "manager": "systemd", "unit": r.get("removed")}
     if not st["running"]:
         return {"stopped": None}
     rc, out, err = _python(conn, root, "edgekit.serve", "--stop", "--pid-file", files(root)[1])
     if rc != 0:
         lines = [ln for ln in err.strip().splitlines() if ln.strip()]
         raise conn._err(f"cannot stop edgekit serve: {lines[-1] if lines else f'exit status {rc}'}")
-    return {"stopped": st["pid"]}
+    return {"stopped": st["pid"], "manager": "process"}
 
 
 def _alive(conn, root: str, launched: Optional[int]) -> bool:
-    """The server runs (its pid file says so), or the process just launched is still starting."""
-    if state(conn, root)["running"]:
+    """The server runs (its pid file says so; a unit: active, not waiting to restart after a
+    crash), or the process just launched is still starting."""
+    st = state(conn, root)
+    if st.get("manager") == "systemd":
+        return st.get("active_state") in ("active", "activating") and st.get("sub_state") != "auto-restart"
+    if st["running"]:
         return True
     return launched is not None and conn.run(["kill", "-0", str(launched)], timeout=30)[0] == 0
 
@@ -157,23 +177,50 @@ def wait_ready(conn, root: str, opts: ServeOptions, model: str, sha: str,
     raise conn._err(f"the server did not pass the gate within {opts.wait_s:.0f} s: {why}")
 
 
+def use_systemd(conn, st: Dict[str, Any], opts: ServeOptions) -> Tuple[bool, str]:
+    """(systemd?, why) from the device's state(): systemd is PID 1, systemctl is there, and we are
+    root or a lingering user (edgekit.serve.systemd.decide)."""
+    if opts.manager == "process":
+        return False, "a supervised process was asked for"
+    scope, why = st.get("systemd_scope"), st.get("systemd_why", "")
+    if scope is None and opts.manager == "systemd":
+        raise conn._err(f"cannot serve as a systemd service: {why}")
+    return scope is not None, why
+
+
 def ensure(conn, root: str, opts: ServeOptions, model: str, sha: str) -> Dict[str, Any]:
     """Serve `model` at release `sha` (start, or restart with new settings, or let it hot-swap),
-    then gate on ready + one golden inference through the API. Raises DeviceError on failure."""
+    as a systemd unit where systemd runs, else a supervised process; then gate on ready + one
+    golden inference through the API. Raises DeviceError on failure."""
     st = state(conn, root)
-    action = "running"
-    if st["running"] and (st.get("port") != opts.port or st.get("host") != opts.host):
-        stop(conn, root)
-        st = {"running": False}
-        action = "restarted"
+    systemd, why = use_systemd(conn, st, opts)
     launched = None
-    if not st["running"]:
-        launched = start(conn, root, opts)
-        action = "started" if action == "running" else action
+    if systemd:
+        if st.get("manager") == "process" and st["running"]:  # moving from a process to the unit
+            stop(conn, root)
+        args = ["--host", opts.host, "--port", str(opts.port)]
+        if opts.token_file:
+            args += ["--token-file", opts.token_file]
+        action = _unit(conn, root, "install", *args, "--", *opts.extra)["action"]
+    else:
+        if st.get("manager") == "systemd":  # systemd went away (or a process was asked for)
+            stop(conn, root)
+            st = {"running": False}
+        action = "running"
+        if st["running"] and (st.get("port") != opts.port or st.get("host") != opts.host):
+            stop(conn, root)
+            st = {"running": False}
+            action = "restarted"
+        if not st["running"]:
+            launched = start(conn, root, opts)
+            action = "started" if action == "running" else action
     probe = wait_ready(conn, root, opts, model, sha, launched)
     st = state(conn, root)
-    return {"serving": action, "url": st.get("url"), "pid": st.get("pid"), "version": sha[:12],
-            "probe": probe["models"][model]}
+    out = {"serving": action, "url": st.get("url"), "pid": st.get("pid"), "version": sha[:12],
+           "manager": "systemd" if systemd else "process", "why": why, "probe": probe["models"][model]}
+    if systemd:
+        out.update(unit=st.get("unit"), scope=st.get("scope"))
+    return out
 
 
 def releases_of(conn, root: str, model: str) -> Tuple[Optional[str], Optional[str]]:
