@@ -1,0 +1,7 @@
+"""`python -m edgekit.cli`."""
+
+import sys
+
+from edgekit.cli import main
+
+sys.exit(main())
