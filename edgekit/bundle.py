@@ -90,6 +90,9 @@ class Manifest:
     mixed_precision: Optional[Dict[str, Any]] = None
     rescue: List[Dict[str, Any]] = field(default_factory=list)
     candidates: List[Dict[str, Any]] = field(default_factory=list)
+    # the backend this artifact was chosen for (--select fastest), honoured by runtime.load() where
+    # installed: {"backend": "openvino", "threads": timed with, "hints": {...}, "why": "..."}; None: any
+    runtime: Optional[Dict[str, Any]] = None
     compatibility: List[Dict[str, Any]] = field(default_factory=list)
     extra: Dict[str, Any] = field(default_factory=dict)
 

@@ -105,3 +105,59 @@ def test_cli_run_and_bench(qdq_bundle, val_inputs, tmp_path, cli):
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
     assert (rep["backend"], rep["threads"], rep["threads_requested"]) == ("openvino", 1, 1)
+
+
+@pytest.fixture
+def prefers_openvino(qdq_bundle, tmp_path):
+    """The x86-avx2 bundle, its manifest naming OpenVINO as the backend it was timed on."""
+    import shutil
+
+    from edgekit.bundle import Manifest
+
+    b = tmp_path / "digits-x86-avx2-ov"
+    shutil.copytree(qdq_bundle, b)
+    Manifest.update(b, runtime={"backend": "openvino", "threads": 2, "why": "test",
+                                "hints": {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}})
+    return b
+
+
+def test_manifest_preference_is_honoured(prefers_openvino, qdq_bundle):
+    m = load(prefers_openvino, threads=1)
+    assert (m.backend, m.backend_preferred, m.backend_chosen_by, m.backend_note) == ("openvino", "openvino",
+                                                                                   "manifest", None)
+    assert m._impl.hints == {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+    assert load(prefers_openvino, backend="onnxruntime").backend == "onnxruntime"   # the argument wins
+    plain = load(qdq_bundle)   # a manifest without a preference (and older ones): the default backend
+    assert (plain.backend, plain.backend_preferred, plain.backend_chosen_by) == ("onnxruntime", None, "default")
+
+
+def test_preference_falls_back_and_says_why(prefers_openvino, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "openvino", None)   # as on a device without openvino
+    m = load(prefers_openvino, threads=1)
+    assert m.backend == "onnxruntime" and m.backend_chosen_by == "default"
+    assert m.backend_note.startswith("the manifest prefers openvino, not used here: openvino cannot be imported")
+    rep = m.benchmark(runs=3, warmup=1)
+    assert (rep["backend"], rep["backend_preferred"], rep["backend_note"]) == ("onnxruntime", "openvino",
+                                                                               m.backend_note)
+    from edgekit.runtime.report import bench_table
+
+    assert m.backend_note in bench_table([rep])
+
+
+def test_device_side_follows_the_manifest(prefers_openvino):
+    """python -m edgekit.runtime check and the release health check load through the same path."""
+    import subprocess
+    import sys
+
+    from edgekit.runtime.releases import health_check
+
+    r = subprocess.run([sys.executable, "-m", "edgekit.runtime", "check", str(prefers_openvino), "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert (res["ok"], res["backend"], res["backend_preferred"], res["backend_note"]) == (True, "openvino",
+                                                                                         "openvino", None)
+    h = health_check(prefers_openvino)
+    assert h["ok"] and h["backend"] == "openvino"

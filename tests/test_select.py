@@ -37,6 +37,18 @@ def test_fastest_is_the_lowest_p50_among_candidates_that_meet_the_floor(selected
     winner = next(c for c in cands if c["chosen"])
     assert winner["p50_ms"] == min(c["p50_ms"] for c in timed)
     assert "timed here" in winner["timed_where"]
+    # each ONNX file is also tried on OpenVINO (an x86 target, openvino installed by the dev extra):
+    # measured through OpenVINO, held to the floor, timed in the same rounds
+    assert all(c["backend"] in ("onnxruntime", "openvino") for c in cands)
+    ov = {c["what"]: c for c in cands if c["backend"] == "openvino"}
+    ort = [c for c in cands if c["backend"] == "onnxruntime" and "error" not in c]
+    assert {c["what"] + "+openvino" for c in ort} == set(ov)
+    ov_profile = next(c for w, c in ov.items() if w.startswith("profile"))
+    assert ov_profile["meets"] and ov_profile["p50_ms"] > 0 and ov_profile["snr_db"] > 0
+    assert ov_profile["bytes"] == next(c for c in ort if c["what"].startswith("profile"))["bytes"]
+    # the winner's manifest names the backend it was timed on, and load() runs it there
+    assert main.artifact.runtime["backend"] == winner["backend"]
+    assert load(main.path).backend == winner["backend"]
     # the others are written beside the winner, each a complete bundle that passes its golden check
     beside = [b for b in r.bundles[1:] if b.ok]
     assert len(beside) == len(timed) - 1
@@ -45,6 +57,32 @@ def test_fastest_is_the_lowest_p50_among_candidates_that_meet_the_floor(selected
         assert golden_check(load(b.path, providers=["CPUExecutionProvider"]))["ok"]
     m = read_bundle(main.path).manifest
     assert m["candidates"] == json.loads(json.dumps(cands)) and m["recipe"]["select"] == "fastest"
+    assert m["runtime"]["backend"] == winner["backend"] and m["runtime"]["threads"] == winner["threads"]
+
+
+def test_a_bundle_timed_on_openvino_loads_on_openvino(selected, monkeypatch):
+    """Written beside the winner or as it: the profile's build on OpenVINO prefers OpenVINO; without
+    openvino it runs on ONNX Runtime and says why."""
+    import sys
+
+    r, target, out = selected
+    on_ov = [b for b in r.bundles if b.ok and b.artifact.runtime["backend"] == "openvino"]
+    assert on_ov, "no OpenVINO candidate met the floor"
+    b = on_ov[0]
+    m = read_bundle(b.path).manifest
+    assert m["runtime"]["backend"] == "openvino" and m["runtime"]["hints"]["PERFORMANCE_HINT"] == "LATENCY"
+    assert "OpenVINO" in m["validation"]["numerics"]["why"] and m["golden"]["made_with"].startswith("openvino")
+    got = load(b.path)
+    assert (got.backend, got.backend_chosen_by, got.backend_note) == ("openvino", "manifest", None)
+    assert golden_check(got)["ok"]
+    assert load(b.path, backend="onnxruntime").backend == "onnxruntime"   # an explicit backend wins
+    monkeypatch.setitem(sys.modules, "openvino", None)                    # openvino hidden
+    fell = load(b.path)
+    assert fell.backend == "onnxruntime" and fell.backend_chosen_by == "default"
+    assert fell.backend_note.startswith("the manifest prefers openvino, not used here: openvino cannot be imported")
+    assert fell.backend_note.endswith("running on onnxruntime")
+    assert fell.benchmark(runs=3, warmup=1)["backend_note"] == fell.backend_note
+    assert golden_check(fell)["ok"]
 
 
 def test_float_is_picked_where_float_is_fastest(digits, tmp_path, monkeypatch):

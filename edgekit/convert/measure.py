@@ -74,14 +74,16 @@ def p50(model, runs: int) -> float:
 
 
 def measure(data: bytes, fmt: str, ctx: Context, num: Numerics, timing_runs: int = 0,
-            threads: Optional[int] = None, per_sample: bool = False) -> Measured:
+            threads: Optional[int] = None, per_sample: bool = False, backend: Optional[str] = None) -> Measured:
     """Measure the artifact in `num`'s numerics. In reference numerics (a host whose integer kernels
     saturate, a target whose do not) it is run both ways, and the run closer to the float model is
     kept: each is a lower bound of the target's fidelity (saturation only loses precision; the graph
     as written requantizes where the target's fused kernels do not), so the better one is the nearer
-    estimate of what the target computes. `num.chosen` is set to the run kept."""
-    if not (num.reference and fmt == "onnx"):
-        return _measure_once(data, fmt, ctx, num, timing_runs, threads, per_sample, reference=False)
+    estimate of what the target computes. `num.chosen` is set to the run kept.
+    `backend`: measure through that backend (e.g. openvino: what ships with a bundle preferring it)."""
+    if backend is not None or not (num.reference and fmt == "onnx"):
+        return _measure_once(data, fmt, ctx, num, timing_runs, threads, per_sample, reference=False,
+                             backend=backend)
     as_written = _measure_once(data, fmt, ctx, num, timing_runs, threads, per_sample, reference=True)
     host = _measure_once(data, fmt, ctx, num, timing_runs, threads, per_sample, reference=False)
     keep_host = validate.score(host.metrics) > validate.score(as_written.metrics)
@@ -107,7 +109,8 @@ def _summary(metrics: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _measure_once(data: bytes, fmt: str, ctx: Context, num: Numerics, timing_runs: int,
-                  threads: Optional[int], per_sample: bool, reference: bool) -> Measured:
+                  threads: Optional[int], per_sample: bool, reference: bool,
+                  backend: Optional[str] = None) -> Measured:
     """Load the artifact once and measure everything from that one load."""
     from edgekit.convert import onnx as onnx_conv
     from edgekit.convert import tflite as tflite_conv
@@ -117,7 +120,8 @@ def _measure_once(data: bytes, fmt: str, ctx: Context, num: Numerics, timing_run
         # as written: QDQ runs unfused (no integer kernels), and integer matmuls of a dynamically
         # quantized graph are computed exactly (int32), as the target computes them
         path.write_bytes(onnx_conv.exact_integer_ops(data) if reference else data)
-        q = load_model(path, providers=["CPUExecutionProvider"], reference_numerics=reference, threads=threads)
+        q = load_model(path, providers=["CPUExecutionProvider"], reference_numerics=reference, threads=threads,
+                       backend=backend)
         if per_sample:  # activations quantized at run time: per batch, so as a device runs it
             got = _one_by_one(q, feeds(q, ctx.val.inputs, ctx.ref_in))
         else:

@@ -269,7 +269,7 @@ def _manifest(recipe: ConvertRecipe, row: Row, art: Artifact, result: ConvertRes
                         size_ratio=len(art.data) / art.float_bytes, float_ops=art.float_ops,
                         floor=dataclasses.asdict(recipe.floor), numerics=art.numerics,
                         reference="the source model in float32 (" + result.source["kind"] + ")"),
-        mixed_precision=art.mixed, rescue=art.rescue, candidates=art.candidates,
+        mixed_precision=art.mixed, rescue=art.rescue, candidates=art.candidates, runtime=art.runtime,
         golden={"file": "golden.npz", "samples": int(next(iter(art.golden.values())).shape[0]),
                 "made_with": art.golden_backend, "numerics": art.numerics.get("mode"),
                 "min_snr_db": MIN_SNR_DB, "min_top1_agreement": MIN_TOP1},

@@ -38,7 +38,17 @@ class Artifact:
     mixed: Optional[Dict[str, Any]] = None                        # mixed-precision record
     candidates: List[Dict[str, Any]] = field(default_factory=list)   # --select fastest: each measured
     alternatives: List[Any] = field(default_factory=list)   # --select fastest: (slug, Artifact) not chosen
+    runtime: Optional[Dict[str, Any]] = None                # --select fastest: the backend it was timed on
     notes: List[str] = field(default_factory=list)          # what did not go as usual (said in the report)
+
+
+def _chosen(c: Dict[str, Any]) -> str:
+    """A --select candidate's last column: chosen, or why it could not be (failed, under the floor)."""
+    if c.get("chosen"):
+        return "yes"
+    if c.get("error"):
+        return "failed: " + c["error"][:50]
+    return "" if c.get("meets", True) else "below the floor"
 
 
 @dataclass
@@ -132,9 +142,9 @@ class ConvertResult:
                 text += f"\n  worst layers: {', '.join(b.failure.worst_layers[:5])}"
             if b.ok and b.artifact.candidates:
                 text += "\n\n" + render(
-                    ["candidate", "p50 ms here", "KiB", "top-1 agree %", "SNR dB", "chosen"],
-                    [[c["what"], c.get("p50_ms"), c["bytes"] / 1024, _pct(c.get("top1_agreement")),
-                      c.get("snr_db"), "yes" if c.get("chosen") else ""] for c in b.artifact.candidates],
+                    ["candidate", "backend", "p50 ms here", "KiB", "top-1 agree %", "SNR dB", "chosen"],
+                    [[c["what"], c.get("backend"), c.get("p50_ms"), c["bytes"] / 1024, _pct(c.get("top1_agreement")),
+                      c.get("snr_db"), _chosen(c)] for c in b.artifact.candidates],
                     title=f"--select fastest for {b.path.name}: {b.artifact.candidates[0].get('timed_where', '')}")
         if self.calibration.get("random"):
             text += "\nWARNING: random calibration data: the accuracy figures above mean nothing."

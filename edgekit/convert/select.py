@@ -8,7 +8,13 @@ quantization, and the float model itself (XNNPACK's float32 kernels beat its INT
 some models). Each is measured like any artifact (validation, target numerics) and must meet the
 floor; the survivors are timed with the latency method of runtime.bench at the target's threads
 clamped to this machine's usable CPUs (runtime.threads), alternating rounds so that drift hits
-each alike, and the lowest median p50 wins. When this host is not the target's ISA (an ARM target
+each alike, and the lowest median p50 wins.
+
+On an x86 target, when OpenVINO is importable, each ONNX candidate is also tried on OpenVINO
+(the same file, "<candidate>+openvino"): its fidelity is measured through OpenVINO (its own INT8
+kernels are what ships with it), it is held to the same floor and timed in the same rounds. The
+winner's manifest records the backend it was timed on (`runtime`: backend, threads, hints), which
+runtime.load() honours where that backend is installed. When this host is not the target's ISA (an ARM target
 on an x86 host, a VNNI target on a host without VNNI), timings here would mislead: nothing is
 timed, the profile's build is kept, and the table says so.
 """
@@ -68,6 +74,27 @@ def _candidates(row, source) -> List[Tuple[str, Any, Optional[Callable[[], bytes
     return out
 
 
+def openvino_wanted(profile) -> Tuple[bool, str]:
+    """Whether ONNX candidates are also tried on OpenVINO: an x86 target and openvino importable."""
+    from importlib.util import find_spec
+
+    if profile.device.arch.lower() not in ("x86_64", "amd64"):
+        return False, f"{profile.name} is not x86"
+    if find_spec("openvino") is None:
+        return False, "openvino is not installed (pip install 'edgekit[openvino]')"
+    return True, "openvino installed"
+
+
+def _runtime_record(backend: str, threads: int, where: str) -> Dict[str, Any]:
+    rec: Dict[str, Any] = {"backend": backend, "threads": threads,
+                           "why": f"--select fastest: the lowest p50 among the candidates, on {backend}; {where}"}
+    if backend == "openvino":
+        from edgekit.runtime.openvino import OpenVinoBackend
+
+        rec["hints"] = dict(OpenVinoBackend.DEFAULT_CONFIG)
+    return rec
+
+
 def _numerics_of(row, build):
     if row.fmt == "onnx" and build is not None:
         return numerics.for_onnx(row.profile, build)
@@ -82,13 +109,20 @@ def fastest(row, recipe, source, calib, ctx: measuring.Context, float_onnx: Dict
     label = f"[{row.profile.name}] {row.fmt}"
     ok, where = host_matches(row.profile)
     profile_entry = {"what": f"profile's build ({chosen.precision}" + (", rescued" if chosen.rescued_by else "") + ")",
+                     "backend": chosen.golden_backend.split()[0] if chosen.golden_backend else None,
                      "bytes": len(chosen.data), "top1_agreement": chosen.metrics.get("top1_agreement"),
                      "snr_db": primary_snr(chosen.metrics), "meets": True, "timed_where": where}
     if not ok:
         progress.say(f"{label}: --select fastest: {where}; the profile's build is kept")
         chosen.candidates = [dict(profile_entry, chosen=True, p50_ms=None)]
         return chosen
-    arts: List[Tuple[Dict[str, Any], Artifact]] = [(profile_entry, chosen)]
+    threads = choose_threads(None, row.profile.runtime.threads)
+    if row.fmt == "onnx":
+        chosen.runtime = _runtime_record(profile_entry["backend"] or "onnxruntime", threads, where)
+    arts: List[Tuple[Dict[str, Any], Optional[Artifact]]] = [(profile_entry, chosen)]
+    # (label, precision, build record, bytes) of each ONNX file built: tried on OpenVINO too
+    files: List[Tuple[str, str, Dict[str, Any], bytes]] = [(profile_entry["what"], chosen.precision, chosen.build,
+                                                            chosen.data)]
     for what, build, make in _candidates(row, source):
         entry: Dict[str, Any] = {"what": what, "timed_where": where}
         t0 = time.monotonic()
@@ -101,17 +135,33 @@ def fastest(row, recipe, source, calib, ctx: measuring.Context, float_onnx: Dict
             except Exception as e:  # a candidate that cannot be built is recorded, not hidden
                 entry.update(error=pipeline._error_line(e, cap), meets=False, bytes=0)
                 progress.say(f"{label}: candidate {what}: failed ({entry['error'][:100]})")
-                chosen.candidates.append(entry)
                 arts.append((entry, None))
                 continue
-        misses = validate.floor_misses(m.metrics, recipe.floor)
-        entry.update(bytes=len(data), top1_agreement=m.metrics.get("top1_agreement"), snr_db=primary_snr(m.metrics),
-                     meets=not misses, misses=misses, seconds=round(time.monotonic() - t0, 2))
-        art = Artifact(row.fmt, data, chosen.float_bytes, m.metrics, m.float_ops, m.inputs, m.outputs, m.golden,
-                       0.0, dataclasses.asdict(build) if build is not None else {"float32": True}, precision,
-                       measuring.numerics_record(num, m), m.backend)
+        record = dataclasses.asdict(build) if build is not None else {"float32": True}
+        art = _artifact(recipe, chosen, entry, data, m, record, precision, num, t0)
+        if row.fmt == "onnx":
+            art.runtime = _runtime_record(entry["backend"], threads, where)
+            files.append((what, precision, record, data))
         arts.append((entry, art))
-    threads = choose_threads(None, row.profile.runtime.threads)
+    ov, ov_why = openvino_wanted(row.profile) if row.fmt == "onnx" else (False, "")
+    if row.fmt == "onnx" and not ov:
+        progress.say(f"{label}: OpenVINO not tried: {ov_why}")
+    for what, precision, record, data in files if ov else []:
+        # the same file on OpenVINO, measured through OpenVINO (its INT8 kernels are what ships), same floor
+        entry = {"what": f"{what}+openvino", "timed_where": where}
+        t0 = time.monotonic()
+        with captured_stderr() as cap:
+            try:
+                m = measuring.measure(data, "onnx", ctx, _OV_NUMERICS, per_sample=precision == "dynamic",
+                                      threads=threads, backend="openvino")
+            except Exception as e:  # OpenVINO cannot read or compile this graph: recorded, not hidden
+                entry.update(backend="openvino", error=pipeline._error_line(e, cap), meets=False, bytes=len(data))
+                progress.say(f"{label}: candidate {entry['what']}: failed ({entry['error'][:100]})")
+                arts.append((entry, None))
+                continue
+        art = _artifact(recipe, chosen, entry, data, m, record, precision, _OV_NUMERICS, t0)
+        art.runtime = _runtime_record("openvino", threads, where)
+        arts.append((entry, art))
     timed = [(e, a) for e, a in arts if a is not None and e.get("meets")]
     samples: Dict[int, List[float]] = {id(a): [] for _, a in timed}
     for _ in range(ROUNDS):                        # alternate: drift and load hit every candidate alike
@@ -123,16 +173,33 @@ def fastest(row, recipe, source, calib, ctx: measuring.Context, float_onnx: Dict
     winner_entry, winner = min(timed, key=lambda ea: ea[0]["p50_ms"])
     for e, _ in arts:
         e["chosen"] = e is winner_entry
-    best_float = min((e["p50_ms"] for e, _ in timed if e["what"] == "float32"), default=None)
+    best_float = min((e["p50_ms"] for e, a in timed if a.precision == "float32"), default=None)
     winner.candidates = [e for e, _ in arts]
     winner.rescue, winner.rescued_by = chosen.rescue, chosen.rescued_by
     winner.alternatives = [(_slug(e["what"]), a) for e, a in timed if a is not winner]
-    progress.say(f"{label}: fastest: {winner_entry['what']} at p50 {winner_entry['p50_ms']:.3f} ms ({threads} "
-                 f"thread(s))" + (f", {best_float / winner_entry['p50_ms']:.2f}x float32" if best_float else ""))
+    progress.say(f"{label}: fastest: {winner_entry['what']} on {winner_entry['backend']} at p50 "
+                 f"{winner_entry['p50_ms']:.3f} ms ({threads} thread(s))"
+                 + (f", {best_float / winner_entry['p50_ms']:.2f}x the best float32" if best_float else ""))
     return winner
 
 
+_OV_NUMERICS = numerics.Numerics("host", "OpenVINO's own kernels on this host, which has the target's ISA: "
+                                         "what a bundle run on OpenVINO computes")
+
+
+def _artifact(recipe, chosen: Artifact, entry: Dict[str, Any], data: bytes, m, record: Dict[str, Any],
+              precision: str, num, t0: float) -> Artifact:
+    """A measured candidate: its entry filled (backend, size, fidelity, floor) and its Artifact."""
+    misses = validate.floor_misses(m.metrics, recipe.floor)
+    entry.update(backend=m.backend.split()[0], bytes=len(data), top1_agreement=m.metrics.get("top1_agreement"),
+                 snr_db=primary_snr(m.metrics), meets=not misses, misses=misses,
+                 seconds=round(time.monotonic() - t0, 2))
+    return Artifact(chosen.fmt, data, chosen.float_bytes, m.metrics, m.float_ops, m.inputs, m.outputs, m.golden,
+                    0.0, record, precision, measuring.numerics_record(num, m), m.backend)
+
+
 def _p50(art: Artifact, threads: int) -> float:
+    """p50 of the inference call, the artifact loaded on the backend it would run on (art.runtime)."""
     import tempfile
     from pathlib import Path
 
@@ -142,11 +209,12 @@ def _p50(art: Artifact, threads: int) -> float:
     with tempfile.TemporaryDirectory(prefix="edgekit-sel-") as d:
         p = Path(d) / MODEL_FILES[art.fmt]
         p.write_bytes(art.data)
-        m = load(p, threads=threads, providers=["CPUExecutionProvider"])
+        m = load(p, threads=threads, providers=["CPUExecutionProvider"],
+                 backend=(art.runtime or {}).get("backend"))
         return m.benchmark(runs=RUNS, warmup=10, end_to_end=False)["latency"]["p50_ms"]
 
 
 def _slug(what: str) -> str:
     import re
 
-    return re.sub(r"[^a-z0-9]+", "-", what.lower().split("(")[0]).strip("-")
+    return re.sub(r"[^a-z0-9]+", "-", re.sub(r"\(.*?\)", "", what.lower())).strip("-")

@@ -127,7 +127,8 @@ def _dispatch(args) -> int:
         from edgekit.runtime.check import golden_check
 
         res = golden_check(model)
-        res.update(backend=model.backend, backend_version=model.backend_version)
+        res.update(backend=model.backend, backend_version=model.backend_version,
+                   backend_preferred=model.backend_preferred, backend_note=model.backend_note)
         if args.json:
             print(json.dumps(res))
         else:
@@ -136,6 +137,8 @@ def _dispatch(args) -> int:
                       f"{o['top1_agreement']}, max difference {o['max_abs_err']:.6g}"
                       + (f" ({o['max_steps']} steps)" if o["max_steps"] is not None else "")
                       + f": {'ok' if o['ok'] else 'FAILED'}")
+            if model.backend_note:
+                print(f"note: {model.backend_note}")
         return 0 if res["ok"] else 1
     raise AssertionError(args.cmd)
 

@@ -190,6 +190,9 @@ def benchmark(model, runs: int = 200, warmup: int = 20, inputs=None,
         "threads": model.threads,
         "threads_requested": getattr(model, "threads_requested", None),
         "providers": model.providers,
+        "backend_preferred": getattr(model, "backend_preferred", None),   # the manifest's runtime.backend
+        "backend_chosen_by": getattr(model, "backend_chosen_by", "default"),
+        "backend_note": getattr(model, "backend_note", None),             # why the preferred one is not used
         "inputs": [s.to_dict() for s in model.inputs],
         "load_ms": model.load_ms,
         "first_inference_ms": first,

@@ -20,7 +20,8 @@ ArrayLike = Union[np.ndarray, Sequence[Any]]
 
 
 def _open_backend(model_path: Path, fmt: str, backend: Optional[str], threads: Optional[int],
-                  providers: Optional[Sequence[str]], reference_numerics: bool = False):
+                  providers: Optional[Sequence[str]], reference_numerics: bool = False,
+                  hints: Optional[Mapping[str, Any]] = None):
     if backend is not None and backend not in BACKENDS:
         raise BackendUnavailable(f"unknown backend {backend!r}",
                                  hint="choose one of: " + ", ".join(BACKENDS))
@@ -41,7 +42,7 @@ def _open_backend(model_path: Path, fmt: str, backend: Optional[str], threads: O
                                          hint="use backend='onnxruntime' with reference_numerics=True")
             from edgekit.runtime.openvino import OpenVinoBackend
 
-            return OpenVinoBackend(str(model_path), threads=threads)
+            return OpenVinoBackend(str(model_path), threads=threads, hints=hints)
         from edgekit.runtime.onnx import OnnxBackend, onnxruntime_importable
 
         if backend is None and not reference_numerics and not onnxruntime_importable():
@@ -57,11 +58,36 @@ def _open_backend(model_path: Path, fmt: str, backend: Optional[str], threads: O
                       hint="edgekit runs .tflite and .onnx models")
 
 
+def _open_preferred(model_path: Path, fmt: str, pref: Mapping[str, Any], threads: Optional[int],
+                    providers: Optional[Sequence[str]], reference_numerics: bool):
+    """Open the backend a bundle's manifest prefers (`runtime.backend`, the one --select fastest
+    timed it on), or the next available one. Returns (backend, note): note is None when the
+    preferred backend runs it, else why it does not (never a silent fallback)."""
+    want = pref.get("backend")
+    formats = TFLITE_BACKENDS if fmt == "tflite" else ONNX_BACKENDS
+    if want not in formats:
+        why = f"{want!r} is not a backend for {fmt} models (one of {', '.join(formats)})"
+    elif reference_numerics and want != "onnxruntime":
+        why = "reference numerics run the graph as written in ONNX Runtime"
+    else:
+        try:
+            return _open_backend(model_path, fmt, want, threads, providers, reference_numerics,
+                                 hints=pref.get("hints")), None
+        except BackendUnavailable as e:
+            why = e.message
+    impl = _open_backend(model_path, fmt, None, threads, providers, reference_numerics)
+    return impl, f"the manifest prefers {want}, not used here: {why}; running on {impl.name}"
+
+
 def load(path: Union[str, Path], *, backend: Optional[str] = None, threads: Optional[int] = None,
          providers: Optional[Sequence[str]] = None, verify: bool = True,
          reference_numerics: bool = False) -> "Model":
     """Load a bundle directory, or any .tflite / .onnx file.
 
+    Backend: `backend=` is used as given; otherwise a bundle's manifest may prefer one
+    (`runtime.backend`: the backend `--select fastest` timed the artifact on, e.g. openvino),
+    used when it is installed and can open the model, else the next available backend runs it
+    and `model.backend_note` says why (also in benchmark reports and golden checks).
     Threads: `threads=` is used as given; otherwise a bundle's target profile's count,
     clamped to the CPUs this process may use (affinity and cgroup quota, see
     runtime.threads); a bare file without `threads=` uses those usable CPUs.
@@ -77,6 +103,7 @@ def load(path: Union[str, Path], *, backend: Optional[str] = None, threads: Opti
     p = Path(path)
     bundle: Optional[Bundle] = None
     profile_threads: Optional[int] = None
+    pref: Mapping[str, Any] = {}
     if p.is_dir():
         bundle = read_bundle(p, verify=verify)
         model_path, fmt = bundle.model_path, bundle.format
@@ -84,6 +111,7 @@ def load(path: Union[str, Path], *, backend: Optional[str] = None, threads: Opti
         profile_threads = rt.get("threads")
         if providers is None and fmt == "onnx":
             providers = rt.get("execution_providers")
+        pref = bundle.manifest.get("runtime") or {}
     elif p.is_file():
         model_path = p
         fmt = {".tflite": "tflite", ".onnx": "onnx"}.get(p.suffix.lower())
@@ -94,9 +122,18 @@ def load(path: Union[str, Path], *, backend: Optional[str] = None, threads: Opti
         raise BundleError("no such file or bundle directory", path=str(p))
     requested = threads if threads is not None else profile_threads
     used = choose_threads(threads, profile_threads)
-    impl = _open_backend(model_path, fmt, backend, used, providers, reference_numerics)
+    note = None
+    if backend is None and pref.get("backend"):
+        impl, note = _open_preferred(model_path, fmt, pref, used, providers, reference_numerics)
+    else:
+        impl = _open_backend(model_path, fmt, backend, used, providers, reference_numerics)
     load_ns = time.perf_counter_ns() - t0
-    return Model(impl, path=p, bundle=bundle, load_ns=load_ns, threads_requested=requested)
+    model = Model(impl, path=p, bundle=bundle, load_ns=load_ns, threads_requested=requested)
+    model.backend_preferred = pref.get("backend")
+    model.backend_chosen_by = "argument" if backend is not None else (
+        "manifest" if pref.get("backend") and note is None else "default")
+    model.backend_note = note
+    return model
 
 
 class Model:
@@ -110,6 +147,9 @@ class Model:
                  threads_requested: Optional[int] = None):
         self._impl = impl
         self.threads_requested: Optional[int] = threads_requested
+        self.backend_preferred: Optional[str] = None    # the manifest's runtime.backend, if any
+        self.backend_chosen_by: str = "default"         # "argument" | "manifest" | "default"
+        self.backend_note: Optional[str] = None         # why the preferred backend is not the one running
         self.path = path
         self.bundle = bundle
         self.manifest: Optional[Dict[str, Any]] = bundle.manifest if bundle else None

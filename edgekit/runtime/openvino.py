@@ -9,7 +9,7 @@ again (and kept) when another size comes: static shapes are OpenVINO's fast path
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -52,7 +52,13 @@ class OpenVinoBackend:
     name = "openvino"
     returns_fresh_arrays = True  # get_outputs copies
 
-    def __init__(self, path: str, threads: Optional[int] = None, device: str = "CPU"):
+    # what the CPU plugin is compiled with unless a manifest's runtime.hints say otherwise
+    DEFAULT_CONFIG: Dict[str, object] = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+
+    def __init__(self, path: str, threads: Optional[int] = None, device: str = "CPU",
+                 hints: Optional[Mapping[str, object]] = None):
+        """hints: OpenVINO properties (e.g. {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}, what
+        --select fastest timed the model with), over DEFAULT_CONFIG; threads are set by `threads`."""
         ov = _import()
         self._ov = ov
         from edgekit.runtime.facts import dist_version
@@ -68,7 +74,9 @@ class OpenVinoBackend:
             raise BackendUnavailable(f"openvino {self.version} cannot read {path}: {_reason(e)}", fmt="onnx",
                                      hint="the model may use an op this OpenVINO does not support; "
                                           "try backend='onnxruntime'") from None
-        self._config: Dict[str, object] = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+        self._config: Dict[str, object] = dict(self.DEFAULT_CONFIG)
+        self._config.update({k: v for k, v in (hints or {}).items() if k != "INFERENCE_NUM_THREADS"})
+        self.hints = dict(self._config)
         if threads:
             self._config["INFERENCE_NUM_THREADS"] = int(threads)
         self.providers: List[str] = [f"OpenVINO {device}"]

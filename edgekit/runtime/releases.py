@@ -121,7 +121,8 @@ def health_check(bundle_dir: Path, verified: bool = False) -> Dict[str, Any]:
 
         m = load(bundle_dir, verify=not verified)
         res = golden_check(m)
-        res.update(backend=m.backend, backend_version=m.backend_version)
+        res.update(backend=m.backend, backend_version=m.backend_version,
+                   backend_preferred=m.backend_preferred, backend_note=m.backend_note)
         return res
     except EdgekitError as e:
         return {"ok": False, "error": str(e)}

@@ -26,6 +26,8 @@ def bench_table(reports: List[Dict[str, Any]], label: str = "model") -> str:
                     "p99 ms", "cv", "e2e p50", "inf/s", "run"], rows)
     notes = [f"{r.get('label') or r.get('bundle') or r['model']}: noisy: " + "; ".join(r["noise_reasons"])
              for r in reports if r["noisy"]]
+    notes += [f"{r.get('label') or r.get('bundle') or r['model']}: {r['backend_note']}"
+              for r in reports if r.get("backend_note")]
     if reports:
         c = reports[0]["conditions"]
         notes.append(f"conditions: {c['cpu_model']} ({c['machine']}, {c['cpu_count']} cores), "
