@@ -43,6 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--status", action="store_true",
                    help="print the state of the server named by --pid-file (JSON), then exit")
     p.add_argument("--access-log", action="store_true")
+    p.add_argument("--http", default="auto", choices=["auto", "h11", "httptools"],
+                   help="HTTP parser: auto (default) uses httptools (and uvloop) when installed, else h11")
 
 
 def config_from(args) -> "object":
@@ -61,7 +63,7 @@ def config_from(args) -> "object":
                        inline_ms=args.inline_ms,
                        max_body_mb=args.max_body_mb, threads=args.threads, backend=args.backend,
                        poll_interval=args.poll_interval, check=not args.no_check, pid_file=args.pid_file,
-                       access_log=args.access_log)
+                       access_log=args.access_log, http=getattr(args, "http", "auto"))
 
 
 def setup_logging() -> None:

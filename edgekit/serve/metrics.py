@@ -7,6 +7,7 @@ both record). Exposed at GET /metrics.
 from __future__ import annotations
 
 import threading
+from bisect import bisect_left
 from typing import Dict, List, Sequence, Tuple
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -76,26 +77,29 @@ class Histogram(_Metric):
     def __init__(self, name: str, help_: str, lock: threading.Lock, buckets: Sequence[float]):
         super().__init__(name, help_, lock)
         self.buckets = tuple(buckets)
-        self.values: Dict[Labels, List[float]] = {}  # per-bucket counts..., sum, count
+        # per key: count in each bucket alone (the last one: above every bound)..., sum, count;
+        # made cumulative when rendered, so an observation is one bisect and three additions
+        self.values: Dict[Labels, List[float]] = {}
 
     def observe(self, v: float, **labels: str) -> None:
-        key = tuple(sorted(labels.items()))
+        key = tuple(sorted(labels.items())) if len(labels) > 1 else tuple(labels.items())
+        i = bisect_left(self.buckets, v)  # the first bound >= v
         with self._lock:
             h = self.values.get(key)
             if h is None:
-                h = self.values[key] = [0.0] * (len(self.buckets) + 2)
-            for i, b in enumerate(self.buckets):
-                if v <= b:
-                    h[i] += 1
+                h = self.values[key] = [0.0] * (len(self.buckets) + 3)
+            h[i] += 1
             h[-2] += v
             h[-1] += 1
 
     def lines(self) -> List[str]:
         out = []
         for k, h in sorted(self.values.items()):
+            cum = 0.0
             for i, b in enumerate(self.buckets):
+                cum += h[i]
                 le = 'le="%s"' % _num(b)
-                out.append(f"{self.name}_bucket{_labels(k, le)} {_num(h[i])}")
+                out.append(f"{self.name}_bucket{_labels(k, le)} {_num(cum)}")
             inf = 'le="+Inf"'
             out.append(f"{self.name}_bucket{_labels(k, inf)} {_num(h[-1])}")
             out.append(f"{self.name}_sum{_labels(k)} {_num(h[-2])}")

@@ -10,6 +10,8 @@ Response: JSON, with outputs asked for as binary (`parameters.binary_data` per o
 from __future__ import annotations
 
 import json
+import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -22,6 +24,10 @@ DATATYPES = {
     "FP16": "float16", "FP32": "float32", "FP64": "float64",
 }
 DTYPE_TO_DATATYPE = {v: k for k, v in DATATYPES.items()}
+_NP = {k: np.dtype(v) for k, v in DATATYPES.items()}                   # datatype -> dtype (native order)
+_WIRE = {k: d.newbyteorder("<") for k, d in _NP.items()}               # on the wire: little-endian
+_LITTLE = sys.byteorder == "little"
+_OF: Dict[Any, str] = {}                                               # dtype -> datatype (cache)
 
 
 class ProtocolError(Exception):
@@ -33,8 +39,12 @@ class ProtocolError(Exception):
         self.message = message
 
 
-def datatype_of(dtype: str) -> str:
-    return DTYPE_TO_DATATYPE.get(np.dtype(dtype).name, "FP32")
+def datatype_of(dtype) -> str:
+    """The protocol's datatype of a numpy dtype (or its name); cached: it runs per tensor."""
+    dt = _OF.get(dtype)
+    if dt is None:
+        dt = _OF[dtype] = DTYPE_TO_DATATYPE.get(np.dtype(dtype).name, "FP32")
+    return dt
 
 
 @dataclass
@@ -108,8 +118,8 @@ def parse_infer(body: bytes, header_length: Optional[str], max_elements: int) ->
         if dt not in DATATYPES:
             raise ProtocolError(400, f"input '{name}': datatype {dt!r} is not supported "
                                      f"(use one of {', '.join(DATATYPES)})")
-        dtype = np.dtype(DATATYPES[dt])
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        dtype = _NP[dt]
+        count = math.prod(shape)
         if count > max_elements:
             raise ProtocolError(413, f"input '{name}' has {count} elements, more than the "
                                      f"server's limit of {max_elements}")
@@ -127,8 +137,10 @@ def parse_infer(body: bytes, header_length: Optional[str], max_elements: int) ->
                                          f"shape {list(shape)} of {dt} ({count * dtype.itemsize} bytes)")
             if offset + size > len(binary):
                 raise ProtocolError(400, f"input '{name}': the body ends before its {size} binary bytes")
-            arr = np.frombuffer(binary[offset:offset + size], dtype=dtype.newbyteorder("<")).reshape(shape)
-            arr = arr.astype(dtype, copy=False)
+            # a view of the body, no copy (read-only: the runtime copies into the backend's tensor)
+            arr = np.frombuffer(binary[offset:offset + size], dtype=_WIRE[dt]).reshape(shape)
+            if not _LITTLE:
+                arr = arr.astype(dtype)
             offset += size
         else:
             if "data" not in t:
@@ -174,11 +186,14 @@ def build_response(model_name: str, version: str, request_id: Optional[str],
     blobs = []
     for name, arr, binary in outputs:
         arr = np.asarray(arr)
-        t: Dict[str, Any] = {"name": name, "datatype": datatype_of(arr.dtype.name),
-                             "shape": [int(d) for d in arr.shape]}
+        t: Dict[str, Any] = {"name": name, "datatype": datatype_of(arr.dtype),
+                             "shape": list(arr.shape)}
         if binary:
-            blob = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
-            t["parameters"] = {"binary_data_size": len(blob)}
+            if _LITTLE:  # the array's own bytes, joined into the body once below (no extra copy)
+                blob = np.ascontiguousarray(arr).data.cast("B")
+            else:
+                blob = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
+            t["parameters"] = {"binary_data_size": blob.nbytes if _LITTLE else len(blob)}
             blobs.append(blob)
         else:
             t["data"] = arr.reshape(-1).tolist()

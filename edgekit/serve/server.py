@@ -52,6 +52,7 @@ class ServeConfig:
     check: bool = True
     pid_file: Optional[str] = None
     access_log: bool = False
+    http: str = "auto"   # uvicorn's HTTP parser: auto (httptools when installed, else h11), h11, httptools
 
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
@@ -64,6 +65,8 @@ class ServeConfig:
             raise ServeError("the token is shorter than 16 characters",
                              hint="use a long random one, e.g. python3 -c 'import secrets; "
                                   "print(secrets.token_urlsafe(32))'")
+        if self.http not in ("auto", "h11", "httptools"):
+            raise ServeError(f"--http {self.http!r} is not auto, h11 or httptools")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ServeError("--tls-cert and --tls-key go together")
         for f in (self.tls_cert, self.tls_key):
@@ -122,7 +125,7 @@ def serve(paths: List[str], config: ServeConfig, say=print) -> None:
             "auth": "bearer" if config.token else "none", "models": []})
     try:
         app, entries = build(paths, config)
-        ucfg = uvicorn.Config(app, host=config.host, port=config.port, http="auto", loop="auto",
+        ucfg = uvicorn.Config(app, host=config.host, port=config.port, http=config.http, loop="auto",
                               lifespan="on", access_log=config.access_log, log_level="warning",
                               server_header=False, date_header=False, timeout_keep_alive=30,
                               # connections beyond what the queue can hold get uvicorn's plain 503
