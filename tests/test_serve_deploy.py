@@ -1,5 +1,6 @@
 """edgekit serve on a lab device (real sshd in its own network namespace, a device Python with
-onnxruntime and uvicorn, no TensorFlow): started over SSH as a supervised process, gated on ready
+onnxruntime and uvicorn, no TensorFlow): started over SSH as a supervised process (no systemd runs there; the systemd unit is tested in
+test_serve_systemd.py), gated on ready
 plus a golden inference through the API, following `current`, refusing a bad release, stopped."""
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def test_serve_on_a_device_follows_current_and_refuses_a_bad_release(serve_box, 
         assert serving.state(c, root)["running"] is False
         res = serving.ensure(c, root, opts, "two", shas["v1"])
         assert res["serving"] == "started" and res["version"] == shas["v1"][:12]
+        assert res["manager"] == "process" and "no /run/systemd/system" in res["why"]  # no systemd here
         assert res["url"] == "http://127.0.0.1:18000/v2" and res["probe"]["ok"]
         st = serving.state(c, root)
         assert st["running"] and st["pid"] == res["pid"]
@@ -98,14 +100,14 @@ def test_cli_deploy_serve_status_no_serve(serve_box, cli, tmp_path):
 
     r = ek("deploy", v1, "--device", "serve-box", "--serve", "--serve-port", "18010")
     assert r.exit_code == 0, r.output
-    assert "http://127.0.0.1:18010/v2" in r.output and "started" in r.output
+    assert "http://127.0.0.1:18010/v2" in r.output and "started (process)" in r.output
     r = ek("deploy", v2, "--device", "serve-box", "--serve", "--serve-port", "18010")
     assert r.exit_code == 0, r.output
     from edgekit.bundle import sha256_tree
 
     assert sha256_tree(v2)[:12] in r.output and "running" in r.output  # the same server, hot-swapped
     r = ek("status", "--device", "serve-box")
-    assert "http://127.0.0.1:18010/v2" in r.output, r.output
+    assert "http://127.0.0.1:18010/v2" in r.output and "yes (process)" in r.output, r.output
     r = ek("deploy", v2, "--device", "serve-box", "--no-serve")
     assert r.exit_code == 0 and "stopped (pid" in r.output, r.output
     r = ek("status", "--device", "serve-box", "--no-health")

@@ -100,13 +100,17 @@ def _serving_step(kw, enable, sopts):
         with opts.connect(d) as c:
             root = c.path(d.root).rstrip("/")
             if not enable:
-                pid = serving.stop(c, root)["stopped"]
-                return DeviceResult(d.name, "ok", data={"serving": f"stopped (pid {pid})" if pid else "not running"})
+                r = serving.stop(c, root)
+                pid, unit = r["stopped"], r.get("unit")
+                said = f"stopped (pid {pid})" if pid else "not running"
+                return DeviceResult(d.name, "ok", data={"serving": said + (f"; unit {unit} removed" if unit else "")})
             cur, prev = serving.releases_of(c, root, model)
             if cur is None:
                 return DeviceResult(d.name, "failed", reason=f"model {model} has no current release to serve")
             try:
-                return DeviceResult(d.name, "ok", data=serving.ensure(c, root, sopts, model, cur))
+                data = serving.ensure(c, root, sopts, model, cur)
+                data["serving"] = f"{data['serving']} ({data['manager']})"  # systemd unit or supervised process
+                return DeviceResult(d.name, "ok", data=data)
             except DeviceError as e:
                 serving.roll_back(c, root, model, prev)
                 again = ""
@@ -131,16 +135,20 @@ def _add_serving(deploy_cmd, status_cmd):
         click.Option(["--serve-port"], type=int, default=8000, show_default=True),
         click.Option(["--serve-host"], default="127.0.0.1", show_default=True,
                      help="Beyond loopback the server needs --serve-token-file."),
-        click.Option(["--serve-token-file"], help="A file ON THE DEVICE holding the bearer token.")]
+        click.Option(["--serve-token-file"], help="A file ON THE DEVICE holding the bearer token."),
+        click.Option(["--serve-manager"], type=click.Choice(["auto", "systemd", "process"]), default="auto",
+                     show_default=True, help="auto: a systemd unit where systemd runs (root, or a lingering "
+                                             "user), else a supervised process with a pid file.")]
     deploy_inner, status_inner = deploy_cmd.callback, status_cmd.callback
 
     @functools.wraps(deploy_inner)
-    def deploy_then_serve(*a, serve=None, serve_port=8000, serve_host="127.0.0.1", serve_token_file=None, **kw):
+    def deploy_then_serve(*a, serve=None, serve_port=8000, serve_host="127.0.0.1", serve_token_file=None,
+                          serve_manager="auto", **kw):
         if serve is None or kw.get("dry_run") or not kw.get("bundle"):
             return deploy_inner(*a, **kw)
         from edgekit.deploy.serving import ServeOptions
 
-        sopts = ServeOptions(port=serve_port, host=serve_host, token_file=serve_token_file)
+        sopts = ServeOptions(port=serve_port, host=serve_host, token_file=serve_token_file, manager=serve_manager)
         code = 0
         try:
             deploy_inner(*a, **kw)
@@ -172,8 +180,13 @@ def _add_serving(deploy_cmd, status_cmd):
             def one(d):
                 with opts.connect(d) as c:
                     st = serving.state(c, c.path(d.root).rstrip("/"))
+                how = st.get("manager")  # systemd (a unit) or process (supervised, with a pid file)
+                if st["running"]:
+                    said = f"yes ({how})"
+                else:
+                    said = f"no (systemd unit {st.get('active_state')})" if how == "systemd" else "no"
                 return DeviceResult(d.name, "ok", data={
-                    "serving": "yes" if st["running"] else "no", "url": st.get("url") if st["running"] else None,
+                    "serving": said, "url": st.get("url") if st["running"] else None,
                     "pid": st.get("pid") if st["running"] else None})
 
             click.echo(serving_table(fan_out(devs, one, 8).results))
