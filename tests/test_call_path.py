@@ -28,6 +28,11 @@ def test_converter_matches_spec(scale, zp, dtype):
             np.testing.assert_array_equal(got, want)
         q = s.quantize(x)
         np.testing.assert_array_equal(c.dequantize(q), s.dequantize(q))
+        for xx in (x, x.astype(np.float64)):   # the steady-state path's specialised forms
+            np.testing.assert_array_equal(c.quantizer(xx.dtype)(xx), s.quantize(xx))
+    every = np.arange(256, dtype=np.uint8).view(dtype)   # the dequantize table: every level
+    np.testing.assert_array_equal(c.dequantize(every), s.dequantize(every))
+    np.testing.assert_array_equal(c.dequantizer()(every.reshape(16, 16)), s.dequantize(every.reshape(16, 16)))
     per_axis = TensorSpec("w", (1, 3), dtype, (0.1, 0.2, 0.3), (0, 1, 2), axis=1)
     x = rng.standard_normal((4, 3)).astype(np.float32)
     np.testing.assert_array_equal(_Converter(per_axis).quantize(x), per_axis.quantize(x))
@@ -54,3 +59,28 @@ def test_call_path_matches_spec_arithmetic(digits_build):
         m(np.zeros((1, 3, 3, 1), np.float32))
     with pytest.raises(DataError, match="input"):
         m(x[:1], x[:1])
+
+
+@pytest.mark.parametrize("target,fmt", [("rpi4", "tflite"), ("x86-avx2", "onnx")])
+def test_steady_state_path(digits_build, target, fmt):
+    """model(x) again with the same shape and dtype goes straight to the backend's run1: the same
+    numbers as the checked path; another shape, dtype or batch takes the checked path again."""
+    from edgekit.runtime import load
+
+    m = load(bundle_of(digits_build, target, fmt).path, threads=1)
+    si, so = m.inputs[0], m.outputs[0]
+    x = m.bundle.golden()[f"input:{si.name}"].astype(np.float32)
+    want = [so.dequantize(m.run(si.quantize(x[i:i + 1]), raw=True)[so.name]) for i in range(5)]
+    assert m._fast is None
+    first = m(x[:1])
+    assert m._fast_shape == x[:1].shape and m._fast_dtype == np.float32
+    for _ in range(3):
+        got = m(x[:1])
+        assert got.dtype == np.float32 and got is not first
+        np.testing.assert_array_equal(got, want[0])
+    np.testing.assert_array_equal(m(x[:5]), np.concatenate(want))   # a batch: the checked path
+    np.testing.assert_array_equal(m(x[1:2]), want[1])
+    np.testing.assert_array_equal(m(np.asfortranarray(x[2:3])), want[2])
+    np.testing.assert_array_equal(m(x[3:4].astype(np.float64)), want[3])
+    m.run(si.quantize(x[:2]), raw=True)   # another shape in between (a resize where the batch is dynamic)
+    np.testing.assert_array_equal(m(x[4:5]), want[4])

@@ -75,11 +75,16 @@ class OnnxBackend:
         self.outputs = [TensorSpec(o.name, _shape(o.shape), _ORT_TYPES.get(o.type, "float32"))
                         for o in self._sess.get_outputs()]
         self._out_names = [o.name for o in self.outputs]
+        self._in0 = self.inputs[0].name if self.inputs else None
         self._feeds: dict = {}
         self._result: List[np.ndarray] = []
 
     def set_inputs(self, arrays: List[np.ndarray]) -> None:
         self._feeds = {s.name: a for s, a in zip(self.inputs, arrays)}
+
+    def run1(self, a: np.ndarray) -> np.ndarray:
+        """One input in, one output out: Model's steady-state call path."""
+        return self._sess.run(self._out_names, {self._in0: a})[0]
 
     def invoke(self) -> None:
         self._result = self._sess.run(self._out_names, self._feeds)

@@ -121,6 +121,12 @@ class OpenVinoBackend:
         for i, a in enumerate(arrays):
             req.set_input_tensor(i, self._ov.Tensor(a, shared_memory=True))
 
+    def run1(self, a: np.ndarray) -> np.ndarray:
+        """One input in, one output out: Model's steady-state call path."""
+        self.set_inputs([a])
+        self._request.infer()
+        return self._request.get_output_tensor(0).data.copy()
+
     def invoke(self) -> None:
         self._request.infer()
 

@@ -90,6 +90,23 @@ class TFLiteBackend:
         self.inputs = [_spec(d, n) for d, n in zip(in_det, in_names)]
         self.outputs = [_spec(d, n) for d, n in zip(out_det, out_names)]
         self._shapes = [tuple(d["shape"]) for d in in_det]
+        self.run1 = self._make_run1()
+
+    def _make_run1(self):
+        """run1(a): one raw input in, one raw output out, for Model's steady-state call path
+        (a model with one input and one output); the interpreter's methods bound once."""
+        it, shapes, set_inputs = self._interp, self._shapes, self.set_inputs
+        set_tensor, invoke, get_tensor = it.set_tensor, it.invoke, it.get_tensor
+        i, o = self._in_index[0] if self._in_index else None, self._out_index[0] if self._out_index else None
+
+        def run1(a: np.ndarray) -> np.ndarray:
+            if a.shape != shapes[0]:
+                set_inputs([a])  # resizes a dynamic batch
+            else:
+                set_tensor(i, a)
+            invoke()
+            return get_tensor(o)
+        return run1
 
     def _signature_names(self, in_det, out_det):
         """Names from the model's signature (what the source model called them), else tensor names."""
