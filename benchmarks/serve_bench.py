@@ -1,7 +1,7 @@
 """edgekit serve vs in-process model(x): p50/p99 latency and throughput at concurrency 1, 4, 16,
 with and without dynamic batching, on loopback.
 
-    python benchmarks/serve_bench.py [--requests 240] [--out serve_bench.json] [--json]
+    python benchmarks/serve_bench.py [--requests 240] [--out serve_bench.json] [--json] [--http h11]
 
 Models: MLPerf Tiny's ResNet-8 (tests/models/mlperf-tiny/pretrainedResnet_quant.tflite, INT8,
 LiteRT) and a MobileNetV2 (keras.applications.MobileNetV2(weights=None), exported to float ONNX,
@@ -12,7 +12,10 @@ connection sending binary tensors (what tritonclient sends). Each loop is bounde
 count and a time limit. "CPU ms/req": in-process, this process's CPU time per call; API, the
 server process's CPU time per request (clients excluded) -- unlike wall-clock latency, it does
 not depend on how busy the machine is. Goals (issue 13): API overhead over in-process <= 1 ms at p50 at c=1 for
-ResNet-8; with batching, >= 1.5x the throughput at c=16 for MobileNetV2.
+ResNet-8; with batching, >= 1.5x the throughput at c=16 for MobileNetV2. Batching can gain no more than
+the backend gains from running a batch: "batch ceiling" (in-process, the same instance: 16 calls of batch 1
+vs one call of batch 16) is measured beside it, and the server's mean batch size at c=16 is reported.
+The server's HTTP parser (httptools when installed, else h11; --http picks) is in the conditions.
 """
 
 from __future__ import annotations
@@ -119,6 +122,29 @@ def in_process(path, x, c, total, threads, time_limit):
     return res
 
 
+def batch_ceiling(path, x, n, threads, rounds=7):
+    """In-process throughput of one call of batch n over n calls of batch 1 (same instance,
+    alternated rounds, best of each): the most dynamic batching can give this model here."""
+    from edgekit.runtime import load
+
+    m = load(path, threads=threads)
+    xn = np.repeat(x, n, axis=0)
+    for _ in range(3):
+        m(x)
+        m(xn)
+    one, many = [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            m(x)
+        one.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        m(xn)
+        many.append(time.perf_counter() - t0)
+    return {"batch": n, f"{n}x_batch1_ms": min(one) * 1e3, f"batch{n}_ms": min(many) * 1e3,
+            "ceiling": min(one) / min(many)}
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -219,7 +245,8 @@ def table(rows):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--requests", type=int, default=240, help="requests per measurement (per c)")
-    p.add_argument("--time-limit", type=float, default=60.0, help="seconds per measurement at most")
+    p.add_argument("--time-limit", type=float, default=15.0,
+                   help="seconds per measurement at most (15 x 15 s bounds the run under 5 min)")
     p.add_argument("--mobilenet-size", type=int, default=128, help="MobileNetV2 input size")
     p.add_argument("--threads", type=int, default=1, help="backend threads per instance")
     p.add_argument("--max-batch", type=int, default=16)
@@ -228,6 +255,8 @@ def main(argv=None):
     p.add_argument("--out", help="write the JSON here")
     p.add_argument("--json", action="store_true", help="JSON on stdout instead of the table")
     p.add_argument("--only", choices=["resnet8", "mobilenetv2"])
+    p.add_argument("--http", choices=["auto", "h11", "httptools"], default="auto",
+                   help="the server's HTTP parser (auto: httptools when installed)")
     a = p.parse_args(argv)
 
     def say(t):
@@ -244,9 +273,12 @@ def main(argv=None):
             (1, a.mobilenet_size, a.mobilenet_size, 3)).astype(np.float32),
             [("no batching", []), (f"batching {a.max_batch}/{a.max_delay_ms}ms",
                                    ["--max-batch", str(a.max_batch), "--max-delay-ms", str(a.max_delay_ms)])]))
+    from edgekit.serve.server import http_parser
+
+    started = time.monotonic()
     rows = []
     load_before = os.getloadavg()
-    say(f"load average before: {load_before[0]:.2f} on {os.cpu_count()} CPUs")
+    say(f"load average before: {load_before[0]:.2f} on {os.cpu_count()} CPUs; server HTTP parser: {http_parser(a.http)}")
     log = open(os.devnull, "w")
     for label, path, x, modes in models:
         from edgekit.runtime import load
@@ -258,7 +290,7 @@ def main(argv=None):
             rows.append(dict(model=label, mode="in-process", c=c,
                              **in_process(path, x, c, a.requests, a.threads, a.time_limit)))
         for mode, extra in modes:
-            srv = Server(path, ["--threads", str(a.threads), *extra], log)
+            srv = Server(path, ["--threads", str(a.threads), "--http", a.http, *extra], log)
             seen = srv.batches()
             try:
                 for c in CONCURRENCY:
@@ -268,11 +300,16 @@ def main(argv=None):
                     r["cpu_ms_per_request"] = (srv.cpu_s() - cpu0) * 1e3 / max(r["requests"] + 5, 1)
                     runs = srv.batches()
                     r["mean_batch"] = (runs[0] - seen[0]) / max(runs[1] - seen[1], 1)
+                    r["model_runs"] = int(runs[1] - seen[1])
                     seen = runs
                     rows.append(dict(model=label, mode=f"API {mode}", c=c, **r))
             finally:
                 srv.stop()
     summary = {}
+    if any(m[0] == "mobilenetv2" for m in models):
+        label, path, x, _ = next(m for m in models if m[0] == "mobilenetv2")
+        say(f"{label}: batch ceiling (in-process, batch {a.max_batch} vs {a.max_batch} x batch 1)")
+        summary["mobilenetv2_batch_ceiling"] = batch_ceiling(path, x, a.max_batch, a.threads)["ceiling"]
 
     def get(model, mode, c):
         return next((r for r in rows if r["model"] == model and r["mode"].startswith(mode) and r["c"] == c), None)
@@ -286,12 +323,14 @@ def main(argv=None):
     if nb and b:
         summary["mobilenetv2_batching_speedup_c16"] = b["throughput_per_s"] / nb["throughput_per_s"]
         summary["mobilenetv2_batching_goal_met"] = summary["mobilenetv2_batching_speedup_c16"] >= 1.5
+        summary["mobilenetv2_mean_batch_c16"] = b.get("mean_batch")
     from edgekit.runtime.facts import device_facts
 
     doc = {"rows": rows, "summary": summary, "conditions": {
         "cpu_count": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
         "threads_per_instance": a.threads, "requests_per_measurement": a.requests,
-        "mobilenet_size": a.mobilenet_size, "facts": device_facts()}}
+        "mobilenet_size": a.mobilenet_size, "http_parser": http_parser(a.http),
+        "wall_s": time.monotonic() - started, "facts": device_facts()}}
     if a.out:
         tmp = a.out + ".tmp"
         with open(tmp, "w") as f:

@@ -90,6 +90,15 @@ class ServeConfig:
                 "check": self.check}
 
 
+def http_parser(choice: str = "auto") -> str:
+    """The HTTP/1.1 parser uvicorn will use: httptools when asked or installed (auto), else h11."""
+    if choice != "auto":
+        return choice
+    import importlib.util
+
+    return "httptools" if importlib.util.find_spec("httptools") else "h11"
+
+
 def build(paths: List[str], config: ServeConfig) -> Tuple["object", List[ModelEntry]]:
     """Load every model (golden-checked) and make the ASGI app. A model whose release fails
     comes up not ready (a deployed model may get a good release later); a bundle or file given
@@ -137,7 +146,8 @@ def serve(paths: List[str], config: ServeConfig, say=print) -> None:
             say(f"model {e.name}: " + (f"version {a.version} ({a.backend} {a.backend_version}, {a.format})"
                                        if a else f"NOT READY: {(e.failure or {}).get('error')}"))
         say(f"serving on {scheme}://{config.host}:{config.port}/v2 "
-            f"(auth: {'bearer token' if config.token else 'none'}; max concurrency {config.max_concurrency}, "
+            f"(auth: {'bearer token' if config.token else 'none'}; HTTP parser {http_parser(config.http)}; "
+            f"max concurrency {config.max_concurrency}, "
             f"queue {config.max_queue}" + (f", batching up to {config.max_batch} within {config.max_delay_ms} ms"
                                            if config.max_batch > 1 else "") + ")")
         if config.pid_file:
