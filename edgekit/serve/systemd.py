@@ -17,7 +17,8 @@ One server serves one device root (every model under ROOT/models, like the super
 so the unit is named after the root: edgekit-serve-<root's last name>-<8 hex of its path>.service.
 The address and the token go in ROOT/serve/serve.env (mode 0600; the token never reaches a command
 line); the unit reads it with EnvironmentFile=. The server writes its pid file and log under
-ROOT/serve, the only path it may write (ProtectSystem=strict); the models are read-only to it.
+ROOT/serve, the only path it may write (ProtectSystem=strict, ProtectHome=read-only); the models are
+read-only to it. `systemd-analyze security --offline=true` rates the system unit (see the tests).
 
 The pure parts (decide, unit_text, env_text, install_steps, remove_steps) hold the logic and are
 unit-tested; `run_steps` executes them.
@@ -191,7 +192,15 @@ def unit_text(root: str, python: str, scope: str, extra: Sequence[str] = (), ver
         "NoNewPrivileges=yes",
     ]
     if scope == "system":  # a user manager can apply these only with unprivileged user namespaces
-        lines += ["ProtectSystem=strict", "ReadWritePaths=" + _word(f["dir"], variables=False), "PrivateTmp=yes"]
+        lines += ["ProtectSystem=strict", "ProtectHome=read-only",
+                  "ReadWritePaths=" + _word(f["dir"], variables=False), "PrivateTmp=yes",
+                  # none of these touches what an inference server uses (files it reads, a TCP
+                  # socket, /dev for accelerators: no PrivateDevices/ProtectClock, which would hide
+                  # a GPU or NPU; no MemoryDenyWriteExecute, which breaks JIT kernels)
+                  "ProtectKernelTunables=yes", "ProtectKernelModules=yes", "ProtectControlGroups=yes",
+                  "ProtectHostname=yes", "RestrictNamespaces=yes", "RestrictRealtime=yes", "RestrictSUIDSGID=yes",
+                  "LockPersonality=yes", "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK"]
+    lines.append("UMask=0077")
     if recent:
         lines += [f"StandardOutput=append:{_path(f['log'])}", "StandardError=inherit"]
     lines += ["", "[Install]", f"WantedBy={'multi-user.target' if scope == 'system' else 'default.target'}", ""]
