@@ -278,7 +278,8 @@ def main(argv=None):
     started = time.monotonic()
     rows = []
     load_before = os.getloadavg()
-    say(f"load average before: {load_before[0]:.2f} on {os.cpu_count()} CPUs; server HTTP parser: {http_parser(a.http)}")
+    say(f"load average before: {load_before[0]:.2f} on {os.cpu_count()} CPUs; "
+        f"server HTTP parser: {http_parser(a.http)}")
     log = open(os.devnull, "w")
     for label, path, x, modes in models:
         from edgekit.runtime import load

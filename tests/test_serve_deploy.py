@@ -1,7 +1,7 @@
 """edgekit serve on a lab device (real sshd in its own network namespace, a device Python with
-onnxruntime and uvicorn, no TensorFlow): started over SSH as a supervised process (no systemd runs there; the systemd unit is tested in
-test_serve_systemd.py), gated on ready
-plus a golden inference through the API, following `current`, refusing a bad release, stopped."""
+onnxruntime and uvicorn, no TensorFlow): started over SSH as a supervised process (no systemd runs
+there; the systemd unit is tested in test_serve_systemd.py), gated on ready plus a golden inference
+through the API, following `current`, refusing a bad release, stopped."""
 
 from __future__ import annotations
 

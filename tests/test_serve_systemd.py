@@ -241,3 +241,78 @@ def test_system_unit_is_sandboxed(tmp_path):
                               if not ln.startswith(("Protect", "Restrict", "Private", "NoNew", "Lock", "UMask"))))
     hardened, plain = _exposure(path), _exposure(bare)
     assert hardened <= 7.0 and plain - hardened >= 1.5, (hardened, plain)
+
+
+class FakeDevice:
+    """Answers the device-side commands deploy sends (edgekit.serve.systemd, the probe, --stop)
+    from a small state machine; records each argv. Pure logic of serving.ensure/stop."""
+
+    def __init__(self, running_process=False, scope="system"):
+        self.device = SimpleNamespace(python="/usr/bin/python3")
+        self.calls = []
+        self.unit_active = False
+        self.process = running_process
+        self.scope = scope
+
+    def _err(self, msg, **kw):
+        from edgekit.errors import DeviceError
+
+        return DeviceError(msg)
+
+    def run(self, argv, env=None, cwd=None, timeout=None):
+        import json
+
+        self.calls.append(argv)
+        mod = argv[2] if len(argv) > 2 else ""
+        if mod == "edgekit.serve.systemd":
+            action = argv[3]
+            if action == "status":
+                st = {"running": self.unit_active or self.process, "systemd_scope": self.scope,
+                      "systemd_why": "root, systemd is PID 1" if self.scope else "systemd is not running here",
+                      "manager": "systemd" if self.unit_active else ("process" if self.process else None)}
+                if self.unit_active:
+                    st.update(unit="edgekit-serve-r-0.service", scope="system", active_state="active",
+                              sub_state="running", pid=42, url="http://127.0.0.1:8000/v2")
+                elif self.process:
+                    st.update(pid=7, port=8000, host="127.0.0.1", url="http://127.0.0.1:8000/v2")
+                return 0, json.dumps(st), ""
+            if action == "install":
+                assert not self.process, "the supervised process must be stopped before the unit starts"
+                self.unit_active = True
+                return 0, json.dumps({"action": "started", "unit": "edgekit-serve-r-0.service"}), ""
+            if action == "remove":
+                self.unit_active = False
+                return 0, json.dumps({"removed": "edgekit-serve-r-0.service", "stopped": 42}), ""
+        if mod == "edgekit.serve" and "--stop" in argv:
+            self.process = False
+            return 0, "stopped the server (pid 7)", ""
+        if mod == "edgekit.serve.probe":
+            return 0, json.dumps({"ok": True, "models": {"m": {"ok": True, "version": "a" * 12}}}), ""
+        raise AssertionError(f"unexpected command {argv}")
+
+
+def test_ensure_installs_the_unit_and_stop_removes_it():
+    from edgekit.deploy import serving
+
+    dev = FakeDevice(running_process=True)
+    opts = serving.ServeOptions(host="0.0.0.0", token_file="/etc/edgekit/token", extra=("--max-batch", "8"))
+    res = serving.ensure(dev, "/r", opts, "m", "a" * 64)
+    assert res["manager"] == "systemd" and res["serving"] == "started" and res["unit"] == "edgekit-serve-r-0.service"
+    install = next(a for a in dev.calls if a[2:4] == ["edgekit.serve.systemd", "install"])
+    assert install[4:] == ["--root", "/r", "--host", "0.0.0.0", "--port", "8000", "--token-file",
+                           "/etc/edgekit/token", "--", "--max-batch", "8"]
+    # the process that served before was stopped first (the fake refuses an install otherwise)
+    assert any("--stop" in a for a in dev.calls)
+    assert serving.stop(dev, "/r") == {"stopped": 42, "manager": "systemd", "unit": "edgekit-serve-r-0.service"}
+
+
+def test_ensure_without_systemd_keeps_the_process_path():
+    from edgekit.deploy import serving
+    from edgekit.errors import DeviceError
+
+    dev = FakeDevice(running_process=True, scope=None)
+    res = serving.ensure(dev, "/r", serving.ServeOptions(), "m", "a" * 64)
+    assert res["manager"] == "process" and res["serving"] == "running" and res["pid"] == 7
+    assert not any(a[2:4] == ["edgekit.serve.systemd", "install"] for a in dev.calls)
+    with pytest.raises(DeviceError, match="cannot serve as a systemd service: systemd is not running"):
+        serving.ensure(FakeDevice(scope=None), "/r", serving.ServeOptions(manager="systemd"), "m", "a" * 64)

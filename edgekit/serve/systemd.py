@@ -183,7 +183,8 @@ def unit_text(root: str, python: str, scope: str, extra: Sequence[str] = (), ver
         "[Service]",
         f"Type={'exec' if recent else 'simple'}",
         f"EnvironmentFile={_path(f['env'])}",
-        "Environment=" + _word(f"PYTHONPATH={absroot}/runtime", variables=False) + " PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1",
+        "Environment=" + _word(f"PYTHONPATH={absroot}/runtime", variables=False)
+        + " PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1",
         "WorkingDirectory=/",
         "ExecStart=" + " ".join(argv),
         "Restart=on-failure",
