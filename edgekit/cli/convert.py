@@ -7,7 +7,7 @@ import json
 import click
 
 from edgekit.cli import cli
-from edgekit.cli.common import _html_report
+from edgekit.cli.common import _html_report, _inventory_opt, _options, _select, _trust_opt
 
 
 def _input_shapes(values):
@@ -65,6 +65,10 @@ def _input_shapes(values):
               help="fastest: also build the schemes worth trying on the target's ISA, dynamic and float; "
                    "time those that meet the floor here (when this host has the target's ISA) and ship the "
                    "fastest as OUT/<name>-<target>, the others beside it.")
+@click.option("--device", "device_name", help="With --select fastest: time the candidates of this device's target "
+              "on the device itself (over SSH, as edgekit profile) instead of here.")
+@_inventory_opt
+@_trust_opt
 @click.option("--compat-check", type=click.Choice(["auto", "venv", "emulated", "off", "accept-crash"]),
               default="auto", show_default=True, help="Check each artifact in the oldest runtime its target runs "
               "(runtime.min_runtime): emulated arm64 root when built, else a cached venv. accept-crash: as auto, "
@@ -75,7 +79,8 @@ def _input_shapes(values):
 @click.pass_context
 def convert(ctx, model, target_names, recipe_path, calib, calib_random, calib_samples, preprocess, val,
             input_shapes, out, name, formats, precision, min_snr, min_agreement, max_accuracy_drop, no_rescue,
-            no_mixed_precision, search_budget, search_first, select, compat_check, as_json, quiet, html_report):
+            no_mixed_precision, search_budget, search_first, select, device_name, inventory, trust_new_host,
+            compat_check, as_json, quiet, html_report):
     """Convert MODEL (.keras, .h5, SavedModel dir, .onnx) into a validated INT8 bundle per target.
 
     Every artifact must meet the fidelity floor (--min-snr, --min-agreement, --max-accuracy-drop);
@@ -87,8 +92,9 @@ def convert(ctx, model, target_names, recipe_path, calib, calib_random, calib_sa
 
     recipe = _recipe(ctx, model, target_names, recipe_path)
     progress = Progress(enabled=not quiet)
+    timer = _device_timer(recipe, device_name, inventory, trust_new_host, quiet) if device_name else None
     try:
-        result = run_convert(recipe, out, progress=progress)
+        result = run_convert(recipe, out, progress=progress, device=timer)
     except BudgetMissed as e:
         if e.result is not None:
             click.echo(json.dumps(e.result.to_dict(), indent=2, default=str) if as_json else e.result.table())
@@ -102,6 +108,22 @@ def convert(ctx, model, target_names, recipe_path, calib, calib_random, calib_sa
         click.echo(f"report: {result.report_path}  log: {result.log_path}")
     if html_report:
         _html_report(out, err=as_json)
+
+
+def _device_timer(recipe, device_name, inventory, trust_new_host, quiet):
+    """--device: the candidates of the device's target are timed there (checked before any work)."""
+    from edgekit.deploy.timing import DeviceTimer
+    from edgekit.targets import load_target
+
+    if recipe.select != "fastest":
+        raise click.UsageError("--device times --select fastest's candidates: add --select fastest")
+    inv, devs = _select(inventory, device_name, None, False)
+    dev = devs[0]
+    names = [load_target(t).name for t in recipe.targets]
+    if dev.target not in names:
+        raise click.BadParameter(f"device {dev.name} is a {dev.target or 'device without a target'}, not one of the "
+                                 f"targets ({', '.join(names)})", param_hint="--device")
+    return DeviceTimer(dev, _options(inv, trust_new_host, quiet=quiet))
 
 
 def _recipe(ctx, model, target_names, recipe_path):

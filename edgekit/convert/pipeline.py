@@ -302,8 +302,11 @@ def _write(row: Row, recipe: ConvertRecipe, art: Artifact, result: ConvertResult
 # --- the steps together -------------------------------------------------------------------------------
 
 def convert(recipe: ConvertRecipe, out: str = "build", *, progress: Optional[Progress] = None,
-            data: Optional[InMemoryData] = None) -> ConvertResult:
+            data: Optional[InMemoryData] = None, device=None) -> ConvertResult:
     """Build, validate and write a bundle per (target, format) of `recipe` under `out`.
+
+    `device`: with recipe.select == "fastest", a timer for the candidates of the device's own target
+    (deploy.timing.DeviceTimer; convert never imports deploy, the caller hands it in).
 
     Raises BudgetMissed (exit 1) after writing everything that passed when a row failed or missed
     the floor; EdgekitError (exit 2) for a user's mistake, before any work."""
@@ -320,7 +323,7 @@ def convert(recipe: ConvertRecipe, out: str = "build", *, progress: Optional[Pro
                            f"({time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())})\n")
         try:
             with logged_output(tmp_log):
-                result = _run(recipe, rows, name, out_dir, Path(wd), log_path, progress, data)
+                result = _run(recipe, rows, name, out_dir, Path(wd), log_path, progress, data, device)
         finally:
             if result is not None:
                 out_dir.mkdir(parents=True, exist_ok=True)
@@ -368,7 +371,7 @@ def _older_ops(row: Row, recipe: ConvertRecipe, source: Source, calib: Dataset, 
 
 
 def _run(recipe: ConvertRecipe, rows: List[Row], name: str, out_dir: Path, wd: Path, log_path: Path,
-         progress: Progress, data: Optional[InMemoryData]) -> ConvertResult:
+         progress: Progress, data: Optional[InMemoryData], device=None) -> ConvertResult:
     progress.say(f"reading {recipe.model}")
     source = load_source(recipe.model, wd, input_shapes=dict(recipe.input_shapes),
                          needs_tflite=any(r.fmt == "tflite" for r in rows))
@@ -392,8 +395,12 @@ def _run(recipe: ConvertRecipe, rows: List[Row], name: str, out_dir: Path, wd: P
             if recipe.select == "fastest" and isinstance(built[row.key], Artifact):
                 from edgekit.convert import select
 
+                def bundle_for(art, dest, row=row):
+                    write_bundle(dest, fmt=row.fmt, model_bytes=art.data,
+                                 manifest=_manifest(recipe, row, art, result), golden=art.golden)
+
                 built[row.key] = select.fastest(row, recipe, source, calib_ds, ctx, float_onnx,
-                                                built[row.key], progress)
+                                                built[row.key], progress, device, bundle_for)
         else:
             progress.say(f"[{row.profile.name}] {row.fmt}: same build as an earlier target, reused")
         outcome = built[row.key]

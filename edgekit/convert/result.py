@@ -142,7 +142,7 @@ class ConvertResult:
                 text += f"\n  worst layers: {', '.join(b.failure.worst_layers[:5])}"
             if b.ok and b.artifact.candidates:
                 text += "\n\n" + render(
-                    ["candidate", "backend", "p50 ms here", "KiB", "top-1 agree %", "SNR dB", "chosen"],
+                    ["candidate", "backend", "p50 ms", "KiB", "top-1 agree %", "SNR dB", "chosen"],
                     [[c["what"], c.get("backend"), c.get("p50_ms"), c["bytes"] / 1024, _pct(c.get("top1_agreement")),
                       c.get("snr_db"), _chosen(c)] for c in b.artifact.candidates],
                     title=f"--select fastest for {b.path.name}: {b.artifact.candidates[0].get('timed_where', '')}")

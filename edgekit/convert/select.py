@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import platform
 import time
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from edgekit.convert import measure as measuring
@@ -102,12 +103,16 @@ def _numerics_of(row, build):
 
 
 def fastest(row, recipe, source, calib, ctx: measuring.Context, float_onnx: Dict[int, bytes], chosen: Artifact,
-            progress: Progress) -> Artifact:
+            progress: Progress, device=None, bundle_for: Optional[Callable[[Artifact, Path], None]] = None
+            ) -> Artifact:
+    """`device` (deploy.timing.DeviceTimer, handed in by the CLI) times the candidates of its own
+    target on the device; `bundle_for(art, dir)` writes a candidate's bundle for it."""
     from edgekit.convert import pipeline
     from edgekit.runtime.threads import choose_threads
 
     label = f"[{row.profile.name}] {row.fmt}"
-    ok, where = host_matches(row.profile)
+    on_device = device is not None and bundle_for is not None and device.covers(row.profile.name)
+    ok, where = (True, device.describe()) if on_device else host_matches(row.profile)
     profile_entry = {"what": f"profile's build ({chosen.precision}" + (", rescued" if chosen.rescued_by else "") + ")",
                      "backend": chosen.golden_backend.split()[0] if chosen.golden_backend else None,
                      "bytes": len(chosen.data), "top1_agreement": chosen.metrics.get("top1_agreement"),
@@ -163,13 +168,23 @@ def fastest(row, recipe, source, calib, ctx: measuring.Context, float_onnx: Dict
         art.runtime = _runtime_record("openvino", threads, where)
         arts.append((entry, art))
     timed = [(e, a) for e, a in arts if a is not None and e.get("meets")]
-    samples: Dict[int, List[float]] = {id(a): [] for _, a in timed}
-    for _ in range(ROUNDS):                        # alternate: drift and load hit every candidate alike
-        for e, a in timed:
-            samples[id(a)].append(_p50(a, threads))
-    for e, a in arts:
-        e["p50_ms"] = sorted(samples[id(a)])[len(samples[id(a)]) // 2] if a is not None and id(a) in samples else None
-        e["threads"] = threads
+    if on_device:
+        timed = _time_on_device(device, bundle_for, timed, label, progress)
+        if not timed:
+            progress.say(f"{label}: --select fastest: no candidate could be timed on {device.device.name}; "
+                         "the profile's build is kept")
+            chosen.candidates = [e for e, _ in arts]
+            for e in chosen.candidates:
+                e.update(chosen=e is profile_entry, p50_ms=e.get("p50_ms"))
+            return chosen
+    else:
+        samples: Dict[int, List[float]] = {id(a): [] for _, a in timed}
+        for _ in range(ROUNDS):                    # alternate: drift and load hit every candidate alike
+            for e, a in timed:
+                samples[id(a)].append(_p50(a, threads))
+        for e, a in arts:
+            e["p50_ms"] = _median(samples[id(a)]) if a is not None and id(a) in samples else None
+            e["threads"] = threads
     winner_entry, winner = min(timed, key=lambda ea: ea[0]["p50_ms"])
     for e, _ in arts:
         e["chosen"] = e is winner_entry
@@ -178,7 +193,7 @@ def fastest(row, recipe, source, calib, ctx: measuring.Context, float_onnx: Dict
     winner.rescue, winner.rescued_by = chosen.rescue, chosen.rescued_by
     winner.alternatives = [(_slug(e["what"]), a) for e, a in timed if a is not winner]
     progress.say(f"{label}: fastest: {winner_entry['what']} on {winner_entry['backend']} at p50 "
-                 f"{winner_entry['p50_ms']:.3f} ms ({threads} thread(s))"
+                 f"{winner_entry['p50_ms']:.3f} ms ({winner_entry['threads']} thread(s))"
                  + (f", {best_float / winner_entry['p50_ms']:.2f}x the best float32" if best_float else ""))
     return winner
 
@@ -196,6 +211,40 @@ def _artifact(recipe, chosen: Artifact, entry: Dict[str, Any], data: bytes, m, r
                  seconds=round(time.monotonic() - t0, 2))
     return Artifact(chosen.fmt, data, chosen.float_bytes, m.metrics, m.float_ops, m.inputs, m.outputs, m.golden,
                     0.0, record, precision, measuring.numerics_record(num, m), m.backend)
+
+
+def _median(xs: List[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
+
+
+def _time_on_device(device, bundle_for, timed, label: str, progress: Progress):
+    """Each candidate written as a bundle and profiled on the device, in alternating rounds; a
+    candidate the device cannot run (e.g. no OpenVINO there) is recorded and left out."""
+    import tempfile
+
+    from edgekit.errors import EdgekitError
+
+    samples: Dict[int, List[float]] = {id(a): [] for _, a in timed}
+    with tempfile.TemporaryDirectory(prefix="edgekit-sel-") as d:
+        dirs = {}
+        for i, (e, a) in enumerate(timed):
+            dirs[id(a)] = Path(d) / f"candidate-{i}"
+            bundle_for(a, dirs[id(a)])
+        for _ in range(ROUNDS):
+            for e, a in timed:
+                if "error" in e:
+                    continue
+                try:
+                    p50, e["threads"] = device.p50(dirs[id(a)], e.get("backend"))
+                except EdgekitError as ex:
+                    e.update(error=f"timing on {device.device.name}: {ex}", p50_ms=None)
+                    progress.say(f"{label}: candidate {e['what']}: not timed ({e['error'][:120]})")
+                    continue
+                samples[id(a)].append(p50)
+    ok = [(e, a) for e, a in timed if "error" not in e]
+    for e, a in ok:
+        e["p50_ms"] = _median(samples[id(a)])
+    return ok
 
 
 def _p50(art: Artifact, threads: int) -> float:
