@@ -5,6 +5,10 @@ For ResNet-8 and MobileNetV2 (see speed_models.py), side by side in one run:
     float32            TFLite (LiteRT, XNNPACK), ONNX Runtime, OpenVINO
     edgekit bundles    x86-avx2 INT8 ONNX (U8S8 QDQ per-channel reduce_range, after a working
                        quant_pre_process) under ONNX Runtime and OpenVINO; x86-avx2 INT8 TFLite
+    --select fastest   `edgekit convert --select fastest -t x86-avx2 --format onnx`: its winner,
+                       loaded as a device loads it (the backend its manifest prefers, e.g.
+                       OpenVINO), and its candidate table (each candidate's backend, p50 at
+                       selection, size, fidelity) in the JSON summary
     stock tools        TFLiteConverter full-int8 and dynamic range; quantize_static and
                        quantize_dynamic defaults
     ONNX schemes       quantize_static with each scheme worth trying on x86 (QDQ/QOperator,
@@ -24,9 +28,11 @@ TFLite XNNPACK and ONNX Runtime (the issue's baseline) over the row's p50 (>1: f
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
+from typing import Any, Dict, Optional
 
 import numpy as np
 
@@ -58,6 +64,8 @@ def candidates(w: Workdir):
     bundles = w.bundles()
     add("edgekit x86-avx2 bundle", "edgekit", lambda: bundles[f"{w.model}-x86-avx2"], both)
     add("edgekit x86-avx2 INT8 TFLite bundle", "edgekit", lambda: bundles[f"{w.model}-x86-avx2-tflite"], ("litert",))
+    # the backend its manifest prefers, as load() on a device picks it
+    add("edgekit --select fastest x86-avx2", "edgekit", lambda: selected_bundle(w), (MANIFEST,))
     add("TFLiteConverter full-int8", "stock", w.tflite_full_int8, ("litert",))
     add("TFLiteConverter dynamic range", "stock", w.tflite_dynamic, ("litert",))
     add("quantize_static defaults", "stock", lambda: w.onnx_scheme("stock-quantize-static-defaults"), both)
@@ -65,6 +73,39 @@ def candidates(w: Workdir):
     for name, kw in ONNX_SCHEMES.items():
         add(f"ONNX {name}", "scheme", lambda name=name, kw=kw: w.onnx_scheme(name, **kw), both)
     return out
+
+
+MANIFEST = "manifest's choice"
+
+
+def selected_bundle(w: Workdir) -> Path:
+    """`edgekit convert --select fastest` for x86-avx2 (ONNX): the winner's bundle (built once, kept)."""
+    import subprocess
+
+    out = w.dir / "select"
+    if not (out / ".done").is_file():
+        say(f"{w.model}: edgekit convert --select fastest -t x86-avx2 (builds, measures and times every "
+            "candidate, ONNX Runtime and OpenVINO: minutes for MobileNetV2)")
+        cmd = [sys.executable, "-m", "edgekit.cli", "convert", str(w.keras_path()), "-o", str(out),
+               "--calib", str(w.data("calib")), "--val", str(w.data("val")), "--calib-samples", str(w.calib_n),
+               "--compat-check", "off", "-q", "--name", w.model, "-t", "x86-avx2", "--format", "onnx",
+               "--select", "fastest", "--search-budget", "120"]   # as a user runs it: the rescue ladder on
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode != 0:
+            raise RuntimeError(f"edgekit convert --select fastest failed ({p.returncode}): {p.stderr[-1500:]}")
+        (out / ".done").write_text("")
+    return out / f"{w.model}-x86-avx2"
+
+
+def selection(path: Optional[str]) -> Optional[Dict[str, Any]]:
+    """The --select fastest record of a bundle: the backend it prefers and every candidate."""
+    if not path:
+        return None
+    m = json.loads((Path(path) / "manifest.json").read_text())
+    return {"runtime": m.get("runtime"),
+            "candidates": [{k: c.get(k) for k in ("what", "backend", "p50_ms", "threads", "bytes", "top1_agreement",
+                                                  "snr_db", "meets", "chosen", "error")}
+                           for c in m.get("candidates") or []]}
 
 
 def predict(m, xv: np.ndarray) -> np.ndarray:
@@ -92,6 +133,11 @@ def summarize(model: str, rows):
     x86 = [r for r in timed if r["artifact"] == "edgekit x86-avx2 bundle"]
     summary["x86_avx2_bundle"] = {r["backend"]: {"p50_ms": r["p50_ms"], "ratio": r["speedup_vs_best_float32"],
                                                  "top1_agreement": r["top1_agreement"]} for r in x86}
+    sel = [r for r in timed if r["artifact"].startswith("edgekit --select fastest")]
+    if sel:
+        summary["select_fastest"] = {"backend": sel[0]["backend"], "p50_ms": sel[0]["p50_ms"],
+                                     "ratio": sel[0]["speedup_vs_best_float32"],
+                                     "top1_agreement": sel[0]["top1_agreement"], **(sel[0].get("selection") or {})}
     int8 = [r for r in timed if r["kind"] != "float32" and r["top1_agreement"] >= MIN_AGREEMENT]
     if int8:
         f = max(int8, key=lambda r: r["speedup_vs_best_float32"])
@@ -115,7 +161,10 @@ def run_model(w: Workdir, threads: int, rounds: int, runs: int):
             if err:
                 continue
             try:
-                m = load(path, backend=be, threads=threads)
+                m = load(path, backend=None if be == MANIFEST else be, threads=threads)
+                if be == MANIFEST:
+                    row.update(backend=m.backend, backend_chosen_by=m.backend_chosen_by, backend_note=m.backend_note,
+                               selection=selection(row["path"]))
                 row.update(backend_version=m.backend_version, threads_used=m.threads,
                            load_ms=m.load_ms, **fidelity(predict(m, xv), ref))
             except Exception as e:  # noqa: BLE001 - recorded in the row and printed
@@ -185,8 +234,18 @@ def main():
         print(f"{s['model']}: best float32 {b['artifact']} ({b['backend']}) {b['p50_ms']:.3f} ms; "
               + "; ".join(f"x86-avx2 bundle on {k}: {v['p50_ms']:.3f} ms = {v['ratio']:.2f}x"
                           for k, v in s["x86_avx2_bundle"].items())
+              + (f"; --select fastest: {s['select_fastest']['backend']} {s['select_fastest']['p50_ms']:.3f} ms = "
+                 f"{s['select_fastest']['ratio']:.2f}x" if "select_fastest" in s else "")
               + (f"; fastest INT8: {s['fastest_int8']['artifact']} on {s['fastest_int8']['backend']} "
                  f"{s['fastest_int8']['speedup_vs_best_float32']:.2f}x" if "fastest_int8" in s else ""))
+        for c in (s.get("select_fastest") or {}).get("candidates", []):
+            def num(v, fmt):
+                return "-" if v is None else format(v, fmt)
+            print(f"  select candidate {c['what']} on {c['backend']}: p50 {num(c['p50_ms'], '.3f')} ms, "
+                  f"{num(c['bytes'] and c['bytes'] / 1024, '.0f')} KiB, top-1 {num(c['top1_agreement'], '.3f')}, "
+                  f"SNR {num(c['snr_db'], '.1f')} dB" + (" (chosen)" if c["chosen"] else "")
+                  + ("" if c["meets"] or c.get("error") else " (below the floor: not timed)")
+                  + (f" error: {c['error'][:80]}" if c.get("error") else ""))
 
 
 if __name__ == "__main__":
