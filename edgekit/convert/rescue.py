@@ -3,9 +3,10 @@
 Each rung is a complete artifact, measured like any other (same validation data, the target's
 numerics), and recorded; the first that meets the floor is shipped, and the report says which.
 
-1. ranges: ONNX: activation ranges chosen per tensor by the error they cause in the model's
-   outputs (convert.ranges), built by the quantizer with those ranges. TFLite: no such hook in
-   the converter; the rung is skipped there (QAT's range search covers Keras models: edgekit qat).
+1. ranges: activation ranges chosen per tensor by the error they cause in the model's outputs,
+   built by the format's own quantizer with those ranges: ONNX (convert.ranges: ONNX Runtime's
+   quantizer with TensorQuantOverrides), TFLite (convert.tflite_ranges: the converter's
+   calibrated model with edited min/max, then TensorFlow's MLIR quantizer), 8-bit static builds.
 2. calibration: ONNX Runtime's percentile (99.999%) and entropy calibration.
 3. scheme: per-tensor instead of per-channel weights (both formats); symmetric instead of
    asymmetric INT8 activations where the profile allows (ONNX); on x86 without VNNI, uint8
@@ -131,9 +132,7 @@ class _Ladder:
 
         b = self.row.build
         if self.row.fmt == "tflite":
-            self.steps.append(_step("ranges", "ranges by output error", error="not available for TFLite's "
-                                    "converter (edgekit qat searches ranges for Keras models)"))
-            return None
+            return self.tflite_ranges()
         if b.fp16 or b.dynamic or b.activation_type not in ("int8", "uint8"):
             return None
         from edgekit.convert import onnx as onnx_conv
@@ -152,6 +151,37 @@ class _Ladder:
         overrides = dict(self.source.input_ranges, **chosen["overrides"])
         return self.attempt("ranges", f"ranges by output error ({len(chosen['overrides'])} tensors clipped)",
                             lambda: onnx_conv.quantize(f, self.calib, b, range_overrides=overrides), b,
+                            {"search": search})
+
+    def tflite_ranges(self) -> Optional[Artifact]:
+        """Rung 1 for TFLite: the calibrated model's min/max chosen by output error, then TensorFlow's
+        MLIR quantizer in the profile's scheme (convert.tflite_ranges)."""
+        from edgekit.convert import pipeline
+        from edgekit.convert import tflite_ranges as tr
+
+        b = self.row.build
+        if not tr.supported(b) or self.source.saved_model is None:
+            return None
+        what = "ranges by output error"
+        t0 = time.monotonic()
+        with captured_stderr() as cap:
+            try:
+                calibrated = tr.calibrate(self.source.saved_model, self.calib, b)
+                chosen = tr.choose(calibrated, self.calib, b,
+                                   seconds=max(5.0, 0.4 * (self.deadline - time.monotonic())), say=self.progress.say)
+            except Exception as e:  # the search cannot run on this model: recorded, and the ladder goes on
+                self.steps.append(_step("ranges", what, error=pipeline._error_line(e, cap),
+                                        seconds=time.monotonic() - t0))
+                return None
+        search = {k: v for k, v in chosen.items() if k != "ranges"}
+        search["seconds"] = round(time.monotonic() - t0, 2)
+        if not chosen["ranges"]:
+            self.steps.append(_step("ranges", what, error="no clip lowered the output error", search=search,
+                                    seconds=time.monotonic() - t0))
+            return None
+        search["ranges"] = {k: [round(v[0], 6), round(v[1], 6)] for k, v in chosen["ranges"].items()}
+        return self.attempt("ranges", f"{what} ({len(chosen['ranges'])} tensors clipped)",
+                            lambda: tr.build_with(self.source.saved_model, calibrated, b, chosen["ranges"]), b,
                             {"search": search})
 
     def variant(self, rung: str, what: str, build) -> Optional[Artifact]:

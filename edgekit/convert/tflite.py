@@ -14,6 +14,17 @@ _IO_TYPES = {"int8": "int8", "uint8": "uint8", "float32": "float32"}
 
 def to_tflite(saved_model: Path, calib: Dataset, build: TFLiteBuild,
               tick: Optional[Callable[[int, int], None]] = None) -> bytes:
+    conv = converter(saved_model, calib, build, tick)
+    if build.activations in ("int8", "int16"):
+        from edgekit.convert.tflite_fc import rewrite  # multi-row int8 FULLY_CONNECTED -> 1x1 CONV_2D
+
+        return rewrite(keep_io_order(saved_model, conv.convert()))[0]
+    return keep_io_order(saved_model, conv.convert())
+
+
+def converter(saved_model: Path, calib: Dataset, build: TFLiteBuild,
+              tick: Optional[Callable[[int, int], None]] = None):
+    """The TFLiteConverter configured for `build` (convert.tflite_ranges calibrates with the same one)."""
     import tensorflow as tf
 
     conv = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
@@ -28,11 +39,11 @@ def to_tflite(saved_model: Path, calib: Dataset, build: TFLiteBuild,
 
     if build.activations == "float16":  # FP16 weights, float compute: a GPU delegate's format
         conv.target_spec.supported_types = [tf.float16]
-        return keep_io_order(saved_model, conv.convert())
+        return conv
     if build.activations == "dynamic":  # dynamic range: INT8 weights, activations quantized at run time
         if not build.per_channel:
             conv._experimental_disable_per_channel = True
-        return keep_io_order(saved_model, conv.convert())
+        return conv
     conv.representative_dataset = representative
     if build.activations == "int16":
         conv.target_spec.supported_ops = [
@@ -48,9 +59,7 @@ def to_tflite(saved_model: Path, calib: Dataset, build: TFLiteBuild,
     conv.inference_output_type = io
     if not build.per_channel:
         conv._experimental_disable_per_channel = True
-    from edgekit.convert.tflite_fc import rewrite  # multi-row int8 FULLY_CONNECTED -> 1x1 CONV_2D
-
-    return rewrite(keep_io_order(saved_model, conv.convert()))[0]
+    return conv
 
 
 def float_ops(model_path: Path) -> dict:
