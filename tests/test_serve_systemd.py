@@ -253,6 +253,7 @@ class FakeDevice:
         self.unit_active = False
         self.process = running_process
         self.scope = scope
+        self.refuse = False
 
     def _err(self, msg, **kw):
         from edgekit.errors import DeviceError
@@ -279,14 +280,20 @@ class FakeDevice:
             if action == "install":
                 assert not self.process, "the supervised process must be stopped before the unit starts"
                 self.unit_active = True
-                return 0, json.dumps({"action": "started", "unit": "edgekit-serve-r-0.service"}), ""
+                return 0, json.dumps({"action": "started", "unit": "edgekit-serve-r-0.service", "backup": True}), ""
             if action == "remove":
                 self.unit_active = False
                 return 0, json.dumps({"removed": "edgekit-serve-r-0.service", "stopped": 42}), ""
+            if action == "restore":
+                self.unit_active = False
+                return 0, json.dumps({"restored": "removed"}), ""
         if mod == "edgekit.serve" and "--stop" in argv:
             self.process = False
             return 0, "stopped the server (pid 7)", ""
         if mod == "edgekit.serve.probe":
+            if self.refuse:
+                return 1, json.dumps({"ok": False, "models": {"m": {"ok": False, "failed_release": {
+                    "version": "a" * 12, "error": "golden check failed"}}}}), ""
             return 0, json.dumps({"ok": True, "models": {"m": {"ok": True, "version": "a" * 12}}}), ""
         raise AssertionError(f"unexpected command {argv}")
 
@@ -316,3 +323,37 @@ def test_ensure_without_systemd_keeps_the_process_path():
     assert not any(a[2:4] == ["edgekit.serve.systemd", "install"] for a in dev.calls)
     with pytest.raises(DeviceError, match="cannot serve as a systemd service: systemd is not running"):
         serving.ensure(FakeDevice(scope=None), "/r", serving.ServeOptions(manager="systemd"), "m", "a" * 64)
+
+
+def test_a_new_unit_that_fails_the_gate_is_removed():
+    from edgekit.deploy import serving
+    from edgekit.errors import DeviceError
+
+    dev = FakeDevice()
+    dev.refuse = True
+    with pytest.raises(DeviceError, match="golden check failed.*the new unit was removed"):
+        serving.ensure(dev, "/r", serving.ServeOptions(), "m", "a" * 64)
+    assert dev.calls[-1][2:4] == ["edgekit.serve.systemd", "restore"] and not dev.unit_active
+
+
+def test_restore_puts_back_what_install_replaced(tmp_path, monkeypatch):
+    """Device side: a first unit that fails is removed; new settings that fail give the old back."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    root = str(tmp_path / "root")
+    unit_path = tmp_path / "config" / "systemd" / "user" / sd.unit_name(root)
+    env_path = tmp_path / "root" / "serve" / "serve.env"
+    assert sd.install(root, "127.0.0.1", 8000, None, [], facts=USER_FACTS, run=Recorder())["backup"] is True
+    assert sd.restore(root, run=Recorder(active="active"))["restored"] == "removed"
+    assert not unit_path.exists() and not env_path.exists()
+
+    sd.install(root, "127.0.0.1", 8000, None, [], facts=USER_FACTS, run=Recorder())
+    before_unit, before_env = unit_path.read_text(), env_path.read_text()
+    res = sd.install(root, "127.0.0.1", 8001, None, ["--max-batch", "4"], facts=USER_FACTS,
+                     run=Recorder(active="active"))
+    assert res["action"] == "restarted" and res["backup"] and env_path.read_text() != before_env
+    run = Recorder(active="active")
+    assert sd.restore(root, run=run)["restored"] == "previous settings"
+    assert unit_path.read_text() == before_unit and env_path.read_text() == before_env
+    assert stat.S_IMODE(env_path.stat().st_mode) == 0o600
+    assert [a[1:] for a in run.calls] == [["--user", "daemon-reload"], ["--user", "restart", unit_path.name]]
+    assert sd.restore(root, run=Recorder()) == {"restored": None}  # nothing more to put back

@@ -201,7 +201,8 @@ def ensure(conn, root: str, opts: ServeOptions, model: str, sha: str) -> Dict[st
         args = ["--host", opts.host, "--port", str(opts.port)]
         if opts.token_file:
             args += ["--token-file", opts.token_file]
-        action = _unit(conn, root, "install", *args, "--", *opts.extra)["action"]
+        installed = _unit(conn, root, "install", *args, "--", *opts.extra)
+        action = installed["action"]
     else:
         if st.get("manager") == "systemd":  # systemd went away (or a process was asked for)
             stop(conn, root)
@@ -214,7 +215,14 @@ def ensure(conn, root: str, opts: ServeOptions, model: str, sha: str) -> Dict[st
         if not st["running"]:
             launched = start(conn, root, opts)
             action = "started" if action == "running" else action
-    probe = wait_ready(conn, root, opts, model, sha, launched)
+    try:
+        probe = wait_ready(conn, root, opts, model, sha, launched)
+    except DeviceError as e:
+        if systemd and installed.get("backup"):  # new settings failed: the unit as it was before
+            done = _unit(conn, root, "restore").get("restored")
+            what = "the new unit was removed" if done == "removed" else "the unit is back at its previous settings"
+            raise conn._err(f"{e} ({what})") from None
+        raise
     st = state(conn, root)
     out = {"serving": action, "url": st.get("url"), "pid": st.get("pid"), "version": sha[:12],
            "manager": "systemd" if systemd else "process", "why": why, "probe": probe["models"][model]}

@@ -3,6 +3,7 @@
     python -m edgekit.serve.systemd detect  --root ROOT
     python -m edgekit.serve.systemd install --root ROOT --host H --port P [--token-file F] [-- SERVE OPTIONS]
     python -m edgekit.serve.systemd remove  --root ROOT
+    python -m edgekit.serve.systemd restore --root ROOT     (after a failed gate: the settings before)
     python -m edgekit.serve.systemd status  --root ROOT
 
 Each prints one JSON object. `deploy --serve` calls them over SSH (edgekit.deploy.serving).
@@ -328,9 +329,14 @@ def unit_state(root: str, scope: str, run: Callable = subprocess.run) -> Tuple[U
     name = unit_name(root)
     path = os.path.join(unit_dir(scope), name)
     info = show(scope, name, run) if os.path.isfile(path) else {}
-    return UnitState(_read(path), _read(serve_files(root)["env"]),
-                     info.get("ActiveState") in ("active", "activating", "reloading"),
+    return UnitState(_read(path), _read(serve_files(root)["env"]), _serving(info),
                      info.get("UnitFileState") == "enabled"), info
+
+
+def _serving(info: Dict[str, str]) -> bool:
+    """Active (or starting), and not waiting to restart after a crash."""
+    state, sub = info.get("ActiveState"), info.get("SubState")
+    return state in ("active", "reloading") or (state == "activating" and sub != "auto-restart")
 
 
 def status(root: str, run: Callable = subprocess.run, facts: Optional[Facts] = None) -> Dict:
@@ -348,8 +354,7 @@ def status(root: str, run: Callable = subprocess.run, facts: Optional[Facts] = N
     st.update(manager="systemd", scope=scope, unit=os.path.basename(path), unit_path=path,
               active_state=info.get("ActiveState"), sub_state=info.get("SubState"),
               restarts=int(info.get("NRestarts") or 0), enabled=info.get("UnitFileState") == "enabled")
-    # failed, inactive, or waiting to restart after a crash: not serving, whatever a stale pid file says
-    if info.get("ActiveState") not in ("active", "activating", "reloading") or info.get("SubState") == "auto-restart":
+    if not _serving(info):  # failed, inactive, or waiting to restart after a crash: not serving
         st["running"] = False
     return st
 
@@ -374,9 +379,37 @@ def install(root: str, host: str, port: int, token_file: Optional[str], extra: S
     os.makedirs(f["dir"], exist_ok=True)
     now, _ = unit_state(root, scope, run)
     steps, action = install_steps(scope, path, f["env"], unit, env, now)
+    backup = now.unit_file != unit or now.env_file != env
+    prev = os.path.join(f["dir"], "unit.prev.json")
+    if backup:  # what restore() puts back if the new settings fail the gate (0600: it holds the token)
+        _write(prev, json.dumps({"scope": scope, "unit": now.unit_file, "env": now.env_file}), 0o600)
     done = run_steps(steps, run)
     return {"manager": "systemd", "scope": scope, "unit": name, "unit_path": path, "action": action,
-            "steps": done}
+            "backup": backup, "steps": done}
+
+
+def restore(root: str, run: Callable = subprocess.run) -> Dict:
+    """After new settings failed deploy's gate: the unit and env file as they were before the last
+    install() that changed them (restarted), or no unit at all if there was none (removed)."""
+    f = serve_files(root)
+    prev = os.path.join(f["dir"], "unit.prev.json")
+    try:
+        with open(prev, encoding="utf-8") as fh:
+            old = json.load(fh)
+    except FileNotFoundError:
+        return {"restored": None}
+    if old["unit"] is None:
+        res = dict(remove(root, run), restored="removed")
+    else:
+        scope = old["scope"]
+        path = os.path.join(unit_dir(scope), unit_name(root))
+        steps = [("write", path, old["unit"], "644"), _ctl(scope, "daemon-reload"),
+                 _ctl(scope, "restart", os.path.basename(path))]
+        if old["env"] is not None:
+            steps.insert(0, ("write", f["env"], old["env"], "600"))
+        res = {"restored": "previous settings", "steps": run_steps(steps, run)}
+    os.unlink(prev)
+    return res
 
 
 def remove(root: str, run: Callable = subprocess.run) -> Dict:
@@ -395,7 +428,7 @@ def remove(root: str, run: Callable = subprocess.run) -> Dict:
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m edgekit.serve.systemd")
-    p.add_argument("action", choices=["detect", "install", "remove", "status"])
+    p.add_argument("action", choices=["detect", "install", "remove", "restore", "status"])
     p.add_argument("--root", required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -411,6 +444,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             out = install(a.root, a.host, a.port, a.token_file, a.extra)
         elif a.action == "remove":
             out = remove(a.root)
+        elif a.action == "restore":
+            out = restore(a.root)
         else:
             out = status(a.root)
     except (UnitError, OSError, subprocess.SubprocessError) as e:
