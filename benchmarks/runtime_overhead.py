@@ -162,7 +162,7 @@ def paired_cost_us(m, x, runs: int) -> float:
     """Median over calls of (whole model(x) call - its backend part), microseconds."""
     clocked = _Clocked(m._impl)
     m._impl = clocked
-    m._fast_shape = None   # the steady-state path is made again, around the clocked backend
+    m._fast = (None, None, None)   # the steady-state path is made again, around the clocked backend
     try:
         total = []
         for _ in range(runs):
@@ -171,7 +171,7 @@ def paired_cost_us(m, x, runs: int) -> float:
             total.append(time.perf_counter_ns() - t0)
     finally:
         m._impl = clocked._impl
-        m._fast_shape = None
+        m._fast = (None, None, None)
     return float(np.median(np.subtract(total, clocked.inner_ns))) / 1e3
 
 

@@ -71,13 +71,17 @@ def test_steady_state_path(digits_build, target, fmt):
     si, so = m.inputs[0], m.outputs[0]
     x = m.bundle.golden()[f"input:{si.name}"].astype(np.float32)
     want = [so.dequantize(m.run(si.quantize(x[i:i + 1]), raw=True)[so.name]) for i in range(5)]
-    assert m._fast is None
+    assert m._fast[2] is None
     first = m(x[:1])
-    assert m._fast_shape == x[:1].shape and m._fast_dtype == np.float32
+    assert m._fast[:2] == (x[:1].shape, np.float32)
+    fast = m._fast[2]
     for _ in range(3):
         got = m(x[:1])
         assert got.dtype == np.float32 and got is not first
         np.testing.assert_array_equal(got, want[0])
+    import pickle   # an equal dtype that is another object: still the steady state, not made again
+    np.testing.assert_array_equal(m(pickle.loads(pickle.dumps(x[:1]))), want[0])
+    assert m._fast[2] is fast
     np.testing.assert_array_equal(m(x[:5]), np.concatenate(want))   # a batch: the checked path
     np.testing.assert_array_equal(m(x[1:2]), want[1])
     np.testing.assert_array_equal(m(np.asfortranarray(x[2:3])), want[2])
