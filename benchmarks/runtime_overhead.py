@@ -2,7 +2,8 @@
 interpreter loop, side by side in one run.
 
 For each bundle (ResNet-8 and MobileNetV2, the rpi4 INT8 TFLite and the x86-avx2 INT8 ONNX
-bundles made by `edgekit convert`) and each thread count (1, 2):
+bundles made by `edgekit convert`; the x86-avx2 bundle on ONNX Runtime and, where openvino is
+installed, on OpenVINO) and each thread count (1, 2):
 
     bare      the backend's own API, written the fastest way, doing the same work as
               model(x): float in, float out. TFLite (an int8-io bundle): quantize x
@@ -43,7 +44,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from importlib.util import find_spec
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -53,9 +56,11 @@ from speed_models import ROOT, Workdir, cpu_kind, default_work, say, write_resul
 LIMIT = 1.03
 
 
-def bare_loop(bundle: Path, fmt: str, threads: int, x: np.ndarray, spec):
+def bare_loop(bundle: Path, fmt: str, threads: int, x: np.ndarray, spec, backend: Optional[str] = None):
     """A closure running one inference with the backend's own API, fastest form."""
     model_file = next(bundle.glob("model.*"))
+    if backend == "openvino":
+        return _bare_openvino(model_file, threads, x)
     if fmt == "tflite":
         from ai_edge_litert.interpreter import Interpreter
 
@@ -122,6 +127,34 @@ def bare_loop(bundle: Path, fmt: str, threads: int, x: np.ndarray, spec):
     def clocked(inner_ns):
         t0 = time.perf_counter_ns()
         y = sess_run(None, feed)[0]
+        inner_ns.append(time.perf_counter_ns() - t0)
+        return y
+    run.clocked = clocked
+    return run
+
+
+def _bare_openvino(model_file: Path, threads: int, x: np.ndarray):
+    """OpenVINO's own API: compiled for x's shape with the runtime's settings (latency hint, one
+    stream, INFERENCE_NUM_THREADS), one infer request; the QDQ bundle takes and gives float."""
+    import openvino as ov
+
+    from edgekit.runtime.openvino import OpenVinoBackend
+
+    core = ov.Core()
+    model = core.read_model(str(model_file))
+    model.reshape({0: ov.PartialShape(list(x.shape))})
+    compiled = core.compile_model(model, "CPU", dict(OpenVinoBackend.DEFAULT_CONFIG, INFERENCE_NUM_THREADS=threads))
+    req = compiled.create_infer_request()
+    tensor = ov.Tensor(x, shared_memory=True)
+
+    def run():
+        req.set_input_tensor(0, tensor)
+        req.infer()
+        return req.get_output_tensor(0).data.copy()
+
+    def clocked(inner_ns):
+        t0 = time.perf_counter_ns()
+        y = run()
         inner_ns.append(time.perf_counter_ns() - t0)
         return y
     run.clocked = clocked
@@ -228,19 +261,22 @@ def main():
         w = Workdir(a.work, name)
         bundles = w.bundles()
         x = w.inputs("val")[:1]
-        for bname in (f"{name}-rpi4", f"{name}-x86-avx2"):
+        runs_of = [(f"{name}-rpi4", None), (f"{name}-x86-avx2", None)]
+        if find_spec("openvino") is not None:
+            runs_of.append((f"{name}-x86-avx2", "openvino"))
+        for bname, backend in runs_of:
             b = bundles[bname]
-            default = load(b)
+            default = load(b, backend=backend)
             fmt = default.format
             say(f"{bname}: {fmt} ({default.backend}), default threads {default.threads} "
                 f"(profile {default.threads_requested})")
             pairs, models = {}, {}
             for t in (1, 2):
-                m = models[t] = load(b, threads=t)
-                pairs[t] = (bare_loop(b, fmt, t, x, m.inputs[0]), lambda m=m: m(x))
+                m = models[t] = load(b, threads=t, backend=backend)
+                pairs[t] = (bare_loop(b, fmt, t, x, m.inputs[0], backend), lambda m=m: m(x))
             models["default"] = default
             pairs["default"] = (pairs[default.threads][0] if default.threads in (1, 2)
-                                else bare_loop(b, fmt, default.threads, x, default.inputs[0]),
+                                else bare_loop(b, fmt, default.threads, x, default.inputs[0], backend),
                                 lambda: default(x))
             res = measure(pairs, a.rounds, a.runs)
             cost, bare_cost = {}, {}
