@@ -135,7 +135,8 @@ def test_preference_falls_back_and_says_why(prefers_openvino, monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "openvino", None)   # as on a device without openvino
-    m = load(prefers_openvino, threads=1)
+    with pytest.warns(RuntimeWarning, match="the manifest prefers openvino"):
+        m = load(prefers_openvino, threads=1)
     assert m.backend == "onnxruntime" and m.backend_chosen_by == "default"
     assert m.backend_note.startswith("the manifest prefers openvino, not used here: openvino cannot be imported")
     rep = m.benchmark(runs=3, warmup=1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
@@ -76,7 +77,9 @@ def _open_preferred(model_path: Path, fmt: str, pref: Mapping[str, Any], threads
         except BackendUnavailable as e:
             why = e.message
     impl = _open_backend(model_path, fmt, None, threads, providers, reference_numerics)
-    return impl, f"the manifest prefers {want}, not used here: {why}; running on {impl.name}"
+    note = f"the manifest prefers {want}, not used here: {why}; running on {impl.name}"
+    warnings.warn(note, RuntimeWarning, stacklevel=3)
+    return impl, note
 
 
 def load(path: Union[str, Path], *, backend: Optional[str] = None, threads: Optional[int] = None,
