@@ -156,7 +156,9 @@ def load_dataset(path: str, specs: Sequence[TensorSpec], *, what: str,
         pre = Preprocess.parse(preprocess or "")
         arrays = {names[0]: load_images(p, specs[0], pre, limit)}
     elif p.suffix == ".npy":
-        if preprocess:
+        # validation data inherits the calibration's --preprocess, which only an image folder needs: a .npy of
+        # validation samples beside a calibration folder holds model inputs already
+        if preprocess and what != "validation":
             raise DataError("--preprocess applies to an image folder, not to .npy data", path=path)
         if len(specs) != 1:
             raise DataError(f"a .npy holds one array but the model has inputs {names}", path=path,

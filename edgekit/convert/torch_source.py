@@ -24,8 +24,11 @@ against.
 
 from __future__ import annotations
 
+import atexit
+import copy
 import inspect
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -376,21 +379,52 @@ def convert_module(module, example_inputs: Sequence[Any], targets: Sequence[str]
 
 # --- load -------------------------------------------------------------------------------------------------------
 
+_EXPORTED: Dict[tuple, tuple] = {}      # (file sha256, shapes) -> export_onnx's (bytes, output names, record)
+_SAVED: Dict[tuple, tuple] = {}         # (ONNX sha256, shapes) -> (kept SavedModel directory, its TFModel)
+
+
+def _saved_model(data: bytes, workdir: Path, shapes, where: str):
+    """onnx_tflite.to_saved_model, once per process for the same graph and shapes (a recipe's second run,
+    a mixed-precision and a 16x8 build of one program): later calls get a copy of the checked SavedModel."""
+    import dataclasses
+    import hashlib
+
+    from edgekit.convert import onnx_tflite as ot
+
+    key = (hashlib.sha256(data).hexdigest(), tuple(sorted((k, tuple(v)) for k, v in shapes.items())))
+    if key not in _SAVED:
+        tfm = ot.to_saved_model(data, workdir, shapes, where)
+        kept = tempfile.mkdtemp(prefix="edgekit-savedmodel-")
+        atexit.register(shutil.rmtree, kept, True)
+        keep = Path(kept) / "saved_model"
+        shutil.copytree(tfm.saved_model, keep)
+        _SAVED[key] = (keep, copy.deepcopy(dataclasses.replace(tfm, saved_model=keep)))
+        return tfm
+    keep, tfm = _SAVED[key]
+    dest = workdir / "saved_model_from_onnx"
+    shutil.copytree(keep, dest)
+    return copy.deepcopy(dataclasses.replace(tfm, saved_model=dest))
+
+
 def load(path: Path, workdir: Path, input_shapes: Optional[Dict[str, Sequence[int]]] = None,
          needs_tflite: bool = True):
     """A .pt2 / .pt file as a Source: verified float ONNX, the torch reference, and (when asked)
     the SavedModel the TFLite path converts."""
-    from edgekit.convert import onnx_tflite as ot
     from edgekit.convert.sources import Source
 
     where = str(path)
     prog = read_program(path)
     shapes = resolve_shapes(prog, input_shapes, where)
-    data, out_names, record = export_onnx(prog, shapes, where)
+    digest = sha256_file(path)
+    key = (digest, tuple(sorted((k, tuple(v)) for k, v in shapes.items())))
+    if key not in _EXPORTED:        # the same program exported again gives the same graph: once per process
+        _EXPORTED[key] = export_onnx(prog, shapes, where)
+    data, out_names, record = _EXPORTED[key]
+    record = copy.deepcopy(record)
     ref_path = workdir / "reference_float.onnx"
     ref_path.write_bytes(data)
     torch = import_torch()
-    src = Source(path, prog.kind, sha256_file(path), path.stat().st_size, onnx_bytes=data, reference_path=ref_path)
+    src = Source(path, prog.kind, digest, path.stat().st_size, onnx_bytes=data, reference_path=ref_path)
     src.input_shapes = dict(shapes)
     src.notes += prog.notes + [f"ONNX from torch {torch.__version__}'s {record['exporter']} exporter "
                                f"(opset {_opset(data)})"
@@ -401,7 +435,7 @@ def load(path: Path, workdir: Path, input_shapes: Optional[Dict[str, Sequence[in
     src.interface = {"inputs": {n: list(shapes[n]) for n in prog.input_names}, "outputs": list(out_names)}
     if needs_tflite:
         try:
-            src.attach_tflite(ot.to_saved_model(data, workdir, shapes, where))
+            src.attach_tflite(_saved_model(data, workdir, shapes, where))
         except EdgekitError as e:   # the ONNX rows can still be built; the TFLite rows fail with this reason
             src.no_tflite_reason = f"no TFLite path for this model: {e}"
     return src
