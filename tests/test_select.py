@@ -77,7 +77,8 @@ def test_a_bundle_timed_on_openvino_loads_on_openvino(selected, monkeypatch):
     assert golden_check(got)["ok"]
     assert load(b.path, backend="onnxruntime").backend == "onnxruntime"   # an explicit backend wins
     monkeypatch.setitem(sys.modules, "openvino", None)                    # openvino hidden
-    fell = load(b.path)
+    with pytest.warns(RuntimeWarning, match="prefers openvino"):
+        fell = load(b.path)
     assert fell.backend == "onnxruntime" and fell.backend_chosen_by == "default"
     assert fell.backend_note.startswith("the manifest prefers openvino, not used here: openvino cannot be imported")
     assert fell.backend_note.endswith("running on onnxruntime")
