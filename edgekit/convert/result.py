@@ -164,7 +164,7 @@ class ConvertResult:
                 row.update(bytes=len(a.data), float_bytes=a.float_bytes, precision=a.precision,
                            validation=a.metrics, float_ops=a.float_ops, seconds=a.seconds,
                            numerics=a.numerics, rescue=a.rescue, rescued_by=a.rescued_by, notes=a.notes,
-                           mixed_precision=a.mixed, candidates=a.candidates)
+                           mixed_precision=a.mixed, candidates=a.candidates, runtime=a.runtime)
             else:
                 row["failure"] = b.failure.to_dict()
             out.append(row)
