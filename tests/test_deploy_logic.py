@@ -134,6 +134,21 @@ def test_bundle_choice_follows_profile_order_and_backends():
     assert choose_bundle(pi, one, []).sha256 == "rpi5-tflite"  # one bundle: deploy it (mismatch warned)
 
 
+def test_backend_follows_the_manifests_preference_then_the_devices_order():
+    """The controller predicts the backend as runtime.load() chooses it on the device."""
+    from edgekit.deploy.session import DeviceSession
+
+    s = DeviceSession.__new__(DeviceSession)
+    both = {"onnxruntime": protocol.Backend(True, "1.32"), "openvino": protocol.Backend(True, "2026.4")}
+    s._backends = both
+    assert s.check_backend("onnx") == "onnxruntime 1.32"
+    assert s.check_backend("onnx", "openvino") == "openvino 2026.4"
+    s._backends = {"onnxruntime": both["onnxruntime"], "openvino": protocol.Backend(False, error="not installed")}
+    assert s.check_backend("onnx", "openvino") == "onnxruntime 1.32"     # load() falls back the same way
+    s._backends = {"litert": protocol.Backend(True, "2.3")}
+    assert s.check_backend("tflite", "openvino") == "litert 2.3"         # a preference for another format
+
+
 # --- inventory selection ---------------------------------------------------------------------
 
 def test_inventory_selection(tmp_path):

@@ -12,7 +12,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from edgekit.bundle import Bundle, is_bundle, read_bundle, sha256_file
 from edgekit.errors import BundleError
@@ -39,6 +39,11 @@ class Artifact:
     @property
     def path(self) -> Path:
         return self.bundle.path
+
+    @property
+    def preferred_backend(self) -> Optional[str]:
+        """The backend the bundle was timed on (`convert --select fastest`), which load() prefers."""
+        return (self.bundle.manifest.get("runtime") or {}).get("backend")
 
     @property
     def bytes(self) -> int:

@@ -174,7 +174,7 @@ def deploy(device: Device, bundles: Union[Bundle, Artifact, Sequence[Union[Bundl
             data["runtime"] = "would push" if stale else "present"
             status = "unchanged" if (have and entry.current == sha) else ("would-switch" if have else "would-upload")
             return DeviceResult(device.name, status, data=data, warnings=warnings)
-        data["backend"] = s.check_backend(art.format)
+        data["backend"] = s.check_backend(art.format, art.preferred_backend)
         if have and entry.current == sha:
             return DeviceResult(device.name, "unchanged", data=data, warnings=warnings)
         incoming = None
@@ -241,7 +241,7 @@ def profile(device: Device, bundle: Union[Bundle, Artifact], opts: Options, runs
         s = opts.session(c)
         s.ensure_runtime()
         st = s.status(name, clean_incoming=True)
-        s.check_backend(art.format)
+        s.check_backend(art.format, art.preferred_backend)
         have = st.model(name).has(sha) and s.verify(name, sha)
         if not have:
             incoming, _ = _upload(s, art, st, opts)

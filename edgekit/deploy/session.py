@@ -208,10 +208,13 @@ class DeviceSession:
     def release_path(self, name: str, sha: str) -> str:
         return f"{self.root}/models/{name}/releases/{sha}"
 
-    def check_backend(self, fmt: str) -> str:
-        """The backend the device will use for `fmt`, or a clear error naming what to install."""
+    def check_backend(self, fmt: str, preferred: Optional[str] = None) -> str:
+        """The backend the device will use for `fmt` (the manifest's `preferred` one first, as
+        runtime.load() does), or a clear error naming what to install."""
         b = self.backends()
         order = protocol.TFLITE_BACKENDS if fmt == "tflite" else protocol.ONNX_BACKENDS
+        if preferred in order:
+            order = (preferred,) + tuple(n for n in order if n != preferred)
         for name in order:
             if name in b and b[name].available:
                 return f"{name} {b[name].version or ''}".strip()
