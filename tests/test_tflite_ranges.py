@@ -54,13 +54,13 @@ def spiky(tmp_path_factory):
     return spiky_mlp(tmp_path_factory.mktemp("spiky"))
 
 
-def _convert(spiky, out, floor=None):
+def _convert(spiky, out, floor=None, mixed=False):
     from edgekit.convert import Calibration, ConvertRecipe, Floor, Search, convert
 
     model, calib, val = spiky
     return convert(ConvertRecipe(str(model), ("rpi4",), formats=("tflite",), calibration=Calibration(str(calib)),
                                  validation=str(val), compat_check="off", floor=floor or Floor(),
-                                 search=Search(mixed_precision=False)), str(out))
+                                 search=Search(mixed_precision=mixed)), str(out))
 
 
 def test_outlier_range_is_rescued_by_ranges_chosen_by_output_error(spiky, tmp_path):
@@ -140,3 +140,19 @@ def test_a_rung_that_misses_hands_on_to_the_next(spiky, tmp_path):
     rungs = [s["rung"] for s in steps]
     assert rungs[:2] == ["profile", "ranges"] and "16-bit" in rungs and rungs.index("16-bit") > 1, rungs
     assert steps[1]["snr_db"] > steps[0]["snr_db"] and not steps[1]["meets"]
+
+
+def test_float_layers_start_from_the_chosen_ranges(spiky, tmp_path):
+    """Ranges that helped but missed the floor are kept by the float-layers rung: its candidates are the
+    calibrated model with those ranges and the chosen nodes in float, in the profile's int8 I/O."""
+    from edgekit.convert import Floor
+
+    r = _convert(spiky, tmp_path / "o", floor=Floor(min_snr_db=27.0), mixed=True)
+    (b,) = r.bundles
+    steps = b.failure.rescue if not b.ok else b.artifact.rescue
+    by = {s["rung"]: s for s in steps}
+    assert by["ranges"]["snr_db"] > by["profile"]["snr_db"] and not by["ranges"]["meets"], steps
+    assert "on the ranges chosen by output error" in by["float layers"]["what"], steps
+    assert b.ok and b.artifact.rescued_by == "float for the worst layers"
+    q = load(b.path)
+    assert [s.dtype for s in q.inputs] == ["int8"] and [s.dtype for s in q.outputs] == ["int8"]

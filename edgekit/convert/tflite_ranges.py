@@ -103,8 +103,10 @@ def with_ranges(model, ranges: Dict[int, Tuple[float, float]]) -> bytes:
             tensors[i].quantization.min, tensors[i].quantization.max = lo, hi
 
 
-def quantize(calibrated: bytes, build: TFLiteBuild, io: Optional[str] = None) -> bytes:
-    """TensorFlow's MLIR quantizer on a calibrated model, in the build's scheme (what the converter runs)."""
+def quantize(calibrated: bytes, build: TFLiteBuild, io: Optional[str] = None,
+             float_nodes: Optional[List[str]] = None) -> bytes:
+    """TensorFlow's MLIR quantizer on a calibrated model, in the build's scheme (what the converter runs);
+    float_nodes: nodes left in float (mixed precision, the quantization debugger's node names)."""
     import tensorflow as tf
     from tensorflow.lite.python import convert as tfl_convert
 
@@ -112,13 +114,14 @@ def quantize(calibrated: bytes, build: TFLiteBuild, io: Optional[str] = None) ->
 
     dtype = getattr(tf, _IO_TYPES[io or build.io_type])
     return bytes(tfl_convert.mlir_quantize(calibrated, disable_per_channel=not build.per_channel,
-                                           input_data_type=dtype, output_data_type=dtype))
+                                           input_data_type=dtype, output_data_type=dtype,
+                                           denylisted_nodes=list(float_nodes) if float_nodes else None))
 
 
 def build_with(saved_model: Path, calibrated: bytes, build: TFLiteBuild,
-               ranges: Dict[str, Tuple[float, float]]) -> bytes:
+               ranges: Dict[str, Tuple[float, float]], float_nodes: Optional[List[str]] = None) -> bytes:
     """The artifact: the calibrated model with `ranges` (tensor name -> (min, max)), quantized and
-    finished like convert.tflite.to_tflite's INT8 build."""
+    finished like convert.tflite.to_tflite's INT8 build (float_nodes: kept in float)."""
     from edgekit.convert.tflite import keep_io_order
     from edgekit.convert.tflite_fc import rewrite
 
@@ -128,7 +131,7 @@ def build_with(saved_model: Path, calibrated: bytes, build: TFLiteBuild,
     if missing:
         raise ValueError(f"ranges for tensors the calibrated model lacks: {', '.join(missing[:5])}")
     edited = with_ranges(model, {by_name[n]: r for n, r in ranges.items()})
-    return rewrite(keep_io_order(saved_model, quantize(edited, build)))[0]
+    return rewrite(keep_io_order(saved_model, quantize(edited, build, float_nodes=float_nodes)))[0]
 
 
 class _Runner:
