@@ -340,16 +340,21 @@ def _check_nchw_bundle(b, x_val, ref):
 
 
 def test_mixed_precision_from_torch_in_both_formats(digits, cnn, tmp_path):
-    """A floor no 8-bit rung before it meets (this CNN: 31-36 dB at full INT8, either format, any
-    calibration or scheme; 16-bit ONNX about 37 dB): the ladder's mixed-precision rung keeps the worst
-    layers in float (TFLite: named in the SavedModel onnx2tf built; ONNX: in the exported graph)."""
+    """A floor 2 dB above the plain INT8 builds, which no 8-bit rung before mixed precision reaches (ranges,
+    calibration and scheme move this CNN by -4..+0.3 dB): the ladder's mixed-precision rung keeps the worst
+    layers in float (TFLite: named in the SavedModel onnx2tf built; ONNX: in the exported graph). The floor
+    follows the plain figures, so a host whose kernels read them differently (VNNI) sets its own."""
     from edgekit.convert import onnx as onnx_conv
+    from edgekit.convert.validate import primary_snr
 
     x, y, calib = digits
     model, pt2 = cnn
     recipe = ConvertRecipe(model=str(pt2), targets=TARGETS, compat_check="off",
                            calibration=Calibration(str(calib), samples=N_CAL),
-                           floor=Floor(min_snr_db=38.5), search=Search(seconds=90.0, first=True))
+                           floor=Floor(min_snr_db=5.0), search=Search(rescue=False))
+    plain = convert(recipe, str(tmp_path / "plain"))      # the program's export and SavedModel: made once
+    floor = round(max(primary_snr(b.artifact.metrics) for b in plain.bundles) + 2.0, 1)
+    recipe = recipe.replace(floor=Floor(min_snr_db=floor), search=Search(seconds=90.0, first=True))
     res = convert(recipe, str(tmp_path / "out"))
     assert not res.failed and {b.fmt for b in res.bundles} == {"tflite", "onnx"}
     ref = _torch_outputs(model, x[N_CAL:N_CAL + N_VAL])[0]
@@ -360,8 +365,8 @@ def test_mixed_precision_from_torch_in_both_formats(digits, cnn, tmp_path):
         if b.fmt == "onnx":
             assert onnx_conv.float_ops(a.data), "no op left in float"
         snr = _check_nchw_bundle(b, x[N_CAL:N_CAL + N_VAL], ref)
-        print(f"mixed {b.fmt}: {a.rescue[-1]['what']}: SNR {snr:.1f} dB against torch")
-        assert snr >= 35.0, (b.fmt, snr)
+        print(f"mixed {b.fmt}: floor {floor} dB, {a.rescue[-1]['what']}: SNR {snr:.1f} dB against torch")
+        assert snr >= floor - 2.0, (b.fmt, snr, floor)     # on other samples than the pipeline's validation
 
 
 def test_int16x8_tflite_from_torch(digits, cnn, tmp_path):
