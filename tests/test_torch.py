@@ -339,6 +339,22 @@ def _check_nchw_bundle(b, x_val, ref):
     return snr_db(ref, out["output"])
 
 
+def test_npy_validation_beside_an_image_folder_calibration(tmp_path):
+    """--preprocess belongs to the calibration folder: a .npy validation set beside it holds model inputs
+    already and is read as it is; a .npy calibration set with --preprocess is still refused."""
+    from edgekit.convert.data import load_dataset
+    from edgekit.errors import DataError
+    from edgekit.runtime.spec import TensorSpec
+
+    a = np.random.default_rng(0).random((4, 1, 8, 8), dtype=np.float32)
+    np.save(tmp_path / "v.npy", a)
+    spec = [TensorSpec("image", (1, 1, 8, 8), "float32")]
+    ds = load_dataset(str(tmp_path / "v.npy"), spec, what="validation", preprocess="scale=1/240,layout=nchw")
+    np.testing.assert_array_equal(ds.inputs["image"], a)
+    with pytest.raises(DataError, match="--preprocess applies to an image folder"):
+        load_dataset(str(tmp_path / "v.npy"), spec, what="calibration", preprocess="layout=nchw")
+
+
 def test_mixed_precision_from_torch_in_both_formats(digits, cnn, tmp_path):
     """A floor 2 dB above the plain INT8 builds, which no 8-bit rung before mixed precision reaches (ranges,
     calibration and scheme move this CNN by -4..+0.3 dB): the ladder's mixed-precision rung keeps the worst
