@@ -14,8 +14,9 @@ numerics), and recorded; the first that meets the floor is shipped, and the repo
    scheme that would saturate on the target (u8 x 7-bit or u8 x u8 on x86 without VNNI).
 4. float for the worst layers (mixed precision): the sensitivity search of convert.mixed with the
    floor as its budget (a few float layers usually run faster than a whole 16-bit model). TFLite:
-   where rung 1's ranges helped but missed, the candidates are built on those ranges (fewer layers
-   need float: ResNet-8 2 instead of 6).
+   where rung 1's ranges helped but missed, the candidates are first built on those ranges (fewer
+   layers need float: ResNet-8 2 instead of 6), and if none meets the floor, from the profile's
+   calibration (ranges chosen for an all-INT8 model can hurt once a layer is float).
 5. 16-bit activations, 8-bit weights (TFLite 16x8, ONNX 16-bit QDQ), whole model.
 Still below the floor: a Failure with the reason, the worst layers and every step.
 """
@@ -202,21 +203,25 @@ class _Ladder:
         """Rung 4: the worst layers in float (mixed precision, the floor as its budget)."""
         if not self.recipe.search.mixed_precision or self.plain.precision != "int8":
             return None
-        if self.out_of_time():
-            self.steps.append(_step("float layers", "mixed precision", error="not tried: search budget spent"))
-            return None
-        found = _mixed(self.row, self.recipe, self.source, self.calib, self.ctx, self.float_onnx, self.plain,
-                       self.progress, self.deadline, self.tflite_base)
-        self.worst = found["worst"]
-        kept = ", ".join(found["record"]["float_layers"] or []) or "none met the floor"
-        on = " (on the ranges chosen by output error)" if self.tflite_base else ""
-        self.steps.append(_step("float layers", f"mixed precision{on}: {kept}", found["chosen_metrics"],
-                                found["chosen_data"] or b"", meets=found["chosen"] is not None, floor=self.floor,
-                                tried=len(found["record"]["steps"])))
-        if found["chosen"] is None:
-            return None
-        found["chosen"].mixed = found["record"]
-        return self.shipped(found["chosen"], "float for the worst layers")
+        # TFLite: first on the ranges rung 1 chose (fewer float layers where they help); ranges chosen for
+        # an all-INT8 model can hurt once a layer is float, so then again from the profile's calibration
+        for base in ([self.tflite_base, None] if self.tflite_base else [None]):
+            on = " (on the ranges chosen by output error)" if base else ""
+            if self.out_of_time():
+                self.steps.append(_step("float layers", f"mixed precision{on}",
+                                        error="not tried: search budget spent"))
+                return None
+            found = _mixed(self.row, self.recipe, self.source, self.calib, self.ctx, self.float_onnx, self.plain,
+                           self.progress, self.deadline, base)
+            self.worst = found["worst"]
+            kept = ", ".join(found["record"]["float_layers"] or []) or "none met the floor"
+            self.steps.append(_step("float layers", f"mixed precision{on}: {kept}", found["chosen_metrics"],
+                                    found["chosen_data"] or b"", meets=found["chosen"] is not None, floor=self.floor,
+                                    tried=len(found["record"]["steps"])))
+            if found["chosen"] is not None:
+                found["chosen"].mixed = found["record"]
+                return self.shipped(found["chosen"], "float for the worst layers")
+        return None
 
     def failure(self) -> Failure:
         art = self.best[1]
