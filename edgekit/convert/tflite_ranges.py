@@ -135,8 +135,9 @@ def build_with(saved_model: Path, calibrated: bytes, build: TFLiteBuild,
 
 
 class _Runner:
-    """Runs a TFLite model on a batch of samples: the whole batch at once where the graph can be
-    resized, else one sample at a time."""
+    """Runs a TFLite model on a set of samples, in batches of `chunk` where the graph can be resized,
+    else one sample at a time. Tensors' values (kept only when asked: every intermediate tensor is then
+    held, so in small chunks) are subsampled to at most 2^20 per tensor and 2^25 in all (128 MB)."""
 
     def __init__(self, inputs: Dict[str, np.ndarray]):
         self.inputs = inputs
@@ -150,46 +151,60 @@ class _Runner:
             warnings.filterwarnings("ignore", message=".*experimental_preserve_all_tensors.*")
             return cls(model_content=data, experimental_preserve_all_tensors=keep_all)
 
-    def _feed(self, details, n: Optional[int]):
+    def _feed(self, details, lo: int, hi: int):
         names = list(self.inputs)
         out = []
         for j, d in enumerate(details):
             key = d["name"] if d["name"] in self.inputs else names[j]
-            x = self.inputs[key] if n is None else self.inputs[key][n:n + 1]
+            x = self.inputs[key][lo:hi]
             out.append((d["index"], x.astype(d["dtype"]) if d["dtype"] == np.float32 else x))
         return out
 
-    def run(self, data: bytes, tensors: Optional[List[int]] = None):
-        """(outputs in order, {tensor index: values}) for the whole batch."""
-        it = self._interp(data, keep_all=bool(tensors))
-        ins = it.get_input_details()
-        try:
-            for d in ins:
-                shape = list(d["shape"])
-                shape[0] = self.n
-                it.resize_tensor_input(d["index"], shape, strict=False)
-            it.allocate_tensors()
-            for idx, x in self._feed(ins, None):
+    def _batches(self, it, step: int, tensors, per_part: int) -> list:
+        parts, size = [], None
+        for lo in range(0, self.n, step):
+            hi = min(lo + step, self.n)
+            if hi - lo != size:
+                size = hi - lo
+                for d in it.get_input_details():
+                    shape = list(d["shape"])
+                    shape[0] = size
+                    it.resize_tensor_input(d["index"], shape, strict=False)
+                it.allocate_tensors()
+            for idx, x in self._feed(it.get_input_details(), lo, hi):
                 it.set_tensor(idx, x)
             it.invoke()
-            parts = [self._collect(it, tensors)]
+            parts.append(self._collect(it, tensors, per_part))
+        return parts
+
+    def run(self, data: bytes, tensors: Optional[List[int]] = None):
+        """(outputs in order, {tensor index: values (subsampled)}) for all the samples."""
+        step = min(self.n, 8) if tensors else self.n
+        cap = min(1 << 20, (1 << 25) // max(1, len(tensors or [])))
+        per_part = max(1, cap // -(-self.n // step))
+        try:
+            parts = self._batches(self._interp(data, keep_all=bool(tensors)), step, tensors, per_part)
         except (RuntimeError, ValueError):       # a graph with a fixed batch: one sample at a time
             it = self._interp(data, keep_all=bool(tensors))
             it.allocate_tensors()
             parts = []
             for n in range(self.n):
-                for idx, x in self._feed(it.get_input_details(), n):
+                for idx, x in self._feed(it.get_input_details(), n, n + 1):
                     it.set_tensor(idx, x)
                 it.invoke()
-                parts.append(self._collect(it, tensors))
+                parts.append(self._collect(it, tensors, max(1, cap // self.n)))
         outs = [np.concatenate([p[0][k] for p in parts]) for k in range(len(parts[0][0]))]
-        values = {i: np.concatenate([p[1][i].reshape(-1) for p in parts]) for i in (tensors or [])}
+        values = {i: np.concatenate([p[1][i] for p in parts]) for i in (tensors or [])}
         return outs, values
 
     @staticmethod
-    def _collect(it, tensors):
+    def _collect(it, tensors, per_part: int):
         outs = [it.get_tensor(d["index"]).copy() for d in it.get_output_details()]
-        return outs, {i: it.get_tensor(i).copy() for i in (tensors or [])}
+        vals = {}
+        for i in tensors or []:
+            v = it.get_tensor(i).reshape(-1)
+            vals[i] = (v[::v.size // per_part + 1] if v.size > per_part else v).copy()
+        return outs, vals
 
 
 def _candidates(t: Tensor, values: np.ndarray) -> None:
