@@ -214,6 +214,10 @@ def test_a_failing_systemctl_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     with pytest.raises(sd.UnitError, match=r"enable --now .* failed \(exit status 1\): Failed to start unit: boom"):
         sd.install(str(tmp_path / "r"), "127.0.0.1", 8000, None, [], facts=USER_FACTS, run=Recorder(fail=("enable",)))
+    # half-installed is not left behind: the new unit, its env file and the backup are gone
+    assert not (tmp_path / "config" / "systemd" / "user" / sd.unit_name(str(tmp_path / "r"))).exists()
+    assert not (tmp_path / "r" / "serve" / "serve.env").exists()
+    assert not (tmp_path / "r" / "serve" / "unit.prev.json").exists()
     with pytest.raises(sd.UnitError, match="no usable systemd: systemd is not running"):
         sd.install(str(tmp_path / "r"), "127.0.0.1", 8000, None, [], facts=Facts(False, None, 0, False, False),
                    run=Recorder())
@@ -223,7 +227,9 @@ def _exposure(path):
     """systemd's own offline rating of a unit's sandboxing (0 = locked down, 10 = none)."""
     import re
 
-    r = subprocess.run([shutil.which("systemd-analyze"), "security", "--offline=true", "--no-pager", str(path)],
+    exe = shutil.which("systemd-analyze")
+    assert exe, "systemd-analyze is missing: scripts/system-deps.sh installs Debian's systemd"
+    r = subprocess.run([exe, "security", "--offline=true", "--no-pager", str(path)],
                        capture_output=True, text=True, timeout=60)
     m = re.search(r"Overall exposure level for \S+: ([0-9.]+)", r.stdout + r.stderr)
     assert m, r.stdout + r.stderr

@@ -383,7 +383,12 @@ def install(root: str, host: str, port: int, token_file: Optional[str], extra: S
     prev = os.path.join(f["dir"], "unit.prev.json")
     if backup:  # what restore() puts back if the new settings fail the gate (0600: it holds the token)
         _write(prev, json.dumps({"scope": scope, "unit": now.unit_file, "env": now.env_file}), 0o600)
-    done = run_steps(steps, run)
+    try:
+        done = run_steps(steps, run)
+    except UnitError:
+        if backup:      # half-installed: put the unit back as it was before re-raising
+            restore(root, run)
+        raise
     return {"manager": "systemd", "scope": scope, "unit": name, "unit_path": path, "action": action,
             "backup": backup, "steps": done}
 
@@ -408,13 +413,17 @@ def restore(root: str, run: Callable = subprocess.run) -> Dict:
         if old["env"] is not None:
             steps.insert(0, ("write", f["env"], old["env"], "600"))
         res = {"restored": "previous settings", "steps": run_steps(steps, run)}
-    os.unlink(prev)
+    if os.path.exists(prev):    # remove() has already deleted it when there was no unit before
+        os.unlink(prev)
     return res
 
 
 def remove(root: str, run: Callable = subprocess.run) -> Dict:
     scope, path = _installed(root)
     f = serve_files(root)
+    prev = os.path.join(f["dir"], "unit.prev.json")
+    if os.path.exists(prev):            # a backup of settings now gone (it holds the token too)
+        os.unlink(prev)
     if scope is None:
         if os.path.exists(f["env"]):
             os.unlink(f["env"])
