@@ -35,6 +35,25 @@ def test_candidates_timed_on_the_device(cli, lab, digits, tmp_path):
     assert golden_check(load(_path(rows, "digits-x86-avx2")))["ok"]
 
 
+def test_tflite_candidates_timed_on_a_pi_with_tflite_runtime(cli, lab, digits, tmp_path):
+    """An ARM target: this x86 host would not time it; the Pi (tflite-runtime 2.14, numpy<2) does,
+    on its own backend, whatever backend this host measured fidelity with."""
+    model, calib, val = digits
+    r = cli("convert", model, "-t", "rpi4", "--format", "tflite", "--calib", calib, "--val", val,
+            "--select", "fastest", "--device", "legacy-pi", "--inventory", lab.inventory, "--compat-check", "off",
+            "-o", tmp_path / "out", "--json", "-q")
+    assert r.exit_code == 0, r.output
+    rows = {b["path"].rsplit("/", 1)[-1]: b for b in json.loads(r.stdout)["bundles"]}
+    cands = read_bundle(_path(rows, "digits-rpi4")).manifest["candidates"]
+    timed = [c for c in cands if c.get("p50_ms")]
+    assert len(timed) >= 2, cands
+    assert all("on device legacy-pi" in c["timed_where"] for c in cands)
+    winner = next(c for c in cands if c["chosen"])
+    assert winner["p50_ms"] == min(c["p50_ms"] for c in timed)
+    store = lab.devices["legacy-pi"].root / "models" / "digits" / "releases"
+    assert len(list(store.iterdir())) >= len(timed)
+
+
 def _path(rows, name):
     return rows[name]["path"]
 

@@ -149,7 +149,10 @@ def fastest(row, recipe, source, calib, ctx: measuring.Context, float_onnx: Dict
             files.append((what, precision, record, data))
         arts.append((entry, art))
     ov, ov_why = openvino_wanted(row.profile) if row.fmt == "onnx" else (False, "")
-    if row.fmt == "onnx" and not ov:
+    here, _ = host_matches(row.profile)
+    if ov and not here:   # OpenVINO's fidelity is measured through its kernels here: only where they are the target's
+        ov, ov_why = False, "this host is not the target's ISA, so OpenVINO's INT8 numerics here are not the device's"
+    if row.fmt == "onnx" and not ov and row.profile.device.arch.lower() in ("x86_64", "amd64"):
         progress.say(f"{label}: OpenVINO not tried: {ov_why}")
     for what, precision, record, data in files if ov else []:
         # the same file on OpenVINO, measured through OpenVINO (its INT8 kernels are what ships), same floor
@@ -235,7 +238,9 @@ def _time_on_device(device, bundle_for, timed, label: str, progress: Progress):
                 if "error" in e:
                     continue
                 try:
-                    p50, e["threads"] = device.p50(dirs[id(a)], e.get("backend"))
+                    # only a backend the manifest asks for must match (load() follows it on the device);
+                    # otherwise the device runs the format on whichever backend it has (tflite-runtime on a Pi)
+                    p50, e["threads"] = device.p50(dirs[id(a)], (a.runtime or {}).get("backend"))
                 except EdgekitError as ex:
                     e.update(error=f"timing on {device.device.name}: {ex}", p50_ms=None)
                     progress.say(f"{label}: candidate {e['what']}: not timed ({e['error'][:120]})")
