@@ -301,7 +301,8 @@ class Model:
                     and a.dtype.kind in "fiu":
                 q = self._in_conv[0].quantize(a)
                 outs = self._run_raw([q if q.flags.c_contiguous else np.ascontiguousarray(q)])
-                if self._fast_ok and a.dtype.kind == "f" and (self._in_batch[0] in (None, a.shape[0])):
+                if self._fast_ok and a.dtype.kind == "f" and (self._in_batch[0] in (None, a.shape[0])) \
+                        and (not self._out_conv[0].quantized or outs[0].dtype == self._out_conv[0].dtype):
                     self._fast = (a.shape, a.dtype, self._make_fast(a.dtype))
                 return self._out_conv[0].dequantize(outs[0])
         if len(self.outputs) == 1 and "raw" not in kwargs:
