@@ -156,3 +156,17 @@ def test_float_layers_start_from_the_chosen_ranges(spiky, tmp_path):
     assert b.ok and b.artifact.rescued_by == "float for the worst layers"
     q = load(b.path)
     assert [s.dtype for s in q.inputs] == ["int8"] and [s.dtype for s in q.outputs] == ["int8"]
+
+
+def test_inputs_are_fed_by_name_not_position():
+    """The calibrated model names its inputs serving_default_<name>:0 and orders them by name."""
+    import numpy as np
+
+    from edgekit.convert.tflite_ranges import _Runner
+
+    r = _Runner({"tokens": np.zeros((2, 4)), "mask": np.ones((2, 4))})
+    assert r._key("serving_default_mask:0") == "mask" and r._key("serving_default_tokens:0") == "tokens"
+    assert r._key("tokens") == "tokens"
+    with pytest.raises(ValueError, match="matches none of the data's inputs"):
+        r._key("serving_default_other:0")
+    assert _Runner({"x": np.zeros((2, 4))})._key("serving_default_input_1:0") == "x"

@@ -167,6 +167,9 @@ class _Ladder:
         if not tr.supported(b) or self.source.saved_model is None:
             return None
         what = "ranges by output error"
+        if self.out_of_time():
+            self.steps.append(_step("ranges", what, error="not tried: search budget spent"))
+            return None
         t0 = time.monotonic()
         with captured_stderr() as cap:
             try:

@@ -153,12 +153,22 @@ class _Runner:
             warnings.filterwarnings("ignore", message=".*experimental_preserve_all_tensors.*")
             return cls(model_content=data, experimental_preserve_all_tensors=keep_all)
 
+    def _key(self, tensor_name: str) -> str:
+        """The dataset's input for a model input: by name (the converter names them
+        serving_default_<name>:0 and orders them by name, not as the source does); one input: it."""
+        base = tensor_name.split(":")[0]
+        base = base[len("serving_default_"):] if base.startswith("serving_default_") else base
+        for key in (tensor_name, base):
+            if key in self.inputs:
+                return key
+        if len(self.inputs) == 1:
+            return next(iter(self.inputs))
+        raise ValueError(f"model input {tensor_name!r} matches none of the data's inputs ({', '.join(self.inputs)})")
+
     def _feed(self, details, lo: int, hi: int):
-        names = list(self.inputs)
         out = []
-        for j, d in enumerate(details):
-            key = d["name"] if d["name"] in self.inputs else names[j]
-            x = self.inputs[key][lo:hi]
+        for d in details:
+            x = self.inputs[self._key(d["name"])][lo:hi]
             out.append((d["index"], x.astype(d["dtype"]) if d["dtype"] == np.float32 else x))
         return out
 
