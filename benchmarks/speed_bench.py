@@ -62,8 +62,14 @@ def candidates(w: Workdir):
     add("float32 TFLite", "float32", w.float_tflite, ("litert",))
     add("float32 ONNX", "float32", w.float_onnx, both)
     bundles = w.bundles()
-    add("edgekit x86-avx2 bundle", "edgekit", lambda: bundles[f"{w.model}-x86-avx2"], both)
-    add("edgekit x86-avx2 INT8 TFLite bundle", "edgekit", lambda: bundles[f"{w.model}-x86-avx2-tflite"], ("litert",))
+
+    def written(name):
+        if name not in bundles:   # convert runs with --no-rescue here: a row below the floor is not written
+            raise LookupError(f"{name} not written: it missed the fidelity floor (see {w.model}.convert.json)")
+        return bundles[name]
+
+    add("edgekit x86-avx2 bundle", "edgekit", lambda: written(f"{w.model}-x86-avx2"), both)
+    add("edgekit x86-avx2 INT8 TFLite bundle", "edgekit", lambda: written(f"{w.model}-x86-avx2-tflite"), ("litert",))
     # the backend its manifest prefers, as load() on a device picks it
     add("edgekit --select fastest x86-avx2", "edgekit", lambda: selected_bundle(w), (MANIFEST,))
     add("TFLiteConverter full-int8", "stock", w.tflite_full_int8, ("litert",))
