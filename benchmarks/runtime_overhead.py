@@ -265,6 +265,9 @@ def main():
         if find_spec("openvino") is not None:
             runs_of.append((f"{name}-x86-avx2", "openvino"))
         for bname, backend in runs_of:
+            if bname not in bundles:   # convert runs with --no-rescue here: below the floor, not written
+                say(f"{bname}: not written by edgekit convert (missed the fidelity floor): skipped")
+                continue
             b = bundles[bname]
             default = load(b, backend=backend)
             fmt = default.format

@@ -1,6 +1,7 @@
 """The models and artifacts the speed benchmarks compare, built here from what the repository
 ships (no download): MLPerf Tiny's ResNet-8 (tests/models/mlperf-tiny) and Keras'
-MobileNetV2 architecture (weights=None, 224x224x3, seeded, logits out).
+MobileNetV2 architecture (weights=None, 224x224x3, seeded, logits out, BatchNorm statistics
+settled on real images: see _settle_batchnorm).
 
 Each artifact is built once into a work directory and reused (delete the directory to
 rebuild). Inputs are crops of scikit-learn's two bundled photographs.
@@ -51,6 +52,22 @@ def image_crops(n: int, seed: int, size: int) -> np.ndarray:
     return np.stack(out)
 
 
+def _settle_batchnorm(model, x: np.ndarray) -> None:
+    """Untrained BatchNorm statistics (mean 0, variance 1) let activations vanish with depth
+    (MobileNetV2's logits come out ~1e-11, which no INT8 output can represent). One forward pass in
+    training mode with momentum 0 sets every layer's moving statistics to what it sees on real
+    images (crops not used for calibration or validation), as a trained network's would be."""
+    import keras
+
+    bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    momenta = [b.momentum for b in bns]
+    for b in bns:
+        b.momentum = 0.0
+    model(x, training=True)
+    for b, mom in zip(bns, momenta):
+        b.momentum = mom
+
+
 def _atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
@@ -82,6 +99,7 @@ class Workdir:
             # logits, not softmax: an untrained network's softmax is ~1/1000 everywhere, which an INT8
             # output rounds to one constant (SNR 0 dB whatever the scheme): no fidelity to compare
             m = keras.applications.MobileNetV2(weights=None, input_shape=(224, 224, 3), classifier_activation=None)
+            _settle_batchnorm(m, self._prep(image_crops(32, 7, 224)))
             tmp = self.dir / "tmp-mobilenetv2.keras"
             m.save(tmp)
             os.replace(tmp, p)
