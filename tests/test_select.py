@@ -110,3 +110,22 @@ def test_nothing_is_timed_on_a_host_of_another_isa(digits, tmp_path):
     assert b.artifact.precision == "int8" and len(b.artifact.candidates) == 1
     assert "is not rpi4's ISA" in b.artifact.candidates[0]["timed_where"]
     assert b.artifact.candidates[0]["p50_ms"] is None
+
+
+def test_float_ships_when_no_int8_build_meets_the_floor(digits, tmp_path):
+    """A floor no 8-bit build reaches (60 dB, no ladder): the profile's build fails, the other
+    candidates are still built and judged, and float32, the one that meets it, ships, saying why."""
+    from edgekit.convert import Floor, Search
+
+    model, calib, val = digits
+    r = convert(ConvertRecipe(str(model), (_x86_target_like_this_host(),), calibration=Calibration(str(calib)),
+                              validation=str(val), formats=("tflite",), select="fastest", compat_check="off",
+                              floor=Floor(min_snr_db=60.0), search=Search(rescue=False)), str(tmp_path / "o"))
+    (main, *beside) = r.bundles
+    assert not r.failed and main.artifact.precision == "float32"
+    cands = main.artifact.candidates
+    profile = next(c for c in cands if c["what"].startswith("profile"))
+    assert not profile["meets"] and "60" in profile["misses"][0] and not profile["chosen"]
+    assert all(not c["meets"] for c in cands if c["what"] != "float32")
+    assert any("missed the floor even after the rescue ladder" in n for n in main.artifact.notes)
+    assert golden_check(load(main.path))["ok"] and not [b for b in beside if b.ok]

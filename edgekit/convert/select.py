@@ -25,12 +25,12 @@ import dataclasses
 import platform
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from edgekit.convert import measure as measuring
 from edgekit.convert import numerics, validate
 from edgekit.convert.native import captured_stderr
-from edgekit.convert.result import Artifact
+from edgekit.convert.result import Artifact, Failure
 from edgekit.convert.validate import primary_snr
 from edgekit.progress import Progress
 
@@ -96,16 +96,27 @@ def _runtime_record(backend: str, threads: int, where: str) -> Dict[str, Any]:
     return rec
 
 
+def _float_bytes(row, source, float_onnx: Dict[int, bytes]) -> int:
+    """The float model's size in the row's format (what size ratios are against)."""
+    from edgekit.convert import pipeline
+
+    if row.fmt == "onnx":
+        return len(pipeline.float_onnx_for(source, row.build.opset, float_onnx))
+    return len(source.float_tflite) if source.float_tflite else 0
+
+
 def _numerics_of(row, build):
     if row.fmt == "onnx" and build is not None:
         return numerics.for_onnx(row.profile, build)
     return row.numerics
 
 
-def fastest(row, recipe, source, calib, ctx: measuring.Context, float_onnx: Dict[int, bytes], chosen: Artifact,
-            progress: Progress, device=None, bundle_for: Optional[Callable[[Artifact, Path], None]] = None
-            ) -> Artifact:
-    """`device` (deploy.timing.DeviceTimer, handed in by the CLI) times the candidates of its own
+def fastest(row, recipe, source, calib, ctx: measuring.Context, float_onnx: Dict[int, bytes],
+            chosen: Union[Artifact, Failure], progress: Progress, device=None,
+            bundle_for: Optional[Callable[[Artifact, Path], None]] = None) -> Union[Artifact, Failure]:
+    """`chosen`: the profile's build, or its Failure when it missed the floor even after the ladder
+    (the other candidates, float32 among them, may still meet it: then one of them ships, saying so).
+    `device` (deploy.timing.DeviceTimer, handed in by the CLI) times the candidates of its own
     target on the device; `bundle_for(art, dir)` writes a candidate's bundle for it."""
     from edgekit.convert import pipeline
     from edgekit.runtime.threads import choose_threads
@@ -113,21 +124,31 @@ def fastest(row, recipe, source, calib, ctx: measuring.Context, float_onnx: Dict
     label = f"[{row.profile.name}] {row.fmt}"
     on_device = device is not None and bundle_for is not None and device.covers(row.profile.name)
     ok, where = (True, device.describe()) if on_device else host_matches(row.profile)
-    profile_entry = {"what": f"profile's build ({chosen.precision}" + (", rescued" if chosen.rescued_by else "") + ")",
-                     "backend": chosen.golden_backend.split()[0] if chosen.golden_backend else None,
-                     "bytes": len(chosen.data), "top1_agreement": chosen.metrics.get("top1_agreement"),
-                     "snr_db": primary_snr(chosen.metrics), "meets": True, "timed_where": where}
+    failed = chosen if isinstance(chosen, Failure) else None
+    if failed is not None:
+        if not ok:
+            return failed
+        profile_entry: Dict[str, Any] = {"what": "profile's build", "backend": None, "bytes": 0, "meets": False,
+                                         "misses": [failed.reason], "timed_where": where}
+        progress.say(f"{label}: --select fastest: the profile's build missed the floor; trying the other candidates")
+    else:
+        profile_entry = {"what": f"profile's build ({chosen.precision}" + (", rescued" if chosen.rescued_by else "")
+                         + ")", "backend": chosen.golden_backend.split()[0] if chosen.golden_backend else None,
+                         "bytes": len(chosen.data), "top1_agreement": chosen.metrics.get("top1_agreement"),
+                         "snr_db": primary_snr(chosen.metrics), "meets": True, "timed_where": where}
     if not ok:
         progress.say(f"{label}: --select fastest: {where}; the profile's build is kept")
         chosen.candidates = [dict(profile_entry, chosen=True, p50_ms=None)]
         return chosen
     threads = choose_threads(None, row.profile.runtime.threads)
-    if row.fmt == "onnx":
-        chosen.runtime = _runtime_record(profile_entry["backend"] or "onnxruntime", threads, where)
-    arts: List[Tuple[Dict[str, Any], Optional[Artifact]]] = [(profile_entry, chosen)]
+    float_bytes = _float_bytes(row, source, float_onnx) if failed else chosen.float_bytes
+    arts: List[Tuple[Dict[str, Any], Optional[Artifact]]] = [(profile_entry, None if failed else chosen)]
     # (label, precision, build record, bytes) of each ONNX file built: tried on OpenVINO too
-    files: List[Tuple[str, str, Dict[str, Any], bytes]] = [(profile_entry["what"], chosen.precision, chosen.build,
-                                                            chosen.data)]
+    files: List[Tuple[str, str, Dict[str, Any], bytes]] = []
+    if not failed:
+        if row.fmt == "onnx":
+            chosen.runtime = _runtime_record(profile_entry["backend"] or "onnxruntime", threads, where)
+        files.append((profile_entry["what"], chosen.precision, chosen.build, chosen.data))
     for what, build, make in _candidates(row, source):
         entry: Dict[str, Any] = {"what": what, "timed_where": where}
         t0 = time.monotonic()
@@ -143,7 +164,7 @@ def fastest(row, recipe, source, calib, ctx: measuring.Context, float_onnx: Dict
                 arts.append((entry, None))
                 continue
         record = dataclasses.asdict(build) if build is not None else {"float32": True}
-        art = _artifact(recipe, chosen, entry, data, m, record, precision, num, t0)
+        art = _artifact(recipe, row.fmt, float_bytes, entry, data, m, record, precision, num, t0)
         if row.fmt == "onnx":
             art.runtime = _runtime_record(entry["backend"], threads, where)
             files.append((what, precision, record, data))
@@ -167,15 +188,17 @@ def fastest(row, recipe, source, calib, ctx: measuring.Context, float_onnx: Dict
                 progress.say(f"{label}: candidate {entry['what']}: failed ({entry['error'][:100]})")
                 arts.append((entry, None))
                 continue
-        art = _artifact(recipe, chosen, entry, data, m, record, precision, _OV_NUMERICS, t0)
+        art = _artifact(recipe, row.fmt, float_bytes, entry, data, m, record, precision, _OV_NUMERICS, t0)
         art.runtime = _runtime_record("openvino", threads, where)
         arts.append((entry, art))
     timed = [(e, a) for e, a in arts if a is not None and e.get("meets")]
     if on_device:
         timed = _time_on_device(device, bundle_for, timed, label, progress)
         if not timed:
-            progress.say(f"{label}: --select fastest: no candidate could be timed on {device.device.name}; "
-                         "the profile's build is kept")
+            progress.say(f"{label}: --select fastest: no candidate could be timed on {device.device.name}"
+                         + ("" if failed else "; the profile's build is kept"))
+            if failed:
+                return failed
             chosen.candidates = [e for e, _ in arts]
             for e in chosen.candidates:
                 e.update(chosen=e is profile_entry, p50_ms=e.get("p50_ms"))
@@ -188,12 +211,20 @@ def fastest(row, recipe, source, calib, ctx: measuring.Context, float_onnx: Dict
         for e, a in arts:
             e["p50_ms"] = _median(samples[id(a)]) if a is not None and id(a) in samples else None
             e["threads"] = threads
+    if not timed:       # only when the profile's build failed: no other candidate met the floor either
+        progress.say(f"{label}: --select fastest: no candidate meets the floor")
+        return failed
     winner_entry, winner = min(timed, key=lambda ea: ea[0]["p50_ms"])
     for e, _ in arts:
         e["chosen"] = e is winner_entry
     best_float = min((e["p50_ms"] for e, a in timed if a.precision == "float32"), default=None)
     winner.candidates = [e for e, _ in arts]
-    winner.rescue, winner.rescued_by = chosen.rescue, chosen.rescued_by
+    if failed:
+        winner.rescue = failed.rescue
+        winner.notes.append(f"the profile's build missed the floor even after the rescue ladder ({failed.reason}); "
+                            f"--select fastest ships {winner_entry['what']}, the fastest candidate that meets it")
+    else:
+        winner.rescue, winner.rescued_by = chosen.rescue, chosen.rescued_by
     winner.alternatives = [(_slug(e["what"]), a) for e, a in timed if a is not winner]
     progress.say(f"{label}: fastest: {winner_entry['what']} on {winner_entry['backend']} at p50 "
                  f"{winner_entry['p50_ms']:.3f} ms ({winner_entry['threads']} thread(s))"
@@ -205,14 +236,14 @@ _OV_NUMERICS = numerics.Numerics("host", "OpenVINO's own kernels on this host, w
                                          "what a bundle run on OpenVINO computes")
 
 
-def _artifact(recipe, chosen: Artifact, entry: Dict[str, Any], data: bytes, m, record: Dict[str, Any],
+def _artifact(recipe, fmt: str, float_bytes: int, entry: Dict[str, Any], data: bytes, m, record: Dict[str, Any],
               precision: str, num, t0: float) -> Artifact:
     """A measured candidate: its entry filled (backend, size, fidelity, floor) and its Artifact."""
     misses = validate.floor_misses(m.metrics, recipe.floor)
     entry.update(backend=m.backend.split()[0], bytes=len(data), top1_agreement=m.metrics.get("top1_agreement"),
                  snr_db=primary_snr(m.metrics), meets=not misses, misses=misses,
                  seconds=round(time.monotonic() - t0, 2))
-    return Artifact(chosen.fmt, data, chosen.float_bytes, m.metrics, m.float_ops, m.inputs, m.outputs, m.golden,
+    return Artifact(fmt, data, float_bytes, m.metrics, m.float_ops, m.inputs, m.outputs, m.golden,
                     0.0, record, precision, measuring.numerics_record(num, m), m.backend)
 
 
