@@ -111,6 +111,28 @@ def _numerics_of(row, build):
     return row.numerics
 
 
+@dataclasses.dataclass
+class _Selection:
+    """One row's selection: what every step needs."""
+    row: Any
+    recipe: Any
+    source: Any
+    calib: Any
+    ctx: measuring.Context
+    float_onnx: Dict[int, bytes]
+    progress: Progress
+    where: str
+    threads: int
+    float_bytes: int
+
+    @property
+    def label(self) -> str:
+        return f"[{self.row.profile.name}] {self.row.fmt}"
+
+    def runtime(self, backend: str) -> Dict[str, Any]:
+        return _runtime_record(backend, self.threads, self.where)
+
+
 def fastest(row, recipe, source, calib, ctx: measuring.Context, float_onnx: Dict[int, bytes],
             chosen: Union[Artifact, Failure], progress: Progress, device=None,
             bundle_for: Optional[Callable[[Artifact, Path], None]] = None) -> Union[Artifact, Failure]:
@@ -118,117 +140,144 @@ def fastest(row, recipe, source, calib, ctx: measuring.Context, float_onnx: Dict
     (the other candidates, float32 among them, may still meet it: then one of them ships, saying so).
     `device` (deploy.timing.DeviceTimer, handed in by the CLI) times the candidates of its own
     target on the device; `bundle_for(art, dir)` writes a candidate's bundle for it."""
-    from edgekit.convert import pipeline
     from edgekit.runtime.threads import choose_threads
 
-    label = f"[{row.profile.name}] {row.fmt}"
     on_device = device is not None and bundle_for is not None and device.covers(row.profile.name)
     ok, where = (True, device.describe()) if on_device else host_matches(row.profile)
     failed = chosen if isinstance(chosen, Failure) else None
-    if failed is not None:
-        if not ok:
-            return failed
-        profile_entry: Dict[str, Any] = {"what": "profile's build", "backend": None, "bytes": 0, "meets": False,
-                                         "misses": [failed.reason], "timed_where": where}
-        progress.say(f"{label}: --select fastest: the profile's build missed the floor; trying the other candidates")
-    else:
-        profile_entry = {"what": f"profile's build ({chosen.precision}" + (", rescued" if chosen.rescued_by else "")
-                         + ")", "backend": chosen.golden_backend.split()[0] if chosen.golden_backend else None,
-                         "bytes": len(chosen.data), "top1_agreement": chosen.metrics.get("top1_agreement"),
-                         "snr_db": primary_snr(chosen.metrics), "meets": True, "timed_where": where}
+    label = f"[{row.profile.name}] {row.fmt}"
     if not ok:
-        progress.say(f"{label}: --select fastest: {where}; the profile's build is kept")
-        chosen.candidates = [dict(profile_entry, chosen=True, p50_ms=None)]
+        if failed is None:
+            progress.say(f"{label}: --select fastest: {where}; the profile's build is kept")
+            chosen.candidates = [dict(_profile_entry(chosen, where), chosen=True, p50_ms=None)]
         return chosen
-    threads = choose_threads(None, row.profile.runtime.threads)
-    float_bytes = _float_bytes(row, source, float_onnx) if failed else chosen.float_bytes
+    sel = _Selection(row, recipe, source, calib, ctx, float_onnx, progress, where,
+                     choose_threads(None, row.profile.runtime.threads),
+                     _float_bytes(row, source, float_onnx) if failed else chosen.float_bytes)
+    profile_entry = _profile_entry(chosen, where)
     arts: List[Tuple[Dict[str, Any], Optional[Artifact]]] = [(profile_entry, None if failed else chosen)]
     # (label, precision, build record, bytes) of each ONNX file built: tried on OpenVINO too
     files: List[Tuple[str, str, Dict[str, Any], bytes]] = []
-    if not failed:
+    if failed:
+        progress.say(f"{label}: --select fastest: the profile's build missed the floor; trying the other candidates")
+    else:
         if row.fmt == "onnx":
-            chosen.runtime = _runtime_record(profile_entry["backend"] or "onnxruntime", threads, where)
+            chosen.runtime = sel.runtime(profile_entry["backend"] or "onnxruntime")
         files.append((profile_entry["what"], chosen.precision, chosen.build, chosen.data))
-    for what, build, make in _candidates(row, source):
-        entry: Dict[str, Any] = {"what": what, "timed_where": where}
-        t0 = time.monotonic()
-        with captured_stderr() as cap:
-            try:
-                data = make() if make else pipeline._convert_once(source, row.fmt, build, calib, float_onnx)[0]
-                num = _numerics_of(row, build)
-                precision = "float32" if build is None else pipeline._precision(build)
-                m = measuring.measure(data, row.fmt, ctx, num, per_sample=precision == "dynamic")
-            except Exception as e:  # a candidate that cannot be built is recorded, not hidden
-                entry.update(error=pipeline._error_line(e, cap), meets=False, bytes=0)
-                progress.say(f"{label}: candidate {what}: failed ({entry['error'][:100]})")
-                arts.append((entry, None))
-                continue
-        record = dataclasses.asdict(build) if build is not None else {"float32": True}
-        art = _artifact(recipe, row.fmt, float_bytes, entry, data, m, record, precision, num, t0)
-        if row.fmt == "onnx":
-            art.runtime = _runtime_record(entry["backend"], threads, where)
-            files.append((what, precision, record, data))
-        arts.append((entry, art))
-    ov, ov_why = openvino_wanted(row.profile) if row.fmt == "onnx" else (False, "")
-    here, _ = host_matches(row.profile)
-    if ov and not here:   # OpenVINO's fidelity is measured through its kernels here: only where they are the target's
-        ov, ov_why = False, "this host is not the target's ISA, so OpenVINO's INT8 numerics here are not the device's"
-    if row.fmt == "onnx" and not ov and row.profile.device.arch.lower() in ("x86_64", "amd64"):
-        progress.say(f"{label}: OpenVINO not tried: {ov_why}")
-    for what, precision, record, data in files if ov else []:
-        # the same file on OpenVINO, measured through OpenVINO (its INT8 kernels are what ships), same floor
-        entry = {"what": f"{what}+openvino", "timed_where": where}
-        t0 = time.monotonic()
-        with captured_stderr() as cap:
-            try:
-                m = measuring.measure(data, "onnx", ctx, _OV_NUMERICS, per_sample=precision == "dynamic",
-                                      threads=threads, backend="openvino")
-            except Exception as e:  # OpenVINO cannot read or compile this graph: recorded, not hidden
-                entry.update(backend="openvino", error=pipeline._error_line(e, cap), meets=False, bytes=len(data))
-                progress.say(f"{label}: candidate {entry['what']}: failed ({entry['error'][:100]})")
-                arts.append((entry, None))
-                continue
-        art = _artifact(recipe, row.fmt, float_bytes, entry, data, m, record, precision, _OV_NUMERICS, t0)
-        art.runtime = _runtime_record("openvino", threads, where)
-        arts.append((entry, art))
+    _build_candidates(sel, arts, files)
+    _on_openvino(sel, arts, files)
     timed = [(e, a) for e, a in arts if a is not None and e.get("meets")]
     if on_device:
         timed = _time_on_device(device, bundle_for, timed, label, progress)
-        if not timed:
-            progress.say(f"{label}: --select fastest: no candidate could be timed on {device.device.name}"
-                         + ("" if failed else "; the profile's build is kept"))
-            if failed:
-                return failed
-            chosen.candidates = [e for e, _ in arts]
-            for e in chosen.candidates:
-                e.update(chosen=e is profile_entry, p50_ms=e.get("p50_ms"))
-            return chosen
     else:
-        samples: Dict[int, List[float]] = {id(a): [] for _, a in timed}
-        for _ in range(ROUNDS):                    # alternate: drift and load hit every candidate alike
-            for e, a in timed:
-                samples[id(a)].append(_p50(a, threads))
-        for e, a in arts:
-            e["p50_ms"] = _median(samples[id(a)]) if a is not None and id(a) in samples else None
-            e["threads"] = threads
-    if not timed:       # only when the profile's build failed: no other candidate met the floor either
-        progress.say(f"{label}: --select fastest: no candidate meets the floor")
-        return failed
+        _time_here(timed, arts, sel.threads)
+    if not timed:
+        why = f"no candidate could be timed on {device.device.name}" if on_device else "no candidate meets the floor"
+        progress.say(f"{label}: --select fastest: {why}" + ("" if failed else "; the profile's build is kept"))
+        if failed:
+            return failed
+        chosen.candidates = [dict(e, chosen=e is profile_entry, p50_ms=e.get("p50_ms")) for e, _ in arts]
+        return chosen
+    return _ship(sel, arts, timed, chosen)
+
+
+def _profile_entry(chosen: Union[Artifact, Failure], where: str) -> Dict[str, Any]:
+    if isinstance(chosen, Failure):
+        return {"what": "profile's build", "backend": None, "bytes": 0, "meets": False, "misses": [chosen.reason],
+                "timed_where": where}
+    return {"what": f"profile's build ({chosen.precision}" + (", rescued" if chosen.rescued_by else "") + ")",
+            "backend": chosen.golden_backend.split()[0] if chosen.golden_backend else None,
+            "bytes": len(chosen.data), "top1_agreement": chosen.metrics.get("top1_agreement"),
+            "snr_db": primary_snr(chosen.metrics), "meets": True, "timed_where": where}
+
+
+def _build_candidates(sel: _Selection, arts, files) -> None:
+    """Each scheme, dynamic and float32 for the row's format: built, measured, judged by the floor."""
+    from edgekit.convert import pipeline
+
+    row = sel.row
+    for what, build, make in _candidates(row, sel.source):
+        entry: Dict[str, Any] = {"what": what, "timed_where": sel.where}
+        t0 = time.monotonic()
+        with captured_stderr() as cap:
+            try:
+                data = make() if make else pipeline._convert_once(sel.source, row.fmt, build, sel.calib,
+                                                                   sel.float_onnx)[0]
+                num = _numerics_of(row, build)
+                precision = "float32" if build is None else pipeline._precision(build)
+                m = measuring.measure(data, row.fmt, sel.ctx, num, per_sample=precision == "dynamic")
+            except Exception as e:  # a candidate that cannot be built is recorded, not hidden
+                entry.update(error=pipeline._error_line(e, cap), meets=False, bytes=0)
+                sel.progress.say(f"{sel.label}: candidate {what}: failed ({entry['error'][:100]})")
+                arts.append((entry, None))
+                continue
+        record = dataclasses.asdict(build) if build is not None else {"float32": True}
+        art = _artifact(sel, entry, data, m, record, precision, num, t0)
+        if row.fmt == "onnx":
+            art.runtime = sel.runtime(entry["backend"])
+            files.append((what, precision, record, data))
+        arts.append((entry, art))
+
+
+def _on_openvino(sel: _Selection, arts, files) -> None:
+    """Each ONNX file again on OpenVINO, measured through OpenVINO (its INT8 kernels are what ships),
+    same floor: only for x86 targets, where this host has the target's ISA."""
+    from edgekit.convert import pipeline
+
+    row = sel.row
+    if row.fmt != "onnx":
+        return
+    ov, ov_why = openvino_wanted(row.profile)
+    if ov and not host_matches(row.profile)[0]:
+        ov, ov_why = False, "this host is not the target's ISA, so OpenVINO's INT8 numerics here are not the device's"
+    if not ov:
+        if row.profile.device.arch.lower() in ("x86_64", "amd64"):
+            sel.progress.say(f"{sel.label}: OpenVINO not tried: {ov_why}")
+        return
+    for what, precision, record, data in files:
+        entry = {"what": f"{what}+openvino", "timed_where": sel.where}
+        t0 = time.monotonic()
+        with captured_stderr() as cap:
+            try:
+                m = measuring.measure(data, "onnx", sel.ctx, _OV_NUMERICS, per_sample=precision == "dynamic",
+                                      threads=sel.threads, backend="openvino")
+            except Exception as e:  # OpenVINO cannot read or compile this graph: recorded, not hidden
+                entry.update(backend="openvino", error=pipeline._error_line(e, cap), meets=False, bytes=len(data))
+                sel.progress.say(f"{sel.label}: candidate {entry['what']}: failed ({entry['error'][:100]})")
+                arts.append((entry, None))
+                continue
+        art = _artifact(sel, entry, data, m, record, precision, _OV_NUMERICS, t0)
+        art.runtime = sel.runtime("openvino")
+        arts.append((entry, art))
+
+
+def _time_here(timed, arts, threads: int) -> None:
+    samples: Dict[int, List[float]] = {id(a): [] for _, a in timed}
+    for _ in range(ROUNDS):                    # alternate: drift and load hit every candidate alike
+        for e, a in timed:
+            samples[id(a)].append(_p50(a, threads))
+    for e, a in arts:
+        e["p50_ms"] = _median(samples[id(a)]) if a is not None and id(a) in samples else None
+        e["threads"] = threads
+
+
+def _ship(sel: _Selection, arts, timed, chosen: Union[Artifact, Failure]) -> Artifact:
+    """The lowest p50 wins; the others go beside it; the table and manifest get every entry."""
     winner_entry, winner = min(timed, key=lambda ea: ea[0]["p50_ms"])
     for e, _ in arts:
         e["chosen"] = e is winner_entry
     best_float = min((e["p50_ms"] for e, a in timed if a.precision == "float32"), default=None)
     winner.candidates = [e for e, _ in arts]
-    if failed:
-        winner.rescue = failed.rescue
-        winner.notes.append(f"the profile's build missed the floor even after the rescue ladder ({failed.reason}); "
+    if isinstance(chosen, Failure):
+        winner.rescue = chosen.rescue
+        winner.notes.append(f"the profile's build missed the floor even after the rescue ladder ({chosen.reason}); "
                             f"--select fastest ships {winner_entry['what']}, the fastest candidate that meets it")
     else:
         winner.rescue, winner.rescued_by = chosen.rescue, chosen.rescued_by
     winner.alternatives = [(_slug(e["what"]), a) for e, a in timed if a is not winner]
-    progress.say(f"{label}: fastest: {winner_entry['what']} on {winner_entry['backend']} at p50 "
-                 f"{winner_entry['p50_ms']:.3f} ms ({winner_entry['threads']} thread(s))"
-                 + (f", {best_float / winner_entry['p50_ms']:.2f}x the best float32" if best_float else ""))
+    sel.progress.say(f"{sel.label}: fastest: {winner_entry['what']} on {winner_entry['backend']} at p50 "
+                     f"{winner_entry['p50_ms']:.3f} ms ({winner_entry['threads']} thread(s))"
+                     + (f", {best_float / winner_entry['p50_ms']:.2f}x the best float32" if best_float else ""))
     return winner
 
 
@@ -236,14 +285,14 @@ _OV_NUMERICS = numerics.Numerics("host", "OpenVINO's own kernels on this host, w
                                          "what a bundle run on OpenVINO computes")
 
 
-def _artifact(recipe, fmt: str, float_bytes: int, entry: Dict[str, Any], data: bytes, m, record: Dict[str, Any],
+def _artifact(sel: _Selection, entry: Dict[str, Any], data: bytes, m, record: Dict[str, Any],
               precision: str, num, t0: float) -> Artifact:
     """A measured candidate: its entry filled (backend, size, fidelity, floor) and its Artifact."""
-    misses = validate.floor_misses(m.metrics, recipe.floor)
+    misses = validate.floor_misses(m.metrics, sel.recipe.floor)
     entry.update(backend=m.backend.split()[0], bytes=len(data), top1_agreement=m.metrics.get("top1_agreement"),
                  snr_db=primary_snr(m.metrics), meets=not misses, misses=misses,
                  seconds=round(time.monotonic() - t0, 2))
-    return Artifact(fmt, data, float_bytes, m.metrics, m.float_ops, m.inputs, m.outputs, m.golden,
+    return Artifact(sel.row.fmt, data, sel.float_bytes, m.metrics, m.float_ops, m.inputs, m.outputs, m.golden,
                     0.0, record, precision, measuring.numerics_record(num, m), m.backend)
 
 
