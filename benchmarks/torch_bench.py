@@ -108,19 +108,9 @@ def _p50(path):
 
 def _stock_onnx(onnx_path, name, x_cal, x_val, d):
     import onnxruntime as ort
-    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+    from stockroute import quantize_static
 
-    q = d / "stock_int8.onnx"
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter(x_cal)
-
-        def get_next(self):
-            a = next(self.it, None)
-            return None if a is None else {name: a[None]}
-
-    quantize_static(str(onnx_path), str(q), Reader())
+    q = quantize_static(onnx_path, d / "stock_int8.onnx", name, x_cal)
     runs = {}
     for how, level in (("host", ort.GraphOptimizationLevel.ORT_ENABLE_ALL),
                        ("as written", ort.GraphOptimizationLevel.ORT_DISABLE_ALL)):

@@ -31,17 +31,11 @@ SCHEMES = {"u8 x 7-bit (x86-avx2 profile)": ("int8", True), "u8 x u8 (ladder run
 
 
 def _quantize(src: Path, dst: Path, name: str, x_cal: np.ndarray, weight: str, reduce_range: bool) -> None:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import QuantFormat, QuantType
 
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter(x_cal)
+    from stockroute import quantize_static
 
-        def get_next(self):
-            a = next(self.it, None)
-            return None if a is None else {name: a[None]}
-
-    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+    quantize_static(src, dst, name, x_cal, quant_format=QuantFormat.QDQ, per_channel=True,
                     reduce_range=reduce_range, activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8 if weight == "int8" else QuantType.QUInt8)
 

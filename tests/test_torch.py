@@ -36,6 +36,7 @@ from edgekit.convert.sources import detect_kind, load_source
 from edgekit.errors import SourceModelError
 from edgekit.runtime import load as load_bundle
 from edgekit.runtime.check import golden_check, snr_db
+from stockroute import quantize_static
 
 PPOCR = ROOT / "tests" / "models" / "ppocr-cls" / "ch_ppocr_mobile_v2.0_cls_infer.onnx"
 TARGETS = ("rpi4",)            # builds TFLite then ONNX: both formats, one profile
@@ -154,22 +155,12 @@ def _torch_outputs(model, x):
 def _stock_onnx_snr(model, x_cal, x_val, ref, tmp: Path, name: str = "image"):
     """The stock route: torch.onnx.export -> quantize_static with its defaults, run in ONNX Runtime."""
     import onnxruntime as ort
-    from onnxruntime.quantization import CalibrationDataReader, quantize_static
 
     f, q = tmp / "stock.onnx", tmp / "stock_int8.onnx"
     n_out = len(ref)
     torch.onnx.export(model, (torch.from_numpy(x_cal[:1]),), str(f), input_names=[name],
                       output_names=[f"o{i}" for i in range(n_out)], dynamo=False, opset_version=17)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter(x_cal)
-
-        def get_next(self):
-            a = next(self.it, None)
-            return None if a is None else {name: a[None]}
-
-    quantize_static(str(f), str(q), Reader())
+    quantize_static(f, q, name, x_cal)
     # in reference numerics (the QDQ graph as written), like the pipeline measures an S8S8 build for
     # an ARM target on this x86 host without VNNI (its kernels would saturate)
     so = ort.SessionOptions()
@@ -462,17 +453,7 @@ def test_paddle_ocr_onnx_to_both_formats(tmp_path):
     ref = np.concatenate([sess.run(None, {"x": a[None]})[0] for a in x_val])
     fixed = tmp_path / "fixed.onnx"
     fixed.write_bytes(onnx_tflite.fix_shapes(PPOCR.read_bytes(), {"x": (1, 3, 48, 192)}))
-    from onnxruntime.quantization import CalibrationDataReader, quantize_static
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter(x_cal)
-
-        def get_next(self):
-            a = next(self.it, None)
-            return None if a is None else {"x": a[None]}
-
-    quantize_static(str(fixed), str(tmp_path / "stock.onnx"), Reader())
+    quantize_static(fixed, tmp_path / "stock.onnx", "x", x_cal)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     stock_sess = ort.InferenceSession(str(tmp_path / "stock.onnx"), so, providers=["CPUExecutionProvider"])
