@@ -211,7 +211,7 @@ def main():
             onnx.checker.check_model(str(fixed))
             cases.append(("ppocr-cls", str(tt.PPOCR), fixed, "x", lines, refs, False, (("x", (1, 3, 48, 192)),)))
         # the Paddle classifier misses the default floor at full INT8 in both formats (about 13 dB): it is measured
-        # as built, floor lowered and no rescue (the rescue ladder's report for it fails to serialize: a Floor in it)
+        # as built, floor lowered and no rescue, so that its plain builds compare with the stock route's
 
         for key, src, onnx_path, name, x, refs, det, shapes in cases:
             d = Path(src).parent if key != "ppocr-cls" else Path(tmp) / "ppocr"
