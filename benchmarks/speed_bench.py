@@ -247,7 +247,8 @@ def main():
         for c in (s.get("select_fastest") or {}).get("candidates", []):
             def num(v, fmt):
                 return "-" if v is None else format(v, fmt)
-            print(f"  select candidate {c['what']} on {c['backend']}: p50 {num(c['p50_ms'], '.3f')} ms, "
+            on = f" on {c['backend']}" if c.get("backend") else ""     # the profile's build may not exist
+            print(f"  select candidate {c['what']}{on}: p50 {num(c['p50_ms'], '.3f')} ms, "
                   f"{num(c['bytes'] and c['bytes'] / 1024, '.0f')} KiB, top-1 {num(c['top1_agreement'], '.3f')}, "
                   f"SNR {num(c['snr_db'], '.1f')} dB" + (" (chosen)" if c["chosen"] else "")
                   + ("" if c["meets"] or c.get("error") else " (below the floor: not timed)")
