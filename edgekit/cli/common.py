@@ -30,6 +30,15 @@ def _options(inv, trust_new_host=False, keep=3, quiet=False):
                    debug=debug)
 
 
+def _on_devices(inventory, name, group, all_devices, trust_new_host, op, parallel=8, quiet=False):
+    """op(device, opts) on each selected device of the inventory, `parallel` at a time."""
+    from edgekit.deploy.fleet import fan_out
+
+    inv, devs = _select(inventory, name, group, all_devices)
+    opts = _options(inv, trust_new_host, quiet=quiet)
+    return fan_out(devs, lambda d: op(d, opts), parallel, debug=opts.debug)
+
+
 def _finish(group, as_json, headers, row, title=""):
     """Print per-device results (table or JSON); exit 1 when any device failed."""
     from edgekit.table import render

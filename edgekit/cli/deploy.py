@@ -7,7 +7,8 @@ import json
 import click
 
 from edgekit.cli import cli
-from edgekit.cli.common import _device_selection, _finish, _html_report, _inventory_opt, _options, _select, _trust_opt
+from edgekit.cli.common import (_device_selection, _finish, _html_report, _inventory_opt, _on_devices, _options,
+                                 _select, _trust_opt)
 from edgekit.cli.render import (DEPLOY_HEADERS, ROLLBACK_HEADERS, deploy_row, plan_table, rollback_row,
                                 rollout_tables, status_table)
 
@@ -167,7 +168,6 @@ def _run_rollout(r, as_json, quiet=False):
 def status(device_name, group, all_devices, model, no_health, rollout_id, inventory, trust_new_host, as_json):
     """Per device and model: current release, older ones, health (or a rollout's record)."""
     from edgekit.deploy import ops
-    from edgekit.deploy.fleet import fan_out
 
     if rollout_id:
         from edgekit.deploy.rollout import read_record
@@ -175,9 +175,8 @@ def status(device_name, group, all_devices, model, no_health, rollout_id, invent
         return _show_rollout(read_record(rollout_id), as_json)
     if not (device_name or group or all_devices):
         all_devices = True
-    inv, devs = _select(inventory, device_name, group, all_devices)
-    opts = _options(inv, trust_new_host)
-    res = fan_out(devs, lambda d: ops.status(d, opts, model, health=not no_health), debug=opts.debug)
+    res = _on_devices(inventory, device_name, group, all_devices, trust_new_host,
+                      lambda d, opts: ops.status(d, opts, model, health=not no_health))
     if as_json:
         _finish(res, True, [], None)
         return
@@ -198,11 +197,9 @@ def status(device_name, group, all_devices, model, no_health, rollout_id, invent
 def rollback(device_name, model, to, inventory, trust_new_host, as_json):
     """Switch MODEL on DEVICE back to its previous release (or --to SHA)."""
     from edgekit.deploy import ops
-    from edgekit.deploy.fleet import fan_out
 
-    inv, devs = _select(inventory, device_name, None, False)
-    opts = _options(inv, trust_new_host)
-    res = fan_out(devs, lambda d: ops.rollback(d, model, opts, to), debug=opts.debug)
+    res = _on_devices(inventory, device_name, None, False, trust_new_host,
+                      lambda d, opts: ops.rollback(d, model, opts, to))
     _finish(res, as_json, ROLLBACK_HEADERS, lambda r: rollback_row(r, model))
 
 
@@ -225,18 +222,15 @@ def rollback(device_name, model, to, inventory, trust_new_host, as_json):
 def profile(bundle, device_name, group, all_devices, runs, warmup, threads, parallel, save_dir, inventory,
             trust_new_host, as_json, html_report):
     """Measure BUNDLE on the device(s) with the latency method; table, JSON saved under profiles/."""
+    from edgekit.bundle import read_bundle
     from edgekit.deploy import ops
-    from edgekit.deploy.fleet import fan_out
+    from edgekit.deploy.artifact import prepare
     from edgekit.runtime.report import bench_table
 
-    from edgekit.bundle import read_bundle
-    from edgekit.deploy.artifact import prepare
-
     b = prepare(read_bundle(bundle, verify=False))
-    inv, devs = _select(inventory, device_name, group, all_devices)
-    opts = _options(inv, trust_new_host, quiet=as_json)
-    res = fan_out(devs, lambda d: ops.profile(d, b, opts, runs, warmup, save_dir, threads), parallel,
-                  debug=opts.debug)
+    res = _on_devices(inventory, device_name, group, all_devices, trust_new_host,
+                      lambda d, opts: ops.profile(d, b, opts, runs, warmup, save_dir, threads), parallel,
+                      quiet=as_json)
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in res.results], indent=2, default=str))
     else:

@@ -7,7 +7,7 @@ import json
 import click
 
 from edgekit.cli import cli
-from edgekit.cli.common import _device_selection, _finish, _inventory_opt, _options, _select, _trust_opt
+from edgekit.cli.common import _device_selection, _finish, _inventory_opt, _on_devices, _trust_opt
 from edgekit.cli.render import (INFO_HEADERS, SETUP_HEADERS, devices_table, emulated_status_text, info_row,
                                 local_devices_table, setup_row)
 
@@ -191,11 +191,8 @@ def device_emulate_status(name, as_json):
 def device_info(name, group, all_devices, inventory, trust_new_host, as_json):
     """What a device is: arch, CPU, memory, OS, Python, backends; the profile that fits."""
     from edgekit.deploy import ops
-    from edgekit.deploy.fleet import fan_out
 
-    inv, devs = _select(inventory, name, group, all_devices)
-    opts = _options(inv, trust_new_host)
-    res = fan_out(devs, lambda d: ops.info(d, opts), debug=opts.debug)
+    res = _on_devices(inventory, name, group, all_devices, trust_new_host, ops.info)
     _finish(res, as_json, INFO_HEADERS, info_row)
 
 
@@ -209,9 +206,6 @@ def device_info(name, group, all_devices, inventory, trust_new_host, as_json):
 def device_setup(name, group, all_devices, inventory, trust_new_host, parallel, as_json):
     """Push the edgekit runtime to the device(s) and check a backend is there."""
     from edgekit.deploy import ops
-    from edgekit.deploy.fleet import fan_out
 
-    inv, devs = _select(inventory, name, group, all_devices)
-    opts = _options(inv, trust_new_host)
-    res = fan_out(devs, lambda d: ops.setup(d, opts), parallel, debug=opts.debug)
+    res = _on_devices(inventory, name, group, all_devices, trust_new_host, ops.setup, parallel)
     _finish(res, as_json, SETUP_HEADERS, setup_row)
