@@ -26,6 +26,7 @@ from typing import Dict, List
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))    # stockroute: the stock quantize_static route, shared with the tests
 RESNET8 = ROOT / "tests" / "models" / "mlperf-tiny" / "pretrainedResnet.h5"
 MODELS = ("resnet8", "mobilenetv2")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -236,7 +237,8 @@ class Workdir:
         (strings for the enums). name='stock-quantize-static-defaults': no arguments at all."""
         p = self.dir / f"{name}.onnx"
         if not p.is_file():
-            from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+            from onnxruntime.quantization import QuantFormat, QuantType
+            from stockroute import quantize_static
 
             say(f"{self.model}: quantize_static {name}")
             x = self.inputs("calib")
@@ -245,16 +247,6 @@ class Workdir:
             in_name = InferenceSession(str(self.preprocessed_onnx()),
                                        providers=["CPUExecutionProvider"]).get_inputs()[0].name
 
-            class Reader(CalibrationDataReader):
-                def __init__(self):
-                    self.i = 0
-
-                def get_next(self):
-                    if self.i >= len(x):
-                        return None
-                    self.i += 1
-                    return {in_name: x[self.i - 1:self.i]}
-
             args = dict(kw)
             if "quant_format" in args:
                 args["quant_format"] = getattr(QuantFormat, args["quant_format"])
@@ -262,7 +254,7 @@ class Workdir:
                 if k in args:
                     args[k] = getattr(QuantType, args[k])
             with tempfile.TemporaryDirectory() as d:
-                quantize_static(str(self.preprocessed_onnx()), d + "/q.onnx", Reader(), **args)
+                quantize_static(self.preprocessed_onnx(), Path(d, "q.onnx"), in_name, x, **args)
                 _atomic(p, Path(d, "q.onnx").read_bytes())
         return p
 
