@@ -61,19 +61,11 @@ def _stable_names(model):
             new = f"{base}__e{count[base]}{m.group(2)}"
         used.add(new)
         mapping[name] = new
-    for t in list(g.input) + list(g.output) + list(g.value_info):
-        t.name = mapping.get(t.name, t.name)
-    for n in g.node:
-        n.name = mapping.get(n.name, n.name)
-        n.input[:] = [mapping.get(x, x) for x in n.input]
-        n.output[:] = [mapping.get(x, x) for x in n.output]
+    _rename(g, mapping)
     first_use = {}
     for k, name in enumerate(x for n in g.node for x in n.input):
         first_use.setdefault(name, k)
-    ordered = sorted(g.initializer, key=lambda i: (first_use.get(mapping.get(i.name, i.name), 1 << 30),
-                                                   mapping.get(i.name, i.name)))
-    for i in ordered:
-        i.name = mapping.get(i.name, i.name)
+    ordered = sorted(g.initializer, key=lambda i: (first_use.get(i.name, 1 << 30), i.name))
     copies = [type(i)() for i in ordered]
     for c, i in zip(copies, ordered):
         c.CopyFrom(i)
@@ -234,6 +226,17 @@ def quantize(float_bytes: bytes, calib: Dataset, build: OnnxBuild,
         return compact(out.read_bytes(), pre.read_bytes())
 
 
+def _rename(g, mapping: Dict[str, str]) -> None:
+    """Every name in graph `g` that `mapping` has, renamed: its inputs, outputs, shape annotations,
+    initializers, and each node's name, inputs and outputs."""
+    for t in [*g.input, *g.output, *g.value_info, *g.initializer]:
+        t.name = mapping.get(t.name, t.name)
+    for n in g.node:
+        n.name = mapping.get(n.name, n.name)
+        n.input[:] = [mapping.get(x, x) for x in n.input]
+        n.output[:] = [mapping.get(x, x) for x in n.output]
+
+
 def compact(q_bytes: bytes, float_bytes: bytes) -> bytes:
     """The quantized graph without what only its size carries: ONNX Runtime's quantizer names every
     scale, zero point, quantized weight, Q/DQ node and Q output after the tensor it quantizes plus a
@@ -273,12 +276,7 @@ def compact(q_bytes: bytes, float_bytes: bytes) -> bytes:
         while f"q{k}" in used:
             k += 1
         mapping[name] = f"q{k}"
-    for i in g.initializer:
-        i.name = mapping.get(i.name, i.name)
-    for n in g.node:
-        n.name = mapping.get(n.name, n.name)
-        n.input[:] = [mapping.get(x, x) for x in n.input]
-        n.output[:] = [mapping.get(x, x) for x in n.output]
+    _rename(g, mapping)
     del g.value_info[:]
     return m.SerializeToString()
 
