@@ -264,7 +264,7 @@ def test_tritonclient_binary_and_json_two_outputs(two, tmp_path):
         assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}]
         assert [o["name"] for o in meta["outputs"]] == ["scores", "relu"]
         version = meta["versions"][0]
-        assert c.get_server_metadata()["extensions"] == ["binary_tensor_data"]
+        assert c.get_server_metadata()["extensions"] == ["binary_tensor_data", "model_repository"]
         for binary_in in (True, False):
             inp = th.InferInput("x", list(x.shape), "FP32")
             inp.set_data_from_numpy(x, binary_data=binary_in)
@@ -372,6 +372,57 @@ def test_not_ready_model_is_503(two, tmp_path):
         st, body = srv.json("GET", "/v2/models/two")
         assert body["edgekit"]["failed_release"]["version"] == sha[:12]
         assert srv.json("GET", "/v2/health/live")[0] == 200
+
+
+def test_tritonclient_repository_index_lists_each_release_and_refuses_load(two, tmp_path):
+    """tritonclient's get_model_repository_index(): a bundle (READY), a deployed model serving its
+    old release after its new `current` failed the golden check (READY + UNAVAILABLE with the reason),
+    a deployed model with nothing loaded (UNAVAILABLE); {"ready": true} keeps the READY rows;
+    load_model / unload_model are refused with a line that says why, an unknown model is 404."""
+    import tritonclient.http as th
+    from edgekit.runtime import releases
+
+    good = _onnx_bundle(tmp_path / "good", name="dep")
+    bad = _onnx_bundle(tmp_path / "bad", name="dep", bias=5.0, bad_golden=True)
+    root = tmp_path / "root"
+    sha_good, sha_bad = _install(root, "dep", good), _install(root, "dep", bad)
+    releases.switch(releases.model_dir(str(root), "dep"), sha_good)
+    sha_broken = _install(root, "broken", bad)
+    releases.switch(releases.model_dir(str(root), "broken"), sha_broken)
+    with Server(two, root, args=["--poll-interval", "0.1"], tmp=tmp_path) as srv:
+        c = th.InferenceServerClient(srv.url)
+        releases.switch(releases.model_dir(str(root), "dep"), sha_bad)
+        _wait_for(lambda: srv.json("GET", "/v2/models/dep")[1]["edgekit"].get("failed_release"))
+        two_version = c.get_model_metadata("two")["versions"][0]
+        index = c.get_model_repository_index()
+        by_key = {(r["name"], r.get("version")): r for r in index}
+        assert [r["name"] for r in index] == ["broken", "dep", "dep", "two"]
+        assert by_key[("two", two_version)] == {"name": "two", "version": two_version, "state": "READY",
+                                                "reason": ""}
+        assert by_key[("dep", sha_good[:12])]["state"] == "READY"
+        failed = by_key[("dep", sha_bad[:12])]
+        assert failed["state"] == "UNAVAILABLE" and "golden check failed" in failed["reason"]
+        broken = by_key[("broken", sha_broken[:12])]
+        assert broken["state"] == "UNAVAILABLE" and "golden check failed" in broken["reason"]
+        st, ready = srv.json("POST", "/v2/repository/index", {"ready": True})
+        assert st == 200 and sorted((r["name"], r["version"]) for r in ready) == [
+            ("dep", sha_good[:12]), ("two", two_version)]
+        assert all(r["state"] == "READY" for r in ready)
+        for call, word in ((c.load_model, "load"), (c.unload_model, "unload")):
+            with pytest.raises(th.InferenceServerException, match=f"cannot {word} model 'two' over the API"):
+                call("two")
+            with pytest.raises(th.InferenceServerException, match="unknown model 'nope'"):
+                call("nope")
+        assert c.is_model_ready("two")  # nothing was unloaded
+        for method, path, doc, status, words in [
+            ("POST", "/v2/repository/index", {"ready": "yes"}, 400, "true or false"),
+            ("POST", "/v2/repository/index", b"[1]", 400, "JSON object"),
+            ("GET", "/v2/repository/index", None, 405, "not allowed"),
+            ("POST", "/v2/repository/models/two/delete", None, 404, "no such endpoint"),
+        ]:
+            st, body = srv.json(method, path, doc)
+            assert st == status and words in body["error"], (path, st, body)
+        c.close()
 
 
 def test_queue_full_is_503_and_nothing_else_fails(tmp_path):

@@ -5,6 +5,7 @@
     GET  /v2/models/{name}[/versions/{v}]             model metadata (-1: dynamic dimension)
     GET  /v2/models/{name}[/versions/{v}]/ready
     POST /v2/models/{name}[/versions/{v}]/infer       JSON or binary tensors
+    POST /v2/repository/index                         the repository extension, read-only (repository.py)
     GET  /metrics                                     Prometheus text format
 
 Errors are a non-200 status with {"error": "..."}. Nothing from a request reaches a shell or the
@@ -30,6 +31,7 @@ from edgekit.serve.engine import Engine
 from edgekit.serve.metrics import Metrics
 from edgekit.serve.models import ModelEntry, Release
 from edgekit.serve.protocol import ProtocolError, build_response, datatype_of, parse_infer
+from edgekit.serve import repository
 
 log = logging.getLogger("edgekit.serve")
 
@@ -157,7 +159,7 @@ class App:
             if path in ("/v2", "/v2/"):
                 _method(method, "GET")
                 return 200, _JSON, _dump({"name": "edgekit", "version": __version__,
-                                          "extensions": ["binary_tensor_data"]})
+                                          "extensions": ["binary_tensor_data", "model_repository"]})
             if path == "/v2/health/live":
                 _method(method, "GET")
                 return 200, _JSON, _dump({"live": True})
@@ -167,17 +169,13 @@ class App:
                 if bad:
                     return 503, _JSON, _dump({"ready": False, "error": f"not ready: {', '.join(bad)}"})
                 return 200, _JSON, _dump({"ready": True})
+            if path.startswith(repository.PREFIX):
+                return await self._repository(scope, receive, path, method)
             m = _MODEL_PATH.match(path)
             if not m:
                 raise ProtocolError(404, f"no such endpoint: {method} {path}")
             name, version, action = m.group(1), m.group(2), m.group(3)
-            try:
-                check_name(name)
-            except BundleError:
-                raise ProtocolError(400, f"invalid model name {name[:64]!r}") from None
-            entry = self.entries.get(name)
-            if entry is None:
-                raise ProtocolError(404, f"unknown model '{name}' (serving: {', '.join(sorted(self.entries))})")
+            entry = self._entry(name)
             if action == "/infer":
                 model = name
                 _method(method, "POST")
@@ -210,6 +208,29 @@ class App:
         finally:
             if model is not None:
                 self.metrics.request_latency.observe(time.perf_counter() - t0, model=model)
+
+    async def _repository(self, scope, receive, path: str, method: str) -> Tuple[int, list, bytes]:
+        if path.rstrip("/") == repository.INDEX_PATH:
+            _method(method, "POST")
+            ready_only = repository.parse_index_request(await self._read_body(scope, receive))
+            return 200, _JSON, _dump(repository.index(self.entries.values(), ready_only=ready_only))
+        m = repository.CONTROL_PATH.match(path)
+        if not m:
+            raise ProtocolError(404, f"no such endpoint: {method} {path}")
+        _method(method, "POST")
+        self._entry(m.group(1))
+        raise repository.refuse_control(m.group(1), m.group(2))
+
+    def _entry(self, name: str) -> ModelEntry:
+        """The served model of a name from a request (400: not a valid name, 404: not served)."""
+        try:
+            check_name(name)
+        except BundleError:
+            raise ProtocolError(400, f"invalid model name {name[:64]!r}") from None
+        entry = self.entries.get(name)
+        if entry is None:
+            raise ProtocolError(404, f"unknown model '{name}' (serving: {', '.join(sorted(self.entries))})")
+        return entry
 
     def _metadata(self, entry: ModelEntry) -> Dict[str, Any]:
         rel = entry.active
