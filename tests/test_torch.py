@@ -30,7 +30,7 @@ from torch import nn
 from conftest import ROOT
 from edgekit.convert import onnx_tflite
 from edgekit.convert import torch_source
-from edgekit.convert.pipeline import convert
+from edgekit.convert.pipeline import convert, convert_module
 from edgekit.convert.recipe import Calibration, ConvertRecipe, Floor, Search
 from edgekit.convert.sources import detect_kind, load_source
 from edgekit.errors import SourceModelError
@@ -265,9 +265,8 @@ def test_detector_module_api_keeps_output_order(digits, tmp_path):
     x, y, calib = digits
     torch.manual_seed(0)
     model = _train(Detector(), x[:1400], y[:1400], epochs=DET_EPOCHS, detector=True)
-    res = torch_source.convert_module(model, (torch.from_numpy(x[:1]),), TARGETS, str(tmp_path / "out"),
-                                      name="det", calibration=Calibration(str(calib), samples=N_CAL),
-                                      compat_check="off")
+    res = convert_module(model, (torch.from_numpy(x[:1]),), TARGETS, str(tmp_path / "out"),
+                         name="det", calibration=Calibration(str(calib), samples=N_CAL), compat_check="off")
     assert not res.failed and len(res.bundles) == 2
     assert (tmp_path / "out" / "det.source.pt2").is_file()
     x_val = x[N_CAL:N_CAL + N_VAL]
@@ -346,13 +345,27 @@ def test_npy_validation_beside_an_image_folder_calibration(tmp_path):
         load_dataset(str(tmp_path / "v.npy"), spec, what="calibration", preprocess="layout=nchw")
 
 
+def _ladder_in_order(steps):
+    """The rescue steps follow the ladder's order (the profile's build first), every step before the last
+    missed the floor, and the last one is what shipped."""
+    from edgekit.convert.recipe import RUNGS
+
+    order = ("profile",) + RUNGS
+    ranks = [order.index(s["rung"]) for s in steps]
+    assert ranks == sorted(ranks) and ranks[0] == 0, [s["rung"] for s in steps]
+    assert not any(s.get("meets") for s in steps[:-1]), [(s["what"], s.get("meets")) for s in steps]
+    assert steps[-1].get("meets"), steps[-1]
+
+
 def test_mixed_precision_from_torch_in_both_formats(digits, cnn, tmp_path):
-    """A floor 2 dB above the plain INT8 builds, which no 8-bit rung before mixed precision reaches (ranges,
-    calibration and scheme move this CNN by -4..+0.3 dB): the ladder's mixed-precision rung keeps the worst
-    layers in float (TFLite: named in the SavedModel onnx2tf built; ONNX: in the exported graph). The floor
-    follows the plain figures, so a host whose kernels read them differently (VNNI) sets its own."""
+    """A floor 2 dB above the plain INT8 builds, which no 8-bit rung before mixed precision reaches on an AVX2
+    CPU (ranges, calibration and scheme move this CNN by -4..+0.3 dB). What the ladder guarantees on every CPU:
+    the shipped artifact meets the floor, on samples the pipeline never saw too, and the rungs tried are
+    recorded in order. Which rung gets there is the ISA's (on VNNI the ONNX ladder reaches 16-bit activations
+    before float layers), so the second half forces the mixed-precision rung alone, each format's floor 1 dB
+    above its own plain build, and checks it keeps layers in float and reports them."""
     from edgekit.convert import onnx as onnx_conv
-    from edgekit.convert.validate import primary_snr
+    from edgekit.convert.validate import floor_misses, primary_snr
 
     x, y, calib = digits
     model, pt2 = cnn
@@ -360,20 +373,37 @@ def test_mixed_precision_from_torch_in_both_formats(digits, cnn, tmp_path):
                            calibration=Calibration(str(calib), samples=N_CAL),
                            floor=Floor(min_snr_db=5.0), search=Search(rescue=False))
     plain = convert(recipe, str(tmp_path / "plain"))      # the program's export and SavedModel: made once
-    floor = round(max(primary_snr(b.artifact.metrics) for b in plain.bundles) + 2.0, 1)
+    plain_snr = {b.fmt: primary_snr(b.artifact.metrics) for b in plain.bundles}
+    floor = round(max(plain_snr.values()) + 2.0, 1)
     recipe = recipe.replace(floor=Floor(min_snr_db=floor), search=Search(seconds=90.0, first=True))
     res = convert(recipe, str(tmp_path / "out"))
     assert not res.failed and {b.fmt for b in res.bundles} == {"tflite", "onnx"}
     ref = _torch_outputs(model, x[N_CAL:N_CAL + N_VAL])[0]
     for b in res.bundles:
         a = b.artifact
-        assert a.rescued_by == "float for the worst layers", (b.fmt, a.rescued_by, a.rescue)
-        assert a.mixed and a.mixed.get("floor"), b.fmt
-        if b.fmt == "onnx":
-            assert onnx_conv.float_ops(a.data), "no op left in float"
+        assert not floor_misses(a.metrics, recipe.floor), (b.fmt, a.metrics)
+        last = a.rescue[-1]
+        assert a.rescued_by == ("float for the worst layers" if last["rung"] == "float layers" else last["what"]), \
+            (b.fmt, a.rescued_by, last)
+        _ladder_in_order(a.rescue)
         snr = _check_nchw_bundle(b, x[N_CAL:N_CAL + N_VAL], ref)
-        print(f"mixed {b.fmt}: floor {floor} dB, {a.rescue[-1]['what']}: SNR {snr:.1f} dB against torch")
+        print(f"ladder {b.fmt}: floor {floor} dB, shipped by {a.rescued_by}: SNR {snr:.1f} dB against torch")
         assert snr >= floor - 2.0, (b.fmt, snr, floor)     # on other samples than the pipeline's validation
+
+    for fmt in ("tflite", "onnx"):            # forced: the mixed-precision rung alone
+        forced = recipe.replace(formats=(fmt,), floor=Floor(min_snr_db=round(plain_snr[fmt] + 1.0, 1)),
+                                search=Search(seconds=90.0, first=True, rungs=("float layers",)))
+        res = convert(forced, str(tmp_path / f"mixed-{fmt}"))
+        assert not res.failed and [b.fmt for b in res.bundles] == [fmt], res.failed
+        a = res.bundles[0].artifact
+        assert a.rescued_by == "float for the worst layers", (fmt, a.rescued_by, a.rescue)
+        assert [s["rung"] for s in a.rescue] == ["profile", "float layers"], a.rescue
+        assert a.mixed and a.mixed.get("floor") and a.mixed.get("float_layers"), fmt
+        if fmt == "onnx":
+            assert onnx_conv.float_ops(a.data), "no op left in float"
+        snr = _check_nchw_bundle(res.bundles[0], x[N_CAL:N_CAL + N_VAL], ref)
+        print(f"mixed {fmt}: floor {forced.floor.min_snr_db} dB, float: {a.mixed['float_layers']}: SNR {snr:.1f} dB")
+        assert snr >= forced.floor.min_snr_db - 2.0, (fmt, snr)
 
 
 def test_int16x8_tflite_from_torch(digits, cnn, tmp_path):

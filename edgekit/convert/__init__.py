@@ -7,8 +7,9 @@ The only package that imports tensorflow, tf2onnx and onnxruntime.quantization
 (always inside functions, so `import edgekit.convert` stays cheap).
 """
 
-from edgekit.convert.pipeline import InMemoryData, convert
+from edgekit.convert.pipeline import InMemoryData, convert, convert_module
 from edgekit.convert.recipe import Calibration, ConvertRecipe, Floor, Search
 from edgekit.convert.result import ConvertResult
 
-__all__ = ["convert", "ConvertRecipe", "Calibration", "Floor", "Search", "ConvertResult", "InMemoryData"]
+__all__ = ["convert", "convert_module", "ConvertRecipe", "Calibration", "Floor", "Search", "ConvertResult",
+           "InMemoryData"]

@@ -24,11 +24,13 @@ import edgekit
 from edgekit.bundle import write_bundle, write_json_atomic
 from edgekit.convert import measure as measuring
 from edgekit.convert import numerics, validate
+from edgekit.convert.build import convert_once, error_line, precision_of
 from edgekit.convert.data import Dataset, load_dataset, random_dataset
 from edgekit.convert.native import captured_stderr, logged_output
 from edgekit.convert.recipe import ConvertRecipe
 from edgekit.convert.result import Artifact, BundleResult, ConvertResult, Failure
-from edgekit.convert.sources import Source, detect_kind, load_source
+from edgekit.convert.source import Source
+from edgekit.convert.sources import detect_kind, load_source
 from edgekit.errors import BudgetMissed, ConversionError, DataError, EdgekitError
 from edgekit.progress import Progress
 from edgekit.runtime import load as load_model
@@ -151,43 +153,6 @@ def _datasets(recipe: ConvertRecipe, specs, data: Optional[InMemoryData]):
 
 # --- 3. build, measure, rescue ----------------------------------------------------------------
 
-def _convert_once(source: Source, fmt: str, build, calib: Dataset, float_onnx: Dict[int, bytes],
-                  tick=None) -> Tuple[bytes, int]:
-    """One artifact in the build's scheme: (model bytes, float model bytes). Converter errors
-    propagate with their own type; the caller records them in the row."""
-    from edgekit.convert import onnx as onnx_conv
-    from edgekit.convert import tflite as tflite_conv
-
-    if fmt == "tflite":
-        if source.saved_model is None:
-            raise ConversionError(source.no_tflite_reason or "this source has no TFLite path", stage="tflite")
-        return tflite_conv.to_tflite(source.saved_model, calib, build, tick), len(source.float_tflite)
-    f = float_onnx_for(source, build.opset, float_onnx)
-    if build.fp16:
-        return onnx_conv.to_fp16(f), len(f)
-    if getattr(build, "dynamic", False):
-        return onnx_conv.quantize_dynamic(f, build), len(f)
-    return onnx_conv.quantize(f, calib, build, tick, range_overrides=source.input_ranges), len(f)
-
-
-def float_onnx_for(source: Source, opset: int, cache: Dict[int, bytes]) -> bytes:
-    from edgekit.convert import onnx as onnx_conv
-
-    if opset not in cache:
-        if source.is_tf:
-            cache[opset] = onnx_conv.saved_model_to_onnx(source.onnx_saved_model or source.saved_model, opset)
-        else:
-            cache[opset] = onnx_conv.adapt_opset(source.onnx_bytes, opset)
-    return cache[opset]
-
-
-def _error_line(e: BaseException, cap) -> str:
-    native = "; ".join(cap.tail(3)) if cap is not None else ""
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-    text = first if isinstance(e, EdgekitError) else f"{type(e).__name__}: {first}"
-    return text + (f" [{native}]" if native and native not in text else "")
-
-
 def _hint_for(fmt: str, message: str) -> str:
     if "only supports" in message or "unsupported" in message.lower() or "not supported" in message.lower():
         return ("an op has no kernel at this precision: try --precision int8 or dynamic, or --format "
@@ -208,19 +173,19 @@ def build_artifact(row: Row, recipe: ConvertRecipe, source: Source, calib: Datas
     tick = progress.ticker(f"{label}: calibrating", " samples")
     with captured_stderr() as cap:
         try:
-            data, float_bytes = _convert_once(source, row.fmt, row.build, calib, float_onnx, tick)
+            data, float_bytes = convert_once(source, row.fmt, row.build, calib, float_onnx, tick)
         except Exception as e:  # any converter failure is recorded as this row's reason, not hidden
-            msg = _error_line(e, cap)
+            msg = error_line(e, cap)
             return Failure(f"{row.fmt} conversion", msg, hint=_hint_for(row.fmt, msg))
     with captured_stderr() as cap:
         try:
-            m = measuring.measure(data, row.fmt, ctx, num, per_sample=_precision(row.build) == "dynamic")
+            m = measuring.measure(data, row.fmt, ctx, num, per_sample=precision_of(row.build) == "dynamic")
         except Exception as e:  # an artifact that does not run is this row's failure, recorded
-            msg = _error_line(e, cap)
+            msg = error_line(e, cap)
             return Failure("validation", f"the {row.fmt} artifact does not run: {msg}", hint=_hint_for(row.fmt, msg))
     verdict = validate.floor_misses(m.metrics, recipe.floor)
     art = Artifact(row.fmt, data, float_bytes, m.metrics, m.float_ops, m.inputs, m.outputs, m.golden,
-                   0.0, dataclasses.asdict(row.build), _precision(row.build),
+                   0.0, dataclasses.asdict(row.build), precision_of(row.build),
                    measuring.numerics_record(num, m), m.backend)
     if row.fmt == "onnx" and row.build.opset in float_onnx:
         from edgekit.convert.onnx import preprocess_note
@@ -240,17 +205,6 @@ def build_artifact(row: Row, recipe: ConvertRecipe, source: Source, calib: Datas
         art = outcome
     art.seconds = time.monotonic() - t0
     return art
-
-
-def _precision(build) -> str:
-    b = dataclasses.asdict(build)
-    if b.get("fp16") or b.get("activations") == "float16":
-        return "fp16"
-    if b.get("dynamic") or b.get("activations") == "dynamic":
-        return "dynamic"
-    if b.get("activations") == "int16" or b.get("activation_type") == "int16":
-        return "int16x8"
-    return "int8"
 
 
 # --- 4. bundles -----------------------------------------------------------------------------------
@@ -337,6 +291,18 @@ def convert(recipe: ConvertRecipe, out: str = "build", *, progress: Optional[Pro
     return result
 
 
+def convert_module(module, example_inputs, targets, out: str = "build", *, name: str,
+                   progress: Optional[Progress] = None, **recipe_fields) -> ConvertResult:
+    """convert() for a torch nn.Module: it is captured with torch.export, saved beside the bundles
+    as `<out>/<name>.source.pt2` (what the recipe in each manifest names), and converted.
+    Needs `edgekit[torch]`; torch itself is imported by convert.torch_source only."""
+    from edgekit.convert import torch_source
+
+    src = torch_source.save_module(module, example_inputs, Path(out) / f"{name}.source.pt2")
+    recipe = ConvertRecipe(model=str(src), targets=tuple(targets), name=name, **recipe_fields)
+    return convert(recipe, out, progress=progress)
+
+
 def _older_ops(row: Row, recipe: ConvertRecipe, source: Source, calib: Dataset, ctx: measuring.Context,
                float_onnx: Dict[int, bytes], art: Artifact, failure: Failure, progress: Progress) -> Optional[Artifact]:
     """The target's oldest runtime lacks an op version the artifact uses: per-channel TFLite ops
@@ -351,10 +317,10 @@ def _older_ops(row: Row, recipe: ConvertRecipe, source: Source, calib: Dataset, 
     progress.say(f"[{row.profile.name}] tflite: {failure.reason.split(': ', 2)[-1][:90]}; trying per-tensor weights")
     with captured_stderr() as cap:
         try:
-            data, float_bytes = _convert_once(source, "tflite", build, calib, float_onnx)
-            m = measuring.measure(data, "tflite", ctx, row.numerics, per_sample=_precision(build) == "dynamic")
+            data, float_bytes = convert_once(source, "tflite", build, calib, float_onnx)
+            m = measuring.measure(data, "tflite", ctx, row.numerics, per_sample=precision_of(build) == "dynamic")
         except Exception as e:  # recorded in the row's steps; the compatibility failure stands
-            failure.rescue = list(failure.rescue) + [rescue_step("compatibility", what, error=_error_line(e, cap))]
+            failure.rescue = list(failure.rescue) + [rescue_step("compatibility", what, error=error_line(e, cap))]
             return None
     misses = validate.floor_misses(m.metrics, recipe.floor)
     step = rescue_step("compatibility", what, m.metrics, data, meets=not misses, floor=recipe.floor)
@@ -362,7 +328,7 @@ def _older_ops(row: Row, recipe: ConvertRecipe, source: Source, calib: Dataset, 
         failure.rescue = list(failure.rescue) + [step]
         return None
     older = Artifact("tflite", data, float_bytes, m.metrics, m.float_ops, m.inputs, m.outputs, m.golden, art.seconds,
-                     dataclasses.asdict(build), _precision(build),
+                     dataclasses.asdict(build), precision_of(build),
                      measuring.numerics_record(row.numerics, m), m.backend)
     older.rescue = list(art.rescue) + [step]
     older.rescued_by = step["what"]

@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from edgekit.convert import measure as measuring
 from edgekit.convert import numerics, validate
+from edgekit.convert.build import convert_once, error_line, float_onnx_for, precision_of
 from edgekit.convert.native import captured_stderr
 from edgekit.convert.result import Artifact, Failure
 from edgekit.convert.validate import primary_snr
@@ -99,7 +100,6 @@ class _Ladder:
 
     def attempt(self, rung: str, what: str, make: Callable[[], bytes], build, extra=None) -> Optional[Artifact]:
         """Build, measure and judge one candidate; the artifact if it meets the floor."""
-        from edgekit.convert import pipeline
 
         if self.out_of_time():
             self.steps.append(_step(rung, what, error=f"not tried: search budget of "
@@ -112,7 +112,7 @@ class _Ladder:
                 data = make()
                 m = measuring.measure(data, row.fmt, self.ctx, num)
             except Exception as e:  # a rung the converter cannot build is recorded, and the ladder goes on
-                self.steps.append(_step(rung, what, error=pipeline._error_line(e, cap), seconds=time.monotonic() - t0))
+                self.steps.append(_step(rung, what, error=error_line(e, cap), seconds=time.monotonic() - t0))
                 self.progress.say(f"{self.label}: rescue: {what}: failed ({self.steps[-1]['error'][:120]})")
                 return None
         misses = validate.floor_misses(m.metrics, self.floor)
@@ -120,7 +120,7 @@ class _Ladder:
                                 floor=self.floor, **(extra or {})))
         self.progress.say(f"{self.label}: rescue: {what}: " + ("meets the floor" if not misses else "; ".join(misses)))
         art = Artifact(row.fmt, data, self.plain.float_bytes, m.metrics, m.float_ops, m.inputs, m.outputs, m.golden,
-                       0.0, dataclasses.asdict(build), pipeline._precision(build),
+                       0.0, dataclasses.asdict(build), precision_of(build),
                        measuring.numerics_record(num, m), m.backend)
         if validate.score(m.metrics) > self.best[0]:
             self.best = (validate.score(m.metrics), art)
@@ -132,7 +132,6 @@ class _Ladder:
 
     def ranges(self) -> Optional[Artifact]:
         """Rung 1: activation ranges by output error (ONNX, 8-bit static)."""
-        from edgekit.convert import pipeline
 
         b = self.row.build
         if self.row.fmt == "tflite":
@@ -142,7 +141,7 @@ class _Ladder:
         from edgekit.convert import onnx as onnx_conv
         from edgekit.convert import ranges
 
-        f = pipeline.float_onnx_for(self.source, b.opset, self.float_onnx)
+        f = float_onnx_for(self.source, b.opset, self.float_onnx)
         with captured_stderr():
             chosen = ranges.choose(self.plain.data, onnx_conv.preprocess(f), self.calib,
                                    seconds=max(5.0, 0.4 * (self.deadline - time.monotonic())),
@@ -160,7 +159,6 @@ class _Ladder:
     def tflite_ranges(self) -> Optional[Artifact]:
         """Rung 1 for TFLite: the calibrated model's min/max chosen by output error, then TensorFlow's
         MLIR quantizer in the profile's scheme (convert.tflite_ranges)."""
-        from edgekit.convert import pipeline
         from edgekit.convert import tflite_ranges as tr
 
         b = self.row.build
@@ -177,7 +175,7 @@ class _Ladder:
                 chosen = tr.choose(calibrated, self.calib, b,
                                    seconds=max(5.0, 0.4 * (self.deadline - time.monotonic())), say=self.progress.say)
             except Exception as e:  # the search cannot run on this model: recorded, and the ladder goes on
-                self.steps.append(_step("ranges", what, error=pipeline._error_line(e, cap),
+                self.steps.append(_step("ranges", what, error=error_line(e, cap),
                                         seconds=time.monotonic() - t0))
                 return None
         search = {k: v for k, v in chosen.items() if k != "ranges"}
@@ -197,10 +195,9 @@ class _Ladder:
 
     def variant(self, rung: str, what: str, build) -> Optional[Artifact]:
         """Rungs 2, 3 and 5: another build of the whole model."""
-        from edgekit.convert import pipeline
 
-        return self.attempt(rung, what, lambda: pipeline._convert_once(self.source, self.row.fmt, build, self.calib,
-                                                                       self.float_onnx)[0], build)
+        return self.attempt(rung, what, lambda: convert_once(self.source, self.row.fmt, build, self.calib,
+                                                              self.float_onnx)[0], build)
 
     def float_layers(self) -> Optional[Artifact]:
         """Rung 4: the worst layers in float (mixed precision, the floor as its budget)."""
@@ -241,11 +238,14 @@ def ladder(row, recipe, source, calib, ctx: measuring.Context, float_onnx: Dict[
     """Artifact (rescued) or Failure (nothing met the floor): the rungs in order, first success wins."""
     walk = _Ladder(row, recipe, source, calib, ctx, float_onnx, plain, progress)
     variants = _variants(row, source)
-    rungs = [walk.ranges]
-    rungs += [lambda v=v: walk.variant(*v) for v in variants if v[0] != "16-bit"]
-    rungs += [walk.float_layers]
-    rungs += [lambda v=v: walk.variant(*v) for v in variants if v[0] == "16-bit"]   # slowest on most runtimes
-    for rung in rungs:
+    rungs = [("ranges", walk.ranges)]
+    rungs += [(v[0], lambda v=v: walk.variant(*v)) for v in variants if v[0] != "16-bit"]
+    rungs += [("float layers", walk.float_layers)]
+    rungs += [(v[0], lambda v=v: walk.variant(*v)) for v in variants if v[0] == "16-bit"]   # slowest on most runtimes
+    only = recipe.search.rungs
+    for name, rung in rungs:
+        if only and name not in only:
+            continue
         got = rung()
         if got is not None:
             return got
@@ -267,14 +267,13 @@ def _mixed(row, recipe, source, calib, ctx, float_onnx, plain: Artifact, progres
            deadline: float, tflite_base=None) -> Dict[str, Any]:
     from edgekit.convert import mixed as mp
     from edgekit.convert import onnx as onnx_conv
-    from edgekit.convert import pipeline
 
     floor = recipe.floor
     with captured_stderr():
         if row.fmt == "tflite":
             layers = mp.tflite_sensitivity(source.saved_model, calib, source.layer_names)
         else:
-            layers = mp.onnx_sensitivity(pipeline.float_onnx_for(source, row.build.opset, float_onnx),
+            layers = mp.onnx_sensitivity(float_onnx_for(source, row.build.opset, float_onnx),
                                          plain.data, calib, source.layer_names)
 
     def make(nodes):

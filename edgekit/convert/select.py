@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from edgekit.convert import measure as measuring
 from edgekit.convert import numerics, validate
+from edgekit.convert.build import convert_once, error_line, float_onnx_for, precision_of
 from edgekit.convert.native import captured_stderr
 from edgekit.convert.result import Artifact, Failure
 from edgekit.convert.validate import primary_snr
@@ -51,7 +52,6 @@ def host_matches(profile) -> Tuple[bool, str]:
 
 def _candidates(row, source) -> List[Tuple[str, Any, Optional[Callable[[], bytes]]]]:
     """(label, build or None for float, maker) for the row's format, beyond the profile's build."""
-    from edgekit.convert import pipeline
 
     b = row.build
     out: List[Tuple[str, Any, Optional[Callable[[], bytes]]]] = []
@@ -65,7 +65,7 @@ def _candidates(row, source) -> List[Tuple[str, Any, Optional[Callable[[], bytes
         if b.reduce_range and numerics.target_exact_int8(row.profile):
             out.append(("full-range weights", dataclasses.replace(b, reduce_range=False), None))
         out.append(("dynamic", dataclasses.replace(b, dynamic=True), None))
-        out.append(("float32", None, lambda: pipeline.float_onnx_for(source, b.opset, {})))
+        out.append(("float32", None, lambda: float_onnx_for(source, b.opset, {})))
     else:
         if b.per_channel:
             out.append(("per-tensor weights", dataclasses.replace(b, per_channel=False), None))
@@ -98,10 +98,9 @@ def _runtime_record(backend: str, threads: int, where: str) -> Dict[str, Any]:
 
 def _float_bytes(row, source, float_onnx: Dict[int, bytes]) -> int:
     """The float model's size in the row's format (what size ratios are against)."""
-    from edgekit.convert import pipeline
 
     if row.fmt == "onnx":
-        return len(pipeline.float_onnx_for(source, row.build.opset, float_onnx))
+        return len(float_onnx_for(source, row.build.opset, float_onnx))
     return len(source.float_tflite) if source.float_tflite else 0
 
 
@@ -193,7 +192,6 @@ def _profile_entry(chosen: Union[Artifact, Failure], where: str) -> Dict[str, An
 
 def _build_candidates(sel: _Selection, arts, files) -> None:
     """Each scheme, dynamic and float32 for the row's format: built, measured, judged by the floor."""
-    from edgekit.convert import pipeline
 
     row = sel.row
     for what, build, make in _candidates(row, sel.source):
@@ -201,13 +199,13 @@ def _build_candidates(sel: _Selection, arts, files) -> None:
         t0 = time.monotonic()
         with captured_stderr() as cap:
             try:
-                data = make() if make else pipeline._convert_once(sel.source, row.fmt, build, sel.calib,
-                                                                   sel.float_onnx)[0]
+                data = make() if make else convert_once(sel.source, row.fmt, build, sel.calib,
+                                                        sel.float_onnx)[0]
                 num = _numerics_of(row, build)
-                precision = "float32" if build is None else pipeline._precision(build)
+                precision = "float32" if build is None else precision_of(build)
                 m = measuring.measure(data, row.fmt, sel.ctx, num, per_sample=precision == "dynamic")
             except Exception as e:  # a candidate that cannot be built is recorded, not hidden
-                entry.update(error=pipeline._error_line(e, cap), meets=False, bytes=0)
+                entry.update(error=error_line(e, cap), meets=False, bytes=0)
                 sel.progress.say(f"{sel.label}: candidate {what}: failed ({entry['error'][:100]})")
                 arts.append((entry, None))
                 continue
@@ -222,7 +220,6 @@ def _build_candidates(sel: _Selection, arts, files) -> None:
 def _on_openvino(sel: _Selection, arts, files) -> None:
     """Each ONNX file again on OpenVINO, measured through OpenVINO (its INT8 kernels are what ships),
     same floor: only for x86 targets, where this host has the target's ISA."""
-    from edgekit.convert import pipeline
 
     row = sel.row
     if row.fmt != "onnx":
@@ -242,7 +239,7 @@ def _on_openvino(sel: _Selection, arts, files) -> None:
                 m = measuring.measure(data, "onnx", sel.ctx, _OV_NUMERICS, per_sample=precision == "dynamic",
                                       threads=sel.threads, backend="openvino")
             except Exception as e:  # OpenVINO cannot read or compile this graph: recorded, not hidden
-                entry.update(backend="openvino", error=pipeline._error_line(e, cap), meets=False, bytes=len(data))
+                entry.update(backend="openvino", error=error_line(e, cap), meets=False, bytes=len(data))
                 sel.progress.say(f"{sel.label}: candidate {entry['what']}: failed ({entry['error'][:100]})")
                 arts.append((entry, None))
                 continue

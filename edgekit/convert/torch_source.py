@@ -88,7 +88,7 @@ def read_program(path: Path) -> _Program:
         raise SourceModelError(f"not a TorchScript file ({str(e).splitlines()[0][:200]})", path=str(path),
                                hint="a state_dict or a pickled nn.Module carries no program: save it with "
                                     "torch.jit.save(torch.jit.trace(model, example)) or torch.export.save, or "
-                                    "pass the nn.Module to edgekit.convert.torch_source.convert_module()") from None
+                                    "pass the nn.Module to edgekit.convert.convert_module()") from None
     sm.eval()
     args = sm.forward.schema.arguments[1:]
     names = [a.name for a in args]
@@ -365,18 +365,6 @@ def save_module(module, example_inputs: Sequence[Any], path: Path) -> Path:
     return path
 
 
-def convert_module(module, example_inputs: Sequence[Any], targets: Sequence[str], out: str = "build", *,
-                   name: str, progress=None, **recipe_fields):
-    """edgekit.convert for an nn.Module: it is captured with torch.export, saved beside the bundles
-    as `<out>/<name>.source.pt2` (what the recipe in each manifest names), and converted."""
-    from edgekit.convert.pipeline import convert
-    from edgekit.convert.recipe import ConvertRecipe
-
-    src = save_module(module, example_inputs, Path(out) / f"{name}.source.pt2")
-    recipe = ConvertRecipe(model=str(src), targets=tuple(targets), name=name, **recipe_fields)
-    return convert(recipe, out, progress=progress)
-
-
 # --- load -------------------------------------------------------------------------------------------------------
 
 _EXPORTED: Dict[tuple, tuple] = {}      # (file sha256, shapes) -> export_onnx's (bytes, output names, record)
@@ -410,7 +398,7 @@ def load(path: Path, workdir: Path, input_shapes: Optional[Dict[str, Sequence[in
          needs_tflite: bool = True):
     """A .pt2 / .pt file as a Source: verified float ONNX, the torch reference, and (when asked)
     the SavedModel the TFLite path converts."""
-    from edgekit.convert.sources import Source
+    from edgekit.convert.source import Source
 
     where = str(path)
     prog = read_program(path)
