@@ -18,9 +18,9 @@ from edgekit.targets import load_target
 def test_recipe_round_trips_and_normalises():
     r = ConvertRecipe("m.keras", ["rpi4", "rpi4", "x86-avx2"], calibration="c.npz", formats=["onnx"],
                       floor=Floor(min_snr_db=25, min_agreement=0.95, max_accuracy_drop=1.0),
-                      search=Search(seconds=30, first=True), input_shapes={"x": (1, 3, 8, 8)})
+                      search=Search(seconds=30, first=True, rungs=["float layers", "16-bit"]), input_shapes={"x": (1, 3, 8, 8)})
     assert r.targets == ("rpi4", "x86-avx2") and r.formats == ("onnx",)
-    assert r.calibration == Calibration("c.npz")
+    assert r.calibration == Calibration("c.npz") and r.search.rungs == ("float layers", "16-bit")
     d = json.loads(json.dumps(r.to_dict()))
     assert ConvertRecipe.from_dict(d) == r
     assert r.bundle_name == "m"
@@ -35,6 +35,7 @@ def test_recipe_round_trips_and_normalises():
     (dict(floor={"min_agreement": 1.5}), "floor.min_agreement"),
     (dict(floor={"min_snr_db": "high"}), "floor.min_snr_db"),
     (dict(search={"seconds": -1}), "search.seconds"),
+    (dict(search={"rungs": ["ranges", "float-layers"]}), "search.rungs"),
     (dict(calibration={"samples": 0, "random": True}), "calibration.samples"),
     (dict(calibration={"path": None}), "calibration.path"),
     (dict(calibration={"path": "c.npz", "random": True}), "calibration"),

@@ -167,7 +167,7 @@ def _recipe(ctx, model, target_names, recipe_path):
                       mixed_precision=(not p["no_mixed_precision"] if (base is None or "no_mixed_precision" in given)
                                        else se.mixed_precision),
                       seconds=pick("search_budget", se.seconds if se else 300.0),
-                      first=pick("search_first", se.first if se else False)),
+                      first=pick("search_first", se.first if se else False), rungs=se.rungs if se else ()),
         compat_check=pick("compat_check", base.compat_check if base else "auto"),
         select=pick("select", base.select if base else "profile"),
         input_shapes=shapes,

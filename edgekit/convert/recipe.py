@@ -72,6 +72,10 @@ class Floor:
             _number("floor.max_accuracy_drop", self.max_accuracy_drop, 0.0, 100.0)
 
 
+# The rescue ladder's rungs, in the order they are tried (16-bit last: the slowest build on most runtimes)
+RUNGS = ("ranges", "calibration", "scheme", "float layers", "16-bit")
+
+
 @dataclass(frozen=True)
 class Search:
     """What convert may try when the profile's plain build misses the floor."""
@@ -80,9 +84,15 @@ class Search:
     mixed_precision: bool = True           # the last rung: layers kept in float
     seconds: float = 300.0                 # time budget per artifact
     first: bool = False                    # mixed precision: stop at the first result that meets the floor
+    rungs: Tuple[str, ...] = ()            # only these rungs of the ladder (default: every rung, in ladder order)
 
     def __post_init__(self) -> None:
         _number("search.seconds", self.seconds, 0.0)
+        rungs = (self.rungs,) if isinstance(self.rungs, str) else tuple(self.rungs or ())
+        for r in rungs:
+            if r not in RUNGS:
+                raise _bad("search.rungs", f"unknown rung {r!r}", hint="one of: " + ", ".join(RUNGS))
+        object.__setattr__(self, "rungs", tuple(dict.fromkeys(rungs)))
 
 
 @dataclass(frozen=True)
