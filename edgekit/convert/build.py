@@ -45,6 +45,7 @@ def float_onnx_for(source: "Source", opset: int, cache: Dict[int, bytes]) -> byt
             cache[opset] = onnx_conv.saved_model_to_onnx(source.onnx_saved_model or source.saved_model, opset)
         else:
             cache[opset] = onnx_conv.adapt_opset(source.onnx_bytes, opset)
+        cache[opset] = onnx_conv.tidy_opsets(cache[opset])
     return cache[opset]
 
 

@@ -96,7 +96,16 @@ def _run_emulated(bundle_dir: Path) -> Dict[str, Any]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _explain(error: str, reqs: List[str]) -> str:
+def _explain(error: str, reqs: List[str], model: Optional[Path] = None) -> str:
+    m = re.search(r"support for domain (\S+) is till opset (\d+)", error)
+    if m and model is not None and model.suffix == ".onnx" and model.is_file():
+        from edgekit.convert.onnx import ops_needing
+
+        domain = "" if m.group(1) in ("ai.onnx", "''") else m.group(1)
+        ops = ops_needing(model.read_bytes(), domain, int(m.group(2)))
+        return (f"{' + '.join(reqs)} reads {m.group(1)} up to opset {m.group(2)}; "
+                + (f"newer opset needed by: {', '.join(ops)}" if ops else
+                   "no op of the graph needs a newer one (the import is declared newer than its ops)"))
     m = re.search(r"builtin opcode '(\w+)' version '(\d+)'", error)
     if m:
         return (f"op {m.group(1)} version {m.group(2)} is newer than {' + '.join(reqs)} knows "
@@ -104,6 +113,9 @@ def _explain(error: str, reqs: List[str]) -> str:
     m = re.search(r"Type (\w+) is unsupported by op (\w+)", error)
     if m:
         return f"op {m.group(2).upper()} has no {m.group(1)} kernel in {' + '.join(reqs)}"
+    if "XNNPACK" in error and ("failed to prepare" in error or "failed to create" in error):
+        return (f"{error} (the XNNPACK delegate refused a node's parameters when preparing it: no op or op "
+                "version is missing)")
     return error
 
 
@@ -164,7 +176,7 @@ def check(bundle_dir: Path, profile: TargetProfile, fmt: str, mode: str = "auto"
             and not crash.get("attributed"):
         record["accepted"] = "--compat-check accept-crash: " + crash["statement"]
     elif record["checked"] and not res.get("ok"):
-        detail = _explain(res["error"], reqs) if res.get("error") else ", ".join(
+        detail = _explain(res["error"], reqs, bundle_dir / f"model.{fmt}") if res.get("error") else ", ".join(
             f"output {k}: SNR {v['snr_db']:.1f} dB vs golden (min {res.get('min_snr_db')}), top-1 agreement "
             f"{v['top1_agreement']}, max difference {v['max_abs_err']:.4g}"
             for k, v in res.get("outputs", {}).items() if not v.get("ok"))
@@ -417,3 +429,93 @@ def attribute_crash(bundle_dir: Path, reqs: List[str], emulated: bool,
             "probes": runs, "seconds": round(time.monotonic() - t0, 1),
             "statement": f"{runtime} crashes {where} in op {facts['op']} (operator {lo} of {ops}) on "
                          f"{shapes} at batch {n}; {ref}; {who}"}
+
+
+# --- a delegate that refuses a node: which one, and why ---------------------------------------
+
+# XNNPACK's quantized convolutions and fully connected layers take a requantization scale
+# (input scale x weight scale / output scale) in [2^-32, 256) only; outside it the delegate
+# fails when it builds its runtime ('failed to create XNNPACK runtime ... failed to prepare').
+_REQUANT_RANGE = (2.0 ** -32, 256.0)
+_WEIGHTED = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV")
+# an int8 activation scale above this spans more than +-1e8: no real activation does; a constant
+# such as float32's minimum (a max pool's padding, an attention mask) was calibrated into it
+_ABSURD_SCALE = 1e6
+
+
+def delegate_refusal(model_bytes: bytes) -> Optional[Dict[str, Any]]:
+    """Which operator the XNNPACK delegate refuses in a .tflite model, and why, found with this
+    host's interpreter (None when it takes the whole graph): a prefix of operators 0..k is
+    prepared with the default delegate, and the smallest refused prefix ends at that operator
+    (log2(ops) prepares). The cause is read from the operator's quantization parameters: an
+    activation range no real activation has, a requantization scale outside XNNPACK's range."""
+    import numpy as np
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    from edgekit.runtime.tflite import delegate_refused, find_interpreter
+
+    name, cls, version = find_interpreter()
+
+    def refused(data: bytes) -> bool:
+        try:
+            cls(model_content=data).allocate_tensors()
+        except (ValueError, RuntimeError) as e:
+            return delegate_refused(" ".join(str(e).split()))
+        return False
+
+    if not refused(model_bytes):
+        return None
+    model = schema.ModelT.InitFromPackedBuf(model_bytes, 0)
+    sg = model.subgraphs[0]
+    ops = len(sg.operators)
+    lo, hi = 0, ops - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if refused(_prefix(model, mid)):
+            hi = mid
+        else:
+            lo = mid + 1
+    op = sg.operators[lo]
+    code = model.operatorCodes[op.opcodeIndex]
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    op_name = names.get(max(code.builtinCode, code.deprecatedBuiltinCode), str(code.builtinCode))
+    types = {v: k.lower() for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+
+    def scales(i: int) -> List[float]:
+        q = sg.tensors[i].quantization
+        return [] if q is None or q.scale is None else [float(s) for s in q.scale]
+
+    def constant(i: int) -> bool:
+        b = model.buffers[sg.tensors[i].buffer].data
+        return b is not None and len(b) > 0
+
+    def desc(i: int) -> Dict[str, Any]:
+        t = sg.tensors[i]
+        d = {"name": t.name.decode() if isinstance(t.name, bytes) else str(t.name),
+             "dtype": types.get(t.type, str(t.type)), "shape": [int(v) for v in (t.shape if t.shape is not None else [])]}
+        s = scales(i)
+        if s:
+            d["scale"] = s[0] if len(s) == 1 else [min(s), max(s)]
+        return d
+
+    ins = [int(i) for i in op.inputs if int(i) >= 0]
+    outs = [int(i) for i in op.outputs if int(i) >= 0]
+    causes = []
+    for i in ins + outs:
+        s = scales(i)
+        if len(s) == 1 and s[0] > _ABSURD_SCALE and not constant(i):
+            d = desc(i)
+            causes.append(f"{'input' if i in ins else 'output'} '{d['name']}' has {d['dtype']} scale {s[0]:.3g} "
+                          f"(a range of +-{s[0] * 128:.3g}): a constant such as float32's minimum (a max pool's "
+                          "padding, a mask) was calibrated into that activation's range")
+    if op_name in _WEIGHTED and len(ins) >= 2 and scales(ins[0]) and scales(ins[1]) and outs and scales(outs[0]):
+        r = np.array(scales(ins[1])) * scales(ins[0])[0] / scales(outs[0])[0]
+        bad = r[(r >= _REQUANT_RANGE[1]) | (r < _REQUANT_RANGE[0])]
+        if bad.size:
+            causes.append(f"requantization scale (input x weight / output scale) {float(bad.max()):.3g} is outside "
+                          "[2^-32, 256), the range XNNPACK takes")
+    cause = "; ".join(causes) or "XNNPACK refuses this node's parameters (no op or op version is missing)"
+    shapes = " x ".join(f"{d['dtype']}{d['shape']}" for d in (desc(i) for i in ins))
+    return {"op": op_name, "index": lo, "operators": ops, "inputs": [desc(i) for i in ins],
+            "outputs": [desc(i) for i in outs], "cause": cause, "found_with": f"{name} {version}",
+            "statement": f"XNNPACK refuses {op_name} (operator {lo} of {ops}) on {shapes}: {cause}"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 from edgekit.convert.data import Dataset
 from edgekit.errors import ConversionError
@@ -100,6 +100,97 @@ def standard_ops(model):
     del g.node[:]
     g.node.extend(nodes)
     return model
+
+
+def _used_ops(m) -> Dict[str, set]:
+    """Domain -> op types used anywhere in the model: nodes, subgraphs (If/Loop/Scan bodies), functions."""
+    import onnx
+
+    used: Dict[str, set] = {}
+
+    def walk(nodes):
+        for n in nodes:
+            used.setdefault(n.domain or "", set()).add(n.op_type)
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    walk(a.g.node)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    for sub in a.graphs:
+                        walk(sub.node)
+
+    walk(m.graph.node)
+    for f in m.functions:
+        walk(f.node)
+    return used
+
+
+def tidy_opsets(model_bytes: bytes) -> bytes:
+    """Only the opset imports the graph uses, each at the oldest version that defines every op it uses
+    from that domain as the declared version does. The default domain keeps the profile's opset (chosen for
+    the target's runtime). ONNX Runtime's optimizer and onnx >= 1.20 stamp domains nobody uses at their
+    newest version (ai.onnx.ml 5 from onnx 1.23), which an older runtime refuses to load (ONNX Runtime
+    1.16: 'Current official support for domain ai.onnx.ml is till opset 3')."""
+    import onnx
+    from onnx import defs
+
+    m = onnx.load_from_string(model_bytes)
+    used = _used_ops(m)
+    keep = []
+    for o in m.opset_import:
+        dom = "" if o.domain == "ai.onnx" else (o.domain or "")
+        if dom == "":
+            keep.append(o)
+            continue
+        ops = used.get(dom) or used.get(o.domain)
+        if not ops:
+            continue                                          # declared, never used: dropped
+        version = o.version
+        if dom == "ai.onnx.ml":                               # schemas known to onnx: the oldest equivalent
+            since = []
+            for op in ops:
+                try:
+                    since.append(defs.get_schema(op, o.version, dom).since_version)
+                except defs.SchemaError:                  # an op onnx has no schema for: the declared version
+                    since = []
+                    break
+            version = max(since) if since else o.version
+        keep.append(onnx.helper.make_opsetid(o.domain, version))
+    # the IR version those opsets need: not an exporter's newest (ONNX Runtime 1.16 reads IR <= 9), not below
+    need = onnx.helper.find_min_ir_version_for(keep, ignore_unknown=True)
+    if [(o.domain, o.version) for o in keep] == [(o.domain, o.version) for o in m.opset_import] \
+            and m.ir_version == need:
+        return model_bytes
+    del m.opset_import[:]
+    m.opset_import.extend(keep)
+    m.ir_version = need
+    return m.SerializeToString()
+
+
+def opset_imports(model_bytes: bytes) -> Dict[str, int]:
+    """The model's opset imports, domain -> version ('' for the default domain)."""
+    import onnx
+
+    m = onnx.load_from_string(model_bytes)
+    return {("" if o.domain == "ai.onnx" else o.domain): int(o.version) for o in m.opset_import}
+
+
+def ops_needing(model_bytes: bytes, domain: str, version: int) -> List[str]:
+    """Ops of `domain` the model uses that an opset `version` of that domain does not define as the model's
+    declared version does: what truly needs the newer opset (named in a compatibility failure)."""
+    import onnx
+    from onnx import defs
+
+    m = onnx.load_from_string(model_bytes)
+    declared = opset_imports(model_bytes).get(domain)
+    out = []
+    for op in sorted(_used_ops(m).get(domain, ())):
+        try:
+            since = defs.get_schema(op, declared or version, domain).since_version
+        except defs.SchemaError:                          # no schema known to onnx for this op
+            continue
+        if since > version:
+            out.append(f"{op} ({domain or 'ai.onnx'} {since})")
+    return out
 
 
 def adapt_opset(model_bytes: bytes, opset: int) -> bytes:
@@ -223,7 +314,7 @@ def quantize(float_bytes: bytes, calib: Dataset, build: OnnxBuild,
                            # percentile: the range that holds 99.999% of the calibration values
                            "CalibPercentile": 99.999},
         )
-        return compact(out.read_bytes(), pre.read_bytes())
+        return tidy_opsets(compact(out.read_bytes(), pre.read_bytes()))
 
 
 def _rename(g, mapping: Dict[str, str]) -> None:
@@ -292,7 +383,7 @@ def quantize_dynamic(float_bytes: bytes, build: OnnxBuild) -> bytes:
         pre.write_bytes(preprocess(float_bytes))
         ort_quantize_dynamic(str(pre), str(out), per_channel=build.per_channel, reduce_range=build.reduce_range,
                              weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
-        return out.read_bytes()
+        return tidy_opsets(out.read_bytes())
 
 
 def exact_integer_ops(model_bytes: bytes) -> bytes:
@@ -359,4 +450,4 @@ def to_fp16(float_bytes: bytes) -> bytes:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     m = convert_float_to_float16(onnx.load_from_string(float_bytes), keep_io_types=True)
-    return m.SerializeToString()
+    return tidy_opsets(m.SerializeToString())
