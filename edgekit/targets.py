@@ -71,6 +71,19 @@ _SCHEMA: Dict[str, Dict[str, Tuple[str, Optional[Tuple[Any, ...]], Any]]] = {
         "execution_providers": (_STRS, None, ("CPUExecutionProvider",)),
         "min_runtime": (_STRS, None, ()),
     },
+    # language models (edgekit.convert.llm: ONNX Runtime GenAI's model builder)
+    "llm": {
+        "precision": (_STR, ("int4", "int8", "fp16", "fp32"), "int4"),
+        "execution_provider": (_STR, ("cpu", "cuda"), "cpu"),
+        "block_size": (_INT, (16, 32, 64, 128, 256), 32),
+        "accuracy_level": (_INT, (0, 1, 2, 3, 4), 4),
+        "algo": (_STR, ("default", "rtn", "k_quant"), "k_quant"),
+        "wide_layers": (_STRS, ("lm_head", "embeddings"), ("lm_head", "embeddings")),
+        "kv_cache_type": (_STR, ("float32", "float16"), "float32"),
+        "context_default": (_INT, None, 2048),
+        "context_max": (_INT, None, 4096),
+        "verified": (_BOOL, None, True),
+    },
 }
 
 _KNOWN_PROVIDERS = (
@@ -138,6 +151,28 @@ class RuntimeSpec:
 
 
 @dataclass(frozen=True)
+class LLMBuild:
+    """How a language model is built for the target (ONNX Runtime GenAI's model builder)."""
+
+    precision: str = "int4"            # the default --precision for a language model
+    execution_provider: str = "cpu"    # the builder's -e: cpu (MLAS MatMulNBits) or cuda
+    block_size: int = 32               # INT4/INT8 weight block (MatMulNBits block_size)
+    accuracy_level: int = 4            # MatMulNBits compute: 4 = int8 activations, 1 = fp32, 2 = fp16, 0 = EP default
+    algo: str = "k_quant"              # weight rounding: default / rtn (round to nearest), k_quant (llama.cpp's)
+    wide_layers: Tuple[str, ...] = ("lm_head", "embeddings")   # kept at 8 bits (lm_head) / never 4 (embeddings)
+    kv_cache_type: str = "float32"     # the KV cache's element type (follows the builder's I/O type)
+    context_default: int = 2048        # the context a runtime opens by default (tokens)
+    context_max: int = 4096            # the longest context the profile allows (memory)
+    verified: bool = True              # False: the path was not run on such a device (said in the manifest)
+
+    def __post_init__(self) -> None:
+        if self.context_default < 1 or self.context_max < self.context_default:
+            raise ValueError("llm.context_default must be at least 1 and at most llm.context_max")
+        if self.execution_provider == "cpu" and self.kv_cache_type != "float32":
+            raise ValueError("llm.kv_cache_type: the CPU build's KV cache is float32 (the builder's CPU I/O type)")
+
+
+@dataclass(frozen=True)
 class TargetProfile:
     name: str
     description: str
@@ -147,6 +182,7 @@ class TargetProfile:
     onnx: OnnxBuild
     runtime: RuntimeSpec
     reasons: Mapping[str, str] = field(default_factory=dict)
+    llm: LLMBuild = field(default_factory=LLMBuild)
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -262,6 +298,7 @@ def parse_profile(text: str, path: str) -> TargetProfile:
             tflite=TFLiteBuild(**sections["tflite"]),
             onnx=OnnxBuild(**sections["onnx"]),
             runtime=RuntimeSpec(**sections["runtime"]),
+            llm=LLMBuild(**sections["llm"]),
             reasons=reasons,
             source=path,
         )
