@@ -15,6 +15,19 @@ sys.path.insert(0, str(ROOT / "examples"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _edgekit_cache(tmp_path_factory):
+    """load()'s cached thread probes (runtime.threadprobe) go to a directory of this run, not ~/.cache."""
+    d = tmp_path_factory.mktemp("edgekit-cache")
+    old = os.environ.get("EDGEKIT_CACHE_DIR")
+    os.environ["EDGEKIT_CACHE_DIR"] = str(d)
+    yield d
+    if old is None:
+        os.environ.pop("EDGEKIT_CACHE_DIR", None)
+    else:
+        os.environ["EDGEKIT_CACHE_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def digits(tmp_path_factory):
     """(model path, calib.npz, val.npz) of a digits CNN trained here in seconds."""

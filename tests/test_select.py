@@ -57,7 +57,20 @@ def test_fastest_is_the_lowest_p50_among_candidates_that_meet_the_floor(selected
         assert golden_check(load(b.path, providers=["CPUExecutionProvider"]))["ok"]
     m = read_bundle(main.path).manifest
     assert m["candidates"] == json.loads(json.dumps(cands)) and m["recipe"]["select"] == "fastest"
-    assert m["runtime"]["backend"] == winner["backend"] and m["runtime"]["threads"] == winner["threads"]
+    assert m["runtime"]["backend"] == winner["backend"]
+    # the winner timed again at 1, 2 ... threads up to the count the candidates ran with: the count
+    # chosen by the rule is recorded, and load() takes it instead of probing
+    from edgekit.runtime import threadprobe
+
+    tc = m["runtime"].get("threads_choice")
+    if winner["threads"] == 1:
+        assert tc is None and m["runtime"]["threads"] == 1
+    else:
+        p50 = {int(t): v for t, v in tc["p50_ms"].items()}
+        assert tc["tried"] == sorted(p50) == threadprobe.candidates(winner["threads"])
+        assert m["runtime"]["threads"] == tc["threads"] == threadprobe.pick(p50) and "timed here" in tc["where"]
+        got = load(main.path)
+        assert (got.threads, got.threads_chosen_by) == (tc["threads"], "manifest")
 
 
 def test_a_bundle_timed_on_openvino_loads_on_openvino(selected, monkeypatch):

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -75,7 +76,9 @@ def test_quota_env_clamps_bundle(digits_build, tmp_path, monkeypatch):
     assert any("2 threads on 1 usable" in r for r in m2.benchmark(runs=3, warmup=1)["noise_reasons"])
     monkeypatch.setenv(th.CPU_MAX_ENV, _quota(tmp_path, "max 100000"))
     aff = len(os.sched_getaffinity(0))
-    assert load(b.path).threads == min(4, aff)
+    m3 = load(b.path)   # the profile's count clamped is the ceiling; below it, the count measured fastest
+    assert m3.threads_requested == 4 and 1 <= m3.threads <= min(4, aff)
+    assert m3.threads_chosen_by in (("profile",) if min(4, aff) == 1 else ("probe", "cache"))
 
 
 _PROBE = """
@@ -104,3 +107,154 @@ def test_taskset_clamps_to_one_cpu(digits_build):
     assert got[paths[0]][:4] == [4, 1, 3, 3]
     assert got[paths[1]][:4] == [4, 1, 3, 3]
     assert got[paths[1]][4] == "onnxruntime"
+
+
+# --- the thread count by measurement (runtime.threadprobe) --------------------------------------
+
+def _tiny_bundle(dest, *, profile_threads=4, runtime=None):
+    """A float ONNX bundle (one MatMul, built with onnx.helper) whose profile asks for 4 threads."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgekit.bundle import write_bundle
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((16, 8)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "tiny",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+                              [numpy_helper.from_array(w, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    x = rng.standard_normal((2, 16)).astype(np.float32)
+    spec = {"dtype": "float32", "quantization": None}
+    manifest = {"name": "tiny", "target": {"name": "x86-avx2", "runtime": {"threads": profile_threads}},
+                "inputs": [dict(spec, name="x", shape=[1, 16])], "outputs": [dict(spec, name="y", shape=[1, 8])],
+                "runtime": runtime}
+    write_bundle(dest, fmt="onnx", model_bytes=model.SerializeToString(), manifest=manifest,
+                 golden={"input:x": x, "output:y": x @ w})
+    return dest
+
+
+def test_candidates_and_the_rule():
+    from edgekit.runtime import threadprobe as tp
+
+    assert [tp.candidates(n) for n in (1, 2, 3, 4, 6, 8)] == [
+        [1], [1, 2], [1, 2, 3], [1, 2, 4], [1, 2, 4, 6], [1, 2, 4, 8]]
+    assert tp.pick({1: 1.00, 2: 0.99}) == 1            # within 2%: the fewer threads
+    assert tp.pick({1: 1.00, 2: 0.90, 4: 0.89}) == 2
+    assert tp.pick({1: 0.94, 2: 1.00}) == 1
+    assert "+6.4%" in tp.explain({1: 0.94, 2: 1.00}, 1)
+    rec = {"threads": 1, "tried": [1, 2]}
+    assert tp.from_manifest({"threads_choice": rec}, 4) == (1, rec)    # fewer threads won: holds on more cores
+    assert tp.from_manifest({"threads_choice": dict(rec, threads=2)}, 4) is None   # 2 won of 1, 2: 4 untried
+    assert tp.from_manifest({"threads_choice": dict(rec, threads=2)}, 2)[0] == 2
+    assert tp.from_manifest({"threads_choice": dict(rec, threads=2)}, 1)[0] == 1   # never above the ceiling
+    assert tp.from_manifest({"threads_choice": {"threads": "two"}}, 2) is None
+    assert tp.from_manifest({}, 2) is None
+
+
+def test_manifest_choice_is_loaded_and_explicit_threads_win(tmp_path, monkeypatch):
+    """A bundle whose manifest records a measured choice loads with it, without probing; threads= wins."""
+    from edgekit.runtime import load
+    from edgekit.runtime import threadprobe as tp
+
+    def no_probe(*a, **k):
+        raise AssertionError("probed although the manifest records a measured choice")
+
+    monkeypatch.setattr(tp, "measure", no_probe)
+    monkeypatch.setenv(tp.CACHE_ENV, str(tmp_path / "cache"))
+    choice = {"threads": 1, "tried": [1, 2, 4], "p50_ms": {"1": 0.1, "2": 0.12, "4": 0.2},
+              "where": "timed here", "why": "1 thread: fastest"}
+    b = _tiny_bundle(tmp_path / "b", runtime={"threads": 1, "threads_choice": choice})
+    m = load(b)
+    assert (m.threads, m.threads_requested, m.threads_chosen_by) == (1, 4, "manifest")
+    assert m.threads_choice["p50_ms"] == choice["p50_ms"]
+    rep = m.benchmark(runs=3, warmup=1)
+    assert (rep["threads"], rep["threads_chosen_by"], rep["threads_choice"]["why"]) == (1, "manifest", choice["why"])
+    e = load(b, threads=2)
+    assert (e.threads, e.threads_requested, e.threads_chosen_by) == (2, 2, "argument")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_probe_chooses_by_measurement_and_is_cached(tmp_path, monkeypatch):
+    """No measured choice in the manifest: load() opens the model at 1, 2 ... threads up to the
+    ceiling, takes the count the rule picks from the timings, and caches it in the user's cache
+    directory (not the bundle, not the working directory); the next load takes it from there."""
+    import numpy as np
+
+    from edgekit.bundle import sha256_tree
+    from edgekit.runtime import load
+    from edgekit.runtime import threadprobe as tp
+
+    ceiling = th.choose_threads(None, 4)
+    if ceiling < 2:
+        pytest.skip("one usable CPU: a single candidate, nothing to probe")
+    tried = tp.candidates(ceiling)
+    b = _tiny_bundle(tmp_path / "b")
+    before = sha256_tree(b)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv(tp.CACHE_ENV, str(tmp_path / "cache"))
+    real_measure = tp.measure
+    seen = {}
+
+    def fake(fns, per_call_ms, **kw):   # the timings a machine might give: 2 threads 10% faster
+        seen["fns"] = sorted(fns)
+        real_measure(fns, per_call_ms, budget_s=0.05)   # every instance runs
+        return {t: (1.0 if t == 1 else 0.9 + 0.001 * t) for t in fns}, 5, 3
+
+    monkeypatch.setattr(tp, "measure", fake)
+    m = load(b)
+    assert seen["fns"] == tried
+    assert (m.threads, m.threads_chosen_by) == (2, "probe")
+    rec = m.threads_choice
+    assert rec["tried"] == tried and rec["threads"] == 2 and set(rec["p50_ms"]) == {str(t) for t in tried}
+    assert "2 threads" in rec["why"] and rec["probe_ms"] > 0 and m.first_inference_ms > 0
+    cached = Path(rec["cache"])
+    assert cached.parent.parent == tmp_path / "cache" and json.loads(cached.read_text())["threads"] == 2
+    np.testing.assert_allclose(m(np.ones((1, 16), np.float32)).shape, (1, 8))
+    assert sha256_tree(b) == before and list(cwd.iterdir()) == []
+
+    def no_probe(*a, **k):
+        raise AssertionError("probed again although the result is cached")
+
+    monkeypatch.setattr(tp, "measure", no_probe)
+    again = load(b, verify=False)
+    assert (again.threads, again.threads_chosen_by, again.threads_choice["why"]) == (2, "cache", rec["why"])
+    assert load(b, threads=1).threads == 1                      # an explicit count wins over the cache
+
+    cached.write_text("{not json")                               # a damaged cache entry: probed again
+    monkeypatch.setattr(tp, "measure", lambda fns, per_call_ms, **kw: ({t: 1.0 for t in fns}, 5, 3))
+    m = load(b)
+    assert (m.threads, m.threads_chosen_by) == (1, "probe")      # all alike: the fewest threads
+    assert json.loads(cached.read_text())["threads"] == 1
+
+    monkeypatch.setenv(tp.CACHE_ENV, str(tmp_path / "cache2"))
+    monkeypatch.setattr(tp, "measure", no_probe)
+    monkeypatch.setenv(tp.PROBE_ENV, "0")                        # probing off: the ceiling
+    off = load(b)
+    assert (off.threads, off.threads_chosen_by) == (ceiling, "profile") and "not probed" in off.threads_choice["why"]
+    monkeypatch.delenv(tp.PROBE_ENV)
+    monkeypatch.setattr(tp, "PROBE_MAX_MS", 0.0)                 # a model too slow to probe cheaply
+    slow = load(b)
+    assert (slow.threads, slow.threads_chosen_by) == (ceiling, "profile") and slow.threads_choice["skipped"]
+    assert load(b).threads_chosen_by == "cache"                  # the skip is remembered too
+
+
+def test_probe_measures_for_real(tmp_path, monkeypatch):
+    """The real timing path: every candidate timed, the rule's pick of those timings loaded."""
+    from edgekit.runtime import load
+    from edgekit.runtime import threadprobe as tp
+
+    ceiling = th.choose_threads(None, 4)
+    if ceiling < 2:
+        pytest.skip("one usable CPU: a single candidate, nothing to probe")
+    monkeypatch.setenv(tp.CACHE_ENV, str(tmp_path / "cache"))
+    m = load(_tiny_bundle(tmp_path / "b"))
+    rec = m.threads_choice
+    p50 = {int(t): v for t, v in rec["p50_ms"].items()}
+    assert sorted(p50) == tp.candidates(ceiling) and all(v > 0 for v in p50.values())
+    assert m.threads == rec["threads"] == tp.pick(p50) and m.threads_chosen_by == "probe"
+    assert rec["rounds"] >= tp.MIN_ROUNDS and rec["runs_per_round"] >= tp.MIN_RUNS

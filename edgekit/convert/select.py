@@ -177,7 +177,10 @@ def fastest(row, recipe, source, calib, ctx: measuring.Context, float_onnx: Dict
             return failed
         chosen.candidates = [dict(e, chosen=e is profile_entry, p50_ms=e.get("p50_ms")) for e, _ in arts]
         return chosen
-    return _ship(sel, arts, timed, chosen)
+    winner = _ship(sel, arts, timed, chosen)
+    if not on_device:   # on a device, its load() probes the thread count itself (runtime.threadprobe)
+        _choose_threads(sel, winner)
+    return winner
 
 
 def _profile_entry(chosen: Union[Artifact, Failure], where: str) -> Dict[str, Any]:
@@ -343,6 +346,29 @@ def _p50(art: Artifact, threads: int) -> float:
         m = load(p, threads=threads, providers=["CPUExecutionProvider"],
                  backend=(art.runtime or {}).get("backend"))
         return m.benchmark(runs=RUNS, warmup=10, end_to_end=False)["latency"]["p50_ms"]
+
+
+def _choose_threads(sel: _Selection, winner: Artifact) -> None:
+    """The winner timed at 1, 2, 4 ... threads up to the ceiling (alternating rounds), and the count
+    chosen by runtime.threadprobe's rule recorded in its manifest (`runtime.threads`, with the figures
+    in `runtime.threads_choice`), which load() takes instead of probing."""
+    from edgekit.runtime import threadprobe
+
+    tried = threadprobe.candidates(sel.threads)
+    rt = dict(winner.runtime or {})
+    if len(tried) > 1:
+        samples: Dict[int, List[float]] = {t: [] for t in tried}
+        for _ in range(ROUNDS):
+            for t in tried:
+                samples[t].append(_p50(winner, t))
+        p50 = {t: _median(v) for t, v in samples.items()}
+        chosen = threadprobe.pick(p50)
+        rt["threads"] = chosen
+        rt["threads_choice"] = {"threads": chosen, "tried": tried,
+                                "p50_ms": {str(t): round(v, 6) for t, v in p50.items()},
+                                "where": sel.where, "why": threadprobe.explain(p50, chosen)}
+        sel.progress.say(f"{sel.label}: threads: {rt['threads_choice']['why']}")
+    winner.runtime = rt
 
 
 def _slug(what: str) -> str:

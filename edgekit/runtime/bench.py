@@ -189,6 +189,8 @@ def benchmark(model, runs: int = 200, warmup: int = 20, inputs=None,
         "backend_version": model.backend_version,
         "threads": model.threads,
         "threads_requested": getattr(model, "threads_requested", None),
+        "threads_chosen_by": getattr(model, "threads_chosen_by", None),   # argument, manifest, probe, cache...
+        "threads_choice": getattr(model, "threads_choice", None),         # the measured choice and its figures
         "providers": model.providers,
         "backend_preferred": getattr(model, "backend_preferred", None),   # the manifest's runtime.backend
         "backend_chosen_by": getattr(model, "backend_chosen_by", "default"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from pathlib import Path
@@ -91,10 +92,13 @@ def load(path: Union[str, Path], *, backend: Optional[str] = None, threads: Opti
     (`runtime.backend`: the backend `--select fastest` timed the artifact on, e.g. openvino),
     used when it is installed and can open the model, else the next available backend runs it
     and `model.backend_note` says why (also in benchmark reports and golden checks).
-    Threads: `threads=` is used as given; otherwise a bundle's target profile's count,
-    clamped to the CPUs this process may use (affinity and cgroup quota, see
-    runtime.threads); a bare file without `threads=` uses those usable CPUs.
-    `model.threads_requested` and `model.threads` say what was asked and what is used.
+    Threads: `threads=` is used as given; otherwise, for a bundle, the count measured fastest:
+    the manifest's measured choice, a cached probe, or a probe timed here once and cached (see
+    runtime.threadprobe), never above the target profile's count clamped to the CPUs this process
+    may use (affinity and cgroup quota, see runtime.threads); that ceiling where a probe is not
+    cheap. A bare file without `threads=` uses those usable CPUs. `model.threads_requested` and
+    `model.threads` say what was asked and what is used; `model.threads_chosen_by` (argument,
+    manifest, probe, cache, profile, usable CPUs) and `model.threads_choice` why.
     For a bundle, execution providers default to its target profile's;
     the model file's sha256 is checked against the manifest unless `verify=False`.
     `reference_numerics`: an ONNX QDQ graph runs as written, in float (see OnnxBackend): what a
@@ -125,18 +129,115 @@ def load(path: Union[str, Path], *, backend: Optional[str] = None, threads: Opti
         raise BundleError("no such file or bundle directory", path=str(p))
     requested = threads if threads is not None else profile_threads
     used = choose_threads(threads, profile_threads)
+    chosen_by = "argument" if threads is not None else ("profile" if profile_threads is not None
+                                                        else "usable CPUs")
+    choice: Optional[Dict[str, Any]] = None
+    auto = threads is None and bundle is not None and not reference_numerics
+    if auto:
+        from edgekit.runtime import threadprobe
+
+        got = threadprobe.from_manifest(pref, used)
+        if got is not None:
+            (used, choice), chosen_by, auto = got, "manifest", False
     note = None
     if backend is None and pref.get("backend"):
         impl, note = _open_preferred(model_path, fmt, pref, used, providers, reference_numerics)
     else:
         impl = _open_backend(model_path, fmt, backend, used, providers, reference_numerics)
+    first_ms = None
+    if auto and used > 1:
+        hints = pref.get("hints") if impl.name == pref.get("backend") else None
+        impl, used, chosen_by, choice, first_ms = _probe_threads(
+            impl, bundle, used, chosen_by,
+            lambda t: _open_backend(model_path, fmt, impl.name, t, providers, reference_numerics, hints=hints))
     load_ns = time.perf_counter_ns() - t0
     model = Model(impl, path=p, bundle=bundle, load_ns=load_ns, threads_requested=requested)
+    model.threads_chosen_by = chosen_by
+    model.threads_choice = choice
+    if first_ms is not None:   # the chosen instance's first inference ran in the probe
+        model.first_inference_ms = first_ms
     model.backend_preferred = pref.get("backend")
     model.backend_chosen_by = "argument" if backend is not None else (
         "manifest" if pref.get("backend") and note is None else "default")
     model.backend_note = note
     return model
+
+
+def _probe_threads(impl, bundle: Bundle, ceiling: int, default_by: str, open_at):
+    """The cached or probed thread count for a bundle (runtime.threadprobe):
+    (backend instance at that count, threads, chosen_by, record, its first inference ms or None)."""
+    from edgekit.runtime import threadprobe as tp
+    from edgekit.runtime.bench import cpu_model
+
+    tried = tp.candidates(ceiling)
+    cpu = cpu_model()
+    key = tp.cache_key(str(bundle.manifest["model"].get("sha256")), impl.name, impl.version,
+                       list(impl.providers), ceiling, cpu)
+    rec = tp.read_cache(key, tried)
+    if rec is not None:
+        rec["cache"] = str(tp.cache_path(key))
+        t = int(rec["threads"])
+        return (impl if t == ceiling else open_at(t)), t, "cache", rec, None
+    if not tp.probe_enabled():
+        return impl, ceiling, default_by, {"why": f"not probed ({tp.PROBE_ENV}=0)"}, None
+    t0 = time.perf_counter()
+    feeds = [np.ascontiguousarray(s.quantize(a)) for s, a in zip(impl.inputs, _example_inputs(bundle, impl.inputs))]
+
+    def call_of(m):
+        def call():
+            m.set_inputs(feeds)
+            m.invoke()
+            return m.get_outputs()
+        return call
+
+    impls, first = {ceiling: impl}, {ceiling: tp.time_one(call_of(impl))}
+    per_call = min(tp.time_one(call_of(impl)) for _ in range(3))
+    rec = {"tried": tried, "where": f"probed at load on this machine ({cpu})",
+           "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "loadavg": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
+    if per_call > tp.PROBE_MAX_MS:
+        rec.update(threads=ceiling, skipped=True,
+                   why=f"one inference takes {per_call:.1f} ms at {ceiling} threads (over {tp.PROBE_MAX_MS:g} ms): "
+                       "not probed; the profile's count, clamped to the usable CPUs")
+    else:
+        for t in tried:
+            if t not in impls:
+                impls[t] = open_at(t)
+                first[t] = tp.time_one(call_of(impls[t]))
+        for m in impls.values():   # warm-up
+            for _ in range(3):
+                call_of(m)()
+        p50, runs, rounds = tp.measure({t: call_of(m) for t, m in impls.items()}, per_call)
+        chosen = tp.pick(p50)
+        rec.update(threads=chosen, p50_ms={str(t): round(v, 6) for t, v in sorted(p50.items())},
+                   rounds=rounds, runs_per_round=runs, why=tp.explain(p50, chosen))
+    rec["probe_ms"] = round((time.perf_counter() - t0) * 1e3, 1)
+    cached = tp.write_cache(key, rec)
+    if cached:
+        rec["cache"] = cached
+    t = int(rec["threads"])
+    return impls[t], t, ("profile" if rec.get("skipped") else "probe"), rec, first[t]
+
+
+def _example_inputs(bundle: Optional[Bundle], specs: Sequence[TensorSpec], seed: int = 0) -> List[np.ndarray]:
+    """Golden inputs for a bundle; otherwise random data in each input's range."""
+    if bundle is not None and bundle.golden_path.is_file():
+        g = bundle.golden()
+        if all(f"input:{s.name}" in g for s in specs):
+            return [g[f"input:{s.name}"][:1] for s in specs]
+    rng = np.random.default_rng(seed)
+    out = []
+    for s in specs:
+        shape = tuple(1 if d < 0 else d for d in s.shape)
+        if s.quantized:
+            lo = float(s.dequantize(np.array(np.iinfo(s.dtype).min, dtype=s.dtype)))
+            hi = float(s.dequantize(np.array(np.iinfo(s.dtype).max, dtype=s.dtype)))
+            out.append(rng.uniform(lo, hi, size=shape).astype(np.float32))
+        elif np.issubdtype(np.dtype(s.dtype), np.floating):
+            out.append(rng.standard_normal(shape).astype(s.dtype))
+        else:
+            out.append(rng.integers(0, 2, size=shape).astype(s.dtype))
+    return out
 
 
 class Model:
@@ -150,6 +251,8 @@ class Model:
                  threads_requested: Optional[int] = None):
         self._impl = impl
         self.threads_requested: Optional[int] = threads_requested
+        self.threads_chosen_by: str = "argument" if threads_requested is not None else "usable CPUs"
+        self.threads_choice: Optional[Dict[str, Any]] = None   # the measured choice, where one was made
         self.backend_preferred: Optional[str] = None    # the manifest's runtime.backend, if any
         self.backend_chosen_by: str = "default"         # "argument" | "manifest" | "default"
         self.backend_note: Optional[str] = None         # why the preferred backend is not the one running
@@ -328,23 +431,7 @@ class Model:
     # -- measuring ----------------------------------------------------------
     def example_inputs(self, seed: int = 0) -> List[np.ndarray]:
         """Golden inputs for a bundle; otherwise random data in each input's range."""
-        if self.bundle is not None and self.bundle.golden_path.is_file():
-            g = self.bundle.golden()
-            if all(f"input:{s.name}" in g for s in self.inputs):
-                return [g[f"input:{s.name}"][:1] for s in self.inputs]
-        rng = np.random.default_rng(seed)
-        out = []
-        for s in self.inputs:
-            shape = tuple(1 if d < 0 else d for d in s.shape)
-            if s.quantized:
-                lo = float(s.dequantize(np.array(np.iinfo(s.dtype).min, dtype=s.dtype)))
-                hi = float(s.dequantize(np.array(np.iinfo(s.dtype).max, dtype=s.dtype)))
-                out.append(rng.uniform(lo, hi, size=shape).astype(np.float32))
-            elif np.issubdtype(np.dtype(s.dtype), np.floating):
-                out.append(rng.standard_normal(shape).astype(s.dtype))
-            else:
-                out.append(rng.integers(0, 2, size=shape).astype(s.dtype))
-        return out
+        return _example_inputs(self.bundle, self.inputs, seed)
 
     def benchmark(self, runs: int = 200, warmup: int = 20, inputs: Optional[List[ArrayLike]] = None,
                   end_to_end: bool = True) -> Dict[str, Any]:

@@ -28,6 +28,9 @@ def bench_table(reports: List[Dict[str, Any]], label: str = "model") -> str:
              for r in reports if r["noisy"]]
     notes += [f"{r.get('label') or r.get('bundle') or r['model']}: {r['backend_note']}"
               for r in reports if r.get("backend_note")]
+    notes += [f"{r.get('label') or r.get('bundle') or r['model']}: threads by {r['threads_chosen_by']}: "
+              f"{r['threads_choice']['why']}" for r in reports
+              if (r.get("threads_choice") or {}).get("why") and r.get("threads_chosen_by") != "argument"]
     if reports:
         c = reports[0]["conditions"]
         notes.append(f"conditions: {c['cpu_model']} ({c['machine']}, {c['cpu_count']} cores), "
