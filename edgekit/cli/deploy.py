@@ -39,10 +39,11 @@ def _rollout_plan(canary, batches, batch_size, max_fail, timeout, offline, max_p
                 max_p50_ms=max_p50_ms)
 
 
-def _rollout_options(inv, plan, keep, trust_new_host=False, quiet=False):
+def _rollout_options(inv, plan, keep, trust_new_host=False, quiet=False, force=False):
     from edgekit.deploy.ops import Gate
 
     opts = _options(inv, trust_new_host, keep, quiet)
+    opts.force = force
     if plan.timeout:
         opts.timeout = min(opts.timeout, plan.timeout)
         opts.command_timeout = plan.timeout
@@ -84,10 +85,13 @@ def _show_rollout(rec, as_json):
 @click.option("--resume", "resume_id", help="Continue rollout ID after an abort or a crash of the controller.")
 @_inventory_opt
 @_trust_opt
+@click.option("--force", is_flag=True,
+              help="Upload even when the model (and a language model's KV cache) does not fit the device's "
+                   "available memory, or its disk looks too full.")
 @click.option("--json", "as_json", is_flag=True)
-@click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress lines (the upload's bar: bytes, rate, ETA).")
 def deploy(bundle, device_name, group, all_devices, parallel, keep, dry_run, canary, batches, batch_size, max_fail,
-           timeout, offline, max_p50_ms, abort_rollback, resume_id, inventory, trust_new_host, as_json, quiet):
+           timeout, offline, max_p50_ms, abort_rollback, resume_id, inventory, trust_new_host, force, as_json, quiet):
     """Deploy BUNDLE: upload, verify, switch atomically, health-check, roll back on failure.
 
     BUNDLE may also be a convert output directory: each device then gets the bundle built
@@ -104,7 +108,7 @@ def deploy(bundle, device_name, group, all_devices, parallel, keep, dry_run, can
         if bundle or device_name or group or all_devices:
             raise click.UsageError("--resume takes the bundle and devices from the rollout record; give neither")
         r = Rollout.resume(resume_id, lambda inv, plan, k: _rollout_options(inv, plan, k, trust_new_host,
-                                                                               quiet or as_json))
+                                                                               quiet or as_json, force))
         return _run_rollout(r, as_json, quiet)
     if not bundle:
         raise click.UsageError("give a BUNDLE (or --resume ID)")
@@ -113,7 +117,7 @@ def deploy(bundle, device_name, group, all_devices, parallel, keep, dry_run, can
     staged = bool(canary or batches or batch_size or max_fail is not None)
     plan = _rollout_plan(canary, batches, batch_size, max_fail, timeout, offline, max_p50_ms, abort_rollback,
                          parallel, 0.0 if staged else 1.0)
-    opts = _rollout_options(inv, plan, keep, trust_new_host, quiet or as_json)
+    opts = _rollout_options(inv, plan, keep, trust_new_host, quiet or as_json, force)
     title = (f"deploy {arts[0].name}" + (f" ({arts[0].target}, {arts[0].format})" if len(arts) == 1
                                          else f" ({len(arts)} bundles)"))
     if dry_run:
@@ -207,9 +211,13 @@ def rollback(device_name, model, to, inventory, trust_new_host, as_json):
 @click.argument("bundle", type=click.Path())
 @click.option("--device", "-d", "device_name", help="One device from the inventory.")
 @_device_selection
-@click.option("--runs", type=int, default=200, show_default=True)
+@click.option("--runs", type=int, help="Timed runs (default 200; a language model: 3 generations).")
 @click.option("--warmup", type=int, default=20, show_default=True)
 @click.option("--threads", type=int, help="Override the profile's thread count.")
+@click.option("--prompt-tokens", type=int, default=128, show_default=True,
+              help="A language model: prompt length of each run (TTFT, prefill tok/s).")
+@click.option("--new-tokens", type=int, default=128, show_default=True,
+              help="A language model: tokens generated per run (decode tok/s).")
 @click.option("--parallel", type=int, default=1, show_default=True,
               help="Devices profiled at a time (1: no device disturbs another's figures).")
 @click.option("--save-dir", default="profiles", show_default=True, type=click.Path(),
@@ -219,24 +227,29 @@ def rollback(device_name, model, to, inventory, trust_new_host, as_json):
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--report", "html_report", is_flag=True,
               help="Also write the HTML report of the bundle's build directory with these profiles.")
-def profile(bundle, device_name, group, all_devices, runs, warmup, threads, parallel, save_dir, inventory,
-            trust_new_host, as_json, html_report):
-    """Measure BUNDLE on the device(s) with the latency method; table, JSON saved under profiles/."""
-    from edgekit.bundle import read_bundle
+def profile(bundle, device_name, group, all_devices, runs, warmup, threads, prompt_tokens, new_tokens, parallel,
+            save_dir, inventory, trust_new_host, as_json, html_report):
+    """Measure BUNDLE on the device(s) with the latency method; table, JSON saved under profiles/.
+    A language model: load time, TTFT, prefill and decode tok/s and peak memory on the device."""
     from edgekit.deploy import ops
-    from edgekit.deploy.artifact import prepare
+    from edgekit.deploy.artifact import read_one
     from edgekit.runtime.report import bench_table
 
-    b = prepare(read_bundle(bundle, verify=False))
+    for flag, v in (("--runs", runs), ("--prompt-tokens", prompt_tokens), ("--new-tokens", new_tokens)):
+        if v is not None and v < 1:
+            raise click.BadParameter("must be at least 1", param_hint=flag)
+    b = read_one(bundle)
+    runs = runs or (3 if b.is_llm else 200)
     res = _on_devices(inventory, device_name, group, all_devices, trust_new_host,
-                      lambda d, opts: ops.profile(d, b, opts, runs, warmup, save_dir, threads), parallel,
+                      lambda d, opts: ops.profile(d, b, opts, runs, warmup, save_dir, threads, prompt_tokens,
+                                                  new_tokens), parallel,
                       quiet=as_json)
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in res.results], indent=2, default=str))
     else:
         reps = [r.data["report"] for r in res.succeeded]
         if reps:
-            click.echo(bench_table(reps, label="device"))
+            click.echo(llm_profile_table(reps) if b.is_llm else bench_table(reps, label="device"))
         for r in res.results:
             for w in r.warnings:
                 click.echo(f"warning: {r.device}: {w}", err=True)
@@ -250,3 +263,22 @@ def profile(bundle, device_name, group, all_devices, runs, warmup, threads, para
         _html_report(Path(bundle).resolve().parent, [save_dir], err=as_json)
     if res.failed:
         raise click.exceptions.Exit(1)
+
+
+def llm_profile_table(reports) -> str:
+    """One row per device: a language model's load time, TTFT, prefill / decode tok/s, peak memory."""
+    from edgekit.table import render
+
+    def f(r, *keys):
+        for k in keys:
+            v = r.get(k)
+            if isinstance(v, dict):   # {p50, ...}
+                v = v.get("p50", v.get("median"))
+            if v is not None:
+                return v
+        return None
+
+    rows = [[r.get("label") or r.get("device"), f(r, "threads"), f(r, "load_s"), f(r, "ttft_ms"),
+             f(r, "prefill_tok_s"), f(r, "decode_tok_s"), f(r, "peak_rss_mb")] for r in reports]
+    return render(["device", "threads", "load s", "TTFT ms", "prefill tok/s", "decode tok/s", "peak RSS MB"], rows,
+                  title="language model on the device (p50 of the runs)")

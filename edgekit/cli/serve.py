@@ -76,13 +76,14 @@ def serve(paths, stop, show_status, **opts):
 def _bundle_model_name(path) -> Optional[str]:
     from pathlib import Path
 
-    from edgekit.bundle import is_bundle, read_bundle
+    from edgekit.bundle import is_bundle
+    from edgekit.deploy.artifact import read   # a language model's manifest as well as the others'
 
     p = Path(path)
     if is_bundle(p):
-        return read_bundle(p, verify=False).name
+        return read(p).name
     found = sorted(q for q in p.iterdir() if q.is_dir() and is_bundle(q)) if p.is_dir() else []
-    return read_bundle(found[0], verify=False).name if found else None
+    return read(found[0]).name if found else None
 
 
 def _serving_step(kw, enable, sopts):

@@ -108,11 +108,20 @@ _TASKS = """\
 
     - name: verify sha256 on the device, switch current atomically, golden health check
       ansible.builtin.command:
-        argv: "{{ [edgekit_python, '-m', 'edgekit.runtime'] + ACTIVATE_ARGS + ([] if _ek_have else ['--incoming', INCOMING]) }}"
+        argv: "{{ [edgekit_python, '-m', 'edgekit.runtime'] + ACTIVATE_ARGS + ([] if _ek_have else ['--incoming', INCOMING]) + (['--no-check'] if edgekit_llm | default(false) else []) }}"
       environment: ENV
       register: _ek_activate
       changed_when: (_ek_activate.stdout_lines[-1] | from_json).status == 'deployed'
       failed_when: _ek_activate.rc != 0 or (_ek_activate.stdout_lines[-1] | from_json).status == 'rolled-back'
+
+    - name: golden check of a language model (LanguageModel.check() on the device; a failure rolls back)
+      ansible.builtin.command:
+        argv: "{{ [edgekit_python, '-m', 'edgekit.runtime'] + CHECK_ARGS }}"
+      environment: ENV
+      register: _ek_check
+      changed_when: false
+      failed_when: _ek_check.rc != 0 or not (_ek_check.stdout_lines[-1] | from_json).ok
+      when: edgekit_llm | default(false)
 
     - name: p50 gate (the latency method of edgekit profile)
       ansible.builtin.command:
@@ -121,7 +130,7 @@ _TASKS = """\
       register: _ek_bench
       changed_when: false
       failed_when: _ek_bench.rc != 0 or (_ek_bench.stdout_lines[-1] | from_json).latency.p50_ms > edgekit_max_p50_ms
-      when: edgekit_max_p50_ms is not none
+      when: edgekit_max_p50_ms is not none and not (edgekit_llm | default(false))
 
   rescue:
     - name: roll back (current back where it was, if it still points at this release)
@@ -156,10 +165,11 @@ def _tasks(root_var: str = "_ek_root") -> str:
     revert = protocol.release_args("revert", r, name="{{ edgekit_model }}", sha="{{ edgekit_sha256 }}")
     bench = protocol.bench_args(r + "/models/{{ edgekit_model }}/releases/{{ edgekit_sha256 }}",
                                 "{{ edgekit_gate_runs }}", "{{ edgekit_gate_warmup }}")
+    check = protocol.check_args(r + "/models/{{ edgekit_model }}/releases/{{ edgekit_sha256 }}")
     env = protocol.env(r)
     t = _TASKS
     for key, words in (("STATUS_ARGS", status), ("ACTIVATE_ARGS", activate), ("REVERT_ARGS", revert),
-                       ("BENCH_ARGS", bench)):
+                       ("BENCH_ARGS", bench), ("CHECK_ARGS", check)):
         # inside a Jinja expression: the words as a list of Jinja strings
         t = t.replace(key, "[" + ", ".join(_jinja_word(w) for w in words) + "]")
     t = t.replace("ENV", json.dumps(env))
@@ -227,7 +237,7 @@ def export(inv: Inventory, devices: Sequence[Device], artifacts: Sequence[Artifa
             hv: Dict[str, object] = {"ansible_host": d.host, "ansible_python_interpreter": d.python,
                                      "edgekit_python": d.python, "edgekit_root": d.root,
                                      "edgekit_bundle": a.path.name, "edgekit_sha256": a.sha256,
-                                     "edgekit_target": d.target or a.target}
+                                     "edgekit_target": d.target or a.target, "edgekit_llm": a.is_llm}
             if d.port:
                 hv["ansible_port"] = d.port
             if d.user:

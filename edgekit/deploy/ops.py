@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from edgekit.bundle import Bundle, write_json_atomic
-from edgekit.deploy import protocol
+from edgekit.deploy import protocol, transfer
 from edgekit.deploy.artifact import Artifact, prepare
 from edgekit.deploy.connection import Connection
 from edgekit.deploy.fleet import DeviceResult
@@ -39,7 +39,7 @@ class Options:
 
     def __init__(self, inventory: Inventory, *, trust_new_host: bool = False, keep: int = 3,
                  progress: Optional[Progress] = None, timeout: float = 10.0, debug: bool = False,
-                 command_timeout: Optional[float] = None, gate: Optional[Gate] = None):
+                 command_timeout: Optional[float] = None, gate: Optional[Gate] = None, force: bool = False):
         self.inventory = inventory
         self.trust_new_host = trust_new_host
         self.keep = keep
@@ -48,6 +48,7 @@ class Options:
         self.command_timeout = command_timeout    # any one device command (None: the command's own)
         self.debug = debug                        # device tracebacks in the reasons
         self.gate = gate
+        self.force = force                        # upload even when the memory / disk check refuses
 
     def connect(self, device: Device) -> Connection:
         return Connection(device, self.inventory, trust_new_host=self.trust_new_host,
@@ -125,7 +126,7 @@ def choose_bundle(device: Device, artifacts: Sequence[Artifact], runnable: Optio
         if runnable is None or b.format in runnable:
             return b
     raise DeviceError(f"no backend on the device runs {' or '.join(sorted({b.format for b in mine}))}",
-                      device=device.name, hint=INSTALL_HINTS[mine[0].format])
+                      device=device.name, hint=INSTALL_HINTS.get(mine[0].format, GENAI_HINT))
 
 
 def _artifacts(bundles: Union[Bundle, Artifact, Sequence[Union[Bundle, Artifact]]]) -> List[Artifact]:
@@ -133,9 +134,62 @@ def _artifacts(bundles: Union[Bundle, Artifact, Sequence[Union[Bundle, Artifact]
     return [b if isinstance(b, Artifact) else prepare(b) for b in items]
 
 
+GENAI_HINT = "pip install onnxruntime-genai  (it runs language-model bundles; numpy is its only other need)"
+LLM_KEEP_UNTIL_CHECKED = 1 << 30     # no release is pruned before a language model's golden check passed
+
+
+def preflight(device: Device, art: Artifact, opts: Options):
+    """The check before any byte is sent: the model (and a language model's KV cache at the
+    bundle's context) must fit the device's available memory (--force skips it); a language
+    model needs onnxruntime-genai there."""
+    from edgekit.deploy.transfer import human
+
+    def check(plan) -> None:
+        need, avail = art.memory_need(), plan.mem_available
+        if not opts.force and avail is not None and need["total"] > avail:
+            what = (f"{human(need['weights'])} weights + {human(need['kv_cache'])} KV cache at {need['context']} "
+                    f"tokens" if art.is_llm else "its model file")
+            raise DeviceError(f"not enough memory for {art.name}: it needs {human(need['total'])} ({what}), the "
+                              f"device has {human(avail)} available"
+                              + (f" of {human(plan.mem_total)}" if plan.mem_total else ""),
+                              device=device.name, hint="free memory there, choose a smaller model or context, "
+                                                       "or deploy with --force")
+        if art.is_llm and not (plan.genai or {}).get("available"):
+            raise DeviceError(f"onnxruntime-genai is not installed for {device.python} on the device: it runs "
+                              f"language-model bundles (nothing was uploaded)", device=device.name,
+                              hint=f"{device.python} -m pip install onnxruntime-genai")
+
+    return check
+
+
+def _push(s: DeviceSession, art: Artifact, opts: Options, then: str, check: bool = True):
+    """Upload what the device lacks (resumed, deduplicated, verified) and `then` activate / store it."""
+    ticker = opts.progress.ticker(f"[{s.device.name}] upload {art.name}", "")
+    keep = LLM_KEEP_UNTIL_CHECKED if art.is_llm else opts.keep
+    return s.push(art, ticker, then=then, keep=keep, check=check and not art.is_llm, force=opts.force,
+                  preflight=preflight(s.device, art, opts))
+
+
 def _upload(s: DeviceSession, art: Artifact, st: protocol.DeviceStatus, opts: Options) -> Tuple[str, int]:
-    tick = opts.progress.ticker(f"[{s.device.name}] upload", "")
-    return s.upload(art, st.free_bytes, tick=lambda d, t: tick(d >> 10, t >> 10, "KiB"))
+    p = _push(s, art, opts, "none")
+    return p.incoming, p.sent
+
+
+def _llm_health(s: DeviceSession, art: Artifact, res: protocol.Activation, opts: Options,
+                data: Dict[str, Any]) -> Tuple[str, Optional[str]]:
+    """A language model's golden check on the device (LanguageModel.check() through
+    `python -m edgekit.runtime check`), after the switch; on failure `current` goes back."""
+    h = s.check(s.release_path(art.name, art.sha256))
+    health = protocol.Health.parse(h)
+    data["health"] = h
+    if health.ok:
+        gc = transfer.Store(s, art.name).gc(opts.keep)
+        data["pruned"] = list(gc.get("pruned", []))
+        return "deployed", None
+    back = s.revert(art.name, art.sha256, res.previous)
+    data["current"] = back.current
+    return "rolled-back", (f"health check failed on the device: {health.why()}; current is back at "
+                           f"{(back.current or 'none')[:12]}")
 
 
 def _gate(s: DeviceSession, art: Artifact, gate: Gate) -> Tuple[bool, float]:
@@ -158,8 +212,9 @@ def deploy(device: Device, bundles: Union[Bundle, Artifact, Sequence[Union[Bundl
             s.ensure_runtime()
             stale = False
         st = s.status(name, clean_incoming=not dry_run) if not stale else None
-        art = choose_bundle(device, candidates,
-                            protocol.runnable_formats(s.backends()) if len(candidates) > 1 and st else None)
+        art = choose_bundle(device, candidates,    # language models: by target (onnxruntime-genai checked later)
+                            protocol.runnable_formats(s.backends())
+                            if len(candidates) > 1 and st and not candidates[0].is_llm else None)
         sha = art.sha256
         warnings = _mismatch(device, art)
         entry = st.model(name) if st else protocol.ModelState(None)
@@ -174,20 +229,29 @@ def deploy(device: Device, bundles: Union[Bundle, Artifact, Sequence[Union[Bundl
             data["runtime"] = "would push" if stale else "present"
             status = "unchanged" if (have and entry.current == sha) else ("would-switch" if have else "would-upload")
             return DeviceResult(device.name, status, data=data, warnings=warnings)
-        data["backend"] = s.check_backend(art.format, art.preferred_backend)
+        data["backend"] = "onnxruntime-genai" if art.is_llm else s.check_backend(art.format, art.preferred_backend)
         if have and entry.current == sha:
             return DeviceResult(device.name, "unchanged", data=data, warnings=warnings)
-        incoming = None
         if not have:
-            incoming, data["bytes_sent"] = _upload(s, art, st, opts)
-        res = s.activate(name, sha, incoming, opts.keep)
+            pushed = _push(s, art, opts, "activate")
+            res = protocol.Activation.parse(pushed.result)
+            data.update(bytes_sent=pushed.sent, bytes_total=art.bytes, bytes_resumed=pushed.plan.resumed_bytes,
+                        files_reused=len(art.files) - len(pushed.plan.items))
+        else:
+            res = s.activate(name, sha, None, LLM_KEEP_UNTIL_CHECKED if art.is_llm else opts.keep,
+                             check=not art.is_llm)
         data.update(health=res.health.raw if res.health else None, current=res.current, pruned=list(res.pruned))
         status = "deployed" if res.status in ("deployed", "unchanged") else res.status
         reason = None
-        if status == "rolled-back":
+        if art.is_llm and status == "deployed":
+            status, reason = _llm_health(s, art, res, opts, data)
+            if opts.gate is not None:
+                warnings.append("--max-p50-ms is a gate for tensor models; a language model's speed is "
+                                "`edgekit profile` (TTFT, tok/s)")
+        elif status == "rolled-back":
             reason = (f"health check failed on the device: {res.health.why() if res.health else 'no result'}; "
                       f"current is back at {(res.current or 'none')[:12]}")
-        elif opts.gate is not None:
+        elif opts.gate is not None and not art.is_llm:
             ok, p50 = _gate(s, art, opts.gate)
             data["p50_ms"] = p50
             if not ok:
@@ -233,7 +297,10 @@ def rollback(device: Device, model: str, opts: Options, to: Optional[str] = None
 
 
 def profile(device: Device, bundle: Union[Bundle, Artifact], opts: Options, runs: int = 200, warmup: int = 20,
-            out_dir: Optional[Path] = None, threads: Optional[int] = None) -> DeviceResult:
+            out_dir: Optional[Path] = None, threads: Optional[int] = None, prompt_tokens: int = 128,
+            new_tokens: int = 128) -> DeviceResult:
+    """The latency method on the device (a language model: LanguageModel.benchmark(), TTFT and
+    tok/s, with `runs` runs of `prompt_tokens` in and `new_tokens` out; `warmup` unused)."""
     art = _artifacts(bundle)[0]
     name, sha = art.name, art.sha256
     warnings = _mismatch(device, art)
@@ -241,13 +308,20 @@ def profile(device: Device, bundle: Union[Bundle, Artifact], opts: Options, runs
         s = opts.session(c)
         s.ensure_runtime()
         st = s.status(name, clean_incoming=True)
-        s.check_backend(art.format, art.preferred_backend)
+        if not art.is_llm:
+            s.check_backend(art.format, art.preferred_backend)
         have = st.model(name).has(sha) and s.verify(name, sha)
         if not have:
-            incoming, _ = _upload(s, art, st, opts)
-            s.store(name, sha, incoming)
-        opts.progress.say(f"[{device.name}] profiling {name}: {warmup} warm-up + {runs} runs on the device")
-        rep = s.bench(s.release_path(name, sha), runs, warmup, threads)
+            _push(s, art, opts, "store")
+        path = s.release_path(name, sha)
+        if art.is_llm:
+            opts.progress.say(f"[{device.name}] profiling {name}: {runs} runs of {prompt_tokens} prompt + "
+                              f"{new_tokens} new tokens on the device")
+            rep = s.llm_bench(path, prompt_tokens, new_tokens, runs, threads)
+            rep.setdefault("kind", "llm")
+        else:
+            opts.progress.say(f"[{device.name}] profiling {name}: {warmup} warm-up + {runs} runs on the device")
+            rep = s.bench(path, runs, warmup, threads)
     rep["device"] = device.name
     rep["label"] = device.name
     rep["bundle_sha256"] = sha

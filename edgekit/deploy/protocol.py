@@ -47,6 +47,34 @@ def bench_args(path: str, runs: int, warmup: int, threads: Optional[int] = None)
     return a
 
 
+def check_args(path: str) -> List[str]:
+    """`check PATH --json`: the golden health check of the bundle at PATH (for a language model the
+    runtime's LanguageModel.check(): teacher-forced top-1 agreement, logit SNR, a short generation)."""
+    return ["check", path, "--json"]
+
+
+# On the device: a language model's speed (the runtime's LanguageModel.benchmark(): load, TTFT,
+# prefill and decode tok/s, peak RSS) as JSON; argv: path, prompt tokens, new tokens, runs, threads (0: the
+# bundle's). A user-facing problem (no onnxruntime-genai, ...) is one `error:` line and exit status 2.
+LLM_BENCH = """
+import json, sys
+from edgekit.errors import EdgekitError
+from edgekit.runtime import load
+path, prompt, new, runs, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+try:
+    m = load(path, threads=threads) if threads else load(path)
+    rep = m.benchmark(prompt_tokens=prompt, new_tokens=new, runs=runs)
+except EdgekitError as e:
+    print("error: %s" % (e,), file=sys.stderr)
+    sys.exit(2)
+print(json.dumps(rep))
+"""
+
+
+def llm_bench_args(path: str, prompt_tokens: int, new_tokens: int, runs: int, threads: Optional[int]) -> List[str]:
+    return [path, str(prompt_tokens), str(new_tokens), str(runs), str(threads or 0)]
+
+
 # --- replies -------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -81,6 +109,14 @@ class Health:
         """Why it failed, in one line."""
         if self.error:
             return self.error
+        if not self.outputs and "top1_agreement" in self.raw:   # a language model's check
+            r = self.raw
+            parts = [f"top-1 agreement {r['top1_agreement']}" + (f" (min {r['min_top1']})" if "min_top1" in r else "")]
+            if r.get("snr_db") is not None:
+                parts.append(f"logit SNR {r['snr_db']} dB" + (f" (min {r['min_snr_db']})" if "min_snr_db" in r else ""))
+            if "text" in r:
+                parts.append(f"generation {str(r.get('text'))[:60]!r}")
+            return ", ".join(parts)
         return ", ".join(f"{k}: SNR {o.snr_db:.1f} dB vs golden (min {self.min_snr_db}), top-1 agreement "
                          f"{o.top1_agreement}" for k, o in self.outputs.items() if not o.ok) or "failed"
 
@@ -215,5 +251,5 @@ def latency_p50_ms(report: Dict[str, Any]) -> float:
     return float(report["latency"]["p50_ms"])
 
 
-__all__ = ["env", "argv", "release_args", "bench_args", "Health", "DeviceStatus", "ModelState",
+__all__ = ["env", "argv", "release_args", "bench_args", "check_args", "llm_bench_args", "LLM_BENCH", "Health", "DeviceStatus", "ModelState",
                           "Activation", "Switch", "Stored", "Facts", "Backend", "runnable_formats"]

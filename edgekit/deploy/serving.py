@@ -144,19 +144,97 @@ def _alive(conn, root: str, launched: Optional[int]) -> bool:
     return launched is not None and conn.run(["kill", "-0", str(launched)], timeout=30)[0] == 0
 
 
+# The gate of a language model, on the device (standard library): ready, the release served
+# (/v2/models/{m}: edgekit.version), then a short greedy completion of the golden prompt through the
+# OpenAI-compatible API that must produce text. Prints the probe's JSON shape. argv: host, port, root,
+# model, sha12, token file ('' for none).
+LLM_PROBE = r"""
+import http.client, json, os, sys
+host, port, root, name, sha12, token_file = sys.argv[1:7]
+token = open(token_file).read().strip() if token_file else os.environ.get("EDGEKIT_SERVE_TOKEN")
+auth = {"Authorization": "Bearer " + token} if token else {}
+def call(method, path, body=None):
+    c = http.client.HTTPConnection(host, int(port), timeout=120)
+    try:
+        h = dict(auth, **({"Content-Type": "application/json"} if body is not None else {}))
+        c.request(method, path, body=None if body is None else json.dumps(body).encode(), headers=h)
+        r = c.getresponse()
+        data = r.read()
+        try:
+            return r.status, json.loads(data or b"{}")
+        except ValueError:
+            return r.status, {"error": data[:200].decode("utf-8", "replace")}
+    finally:
+        c.close()
+out = {"url": "http://%s:%s/v1" % (host, port), "ok": False, "models": {}}
+res = out["models"][name] = {"ok": False}
+def err(d, st):
+    e = d.get("error")
+    return (e.get("message") if isinstance(e, dict) else e) or "HTTP %d" % st
+try:
+    st, d = call("GET", "/v2/health/ready")
+    if st != 200:
+        res["error"] = err(d, st)
+    else:
+        st, meta = call("GET", "/v2/models/" + name)
+        info = meta.get("edgekit", {}) if st == 200 else {}
+        res["version"] = info.get("version")
+        if info.get("failed_release"):
+            res["failed_release"] = info["failed_release"]
+        if st != 200:
+            res["error"] = err(meta, st)
+        elif res["version"] == sha12:
+            try:
+                g = json.load(open(os.path.join(root, "models", name, "current", "golden.json")))["generation"]
+                prompt, n = g["prompt"], max(1, min(int(g.get("max_new_tokens", 8)), 16))
+            except (OSError, ValueError, KeyError, TypeError):
+                prompt, n = "Hello", 8
+            st, d = call("POST", "/v1/completions", {"model": name, "prompt": prompt, "max_tokens": n,
+                                                     "temperature": 0})
+            if st != 200:
+                res["error"] = "/v1/completions: " + err(d, st)
+            else:
+                text = (d.get("choices") or [{}])[0].get("text") or ""
+                res.update(text=text, usage=d.get("usage"), ok=bool(text.strip()))
+                if not res["ok"]:
+                    res["error"] = "/v1/completions produced no text for the golden prompt"
+except OSError as e:
+    res["error"] = "no server answers on %s:%s (%s)" % (host, port, e)
+out["ok"] = res["ok"]
+print(json.dumps(out))
+"""
+
+
+def _is_llm(conn, root: str, model: str, sha: str) -> bool:
+    """Whether release `sha` of `model` on the device is a language model (its manifest's kind)."""
+    try:
+        with conn.sftp.open(f"{root}/models/{model}/releases/{sha}/manifest.json") as f:
+            return json.loads(f.read().decode("utf-8")).get("kind") == "llm"
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+
+
 def wait_ready(conn, root: str, opts: ServeOptions, model: str, sha: str,
                launched: Optional[int] = None) -> Dict[str, Any]:
     """Until the server is ready and answers a golden inference of `model` with release `sha`
-    (`launched`: the pid start() returned, alive before the server writes its pid file)."""
+    (`launched`: the pid start() returned, alive before the server writes its pid file). A
+    language model's gate is a short completion of its golden prompt through /v1/completions."""
     host = "127.0.0.1" if opts.host in ("0.0.0.0", "::") else opts.host
     args = ["--host", host, "--port", str(opts.port), "--root", root, "--model", model]
     if opts.token_file:
         args += ["--token-file", opts.token_file]
+    llm = _is_llm(conn, root, model, sha)
     deadline = time.monotonic() + opts.wait_s
     last: Dict[str, Any] = {}
     while True:
-        rc, out, err = _python(conn, root, "edgekit.serve.probe", *args)
-        last = _json(conn, rc, out, err, "edgekit.serve.probe")
+        if llm:
+            rc, out, err = conn.run([conn.device.python, "-c", LLM_PROBE, host, str(opts.port), root, model, sha[:12],
+                                     opts.token_file or ""], env={"PYTHONDONTWRITEBYTECODE": "1"}, cwd="/",
+                                    timeout=180)
+            last = _json(conn, rc, out, err, "the language-model probe")
+        else:
+            rc, out, err = _python(conn, root, "edgekit.serve.probe", *args)
+            last = _json(conn, rc, out, err, "edgekit.serve.probe")
         m = last.get("models", {}).get(model, {})
         if last.get("ok") and m.get("version") == sha[:12]:
             return last

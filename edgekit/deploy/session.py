@@ -10,13 +10,14 @@ import json
 import posixpath
 import stat
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from edgekit.deploy import protocol
+from edgekit.deploy import protocol, transfer
 from edgekit.deploy.artifact import Artifact
 from edgekit.deploy.connection import Connection
-from edgekit.errors import DeviceError
+from edgekit.errors import BundleError, DeviceError
 from edgekit.runtime.files import PKG, runtime_digest, runtime_files
 
 INSTALL_HINTS = {
@@ -140,6 +141,16 @@ class DeviceSession:
             words.insert(0, "--debug")
         rc, out, err = self.conn.run(protocol.argv(py, *words), env=protocol.env(self.root), cwd="/",
                                      timeout=timeout if self.timeout is None else min(timeout, self.timeout))
+        return self._answer(rc, out, err)
+
+    def run_python(self, code: str, *args: str, timeout: float = 600.0) -> Dict[str, Any]:
+        """python -c CODE ARGS on the device (the pushed runtime importable); its JSON answer."""
+        rc, out, err = self.conn.run([self.device.python, "-c", code, *args], env=protocol.env(self.root), cwd="/",
+                                     timeout=timeout if self.timeout is None else min(timeout, self.timeout))
+        return self._answer(rc, out, err)
+
+    def _answer(self, rc: int, out: str, err: str) -> Dict[str, Any]:
+        py = self.device.python
         if rc == 127:
             raise self.err(f"'{py}' not found on the device",
                            hint="install python3 there, or set python = \"/path/to/python\" in the inventory")
@@ -205,6 +216,23 @@ class DeviceSession:
         """The latency report (DESIGN.md's method) of the bundle at `path` on the device."""
         return self.call(*protocol.bench_args(path, runs, warmup, threads), timeout=3600)
 
+    def check(self, path: str) -> Dict[str, Any]:
+        """`python -m edgekit.runtime check PATH --json` on the device: the golden health check (a
+        language model's through LanguageModel.check()). Never raises for a failed check: a device
+        error (no onnxruntime-genai, a model that does not load) is a failed result naming it."""
+        try:
+            return self.call(*protocol.check_args(path), timeout=1800)
+        except DeviceError as e:
+            if self.conn._client is None:
+                raise
+            return {"ok": False, "error": e.message.split(": ", 1)[-1] if e.device else str(e)}
+
+    def llm_bench(self, path: str, prompt_tokens: int, new_tokens: int, runs: int,
+                  threads: Optional[int] = None) -> Dict[str, Any]:
+        """A language model's speed on the device (the runtime's LanguageModel.benchmark())."""
+        return self.run_python(protocol.LLM_BENCH, *protocol.llm_bench_args(path, prompt_tokens, new_tokens, runs,
+                                                                            threads), timeout=3600)
+
     def release_path(self, name: str, sha: str) -> str:
         return f"{self.root}/models/{name}/releases/{sha}"
 
@@ -222,18 +250,69 @@ class DeviceSession:
         raise self.err(f"no backend on the device can run a .{fmt} model ({why})",
                        hint=INSTALL_HINTS[fmt])
 
-    def upload(self, art: Artifact, free_bytes: int,
-               tick: Optional[Callable[[int, int], None]] = None) -> Tuple[str, int]:
-        """Upload into models/<name>/.incoming-<sha12>-<tag>; (incoming dir name, bytes).
+    def push(self, art: Artifact, ticker: Optional[Callable[..., None]] = None, *, then: str = "none",
+             keep: int = 3, check: bool = True, force: bool = False,
+             preflight: Optional[Callable[["transfer.StorePlan"], None]] = None) -> "Pushed":
+        """Send what the device lacks of `art` into its object store (resuming an upload that
+        stopped), verify and assemble the release, and `then` activate or store it there.
 
-        `free_bytes` comes from the status call made just before (which also removed
-        the model's unfinished uploads), so no extra round trip is spent here."""
-        size = art.bytes
-        if free_bytes < size * 1.05 + (1 << 16):
-            raise self.err(f"no space left under {self.root}: {free_bytes / 1e6:.2f} MB free, "
-                           f"the bundle needs {size / 1e6:.2f} MB",
-                           hint="free space on the device, lower --keep, or set another root")
-        incoming = f".incoming-{art.sha256[:12]}-{uuid.uuid4().hex[:8]}"
-        mdir = f"{self.root}/models/{art.name}"
-        sent = self.put_files([(p, f"{mdir}/{incoming}/{rel}") for p, rel, _ in art.files], tick)
-        return incoming, sent
+        `preflight(plan)` runs before any byte is sent (memory checks: raises to refuse); the disk
+        check is here: refused unless `force`. `ticker(done, total, extra)`: progress."""
+        store = transfer.Store(self, art.name)
+        plan = store.plan(art, genai=art.is_llm)
+        if preflight is not None:
+            preflight(plan)
+        need = plan.send_bytes
+        if not force and need and plan.free_bytes < need * 1.05 + (1 << 16):
+            raise self.err(f"no space left under {self.root}: {plan.free_bytes / 1e6:.1f} MB free, the upload "
+                           f"needs {need / 1e6:.1f} MB",
+                           hint="free space on the device, lower --keep, set another root, or --force to try")
+        sent = self._send(store, plan, ticker)
+        try:
+            r = store.commit(art, plan, then=then, keep=keep, check=check)
+        except BundleError:
+            # an object did not hash right (a part damaged where the link dropped, a file changed on
+            # the device): once more; commit removed the bad ones, so the new plan sends them whole
+            plan = store.plan(art, genai=False)
+            sent += self._send(store, plan, ticker)
+            r = store.commit(art, plan, then=then, keep=keep, check=check)
+        return Pushed(r["incoming"], sent, plan, r.get("result"), store)
+
+    def _send(self, store: "transfer.Store", plan: "transfer.StorePlan",
+              ticker: Optional[Callable[..., None]]) -> int:
+        tick = transfer.progress_callback(ticker, plan.send_bytes) if ticker else None
+        return store.send(plan, tick, on_error=lambda e, it: self._store_error(e, it.rel, plan))
+
+    def _store_error(self, e: Exception, rel: str, plan: "transfer.StorePlan") -> DeviceError:
+        free = None
+        if self.conn._client is not None:
+            try:
+                free = self.status().free_bytes
+            except DeviceError:
+                pass
+        if free is not None and free < (4 << 20):
+            return self.err(f"no space left under {self.root}: {free / 1e6:.1f} MB free, the upload "
+                            f"needs {plan.send_bytes / 1e6:.1f} MB",
+                            hint="free space on the device or set another root (the upload resumes where it stopped)")
+        return self.err(f"upload of {rel} failed: {type(e).__name__}: {e or 'connection lost'}",
+                        hint="check the device and deploy again: the upload resumes where it stopped, "
+                             "nothing was switched")
+
+    def upload(self, art: Artifact, free_bytes: Optional[int] = None,
+               tick: Optional[Callable[..., None]] = None) -> Tuple[str, int]:
+        """Upload into models/<name>/.incoming-<sha12>-<tag> (assembled from the object store);
+        (incoming dir name, bytes sent). `free_bytes` is not needed any more (the plan measures it)."""
+        p = self.push(art, tick)
+        return p.incoming, p.sent
+
+
+@dataclass
+class Pushed:
+    """What push() did: the release directory it assembled, bytes sent, the plan, and the
+    device's answer to `then` (activate / store), if any."""
+
+    incoming: str
+    sent: int
+    plan: "transfer.StorePlan"
+    result: Optional[Dict[str, Any]]
+    store: "transfer.Store"

@@ -1,0 +1,259 @@
+"""Deploying language-model bundles (and every bundle) through the content-addressed, resumable upload,
+against real sshd devices in network namespaces.
+
+The transport tests use a synthetic LLM bundle (a few tens of MB of random weights under model/ and a
+manifest listing every file with its sha256): an upload killed halfway (the controller process
+SIGKILLed, or the link dropped) resumes and sends exactly the rest, a release that changes one small
+file sends a few kB, and the memory / disk check refuses (or --force goes on). One real LLM bundle
+(tests/tinylm.py, converted by edgekit.convert.llm) is deployed with its golden check on the device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, device_venv
+from edgekit.deploy import artifact, ops
+from edgekit.deploy.connection import Connection
+from edgekit.deploy.inventory import load_inventory
+from edgekit.errors import DeviceError
+
+NAME = "tinychat"
+WEIGHTS = "model/model.onnx.data"
+
+
+def synthetic_llm(dest: Path, mb: int = 40, seed: int = 0, template: str = "{{ messages }}",
+                  context: int = 2048, kv_bytes_per_token: int = 16384) -> Path:
+    """An LLM bundle's layout and manifest with random weights (the transport does not look inside)."""
+    rng = np.random.default_rng(seed)
+    model = dest / "model"
+    model.mkdir(parents=True)
+    (model / "model.onnx.data").write_bytes(rng.bytes(mb << 20))
+    (model / "model.onnx").write_bytes(rng.bytes(200_000))
+    (model / "genai_config.json").write_text(json.dumps({"model": {"context_length": context, "type": "llama"}}))
+    (model / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": {"a": 0}}}))
+    (model / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    (model / "chat_template.jinja").write_text(template)
+    (dest / "golden.json").write_text(json.dumps({"prompts": [[1, 2, 3]], "top1": [[2, 3, 4]],
+                                                   "generation": {"prompt": "hi", "max_new_tokens": 4, "text": "x"}}))
+    files = {p.relative_to(model).as_posix(): {"sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
+                                               "bytes": p.stat().st_size} for p in sorted(model.iterdir())}
+    manifest = {"schema": 1, "kind": "llm", "format": "onnx-genai", "name": NAME, "edgekit_version": "test",
+                "target": {"name": "x86-avx2", "formats": ["onnx"]},
+                "model": {"dir": "model", "files": files, "bytes": sum(f["bytes"] for f in files.values()),
+                          "architecture": "LlamaForCausalLM", "params": mb << 19, "vocab": 256, "layers": 2,
+                          "hidden": 64, "kv_heads": 2, "head_dim": 32, "context": context},
+                "recipe": {"precision": "int4", "block_size": 32},
+                "llm": {"kv_bytes_per_token": kv_bytes_per_token, "context_default": context},
+                "golden": "golden.json"}
+    (dest / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def llm_lab(tmp_path_factory):
+    """Two devices: 'full' runs this Python (onnxruntime-genai installed), 'bare' a venv with numpy only."""
+    from devicelab import Lab
+
+    lab = Lab(tmp_path_factory.mktemp("llmlab"), tag=f"L{os.getpid() % 10000}")
+    lab.setup()
+    try:
+        lab.add("full", sys.executable)
+        lab.add("bare", str(device_venv(["numpy"])))
+        lab.write_known_hosts()
+        lab.write_inventory(extra={"full": {"target": "x86-avx2"}, "bare": {"target": "x86-avx2"}})
+        yield lab
+    finally:
+        lab.teardown()
+
+
+@pytest.fixture
+def lab(llm_lab):
+    import shutil
+
+    for d in llm_lab.devices.values():
+        if d.proc is None or d.proc.poll() is not None:
+            d.start()
+        shutil.rmtree(d.root, ignore_errors=True)
+        d.root.mkdir(parents=True)
+    return llm_lab
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return synthetic_llm(tmp_path_factory.mktemp("llm") / f"{NAME}-x86-avx2-int4")
+
+
+def _push(lab, device, art, progress=None):
+    """What deploy does before the switch (status, plan, resumable upload, verify, assemble),
+    storing the release without activating it: the transport alone. Returns session.Pushed."""
+    inv = load_inventory(lab.inventory)
+    opts = ops.Options(inv, progress=progress)
+    with Connection(inv.devices[device], inv).open() as c:
+        s = opts.session(c)
+        s.ensure_runtime()
+        s.status(art.name, clean_incoming=True)
+        return ops._push(s, art, opts, "store")
+
+
+def _objects(lab, device, name=NAME):
+    return lab.devices[device].root / "models" / name / "objects"
+
+
+_KILLABLE = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_deploy_llm import _push
+from devicelab import Lab
+from edgekit.deploy import artifact
+lab = Lab.__new__(Lab)
+lab.inventory = {inventory!r}
+_push(lab, "full", artifact.read_one({bundle!r}))
+print("finished")
+"""
+
+
+def test_upload_killed_halfway_resumes_and_sends_only_the_rest(lab, bundle):
+    art = artifact.read_one(bundle)
+    weights_sha = art.file_digests()[WEIGHTS]
+    part = _objects(lab, "full") / f".part-{weights_sha}"
+    code = _KILLABLE.format(tests=str(ROOT / "tests"), inventory=str(lab.inventory), bundle=str(bundle))
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    size = (Path(bundle) / WEIGHTS).stat().st_size
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if part.is_file() and part.stat().st_size >= size * 0.4:
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGKILL)             # the controller dies mid-upload
+    proc.wait()
+    time.sleep(0.5)                              # the device's sftp-server writes what reached it
+    got = part.stat().st_size
+    assert 0.4 * size <= got < size, (got, size)
+    assert not (lab.devices["full"].root / "models" / NAME / "releases").exists()
+    p = _push(lab, "full", art)                  # deploy again: it resumes
+    assert p.plan.resumed_bytes >= got
+    assert p.sent == art.bytes - p.plan.resumed_bytes    # only the rest went over the link
+    assert p.sent <= size - got + 0.01 * size
+    assert p.result["status"] == "stored"
+    rel = lab.devices["full"].root / "models" / NAME / "releases" / art.sha256
+    assert (rel / WEIGHTS).read_bytes() == (Path(bundle) / WEIGHTS).read_bytes()   # and verified by hash there
+    assert not part.exists() and (_objects(lab, "full") / weights_sha).is_file()
+
+
+class _DropLinkAt:
+    """A Progress whose upload ticker drops the device's SSH link (every session killed, sshd
+    restarted) once, part-way through."""
+
+    def __init__(self, device, fraction, restart=True):
+        self.device, self.fraction, self.restart, self.fired = device, fraction, restart, False
+        self.enabled = True
+
+    def say(self, text):
+        pass
+
+    def ticker(self, label, unit=""):
+        def tick(done, total, extra=""):
+            assert "ETA" in extra or "/s" in extra, extra   # rate and time left on the line
+            if not self.fired and total and done >= self.fraction * total:
+                self.fired = True
+                self.device.stop()
+                if self.restart:
+                    self.device.start()
+        return tick
+
+
+def test_dropped_link_reconnects_and_resumes_in_the_same_run(lab, bundle):
+    art = artifact.read_one(bundle)
+    drop = _DropLinkAt(lab.devices["full"], 0.5)
+    p = _push(lab, "full", art, progress=drop)
+    assert drop.fired and p.result["status"] == "stored"
+    # what reached the device before the drop was not sent again (a little in flight may be)
+    assert art.bytes * 0.99 <= p.sent < art.bytes * 1.1, (p.sent, art.bytes)
+    rel = lab.devices["full"].root / "models" / NAME / "releases" / art.sha256
+    assert (rel / WEIGHTS).read_bytes() == (Path(bundle) / WEIGHTS).read_bytes()
+
+
+def test_link_down_for_good_names_the_file_and_keeps_the_part(lab, bundle):
+    art = artifact.read_one(bundle)
+    drop = _DropLinkAt(lab.devices["full"], 0.3, restart=False)
+    with pytest.raises(DeviceError, match=r"upload of model/model.onnx.data failed.*resumes where it stopped"):
+        _push(lab, "full", art, progress=drop)
+    lab.devices["full"].start()
+    part = _objects(lab, "full") / f".part-{art.file_digests()[WEIGHTS]}"
+    assert part.stat().st_size > 0.25 * (Path(bundle) / WEIGHTS).stat().st_size
+
+
+def test_new_release_sharing_files_sends_only_what_differs(lab, bundle, tmp_path):
+    art = artifact.read_one(bundle)
+    first = _push(lab, "full", art)
+    assert first.sent == art.bytes
+    changed = synthetic_llm(tmp_path / f"{NAME}-x86-avx2-int4", template="{{ bos }}{{ messages }}")
+    art2 = artifact.read_one(changed)
+    assert art2.sha256 != art.sha256
+    p = _push(lab, "full", art2)
+    assert p.result["status"] == "stored"
+    assert p.sent < 0.01 * art2.bytes, (p.sent, art2.bytes)
+    changed_files = {rel for rel, d in art2.file_digests().items() if art.file_digests().get(rel) != d}
+    assert changed_files == {"manifest.json", "model/chat_template.jinja", "model/tokenizer_config.json"}
+    assert p.sent == sum(n for _, rel, n in art2.files if rel in changed_files)
+    releases = lab.devices["full"].root / "models" / NAME / "releases"
+    a, b = releases / art.sha256 / WEIGHTS, releases / art2.sha256 / WEIGHTS
+    assert a.stat().st_ino == b.stat().st_ino and a.stat().st_nlink == 3   # one copy on disk: two releases + object
+
+
+def test_tampered_object_is_hashed_again_and_resent(lab, bundle):
+    art = artifact.read_one(bundle)
+    _push(lab, "full", art)
+    rel = lab.devices["full"].root / "models" / NAME / "releases" / art.sha256 / "model" / "model.onnx"
+    data = bytearray(rel.read_bytes())
+    data[10] ^= 0xFF
+    rel.write_bytes(bytes(data))                 # through the release's hard link: the object changes too
+    p = _push(lab, "full", art)
+    assert p.plan.damaged == [art.file_digests()["model/model.onnx"]]
+    assert p.sent == rel.stat().st_size
+    fresh = lab.devices["full"].root / "models" / NAME / "releases" / art.sha256 / "model" / "model.onnx"
+    assert fresh.read_bytes() == (Path(bundle) / "model" / "model.onnx").read_bytes()
+
+
+def test_memory_check_refuses_in_one_line_and_force_goes_on(cli, lab, tmp_path):
+    big = synthetic_llm(tmp_path / "big", mb=1, context=1_000_000, kv_bytes_per_token=1 << 20)
+    r = cli("deploy", big, "-d", "bare", "--inventory", lab.inventory)
+    assert r.exit_code == 1
+    line = [ln for ln in r.stderr.splitlines() if "not enough memory" in ln]
+    assert len(line) == 1, r.stderr
+    assert "KV cache at 1000000 tokens" in line[0] and "available" in line[0] and "--force" in line[0]
+    assert "1.0 TB" in line[0] or "1048.6 GB" in line[0], line[0]
+    objects = lab.devices["bare"].root / "models" / NAME / "objects"
+    assert not list(objects.glob("*")), list(objects.glob("*"))          # nothing was sent
+    # --force passes the memory check; this device has no onnxruntime-genai, which is said plainly
+    r = cli("deploy", big, "-d", "bare", "--inventory", lab.inventory, "--force")
+    assert r.exit_code == 1
+    assert "onnxruntime-genai is not installed" in r.stderr and "pip install onnxruntime-genai" in r.stderr
+    assert "not enough memory" not in r.stderr
+    assert not list(objects.glob("*"))                                    # nothing uploaded
+
+
+def test_disk_check_refuses_before_upload(cli, lab, bundle):
+    dev = lab.devices["full"]
+    dev.mount_tmpfs("8m")
+    try:
+        r = cli("deploy", bundle, "-d", "full", "--inventory", lab.inventory, "--json")
+        assert r.exit_code == 1
+        res = json.loads(r.stdout)[0]
+        need = f"needs {artifact.read_one(bundle).bytes / 1e6:.1f} MB"
+        assert "no space left" in res["reason"] and "MB free" in res["reason"] and need in res["reason"], res
+        assert not list((dev.root / "models" / NAME / "objects").glob(".part-*"))
+    finally:
+        dev.unmount()
