@@ -1,0 +1,71 @@
+"""`edgekit convert FOLDER` where FOLDER is a Hugging Face causal LM: the LLM bundle path (edgekit.convert.llm).
+
+Called from edgekit.cli.convert once the model argument is seen to be a language-model folder; the options it
+shares with the CNN path (--target, --val, --out, --name, --precision, --min-agreement, --no-rescue, --json,
+--quiet) mean the same thing here; --val is held-out text, the floor is perplexity / KL / agreement.
+"""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+# options of the CNN path that mean nothing for a language model (named if given)
+_CNN_ONLY = ("calib", "calib_random", "preprocess", "input_shapes", "formats", "min_snr", "max_accuracy_drop",
+             "no_mixed_precision", "search_budget", "search_first", "device_name", "recipe_path")
+LLM_PRECISIONS = ("int4", "int8", "fp16", "fp32")
+
+
+def is_language_model(model) -> bool:
+    from edgekit.convert.llm import is_hf_causal_lm
+
+    return bool(model) and is_hf_causal_lm(model)
+
+
+def convert_language_model(ctx, p) -> None:
+    """p: the convert command's parameters."""
+    from click.core import ParameterSource
+
+    from edgekit.convert.llm import LLMRecipe, convert_llm
+    from edgekit.convert.llm_fidelity import LLMFloor
+    from edgekit.errors import BudgetMissed
+    from edgekit.progress import Progress
+
+    given = {k for k in p if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
+    wrong = [k for k in _CNN_ONLY if k in given]
+    if wrong:
+        raise click.UsageError(f"{p['model']} is a language model: --{wrong[0].replace('_', '-')} is for image and "
+                               "tensor models (a language model takes --val TEXT.txt, --precision int4|int8|fp16|fp32 "
+                               "and the floor --max-ppl-increase / --max-kl / --min-agreement)")
+    if not p["target_names"]:
+        raise click.UsageError("give at least one --target")
+    precision = p["precision"] if "precision" in given else None
+    if precision is not None and precision not in LLM_PRECISIONS:
+        raise click.BadParameter(f"{precision!r}: a language model builds at " + ", ".join(LLM_PRECISIONS),
+                                 param_hint="--precision")
+    if p["select"] == "fastest":
+        raise click.UsageError("--select fastest is not implemented for language models yet: the profile's build "
+                               "ships (time bundles with `edgekit bench`)")
+    default = LLMFloor()
+    try:
+        floor = LLMFloor(
+            max_ppl_increase=p["max_ppl_increase"] if p["max_ppl_increase"] is not None else default.max_ppl_increase,
+            max_kl=p["max_kl"] if p["max_kl"] is not None else default.max_kl,
+            min_agreement=p["min_agreement"] if "min_agreement" in given else default.min_agreement)
+    except ValueError as e:
+        raise click.UsageError(f"fidelity floor: {e}") from None
+    recipe = LLMRecipe(model=p["model"], targets=tuple(p["target_names"]), precision=precision, name=p["name"],
+                       val=p["val"], val_tokens=p["val_tokens"], floor=floor, rescue=not p["no_rescue"])
+    progress = Progress(enabled=not p["quiet"])
+    try:
+        result = convert_llm(recipe, p["out"], progress=progress)
+    except BudgetMissed as e:
+        if e.result is not None:
+            click.echo(json.dumps(e.result.to_dict(), indent=2, default=str) if p["as_json"] else e.result.table())
+        raise
+    if p["as_json"]:
+        click.echo(json.dumps(result.to_dict(), indent=2, default=str))
+    else:
+        click.echo(result.table())
+        click.echo(f"report: {result.report_path}  log: {result.log_path}")

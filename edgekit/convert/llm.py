@@ -1,0 +1,718 @@
+"""Hugging Face causal LM -> LLM bundle per target (ONNX Runtime GenAI's model builder).
+
+    from edgekit.convert.llm import LLMRecipe, convert_llm
+    result = convert_llm(LLMRecipe("./SmolLM2-135M-Instruct", ("rpi5",), precision="int4"), "build")
+
+For each target the profile's `[llm]` section says how to build (precision, block size, accuracy level, rounding,
+which layers stay wider); the builder (`onnxruntime_genai.models.builder`, in process) writes the ONNX decoder
+with its KV cache, genai_config.json and the tokenizer; llm_fidelity measures it against the float model in
+torch; below the floor an INT4 build walks the rescue ladder:
+
+1. blocks: a smaller INT4 block (16): more scales, less rounding error per weight;
+2. wide: the lm_head at INT8 and the embeddings never 4-bit, where the profile had not already;
+3. mixed: the most sensitive decoder layers at INT8 (sensitivity measured in torch: each layer alone at INT4,
+   KL against the float model), 1/8, then 1/4, then 1/2 of the layers;
+4. int8: INT8 weights throughout.
+
+A row that still misses the floor is FAILED and not written. Each bundle directory (written atomically: a
+temporary directory beside it, then a rename):
+
+    <name>-<target>-<precision>/
+      manifest.json   kind "llm", format "onnx-genai": target profile, model files (sha256, bytes), architecture,
+                      recipe, llm (bytes read per token, KV bytes per token, context), fidelity, rescue ladder
+      model/          what onnxruntime_genai.Model(dir) loads: genai_config.json, model.onnx(.data), tokenizer
+                      files, chat template, generation_config.json
+      golden.json     golden prompts (token ids) with top-1 and top-k logits here, and a short generation
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import edgekit
+from edgekit.bundle import SCHEMA_VERSION, check_name, sha256_file, sha256_tree, write_json_atomic
+from edgekit.convert.llm_fidelity import EvalText, FloatModel, LLMFloor, OnnxDecoder, compare, golden
+from edgekit.errors import BudgetMissed, EdgekitError, SourceModelError
+from edgekit.progress import Progress
+from edgekit.table import render
+from edgekit.targets import TargetProfile, load_target
+
+PRECISIONS = ("int4", "int8", "fp16", "fp32")
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+# What the builder copies besides the model; generation defaults come from the source folder
+SOURCE_EXTRAS = ("generation_config.json",)
+
+
+# --- the source ---------------------------------------------------------------------------------------------------
+
+def is_hf_causal_lm(path: os.PathLike) -> bool:
+    """A directory holding a Hugging Face config.json that names an architecture."""
+    p = Path(path)
+    cfg = p / "config.json"
+    if not (p.is_dir() and cfg.is_file()):
+        return False
+    try:
+        data = json.loads(cfg.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and bool(data.get("architectures") or data.get("model_type"))
+
+
+def supported_architectures() -> List[str]:
+    """The architectures the installed model builder exports (read from its dispatch, not a list kept here)."""
+    import inspect
+
+    from onnxruntime_genai.models import builder
+
+    names = re.findall(r'config\.architectures\[0\]\s*==\s*"(\w+)"', inspect.getsource(builder.create_model))
+    return sorted(set(names))
+
+
+@dataclass
+class LMSource:
+    path: Path
+    config: Dict[str, Any]
+    architecture: str
+    sha256: str
+    bytes: int
+
+    @property
+    def tied(self) -> bool:
+        return bool(self.config.get("tie_word_embeddings", False))
+
+    def dims(self) -> Dict[str, Any]:
+        c = self.config
+        c = c.get("text_config", c) if isinstance(c.get("text_config"), dict) else c
+        heads = int(c.get("num_attention_heads", 0) or 0)
+        hidden = int(c.get("hidden_size", 0) or 0)
+        return {"vocab": c.get("vocab_size"), "layers": c.get("num_hidden_layers"), "hidden": hidden,
+                "heads": heads, "kv_heads": int(c.get("num_key_value_heads", heads) or heads),
+                "head_dim": int(c.get("head_dim") or (hidden // heads if heads else 0)),
+                "max_positions": c.get("max_position_embeddings")}
+
+
+def read_source(path: str) -> LMSource:
+    """Check a Hugging Face causal-LM folder before any work: config, architecture, weights."""
+    p = Path(path)
+    if not p.is_dir():
+        raise SourceModelError("not a directory (a Hugging Face model folder holds config.json, weights and "
+                               "tokenizer files)", path=str(p))
+    if not is_hf_causal_lm(p):
+        raise SourceModelError("no Hugging Face config.json naming an architecture", path=str(p),
+                               hint="give the folder a hub download or save_pretrained() wrote")
+    config = json.loads((p / "config.json").read_text(encoding="utf-8"))
+    arch = (config.get("architectures") or [config.get("model_type", "?")])[0]
+    try:
+        supported = supported_architectures()
+    except ImportError:
+        raise SourceModelError("converting a language model needs ONNX Runtime GenAI's model builder, torch and "
+                               "transformers", path=str(p), hint="pip install 'edgekit[llm-convert]'") from None
+    if arch not in supported:
+        raise SourceModelError(f"architecture {arch} is not one ONNX Runtime GenAI's model builder exports",
+                               path=str(p), hint="supported: " + ", ".join(supported))
+    if not any(f.suffix in WEIGHT_SUFFIXES for f in p.iterdir()):
+        raise SourceModelError("no weights (*.safetensors or pytorch_model*.bin) beside config.json", path=str(p))
+    if not ((p / "tokenizer.json").is_file() or (p / "tokenizer.model").is_file()):
+        raise SourceModelError("no tokenizer (tokenizer.json or tokenizer.model)", path=str(p),
+                               hint="copy the tokenizer files of the checkpoint into the folder")
+    size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    return LMSource(p, config, arch, sha256_tree(p), size)
+
+
+# --- builds -------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LLMBuildOptions:
+    """One build of the model builder: what the recipe records and the ladder varies."""
+
+    precision: str
+    execution_provider: str = "cpu"
+    block_size: int = 32
+    accuracy_level: int = 4
+    algo: str = "k_quant"
+    lm_head_int8: bool = True           # INT4 builds: the lm_head at INT8
+    embeddings_wide: bool = True        # the embedding table never 4-bit
+    int8_layers: Tuple[int, ...] = ()   # INT4 builds: decoder layers whose MatMuls are INT8
+
+    @property
+    def quantized(self) -> bool:
+        return self.precision in ("int4", "int8")
+
+    def describe(self) -> str:
+        if not self.quantized:
+            return f"{self.precision} ({self.execution_provider})"
+        s = f"{self.precision} block {self.block_size}, accuracy_level {self.accuracy_level}, {self.algo}"
+        if self.precision == "int4":
+            s += ", lm_head " + ("int8" if self.lm_head_int8 else "int4")
+            if self.int8_layers:
+                s += f", layers {','.join(map(str, self.int8_layers))} int8"
+        return s
+
+    def wide_layers(self, tied: bool) -> List[str]:
+        out = []
+        if self.precision == "int4" and self.lm_head_int8:
+            out.append("lm_head (int8)")
+        if self.quantized and self.embeddings_wide:
+            out.append("embeddings (" + ("shared with the lm_head" if tied else "float32") + ")")
+        out += [f"layer {i} (int8)" for i in self.int8_layers]
+        return out
+
+    def builder_args(self, src: LMSource, matmuls: Dict[int, List[str]]) -> Tuple[List[str], Optional[dict]]:
+        """The builder's extra_options (KEY=VALUE) and target_options (per-node overrides)."""
+        extra = ["hf_remote=false", "hf_token=false"]
+        if not self.quantized:
+            return extra, None
+        extra += [f"block_size={self.block_size}", f"accuracy_level={self.accuracy_level}",
+                  f"algo_config={self.algo}"]
+        if not self.embeddings_wide and not src.tied:
+            extra.append("op_types_to_quantize=MatMul/Gather")
+        overrides = []
+        if self.precision == "int4":
+            if self.lm_head_int8:
+                overrides.append({"match": {"name": "/lm_head/MatMul"}, "type": "int8"})
+            for i in self.int8_layers:
+                overrides += [{"match": {"name": n}, "type": "int8"} for n in matmuls.get(i, [])]
+        if self.embeddings_wide and src.tied and not (self.precision == "int8" or self.lm_head_int8):
+            # a tied INT4 lm_head would hand the embedding its 4-bit table: keep both float instead
+            extra.append("shared_embeddings=false")
+        return extra, ({"quant_config": {"weights": {"overrides": overrides}}} if overrides else None)
+
+
+def _quiet_builder():
+    """The builder prints its progress on stdout and logs every node: kept out of the user's terminal."""
+    for name in ("onnxruntime.quantization", "onnxruntime.quantization.matmul_nbits_quantizer",
+                 "neural_compressor"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def run_builder(src: LMSource, opts: LLMBuildOptions, out_dir: Path, cache: Path,
+                matmuls: Dict[int, List[str]]) -> str:
+    """Build into out_dir; returns the builder's captured output (for the log)."""
+    from onnxruntime_genai.models import builder
+
+    _quiet_builder()
+    extra, target_options = opts.builder_args(src, matmuls)
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        kv = builder.parse_extra_options(None, str(src.path), str(out_dir), opts.precision, opts.execution_provider,
+                                         str(cache), extra, target_options=target_options)
+        builder.create_model(None, str(src.path), str(out_dir), opts.precision, opts.execution_provider,
+                             str(cache), **kv)
+    return buf.getvalue()
+
+
+def decoder_matmuls(model_onnx: Path) -> Dict[int, List[str]]:
+    """The builder's MatMul node names per decoder layer (before quantization: the names overrides match)."""
+    import onnx
+
+    m = onnx.load(str(model_onnx), load_external_data=False)
+    out: Dict[int, List[str]] = {}
+    for n in m.graph.node:
+        mt = re.match(r"^/model/layers\.(\d+)/.*/MatMul", n.name)
+        if mt and n.op_type in ("MatMul", "MatMulNBits"):
+            out.setdefault(int(mt.group(1)), []).append(re.sub(r"_Q\d+$", "", n.name))
+    return out
+
+
+def weight_bytes(model_dir: Path) -> Dict[str, int]:
+    """Bytes of the weights (initializers) and of those a decoded token reads: all but an untied float
+    embedding table (a Gather reads one row of it per token)."""
+    import onnx
+
+    m = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
+    sizes = {}
+    for t in m.graph.initializer:
+        ext = {e.key: e.value for e in t.external_data}
+        sizes[t.name] = int(ext["length"]) if "length" in ext else len(t.raw_data)
+    gathered = 0
+    for n in m.graph.node:
+        if n.op_type == "Gather" and n.name.endswith("embed_tokens/Gather") and n.input[0] in sizes:
+            gathered += sizes[n.input[0]]
+    total = sum(sizes.values())
+    return {"weights": total, "per_token": total - gathered}
+
+
+# --- recipe and result --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LLMRecipe:
+    model: str
+    targets: Tuple[str, ...]
+    precision: Optional[str] = None        # None: each profile's llm.precision
+    name: Optional[str] = None
+    val: Optional[str] = None              # held-out text file (UTF-8)
+    val_tokens: int = 1024                 # at most this many tokens of it
+    window: int = 256                      # teacher-forced window (tokens)
+    floor: LLMFloor = field(default_factory=LLMFloor)
+    rescue: bool = True
+    block_size: Optional[int] = None       # overrides the profiles' llm.block_size
+    accuracy_level: Optional[int] = None   # overrides the profiles' llm.accuracy_level
+
+    def __post_init__(self) -> None:
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise EdgekitError(f"precision {self.precision!r} is not one a language model builds at",
+                               hint="one of " + ", ".join(PRECISIONS))
+        if not self.targets:
+            raise EdgekitError("give at least one --target")
+        if self.block_size is not None and self.block_size not in (16, 32, 64, 128, 256):
+            raise EdgekitError(f"block size {self.block_size} is not one of 16, 32, 64, 128, 256")
+        if self.val_tokens < 32 or self.window < 16:
+            raise EdgekitError("val_tokens must be at least 32 and window at least 16")
+
+    @property
+    def bundle_name(self) -> str:
+        return check_name(self.name or Path(self.model).resolve().name)
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["targets"] = list(self.targets)
+        d["kind"] = "llm"
+        return d
+
+
+@dataclass
+class LLMRow:
+    target: str
+    precision: str
+    path: Path
+    ok: bool = False
+    options: Optional[LLMBuildOptions] = None
+    fidelity: Dict[str, Any] = field(default_factory=dict)
+    rescue: List[Dict[str, Any]] = field(default_factory=list)
+    rescued_by: Optional[str] = None
+    bytes: int = 0
+    bytes_per_token: int = 0
+    reason: str = ""
+    seconds: float = 0.0
+
+    @property
+    def fmt(self) -> str:
+        return "onnx-genai"
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = {"path": str(self.path), "target": self.target, "format": self.fmt, "precision": self.precision,
+             "status": "written" if self.ok else "failed", "bytes": self.bytes or None,
+             "bytes_per_token": self.bytes_per_token or None, "fidelity": self.fidelity, "rescue": self.rescue,
+             "rescued_by": self.rescued_by, "seconds": round(self.seconds, 1),
+             "recipe": None if self.options is None else dataclasses.asdict(self.options)}
+        if not self.ok:
+            d["failure"] = {"stage": "fidelity" if self.fidelity else "build", "reason": self.reason}
+        return d
+
+
+@dataclass
+class LLMConvertResult:
+    name: str
+    recipe: Dict[str, Any]
+    source: Dict[str, Any]
+    text: str
+    floor: LLMFloor
+    bundles: List[LLMRow] = field(default_factory=list)
+    report_path: Optional[Path] = None
+    log_path: Optional[Path] = None
+
+    @property
+    def written(self) -> List[LLMRow]:
+        return [b for b in self.bundles if b.ok]
+
+    @property
+    def failed(self) -> List[LLMRow]:
+        return [b for b in self.bundles if not b.ok]
+
+    def table(self) -> str:
+        rows = []
+        for b in self.bundles:
+            f = b.fidelity
+            ppl = f"{f['ppl_float']:.3f}→{f['ppl']:.3f} ({100 * f['ppl_increase']:+.1f}%)" if f else "-"
+            rows.append([b.path.name, b.precision, b.bytes / 2 ** 20 if b.bytes else None,
+                         b.bytes_per_token / 2 ** 20 if b.bytes_per_token else None, ppl,
+                         f.get("kl_mean"), None if not f else 100 * f["top1_agreement"],
+                         ("ok" + (f" (rescued: {b.rescued_by})" if b.rescued_by else "")) if b.ok
+                         else f"FAILED: {b.reason}"[:110]])
+        fl = self.floor
+        title = (f"{self.name}: float → quantized on {self.text}; floor: perplexity ≤ "
+                 f"+{100 * (fl.max_ppl_increase or 0):.0f}%, KL ≤ {fl.max_kl}, agreement ≥ "
+                 f"{100 * (fl.min_agreement or 0):.0f}%")
+        text = render(["bundle", "precision", "MiB", "MiB/token", "perplexity f→q", "KL", "top-1 agree %",
+                       "result"], rows, title=title)
+        for b in self.bundles:
+            if len(b.rescue) > 1:
+                text += "\n\n" + render(
+                    ["rung", "what", "ppl +%", "KL", "top-1 agree %", "MiB", "meets floor"],
+                    [[s["rung"], s["what"][:70], None if s.get("ppl_increase") is None else 100 * s["ppl_increase"],
+                      s.get("kl_mean"), None if s.get("top1_agreement") is None else 100 * s["top1_agreement"],
+                      None if not s.get("bytes") else s["bytes"] / 2 ** 20,
+                      "yes" if s.get("meets") else (s.get("error") or "; ".join(s.get("misses") or []) or "no")[:60]]
+                     for s in b.rescue], title=f"rescue ladder for {b.path.name}")
+        return text
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"name": self.name, "kind": "llm", "recipe": self.recipe, "source": self.source, "text": self.text,
+                "floor": self.floor.to_dict(), "log": str(self.log_path) if self.log_path else None,
+                "bundles": [b.to_dict() for b in self.bundles]}
+
+
+# --- the conversion -----------------------------------------------------------------------------------------------
+
+def profile_options(t: TargetProfile, recipe: LLMRecipe) -> LLMBuildOptions:
+    llm = t.llm
+    precision = recipe.precision or llm.precision
+    if precision == "fp16" and llm.execution_provider != "cuda":
+        raise EdgekitError(f"target {t.name}: fp16 is the GPU path (the CPU build of the model builder is "
+                           "int4, int8 or fp32)", hint="use --precision int4, int8 or fp32 for CPU targets")
+    return LLMBuildOptions(
+        precision=precision, execution_provider=llm.execution_provider,
+        block_size=recipe.block_size or llm.block_size,
+        accuracy_level=llm.accuracy_level if recipe.accuracy_level is None else recipe.accuracy_level,
+        algo=llm.algo, lm_head_int8="lm_head" in llm.wide_layers, embeddings_wide="embeddings" in llm.wide_layers)
+
+
+class _Session:
+    """One conversion: the source, the float reference, the text, and every build made (shared by targets)."""
+
+    def __init__(self, recipe: LLMRecipe, src: LMSource, wd: Path, progress: Progress, log):
+        self.recipe, self.src, self.wd, self.progress, self.log = recipe, src, wd, progress, log
+        self.floor = recipe.floor
+        progress.say(f"{src.path.name}: loading the float model ({src.architecture}) in torch")
+        self.float = FloatModel(src.path)
+        if recipe.val:
+            vp = Path(recipe.val)
+            try:
+                text = vp.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                from edgekit.errors import DataError
+                raise DataError("not UTF-8 text", path=str(vp), hint="--val takes a plain text file") from None
+            self.text: EvalText = self.float.text_windows(text, str(vp), recipe.val_tokens, recipe.window)
+        else:
+            progress.say(f"{src.path.name}: no --val: generating the float model's own continuations")
+            self.text = self.float.own_continuations(min(recipe.val_tokens, 512), recipe.window)
+        self.ref = self.float.logprobs(self.text.windows)
+        self.builds: Dict[LLMBuildOptions, Dict[str, Any]] = {}
+        self.matmuls: Dict[int, List[str]] = {}
+        self._sensitivity: Dict[int, List[Dict[str, Any]]] = {}
+
+    def build(self, opts: LLMBuildOptions) -> Dict[str, Any]:
+        """Build (once per options) and measure: {"dir", "metrics", "bytes", ...} or {"error"}."""
+        if opts in self.builds:
+            return self.builds[opts]
+        d = self.wd / f"build-{len(self.builds)}"
+        t0 = time.monotonic()
+        self.progress.say(f"  building {opts.describe()}")
+        rec: Dict[str, Any] = {"dir": d}
+        try:
+            out = run_builder(self.src, opts, d, self.wd / "cache", self.matmuls)
+            self.log.write(out[-20000:])
+            if not self.matmuls:
+                self.matmuls.update(decoder_matmuls(d / "model.onnx"))
+            dims = self.src.dims()
+            dec = OnnxDecoder(d, dims["kv_heads"], dims["head_dim"])
+            q = [dec.logits(w) for w in self.text.windows]
+            rec["metrics"] = compare(self.ref, self.text, q)
+            rec["golden"] = golden(dec, self.text.windows)
+            rec["ort_version"] = dec.version
+            wb = weight_bytes(d)
+            rec["bytes"] = sum(f.stat().st_size for f in d.iterdir() if f.is_file())
+            rec["bytes_per_token"] = wb["per_token"]
+        except (RuntimeError, ValueError, NotImplementedError, OSError, KeyError, AttributeError) as e:
+            # a build the builder or ONNX Runtime refuses is recorded (the ladder goes on), not raised
+            rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            self.log.write(f"build {opts} failed: {rec['error']}\n")
+        rec["seconds"] = time.monotonic() - t0
+        self.builds[opts] = rec
+        return rec
+
+    def sensitivity(self, block: int) -> List[Dict[str, Any]]:
+        if block not in self._sensitivity:
+            self.progress.say(f"  measuring each decoder layer's INT4 sensitivity (torch, block {block})")
+            self._sensitivity[block] = self.float.layer_sensitivity(self.text.windows[:2], block)
+        return self._sensitivity[block]
+
+
+def _step(rung: str, opts: LLMBuildOptions, rec: Dict[str, Any], floor: LLMFloor) -> Dict[str, Any]:
+    d = {"rung": rung, "what": opts.describe(), "options": dataclasses.asdict(opts),
+         "seconds": round(rec.get("seconds", 0.0), 2), "error": rec.get("error")}
+    if "metrics" in rec:
+        m = rec["metrics"]
+        misses = floor.misses(m)
+        d.update(ppl=m["ppl"], ppl_increase=m["ppl_increase"], kl_mean=m["kl_mean"],
+                 top1_agreement=m["top1_agreement"], bytes=rec["bytes"], misses=misses, meets=not misses)
+    else:
+        d["meets"] = False
+    return d
+
+
+def _ladder(s: _Session, base: LLMBuildOptions):
+    """The INT4 rungs after the profile's build, in order: (rung, options)."""
+    steps = []
+    cur = base
+    if cur.block_size > 16:
+        cur = dataclasses.replace(cur, block_size=16)
+        steps.append(("blocks", cur))
+    if not (cur.lm_head_int8 and cur.embeddings_wide):
+        cur = dataclasses.replace(cur, lm_head_int8=True, embeddings_wide=True)
+        steps.append(("wide", cur))
+    return steps
+
+
+def _walk(s: _Session, row: LLMRow, base: LLMBuildOptions) -> Optional[Tuple[LLMBuildOptions, Dict[str, Any]]]:
+    """The profile's build, then (INT4 below the floor) the ladder; the first build meeting the floor."""
+    rec = s.build(base)
+    row.rescue.append(_step("profile", base, rec, s.floor))
+    if row.rescue[-1]["meets"]:
+        return base, rec
+    if base.precision != "int4" or not s.recipe.rescue:
+        return None
+    plan = _ladder(s, base)
+    best = base
+    for rung, opts in plan:
+        rec = s.build(opts)
+        row.rescue.append(_step(rung, opts, rec, s.floor))
+        s.progress.say(f"  [{row.target}] rescue: {opts.describe()}: "
+                       + ("meets the floor" if row.rescue[-1]["meets"] else
+                          (rec.get("error") or "; ".join(row.rescue[-1]["misses"]))))
+        if row.rescue[-1]["meets"]:
+            return opts, rec
+        if "metrics" in rec:
+            best = opts
+    layers = int(s.src.dims()["layers"] or 0)
+    if layers:
+        ranking = s.sensitivity(best.block_size)
+        worst = [r["layer"] for r in ranking]
+        tried = set()
+        for frac in (8, 4, 2):
+            k = max(1, -(-layers // frac))
+            if k in tried:
+                continue
+            tried.add(k)
+            opts = dataclasses.replace(best, int8_layers=tuple(sorted(worst[:k])))
+            rec = s.build(opts)
+            step = _step("mixed", opts, rec, s.floor)
+            step["sensitivity"] = ranking[:k]
+            row.rescue.append(step)
+            s.progress.say(f"  [{row.target}] rescue: {k} most sensitive layer(s) at INT8: "
+                           + ("meets the floor" if step["meets"] else (rec.get("error") or "; ".join(step["misses"]))))
+            if step["meets"]:
+                return opts, rec
+    opts = LLMBuildOptions("int8", base.execution_provider, base.block_size, base.accuracy_level, base.algo,
+                           True, True)
+    rec = s.build(opts)
+    row.rescue.append(_step("int8", opts, rec, s.floor))
+    if row.rescue[-1]["meets"]:
+        return opts, rec
+    return None
+
+
+def _numerics(t: TargetProfile, opts: LLMBuildOptions, ort_version: str) -> Dict[str, Any]:
+    import platform
+
+    host = platform.machine()
+    flags = ""
+    try:
+        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith(("flags",
+                                                                                                    "Features"))), "")
+    except OSError:
+        pass
+    host_int8 = ("avx512_vnni" in flags or "avx_vnni" in flags or "avx2" in flags or "asimddp" in flags)
+    d = {"mode": "host", "engine": f"onnxruntime {ort_version} CPUExecutionProvider (MLAS)", "host_arch": host,
+         "accuracy_level": opts.accuracy_level if opts.quantized else None}
+    if not opts.quantized:
+        d["kernels"] = f"{opts.precision} MatMul; float accumulation order may differ on the target"
+    elif opts.accuracy_level == 4:
+        d["kernels"] = ("int8 activations quantized per block (MatMulNBits CompInt8), as the target's "
+                        + ("ARM sdot" if t.device.arch == "aarch64" else "x86 int8") + " kernels do"
+                        + ("" if host_int8 else "; this host lacks int8 dot-product kernels (fp32 compute here)"))
+    else:
+        d["kernels"] = "dequantized weights, fp32 compute (accuracy_level 1), as on the target"
+    if opts.execution_provider == "cuda":
+        d["warning"] = ("a CUDA build measured with CPU kernels: the GPU's fp16 arithmetic is not what was measured "
+                        "(unverified until a GPU runs the golden check)")
+    elif t.device.arch != host:
+        d["note"] = (f"measured on {host}: the same quantized arithmetic as the {t.device.arch} kernels, rounding of "
+                     "the accumulation may differ (the device's golden check compares within tolerance)")
+    return d
+
+
+def _generation(model_dir: Path, prompt: str, tokens: int = 16) -> Dict[str, Any]:
+    """A short greedy generation with ONNX Runtime GenAI on the bundle's model folder (it must produce text)."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(model_dir))
+    tok = og.Tokenizer(model)
+    ids = tok.encode(prompt)
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + tokens, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(ids)
+    out = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        out.append(int(gen.get_next_tokens()[0]))
+    return {"prompt": prompt, "max_new_tokens": tokens, "tokens": out, "text": tok.decode(out),
+            "engine": f"onnxruntime-genai {og.__version__}"}
+
+
+def _tune_genai_config(model_dir: Path, t: TargetProfile, context: int) -> None:
+    """genai_config.json: the profile's default context as search.max_length (the KV cache a runtime allocates
+    with past_present_share_buffer), and the target's threads."""
+    p = model_dir / "genai_config.json"
+    cfg = json.loads(p.read_text(encoding="utf-8"))
+    cfg.setdefault("search", {})["max_length"] = min(t.llm.context_default, context)
+    so = cfg["model"]["decoder"].setdefault("session_options", {})
+    if t.llm.execution_provider == "cpu":
+        so["intra_op_num_threads"] = t.runtime.threads
+    p.write_text(json.dumps(cfg, indent=4), encoding="utf-8")
+
+
+def _write_bundle(s: _Session, row: LLMRow, t: TargetProfile, opts: LLMBuildOptions, rec: Dict[str, Any],
+                  dest: Path) -> None:
+    src, dims = s.src, s.src.dims()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    old = None
+    try:
+        mdir = tmp / "model"
+        shutil.copytree(rec["dir"], mdir)
+        for extra in SOURCE_EXTRAS:
+            if (src.path / extra).is_file() and not (mdir / extra).exists():
+                shutil.copyfile(src.path / extra, mdir / extra)
+        context = min(int(dims["max_positions"] or t.llm.context_max), t.llm.context_max)
+        _tune_genai_config(mdir, t, context)
+        prompt = s.text.prompts[0] if s.text.prompts else "The"
+        gen = _generation(mdir, prompt)
+        if not gen["text"].strip():
+            raise EdgekitError(f"the build generates no text from {prompt!r} (tokens {gen['tokens']})")
+        gold = dict(rec["golden"], generation=gen)
+        write_json_atomic(tmp / "golden.json", gold)
+        files = {f.relative_to(mdir).as_posix(): {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+                 for f in sorted(mdir.rglob("*")) if f.is_file()}
+        kv_bytes = 2 * int(dims["layers"]) * dims["kv_heads"] * dims["head_dim"] * (
+            2 if t.llm.kv_cache_type == "float16" else 4)
+        m = rec["metrics"]
+        manifest = {
+            "schema": SCHEMA_VERSION, "kind": "llm", "format": "onnx-genai", "name": row.path.name,
+            "edgekit_version": edgekit.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "target": t.to_dict(),
+            "model": {"dir": "model", "files": files, "bytes": sum(f["bytes"] for f in files.values()),
+                      "architecture": src.architecture, "params": s.float.params, "vocab": dims["vocab"],
+                      "layers": dims["layers"], "hidden": dims["hidden"], "heads": dims["heads"],
+                      "kv_heads": dims["kv_heads"], "head_dim": dims["head_dim"], "context": context,
+                      "tied_embeddings": src.tied},
+            "inputs": [], "outputs": [],
+            "recipe": dict(dataclasses.asdict(opts), wide_layers=opts.wide_layers(src.tied),
+                           builder=f"onnxruntime_genai.models.builder {_genai_version()}",
+                           floor=s.floor.to_dict(), val=s.recipe.val, val_tokens=s.recipe.val_tokens,
+                           window=s.recipe.window),
+            "llm": {"bytes_per_token": rec["bytes_per_token"], "kv_bytes_per_token": kv_bytes,
+                    "kv_cache_type": t.llm.kv_cache_type, "context_default": min(t.llm.context_default, context),
+                    "context_max": context, "execution_provider": opts.execution_provider,
+                    "verified": t.llm.verified, "verified_why": t.reason("llm.verified"),
+                    "eos_token_id": json.loads((mdir / "genai_config.json").read_text())["model"].get("eos_token_id")},
+            "fidelity": dict(m, text=s.text.source, numerics=_numerics(t, opts, rec["ort_version"]),
+                             floor=s.floor.to_dict(), meets=True),
+            "rescue": row.rescue, "rescued_by": row.rescued_by, "golden": "golden.json",
+            "source": {"path": str(src.path), "sha256": src.sha256, "bytes": src.bytes,
+                       "architecture": src.architecture},
+            "source_sha256": src.sha256,
+        }
+        write_json_atomic(tmp / "manifest.json", manifest)
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not dest.exists():
+            os.replace(old, dest)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    row.bytes = manifest["model"]["bytes"]
+    row.bytes_per_token = rec["bytes_per_token"]
+
+
+def _genai_version() -> str:
+    try:
+        import onnxruntime_genai as og
+
+        return og.__version__
+    except ImportError:  # pragma: no cover - the builder itself imports it
+        return "?"
+
+
+def convert_llm(recipe: LLMRecipe, out: str = "build", *, progress: Optional[Progress] = None) -> LLMConvertResult:
+    """Build, measure and write an LLM bundle per target of `recipe` under `out`.
+
+    Raises BudgetMissed (exit 1) after writing what passed when a row missed the floor or failed to build;
+    EdgekitError (exit 2) for a user's mistake, before any work."""
+    progress = progress or Progress(enabled=False)
+    targets = [load_target(n) for n in recipe.targets]
+    src = read_source(recipe.model)
+    if recipe.val is not None and not Path(recipe.val).is_file():
+        from edgekit.errors import DataError
+        raise DataError("held-out text not found", path=recipe.val, hint="--val takes a UTF-8 .txt file")
+    plans = [(t, profile_options(t, recipe)) for t in targets]
+    out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise EdgekitError(f"{out_dir}: exists and is not a directory", hint="choose another --out")
+    name = recipe.bundle_name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_path = out_dir / f"{name}.convert.log"
+    with tempfile.TemporaryDirectory(prefix="edgekit-llm-") as wd, open(log_path, "w", encoding="utf-8") as log:
+        log.write(f"edgekit {edgekit.__version__} convert {recipe.model} (language model)\n")
+        s = _Session(recipe, src, Path(wd), progress, log)
+        result = LLMConvertResult(name, recipe.to_dict(), {"path": str(src.path), "sha256": src.sha256,
+                                                           "bytes": src.bytes, "architecture": src.architecture},
+                                  s.text.source, recipe.floor, log_path=log_path)
+        for t, opts in plans:
+            dest = out_dir / f"{name}-{t.name}-{opts.precision}"
+            row = LLMRow(t.name, opts.precision, dest)
+            t0 = time.monotonic()
+            progress.say(f"[{t.name}] {opts.precision}: {opts.describe()}")
+            found = _walk(s, row, opts)
+            if found is None:
+                last = next((st for st in reversed(row.rescue) if st.get("misses") or st.get("error")), row.rescue[-1])
+                first = row.rescue[0]
+                row.reason = ("below the floor: " + "; ".join(first.get("misses") or [first.get("error") or "?"])
+                              + ("" if len(row.rescue) == 1 else f" (ladder: {len(row.rescue) - 1} rung(s), "
+                                 f"none met it; last: {'; '.join(last.get('misses') or [last.get('error') or '?'])})"))
+                prof = s.builds.get(opts, {})
+                row.fidelity = dict(prof.get("metrics") or {})
+            else:
+                chosen, rec = found
+                row.options, row.ok = chosen, True
+                row.precision = chosen.precision
+                if len(row.rescue) > 1:
+                    row.rescued_by = row.rescue[-1]["rung"]
+                    dest = out_dir / f"{name}-{t.name}-{chosen.precision}" if chosen.precision != opts.precision \
+                        else dest
+                    row.path = dest
+                row.fidelity = dict(rec["metrics"])
+                try:
+                    _write_bundle(s, row, t, chosen, rec, dest)
+                except EdgekitError as e:
+                    row.ok, row.reason = False, str(e)
+            row.seconds = time.monotonic() - t0
+            result.bundles.append(row)
+            progress.say(f"[{t.name}] " + (f"wrote {row.path}" if row.ok else f"FAILED: {row.reason}"))
+    result.report_path = out_dir / f"{name}.convert.json"
+    write_json_atomic(result.report_path, result.to_dict())
+    if result.failed:
+        worst = result.failed[0]
+        raise BudgetMissed(f"{len(result.failed)} of {len(result.bundles)} language-model bundle(s) not written: "
+                           f"{worst.path.name}: {worst.reason}", result=result,
+                           hint=f"report {result.report_path}, log {log_path}; loosen the floor "
+                                "(--max-ppl-increase, --max-kl, --min-agreement) or use --precision int8")
+    return result

@@ -1,0 +1,301 @@
+"""Fidelity of a language-model build, as llama.cpp's `perplexity --kl-divergence` measures it.
+
+Against the float model (torch, float32, on this machine) on the same token windows, teacher-forced (the
+reference's tokens are fed whatever either model predicts, so one early divergence does not spoil the rest):
+
+- perplexity of the float model and of the build on the text (`ppl_float`, `ppl`, `ppl_increase` = ratio - 1);
+- mean KL divergence KL(float || build) of the next-token distributions (nats), and its 99th percentile;
+- top-1 agreement: the fraction of positions where both predict the same next token.
+
+The build runs in ONNX Runtime (its model.onnx, every position's logits at once from an empty KV cache), so its
+figures are MLAS's MatMulNBits kernels at the build's accuracy_level: the same arithmetic as the target's CPU
+kernels where the target's kernel family matches (int8-activation blocks on VNNI/AVX2/ARM sdot, or fp32
+compute), which the manifest's `numerics` says.
+
+Text: `--val FILE.txt` (held-out text, cut into windows), or, without it, the float model's own greedy
+continuations of built-in prompts (said so in the manifest: that text is easy for the float model by
+construction, so its perplexity is low and the increase is what matters).
+
+Only this module and edgekit.convert.llm import torch / transformers (on the converting machine).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+from edgekit.errors import DataError
+
+BUILTIN_PROMPTS = (
+    "The history of the printing press begins",
+    "To keep a small garden healthy through a dry summer, you should",
+    "A customer writes: my order arrived damaged. A helpful reply is:",
+    "Photosynthesis is the process by which plants",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "The three most important things to check before a long train journey are",
+    "In a small town by the sea, an old clockmaker",
+    "Water boils at a lower temperature on a mountain because",
+)
+
+
+@dataclass(frozen=True)
+class LLMFloor:
+    """What a language-model build must keep of the float model (docs/llm.md: how the defaults were chosen).
+
+    max_ppl_increase: perplexity ratio - 1 (0.10 = +10%); max_kl: mean KL(float || build) in nats;
+    min_agreement: teacher-forced top-1 agreement, a fraction 0..1. None: not checked."""
+
+    max_ppl_increase: Optional[float] = 0.10
+    max_kl: Optional[float] = 0.10
+    min_agreement: Optional[float] = 0.80
+
+    def __post_init__(self) -> None:
+        for name in ("max_ppl_increase", "max_kl"):
+            v = getattr(self, name)
+            if v is not None and not v >= 0:
+                raise ValueError(f"{name} must be >= 0, got {v}")
+        if self.min_agreement is not None and not 0.0 <= self.min_agreement <= 1.0:
+            raise ValueError(f"min_agreement is a fraction 0..1, got {self.min_agreement}")
+
+    def misses(self, m: Dict[str, Any]) -> List[str]:
+        """What a build's metrics miss, one phrase each (empty: it meets the floor)."""
+        out = []
+        if self.max_ppl_increase is not None and m["ppl_increase"] > self.max_ppl_increase:
+            out.append(f"perplexity +{100 * m['ppl_increase']:.1f}% > +{100 * self.max_ppl_increase:.1f}%")
+        if self.max_kl is not None and m["kl_mean"] > self.max_kl:
+            out.append(f"KL {m['kl_mean']:.4f} > {self.max_kl:.4f}")
+        if self.min_agreement is not None and m["top1_agreement"] < self.min_agreement:
+            out.append(f"top-1 agreement {100 * m['top1_agreement']:.1f}% < {100 * self.min_agreement:.1f}%")
+        return out
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class EvalText:
+    """Token windows the float model and every build are compared on."""
+
+    source: str                                   # what the text is (for the manifest and the report)
+    windows: List[np.ndarray]                     # int64 token ids, one window per teacher-forced run
+    prompts: List[str] = field(default_factory=list)   # the built-in prompts, when the text was generated
+    starts: List[int] = field(default_factory=list)    # per window: the first token scored (0: all but BOS)
+
+    def __post_init__(self) -> None:
+        if not self.starts:
+            self.starts = [1] * len(self.windows)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens scored (predicted from the ones before them)."""
+        return int(sum(len(w) - s for w, s in zip(self.windows, self.starts)))
+
+
+class FloatModel:
+    """The source model in torch float32: the reference every build is measured against."""
+
+    def __init__(self, folder: Path, threads: Optional[int] = None):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.torch = torch
+        self.folder = Path(folder)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        self.model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+        self.params = int(sum(p.numel() for p in self.model.parameters()))
+        self._ref: Dict[int, np.ndarray] = {}
+        if threads:
+            torch.set_num_threads(threads)
+
+    # --- text -------------------------------------------------------------------------------------------------
+
+    def _bos(self) -> List[int]:
+        """The token the tokenizer puts first on its own (BOS), if it does."""
+        t = self.tokenizer
+        probe = t("a", add_special_tokens=True)["input_ids"]
+        bare = t("a", add_special_tokens=False)["input_ids"]
+        return list(probe[: len(probe) - len(bare)]) if probe[-len(bare):] == bare else []
+
+    def text_windows(self, text: str, where: str, max_tokens: int, window: int) -> EvalText:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        bos = self._bos()
+        step = window - len(bos)
+        if len(ids) < 16:
+            raise DataError(f"only {len(ids)} tokens of text: too short to measure perplexity on", path=where,
+                            hint="give at least a paragraph of held-out text (a few hundred tokens)")
+        ids = ids[:max_tokens]
+        windows = [np.array(bos + ids[i:i + step], dtype=np.int64) for i in range(0, len(ids), step)]
+        windows = [w for w in windows if len(w) >= 8]
+        return EvalText(f"{where}: {len(ids)} tokens of held-out text in {len(windows)} window(s) of up to "
+                        f"{window}", windows)
+
+    def own_continuations(self, max_tokens: int, window: int) -> EvalText:
+        """Greedy continuations of the built-in prompts by the float model itself."""
+        from transformers import GenerationConfig
+
+        torch, t = self.torch, self.tokenizer
+        new = max(16, min(window, max_tokens // len(BUILTIN_PROMPTS)))
+        bos = self._bos()
+        windows, starts = [], []
+        for p in BUILTIN_PROMPTS:
+            ids = torch.tensor([bos + t(p, add_special_tokens=False)["input_ids"]], dtype=torch.long)
+            cfg = GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                   pad_token_id=t.pad_token_id if t.pad_token_id is not None else t.eos_token_id)
+            with torch.no_grad():
+                out = self.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=cfg)
+            windows.append(out[0].numpy().astype(np.int64))
+            starts.append(int(ids.shape[1]))     # the continuation is scored, not the prompt
+            if sum(len(w) - s for w, s in zip(windows, starts)) >= max_tokens:
+                break
+        text = EvalText("", windows, prompts=list(BUILTIN_PROMPTS[:len(windows)]), starts=starts)
+        text.source = (f"no --val given: the float model's own greedy continuations of {len(windows)} built-in "
+                       f"prompts ({text.tokens} tokens scored; easy text for the float model by construction)")
+        return text
+
+    # --- reference ----------------------------------------------------------------------------------------------
+
+    def logprobs(self, windows: List[np.ndarray]) -> List[np.ndarray]:
+        """log-softmax of the float model's logits at every position of each window (cached)."""
+        out = []
+        for w in windows:
+            key = id(w)
+            if key not in self._ref:
+                self._ref[key] = _log_softmax(self.logits(w))
+            out.append(self._ref[key])
+        return out
+
+    def logits(self, window: np.ndarray) -> np.ndarray:
+        torch = self.torch
+        with torch.no_grad():
+            return self.model(torch.from_numpy(window[None])).logits[0].float().numpy()
+
+    def layer_sensitivity(self, windows: List[np.ndarray], block_size: int, bits: int = 4) -> List[Dict[str, Any]]:
+        """Each decoder layer's cost alone at `bits` (symmetric blockwise round-to-nearest of its Linear weights,
+        the rest float): mean KL(float || that) over `windows`. Sorted worst first."""
+        torch = self.torch
+        layers = _decoder_layers(self.model)
+        ref = self.logprobs(windows)
+        out = []
+        for i, layer in enumerate(layers):
+            saved = {}
+            for name, mod in layer.named_modules():
+                if isinstance(mod, torch.nn.Linear):
+                    saved[name] = mod.weight.data.clone()
+                    mod.weight.data = _fake_quant(mod.weight.data, block_size, bits)
+            try:
+                kls = [_kl(r, _log_softmax(self.logits(w))) for r, w in zip(ref, windows)]
+            finally:
+                for name, mod in layer.named_modules():
+                    if name in saved:
+                        mod.weight.data = saved[name]
+            out.append({"layer": i, "kl_mean": float(np.mean(np.concatenate(kls)))})
+        return sorted(out, key=lambda d: -d["kl_mean"])
+
+
+def _decoder_layers(model):
+    for path in ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers"):
+        obj = model
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+            return list(obj)
+        except AttributeError:
+            continue
+    raise AttributeError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+def _fake_quant(w, block: int, bits: int):
+    """Symmetric blockwise round-to-nearest along the input dimension (MatMulNBits' layout), back in float."""
+    import torch
+
+    out_f, in_f = w.shape
+    pad = (-in_f) % block
+    x = torch.nn.functional.pad(w, (0, pad)).reshape(out_f, -1, block)
+    qmax = 2 ** (bits - 1) - 1
+    scale = x.abs().amax(-1, keepdim=True).clamp_min(1e-12) / qmax
+    q = torch.clamp(torch.round(x / scale), -qmax - 1, qmax) * scale
+    return q.reshape(out_f, -1)[:, :in_f].contiguous()
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64) - x.max(-1, keepdims=True)
+    return (x - np.log(np.exp(x).sum(-1, keepdims=True))).astype(np.float32)
+
+
+def _kl(ref_lp: np.ndarray, q_lp: np.ndarray) -> np.ndarray:
+    """KL(ref || q) per position, nats."""
+    p = np.exp(ref_lp.astype(np.float64))
+    return (p * (ref_lp.astype(np.float64) - q_lp.astype(np.float64))).sum(-1)
+
+
+# --- the build in ONNX Runtime -----------------------------------------------------------------------------------
+
+class OnnxDecoder:
+    """A builder's model.onnx run teacher-forced: all positions of a window at once, empty KV cache."""
+
+    def __init__(self, model_dir: Path, kv_heads: int, head_dim: int, threads: Optional[int] = None):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads or min(4, os.cpu_count() or 1)
+        so.log_severity_level = 3
+        self.session = ort.InferenceSession(str(Path(model_dir) / "model.onnx"), so,
+                                            providers=["CPUExecutionProvider"])
+        self.version = ort.__version__
+        self.past = []
+        for i in self.session.get_inputs():
+            if i.name.startswith("past_key_values"):
+                dt = np.float16 if "float16" in i.type else np.float32
+                heads = i.shape[1] if isinstance(i.shape[1], int) else kv_heads
+                dim = i.shape[3] if isinstance(i.shape[3], int) else head_dim
+                self.past.append((i.name, heads, dim, dt))
+        names = {i.name for i in self.session.get_inputs()}
+        self.has_positions = "position_ids" in names
+
+    def logits(self, window: np.ndarray) -> np.ndarray:
+        ids = window[None].astype(np.int64)
+        feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        if self.has_positions:
+            feed["position_ids"] = np.arange(ids.shape[1], dtype=np.int64)[None]
+        for name, heads, dim, dt in self.past:
+            feed[name] = np.zeros((1, heads, 0, dim), dt)
+        return self.session.run(["logits"], feed)[0][0].astype(np.float32)
+
+
+def compare(ref: List[np.ndarray], text: EvalText, quant_logits: List[np.ndarray]) -> Dict[str, Any]:
+    """llama.cpp's figures of a build against the float model on the same windows: position i's distribution
+    predicts token i+1; tokens from each window's start on are scored."""
+    nll_f, nll_q, kls, agree = [], [], [], []
+    for r, w, start, ql in zip(ref, text.windows, text.starts, quant_logits):
+        q = _log_softmax(ql)
+        pos = np.arange(max(start, 1) - 1, len(w) - 1)
+        y = w[pos + 1]
+        nll_f.append(-r[pos, y].astype(np.float64))
+        nll_q.append(-q[pos, y].astype(np.float64))
+        kls.append(_kl(r[pos], q[pos]))
+        agree.append(r[pos].argmax(-1) == q[pos].argmax(-1))
+    nf, nq, kl, ag = (np.concatenate(x) for x in (nll_f, nll_q, kls, agree))
+    ppl_f, ppl_q = float(np.exp(nf.mean())), float(np.exp(nq.mean()))
+    return {"tokens": int(len(nf)), "ppl_float": ppl_f, "ppl": ppl_q, "ppl_increase": ppl_q / ppl_f - 1.0,
+            "kl_mean": float(max(kl.mean(), 0.0)), "kl_p99": float(np.percentile(kl, 99)),
+            "top1_agreement": float(ag.mean())}
+
+
+def golden(decoder: OnnxDecoder, windows: List[np.ndarray], prompts: int = 3, length: int = 32,
+           k: int = 8) -> Dict[str, Any]:
+    """Golden prompts (token ids) and what the build computes on them here: top-1 per position and the top-k
+    logits (ids and values), for the device's teacher-forced agreement and logit SNR."""
+    out: Dict[str, Any] = {"prompts": [], "top1": [], "logits_topk": {"k": k, "ids": [], "values": []}}
+    for w in windows[:prompts]:
+        p = w[:length]
+        lg = decoder.logits(p)
+        top = np.argsort(-lg, axis=-1)[:, :k]
+        out["prompts"].append([int(t) for t in p])
+        out["top1"].append([int(t) for t in lg.argmax(-1)])
+        out["logits_topk"]["ids"].append(top.tolist())
+        out["logits_topk"]["values"].append(np.take_along_axis(lg, top, -1).round(5).tolist())
+    return out
