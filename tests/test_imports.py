@@ -95,7 +95,7 @@ def test_the_cycle_finder_finds_cycles():
 def test_the_graph_sees_function_level_and_from_package_imports():
     g = import_graph(ROOT / "edgekit" / "convert")
     assert "edgekit.convert.pipeline" in g["edgekit.convert"]          # from edgekit.convert.pipeline import ...
-    assert "edgekit.convert.onnx" in g["edgekit.convert.rescue"]       # inside a function: from edgekit.convert import onnx
+    assert "edgekit.convert.onnx" in g["edgekit.convert.rescue"]    # in a function: from edgekit.convert import onnx
     assert "edgekit.convert.sources" in g["edgekit.convert.pipeline"]
 
 

@@ -39,7 +39,8 @@ def _input_shapes(values):
 @click.option("--val", type=click.Path(), help="Validation data (.npz with 'labels' for accuracy). "
               "Default: the last 20% of the calibration data, held out.")
 @click.option("--input-shape", "input_shapes", multiple=True,
-              help="NAME=1x3x224x224: fix the dimensions a source leaves dynamic.")
+              help="NAME=1x3x224x224: fix the dimensions a source leaves dynamic "
+                   "(default: the calibration data's sample shape, batch 1).")
 @click.option("--out", "-o", default="build", show_default=True, type=click.Path())
 @click.option("--name", help="Bundle name (default: the model file's stem).")
 @click.option("--format", "formats", multiple=True, type=click.Choice(["tflite", "onnx"]),

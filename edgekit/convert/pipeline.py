@@ -24,6 +24,7 @@ import edgekit
 from edgekit.bundle import write_bundle, write_json_atomic
 from edgekit.convert import measure as measuring
 from edgekit.convert import numerics, validate
+from edgekit.convert import shapes as shaping
 from edgekit.convert.build import convert_once, error_line, precision_of
 from edgekit.convert.data import Dataset, load_dataset, random_dataset
 from edgekit.convert.native import captured_stderr, logged_output
@@ -340,7 +341,10 @@ def _run(recipe: ConvertRecipe, rows: List[Row], name: str, out_dir: Path, wd: P
          progress: Progress, data: Optional[InMemoryData], device=None) -> ConvertResult:
     progress.say(f"reading {recipe.model}")
     source = load_source(recipe.model, wd, input_shapes=dict(recipe.input_shapes),
-                         needs_tflite=any(r.fmt == "tflite" for r in rows))
+                         needs_tflite=any(r.fmt == "tflite" for r in rows),
+                         data=shaping.of_calibration(recipe, data))
+    if source.shapes_from_data:
+        progress.say(source.shapes_from_data["note"])
     if source.qat and recipe.precision != "int8":
         raise EdgekitError(f"a quantization-aware trained model converts to INT8 only, not {recipe.precision}",
                            hint="drop --precision, or convert the model from before `edgekit qat`")

@@ -146,6 +146,8 @@ class ConvertResult:
                     [[c["what"], c.get("backend"), c.get("p50_ms"), c["bytes"] / 1024, _pct(c.get("top1_agreement")),
                       c.get("snr_db"), _chosen(c)] for c in b.artifact.candidates],
                     title=f"--select fastest for {b.path.name}: {b.artifact.candidates[0].get('timed_where', '')}")
+        if self.source.get("shapes_from_data"):
+            text += "\nnote: " + self.source["shapes_from_data"]["note"]
         if self.calibration.get("random"):
             text += "\nWARNING: random calibration data: the accuracy figures above mean nothing."
         warned = {b.artifact.numerics.get("warning") for b in self.written if b.artifact.numerics.get("warning")}

@@ -26,6 +26,7 @@ class Source:
     onnx_saved_model: Optional[Path] = None   # QAT: the graph ONNX is made from (ranges as Clip)
     input_ranges: Dict[str, Tuple[float, float]] = field(default_factory=dict)  # QAT: learned input ranges
     input_shapes: Dict[str, Tuple[int, ...]] = field(default_factory=dict)      # dims fixed by the user
+    shapes_from_data: Dict[str, Any] = field(default_factory=dict)   # input shapes the calibration data fixed
     no_tflite_reason: Optional[str] = None     # why this source has no TFLite path (saved_model is None)
     # ONNX / PyTorch sources:
     reference_outputs: Optional[Callable[[Any], Dict[str, Any]]] = None  # dataset -> float outputs (torch)
@@ -51,7 +52,7 @@ class Source:
         """What the manifest and the report record about the source."""
         d = {"path": str(self.path), "kind": self.kind, "sha256": self.sha256, "bytes": self.bytes,
              "notes": list(self.notes), "qat": self.qat}
-        for k in ("reference_note", "checks", "layout", "interface"):
+        for k in ("reference_note", "checks", "layout", "interface", "shapes_from_data"):
             if getattr(self, k):
                 d[k.replace("reference_note", "reference")] = getattr(self, k)
         return d

@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 from edgekit.bundle import sha256_file, sha256_tree
+from edgekit.convert import shapes as shaping
 from edgekit.convert.native import captured_stderr, quiet_tensorflow
+from edgekit.convert.shapes import DataShapes
 from edgekit.convert.source import Source
 from edgekit.errors import EdgekitError, SourceModelError
 
@@ -84,18 +86,20 @@ def _load_keras(path: Path, kind: str, src: Source):
 
 
 def load_source(path: str, workdir: Path, input_shapes: Optional[Dict[str, Tuple[int, ...]]] = None,
-                needs_tflite: bool = True) -> Source:
-    """needs_tflite=False skips making the SavedModel of an ONNX / PyTorch source (onnx2tf)."""
+                needs_tflite: bool = True, data: Optional[DataShapes] = None) -> Source:
+    """needs_tflite=False skips making the SavedModel of an ONNX / PyTorch source (onnx2tf).
+    `input_shapes` (--input-shape) fix the dimensions a source leaves unknown; where it does not
+    say, `data` (the calibration data's shapes, convert.shapes) does: one sample, batch 1."""
     p = Path(path)
     kind = detect_kind(p)
     if kind == "onnx":
-        return _load_onnx(p, workdir, dict(input_shapes or {}), needs_tflite)
+        return _load_onnx(p, workdir, dict(input_shapes or {}), needs_tflite, data)
     if kind in ("torch-export", "torchscript"):
         from edgekit.convert import torch_source
 
         quiet_tensorflow()
         with captured_stderr():
-            return torch_source.load(p, workdir, input_shapes, needs_tflite)
+            return torch_source.load(p, workdir, input_shapes, needs_tflite, data)
     quiet_tensorflow()
     digest = sha256_tree(p) if p.is_dir() else sha256_file(p)
     size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
@@ -118,7 +122,8 @@ def load_source(path: str, workdir: Path, input_shapes: Optional[Dict[str, Tuple
                     src.qat = fakequant.is_qat(model)
                     if src.qat:
                         return _qat_source(src, model, workdir)
-                    model.export(str(sm), verbose=False)
+                    model.export(str(sm), verbose=False,
+                                 input_signature=_keras_signature(model, dict(input_shapes or {}), data, src))
                 src.saved_model = sm
             conv = tf.lite.TFLiteConverter.from_saved_model(str(src.saved_model))
             src.float_tflite = conv.convert()
@@ -131,6 +136,51 @@ def load_source(path: str, workdir: Path, input_shapes: Optional[Dict[str, Tuple
     src.reference_path = workdir / "reference_float.tflite"
     src.reference_path.write_bytes(src.float_tflite)
     return src
+
+
+def _keras_signature(model, given: Dict[str, Tuple[int, ...]], data: Optional[DataShapes], src: Source):
+    """The export signature of a Keras 3 model whose inputs leave dimensions beyond the batch
+    None: --input-shape, else the calibration data, fixes them (the batch stays dynamic, as
+    Keras exports it); None (Keras's own signature) where every input is static."""
+    import keras
+
+    ins = [(t.name, tuple(-1 if d is None else int(d) for d in t.shape)) for t in model.inputs]
+    if not any(shaping.needs_data(s) for _, s in ins):
+        return None
+    where = str(src.path)
+    unknown = [k for k in given if k not in {n for n, _ in ins}]
+    if unknown:
+        raise SourceModelError(f"--input-shape names '{unknown[0]}', which is not an input of the model "
+                               f"(inputs: {', '.join(n for n, _ in ins)})", path=where)
+    shapes, taken = {}, {}
+    for name, shape in ins:
+        if name in given:
+            g = tuple(given[name])
+            if len(g) != len(shape) or any(d not in (-1, x) for d, x in zip(shape[1:], g[1:])):
+                raise SourceModelError(f"--input-shape {name}={shaping.dims(g)} does not fit the model's "
+                                       f"{shaping.dims(shape)}", path=where)
+            shapes[name] = g
+        elif not shaping.needs_data(shape):
+            shapes[name] = shape
+        else:
+            d = data.complete(name, shape, len(ins)) if data is not None else None
+            if d is None:
+                raise SourceModelError(f"input '{name}' has dynamic dimensions {shaping.dims(shape)}", path=where,
+                                       hint=f"give them: --input-shape {name}=1x"
+                                            + "x".join("<size>" if x == -1 else str(x) for x in shape[1:])
+                                            + ", or calibration data (--calib) whose samples fix them")
+            shapes[name] = taken[name] = d
+    if taken:
+        src.shapes_from_data = shaping.record(taken, data)
+        src.notes.append(src.shapes_from_data["note"])
+    try:
+        from keras.src.export.export_utils import get_input_signature
+    except ImportError:
+        raise SourceModelError(f"this Keras ({keras.__version__}) cannot be told the input shapes to export",
+                               path=where, hint="save the model with static input shapes") from None
+    return keras.tree.map_structure(
+        lambda spec: keras.InputSpec(shape=(None,) + tuple(shapes[spec.name][1:]), dtype=spec.dtype, name=spec.name),
+        get_input_signature(model))
 
 
 def _qat_source(src: Source, model, workdir: Path) -> Source:
@@ -168,7 +218,7 @@ def float_tflite(model) -> bytes:
 
 
 def _load_onnx(p: Path, workdir: Optional[Path] = None, input_shapes: Optional[Dict[str, Tuple[int, ...]]] = None,
-               needs_tflite: bool = False) -> Source:
+               needs_tflite: bool = False, calib: Optional[DataShapes] = None) -> Source:
     try:
         import onnx
     except ImportError:
@@ -199,10 +249,26 @@ def _load_onnx(p: Path, workdir: Optional[Path] = None, input_shapes: Optional[D
         src.interface["inputs"] = {k: list(v) for k, v in shapes.items()}
     if needs_tflite:
         quiet_tensorflow()
+        # TFLite needs static shapes: where the user did not fix a dynamic dimension, the calibration data
+        # does (the ONNX artifacts keep it dynamic, as the source has it)
+        taken = {}
+        for i in ins:
+            if calib is not None and i.name not in src.input_shapes and shaping.needs_data(i.shape):
+                d = calib.complete(i.name, i.shape, len(ins))
+                if d is not None:
+                    taken[i.name] = d
         try:
-            shapes = ot.resolve_shapes(ins, src.input_shapes, str(p))
+            shapes = ot.resolve_shapes(ins, {**taken, **src.input_shapes}, str(p))
             with captured_stderr():
                 src.attach_tflite(ot.to_saved_model(src.onnx_bytes, workdir, shapes, str(p)))
         except EdgekitError as e:  # the ONNX rows can still be built; the TFLite rows fail with this reason
             src.no_tflite_reason = f"no TFLite path for this ONNX model: {e}"
+            if not taken and any(shaping.needs_data(i.shape) for i in ins if i.name not in src.input_shapes):
+                src.no_tflite_reason += " (or calibrate on data whose samples fix them: --calib)"
+        else:
+            if taken:
+                src.shapes_from_data = shaping.record(
+                    taken, calib, "the TFLite artifacts; the ONNX artifacts keep those dimensions dynamic",
+                    scope="for the TFLite artifacts (the ONNX artifacts keep those dimensions dynamic)")
+                src.notes.append(src.shapes_from_data["note"])
     return src

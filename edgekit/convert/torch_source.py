@@ -4,10 +4,11 @@ torch is imported here only, and only when a torch source is read (`edgekit[torc
 
 What comes from the program itself: input names (the forward's argument names, as
 torch.export and TorchScript record them), input shapes (a torch.export program's; a traced
-TorchScript module records none, so `--input-shape` gives them), output names (a dict's keys,
-a namedtuple's fields, else `output` / `output_0, output_1, ...` in the order returned).
-A dynamic batch dimension becomes 1 (the runtime loops over a larger batch); any other dynamic
-dimension must be given with `--input-shape name=1x3x224x224`.
+TorchScript module records none), output names (a dict's keys, a namedtuple's fields, else
+`output` / `output_0, output_1, ...` in the order returned). A dynamic batch dimension becomes 1
+(the runtime loops over a larger batch); a shape the program does not record, or any other
+dynamic dimension, comes from `--input-shape name=1x3x224x224`, else from the calibration data
+(one sample's shape, batch 1: convert.shapes), and is refused where neither says.
 
 The ONNX model both formats start from comes from torch's exporter: the dynamo exporter
 (torch.export -> ONNX, opset 18+, converted down to 17) first, the TorchScript exporter (opset 17)
@@ -107,7 +108,8 @@ def read_program(path: Path) -> _Program:
             st = None
         dtypes.append({"Float": np.float32, "Long": np.int64, "Int": np.int32, "Half": np.float16,
                        "Double": np.float64, "Bool": np.bool_}.get(st or "Float", np.float32))
-    notes = [] if all(shapes) else ["TorchScript records no input shapes: taken from --input-shape"]
+    notes = [] if all(shapes) else ["TorchScript records no input shapes: taken from --input-shape or the "
+                                    "calibration data"]
     return _Program("torchscript", sm, sm, sm, names, shapes, dtypes, notes)
 
 
@@ -145,8 +147,11 @@ def program_from_module(module, example_inputs: Sequence[Any]) -> _Program:
 
 # --- shapes, outputs ------------------------------------------------------------------------------------
 
-def resolve_shapes(prog: _Program, given: Optional[Dict[str, Sequence[int]]], where: str
+def resolve_shapes(prog: _Program, given: Optional[Dict[str, Sequence[int]]], where: str, data=None
                    ) -> Dict[str, Tuple[int, ...]]:
+    """Static shapes for every input: --input-shape where given; else the program's, its unknown
+    dimensions from the calibration data (`data`, a convert.shapes.DataShapes: one sample, batch 1)
+    and a dynamic batch as 1; refused where neither the user nor the data says."""
     given = dict(given or {})
     unknown = [k for k in given if k not in prog.input_names]
     if unknown:
@@ -161,16 +166,22 @@ def resolve_shapes(prog: _Program, given: Optional[Dict[str, Sequence[int]]], wh
                                        + "x".join("?" if d == -1 else str(d) for d in shape), path=where)
             out[name] = g
             continue
+        from_data = data.complete(name, shape, len(prog.input_names)) if data is not None else None
+        if from_data is not None and (not shape or any(d == -1 for d in shape[1:])):
+            out[name] = from_data
+            continue
         if not shape:
             raise SourceModelError(f"the program records no shape for input '{name}'", path=where,
-                                   hint=f"give it: --input-shape {name}=1x3x224x224 (your model's)")
+                                   hint=f"give it: --input-shape {name}=1x3x224x224 (your model's), or "
+                                        "calibration data (--calib) whose samples have that shape")
         s = tuple(1 if (i == 0 and d == -1) else d for i, d in enumerate(shape))
         if any(d == -1 for d in s):
             raise SourceModelError(f"input '{name}' has dynamic dimensions "
                                    + "x".join("?" if d == -1 else str(d) for d in shape), path=where,
                                    hint=f"give them: --input-shape {name}=" + "x".join(
                                        "1" if (i == 0 and d == -1) else ("<size>" if d == -1 else str(d))
-                                       for i, d in enumerate(shape)))
+                                       for i, d in enumerate(shape)) + ", or calibration data (--calib) "
+                                       "whose samples fix them")
         out[name] = s
     return out
 
@@ -395,14 +406,18 @@ def _saved_model(data: bytes, workdir: Path, shapes, where: str):
 
 
 def load(path: Path, workdir: Path, input_shapes: Optional[Dict[str, Sequence[int]]] = None,
-         needs_tflite: bool = True):
+         needs_tflite: bool = True, calib=None):
     """A .pt2 / .pt file as a Source: verified float ONNX, the torch reference, and (when asked)
-    the SavedModel the TFLite path converts."""
+    the SavedModel the TFLite path converts. `calib`: the calibration data's shapes
+    (convert.shapes.DataShapes), for the dimensions the program leaves unknown."""
+    from edgekit.convert import shapes as shaping
     from edgekit.convert.source import Source
 
     where = str(path)
     prog = read_program(path)
-    shapes = resolve_shapes(prog, input_shapes, where)
+    shapes = resolve_shapes(prog, input_shapes, where, calib)
+    taken = {n: shapes[n] for n, s in zip(prog.input_names, prog.input_shapes)
+             if n not in (input_shapes or {}) and shaping.needs_data(s)}
     digest = sha256_file(path)
     key = (digest, tuple(sorted((k, tuple(v)) for k, v in shapes.items())))
     if key not in _EXPORTED:        # the same program exported again gives the same graph: once per process
@@ -417,6 +432,9 @@ def load(path: Path, workdir: Path, input_shapes: Optional[Dict[str, Sequence[in
     src.notes += prog.notes + [f"ONNX from torch {torch.__version__}'s {record['exporter']} exporter "
                                f"(opset {_opset(data)})"
                                + (f" after: {'; '.join(record['tried_first'])}" if record["tried_first"] else "")]
+    if taken:
+        src.shapes_from_data = shaping.record(taken, calib)
+        src.notes.append(src.shapes_from_data["note"])
     src.checks.append(record)
     src.reference_outputs = TorchReference(prog.call, prog.input_names, {k: v[0] for k, v in shapes.items() if v})
     src.reference_note = f"the PyTorch model itself (torch {torch.__version__}, eager, float32)"
