@@ -1,4 +1,5 @@
-"""`edgekit run` and `edgekit bench`: a model here, once or timed."""
+"""`edgekit run`, `edgekit bench` and `edgekit chat`: a model here, once or timed; a language model's answer,
+figures, or an interactive chat."""
 
 from __future__ import annotations
 
@@ -13,22 +14,66 @@ _backend_opt = click.option("--backend", type=click.Choice(
     ["litert", "tflite-runtime", "tensorflow", "onnxruntime", "openvino"]), help="Force a backend.")
 
 
+def _generation_opts(f):
+    """Generation options of a language model (runtime.llm), shared by run and chat."""
+    for opt in reversed([
+        click.option("--max-new-tokens", type=int, default=256, show_default=True, help="Language model: "
+                     "tokens to generate at most."),
+        click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy."),
+        click.option("--top-p", type=float, default=1.0, show_default=True),
+        click.option("--top-k", type=int, default=0, show_default=True, help="0: no limit."),
+        click.option("--seed", type=int, help="Sampling seed (the same seed, the same text)."),
+        click.option("--stop", multiple=True, help="Stop before this text (repeatable)."),
+        click.option("--repetition-penalty", type=float, default=1.0, show_default=True),
+        click.option("--system", help="Language model: a system message."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _gen(max_new_tokens, temperature, top_p, top_k, seed, stop, repetition_penalty):
+    return {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
+            "seed": seed, "stop": list(stop) or None, "repetition_penalty": repetition_penalty}
+
+
 @cli.command()
 @click.argument("model", type=click.Path())
-@click.option("--input", "-i", "input_path", required=True, type=click.Path(),
+@click.option("--input", "-i", "input_path", type=click.Path(),
               help=".npy (one input) or .npz keyed by input name.")
+@click.option("--prompt", "-p", help="Language model: the prompt; the answer streams (the bundle's chat "
+                                     "template applied).")
+@click.option("--no-template", is_flag=True, help="Language model: continue the prompt as plain text.")
 @click.option("--raw", is_flag=True, help="Integer tensors in and out, no (de)quantization.")
 @_backend_opt
 @click.option("--threads", type=int)
-@click.option("--json", "as_json", is_flag=True)
-def run(model, input_path, raw, backend, threads, as_json):
-    """Run MODEL (bundle, .tflite or .onnx) once and print its (float) outputs."""
+@click.option("--json", "as_json", is_flag=True, help="Outputs as JSON (a language model: its figures after "
+                                                      "the answer).")
+@_generation_opts
+def run(model, input_path, prompt, no_template, raw, backend, threads, as_json, max_new_tokens, temperature,
+        top_p, top_k, seed, stop, repetition_penalty, system):
+    """Run MODEL (bundle, .tflite or .onnx) once and print its (float) outputs; for a language-model bundle,
+    stream the answer to --prompt."""
     import numpy as np
 
     from edgekit.runtime import load
     from edgekit.runtime.__main__ import read_inputs
 
     m = load(model, backend=backend, threads=threads)
+    if getattr(m, "kind", None) == "llm":
+        from edgekit.runtime.__main__ import stream_answer
+
+        if prompt is None:
+            raise click.UsageError(f"{model} is a language model: give --prompt TEXT")
+        try:
+            stats = stream_answer(m, prompt, system, not no_template,
+                                  _gen(max_new_tokens, temperature, top_p, top_k, seed, stop, repetition_penalty))
+        except KeyboardInterrupt:
+            raise click.exceptions.Exit(130)
+        if as_json:
+            click.echo(json.dumps({k: v for k, v in stats.items() if k != "token_ids"}))
+        return
+    if input_path is None:
+        raise click.UsageError("give --input FILE (.npy or .npz); --prompt is for language models")
     out = m.run(**read_inputs(input_path, [s.name for s in m.inputs]), raw=raw)
     if as_json:
         click.echo(json.dumps({k: v.tolist() for k, v in out.items()}))
@@ -40,25 +85,61 @@ def run(model, input_path, raw, backend, threads, as_json):
 
 @cli.command()
 @click.argument("models", nargs=-1, required=True, type=click.Path())
-@click.option("--runs", type=int, default=200, show_default=True)
-@click.option("--warmup", type=int, default=20, show_default=True)
+@click.option("--runs", type=int, help="Timed runs  [default: 200; a language model: 3]")
+@click.option("--warmup", type=int, help="Warm-up runs  [default: 20; a language model: 1]")
+@click.option("--prompt-tokens", type=int, default=128, show_default=True, help="Language model: prompt length.")
+@click.option("--new-tokens", type=int, default=128, show_default=True, help="Language model: tokens generated.")
 @_backend_opt
 @click.option("--threads", type=int)
 @click.option("--json", "as_json", is_flag=True, help="The full report (raw samples included).")
 @click.option("--out", type=click.Path(), help="Also save the JSON report to this file.")
-def bench(models, runs, warmup, backend, threads, as_json, out):
-    """Measure latency of one or more MODELS here (load, first run, warm-up, timed runs)."""
+def bench(models, runs, warmup, prompt_tokens, new_tokens, backend, threads, as_json, out):
+    """Measure latency of one or more MODELS here (load, first run, warm-up, timed runs); a language model:
+    load time, time to first token, prefill and decode tok/s (p50 over runs), peak RSS."""
     from edgekit.bundle import write_json_atomic
     from edgekit.runtime import load
+    from edgekit.runtime.llmbench import llm_bench_table
     from edgekit.runtime.report import bench_table
 
     reports = []
     for path in models:
         m = load(path, backend=backend, threads=threads)
-        click.echo(f"benchmarking {path}: {warmup} warm-up + {runs} timed runs "
+        if getattr(m, "kind", None) == "llm":
+            r, w = (3 if runs is None else runs), (1 if warmup is None else warmup)
+            click.echo(f"benchmarking {path}: {w} warm-up + {r} timed runs of {prompt_tokens} prompt + "
+                       f"{new_tokens} new tokens ({m.backend} {m.backend_version}, {m.threads} threads)", err=True)
+            reports.append(m.benchmark(prompt_tokens=prompt_tokens, new_tokens=new_tokens, runs=r, warmup=w))
+            continue
+        r, w = (200 if runs is None else runs), (20 if warmup is None else warmup)
+        click.echo(f"benchmarking {path}: {w} warm-up + {r} timed runs "
                    f"({m.backend} {m.backend_version})", err=True)
-        reports.append(m.benchmark(runs=runs, warmup=warmup))
+        reports.append(m.benchmark(runs=r, warmup=w))
     data = reports[0] if len(reports) == 1 else reports
     if out:
         write_json_atomic(out, data)
-    click.echo(json.dumps(data) if as_json else bench_table(reports))
+    if as_json:
+        click.echo(json.dumps(data))
+        return
+    lms = [r for r in reports if r.get("kind") == "llm"]
+    others = [r for r in reports if r.get("kind") != "llm"]
+    click.echo("\n\n".join(t for t in (bench_table(others) if others else "",
+                                         llm_bench_table(lms) if lms else "") if t))
+
+
+@cli.command()
+@click.argument("model", type=click.Path())
+@click.option("--threads", type=int)
+@click.option("--verbose", "-v", is_flag=True, help="Figures after each reply (tokens, TTFT, tok/s).")
+@_generation_opts
+def chat(model, threads, verbose, max_new_tokens, temperature, top_p, top_k, seed, stop, repetition_penalty,
+         system):
+    """Chat with a language-model bundle in the terminal: each line a message, the reply streamed, the
+    history kept (its KV cache too). /reset forgets it, /exit or Ctrl-D leaves, Ctrl-C stops a reply."""
+    from edgekit.runtime import load
+    from edgekit.runtime.llmchat import chat_loop
+
+    m = load(model, threads=threads)
+    if getattr(m, "kind", None) != "llm":
+        raise click.UsageError(f"{model} is not a language model (chat needs an LLM bundle)")
+    chat_loop(m, system=system, verbose=verbose,
+              options=_gen(max_new_tokens, temperature, top_p, top_k, seed, stop, repetition_penalty))

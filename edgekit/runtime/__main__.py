@@ -1,4 +1,7 @@
-"""python -m edgekit.runtime {run,bench,check,facts}: the device side, argparse only.
+"""python -m edgekit.runtime {run,bench,check,chat,facts}: the device side, argparse only.
+
+A language-model bundle (runtime.llm): `run --prompt TEXT` streams the answer, `bench` measures TTFT and
+prefill / decode tok/s, `check` is its golden health check, `chat` an interactive chat (runtime.llmchat).
 
 Exit status: 0 fine, 1 a check failed, 2 a usage problem (one line on stderr).
 """
@@ -25,20 +28,42 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--threads", type=int, default=None)
         sp.add_argument("--json", action="store_true", help="JSON on stdout")
 
-    r = sub.add_parser("run", help="run once on an input file and print the float outputs")
+    def generation(sp):
+        sp.add_argument("--max-new-tokens", type=int, default=256)
+        sp.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+        sp.add_argument("--top-p", type=float, default=1.0)
+        sp.add_argument("--top-k", type=int, default=0, help="0: no limit")
+        sp.add_argument("--seed", type=int, default=None)
+        sp.add_argument("--stop", action="append", default=None, help="stop before this text (repeatable)")
+        sp.add_argument("--repetition-penalty", type=float, default=1.0)
+
+    r = sub.add_parser("run", help="run once on an input file and print the float outputs; "
+                                   "a language model: --prompt, the answer streamed")
     common(r)
-    r.add_argument("--input", required=True, help=".npy (single input) or .npz keyed by input name")
+    r.add_argument("--input", help=".npy (single input) or .npz keyed by input name")
     r.add_argument("--raw", action="store_true", help="integer tensors in and out")
+    r.add_argument("--prompt", help="language model: the prompt (the chat template applied where the bundle has one)")
+    r.add_argument("--system", help="language model: a system message")
+    r.add_argument("--no-template", action="store_true", help="language model: continue the prompt as plain text")
+    generation(r)
     b = sub.add_parser("bench", help="measure latency (the DESIGN.md method)")
     common(b)
-    b.add_argument("--runs", type=int, default=200)
-    b.add_argument("--warmup", type=int, default=20)
+    b.add_argument("--runs", type=int, default=None, help="timed runs (default 200; a language model 3)")
+    b.add_argument("--warmup", type=int, default=None, help="warm-up runs (default 20; a language model 1)")
+    b.add_argument("--prompt-tokens", type=int, default=128, help="language model: prompt length")
+    b.add_argument("--new-tokens", type=int, default=128, help="language model: tokens generated")
     b.add_argument("--no-end-to-end", action="store_true")
     b.add_argument("--out", default=None, help="also write the JSON report here")
     c = sub.add_parser("check", help="golden health check of a bundle")
     common(c)
     c.add_argument("--reference-numerics", action="store_true",
                    help="ONNX: run the QDQ graph as written (no fused integer kernels)")
+    ch = sub.add_parser("chat", help="interactive chat with a language model (/reset, /exit; Ctrl-C stops a reply)")
+    ch.add_argument("model", help="language-model bundle or ONNX Runtime GenAI folder")
+    ch.add_argument("--threads", type=int, default=None)
+    ch.add_argument("--system", help="a system message")
+    ch.add_argument("--verbose", action="store_true", help="figures after each reply")
+    generation(ch)
     sub.add_parser("facts", help="this machine: arch, CPU, memory, OS, backends (JSON)")
     rel = sub.add_parser("release", help="device side of deploy: status/activate/rollback/verify (JSON)")
     rel.add_argument("action", choices=["status", "activate", "store", "rollback", "revert", "verify", "clean"])
@@ -99,9 +124,15 @@ def _dispatch(args) -> int:
         return 0
     from edgekit.runtime import load
 
-    model = load(args.model, backend=args.backend, threads=args.threads,
+    model = load(args.model, backend=getattr(args, "backend", None), threads=args.threads,
                  reference_numerics=getattr(args, "reference_numerics", False))
+    if getattr(model, "kind", None) == "llm":
+        return _llm(args, model)
+    if args.cmd == "chat":
+        raise DataError("chat needs a language-model bundle", hint=f"{args.model} is not one")
     if args.cmd == "run":
+        if not args.input:
+            raise DataError("run needs --input (a .npy or .npz file)", hint="--prompt is for language models")
         feeds = read_inputs(args.input, [s.name for s in model.inputs])
         out = model.run(**feeds, raw=args.raw)
         if args.json:
@@ -117,7 +148,8 @@ def _dispatch(args) -> int:
         from edgekit.bundle import write_json_atomic
         from edgekit.runtime.report import bench_table
 
-        rep = model.benchmark(runs=args.runs, warmup=args.warmup,
+        rep = model.benchmark(runs=200 if args.runs is None else args.runs,
+                              warmup=20 if args.warmup is None else args.warmup,
                               end_to_end=not args.no_end_to_end)
         if args.out:
             write_json_atomic(args.out, rep)
@@ -139,6 +171,66 @@ def _dispatch(args) -> int:
                       + f": {'ok' if o['ok'] else 'FAILED'}")
             if model.backend_note:
                 print(f"note: {model.backend_note}")
+        return 0 if res["ok"] else 1
+    raise AssertionError(args.cmd)
+
+
+def generation_options(args) -> dict:
+    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+            "top_k": args.top_k, "seed": args.seed, "stop": args.stop,
+            "repetition_penalty": args.repetition_penalty}
+
+
+def stream_answer(lm, prompt: str, system: Optional[str], template: bool, options: dict, out=None) -> dict:
+    """Stream the answer to `prompt` to `out` (stdout); the chat template applied where the bundle has one
+    and `template`. Returns the figures (lm.last)."""
+    out = out or sys.stdout
+    if template and lm.has_chat_template:
+        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        it = lm.chat(msgs, stream=True, **options)
+    else:
+        it = lm.generate(((system + "\n") if system else "") + prompt, stream=True, **options)
+    try:
+        for piece in it:
+            out.write(piece)
+            out.flush()
+    finally:
+        it.close()
+    out.write("\n")
+    out.flush()
+    return lm.last
+
+
+def _llm(args, lm) -> int:
+    if args.cmd == "run":
+        if args.prompt is None:
+            raise DataError("a language model runs on text: give --prompt", hint=f"{args.model} is a language model")
+        try:
+            stats = stream_answer(lm, args.prompt, args.system, not args.no_template, generation_options(args))
+        except KeyboardInterrupt:
+            return 130
+        if args.json:
+            print(json.dumps({k: v for k, v in stats.items() if k != "token_ids"}))
+        return 0
+    if args.cmd == "chat":
+        from edgekit.runtime.llmchat import chat_loop
+
+        return chat_loop(lm, system=args.system, options=generation_options(args), verbose=args.verbose)
+    if args.cmd == "bench":
+        from edgekit.bundle import write_json_atomic
+        from edgekit.runtime.llmbench import llm_bench_table
+
+        rep = lm.benchmark(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                           runs=3 if args.runs is None else args.runs, warmup=1 if args.warmup is None else args.warmup)
+        if args.out:
+            write_json_atomic(args.out, rep)
+        print(json.dumps(rep) if args.json else llm_bench_table([rep]))
+        return 0
+    if args.cmd == "check":
+        from edgekit.runtime.llmcheck import describe
+
+        res = lm.check()
+        print(json.dumps(res) if args.json else describe(res))
         return 0 if res["ok"] else 1
     raise AssertionError(args.cmd)
 

@@ -104,7 +104,10 @@ def golden_check(model) -> Dict[str, Any]:
     Run on a machine that is not the bundle's target, an ONNX INT8 bundle for an exact-arithmetic
     target (a Pi, a Jetson, VNNI) can miss on an x86 host without VNNI only because this host's
     kernels saturate: then the graph is run again as written (reference numerics, what the target
-    computes) and the result says so (`numerics`, and `host` with this host's own figures)."""
+    computes) and the result says so (`numerics`, and `host` with this host's own figures).
+    A language model (runtime.llm) has its own check: runtime.llmcheck (agreement, logit SNR, a generation)."""
+    if getattr(model, "kind", None) == "llm":
+        return model.check()
     result = _golden_check(model)
     if result["ok"] or getattr(model._impl, "reference_numerics", False) or not needs_reference(model.manifest):
         return result

@@ -103,11 +103,20 @@ def load(path: Union[str, Path], *, backend: Optional[str] = None, threads: Opti
     the model file's sha256 is checked against the manifest unless `verify=False`.
     `reference_numerics`: an ONNX QDQ graph runs as written, in float (see OnnxBackend): what a
     target with exact integer arithmetic computes, on a host whose integer kernels saturate.
+    A language-model bundle (manifest kind "llm") or a bare ONNX Runtime GenAI folder (genai_config.json)
+    gives a runtime.llm.LanguageModel instead (generate, chat, conversation, benchmark, check).
     """
     from edgekit.runtime.threads import choose_threads
 
     t0 = time.perf_counter_ns()
     p = Path(path)
+    from edgekit.runtime import llm
+
+    if llm.is_llm(p):
+        if reference_numerics:
+            raise BackendUnavailable("reference numerics are for ONNX QDQ graphs, not language models",
+                                     fmt="onnx-genai", hint="leave out reference_numerics")
+        return llm.load_llm(p, threads=threads, verify=verify, backend=backend)
     bundle: Optional[Bundle] = None
     profile_threads: Optional[int] = None
     pref: Mapping[str, Any] = {}

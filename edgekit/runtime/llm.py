@@ -1,0 +1,707 @@
+"""Language models on the device: an LLM bundle (or a bare ONNX Runtime GenAI folder) run with
+onnxruntime-genai. Standard library and numpy at import; onnxruntime_genai only when a model loads.
+
+    from edgekit.runtime import load
+    lm = load("build/qwen-rpi5-int4")     # an LLM bundle (manifest kind "llm"), or a folder with genai_config.json
+    lm.generate("The capital of France is", max_new_tokens=32)             # -> str (greedy)
+    for piece in lm.generate(prompt, stream=True, temperature=0.7, seed=1):  # -> iterator of text pieces
+        print(piece, end="", flush=True)
+    lm.chat([{"role": "user", "content": "hi"}])                           # the bundle's chat template
+    conv = lm.conversation(system="You are terse.")                       # the KV cache carries over
+    conv.say("What is 2+2?"); conv.say("And times 3?")                    # turn 2 prefills only its tokens
+    lm.benchmark(prompt_tokens=128, new_tokens=128, runs=3)               # TTFT, prefill/decode tok/s, RSS
+    lm.check()                                                            # the golden health check
+
+Generation options, the same for generate / chat / Conversation.say / search_options:
+    max_new_tokens=128, temperature=0.0 (0: greedy; > 0: sampling), top_p=1.0, top_k=0 (0: no limit),
+    seed=None (sampling: the same seed gives the same text), stop=None (a string or a list: the text ends
+    before the first one, which is not returned), repetition_penalty=1.0, stream=False.
+A prompt that does not fit the context is a DataError; max_new_tokens is clamped to the context left.
+
+After each generation (after the stream is exhausted or closed), `lm.last` holds its figures:
+    {"prompt_tokens", "prefill_tokens" (tokens run through the model before the first new one: all of
+     the prompt for generate/chat, only the new ones in a conversation's later turns), "new_tokens",
+     "ttft_ms" (call to first token), "prefill_ms", "decode_ms", "decode_tok_s", "finish_reason"
+     ("stop": end of sequence or a stop string, "length": max_new_tokens or the context, "interrupted":
+     the consumer stopped early or Ctrl-C)}.
+
+For batching servers (edgekit.serve) the ONNX Runtime GenAI handles are attributes:
+    lm.og_model (onnxruntime_genai.Model, threads applied), lm.og_tokenizer (onnxruntime_genai.Tokenizer),
+    lm.search_options(**generation options) -> the dict for GeneratorParams.set_search_options
+    (max_length still to be added: prompt + new tokens), lm.encode(text) / lm.decode(ids),
+    lm.prompt_ids(messages) (the chat template applied and tokenized as templated text), lm.eos_token_ids,
+    lm.context (the sequence length used: the bundle's llm.context_default, at most the model's own
+    lm.max_context; settable), lm.tokenizer (encode / decode / apply_chat_template),
+    lm.new_generator(max_length, **generation options) -> onnxruntime_genai.Generator.
+Facts: lm.manifest (None for a bare folder), lm.path, lm.model_dir, lm.threads, lm.threads_requested,
+lm.threads_chosen_by, lm.load_ms, lm.backend ("onnxruntime-genai"), lm.backend_version, lm.kind == "llm".
+
+Threads: `threads=` as given; otherwise the bundle's target profile's `runtime.threads` (its `llm.threads`
+where the profile has one) clamped to the CPUs this process may use (runtime.threads); a bare folder uses
+those usable CPUs. They reach ONNX Runtime as the decoder session's intra_op_num_threads (an overlay on
+genai_config.json: the files on disk are never changed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from edgekit.errors import BackendUnavailable, BundleError, DataError, EdgekitError
+
+KIND = "llm"
+GENAI_CONFIG = "genai_config.json"
+MANIFEST = "manifest.json"
+BACKEND = "onnxruntime-genai"
+MIN_TOP1 = 0.90      # teacher-forced top-1 agreement with the converting machine (INT4 rounds differently per ISA)
+MIN_SNR_DB = 20.0    # logit SNR on the golden top-k logits
+_UNSET = object()
+
+Message = Mapping[str, str]
+
+
+# -- finding and loading ---------------------------------------------------------------------------------
+
+def _read_json(path: Path, what: str) -> Dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise BundleError(f"cannot read {what} ({e})", path=str(path)) from None
+    if not isinstance(data, dict):
+        raise BundleError(f"{what} is not a JSON object", path=str(path))
+    return data
+
+
+def llm_manifest(path: Union[str, Path]) -> Optional[Dict[str, Any]]:
+    """The manifest of an LLM bundle directory, or None when `path` is not one (standard library only)."""
+    m = Path(path) / MANIFEST
+    if not m.is_file():
+        return None
+    try:
+        data = json.loads(m.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) and data.get("kind") == KIND else None
+
+
+def is_llm(path: Union[str, Path]) -> bool:
+    """An LLM bundle (manifest kind "llm") or a bare ONNX Runtime GenAI folder (genai_config.json, no manifest)."""
+    p = Path(path)
+    if not p.is_dir():
+        return False
+    if (p / MANIFEST).is_file():
+        return llm_manifest(p) is not None
+    return (p / GENAI_CONFIG).is_file()
+
+
+def verify_files(bundle_dir: Path, manifest: Mapping[str, Any], hash_files: bool = True) -> None:
+    """Each file the manifest lists under model.files is there with its size (and sha256 when `hash_files`)."""
+    from edgekit.bundle import sha256_file
+
+    model = manifest.get("model") or {}
+    files = model.get("files")
+    if not isinstance(files, dict) or not files:
+        raise BundleError("the manifest lists no model files (model.files)", path=str(bundle_dir))
+    root = (bundle_dir / model.get("dir", "model")).resolve()
+    for rel, entry in sorted(files.items()):
+        f = (root / rel).resolve()
+        if root not in f.parents:
+            raise BundleError(f"model file {rel!r} is outside the bundle", path=str(bundle_dir))
+        if not f.is_file():
+            raise BundleError(f"model file {rel} is missing", path=str(bundle_dir),
+                              hint="copy the whole bundle directory again")
+        size = f.stat().st_size
+        if size != entry.get("bytes"):
+            raise BundleError(f"{rel} is {size} bytes, the manifest says {entry.get('bytes')}: the bundle is "
+                              "damaged", path=str(bundle_dir))
+        if hash_files:
+            digest = sha256_file(f)
+            if digest != entry.get("sha256"):
+                raise BundleError(f"{rel} sha256 {digest[:12]}... does not match the manifest's "
+                                  f"{str(entry.get('sha256'))[:12]}...: the bundle is damaged or was modified",
+                                  path=str(bundle_dir))
+
+
+def _import_og():
+    try:
+        import onnxruntime_genai as og
+    except ImportError as e:
+        raise BackendUnavailable(f"onnxruntime-genai is not installed ({e})", fmt="onnx-genai",
+                                 hint="pip install 'edgekit[llm]' (numpy and onnxruntime-genai)") from None
+    return og
+
+
+def og_version() -> str:
+    from edgekit.runtime.facts import dist_version
+
+    v = dist_version("onnxruntime-genai")
+    if v == "unknown":
+        og = _import_og()
+        v = getattr(og, "__version__", "unknown")
+    return v
+
+
+def profile_threads(manifest: Optional[Mapping[str, Any]]) -> Optional[int]:
+    """The thread count a bundle's target profile asks for (its llm section first, then runtime)."""
+    if not manifest:
+        return None
+    target = manifest.get("target") or {}
+    for section in ("llm", "runtime"):
+        t = (target.get(section) or {}).get("threads")
+        if isinstance(t, int) and t > 0:
+            return t
+    return None
+
+
+def load_llm(path: Union[str, Path], *, threads: Optional[int] = None, verify: bool = True,
+             backend: Optional[str] = None) -> "LanguageModel":
+    """Load an LLM bundle or a bare ONNX Runtime GenAI folder (see the module docstring)."""
+    from edgekit.runtime.threads import choose_threads
+
+    t0 = time.perf_counter_ns()
+    rss_before = _rss_mb()["rss_mb"]
+    p = Path(path)
+    if backend not in (None, BACKEND, "onnxruntime"):
+        raise BackendUnavailable(f"a language model runs on {BACKEND}, not {backend}", fmt="onnx-genai",
+                                 hint="leave out --backend")
+    if not p.is_dir():
+        raise BundleError("no such bundle directory", path=str(p))
+    manifest: Optional[Dict[str, Any]] = None
+    if (p / MANIFEST).is_file():
+        manifest = _read_json(p / MANIFEST, MANIFEST)
+        if manifest.get("kind") != KIND:
+            raise BundleError(f"not a language-model bundle (manifest kind {manifest.get('kind')!r})",
+                              path=str(p), hint="load it with edgekit.runtime.load")
+        if manifest.get("name"):
+            from edgekit.bundle import check_name
+
+            check_name(str(manifest["name"]))
+        model_dir = p / (manifest.get("model") or {}).get("dir", "model")
+        verify_files(p, manifest, hash_files=verify)
+    elif (p / GENAI_CONFIG).is_file():
+        model_dir = p
+    else:
+        raise BundleError("neither an LLM bundle (manifest.json) nor an ONNX Runtime GenAI folder "
+                          "(genai_config.json)", path=str(p),
+                          hint="give the directory `edgekit convert` wrote for a language model")
+    if not (model_dir / GENAI_CONFIG).is_file():
+        raise BundleError(f"{GENAI_CONFIG} is missing", path=str(model_dir))
+    genai_config = _read_json(model_dir / GENAI_CONFIG, GENAI_CONFIG)
+    og = _import_og()
+    asked = profile_threads(manifest)
+    used = choose_threads(threads, asked)
+    chosen_by = "argument" if threads is not None else ("profile" if asked is not None else "usable CPUs")
+    config = og.Config(str(model_dir))
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": int(used)}}}}))
+    try:
+        og_model = og.Model(config)
+        og_tokenizer = og.Tokenizer(og_model)
+    except RuntimeError as e:   # ORT GenAI reports a bad folder, graph or tokenizer as RuntimeError
+        raise BundleError(f"onnxruntime-genai cannot load the model ({str(e).splitlines()[0]})",
+                          path=str(model_dir)) from None
+    lm = LanguageModel(og, og_model, og_tokenizer, path=p, model_dir=model_dir, manifest=manifest,
+                       genai_config=genai_config)
+    lm.threads = used
+    lm.threads_requested = threads if threads is not None else asked
+    lm.threads_chosen_by = chosen_by
+    lm.load_ms = (time.perf_counter_ns() - t0) / 1e6
+    lm.rss_before_load_mb = rss_before
+    return lm
+
+
+# -- the tokenizer -----------------------------------------------------------------------------------------
+
+class Tokenizer:
+    """The bundle's tokenizer (ONNX Runtime GenAI's, from tokenizer.json): token ids are Python ints.
+
+    encode(text) adds the tokenizer's special tokens (a BOS where the model has one), as a plain prompt
+    needs; encode_templated(text) adds none, for text a chat template made (it writes its own)."""
+
+    def __init__(self, og, og_model, og_tokenizer):
+        self.og = og_tokenizer
+        self._templated = og.Tokenizer(og_model)
+        self._templated.update_options(add_special_tokens="false")
+        self._specials = og.Tokenizer(og_model)     # decodes special tokens too (aligning conversation text)
+        self._specials.update_options(skip_special_tokens="false")
+
+    def encode(self, text: str) -> List[int]:
+        return [int(t) for t in self.og.encode(text)]
+
+    def encode_templated(self, text: str) -> List[int]:
+        return [int(t) for t in self._templated.encode(text)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        arr = np.asarray(list(ids), dtype=np.int32)
+        return (self.og if skip_special_tokens else self._specials).decode(arr)
+
+    def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        msgs = _check_messages(messages)
+        try:
+            return self.og.apply_chat_template(json.dumps(msgs), add_generation_prompt=add_generation_prompt)
+        except RuntimeError as e:
+            raise DataError(f"the chat template cannot render these messages ({str(e).splitlines()[0]})",
+                            hint="messages are [{'role': 'system'|'user'|'assistant', 'content': '...'}]") from None
+
+    def stream(self):
+        """A streaming detokenizer: .decode(token_id) -> the text that token completes ('' mid-character)."""
+        return self.og.create_stream()
+
+
+def _check_messages(messages: Sequence[Message]) -> List[Dict[str, str]]:
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise DataError("messages must be a list of {'role': ..., 'content': ...}")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DataError(f"message {i} is not {{'role': str, 'content': str}}: {m!r}"[:200])
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+# -- generation options -----------------------------------------------------------------------------------
+
+class _Options:
+    """Validated generation options (one place checks them)."""
+
+    __slots__ = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "repetition_penalty")
+
+    def __init__(self, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                 seed: Optional[int] = None, stop: Union[None, str, Sequence[str]] = None,
+                 repetition_penalty: float = 1.0):
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise DataError(f"max_new_tokens must be an integer >= 1 (got {max_new_tokens!r})")
+        if temperature is None or temperature < 0:
+            raise DataError(f"temperature must be >= 0 (got {temperature!r}; 0 is greedy)")
+        if top_p is None or not 0.0 < top_p <= 1.0:
+            raise DataError(f"top_p must be in (0, 1] (got {top_p!r})")
+        if top_k is None or top_k < 0:
+            raise DataError(f"top_k must be >= 0 (got {top_k!r}; 0 is no limit)")
+        if repetition_penalty is None or repetition_penalty <= 0:
+            raise DataError(f"repetition_penalty must be > 0 (got {repetition_penalty!r})")
+        if seed is not None and (not isinstance(seed, int) or seed < 0):
+            raise DataError(f"seed must be an integer >= 0 (got {seed!r})")
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if any(not isinstance(s, str) or not s for s in stops):
+            raise DataError(f"stop strings must be non-empty strings (got {stop!r})")
+        self.max_new_tokens, self.temperature, self.top_p, self.top_k = max_new_tokens, float(temperature), \
+            float(top_p), int(top_k)
+        self.seed, self.stop, self.repetition_penalty = seed, stops, float(repetition_penalty)
+
+    def search(self) -> Dict[str, Any]:
+        """The sampling part as ONNX Runtime GenAI search options (max_length is added by the caller)."""
+        o: Dict[str, Any] = {"num_beams": 1, "repetition_penalty": self.repetition_penalty}
+        if self.temperature == 0.0:
+            o.update(do_sample=False)
+        else:
+            o.update(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+            if self.seed is not None:
+                o["random_seed"] = self.seed
+        return o
+
+
+def _hold_back(text: str, stops: Sequence[str]) -> int:
+    """Characters at the end of `text` that may begin a stop string (kept until the next piece decides)."""
+    keep = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), keep, -1):
+            if text.endswith(s[:n]):
+                keep = n
+                break
+    return keep
+
+
+def _rss_mb() -> Dict[str, Optional[float]]:
+    """This process's resident memory now and at its peak (VmRSS, VmHWM), MiB; None where not exposed."""
+    out: Dict[str, Optional[float]] = {"rss_mb": None, "peak_rss_mb": None}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    out["rss_mb"] = int(line.split()[1]) / 1024
+                elif line.startswith("VmHWM:"):
+                    out["peak_rss_mb"] = int(line.split()[1]) / 1024
+    except OSError:
+        import resource
+
+        out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+# -- the model ----------------------------------------------------------------------------------------------
+
+class LanguageModel:
+    """A loaded decoder-only language model (see the module docstring for the API)."""
+
+    kind = KIND
+    backend = BACKEND
+    backend_preferred = None     # the same attributes as runtime.Model, for reports and the deploy health check
+    backend_chosen_by = "default"
+    backend_note: Optional[str] = None
+    format = "onnx-genai"
+
+    def __init__(self, og, og_model, og_tokenizer, *, path: Path, model_dir: Path,
+                 manifest: Optional[Dict[str, Any]], genai_config: Dict[str, Any]):
+        self._og = og
+        self.og_model = og_model
+        self.og_tokenizer = og_tokenizer
+        self.path = path
+        self.model_dir = model_dir
+        self.manifest = manifest
+        self.genai_config = genai_config
+        self.tokenizer = Tokenizer(og, og_model, og_tokenizer)
+        m = genai_config.get("model") or {}
+        # the longest sequence the model takes, and the one used here: the bundle's default context (its profile's
+        # llm.context_default) where it is shorter; a conversation allocates its KV cache for `context` tokens
+        self.max_context: int = int(m.get("context_length") or (manifest or {}).get("model", {}).get("context")
+                                    or 2048)
+        default = ((manifest or {}).get("llm") or {}).get("context_default")
+        self.context: int = min(self.max_context, int(default)) if default else self.max_context
+        eos = m.get("eos_token_id")
+        self.eos_token_ids: List[int] = [int(e) for e in (eos if isinstance(eos, list) else [eos])
+                                         if e is not None]
+        self.vocab: Optional[int] = m.get("vocab_size")
+        self.threads: Optional[int] = None
+        self.threads_requested: Optional[int] = None
+        self.threads_chosen_by: str = "usable CPUs"
+        self.load_ms: float = 0.0
+        self.last: Dict[str, Any] = {}
+        self.rss_before_load_mb: Optional[float] = None
+        self.backend_version = og_version()
+
+    # -- facts -------------------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return str((self.manifest or {}).get("name") or self.path.name)
+
+    @property
+    def has_chat_template(self) -> bool:
+        """The folder carries a chat template (chat_template.jinja, or tokenizer_config.json's chat_template)."""
+        if (self.model_dir / "chat_template.jinja").is_file():
+            return True
+        cfg = self.model_dir / "tokenizer_config.json"
+        if cfg.is_file():
+            try:
+                return bool(json.loads(cfg.read_text(encoding="utf-8")).get("chat_template"))
+            except (OSError, ValueError):
+                return False
+        return False
+
+    def model_bytes(self) -> int:
+        files = ((self.manifest or {}).get("model") or {}).get("files")
+        if isinstance(files, dict):
+            return int(sum(int(f.get("bytes", 0)) for f in files.values()))
+        return int(sum(f.stat().st_size for f in self.model_dir.iterdir() if f.suffix in (".onnx", ".data")))
+
+    def kv_bytes_per_token(self) -> Optional[int]:
+        """KV cache bytes per token: the manifest's, else from genai_config (float32 keys and values on CPU,
+        float16 on a GPU provider)."""
+        llm = (self.manifest or {}).get("llm") or {}
+        if llm.get("kv_bytes_per_token"):
+            return int(llm["kv_bytes_per_token"])
+        d = (self.genai_config.get("model") or {}).get("decoder") or {}
+        layers, kv, head = d.get("num_hidden_layers"), d.get("num_key_value_heads"), d.get("head_size")
+        if not (layers and kv and head):
+            return None
+        gpu = any(po for po in (d.get("session_options") or {}).get("provider_options") or [])
+        return int(2 * layers * kv * head * (2 if gpu else 4))
+
+    # -- tokens --------------------------------------------------------------------------------------------
+    def encode(self, text: str) -> List[int]:
+        return self.tokenizer.encode(text)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt)
+
+    def prompt_ids(self, messages: Sequence[Message]) -> List[int]:
+        """The chat template applied (with the assistant's generation prompt) and tokenized."""
+        return self.tokenizer.encode_templated(self.apply_chat_template(messages, True))
+
+    def search_options(self, **options) -> Dict[str, Any]:
+        """Generation options (module docstring) as ONNX Runtime GenAI search options, without max_length."""
+        return _Options(**{k: v for k, v in options.items() if k != "stream"}).search()
+
+    def new_generator(self, max_length: int, min_length: int = 0, **options):
+        """An onnxruntime_genai.Generator with these generation options and max_length (prompt + new)."""
+        return self._generator(max_length, self.search_options(**options), min_length)
+
+    def _generator(self, max_length: int, search: Mapping[str, Any], min_length: int = 0):
+        params = self._og.GeneratorParams(self.og_model)
+        params.set_search_options(max_length=int(max_length), min_length=int(min_length), **search)
+        return self._og.Generator(self.og_model, params)
+
+    # -- generation ----------------------------------------------------------------------------------------
+    def generate(self, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, seed: Optional[int] = None, stop: Union[None, str, Sequence[str]] = None,
+                 stream: bool = False, repetition_penalty: float = 1.0) -> Union[str, Iterator[str]]:
+        """Continue `prompt` (plain text, no chat template): the text, or an iterator of pieces (stream=True)."""
+        if not isinstance(prompt, str):
+            raise DataError(f"the prompt must be a string (got {type(prompt).__name__})")
+        opts = _Options(max_new_tokens, temperature, top_p, top_k, seed, stop, repetition_penalty)
+        return self._run(time.perf_counter_ns(), lambda: self.encode(prompt), opts, stream)
+
+    def chat(self, messages: Sequence[Message], max_new_tokens: int = 128, temperature: float = 0.0,
+             top_p: float = 1.0, top_k: int = 0, seed: Optional[int] = None,
+             stop: Union[None, str, Sequence[str]] = None, stream: bool = False,
+             repetition_penalty: float = 1.0) -> Union[str, Iterator[str]]:
+        """The assistant's reply to `messages` (the bundle's chat template applied)."""
+        opts = _Options(max_new_tokens, temperature, top_p, top_k, seed, stop, repetition_penalty)
+        msgs = _check_messages(messages)
+        return self._run(time.perf_counter_ns(), lambda: self.prompt_ids(msgs), opts, stream)
+
+    def conversation(self, system: Optional[str] = None, **options) -> "Conversation":
+        """A chat whose KV cache carries over between turns (see Conversation)."""
+        return Conversation(self, system=system, **options)
+
+    def _fit(self, n_prompt: int, max_new: int) -> int:
+        if n_prompt < 1:
+            raise DataError("the prompt is empty (no tokens)")
+        if n_prompt >= self.context:
+            raise DataError(f"the prompt is {n_prompt} tokens; the model's context is {self.context}",
+                            hint="shorten the prompt")
+        return min(max_new, self.context - n_prompt)
+
+    def _run(self, t0: int, make_ids, opts: _Options, stream: bool):
+        ids = make_ids()
+        max_new = self._fit(len(ids), opts.max_new_tokens)
+        gen = self._generator(len(ids) + max_new, opts.search())
+        it = self._stream(gen, ids, max_new, opts.stop, t0, {})
+        return it if stream else "".join(it)
+
+    def _stream(self, gen, new_ids: List[int], max_new: int, stops: Sequence[str], t0: int,
+                stats: Dict[str, Any], on_end=None) -> Iterator[str]:
+        """Prefill `new_ids` into `gen`, then decode up to `max_new` tokens, yielding text pieces.
+        `stats` is filled and published as self.last when the iteration ends (however it ends)."""
+        clock = time.perf_counter_ns
+        stats.update(prompt_tokens=None, prefill_tokens=len(new_ids), new_tokens=0, ttft_ms=None,
+                     prefill_ms=None, decode_ms=None, decode_tok_s=None, finish_reason="interrupted")
+        pieces: List[str] = []
+        tokens: List[int] = []
+        try:
+            tp = clock()
+            gen.append_tokens(np.asarray(new_ids, dtype=np.int32))
+            t_first = t_last = clock()
+            stats["prefill_ms"] = (t_first - tp) / 1e6
+            stats["prompt_tokens"] = int(gen.token_count())
+            detok = self.tokenizer.stream()
+            pending = ""
+            n = 0
+            last_tok = None
+            while n < max_new and not gen.is_done():
+                gen.generate_next_token()
+                tok = last_tok = int(gen.get_next_tokens()[0])
+                n += 1
+                t_last = clock()
+                if n == 1:
+                    t_first = t_last
+                    stats["ttft_ms"] = (t_first - t0) / 1e6
+                stats["new_tokens"] = n
+                if tok in self.eos_token_ids:
+                    continue                   # is_done() says so on the next turn of the loop
+                tokens.append(tok)
+                piece = detok.decode(tok)
+                if not stops:
+                    if piece:
+                        pieces.append(piece)
+                        yield piece
+                    continue
+                pending += piece
+                hit = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
+                if hit >= 0:
+                    pending = pending[:hit]
+                    last_tok = "stop"
+                    break
+                keep = _hold_back(pending, stops)
+                out, pending = pending[:len(pending) - keep], pending[len(pending) - keep:]
+                if out:
+                    pieces.append(out)
+                    yield out
+            stats["finish_reason"] = "stop" if last_tok == "stop" or last_tok in self.eos_token_ids else "length"
+            if pending:
+                pieces.append(pending)
+                yield pending
+        finally:
+            if stats.get("ttft_ms") is not None and stats["new_tokens"] > 1:
+                stats["decode_ms"] = (t_last - t_first) / 1e6
+                stats["decode_tok_s"] = (stats["new_tokens"] - 1) / max((t_last - t_first) / 1e9, 1e-9)
+            stats["text"] = "".join(pieces)
+            stats["token_ids"] = tokens
+            self.last = stats
+            if on_end is not None:
+                on_end(stats)
+
+    # -- teacher forcing ---------------------------------------------------------------------------------
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """Teacher-forced next-token logits at every position of `ids`: float32 [len(ids), vocab]."""
+        ids = [int(t) for t in ids]
+        self._fit(len(ids), 1)
+        gen = self._generator(len(ids) + 1, _Options().search())
+        gen.append_tokens(np.asarray(ids, dtype=np.int32))
+        out = np.asarray(gen.get_output("logits"))
+        return out.reshape(-1, out.shape[-1])[-len(ids):].astype(np.float32, copy=False)
+
+    # -- measuring ---------------------------------------------------------------------------------------
+    def benchmark(self, prompt_tokens: int = 128, new_tokens: int = 128, runs: int = 3,
+                  warmup: int = 1) -> Dict[str, Any]:
+        """Load time, TTFT, prefill and decode tok/s (p50 over `runs`), peak RSS and the conditions."""
+        from edgekit.runtime.llmbench import benchmark
+
+        return benchmark(self, prompt_tokens=prompt_tokens, new_tokens=new_tokens, runs=runs, warmup=warmup)
+
+    def check(self) -> Dict[str, Any]:
+        """The golden health check (runtime.llmcheck): teacher-forced top-1 agreement and logit SNR on the
+        golden prompts against the converting machine, and a short generation that must produce text."""
+        from edgekit.runtime.llmcheck import golden_check
+
+        return golden_check(self)
+
+    def __repr__(self) -> str:
+        return (f"LanguageModel({str(self.path)!r}, {BACKEND} {self.backend_version}, context={self.context}, "
+                f"threads={self.threads})")
+
+
+# -- a conversation ----------------------------------------------------------------------------------------
+
+class Conversation:
+    """A chat with one KV cache for all its turns: each turn appends only its new tokens (the end of the
+    previous reply as the template writes it, the user's message, the assistant prompt) to the same
+    generator; the history is not run through the model again.
+
+        conv = lm.conversation(system="...", temperature=0.7, seed=1)   # generation options for every turn
+        conv.say("hi")                          # the reply (or stream=True: an iterator of pieces)
+        conv.say("more", max_new_tokens=64, stop=["\\n\\n"])
+        conv.messages                           # the history: system, user, assistant, ...
+        conv.last                               # the last turn's figures (lm.last); prefill_tokens: new ones
+        conv.reset()                            # forget the history (keeps the system message)
+
+    Sampling options given to say() that differ from the conversation's start a new KV cache (the history is
+    prefilled again, and `last["reprefill"]` says so). When the template renders earlier turns differently once
+    a new one is added (some templates drop a reasoning model's thoughts), the cache is rewound to the longest
+    common prefix of tokens and only the rest is run. A conversation that outgrows the context drops its
+    oldest turns (the system message stays) and is prefilled again. A reply cut by a stop string or Ctrl-C is
+    kept as returned in `messages`; the cache keeps the tokens the model generated."""
+
+    def __init__(self, lm: LanguageModel, system: Optional[str] = None, **options):
+        self.lm = lm
+        self.system = system
+        self._defaults = dict(options)
+        _Options(**{k: v for k, v in options.items() if k != "stream"})    # check them now
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages: List[Dict[str, str]] = [{"role": "system", "content": self.system}] if self.system else []
+        self._kv: List[Dict[str, str]] = list(self.messages)   # messages as the cache holds them
+        self._gen = None
+        self._search: Optional[Dict[str, Any]] = None
+        self._text = ""           # the rendered text the cache holds (template + raw replies)
+        self._eos_in_cache = False
+        self.last: Dict[str, Any] = {}
+        self.turns = 0
+
+    @property
+    def token_count(self) -> int:
+        """Tokens in the KV cache."""
+        return int(self._gen.token_count()) if self._gen is not None else 0
+
+    def say(self, text: str, stream: bool = False, **options) -> Union[str, Iterator[str]]:
+        if not isinstance(text, str):
+            raise DataError(f"a message must be a string (got {type(text).__name__})")
+        merged = dict(self._defaults, **options)
+        merged.pop("stream", None)
+        opts = _Options(**merged)
+        t0 = time.perf_counter_ns()
+        lm = self.lm
+        user = {"role": "user", "content": text}
+        new_kv = self._kv + [user]
+        rendered = lm.apply_chat_template(new_kv, True)
+        stats: Dict[str, Any] = {"reprefill": False, "rewound_to": None}
+        search = opts.search()
+        if self._gen is not None and search != self._search:
+            stats["reprefill"] = "sampling options changed"
+            self._gen = None
+        new_ids: Optional[List[int]] = None
+        if self._gen is not None:
+            new_ids = self._continue(rendered, new_kv, stats)
+            if new_ids is not None and self.token_count + len(new_ids) + 1 > lm.context:
+                stats["reprefill"] = "context full: the oldest turns were dropped"
+                new_ids = None
+                self._gen = None
+        if self._gen is None:
+            new_kv, rendered, new_ids = self._fresh(new_kv, user, stats)
+            self._gen = lm._generator(lm.context, search)
+            self._search = search
+        max_new = min(opts.max_new_tokens, lm.context - self.token_count - len(new_ids))
+        if max_new < 1:
+            raise DataError(f"the message does not fit the context ({lm.context} tokens)", hint="shorten it")
+        self.messages.append(user)
+
+        def on_end(s: Dict[str, Any]) -> None:
+            if s.get("prompt_tokens") is None:     # stopped before the prefill ran: the cache lacks this turn
+                self._gen = None
+            reply_raw = lm.tokenizer.decode(s["token_ids"], skip_special_tokens=False)
+            self.messages.append({"role": "assistant", "content": s["text"]})
+            self._kv = new_kv + [{"role": "assistant", "content": reply_raw}]
+            self._text = rendered + reply_raw
+            self._eos_in_cache = self._gen is not None and self._gen_last_is_eos()
+            self.turns += 1
+            self.last = s
+
+        it = lm._stream(self._gen, new_ids, max_new, opts.stop, t0, stats, on_end=on_end)
+        return it if stream else "".join(it)
+
+    # the cache's tokens are `self._text`; the next turn's text is `rendered`: append the difference
+    def _continue(self, rendered: str, new_kv: List[Dict[str, str]], stats: Dict[str, Any]) -> Optional[List[int]]:
+        lm = self.lm
+        tok = lm.tokenizer
+        if rendered.startswith(self._text):
+            tail = rendered[len(self._text):]
+            if self._eos_in_cache:   # the generator kept the end-of-sequence token: its text is in the cache
+                eos_text = tok.decode(lm.eos_token_ids[:1], skip_special_tokens=False)
+                if tail.startswith(eos_text):
+                    tail = tail[len(eos_text):]
+                else:
+                    tail = None
+            if tail is not None:
+                return tok.encode_templated(tail)
+        # the template rewrote earlier turns: keep the longest common prefix of tokens, run the rest
+        target = tok.encode_templated(rendered)
+        have = [int(t) for t in self._gen.get_sequence(0)]
+        k = 0
+        for a, b in zip(have, target):
+            if a != b:
+                break
+            k += 1
+        k = min(k, len(target) - 1)
+        self._gen.rewind_to(k)
+        stats["rewound_to"] = k
+        return target[k:]
+
+    def _gen_last_is_eos(self) -> bool:
+        seq = self._gen.get_sequence(0)
+        return len(seq) > 0 and int(seq[-1]) in self.lm.eos_token_ids
+
+    def _fresh(self, new_kv: List[Dict[str, str]], user: Dict[str, str], stats: Dict[str, Any]):
+        """Prefill from nothing: the history (dropping the oldest turns until it fits) and the new message."""
+        lm = self.lm
+        head = [m for m in new_kv[:1] if m["role"] == "system"]
+        body = new_kv[len(head):-1]
+        while True:
+            kv = head + body + [user]
+            rendered = lm.apply_chat_template(kv, True)
+            ids = lm.tokenizer.encode_templated(rendered)
+            if len(ids) + 1 < lm.context or not body:
+                break
+            body = body[2:] if len(body) >= 2 else []
+            stats["reprefill"] = stats.get("reprefill") or "context full: the oldest turns were dropped"
+        dropped = len(new_kv) - len(kv)
+        if dropped:
+            keep_head = [m for m in self.messages[:1] if m["role"] == "system"]
+            self.messages = keep_head + self.messages[len(keep_head) + dropped:]
+        return kv, rendered, ids

@@ -1,0 +1,164 @@
+"""Measuring a language model (standard library and numpy): the latency method of DESIGN.md for generation.
+
+One run: a fresh generator; the prompt's token ids appended (prefill: one pass over the prompt), the first
+token generated (time to first token = prefill + first sample), then new_tokens - 1 tokens decoded one at a
+time, each fetched as an application fetches it. End of sequence is held off (min_length) so every run
+decodes exactly new_tokens. Greedy decoding. Warm-up runs are discarded; the figures are p50 over the timed
+runs, with every run kept. Peak RSS is the process's high-water mark (VmHWM): the Python process, the
+weights and the KV cache (ORT GenAI allocates it for prompt + new tokens up front). The conditions are
+recorded as for other models (runtime.bench.conditions), with ORT GenAI's version and the threads.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, List
+
+import numpy as np
+
+from edgekit.errors import DataError
+
+# The prompt is this text's tokens, repeated to the length asked for (any ids time the same; real text keeps
+# the attention pattern and the tokenizer's cost realistic).
+PROMPT_TEXT = (
+    "Edge devices run small language models when the network is slow, private data must stay local, or "
+    "answers are needed in a fraction of a second. A quantized model reads fewer bytes for every token it "
+    "produces, and decoding speed on a small CPU is bounded by memory bandwidth more than by arithmetic. "
+    "The prompt is processed in one pass over all of its tokens, which is limited by arithmetic instead. "
+)
+
+
+def _prompt_ids(lm, n: int) -> List[int]:
+    base = [t for t in lm.encode(PROMPT_TEXT) if t not in lm.eos_token_ids]
+    if not base:
+        raise DataError("the tokenizer turns the benchmark text into no tokens")
+    reps = -(-n // len(base))
+    return (base * reps)[:n]
+
+
+def benchmark(lm, prompt_tokens: int = 128, new_tokens: int = 128, runs: int = 3, warmup: int = 1) -> Dict[str, Any]:
+    from edgekit.runtime.bench import _cpu_budget, conditions, noise_reasons, stats
+    from edgekit.runtime.llm import _Options, _rss_mb
+
+    if prompt_tokens < 1 or new_tokens < 2 or runs < 1 or warmup < 0:
+        raise DataError(f"prompt_tokens >= 1, new_tokens >= 2, runs >= 1 and warmup >= 0 (got {prompt_tokens}, "
+                        f"{new_tokens}, {runs}, {warmup})")
+    total = prompt_tokens + new_tokens
+    if total > lm.context:
+        raise DataError(f"prompt_tokens + new_tokens = {total} exceeds the model's context ({lm.context})",
+                        hint="ask for fewer tokens")
+    clock = time.perf_counter_ns
+    t = clock()
+    ids = _prompt_ids(lm, prompt_tokens)
+    encode_ms = (clock() - t) / 1e6
+    arr = np.asarray(ids, dtype=np.int32)
+    search = _Options().search()
+    per_run: List[Dict[str, float]] = []
+    token_ns: List[int] = []
+    for r in range(warmup + runs):
+        gen = lm._generator(total, search, min_length=total)
+        t0 = clock()
+        gen.append_tokens(arr)
+        t1 = clock()
+        gen.generate_next_token()
+        gen.get_next_tokens()
+        t2 = clock()
+        steps = []
+        prev = t2
+        for _ in range(new_tokens - 1):
+            gen.generate_next_token()
+            gen.get_next_tokens()
+            now = clock()
+            steps.append(now - prev)
+            prev = now
+        if r < warmup:
+            continue
+        decode_s = (prev - t2) / 1e9
+        per_run.append({"prefill_ms": (t1 - t0) / 1e6, "ttft_ms": (t2 - t0) / 1e6,
+                        "prefill_tok_s": prompt_tokens / max((t1 - t0) / 1e9, 1e-12),
+                        "decode_ms": decode_s * 1e3, "decode_tok_s": (new_tokens - 1) / max(decode_s, 1e-12)})
+        token_ns.extend(steps)
+        del gen
+    mem = _rss_mb()
+
+    def p50(key: str) -> float:
+        return float(np.median([x[key] for x in per_run]))
+
+    lat = stats(token_ns)
+    cond = conditions()
+    cond.update(threads_requested=lm.threads_requested, threads=lm.threads, onnxruntime_genai=lm.backend_version,
+                **_cpu_budget())
+    reasons = noise_reasons(lat, cond)
+    model_bytes = lm.model_bytes()
+    kv = lm.kv_bytes_per_token()
+    bound = model_bytes + (kv or 0) * total
+    llm = (lm.manifest or {}).get("llm") or {}
+    bpt = llm.get("bytes_per_token")
+    decode = p50("decode_tok_s")
+    return {
+        "kind": "llm",
+        "model": str(lm.path),
+        "bundle": (lm.manifest or {}).get("name"),
+        "target": ((lm.manifest or {}).get("target") or {}).get("name"),
+        "precision": ((lm.manifest or {}).get("recipe") or {}).get("precision"),
+        "format": lm.format,
+        "backend": lm.backend,
+        "backend_version": lm.backend_version,
+        "threads": lm.threads,
+        "threads_requested": lm.threads_requested,
+        "threads_chosen_by": lm.threads_chosen_by,
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "runs": runs,
+        "warmup": warmup,
+        "load_ms": lm.load_ms,
+        "load_s": lm.load_ms / 1e3,
+        "encode_ms": encode_ms,
+        "ttft_ms": p50("ttft_ms"),
+        "prefill_ms": p50("prefill_ms"),
+        "prefill_tok_s": p50("prefill_tok_s"),
+        "decode_tok_s": decode,
+        "decode_token_ms": lat,               # per-token decode latency over all timed runs
+        "per_run": per_run,
+        "peak_rss_mb": mem["peak_rss_mb"],
+        "rss_mb": mem["rss_mb"],
+        "rss_before_load_mb": getattr(lm, "rss_before_load_mb", None),
+        "model_bytes": model_bytes,
+        "kv_bytes_per_token": kv,
+        "kv_bytes": (kv or 0) * total,
+        # the goal: peak RSS <= 1.3 x (weights + KV cache at the context used); the process's own baseline
+        # (Python, numpy, ORT) is inside peak_rss_mb, so the ratio over the bound is the pessimistic one
+        "memory_bound_mb": bound / 2 ** 20,
+        "peak_rss_ratio": (mem["peak_rss_mb"] / (bound / 2 ** 20)) if mem["peak_rss_mb"] and bound else None,
+        "bytes_per_token": bpt,
+        # bytes read per token x tokens per second: the memory bandwidth decode uses
+        "decode_gb_s": (bpt * decode / 1e9) if bpt else None,
+        "conditions": cond,
+        "noisy": bool(reasons),
+        "noise_reasons": reasons,
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def llm_bench_table(reports: List[Dict[str, Any]], label: str = "model") -> str:
+    from edgekit.runtime.report import _threads
+    from edgekit.table import render
+
+    rows = []
+    for r in reports:
+        rows.append([r.get("label") or r.get("bundle") or r["model"], r.get("precision") or "-",
+                     f"{r['backend']} {r['backend_version']}", _threads(r), r["load_ms"],
+                     f"{r['prompt_tokens']}+{r['new_tokens']}", r["ttft_ms"], r["prefill_tok_s"],
+                     r["decode_tok_s"], r["decode_token_ms"].get("p99_ms"), r["peak_rss_mb"],
+                     r["model_bytes"] / 2 ** 20, "NOISY" if r["noisy"] else "ok"])
+    table = render([label, "precision", "backend", "thr", "load ms", "tokens", "TTFT ms", "prefill tok/s",
+                    "decode tok/s", "tok p99 ms", "peak RSS MB", "model MB", "run"], rows)
+    notes = [f"{r.get('bundle') or r['model']}: noisy: " + "; ".join(r["noise_reasons"]) for r in reports if r["noisy"]]
+    notes += [f"{r.get('bundle') or r['model']}: peak RSS {r['peak_rss_ratio']:.2f}x (weights + KV cache "
+              f"{r['memory_bound_mb']:.1f} MB)" for r in reports if r.get("peak_rss_ratio")]
+    if reports:
+        c = reports[0]["conditions"]
+        notes.append(f"conditions: {c['cpu_model']} ({c['machine']}, {c['cpu_count']} cores), governor "
+                     f"{c['governor'] or 'n/a'}, load {c['loadavg'][0] if c['loadavg'] else 'n/a'}, p50 of "
+                     f"{reports[0]['runs']} runs after {reports[0]['warmup']} warm-up, greedy")
+    return table + ("\n" + "\n".join(notes) if notes else "")

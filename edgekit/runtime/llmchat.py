@@ -1,0 +1,110 @@
+"""A terminal chat with a language model, like `ollama run` (standard library only; used by `edgekit chat`
+and `python -m edgekit.runtime chat` on a device).
+
+Each line is a message; the reply streams as it is generated; the conversation's KV cache carries over, so
+a turn costs only its own tokens. Commands: /reset (forget the history), /exit (or /bye, Ctrl-D) to leave,
+/stats (the last reply's figures), /help. Ctrl-C stops a reply (what was said so far stays in the history)
+and, at the prompt, only reminds how to leave. With stdin not a terminal (a pipe, a file), lines are read
+one by one and no prompt is printed, so a script can drive it.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Dict, Optional, TextIO
+
+from edgekit.errors import DataError
+
+HELP = """commands:
+  /reset   forget the conversation (the system message stays)
+  /stats   figures of the last reply (tokens, time to first token, tok/s)
+  /exit    leave (also /bye, /quit, Ctrl-D)
+  /help    this text
+Ctrl-C stops a reply; a line starting with '//' sends that line without its first '/'."""
+
+
+def _stats_line(s: Dict[str, Any]) -> str:
+    if not s:
+        return "(no reply yet)"
+    dec = s.get("decode_tok_s")
+    parts = [f"{s.get('prefill_tokens')} tokens prefilled in {s.get('prefill_ms') or 0:.1f} ms",
+             f"{s.get('new_tokens')} generated", f"TTFT {s.get('ttft_ms') or 0:.1f} ms",
+             f"decode {dec:.1f} tok/s" if dec else "decode n/a", str(s.get("finish_reason"))]
+    if s.get("reprefill"):
+        parts.append(f"re-prefilled: {s['reprefill']}")
+    return ", ".join(parts)
+
+
+def chat_loop(lm, *, system: Optional[str] = None, options: Optional[Dict[str, Any]] = None,
+              stdin: Optional[TextIO] = None, stdout: Optional[TextIO] = None, stderr: Optional[TextIO] = None,
+              verbose: bool = False, prompt: str = ">>> ") -> int:
+    """Run the chat until /exit or end of input; returns 0."""
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
+    stderr = stderr or sys.stderr
+    conv = lm.conversation(system=system, **(options or {}))
+    tty = bool(getattr(stdin, "isatty", lambda: False)()) and stdin is sys.stdin
+    if tty:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+    print(f"{lm.name}: {lm.backend} {lm.backend_version}, {lm.threads} threads, context {lm.context} tokens. "
+          "/help for commands, /exit or Ctrl-D to leave.", file=stderr, flush=True)
+    while True:
+        try:
+            if tty:
+                line = input(prompt)
+            else:
+                line = stdin.readline()
+                if not line:
+                    break
+        except KeyboardInterrupt:
+            print("\n(use /exit or Ctrl-D to leave)", file=stderr, flush=True)
+            continue
+        except EOFError:
+            stdout.write("\n")
+            break
+        text = line.rstrip("\r\n")
+        if not text.strip():
+            continue
+        if text.startswith("/") and not text.startswith("//"):
+            cmd = text.split()[0].lower()
+            if cmd in ("/exit", "/bye", "/quit"):
+                break
+            if cmd in ("/reset", "/clear"):
+                conv.reset()
+                print("(conversation reset)", file=stderr, flush=True)
+            elif cmd == "/stats":
+                print(_stats_line(conv.last), file=stderr, flush=True)
+            elif cmd in ("/help", "/?"):
+                print(HELP, file=stderr, flush=True)
+            else:
+                print(f"unknown command {cmd} (/help lists them)", file=stderr, flush=True)
+            continue
+        if text.startswith("//"):
+            text = text[1:]
+        _reply(conv, text, stdout, stderr)
+        if verbose:
+            print(_stats_line(conv.last), file=stderr, flush=True)
+    return 0
+
+
+def _reply(conv, text: str, stdout: TextIO, stderr: TextIO) -> None:
+    """Stream one reply; Ctrl-C stops it (the partial reply stays in the conversation)."""
+    it = None
+    try:
+        it = conv.say(text, stream=True)
+        for piece in it:
+            stdout.write(piece)
+            stdout.flush()
+        stdout.write("\n")
+    except KeyboardInterrupt:
+        if it is not None:
+            it.close()    # the generator's own bookkeeping records the reply so far
+        stdout.write("\n")
+        print("(reply stopped)", file=stderr, flush=True)
+    except DataError as e:
+        print(f"error: {e}", file=stderr, flush=True)
+    finally:
+        stdout.flush()

@@ -1,0 +1,305 @@
+"""The language-model runtime (edgekit.runtime.llm): generation, chat, a conversation's KV cache, benchmark,
+the golden check, and the CLIs (edgekit run / bench / chat, python -m edgekit.runtime), on the tiny Llama of
+tests/tinylm.py built by ONNX Runtime GenAI's model builder (INT4, block 32) into a bundle laid out as the
+LLM bundle contract says (golden.json computed here, on the converting machine, as convert does)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import ROOT
+from tinylm import corpus_text, tiny_lm  # noqa: F401  (the session fixture)
+
+pytest.importorskip("onnxruntime_genai")
+
+from edgekit.errors import BundleError, DataError  # noqa: E402
+from edgekit.runtime import load  # noqa: E402
+from edgekit.runtime.llm import Conversation, LanguageModel, load_llm  # noqa: E402
+
+QUESTION = [{"role": "user", "content": "What colour is the lamp?"}]
+
+
+@pytest.fixture(scope="module")
+def og_dir(tiny_lm, tmp_path_factory):  # noqa: F811
+    """The tiny LM through ONNX Runtime GenAI's builder (INT4 block 32, CPU): a bare GenAI folder."""
+    out = tmp_path_factory.mktemp("og") / "int4"
+    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(tiny_lm), "-o", str(out),
+                    "-p", "int4", "-e", "cpu", "-c", str(out.parent / "cache")],
+                   check=True, capture_output=True, timeout=600)
+    return out
+
+
+def write_bundle(og: Path, dest: Path, threads: int = 1) -> Path:
+    """An LLM bundle (manifest kind llm, model/, golden.json) around a GenAI folder; golden from this machine."""
+    shutil.copytree(og, dest / "model")
+    files = {p.relative_to(dest / "model").as_posix(): {"sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
+                                                        "bytes": p.stat().st_size}
+             for p in sorted((dest / "model").iterdir()) if p.is_file()}
+    lm = load_llm(og, threads=1)
+    lines = corpus_text(8, seed=11).splitlines()
+    prompts = [lm.encode("\n".join(lines[i:i + 2])) for i in range(0, 8, 2)]
+    top1, k_ids, k_vals = [], [], []
+    for ids in prompts:
+        lo = lm.logits(ids)
+        top1.append(lo.argmax(-1).tolist())
+        idx = np.argsort(-lo, axis=-1)[:, :8]
+        k_ids.append(idx.tolist())
+        k_vals.append(np.take_along_axis(lo, idx, axis=1).tolist())
+    gen_prompt = "Count: one two"
+    golden = {"prompts": prompts, "top1": top1, "logits_topk": {"k": 8, "ids": k_ids, "values": k_vals},
+              "generation": {"prompt": gen_prompt, "max_new_tokens": 12,
+                             "text": lm.generate(gen_prompt, max_new_tokens=12)}}
+    (dest / "golden.json").write_text(json.dumps(golden))
+    weights = sum(f["bytes"] for f in files.values())
+    manifest = {"schema": 2, "kind": "llm", "format": "onnx-genai", "name": "tinychat", "edgekit_version": "test",
+                "target": {"name": "x86-avx2", "runtime": {"threads": threads}},
+                "model": {"dir": "model", "files": files, "bytes": weights, "architecture": "LlamaForCausalLM",
+                          "context": lm.context},
+                "recipe": {"precision": "int4", "block_size": 32},
+                "llm": {"bytes_per_token": weights, "kv_bytes_per_token": lm.kv_bytes_per_token()},
+                "golden": "golden.json"}
+    (dest / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def bundle(og_dir, tmp_path_factory):
+    return write_bundle(og_dir, tmp_path_factory.mktemp("b") / "tinychat-x86-avx2-int4")
+
+
+@pytest.fixture(scope="module")
+def lm(bundle) -> LanguageModel:
+    return load(bundle)
+
+
+def test_load_returns_a_language_model_for_a_bundle_and_a_bare_folder(lm, og_dir):
+    assert isinstance(lm, LanguageModel) and lm.manifest["kind"] == "llm"
+    assert lm.threads == 1 and lm.threads_chosen_by == "profile"       # the bundle's target profile's count
+    assert lm.context == 512 and lm.eos_token_ids == [2] and lm.load_ms > 0
+    bare = load(og_dir, threads=2)
+    assert isinstance(bare, LanguageModel) and bare.manifest is None
+    assert bare.threads == 2 and bare.threads_chosen_by == "argument"
+    assert bare.generate("Count: one", max_new_tokens=8) == lm.generate("Count: one", max_new_tokens=8)
+    with pytest.raises(BundleError, match="golden check needs a bundle"):
+        bare.check()
+
+
+def test_greedy_is_deterministic_and_seeded_sampling_reproducible(lm):
+    a = lm.generate("The red train", max_new_tokens=24)
+    assert a and a == lm.generate("The red train", max_new_tokens=24)
+    assert lm.last["new_tokens"] == 24 and lm.last["finish_reason"] == "length"
+    assert lm.last["prompt_tokens"] == len(lm.encode("The red train")) == lm.last["prefill_tokens"]
+    s1 = [lm.generate("Count: one", max_new_tokens=24, temperature=1.0, seed=s) for s in (1, 1, 2, 3)]
+    assert s1[0] == s1[1]                        # the same seed, the same text
+    assert len(set(s1[1:])) > 1                   # other seeds, other text
+    # top_k=1 samples the argmax: greedy's text whatever the seed
+    assert lm.generate("The red train", max_new_tokens=24, temperature=1.0, top_k=1, seed=5) == a
+
+
+def test_stop_strings_and_streaming(lm):
+    full = lm.generate("The red train", max_new_tokens=40)
+    pieces = list(lm.generate("The red train", max_new_tokens=40, stream=True))
+    assert len(pieces) > 5 and "".join(pieces) == full
+    # a stop string in the middle of the text: the text ends before it, streamed or not, and is not returned
+    word = full.split()[3]
+    cut = full[:full.index(word)]
+    assert lm.generate("The red train", max_new_tokens=40, stop=word) == cut
+    assert lm.last["finish_reason"] == "stop"
+    assert "".join(lm.generate("The red train", max_new_tokens=40, stop=[word, "zzz"], stream=True)) == cut
+    assert lm.generate("The red train", max_new_tokens=40, stop="never appears") == full
+    with pytest.raises(DataError, match="top_p"):
+        lm.generate("x", top_p=0.0)
+    with pytest.raises(DataError, match="context"):
+        lm.generate("one " * 600)
+
+
+def test_chat_applies_the_bundles_template(lm):
+    rendered = lm.apply_chat_template(QUESTION)
+    assert rendered == "<|im_start|>user\nWhat colour is the lamp?<|im_end|>\n<|im_start|>assistant\n"
+    reply = lm.chat(QUESTION, max_new_tokens=30)
+    assert lm.last["prompt_tokens"] == len(lm.prompt_ids(QUESTION))
+    assert lm.last["finish_reason"] == "stop"           # the tiny model learned to end its answer (<|im_end|>)
+    assert reply == lm.generate(rendered, max_new_tokens=30)   # the same tokens (no BOS in this tokenizer)
+    assert reply != lm.generate("What colour is the lamp?", max_new_tokens=30)
+
+
+def test_conversation_carries_the_kv_cache(lm):
+    conv = lm.conversation()
+    r1 = conv.say("What colour is the lamp?", max_new_tokens=30)
+    first = conv.last["prefill_tokens"]
+    assert first == len(lm.prompt_ids(QUESTION)) and conv.last["reprefill"] is False
+    in_cache = conv.token_count
+    r2 = conv.say("What colour is the box?", max_new_tokens=30)
+    history = conv.messages[:-1]
+    full = lm.prompt_ids(history)
+    # turn 2 ran only its own tokens: the end of reply 1 and the new message, not the history again
+    assert conv.last["prefill_tokens"] == len(full) - in_cache
+    assert conv.last["prefill_tokens"] < len(full) - first
+    assert conv.last["rewound_to"] is None
+    # the same reply as a fresh chat over the whole history (greedy)
+    assert r2 == lm.chat(history, max_new_tokens=30)
+    assert [m["role"] for m in conv.messages] == ["user", "assistant", "user", "assistant"]
+    assert conv.messages[1]["content"] == r1
+    # a template that renders history differently: the cache is rewound to the common prefix, not rebuilt
+    conv._text = "something else"
+    r3 = conv.say("What colour is the clock?", max_new_tokens=30)
+    assert 0 < conv.last["rewound_to"] <= conv.token_count
+    assert r3 == lm.chat(conv.messages[:-1], max_new_tokens=30)
+    # other sampling options start a new cache
+    conv.say("And the door?", max_new_tokens=8, temperature=0.7, seed=1)
+    assert conv.last["reprefill"] == "sampling options changed"
+    conv.reset()
+    assert conv.messages == [] and conv.token_count == 0
+
+
+def test_conversation_drops_old_turns_when_the_context_is_full(lm):
+    conv = lm.conversation(system="You answer colours.", max_new_tokens=8)
+    long = "Count: " + " ".join(["one two three four five six seven eight nine ten"] * 8)
+    why = []
+    for _ in range(6):
+        conv.say(long)
+        why.append(conv.last["reprefill"])
+        assert conv.token_count <= lm.context
+    assert conv.turns == 6 and conv.messages[0]["role"] == "system"
+    assert len(conv.messages) < 1 + 2 * 6              # the oldest turns went
+    assert why[0] is False and "context full: the oldest turns were dropped" in why
+
+
+def test_benchmark_reports_sane_figures(lm):
+    r = lm.benchmark(prompt_tokens=48, new_tokens=16, runs=2, warmup=1)
+    assert r["kind"] == "llm" and r["prompt_tokens"] == 48 and r["new_tokens"] == 16 and len(r["per_run"]) == 2
+    for run in r["per_run"]:
+        assert 0 < run["prefill_ms"] < run["ttft_ms"]
+        assert run["decode_tok_s"] > 0 and run["prefill_tok_s"] > 0
+    assert r["ttft_ms"] > 0 and r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0
+    assert r["decode_token_ms"]["count"] == 2 * 15
+    assert r["peak_rss_mb"] >= r["rss_mb"] > 0 and r["load_ms"] == lm.load_ms
+    assert r["model_bytes"] == lm.manifest["model"]["bytes"]
+    assert r["kv_bytes"] == lm.kv_bytes_per_token() * 64 and r["kv_bytes_per_token"] == 2 * 4 * 2 * 32 * 4
+    c = r["conditions"]
+    assert c["threads"] == 1 and c["onnxruntime_genai"] == lm.backend_version and "loadavg" in c
+    with pytest.raises(DataError, match="context"):
+        lm.benchmark(prompt_tokens=500, new_tokens=100)
+
+
+def test_check_passes_on_the_bundle_and_fails_when_tampered(lm, bundle, tmp_path):
+    res = lm.check()
+    assert res["ok"] and res["top1_agreement"] == 1.0 and res["snr_db"] > 60
+    assert res["text"] and res["text_matches_golden"] is True and res["positions"] > 40
+    # the deploy health check goes through runtime.check.golden_check
+    from edgekit.runtime.check import golden_check
+    assert golden_check(lm)["ok"]
+    bad = tmp_path / "tampered"
+    shutil.copytree(bundle, bad)
+    data = bad / "model" / "model.onnx.data"
+    raw = bytearray(data.read_bytes())
+    rng = np.random.default_rng(0)
+    raw[:] = rng.integers(0, 256, size=len(raw), dtype=np.uint8).tobytes()   # same size, other weights
+    data.write_bytes(bytes(raw))
+    with pytest.raises(BundleError, match="sha256"):
+        load(bad)
+    res = load(bad, verify=False).check()
+    assert not res["ok"] and res["top1_agreement"] < 0.5 and res["snr_db"] < 20
+
+
+def test_device_side_imports_no_torch_and_checks(bundle):
+    """`import edgekit.runtime`, a load, a generation and the check load no torch / transformers / tensorflow;
+    the threads reach ONNX Runtime (its intra-op pool grows by threads - 1)."""
+    code = f"""
+import json, os, sys
+from edgekit.runtime import load
+def n(): return len(os.listdir('/proc/self/task'))
+lm = load({str(bundle)!r}, threads=1); lm.generate('Count: one', max_new_tokens=4)
+before = n()
+lm4 = load({str(bundle)!r}, threads=4); lm4.generate('Count: one', max_new_tokens=4)
+res = lm.check()
+heavy = [m for m in ('torch', 'transformers', 'tensorflow', 'onnxruntime') if m in sys.modules]
+print(json.dumps({{"heavy": heavy, "ok": res["ok"], "grew": n() - before}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["heavy"] == [] and got["ok"] is True
+    assert got["grew"] >= 3
+    out = subprocess.run([sys.executable, "-m", "edgekit.runtime", "check", str(bundle), "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["ok"] is True
+
+
+def test_cli_run_and_bench(bundle):
+    from edgekit.cli import cli
+
+    r = CliRunner().invoke(cli, ["run", str(bundle), "--prompt", "What colour is the lamp?", "--json"])
+    assert r.exit_code == 0, r.output
+    text, figures = r.output.rstrip("\n").rsplit("\n", 1)
+    stats = json.loads(figures)
+    assert text == stats["text"] and stats["finish_reason"] == "stop" and stats["prompt_tokens"] == 14
+    r = CliRunner().invoke(cli, ["run", str(bundle), "--prompt", "Count: one", "--no-template",
+                                 "--max-new-tokens", "6"])
+    assert r.exit_code == 0 and r.output.strip()
+    r = CliRunner().invoke(cli, ["run", str(bundle)])
+    assert r.exit_code == 2 and "--prompt" in r.output
+    r = CliRunner().invoke(cli, ["bench", str(bundle), "--prompt-tokens", "32", "--new-tokens", "8", "--runs", "2",
+                                 "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output.strip().splitlines()[-1])
+    assert rep["kind"] == "llm" and rep["runs"] == 2 and rep["decode_tok_s"] > 0
+    r = CliRunner().invoke(cli, ["bench", str(bundle), "--prompt-tokens", "32", "--new-tokens", "8", "--runs", "1"])
+    assert r.exit_code == 0 and "decode tok/s" in r.output and "TTFT ms" in r.output
+
+
+def test_cli_chat_through_stdin_with_reset_exit_and_ctrl_c(bundle, monkeypatch):
+    from edgekit.cli import cli
+
+    seen, after_ctrl_c = [], []
+    orig = Conversation.say
+
+    def say(self, text, stream=False, **kw):
+        seen.append(self)
+        it = orig(self, text, stream=stream, **kw)
+        if text != "Count: one two":
+            return it
+
+        def interrupted():           # Ctrl-C while the reply streams: a real SIGINT to this process
+            try:
+                for i, piece in enumerate(it):
+                    yield piece
+                    if i == 1:
+                        os.kill(os.getpid(), signal.SIGINT)
+            finally:
+                it.close()
+                after_ctrl_c.append((list(self.messages), dict(self.last)))
+        return interrupted()
+
+    monkeypatch.setattr(Conversation, "say", say)
+    stdin = "What colour is the lamp?\nCount: one two\n/stats\n/reset\nWhat colour is the box?\n/exit\nnever\n"
+    r = CliRunner().invoke(cli, ["chat", str(bundle), "--max-new-tokens", "40"], input=stdin)
+    assert r.exit_code == 0, r.output
+    out = r.output
+    assert "(reply stopped)" in out and "(conversation reset)" in out
+    assert "tokens prefilled" in out                               # /stats
+    conv = seen[0]
+    assert all(c is conv for c in seen)                             # one conversation throughout
+    # the stopped reply stays in the history as far as it went
+    (history, last), = after_ctrl_c
+    assert [m["role"] for m in history] == ["user", "assistant"] * 2
+    assert last["finish_reason"] == "interrupted" and 2 <= last["new_tokens"] < 40
+    assert history[-1]["content"] == last["text"] and history[-1]["content"] in out
+    # after the reset only the last exchange is left; the answer is the model's to that question alone
+    assert [m["role"] for m in conv.messages] == ["user", "assistant"]
+    assert conv.messages[1]["content"] in out
+    assert conv.messages[1]["content"] == load(bundle).chat([{"role": "user", "content": "What colour is the box?"}],
+                                                            max_new_tokens=40)
+    assert "never" not in [m["content"] for m in conv.messages]
