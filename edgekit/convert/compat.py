@@ -203,7 +203,8 @@ def describe(record: Dict[str, Any]) -> str:
         return f"CRASHES in {runtime} ({record['where']}), written anyway: {record['accepted']}"
     rewritten = len(record.get("graph_rewrites", []))
     return (f"loads and matches in {runtime} ({record['where']}, batch {record.get('batch', '?')})"
-            + (f"; {rewritten} FULLY_CONNECTED rewritten as 1x1 CONV_2D" if rewritten else ""))
+            + (f"; {rewritten} FULLY_CONNECTED rewritten as 1x1 CONV_2D" if rewritten else "")
+            + (f"; {record['backend_note']}" if record.get("backend_note") else ""))
 
 # --- a crash: which op, at which shape, and whose fault ---------------------------------------
 
@@ -492,7 +493,8 @@ def delegate_refusal(model_bytes: bytes) -> Optional[Dict[str, Any]]:
     def desc(i: int) -> Dict[str, Any]:
         t = sg.tensors[i]
         d = {"name": t.name.decode() if isinstance(t.name, bytes) else str(t.name),
-             "dtype": types.get(t.type, str(t.type)), "shape": [int(v) for v in (t.shape if t.shape is not None else [])]}
+             "dtype": types.get(t.type, str(t.type)),
+             "shape": [int(v) for v in (t.shape if t.shape is not None else [])]}
         s = scales(i)
         if s:
             d["scale"] = s[0] if len(s) == 1 else [min(s), max(s)]

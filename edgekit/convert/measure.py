@@ -137,8 +137,21 @@ def _measure_once(data: bytes, fmt: str, ctx: Context, num: Numerics, timing_run
                         tflite_conv.float_ops(path) if fmt == "tflite" else onnx_conv.float_ops(data),
                         [s.to_dict() for s in q.inputs], [s.to_dict() for s in q.outputs],
                         f"{q.backend} {q.backend_version} on {platform.machine()}"
-                        + (" (the graph as written: unfused, integer products exact)" if reference else ""),
+                        + (" (the graph as written: unfused, integer products exact)" if reference else "")
+                        + _delegate_note(q, data, fmt),
                         p50(q, timing_runs) if timing_runs else None, reference=reference)
+
+
+def _delegate_note(model, data: bytes, fmt: str) -> str:
+    """Where the default delegate refused the artifact and the built-in kernels ran it (runtime's
+    fallback): which node it refused and why (compat.delegate_refusal), for the manifest."""
+    if fmt != "tflite" or "XNNPACK" not in (getattr(model, "backend_note", None) or ""):
+        return ""
+    from edgekit.convert.compat import delegate_refusal
+
+    found = delegate_refusal(data)
+    return (f", built-in kernels: {found['statement']}" if found else
+            f", built-in kernels: {model.backend_note}")
 
 
 def _one_by_one(model, inputs: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:

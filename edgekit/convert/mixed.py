@@ -89,12 +89,48 @@ def _debug_dataset(calib: Dataset, n: int):
     return lambda: ([calib.inputs[k][i:i + 1] for k in names] for i in range(min(n, len(calib))))
 
 
+class _BuiltinKernelsOnly:
+    """While open, the tf.lite Interpreters TensorFlow's quantization debugger makes for itself run on
+    the built-in kernels, without the default XNNPACK delegate (which refuses some graphs when it
+    prepares them: 'failed to create XNNPACK runtime'); the debugger takes no interpreter options."""
+
+    def __enter__(self):
+        from tensorflow.lite.python import interpreter as tfl
+
+        self.module, self.cls = tfl, tfl.Interpreter
+        base = self.cls
+
+        class Interpreter(base):
+            def __init__(self, *args, **kwargs):
+                kwargs.setdefault("experimental_op_resolver_type", tfl.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+                super().__init__(*args, **kwargs)
+
+        tfl.Interpreter = Interpreter
+        return self
+
+    def __exit__(self, *exc):
+        self.module.Interpreter = self.cls
+        return False
+
+
 def tflite_sensitivity(saved_model: Path, calib: Dataset, layer_names: Sequence[str]) -> List[Layer]:
     import tensorflow as tf
 
-    dbg = tf.lite.experimental.QuantizationDebugger(converter=_tflite_converter(saved_model, calib),
-                                                    debug_dataset=_debug_dataset(calib, 64))
-    dbg.run()
+    from edgekit.runtime.tflite import delegate_refused
+
+    def run():
+        dbg = tf.lite.experimental.QuantizationDebugger(converter=_tflite_converter(saved_model, calib),
+                                                        debug_dataset=_debug_dataset(calib, 64))
+        dbg.run()
+        return dbg
+
+    try:
+        dbg = run()
+    except RuntimeError as e:   # the delegate refused the debug model: its layer errors on the built-in kernels
+        if not delegate_refused(" ".join(str(e).split())):
+            raise
+        with _BuiltinKernelsOnly():
+            dbg = run()
     buf = io.StringIO()
     dbg.layer_statistics_dump(buf)
     layers = []

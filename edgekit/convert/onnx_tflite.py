@@ -151,6 +151,101 @@ def fix_shapes(model_bytes: bytes, shapes: Dict[str, Tuple[int, ...]], keep_dyna
     return m.SerializeToString()
 
 
+def _same_pads(size: int, k: int, s: int) -> Tuple[int, int]:
+    """TensorFlow's SAME padding (begin, end) for one spatial axis of a pooling."""
+    total = max((-(-size // s) - 1) * s + k - size, 0)
+    return total // 2, total - total // 2
+
+
+def explicit_pool_pads(model_bytes: bytes) -> Tuple[bytes, List[str]]:
+    """MaxPool nodes whose padding onnx2tf would make with a PadV2 of float32's minimum, rewritten
+    to the same function without that constant.
+
+    Why: onnx2tf writes a ceil-mode or explicitly padded MaxPool (PyTorch's MaxPool2d(ceil_mode=True),
+    as in MTCNN's nets) as PADV2 with the dtype's minimum (-3.4e38) then a VALID max pool. The
+    TFLite converter calibrates that constant into the activation's range, which the pad shares
+    with its input and output: MTCNN's O-Net got an int8 scale of 1.3e36 there, every activation
+    of that block quantized to one value, and the next CONV_2D a requantization scale XNNPACK
+    refuses ('failed to create XNNPACK runtime ... failed to prepare').
+
+    What instead, both exactly the pooling ONNX defines (padded cells never win):
+    - ceil_mode becomes explicit end padding (ceil_mode=0, the same output size); where that
+      padding is TensorFlow's SAME padding, onnx2tf writes a SAME max pool and no pad at all;
+    - otherwise the padding becomes an edge-mode Pad before a VALID MaxPool: every window holds at
+      least one cell of the input, and an edge-padded cell repeats the input cell nearest it,
+      which lies in the same window, so the maximum is unchanged; the range stays the input's.
+    Needs static shapes (shape inference); nodes without them are left as they are.
+    Returns (model bytes, one note per node rewritten)."""
+    import onnx
+    from onnx import helper
+
+    m = onnx.load_from_string(model_bytes)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(m)
+    except Exception:  # noqa: BLE001 - without shapes nothing is rewritten (onnx2tf's own route)
+        return model_bytes, []
+    dims: Dict[str, List[int]] = {}
+    for v in itertools.chain(inferred.graph.input, inferred.graph.value_info, inferred.graph.output):
+        d = v.type.tensor_type.shape.dim
+        if d and all(x.HasField("dim_value") for x in d):
+            dims[v.name] = [x.dim_value for x in d]
+    nodes, notes, changed = [], [], False
+    for n in m.graph.node:
+        nodes.append(n)
+        if n.op_type != "MaxPool" or len(n.output) != 1 or n.input[0] not in dims:
+            continue
+        a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
+        k = list(a.get("kernel_shape", []))
+        shape, sp = dims[n.input[0]], len(k)
+        s = list(a.get("strides", [1] * sp))
+        pads = list(a.get("pads", [0] * 2 * sp))
+        if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or a.get("storage_order", 0) \
+                or list(a.get("dilations", [1] * sp)) != [1] * sp or len(shape) != sp + 2:
+            continue
+        ceil = bool(a.get("ceil_mode", 0))
+        if not ceil and pads == [0] * 2 * sp:
+            continue
+        sizes = shape[2:]
+        begin, end = pads[:sp], pads[sp:]
+        out = [(h + b + e - kk) // ss + 1 for h, b, e, kk, ss in zip(sizes, begin, end, k, s)]
+        if ceil:
+            out = [-(-(h + b + e - kk) // ss) + 1 for h, b, e, kk, ss in zip(sizes, begin, end, k, s)]
+            out = [o - 1 if (o - 1) * ss >= h + b else o for o, h, b, ss in zip(out, sizes, begin, s)]
+        end = [max(e, (o - 1) * ss + kk - h - b) for o, ss, kk, h, b, e in zip(out, s, k, sizes, begin, end)]
+        # every window must hold a cell of the input (else -inf padding and edge padding differ)
+        if any(b >= kk or (o - 1) * ss - b > h - 1 for b, kk, o, ss, h in zip(begin, k, out, s, sizes)):
+            continue
+        if not any(begin) and not any(end):    # ceil and floor give the same size: onnx2tf pads nothing
+            continue
+        if [_same_pads(h, kk, ss) for h, kk, ss in zip(sizes, k, s)] == list(zip(begin, end)):
+            how = f"ceil_mode as explicit padding {begin + end}, TensorFlow's SAME (no pad op)"
+        else:
+            how = f"padding (begin {begin}, end {end}{', ceil_mode' if ceil else ''}) as an edge-mode Pad"
+            padded = f"{n.output[0]}__edgekit_edge_pad"
+            pads_t = f"{n.output[0]}__edgekit_edge_pads"
+            m.graph.initializer.append(onnx.numpy_helper.from_array(
+                np.array([0, 0] + begin + [0, 0] + end, np.int64), pads_t))
+            nodes.insert(len(nodes) - 1, helper.make_node("Pad", [n.input[0], pads_t], [padded], mode="edge",
+                                                          name=f"{n.name or n.output[0]}__edgekit_edge_pad"))
+            n.input[0] = padded
+            begin, end = [0] * sp, [0] * sp
+        for key in ("ceil_mode", "pads"):
+            for i, x in enumerate(n.attribute):
+                if x.name == key:
+                    del n.attribute[i]
+                    break
+        if any(begin) or any(end):
+            n.attribute.append(helper.make_attribute("pads", begin + end))
+        changed = True
+        notes.append(f"MaxPool '{n.name or n.output[0]}': {how}, so the TFLite graph pads with no float32-minimum "
+                     "constant (it would take the int8 range)")
+    if not changed:
+        return model_bytes, []
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    return m.SerializeToString(), notes
+
+
 def probe_inputs(inputs: Sequence[OnnxIO], shapes: Dict[str, Tuple[int, ...]], seed: int = 0
                  ) -> Dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
@@ -188,12 +283,14 @@ def to_saved_model(model_bytes: bytes, workdir: Path, shapes: Dict[str, Tuple[in
 
     inputs, outputs = io_of(model_bytes)
     model_bytes = fix_shapes(model_bytes, shapes)
+    to_tf, pool_notes = explicit_pool_pads(model_bytes)
     raw = workdir / "onnx2tf"
-    _run_onnx2tf(model_bytes, raw, inputs, shapes, where)
+    _run_onnx2tf(to_tf, raw, inputs, shapes, where)
     inner = tf.saved_model.load(str(raw))
     sig = inner.signatures["serving_default"]
     tf_in = list(sig.structured_input_signature[1].keys())
     result = TFModel(workdir / "saved_model_from_onnx", b"", inputs, outputs)
+    result.notes.extend(pool_notes)
 
     # inputs: onnx2tf keeps the names (sanitized) and, asked to, the NCHW layout
     in_map: Dict[str, str] = {}

@@ -146,12 +146,23 @@ class _Runner:
         self.n = len(next(iter(inputs.values())))
 
     def _interp(self, data: bytes, keep_all: bool = False):
-        from edgekit.runtime.tflite import find_interpreter
+        import sys
+
+        from edgekit.runtime.tflite import delegate_refused, find_interpreter
 
         _, cls, _ = find_interpreter()
         with warnings.catch_warnings():     # keeping every tensor is what the search needs, not a debug run
             warnings.filterwarnings("ignore", message=".*experimental_preserve_all_tensors.*")
-            return cls(model_content=data, experimental_preserve_all_tensors=keep_all)
+            it = cls(model_content=data, experimental_preserve_all_tensors=keep_all)
+            try:
+                it.allocate_tensors()
+            except RuntimeError as e:   # XNNPACK refused a node when preparing: the built-in kernels run it
+                if not delegate_refused(" ".join(str(e).split())):
+                    raise
+                it = cls(model_content=data, experimental_preserve_all_tensors=keep_all,
+                         experimental_op_resolver_type=sys.modules[cls.__module__].OpResolverType
+                         .BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+            return it
 
     def _key(self, tensor_name: str) -> str:
         """The dataset's input for a model input: by name (the converter names them

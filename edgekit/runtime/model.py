@@ -168,7 +168,8 @@ def load(path: Union[str, Path], *, backend: Optional[str] = None, threads: Opti
     model.backend_preferred = pref.get("backend")
     model.backend_chosen_by = "argument" if backend is not None else (
         "manifest" if pref.get("backend") and note is None else "default")
-    model.backend_note = note
+    # why the preferred backend does not run it, and why the backend runs it as it does (a delegate refused)
+    model.backend_note = "; ".join(n for n in (note, getattr(impl, "note", None)) if n) or None
     return model
 
 

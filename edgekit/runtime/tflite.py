@@ -7,6 +7,8 @@ a device with numpy and any one of them runs edgekit.runtime.
 from __future__ import annotations
 
 import importlib
+import sys
+import warnings
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -49,6 +51,12 @@ def find_interpreter(prefer: Optional[str] = None) -> Tuple[str, object, str]:
         hint="pip install ai-edge-litert  (or tflite-runtime==2.14.0 with numpy<2 on older images)")
 
 
+def delegate_refused(message: str) -> bool:
+    """A load error that is a delegate refusing a node at prepare time (litert: 'failed to create
+    XNNPACK runtime ... Node number N (TfLiteXNNPackDelegate) failed to prepare'), not a missing op."""
+    return "XNNPACK" in message and ("failed to prepare" in message or "failed to create" in message)
+
+
 def _spec(d: dict, name: Optional[str] = None) -> TensorSpec:
     q = d.get("quantization_parameters") or {}
     scales = q.get("scales")
@@ -71,17 +79,37 @@ class TFLiteBackend:
         kwargs = {"model_path": str(path)}
         if threads:
             kwargs["num_threads"] = int(threads)
+        self.note: Optional[str] = None   # why the default delegate does not run this model, if it does not
+        self.providers: List[str] = ["XNNPACK (default delegate)"]
         try:
-            self._interp = interp_cls(**kwargs)
-            self._interp.allocate_tensors()
+            self._interp = self._open(interp_cls, kwargs)
         except (ValueError, RuntimeError) as e:  # unknown op version (load) / unsupported type (prepare)
             msg = " ".join(str(e).split())
-            raise BackendUnavailable(f"{self.name} {self.version} cannot load {path}: {msg}",
-                                     fmt="tflite",
-                                     hint="the model needs an op or op version this runtime "
-                                          "does not have; upgrade the runtime or rebuild for it") from None
+            if not delegate_refused(msg):
+                raise BackendUnavailable(f"{self.name} {self.version} cannot load {path}: {msg}",
+                                         fmt="tflite",
+                                         hint="the model needs an op or op version this runtime "
+                                              "does not have; upgrade the runtime or rebuild for it") from None
+            # XNNPACK accepted the graph's ops, then refused one node's parameters when building its
+            # runtime (e.g. a requantization scale outside its range): the built-in kernels run it
+            resolver = getattr(sys.modules[interp_cls.__module__], "OpResolverType", None)
+            if resolver is None:
+                raise BackendUnavailable(f"{self.name} {self.version} cannot load {path}: {msg}", fmt="tflite",
+                                         hint="the XNNPACK delegate refused a node of this graph (not a missing "
+                                              "op) and this runtime cannot run without it; rebuild the model") from None
+            try:
+                self._interp = self._open(interp_cls, dict(
+                    kwargs, experimental_op_resolver_type=resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES))
+            except (ValueError, RuntimeError) as e2:
+                raise BackendUnavailable(f"{self.name} {self.version} cannot load {path}: {msg}; without "
+                                         f"XNNPACK: {' '.join(str(e2).split())}", fmt="tflite",
+                                         hint="the XNNPACK delegate refused a node and the built-in kernels "
+                                              "failed too; rebuild the model") from None
+            self.note = (f"the XNNPACK delegate refused this graph ({msg}); running on {self.name}'s "
+                         "built-in kernels, without XNNPACK (slower)")
+            self.providers = ["built-in kernels (XNNPACK refused the graph)"]
+            warnings.warn(self.note, RuntimeWarning, stacklevel=3)
         self.threads = threads
-        self.providers: List[str] = ["XNNPACK (default delegate)"]
         in_det = self._interp.get_input_details()
         out_det = self._interp.get_output_details()
         in_names, out_names = self._signature_names(in_det, out_det)
@@ -91,6 +119,12 @@ class TFLiteBackend:
         self.outputs = [_spec(d, n) for d, n in zip(out_det, out_names)]
         self._shapes = [tuple(d["shape"]) for d in in_det]
         self.run1 = self._make_run1()
+
+    @staticmethod
+    def _open(interp_cls, kwargs):
+        interp = interp_cls(**kwargs)
+        interp.allocate_tensors()
+        return interp
 
     def _make_run1(self):
         """run1(a): one raw input in, one raw output out, for Model's steady-state call path
