@@ -1,11 +1,9 @@
 """The language-model runtime (edgekit.runtime.llm): generation, chat, a conversation's KV cache, benchmark,
 the golden check, and the CLIs (edgekit run / bench / chat, python -m edgekit.runtime), on the tiny Llama of
-tests/tinylm.py built by ONNX Runtime GenAI's model builder (INT4, block 32) into a bundle laid out as the
-LLM bundle contract says (golden.json computed here, on the converting machine, as convert does)."""
+tests/tinylm.py converted by edgekit (convert.llm: INT4 for x86-avx2, golden.json computed on this machine)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -19,63 +17,39 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import ROOT
-from tinylm import corpus_text, tiny_lm  # noqa: F401  (the session fixture)
+from tinylm import tiny_lm  # noqa: F401  (the session fixture)
 
 pytest.importorskip("onnxruntime_genai")
 
 from edgekit.errors import BundleError, DataError  # noqa: E402
 from edgekit.runtime import load  # noqa: E402
-from edgekit.runtime.llm import Conversation, LanguageModel, load_llm  # noqa: E402
+from edgekit.runtime.llm import Conversation, LanguageModel  # noqa: E402
 
 QUESTION = [{"role": "user", "content": "What colour is the lamp?"}]
 
 
 @pytest.fixture(scope="module")
-def og_dir(tiny_lm, tmp_path_factory):  # noqa: F811
-    """The tiny LM through ONNX Runtime GenAI's builder (INT4 block 32, CPU): a bare GenAI folder."""
-    out = tmp_path_factory.mktemp("og") / "int4"
-    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(tiny_lm), "-o", str(out),
-                    "-p", "int4", "-e", "cpu", "-c", str(out.parent / "cache")],
-                   check=True, capture_output=True, timeout=600)
+def build(tiny_lm, tmp_path_factory):  # noqa: F811
+    """The tiny LM converted by edgekit (convert.llm: ONNX Runtime GenAI's builder, INT4 for x86-avx2, fidelity
+    against the float model, golden.json computed on this, the converting, machine)."""
+    from edgekit.convert.llm import LLMRecipe, convert_llm
+
+    out = tmp_path_factory.mktemp("build")
+    res = convert_llm(LLMRecipe(str(tiny_lm), ("x86-avx2",), precision="int4", name="tinychat", val_tokens=256),
+                      str(out))
+    assert [r.ok for r in res.bundles] == [True]
     return out
 
 
-def write_bundle(og: Path, dest: Path, threads: int = 1) -> Path:
-    """An LLM bundle (manifest kind llm, model/, golden.json) around a GenAI folder; golden from this machine."""
-    shutil.copytree(og, dest / "model")
-    files = {p.relative_to(dest / "model").as_posix(): {"sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
-                                                        "bytes": p.stat().st_size}
-             for p in sorted((dest / "model").iterdir()) if p.is_file()}
-    lm = load_llm(og, threads=1)
-    lines = corpus_text(8, seed=11).splitlines()
-    prompts = [lm.encode("\n".join(lines[i:i + 2])) for i in range(0, 8, 2)]
-    top1, k_ids, k_vals = [], [], []
-    for ids in prompts:
-        lo = lm.logits(ids)
-        top1.append(lo.argmax(-1).tolist())
-        idx = np.argsort(-lo, axis=-1)[:, :8]
-        k_ids.append(idx.tolist())
-        k_vals.append(np.take_along_axis(lo, idx, axis=1).tolist())
-    gen_prompt = "Count: one two"
-    golden = {"prompts": prompts, "top1": top1, "logits_topk": {"k": 8, "ids": k_ids, "values": k_vals},
-              "generation": {"prompt": gen_prompt, "max_new_tokens": 12,
-                             "text": lm.generate(gen_prompt, max_new_tokens=12)}}
-    (dest / "golden.json").write_text(json.dumps(golden))
-    weights = sum(f["bytes"] for f in files.values())
-    manifest = {"schema": 2, "kind": "llm", "format": "onnx-genai", "name": "tinychat", "edgekit_version": "test",
-                "target": {"name": "x86-avx2", "runtime": {"threads": threads}},
-                "model": {"dir": "model", "files": files, "bytes": weights, "architecture": "LlamaForCausalLM",
-                          "context": lm.context},
-                "recipe": {"precision": "int4", "block_size": 32},
-                "llm": {"bytes_per_token": weights, "kv_bytes_per_token": lm.kv_bytes_per_token()},
-                "golden": "golden.json"}
-    (dest / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    return dest
+@pytest.fixture(scope="module")
+def bundle(build):
+    return build / "tinychat-x86-avx2-int4"
 
 
 @pytest.fixture(scope="module")
-def bundle(og_dir, tmp_path_factory):
-    return write_bundle(og_dir, tmp_path_factory.mktemp("b") / "tinychat-x86-avx2-int4")
+def og_dir(bundle):
+    """The bundle's model folder: what onnxruntime_genai.Model loads, a bare GenAI folder without a manifest."""
+    return bundle / "model"
 
 
 @pytest.fixture(scope="module")
@@ -84,9 +58,13 @@ def lm(bundle) -> LanguageModel:
 
 
 def test_load_returns_a_language_model_for_a_bundle_and_a_bare_folder(lm, og_dir):
+    from edgekit.runtime.threads import usable_cpus
+
     assert isinstance(lm, LanguageModel) and lm.manifest["kind"] == "llm"
-    assert lm.threads == 1 and lm.threads_chosen_by == "profile"       # the bundle's target profile's count
-    assert lm.context == 512 and lm.eos_token_ids == [2] and lm.load_ms > 0
+    # the bundle's target profile's count, clamped to the CPUs this process may use
+    assert lm.threads == min(lm.manifest["target"]["runtime"]["threads"], usable_cpus())
+    assert lm.threads_chosen_by == "profile"
+    assert lm.context == lm.manifest["llm"]["context_default"] == 512 and lm.eos_token_ids == [2] and lm.load_ms > 0
     bare = load(og_dir, threads=2)
     assert isinstance(bare, LanguageModel) and bare.manifest is None
     assert bare.threads == 2 and bare.threads_chosen_by == "argument"
@@ -188,7 +166,7 @@ def test_benchmark_reports_sane_figures(lm):
     assert r["model_bytes"] == lm.manifest["model"]["bytes"]
     assert r["kv_bytes"] == lm.kv_bytes_per_token() * 64 and r["kv_bytes_per_token"] == 2 * 4 * 2 * 32 * 4
     c = r["conditions"]
-    assert c["threads"] == 1 and c["onnxruntime_genai"] == lm.backend_version and "loadavg" in c
+    assert c["threads"] == lm.threads and c["onnxruntime_genai"] == lm.backend_version and "loadavg" in c
     with pytest.raises(DataError, match="context"):
         lm.benchmark(prompt_tokens=500, new_tokens=100)
 
@@ -303,3 +281,21 @@ def test_cli_chat_through_stdin_with_reset_exit_and_ctrl_c(bundle, monkeypatch):
     assert conv.messages[1]["content"] == load(bundle).chat([{"role": "user", "content": "What colour is the box?"}],
                                                             max_new_tokens=40)
     assert "never" not in [m["content"] for m in conv.messages]
+
+
+def test_report_shows_the_language_model(build, bundle, lm):
+    from edgekit.report import build_report
+    from edgekit.report.collect import collect
+
+    rep = lm.benchmark(prompt_tokens=32, new_tokens=8, runs=1, warmup=0)
+    (build / "bench").mkdir()
+    (build / "bench" / "here.json").write_text(json.dumps(rep))
+    data = collect(build)
+    (m,) = data.models
+    (b,) = m.bundles
+    fid = lm.manifest["fidelity"]
+    assert m.is_llm and b.agreement == fid["top1_agreement"] and b.llm["bytes_per_token"] > 0
+    assert [r["decode_tok_s"] for r in b.llm_runs] == [rep["decode_tok_s"]] and not data.skipped
+    html = build_report(build)
+    assert "(language model)" in html and "decode tok/s" in html and "Rescue ladder" in html
+    assert f"{fid['ppl']:.4g}" in html and f"{rep['ttft_ms']:.4g}" in html

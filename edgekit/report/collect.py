@@ -3,8 +3,8 @@
 The one place that knows the JSON files' keys: `OUT/<name>.convert.json` and each bundle's
 `manifest.json` (convert), latency reports with raw samples (`edgekit bench --out`,
 `edgekit profile` under profiles/<device>/, the runtime's `benchmark()`), `*.qat.json`,
-`*.prune.json`, `*.distill.json` and staged rollouts' records. Files are taken as they are on disk;
-keys that have been renamed across edgekit versions are looked up under every name they
+`*.prune.json`, `*.distill.json`, `*.factorize.json` and staged rollouts' records. Files are taken
+as they are on disk; keys that have been renamed across edgekit versions are looked up under every name they
 have had (for example agreement as `top1_agreement` in percent or as a 0..1 fraction, or a
 unit-suffixed name), and every figure leaves here in one unit: fractions 0..1, bytes,
 milliseconds, dB. A file that cannot be read is not fatal: it is listed in `skipped`.
@@ -21,6 +21,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 from edgekit.errors import EdgekitError
 
 HERE = "here"  # device label of a measurement taken on the converting machine
+OPTIMIZE_RECORDS = (".qat.json", ".prune.json", ".distill.json", ".factorize.json")
 
 
 class ReportError(EdgekitError):
@@ -83,6 +84,10 @@ class BundleInfo:
     numerics: Optional[str] = None        # where fidelity was measured ("host", "reference", ...)
     rescue: List[Dict[str, Any]] = field(default_factory=list)  # convert's rescue ladder, as written
     runs: List[Run] = field(default_factory=list)
+    # a language model (format onnx-genai): {"bytes_per_token", "kv_bytes_per_token", "context_default",
+    # "fidelity": {ppl_float, ppl, ppl_increase, kl_mean, top1_agreement, tokens, text}, "recipe": {...}}
+    llm: Optional[Dict[str, Any]] = None
+    llm_runs: List[Dict[str, Any]] = field(default_factory=list)   # LanguageModel.benchmark() reports, as written
 
     def p50(self, device: str) -> Optional[float]:
         """The latest run's p50 on `device`; on HERE, convert's own figure when nothing was run."""
@@ -110,6 +115,15 @@ class ModelInfo:
     @property
     def has_labels(self) -> bool:
         return any(b.accuracy_quant is not None for b in self.bundles)
+
+    @property
+    def is_llm(self) -> bool:
+        return bool(self.bundles) and all(b.llm is not None for b in self.bundles)
+
+    @property
+    def llm_devices(self) -> List[str]:
+        seen = {str(r.get("device") or HERE) for b in self.bundles for r in b.llm_runs}
+        return ([HERE] if HERE in seen else []) + sorted(d for d in seen if d != HERE)
 
 
 @dataclass
@@ -293,7 +307,12 @@ def _bundle(key: str, model: str, record: Dict[str, Any], manifest: Dict[str, An
     fbytes = _first(record, "float_bytes") or _first(v, "float_bytes")
     wb = record.get("within_budget", v.get("within_budget"))
     mmodel = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
-    return BundleInfo(
+    llm = _llm_info(record, manifest) if (fmt == "onnx-genai" or manifest.get("kind") == "llm"
+                                          or record.get("kind") == "llm") else None
+    if llm is not None:
+        fid = llm["fidelity"]
+        v.setdefault("top1_agreement_fraction", fid.get("top1_agreement"))
+    return BundleInfo(llm=llm,
         key=key, model=model, target=str(target), fmt=str(fmt), precision=_precision(manifest, record),
         bytes=int(size) if size is not None else None, float_bytes=int(fbytes) if fbytes is not None else None,
         agreement=fraction(v, "top1_agreement", pct), accuracy_float=fraction(v, "accuracy_float", pct),
@@ -308,6 +327,47 @@ def _bundle(key: str, model: str, record: Dict[str, Any], manifest: Dict[str, An
         rescue=[x for x in (record.get("rescue") or manifest.get("rescue") or []) if isinstance(x, dict)],
         status=record.get("status"), rescued_by=record.get("rescued_by") or mmodel.get("rescued_by"),
         numerics=_numerics(record, v))
+
+
+def _llm_info(record: Dict[str, Any], manifest: Dict[str, Any]) -> Dict[str, Any]:
+    """A language-model bundle's figures, from its convert record and/or its manifest."""
+    ml = manifest.get("llm") if isinstance(manifest.get("llm"), dict) else {}
+    fid = dict(manifest.get("fidelity") or {}) if isinstance(manifest.get("fidelity"), dict) else {}
+    fid.update({k: x for k, x in (record.get("fidelity") or {}).items() if x is not None})
+    recipe = dict(manifest.get("recipe") or {})
+    recipe.update({k: x for k, x in (record.get("recipe") or {}).items() if x is not None})
+    return {"bytes_per_token": _first(record, "bytes_per_token") or ml.get("bytes_per_token"),
+            "kv_bytes_per_token": ml.get("kv_bytes_per_token"), "context_default": ml.get("context_default"),
+            "fidelity": fid, "recipe": recipe}
+
+
+def _is_llm_report(d: Any) -> bool:
+    return isinstance(d, dict) and d.get("kind") == "llm" and isinstance(d.get("decode_tok_s"), (int, float))
+
+
+def _llm_reports(d: Any) -> List[Dict[str, Any]]:
+    """LanguageModel.benchmark() reports in one JSON document: one, a list (`edgekit bench --out` of several),
+    or a fleet result list (`edgekit profile --json`: [{"device": ..., "data": {"report": ...}}])."""
+    out: List[Dict[str, Any]] = []
+    for x in (d if isinstance(d, list) else [d]):
+        if _is_llm_report(x):
+            out.append(dict(x))
+        elif isinstance(x, dict) and _is_llm_report((x.get("data") or {}).get("report")):
+            rep = dict(x["data"]["report"])
+            rep.setdefault("device", x.get("device"))
+            out.append(rep)
+    return out
+
+
+def _match_llm(models: Dict[str, "ModelInfo"], rep: Dict[str, Any]) -> Optional[BundleInfo]:
+    every = [b for m in models.values() for b in m.bundles if b.llm is not None]
+    names = {Path(str(rep.get("model") or "")).name, str(rep.get("bundle") or "")}
+    hit = [b for b in every if b.key in names]
+    if len(hit) == 1:
+        return hit[0]
+    hit = [b for b in every if (b.model in names or b.key in names) and b.target == rep.get("target")
+           and (rep.get("precision") in (None, b.precision))]
+    return hit[0] if len(hit) == 1 else None
 
 
 # --- latency reports ---------------------------------------------------------------
@@ -440,6 +500,7 @@ def collect(build_dir: os.PathLike, profiles: Sequence[os.PathLike] = (),
 
     # latency reports, optimize records and rollouts: anywhere under the build dir and the extra dirs
     runs: List[Run] = []
+    llm_reports: List[Tuple[str, Dict[str, Any]]] = []
     rollout_recs: List[Dict[str, Any]] = []
     for f in _json_files([build, *map(Path, profiles), *map(Path, rollouts or [])]):
         if f.name == "manifest.json" or f.name.endswith(".convert.json"):
@@ -449,11 +510,12 @@ def collect(build_dir: os.PathLike, profiles: Sequence[os.PathLike] = (),
             continue
         if _is_rollout(f, d):
             rollout_recs.append(dict(d, _file=str(f)))
-        elif f.name.endswith((".qat.json", ".prune.json", ".distill.json")) and isinstance(d, dict):
+        elif f.name.endswith(OPTIMIZE_RECORDS) and isinstance(d, dict):
             kind = f.name.rsplit(".", 2)[-2]
             _attach_optimize(models, kind, d, str(f))
         else:
             runs += _latency_reports(d, str(f))
+            llm_reports += [(str(f), r) for r in _llm_reports(d)]
 
     if rollouts is None and default_rollouts_dir().is_dir():
         for f in sorted(default_rollouts_dir().glob("*.json")):
@@ -468,6 +530,13 @@ def collect(build_dir: os.PathLike, profiles: Sequence[os.PathLike] = (),
             unmatched.append(r)
         else:
             b.runs.append(r)
+    for f, rep in llm_reports:
+        b = _match_llm(models, rep)
+        if b is None:
+            skipped.append((f, f"a language-model benchmark of {rep.get('bundle') or rep.get('model')} "
+                               f"({rep.get('target')}): no bundle of this build matches"))
+        else:
+            b.llm_runs.append(dict(rep, device=str(rep.get("device") or HERE), _file=f))
     return ReportData(str(build), list(models.values()), rollout_recs, unmatched, skipped)
 
 

@@ -375,8 +375,13 @@ def optimize_section(m: ModelInfo) -> str:
             parts.append(f"<h3>quantization-aware training ({escape(Path(rec['_file']).name)})</h3>"
                          + table(["bundle", "format", "KiB", "PTQ acc %", "QAT acc %", "PTQ drop", "QAT drop"],
                                  rows, numeric=[2, 3, 4, 5, 6]))
+        if rec.get("kind") == "causal-lm":  # a language model's distillation or factorization
+            parts.append(lm_optimize_section(rec, kind))
+            continue
         pairs = [(a, b) for a, b in (("before", "after"), ("teacher", "student")) if isinstance(rec.get(a), dict)
                  and isinstance(rec.get(b), dict)]
+        if kind == "factorize":
+            parts.append(factorize_layers(rec))
         for a, b in pairs:
             rows = [[lab, f.get("params"), _num((f.get("flops") or 0) / 1e6 or None, "{:.3g}"),
                      _num((f.get("tflite_bytes") or 0) / 1024 or None, "{:.1f}"),
@@ -386,6 +391,61 @@ def optimize_section(m: ModelInfo) -> str:
                          + table(["", "params", "MFLOPs", "float KiB", "gzip KiB", "accuracy %", "p50 ms here"],
                                  rows, numeric=[1, 2, 3, 4, 5, 6]))
     return "".join(parts)
+
+
+def factorize_layers(rec: Dict[str, Any]) -> str:
+    """`edgekit factorize`: per layer rank, parameters and FLOPs before/after, output error; and the
+    converted bundles' latency before/after."""
+    rows = [[r.get("layer"), f"{r['rank']}/{r.get('full_rank')}" if r.get("rank") else "–", r.get("params_before"),
+             r.get("params_after"), _num((r.get("flops_before") or 0) / 1e6 or None, "{:.3g}"),
+             _num((r.get("flops_after") or 0) / 1e6 or None, "{:.3g}"), _num(r.get("output_rel_err"), "{:.3g}"),
+             r.get("note") or ""] for r in rec.get("layers") or [] if isinstance(r, dict)]
+    out = (f"<h3>low-rank factorization, {escape(str(rec.get('rule', '')))} "
+           f"({escape(Path(rec['_file']).name)})</h3>"
+           + table(["layer", "rank", "params", "params after", "MFLOPs", "MFLOPs after", "output rel. error", "note"],
+                   rows, numeric=[2, 3, 4, 5, 6]))
+    bundles = [b for b in rec.get("bundles") or [] if isinstance(b, dict)]
+    if bundles:
+        out += table(["target", "format", "p50 ms before", "p50 ms after", "speed-up", "KiB before", "KiB after"],
+                     [[b.get("target"), b.get("format"), _num(b.get("before_p50_ms"), "{:.4g}"),
+                       _num(b.get("after_p50_ms"), "{:.4g}"), _num(b.get("speedup"), "{:.3g}"),
+                       _num((b.get("before_bytes") or 0) / 1024 or None, "{:.1f}"),
+                       _num((b.get("after_bytes") or 0) / 1024 or None, "{:.1f}")] for b in bundles],
+                     numeric=[2, 3, 4, 5, 6])
+    return out
+
+
+def lm_optimize_section(rec: Dict[str, Any], kind: str) -> str:
+    """A causal LM's distillation (teacher / student / baseline) or factorization (before / after) on
+    held-out text: perplexity, KL to the reference, top-1 agreement, parameters, INT4 decode speed."""
+    i4 = rec.get("int4") if isinstance(rec.get("int4"), dict) else {}
+    who = ("teacher", "student", "baseline") if kind == "distill" else ("before", "after_cut", "after")
+    rows = []
+    for w in who:
+        r = rec.get(w)
+        if not isinstance(r, dict):
+            continue
+        h = r.get("heldout") if isinstance(r.get("heldout"), dict) else r
+        speed = (i4.get({"before": "original", "after": "factorized"}.get(w, w)) or {}).get("decode_tok_s")
+        rows.append([w.replace("_", " "), _num((r.get("params") or 0) / 1e6 or None, "{:.4g}"),
+                     _num(h.get("ppl"), "{:.4g}"), _num(h.get("kl"), "{:.3g}"), _pct(h.get("top1_agreement")),
+                     r.get("tokens") or "–", _num(speed, "{:.4g}")])
+    title = "distillation" if kind == "distill" else f"low-rank factorization, {rec.get('rule', '')}"
+    out = (f"<h3>language model {escape(title)} ({escape(Path(rec['_file']).name)})</h3>"
+           + table(["", "M params", "held-out ppl", "KL to reference", "top-1 agreement", "tokens trained",
+                    "INT4 decode tok/s"], rows, numeric=[1, 2, 3, 4, 5, 6]))
+    notes = [f"held-out text: {rec.get('heldout_text')}"]
+    if isinstance(rec.get("ppl_reduction_vs_baseline"), (int, float)):
+        notes.append(f"perplexity {rec['ppl_reduction_vs_baseline']:.1%} lower than the same student trained "
+                     "without the teacher")
+    if i4 and not i4.get("measured"):
+        notes.append(f"INT4 decode speed not measured: {i4.get('why', '')}")
+    if rec.get("note"):
+        notes.append(str(rec["note"]))
+    out += "".join(f'<p class="note">{escape(n)}</p>' for n in notes)
+    if kind == "factorize":
+        out += factorize_layers(rec)
+    return out
 
 
 def rollouts_section(rollouts: List[Dict[str, Any]]) -> str:
@@ -414,7 +474,141 @@ def rollouts_section(rollouts: List[Dict[str, Any]]) -> str:
                  bad_rows=bad)
 
 
+def _mib(v: Optional[float]) -> str:
+    return _num(v / 2 ** 20 if v else None, "{:.2f}")
+
+
+def _rate(v: Optional[float]) -> str:
+    """tok/s and the like: whole numbers with separators from 100 up."""
+    return _num(v, "{:,.0f}" if v is not None and v >= 100 else "{:.3g}")
+
+
+def _latest_llm(b: BundleInfo, device: str) -> Optional[Dict[str, Any]]:
+    mine = [r for r in b.llm_runs if r.get("device") == device]
+    return sorted(mine, key=lambda r: str(r.get("timestamp") or ""))[-1] if mine else None
+
+
+def _ppl(f: Dict[str, Any]) -> str:
+    if f.get("ppl") is None:
+        return "–"
+    inc = f.get("ppl_increase")
+    return f"{_num(f.get('ppl_float'), '{:.4g}')} → {_num(f.get('ppl'), '{:.4g}')}" + (
+        "" if inc is None else f" ({inc * 100:+.1f}%)")
+
+
+def llm_summary(m: ModelInfo) -> str:
+    """One row per language-model bundle: size, bytes read per token, fidelity, result, speed per device."""
+    devices = m.llm_devices
+    headers = ["bundle", "target", "precision", "recipe", "MiB", "MiB read / token", "perplexity float → quant.",
+               "KL mean", "top-1 agree %", "result"]
+    for d in devices:
+        where = "here" if d == HERE else f"on {d}"
+        headers += [f"TTFT ms {where}", f"prefill tok/s {where}", f"decode tok/s {where}",
+                    f"peak RSS MiB {where}"]
+    rows, bad = [], []
+    for i, b in enumerate(m.bundles):
+        f, r = b.llm["fidelity"], b.llm["recipe"]
+        recipe = ", ".join(str(x) for x in (
+            f"block {r['block_size']}" if r.get("block_size") else None,
+            f"accuracy_level {r['accuracy_level']}" if r.get("accuracy_level") is not None else None,
+            r.get("algo"), "lm_head int8" if r.get("lm_head_int8") else None,
+            f"{len(r['int8_layers'])} layers int8" if r.get("int8_layers") else None) if x) or "–"
+        cells = [b.key, b.target, b.precision, recipe, _mib(b.bytes), _mib(b.llm.get("bytes_per_token")), _ppl(f),
+                 _num(f.get("kl_mean"), "{:.3g}"), _pct(b.agreement), _budget(b)]
+        for d in devices:
+            run = _latest_llm(b, d)
+            cells += [_num((run or {}).get("ttft_ms"), "{:.4g}"), _rate((run or {}).get("prefill_tok_s")),
+                      _rate((run or {}).get("decode_tok_s")), _num((run or {}).get("peak_rss_mb"), "{:.4g}")]
+        rows.append(cells)
+        if b.failure:
+            bad.append(i)
+    return table(headers, rows, cls="summary", numeric=[4, 5, 7, 8] + list(range(10, len(headers))), bad_rows=bad)
+
+
+def llm_speed(m: ModelInfo) -> str:
+    """Every LanguageModel.benchmark() report found, with its conditions."""
+    rows, noisy = [], []
+    for b in m.bundles:
+        for r in sorted(b.llm_runs, key=lambda x: (str(x.get("device")), str(x.get("timestamp") or ""))):
+            c = r.get("conditions") or {}
+            tok = r.get("decode_token_ms") or {}
+            load = c.get("loadavg")
+            if r.get("noisy"):
+                noisy.append(len(rows))
+            rows.append([b.key, "here" if r["device"] == HERE else r["device"],
+                         f"{r.get('backend', '')} {r.get('backend_version', '')}".strip(), r.get("threads"),
+                         f"{r.get('prompt_tokens')} + {r.get('new_tokens')}", r.get("runs"),
+                         _num(r.get("load_ms"), "{:.4g}"), _num(r.get("ttft_ms"), "{:.4g}"),
+                         _rate(r.get("prefill_tok_s")), _rate(r.get("decode_tok_s")),
+                         _num(tok.get("p99_ms"), "{:.3g}"), _num(r.get("peak_rss_mb"), "{:.4g}"),
+                         _num(r.get("peak_rss_ratio"), "{:.2f}"),
+                         f"{c.get('cpu_model') or '?'} ({c.get('machine') or '?'}), load "
+                         f"{_num(load[0] if load else None, '{:.2f}')}",
+                         Markup('<span class="bad">NOISY</span> ' + escape("; ".join(r.get("noise_reasons") or [])))
+                         if r.get("noisy") else Markup('<span class="ok">ok</span>')])
+    if not rows:
+        return ('<p class="note">Not measured: <code>edgekit bench BUNDLE --out BUILD/bench/NAME.json</code> here, '
+                'or <code>edgekit profile BUNDLE --device D --save-dir BUILD/profiles</code> on a device.</p>')
+    return table(["bundle", "device", "engine", "threads", "prompt + new tokens", "runs", "load ms", "TTFT ms",
+                  "prefill tok/s", "decode tok/s", "token p99 ms", "peak RSS MiB", "RSS / (weights + KV)",
+                  "machine", "run"], rows, cls="conditions", numeric=[3, 5, 6, 7, 8, 9, 10, 11, 12],
+                 bad_rows=noisy) + (
+        '<p class="note">p50 over the timed runs (greedy, end of sequence held off so every run decodes all its '
+        'tokens); TTFT = prefill + the first token; peak RSS is the process\'s high-water mark.</p>')
+
+
+def llm_ladder(m: ModelInfo) -> str:
+    rows, bad = [], []
+    for b in m.bundles:
+        for st in b.rescue:
+            if st.get("meets") is False or st.get("error"):
+                bad.append(len(rows))
+            inc = st.get("ppl_increase")
+            rows.append([b.key, st.get("rung", "?"), st.get("what", ""), "–" if st.get("ppl") is None else
+                         f"{st['ppl']:.4g}" + ("" if inc is None else f" ({inc * 100:+.1f}%)"),
+                         _num(st.get("kl_mean"), "{:.3g}"),
+                         _pct(st.get("top1_agreement")), _mib(st.get("bytes")),
+                         st.get("error") or ("; ".join(str(x) for x in st.get("misses") or []) or
+                                             ("meets" if st.get("meets") else "–"))])
+    if not rows:
+        return '<p class="note">No rescue ladder recorded.</p>'
+    return table(["bundle", "rung", "build", "perplexity", "KL mean", "top-1 agree %", "MiB", "floor"], rows,
+                 numeric=[4, 5, 6], bad_rows=bad)
+
+
+def llm_model_section(m: ModelInfo) -> str:
+    sid = _id("model", m.name)
+    out = [f'<section class="model" id="{sid}"><h2>{escape(m.name)} <span class="muted">(language model)</span></h2>']
+    src = m.source
+    if src:
+        out.append(f'<p class="meta">source {escape(str(src.get("path") or ""))} '
+                   f'({escape(str(src.get("architecture") or src.get("kind") or "?"))}, sha256 '
+                   f'{escape(str(src.get("sha256") or "")[:12])})</p>')
+    texts = {str(b.llm["fidelity"].get("text")) for b in m.bundles if b.llm["fidelity"].get("text")}
+    for t in sorted(texts):
+        out.append(f'<p class="meta">fidelity measured on: {escape(t)}</p>')
+    out.append("<h3>Bundles</h3>" + llm_summary(m))
+    out.append('<p class="note">Perplexity, mean KL divergence of the next-token distributions and top-1 agreement '
+               'are teacher-forced against the float model (llama.cpp\'s perplexity --kl-divergence figures); '
+               'MiB read / token is what one decoded token reads (the weights but the embedding rows), the '
+               'memory-bandwidth bound of decoding.</p>')
+    cid = _id(m.name, "llm-fidelity-size")
+    pts = [p for b in m.bundles if (p := _point(b, b.bytes / 2 ** 20 if b.bytes else None, b.agreement,
+                                                   "top-1 agreement", "MiB"))]
+    if pts:
+        out.append('<div class="charts">' + figure(svg.scatter(
+            pts, title="top-1 agreement vs size", x_label="model size (MiB)",
+            y_label="top-1 agreement with the float model (%)", y_percent=True, chart_id=cid,
+            series_title="target", shape_title="format"), cid, f"One point per bundle ({len(pts)}).") + "</div>")
+    out.append("<h3>Speed</h3>" + llm_speed(m))
+    out.append("<h3>Rescue ladder</h3>" + llm_ladder(m))
+    out.append("</section>")
+    return "".join(out)
+
+
 def model_section(m: ModelInfo) -> str:
+    if m.is_llm:
+        return llm_model_section(m)
     src, cal = m.source, m.calibration
     meta = []
     if src:
@@ -443,7 +637,7 @@ def model_section(m: ModelInfo) -> str:
     out.append("<h3>Compatibility with each target's oldest runtime</h3>" + compat_section(m))
     opt = optimize_section(m)
     if opt:
-        out.append("<h3>Making it fit: pruning, distillation, QAT</h3>" + opt)
+        out.append("<h3>Making it fit: pruning, distillation, factorization, QAT</h3>" + opt)
     out.append("</section>")
     return "".join(out)
 
@@ -452,7 +646,7 @@ def render(data: ReportData) -> str:
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     body = [f"<h1>edgekit report</h1><p class=\"meta\">{escape(str(Path(data.build_dir)))} · "
             f"{len(data.models)} model(s), {sum(len(m.bundles) for m in data.models)} bundle(s), "
-            f"{sum(len(b.runs) for m in data.models for b in m.bundles)} latency measurement(s) · "
+            f"{sum(len(b.runs) + len(b.llm_runs) for m in data.models for b in m.bundles)} latency measurement(s) · "
             f"edgekit {escape(edgekit.__version__)} · {when}</p>"]
     if len(data.models) > 1:
         body.append("<p class=\"meta\">" + " · ".join(f'<a href="#{_id("model", m.name)}">{escape(m.name)}</a>'
