@@ -257,3 +257,88 @@ def test_disk_check_refuses_before_upload(cli, lab, bundle):
         assert not list((dev.root / "models" / NAME / "objects").glob(".part-*"))
     finally:
         dev.unmount()
+
+
+# --- a real language model: tests/tinylm.py, converted by edgekit.convert.llm --------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory):
+    """A tiny Llama (2 layers, hidden 64, trained a few steps here) converted to an INT4 LLM bundle for x86-avx2."""
+    from tinylm import make_tiny_lm
+
+    from edgekit.convert.llm import LLMRecipe, convert_llm
+
+    work = tmp_path_factory.mktemp("tinylm-deploy")
+    src = make_tiny_lm(work / "tiny-chat", steps=40, layers=2, hidden=64)
+    convert_llm(LLMRecipe(str(src), ("x86-avx2",), precision="int4", rescue=False, val_tokens=64, window=32),
+                str(work / "build"))
+    found = [p for p in (work / "build").iterdir() if p.is_dir() and (p / "manifest.json").is_file()]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def _retemplate(src: Path, dest: Path, template: str) -> Path:
+    """The same model with another chat template: the template files and the manifest's entries for them."""
+    import shutil
+
+    shutil.copytree(src, dest)
+    m = json.loads((dest / "manifest.json").read_text())
+    cfg = json.loads((dest / "model" / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = template
+    (dest / "model" / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+    changed = ["tokenizer_config.json"]
+    if (dest / "model" / "chat_template.jinja").is_file():
+        (dest / "model" / "chat_template.jinja").write_text(template)
+        changed.append("chat_template.jinja")
+    for rel in changed:
+        p = dest / "model" / rel
+        m["model"]["files"][rel] = {"sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "bytes": p.stat().st_size}
+    (dest / "manifest.json").write_text(json.dumps(m, indent=2))
+    return dest
+
+
+def test_real_llm_deploy_golden_check_profile_redeploy_and_rollback(cli, lab, tiny_bundle, tmp_path):
+    inv = ("--inventory", lab.inventory)
+    art = artifact.read_one(tiny_bundle)
+    assert art.is_llm and art.format == "onnx-genai"
+    r = cli("deploy", tiny_bundle, "-d", "full", *inv, "--json")
+    assert r.exit_code == 0, r.stdout + r.stderr
+    res = json.loads(r.stdout)[0]
+    h = res["health"]                      # LanguageModel.check() on the device, through `edgekit.runtime check`
+    assert res["status"] == "deployed" and h["ok"] and h["top1_agreement"] >= 0.9 and h["text"].strip(), h
+    assert res["bytes_sent"] == art.bytes and res["backend"] == "onnxruntime-genai"
+    mdir = lab.devices["full"].root / "models" / art.name
+    assert (mdir / "current").resolve().name == art.sha256
+    # TTFT and tok/s measured on the device
+    r = cli("profile", tiny_bundle, "-d", "full", *inv, "--runs", 1, "--prompt-tokens", 16, "--new-tokens", 8,
+            "--save-dir", tmp_path / "profiles")
+    assert r.exit_code == 0, r.stdout + r.stderr
+    assert "TTFT ms" in r.stdout and "decode tok/s" in r.stdout
+    rep = json.loads(next((tmp_path / "profiles" / "full").glob("*.json")).read_text())
+    assert rep["ttft_ms"] > 0 and rep["decode_tok_s"] > 0 and rep["prompt_tokens"] == 16
+    # a new chat template: only the changed files and the manifest travel, the weights are linked
+    new = artifact.read_one(_retemplate(tiny_bundle, tmp_path / "v2" / tiny_bundle.name,
+                                        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"))
+    r = cli("deploy", new.path, "-d", "full", *inv, "--json")
+    res = json.loads(r.stdout)[0]
+    assert r.exit_code == 0 and res["status"] == "deployed" and res["health"]["ok"], r.stdout + r.stderr
+    changed = {rel for rel, d in new.file_digests().items() if art.file_digests().get(rel) != d}
+    assert "model/model.onnx.data" not in changed and "manifest.json" in changed
+    assert res["bytes_sent"] == sum(n for _, rel, n in new.files if rel in changed) < 0.1 * new.bytes
+    assert (mdir / "current").resolve().name == new.sha256
+    # a release whose golden check fails on the device goes back to the one before
+    bad = tmp_path / "bad" / tiny_bundle.name
+    import shutil
+
+    shutil.copytree(tiny_bundle, bad)
+    g = json.loads((bad / "golden.json").read_text())
+    g["top1"] = [[(t + 1) % 7 for t in row] for row in g["top1"]]
+    (bad / "golden.json").write_text(json.dumps(g))
+    r = cli("deploy", bad, "-d", "full", *inv, "--json")
+    res = json.loads(r.stdout)[0]
+    assert r.exit_code == 1 and res["status"] == "rolled-back" and "top-1 agreement" in res["reason"], res
+    assert (mdir / "current").resolve().name == new.sha256
+    assert res["bytes_sent"] < 0.1 * new.bytes          # only golden.json and the manifest were new
+    # a device without onnxruntime-genai is told so before anything is sent
+    r = cli("deploy", tiny_bundle, "-d", "bare", *inv)
+    assert r.exit_code == 1 and "onnxruntime-genai is not installed" in r.stderr

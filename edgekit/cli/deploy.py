@@ -212,7 +212,7 @@ def rollback(device_name, model, to, inventory, trust_new_host, as_json):
 @click.option("--device", "-d", "device_name", help="One device from the inventory.")
 @_device_selection
 @click.option("--runs", type=int, help="Timed runs (default 200; a language model: 3 generations).")
-@click.option("--warmup", type=int, default=20, show_default=True)
+@click.option("--warmup", type=int, help="Warm-up runs, not timed (default 20; a language model: 1).")
 @click.option("--threads", type=int, help="Override the profile's thread count.")
 @click.option("--prompt-tokens", type=int, default=128, show_default=True,
               help="A language model: prompt length of each run (TTFT, prefill tok/s).")
@@ -240,6 +240,7 @@ def profile(bundle, device_name, group, all_devices, runs, warmup, threads, prom
             raise click.BadParameter("must be at least 1", param_hint=flag)
     b = read_one(bundle)
     runs = runs or (3 if b.is_llm else 200)
+    warmup = (1 if b.is_llm else 20) if warmup is None else warmup
     res = _on_devices(inventory, device_name, group, all_devices, trust_new_host,
                       lambda d, opts: ops.profile(d, b, opts, runs, warmup, save_dir, threads, prompt_tokens,
                                                   new_tokens), parallel,
@@ -249,7 +250,12 @@ def profile(bundle, device_name, group, all_devices, runs, warmup, threads, prom
     else:
         reps = [r.data["report"] for r in res.succeeded]
         if reps:
-            click.echo(llm_profile_table(reps) if b.is_llm else bench_table(reps, label="device"))
+            if b.is_llm:
+                from edgekit.runtime.llmbench import llm_bench_table
+
+                click.echo(llm_bench_table(reps, label="device"))
+            else:
+                click.echo(bench_table(reps, label="device"))
         for r in res.results:
             for w in r.warnings:
                 click.echo(f"warning: {r.device}: {w}", err=True)
@@ -264,21 +270,3 @@ def profile(bundle, device_name, group, all_devices, runs, warmup, threads, prom
     if res.failed:
         raise click.exceptions.Exit(1)
 
-
-def llm_profile_table(reports) -> str:
-    """One row per device: a language model's load time, TTFT, prefill / decode tok/s, peak memory."""
-    from edgekit.table import render
-
-    def f(r, *keys):
-        for k in keys:
-            v = r.get(k)
-            if isinstance(v, dict):   # {p50, ...}
-                v = v.get("p50", v.get("median"))
-            if v is not None:
-                return v
-        return None
-
-    rows = [[r.get("label") or r.get("device"), f(r, "threads"), f(r, "load_s"), f(r, "ttft_ms"),
-             f(r, "prefill_tok_s"), f(r, "decode_tok_s"), f(r, "peak_rss_mb")] for r in reports]
-    return render(["device", "threads", "load s", "TTFT ms", "prefill tok/s", "decode tok/s", "peak RSS MB"], rows,
-                  title="language model on the device (p50 of the runs)")

@@ -300,7 +300,7 @@ def profile(device: Device, bundle: Union[Bundle, Artifact], opts: Options, runs
             out_dir: Optional[Path] = None, threads: Optional[int] = None, prompt_tokens: int = 128,
             new_tokens: int = 128) -> DeviceResult:
     """The latency method on the device (a language model: LanguageModel.benchmark(), TTFT and
-    tok/s, with `runs` runs of `prompt_tokens` in and `new_tokens` out; `warmup` unused)."""
+    tok/s, `runs` runs of `prompt_tokens` in and `new_tokens` out after `warmup` ones)."""
     art = _artifacts(bundle)[0]
     name, sha = art.name, art.sha256
     warnings = _mismatch(device, art)
@@ -317,7 +317,7 @@ def profile(device: Device, bundle: Union[Bundle, Artifact], opts: Options, runs
         if art.is_llm:
             opts.progress.say(f"[{device.name}] profiling {name}: {runs} runs of {prompt_tokens} prompt + "
                               f"{new_tokens} new tokens on the device")
-            rep = s.llm_bench(path, prompt_tokens, new_tokens, runs, threads)
+            rep = s.bench(path, runs, warmup, threads, prompt_tokens, new_tokens)
             rep.setdefault("kind", "llm")
         else:
             opts.progress.say(f"[{device.name}] profiling {name}: {warmup} warm-up + {runs} runs on the device")

@@ -24,8 +24,9 @@ def argv(python: str, *args: str) -> List[str]:
 
 def release_args(action: str, root: str, *, name: Optional[str] = None, sha: Optional[str] = None,
                  incoming: Optional[str] = None, to: Optional[str] = None, keep: Optional[int] = None,
-                 health: bool = False, clean_incoming: bool = False) -> List[str]:
-    """`release ACTION --root ROOT ...`: the device side of deploy (see runtime/releases.py)."""
+                 health: bool = False, clean_incoming: bool = False, check: bool = True) -> List[str]:
+    """`release ACTION --root ROOT ...`: the device side of deploy (see runtime/releases.py).
+    `check=False`: activate / rollback without the golden check (a language model's runs after)."""
     a = ["release", action, "--root", root]
     for flag, v in (("--name", name), ("--sha", sha), ("--incoming", incoming), ("--to", to)):
         if v is not None:
@@ -36,14 +37,22 @@ def release_args(action: str, root: str, *, name: Optional[str] = None, sha: Opt
         a.append("--health")
     if clean_incoming:
         a.append("--clean-incoming")
+    if not check:
+        a.append("--no-check")
     return a
 
 
-def bench_args(path: str, runs: int, warmup: int, threads: Optional[int] = None) -> List[str]:
-    """`bench PATH --json`: the latency method of `profile` (and of the rollout's p50 gate)."""
+def bench_args(path: str, runs: int, warmup: int, threads: Optional[int] = None,
+               prompt_tokens: Optional[int] = None, new_tokens: Optional[int] = None) -> List[str]:
+    """`bench PATH --json`: the latency method of `profile` (and of the rollout's p50 gate); a language
+    model's (LanguageModel.benchmark(): load, TTFT, prefill / decode tok/s, peak RSS) with the token counts."""
     a = ["bench", path, "--json", "--runs", str(runs), "--warmup", str(warmup)]
     if threads:
         a += ["--threads", str(threads)]
+    if prompt_tokens is not None:
+        a += ["--prompt-tokens", str(prompt_tokens)]
+    if new_tokens is not None:
+        a += ["--new-tokens", str(new_tokens)]
     return a
 
 
@@ -51,28 +60,6 @@ def check_args(path: str) -> List[str]:
     """`check PATH --json`: the golden health check of the bundle at PATH (for a language model the
     runtime's LanguageModel.check(): teacher-forced top-1 agreement, logit SNR, a short generation)."""
     return ["check", path, "--json"]
-
-
-# On the device: a language model's speed (the runtime's LanguageModel.benchmark(): load, TTFT,
-# prefill and decode tok/s, peak RSS) as JSON; argv: path, prompt tokens, new tokens, runs, threads (0: the
-# bundle's). A user-facing problem (no onnxruntime-genai, ...) is one `error:` line and exit status 2.
-LLM_BENCH = """
-import json, sys
-from edgekit.errors import EdgekitError
-from edgekit.runtime import load
-path, prompt, new, runs, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-try:
-    m = load(path, threads=threads) if threads else load(path)
-    rep = m.benchmark(prompt_tokens=prompt, new_tokens=new, runs=runs)
-except EdgekitError as e:
-    print("error: %s" % (e,), file=sys.stderr)
-    sys.exit(2)
-print(json.dumps(rep))
-"""
-
-
-def llm_bench_args(path: str, prompt_tokens: int, new_tokens: int, runs: int, threads: Optional[int]) -> List[str]:
-    return [path, str(prompt_tokens), str(new_tokens), str(runs), str(threads or 0)]
 
 
 # --- replies -------------------------------------------------------------------------------
@@ -111,7 +98,8 @@ class Health:
             return self.error
         if not self.outputs and "top1_agreement" in self.raw:   # a language model's check
             r = self.raw
-            parts = [f"top-1 agreement {r['top1_agreement']}" + (f" (min {r['min_top1']})" if "min_top1" in r else "")]
+            least = r.get("min_top1_agreement", r.get("min_top1"))
+            parts = [f"top-1 agreement {r['top1_agreement']}" + (f" (min {least})" if least is not None else "")]
             if r.get("snr_db") is not None:
                 parts.append(f"logit SNR {r['snr_db']} dB" + (f" (min {r['min_snr_db']})" if "min_snr_db" in r else ""))
             if "text" in r:
@@ -251,5 +239,5 @@ def latency_p50_ms(report: Dict[str, Any]) -> float:
     return float(report["latency"]["p50_ms"])
 
 
-__all__ = ["env", "argv", "release_args", "bench_args", "check_args", "llm_bench_args", "LLM_BENCH", "Health", "DeviceStatus", "ModelState",
+__all__ = ["env", "argv", "release_args", "bench_args", "check_args", "Health", "DeviceStatus", "ModelState",
                           "Activation", "Switch", "Stored", "Facts", "Backend", "runnable_formats"]

@@ -195,8 +195,10 @@ class DeviceSession:
         self._backends = st.backends
         return st
 
-    def activate(self, name: str, sha: str, incoming: Optional[str], keep: int) -> protocol.Activation:
-        return protocol.Activation.parse(self._release("activate", name=name, sha=sha, incoming=incoming, keep=keep))
+    def activate(self, name: str, sha: str, incoming: Optional[str], keep: int,
+                 check: bool = True) -> protocol.Activation:
+        return protocol.Activation.parse(self._release("activate", name=name, sha=sha, incoming=incoming, keep=keep,
+                                                       check=check))
 
     def store(self, name: str, sha: str, incoming: str) -> protocol.Stored:
         return protocol.Stored.parse(self._release("store", name=name, sha=sha, incoming=incoming))
@@ -212,9 +214,11 @@ class DeviceSession:
         """Read-only: the release directory on the device still has this sha256."""
         return bool(self._release("verify", name=name, sha=sha)["ok"])
 
-    def bench(self, path: str, runs: int, warmup: int, threads: Optional[int] = None) -> Dict[str, Any]:
-        """The latency report (DESIGN.md's method) of the bundle at `path` on the device."""
-        return self.call(*protocol.bench_args(path, runs, warmup, threads), timeout=3600)
+    def bench(self, path: str, runs: int, warmup: int, threads: Optional[int] = None,
+              prompt_tokens: Optional[int] = None, new_tokens: Optional[int] = None) -> Dict[str, Any]:
+        """The latency report (DESIGN.md's method) of the bundle at `path` on the device; a language
+        model's: TTFT, prefill and decode tok/s (`prompt_tokens` in, `new_tokens` out per run)."""
+        return self.call(*protocol.bench_args(path, runs, warmup, threads, prompt_tokens, new_tokens), timeout=3600)
 
     def check(self, path: str) -> Dict[str, Any]:
         """`python -m edgekit.runtime check PATH --json` on the device: the golden health check (a
@@ -226,12 +230,6 @@ class DeviceSession:
             if self.conn._client is None:
                 raise
             return {"ok": False, "error": e.message.split(": ", 1)[-1] if e.device else str(e)}
-
-    def llm_bench(self, path: str, prompt_tokens: int, new_tokens: int, runs: int,
-                  threads: Optional[int] = None) -> Dict[str, Any]:
-        """A language model's speed on the device (the runtime's LanguageModel.benchmark())."""
-        return self.run_python(protocol.LLM_BENCH, *protocol.llm_bench_args(path, prompt_tokens, new_tokens, runs,
-                                                                            threads), timeout=3600)
 
     def release_path(self, name: str, sha: str) -> str:
         return f"{self.root}/models/{name}/releases/{sha}"
