@@ -640,13 +640,12 @@ class Conversation:
         max_new = min(opts.max_new_tokens, lm.context - self.token_count - len(new_ids))
         if max_new < 1:
             raise DataError(f"the message does not fit the context ({lm.context} tokens)", hint="shorten it")
-        self.messages.append(user)
 
-        def on_end(s: Dict[str, Any]) -> None:
+        def on_end(s: Dict[str, Any]) -> None:    # the turn enters the history when its reply ends, however
             if s.get("prompt_tokens") is None:     # stopped before the prefill ran: the cache lacks this turn
                 self._gen = None
             reply_raw = lm.tokenizer.decode(s["token_ids"], skip_special_tokens=False)
-            self.messages.append({"role": "assistant", "content": s["text"]})
+            self.messages += [user, {"role": "assistant", "content": s["text"]}]
             self._kv = new_kv + [{"role": "assistant", "content": reply_raw}]
             self._text = rendered + reply_raw
             self._eos_in_cache = self._gen is not None and self._gen_last_is_eos()

@@ -123,6 +123,9 @@ def benchmark(lm, prompt_tokens: int = 128, new_tokens: int = 128, runs: int = 3
         "peak_rss_mb": mem["peak_rss_mb"],
         "rss_mb": mem["rss_mb"],
         "rss_before_load_mb": getattr(lm, "rss_before_load_mb", None),
+        # what loading and generating added to the process (its Python and libraries left out)
+        "rss_growth_mb": (mem["peak_rss_mb"] - lm.rss_before_load_mb)
+        if mem["peak_rss_mb"] and getattr(lm, "rss_before_load_mb", None) else None,
         "model_bytes": model_bytes,
         "kv_bytes_per_token": kv,
         "kv_bytes": (kv or 0) * total,
