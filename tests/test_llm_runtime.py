@@ -57,7 +57,7 @@ def lm(bundle) -> LanguageModel:
     return load(bundle)
 
 
-def test_load_returns_a_language_model_for_a_bundle_and_a_bare_folder(lm, og_dir):
+def test_load_returns_a_language_model_for_a_bundle_and_a_bare_folder(lm, og_dir, bundle, tmp_path):
     from edgekit.runtime.threads import usable_cpus
 
     assert isinstance(lm, LanguageModel) and lm.manifest["kind"] == "llm"
@@ -71,6 +71,14 @@ def test_load_returns_a_language_model_for_a_bundle_and_a_bare_folder(lm, og_dir
     assert bare.generate("Count: one", max_new_tokens=8) == lm.generate("Count: one", max_new_tokens=8)
     with pytest.raises(BundleError, match="golden check needs a bundle"):
         bare.check()
+    # a thread count measured fastest and recorded in the manifest (runtime.threads_choice) comes first
+    chosen = tmp_path / "chosen"
+    shutil.copytree(bundle, chosen)
+    m = json.loads((chosen / "manifest.json").read_text())
+    m["runtime"] = {"threads_choice": {"threads": 1, "tried": [1, 2]}}
+    (chosen / "manifest.json").write_text(json.dumps(m))
+    got = load(chosen)
+    assert (got.threads, got.threads_chosen_by) == (1, "manifest")
 
 
 def test_greedy_is_deterministic_and_seeded_sampling_reproducible(lm):

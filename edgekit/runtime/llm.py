@@ -36,9 +36,9 @@ For batching servers (edgekit.serve) the ONNX Runtime GenAI handles are attribut
 Facts: lm.manifest (None for a bare folder), lm.path, lm.model_dir, lm.threads, lm.threads_requested,
 lm.threads_chosen_by, lm.load_ms, lm.backend ("onnxruntime-genai"), lm.backend_version, lm.kind == "llm".
 
-Threads: `threads=` as given; otherwise the bundle's target profile's `runtime.threads` (its `llm.threads`
-where the profile has one) clamped to the CPUs this process may use (runtime.threads); a bare folder uses
-those usable CPUs. They reach ONNX Runtime as the decoder session's intra_op_num_threads (an overlay on
+Threads: `threads=` as given; otherwise a measured choice the manifest records (runtime.threads_choice, see
+runtime.threadprobe), else the bundle's target profile's `runtime.threads` (its `llm.threads` where the profile
+has one), clamped to the CPUs this process may use (runtime.threads); a bare folder uses those usable CPUs. They reach ONNX Runtime as the decoder session's intra_op_num_threads (an overlay on
 genai_config.json: the files on disk are never changed).
 """
 
@@ -196,6 +196,12 @@ def load_llm(path: Union[str, Path], *, threads: Optional[int] = None, verify: b
     asked = profile_threads(manifest)
     used = choose_threads(threads, asked)
     chosen_by = "argument" if threads is not None else ("profile" if asked is not None else "usable CPUs")
+    if threads is None and manifest is not None:   # a count measured fastest and recorded (runtime.threadprobe)
+        from edgekit.runtime.threadprobe import from_manifest
+
+        got = from_manifest(manifest.get("runtime") or {}, used)
+        if got is not None:
+            used, chosen_by = got[0], "manifest"
     config = og.Config(str(model_dir))
     config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": int(used)}}}}))
     try:
