@@ -191,6 +191,12 @@ class Connection:
         return self._sftp
 
     @property
+    def server_version(self) -> Optional[str]:
+        """The server's SSH identification, e.g. SSH-2.0-OpenSSH_9.2p1 (None when not connected)."""
+        t = self._client.get_transport() if self._client is not None else None
+        return t.remote_version if t is not None else None
+
+    @property
     def home(self) -> str:
         if self._home is None:
             self._home = self.sftp.normalize(".")

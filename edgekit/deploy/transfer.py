@@ -31,6 +31,10 @@ from edgekit.errors import BundleError, DeviceError
 
 CHUNK = 1 << 20
 RECONNECTS = 3                 # a dropped link is reopened this many times per upload
+# SFTP write requests: OpenSSH's sftp-server takes messages up to 256 KiB, so 255 KiB of data per request
+# (an eighth of the requests and acks paramiko handles in Python at its 32 KiB default: +8% on a 200 MB
+# upload in the lab); other servers get the 32 KiB every SFTP server must take
+OPENSSH_REQUEST = 255 * 1024
 _SOURCE: Optional[str] = None
 
 
@@ -170,6 +174,8 @@ class Store:
         remote = f"{self.objdir}/.part-{it.sha}"
         with open(it.local, "rb") as fl, sftp.open(remote, "r+b" if it.offset else "wb", bufsize=0) as fr:
             fr.set_pipelined(True)
+            if "OpenSSH" in (self.s.conn.server_version or ""):
+                fr.MAX_REQUEST_SIZE = OPENSSH_REQUEST
             if it.offset:
                 fr.seek(it.offset)
                 fl.seek(it.offset)
