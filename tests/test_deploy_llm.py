@@ -342,3 +342,28 @@ def test_real_llm_deploy_golden_check_profile_redeploy_and_rollback(cli, lab, ti
     # a device without onnxruntime-genai is told so before anything is sent
     r = cli("deploy", tiny_bundle, "-d", "bare", *inv)
     assert r.exit_code == 1 and "onnxruntime-genai is not installed" in r.stderr
+
+
+def test_deploy_serve_llm_answers_through_the_openai_api(cli, lab, tiny_bundle):
+    """deploy --serve of a language model: started on the device, gated by a completion of its golden
+    prompt through /v1/completions; a chat completion through the same API from the device's side."""
+    inv = ("--inventory", lab.inventory)
+    r = cli("deploy", tiny_bundle, "-d", "full", "--serve", "--serve-port", "18031", "--serve-manager", "process",
+            *inv)
+    try:
+        assert r.exit_code == 0, r.output
+        assert "started (process)" in r.output and "http://127.0.0.1:18031" in r.output, r.output
+        name = artifact.read_one(tiny_bundle).name
+        ask = ("import json, urllib.request; r = urllib.request.urlopen(urllib.request.Request("
+               "'http://127.0.0.1:18031/v1/chat/completions', json.dumps({'model': %r, 'max_tokens': 8, "
+               "'messages': [{'role': 'user', 'content': 'What colour is the box?'}]}).encode(), "
+               "{'Content-Type': 'application/json'}), timeout=60); print(r.read().decode())" % name)
+        out = subprocess.run(["ip", "netns", "exec", lab.devices["full"].ns, sys.executable, "-c", ask],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        reply = json.loads(out.stdout)
+        assert reply["object"] == "chat.completion" and reply["choices"][0]["message"]["content"].strip()
+        assert reply["usage"]["completion_tokens"] >= 1
+    finally:
+        r = cli("deploy", tiny_bundle, "-d", "full", "--no-serve", *inv)
+    assert r.exit_code == 0 and "stopped (pid" in r.output, r.output
