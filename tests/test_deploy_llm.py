@@ -309,6 +309,8 @@ def test_real_llm_deploy_golden_check_profile_redeploy_and_rollback(cli, lab, ti
     assert res["bytes_sent"] == art.bytes and res["backend"] == "onnxruntime-genai"
     mdir = lab.devices["full"].root / "models" / art.name
     assert (mdir / "current").resolve().name == art.sha256
+    r = cli("status", "-d", "full", *inv, "--json")          # the current release's health, checked on the device
+    assert r.exit_code == 0 and json.loads(r.stdout)[0]["models"][art.name]["health"]["ok"], r.stdout
     # TTFT and tok/s measured on the device
     r = cli("profile", tiny_bundle, "-d", "full", *inv, "--runs", 1, "--prompt-tokens", 16, "--new-tokens", 8,
             "--save-dir", tmp_path / "profiles")
