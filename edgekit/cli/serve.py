@@ -41,8 +41,15 @@ from edgekit.cli.render import serving_table
 @click.option("--status", "show_status", is_flag=True,
               help="The state of the server started with --pid-file (default ~/.edgekit/serve/serve.pid), JSON.")
 @click.option("--access-log", is_flag=True)
+@click.option("--max-sequences", type=int, default=8, show_default=True,
+              help="Language models: sequences decoded together (one read of the weights per step).")
+@click.option("--kv-cache-mb", type=float, help="Language models: KV-cache memory for all sequences "
+                                                "(default: each sequence can fill the context).")
+@click.option("--log-prompts", is_flag=True, help="Log prompts and generated text (default: token counts only).")
 def serve(paths, stop, show_status, **opts):
-    """Serve bundles over KServe's Open Inference Protocol v2 (HTTP/REST, binary tensors).
+    """Serve bundles over KServe's Open Inference Protocol v2 (HTTP/REST, binary tensors), and
+    language models also over the OpenAI-compatible API (/v1/chat/completions, /v1/completions,
+    /v1/models) with continuous batching, on the same port.
 
     PATHS: bundle directories, .tflite/.onnx files, or a device root (~/.edgekit: every deployed
     model, following its `current` release with a golden-checked hot swap)."""

@@ -43,6 +43,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--status", action="store_true",
                    help="print the state of the server named by --pid-file (JSON), then exit")
     p.add_argument("--access-log", action="store_true")
+    p.add_argument("--max-sequences", type=int, default=8,
+                   help="language models: sequences decoded together, one read of the weights per step (default 8)")
+    p.add_argument("--kv-cache-mb", type=float, default=None,
+                   help="language models: KV-cache memory for all sequences (default: each can fill the context)")
+    p.add_argument("--log-prompts", action="store_true",
+                   help="log prompts and generated text (by default only token counts are logged)")
     p.add_argument("--http", default="auto", choices=["auto", "h11", "httptools"],
                    help="HTTP parser: auto (default) uses httptools (and uvloop) when installed, else h11")
 
@@ -63,7 +69,9 @@ def config_from(args) -> "object":
                        inline_ms=args.inline_ms,
                        max_body_mb=args.max_body_mb, threads=args.threads, backend=args.backend,
                        poll_interval=args.poll_interval, check=not args.no_check, pid_file=args.pid_file,
-                       access_log=args.access_log, http=getattr(args, "http", "auto"))
+                       access_log=args.access_log, http=getattr(args, "http", "auto"),
+                       max_sequences=getattr(args, "max_sequences", 8), kv_cache_mb=getattr(args, "kv_cache_mb", None),
+                       log_prompts=getattr(args, "log_prompts", False))
 
 
 def setup_logging() -> None:

@@ -42,8 +42,16 @@ _JSON = [(b"content-type", b"application/json")]
 class App:
     def __init__(self, entries: List[ModelEntry], engine: Engine, metrics: Metrics, *,
                  token: Optional[str] = None, max_body: int = 64 << 20, poll_interval: float = 1.0,
-                 load_kwargs: Optional[Dict[str, Any]] = None):
-        self.entries = {e.name: e for e in entries}
+                 load_kwargs: Optional[Dict[str, Any]] = None, llm_entries: Optional[list] = None,
+                 llm_kwargs: Optional[Dict[str, Any]] = None, log_prompts: bool = False):
+        from edgekit.serve.openai_api import LLMApi
+
+        llm_entries = list(llm_entries or [])
+        self.entries = {e.name: e for e in list(entries) + llm_entries}
+        # language models: the OpenAI-compatible API and Triton's generate (openai_api.py), same token and limits
+        self.llm = LLMApi(llm_entries, metrics, read_body=self._read_body, authorized=self._authorized,
+                          log_prompts=log_prompts)
+        self.llm_kwargs = llm_kwargs or {}
         self.engine = engine
         self.metrics = metrics
         self._token = token.encode() if token else None
@@ -52,7 +60,7 @@ class App:
         self.poll_interval = poll_interval
         self.load_kwargs = load_kwargs or {}
         self._watch: Optional[asyncio.Task] = None
-        for e in entries:
+        for e in self.entries.values():
             self._record_state(e)
 
     # -- ASGI -----------------------------------------------------------------
@@ -61,6 +69,9 @@ class App:
             await self._lifespan(receive, send)
             return
         if scope["type"] != "http":
+            return
+        if self.llm.handles(scope["path"]):
+            await self.llm(scope, receive, send)
             return
         status, headers, body = await self._handle(scope, receive)
         await send({"type": "http.response.start", "status": status,
@@ -78,6 +89,8 @@ class App:
                 if self._watch is not None:
                     self._watch.cancel()
                 await self.engine.stop()
+                for e in self.llm.entries.values():  # sequences cancelled, generation threads ended
+                    await asyncio.get_running_loop().run_in_executor(None, e.close)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
@@ -92,7 +105,8 @@ class App:
                 if path is None:
                     continue
                 before = e.active
-                ok = await loop.run_in_executor(None, lambda: e.try_load(path, **self.load_kwargs))
+                kw = self.llm_kwargs if getattr(e, "kind", None) == "llm" else self.load_kwargs
+                ok = await loop.run_in_executor(None, lambda: e.try_load(path, **kw))
                 if ok and before is not None:
                     self.metrics.swaps.inc(model=e.name)
                 elif not ok:

@@ -12,6 +12,8 @@ from typing import Dict, List, Sequence, Tuple
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 
 Labels = Tuple[Tuple[str, str], ...]
 
@@ -133,9 +135,29 @@ class Metrics:
                                      "New releases that failed to load or failed their golden check, "
                                      "per model (the old release kept serving).", lk)
         self.ready = Gauge(p + "model_ready", "1 when the model serves, per model.", lk)
+        # language models (labels: model, version): the OpenAI-compatible API and Triton's generate
+        self.llm_prompt_tokens = Counter(p + "llm_prompt_tokens_total", "Prompt tokens prefilled.", lk)
+        self.llm_completion_tokens = Counter(p + "llm_completion_tokens_total", "Tokens generated.", lk)
+        self.llm_ttft = Histogram(p + "llm_time_to_first_token_seconds",
+                                  "Request arrival (queued) to its first generated token.", lk, TTFT_BUCKETS)
+        self.llm_inter_token = Histogram(p + "llm_inter_token_seconds",
+                                         "Time between two tokens of a sequence.", lk, TOKEN_BUCKETS)
+        self.llm_active = Gauge(p + "llm_active_sequences", "Sequences generating (holding a KV-cache slot).", lk)
+        self.llm_queued = Gauge(p + "llm_queued_sequences", "Sequences waiting for a slot or KV-cache room.", lk)
+        self.llm_kv_bytes = Gauge(p + "llm_kv_cache_bytes", "KV-cache bytes holding the active sequences' tokens.",
+                                  lk)
+        self.llm_kv_capacity = Gauge(p + "llm_kv_cache_capacity_bytes",
+                                     "KV-cache bytes the server may fill (--kv-cache-mb, or slots x context).", lk)
+        self.llm_finished = Counter(p + "llm_sequences_finished_total",
+                                    "Sequences ended, by reason (stop, length, cancelled: the client left).", lk)
+        self.llm_batch = Histogram(p + "llm_decode_batch_size", "Sequences decoded together per step.", lk,
+                                   BATCH_BUCKETS)
         self._all = [self.requests, self.failures, self.request_latency, self.inference_latency,
                      self.queue_length, self.in_flight, self.batch_size, self.load_seconds,
-                     self.swaps, self.swap_failures, self.ready]
+                     self.swaps, self.swap_failures, self.ready,
+                     self.llm_prompt_tokens, self.llm_completion_tokens, self.llm_ttft, self.llm_inter_token,
+                     self.llm_active, self.llm_queued, self.llm_kv_bytes, self.llm_kv_capacity, self.llm_finished,
+                     self.llm_batch]
 
     def render(self) -> bytes:
         lines: List[str] = []

@@ -63,6 +63,8 @@ def discover(paths: List[str]) -> List[Source]:
                 raise BundleError("not a model edgekit can serve", path=str(p),
                                   hint="give a bundle directory, a .tflite/.onnx file, or a device root")
             add(Source(check_name(p.stem), "file", p))
+        elif _llm_name(p):  # a language model: an LLM bundle or a bare ONNX Runtime GenAI folder
+            add(Source(_llm_name(p), "bundle", p))
         elif is_bundle(p):
             add(Source(read_bundle(p, verify=False).name, "bundle", p))
         elif (p / "current").is_symlink() or (p / "releases").is_dir():
@@ -87,6 +89,15 @@ def discover(paths: List[str]) -> List[Source]:
     if not out:
         raise BundleError("nothing to serve", hint="give a bundle directory or a device root")
     return list(out.values())
+
+
+def _llm_name(p: Path) -> Optional[str]:
+    """The name of a language model at `p` (manifest name, else the folder's), or None when it is not one."""
+    from edgekit.runtime.llm import is_llm, llm_manifest
+
+    if not is_llm(p):
+        return None
+    return check_name(str((llm_manifest(p) or {}).get("name") or p.name))
 
 
 class InstancePool:

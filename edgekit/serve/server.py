@@ -53,6 +53,10 @@ class ServeConfig:
     pid_file: Optional[str] = None
     access_log: bool = False
     http: str = "auto"   # uvicorn's HTTP parser: auto (httptools when installed, else h11), h11, httptools
+    # language models (the OpenAI-compatible API): sequences decoded together, their KV-cache budget, logging
+    max_sequences: int = 8
+    kv_cache_mb: Optional[float] = None   # None: every slot can hold the whole context
+    log_prompts: bool = False
 
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
@@ -73,9 +77,11 @@ class ServeConfig:
             if f and not Path(f).is_file():
                 raise ServeError(f"TLS file not found: {f}")
         for opt, v, lo in (("--max-concurrency", self.max_concurrency, 1), ("--max-queue", self.max_queue, 0),
-                           ("--max-batch", self.max_batch, 1)):
+                           ("--max-batch", self.max_batch, 1), ("--max-sequences", self.max_sequences, 1)):
             if v < lo:
                 raise ServeError(f"{opt} must be at least {lo} (got {v})")
+        if self.kv_cache_mb is not None and self.kv_cache_mb <= 0:
+            raise ServeError(f"--kv-cache-mb must be > 0 (got {self.kv_cache_mb})")
         if min(self.max_delay_ms, self.inline_ms) < 0 or min(self.max_body_mb, self.poll_interval) <= 0:
             raise ServeError("--max-delay-ms and --inline-ms must be >= 0, --max-body-mb and the poll "
                              "interval > 0")
@@ -88,6 +94,11 @@ class ServeConfig:
     def load_kwargs(self):
         return {"instances": self.max_concurrency, "threads": self.threads, "backend": self.backend,
                 "check": self.check}
+
+    def llm_kwargs(self, metrics) -> dict:
+        """For a language model's release (llm_engine.load_llm_release)."""
+        return {"threads": self.threads, "check": self.check, "max_sequences": self.max_sequences,
+                "max_queue": self.max_queue, "kv_cache_mb": self.kv_cache_mb, "metrics": metrics}
 
 
 def http_parser(choice: str = "auto") -> str:
@@ -104,21 +115,24 @@ def build(paths: List[str], config: ServeConfig) -> Tuple["object", List[ModelEn
     comes up not ready (a deployed model may get a good release later); a bundle or file given
     directly that fails is an error."""
     from edgekit.serve.app import App
+    from edgekit.serve.llm_engine import LLMEntry, is_llm_path
 
-    entries = []
+    entries, llms = [], []
+    metrics = Metrics()
     for src in discover(paths):
-        e = ModelEntry(src)
-        ok = e.try_load(src.resolve(), **config.load_kwargs)
+        llm = is_llm_path(src.resolve())
+        e = LLMEntry(src) if llm else ModelEntry(src)
+        ok = e.try_load(src.resolve(), **(config.llm_kwargs(metrics) if llm else config.load_kwargs))
         if not ok and src.kind != "deployed":
             raise ServeError(f"cannot serve {src.path}: {e.failure['error']}")
-        entries.append(e)
-    metrics = Metrics()
+        (llms if llm else entries).append(e)
     engine = Engine(max_concurrency=config.max_concurrency, max_queue=config.max_queue,
                     max_batch=config.max_batch, max_delay_ms=config.max_delay_ms, metrics=metrics,
                     inline_ms=config.inline_ms)
     app = App(entries, engine, metrics, token=config.token, max_body=config.max_body,
-              poll_interval=config.poll_interval, load_kwargs=config.load_kwargs)
-    return app, entries
+              poll_interval=config.poll_interval, load_kwargs=config.load_kwargs, llm_entries=llms,
+              llm_kwargs=config.llm_kwargs(metrics), log_prompts=config.log_prompts)
+    return app, entries + llms
 
 
 def serve(paths: List[str], config: ServeConfig, say=print) -> None:
@@ -138,13 +152,17 @@ def serve(paths: List[str], config: ServeConfig, say=print) -> None:
                               lifespan="on", access_log=config.access_log, log_level="warning",
                               server_header=False, date_header=False, timeout_keep_alive=30,
                               # connections beyond what the queue can hold get uvicorn's plain 503
-                              limit_concurrency=config.max_concurrency * config.max_batch + config.max_queue + 64,
+                              limit_concurrency=config.max_concurrency * config.max_batch + config.max_queue
+                              + config.max_sequences + 64,
                               ssl_certfile=config.tls_cert, ssl_keyfile=config.tls_key)
         server = uvicorn.Server(ucfg)
         for e in entries:
             a = e.active
             say(f"model {e.name}: " + (f"version {a.version} ({a.backend} {a.backend_version}, {a.format})"
-                                       if a else f"NOT READY: {(e.failure or {}).get('error')}"))
+                                       if a else f"NOT READY: {(e.failure or {}).get('error')}")
+                + (f"; language model: /v1/chat/completions, /v1/completions, /v2/models/{e.name}/generate "
+                   f"(context {a.context}, up to {a.engine.max_sequences} sequences decoded together)"
+                   if a is not None and getattr(e, "kind", None) == "llm" else ""))
         say(f"serving on {scheme}://{config.host}:{config.port}/v2 "
             f"(auth: {'bearer token' if config.token else 'none'}; HTTP parser {http_parser(config.http)}; "
             f"max concurrency {config.max_concurrency}, "

@@ -1,0 +1,805 @@
+"""Serving a language model: continuous batching of independent sequences over one ONNX Runtime session.
+
+Why not ONNX Runtime GenAI's own batching: its `Engine` batches dynamically only for models built with
+PagedAttention, which its model builder supports for the CUDA execution provider alone; on a CPU it keeps
+a static batch (a new request waits until every request of the running batch has finished), and a
+`Generator` per request reads all the weights once per request per token. Decoding is memory-bound, so
+here the decoder graph the bundle carries (GroupQueryAttention, past/present KV sharing one buffer, as
+ORT GenAI's builder writes it for CPU) is run directly:
+
+- the KV cache is one buffer per layer and K/V, [max_sequences, kv_heads, capacity, head_dim]; a sequence
+  owns one row (a slot) for its life, and its past and present are bound to the same memory (in place);
+- each decode step runs every active sequence as one batch of rows 0..n-1 (one read of the weights serves
+  them all); the attention mask gives each row its own length, so sequences of any lengths decode
+  together, and a new sequence is prefilled into a free slot between two steps and joins the next one;
+- a sequence that ends or whose client went away leaves between two steps: the last row moves into its
+  slot (so the active rows stay 0..n-1) and the vacated row's pages go back to the OS (madvise), so the
+  KV memory a server holds follows the tokens it holds.
+
+Greedy decoding under batching gives the same tokens as ONNX Runtime GenAI's single-stream generator
+(the same graph; each row's arithmetic does not depend on the others: tested with 8 concurrent streams).
+Admission is bounded by `max_sequences`, by the KV-cache budget (each sequence reserves prompt + max
+tokens, capped at the slot capacity) and by a bounded wait queue; beyond them a request is refused at once.
+Prefill runs whole prompts between decode steps (no chunking): a long prompt delays the next step of the
+others by its prefill time.
+
+Standard library and numpy at import; onnxruntime and onnxruntime_genai inside functions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from edgekit.errors import BundleError, DataError, EdgekitError
+
+log = logging.getLogger("edgekit.serve")
+
+VERSION_CHARS = 12
+_PAGE = mmap.PAGESIZE
+
+
+class Busy(EdgekitError):
+    """Every sequence slot and the wait queue are taken (HTTP 429)."""
+
+
+class TooLong(DataError):
+    """The prompt does not fit the model's context (HTTP 400, code context_length_exceeded)."""
+
+
+# -- sampling ---------------------------------------------------------------------------------------------
+
+@dataclass
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: Optional[int] = None
+    stop: List[str] = field(default_factory=list)
+    ignore_eos: bool = False    # vLLM's extension: generate max_tokens whatever the model says
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+def _sample(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator) -> int:
+    """One token from a row of logits: temperature, then top-k, then nucleus (top-p)."""
+    x = logits.astype(np.float64) / p.temperature
+    if 0 < p.top_k < x.size:
+        cut = np.partition(x, -p.top_k)[-p.top_k]
+        x = np.where(x >= cut, x, -np.inf)
+    x = np.exp(x - x.max())
+    probs = x / x.sum()
+    if p.top_p < 1.0:
+        order = np.argsort(-probs, kind="stable")
+        cum = np.cumsum(probs[order])
+        keep = order[: int(np.searchsorted(cum, p.top_p)) + 1]
+        sub = probs[keep] / probs[keep].sum()
+        return int(keep[rng.choice(keep.size, p=sub)])
+    return int(rng.choice(probs.size, p=probs))
+
+
+def _hold_back(text: str, stops: Sequence[str]) -> int:
+    """Characters at the end of `text` that may begin a stop string (held until the next token decides)."""
+    keep = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), keep, -1):
+            if text.endswith(s[:n]):
+                keep = n
+                break
+    return keep
+
+
+# -- one sequence -----------------------------------------------------------------------------------------
+
+class GenSequence:
+    """A request's generation: its prompt, sampling, the tokens made, and the events for its client.
+
+    Events (delivered on the client's event loop, through `on_events`): ("text", piece), then
+    ("done", finish_reason) with finish_reason "stop" | "length" | "cancelled", or ("error", message)."""
+
+    def __init__(self, prompt_ids: List[int], params: SamplingParams, on_events: Callable[[list], None],
+                 *, request_id: str = ""):
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.on_events = on_events          # called from the engine thread with a list of events
+        self.request_id = request_id
+        self.rng = np.random.default_rng(params.seed)
+        self.tokens: List[int] = []
+        self.length = 0                     # tokens in the KV cache
+        self.reserve = 0                    # KV tokens reserved at admission
+        self.cancelled = False
+        self.client_gone = False            # set by the HTTP side when the client disconnected
+        self.finish: Optional[str] = None
+        self.t_arrival = time.perf_counter()
+        self.t_first: Optional[float] = None
+        self.t_last: Optional[float] = None
+        self._detok = None
+        self._pending = ""
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.tokens)
+
+    def cancel(self) -> None:
+        """From any thread: the engine drops the sequence (and frees its slot) before its next step."""
+        self.cancelled = True
+
+
+# -- the decoder graph, batched ---------------------------------------------------------------------------
+
+class _KVBuffer:
+    """[rows, kv_heads, capacity, head_dim] in anonymous memory, so a row's pages can be given back."""
+
+    def __init__(self, rows: int, kv_heads: int, capacity: int, head_dim: int, dtype):
+        self.row_bytes = kv_heads * capacity * head_dim * np.dtype(dtype).itemsize
+        self._mm = mmap.mmap(-1, max(rows * self.row_bytes, 1))
+        self.array = np.frombuffer(self._mm, dtype=dtype).reshape(rows, kv_heads, capacity, head_dim)
+
+    def release_row(self, row: int) -> None:
+        start = -(-row * self.row_bytes // _PAGE) * _PAGE
+        end = ((row + 1) * self.row_bytes // _PAGE) * _PAGE
+        if end > start:
+            self._mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+    def close(self) -> None:
+        self.array = None
+        try:
+            self._mm.close()
+        except BufferError:  # a view is still alive somewhere: the memory goes with it
+            pass
+
+
+class BatchedDecoder:
+    """The bundle's decoder graph run for many sequences at once (see the module docstring)."""
+
+    def __init__(self, model_dir: Path, genai_config: Dict[str, Any], *, threads: Optional[int],
+                 slots: int, capacity: int):
+        import onnxruntime as ort
+
+        self._ort = ort
+        m = genai_config.get("model") or {}
+        d = m.get("decoder") or {}
+        search = genai_config.get("search") or {}
+        providers = [po for po in (d.get("session_options") or {}).get("provider_options") or [] if po]
+        if providers:
+            raise BundleError(f"the batching server runs the CPU execution provider; this model is built for "
+                              f"{', '.join(sorted(k for po in providers for k in po))}", path=str(model_dir),
+                              hint="convert for a CPU target to serve it with edgekit serve")
+        if not search.get("past_present_share_buffer", False):
+            raise BundleError("the decoder does not share its past and present KV buffers "
+                              "(search.past_present_share_buffer is false in genai_config.json)",
+                              path=str(model_dir), hint="convert it with ORT GenAI's builder for the CPU")
+        names_in, names_out = d.get("inputs") or {}, d.get("outputs") or {}
+        self.n_layers = int(d["num_hidden_layers"])
+        self.kv_heads = int(d["num_key_value_heads"])
+        self.head_dim = int(d["head_size"])
+        self.vocab = int(m.get("vocab_size") or 0)
+        self.slots = int(slots)
+        self.capacity = int(capacity)
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(model_dir / d.get("filename", "model.onnx")), so,
+                                            providers=["CPUExecutionProvider"])
+        have = {i.name: i for i in self.session.get_inputs()}
+        self.in_ids = names_in.get("input_ids", "input_ids")
+        self.in_mask = names_in.get("attention_mask", "attention_mask")
+        self.in_pos = names_in.get("position_ids") if names_in.get("position_ids") in have else None
+        self.out_logits = names_out.get("logits", "logits")
+        self.past = [(names_in.get("past_key_names", "past_key_values.%d.key") % i,
+                      names_in.get("past_value_names", "past_key_values.%d.value") % i) for i in range(self.n_layers)]
+        self.present = [(names_out.get("present_key_names", "present.%d.key") % i,
+                         names_out.get("present_value_names", "present.%d.value") % i)
+                        for i in range(self.n_layers)]
+        wanted = {self.in_ids, self.in_mask} | {n for kv in self.past for n in kv}
+        if self.in_pos:
+            wanted.add(self.in_pos)
+        missing = sorted(wanted - set(have))
+        extra = sorted(set(have) - wanted)
+        if missing or extra:
+            raise BundleError(f"the decoder graph's inputs do not fit the batching server (missing {missing}, "
+                              f"unexpected {extra})", path=str(model_dir))
+        kv_type = have[self.past[0][0]].type
+        self.kv_dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16}.get(kv_type)
+        if self.kv_dtype is None:
+            raise BundleError(f"KV cache of type {kv_type} is not served (float32 or float16)", path=str(model_dir))
+        self.logits_dtype = np.float32 if self.session.get_outputs()[0].type == "tensor(float)" else np.float16
+        if not self.vocab:
+            self.vocab = int(self.session.get_outputs()[0].shape[-1])
+        self.kv_bytes_per_token = 2 * self.n_layers * self.kv_heads * self.head_dim * np.dtype(self.kv_dtype).itemsize
+        self.buffers = [(_KVBuffer(self.slots, self.kv_heads, self.capacity, self.head_dim, self.kv_dtype),
+                         _KVBuffer(self.slots, self.kv_heads, self.capacity, self.head_dim, self.kv_dtype))
+                        for _ in range(self.n_layers)]
+        self._binding_key = None
+        self._binding = None
+
+    # one binding per (rows, mask width): the KV views of rows 0..n-1 bound as past and present
+    def _bind_kv(self, b, rows: slice) -> None:
+        ortv = self._ort.OrtValue.ortvalue_from_numpy
+        for (pk, pv), (ok, ov), (bk, bv) in zip(self.past, self.present, self.buffers):
+            k, v = ortv(bk.array[rows]), ortv(bv.array[rows])
+            b.bind_ortvalue_input(pk, k)
+            b.bind_ortvalue_output(ok, k)
+            b.bind_ortvalue_input(pv, v)
+            b.bind_ortvalue_output(ov, v)
+
+    def prefill(self, slot: int, ids: Sequence[int]) -> np.ndarray:
+        """Run a prompt into `slot`'s (empty) cache: the logits after its last token (float32 [vocab])."""
+        n = len(ids)
+        b = self.session.io_binding()
+        b.bind_cpu_input(self.in_ids, np.asarray([ids], dtype=np.int64))
+        b.bind_cpu_input(self.in_mask, np.ones((1, n), dtype=np.int64))
+        if self.in_pos:
+            b.bind_cpu_input(self.in_pos, np.arange(n, dtype=np.int64)[None])
+        b.bind_output(self.out_logits)
+        self._bind_kv(b, slice(slot, slot + 1))
+        self.session.run_with_iobinding(b)
+        out = b.get_outputs()[0].numpy()
+        return np.asarray(out[0, -1], dtype=np.float32)
+
+    def decode(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """One step for rows 0..n-1: tokens [n] (the last token of each, not yet in its cache), lengths [n]
+        (tokens in each cache). Returns logits [n, vocab] (a view, valid until the next call)."""
+        n = int(tokens.shape[0])
+        need = int(lengths.max()) + 1
+        width = min(self.capacity, -(-need // 64) * 64)
+        if self._binding_key != (n, width):
+            ortv = self._ort.OrtValue.ortvalue_from_numpy
+            b = self.session.io_binding()
+            self._ids = np.zeros((n, 1), dtype=np.int64)
+            self._mask = np.zeros((n, width), dtype=np.int64)
+            self._pos = np.zeros((n, 1), dtype=np.int64)
+            self._logits = np.zeros((n, 1, self.vocab), dtype=self.logits_dtype)
+            self._cols = np.arange(width, dtype=np.int64)[None]
+            b.bind_ortvalue_input(self.in_ids, ortv(self._ids))
+            b.bind_ortvalue_input(self.in_mask, ortv(self._mask))
+            if self.in_pos:
+                b.bind_ortvalue_input(self.in_pos, ortv(self._pos))
+            b.bind_ortvalue_output(self.out_logits, ortv(self._logits))
+            self._bind_kv(b, slice(0, n))
+            self._binding, self._binding_key = b, (n, width)
+        self._ids[:, 0] = tokens
+        np.less(self._cols, (lengths + 1)[:, None], out=self._mask, casting="unsafe")
+        if self.in_pos:
+            self._pos[:, 0] = lengths
+        self.session.run_with_iobinding(self._binding)
+        return self._logits[:, 0]
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy a sequence's cache (its first `length` positions) from row `src` to row `dst`."""
+        for bk, bv in self.buffers:
+            bk.array[dst, :, :length] = bk.array[src, :, :length]
+            bv.array[dst, :, :length] = bv.array[src, :, :length]
+
+    def release(self, row: int) -> None:
+        for bk, bv in self.buffers:
+            bk.release_row(row)
+            bv.release_row(row)
+
+    def close(self) -> None:
+        self._binding = None
+        self._binding_key = None
+        for bk, bv in self.buffers:
+            bk.close()
+            bv.close()
+        self.buffers = []
+
+
+# -- the scheduler ----------------------------------------------------------------------------------------
+
+class LLMEngine:
+    """One thread that admits sequences, prefills them and decodes all active ones together.
+
+    submit() (any thread) queues a sequence or refuses it (Busy / TooLong); the engine thread delivers its
+    events through the sequence's `on_events`. retire() lets the sequences already admitted or queued
+    finish, then ends the thread and frees the KV buffers (a hot swap retires the old release's engine)."""
+
+    def __init__(self, decoder: BatchedDecoder, tokenizer, *, name: str, max_sequences: int, max_queue: int,
+                 kv_budget_tokens: int, eos_token_ids: Sequence[int], metrics=None,
+                 labels: Optional[Dict[str, str]] = None):
+        self.decoder = decoder
+        self.labels = dict(labels or {"model": name})
+        self.tokenizer = tokenizer
+        self.name = name
+        self.max_sequences = min(int(max_sequences), decoder.slots)
+        self.max_queue = int(max_queue)
+        self.capacity = decoder.capacity
+        self.kv_budget_tokens = int(kv_budget_tokens)
+        self.eos = set(int(e) for e in eos_token_ids)
+        self.metrics = metrics
+        self.waiting: Deque[GenSequence] = deque()
+        self.active: List[GenSequence] = []
+        self.steps = 0
+        self._cv = threading.Condition()
+        self._retiring = False
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"edgekit-llm-{name}", daemon=True)
+        self._thread.start()
+
+    # -- from request handlers --------------------------------------------------------------------------
+    def submit(self, seq: GenSequence) -> None:
+        n = seq.prompt_tokens
+        if n < 1:
+            raise DataError("the prompt is empty (no tokens)")
+        if n >= self.capacity:
+            raise TooLong(f"the prompt is {n} tokens; the model's context is {self.capacity} tokens "
+                          f"(the prompt and at least one new token must fit)")
+        seq.params.max_tokens = min(seq.params.max_tokens, self.capacity - n)
+        seq.reserve = n + seq.params.max_tokens
+        if seq.reserve > self.kv_budget_tokens:
+            seq.params.max_tokens = self.kv_budget_tokens - n
+            seq.reserve = self.kv_budget_tokens
+            if seq.params.max_tokens < 1:
+                raise TooLong(f"the prompt is {n} tokens; the server's KV cache holds {self.kv_budget_tokens} "
+                              f"tokens per sequence at most (--kv-cache-mb)")
+        with self._cv:
+            if self._retiring:
+                raise Busy(f"model '{self.name}' is being replaced; retry")
+            if len(self.active) + len(self.waiting) >= self.max_sequences + self.max_queue:
+                raise Busy(f"model '{self.name}' is busy: {len(self.active)} sequences generating and "
+                           f"{len(self.waiting)} waiting (--max-sequences {self.max_sequences}, "
+                           f"--max-queue {self.max_queue}); retry later")
+            self.waiting.append(seq)
+            self._gauges()
+            self._cv.notify()
+
+    def wake(self) -> None:
+        """A sequence was cancelled: let the thread drop it now even when it is idle-waiting."""
+        with self._cv:
+            self._cv.notify()
+
+    def retire(self) -> None:
+        with self._cv:
+            self._retiring = True
+            self._cv.notify()
+
+    def join(self, timeout: Optional[float] = None) -> bool:
+        return self._closed.wait(timeout)
+
+    @property
+    def kv_tokens(self) -> int:
+        return sum(s.length for s in self.active)
+
+    # -- the thread -------------------------------------------------------------------------------------
+    def _gauges(self) -> None:
+        m = self.metrics
+        if m is not None:
+            m.llm_active.set(len(self.active), **self.labels)
+            m.llm_queued.set(len(self.waiting), **self.labels)
+            m.llm_kv_bytes.set(self.kv_tokens * self.decoder.kv_bytes_per_token, **self.labels)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    while not self.waiting and not self.active and not self._retiring:
+                        self._cv.wait()
+                    if self._retiring and not self.waiting and not self.active:
+                        return
+                    admit = self._admit()
+                events: Dict[GenSequence, list] = {}
+                for seq in admit:
+                    self._prefill(seq, events)
+                self._drop_finished(events)
+                if self.active:
+                    self._step(events)
+                    self._drop_finished(events)
+                with self._cv:
+                    self._gauges()
+                for seq, evs in events.items():
+                    seq.on_events(evs)
+        except BaseException as e:  # the engine thread failing: every sequence hears it, the model is not ready
+            log.exception("model %s: the generation thread failed", self.name)
+            with self._cv:
+                self._retiring = True
+                left = list(self.active) + list(self.waiting)
+                self.active.clear()
+                self.waiting.clear()
+            for seq in left:
+                seq.on_events([("error", f"generation failed: {type(e).__name__}: {e}")])
+        finally:
+            self.decoder.close()
+            with self._cv:
+                self._gauges()
+            self._closed.set()
+
+    def _admit(self) -> List[GenSequence]:
+        """Waiting sequences that fit now (slots and KV budget), in arrival order; cancelled ones leave."""
+        out: List[GenSequence] = []
+        reserved = sum(s.reserve for s in self.active)
+        while self.waiting and len(self.active) + len(out) < self.max_sequences:
+            seq = self.waiting[0]
+            if seq.cancelled:
+                self.waiting.popleft()
+                self._finish_event(seq, "cancelled", None)
+                continue
+            if reserved + seq.reserve > self.kv_budget_tokens:
+                break
+            self.waiting.popleft()
+            reserved += seq.reserve
+            out.append(seq)
+        return out
+
+    def _finish_event(self, seq: GenSequence, reason: str, events: Optional[Dict[GenSequence, list]]) -> None:
+        seq.finish = reason
+        if self.metrics is not None:
+            self.metrics.llm_finished.inc(reason=reason, **self.labels)
+        if events is None:
+            seq.on_events([("done", reason)])
+        else:
+            events.setdefault(seq, []).append(("done", reason))
+
+    def _prefill(self, seq: GenSequence, events) -> None:
+        slot = len(self.active)
+        self.active.append(seq)
+        try:
+            logits = self.decoder.prefill(slot, seq.prompt_ids)
+        except Exception as e:  # this prompt fails (e.g. out of memory): the others go on
+            log.error("model %s: prefill of %d tokens failed: %s", self.name, seq.prompt_tokens, e)
+            self.active.pop()
+            self.decoder.release(slot)
+            seq.finish = "error"
+            events.setdefault(seq, []).append(("error", f"prefill failed: {type(e).__name__}: {e}"))
+            return
+        seq.length = seq.prompt_tokens
+        seq._detok = self.tokenizer.create_stream()
+        if self.metrics is not None:
+            self.metrics.llm_prompt_tokens.inc(seq.prompt_tokens, **self.labels)
+        self._accept(seq, self._choose(seq, logits), events)
+
+    def _choose(self, seq: GenSequence, row: np.ndarray) -> int:
+        if seq.params.greedy:
+            return int(row.argmax())
+        return _sample(row, seq.params, seq.rng)
+
+    def _step(self, events) -> None:
+        act = self.active
+        tokens = np.fromiter((s.tokens[-1] for s in act), dtype=np.int64, count=len(act))
+        lengths = np.fromiter((s.length for s in act), dtype=np.int64, count=len(act))
+        logits = self.decoder.decode(tokens, lengths)
+        self.steps += 1
+        if self.metrics is not None:
+            self.metrics.llm_batch.observe(len(act), **self.labels)
+        greedy = [i for i, s in enumerate(act) if s.params.greedy]
+        top = logits[greedy].argmax(-1) if greedy else ()
+        picks: Dict[int, int] = dict(zip(greedy, (int(t) for t in top)))
+        for i, s in enumerate(act):
+            s.length += 1
+            self._accept(s, picks[i] if i in picks else _sample(logits[i], s.params, s.rng), events)
+
+    def _accept(self, seq: GenSequence, tok: int, events) -> None:
+        """A new token for `seq`: timing, end of sequence, text (with stop strings), length."""
+        now = time.perf_counter()
+        m = self.metrics
+        if seq.t_first is None:
+            seq.t_first = now
+            if m is not None:
+                m.llm_ttft.observe(now - seq.t_arrival, **self.labels)
+        elif m is not None:
+            m.llm_inter_token.observe(now - seq.t_last, **self.labels)
+        seq.t_last = now
+        seq.tokens.append(tok)
+        if m is not None:
+            m.llm_completion_tokens.inc(**self.labels)
+        evs = events.setdefault(seq, [])
+        if tok in self.eos and not seq.params.ignore_eos:
+            self._flush(seq, evs)
+            self._finish_event(seq, "stop", events)
+            return
+        piece = seq._detok.decode(tok)
+        stops = seq.params.stop
+        if stops:
+            seq._pending += piece
+            hit = min((i for i in (seq._pending.find(s) for s in stops) if i >= 0), default=-1)
+            if hit >= 0:
+                if hit:
+                    evs.append(("text", seq._pending[:hit]))
+                seq._pending = ""
+                self._finish_event(seq, "stop", events)
+                return
+            keep = _hold_back(seq._pending, stops)
+            out = seq._pending[:len(seq._pending) - keep]
+            seq._pending = seq._pending[len(seq._pending) - keep:]
+            if out:
+                evs.append(("text", out))
+        elif piece:
+            evs.append(("text", piece))
+        if len(seq.tokens) >= seq.params.max_tokens or seq.length + 1 >= self.capacity:
+            self._flush(seq, evs)
+            self._finish_event(seq, "length", events)
+
+    @staticmethod
+    def _flush(seq: GenSequence, evs: list) -> None:
+        if seq._pending:
+            evs.append(("text", seq._pending))
+            seq._pending = ""
+
+    def _drop_finished(self, events) -> None:
+        """Sequences that finished or were cancelled leave; the last row fills each hole."""
+        i = 0
+        act = self.active
+        while i < len(act):
+            s = act[i]
+            if s.finish is None and s.cancelled:
+                self._finish_event(s, "cancelled", events)
+            if s.finish is None:
+                i += 1
+                continue
+            last = len(act) - 1
+            if i != last:
+                self.decoder.move(last, i, act[last].length)
+                act[i] = act[last]
+            act.pop()
+            self.decoder.release(last)
+        # cancelled while waiting: leave the queue now, not when their turn comes
+        if any(s.cancelled for s in self.waiting):
+            with self._cv:
+                keep = deque()
+                for s in self.waiting:
+                    if s.cancelled:
+                        self._finish_event(s, "cancelled", events)
+                    else:
+                        keep.append(s)
+                self.waiting = keep
+
+
+# -- a loaded release -------------------------------------------------------------------------------------
+
+class _Tokenizer:
+    """ONNX Runtime GenAI's tokenizer opened from the model folder (no second copy of the weights)."""
+
+    def __init__(self, model_dir: Path):
+        import onnxruntime_genai as og
+
+        self.plain = og.Tokenizer(str(model_dir))
+        self.templated = og.Tokenizer(str(model_dir))
+        self.templated.update_options(add_special_tokens="false")
+
+    def encode(self, text: str) -> List[int]:
+        return [int(t) for t in self.plain.encode(text)]
+
+    def chat_ids(self, messages: List[Dict[str, str]]) -> List[int]:
+        try:
+            text = self.plain.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
+        except RuntimeError as e:
+            raise DataError(f"the chat template cannot render these messages ({str(e).splitlines()[0]})") from None
+        return [int(t) for t in self.templated.encode(text)]
+
+    def create_stream(self):
+        return self.plain.create_stream()
+
+
+@dataclass
+class LLMRelease:
+    """One loaded release of a language model, with its engine."""
+
+    name: str
+    sha256: str
+    path: Path
+    tokenizer: _Tokenizer
+    engine: LLMEngine
+    context: int
+    kv_bytes_per_token: int
+    threads: Optional[int]
+    backend_version: str
+    load_seconds: float
+    check: Optional[Dict[str, Any]]
+    has_chat_template: bool
+    loaded_at: float = field(default_factory=time.time)
+
+    kind = "llm"
+    format = "onnx-genai"
+    backend = "onnxruntime-genai"
+
+    @property
+    def version(self) -> str:
+        return self.sha256[:VERSION_CHARS]
+
+    def matches(self, v: Optional[str]) -> bool:
+        return v in (None, "", "current", self.version) or (len(v) >= 7 and self.sha256.startswith(v))
+
+
+def load_llm_release(name: str, sha: str, path: Path, *, threads: Optional[int], check: bool,
+                     max_sequences: int, max_queue: int, kv_cache_mb: Optional[float], metrics=None) -> LLMRelease:
+    """Load (and golden-check) a language model and start its engine. Raises EdgekitError."""
+    from edgekit.runtime.llm import load_llm
+
+    t0 = time.perf_counter()
+    lm = load_llm(path, threads=threads)
+    result = None
+    if check and lm.manifest is not None and lm.manifest.get("golden"):
+        result = lm.check()
+        if not result["ok"]:
+            raise BundleError(f"the golden check failed: top-1 agreement {result['top1_agreement']:.3f} "
+                              f"(min {result['min_top1_agreement']}), SNR {result['snr_db']} dB, "
+                              f"generation {'ok' if result['generation_ok'] else 'empty'}", path=str(path))
+    model_dir, genai_config, context = lm.model_dir, lm.genai_config, int(lm.context)
+    eos, used_threads, version, chat = list(lm.eos_token_ids), lm.threads, lm.backend_version, lm.has_chat_template
+    del lm  # ONNX Runtime GenAI's copy of the weights goes before the batched session loads its own
+    decoder = BatchedDecoder(model_dir, genai_config, threads=used_threads, slots=max_sequences, capacity=context)
+    per_seq = context
+    if kv_cache_mb is not None:
+        budget = int(kv_cache_mb * (1 << 20)) // decoder.kv_bytes_per_token
+        if budget < 2:
+            decoder.close()
+            raise BundleError(f"--kv-cache-mb {kv_cache_mb} holds {budget} tokens of this model's KV cache "
+                              f"({decoder.kv_bytes_per_token} bytes per token)", path=str(path))
+    else:
+        budget = per_seq * decoder.slots
+    engine = LLMEngine(decoder, _Tokenizer(model_dir), name=name, max_sequences=max_sequences,
+                       max_queue=max_queue, kv_budget_tokens=budget, eos_token_ids=eos,
+                       labels={"model": name, "version": sha[:VERSION_CHARS]})
+    rel = LLMRelease(name=name, sha256=sha, path=path, tokenizer=engine.tokenizer, engine=engine, context=context,
+                     kv_bytes_per_token=decoder.kv_bytes_per_token, threads=used_threads, backend_version=version,
+                     load_seconds=time.perf_counter() - t0, check=result, has_chat_template=chat)
+    try:
+        _warm_up(rel)
+    except BaseException:
+        engine.retire()
+        raise
+    engine.metrics = metrics  # after the warm-up: its tokens are not a client's
+    if metrics is not None:
+        metrics.llm_kv_capacity.set(budget * decoder.kv_bytes_per_token, **engine.labels)
+        with engine._cv:
+            engine._gauges()
+    return rel
+
+
+def _warm_up(rel: LLMRelease) -> None:
+    """One short generation through the engine, so a client's first request does not pay ORT's first run."""
+    done = threading.Event()
+    got: List[Any] = []
+
+    def on_events(evs):
+        got.extend(evs)
+        if any(k in ("done", "error") for k, _ in evs):
+            done.set()
+
+    seq = GenSequence(rel.tokenizer.encode("Hello") or [0], SamplingParams(max_tokens=2), on_events,
+                    request_id="warm-up")
+    rel.engine.submit(seq)
+    done.wait(120)
+    errors = [v for k, v in got if k == "error"]
+    if errors:
+        raise BundleError(f"the model does not generate: {errors[0]}", path=str(rel.path))
+
+
+# -- a served language model: its release now, and the hot swap ------------------------------------------
+
+def is_llm_path(path: Optional[Path]) -> bool:
+    """An LLM bundle (manifest kind "llm") or a bare ONNX Runtime GenAI folder."""
+    if path is None:
+        return False
+    from edgekit.runtime.llm import is_llm
+
+    return is_llm(path)
+
+
+class LLMEntry:
+    """A served language model: its active release, the last failure, the hot swap of a deployed one.
+
+    A new release loads (golden check, warm-up) beside the old one; new requests go to it once it is up,
+    while the old release's engine finishes the sequences it holds and then frees its memory."""
+
+    kind = "llm"
+
+    def __init__(self, src):
+        self.source = src
+        self.name = src.name
+        self.active: Optional[LLMRelease] = None
+        self.failure: Optional[Dict[str, Any]] = None
+        self.loading: Optional[str] = None
+        self.swaps = 0
+        self.retiring: List[LLMRelease] = []
+        self._lock = threading.Lock()
+
+    @property
+    def ready(self) -> bool:
+        return self.active is not None
+
+    def state(self) -> Dict[str, Any]:
+        a = self.active
+        d: Dict[str, Any] = {"ready": a is not None, "kind": "llm", "source": self.source.kind,
+                             "version": a.version if a else None, "sha256": a.sha256 if a else None,
+                             "backend": f"onnxruntime (batched decoder; onnxruntime-genai {a.backend_version} "
+                                        f"tokenizer)" if a else None,
+                             "context": a.context if a else None, "threads": a.threads if a else None,
+                             "load_seconds": round(a.load_seconds, 4) if a else None,
+                             "golden_check": (None if a is None or a.check is None else
+                                              {"ok": a.check["ok"], "top1_agreement": a.check["top1_agreement"],
+                                               "snr_db": a.check["snr_db"]}),
+                             "swaps": self.swaps}
+        if a is not None:
+            e = a.engine
+            d["batching"] = {"max_sequences": e.max_sequences, "max_queue": e.max_queue,
+                             "kv_cache_tokens": e.kv_budget_tokens, "kv_bytes_per_token": a.kv_bytes_per_token,
+                             "active": len(e.active), "waiting": len(e.waiting), "steps": e.steps}
+        if self.loading:
+            d["loading"] = self.loading[:VERSION_CHARS]
+        if self.failure:
+            d["failed_release"] = self.failure
+        return d
+
+    def try_load(self, path: Optional[Path], **kw) -> bool:
+        """Load `path` and swap it in when it comes up; on failure the old release keeps serving."""
+        from edgekit.bundle import sha256_tree
+
+        if path is None:
+            if self.failure is None or self.failure.get("version") is not None:
+                self.failure = {"version": None, "error": f"model '{self.name}' has no current release",
+                                "at": time.time()}
+            return False
+        ident = path.name
+        with self._lock:
+            if self.loading:
+                return False
+            self.loading = ident
+        try:
+            sha = ident if self.source.kind == "deployed" else sha256_tree(path)
+            rel = load_llm_release(self.name, sha, path, **kw)
+        except EdgekitError as e:
+            self._fail(ident, str(e))
+            return False
+        except Exception as e:  # ONNX Runtime refusing a broken graph: the old release keeps serving
+            self._fail(ident, f"{type(e).__name__}: {e}")
+            return False
+        finally:
+            self.loading = None
+        old = self.active
+        self.active = rel  # one reference assignment: new requests take the new release
+        self.failure = None
+        if old is not None:
+            self.swaps += 1
+            old.engine.retire()
+            self.retiring.append(old)
+            log.info("model %s: swapped %s -> %s (loaded, checked and warmed up in %.2f s); %s finishes its "
+                     "%d sequence(s)", self.name, old.version, rel.version, rel.load_seconds, old.version,
+                     len(old.engine.active) + len(old.engine.waiting))
+        else:
+            log.info("model %s: serving %s (language model, context %d, %d sequences, loaded in %.2f s)",
+                     self.name, rel.version, rel.context, rel.engine.max_sequences, rel.load_seconds)
+        self.retiring = [r for r in self.retiring if not r.engine.join(0)]
+        return True
+
+    def _fail(self, ident: str, error: str) -> None:
+        self.failure = {"version": ident[:VERSION_CHARS], "error": error, "at": time.time()}
+        log.error("model %s: release %s failed (%s); %s", self.name, ident[:VERSION_CHARS], error,
+                  f"still serving {self.active.version}" if self.active else "the model is not ready")
+
+    def wants_reload(self) -> Optional[Path]:
+        if self.source.kind != "deployed" or self.loading:
+            return None
+        path = self.source.resolve()
+        if path is None:
+            return None
+        if self.active is not None and self.active.sha256 == path.name:
+            return None
+        if self.failure is not None and self.failure.get("version") == path.name[:VERSION_CHARS]:
+            return None
+        return path
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Server shutdown: every sequence is cancelled, each engine ends and frees its memory."""
+        for rel in ([self.active] if self.active else []) + self.retiring:
+            for seq in list(rel.engine.active) + list(rel.engine.waiting):
+                seq.cancel()
+            rel.engine.retire()
+        for rel in ([self.active] if self.active else []) + self.retiring:
+            rel.engine.join(timeout)

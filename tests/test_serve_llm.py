@@ -1,0 +1,312 @@
+"""edgekit serve for a language model: the OpenAI-compatible API spoken by the official `openai` client, raw
+HTTP for each error, continuous batching (8 concurrent streams decode together and give the single-stream
+greedy text), a client that disconnects frees its sequence, a full queue answers 429, and a hot swap of the
+deployed release under a running chat load fails no request. The model: tests/tinylm.py's tiny Llama,
+converted by edgekit (INT4 for x86-avx2, with its golden check)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tinylm import tiny_lm  # noqa: F401  (the session fixture)
+from test_serve import Server, _install, _wait_for
+
+pytest.importorskip("onnxruntime_genai")
+import openai  # noqa: E402  (the dev extra installs it: a missing client fails, never skips)
+
+TOKEN = "llm-test-token-0123456789"
+M = "tinychat-x86-avx2-int4"   # the bundle's name (its manifest's)
+QUESTIONS = ["What colour is the lamp?", "What colour is the box?", "What colour is the door?",
+             "What colour is the clock?", "What colour is the radio?", "What colour is the garden?",
+             "Count: one two three", "The farmer"]
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_lm, tmp_path_factory):  # noqa: F811
+    from edgekit.convert.llm import LLMRecipe, convert_llm
+
+    out = tmp_path_factory.mktemp("llmserve")
+    res = convert_llm(LLMRecipe(str(tiny_lm), ("x86-avx2",), precision="int4", name="tinychat", val_tokens=64,
+                                rescue=False), str(out))
+    assert [r.ok for r in res.bundles] == [True]
+    return out / "tinychat-x86-avx2-int4"
+
+
+@pytest.fixture(scope="module")
+def server(bundle, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("srv")
+    with Server(bundle, args=["--token", TOKEN, "--max-sequences", "8", "--max-body-mb", "0.05",
+                              "--threads", "1"], tmp=tmp) as srv:
+        yield srv
+
+
+def _client(srv, token=TOKEN):
+    return openai.OpenAI(base_url=f"http://{srv.url}/v1", api_key=token, max_retries=0, timeout=60)
+
+
+def _auth(token=TOKEN):
+    return {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+
+
+def _metric(srv, name, **labels):
+    """The sum of a metric's samples whose labels include `labels`."""
+    text = srv.request("GET", "/metrics", headers=_auth())[2].decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            got = dict(re.findall(r'(\w+)="([^"]*)"', line.split(" ")[0]))
+            if all(got.get(k) == v for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _chat(c, q, model=M, **kw):
+    return c.chat.completions.create(model=model, messages=[{"role": "user", "content": q}],
+                                     temperature=0, max_tokens=40, **kw)
+
+
+def _stream_text(c, q, **kw):
+    chunks = list(_chat(c, q, stream=True, **kw))
+    return chunks, "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+
+
+# -- the official client -------------------------------------------------------------------------------
+
+def test_openai_client_chat_stream_completions_and_models(server, bundle):
+    from edgekit.runtime import load
+
+    c = _client(server)
+    models = c.models.list()
+    assert [m.id for m in models.data] == [M] and models.data[0].owned_by == "edgekit"
+    r = _chat(c, QUESTIONS[0])
+    lm = load(bundle)
+    want = lm.chat([{"role": "user", "content": QUESTIONS[0]}], max_new_tokens=40)
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == want
+    assert r.choices[0].finish_reason == lm.last["finish_reason"] == "stop"
+    assert r.usage.prompt_tokens == lm.last["prompt_tokens"] and r.usage.completion_tokens == lm.last["new_tokens"]
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.object == "chat.completion" and r.model == M and r.id.startswith("chatcmpl-")
+
+    chunks, text = _stream_text(c, QUESTIONS[0], stream_options={"include_usage": True})
+    assert text == want
+    assert chunks[0].choices[0].delta.role == "assistant" and all(ch.object == "chat.completion.chunk"
+                                                                  for ch in chunks)
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    assert all(ch.usage is None for ch in chunks[:-1])
+
+    comp = c.completions.create(model=M, prompt="Count: one two", max_tokens=12, temperature=0)
+    assert comp.choices[0].text == lm.generate("Count: one two", max_new_tokens=12)
+    assert comp.choices[0].finish_reason == "length" and comp.usage.completion_tokens == 12
+    streamed = "".join(ch.choices[0].text for ch in c.completions.create(
+        model=M, prompt="Count: one two", max_tokens=12, temperature=0, stream=True))
+    assert streamed == comp.choices[0].text
+    # the stop string ends the text before it (not returned), finish_reason stop
+    word = comp.choices[0].text.split()[2]
+    cut = c.completions.create(model=M, prompt="Count: one two", max_tokens=12, temperature=0, stop=[word])
+    assert cut.choices[0].finish_reason == "stop" and cut.choices[0].text == comp.choices[0].text.split(word)[0]
+    # seeded sampling is reproducible
+    a, b = (c.completions.create(model=M, prompt="The", max_tokens=16, temperature=1.0, seed=7).choices[0].text
+            for _ in range(2))
+    assert a == b
+
+
+def test_triton_generate_alias(server):
+    st, body = server.json("POST", "/v2/models/" + M + "/generate",
+                           {"text_input": "Count: one two", "parameters": {"max_tokens": 12}}, headers=_auth())
+    assert st == 200 and body["model_name"] == M and body["finish_reason"] == "length"
+    comp = _client(server).completions.create(model=M, prompt="Count: one two", max_tokens=12, temperature=0)
+    assert body["text_output"] == comp.choices[0].text
+    st, h, raw = server.request("POST", "/v2/models/" + M + "/generate_stream",
+                                json.dumps({"text_input": "Count: one two", "max_tokens": 12}).encode(), _auth())
+    events = [json.loads(e[len("data: "):]) for e in raw.decode().split("\n\n") if e]
+    assert st == 200 and h["content-type"] == "text/event-stream"
+    assert "".join(e["text_output"] for e in events) == body["text_output"]
+    assert events[-1]["finish_reason"] == "length" and events[-1]["usage"]["completion_tokens"] == 12
+    st, meta = server.json("GET", "/v2/models/" + M, headers=_auth())
+    assert st == 200 and meta["edgekit"]["kind"] == "llm" and meta["edgekit"]["golden_check"]["ok"]
+    assert server.json("GET", "/v2/models/" + M + "/ready", headers=_auth())[0] == 200
+    assert server.json("GET", "/v2/health/ready", headers=_auth())[0] == 200
+
+
+def test_each_error_status_over_raw_http(server):
+    def post(path, doc, headers=None):
+        body = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
+        st, h, b = server.request("POST", path, body, headers if headers is not None else _auth())
+        return st, json.loads(b)
+
+    chat = "/v1/chat/completions"
+    msgs = [{"role": "user", "content": "hi"}]
+    cases = [
+        (post(chat, b"{nope"), 400, "invalid_request_error", "invalid_json"),
+        (post(chat, {"model": M}), 400, "invalid_request_error", "invalid_value"),
+        (post(chat, {"model": M, "messages": msgs, "max_tokens": 0}), 400, "invalid_request_error",
+         "invalid_value"),
+        (post(chat, {"model": M, "messages": msgs, "temperature": "hot"}), 400, "invalid_request_error",
+         "invalid_type"),
+        (post(chat, {"model": M, "messages": msgs, "n": 2}), 400, "invalid_request_error",
+         "unsupported_value"),
+        (post(chat, {"model": M, "messages": [{"role": "user", "content": "lamp " * 2000}]}), 400,
+         "invalid_request_error", "context_length_exceeded"),
+        (post(chat, {"model": M, "messages": msgs}, {"Authorization": "Bearer wrong-token-1234567890"}),
+         401, "authentication_error", "invalid_api_key"),
+        (post(chat, {"model": "nope", "messages": msgs}), 404, "invalid_request_error", "model_not_found"),
+        (post(chat, {"model": M, "messages": [{"role": "user", "content": "x" * 60000}]}), 413,
+         "invalid_request_error", "request_too_large"),
+    ]
+    for (st, body), want_st, want_type, want_code in cases:
+        assert st == want_st and body["error"]["type"] == want_type and body["error"]["code"] == want_code, body
+        assert body["error"]["message"]
+    st, body = post("/v2/models/nope/generate", {"text_input": "x"})
+    assert st == 404 and "does not exist" in body["error"]
+    st, body = post("/v2/models/" + M + "/infer", {"inputs": []})
+    assert st == 400 and "/generate" in body["error"]
+    # the official client raises its typed errors for them
+    with pytest.raises(openai.AuthenticationError):
+        _client(server, "wrong-token-1234567890").models.list()
+    with pytest.raises(openai.NotFoundError):
+        _client(server).chat.completions.create(model="nope", messages=msgs)
+    with pytest.raises(openai.BadRequestError, match="context"):
+        _client(server).chat.completions.create(model=M, messages=[{"role": "user", "content": "lamp " * 2000}])
+
+
+# -- batching ------------------------------------------------------------------------------------------
+
+def test_eight_concurrent_streams_batch_and_equal_single_stream_greedy(server):
+    c = _client(server)
+    single = [_stream_text(c, q)[1] for q in QUESTIONS]   # one at a time: batches of one
+    steps0 = _metric(server, "edgekit_serve_llm_decode_batch_size_count")
+    ones0 = _metric(server, "edgekit_serve_llm_decode_batch_size_bucket", le="1")
+    start = threading.Barrier(len(QUESTIONS))
+
+    def one(q):
+        start.wait()
+        return _stream_text(c, q)[1]
+
+    with ThreadPoolExecutor(len(QUESTIONS)) as ex:
+        together = list(ex.map(one, QUESTIONS))
+    assert together == single and all(together)
+    steps = _metric(server, "edgekit_serve_llm_decode_batch_size_count") - steps0
+    ones = _metric(server, "edgekit_serve_llm_decode_batch_size_bucket", le="1") - ones0
+    assert steps > 0 and ones < steps  # steps decoded several sequences at once
+    assert _metric(server, "edgekit_serve_llm_active_sequences") == 0
+    assert _metric(server, "edgekit_serve_llm_kv_cache_bytes") == 0
+
+
+def test_disconnect_mid_stream_frees_the_sequence(server):
+    cancelled0 = _metric(server, "edgekit_serve_llm_sequences_finished_total", reason="cancelled")
+    out0 = _metric(server, "edgekit_serve_llm_completion_tokens_total")
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request("POST", "/v1/completions", json.dumps(
+        {"model": M, "prompt": "Count: one", "max_tokens": 480, "ignore_eos": True, "stream": True,
+         "temperature": 0}).encode(), _auth())
+    r = conn.getresponse()
+    assert r.status == 200
+    assert r.readline().startswith(b"data: ")  # the first piece arrived: the sequence is generating
+    conn.sock.close()
+    conn.close()
+    _wait_for(lambda: _metric(server, "edgekit_serve_llm_sequences_finished_total", reason="cancelled")
+              == cancelled0 + 1, timeout=20)
+    assert _metric(server, "edgekit_serve_llm_active_sequences") == 0
+    assert _metric(server, "edgekit_serve_llm_kv_cache_bytes") == 0
+    assert _metric(server, "edgekit_serve_llm_completion_tokens_total") - out0 < 480
+
+
+def test_queue_full_is_429_and_prompts_stay_out_of_the_log(bundle, tmp_path):
+    marker = "zebra-marker-7731"
+    with Server(bundle, args=["--max-sequences", "1", "--max-queue", "1", "--no-check", "--threads", "1"],
+                tmp=tmp_path) as srv:
+        def call(_):
+            st, h, b = srv.request("POST", "/v1/completions", json.dumps(
+                {"model": M, "prompt": f"Count: one {marker}", "max_tokens": 300, "ignore_eos": True,
+                 "temperature": 0}).encode(), {"Content-Type": "application/json"})
+            return st, json.loads(b)
+
+        with ThreadPoolExecutor(6) as ex:
+            results = list(ex.map(call, range(6)))
+        statuses = sorted(st for st, _ in results)
+        assert set(statuses) == {200, 429} and statuses.count(200) >= 2, statuses
+        for st, body in results:
+            if st == 429:
+                assert body["error"]["type"] == "rate_limit_error" and "busy" in body["error"]["message"]
+            else:
+                assert body["usage"]["completion_tokens"] == 300
+        with pytest.raises(openai.RateLimitError):  # what the official client makes of it
+            with ThreadPoolExecutor(4) as ex:
+                list(ex.map(lambda _: _client(srv, "none").completions.create(
+                    model=M, prompt="Count: one", max_tokens=300, extra_body={"ignore_eos": True}),
+                    range(4)))
+        log = srv.stop()
+    assert marker not in log and "Count: one" not in log
+    with Server(bundle, args=["--log-prompts", "--no-check", "--threads", "1"], tmp=tmp_path) as srv:
+        assert srv.json("POST", "/v1/completions", {"model": M, "prompt": marker, "max_tokens": 2})[0] == 200
+        log = srv.stop()
+    assert marker in log
+
+
+# -- a new release under load --------------------------------------------------------------------------
+
+def test_hot_swap_under_chat_load_fails_no_request(bundle, tmp_path):
+    from edgekit.runtime import releases
+
+    v2 = tmp_path / "v2"
+    shutil.copytree(bundle, v2)
+    man = json.loads((v2 / "manifest.json").read_text())
+    man["note"] = "release 2: the same weights, another release"
+    (v2 / "manifest.json").write_text(json.dumps(man))
+    root = tmp_path / "root"
+    sha1, sha2 = _install(root, "tinychat", bundle), _install(root, "tinychat", v2)
+    releases.switch(releases.model_dir(str(root), "tinychat"), sha1)
+    bad = tmp_path / "bad"   # a release whose golden check fails: that model is not ready
+    shutil.copytree(bundle, bad)
+    golden = json.loads((bad / "golden.json").read_text())
+    golden["top1"] = [[(t + 1) % 64 for t in row] for row in golden["top1"]]
+    (bad / "golden.json").write_text(json.dumps(golden))
+    releases.switch(releases.model_dir(str(root), "broken"), _install(root, "broken", bad))
+    seen, failures = [], []
+    stop = threading.Event()
+    with Server(root, args=["--poll-interval", "0.1", "--threads", "1"], tmp=tmp_path) as srv:
+        c = _client(srv, "none")
+
+        def load(i):
+            n = 0
+            while not stop.is_set() and n < 2000:
+                n += 1
+                try:
+                    if n % 2:
+                        r = _chat(c, QUESTIONS[(i + n) % len(QUESTIONS)], "tinychat")
+                        seen.append(r.system_fingerprint)
+                        assert r.choices[0].message.content
+                    else:
+                        chunks, text = _stream_text(c, QUESTIONS[(i + n) % len(QUESTIONS)], model="tinychat")
+                        seen.append(chunks[0].system_fingerprint)
+                        assert text
+                except Exception as e:  # any failed request is the test's failure, reported below
+                    failures.append(repr(e))
+
+        with ThreadPoolExecutor(3) as ex:
+            futs = [ex.submit(load, i) for i in range(3)]
+            _wait_for(lambda: len(seen) >= 6, timeout=60)
+            releases.switch(releases.model_dir(str(root), "tinychat"), sha2)
+            _wait_for(lambda: seen and seen[-1] == sha2[:12], timeout=60)
+            n_after = len(seen)
+            _wait_for(lambda: len(seen) >= n_after + 6, timeout=60)
+            stop.set()
+            for f in futs:
+                f.result()
+        assert failures == [] and seen[0] == sha1[:12] and seen[-1] == sha2[:12], (failures, seen[:3], seen[-3:])
+        assert _metric(srv, "edgekit_serve_model_swaps_total", model="tinychat") == 1
+        # the old release's engine finished what it held and let go of its slots
+        _wait_for(lambda: _metric(srv, "edgekit_serve_llm_active_sequences", version=sha1[:12]) == 0, timeout=20)
+        st, body = srv.json("POST", "/v1/chat/completions", {"model": "broken", "messages": [
+            {"role": "user", "content": "hi"}]})
+        assert st == 503 and body["error"]["code"] == "model_not_ready" and "golden check" in body["error"]["message"]
+        assert srv.json("GET", "/v2/health/ready")[0] == 503
+        assert [m.id for m in c.models.list().data] == ["broken", "tinychat"]
