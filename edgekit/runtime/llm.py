@@ -38,21 +38,21 @@ lm.threads_chosen_by, lm.load_ms, lm.backend ("onnxruntime-genai"), lm.backend_v
 
 Threads: `threads=` as given; otherwise a measured choice the manifest records (runtime.threads_choice, see
 runtime.threadprobe), else the bundle's target profile's `runtime.threads` (its `llm.threads` where the profile
-has one), clamped to the CPUs this process may use (runtime.threads); a bare folder uses those usable CPUs. They reach ONNX Runtime as the decoder session's intra_op_num_threads (an overlay on
-genai_config.json: the files on disk are never changed).
+has one), clamped to the CPUs this process may use (runtime.threads); a bare folder uses those usable CPUs.
+They reach ONNX Runtime as the decoder session's intra_op_num_threads (an overlay on genai_config.json: the
+files on disk are never changed).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from edgekit.errors import BackendUnavailable, BundleError, DataError, EdgekitError
+from edgekit.errors import BackendUnavailable, BundleError, DataError
 
 KIND = "llm"
 GENAI_CONFIG = "genai_config.json"
@@ -60,7 +60,6 @@ MANIFEST = "manifest.json"
 BACKEND = "onnxruntime-genai"
 MIN_TOP1 = 0.90      # teacher-forced top-1 agreement with the converting machine (INT4 rounds differently per ISA)
 MIN_SNR_DB = 20.0    # logit SNR on the golden top-k logits
-_UNSET = object()
 
 Message = Mapping[str, str]
 
@@ -230,20 +229,28 @@ class Tokenizer:
 
     def __init__(self, og, og_model, og_tokenizer):
         self.og = og_tokenizer
-        self._templated = og.Tokenizer(og_model)
-        self._templated.update_options(add_special_tokens="false")
-        self._specials = og.Tokenizer(og_model)     # decodes special tokens too (aligning conversation text)
-        self._specials.update_options(skip_special_tokens="false")
+        self._make = lambda: og.Tokenizer(og_model)
+        self._variants: Dict[str, Any] = {}
+
+    def _variant(self, option: str):
+        """A second tokenizer with one option off (made on first use: a large vocabulary costs memory):
+        add_special_tokens (for templated text) or skip_special_tokens (decoding specials too)."""
+        tok = self._variants.get(option)
+        if tok is None:
+            tok = self._make()
+            tok.update_options(**{option: "false"})
+            self._variants[option] = tok
+        return tok
 
     def encode(self, text: str) -> List[int]:
         return [int(t) for t in self.og.encode(text)]
 
     def encode_templated(self, text: str) -> List[int]:
-        return [int(t) for t in self._templated.encode(text)]
+        return [int(t) for t in self._variant("add_special_tokens").encode(text)]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         arr = np.asarray(list(ids), dtype=np.int32)
-        return (self.og if skip_special_tokens else self._specials).decode(arr)
+        return (self.og if skip_special_tokens else self._variant("skip_special_tokens")).decode(arr)
 
     def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
         msgs = _check_messages(messages)
@@ -398,9 +405,11 @@ class LanguageModel:
         return False
 
     def model_bytes(self) -> int:
+        """The weights' bytes: the ONNX graph files and their external data (not the tokenizer and configs)."""
         files = ((self.manifest or {}).get("model") or {}).get("files")
         if isinstance(files, dict):
-            return int(sum(int(f.get("bytes", 0)) for f in files.values()))
+            return int(sum(int(f.get("bytes", 0)) for rel, f in files.items()
+                           if Path(rel).suffix in (".onnx", ".data")))
         return int(sum(f.stat().st_size for f in self.model_dir.iterdir() if f.suffix in (".onnx", ".data")))
 
     def kv_bytes_per_token(self) -> Optional[int]:
