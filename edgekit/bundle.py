@@ -93,6 +93,8 @@ class Manifest:
     # the backend this artifact was chosen for (--select fastest), honoured by runtime.load() where
     # installed: {"backend": "openvino", "threads": timed with, "hints": {...}, "why": "..."}; None: any
     runtime: Optional[Dict[str, Any]] = None
+    # convert.faithful: the builds of about the same speed weighed against this one (fidelity, speed)
+    faithful: Optional[Dict[str, Any]] = None
     compatibility: List[Dict[str, Any]] = field(default_factory=list)
     extra: Dict[str, Any] = field(default_factory=dict)
 

@@ -65,6 +65,7 @@ _SCHEMA: Dict[str, Dict[str, Tuple[str, Optional[Tuple[Any, ...]], Any]]] = {
         "fp16": (_BOOL, None, False),
         "dynamic": (_BOOL, None, False),
         "calibration": (_STR, ("minmax", "percentile", "entropy"), "minmax"),
+        "uint8_weights_cost_pct": (_INT, None, None),
     },
     "runtime": {
         "threads": (_INT, None, ...),
@@ -126,6 +127,9 @@ class OnnxBuild:
     fp16: bool = False             # build an FP16 model instead of INT8 (needs fp16_allowed)
     dynamic: bool = False          # weights INT8, activations quantized at run time (quantize_dynamic)
     calibration: str = "minmax"    # ONNX Runtime's calibration method (the rescue ladder tries others)
+    # p50 of a uint8-weights (u8 x u8) build over this profile's build on the target's CPUs, in percent,
+    # as measured there (None: not known); convert.faithful weighs fidelity against it where it cannot time
+    uint8_weights_cost_pct: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.fp16 and not self.fp16_allowed:

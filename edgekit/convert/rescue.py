@@ -19,6 +19,8 @@ numerics), and recorded; the first that meets the floor is shipped, and the repo
    calibration (ranges chosen for an all-INT8 model can hurt once a layer is float).
 5. 16-bit activations, 8-bit weights (TFLite 16x8, ONNX 16-bit QDQ), whole model.
 Still below the floor: a Failure with the reason, the worst layers and every step.
+The first rung that meets the floor is not the last word: convert.faithful then weighs it (as it
+weighs an unrescued build) against the more faithful builds of about its speed.
 """
 
 from __future__ import annotations

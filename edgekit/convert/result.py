@@ -40,6 +40,7 @@ class Artifact:
     alternatives: List[Any] = field(default_factory=list)   # --select fastest: (slug, Artifact) not chosen
     runtime: Optional[Dict[str, Any]] = None                # --select fastest: the backend it was timed on
     notes: List[str] = field(default_factory=list)          # what did not go as usual (said in the report)
+    faithful: Optional[Dict[str, Any]] = None               # convert.faithful: the builds weighed against it
 
 
 def _chosen(c: Dict[str, Any]) -> str:
@@ -138,6 +139,15 @@ class ConvertResult:
                       None if s.get("bytes") is None else s["bytes"] / 1024,
                       "yes" if s.get("meets") else (s.get("error") or "no")[:60]] for s in steps],
                     title=f"rescue ladder for {b.path.name} ({b.fmt})")
+            if b.ok and b.artifact.faithful:
+                f = b.artifact.faithful
+                text += "\n\n" + render(
+                    ["build", "top-1 agree %", "SNR dB", "acc drop pts", "p50 vs shipped", "meets floor", "shipped"],
+                    [[c["what"], _pct(c.get("top1_agreement")), c.get("snr_db"), c.get("accuracy_drop_points"),
+                      None if c.get("speed_ratio") is None else f"{(c['speed_ratio'] - 1) * 100:+.1f}%",
+                      "yes" if c.get("meets") else (c.get("error") or "no")[:60], "yes" if c.get("shipped") else ""]
+                     for c in f["candidates"]],
+                    title=f"more faithful at the same speed? {b.path.name}: {f['why']}")
             if not b.ok and b.failure.worst_layers:
                 text += f"\n  worst layers: {', '.join(b.failure.worst_layers[:5])}"
             if b.ok and b.artifact.candidates:
@@ -166,7 +176,8 @@ class ConvertResult:
                 row.update(bytes=len(a.data), float_bytes=a.float_bytes, precision=a.precision,
                            validation=a.metrics, float_ops=a.float_ops, seconds=a.seconds,
                            numerics=a.numerics, rescue=a.rescue, rescued_by=a.rescued_by, notes=a.notes,
-                           mixed_precision=a.mixed, candidates=a.candidates, runtime=a.runtime)
+                           mixed_precision=a.mixed, candidates=a.candidates, runtime=a.runtime,
+                           faithful=a.faithful)
             else:
                 row["failure"] = b.failure.to_dict()
             out.append(row)

@@ -1,0 +1,100 @@
+"""The more faithful build ships when it costs nothing (convert.faithful): on x86 without VNNI the
+profile's u8 x 7-bit weights against u8 x u8 (uint8 weights), fidelity and speed on the target
+weighed by the rule, both recorded in the manifest."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgekit.bundle import read_bundle
+from edgekit.convert import Calibration, ConvertRecipe, convert
+from edgekit.runtime import load
+from edgekit.runtime.check import golden_check
+
+
+def test_the_rule():
+    from edgekit.convert.faithful import SPEED_SLACK, pick
+
+    shipped = {"snr_db": 22.1, "top1_agreement": 0.90, "meets": True}
+    better = {"snr_db": 32.5, "top1_agreement": 0.99, "meets": True, "speed_ratio": 1.03}
+    assert pick(shipped, [better]) is better
+    assert pick(shipped, [dict(better, speed_ratio=1 + SPEED_SLACK + 0.01)]) is None   # not about the same speed
+    assert pick(shipped, [dict(better, speed_ratio=None)]) is None      # its speed on the target is not known
+    assert pick(shipped, [dict(better, meets=False)]) is None           # below the floor
+    assert pick(shipped, [dict(better, top1_agreement=0.89)]) is None   # agrees less often
+    assert pick(shipped, [dict(better, snr_db=22.0)]) is None
+    assert pick(shipped, [dict(better, snr_db=30.0), better, dict(better, snr_db=40.0, speed_ratio=1.2)]) is better
+    assert pick({"snr_db": 10.0, "top1_agreement": None, "meets": True},
+                [dict(better, top1_agreement=None)])["snr_db"] == 32.5   # not a classifier: SNR alone
+
+
+@pytest.fixture(scope="module")
+def residual_cnn(tmp_path_factory):
+    """A depthwise / BatchNorm / residual CNN trained here on the digits with sensor noise (so that
+    many validation samples sit near a decision boundary), 2000 labelled validation samples."""
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import keras
+    from keras import layers
+
+    from digits import digits_data
+
+    d = tmp_path_factory.mktemp("residual")
+    keras.utils.set_random_seed(7)
+    (xt, yt), (xv, yv) = digits_data(7)
+    rng = np.random.default_rng(7)
+    xt = np.concatenate([xt + rng.normal(0, 0.3, xt.shape) for _ in range(2)]).astype(np.float32)
+    yt = np.concatenate([yt, yt])
+    xv = np.concatenate([xv + rng.normal(0, 0.3, xv.shape) for _ in range(4)]).astype(np.float32)
+    yv = np.concatenate([yv] * 4)
+    inp = keras.Input((8, 8, 1), name="image")
+    h = layers.ReLU()(layers.BatchNormalization()(layers.Conv2D(12, 3, padding="same", use_bias=False)(inp)))
+    for _ in range(2):
+        r = layers.DepthwiseConv2D(3, padding="same", use_bias=False)(h)
+        r = layers.ReLU()(layers.BatchNormalization()(r))
+        r = layers.BatchNormalization()(layers.Conv2D(12, 1, use_bias=False)(r))
+        h = layers.ReLU()(layers.Add()([h, r]))
+    h = layers.ReLU()(layers.BatchNormalization()(layers.Conv2D(24, 3, strides=2, padding="same")(h)))
+    out = layers.Dense(10, name="logits")(layers.GlobalAveragePooling2D()(h))
+    m = keras.Model(inp, out)
+    m.compile(keras.optimizers.Adam(0.01), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    m.fit(xt, yt, epochs=30, batch_size=32, verbose=0)
+    m.save(d / "residual.keras")
+    np.savez(d / "calib.npz", image=xt[:300])
+    np.savez(d / "val.npz", image=xv, labels=yv)
+    return d / "residual.keras", d / "calib.npz", d / "val.npz"
+
+
+def test_x86_avx2_onnx_of_a_residual_cnn_keeps_accuracy(residual_cnn, tmp_path):
+    """The profile's u8 x 7-bit build meets the floor and loses about a point of accuracy; u8 x u8 keeps
+    it at about the same speed on the target, so it ships; the VNNI target's build has no such rival."""
+    from edgekit.convert.select import host_matches
+    from edgekit.targets import load_target
+
+    model, calib, val = residual_cnn
+    r = convert(ConvertRecipe(str(model), ("x86-avx2", "x86-avx512-vnni"), calibration=Calibration(str(calib)),
+                              validation=str(val), formats=("onnx",), compat_check="off"), str(tmp_path / "o"))
+    avx2 = next(b for b in r.bundles if b.target == "x86-avx2")
+    assert avx2.ok, avx2.failure
+    m = avx2.artifact.metrics
+    assert m["accuracy_drop_points"] <= 0.5, m
+    man = read_bundle(avx2.path).manifest
+    f = man["faithful"]
+    profile, *others = f["candidates"]
+    assert (profile["weight_type"], profile["reduce_range"], profile["shipped"]) == ("int8", True, False)
+    shipped = next(c for c in others if c["shipped"])
+    assert (shipped["weight_type"], shipped["reduce_range"]) == ("uint8", False)
+    assert man["model"]["build"]["weight_type"] == "uint8" and not man["model"]["build"]["reduce_range"]
+    assert shipped["snr_db"] > profile["snr_db"] + 3 and shipped["top1_agreement"] >= profile["top1_agreement"]
+    assert shipped["accuracy_drop_points"] == pytest.approx(m["accuracy_drop_points"])
+    assert profile["meets"] and shipped["meets"] and shipped["speed_ratio"] <= 1.05
+    here, _ = host_matches(load_target("x86-avx2"))
+    # on an AVX2 host without VNNI both are timed here; elsewhere the profile's own measurement counts
+    assert shipped["speed_source"] == ("timed here" if here else "x86-avx2 profile: onnx.uint8_weights_cost_pct")
+    assert "shipped uint8 weights" in f["why"] and "more faithful at the same speed?" in r.table()
+    assert golden_check(load(avx2.path))["ok"]
+    vnni = next(b for b in r.bundles if b.target == "x86-avx512-vnni")
+    assert vnni.ok and vnni.artifact.faithful is None          # exact int8 there: the profile's build stays
+    assert read_bundle(vnni.path).manifest["model"]["build"]["weight_type"] == "int8"
