@@ -307,3 +307,27 @@ def test_report_shows_the_language_model(build, bundle, lm):
     html = build_report(build)
     assert "(language model)" in html and "decode tok/s" in html and "Rescue ladder" in html
     assert f"{fid['ppl']:.4g}" in html and f"{rep['ttft_ms']:.4g}" in html
+
+
+def test_cli_samples_as_the_model_says_unless_told(og_dir, tmp_path):
+    """edgekit run / chat take the checkpoint's own sampling settings (genai_config's search section, from its
+    generation_config.json) where no option is given; the API's default stays greedy."""
+    from edgekit.cli import cli
+
+    folder = tmp_path / "sampling"
+    shutil.copytree(og_dir, folder)
+    cfg = json.loads((folder / "genai_config.json").read_text())
+    cfg["search"].update(do_sample=True, temperature=1.5, top_p=1.0, top_k=0, repetition_penalty=1.0)
+    (folder / "genai_config.json").write_text(json.dumps(cfg))
+    m = load(folder)
+    assert m.generation_defaults == {"temperature": 1.5, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
+    greedy = m.generate("Count: one", max_new_tokens=24)
+
+    def run(*extra):
+        r = CliRunner().invoke(cli, ["run", str(folder), "--prompt", "Count: one", "--no-template",
+                                     "--max-new-tokens", "24", *extra])
+        assert r.exit_code == 0, r.output
+        return r.output.rstrip("\n")
+
+    assert len({run("--seed", str(s)) for s in range(4)}) > 1        # sampled, as the model's settings say
+    assert run("--temperature", "0") == greedy

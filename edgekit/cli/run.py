@@ -19,21 +19,23 @@ def _generation_opts(f):
     for opt in reversed([
         click.option("--max-new-tokens", type=int, default=256, show_default=True, help="Language model: "
                      "tokens to generate at most."),
-        click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy."),
-        click.option("--top-p", type=float, default=1.0, show_default=True),
-        click.option("--top-k", type=int, default=0, show_default=True, help="0: no limit."),
+        click.option("--temperature", type=float, help="0: greedy.  [default: the model's generation_config]"),
+        click.option("--top-p", type=float, help="[default: the model's generation_config, else 1]"),
+        click.option("--top-k", type=int, help="0: no limit.  [default: the model's generation_config, else 0]"),
         click.option("--seed", type=int, help="Sampling seed (the same seed, the same text)."),
         click.option("--stop", multiple=True, help="Stop before this text (repeatable)."),
-        click.option("--repetition-penalty", type=float, default=1.0, show_default=True),
+        click.option("--repetition-penalty", type=float, help="[default: the model's generation_config, else 1]"),
         click.option("--system", help="Language model: a system message."),
     ]):
         f = opt(f)
     return f
 
 
-def _gen(max_new_tokens, temperature, top_p, top_k, seed, stop, repetition_penalty):
-    return {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
-            "seed": seed, "stop": list(stop) or None, "repetition_penalty": repetition_penalty}
+def _gen(lm, max_new_tokens, temperature, top_p, top_k, seed, stop, repetition_penalty):
+    """The generation options given, over the model's own defaults (lm.generation_defaults)."""
+    given = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "repetition_penalty": repetition_penalty}
+    return dict(lm.generation_defaults, **{k: v for k, v in given.items() if v is not None},
+                max_new_tokens=max_new_tokens, seed=seed, stop=list(stop) or None)
 
 
 @cli.command()
@@ -66,7 +68,7 @@ def run(model, input_path, prompt, no_template, raw, backend, threads, as_json, 
             raise click.UsageError(f"{model} is a language model: give --prompt TEXT")
         try:
             stats = stream_answer(m, prompt, system, not no_template,
-                                  _gen(max_new_tokens, temperature, top_p, top_k, seed, stop, repetition_penalty))
+                                  _gen(m, max_new_tokens, temperature, top_p, top_k, seed, stop, repetition_penalty))
         except KeyboardInterrupt:
             raise click.exceptions.Exit(130)
         if as_json:
@@ -142,4 +144,4 @@ def chat(model, threads, verbose, max_new_tokens, temperature, top_p, top_k, see
     if getattr(m, "kind", None) != "llm":
         raise click.UsageError(f"{model} is not a language model (chat needs an LLM bundle)")
     chat_loop(m, system=system, verbose=verbose,
-              options=_gen(max_new_tokens, temperature, top_p, top_k, seed, stop, repetition_penalty))
+              options=_gen(m, max_new_tokens, temperature, top_p, top_k, seed, stop, repetition_penalty))

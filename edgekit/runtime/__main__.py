@@ -30,12 +30,13 @@ def _parser() -> argparse.ArgumentParser:
 
     def generation(sp):
         sp.add_argument("--max-new-tokens", type=int, default=256)
-        sp.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-        sp.add_argument("--top-p", type=float, default=1.0)
-        sp.add_argument("--top-k", type=int, default=0, help="0: no limit")
+        sp.add_argument("--temperature", type=float, default=None,
+                        help="0: greedy (default: the model's generation_config)")
+        sp.add_argument("--top-p", type=float, default=None)
+        sp.add_argument("--top-k", type=int, default=None, help="0: no limit")
         sp.add_argument("--seed", type=int, default=None)
         sp.add_argument("--stop", action="append", default=None, help="stop before this text (repeatable)")
-        sp.add_argument("--repetition-penalty", type=float, default=1.0)
+        sp.add_argument("--repetition-penalty", type=float, default=None)
 
     r = sub.add_parser("run", help="run once on an input file and print the float outputs; "
                                    "a language model: --prompt, the answer streamed")
@@ -175,10 +176,12 @@ def _dispatch(args) -> int:
     raise AssertionError(args.cmd)
 
 
-def generation_options(args) -> dict:
-    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
-            "top_k": args.top_k, "seed": args.seed, "stop": args.stop,
-            "repetition_penalty": args.repetition_penalty}
+def generation_options(args, lm) -> dict:
+    """The options given, over the model's own sampling defaults (lm.generation_defaults)."""
+    given = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
+             "repetition_penalty": args.repetition_penalty}
+    return dict(lm.generation_defaults, **{k: v for k, v in given.items() if v is not None},
+                max_new_tokens=args.max_new_tokens, seed=args.seed, stop=args.stop)
 
 
 def stream_answer(lm, prompt: str, system: Optional[str], template: bool, options: dict, out=None) -> dict:
@@ -206,7 +209,7 @@ def _llm(args, lm) -> int:
         if args.prompt is None:
             raise DataError("a language model runs on text: give --prompt", hint=f"{args.model} is a language model")
         try:
-            stats = stream_answer(lm, args.prompt, args.system, not args.no_template, generation_options(args))
+            stats = stream_answer(lm, args.prompt, args.system, not args.no_template, generation_options(args, lm))
         except KeyboardInterrupt:
             return 130
         if args.json:
@@ -215,7 +218,7 @@ def _llm(args, lm) -> int:
     if args.cmd == "chat":
         from edgekit.runtime.llmchat import chat_loop
 
-        return chat_loop(lm, system=args.system, options=generation_options(args), verbose=args.verbose)
+        return chat_loop(lm, system=args.system, options=generation_options(args, lm), verbose=args.verbose)
     if args.cmd == "bench":
         from edgekit.bundle import write_json_atomic
         from edgekit.runtime.llmbench import llm_bench_table

@@ -34,7 +34,8 @@ For batching servers (edgekit.serve) the ONNX Runtime GenAI handles are attribut
     lm.max_context; settable), lm.tokenizer (encode / decode / apply_chat_template),
     lm.new_generator(max_length, **generation options) -> onnxruntime_genai.Generator.
 Facts: lm.manifest (None for a bare folder), lm.path, lm.model_dir, lm.threads, lm.threads_requested,
-lm.threads_chosen_by, lm.load_ms, lm.backend ("onnxruntime-genai"), lm.backend_version, lm.kind == "llm".
+lm.threads_chosen_by, lm.load_ms, lm.backend ("onnxruntime-genai"), lm.backend_version, lm.kind == "llm",
+lm.generation_defaults (the checkpoint's own sampling settings: what the CLIs use unless told otherwise).
 
 Threads: `threads=` as given; otherwise a measured choice the manifest records (runtime.threads_choice, see
 runtime.threadprobe), else the bundle's target profile's `runtime.threads` (its `llm.threads` where the profile
@@ -403,6 +404,20 @@ class LanguageModel:
             except (OSError, ValueError):
                 return False
         return False
+
+    @property
+    def generation_defaults(self) -> Dict[str, Any]:
+        """The model's own sampling settings (genai_config.json's search section, which the builder fills from the
+        checkpoint's generation_config.json): what `edgekit chat` and `edgekit run` use where not told otherwise.
+        The API's own default stays greedy (temperature 0)."""
+        s = self.genai_config.get("search") or {}
+        d: Dict[str, Any] = {"repetition_penalty": float(s.get("repetition_penalty") or 1.0)}
+        if s.get("do_sample") and float(s.get("temperature") or 0) > 0:
+            d.update(temperature=float(s["temperature"]), top_p=float(s.get("top_p") or 1.0),
+                     top_k=int(s.get("top_k") or 0))
+        else:
+            d["temperature"] = 0.0
+        return d
 
     def model_bytes(self) -> int:
         """The weights' bytes: the ONNX graph files and their external data (not the tokenizer and configs)."""
