@@ -94,6 +94,7 @@ def test_x86_avx2_onnx_of_a_residual_cnn_keeps_accuracy(residual_cnn, tmp_path):
     # on an AVX2 host without VNNI both are timed here; elsewhere the profile's own measurement counts
     assert shipped["speed_source"] == ("timed here" if here else "x86-avx2 profile: onnx.uint8_weights_cost_pct")
     assert "shipped uint8 weights" in f["why"] and "more faithful at the same speed?" in r.table()
+    assert any("slower on a VNNI CPU" in n for n in man["validation"]["notes"])
     assert golden_check(load(avx2.path))["ok"]
     vnni = next(b for b in r.bundles if b.target == "x86-avx512-vnni")
     assert vnni.ok and vnni.artifact.faithful is None          # exact int8 there: the profile's build stays

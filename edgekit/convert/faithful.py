@@ -186,4 +186,8 @@ def more_faithful(row, recipe, source, calib, ctx: measuring.Context, float_onnx
     new = chosen[1]
     new.faithful = rec
     new.rescue, new.rescued_by, new.notes = art.rescue, art.rescued_by, list(art.notes)
+    if new.build.get("weight_type") == "uint8":   # fast where built for; not on every x86 CPU
+        new.notes.append(f"uint8 weights (u8 x u8): about as fast as the profile's build on {row.profile.name}'s "
+                         "CPUs (no VNNI), several times slower on a VNNI CPU, whose u8 x s8 dot products it "
+                         "cannot use: convert for a VNNI profile (x86-avx512-vnni) to run there")
     return new
