@@ -1,11 +1,12 @@
 """Deploying language-model bundles (and every bundle) through the content-addressed, resumable upload,
 against real sshd devices in network namespaces.
 
-The transport tests use a synthetic LLM bundle (a few tens of MB of random weights under model/ and a
+The transport tests use a synthetic LLM bundle (24 MiB of random weights under model/ and a
 manifest listing every file with its sha256): an upload killed halfway (the controller process
 SIGKILLed, or the link dropped) resumes and sends exactly the rest, a release that changes one small
-file sends a few kB, and the memory / disk check refuses (or --force goes on). One real LLM bundle
-(tests/tinylm.py, converted by edgekit.convert.llm) is deployed with its golden check on the device.
+file sends a few kB, and the memory / disk check refuses (or --force goes on). A real LLM bundle
+(tests/tinylm.py, converted by edgekit.convert.llm) is deployed with its golden check on the device,
+profiled there, redeployed, served through the OpenAI API (--serve), and exported to Ansible.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ NAME = "tinychat"
 WEIGHTS = "model/model.onnx.data"
 
 
-def synthetic_llm(dest: Path, mb: int = 40, seed: int = 0, template: str = "{{ messages }}",
+def synthetic_llm(dest: Path, mb: int = 24, seed: int = 0, template: str = "{{ messages }}",
                   context: int = 2048, kv_bytes_per_token: int = 16384) -> Path:
     """An LLM bundle's layout and manifest with random weights (the transport does not look inside)."""
     rng = np.random.default_rng(seed)
@@ -234,7 +235,7 @@ def test_memory_check_refuses_in_one_line_and_force_goes_on(cli, lab, tmp_path):
     line = [ln for ln in r.stderr.splitlines() if "not enough memory" in ln]
     assert len(line) == 1, r.stderr
     assert "KV cache at 1000000 tokens" in line[0] and "available" in line[0] and "--force" in line[0]
-    assert "1.0 TB" in line[0] or "1048.6 GB" in line[0], line[0]
+    assert "it needs 1.0 TB (1.2 MB weights + 1.0 TB KV cache" in line[0], line[0]
     objects = lab.devices["bare"].root / "models" / NAME / "objects"
     assert not list(objects.glob("*")), list(objects.glob("*"))          # nothing was sent
     # --force passes the memory check; this device has no onnxruntime-genai, which is said plainly
@@ -369,3 +370,30 @@ def test_deploy_serve_llm_answers_through_the_openai_api(cli, lab, tiny_bundle):
     finally:
         r = cli("deploy", tiny_bundle, "-d", "full", "--no-serve", *inv)
     assert r.exit_code == 0 and "stopped (pid" in r.output, r.output
+
+
+def test_ansible_export_deploys_a_language_model_with_its_golden_check(cli, lab, tiny_bundle, tmp_path):
+    """The exported playbook does what deploy does for a language model: switch without the tensor
+    check, then LanguageModel.check() on the device; a release failing it rolls the host back."""
+    import shutil
+
+    assert shutil.which("ansible-playbook"), "ansible-playbook not found: pip install -e '.[dev]'"
+    art = artifact.read_one(tiny_bundle)
+    bad = tmp_path / "bad" / tiny_bundle.name
+    shutil.copytree(tiny_bundle, bad)
+    g = json.loads((bad / "golden.json").read_text())
+    g["top1"] = [[(t + 1) % 7 for t in row] for row in g["top1"]]
+    (bad / "golden.json").write_text(json.dumps(g))
+    e = dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_LOCAL_TEMP=str(tmp_path / "ans-tmp"))
+    current = lab.devices["full"].root / "models" / art.name / "current"
+    inv = lab.write_inventory(names=["full"], path=tmp_path / "full.toml")     # group "lab": this device alone
+    assert cli("deploy", tiny_bundle, "--group", "lab", "--inventory", inv, "-q").exit_code == 0
+    out = tmp_path / "ansible"
+    r = cli("export", "ansible", "--group", "lab", "--bundle", bad, "-o", out, "--inventory", inv)
+    assert r.exit_code == 0, r.stderr
+    hosts = json.loads((out / "inventory.yml").read_text().split("\n", 1)[1])["all"]["children"]["edgekit_lab"]["hosts"]
+    assert hosts["full"]["edgekit_llm"] is True
+    p = subprocess.run(["ansible-playbook", "deploy.yml"], cwd=out, env=e, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0, p.stdout[-3000:]
+    assert "golden check of a language model" in p.stdout and "rolled back to " + art.sha256[:12] in p.stdout
+    assert current.resolve().name == art.sha256          # the bad release switched, failed its check, went back

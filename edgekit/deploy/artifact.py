@@ -34,6 +34,10 @@ class Artifact:
     files: Tuple[Tuple[Path, str, int], ...]     # (local path, relative posix path, bytes)
     digests: Tuple[str, ...] = ()                # sha256 of each of `files`, in the same order
 
+    def __post_init__(self):
+        if len(self.digests) != len(self.files):     # built by hand (not prepare()): hash the files now
+            object.__setattr__(self, "digests", tuple(sha256_file(p) for p, _, _ in self.files))
+
     @property
     def name(self) -> str:
         return self.bundle.name

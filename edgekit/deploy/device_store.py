@@ -109,10 +109,12 @@ def _genai():
     if spec is None:
         return {"available": False, "python": sys.executable}
     try:
-        from importlib.metadata import version
-
+        from importlib.metadata import PackageNotFoundError, version
+    except ImportError:   # Python 3.7: no importlib.metadata
+        return {"available": True, "version": None, "python": sys.executable}
+    try:
         v = version("onnxruntime-genai")
-    except Exception:  # any metadata problem: installed, version unknown
+    except PackageNotFoundError:   # importable without metadata (a source tree on the path)
         v = None
     return {"available": True, "version": v, "python": sys.executable}
 

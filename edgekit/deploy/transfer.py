@@ -47,7 +47,7 @@ def device_source() -> str:
 
 
 def human(n: float) -> str:
-    for unit, k in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+    for unit, k in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if abs(n) >= k:
             return f"{n / k:.1f} {unit}"
     return f"{n:.0f} B"
