@@ -45,15 +45,22 @@ def _input_shapes(values):
 @click.option("--name", help="Bundle name (default: the model file's stem).")
 @click.option("--format", "formats", multiple=True, type=click.Choice(["tflite", "onnx"]),
               help="Only these formats (default: every format the target lists).")
-@click.option("--precision", type=click.Choice(["int8", "int16x8", "fp16", "dynamic"]), default="int8",
+@click.option("--precision", type=click.Choice(["int8", "int16x8", "fp16", "dynamic", "int4", "fp32"]), default="int8",
               show_default=True, help="int16x8: 16-bit activations, 8-bit weights; fp16: GPU targets; dynamic: "
-              "INT8 weights, activations quantized at run time (transformers on CPUs).")
+              "INT8 weights, activations quantized at run time (transformers on CPUs). Language models (a Hugging "
+              "Face folder): int4, int8, fp16 (GPU), fp32; default: the profile's [llm] precision.")
 @click.option("--min-snr", type=float, default=20.0, show_default=True,
               help="Fidelity floor: output SNR against the float model, dB.")
 @click.option("--min-agreement", type=float, default=0.90, show_default=True,
               help="Fidelity floor: top-1 agreement with the float model (a fraction, 0..1).")
 @click.option("--max-accuracy-drop", type=float,
               help="Also a floor: accuracy points lost (with labels; else points of top-1 agreement).")
+@click.option("--max-ppl-increase", type=float, help="Language models: fidelity floor, perplexity increase over "
+              "float as a fraction (default 0.10 = +10%); --min-agreement is teacher-forced top-1 (default 0.80).")
+@click.option("--max-kl", type=float, help="Language models: fidelity floor, mean KL divergence of the next-token "
+              "distributions from float's, nats (default 0.10).")
+@click.option("--val-tokens", type=int, default=1024, show_default=True,
+              help="Language models: at most this many tokens of the --val text are measured.")
 @click.option("--no-rescue", is_flag=True, help="Below the floor, fail the artifact instead of trying the "
               "rescue ladder (other ranges and schemes, 16-bit activations, float layers).")
 @click.option("--no-mixed-precision", is_flag=True, help="The rescue ladder never keeps layers in float.")
@@ -79,14 +86,18 @@ def _input_shapes(values):
 @click.option("--report", "html_report", is_flag=True, help="Also write OUT/report.html (edgekit report OUT).")
 @click.pass_context
 def convert(ctx, model, target_names, recipe_path, calib, calib_random, calib_samples, preprocess, val,
-            input_shapes, out, name, formats, precision, min_snr, min_agreement, max_accuracy_drop, no_rescue,
-            no_mixed_precision, search_budget, search_first, select, device_name, inventory, trust_new_host,
-            compat_check, as_json, quiet, html_report):
+            input_shapes, out, name, formats, precision, min_snr, min_agreement, max_accuracy_drop, max_ppl_increase,
+            max_kl, val_tokens, no_rescue, no_mixed_precision, search_budget, search_first, select, device_name,
+            inventory, trust_new_host, compat_check, as_json, quiet, html_report):
     """Convert MODEL (.keras, .h5, SavedModel dir, .onnx) into a validated INT8 bundle per target.
 
     Every artifact must meet the fidelity floor (--min-snr, --min-agreement, --max-accuracy-drop);
     below it convert walks a rescue ladder, and an artifact that still misses is not written
     (its row says FAILED and why; the others are written; exit status 1)."""
+    from edgekit.cli import llm_convert
+
+    if llm_convert.is_language_model(model):   # a Hugging Face causal LM folder: the LLM bundle path
+        return llm_convert.convert_language_model(ctx, ctx.params)
     from edgekit.convert import convert as run_convert
     from edgekit.errors import BudgetMissed
     from edgekit.progress import Progress

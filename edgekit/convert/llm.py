@@ -144,7 +144,8 @@ class LLMBuildOptions:
     algo: str = "k_quant"
     lm_head_int8: bool = True           # INT4 builds: the lm_head at INT8
     embeddings_wide: bool = True        # the embedding table never 4-bit
-    int8_layers: Tuple[int, ...] = ()   # INT4 builds: decoder layers whose MatMuls are INT8
+    llama_mixed: bool = False           # INT4 builds: llama.cpp's sensitive MatMuls at INT8 (builder preset)
+    int8_layers: Tuple[int, ...] = ()   # INT4 builds: decoder layers whose MatMuls are INT8 (measured)
 
     @property
     def quantized(self) -> bool:
@@ -156,6 +157,8 @@ class LLMBuildOptions:
         s = f"{self.precision} block {self.block_size}, accuracy_level {self.accuracy_level}, {self.algo}"
         if self.precision == "int4":
             s += ", lm_head " + ("int8" if self.lm_head_int8 else "int4")
+            if self.llama_mixed:
+                s += ", llama.cpp's mixed layers int8"
             if self.int8_layers:
                 s += f", layers {','.join(map(str, self.int8_layers))} int8"
         return s
@@ -166,6 +169,8 @@ class LLMBuildOptions:
             out.append("lm_head (int8)")
         if self.quantized and self.embeddings_wide:
             out.append("embeddings (" + ("shared with the lm_head" if tied else "float32") + ")")
+        if self.precision == "int4" and self.llama_mixed:
+            out.append("llama.cpp mixed layers: first/last eighth, every third qkv/v/down (int8)")
         out += [f"layer {i} (int8)" for i in self.int8_layers]
         return out
 
@@ -180,8 +185,10 @@ class LLMBuildOptions:
             extra.append("op_types_to_quantize=MatMul/Gather")
         overrides = []
         if self.precision == "int4":
-            if self.lm_head_int8:
-                overrides.append({"match": {"name": "/lm_head/MatMul"}, "type": "int8"})
+            if self.lm_head_int8:   # the preset (not the node's name): a tied embedding then shares the INT8 table
+                overrides.append({"match": {"preset": "last_matmul"}, "type": "int8"})
+            if self.llama_mixed:
+                overrides.append({"match": {"preset": "mixed_layers"}, "type": "int8"})
             for i in self.int8_layers:
                 overrides += [{"match": {"name": n}, "type": "int8"} for n in matmuls.get(i, [])]
         if self.embeddings_wide and src.tied and not (self.precision == "int8" or self.lm_head_int8):
@@ -426,6 +433,10 @@ class _Session:
             wb = weight_bytes(d)
             rec["bytes"] = sum(f.stat().st_size for f in d.iterdir() if f.is_file())
             rec["bytes_per_token"] = wb["per_token"]
+            m = rec["metrics"]
+            self.progress.say(f"    perplexity {m['ppl_float']:.3f} -> {m['ppl']:.3f} ({100 * m['ppl_increase']:+.1f}%), "
+                              f"KL {m['kl_mean']:.4f}, top-1 agreement {100 * m['top1_agreement']:.1f}%, "
+                              f"{rec['bytes'] / 2 ** 20:.1f} MiB ({time.monotonic() - t0:.0f} s)")
         except (RuntimeError, ValueError, NotImplementedError, OSError, KeyError, AttributeError) as e:
             # a build the builder or ONNX Runtime refuses is recorded (the ladder goes on), not raised
             rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
@@ -464,6 +475,7 @@ def _ladder(s: _Session, base: LLMBuildOptions):
     if not (cur.lm_head_int8 and cur.embeddings_wide):
         cur = dataclasses.replace(cur, lm_head_int8=True, embeddings_wide=True)
         steps.append(("wide", cur))
+    steps.append(("llama.cpp-mixed", dataclasses.replace(cur, llama_mixed=True)))
     return steps
 
 
@@ -476,7 +488,7 @@ def _walk(s: _Session, row: LLMRow, base: LLMBuildOptions) -> Optional[Tuple[LLM
     if base.precision != "int4" or not s.recipe.rescue:
         return None
     plan = _ladder(s, base)
-    best = base
+    best, best_kl = base, rec.get("metrics", {}).get("kl_mean", float("inf"))
     for rung, opts in plan:
         rec = s.build(opts)
         row.rescue.append(_step(rung, opts, rec, s.floor))
@@ -485,8 +497,8 @@ def _walk(s: _Session, row: LLMRow, base: LLMBuildOptions) -> Optional[Tuple[LLM
                           (rec.get("error") or "; ".join(row.rescue[-1]["misses"]))))
         if row.rescue[-1]["meets"]:
             return opts, rec
-        if "metrics" in rec:
-            best = opts
+        if "metrics" in rec and rec["metrics"]["kl_mean"] < best_kl:   # the measured layers go on the best so far
+            best, best_kl = opts, rec["metrics"]["kl_mean"]
     layers = int(s.src.dims()["layers"] or 0)
     if layers:
         ranking = s.sensitivity(best.block_size)
@@ -670,6 +682,26 @@ def convert_llm(recipe: LLMRecipe, out: str = "build", *, progress: Optional[Pro
     name = recipe.bundle_name
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / f"{name}.convert.log"
+    import torch
+
+    threads = torch.get_num_threads()   # the float model sets its own (free cores); put back afterwards
+    try:
+        result = _convert(recipe, src, plans, out_dir, name, log_path, progress)
+    finally:
+        torch.set_num_threads(threads)
+    result.report_path = out_dir / f"{name}.convert.json"
+    write_json_atomic(result.report_path, result.to_dict())
+    if result.failed:
+        worst = result.failed[0]
+        raise BudgetMissed(f"{len(result.failed)} of {len(result.bundles)} language-model bundle(s) not written: "
+                           f"{worst.path.name}: {worst.reason}", result=result,
+                           hint=f"report {result.report_path}, log {log_path}; loosen the floor "
+                                "(--max-ppl-increase, --max-kl, --min-agreement) or use --precision int8")
+    return result
+
+
+def _convert(recipe: LLMRecipe, src: LMSource, plans, out_dir: Path, name: str, log_path: Path,
+             progress: Progress) -> LLMConvertResult:
     with tempfile.TemporaryDirectory(prefix="edgekit-llm-") as wd, open(log_path, "w", encoding="utf-8") as log:
         log.write(f"edgekit {edgekit.__version__} convert {recipe.model} (language model)\n")
         s = _Session(recipe, src, Path(wd), progress, log)
@@ -707,12 +739,4 @@ def convert_llm(recipe: LLMRecipe, out: str = "build", *, progress: Optional[Pro
             row.seconds = time.monotonic() - t0
             result.bundles.append(row)
             progress.say(f"[{t.name}] " + (f"wrote {row.path}" if row.ok else f"FAILED: {row.reason}"))
-    result.report_path = out_dir / f"{name}.convert.json"
-    write_json_atomic(result.report_path, result.to_dict())
-    if result.failed:
-        worst = result.failed[0]
-        raise BudgetMissed(f"{len(result.failed)} of {len(result.bundles)} language-model bundle(s) not written: "
-                           f"{worst.path.name}: {worst.reason}", result=result,
-                           hint=f"report {result.report_path}, log {log_path}; loosen the floor "
-                                "(--max-ppl-increase, --max-kl, --min-agreement) or use --precision int8")
     return result

