@@ -157,8 +157,14 @@ def llm_bench_table(reports: List[Dict[str, Any]], label: str = "model") -> str:
     table = render([label, "precision", "backend", "thr", "load ms", "tokens", "TTFT ms", "prefill tok/s",
                     "decode tok/s", "tok p99 ms", "peak RSS MB", "model MB", "run"], rows)
     notes = [f"{r.get('bundle') or r['model']}: noisy: " + "; ".join(r["noise_reasons"]) for r in reports if r["noisy"]]
-    notes += [f"{r.get('bundle') or r['model']}: peak RSS {r['peak_rss_ratio']:.2f}x (weights + KV cache "
-              f"{r['memory_bound_mb']:.1f} MB)" for r in reports if r.get("peak_rss_ratio")]
+    for r in reports:
+        if not r.get("peak_rss_ratio"):
+            continue
+        growth = r.get("rss_growth_mb")
+        notes.append(f"{r.get('bundle') or r['model']}: peak RSS {r['peak_rss_mb']:.1f} MB = "
+                     f"{r['peak_rss_ratio']:.2f}x weights + KV cache ({r['memory_bound_mb']:.1f} MB)"
+                     + (f"; {growth:.1f} MB over the process before load = "
+                        f"{growth / r['memory_bound_mb']:.2f}x" if growth else ""))
     if reports:
         c = reports[0]["conditions"]
         notes.append(f"conditions: {c['cpu_model']} ({c['machine']}, {c['cpu_count']} cores), governor "
