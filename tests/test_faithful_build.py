@@ -28,6 +28,27 @@ def test_the_rule():
                 [dict(better, top1_agreement=None)])["snr_db"] == 32.5   # not a classifier: SNR alone
 
 
+def test_rivals_only_where_the_target_has_no_exact_int8():
+    """u8 x u8 is weighed against u8 x 7-bit builds for x86 without VNNI, with the shipped build's
+    calibration and the profile's; never for targets whose integer kernels are exact anyway."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from edgekit.convert.faithful import alternatives
+    from edgekit.targets import load_target
+
+    def rivals(name, **shipped):
+        t = load_target(name)
+        row = SimpleNamespace(fmt="onnx", build=t.onnx, profile=t)
+        return [(b.weight_type, b.reduce_range, b.calibration)
+                for _, b in alternatives(row, dict(dataclasses.asdict(t.onnx), **shipped))]
+
+    assert rivals("x86-avx2") == [("uint8", False, "minmax")]
+    assert rivals("x86-avx2", calibration="percentile") == [("uint8", False, "percentile"), ("uint8", False, "minmax")]
+    assert rivals("x86-avx2", activation_type="int16", reduce_range=False) == []   # the 16-bit rung: no rival
+    assert rivals("x86-avx512-vnni") == [] and rivals("rpi4") == []
+
+
 @pytest.fixture(scope="module")
 def residual_cnn(tmp_path_factory):
     """A depthwise / BatchNorm / residual CNN trained here on the digits with sensor noise (so that
