@@ -19,8 +19,9 @@ returned the raw int8 output: it did less work than model(x), and that differenc
 (quantize + dequantize, about 10 us a call on this machine) was counted as the runtime's
 overhead (+4.4-5.4% on ResNet-8's int8-io bundle).
 
-and `load(bundle)` with no threads= (the default: the profile's count clamped to the CPUs
-this process may use) against the best bare loop of any thread count.
+and `load(bundle)` with no threads= (the default: the count runtime.threadprobe measures fastest,
+at most the profile's count clamped to the CPUs this process may use) against the best bare
+loop of any thread count.
 
 Rounds alternate bare / edgekit (A B A B ...) so drift on a shared machine hits both; a
 round's figure is p50 over --runs calls; the overhead is the median over rounds of
