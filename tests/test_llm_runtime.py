@@ -222,6 +222,14 @@ print(json.dumps({{"heavy": heavy, "ok": res["ok"], "grew": n() - before}}))
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["ok"] is True
+    # the device's chat, driven through a pipe: each line a message, /reset, /exit (what follows is not read)
+    out = subprocess.run([sys.executable, "-m", "edgekit.runtime", "chat", str(bundle), "--verbose"],
+                         input="What colour is the lamp?\n/reset\nWhat colour is the lamp?\n/exit\nCount: one\n",
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    first, second = out.stdout.splitlines()
+    assert first == second and first                      # after /reset, the same question, the same answer
+    assert "(conversation reset)" in out.stderr and out.stderr.count("tokens prefilled") == 2
 
 
 def test_cli_run_and_bench(bundle):
