@@ -310,3 +310,38 @@ def test_hot_swap_under_chat_load_fails_no_request(bundle, tmp_path):
         assert st == 503 and body["error"]["code"] == "model_not_ready" and "golden check" in body["error"]["message"]
         assert srv.json("GET", "/v2/health/ready")[0] == 503
         assert [m.id for m in c.models.list().data] == ["broken", "tinychat"]
+
+
+def test_kv_cache_budget_bounds_the_sequences_admitted(bundle):
+    """--kv-cache-mb: a sequence is admitted only when its KV reservation (prompt + max tokens) fits; the
+    others wait (not refused) and all complete; the budget is what the engine holds at most."""
+    from edgekit.serve.llm_engine import GenSequence, SamplingParams, load_llm_release
+    from edgekit.errors import BundleError
+
+    rel = load_llm_release(M, "0" * 64, bundle, threads=1, check=False, max_sequences=8, max_queue=8,
+                           kv_cache_mb=1.4)   # 700 tokens of 2 KiB: room for one 480-token reservation
+    try:
+        eng = rel.engine
+        per_token = rel.kv_bytes_per_token
+        assert eng.kv_budget_tokens == int(1.4 * (1 << 20)) // per_token
+        most, done = [0], threading.Semaphore(0)
+
+        def on_events(evs):
+            most[0] = max(most[0], len(eng.active))
+            if any(k != "text" for k, _ in evs):
+                done.release()
+
+        seqs = [GenSequence(rel.tokenizer.encode(f"Count: {w}"), SamplingParams(max_tokens=470, ignore_eos=True),
+                            on_events) for w in ("one", "two", "three")]
+        for s in seqs:
+            eng.submit(s)
+        for _ in seqs:
+            assert done.acquire(timeout=120)
+        assert most[0] == 1 and [s.finish for s in seqs] == ["length"] * 3
+        assert all(s.completion_tokens == 470 for s in seqs) and eng.kv_tokens == 0
+    finally:
+        rel.engine.retire()
+        rel.engine.join(10)
+    with pytest.raises(BundleError, match="holds 0 tokens"):
+        load_llm_release(M, "0" * 64, bundle, threads=1, check=False, max_sequences=1, max_queue=1,
+                         kv_cache_mb=0.001)

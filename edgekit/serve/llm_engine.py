@@ -52,6 +52,10 @@ class Busy(EdgekitError):
     """Every sequence slot and the wait queue are taken (HTTP 429)."""
 
 
+class EngineFailed(EdgekitError):
+    """The generation thread ended with an error: the model does not generate (HTTP 503)."""
+
+
 class TooLong(DataError):
     """The prompt does not fit the model's context (HTTP 400, code context_length_exceeded)."""
 
@@ -327,6 +331,7 @@ class LLMEngine:
         self.waiting: Deque[GenSequence] = deque()
         self.active: List[GenSequence] = []
         self.steps = 0
+        self.failed: Optional[str] = None    # why the generation thread ended with an error
         self._cv = threading.Condition()
         self._retiring = False
         self._closed = threading.Event()
@@ -350,6 +355,8 @@ class LLMEngine:
                 raise TooLong(f"the prompt is {n} tokens; the server's KV cache holds {self.kv_budget_tokens} "
                               f"tokens per sequence at most (--kv-cache-mb)")
         with self._cv:
+            if self.failed:
+                raise EngineFailed(f"model '{self.name}' cannot generate: {self.failed}")
             if self._retiring:
                 raise Busy(f"model '{self.name}' is being replaced; retry")
             if len(self.active) + len(self.waiting) >= self.max_sequences + self.max_queue:
@@ -408,6 +415,7 @@ class LLMEngine:
         except BaseException as e:  # the engine thread failing: every sequence hears it, the model is not ready
             log.exception("model %s: the generation thread failed", self.name)
             with self._cv:
+                self.failed = f"{type(e).__name__}: {e}"
                 self._retiring = True
                 left = list(self.active) + list(self.waiting)
                 self.active.clear()
@@ -712,11 +720,12 @@ class LLMEntry:
 
     @property
     def ready(self) -> bool:
-        return self.active is not None
+        a = self.active
+        return a is not None and a.engine.failed is None
 
     def state(self) -> Dict[str, Any]:
         a = self.active
-        d: Dict[str, Any] = {"ready": a is not None, "kind": "llm", "source": self.source.kind,
+        d: Dict[str, Any] = {"ready": self.ready, "kind": "llm", "source": self.source.kind,
                              "version": a.version if a else None, "sha256": a.sha256 if a else None,
                              "backend": f"onnxruntime (batched decoder; onnxruntime-genai {a.backend_version} "
                                         f"tokenizer)" if a else None,
@@ -735,6 +744,8 @@ class LLMEntry:
             d["loading"] = self.loading[:VERSION_CHARS]
         if self.failure:
             d["failed_release"] = self.failure
+        if a is not None and a.engine.failed:
+            d["error"] = f"the generation thread failed: {a.engine.failed}"
         return d
 
     def try_load(self, path: Optional[Path], **kw) -> bool:

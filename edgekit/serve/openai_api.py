@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from edgekit.bundle import check_name
 from edgekit.errors import BundleError, DataError
-from edgekit.serve.llm_engine import Busy, GenSequence, LLMEntry, SamplingParams, TooLong
+from edgekit.serve.llm_engine import Busy, EngineFailed, GenSequence, LLMEntry, SamplingParams, TooLong
 from edgekit.serve.protocol import ProtocolError
 
 log = logging.getLogger("edgekit.serve")
@@ -238,6 +238,8 @@ class LLMApi:
             err = ApiError(e.status, e.message, "request_too_large" if e.status == 413 else None)
         except Busy as e:
             err = ApiError(429, str(e), "server_busy")
+        except EngineFailed as e:
+            err = ApiError(503, str(e), "model_not_ready")
         except TooLong as e:
             err = ApiError(400, str(e), "context_length_exceeded", "messages")
         except DataError as e:
@@ -265,9 +267,9 @@ class LLMApi:
             served = ", ".join(sorted(self.entries)) or "none"
             raise ApiError(404, f"the model '{name}' does not exist here (language models served: {served})",
                            "model_not_found", "model")
-        if need_ready and e.active is None:
-            raise ApiError(503, f"model '{name}' is not ready: " + (e.failure or {}).get("error", "loading"),
-                           "model_not_ready")
+        if need_ready and not e.ready:
+            why = e.state().get("error") or (e.failure or {}).get("error", "loading")
+            raise ApiError(503, f"model '{name}' is not ready: {why}", "model_not_ready")
         return e
 
     def _model_card(self, e: LLMEntry) -> Dict[str, Any]:
