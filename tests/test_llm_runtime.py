@@ -159,6 +159,16 @@ def test_conversation_drops_old_turns_when_the_context_is_full(lm):
     assert conv.turns == 6 and conv.messages[0]["role"] == "system"
     assert len(conv.messages) < 1 + 2 * 6              # the oldest turns went
     assert why[0] is False and "context full: the oldest turns were dropped" in why
+    # a message that cannot fit: an error, and the conversation goes on from its history
+    before = list(conv.messages)
+    with pytest.raises(DataError, match="does not fit"):
+        conv.say("one " * 600)
+    assert conv.messages == before
+    conv.say("What colour is the lamp?")
+    assert conv.last["reprefill"]                                   # the whole history, prefilled again
+    assert conv.messages[:-2] == before or conv.last["reprefill"].startswith("context full")
+    assert conv.messages[-2] == {"role": "user", "content": "What colour is the lamp?"}
+    assert [m["role"] for m in conv.messages] == ["system"] + ["user", "assistant"] * ((len(conv.messages) - 1) // 2)
 
 
 def test_benchmark_reports_sane_figures(lm):

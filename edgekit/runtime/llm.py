@@ -657,6 +657,7 @@ class Conversation:
             stats["reprefill"] = "sampling options changed"
             self._gen = None
         new_ids: Optional[List[int]] = None
+        dropped = 0
         if self._gen is not None:
             new_ids = self._continue(rendered, new_kv, stats)
             if new_ids is not None and self.token_count + len(new_ids) + 1 > lm.context:
@@ -664,17 +665,23 @@ class Conversation:
                 new_ids = None
                 self._gen = None
         if self._gen is None:
-            new_kv, rendered, new_ids = self._fresh(new_kv, user, stats)
+            if len(new_kv) > 1 + bool(self.system) and not stats["reprefill"]:
+                stats["reprefill"] = "the cache was dropped (a message that did not fit, or a stop before prefill)"
+            new_kv, rendered, new_ids, dropped = self._fresh(new_kv, user, stats)
             self._gen = lm._generator(lm.context, search)
             self._search = search
         max_new = min(opts.max_new_tokens, lm.context - self.token_count - len(new_ids))
         if max_new < 1:
+            self._gen = None    # it may have been rewound for this turn: the next one starts from the history
             raise DataError(f"the message does not fit the context ({lm.context} tokens)", hint="shorten it")
 
         def on_end(s: Dict[str, Any]) -> None:    # the turn enters the history when its reply ends, however
             if s.get("prompt_tokens") is None:     # stopped before the prefill ran: the cache lacks this turn
                 self._gen = None
             reply_raw = lm.tokenizer.decode(s["token_ids"], skip_special_tokens=False)
+            if dropped:   # the oldest turns that no longer fit the context (the system message stays)
+                head = [m for m in self.messages[:1] if m["role"] == "system"]
+                self.messages = head + self.messages[len(head) + dropped:]
             self.messages += [user, {"role": "assistant", "content": s["text"]}]
             self._kv = new_kv + [{"role": "assistant", "content": reply_raw}]
             self._text = rendered + reply_raw
@@ -717,7 +724,8 @@ class Conversation:
         return len(seq) > 0 and int(seq[-1]) in self.lm.eos_token_ids
 
     def _fresh(self, new_kv: List[Dict[str, str]], user: Dict[str, str], stats: Dict[str, Any]):
-        """Prefill from nothing: the history (dropping the oldest turns until it fits) and the new message."""
+        """What to prefill from nothing: the history (the oldest turns dropped until it fits) and the new message.
+        Returns (messages as the cache will hold them, their rendered text, its tokens, messages dropped)."""
         lm = self.lm
         head = [m for m in new_kv[:1] if m["role"] == "system"]
         body = new_kv[len(head):-1]
@@ -729,8 +737,4 @@ class Conversation:
                 break
             body = body[2:] if len(body) >= 2 else []
             stats["reprefill"] = stats.get("reprefill") or "context full: the oldest turns were dropped"
-        dropped = len(new_kv) - len(kv)
-        if dropped:
-            keep_head = [m for m in self.messages[:1] if m["role"] == "system"]
-            self.messages = keep_head + self.messages[len(keep_head) + dropped:]
-        return kv, rendered, ids
+        return kv, rendered, ids, len(new_kv) - len(kv)
