@@ -33,6 +33,10 @@ For batching servers (edgekit.serve) the ONNX Runtime GenAI handles are attribut
     lm.context (the sequence length used: the bundle's llm.context_default, at most the model's own
     lm.max_context; settable), lm.tokenizer (encode / decode / apply_chat_template),
     lm.new_generator(max_length, **generation options) -> onnxruntime_genai.Generator.
+Teacher forcing: lm.logits(ids) -> float32 [len(ids), vocab], one pass (the golden check and fidelity use it).
+Concurrency: generate / chat may run from several threads at once (each call has its own generator over the one
+model); lm.last is whichever finished last. A Conversation is for one thread.
+Loading verifies each file the manifest lists (size and sha256; verify=False: sizes only).
 Facts: lm.manifest (None for a bare folder), lm.path, lm.model_dir, lm.threads, lm.threads_requested,
 lm.threads_chosen_by, lm.load_ms, lm.backend ("onnxruntime-genai"), lm.backend_version, lm.kind == "llm",
 lm.generation_defaults (the checkpoint's own sampling settings: what the CLIs use unless told otherwise).
