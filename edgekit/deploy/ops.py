@@ -164,15 +164,10 @@ def preflight(device: Device, art: Artifact, opts: Options):
 
 def _push(s: DeviceSession, art: Artifact, opts: Options, then: str, check: bool = True):
     """Upload what the device lacks (resumed, deduplicated, verified) and `then` activate / store it."""
-    ticker = opts.progress.ticker(f"[{s.device.name}] upload {art.name}", "")
+    label = f"[{s.device.name}] upload {art.name}"
     keep = LLM_KEEP_UNTIL_CHECKED if art.is_llm else opts.keep
-    return s.push(art, ticker, then=then, keep=keep, check=check and not art.is_llm, force=opts.force,
+    return s.push(art, lambda unit: opts.progress.ticker(label, unit), then=then, keep=keep, check=check and not art.is_llm, force=opts.force,
                   preflight=preflight(s.device, art, opts))
-
-
-def _upload(s: DeviceSession, art: Artifact, st: protocol.DeviceStatus, opts: Options) -> Tuple[str, int]:
-    p = _push(s, art, opts, "none")
-    return p.incoming, p.sent
 
 
 def _llm_health(s: DeviceSession, art: Artifact, res: protocol.Activation, opts: Options,

@@ -248,14 +248,16 @@ class DeviceSession:
         raise self.err(f"no backend on the device can run a .{fmt} model ({why})",
                        hint=INSTALL_HINTS[fmt])
 
-    def push(self, art: Artifact, ticker: Optional[Callable[..., None]] = None, *, then: str = "none",
+    def push(self, art: Artifact, ticker_for: Optional[Callable[[str], Callable[..., None]]] = None, *,
+             then: str = "none",
              keep: int = 3, check: bool = True, force: bool = False,
              preflight: Optional[Callable[["transfer.StorePlan"], None]] = None) -> "Pushed":
         """Send what the device lacks of `art` into its object store (resuming an upload that
         stopped), verify and assemble the release, and `then` activate or store it there.
 
         `preflight(plan)` runs before any byte is sent (memory checks: raises to refuse); the disk
-        check is here: refused unless `force`. `ticker(done, total, extra)`: progress."""
+        check is here: refused unless `force`. `ticker_for(unit)`: the progress line's ticker
+        (tick(done, total, extra)), asked for once the bytes to send are known."""
         store = transfer.Store(self, art.name)
         plan = store.plan(art, genai=art.is_llm)
         if preflight is not None:
@@ -265,20 +267,20 @@ class DeviceSession:
             raise self.err(f"no space left under {self.root}: {plan.free_bytes / 1e6:.1f} MB free, the upload "
                            f"needs {need / 1e6:.1f} MB",
                            hint="free space on the device, lower --keep, set another root, or --force to try")
-        sent = self._send(store, plan, ticker)
+        sent = self._send(store, plan, ticker_for)
         try:
             r = store.commit(art, plan, then=then, keep=keep, check=check)
         except BundleError:
             # an object did not hash right (a part damaged where the link dropped, a file changed on
             # the device): once more; commit removed the bad ones, so the new plan sends them whole
             plan = store.plan(art, genai=False)
-            sent += self._send(store, plan, ticker)
+            sent += self._send(store, plan, ticker_for)
             r = store.commit(art, plan, then=then, keep=keep, check=check)
         return Pushed(r["incoming"], sent, plan, r.get("result"), store)
 
     def _send(self, store: "transfer.Store", plan: "transfer.StorePlan",
-              ticker: Optional[Callable[..., None]]) -> int:
-        tick = transfer.progress_callback(ticker, plan.send_bytes) if ticker else None
+              ticker_for: Optional[Callable[[str], Callable[..., None]]]) -> int:
+        tick = transfer.progress_callback(ticker_for, plan.send_bytes) if ticker_for else None
         return store.send(plan, tick, on_error=lambda e, it: self._store_error(e, it.rel, plan))
 
     def _store_error(self, e: Exception, rel: str, plan: "transfer.StorePlan") -> DeviceError:
@@ -300,7 +302,7 @@ class DeviceSession:
                tick: Optional[Callable[..., None]] = None) -> Tuple[str, int]:
         """Upload into models/<name>/.incoming-<sha12>-<tag> (assembled from the object store);
         (incoming dir name, bytes sent). `free_bytes` is not needed any more (the plan measures it)."""
-        p = self.push(art, tick)
+        p = self.push(art, (lambda unit: tick) if tick else None)
         return p.incoming, p.sent
 
 

@@ -77,14 +77,16 @@ class Meter:
         return f"{human(rate)}/s, ETA {int(left) // 60}:{int(left) % 60:02d}"
 
 
-def progress_callback(ticker: Callable[..., None], total: int) -> Callable[[int], None]:
-    """done bytes -> ticker(done, total, unit + rate + ETA), in MB (kB under 10 MB)."""
+def progress_callback(ticker_for: Callable[[str], Callable[..., None]], total: int) -> Callable[[int], None]:
+    """done bytes -> a progress line 'done/total MB rate, ETA' (kB under 10 MB). `ticker_for(unit)`
+    gives the line's ticker (Progress.ticker with a label), called once the total is known."""
     meter = Meter(total)
     k, unit = (1_000_000, "MB") if total >= 10_000_000 else (1_000, "kB")
+    ticker = ticker_for(f" {unit}")
 
     def tick(done: int) -> None:
         done = min(done, total)     # a tail re-sent after a dropped link does not push past 100%
-        ticker(done // k, total // k, f"{unit}, {meter.update(done)}")
+        ticker(done // k, total // k, meter.update(done))
 
     return tick
 
