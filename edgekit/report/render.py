@@ -541,7 +541,8 @@ def llm_speed(m: ModelInfo) -> str:
                          _num(r.get("load_ms"), "{:.4g}"), _num(r.get("ttft_ms"), "{:.4g}"),
                          _rate(r.get("prefill_tok_s")), _rate(r.get("decode_tok_s")),
                          _num(tok.get("p99_ms"), "{:.3g}"), _num(r.get("peak_rss_mb"), "{:.4g}"),
-                         _num(r.get("peak_rss_ratio"), "{:.2f}"),
+                         _num(r["rss_growth_mb"] / r["memory_bound_mb"] if r.get("rss_growth_mb")
+                              and r.get("memory_bound_mb") else None, "{:.2f}"),
                          f"{c.get('cpu_model') or '?'} ({c.get('machine') or '?'}), load "
                          f"{_num(load[0] if load else None, '{:.2f}')}",
                          Markup('<span class="bad">NOISY</span> ' + escape("; ".join(r.get("noise_reasons") or [])))
@@ -550,11 +551,12 @@ def llm_speed(m: ModelInfo) -> str:
         return ('<p class="note">Not measured: <code>edgekit bench BUNDLE --out BUILD/bench/NAME.json</code> here, '
                 'or <code>edgekit profile BUNDLE --device D --save-dir BUILD/profiles</code> on a device.</p>')
     return table(["bundle", "device", "engine", "threads", "prompt + new tokens", "runs", "load ms", "TTFT ms",
-                  "prefill tok/s", "decode tok/s", "token p99 ms", "peak RSS MiB", "RSS / (weights + KV)",
-                  "machine", "run"], rows, cls="conditions", numeric=[3, 5, 6, 7, 8, 9, 10, 11, 12],
+                  "prefill tok/s", "decode tok/s", "token p99 ms", "peak RSS MiB", "RSS growth / (weights + KV)",
+                  "machine", "run"], rows, cls="llmspeed", numeric=[3, 5, 6, 7, 8, 9, 10, 11, 12],
                  bad_rows=noisy) + (
         '<p class="note">p50 over the timed runs (greedy, end of sequence held off so every run decodes all its '
-        'tokens); TTFT = prefill + the first token; peak RSS is the process\'s high-water mark.</p>')
+        'tokens); TTFT = prefill + the first token; peak RSS is the process\'s high-water mark, its growth what '
+        'loading and generating added to the process (ONNX Runtime\'s libraries included).</p>')
 
 
 def llm_ladder(m: ModelInfo) -> str:
