@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -80,8 +81,6 @@ def llm_lab(tmp_path_factory):
 
 @pytest.fixture
 def lab(llm_lab):
-    import shutil
-
     for d in llm_lab.devices.values():
         if d.proc is None or d.proc.poll() is not None:
             d.start()
@@ -226,6 +225,20 @@ def test_tampered_object_is_hashed_again_and_resent(lab, bundle):
     assert p.sent == rel.stat().st_size
     fresh = lab.devices["full"].root / "models" / NAME / "releases" / art.sha256 / "model" / "model.onnx"
     assert fresh.read_bytes() == (Path(bundle) / "model" / "model.onnx").read_bytes()
+    # damage that keeps size and mtime (bit rot): the stamp trusts the object, the release's sha256 on
+    # the device does not; the bad object is found, removed and sent again in the same run
+    weights = lab.devices["full"].root / "models" / NAME / "releases" / art.sha256 / WEIGHTS
+    st = weights.stat()
+    with open(weights, "r+b") as f:
+        f.seek(1 << 20)
+        b = f.read(1)
+        f.seek(1 << 20)
+        f.write(bytes([b[0] ^ 0x01]))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    shutil.rmtree(weights.parent.parent)                 # the release is gone; its objects stay
+    p = _push(lab, "full", art)
+    assert p.result["status"] == "stored" and p.sent == weights.stat().st_size
+    assert weights.read_bytes() == (Path(bundle) / WEIGHTS).read_bytes()
 
 
 def test_memory_check_refuses_in_one_line_and_force_goes_on(cli, lab, tmp_path):
@@ -280,8 +293,6 @@ def tiny_bundle(tmp_path_factory):
 
 def _retemplate(src: Path, dest: Path, template: str) -> Path:
     """The same model with another chat template: the template files and the manifest's entries for them."""
-    import shutil
-
     shutil.copytree(src, dest)
     m = json.loads((dest / "manifest.json").read_text())
     cfg = json.loads((dest / "model" / "tokenizer_config.json").read_text())
@@ -331,8 +342,6 @@ def test_real_llm_deploy_golden_check_profile_redeploy_and_rollback(cli, lab, ti
     assert (mdir / "current").resolve().name == new.sha256
     # a release whose golden check fails on the device goes back to the one before
     bad = tmp_path / "bad" / tiny_bundle.name
-    import shutil
-
     shutil.copytree(tiny_bundle, bad)
     g = json.loads((bad / "golden.json").read_text())
     g["top1"] = [[(t + 1) % 7 for t in row] for row in g["top1"]]
@@ -375,8 +384,6 @@ def test_deploy_serve_llm_answers_through_the_openai_api(cli, lab, tiny_bundle):
 def test_ansible_export_deploys_a_language_model_with_its_golden_check(cli, lab, tiny_bundle, tmp_path):
     """The exported playbook does what deploy does for a language model: switch without the tensor
     check, then LanguageModel.check() on the device; a release failing it rolls the host back."""
-    import shutil
-
     assert shutil.which("ansible-playbook"), "ansible-playbook not found: pip install -e '.[dev]'"
     art = artifact.read_one(tiny_bundle)
     bad = tmp_path / "bad" / tiny_bundle.name
