@@ -33,7 +33,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 PROBE_ENV = "EDGEKIT_THREAD_PROBE"     # "0" / "off": no probe (the ceiling, or the manifest's choice)
 CACHE_ENV = "EDGEKIT_CACHE_DIR"        # where probe results are kept (default: XDG cache / ~/.cache)
 TOLERANCE = 0.02                       # within 2% of the fastest counts as as fast
-PROBE_MAX_MS = 20.0                    # one inference slower than this: not probed
+PROBE_MAX_MS = 50.0                    # one inference slower than this: not probed
 BUDGET_S = 0.5                         # the probe's timed rounds, all candidates together
 ROUNDS = 5
 MIN_RUNS, MAX_RUNS = 5, 100            # per candidate per round
