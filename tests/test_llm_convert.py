@@ -90,28 +90,34 @@ def test_int4_for_arm_and_x86(tiny_lm, tiny_val, tmp_path):
 
 
 def test_floor_forces_the_ladder(tiny_lm, tiny_val, tmp_path):
-    """A KL floor INT4 cannot meet: the ladder walks smaller blocks and the most sensitive layers at INT8
-    (measured sensitivity), and the first rung that meets the floor ships, every rung recorded."""
+    """A KL floor no plain INT4 build meets: the ladder walks a smaller block, llama.cpp's mixed layers, then the
+    most sensitive layers at INT8 (measured in torch) on the best build so far, then INT8 throughout; the first
+    rung that meets the floor ships, every rung recorded."""
     from edgekit.convert.llm import LLMRecipe, convert_llm
     from edgekit.convert.llm_fidelity import LLMFloor
 
-    floor = LLMFloor(max_ppl_increase=None, max_kl=2e-4, min_agreement=None)
+    floor = LLMFloor(max_ppl_increase=None, max_kl=5e-5, min_agreement=None)
     res = convert_llm(LLMRecipe(str(tiny_lm), ("x86-avx512-vnni",), precision="int4", val=str(tiny_val),
                                 floor=floor), str(tmp_path))
     row = res.bundles[0]
     assert row.ok, row.reason
     rungs = [s["rung"] for s in row.rescue]
-    assert rungs[0] == "profile" and not row.rescue[0]["meets"] and row.rescue[0]["kl_mean"] > 2e-4
-    assert "blocks" in rungs and row.rescue[-1]["meets"] and all(not s["meets"] for s in row.rescue[:-1])
-    assert row.rescued_by == rungs[-1] and row.fidelity["kl_mean"] <= 2e-4
+    assert rungs[:4] == ["profile", "blocks", "llama.cpp-mixed", "mixed"], rungs
+    assert set(rungs[4:]) <= {"mixed", "int8"}
+    assert all(not s["meets"] and s["kl_mean"] > 5e-5 for s in row.rescue[:-1]) and row.rescue[-1]["meets"]
+    assert row.rescued_by == rungs[-1] and row.fidelity["kl_mean"] <= 5e-5
+    # the measured rungs keep the layers that cost most alone at INT4 at INT8: 1, then 2 of the 4
     mixed = [s for s in row.rescue if s["rung"] == "mixed"]
-    if row.rescued_by != "blocks":
-        assert mixed, rungs
-    for s in mixed:   # INT8 layers are the most sensitive ones measured
+    assert [len(s["options"]["int8_layers"]) for s in mixed] == [1, 2][:len(mixed)]
+    for s in mixed:
         assert sorted(d["layer"] for d in s["sensitivity"]) == list(s["options"]["int8_layers"])
+        kls = [d["kl_mean"] for d in s["sensitivity"]]
+        assert kls == sorted(kls, reverse=True) and kls[-1] > 0
+    # blocks of 16 carry twice the scales: bigger than blocks of 32
+    assert row.rescue[1]["bytes"] > row.rescue[0]["bytes"]
     m = json.loads((row.path / "manifest.json").read_text())
     assert [s["rung"] for s in m["rescue"]] == rungs and m["rescued_by"] == row.rescued_by
-    assert m["recipe"]["precision"] == row.precision and row.path.name.endswith(row.precision)
+    assert m["recipe"]["precision"] == row.precision and row.path.name == f"tiny-llama-x86-avx512-vnni-{row.precision}"
 
 
 def test_cli_int8_json_and_failed_row(cli, tiny_lm, tiny_val, tmp_path):
@@ -193,20 +199,36 @@ plain.save_pretrained({str(folder) + '.tmp'!r}); tok.save_pretrained({str(folder
 
 
 @pytest.mark.skipif(os.environ.get("EDGEKIT_SKIP_REAL_LLM") == "1", reason="EDGEKIT_SKIP_REAL_LLM=1")
-def test_real_checkpoint_smollm2_int4(tmp_path):
+def test_real_checkpoint_smollm2(tmp_path):
     """A real 135M Llama-architecture chat model (30 layers, GQA 9/3, tied embeddings, 49k vocabulary) converts
-    for the Pi 5 at INT4 with the profile's recipe and meets the default floor on held-out English prose."""
+    for the Pi 5 at INT8 (one build: the INT4 ladder on it takes several builds, see docs/llm.md for its figures)
+    and meets the default floor on held-out English prose; its bundle chats through ONNX Runtime GenAI."""
     from edgekit.convert.llm import LLMRecipe, convert_llm
 
     folder = _smollm2_folder()
-    res = convert_llm(LLMRecipe(str(folder), ("rpi5",), val=str(HELDOUT), val_tokens=512), str(tmp_path))
+    res = convert_llm(LLMRecipe(str(folder), ("rpi5",), precision="int8", val=str(HELDOUT), val_tokens=256),
+                      str(tmp_path))
     row = res.bundles[0]
     assert row.ok, row.reason
-    m, g = _check_bundle(row.path, "rpi5", "int4")
+    m, g = _check_bundle(row.path, "rpi5", "int8")
     assert m["model"]["params"] > 100_000_000 and m["model"]["layers"] == 30 and m["model"]["tied_embeddings"]
     fid = m["fidelity"]
-    assert fid["ppl_float"] < 60 and fid["ppl_increase"] <= 0.10 and fid["top1_agreement"] >= 0.80
-    # 4-bit body, 8-bit lm_head shared with the embedding: well under the float32 weights' 540 MB
-    assert m["model"]["bytes"] < 0.3 * sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-    print(json.dumps({k: fid[k] for k in ("ppl_float", "ppl", "ppl_increase", "kl_mean", "top1_agreement")}),
-          m["model"]["bytes"], m["llm"]["bytes_per_token"], g["generation"]["text"])
+    assert 5 < fid["ppl_float"] < 200 and abs(fid["ppl_increase"]) <= 0.02 and fid["top1_agreement"] >= 0.95
+    # INT8 weights, the tied embedding sharing the lm_head's INT8 table: under a third of the float32 weights
+    assert m["model"]["bytes"] < 0.33 * sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    import onnxruntime_genai as og
+
+    model = og.Model(str(row.path / "model"))
+    tok = og.Tokenizer(model)
+    prompt = tok.apply_chat_template(messages=json.dumps([{"role": "user", "content": "What is the capital of "
+                                                           "France?"}]), add_generation_prompt=True)
+    params = og.GeneratorParams(model)
+    ids = tok.encode(prompt)
+    params.set_search_options(max_length=len(ids) + 12, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(ids)
+    out = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        out.append(int(gen.get_next_tokens()[0]))
+    assert "Paris" in tok.decode(out)

@@ -175,26 +175,31 @@ class LLMBuildOptions:
         return out
 
     def builder_args(self, src: LMSource, matmuls: Dict[int, List[str]]) -> Tuple[List[str], Optional[dict]]:
-        """The builder's extra_options (KEY=VALUE) and target_options (per-node overrides)."""
+        """The builder's extra_options (KEY=VALUE) and target_options (its structured quant_config: which op
+        types are quantized, per-node overrides)."""
         extra = ["hf_remote=false", "hf_token=false"]
         if not self.quantized:
             return extra, None
         extra += [f"block_size={self.block_size}", f"accuracy_level={self.accuracy_level}",
                   f"algo_config={self.algo}"]
-        if not self.embeddings_wide and not src.tied:
-            extra.append("op_types_to_quantize=MatMul/Gather")
+        wide_head = self.precision == "int8" or self.lm_head_int8
+        if src.tied:
+            # the tied table is shared with the lm_head (GatherBlockQuantized): at the lm_head's bits when that is
+            # wide; an INT4 lm_head with wide embeddings gets its own float table instead
+            share = wide_head or not self.embeddings_wide
+            extra.append(f"shared_embeddings={'true' if share else 'false'}")
+            op_types = ["MatMul", "Gather"] if share else ["MatMul"]
+        else:
+            op_types = ["MatMul"] if self.embeddings_wide else ["MatMul", "Gather"]
         overrides = []
         if self.precision == "int4":
-            if self.lm_head_int8:   # the preset (not the node's name): a tied embedding then shares the INT8 table
+            if self.lm_head_int8:
                 overrides.append({"match": {"preset": "last_matmul"}, "type": "int8"})
             if self.llama_mixed:
                 overrides.append({"match": {"preset": "mixed_layers"}, "type": "int8"})
             for i in self.int8_layers:
                 overrides += [{"match": {"name": n}, "type": "int8"} for n in matmuls.get(i, [])]
-        if self.embeddings_wide and src.tied and not (self.precision == "int8" or self.lm_head_int8):
-            # a tied INT4 lm_head would hand the embedding its 4-bit table: keep both float instead
-            extra.append("shared_embeddings=false")
-        return extra, ({"quant_config": {"weights": {"overrides": overrides}}} if overrides else None)
+        return extra, {"quant_config": {"weights": {"op_types": op_types, "overrides": overrides}}}
 
 
 def _quiet_builder():
@@ -202,6 +207,8 @@ def _quiet_builder():
     for name in ("onnxruntime.quantization", "onnxruntime.quantization.matmul_nbits_quantizer",
                  "neural_compressor"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # the tied-embedding graph names the lm_head's initializers before they exist; the saved model is complete
+    logging.getLogger("onnx_ir.serde").setLevel(logging.ERROR)
     os.environ.setdefault("TQDM_DISABLE", "1")
 
 
