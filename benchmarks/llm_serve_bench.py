@@ -17,9 +17,15 @@ end-of-sequence token is suppressed so every row does the same work):
   server runs (the c sequences decode as one batch, one read of the weights per step);
 - "API (stream=true)": `python -m edgekit.serve` in its own process, c client threads streaming
   /v1/completions over loopback (raw http.client, SSE parsed); the clients run on the same machine.
-Aggregate decode tok/s: tokens after each stream's first, over the wall time from the first stream's first
-token to the last stream's last token. TTFT: request (or call) to first token. Inter-token: gaps between
-consecutive tokens of a stream, over all streams (for the API, as the client receives them). p50 over
+tok/s (the aggregate figure compared): every generated token of the round over its wall time (start to the last
+stream's last token: prefill and TTFT included). "decode": tokens after each stream's first over the time
+from the first stream's first token to the last one's last (for the API as the client receives them: pieces
+that arrive together shorten that span, so it reads high there). TTFT: request (or call) to the first piece of text (what a client sees; a token that decodes to no text yet,
+a special token or part of a character, counts as arriving with the next piece, on every path alike). Inter-token: gaps between
+consecutive pieces of text of a stream, over all streams (for the API, as the client receives them). The three paths take turns round by round (the server runs
+beside the in-process models), so a change in the machine's load lands on all of them. CPU ms/token:
+the CPU time (all threads) of the process that generates (this one in-process, the server's for the API) per
+generated token: unlike wall-clock figures it hardly moves with the machine's load. p50 over
 --rounds rounds of the aggregate figures, the percentiles over all rounds' samples. The machine's load and
 CPU are recorded: on a shared machine the figures move with its load.
 """
@@ -65,9 +71,10 @@ def build_model(cache: Path, synth: str) -> Path:
         else:
             make_tiny_lm(hf)
     tmp = out.with_name(out.name + ".tmp")
-    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(tmp),
-                    "-p", "int4", "-e", "cpu", "-c", str(cache / "builder-cache")], check=True,
-                   stdout=subprocess.DEVNULL)
+    r = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(tmp),
+                        "-p", "int4", "-e", "cpu", "-c", str(cache / "builder-cache")], capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"ORT GenAI's builder failed:\n{r.stderr[-3000:]}")
     os.replace(tmp, out)
     return out
 
@@ -83,25 +90,44 @@ def _summary(streams: List[Dict]) -> Dict:
     decode = sum(len(s["times"]) - 1 for s in streams)
     span = max(lasts) - min(firsts)
     gaps = [b - a for s in streams for a, b in zip(s["times"], s["times"][1:])]
+    wall = max(lasts) - min(s["t0"] for s in streams)
     return {"decode_tok_s": decode / span if span > 0 else float("nan"),
+            "throughput_tok_s": sum(len(s["times"]) for s in streams) / wall,
             "ttft": [s["times"][0] - s["t0"] for s in streams], "gaps": gaps,
             "tokens": sum(len(s["times"]) for s in streams)}
 
 
-def _run_rounds(one_round, c: int, rounds: int) -> Dict:
-    res = [one_round(c) for _ in range(rounds)]
+def _proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system, all threads) of a process so far."""
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _measure(one_round, c: int, pid: int) -> Dict:
+    """One round of `c` streams, with the generating process's CPU time."""
+    cpu0 = _proc_cpu(pid)
+    r = one_round(c)
+    r["cpu_ms_per_token"] = (_proc_cpu(pid) - cpu0) / r["tokens"] * 1e3
+    return r
+
+
+def _aggregate(res: List[Dict], c: int) -> Dict:
     ttft = [t for r in res for t in r["ttft"]]
     gaps = [g for r in res for g in r["gaps"]]
-    return {"streams": c, "rounds": rounds, "decode_tok_s": float(np.median([r["decode_tok_s"] for r in res])),
+    return {"streams": c, "rounds": len(res),
+            "throughput_tok_s": float(np.median([r["throughput_tok_s"] for r in res])),
+            "throughput_tok_s_rounds": [round(r["throughput_tok_s"], 1) for r in res],
+            "decode_tok_s": float(np.median([r["decode_tok_s"] for r in res])),
             "decode_tok_s_rounds": [round(r["decode_tok_s"], 1) for r in res],
             "ttft_ms_p50": _pct(ttft, 50) * 1e3, "ttft_ms_p99": _pct(ttft, 99) * 1e3,
             "inter_token_ms_p50": _pct(gaps, 50) * 1e3, "inter_token_ms_p99": _pct(gaps, 99) * 1e3,
-            "tokens_per_stream": res[0]["tokens"] // c}
+            "tokens_per_stream": res[0]["tokens"] // c,
+            "cpu_ms_per_token": float(np.median([r["cpu_ms_per_token"] for r in res]))}
 
 
 # -- in-process: a Generator per stream (the runtime's path) -------------------------------------------------
 
-def generator_rounds(model_dir: Path, threads: int, tokens: int, rounds: int, c: int) -> Dict:
+def generator_path(model_dir: Path, threads: int, tokens: int):
     from edgekit.runtime.llm import load_llm
 
     lm = load_llm(model_dir, threads=threads)
@@ -114,10 +140,13 @@ def generator_rounds(model_dir: Path, threads: int, tokens: int, rounds: int, c:
         gen = lm.new_generator(len(p) + tokens, min_length=len(p) + tokens)
         gen.append_tokens(np.asarray(p, dtype=np.int32))
         detok = lm.tokenizer.stream()
+        n = 0
         while not gen.is_done():
             gen.generate_next_token()
-            detok.decode(int(gen.get_next_tokens()[0]))
-            rec["times"].append(time.perf_counter())
+            n += 1
+            if detok.decode(int(gen.get_next_tokens()[0])):  # a piece of text (as a client would see it)
+                rec["times"].append(time.perf_counter())
+        rec["times"] += [rec["times"][-1]] * (n - len(rec["times"]))
         out[i] = rec
 
     def one_round(c):
@@ -130,49 +159,48 @@ def generator_rounds(model_dir: Path, threads: int, tokens: int, rounds: int, c:
             t.join()
         return _summary(out)
 
-    one_round(1)  # warm-up
-    return _run_rounds(one_round, c, rounds)
+    return one_round, (lambda: None)
 
 
 # -- in-process: the server's batching engine without HTTP -----------------------------------------------------
 
-def engine_rounds(model_dir: Path, threads: int, tokens: int, rounds: int, c: int) -> Dict:
+def engine_path(model_dir: Path, threads: int, tokens: int):
     from edgekit.serve.llm_engine import GenSequence, SamplingParams, load_llm_release
 
     rel = load_llm_release("bench", "0" * 64, model_dir, threads=threads, check=False, max_sequences=8,
                            max_queue=8, kv_cache_mb=None)
     ids = [rel.tokenizer.encode(p) for p in PROMPTS]
-    try:
-        def one_round(c):
-            done = threading.Semaphore(0)
-            recs = []
-            for i in range(c):
-                rec = {"t0": time.perf_counter(), "times": []}
-                recs.append(rec)
 
-                def on_events(evs, rec=rec):
-                    now = time.perf_counter()
-                    for kind, _ in evs:
-                        if kind == "text":
-                            rec["times"].append(now)
-                        else:
-                            done.release()
+    def one_round(c):
+        done = threading.Semaphore(0)
+        recs = []
+        for i in range(c):
+            rec = {"t0": time.perf_counter(), "times": []}
+            recs.append(rec)
 
-                seq = GenSequence(ids[i % len(ids)], SamplingParams(max_tokens=tokens, temperature=0.0,
-                                                                      ignore_eos=True), on_events)
-                rec["seq"] = seq
-                rel.engine.submit(seq)
-            for _ in range(c):
-                done.acquire()
-            for rec in recs:  # a token that decodes to no text (mid-character) still counts
-                rec["times"] = rec["times"] + [rec["times"][-1]] * (rec.pop("seq").completion_tokens - len(rec["times"]))
-            return _summary(recs)
+            def on_events(evs, rec=rec):
+                now = time.perf_counter()
+                for kind, _ in evs:
+                    if kind == "text":
+                        rec["times"].append(now)
+                    else:
+                        done.release()
 
-        one_round(1)
-        return _run_rounds(one_round, c, rounds)
-    finally:
+            seq = GenSequence(ids[i % len(ids)], SamplingParams(max_tokens=tokens, temperature=0.0,
+                                                                  ignore_eos=True), on_events)
+            rec["seq"] = seq
+            rel.engine.submit(seq)
+        for _ in range(c):
+            done.acquire()
+        for rec in recs:  # a token that decodes to no text (mid-character) still counts
+            rec["times"] = rec["times"] + [rec["times"][-1]] * (rec.pop("seq").completion_tokens - len(rec["times"]))
+        return _summary(recs)
+
+    def close():
         rel.engine.retire()
         rel.engine.join(10)
+
+    return one_round, close
 
 
 # -- the API ---------------------------------------------------------------------------------------------------
@@ -183,11 +211,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def api_rounds(port: int, tokens: int, rounds: int, c: int) -> Dict:
+def api_path(port: int, tokens: int):
     def stream(i, out, start):
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
         body = json.dumps({"model": "bench", "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": tokens,
-                           "temperature": 0, "ignore_eos": True, "stream": True}).encode()
+                           "temperature": 0, "ignore_eos": True, "stream": True,
+                           "stream_options": {"include_usage": True}}).encode()
         start.wait()
         rec = {"t0": time.perf_counter(), "times": []}
         conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
@@ -204,7 +233,7 @@ def api_rounds(port: int, tokens: int, rounds: int, c: int) -> Dict:
                 break
             now = time.perf_counter()
             doc = json.loads(line[6:])
-            ch = doc["choices"][0]
+            ch = doc["choices"][0] if doc["choices"] else {"finish_reason": "usage"}
             if ch["finish_reason"] is None:
                 rec["times"].append(now)
             if doc.get("usage"):
@@ -224,8 +253,7 @@ def api_rounds(port: int, tokens: int, rounds: int, c: int) -> Dict:
             t.join()
         return _summary(out)
 
-    one_round(1)
-    return _run_rounds(one_round, c, rounds)
+    return one_round, (lambda: None)
 
 
 def start_server(model_dir: Path, threads: int, log: Path) -> (subprocess.Popen, int):
@@ -281,33 +309,46 @@ def main() -> None:
     result = {"model": str(model if args.model else f"tinylm {args.synth or 'hidden128x4'}"),
               "weights_bytes": weights, "tokens_per_stream": args.tokens, "conditions_before": conditions(args.threads),
               "rows": []}
-    for c in CONCURRENCY:
-        print(f"streams {c}: generator per stream ...", flush=True)
-        result["rows"].append(dict(generator_rounds(model, args.threads, args.tokens, args.rounds, c),
-                                   path="in-process, generator per stream"))
-        print(f"streams {c}: batched engine ...", flush=True)
-        result["rows"].append(dict(engine_rounds(model, args.threads, args.tokens, args.rounds, c),
-                                   path="in-process, batched engine"))
     log = cache / "llm_serve_bench.server.log"
     proc, port = start_server(model, args.threads, log)
+    paths = [("in-process, generator per stream", generator_path(model, args.threads, args.tokens), os.getpid()),
+             ("in-process, batched engine", engine_path(model, args.threads, args.tokens), os.getpid()),
+             ("API (stream=true)", api_path(port, args.tokens), proc.pid)]
     try:
+        for _, (one_round, _), _ in paths:
+            one_round(1)  # warm-up
         for c in CONCURRENCY:
-            print(f"streams {c}: API ...", flush=True)
-            result["rows"].append(dict(api_rounds(port, args.tokens, args.rounds, c), path="API (stream=true)"))
+            res: Dict[str, List[Dict]] = {name: [] for name, _, _ in paths}
+            for r in range(args.rounds):  # the paths take turns, so a change in the machine's load hits all
+                for name, (one_round, _), pid in paths:
+                    print(f"streams {c}, round {r + 1}: {name}", flush=True)
+                    res[name].append(_measure(one_round, c, pid))
+            for name, _, _ in paths:
+                result["rows"].append(dict(_aggregate(res[name], c), path=name))
     finally:
+        for _, (_, close), _ in paths:
+            close()
         proc.terminate()
         proc.wait(30)
     result["conditions_after"] = conditions(args.threads)
     by = {(r["path"], r["streams"]): r for r in result["rows"]}
-    one = by[("in-process, generator per stream", 1)]["decode_tok_s"]
-    result["api_overhead_1_stream"] = 1 - by[("API (stream=true)", 1)]["decode_tok_s"] / one
-    result["api_4_over_1"] = by[("API (stream=true)", 4)]["decode_tok_s"] / by[("API (stream=true)", 1)]["decode_tok_s"]
-    print(f"{'path':36} {'streams':>7} {'decode tok/s':>12} {'TTFT p50':>9} {'p99':>7} {'ITL p50':>8} {'p99':>7}")
+    key = "throughput_tok_s"
+    one = by[("in-process, generator per stream", 1)][key]
+    result["api_overhead_1_stream"] = 1 - by[("API (stream=true)", 1)][key] / one
+    result["api_overhead_1_stream_vs_engine"] = 1 - by[("API (stream=true)", 1)][key] / \
+        by[("in-process, batched engine", 1)][key]
+    result["api_4_over_1"] = by[("API (stream=true)", 4)][key] / by[("API (stream=true)", 1)][key]
+    result["api_8_over_1"] = by[("API (stream=true)", 8)][key] / by[("API (stream=true)", 1)][key]
+    print(f"{'path':36} {'streams':>7} {'tok/s':>8} {'decode':>8} {'TTFT p50':>9} {'p99':>7} {'ITL p50':>8} "
+          f"{'p99':>7} {'CPU ms/tok':>10}")
     for r in sorted(result["rows"], key=lambda r: (r["streams"], r["path"])):
-        print(f"{r['path']:36} {r['streams']:>7} {r['decode_tok_s']:>12.1f} {r['ttft_ms_p50']:>8.1f}m "
-              f"{r['ttft_ms_p99']:>6.1f}m {r['inter_token_ms_p50']:>7.2f}m {r['inter_token_ms_p99']:>6.2f}m")
-    print(f"API overhead at 1 stream vs the runtime's generator: {result['api_overhead_1_stream'] * 100:+.1f}% "
-          f"(goal <= 3%); API 4 streams / 1 stream: {result['api_4_over_1']:.2f}x (goal >= 2x, memory-bound model)")
+        print(f"{r['path']:36} {r['streams']:>7} {r[key]:>8.1f} {r['decode_tok_s']:>8.1f} {r['ttft_ms_p50']:>8.1f}m "
+              f"{r['ttft_ms_p99']:>6.1f}m {r['inter_token_ms_p50']:>7.2f}m {r['inter_token_ms_p99']:>6.2f}m "
+              f"{r['cpu_ms_per_token']:>10.2f}")
+    print(f"API at 1 stream costs {result['api_overhead_1_stream'] * 100:+.1f}% of the runtime's generator's tok/s "
+          f"({result['api_overhead_1_stream_vs_engine'] * 100:+.1f}% of the batched engine's) (goal <= 3%); "
+          f"API 4 streams / 1 stream: {result['api_4_over_1']:.2f}x, 8 / 1: {result['api_8_over_1']:.2f}x "
+          f"(goal >= 2x at 4, on a memory-bound model)")
     out = ROOT / "benchmarks" / "results" / args.out
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")

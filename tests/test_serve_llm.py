@@ -270,6 +270,7 @@ def test_hot_swap_under_chat_load_fails_no_request(bundle, tmp_path):
     golden["top1"] = [[(t + 1) % 64 for t in row] for row in golden["top1"]]
     (bad / "golden.json").write_text(json.dumps(golden))
     releases.switch(releases.model_dir(str(root), "broken"), _install(root, "broken", bad))
+    sha_later = _install(root, "later", bundle)   # deployed, `current` not switched yet: served once it is
     seen, failures = [], []
     stop = threading.Event()
     with Server(root, args=["--poll-interval", "0.1", "--threads", "1"], tmp=tmp_path) as srv:
@@ -309,7 +310,14 @@ def test_hot_swap_under_chat_load_fails_no_request(bundle, tmp_path):
             {"role": "user", "content": "hi"}]})
         assert st == 503 and body["error"]["code"] == "model_not_ready" and "golden check" in body["error"]["message"]
         assert srv.json("GET", "/v2/health/ready")[0] == 503
-        assert [m.id for m in c.models.list().data] == ["broken", "tinychat"]
+        assert [(m.id, m.ready) for m in c.models.list().data] == [("broken", False), ("later", False),
+                                                                    ("tinychat", True)]
+        st, body = srv.json("POST", "/v1/completions", {"model": "later", "prompt": "Count: one", "max_tokens": 4})
+        assert st == 503 and body["error"]["code"] == "model_not_ready"
+        releases.switch(releases.model_dir(str(root), "later"), sha_later)
+        _wait_for(lambda: srv.json("GET", "/v2/models/later/ready")[0] == 200, timeout=60)
+        st, body = srv.json("POST", "/v1/completions", {"model": "later", "prompt": "Count: one", "max_tokens": 4})
+        assert st == 200 and body["usage"]["completion_tokens"] == 4 and body["system_fingerprint"] == sha_later[:12]
 
 
 def test_kv_cache_budget_bounds_the_sequences_admitted(bundle):

@@ -485,12 +485,14 @@ class LLMEngine:
         self.steps += 1
         if self.metrics is not None:
             self.metrics.llm_batch.observe(len(act), **self.labels)
-        greedy = [i for i, s in enumerate(act) if s.params.greedy]
-        top = logits[greedy].argmax(-1) if greedy else ()
-        picks: Dict[int, int] = dict(zip(greedy, (int(t) for t in top)))
-        for i, s in enumerate(act):
+        if all(s.params.greedy for s in act):  # one argmax over the batch (no copy of the logits)
+            picks = logits.argmax(-1).tolist()
+        else:
+            picks = [int(logits[i].argmax()) if s.params.greedy else _sample(logits[i], s.params, s.rng)
+                     for i, s in enumerate(act)]
+        for s, tok in zip(list(act), picks):
             s.length += 1
-            self._accept(s, picks[i] if i in picks else _sample(logits[i], s.params, s.rng), events)
+            self._accept(s, tok, events)
 
     def _accept(self, seq: GenSequence, tok: int, events) -> None:
         """A new token for `seq`: timing, end of sequence, text (with stop strings), length."""

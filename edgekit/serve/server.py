@@ -120,7 +120,9 @@ def build(paths: List[str], config: ServeConfig) -> Tuple["object", List[ModelEn
     entries, llms = [], []
     metrics = Metrics()
     for src in discover(paths):
-        llm = is_llm_path(src.resolve())
+        here = src.resolve()
+        llm = is_llm_path(here) if here is not None else src.kind == "deployed" and any(
+            is_llm_path(r) for r in sorted((src.path / "releases").glob("*")) if r.is_dir())  # no current yet
         e = LLMEntry(src) if llm else ModelEntry(src)
         ok = e.try_load(src.resolve(), **(config.llm_kwargs(metrics) if llm else config.load_kwargs))
         if not ok and src.kind != "deployed":
