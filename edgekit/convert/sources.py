@@ -34,6 +34,10 @@ def detect_kind(path: Path) -> str:
     if path.is_dir():
         if (path / "saved_model.pb").is_file() or (path / "saved_model.pbtxt").is_file():
             return "savedmodel"
+        if (path / "config.json").is_file():
+            raise SourceModelError("a Hugging Face model folder: language models convert through "
+                                   "edgekit.convert.llm (convert_llm(LLMRecipe(folder, targets)) or `edgekit convert "
+                                   "FOLDER --target ...`)", path=str(path), hint="docs/llm.md")
         raise SourceModelError("a directory, but not a TF SavedModel (no saved_model.pb)", path=str(path),
                                hint="give a .keras, .h5, .onnx file or a SavedModel directory")
     if not path.is_file():
