@@ -353,3 +353,43 @@ def test_kv_cache_budget_bounds_the_sequences_admitted(bundle):
     with pytest.raises(BundleError, match="holds 0 tokens"):
         load_llm_release(M, "0" * 64, bundle, threads=1, check=False, max_sequences=1, max_queue=1,
                          kv_cache_mb=0.001)
+
+
+def test_prompts_arriving_together_prefill_as_one_batch_with_single_stream_text(bundle):
+    """Prompts of different lengths admitted together are prefilled as one right-padded batch, and every
+    greedy continuation equals ONNX Runtime GenAI's single-stream generation (edgekit.runtime)."""
+    from edgekit.runtime import load
+    from edgekit.serve.llm_engine import GenSequence, SamplingParams, load_llm_release
+
+    prompts = ["The robot moves the", "Count: one two", "a", "The old engineer repairs the red lamp to the",
+               "My neighbour", "Count: five six seven", "The busy baker sells the", "The quiet"]
+    lm = load(bundle)
+    want = [lm.generate(p, max_new_tokens=24) for p in prompts]
+    rel = load_llm_release(M, "0" * 64, bundle, threads=1, check=False, max_sequences=8, max_queue=8,
+                           kv_cache_mb=None)
+    try:
+        eng = rel.engine
+        texts = {i: [] for i in range(len(prompts))}
+        done = threading.Semaphore(0)
+
+        def on(i):
+            def on_events(evs):
+                for kind, v in evs:
+                    if kind == "text":
+                        texts[i].append(v)
+                    else:
+                        done.release()
+            return on_events
+
+        prefills = eng.prefills
+        with eng._cv:  # the engine thread cannot admit until every prompt is queued: one admission
+            for i, p in enumerate(prompts):
+                eng.submit(GenSequence(rel.tokenizer.encode(p), SamplingParams(max_tokens=24, temperature=0.0),
+                                       on(i)))
+        for _ in prompts:
+            assert done.acquire(timeout=60)
+        assert eng.prefills == prefills + 1
+        assert ["".join(texts[i]) for i in range(len(prompts))] == want
+    finally:
+        rel.engine.retire()
+        rel.engine.join(10)

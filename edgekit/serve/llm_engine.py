@@ -11,7 +11,8 @@ ORT GenAI's builder writes it for CPU) is run directly:
   owns one row (a slot) for its life, and its past and present are bound to the same memory (in place);
 - each decode step runs every active sequence as one batch of rows 0..n-1 (one read of the weights serves
   them all); the attention mask gives each row its own length, so sequences of any lengths decode
-  together, and a new sequence is prefilled into a free slot between two steps and joins the next one;
+  together; new sequences are prefilled into free slots between two steps (several prompts that arrive
+  together as one right-padded batch) and join the next one;
 - a sequence that ends or whose client went away leaves between two steps: the last row moves into its
   slot (so the active rows stay 0..n-1) and the vacated row's pages go back to the OS (madvise), so the
   KV memory a server holds follows the tokens it holds.
@@ -45,6 +46,7 @@ from edgekit.errors import BundleError, DataError, EdgekitError
 log = logging.getLogger("edgekit.serve")
 
 VERSION_CHARS = 12
+PREFILL_TOKENS = 256   # padded prompt tokens prefilled in one call when several prompts arrive together
 _PAGE = mmap.PAGESIZE
 
 
@@ -244,19 +246,26 @@ class BatchedDecoder:
             b.bind_ortvalue_input(pv, v)
             b.bind_ortvalue_output(ov, v)
 
-    def prefill(self, slot: int, ids: Sequence[int]) -> np.ndarray:
-        """Run a prompt into `slot`'s (empty) cache: the logits after its last token (float32 [vocab])."""
-        n = len(ids)
+    def prefill(self, slot: int, prompts: Sequence[Sequence[int]]) -> List[np.ndarray]:
+        """Run prompts into the (empty) caches of slots slot, slot+1, ... as one batch, right-padded (each row
+        attends to its own length; the same logits as one prompt at a time, bit for bit). Returns the
+        logits after each prompt's last token (float32 [vocab] each)."""
+        n, width = len(prompts), max(len(p) for p in prompts)
+        ids = np.zeros((n, width), dtype=np.int64)
+        mask = np.zeros((n, width), dtype=np.int64)
+        for i, p in enumerate(prompts):
+            ids[i, :len(p)] = p
+            mask[i, :len(p)] = 1
         b = self.session.io_binding()
-        b.bind_cpu_input(self.in_ids, np.asarray([ids], dtype=np.int64))
-        b.bind_cpu_input(self.in_mask, np.ones((1, n), dtype=np.int64))
+        b.bind_cpu_input(self.in_ids, ids)
+        b.bind_cpu_input(self.in_mask, mask)
         if self.in_pos:
-            b.bind_cpu_input(self.in_pos, np.arange(n, dtype=np.int64)[None])
+            b.bind_cpu_input(self.in_pos, np.repeat(np.arange(width, dtype=np.int64)[None], n, axis=0))
         b.bind_output(self.out_logits)
-        self._bind_kv(b, slice(slot, slot + 1))
+        self._bind_kv(b, slice(slot, slot + n))
         self.session.run_with_iobinding(b)
         out = b.get_outputs()[0].numpy()
-        return np.asarray(out[0, -1], dtype=np.float32)
+        return [np.asarray(out[i, len(p) - 1], dtype=np.float32) for i, p in enumerate(prompts)]
 
     def decode(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """One step for rows 0..n-1: tokens [n] (the last token of each, not yet in its cache), lengths [n]
@@ -331,6 +340,7 @@ class LLMEngine:
         self.waiting: Deque[GenSequence] = deque()
         self.active: List[GenSequence] = []
         self.steps = 0
+        self.prefills = 0                    # prefill calls (a batch of prompts counts once)
         self.failed: Optional[str] = None    # why the generation thread ended with an error
         self._cv = threading.Condition()
         self._retiring = False
@@ -402,8 +412,8 @@ class LLMEngine:
                         return
                     admit = self._admit()
                 events: Dict[GenSequence, list] = {}
-                for seq in admit:
-                    self._prefill(seq, events)
+                for group in self._prefill_groups(admit):
+                    self._prefill(group, events)
                 self._drop_finished(events)
                 if self.active:
                     self._step(events)
@@ -454,23 +464,40 @@ class LLMEngine:
         else:
             events.setdefault(seq, []).append(("done", reason))
 
-    def _prefill(self, seq: GenSequence, events) -> None:
-        slot = len(self.active)
-        self.active.append(seq)
+    @staticmethod
+    def _prefill_groups(admit: List[GenSequence]) -> List[List[GenSequence]]:
+        """Prompts prefilled together, right-padded, while the padded batch stays within PREFILL_TOKENS
+        (the graph's logits cover every position: this bounds that memory as one such prompt would)."""
+        groups: List[List[GenSequence]] = []
+        for seq in admit:
+            g = groups[-1] if groups else None
+            if g and max(seq.prompt_tokens, *(s.prompt_tokens for s in g)) * (len(g) + 1) <= PREFILL_TOKENS:
+                g.append(seq)
+            else:
+                groups.append([seq])
+        return groups
+
+    def _prefill(self, seqs: List[GenSequence], events) -> None:
+        first = len(self.active)
+        self.active.extend(seqs)
         try:
-            logits = self.decoder.prefill(slot, seq.prompt_ids)
-        except Exception as e:  # this prompt fails (e.g. out of memory): the others go on
-            log.error("model %s: prefill of %d tokens failed: %s", self.name, seq.prompt_tokens, e)
-            self.active.pop()
-            self.decoder.release(slot)
-            seq.finish = "error"
-            events.setdefault(seq, []).append(("error", f"prefill failed: {type(e).__name__}: {e}"))
+            logits = self.decoder.prefill(first, [s.prompt_ids for s in seqs])
+            self.prefills += 1
+        except Exception as e:  # these prompts fail (e.g. out of memory): the others go on
+            log.error("model %s: prefill of %d prompt(s) failed: %s", self.name, len(seqs), e)
+            del self.active[first:]
+            for k in range(len(seqs)):
+                self.decoder.release(first + k)
+            for seq in seqs:
+                seq.finish = "error"
+                events.setdefault(seq, []).append(("error", f"prefill failed: {type(e).__name__}: {e}"))
             return
-        seq.length = seq.prompt_tokens
-        seq._detok = self.tokenizer.create_stream()
-        if self.metrics is not None:
-            self.metrics.llm_prompt_tokens.inc(seq.prompt_tokens, **self.labels)
-        self._accept(seq, self._choose(seq, logits), events)
+        for seq, row in zip(seqs, logits):
+            seq.length = seq.prompt_tokens
+            seq._detok = self.tokenizer.create_stream()
+            if self.metrics is not None:
+                self.metrics.llm_prompt_tokens.inc(seq.prompt_tokens, **self.labels)
+            self._accept(seq, self._choose(seq, row), events)
 
     def _choose(self, seq: GenSequence, row: np.ndarray) -> int:
         if seq.params.greedy:
@@ -741,7 +768,8 @@ class LLMEntry:
             e = a.engine
             d["batching"] = {"max_sequences": e.max_sequences, "max_queue": e.max_queue,
                              "kv_cache_tokens": e.kv_budget_tokens, "kv_bytes_per_token": a.kv_bytes_per_token,
-                             "active": len(e.active), "waiting": len(e.waiting), "steps": e.steps}
+                             "active": len(e.active), "waiting": len(e.waiting), "steps": e.steps,
+                             "prefills": e.prefills}
         if self.loading:
             d["loading"] = self.loading[:VERSION_CHARS]
         if self.failure:
