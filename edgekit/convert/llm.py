@@ -564,11 +564,15 @@ def _numerics(t: TargetProfile, opts: LLMBuildOptions, ort_version: str) -> Dict
     return d
 
 
-def _generation(model_dir: Path, prompt: str, tokens: int = 16) -> Dict[str, Any]:
-    """A short greedy generation with ONNX Runtime GenAI on the bundle's model folder (it must produce text)."""
+def _generation(model_dir: Path, prompt: str, tokens: int = 16, cpu: bool = False) -> Dict[str, Any]:
+    """A short greedy generation with ONNX Runtime GenAI on the bundle's model folder (it must produce text).
+    cpu: a GPU build run with the CPU provider (this machine has no GPU)."""
     import onnxruntime_genai as og
 
-    model = og.Model(str(model_dir))
+    config = og.Config(str(model_dir))
+    if cpu:
+        config.clear_providers()
+    model = og.Model(config)
     tok = og.Tokenizer(model)
     ids = tok.encode(prompt)
     params = og.GeneratorParams(model)
@@ -580,7 +584,7 @@ def _generation(model_dir: Path, prompt: str, tokens: int = 16) -> Dict[str, Any
         gen.generate_next_token()
         out.append(int(gen.get_next_tokens()[0]))
     return {"prompt": prompt, "max_new_tokens": tokens, "tokens": out, "text": tok.decode(out),
-            "engine": f"onnxruntime-genai {og.__version__}"}
+            "engine": f"onnxruntime-genai {og.__version__}" + (" (CPU provider; built for the GPU)" if cpu else "")}
 
 
 def _tune_genai_config(model_dir: Path, t: TargetProfile, context: int) -> None:
@@ -610,7 +614,7 @@ def _write_bundle(s: _Session, row: LLMRow, t: TargetProfile, opts: LLMBuildOpti
         context = min(int(dims["max_positions"] or t.llm.context_max), t.llm.context_max)
         _tune_genai_config(mdir, t, context)
         prompt = s.text.prompts[0] if s.text.prompts else "The"
-        gen = _generation(mdir, prompt)
+        gen = _generation(mdir, prompt, cpu=opts.execution_provider != "cpu")
         if not gen["text"].strip():
             raise EdgekitError(f"the build generates no text from {prompt!r} (tokens {gen['tokens']})")
         gold = dict(rec["golden"], generation=gen)
