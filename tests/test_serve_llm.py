@@ -217,6 +217,18 @@ def test_disconnect_mid_stream_frees_the_sequence(server):
     assert _metric(server, "edgekit_serve_llm_active_sequences") == 0
     assert _metric(server, "edgekit_serve_llm_kv_cache_bytes") == 0
     assert _metric(server, "edgekit_serve_llm_completion_tokens_total") - out0 < 480
+    # a client waiting for a whole reply (no stream) that leaves: its sequence is cancelled too
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request("POST", "/v1/completions", json.dumps(
+        {"model": M, "prompt": "Count: two", "max_tokens": 480, "ignore_eos": True, "temperature": 0}).encode(),
+        _auth())
+    _wait_for(lambda: _metric(server, "edgekit_serve_llm_active_sequences") == 1, timeout=20)
+    conn.sock.close()
+    conn.close()
+    _wait_for(lambda: _metric(server, "edgekit_serve_llm_sequences_finished_total", reason="cancelled")
+              == cancelled0 + 2, timeout=20)
+    assert _metric(server, "edgekit_serve_llm_kv_cache_bytes") == 0
+    assert _metric(server, "edgekit_serve_llm_completion_tokens_total") - out0 < 960
 
 
 def test_queue_full_is_429_and_prompts_stay_out_of_the_log(bundle, tmp_path):
