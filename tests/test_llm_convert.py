@@ -141,6 +141,29 @@ def test_cli_int8_json_and_failed_row(cli, tiny_lm, tiny_val, tmp_path):
     assert r.exit_code == 2 and "language model" in r.stderr
 
 
+def test_select_fastest(tiny_lm, tiny_val, tmp_path):
+    """--select fastest: INT4 block sizes x accuracy levels and INT8 are built and measured; those meeting the
+    floor are timed here (this x86 host stands for an x86 target) and the fastest ships, every candidate recorded;
+    for an ARM target nothing is timed here and the profile's build ships."""
+    from edgekit.convert.llm import LLMRecipe, convert_llm
+
+    res = convert_llm(LLMRecipe(str(tiny_lm), ("x86-avx512-vnni", "rpi5"), val=str(tiny_val), select="fastest"),
+                      str(tmp_path))
+    x86, arm = res.bundles
+    assert x86.ok and arm.ok
+    whats = [c["what"] for c in x86.candidates]
+    assert len(whats) == len(set(whats)) >= 5 and any(w.startswith("int8") for w in whats)
+    timed = [c for c in x86.candidates if c.get("decode_tok_s")]
+    assert timed and all(c["meets"] for c in timed)
+    chosen = [c for c in x86.candidates if c.get("chosen")]
+    assert len(chosen) == 1 and chosen[0]["decode_tok_s"] == max(c["decode_tok_s"] for c in timed)
+    m = json.loads((x86.path / "manifest.json").read_text())
+    assert m["candidates"] == json.loads(json.dumps(x86.candidates))
+    assert m["recipe"]["block_size"] == chosen[0]["options"]["block_size"]
+    assert not any(c.get("decode_tok_s") for c in arm.candidates) and arm.candidates[0]["chosen"]
+    assert "not timed" in arm.candidates[0]["timed"]
+
+
 def test_unsupported_architecture(cli, tmp_path):
     d = tmp_path / "mamba-ish"
     d.mkdir()

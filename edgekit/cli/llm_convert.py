@@ -44,9 +44,6 @@ def convert_language_model(ctx, p) -> None:
     if precision is not None and precision not in LLM_PRECISIONS:
         raise click.BadParameter(f"{precision!r}: a language model builds at " + ", ".join(LLM_PRECISIONS),
                                  param_hint="--precision")
-    if p["select"] == "fastest":
-        raise click.UsageError("--select fastest is not implemented for language models yet: the profile's build "
-                               "ships (time bundles with `edgekit bench`)")
     default = LLMFloor()
     try:
         floor = LLMFloor(
@@ -56,7 +53,8 @@ def convert_language_model(ctx, p) -> None:
     except ValueError as e:
         raise click.UsageError(f"fidelity floor: {e}") from None
     recipe = LLMRecipe(model=p["model"], targets=tuple(p["target_names"]), precision=precision, name=p["name"],
-                       val=p["val"], val_tokens=p["val_tokens"], floor=floor, rescue=not p["no_rescue"])
+                       val=p["val"], val_tokens=p["val_tokens"], floor=floor, rescue=not p["no_rescue"],
+                       select=p["select"])
     progress = Progress(enabled=not p["quiet"])
     try:
         result = convert_llm(recipe, p["out"], progress=progress)

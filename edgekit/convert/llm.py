@@ -272,6 +272,7 @@ class LLMRecipe:
     window: int = 256                      # teacher-forced window (tokens)
     floor: LLMFloor = field(default_factory=LLMFloor)
     rescue: bool = True
+    select: str = "profile"                # fastest: among builds meeting the floor, the fastest decode here
     block_size: Optional[int] = None       # overrides the profiles' llm.block_size
     accuracy_level: Optional[int] = None   # overrides the profiles' llm.accuracy_level
 
@@ -283,6 +284,8 @@ class LLMRecipe:
             raise EdgekitError("give at least one --target")
         if self.block_size is not None and self.block_size not in (16, 32, 64, 128, 256):
             raise EdgekitError(f"block size {self.block_size} is not one of 16, 32, 64, 128, 256")
+        if self.select not in ("profile", "fastest"):
+            raise EdgekitError(f"select {self.select!r}: profile or fastest")
         if self.val_tokens < 32 or self.window < 16:
             raise EdgekitError("val_tokens must be at least 32 and window at least 16")
 
@@ -311,6 +314,7 @@ class LLMRow:
     bytes_per_token: int = 0
     reason: str = ""
     seconds: float = 0.0
+    candidates: List[Dict[str, Any]] = field(default_factory=list)   # --select fastest: each build measured
 
     @property
     def fmt(self) -> str:
@@ -320,7 +324,7 @@ class LLMRow:
         d = {"path": str(self.path), "target": self.target, "format": self.fmt, "precision": self.precision,
              "status": "written" if self.ok else "failed", "bytes": self.bytes or None,
              "bytes_per_token": self.bytes_per_token or None, "fidelity": self.fidelity, "rescue": self.rescue,
-             "rescued_by": self.rescued_by, "seconds": round(self.seconds, 1),
+             "rescued_by": self.rescued_by, "seconds": round(self.seconds, 1), "candidates": self.candidates,
              "recipe": None if self.options is None else dataclasses.asdict(self.options)}
         if not self.ok:
             d["failure"] = {"stage": "fidelity" if self.fidelity else "build", "reason": self.reason}
@@ -371,6 +375,13 @@ class LLMConvertResult:
                       None if not s.get("bytes") else s["bytes"] / 2 ** 20,
                       "yes" if s.get("meets") else (s.get("error") or "; ".join(s.get("misses") or []) or "no")[:60]]
                      for s in b.rescue], title=f"rescue ladder for {b.path.name}")
+            if b.candidates:
+                text += "\n\n" + render(
+                    ["candidate", "decode tok/s", "MiB", "ppl +%", "KL", "meets floor", "chosen"],
+                    [[c["what"][:60], c.get("decode_tok_s"), None if not c.get("bytes") else c["bytes"] / 2 ** 20,
+                      None if c.get("ppl_increase") is None else 100 * c["ppl_increase"], c.get("kl_mean"),
+                      "yes" if c.get("meets") else (c.get("error") or "no")[:40], "yes" if c.get("chosen") else ""]
+                     for c in b.candidates], title=f"--select fastest for {b.path.name}: {b.candidates[0]['timed']}")
         return text
 
     def to_dict(self) -> Dict[str, Any]:
@@ -444,7 +455,7 @@ class _Session:
             self.progress.say(f"    perplexity {m['ppl_float']:.3f} -> {m['ppl']:.3f} ({100 * m['ppl_increase']:+.1f}%), "
                               f"KL {m['kl_mean']:.4f}, top-1 agreement {100 * m['top1_agreement']:.1f}%, "
                               f"{rec['bytes'] / 2 ** 20:.1f} MiB ({time.monotonic() - t0:.0f} s)")
-        except (RuntimeError, ValueError, NotImplementedError, OSError, KeyError, AttributeError) as e:
+        except (RuntimeError, ValueError, NotImplementedError, OSError, KeyError, AttributeError) + _ort_errors() as e:
             # a build the builder or ONNX Runtime refuses is recorded (the ladder goes on), not raised
             rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             self.log.write(f"build {opts} failed: {rec['error']}\n")
@@ -457,6 +468,14 @@ class _Session:
             self.progress.say(f"  measuring each decoder layer's INT4 sensitivity (torch, block {block})")
             self._sensitivity[block] = self.float.layer_sensitivity(self.text.windows[:2], block)
         return self._sensitivity[block]
+
+
+def _ort_errors() -> Tuple[type, ...]:
+    """ONNX Runtime's own exceptions (they derive from Exception, not RuntimeError)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as st
+
+    return tuple(getattr(st, n) for n in ("Fail", "InvalidGraph", "InvalidArgument", "RuntimeException",
+                                          "NotImplemented", "NoSuchFile", "InvalidProtobuf") if hasattr(st, n))
 
 
 def _step(rung: str, opts: LLMBuildOptions, rec: Dict[str, Any], floor: LLMFloor) -> Dict[str, Any]:
@@ -645,7 +664,7 @@ def _write_bundle(s: _Session, row: LLMRow, t: TargetProfile, opts: LLMBuildOpti
                     "eos_token_id": json.loads((mdir / "genai_config.json").read_text())["model"].get("eos_token_id")},
             "fidelity": dict(m, text=s.text.source, numerics=_numerics(t, opts, rec["ort_version"]),
                              floor=s.floor.to_dict(), meets=True),
-            "rescue": row.rescue, "rescued_by": row.rescued_by, "golden": "golden.json",
+            "rescue": row.rescue, "rescued_by": row.rescued_by, "candidates": row.candidates, "golden": "golden.json",
             "source": {"path": str(src.path), "sha256": src.sha256, "bytes": src.bytes,
                        "architecture": src.architecture},
             "source_sha256": src.sha256,
@@ -673,6 +692,84 @@ def _genai_version() -> str:
         return og.__version__
     except ImportError:  # pragma: no cover - the builder itself imports it
         return "?"
+
+
+def decode_speed(model_dir: Path, threads: int, prompt_tokens: int = 64, new_tokens: int = 32,
+                 runs: int = 2) -> float:
+    """Decode tokens per second of a build with ONNX Runtime GenAI here (greedy, after a warm-up run; the best
+    of `runs`: the least disturbed by other work on this machine)."""
+    import onnxruntime_genai as og
+
+    cfg_path = model_dir / "genai_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = threads
+    cfg_path.write_text(json.dumps(cfg, indent=4), encoding="utf-8")
+    model = og.Model(str(model_dir))
+    vocab = int(cfg["model"]["vocab_size"])
+    ids = [(7 * i + 3) % vocab for i in range(prompt_tokens)]
+    best = 0.0
+    for _ in range(runs + 1):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=prompt_tokens + new_tokens, min_length=prompt_tokens + new_tokens,
+                                  do_sample=False)
+        gen = og.Generator(model, params)
+        gen.append_tokens(ids)
+        gen.generate_next_token()
+        t0, n = time.perf_counter(), 0
+        while not gen.is_done():
+            gen.generate_next_token()
+            n += 1
+        best = max(best, n / (time.perf_counter() - t0)) if n else best
+    return best
+
+
+def _host_runs(t: TargetProfile) -> Tuple[bool, str]:
+    """Whether this host's decode speed stands for the target's: same architecture, and on x86 the int8 dot
+    products the profile assumes."""
+    import platform
+
+    host = platform.machine()
+    if t.llm.execution_provider != "cpu":
+        return False, f"not timed: {t.name} runs on its GPU"
+    if host != t.device.arch:
+        return False, f"not timed: this host is {host}, {t.name} is {t.device.arch} (the profile's build ships)"
+    return True, f"decode tok/s on this {host} host, {min(t.runtime.threads, os.cpu_count() or 1)} thread(s)"
+
+
+def _select_fastest(s: _Session, row: LLMRow, t: TargetProfile, chosen: LLMBuildOptions, rec: Dict[str, Any]):
+    """--select fastest: INT4 block sizes x accuracy levels and INT8 around the build that met the floor; those
+    that meet it are timed here (where this host stands for the target) and the fastest ships."""
+    timed, where = _host_runs(t)
+    cands = [chosen]
+    if chosen.precision == "int4":
+        levels = [chosen.accuracy_level] + ([1] if chosen.accuracy_level == 4 else [])
+        for bs in (32, 64, 128):
+            for lv in levels:
+                cands.append(dataclasses.replace(chosen, block_size=bs, accuracy_level=lv))
+        cands.append(LLMBuildOptions("int8", chosen.execution_provider, 32, chosen.accuracy_level, chosen.algo,
+                                     True, True))
+    seen, out = set(), []
+    for o in cands:
+        if o in seen:
+            continue
+        seen.add(o)
+        r = s.build(o)
+        c = _step("select", o, r, s.floor)
+        c["timed"] = where
+        if c["meets"] and timed and "error" not in r:
+            try:
+                c["decode_tok_s"] = round(decode_speed(Path(r["dir"]), min(t.runtime.threads, os.cpu_count() or 1)), 1)
+            except RuntimeError as e:   # ORT GenAI refusing a build: recorded, not chosen
+                c["error"] = f"timing: {str(e).splitlines()[0][:200]}"
+        out.append((o, r, c))
+        s.progress.say(f"  [{t.name}] candidate {o.describe()}: "
+                       + (f"{c['decode_tok_s']} tok/s" if c.get("decode_tok_s") else
+                          c.get("error") or ("below the floor" if not c["meets"] else where)))
+    fast = [x for x in out if x[2].get("decode_tok_s")]
+    pick = max(fast, key=lambda x: x[2]["decode_tok_s"]) if fast else out[0]
+    pick[2]["chosen"] = True
+    row.candidates = [x[2] for x in out]
+    return pick[0], pick[1]
 
 
 def convert_llm(recipe: LLMRecipe, out: str = "build", *, progress: Optional[Progress] = None) -> LLMConvertResult:
@@ -735,6 +832,11 @@ def _convert(recipe: LLMRecipe, src: LMSource, plans, out_dir: Path, name: str, 
                 row.fidelity = dict(prof.get("metrics") or {})
             else:
                 chosen, rec = found
+                if recipe.select == "fastest":
+                    chosen, rec = _select_fastest(s, row, t, chosen, rec)
+                    if chosen.precision != opts.precision:
+                        dest = out_dir / f"{name}-{t.name}-{chosen.precision}"
+                        row.path = dest
                 row.options, row.ok = chosen, True
                 row.precision = chosen.precision
                 if len(row.rescue) > 1:

@@ -300,8 +300,8 @@ def golden(decoder: OnnxDecoder, windows: List[np.ndarray], prompts: int = 3, le
     """Golden prompts (token ids) and what the build computes on them here: top-1 per position and the top-k
     logits (ids and values), for the device's teacher-forced agreement and logit SNR."""
     out: Dict[str, Any] = {"prompts": [], "top1": [], "logits_topk": {"k": k, "ids": [], "values": []}}
-    for w in windows[:prompts]:
-        p = w[:length]
+    pieces = [w[j:j + length] for w in windows for j in range(0, max(1, len(w) - length + 1), length)]
+    for p in pieces[::max(1, len(pieces) // prompts)][:prompts]:
         lg = decoder.logits(p)
         top = np.argsort(-lg, axis=-1)[:, :k]
         out["prompts"].append([int(t) for t in p])
