@@ -368,8 +368,9 @@ def test_kv_cache_budget_bounds_the_sequences_admitted(bundle):
 
 
 def test_prompts_arriving_together_prefill_as_one_batch_with_single_stream_text(bundle):
-    """Prompts of different lengths admitted together are prefilled as one right-padded batch, and every
-    greedy continuation equals ONNX Runtime GenAI's single-stream generation (edgekit.runtime)."""
+    """Prompts of different lengths admitted together are prefilled as one right-padded batch, a long one in
+    chunks, and every greedy continuation equals ONNX Runtime GenAI's single-stream generation
+    (edgekit.runtime)."""
     from edgekit.runtime import load
     from edgekit.serve.llm_engine import GenSequence, SamplingParams, load_llm_release
 
@@ -402,6 +403,16 @@ def test_prompts_arriving_together_prefill_as_one_batch_with_single_stream_text(
             assert done.acquire(timeout=60)
         assert eng.prefills == prefills + 1
         assert ["".join(texts[i]) for i in range(len(prompts))] == want
+        # a prompt longer than one prefill batch (256 tokens) runs in chunks: the same text as in one piece
+        from tinylm import corpus_text
+
+        long_prompt = lm.decode(lm.encode(corpus_text(60, seed=5))[:400])
+        ids = rel.tokenizer.encode(long_prompt)
+        assert 300 < len(ids) < 480
+        texts[99] = []
+        eng.submit(GenSequence(ids, SamplingParams(max_tokens=24, temperature=0.0), on(99)))
+        assert done.acquire(timeout=60)
+        assert "".join(texts[99]) == lm.generate(long_prompt, max_new_tokens=24)
     finally:
         rel.engine.retire()
         rel.engine.join(10)

@@ -249,7 +249,11 @@ class BatchedDecoder:
     def prefill(self, slot: int, prompts: Sequence[Sequence[int]]) -> List[np.ndarray]:
         """Run prompts into the (empty) caches of slots slot, slot+1, ... as one batch, right-padded (each row
         attends to its own length; the same logits as one prompt at a time, bit for bit). Returns the
-        logits after each prompt's last token (float32 [vocab] each)."""
+        logits after each prompt's last token (float32 [vocab] each). A prompt longer than PREFILL_TOKENS runs
+        alone in chunks of that many (the graph computes logits at every position: this bounds their memory;
+        the result is the same bit for bit)."""
+        if len(prompts) == 1 and len(prompts[0]) > PREFILL_TOKENS:
+            return [self._prefill_chunked(slot, prompts[0])]
         n, width = len(prompts), max(len(p) for p in prompts)
         ids = np.zeros((n, width), dtype=np.int64)
         mask = np.zeros((n, width), dtype=np.int64)
@@ -266,6 +270,22 @@ class BatchedDecoder:
         self.session.run_with_iobinding(b)
         out = b.get_outputs()[0].numpy()
         return [np.asarray(out[i, len(p) - 1], dtype=np.float32) for i, p in enumerate(prompts)]
+
+    def _prefill_chunked(self, slot: int, prompt: Sequence[int]) -> np.ndarray:
+        out = None
+        for start in range(0, len(prompt), PREFILL_TOKENS):
+            part = prompt[start:start + PREFILL_TOKENS]
+            total = start + len(part)
+            b = self.session.io_binding()
+            b.bind_cpu_input(self.in_ids, np.asarray([part], dtype=np.int64))
+            b.bind_cpu_input(self.in_mask, np.ones((1, total), dtype=np.int64))
+            if self.in_pos:
+                b.bind_cpu_input(self.in_pos, np.arange(start, total, dtype=np.int64)[None])
+            b.bind_output(self.out_logits)
+            self._bind_kv(b, slice(slot, slot + 1))
+            self.session.run_with_iobinding(b)
+            out = b.get_outputs()[0].numpy()
+        return np.asarray(out[0, -1], dtype=np.float32)
 
     def decode(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """One step for rows 0..n-1: tokens [n] (the last token of each, not yet in its cache), lengths [n]
