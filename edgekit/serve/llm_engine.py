@@ -21,8 +21,9 @@ Greedy decoding under batching gives the same tokens as ONNX Runtime GenAI's sin
 (the same graph; each row's arithmetic does not depend on the others: tested with 8 concurrent streams).
 Admission is bounded by `max_sequences`, by the KV-cache budget (each sequence reserves prompt + max
 tokens, capped at the slot capacity) and by a bounded wait queue; beyond them a request is refused at once.
-Prefill runs whole prompts between decode steps (no chunking): a long prompt delays the next step of the
-others by its prefill time.
+Prefill runs between decode steps: prompts admitted together as one right-padded batch (up to 256 padded
+tokens), a longer prompt alone in chunks of 256 (bounding the graph's all-position logits); a long prompt
+delays the next step of the others by its prefill time (its chunks are not interleaved with decode steps).
 
 Standard library and numpy at import; onnxruntime and onnxruntime_genai inside functions.
 """
