@@ -13,7 +13,7 @@ Rows, each with `c` streams started together, every stream generating exactly --
 end-of-sequence token is suppressed so every row does the same work):
 - "in-process, generator per stream": c threads, each an onnxruntime_genai Generator (what
   edgekit.runtime's lm.generate runs); each reads the weights once per token of its own;
-- "in-process, batched engine": edgekit.serve.llm_engine without HTTP: the continuous-batching engine the
+- "in-process, batched engine": edgekit.runtime.llm_batch without HTTP: the continuous-batching engine the
   server runs (the c sequences decode as one batch, one read of the weights per step);
 - "API (stream=true)": `python -m edgekit.serve` in its own process, c client threads streaming
   /v1/completions over loopback (raw http.client, SSE parsed); the clients run on the same machine.
@@ -165,7 +165,7 @@ def generator_path(model_dir: Path, threads: int, tokens: int):
 # -- in-process: the server's batching engine without HTTP -----------------------------------------------------
 
 def engine_path(model_dir: Path, threads: int, tokens: int):
-    from edgekit.serve.llm_engine import GenSequence, SamplingParams, load_llm_release
+    from edgekit.runtime.llm_batch import GenSequence, SamplingParams, load_llm_release
 
     rel = load_llm_release("bench", "0" * 64, model_dir, threads=threads, check=False, max_sequences=8,
                            max_queue=8, kv_cache_mb=None)

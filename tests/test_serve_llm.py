@@ -335,7 +335,7 @@ def test_hot_swap_under_chat_load_fails_no_request(bundle, tmp_path):
 def test_kv_cache_budget_bounds_the_sequences_admitted(bundle):
     """--kv-cache-mb: a sequence is admitted only when its KV reservation (prompt + max tokens) fits; the
     others wait (not refused) and all complete; the budget is what the engine holds at most."""
-    from edgekit.serve.llm_engine import GenSequence, SamplingParams, load_llm_release
+    from edgekit.runtime.llm_batch import GenSequence, SamplingParams, load_llm_release
     from edgekit.errors import BundleError
 
     rel = load_llm_release(M, "0" * 64, bundle, threads=1, check=False, max_sequences=8, max_queue=8,
@@ -372,7 +372,7 @@ def test_prompts_arriving_together_prefill_as_one_batch_with_single_stream_text(
     chunks, and every greedy continuation equals ONNX Runtime GenAI's single-stream generation
     (edgekit.runtime)."""
     from edgekit.runtime import load
-    from edgekit.serve.llm_engine import GenSequence, SamplingParams, load_llm_release
+    from edgekit.runtime.llm_batch import GenSequence, SamplingParams, load_llm_release
 
     prompts = ["The robot moves the", "Count: one two", "a", "The old engineer repairs the red lamp to the",
                "My neighbour", "Count: five six seven", "The busy baker sells the", "The quiet"]

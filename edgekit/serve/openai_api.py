@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from edgekit.bundle import check_name
 from edgekit.errors import BundleError, DataError
-from edgekit.serve.llm_engine import Busy, EngineFailed, GenSequence, LLMEntry, SamplingParams, TooLong
+from edgekit.runtime.llm_batch import Busy, EngineFailed, GenSequence, LLMEntry, SamplingParams, TooLong
 from edgekit.serve.protocol import ProtocolError
 
 log = logging.getLogger("edgekit.serve")

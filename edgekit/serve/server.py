@@ -96,7 +96,7 @@ class ServeConfig:
                 "check": self.check}
 
     def llm_kwargs(self, metrics) -> dict:
-        """For a language model's release (llm_engine.load_llm_release)."""
+        """For a language model's release (runtime.llm_batch.load_llm_release)."""
         return {"threads": self.threads, "check": self.check, "max_sequences": self.max_sequences,
                 "max_queue": self.max_queue, "kv_cache_mb": self.kv_cache_mb, "metrics": metrics}
 
@@ -115,7 +115,7 @@ def build(paths: List[str], config: ServeConfig) -> Tuple["object", List[ModelEn
     comes up not ready (a deployed model may get a good release later); a bundle or file given
     directly that fails is an error."""
     from edgekit.serve.app import App
-    from edgekit.serve.llm_engine import LLMEntry, is_llm_path
+    from edgekit.runtime.llm_batch import LLMEntry, is_llm_path
 
     entries, llms = [], []
     metrics = Metrics()

@@ -1,4 +1,7 @@
-"""Serving a language model: continuous batching of independent sequences over one ONNX Runtime session.
+"""Continuous batching of independent sequences of a language model over one ONNX Runtime session.
+
+edgekit.serve's OpenAI API runs on it. It runs the bundle's graph with a backend, so it lives in the runtime
+(DESIGN.md: backends are imported by the runtime alone, inside functions).
 
 Why not ONNX Runtime GenAI's own batching: its `Engine` batches dynamically only for models built with
 PagedAttention, which its model builder supports for the CUDA execution provider alone; on a CPU it keeps
