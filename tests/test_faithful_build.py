@@ -58,12 +58,14 @@ def residual_cnn(tmp_path_factory):
     return train_residual(tmp_path_factory.mktemp("residual"))
 
 
-def test_x86_avx2_onnx_of_a_residual_cnn_keeps_accuracy(residual_cnn, tmp_path):
+def test_x86_avx2_onnx_of_a_residual_cnn_keeps_accuracy(residual_cnn, tmp_path, monkeypatch):
     """The profile's u8 x 7-bit build meets the floor and loses about a point of accuracy; u8 x u8 keeps
-    it at about the same speed on the target, so it ships; the VNNI target's build has no such rival."""
-    from edgekit.convert.select import host_matches
-    from edgekit.targets import load_target
+    it at about the same speed on the target, so it ships; the VNNI target's build has no such rival.
+    Speed comes from the profile's own measurement (+3%) on every host: timed live on an AVX2 CI machine, a
+    noisy run could read u8 x u8 past the 5% slack (the timed path is the rule's, tested in test_the_rule)."""
+    from edgekit.convert import select
 
+    monkeypatch.setattr(select, "host_matches", lambda profile: (False, "the test uses the profile's figure"))
     model, calib, val = residual_cnn
     r = convert(ConvertRecipe(str(model), ("x86-avx2", "x86-avx512-vnni"), calibration=Calibration(str(calib)),
                               validation=str(val), formats=("onnx",), compat_check="off"), str(tmp_path / "o"))
@@ -81,9 +83,7 @@ def test_x86_avx2_onnx_of_a_residual_cnn_keeps_accuracy(residual_cnn, tmp_path):
     assert shipped["snr_db"] > profile["snr_db"] + 3 and shipped["top1_agreement"] >= profile["top1_agreement"]
     assert shipped["accuracy_drop_points"] == pytest.approx(m["accuracy_drop_points"])
     assert profile["meets"] and shipped["meets"] and shipped["speed_ratio"] <= 1.05
-    here, _ = host_matches(load_target("x86-avx2"))
-    # on an AVX2 host without VNNI both are timed here; elsewhere the profile's own measurement counts
-    assert shipped["speed_source"] == ("timed here" if here else "x86-avx2 profile: onnx.uint8_weights_cost_pct")
+    assert shipped["speed_source"] == "x86-avx2 profile: onnx.uint8_weights_cost_pct"
     assert "shipped uint8 weights" in f["why"] and "more faithful at the same speed?" in r.table()
     assert any("slower on a VNNI CPU" in n for n in man["validation"]["notes"])
     assert golden_check(load(avx2.path))["ok"]
