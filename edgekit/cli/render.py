@@ -84,6 +84,59 @@ def distill_text(res, temperature, alpha, epochs, baseline) -> str:
     return "\n".join(lines)
 
 
+def distill_lm_text(res) -> str:
+    """A causal LM's distillation: teacher / student / baseline on the held-out text."""
+    from edgekit.table import render
+
+    rows = []
+    for who in ("teacher", "student", "baseline"):
+        r = res.get(who)
+        if not isinstance(r, dict):
+            continue
+        h = r["heldout"]
+        i4 = (res.get("int4") or {}).get(who) or {}
+        rows.append([who, r["params"] / 1e6, h["ppl"], h.get("kl"), h.get("top1_agreement"), r.get("steps"),
+                     r.get("tokens"), i4.get("decode_tok_s")])
+    s = res["settings"]
+    text = render(["", "M params", "held-out ppl", "KL to teacher", "top-1 agree", "steps", "tokens",
+                   "INT4 decode tok/s"], rows,
+                  title=f"LM distillation, T={s['temperature']}, alpha={s['alpha']}, {s['divergence']} KL, "
+                        f"on-policy {s['on_policy']:g}; held out: {res['heldout_text']}")
+    lines = [text]
+    if "ppl_reduction_vs_baseline" in res:
+        lines.append(f"perplexity {res['ppl_reduction_vs_baseline']:+.1%} lower than the same student trained "
+                     "without the teacher")
+    if not (res.get("int4") or {}).get("measured"):
+        lines.append(f"INT4 decode speed not measured: {(res.get('int4') or {}).get('why', '')}")
+    lines.append(f"saved {res['saved']}; convert it like any model: edgekit convert {res['saved']} -t ...")
+    return "\n".join(lines)
+
+
+def factorize_text(res) -> str:
+    """Low-rank factorization: per layer, then the whole model before/after."""
+    from edgekit.table import render
+
+    rows = [[r["layer"], r.get("kind", "-"), "x".join(map(str, r["shape"])) if r.get("shape") else "-",
+             f"{r['rank']}/{r['full_rank']}" if r.get("rank") else "-", r.get("params_before"), r.get("params_after"),
+             (r.get("flops_after") or 0) / max(1, r.get("flops_before") or 1) if r.get("flops_before") else None,
+             r.get("output_rel_err"), r.get("note") or ""] for r in res["layers"]]
+    lines = [render(["layer", "kind", "matrix", "rank", "params", "params after", "FLOPs x", "output err", "note"],
+                    rows, title=f"low-rank factorization ({res['rule']})")]
+    b, a = res["before"], res["after"]
+    metric = "perplexity" if "ppl" in b else "accuracy %"
+    key = "ppl" if "ppl" in b else "accuracy"
+    lines.append(f"model: params {b['params']:,} -> {a['params']:,} (x{a['params'] / b['params']:.3f}), FLOPs "
+                 f"x{res['totals']['flops_ratio']:.3f}; {metric} {b[key]:.4g} -> {a[key]:.4g}"
+                 + (f" ({res['after_cut'][key]:.4g} right after the cut)" if res.get("after_cut") else ""))
+    for t in res.get("bundles") or []:
+        lines.append(f"{t['target']} {t.get('format', '')}: " + ", ".join(
+            f"{k} {t[k]}" for k in ("before", "after", "speedup", "note") if t.get(k) is not None))
+    if res.get("note"):
+        lines.append(res["note"])
+    lines.append(f"saved {res['saved']}")
+    return "\n".join(lines)
+
+
 def qat_table(res) -> str:
     from pathlib import Path
 
