@@ -43,7 +43,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import edgekit
 from edgekit.bundle import SCHEMA_VERSION, check_name, sha256_file, sha256_tree, write_json_atomic
-from edgekit.convert.llm_fidelity import EvalText, FloatModel, LLMFloor, OnnxDecoder, compare, golden
+from edgekit.convert.llm_fidelity import (BUILTIN_PROMPTS, EvalText, FloatModel, LLMFloor, OnnxDecoder, compare,
+                                          golden)
 from edgekit.errors import BudgetMissed, EdgekitError, SourceModelError
 from edgekit.progress import Progress
 from edgekit.table import render
@@ -219,11 +220,21 @@ def run_builder(src: LMSource, opts: LLMBuildOptions, out_dir: Path, cache: Path
 
     _quiet_builder()
     extra, target_options = opts.builder_args(src, matmuls)
+    precision = opts.precision
+    if precision == "int8" and src.tied and matmuls:
+        # the builder shares a tied embedding with the lm_head only in an INT4 build (GatherBlockQuantized): INT8
+        # throughout is built as INT4 with every MatMul overridden to INT8, so the embedding shares the INT8 table
+        # instead of staying a float32 copy (SmolLM2-135M: 275 -> ~160 MB)
+        precision = "int4"
+        names = [n for layer in sorted(matmuls) for n in matmuls[layer]]
+        target_options["quant_config"]["weights"]["overrides"] = (
+            [{"match": {"preset": "last_matmul"}, "type": "int8"}] + [{"match": {"name": n}, "type": "int8"}
+                                                                      for n in names])
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
-        kv = builder.parse_extra_options(None, str(src.path), str(out_dir), opts.precision, opts.execution_provider,
+        kv = builder.parse_extra_options(None, str(src.path), str(out_dir), precision, opts.execution_provider,
                                          str(cache), extra, target_options=target_options)
-        builder.create_model(None, str(src.path), str(out_dir), opts.precision, opts.execution_provider,
+        builder.create_model(None, str(src.path), str(out_dir), precision, opts.execution_provider,
                              str(cache), **kv)
     return buf.getvalue()
 
@@ -438,6 +449,11 @@ class _Session:
         self.progress.say(f"  building {opts.describe()}")
         rec: Dict[str, Any] = {"dir": d}
         try:
+            if not self.matmuls and opts.precision == "int8" and self.src.tied:
+                # the INT8 build of a tied model names every MatMul: learn the names from a plain build first
+                run_builder(self.src, opts, self.wd / "names", self.wd / "cache", {})
+                self.matmuls.update(decoder_matmuls(self.wd / "names" / "model.onnx"))
+                shutil.rmtree(self.wd / "names", ignore_errors=True)
             out = run_builder(self.src, opts, d, self.wd / "cache", self.matmuls)
             self.log.write(out[-20000:])
             if not self.matmuls:
@@ -452,7 +468,8 @@ class _Session:
             rec["bytes"] = sum(f.stat().st_size for f in d.iterdir() if f.is_file())
             rec["bytes_per_token"] = wb["per_token"]
             m = rec["metrics"]
-            self.progress.say(f"    perplexity {m['ppl_float']:.3f} -> {m['ppl']:.3f} ({100 * m['ppl_increase']:+.1f}%), "
+            self.progress.say(f"    perplexity {m['ppl_float']:.3f} -> {m['ppl']:.3f} "
+                              f"({100 * m['ppl_increase']:+.1f}%), "
                               f"KL {m['kl_mean']:.4f}, top-1 agreement {100 * m['top1_agreement']:.1f}%, "
                               f"{rec['bytes'] / 2 ** 20:.1f} MiB ({time.monotonic() - t0:.0f} s)")
         except (RuntimeError, ValueError, NotImplementedError, OSError, KeyError, AttributeError) + _ort_errors() as e:
@@ -632,7 +649,7 @@ def _write_bundle(s: _Session, row: LLMRow, t: TargetProfile, opts: LLMBuildOpti
                 shutil.copyfile(src.path / extra, mdir / extra)
         context = min(int(dims["max_positions"] or t.llm.context_max), t.llm.context_max)
         _tune_genai_config(mdir, t, context)
-        prompt = s.text.prompts[0] if s.text.prompts else "The"
+        prompt = s.text.prompts[0] if s.text.prompts else BUILTIN_PROMPTS[0]
         gen = _generation(mdir, prompt, cpu=opts.execution_provider != "cpu")
         if not gen["text"].strip():
             raise EdgekitError(f"the build generates no text from {prompt!r} (tokens {gen['tokens']})")
