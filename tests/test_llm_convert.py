@@ -173,6 +173,9 @@ def test_unsupported_architecture(cli, tmp_path):
     assert r.exit_code == 2
     line = r.stderr.strip().splitlines()[-1]
     assert "FooMambaForCausalLM" in line and "LlamaForCausalLM" in line and "Qwen2ForCausalLM" in line
+    # int4 / fp32 are language-model precisions
+    r = cli("convert", tmp_path / "net.onnx", "-t", "rpi5", "--precision", "int4")
+    assert r.exit_code == 2 and "language-model precision" in r.stderr
 
 
 # --- a real pretrained checkpoint ------------------------------------------------------------------------------

@@ -98,6 +98,7 @@ def convert(ctx, model, target_names, recipe_path, calib, calib_random, calib_sa
 
     if llm_convert.is_language_model(model):   # a Hugging Face causal LM folder: the LLM bundle path
         return llm_convert.convert_language_model(ctx, ctx.params)
+    llm_convert.refuse_llm_precision(model, precision)
     from edgekit.convert import convert as run_convert
     from edgekit.errors import BudgetMissed
     from edgekit.progress import Progress

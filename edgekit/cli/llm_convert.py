@@ -23,6 +23,14 @@ def is_language_model(model) -> bool:
     return bool(model) and is_hf_causal_lm(model)
 
 
+def refuse_llm_precision(model, precision) -> None:
+    """int4 / fp32 are language-model precisions: said in one line for any other model."""
+    if precision in ("int4", "fp32"):
+        raise click.BadParameter(f"{precision} is a language-model precision (a Hugging Face model folder); "
+                                 f"{model or 'this model'} takes int8, int16x8, fp16 or dynamic",
+                                 param_hint="--precision")
+
+
 def convert_language_model(ctx, p) -> None:
     """p: the convert command's parameters."""
     from click.core import ParameterSource
