@@ -22,7 +22,7 @@ pytest.importorskip("onnxruntime_genai")
 import openai  # noqa: E402  (the dev extra installs it: a missing client fails, never skips)
 
 TOKEN = "llm-test-token-0123456789"
-M = "tinychat-x86-avx2-int4"   # the bundle's name (its manifest's)
+M = "tinychat"   # the model's name (its manifest's: the recipe's name, as for other bundles), not the directory's
 QUESTIONS = ["What colour is the lamp?", "What colour is the box?", "What colour is the door?",
              "What colour is the clock?", "What colour is the radio?", "What colour is the garden?",
              "Count: one two three", "The farmer"]

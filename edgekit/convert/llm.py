@@ -661,7 +661,7 @@ def _write_bundle(s: _Session, row: LLMRow, t: TargetProfile, opts: LLMBuildOpti
             2 if t.llm.kv_cache_type == "float16" else 4)
         m = rec["metrics"]
         manifest = {
-            "schema": SCHEMA_VERSION, "kind": "llm", "format": "onnx-genai", "name": row.path.name,
+            "schema": SCHEMA_VERSION, "kind": "llm", "format": "onnx-genai", "name": s.recipe.bundle_name,
             "edgekit_version": edgekit.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "target": t.to_dict(),
             "model": {"dir": "model", "files": files, "bytes": sum(f["bytes"] for f in files.values()),
