@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from edgekit.errors import DataError, SourceModelError
 
@@ -312,10 +312,3 @@ def fmt_count(n: float) -> str:
         if abs(n) >= div:
             return f"{n / div:.3g}{unit}"
     return str(int(n))
-
-
-def iter_batches(n: int, batch_size: int, generator) -> Iterable[List[int]]:
-    torch, _ = import_torch_transformers()
-    perm = torch.randperm(n, generator=generator).tolist()
-    for i in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
-        yield perm[i: i + batch_size]
