@@ -192,3 +192,5 @@ def test_mistakes(cli, mlp, tmp_path):
     assert r.exit_code == 2 and "must be in (0, 1]" in r.stderr
     r = cli("factorize", model, "--data", train, "--skip", "nope")
     assert r.exit_code == 2 and "--skip nope" in r.stderr
+    r = cli("factorize", tmp_path / "net.pt2", "--data", train)
+    assert r.exit_code == 2 and "factorize_module" in r.stderr

@@ -162,6 +162,10 @@ def factorize(model, rank_ratio, energy, params_budget, flops_budget, data, val,
     from edgekit.optimize.lm import is_hf_folder
 
     say = (lambda t: None) if quiet else (lambda t: click.echo(t, err=True))
+    if model.lower().endswith((".pt2", ".pt", ".pth", ".ptl", ".jit")):
+        raise click.UsageError(f"{model}: a PyTorch file; factorize the nn.Module in Python with "
+                               "edgekit.optimize.factorize.factorize_module(module, RankRule(rank_ratio=0.25), "
+                               "(example,)), then convert it with edgekit.convert.convert_module")
     if rank_ratio is None and energy is None and params_budget is None and flops_budget is None:
         rank_ratio = 0.25
     rule = RankRule(rank_ratio=rank_ratio, energy=energy, params_budget=params_budget, flops_budget=flops_budget)
