@@ -245,7 +245,10 @@ def teacher_answers(teacher, tok, prompts_path: str, max_new_tokens: int, cache:
     torch, _ = lm.import_torch_transformers()
     if cache.is_file():
         return [json.loads(x) for x in cache.read_text().splitlines() if x.strip()]
-    docs = lm.read_docs(prompts_path, "prompts")
+    docs = []
+    for d in lm.read_docs(prompts_path, "prompts"):  # a .txt file: one prompt a line
+        docs += [lm.Doc(prompt=x.strip(), where=d.where) for x in d.text.splitlines() if x.strip()] \
+            if d.text is not None else [d]
     texts = [lm.prompt_text(tok, d) for d in docs]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     dev = next(teacher.parameters()).device
