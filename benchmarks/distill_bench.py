@@ -31,6 +31,9 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--inits", default="random,teacher")
     ap.add_argument("--int4-target", default=None, help="also convert teacher and student to INT4 (decode tok/s)")
+    ap.add_argument("--variants", action="store_true",
+                    help="instead: fresh-weight students with reverse KL, JSD, 25%% on-policy steps (GKD) and "
+                         "teacher answers to 24 prompts, each against the same baseline, added to the results")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "distill_bench.json"))
     a = ap.parse_args()
 
@@ -40,6 +43,8 @@ def main() -> None:
     from edgekit.optimize.distill_lm import LMDistillConfig, distill_lm
 
     seeds = [int(s) for s in a.seeds.split(",")]
+    if a.variants:
+        return variants(a, seeds)
     res = {"what": "held-out perplexity of a half-depth student distilled from the tiny Llama teacher vs the same "
                    "student trained without the teacher on the same tokens",
            "host": {"machine": platform.machine(), "processor": platform.processor(), "torch": torch.__version__,
@@ -87,6 +92,55 @@ def main() -> None:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps(res["summary"], indent=2))
+
+
+def variants(a, seeds) -> None:
+    import statistics
+
+    import torch
+    from tinylm import corpus_text, make_tiny_lm
+
+    from edgekit.optimize.distill_lm import LMDistillConfig, distill_lm
+
+    torch.set_num_threads(1)
+    out = Path(a.out)
+    res = json.loads(out.read_text()) if out.is_file() else {}
+    kinds = {"forward KL": {}, "reverse KL": {"divergence": "reverse"}, "JSD": {"divergence": "jsd"},
+             "forward KL + 25% on-policy": {"on_policy": 0.25}, "forward KL + teacher answers": {"prompts": True}}
+    table = {}
+    with tempfile.TemporaryDirectory(prefix="distill-bench-") as d:
+        d = Path(d)
+        teacher = make_tiny_lm(d / "teacher", steps=150)
+        (d / "train.txt").write_text(corpus_text(800, 11))
+        (d / "val.txt").write_text(corpus_text(150, 12))
+        objs = ["box", "door", "lamp", "bicycle", "window", "table", "basket", "clock", "radio", "garden"]
+        (d / "prompts.txt").write_text("".join(f"What colour is the {o}?\n" for o in objs)
+                                       + "".join(f"The {o} in the\n" for o in objs[:7])
+                                       + "".join(f"Count: {n}\n" for n in ("one", "two", "three", "four", "five",
+                                                                             "six", "seven")))
+        for name, kw in kinds.items():
+            rows = []
+            for seed in seeds:
+                kw2 = dict(kw)
+                if kw2.pop("prompts", False):
+                    kw2["prompts"] = str(d / "prompts.txt")
+                    kw2["max_new_tokens"] = 24
+                cfg = LMDistillConfig(teacher=str(teacher), data=str(d / "train.txt"), val=str(d / "val.txt"),
+                                      layers=2, init="random", seq_len=32, batch_size=8, max_steps=a.steps,
+                                      lr=3e-3, temperature=1.0, alpha=0.5, seed=seed, baseline=True, **kw2)
+                r = distill_lm(cfg, str(d / f"s-{len(table)}-{seed}"), say=lambda t: None)
+                rows.append({"seed": seed, "student_ppl": r["student"]["heldout"]["ppl"],
+                             "baseline_ppl": r["baseline"]["heldout"]["ppl"],
+                             "reduction": r["ppl_reduction_vs_baseline"], "tokens": r["student"]["tokens"],
+                             "student_kl": r["student"]["heldout"]["kl"]})
+                print(name, json.dumps(rows[-1]), flush=True)
+            table[name] = {"runs": rows, "reduction_mean": statistics.mean(x["reduction"] for x in rows),
+                           "student_ppl_mean": statistics.mean(x["student_ppl"] for x in rows)}
+    res["variants"] = {"settings": {"steps": a.steps, "init": "random", "seeds": seeds, "threads": 1,
+                                    "note": "on-policy steps and teacher-answer blocks count the tokens they train "
+                                            "on; the baseline trains on the text blocks only"}, "table": table}
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    print(json.dumps({k: v["reduction_mean"] for k, v in table.items()}, indent=2))
 
 
 if __name__ == "__main__":
