@@ -255,11 +255,16 @@ class FakeDevice:
 
     def __init__(self, running_process=False, scope="system"):
         self.device = SimpleNamespace(python="/usr/bin/python3")
+        self.sftp = SimpleNamespace(open=self._no_file)   # deploy reads a release's manifest (its kind) over SFTP
         self.calls = []
         self.unit_active = False
         self.process = running_process
         self.scope = scope
         self.refuse = False
+
+    @staticmethod
+    def _no_file(path, mode="r"):
+        raise FileNotFoundError(path)        # these releases hold no manifest: not language models
 
     def _err(self, msg, **kw):
         from edgekit.errors import DeviceError
