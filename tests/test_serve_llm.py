@@ -18,7 +18,7 @@ import pytest
 from tinylm import tiny_lm  # noqa: F401  (the session fixture)
 from test_serve import Server, _install, _wait_for
 
-pytest.importorskip("onnxruntime_genai")
+import onnxruntime_genai  # noqa: E402,F401  (edgekit[llm], in dev: missing must fail, not skip)
 import openai  # noqa: E402  (the dev extra installs it: a missing client fails, never skips)
 
 TOKEN = "llm-test-token-0123456789"

@@ -52,7 +52,7 @@ def test_data_shapes_fill_only_the_unknown_dimensions(tmp_path):
 # --- TorchScript without recorded shapes ----------------------------------------------------------------------
 
 def _torchscript(path):
-    torch = pytest.importorskip("torch")
+    import torch
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
                               torch.nn.Conv2d(8, 8, 3, stride=2, padding=1), torch.nn.ReLU(),
@@ -95,7 +95,7 @@ def test_torchscript_shapes_input_shape_overrides_and_neither_refuses(tmp_path):
 # --- ONNX with dynamic H and W ------------------------------------------------------------------------------------
 
 def _dynamic_onnx(path):
-    onnx = pytest.importorskip("onnx")
+    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -143,7 +143,7 @@ def test_dynamic_hw_onnx_converts_to_both_formats_from_calibration_data(tmp_path
 # --- Keras inputs of None ---------------------------------------------------------------------------------------------
 
 def test_keras_none_dims_from_data_override_and_refusal(tmp_path):
-    keras = pytest.importorskip("keras")
+    import keras
     from edgekit.convert import shapes as shaping
     from edgekit.convert.sources import load_source
     from edgekit.runtime import load
