@@ -46,6 +46,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
 import numpy as np
 
 from edgekit.errors import BundleError, DataError, EdgekitError
+from edgekit.runtime.llm import _hold_back       # stop strings held back as the generator does (one rule)
 
 log = logging.getLogger("edgekit.serve")
 
@@ -98,17 +99,6 @@ def _sample(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator) -> 
         sub = probs[keep] / probs[keep].sum()
         return int(keep[rng.choice(keep.size, p=sub)])
     return int(rng.choice(probs.size, p=probs))
-
-
-def _hold_back(text: str, stops: Sequence[str]) -> int:
-    """Characters at the end of `text` that may begin a stop string (held until the next token decides)."""
-    keep = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), keep, -1):
-            if text.endswith(s[:n]):
-                keep = n
-                break
-    return keep
 
 
 # -- one sequence -----------------------------------------------------------------------------------------
