@@ -14,6 +14,7 @@ renamed into place, so a failed write leaves nothing a user would find.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -24,7 +25,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 from edgekit.errors import BundleError
 
@@ -269,32 +270,16 @@ def write_json_atomic(path: os.PathLike, data: Any) -> None:
         raise
 
 
-def write_bundle(dest: os.PathLike, *, fmt: str, model_bytes: bytes, manifest: Dict[str, Any],
-                 golden: Dict[str, Any],
-                 check: Optional[Callable[[Path], None]] = None) -> Bundle:
-    """Write a bundle atomically: temp dir beside `dest`, fill, optional `check(tmpdir)`, rename.
-
-    `manifest` gets the model file entry filled in here. An existing bundle at
-    `dest` is replaced only once the new one is complete.
-    """
-    import numpy as np
-
-    dest = Path(dest)
+@contextlib.contextmanager
+def staged_dir(dest: Path) -> Iterator[Path]:
+    """A temporary directory beside `dest` to fill. When the block ends without error it takes `dest`'s place
+    (an existing `dest` is moved aside first and removed only then); on any error it is removed and `dest`
+    is left as it was: nothing half-written where a user would find it."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     old = None
     try:
-        fname = MODEL_FILES[fmt]
-        (tmp / fname).write_bytes(model_bytes)
-        np.savez(tmp / GOLDEN, **golden)
-        manifest = dict(manifest)
-        manifest["schema"] = SCHEMA_VERSION
-        manifest["model"] = dict(manifest.get("model", {}), file=fname, format=fmt,
-                                 sha256=hashlib.sha256(model_bytes).hexdigest(),
-                                 bytes=len(model_bytes))
-        write_json_atomic(tmp / MANIFEST, Manifest.from_dict(manifest, where=str(dest)).to_dict())
-        if check is not None:
-            check(tmp)
+        yield tmp
         if dest.exists():
             old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
             os.replace(dest, old)
@@ -306,4 +291,29 @@ def write_bundle(dest: os.PathLike, *, fmt: str, model_bytes: bytes, manifest: D
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def write_bundle(dest: os.PathLike, *, fmt: str, model_bytes: bytes, manifest: Dict[str, Any],
+                 golden: Dict[str, Any],
+                 check: Optional[Callable[[Path], None]] = None) -> Bundle:
+    """Write a bundle atomically: temp dir beside `dest`, fill, optional `check(tmpdir)`, rename.
+
+    `manifest` gets the model file entry filled in here. An existing bundle at
+    `dest` is replaced only once the new one is complete.
+    """
+    import numpy as np
+
+    dest = Path(dest)
+    with staged_dir(dest) as tmp:
+        fname = MODEL_FILES[fmt]
+        (tmp / fname).write_bytes(model_bytes)
+        np.savez(tmp / GOLDEN, **golden)
+        manifest = dict(manifest)
+        manifest["schema"] = SCHEMA_VERSION
+        manifest["model"] = dict(manifest.get("model", {}), file=fname, format=fmt,
+                                 sha256=hashlib.sha256(model_bytes).hexdigest(),
+                                 bytes=len(model_bytes))
+        write_json_atomic(tmp / MANIFEST, Manifest.from_dict(manifest, where=str(dest)).to_dict())
+        if check is not None:
+            check(tmp)
     return read_bundle(dest)

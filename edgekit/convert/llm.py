@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import edgekit
-from edgekit.bundle import SCHEMA_VERSION, check_name, sha256_file, sha256_tree, write_json_atomic
+from edgekit.bundle import SCHEMA_VERSION, check_name, sha256_file, sha256_tree, staged_dir, write_json_atomic
 from edgekit.convert.llm_fidelity import (BUILTIN_PROMPTS, EvalText, FloatModel, LLMFloor, OnnxDecoder, compare,
                                           golden)
 from edgekit.errors import BudgetMissed, EdgekitError, SourceModelError
@@ -638,10 +638,7 @@ def _tune_genai_config(model_dir: Path, t: TargetProfile, context: int) -> None:
 def _write_bundle(s: _Session, row: LLMRow, t: TargetProfile, opts: LLMBuildOptions, rec: Dict[str, Any],
                   dest: Path) -> None:
     src, dims = s.src, s.src.dims()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    old = None
-    try:
+    with staged_dir(dest) as tmp:
         mdir = tmp / "model"
         shutil.copytree(rec["dir"], mdir)
         for extra in SOURCE_EXTRAS:
@@ -687,17 +684,6 @@ def _write_bundle(s: _Session, row: LLMRow, t: TargetProfile, opts: LLMBuildOpti
             "source_sha256": src.sha256,
         }
         write_json_atomic(tmp / "manifest.json", manifest)
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not dest.exists():
-            os.replace(old, dest)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     row.bytes = manifest["model"]["bytes"]
     row.bytes_per_token = rec["bytes_per_token"]
 
