@@ -1,9 +1,11 @@
-"""No import circles in edgekit.convert: the graph of its modules' imports, module-level and inside
+"""No import circles in edgekit.convert and edgekit.cli: the graph of its modules' imports, module-level and inside
 functions alike (a function-level import is a circle deferred, not removed), read with ast."""
 
 import ast
 from pathlib import Path
 from typing import Dict, List, Set
+
+import pytest
 
 from conftest import ROOT
 
@@ -99,6 +101,7 @@ def test_the_graph_sees_function_level_and_from_package_imports():
     assert "edgekit.convert.sources" in g["edgekit.convert.pipeline"]
 
 
-def test_no_import_circle_in_convert():
-    found = cycles(import_graph(ROOT / "edgekit" / "convert"))
-    assert not found, "import circles in edgekit/convert: " + "; ".join(map(_describe, found))
+@pytest.mark.parametrize("package", ["convert", "cli"])
+def test_no_import_circle(package):
+    found = cycles(import_graph(ROOT / "edgekit" / package))
+    assert not found, f"import circles in edgekit/{package}: " + "; ".join(map(_describe, found))

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from edgekit.cli import cli
+from edgekit.cli.group import cli
 from edgekit.cli.common import _html_report, _inventory_opt, _options, _select, _trust_opt
 
 

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from edgekit.cli import cli
+from edgekit.cli.group import cli
 from edgekit.cli.common import (_device_selection, _finish, _html_report, _inventory_opt, _on_devices, _options,
                                  _select, _trust_opt)
 from edgekit.cli.render import (DEPLOY_HEADERS, ROLLBACK_HEADERS, deploy_row, plan_table, rollback_row,

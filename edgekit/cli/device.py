@@ -6,7 +6,7 @@ import json
 
 import click
 
-from edgekit.cli import cli
+from edgekit.cli.group import cli
 from edgekit.cli.common import _device_selection, _finish, _inventory_opt, _on_devices, _trust_opt
 from edgekit.cli.render import (INFO_HEADERS, SETUP_HEADERS, devices_table, emulated_status_text, info_row,
                                 local_devices_table, setup_row)

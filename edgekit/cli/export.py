@@ -6,7 +6,7 @@ import json
 
 import click
 
-from edgekit.cli import cli
+from edgekit.cli.group import cli
 from edgekit.cli.common import _inventory_opt, _select
 from edgekit.cli.deploy import _artifacts, _rollout_plan
 from edgekit.cli.render import ansible_text

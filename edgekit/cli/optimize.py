@@ -6,7 +6,7 @@ import json
 
 import click
 
-from edgekit.cli import cli
+from edgekit.cli.group import cli
 from edgekit.cli.render import distill_lm_text, distill_text, factorize_text, prune_text, qat_table
 
 

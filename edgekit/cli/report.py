@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from edgekit.cli import cli
+from edgekit.cli.group import cli
 
 
 @cli.command()

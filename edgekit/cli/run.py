@@ -7,7 +7,7 @@ import json
 
 import click
 
-from edgekit.cli import cli
+from edgekit.cli.group import cli
 
 
 _backend_opt = click.option("--backend", type=click.Choice(

@@ -7,7 +7,7 @@ from typing import Optional
 
 import click
 
-from edgekit.cli import cli
+from edgekit.cli.group import cli
 from edgekit.cli.common import _options, _select
 from edgekit.cli.deploy import deploy, status
 from edgekit.cli.render import serving_table

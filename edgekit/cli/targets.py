@@ -6,7 +6,7 @@ import json
 
 import click
 
-from edgekit.cli import cli
+from edgekit.cli.group import cli
 from edgekit.cli.render import profile_text, targets_table
 
 
