@@ -59,10 +59,13 @@ def lm(bundle) -> LanguageModel:
 def test_load_returns_a_language_model_for_a_bundle_and_a_bare_folder(lm, og_dir, bundle, tmp_path):
     from edgekit.runtime.threads import usable_cpus
 
+    from edgekit.runtime.threadprobe import candidates
+
     assert isinstance(lm, LanguageModel) and lm.manifest["kind"] == "llm"
-    # the bundle's target profile's count, clamped to the CPUs this process may use
-    assert lm.threads == min(lm.manifest["target"]["runtime"]["threads"], usable_cpus())
-    assert lm.threads_chosen_by == "profile"
+    # measured (runtime.llmthreads) among 1, 2, 4 ... up to the profile's count clamped to the usable CPUs
+    ceiling = min(lm.manifest["target"]["runtime"]["threads"], usable_cpus())
+    assert lm.threads in candidates(ceiling)
+    assert lm.threads_chosen_by in (("profile",) if ceiling == 1 else ("probe", "cache"))  # cache: a same build
     assert lm.context == lm.manifest["llm"]["context_default"] == 512 and lm.eos_token_ids == [2] and lm.load_ms > 0
     bare = load(og_dir, threads=2)
     assert isinstance(bare, LanguageModel) and bare.manifest is None
@@ -78,6 +81,59 @@ def test_load_returns_a_language_model_for_a_bundle_and_a_bare_folder(lm, og_dir
     (chosen / "manifest.json").write_text(json.dumps(m))
     got = load(chosen)
     assert (got.threads, got.threads_chosen_by) == (1, "manifest")
+    assert got.threads_choice == {"threads": 1, "tried": [1, 2]}
+
+
+def test_threads_probed_once_cached_and_overridden(bundle, tmp_path, monkeypatch):
+    """Threads as for other bundles: a probe of decode speed at the first load, cached (and the cache, not a new
+    probe, decides the next load); threads= wins; EDGEKIT_THREAD_PROBE=0 keeps the ceiling; a manifest's measured
+    choice is taken without a probe."""
+    import edgekit.runtime.threads as rthreads
+    from edgekit.runtime.threadprobe import candidates
+
+    if rthreads.usable_cpus() < 2:   # a one-CPU runner: the ceiling 2 is still measurable (functional coverage)
+        monkeypatch.setattr(rthreads, "usable_cpus", lambda cpu_max=None: 2)
+    ceiling = min(json.loads((bundle / "manifest.json").read_text())["target"]["runtime"]["threads"],
+                  rthreads.usable_cpus())
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("EDGEKIT_CACHE_DIR", str(cache))
+    monkeypatch.delenv("EDGEKIT_THREAD_PROBE", raising=False)
+
+    def cached():
+        return sorted((cache / "threads").glob("*.json")) if (cache / "threads").is_dir() else []
+
+    a = load(bundle, threads=1)                       # the argument wins: nothing measured, nothing cached
+    assert (a.threads, a.threads_chosen_by, a.threads_choice) == (1, "argument", None) and not cached()
+    monkeypatch.setenv("EDGEKIT_THREAD_PROBE", "0")   # probe off: the ceiling
+    off = load(bundle)
+    assert (off.threads, off.threads_chosen_by) == (ceiling, "profile") and "not probed" in off.threads_choice["why"]
+    assert not cached()
+    monkeypatch.delenv("EDGEKIT_THREAD_PROBE")
+    first = load(bundle)
+    rec = first.threads_choice
+    assert first.threads_chosen_by == "probe" and rec["tried"] == candidates(ceiling) == [int(t) for t in
+                                                                                        rec["ms_per_token"]]
+    assert first.threads == rec["threads"] and all(v > 0 for v in rec["decode_tok_s"].values())
+    assert rec["probe_ms"] > 0 and rec["prompt_tokens"] == 16 and "fewest threads" in rec["why"]
+    (path,) = cached()
+    assert rec["cache"] == str(path) and json.loads(path.read_text())["threads"] == first.threads
+    again = load(bundle)
+    assert (again.threads, again.threads_chosen_by) == (first.threads, "cache")
+    # the cache decides: another count written there is what the next load uses
+    other = next(t for t in rec["tried"] if t != first.threads)
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), threads=other)))
+    forced = load(bundle)
+    assert (forced.threads, forced.threads_chosen_by) == (other, "cache")
+    assert forced.generate("Count: one", max_new_tokens=8) == first.generate("Count: one", max_new_tokens=8)
+    # a measured choice in the manifest comes before the cache and the probe
+    chosen = tmp_path / "chosen"
+    shutil.copytree(bundle, chosen)
+    m = json.loads((chosen / "manifest.json").read_text())
+    m["runtime"] = {"threads": 1, "threads_choice": {"threads": 1, "tried": candidates(ceiling), "where": "test"}}
+    (chosen / "manifest.json").write_text(json.dumps(m))
+    shutil.rmtree(cache)
+    got = load(chosen)
+    assert (got.threads, got.threads_chosen_by) == (1, "manifest") and not cached()
 
 
 def test_greedy_is_deterministic_and_seeded_sampling_reproducible(lm):

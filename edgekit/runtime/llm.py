@@ -41,9 +41,13 @@ Facts: lm.manifest (None for a bare folder), lm.path, lm.model_dir, lm.threads, 
 lm.threads_chosen_by, lm.load_ms, lm.backend ("onnxruntime-genai"), lm.backend_version, lm.kind == "llm",
 lm.generation_defaults (the checkpoint's own sampling settings: what the CLIs use unless told otherwise).
 
-Threads: `threads=` as given; otherwise a measured choice the manifest records (runtime.threads_choice, see
-runtime.threadprobe), else the bundle's target profile's `runtime.threads` (its `llm.threads` where the profile
-has one), clamped to the CPUs this process may use (runtime.threads); a bare folder uses those usable CPUs.
+Threads (as for other bundles): `threads=` as given; otherwise, for a bundle, the count measured fastest among
+1, 2, 4 ... up to the ceiling: the manifest's measured choice (runtime.threads_choice, written by
+`convert --select fastest`), a probe cached for these model files, or a probe of decode speed run at this first
+load and cached (runtime.llmthreads; EDGEKIT_THREAD_PROBE=0: none). The ceiling is the target profile's
+`runtime.threads` (its `llm.threads` where the profile has one), clamped to the CPUs this process may use
+(runtime.threads); a bare folder uses those usable CPUs. lm.threads_chosen_by (argument, manifest, cache, probe,
+profile, usable CPUs) and lm.threads_choice (the figures) say how.
 They reach ONNX Runtime as the decoder session's intra_op_num_threads (an overlay on genai_config.json: the
 files on disk are never changed).
 """
@@ -200,16 +204,21 @@ def load_llm(path: Union[str, Path], *, threads: Optional[int] = None, verify: b
     asked = profile_threads(manifest)
     used = choose_threads(threads, asked)
     chosen_by = "argument" if threads is not None else ("profile" if asked is not None else "usable CPUs")
-    if threads is None and manifest is not None:   # a count measured fastest and recorded (runtime.threadprobe)
+    choice: Optional[Dict[str, Any]] = None
+    auto = threads is None and manifest is not None   # a bundle: the count measured fastest (runtime.threadprobe)
+    if auto:
         from edgekit.runtime.threadprobe import from_manifest
 
         got = from_manifest(manifest.get("runtime") or {}, used)
         if got is not None:
-            used, chosen_by = got[0], "manifest"
-    config = og.Config(str(model_dir))
-    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": int(used)}}}}))
+            (used, choice), chosen_by, auto = got, "manifest", False
     try:
-        og_model = og.Model(config)
+        og_model = _og_model(og, model_dir, used)
+        if auto and used > 1:
+            from edgekit.runtime.llmthreads import choose
+
+            og_model, used, chosen_by, choice = choose(og, og_model, lambda t: _og_model(og, model_dir, t), p,
+                                                       manifest, genai_config, used, chosen_by, og_version())
         og_tokenizer = og.Tokenizer(og_model)
     except RuntimeError as e:   # ORT GenAI reports a bad folder, graph or tokenizer as RuntimeError
         raise BundleError(f"onnxruntime-genai cannot load the model ({str(e).splitlines()[0]})",
@@ -219,9 +228,18 @@ def load_llm(path: Union[str, Path], *, threads: Optional[int] = None, verify: b
     lm.threads = used
     lm.threads_requested = threads if threads is not None else asked
     lm.threads_chosen_by = chosen_by
+    lm.threads_choice = choice
     lm.load_ms = (time.perf_counter_ns() - t0) / 1e6
     lm.rss_before_load_mb = rss_before
     return lm
+
+
+def _og_model(og, model_dir: Path, threads: int):
+    """onnxruntime_genai.Model of `model_dir` with the decoder session's intra_op_num_threads set (an overlay:
+    the files on disk are never changed)."""
+    config = og.Config(str(model_dir))
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": int(threads)}}}}))
+    return og.Model(config)
 
 
 # -- the tokenizer -----------------------------------------------------------------------------------------
@@ -386,6 +404,7 @@ class LanguageModel:
         self.threads: Optional[int] = None
         self.threads_requested: Optional[int] = None
         self.threads_chosen_by: str = "usable CPUs"
+        self.threads_choice: Optional[Dict[str, Any]] = None   # the measured choice and its figures, where one was
         self.load_ms: float = 0.0
         self.last: Dict[str, Any] = {}
         self.rss_before_load_mb: Optional[float] = None

@@ -107,6 +107,7 @@ def benchmark(lm, prompt_tokens: int = 128, new_tokens: int = 128, runs: int = 3
         "threads": lm.threads,
         "threads_requested": lm.threads_requested,
         "threads_chosen_by": lm.threads_chosen_by,
+        "threads_choice": getattr(lm, "threads_choice", None),   # the measured choice and its figures
         "prompt_tokens": prompt_tokens,
         "new_tokens": new_tokens,
         "runs": runs,

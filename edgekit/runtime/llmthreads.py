@@ -1,0 +1,160 @@
+"""The thread count of a language model by measurement: runtime.threadprobe's rule, timed on decoding.
+
+load_llm (runtime.llm) without `threads=` takes, in order: the manifest's measured choice
+(`runtime.threads_choice`, written by `convert --select fastest`), a probe cached for these model files,
+backend, version, CPU and ceiling (threadprobe.cache_dir()), or a probe run here once and cached; the
+ceiling (the profile's count clamped to the usable CPUs) when EDGEKIT_THREAD_PROBE=0 or when one decoded
+token takes over PROBE_MAX_TOKEN_MS (a model that slow is memory-bound at any count worth its cores).
+
+The probe: PROBE_PROMPT prompt tokens prefilled, then PROBE_TOKENS greedy tokens decoded with each step
+timed; a count's figure is the median ms per decoded token over PROBE_ROUNDS rounds, alternating with the
+ceiling's model (drift hits both alike). At most two models are open at once (the ceiling's and the one
+compared with it): a language model's memory is its size. The fewest threads within threadprobe.TOLERANCE
+of the fastest are chosen. Standard library and numpy; the onnxruntime_genai module and models are passed in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from edgekit.runtime import threadprobe as tp
+
+PROBE_PROMPT = 16
+PROBE_TOKENS = 12
+PROBE_ROUNDS, PROBE_MIN_ROUNDS = 3, 2
+PROBE_BUDGET_S = 1.5          # rounds after PROBE_MIN_ROUNDS stop once this is spent (a loaded machine)
+PROBE_MAX_TOKEN_MS = 100.0    # one decoded token slower than this at the ceiling (under 10 tok/s): not probed
+BACKEND = "onnxruntime-genai"
+
+
+def decode_token_ms(og, og_model, ids: Sequence[int], new_tokens: int) -> List[float]:
+    """The ms of each decode step of one greedy generation after prefilling `ids` (the first token is sampled
+    from the prefill's logits: not a decode step, not counted)."""
+    n = len(ids) + new_tokens + 1
+    params = og.GeneratorParams(og_model)
+    params.set_search_options(max_length=n, min_length=n, do_sample=False)
+    gen = og.Generator(og_model, params)
+    gen.append_tokens(np.asarray(list(ids), dtype=np.int32))
+    gen.generate_next_token()
+    clock = time.perf_counter_ns
+    out: List[float] = []
+    while not gen.is_done() and len(out) < new_tokens:
+        t0 = clock()
+        gen.generate_next_token()
+        out.append((clock() - t0) / 1e6)
+    return out
+
+
+def median(xs: Sequence[float]) -> float:
+    s = sorted(xs)
+    if not s:
+        raise ValueError("no samples")
+    return s[len(s) // 2] if len(s) % 2 else (s[len(s) // 2 - 1] + s[len(s) // 2]) / 2
+
+
+def probe_ids(bundle_dir: Optional[Path], vocab: int) -> List[int]:
+    """PROBE_PROMPT token ids: the first golden prompt's where the bundle has one (real text), else a fixed
+    pattern within the vocabulary."""
+    if bundle_dir is not None:
+        try:
+            prompts = json.loads((bundle_dir / "golden.json").read_text(encoding="utf-8")).get("prompts") or []
+            ids = [int(t) for t in prompts[0]][:PROBE_PROMPT]
+            if len(ids) == PROBE_PROMPT and all(0 <= t < vocab for t in ids):
+                return ids
+        except (OSError, ValueError, TypeError, IndexError, AttributeError):
+            pass   # no usable golden prompt: the pattern below is as good for timing
+    return [(7 * i + 3) % max(vocab, 1) for i in range(PROBE_PROMPT)]
+
+
+def measure(og, open_at: Callable[[int], Any], ceiling: int, ids: Sequence[int], opened=None,
+            where: Optional[str] = None) -> Tuple[Dict[str, Any], Any]:
+    """Decode speed at threadprobe.candidates(ceiling) and the count its rule picks: (record, the
+    onnxruntime_genai.Model at that count). `open_at(t)` opens the model at t threads; `opened`: the one already
+    open at the ceiling. The record: threads, tried, ms_per_token and decode_tok_s per count, rounds, why, where,
+    prompt/new tokens, loadavg, probe_ms; skipped=True (the ceiling kept) where a token takes over
+    PROBE_MAX_TOKEN_MS."""
+    from edgekit.runtime.bench import cpu_model
+
+    t_start = time.perf_counter()
+    tried = tp.candidates(ceiling)
+    top = opened if opened is not None else open_at(ceiling)
+    rec: Dict[str, Any] = {"tried": tried, "where": where or f"probed at load on this machine ({cpu_model()})",
+                           "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                           "loadavg": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+                           "prompt_tokens": len(ids), "new_tokens": PROBE_TOKENS}
+    decode_token_ms(og, top, ids, 2)                        # warm-up: the first run allocates
+    first = median(decode_token_ms(og, top, ids, 4))
+    if first > PROBE_MAX_TOKEN_MS:
+        rec.update(threads=ceiling, skipped=True,
+                   why=f"one decoded token takes {first:.1f} ms at {ceiling} threads (over {PROBE_MAX_TOKEN_MS:g} "
+                       "ms): not probed; the profile's count, clamped to the usable CPUs")
+        rec["probe_ms"] = round((time.perf_counter() - t_start) * 1e3, 1)
+        return rec, top
+    samples: Dict[int, List[float]] = {t: [] for t in tried}
+    deadline = time.perf_counter() + PROBE_BUDGET_S
+    rounds = 0
+    last: Tuple[int, Any] = (ceiling, top)
+    for t in tried:
+        if t == ceiling:
+            continue
+        last = (ceiling, top)                               # the previous count's model is let go first
+        other = open_at(t)
+        decode_token_ms(og, other, ids, 2)
+        for r in range(PROBE_ROUNDS):
+            if r >= PROBE_MIN_ROUNDS and time.perf_counter() > deadline:
+                break
+            for t2, m in ((t, other), (ceiling, top)):
+                samples[t2].append(median(decode_token_ms(og, m, ids, PROBE_TOKENS)))
+            rounds += 1
+        last, other = (t, other), None
+    if len(tried) == 1:
+        samples[ceiling].append(first)
+    ms = {t: median(v) for t, v in samples.items()}
+    chosen = tp.pick(ms)
+    why = tp.explain(ms, chosen).replace(" ms", " ms a token", 1)
+    rec.update(threads=chosen, ms_per_token={str(t): round(v, 4) for t, v in sorted(ms.items())},
+               decode_tok_s={str(t): round(1e3 / v, 1) for t, v in sorted(ms.items())}, rounds=rounds, why=why)
+    model = top if chosen == ceiling else (last[1] if last[0] == chosen else open_at(chosen))
+    rec["probe_ms"] = round((time.perf_counter() - t_start) * 1e3, 1)
+    return rec, model
+
+
+def files_digest(manifest: Mapping[str, Any]) -> str:
+    """One sha256 over the manifest's model files (path -> sha256): the cache key's model identity."""
+    files = (manifest.get("model") or {}).get("files") or {}
+    doc = json.dumps({k: (v or {}).get("sha256") for k, v in files.items()}, sort_keys=True)
+    return hashlib.sha256(doc.encode()).hexdigest()
+
+
+def choose(og, og_model, open_at: Callable[[int], Any], bundle_dir: Path, manifest: Mapping[str, Any],
+           genai_config: Mapping[str, Any], ceiling: int, default_by: str, version: str):
+    """The cached or probed thread count of an LLM bundle (model open at `ceiling`):
+    (model at the count, threads, chosen_by "cache" | "probe" | default_by, record)."""
+    from edgekit.runtime.bench import cpu_model
+
+    provider = str((manifest.get("llm") or {}).get("execution_provider") or "cpu")
+    if provider != "cpu":
+        return og_model, ceiling, default_by, {"why": f"not probed: the decoder runs on {provider}"}
+    tried = tp.candidates(ceiling)
+    key = tp.cache_key(files_digest(manifest), BACKEND, version, [provider], ceiling, cpu_model())
+    rec = tp.read_cache(key, tried)
+    if rec is not None:
+        rec["cache"] = str(tp.cache_path(key))
+        t = int(rec["threads"])
+        return (og_model if t == ceiling else open_at(t)), t, "cache", rec
+    if not tp.probe_enabled():
+        return og_model, ceiling, default_by, {"why": f"not probed ({tp.PROBE_ENV}=0)"}
+    vocab = int((genai_config.get("model") or {}).get("vocab_size") or (manifest.get("model") or {}).get("vocab")
+                or 2)
+    rec, model = measure(og, open_at, ceiling, probe_ids(bundle_dir, vocab), opened=og_model)
+    cached = tp.write_cache(key, rec)
+    if cached:
+        rec["cache"] = cached
+    return model, int(rec["threads"]), ("profile" if rec.get("skipped") else "probe"), rec
