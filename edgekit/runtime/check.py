@@ -21,20 +21,10 @@ from typing import Any, Dict, List
 import numpy as np
 
 from edgekit.errors import BundleError
+from edgekit.runtime.snr import snr_db  # noqa: F401  (re-exported: convert.validate, serve.probe)
 
 MIN_SNR_DB = 20.0
 MIN_TOP1 = 0.75
-
-
-def snr_db(expected: np.ndarray, got: np.ndarray) -> float:
-    e = expected.astype(np.float64)
-    noise = float(np.sum((e - got.astype(np.float64)) ** 2))
-    signal = float(np.sum(e ** 2))
-    if noise == 0.0:
-        return float("inf")
-    if signal == 0.0:
-        return float("-inf")
-    return 10.0 * float(np.log10(signal / noise))
 
 
 def batch_size(model) -> int:

@@ -38,7 +38,7 @@ def _prompt_ids(lm, n: int) -> List[int]:
 
 def benchmark(lm, prompt_tokens: int = 128, new_tokens: int = 128, runs: int = 3, warmup: int = 1) -> Dict[str, Any]:
     from edgekit.runtime.bench import _cpu_budget, conditions, noise_reasons, stats
-    from edgekit.runtime.llm import _Options, _rss_mb
+    from edgekit.runtime.llmopts import GenOptions as _Options, rss_mb as _rss_mb
 
     if prompt_tokens < 1 or new_tokens < 2 or runs < 1 or warmup < 0:
         raise DataError(f"prompt_tokens >= 1, new_tokens >= 2, runs >= 1 and warmup >= 0 (got {prompt_tokens}, "

@@ -16,7 +16,7 @@ from typing import Any, Dict, List
 import numpy as np
 
 from edgekit.errors import BundleError
-from edgekit.runtime.check import snr_db
+from edgekit.runtime.snr import snr_db
 
 GOLDEN = "golden.json"
 
@@ -47,7 +47,7 @@ def read_golden(lm) -> Dict[str, Any]:
 def golden_check(lm) -> Dict[str, Any]:
     """{'ok', 'top1_agreement', 'snr_db', 'positions', 'text', 'text_matches_golden', 'generation_ok',
     'min_top1_agreement', 'min_snr_db', 'prompts': [{'top1_agreement', 'snr_db', 'first_difference'}]}."""
-    from edgekit.runtime.llm import MIN_SNR_DB, MIN_TOP1
+    from edgekit.runtime.llmopts import MIN_SNR_DB, MIN_TOP1
 
     g = read_golden(lm)
     min_top1 = float(g.get("min_top1_agreement", MIN_TOP1))
