@@ -279,6 +279,84 @@ def start_server(model_dir: Path, threads: int, log: Path) -> (subprocess.Popen,
     raise SystemExit("the server did not listen within 120 s")
 
 
+# -- a long prompt arriving while a stream decodes ----------------------------------------------------------
+
+def long_prompt_bench(model_dir: Path, threads: int, prompt_tokens: int, chunks: List[int], rounds: int) -> Dict:
+    """Inter-token gaps of a running stream (the batched engine in-process) while a prompt of `prompt_tokens`
+    arrives, for each long-prompt chunk size (llm_batch.PREFILL_CHUNK; one bigger than the prompt: read in
+    one piece, no decode step in between), the settings taking turns round by round."""
+    from edgekit.runtime import llm_batch
+    from edgekit.runtime.llm_batch import GenSequence, SamplingParams, load_llm_release
+    from tinylm import corpus_text
+
+    rel = load_llm_release("bench", "0" * 64, model_dir, threads=threads, check=False, max_sequences=4,
+                           max_queue=4, kv_cache_mb=None)
+    text = ""
+    while len(rel.tokenizer.encode(text)) < prompt_tokens:
+        text += corpus_text(200, seed=len(text)) + " "
+    long_ids = rel.tokenizer.encode(text)[:prompt_tokens]
+    short = rel.tokenizer.encode(PROMPTS[0])
+    res: Dict[int, Dict[str, List[float]]] = {c: {"gap_during_ms": [], "gap_max_ms": [], "gap_before_ms": [],
+                                                  "long_ttft_ms": []} for c in chunks}
+    try:
+        for r in range(rounds):
+            for c in chunks:
+                llm_batch.PREFILL_CHUNK = c
+                times, long_first, done = [], [], threading.Semaphore(0)
+
+                def on_a(evs):
+                    now = time.perf_counter()
+                    times.extend(now for k, _ in evs if k == "text")
+                    if any(k != "text" for k, _ in evs):
+                        done.release()
+
+                def on_b(evs):
+                    if not long_first:
+                        long_first.append(time.perf_counter())
+                    if any(k != "text" for k, _ in evs):
+                        done.release()
+
+                a = GenSequence(short, SamplingParams(max_tokens=100000, ignore_eos=True), on_a)
+                rel.engine.submit(a)
+                while len(times) < 30:
+                    time.sleep(0.002)
+                t0 = time.perf_counter()
+                rel.engine.submit(GenSequence(long_ids, SamplingParams(max_tokens=4, ignore_eos=True), on_b))
+                while not long_first:
+                    time.sleep(0.002)
+                n_first = len(times)
+                while len(times) < n_first + 20:
+                    time.sleep(0.002)
+                a.cancel()
+                rel.engine.wake()
+                done.acquire()
+                done.acquire()
+                gaps = [(t1, (t1 - t0_) * 1e3) for t0_, t1 in zip(times, times[1:])]
+                during = [g for t, g in gaps if t0 < t <= long_first[0] + 1e-3]
+                before = [g for t, g in gaps if t <= t0]
+                res[c]["gap_during_ms"] += during
+                res[c]["gap_max_ms"].append(max(during) if during else float("nan"))
+                res[c]["gap_before_ms"] += before[5:]
+                res[c]["long_ttft_ms"].append((long_first[0] - t0) * 1e3)
+                print(f"round {r + 1} chunk {c}: long TTFT {(long_first[0] - t0) * 1e3:.0f} ms, "
+                      f"{len(during)} gaps meanwhile, max {res[c]['gap_max_ms'][-1]:.0f} ms", flush=True)
+    finally:
+        rel.engine.retire()
+        rel.engine.join(10)
+    rows = []
+    for c in chunks:
+        d = res[c]
+        rows.append({"prefill_chunk": c, "interleaved": c < prompt_tokens, "rounds": rounds,
+                     "inter_token_ms_p50_before_arrival": _pct(d["gap_before_ms"], 50),
+                     "inter_token_ms_p99_before_arrival": _pct(d["gap_before_ms"], 99),
+                     "inter_token_ms_p50_while_prefilling": _pct(d["gap_during_ms"], 50),
+                     "inter_token_ms_p99_while_prefilling": _pct(d["gap_during_ms"], 99),
+                     "inter_token_ms_max_while_prefilling": d["gap_max_ms"],
+                     "long_prompt_ttft_ms": d["long_ttft_ms"],
+                     "long_prompt_ttft_ms_p50": _pct(d["long_ttft_ms"], 50)})
+    return {"prompt_tokens": prompt_tokens, "threads": threads, "rows": rows}
+
+
 def conditions(threads: int) -> Dict:
     import onnxruntime
     import onnxruntime_genai
@@ -297,10 +375,28 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="llm_serve_bench.json")
+    ap.add_argument("--long-prompt", type=int, default=0,
+                    help="instead: a running stream's inter-token gaps while a prompt of this many tokens arrives")
+    ap.add_argument("--chunks", default="128,100000", help="with --long-prompt: chunk sizes compared")
     args = ap.parse_args()
     cache = ROOT / "benchmarks" / ".cache"
     cache.mkdir(parents=True, exist_ok=True)
     model = Path(args.model) if args.model else build_model(cache, args.synth)
+    if args.long_prompt:
+        before = conditions(args.threads)
+        res = long_prompt_bench(model, args.threads, args.long_prompt, [int(c) for c in args.chunks.split(",")],
+                                args.rounds)
+        res.update(model=str(model), conditions_before=before, conditions_after=conditions(args.threads))
+        for r in res["rows"]:
+            print(f"chunk {r['prefill_chunk']:>6}: ITL p50/p99 before {r['inter_token_ms_p50_before_arrival']:.1f}/"
+                  f"{r['inter_token_ms_p99_before_arrival']:.1f} ms, while a {args.long_prompt}-token prompt is read "
+                  f"{r['inter_token_ms_p50_while_prefilling']:.1f}/{r['inter_token_ms_p99_while_prefilling']:.1f} ms "
+                  f"(max {max(r['inter_token_ms_max_while_prefilling']):.0f}), its TTFT p50 "
+                  f"{r['long_prompt_ttft_ms_p50']:.0f} ms")
+        out = ROOT / "benchmarks" / "results" / args.out
+        out.write_text(json.dumps(res, indent=2) + "\n")
+        print(f"wrote {out}")
+        return
     from edgekit.runtime.llm import load_llm
 
     lm = load_llm(model, threads=args.threads)

@@ -416,3 +416,56 @@ def test_prompts_arriving_together_prefill_as_one_batch_with_single_stream_text(
     finally:
         rel.engine.retire()
         rel.engine.join(10)
+
+
+def test_long_prompt_is_prefilled_between_decode_steps_of_a_running_stream(bundle):
+    """A prompt longer than one prefill batch is read in chunks (PREFILL_CHUNK tokens) between decode steps:
+    a stream already generating gets a token after each chunk instead of waiting for the whole prompt, and
+    the long prompt's greedy continuation still equals ONNX Runtime GenAI's single-stream generation."""
+    import time
+
+    from edgekit.runtime import load
+    from edgekit.runtime.llm_batch import PREFILL_CHUNK, GenSequence, SamplingParams, load_llm_release
+    from tinylm import corpus_text
+
+    lm = load(bundle)
+    long_prompt = lm.decode(lm.encode(corpus_text(60, seed=7))[:440])
+    want = lm.generate(long_prompt, max_new_tokens=16)
+    rel = load_llm_release(M, "0" * 64, bundle, threads=1, check=False, max_sequences=4, max_queue=4,
+                           kv_cache_mb=None)
+    try:
+        eng = rel.engine
+        ids = rel.tokenizer.encode(long_prompt)
+        chunks = -(-len(ids) // PREFILL_CHUNK)
+        assert chunks >= 3, len(ids)
+        times, text, done = {"a": [], "b": []}, [], threading.Semaphore(0)
+
+        def on(key):
+            def on_events(evs):
+                now = time.perf_counter()
+                for kind, v in evs:
+                    if kind == "text":
+                        times[key].append(now)
+                        if key == "b":
+                            text.append(v)
+                    else:
+                        done.release()
+            return on_events
+
+        a = GenSequence(rel.tokenizer.encode("Count: one two"), SamplingParams(max_tokens=300, ignore_eos=True),
+                        on("a"))
+        eng.submit(a)
+        deadline = time.monotonic() + 60
+        while len(times["a"]) < 5 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        t_submit = time.perf_counter()
+        b = GenSequence(ids, SamplingParams(max_tokens=16, temperature=0.0), on("b"))
+        eng.submit(b)
+        assert done.acquire(timeout=120) and done.acquire(timeout=120)
+        assert "".join(text) == want
+        during = [t for t in times["a"] if t_submit < t < times["b"][0]]
+        assert len(during) >= chunks - 1, (len(during), chunks)   # a decode step between every two chunks
+        assert a.completion_tokens == 300 and eng.kv_tokens == 0 and eng.long is None
+    finally:
+        rel.engine.retire()
+        rel.engine.join(10)

@@ -25,8 +25,11 @@ Greedy decoding under batching gives the same tokens as ONNX Runtime GenAI's sin
 Admission is bounded by `max_sequences`, by the KV-cache budget (each sequence reserves prompt + max
 tokens, capped at the slot capacity) and by a bounded wait queue; beyond them a request is refused at once.
 Prefill runs between decode steps: prompts admitted together as one right-padded batch (up to 256 padded
-tokens), a longer prompt alone in chunks of 256 (bounding the graph's all-position logits); a long prompt
-delays the next step of the others by its prefill time (its chunks are not interleaved with decode steps).
+tokens). A longer prompt is prefilled in chunks of PREFILL_CHUNK tokens into a row of its own (the last
+slot, outside the decoding rows), one chunk between two decode steps, so the running streams keep decoding
+while it is read (their inter-token time grows by one chunk's time, not by the whole prompt's); when its
+last chunk is in, its cache moves to the next decoding row and it joins the batch. One long prompt is
+prefilled at a time; shorter ones arriving meanwhile are admitted as usual.
 
 Standard library and numpy at import; onnxruntime and onnxruntime_genai inside functions.
 """
@@ -52,6 +55,7 @@ log = logging.getLogger("edgekit.serve")
 
 VERSION_CHARS = 12
 PREFILL_TOKENS = 256   # padded prompt tokens prefilled in one call when several prompts arrive together
+PREFILL_CHUNK = 128    # a longer prompt's tokens prefilled between two decode steps
 _PAGE = mmap.PAGESIZE
 
 
@@ -268,18 +272,23 @@ class BatchedDecoder:
     def _prefill_chunked(self, slot: int, prompt: Sequence[int]) -> np.ndarray:
         out = None
         for start in range(0, len(prompt), PREFILL_TOKENS):
-            part = prompt[start:start + PREFILL_TOKENS]
-            total = start + len(part)
-            b = self.session.io_binding()
-            b.bind_cpu_input(self.in_ids, np.asarray([part], dtype=np.int64))
-            b.bind_cpu_input(self.in_mask, np.ones((1, total), dtype=np.int64))
-            if self.in_pos:
-                b.bind_cpu_input(self.in_pos, np.arange(start, total, dtype=np.int64)[None])
-            b.bind_output(self.out_logits)
-            self._bind_kv(b, slice(slot, slot + 1))
-            self.session.run_with_iobinding(b)
-            out = b.get_outputs()[0].numpy()
-        return np.asarray(out[0, -1], dtype=np.float32)
+            out = self.prefill_part(slot, prompt, start, start + PREFILL_TOKENS)
+        return out
+
+    def prefill_part(self, slot: int, prompt: Sequence[int], start: int, end: int) -> np.ndarray:
+        """Tokens prompt[start:end] into slot's cache, which holds prompt[:start]. Returns the logits
+        after the part's last token (float32 [vocab])."""
+        part = prompt[start:end]
+        total = start + len(part)
+        b = self.session.io_binding()
+        b.bind_cpu_input(self.in_ids, np.asarray([part], dtype=np.int64))
+        b.bind_cpu_input(self.in_mask, np.ones((1, total), dtype=np.int64))
+        if self.in_pos:
+            b.bind_cpu_input(self.in_pos, np.arange(start, total, dtype=np.int64)[None])
+        b.bind_output(self.out_logits)
+        self._bind_kv(b, slice(slot, slot + 1))
+        self.session.run_with_iobinding(b)
+        return np.asarray(b.get_outputs()[0].numpy()[0, -1], dtype=np.float32)
 
     def decode(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """One step for rows 0..n-1: tokens [n] (the last token of each, not yet in its cache), lengths [n]
@@ -353,6 +362,8 @@ class LLMEngine:
         self.metrics = metrics
         self.waiting: Deque[GenSequence] = deque()
         self.active: List[GenSequence] = []
+        self.long: Optional[GenSequence] = None   # a long prompt being prefilled, chunk by chunk (its row: the last)
+        self.long_row = decoder.slots - 1
         self.steps = 0
         self.prefills = 0                    # prefill calls (a batch of prompts counts once)
         self.failed: Optional[str] = None    # why the generation thread ended with an error
@@ -406,13 +417,18 @@ class LLMEngine:
 
     @property
     def kv_tokens(self) -> int:
-        return sum(s.length for s in self.active)
+        return sum(s.length for s in self.active) + (self.long.length if self.long is not None else 0)
+
+    @property
+    def sequences(self) -> List[GenSequence]:
+        """Every sequence the engine holds: decoding, being prefilled, waiting."""
+        return list(self.active) + ([self.long] if self.long is not None else []) + list(self.waiting)
 
     # -- the thread -------------------------------------------------------------------------------------
     def _gauges(self) -> None:
         m = self.metrics
         if m is not None:
-            m.llm_active.set(len(self.active), **self.labels)
+            m.llm_active.set(len(self.active) + (self.long is not None), **self.labels)
             m.llm_queued.set(len(self.waiting), **self.labels)
             m.llm_kv_bytes.set(self.kv_tokens * self.decoder.kv_bytes_per_token, **self.labels)
 
@@ -420,14 +436,16 @@ class LLMEngine:
         try:
             while True:
                 with self._cv:
-                    while not self.waiting and not self.active and not self._retiring:
+                    while not self.waiting and not self.active and self.long is None and not self._retiring:
                         self._cv.wait()
-                    if self._retiring and not self.waiting and not self.active:
+                    if self._retiring and not self.waiting and not self.active and self.long is None:
                         return
                     admit = self._admit()
                 events: Dict[GenSequence, list] = {}
                 for group in self._prefill_groups(admit):
                     self._prefill(group, events)
+                if self.long is not None:
+                    self._prefill_long(events)
                 self._drop_finished(events)
                 if self.active:
                     self._step(events)
@@ -441,9 +459,10 @@ class LLMEngine:
             with self._cv:
                 self.failed = f"{type(e).__name__}: {e}"
                 self._retiring = True
-                left = list(self.active) + list(self.waiting)
+                left = self.sequences
                 self.active.clear()
                 self.waiting.clear()
+                self.long = None
             for seq in left:
                 seq.on_events([("error", f"generation failed: {type(e).__name__}: {e}")])
         finally:
@@ -453,10 +472,13 @@ class LLMEngine:
             self._closed.set()
 
     def _admit(self) -> List[GenSequence]:
-        """Waiting sequences that fit now (slots and KV budget), in arrival order; cancelled ones leave."""
+        """Waiting sequences that fit now (slots and KV budget), in arrival order; cancelled ones leave.
+        A prompt longer than PREFILL_TOKENS becomes `self.long` (prefilled chunk by chunk) when no other
+        is; until then it and those behind it wait."""
         out: List[GenSequence] = []
-        reserved = sum(s.reserve for s in self.active)
-        while self.waiting and len(self.active) + len(out) < self.max_sequences:
+        held = self.active + ([self.long] if self.long is not None else [])
+        reserved = sum(s.reserve for s in held)
+        while self.waiting and len(held) + len(out) < self.max_sequences:
             seq = self.waiting[0]
             if seq.cancelled:
                 self.waiting.popleft()
@@ -464,10 +486,47 @@ class LLMEngine:
                 continue
             if reserved + seq.reserve > self.kv_budget_tokens:
                 break
+            if seq.prompt_tokens > PREFILL_TOKENS:
+                if self.long is not None:
+                    break
+                self.waiting.popleft()
+                reserved += seq.reserve
+                seq.length = 0
+                self.long = seq
+                held = held + [seq]
+                continue
             self.waiting.popleft()
             reserved += seq.reserve
             out.append(seq)
         return out
+
+    def _prefill_long(self, events) -> None:
+        """The next chunk of the long prompt, in its own row; on its last one it joins the decoding rows."""
+        seq, row = self.long, self.long_row
+        if seq.cancelled:
+            return     # _drop_finished lets it go
+        start = seq.length
+        end = min(start + PREFILL_CHUNK, seq.prompt_tokens)
+        try:
+            logits = self.decoder.prefill_part(row, seq.prompt_ids, start, end)
+        except Exception as e:  # this prompt fails (e.g. out of memory): the others go on
+            log.error("model %s: prefill of a %d-token prompt failed: %s", self.name, seq.prompt_tokens, e)
+            self.long = None
+            self.decoder.release(row)
+            seq.finish = "error"
+            events.setdefault(seq, []).append(("error", f"prefill failed: {type(e).__name__}: {e}"))
+            return
+        seq.length = end
+        if end < seq.prompt_tokens:
+            return
+        self.prefills += 1
+        self.long = None
+        dst = len(self.active)
+        if dst != row:
+            self.decoder.move(row, dst, seq.length)
+            self.decoder.release(row)
+        self.active.append(seq)
+        self._started(seq, logits, events)
 
     def _finish_event(self, seq: GenSequence, reason: str, events: Optional[Dict[GenSequence, list]]) -> None:
         seq.finish = reason
@@ -508,10 +567,14 @@ class LLMEngine:
             return
         for seq, row in zip(seqs, logits):
             seq.length = seq.prompt_tokens
-            seq._detok = self.tokenizer.create_stream()
-            if self.metrics is not None:
-                self.metrics.llm_prompt_tokens.inc(seq.prompt_tokens, **self.labels)
-            self._accept(seq, self._choose(seq, row), events)
+            self._started(seq, row, events)
+
+    def _started(self, seq: GenSequence, logits: np.ndarray, events) -> None:
+        """A sequence's prompt is in its cache: its first token."""
+        seq._detok = self.tokenizer.create_stream()
+        if self.metrics is not None:
+            self.metrics.llm_prompt_tokens.inc(seq.prompt_tokens, **self.labels)
+        self._accept(seq, self._choose(seq, logits), events)
 
     def _choose(self, seq: GenSequence, row: np.ndarray) -> int:
         if seq.params.greedy:
@@ -599,6 +662,11 @@ class LLMEngine:
                 act[i] = act[last]
             act.pop()
             self.decoder.release(last)
+        s = self.long
+        if s is not None and s.cancelled:       # cancelled while its prompt was being read
+            self.long = None
+            self.decoder.release(self.long_row)
+            self._finish_event(s, "cancelled", events)
         # cancelled while waiting: leave the queue now, not when their turn comes
         if any(s.cancelled for s in self.waiting):
             with self._cv:
@@ -730,131 +798,3 @@ def _warm_up(rel: LLMRelease) -> None:
     errors = [v for k, v in got if k == "error"]
     if errors:
         raise BundleError(f"the model does not generate: {errors[0]}", path=str(rel.path))
-
-
-# -- a served language model: its release now, and the hot swap ------------------------------------------
-
-def is_llm_path(path: Optional[Path]) -> bool:
-    """An LLM bundle (manifest kind "llm") or a bare ONNX Runtime GenAI folder."""
-    if path is None:
-        return False
-    from edgekit.runtime.llm import is_llm
-
-    return is_llm(path)
-
-
-class LLMEntry:
-    """A served language model: its active release, the last failure, the hot swap of a deployed one.
-
-    A new release loads (golden check, warm-up) beside the old one; new requests go to it once it is up,
-    while the old release's engine finishes the sequences it holds and then frees its memory."""
-
-    kind = "llm"
-
-    def __init__(self, src):
-        self.source = src
-        self.name = src.name
-        self.active: Optional[LLMRelease] = None
-        self.failure: Optional[Dict[str, Any]] = None
-        self.loading: Optional[str] = None
-        self.swaps = 0
-        self.retiring: List[LLMRelease] = []
-        self._lock = threading.Lock()
-
-    @property
-    def ready(self) -> bool:
-        a = self.active
-        return a is not None and a.engine.failed is None
-
-    def state(self) -> Dict[str, Any]:
-        a = self.active
-        d: Dict[str, Any] = {"ready": self.ready, "kind": "llm", "source": self.source.kind,
-                             "version": a.version if a else None, "sha256": a.sha256 if a else None,
-                             "backend": f"onnxruntime (batched decoder; onnxruntime-genai {a.backend_version} "
-                                        f"tokenizer)" if a else None,
-                             "context": a.context if a else None, "threads": a.threads if a else None,
-                             "load_seconds": round(a.load_seconds, 4) if a else None,
-                             "golden_check": (None if a is None or a.check is None else
-                                              {"ok": a.check["ok"], "top1_agreement": a.check["top1_agreement"],
-                                               "snr_db": a.check["snr_db"]}),
-                             "swaps": self.swaps}
-        if a is not None:
-            e = a.engine
-            d["batching"] = {"max_sequences": e.max_sequences, "max_queue": e.max_queue,
-                             "kv_cache_tokens": e.kv_budget_tokens, "kv_bytes_per_token": a.kv_bytes_per_token,
-                             "active": len(e.active), "waiting": len(e.waiting), "steps": e.steps,
-                             "prefills": e.prefills}
-        if self.loading:
-            d["loading"] = self.loading[:VERSION_CHARS]
-        if self.failure:
-            d["failed_release"] = self.failure
-        if a is not None and a.engine.failed:
-            d["error"] = f"the generation thread failed: {a.engine.failed}"
-        return d
-
-    def try_load(self, path: Optional[Path], **kw) -> bool:
-        """Load `path` and swap it in when it comes up; on failure the old release keeps serving."""
-        from edgekit.bundle import sha256_tree
-
-        if path is None:
-            if self.failure is None or self.failure.get("version") is not None:
-                self.failure = {"version": None, "error": f"model '{self.name}' has no current release",
-                                "at": time.time()}
-            return False
-        ident = path.name
-        with self._lock:
-            if self.loading:
-                return False
-            self.loading = ident
-        try:
-            sha = ident if self.source.kind == "deployed" else sha256_tree(path)
-            rel = load_llm_release(self.name, sha, path, **kw)
-        except EdgekitError as e:
-            self._fail(ident, str(e))
-            return False
-        except Exception as e:  # ONNX Runtime refusing a broken graph: the old release keeps serving
-            self._fail(ident, f"{type(e).__name__}: {e}")
-            return False
-        finally:
-            self.loading = None
-        old = self.active
-        self.active = rel  # one reference assignment: new requests take the new release
-        self.failure = None
-        if old is not None:
-            self.swaps += 1
-            old.engine.retire()
-            self.retiring.append(old)
-            log.info("model %s: swapped %s -> %s (loaded, checked and warmed up in %.2f s); %s finishes its "
-                     "%d sequence(s)", self.name, old.version, rel.version, rel.load_seconds, old.version,
-                     len(old.engine.active) + len(old.engine.waiting))
-        else:
-            log.info("model %s: serving %s (language model, context %d, %d sequences, loaded in %.2f s)",
-                     self.name, rel.version, rel.context, rel.engine.max_sequences, rel.load_seconds)
-        self.retiring = [r for r in self.retiring if not r.engine.join(0)]
-        return True
-
-    def _fail(self, ident: str, error: str) -> None:
-        self.failure = {"version": ident[:VERSION_CHARS], "error": error, "at": time.time()}
-        log.error("model %s: release %s failed (%s); %s", self.name, ident[:VERSION_CHARS], error,
-                  f"still serving {self.active.version}" if self.active else "the model is not ready")
-
-    def wants_reload(self) -> Optional[Path]:
-        if self.source.kind != "deployed" or self.loading:
-            return None
-        path = self.source.resolve()
-        if path is None:
-            return None
-        if self.active is not None and self.active.sha256 == path.name:
-            return None
-        if self.failure is not None and self.failure.get("version") == path.name[:VERSION_CHARS]:
-            return None
-        return path
-
-    def close(self, timeout: float = 10.0) -> None:
-        """Server shutdown: every sequence is cancelled, each engine ends and frees its memory."""
-        for rel in ([self.active] if self.active else []) + self.retiring:
-            for seq in list(rel.engine.active) + list(rel.engine.waiting):
-                seq.cancel()
-            rel.engine.retire()
-        for rel in ([self.active] if self.active else []) + self.retiring:
-            rel.engine.join(timeout)

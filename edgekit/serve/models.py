@@ -188,7 +188,13 @@ def load_release(src: Source, path: Path, *, instances: int, threads: Optional[i
 
 
 class ModelEntry:
-    """A served model: its active release, the last failure, and whether a load is under way."""
+    """A served model: its active release, the last failure, and whether a load is under way.
+
+    The hot swap is here for every kind of model: `_load` makes a release (here a tensor model's
+    instance pool; serve.llm_entry.LLMEntry: a language model's batching engine) and `_swapped` is told
+    when one replaced another."""
+
+    kind = "tensor"
 
     def __init__(self, src: Source):
         self.source = src
@@ -234,7 +240,7 @@ class ModelEntry:
                 return False
             self.loading = ident
         try:
-            rel = load_release(self.source, path, **kw)
+            rel = self._load(path, **kw)
         except EdgekitError as e:
             self._fail(ident, str(e))
             return False
@@ -248,12 +254,20 @@ class ModelEntry:
         self.failure = None
         if old is not None:
             self.swaps += 1
+        self._swapped(old, rel)
+        return True
+
+    def _load(self, path: Path, **kw):
+        return load_release(self.source, path, **kw)
+
+    def _swapped(self, old, rel) -> None:
+        """`rel` serves now, instead of `old` (None: the first release)."""
+        if old is not None:
             log.info("model %s: swapped %s -> %s (loaded and golden-checked in %.2f s)", self.name,
                      old.version, rel.version, rel.load_seconds)
         else:
             log.info("model %s: serving %s (%s %s, %d instance(s), loaded in %.2f s)", self.name, rel.version,
                      rel.backend, rel.backend_version, rel.pool.size, rel.load_seconds)
-        return True
 
     def _fail(self, ident: str, error: str) -> None:
         self.failure = {"version": ident[:VERSION_CHARS], "error": error, "at": time.time()}

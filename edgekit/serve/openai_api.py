@@ -32,7 +32,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from edgekit.bundle import check_name
 from edgekit.errors import BundleError, DataError
-from edgekit.runtime.llm_batch import Busy, EngineFailed, GenSequence, LLMEntry, SamplingParams, TooLong
+from edgekit.runtime.llm_batch import Busy, EngineFailed, GenSequence, SamplingParams, TooLong
+from edgekit.serve.llm_entry import LLMEntry
 from edgekit.serve.protocol import ProtocolError
 
 log = logging.getLogger("edgekit.serve")

@@ -115,7 +115,7 @@ def build(paths: List[str], config: ServeConfig) -> Tuple["object", List[ModelEn
     comes up not ready (a deployed model may get a good release later); a bundle or file given
     directly that fails is an error."""
     from edgekit.serve.app import App
-    from edgekit.runtime.llm_batch import LLMEntry, is_llm_path
+    from edgekit.serve.llm_entry import LLMEntry, is_llm_path
 
     entries, llms = [], []
     metrics = Metrics()

@@ -1,0 +1,94 @@
+"""A served language model: serve/models' entry (active release, failures, the hot swap of a deployed
+release) over the runtime's batching engine (edgekit.runtime.llm_batch, which keeps the engine only).
+
+A new release loads (golden check, warm-up) beside the old one; new requests go to it once it is up, while
+the old release's engine finishes the sequences it holds and then frees its memory."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from edgekit.bundle import sha256_tree
+from edgekit.runtime.llm_batch import VERSION_CHARS, LLMRelease, load_llm_release
+from edgekit.serve.models import ModelEntry
+
+log = logging.getLogger("edgekit.serve")
+
+
+def is_llm_path(path: Optional[Path]) -> bool:
+    """An LLM bundle (manifest kind "llm") or a bare ONNX Runtime GenAI folder."""
+    if path is None:
+        return False
+    from edgekit.runtime.llm import is_llm
+
+    return is_llm(path)
+
+
+class LLMEntry(ModelEntry):
+    """A served language model; its releases are runtime.llm_batch.LLMRelease (an engine each)."""
+
+    kind = "llm"
+
+    def __init__(self, src):
+        super().__init__(src)
+        self.active: Optional[LLMRelease] = None
+        self.retiring: List[LLMRelease] = []     # replaced releases finishing their sequences
+
+    @property
+    def ready(self) -> bool:
+        a = self.active
+        return a is not None and a.engine.failed is None
+
+    def state(self) -> Dict[str, Any]:
+        a = self.active
+        d: Dict[str, Any] = {"ready": self.ready, "kind": "llm", "source": self.source.kind,
+                             "version": a.version if a else None, "sha256": a.sha256 if a else None,
+                             "backend": f"onnxruntime (batched decoder; onnxruntime-genai {a.backend_version} "
+                                        f"tokenizer)" if a else None,
+                             "context": a.context if a else None, "threads": a.threads if a else None,
+                             "load_seconds": round(a.load_seconds, 4) if a else None,
+                             "golden_check": (None if a is None or a.check is None else
+                                              {"ok": a.check["ok"], "top1_agreement": a.check["top1_agreement"],
+                                               "snr_db": a.check["snr_db"]}),
+                             "swaps": self.swaps}
+        if a is not None:
+            e = a.engine
+            d["batching"] = {"max_sequences": e.max_sequences, "max_queue": e.max_queue,
+                             "kv_cache_tokens": e.kv_budget_tokens, "kv_bytes_per_token": a.kv_bytes_per_token,
+                             "active": len(e.active) + (e.long is not None), "waiting": len(e.waiting),
+                             "steps": e.steps, "prefills": e.prefills}
+        if self.loading:
+            d["loading"] = self.loading[:VERSION_CHARS]
+        if self.failure:
+            d["failed_release"] = self.failure
+        if a is not None and a.engine.failed:
+            d["error"] = f"the generation thread failed: {a.engine.failed}"
+        return d
+
+    def _load(self, path: Path, **kw) -> LLMRelease:
+        sha = path.name if self.source.kind == "deployed" else sha256_tree(path)
+        return load_llm_release(self.name, sha, path, **kw)
+
+    def _swapped(self, old: Optional[LLMRelease], rel: LLMRelease) -> None:
+        if old is not None:
+            old.engine.retire()
+            self.retiring.append(old)
+            log.info("model %s: swapped %s -> %s (loaded, checked and warmed up in %.2f s); %s finishes its "
+                     "%d sequence(s)", self.name, old.version, rel.version, rel.load_seconds, old.version,
+                     len(old.engine.sequences))
+        else:
+            log.info("model %s: serving %s (language model, context %d, %d sequences, loaded in %.2f s)",
+                     self.name, rel.version, rel.context, rel.engine.max_sequences, rel.load_seconds)
+        self.retiring = [r for r in self.retiring if not r.engine.join(0)]
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Server shutdown: every sequence is cancelled, each engine ends and frees its memory."""
+        rels = ([self.active] if self.active else []) + self.retiring
+        for rel in rels:
+            for seq in rel.engine.sequences:
+                seq.cancel()
+            rel.engine.retire()
+        for rel in rels:
+            rel.engine.join(timeout)
