@@ -8,9 +8,10 @@ The bundle is synthetic (random weights under model/, the LLM manifest listing e
 sha256: tests/test_deploy_llm.py's), since the transport never looks inside the files. Per round,
 alternating sides so drift hits both:
 
-- fresh release: the device's model directory removed, then edgekit's push (plan, pipelined SFTP
-  into the object store, then on the device: name the objects, link the release, `release store`
-  hashing it all against the release id) — timed as a whole and its upload phase apart;
+- fresh release: the device's model directory removed, then edgekit's push (one device process:
+  the plan, each object streamed down its standard input and hashed as it arrives, then the release
+  linked from the objects and `release store` checking it against the release id computed from their
+  verified digests) — timed as a whole and its upload phase apart;
   against `scp -r -q` of the bundle directory (OpenSSH, same key, same cipher choice left to ssh);
 - redeploy: the same release on the device, then one whose chat template changed (and so its
   manifest): bytes sent and wall time of the push, against scp of the whole bundle again
@@ -77,6 +78,7 @@ def _scp(lab, src: Path) -> float:
 
 
 def bench(work: Path, mb: int, rounds: int) -> dict:
+    load0 = list(os.getloadavg())
     a = synthetic_llm(work / f"{NAME}-x86-avx2-int4", mb=mb)
     b = synthetic_llm(work / "changed" / f"{NAME}-x86-avx2-int4", mb=mb, template="{{ bos }}{{ messages }}")
     art_a, art_b = artifact.read_one(a), artifact.read_one(b)
@@ -112,7 +114,7 @@ def bench(work: Path, mb: int, rounds: int) -> dict:
         "what": f"synthetic LLM bundle ({mb} MiB of random weights + model/ files + manifest) to one lab device "
                 "(sshd in a network namespace on this machine; device and controller share its cores)",
         "host": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                 "load_avg_1m_at_end": os.getloadavg()[0]},
+                 "load_avg_at_start": load0, "load_avg_at_end": list(os.getloadavg())},
         "bundle_bytes": art_a.bytes, "rounds": rounds,
         "fresh": {"edgekit_push_s": fresh, "edgekit_upload_phase_s": upload, "scp_s": scp,
                   "edgekit_bytes_sent": sent_fresh,

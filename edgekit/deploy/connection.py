@@ -210,14 +210,28 @@ class Connection:
             return self.home.rstrip("/") + "/" + p[2:]
         return p
 
-    def run(self, argv: Sequence[str], *, env: Optional[Dict[str, str]] = None,
-            timeout: float = 600.0, cwd: Optional[str] = None) -> Tuple[int, str, str]:
-        """Run a command; every word is shell-quoted. Returns (exit status, stdout, stderr)."""
+    @staticmethod
+    def command(argv: Sequence[str], env: Optional[Dict[str, str]] = None, cwd: Optional[str] = None) -> str:
+        """The shell command line of argv (every word quoted), with env and cwd."""
         cmd = shlex.join(str(a) for a in argv)
         if env:
             cmd = "env " + " ".join(shlex.quote(f"{k}={v}") for k, v in env.items()) + " " + cmd
         if cwd:
             cmd = f"cd {shlex.quote(cwd)} && {cmd}"
+        return cmd
+
+    def start(self, argv: Sequence[str], *, env: Optional[Dict[str, str]] = None,
+              cwd: Optional[str] = None, timeout: Optional[float] = None) -> paramiko.Channel:
+        """Start a command whose standard input and output the caller speaks to (a channel)."""
+        chan = self._client.get_transport().open_session()
+        chan.settimeout(timeout)
+        chan.exec_command(self.command(argv, env, cwd))
+        return chan
+
+    def run(self, argv: Sequence[str], *, env: Optional[Dict[str, str]] = None,
+            timeout: float = 600.0, cwd: Optional[str] = None) -> Tuple[int, str, str]:
+        """Run a command; every word is shell-quoted. Returns (exit status, stdout, stderr)."""
+        cmd = self.command(argv, env, cwd)
         try:
             _, out, err = self._client.exec_command(cmd, timeout=timeout)
             stdout = out.read().decode("utf-8", "replace")

@@ -2,16 +2,20 @@
 
 Every bundle travels this way, a 170 KB CNN as well as a 300 MB language model:
 
-    plan    one device command: which objects (files by sha256) the device has, which are partly
-            there (an upload that stopped: a killed controller, a dropped link), free disk and memory
-    send    SFTP, pipelined, each missing object into objects/.part-<sha> from where it stopped;
-            a dropped connection is reopened (a few times) and the object resumed
-    commit  one device command: each upload hashed and named objects/<sha>, the release assembled
-            in .incoming-<sha12>-<tag>/ from hard links, then `release activate` (or store) verifies
-            the whole tree and switches `current`, all in the same device process
+One device process (device_store.py `session`, started over SSH) does all of it:
 
-So a release that shares files with one already on the device sends only what differs, and an
-interrupted upload costs only its remainder. The device side is device_store.py.
+    plan    which objects (files by sha256) the device has, which are partly there (an upload that
+            stopped: a killed controller, a dropped link), free disk and memory
+    send    each missing object down the process's standard input, from where it stopped, into
+            objects/.part-<sha>; the device hashes it as it arrives and names it objects/<sha> when the
+            digest matches; a dropped connection is reopened (a few times), a new process started and
+            the object resumed (what reached the device is hashed from its disk first)
+    commit  the release assembled in .incoming-<sha12>-<tag>/ from hard links to the objects, then
+            `release activate` (or store) checks it against the release id, computed from the
+            verified objects' digests (nothing is read twice), and switches `current`
+
+So each byte crosses the link once and is hashed once on the device, a release that shares files
+with one already there sends only what differs, and an interrupted upload costs only its remainder.
 """
 
 from __future__ import annotations
@@ -26,15 +30,12 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import paramiko
 
+from edgekit.deploy import protocol
 from edgekit.deploy.artifact import Artifact
 from edgekit.errors import BundleError, DeviceError
 
 CHUNK = 1 << 20
 RECONNECTS = 3                 # a dropped link is reopened this many times per upload
-# SFTP write requests: OpenSSH's sftp-server takes messages up to 256 KiB, so 255 KiB of data per request
-# (an eighth of the requests and acks paramiko handles in Python at its 32 KiB default: +8% on a 200 MB
-# upload in the lab); other servers get the 32 KiB every SFTP server must take
-OPENSSH_REQUEST = 255 * 1024
 _SOURCE: Optional[str] = None
 
 
@@ -126,6 +127,46 @@ class StorePlan:
 _LOST = (OSError, EOFError, socket.timeout, paramiko.SSHException)
 
 
+class _Process:
+    """The device's store process (device_store.py `session`): JSON lines both ways, objects as raw
+    bytes after their request."""
+
+    def __init__(self, store: "Store", payload: str):
+        s = store.s
+        self.s = s
+        self.chan = s.conn.start([s.device.python, "-c", device_source(), "session", payload],
+                                 env=protocol.env(s.root), cwd="/", timeout=s.timeout)
+        self.out = self.chan.makefile("rb", -1)
+
+    def answer(self) -> Dict[str, Any]:
+        line = self.out.readline()
+        if not line:                 # the process ended: its exit status and error line say why
+            rc = self.chan.recv_exit_status()
+            if rc == -1:             # no exit status: the link went down
+                raise EOFError("the connection was lost")
+            err = self.chan.makefile_stderr("rb", -1).read().decode("utf-8", "replace")
+            self.close()
+            if rc not in (0, 1):
+                self.s._answer(rc, "", err)      # raises: python missing, the device's error line
+            raise self.s.err("the device's store process ended without an answer"
+                             + (f": {err.strip().splitlines()[-1]}" if err.strip() else ""))
+        r = json.loads(line)
+        if "error" in r:
+            raise self.s.err(r["error"])
+        return r
+
+    def ask(self, op: str, args: Dict[str, Any]) -> Dict[str, Any]:
+        self.chan.sendall(json.dumps(dict(args, op=op), separators=(",", ":")).encode() + b"\n")
+        return self.answer()
+
+    def close(self) -> None:
+        try:
+            self.chan.shutdown_write()
+        except _LOST:
+            pass
+        self.chan.close()
+
+
 class Store:
     """One model's object store on one connected device (session: a DeviceSession)."""
 
@@ -134,8 +175,10 @@ class Store:
         self.name = name
         self.mdir = f"{session.root}/models/{name}"
         self.objdir = f"{self.mdir}/objects"
+        self._proc: Optional[_Process] = None
+        self._plan_args: Dict[str, Any] = {}
 
-    def run(self, action: str, args: Dict[str, Any], timeout: float = 3600.0) -> Dict[str, Any]:
+    def _payload(self, args: Dict[str, Any]) -> str:
         payload = json.dumps(args, separators=(",", ":"))
         if len(payload) > 60_000:   # beyond what one argv word may hold on every system: a file
             path = f"{self.mdir}/.store-args-{uuid.uuid4().hex[:8]}.json"
@@ -143,13 +186,30 @@ class Store:
             with self.s.conn.sftp.open(path, "w") as f:
                 f.write(payload)
             payload = "@" + path
-        return self.s.run_python(device_source(), action, payload, timeout=timeout)
+        return payload
+
+    def run(self, action: str, args: Dict[str, Any], timeout: float = 3600.0) -> Dict[str, Any]:
+        """One action in a device process of its own (gc)."""
+        return self.s.run_python(device_source(), action, self._payload(args), timeout=timeout)
+
+    def _start(self) -> Dict[str, Any]:
+        """Start the device's store process; its first answer is the plan."""
+        self.close()
+        self._proc = _Process(self, self._payload(self._plan_args))
+        return self._proc.answer()
+
+    def close(self) -> None:
+        """End the device's store process (it exits at the end of its input)."""
+        if self._proc is not None:
+            self._proc.close()
+            self._proc = None
 
     def plan(self, art: Artifact, genai: bool = False) -> StorePlan:
         want: Dict[str, int] = {}
         for (_, _, n), sha in zip(art.files, art.digests):
             want[sha] = n
-        r = self.run("plan", {"mdir": self.mdir, "want": want, "genai": genai})
+        self._plan_args = {"mdir": self.mdir, "want": want, "genai": genai}
+        r = self._start()
         have, partial = set(r["have"]), {k: int(v) for k, v in r["partial"].items()}
         items, seen = [], set()
         for (p, rel, n), sha in zip(art.files, art.digests):
@@ -161,57 +221,67 @@ class Store:
                          r.get("genai"), list(r.get("damaged", [])), r)
 
     # -- sending ---------------------------------------------------------------------------------
-    def _remote_size(self, sha: str) -> int:
-        try:
-            return int(self.s.conn.sftp.stat(f"{self.objdir}/.part-{sha}").st_size)
-        except FileNotFoundError:
-            return 0
-
     def _send_one(self, it: Item, tick: Callable[[int], None], counter: List[int]) -> None:
-        """Send it.local[it.offset:] to .part-<sha>, adding what is written to counter[0] as it
-        goes (so bytes sent before a dropped link count). Raises what the link raises."""
-        sftp = self.s.conn.sftp
-        if self.s.timeout is not None:   # a device that stops answering fails the upload after this long
-            sftp.get_channel().settimeout(self.s.timeout)
-        remote = f"{self.objdir}/.part-{it.sha}"
-        with open(it.local, "rb") as fl, sftp.open(remote, "r+b" if it.offset else "wb", bufsize=0) as fr:
-            fr.set_pipelined(True)
-            if "OpenSSH" in (self.s.conn.server_version or ""):
-                fr.MAX_REQUEST_SIZE = OPENSSH_REQUEST
-            if it.offset:
-                fr.seek(it.offset)
-                fl.seek(it.offset)
-            while True:
-                chunk = fl.read(CHUNK)
+        """Send it.local[it.offset:] down the store process's input, adding what is written to
+        counter[0] as it goes (so bytes sent before a dropped link count). Raises what the link raises."""
+        chan = self._proc.chan
+        head = json.dumps({"op": "put", "sha": it.sha, "size": it.size, "offset": it.offset})
+        chan.sendall(head.encode() + b"\n")
+        with open(it.local, "rb") as fl:
+            fl.seek(it.offset)
+            left = it.size - it.offset
+            while left:
+                chunk = fl.read(min(CHUNK, left))
                 if not chunk:
-                    break
-                fr.write(chunk)
+                    raise BundleError(f"{it.local} changed while it was uploaded (shorter than {it.size} bytes)",
+                                      hint="build the bundle again, then deploy")
+                chan.sendall(chunk)
+                left -= len(chunk)
                 counter[0] += len(chunk)
                 tick(counter[0])
 
     def send(self, plan: StorePlan, tick: Optional[Callable[[int], None]] = None,
              on_error: Optional[Callable[[Exception, Item], DeviceError]] = None) -> int:
         """Upload the plan's objects, resuming each where it stopped; a dropped connection is
-        reopened up to RECONNECTS times and the object resumed from what reached the device.
-        Returns the bytes written to the link (a resumed object's re-sent tail included)."""
+        reopened up to RECONNECTS times, the store process started again and the object resumed
+        from what reached the device. Returns the bytes written to the link (a resumed object's
+        re-sent tail included). The device's answers (one per object) are read at the end."""
         tick = tick or (lambda done: None)
         counter = [0]
         reconnects = 0
-        self.s.makedirs(self.objdir)
         tick(0)
-        for it in plan.items:
-            while True:
+        pending = 0
+        i = 0
+        while i < len(plan.items):
+            it = plan.items[i]
+            try:
+                if self._proc is None:
+                    raise EOFError("no store process")
+                self._send_one(it, tick, counter)
+                pending += 1
+                i += 1
+                if i < len(plan.items):
+                    continue
+                for _ in range(pending):       # every object's answer: ok, or its digest when it differs
+                    r = self._proc.answer()
+                    if "bad" in r:
+                        plan.raw.setdefault("bad", {})[r["sha"]] = r["bad"]
+                pending = 0
+            except _LOST as e:
+                if reconnects >= RECONNECTS or not self._reconnect(reconnects):
+                    raise (on_error(e, it) if on_error else e) from None
+                reconnects += 1
                 try:
-                    self._send_one(it, tick, counter)
-                    break
-                except _LOST as e:
-                    if reconnects >= RECONNECTS or not self._reconnect(reconnects):
-                        raise (on_error(e, it) if on_error else e) from None
-                    reconnects += 1
-                    try:
-                        it.offset = min(self._remote_size(it.sha), it.size)
-                    except _LOST as e2:
-                        raise (on_error(e2, it) if on_error else e2) from None
+                    r = self._start()        # what reached the device: objects done, and where each part stands
+                except (DeviceError,) + _LOST as e2:
+                    raise (on_error(e2, it) if on_error else e2) from None
+                done, partial = set(r["have"]), {k: int(v) for k, v in r["partial"].items()}
+                rest = [x for x in plan.items if x.sha not in done]
+                for x in rest:
+                    x.offset = min(partial.get(x.sha, 0), x.size)
+                plan.items[:] = [x for x in plan.items[:i] if x.sha in done] + rest
+                i = len(plan.items) - len(rest)
+                pending = 0
         return counter[0]
 
     def _reconnect(self, attempt: int) -> bool:
@@ -235,7 +305,19 @@ class Store:
         args = {"mdir": self.mdir, "root": self.s.root, "name": self.name, "sha": art.sha256,
                 "files": art.file_digests(), "uploaded": [i.sha for i in plan.items], "incoming": incoming,
                 "then": then, "keep": keep, "check": check}
-        r = self.run("commit", args)
+        if plan.raw.get("bad"):
+            self.close()
+            r = {"bad": plan.raw.pop("bad")}
+        else:
+            if self._proc is None:
+                self._start()
+            try:
+                r = self._proc.ask("commit", args)
+            except _LOST as e:
+                raise self.s.err(f"connection lost while the device assembled the release: {type(e).__name__} {e}",
+                                 hint="deploy again: what was uploaded stays on the device") from None
+            finally:
+                self.close()
         if r["bad"]:
             rel_of = {sha: rel for rel, sha in art.file_digests().items()}
             which = ", ".join(f"{rel_of.get(s, s[:12])} (sha256 {g[:12]}… on the device)" if g != "missing"

@@ -13,6 +13,7 @@ Every switch of `current` is a new symlink renamed over the old one (atomic).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -130,8 +131,37 @@ def health_check(bundle_dir: Path, verified: bool = False) -> Dict[str, Any]:
         return {"ok": False, "error": f"{type(e).__name__}: {e}"}
 
 
-def _take_upload(mdir: Path, incoming: str, sha: str) -> Path:
-    """Verify an upload directory against the sha256 the controller sent; rename it into place."""
+def tree_digest(file_digests: Dict[str, str]) -> str:
+    """bundle.sha256_tree's digest from per-file sha256s keyed by relative posix path (the
+    controller's release id: deploy.artifact.tree_digest)."""
+    h = hashlib.sha256()
+    for rel in sorted(file_digests):
+        h.update(rel.encode() + b"\0")
+        h.update(file_digests[rel].encode() + b"\n")
+    return h.hexdigest()
+
+
+def _verified_digest(inc: Path, verified: Dict[str, Any]) -> str:
+    """The release id of an upload directory whose files the device's object store verified
+    (`verified`: relpath -> [sha256, bytes], each hashed when its object entered the store and
+    trusted by its stamp since): the files present must be exactly those, with those sizes."""
+    seen: Dict[str, int] = {}
+    for d, _, names in os.walk(inc):
+        for n in names:
+            p = os.path.join(d, n)
+            seen[Path(p).relative_to(inc).as_posix()] = os.stat(p).st_size
+    want = {rel: int(v[1]) for rel, v in verified.items()}
+    if seen != want:
+        odd = sorted(set(seen) ^ set(want)) or sorted(r for r in seen if seen[r] != want[r])
+        raise BundleError(f"upload verification failed: {', '.join(odd[:3])} not as verified on the device",
+                          hint="the transfer was corrupted; deploy again")
+    return tree_digest({rel: v[0] for rel, v in verified.items()})
+
+
+def _take_upload(mdir: Path, incoming: str, sha: str, verified: Optional[Dict[str, Any]] = None) -> Path:
+    """Verify an upload directory against the sha256 the controller sent; rename it into place.
+    `verified` (from the device's object store, see deploy/device_store.py): the files' digests,
+    each verified once as it arrived, so nothing is read again here; without it every file is hashed."""
     rel = mdir / "releases"
     rel.mkdir(parents=True, exist_ok=True)
     target = rel / _check_sha(sha)
@@ -141,7 +171,7 @@ def _take_upload(mdir: Path, incoming: str, sha: str) -> Path:
     if not inc.is_dir():
         raise BundleError(f"upload directory {incoming} is missing on the device",
                           hint="the upload was interrupted; deploy again")
-    got = sha256_tree(inc)
+    got = _verified_digest(inc, verified) if verified is not None else sha256_tree(inc)
     if got != sha:
         shutil.rmtree(inc, ignore_errors=True)
         raise BundleError(f"upload verification failed: sha256 {got[:12]}… on the device, "
@@ -154,16 +184,18 @@ def _take_upload(mdir: Path, incoming: str, sha: str) -> Path:
     return target
 
 
-def store(root: str, name: str, sha: str, incoming: str) -> Dict[str, Any]:
+def store(root: str, name: str, sha: str, incoming: str,
+          verified: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Keep an uploaded release without switching `current` (used by profile)."""
-    target = _take_upload(model_dir(root, name), incoming, sha)
+    target = _take_upload(model_dir(root, name), incoming, sha, verified)
     return {"name": name, "sha256": sha, "path": str(target), "status": "stored"}
 
 
 def activate(root: str, name: str, sha: str, incoming: Optional[str] = None,
-             keep: int = KEEP_DEFAULT, check: bool = True) -> Dict[str, Any]:
+             keep: int = KEEP_DEFAULT, check: bool = True,
+             verified: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Verify an upload (or an existing release), switch `current` to it, health-check,
-    roll back on failure, prune old releases. Returns what happened."""
+    roll back on failure, prune old releases. Returns what happened. `verified`: see _take_upload."""
     mdir = model_dir(root, name)
     rel = mdir / "releases"
     rel.mkdir(parents=True, exist_ok=True)
@@ -171,7 +203,7 @@ def activate(root: str, name: str, sha: str, incoming: Optional[str] = None,
     previous = _current(mdir)
     result: Dict[str, Any] = {"name": name, "sha256": sha, "previous": previous}
     if incoming is not None:
-        _take_upload(mdir, incoming, sha)   # the one sha256 of the bundle on the device
+        _take_upload(mdir, incoming, sha, verified)   # the one sha256 of the bundle on the device
     elif not verify(target, sha):
         raise BundleError(f"release {sha[:12]}… is missing or modified on the device",
                           hint="deploy uploads it again")
