@@ -56,6 +56,23 @@ def _finish(group, as_json, headers, row, title=""):
         raise click.exceptions.Exit(1)
 
 
+def _device_timer(recipe, device_name, inventory, trust_new_host, quiet):
+    """convert --device (image, tensor and language models): the candidates of the device's target are
+    timed there (checked before any work)."""
+    from edgekit.deploy.timing import DeviceTimer
+    from edgekit.targets import load_target
+
+    if recipe.select != "fastest":
+        raise click.UsageError("--device times --select fastest's candidates: add --select fastest")
+    inv, devs = _select(inventory, device_name, None, False)
+    dev = devs[0]
+    names = [load_target(t).name for t in recipe.targets]
+    if dev.target not in names:
+        raise click.BadParameter(f"device {dev.name} is a {dev.target or 'device without a target'}, not one of the "
+                                 f"targets ({', '.join(names)})", param_hint="--device")
+    return DeviceTimer(dev, _options(inv, trust_new_host, quiet=quiet))
+
+
 def _device_selection(f):
     f = click.option("--all", "all_devices", is_flag=True, help="Every device in the inventory.")(f)
     f = click.option("--group", "-g", help="A group of devices.")(f)

@@ -7,7 +7,7 @@ import json
 import click
 
 from edgekit.cli.group import cli
-from edgekit.cli.common import _html_report, _inventory_opt, _options, _select, _trust_opt
+from edgekit.cli.common import _device_timer, _html_report, _inventory_opt, _trust_opt
 
 
 def _input_shapes(values):
@@ -121,22 +121,6 @@ def convert(ctx, model, target_names, recipe_path, calib, calib_random, calib_sa
         click.echo(f"report: {result.report_path}  log: {result.log_path}")
     if html_report:
         _html_report(out, err=as_json)
-
-
-def _device_timer(recipe, device_name, inventory, trust_new_host, quiet):
-    """--device: the candidates of the device's target are timed there (checked before any work)."""
-    from edgekit.deploy.timing import DeviceTimer
-    from edgekit.targets import load_target
-
-    if recipe.select != "fastest":
-        raise click.UsageError("--device times --select fastest's candidates: add --select fastest")
-    inv, devs = _select(inventory, device_name, None, False)
-    dev = devs[0]
-    names = [load_target(t).name for t in recipe.targets]
-    if dev.target not in names:
-        raise click.BadParameter(f"device {dev.name} is a {dev.target or 'device without a target'}, not one of the "
-                                 f"targets ({', '.join(names)})", param_hint="--device")
-    return DeviceTimer(dev, _options(inv, trust_new_host, quiet=quiet))
 
 
 def _recipe(ctx, model, target_names, recipe_path):

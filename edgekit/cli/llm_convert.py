@@ -2,7 +2,8 @@
 
 Called from edgekit.cli.convert once the model argument is seen to be a language-model folder; the options it
 shares with the CNN path (--target, --val, --out, --name, --precision, --min-agreement, --no-rescue, --json,
---quiet) mean the same thing here; --val is held-out text, the floor is perplexity / KL / agreement.
+--quiet, --select, --device) mean the same thing here; --val is held-out text, the floor is perplexity / KL /
+agreement, and --select fastest --device NAME times the candidates' decode speed on the device.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import click
 
 # options of the CNN path that mean nothing for a language model (named if given)
 _CNN_ONLY = ("calib", "calib_random", "preprocess", "input_shapes", "formats", "min_snr", "max_accuracy_drop",
-             "no_mixed_precision", "search_budget", "search_first", "device_name", "recipe_path")
+             "no_mixed_precision", "search_budget", "search_first", "recipe_path")
 LLM_PRECISIONS = ("int4", "int8", "fp16", "fp32")
 
 
@@ -63,9 +64,14 @@ def convert_language_model(ctx, p) -> None:
     recipe = LLMRecipe(model=p["model"], targets=tuple(p["target_names"]), precision=precision, name=p["name"],
                        val=p["val"], val_tokens=p["val_tokens"], floor=floor, rescue=not p["no_rescue"],
                        select=p["select"])
+    timer = None
+    if p.get("device_name"):   # checked before any work: --select fastest, and a device of one of the targets
+        from edgekit.cli.common import _device_timer
+
+        timer = _device_timer(recipe, p["device_name"], p["inventory"], p["trust_new_host"], p["quiet"])
     progress = Progress(enabled=not p["quiet"])
     try:
-        result = convert_llm(recipe, p["out"], progress=progress)
+        result = convert_llm(recipe, p["out"], progress=progress, device=timer)
     except BudgetMissed as e:
         if e.result is not None:
             click.echo(json.dumps(e.result.to_dict(), indent=2, default=str) if p["as_json"] else e.result.table())

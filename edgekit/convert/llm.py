@@ -326,6 +326,7 @@ class LLMRow:
     reason: str = ""
     seconds: float = 0.0
     candidates: List[Dict[str, Any]] = field(default_factory=list)   # --select fastest: each build measured
+    runtime: Dict[str, Any] = field(default_factory=dict)   # --select fastest: {threads, threads_choice} measured
 
     @property
     def fmt(self) -> str:
@@ -667,6 +668,7 @@ def _write_bundle(s: _Session, row: LLMRow, t: TargetProfile, opts: LLMBuildOpti
                       "kv_heads": dims["kv_heads"], "head_dim": dims["head_dim"], "context": context,
                       "tied_embeddings": src.tied},
             "inputs": [], "outputs": [],
+            **({"runtime": row.runtime} if row.runtime else {}),
             "recipe": dict(dataclasses.asdict(opts), wide_layers=opts.wide_layers(src.tied),
                            builder=f"onnxruntime_genai.models.builder {_genai_version()}",
                            floor=s.floor.to_dict(), val=s.recipe.val, val_tokens=s.recipe.val_tokens,
@@ -736,13 +738,31 @@ def _host_runs(t: TargetProfile) -> Tuple[bool, str]:
         return False, f"not timed: {t.name} runs on its GPU"
     if host != t.device.arch:
         return False, f"not timed: this host is {host}, {t.name} is {t.device.arch} (the profile's build ships)"
-    return True, f"decode tok/s on this {host} host, {min(t.runtime.threads, os.cpu_count() or 1)} thread(s)"
+    return True, f"decode tok/s on this {host} host, {_ceiling(t)} thread(s)"
 
 
-def _select_fastest(s: _Session, row: LLMRow, t: TargetProfile, chosen: LLMBuildOptions, rec: Dict[str, Any]):
+def _ceiling(t: TargetProfile) -> int:
+    """The most threads a load of the bundle here would use: the profile's count clamped to the usable CPUs."""
+    from edgekit.runtime.threads import choose_threads
+
+    return int(choose_threads(None, t.runtime.threads))
+
+
+# --device: each candidate is profiled on the device DEVICE_ROUNDS times, the rounds alternating between the
+# candidates (drift hits them alike); each profile call is DEVICE_RUNS runs of DEVICE_PROMPT prompt tokens and
+# DEVICE_NEW new ones (after one warm-up run) in a fresh process on the device, whose load() picks its thread count
+DEVICE_ROUNDS = 2
+DEVICE_RUNS, DEVICE_PROMPT, DEVICE_NEW = 2, 32, 32
+
+
+def _select_fastest(s: _Session, row: LLMRow, t: TargetProfile, chosen: LLMBuildOptions, rec: Dict[str, Any],
+                    device=None):
     """--select fastest: INT4 block sizes x accuracy levels and INT8 around the build that met the floor; those
-    that meet it are timed here (where this host stands for the target) and the fastest ships."""
-    timed, where = _host_runs(t)
+    that meet it are timed here (where this host stands for the target) or, with `device` (deploy.timing.
+    DeviceTimer, handed in by the CLI: convert never imports deploy) covering the target, on that device; the
+    fastest ships, with the thread count measured for it (row.runtime: the manifest's runtime.threads_choice)."""
+    on_device = device is not None and device.covers(t.name)
+    timed, where = (True, device.describe()) if on_device else _host_runs(t)
     cands = [chosen]
     if chosen.precision == "int4":
         levels = [chosen.accuracy_level] + ([1] if chosen.accuracy_level == 4 else [])
@@ -759,24 +779,114 @@ def _select_fastest(s: _Session, row: LLMRow, t: TargetProfile, chosen: LLMBuild
         r = s.build(o)
         c = _step("select", o, r, s.floor)
         c["timed"] = where
-        if c["meets"] and timed and "error" not in r:
+        if c["meets"] and timed and "error" not in r and not on_device:
             try:
-                c["decode_tok_s"] = round(decode_speed(Path(r["dir"]), min(t.runtime.threads, os.cpu_count() or 1)), 1)
+                c["decode_tok_s"] = round(decode_speed(Path(r["dir"]), _ceiling(t)), 1)
             except RuntimeError as e:   # ORT GenAI refusing a build: recorded, not chosen
                 c["error"] = f"timing: {str(e).splitlines()[0][:200]}"
         out.append((o, r, c))
-        s.progress.say(f"  [{t.name}] candidate {o.describe()}: "
-                       + (f"{c['decode_tok_s']} tok/s" if c.get("decode_tok_s") else
-                          c.get("error") or ("below the floor" if not c["meets"] else where)))
+        if not on_device:
+            s.progress.say(f"  [{t.name}] candidate {o.describe()}: "
+                           + (f"{c['decode_tok_s']} tok/s" if c.get("decode_tok_s") else
+                              c.get("error") or ("below the floor" if not c["meets"] else where)))
+    reports: Dict[int, Dict[str, Any]] = {}
+    if on_device:
+        reports = _time_on_device(s, t, device, [x for x in out if x[2]["meets"] and "error" not in x[1]])
     fast = [x for x in out if x[2].get("decode_tok_s")]
     pick = max(fast, key=lambda x: x[2]["decode_tok_s"]) if fast else out[0]
     pick[2]["chosen"] = True
     row.candidates = [x[2] for x in out]
+    if fast:
+        row.runtime = (_device_threads(device, reports.get(id(pick[2]))) if on_device
+                       else _host_threads(s, t, pick[1], where))
     return pick[0], pick[1]
 
 
-def convert_llm(recipe: LLMRecipe, out: str = "build", *, progress: Optional[Progress] = None) -> LLMConvertResult:
-    """Build, measure and write an LLM bundle per target of `recipe` under `out`.
+def _time_on_device(s: _Session, t: TargetProfile, device, timed) -> Dict[int, Dict[str, Any]]:
+    """Each candidate that meets the floor written as a bundle and profiled on the device (uploaded to its store,
+    not activated) in alternating rounds: decode tok/s is the median over the rounds of each call's p50. A
+    candidate the device cannot run is recorded with the error and left out. Returns the last report of each
+    (keyed by id of its candidate record)."""
+    name = device.device.name
+    reports: Dict[int, Dict[str, Any]] = {}
+    samples: Dict[int, List[float]] = {}
+    with tempfile.TemporaryDirectory(prefix="edgekit-llm-sel-") as d:
+        dirs: Dict[int, Path] = {}
+        for i, (o, r, c) in enumerate(timed):
+            dest = Path(d) / f"candidate-{i}"
+            try:
+                _write_bundle(s, LLMRow(t.name, o.precision, dest), t, o, r, dest)
+            except EdgekitError as e:
+                c["error"] = f"bundle: {e}"
+                continue
+            dirs[id(c)], samples[id(c)] = dest, []
+        for rnd in range(DEVICE_ROUNDS):
+            for o, r, c in timed:
+                if id(c) not in dirs or c.get("error"):
+                    continue
+                try:
+                    rep = device.decode(dirs[id(c)], prompt_tokens=DEVICE_PROMPT, new_tokens=DEVICE_NEW,
+                                        runs=DEVICE_RUNS)
+                except EdgekitError as e:
+                    c["error"] = f"timing on {name}: {e}"
+                    s.progress.say(f"  [{t.name}] candidate {o.describe()}: not timed ({c['error'][:160]})")
+                    continue
+                samples[id(c)].append(float(rep["decode_tok_s"]))
+                reports[id(c)] = rep
+                c["threads"] = rep.get("threads")
+    for o, r, c in timed:
+        xs = sorted(samples.get(id(c)) or [])
+        if xs and not c.get("error"):
+            c["decode_tok_s"] = round(xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2])
+                                      / 2, 1)
+            c["device_rounds"] = [round(x, 1) for x in samples[id(c)]]
+            s.progress.say(f"  [{t.name}] candidate {o.describe()}: {c['decode_tok_s']} tok/s on {name} "
+                           f"({c.get('threads')} thread(s))")
+    return reports
+
+
+def _device_threads(device, rep: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """The winner's thread count as the device's load() measured it (its probe, or its cached probe): recorded for
+    the manifest, so a load on such a device takes it without probing. Nothing when the device did not measure."""
+    choice = (rep or {}).get("threads_choice") or {}
+    if (rep or {}).get("threads_chosen_by") not in ("probe", "cache") or not choice.get("tried"):
+        return {}
+    rec = {k: v for k, v in choice.items() if k != "cache"}
+    rec["where"] = f"on device {device.device.name} ({device.device.target}): {choice.get('where', 'probed')}"
+    return {"threads": int(choice["threads"]), "threads_choice": rec}
+
+
+def _host_threads(s: _Session, t: TargetProfile, rec: Dict[str, Any], where: str) -> Dict[str, Any]:
+    """The winner timed at 1, 2, 4 ... threads up to the ceiling (runtime.llmthreads: decode steps, alternating
+    rounds) and the count runtime.threadprobe's rule picks, for the manifest (load_llm takes it instead of
+    probing). Nothing to record with a ceiling of one thread."""
+    import onnxruntime_genai as og
+
+    from edgekit.runtime import llmthreads
+    from edgekit.runtime.llm import _og_model
+
+    ceiling = _ceiling(t)
+    if ceiling < 2:
+        return {}
+    mdir = Path(rec["dir"])
+    vocab = int(json.loads((mdir / "genai_config.json").read_text(encoding="utf-8"))["model"]["vocab_size"])
+    ids = (rec.get("golden") or {}).get("prompts", [[]])[0][:llmthreads.PROBE_PROMPT]
+    if len(ids) < llmthreads.PROBE_PROMPT:
+        ids = llmthreads.probe_ids(None, vocab)
+    try:
+        choice, _ = llmthreads.measure(og, lambda n: _og_model(og, mdir, n), ceiling, [int(i) for i in ids],
+                                       where=where.replace("decode tok/s on", "timed on", 1))
+    except RuntimeError as e:   # ORT GenAI refusing the build at some count: the load at the device probes instead
+        s.progress.say(f"  [{t.name}] threads not measured ({str(e).splitlines()[0][:160]})")
+        return {}
+    s.progress.say(f"  [{t.name}] threads: {choice['why']}")
+    return {"threads": int(choice["threads"]), "threads_choice": choice}
+
+
+def convert_llm(recipe: LLMRecipe, out: str = "build", *, progress: Optional[Progress] = None,
+                device=None) -> LLMConvertResult:
+    """Build, measure and write an LLM bundle per target of `recipe` under `out`. `device`: with select
+    "fastest", a deploy.timing.DeviceTimer (handed in by the CLI) that times its target's candidates on the device.
 
     Raises BudgetMissed (exit 1) after writing what passed when a row missed the floor or failed to build;
     EdgekitError (exit 2) for a user's mistake, before any work."""
@@ -797,7 +907,7 @@ def convert_llm(recipe: LLMRecipe, out: str = "build", *, progress: Optional[Pro
 
     threads = torch.get_num_threads()   # the float model sets its own (free cores); put back afterwards
     try:
-        result = _convert(recipe, src, plans, out_dir, name, log_path, progress)
+        result = _convert(recipe, src, plans, out_dir, name, log_path, progress, device)
     finally:
         torch.set_num_threads(threads)
     result.report_path = out_dir / f"{name}.convert.json"
@@ -812,7 +922,7 @@ def convert_llm(recipe: LLMRecipe, out: str = "build", *, progress: Optional[Pro
 
 
 def _convert(recipe: LLMRecipe, src: LMSource, plans, out_dir: Path, name: str, log_path: Path,
-             progress: Progress) -> LLMConvertResult:
+             progress: Progress, device=None) -> LLMConvertResult:
     with tempfile.TemporaryDirectory(prefix="edgekit-llm-") as wd, open(log_path, "w", encoding="utf-8") as log:
         log.write(f"edgekit {edgekit.__version__} convert {recipe.model} (language model)\n")
         s = _Session(recipe, src, Path(wd), progress, log)
@@ -836,7 +946,7 @@ def _convert(recipe: LLMRecipe, src: LMSource, plans, out_dir: Path, name: str, 
             else:
                 chosen, rec = found
                 if recipe.select == "fastest":
-                    chosen, rec = _select_fastest(s, row, t, chosen, rec)
+                    chosen, rec = _select_fastest(s, row, t, chosen, rec, device)
                     if chosen.precision != opts.precision:
                         dest = out_dir / f"{name}-{t.name}-{chosen.precision}"
                         row.path = dest

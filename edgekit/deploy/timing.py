@@ -1,18 +1,19 @@
 """Times `convert --select fastest`'s candidates on a real device, the way `edgekit profile` does.
 
 convert never imports deploy: the CLI hands convert an object with this shape (covers, describe,
-p50), and select.py calls it with a bundle directory per candidate. Each call uploads the bundle
-to the device's store (not activated), runs the latency method there and returns its p50.
+p50, decode), and select.py calls it with a bundle directory per candidate (convert.llm calls
+decode() with a language-model bundle). Each call uploads the bundle to the device's store (not
+activated), runs the latency method there and returns its p50 (a language model: decode tok/s).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from edgekit.bundle import read_bundle
 from edgekit.deploy import ops
-from edgekit.deploy.artifact import prepare
+from edgekit.deploy.artifact import prepare, read_one
 from edgekit.deploy.inventory import Device
 from edgekit.errors import DeviceError
 
@@ -39,3 +40,19 @@ class DeviceTimer:
                               + (f" ({rep['backend_note']})" if rep.get("backend_note") else ""),
                               device=self.device.name)
         return float(rep["latency"]["p50_ms"]), int(rep["threads"])
+
+    def decode(self, bundle_dir: Path, prompt_tokens: int = 32, new_tokens: int = 32, runs: int = 2,
+               warmup: int = 1) -> Dict[str, Any]:
+        """A language-model bundle's decode speed on the device (convert.llm's --select fastest): uploaded to the
+        store (not activated) and benchmarked there (LanguageModel.benchmark through `edgekit.runtime bench`, in
+        a fresh process whose load() picks its thread count). Returns the report's decode_tok_s (p50 over runs),
+        ttft_ms, prefill_tok_s, threads, threads_chosen_by, threads_choice. Raises DeviceError when the device
+        cannot run it (no onnxruntime-genai there, a build its version refuses)."""
+        res = ops.profile(self.device, read_one(bundle_dir), self.opts, runs=runs, warmup=warmup,
+                          prompt_tokens=prompt_tokens, new_tokens=new_tokens)
+        rep = res.data["report"]
+        if not rep.get("decode_tok_s"):
+            raise DeviceError(f"the device reported no decode speed ({rep.get('error') or 'no decode_tok_s'})",
+                              device=self.device.name)
+        return {k: rep.get(k) for k in ("decode_tok_s", "ttft_ms", "prefill_tok_s", "threads", "threads_chosen_by",
+                                        "threads_choice", "backend_version")}
