@@ -29,15 +29,17 @@ def tiny_src(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm_lab(tmp_path_factory):
-    """One device, 'box' (target x86-avx2), running this Python (onnxruntime-genai installed)."""
+    """Two x86-avx2 devices: 'box' runs this Python (onnxruntime-genai installed), 'bare' a venv with numpy only."""
+    from conftest import device_venv
     from devicelab import Lab
 
     lab = Lab(tmp_path_factory.mktemp("llmsellab"), tag=f"S{os.getpid() % 10000}")
     lab.setup()
     try:
         lab.add("box", sys.executable)
+        lab.add("bare", str(device_venv(["numpy"])))
         lab.write_known_hosts()
-        lab.write_inventory(extra={"box": {"target": "x86-avx2"}})
+        lab.write_inventory(extra={"box": {"target": "x86-avx2"}, "bare": {"target": "x86-avx2"}})
         yield lab
     finally:
         lab.teardown()
@@ -88,6 +90,22 @@ def test_device_needs_select_fastest_and_its_target(cli, llm_lab, tiny_src, tmp_
     r = cli("convert", tiny_src, "-t", "rpi5", "--select", "fastest", "--device", "box", *inv, "-o", tmp_path / "b")
     assert r.exit_code == 2 and "box is a x86-avx2" in r.output, r.output
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_llm_device_that_cannot_run_them_keeps_the_profiles_build(cli, llm_lab, tiny_src, tmp_path):
+    """A device without onnxruntime-genai: every candidate is recorded with the device's error, none is timed
+    (nothing from this host stands in for the device), and the profile's build ships."""
+    out = tmp_path / "out"
+    r = cli("convert", tiny_src, "-t", "x86-avx2", "--select", "fastest", "--device", "bare",
+            "--inventory", llm_lab.inventory, "--val-tokens", 64, "--name", "tinychat", "-o", out, "--json", "-q")
+    assert r.exit_code == 0, r.output
+    (row,) = json.loads(r.stdout)["bundles"]
+    m = json.loads((out / row["path"].rsplit("/", 1)[-1] / "manifest.json").read_text())
+    meets = [c for c in m["candidates"] if c["meets"]]
+    assert len(meets) >= 2 and not any(c.get("decode_tok_s") for c in m["candidates"])
+    assert all(c["error"].startswith("timing on bare: ") and "onnxruntime-genai" in c["error"] for c in meets), meets
+    assert m["candidates"][0]["chosen"] and "runtime" not in m
+    assert not (llm_lab.devices["bare"].root / "models" / "tinychat" / "current").exists()
 
 
 def test_llm_select_fastest_here_records_the_measured_threads(tiny_src, tmp_path):

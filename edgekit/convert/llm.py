@@ -793,6 +793,8 @@ def _select_fastest(s: _Session, row: LLMRow, t: TargetProfile, chosen: LLMBuild
     if on_device:
         reports = _time_on_device(s, t, device, [x for x in out if x[2]["meets"] and "error" not in x[1]])
     fast = [x for x in out if x[2].get("decode_tok_s")]
+    if on_device and not fast:
+        s.progress.say(f"  [{t.name}] no candidate could be timed on {device.device.name}: the profile's build ships")
     pick = max(fast, key=lambda x: x[2]["decode_tok_s"]) if fast else out[0]
     pick[2]["chosen"] = True
     row.candidates = [x[2] for x in out]
