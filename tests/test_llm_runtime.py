@@ -114,6 +114,7 @@ def test_threads_probed_once_cached_and_overridden(bundle, tmp_path, monkeypatch
     assert first.threads_chosen_by == "probe" and rec["tried"] == candidates(ceiling) == [int(t) for t in
                                                                                         rec["ms_per_token"]]
     assert first.threads == rec["threads"] and all(v > 0 for v in rec["decode_tok_s"].values())
+    assert set(rec["prefill_ms"]) == set(rec["ms_per_token"]) and all(v > 0 for v in rec["prefill_ms"].values())
     assert rec["probe_ms"] > 0 and rec["prompt_tokens"] == 16 and "fewest threads" in rec["why"]
     (path,) = cached()
     assert rec["cache"] == str(path) and json.loads(path.read_text())["threads"] == first.threads

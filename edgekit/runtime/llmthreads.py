@@ -10,7 +10,9 @@ The probe: PROBE_PROMPT prompt tokens prefilled, then PROBE_TOKENS greedy tokens
 timed; a count's figure is the median ms per decoded token over PROBE_ROUNDS rounds, alternating with the
 ceiling's model (drift hits both alike). At most two models are open at once (the ceiling's and the one
 compared with it): a language model's memory is its size. The fewest threads within threadprobe.TOLERANCE
-of the fastest are chosen. Standard library and numpy; the onnxruntime_genai module and models are passed in.
+of the fastest decode are chosen: decoding is what a generation spends its time on. The prompt's prefill, which
+gains more from threads, is recorded beside it (prefill_ms per count), not weighed: give `threads=` where long
+prompts and time to first token matter more. Standard library and numpy; the onnxruntime_genai module and models are passed in.
 """
 
 from __future__ import annotations
@@ -34,16 +36,20 @@ PROBE_MAX_TOKEN_MS = 100.0    # one decoded token slower than this at the ceilin
 BACKEND = "onnxruntime-genai"
 
 
-def decode_token_ms(og, og_model, ids: Sequence[int], new_tokens: int) -> List[float]:
+def decode_token_ms(og, og_model, ids: Sequence[int], new_tokens: int,
+                    prefill: Optional[List[float]] = None) -> List[float]:
     """The ms of each decode step of one greedy generation after prefilling `ids` (the first token is sampled
-    from the prefill's logits: not a decode step, not counted)."""
+    from the prefill's logits: not a decode step, not counted). The prefill's ms is appended to `prefill`."""
     n = len(ids) + new_tokens + 1
     params = og.GeneratorParams(og_model)
     params.set_search_options(max_length=n, min_length=n, do_sample=False)
     gen = og.Generator(og_model, params)
-    gen.append_tokens(np.asarray(list(ids), dtype=np.int32))
-    gen.generate_next_token()
     clock = time.perf_counter_ns
+    t0 = clock()
+    gen.append_tokens(np.asarray(list(ids), dtype=np.int32))
+    if prefill is not None:
+        prefill.append((clock() - t0) / 1e6)
+    gen.generate_next_token()
     out: List[float] = []
     while not gen.is_done() and len(out) < new_tokens:
         t0 = clock()
@@ -77,8 +83,8 @@ def measure(og, open_at: Callable[[int], Any], ceiling: int, ids: Sequence[int],
             where: Optional[str] = None) -> Tuple[Dict[str, Any], Any]:
     """Decode speed at threadprobe.candidates(ceiling) and the count its rule picks: (record, the
     onnxruntime_genai.Model at that count). `open_at(t)` opens the model at t threads; `opened`: the one already
-    open at the ceiling. The record: threads, tried, ms_per_token and decode_tok_s per count, rounds, why, where,
-    prompt/new tokens, loadavg, probe_ms; skipped=True (the ceiling kept) where a token takes over
+    open at the ceiling. The record: threads, tried, ms_per_token, decode_tok_s and prefill_ms per count, rounds,
+    why, where, prompt/new tokens, loadavg, probe_ms; skipped=True (the ceiling kept) where a token takes over
     PROBE_MAX_TOKEN_MS."""
     from edgekit.runtime.bench import cpu_model
 
@@ -98,6 +104,7 @@ def measure(og, open_at: Callable[[int], Any], ceiling: int, ids: Sequence[int],
         rec["probe_ms"] = round((time.perf_counter() - t_start) * 1e3, 1)
         return rec, top
     samples: Dict[int, List[float]] = {t: [] for t in tried}
+    prefills: Dict[int, List[float]] = {t: [] for t in tried}
     deadline = time.perf_counter() + PROBE_BUDGET_S
     rounds = 0
     last: Tuple[int, Any] = (ceiling, top)
@@ -111,7 +118,7 @@ def measure(og, open_at: Callable[[int], Any], ceiling: int, ids: Sequence[int],
             if r >= PROBE_MIN_ROUNDS and time.perf_counter() > deadline:
                 break
             for t2, m in ((t, other), (ceiling, top)):
-                samples[t2].append(median(decode_token_ms(og, m, ids, PROBE_TOKENS)))
+                samples[t2].append(median(decode_token_ms(og, m, ids, PROBE_TOKENS, prefills[t2])))
             rounds += 1
         last, other = (t, other), None
     if len(tried) == 1:
@@ -120,7 +127,8 @@ def measure(og, open_at: Callable[[int], Any], ceiling: int, ids: Sequence[int],
     chosen = tp.pick(ms)
     why = tp.explain(ms, chosen).replace(" ms", " ms a token", 1)
     rec.update(threads=chosen, ms_per_token={str(t): round(v, 4) for t, v in sorted(ms.items())},
-               decode_tok_s={str(t): round(1e3 / v, 1) for t, v in sorted(ms.items())}, rounds=rounds, why=why)
+               decode_tok_s={str(t): round(1e3 / v, 1) for t, v in sorted(ms.items())}, rounds=rounds, why=why,
+               prefill_ms={str(t): round(median(v), 3) for t, v in sorted(prefills.items()) if v})
     model = top if chosen == ceiling else (last[1] if last[0] == chosen else open_at(chosen))
     rec["probe_ms"] = round((time.perf_counter() - t_start) * 1e3, 1)
     return rec, model
