@@ -447,13 +447,15 @@ class LLMEngine:
                 if self.long is not None:
                     self._prefill_long(events)
                 self._drop_finished(events)
+                if events:     # first tokens go out now, not after the next decode step (TTFT)
+                    self._deliver(events)
+                    events = {}
                 if self.active:
                     self._step(events)
                     self._drop_finished(events)
                 with self._cv:
                     self._gauges()
-                for seq, evs in events.items():
-                    seq.on_events(evs)
+                self._deliver(events)
         except BaseException as e:  # the engine thread failing: every sequence hears it, the model is not ready
             log.exception("model %s: the generation thread failed", self.name)
             with self._cv:
@@ -470,6 +472,11 @@ class LLMEngine:
             with self._cv:
                 self._gauges()
             self._closed.set()
+
+    @staticmethod
+    def _deliver(events: Dict[GenSequence, list]) -> None:
+        for seq, evs in events.items():
+            seq.on_events(evs)
 
     def _admit(self) -> List[GenSequence]:
         """Waiting sequences that fit now (slots and KV budget), in arrival order; cancelled ones leave.

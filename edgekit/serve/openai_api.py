@@ -43,6 +43,7 @@ _V2_MODEL = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready)?/?$")
 _JSON = [(b"content-type", b"application/json")]
 _SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 MAX_STOP = 16
+_PIECE = "\u0001edgekit-piece\u0001"   # where a streamed chunk's text goes in its pre-encoded JSON
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
           405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
@@ -314,6 +315,13 @@ class LLMApi:
     async def _events(self, receive, rel, seq, q):
         """Yield ("text", piece) ... then ("done", reason) or ("error", msg). A client that disconnects
         cancels its sequence (seq.client_gone) and the iteration ends at once."""
+        async for batch in self._batches(receive, rel, seq, q):
+            for ev in batch:
+                yield ev
+
+    async def _batches(self, receive, rel, seq, q):
+        """The same events, as lists: everything the engine delivered since the last one (several steps'
+        pieces when this loop was behind), so a stream writes them to its socket at once."""
         async def watch():
             await _wait_disconnect(receive)
             seq.client_gone = True
@@ -324,14 +332,20 @@ class LLMApi:
         gone = asyncio.get_running_loop().create_task(watch())
         try:
             while True:
-                for ev in await q.get():
+                evs = list(await q.get())
+                while not q.empty():
+                    evs.extend(q.get_nowait())
+                out = []
+                for ev in evs:
                     if ev[0] == "gone":
                         log.info("model %s: request %s: the client went away after %d tokens; its sequence is "
                                  "cancelled", rel.name, seq.request_id, seq.completion_tokens)
                         return
-                    yield ev
+                    out.append(ev)
                     if ev[0] != "text":
+                        yield out
                         return
+                yield out
         finally:
             gone.cancel()
             if seq.finish is None:
@@ -405,16 +419,22 @@ class LLMApi:
         if chat:
             await event(dict(base, choices=[{"index": 0, "delta": {"role": "assistant", "content": ""},
                                              "logprobs": None, "finish_reason": None}], **extra))
+        # every content chunk is the same JSON but for the piece: encoded once, the piece put in between
+        ch = ({"index": 0, "delta": {"content": _PIECE}, "logprobs": None, "finish_reason": None} if chat else
+              {"index": 0, "text": _PIECE, "logprobs": None, "finish_reason": None})
+        head, tail = (b"data: " + _dump(dict(base, choices=[ch], **extra)) + b"\n\n").split(_dump(_PIECE))
         pieces = []
         error = None
-        async for kind, v in self._events(receive, rel, seq, q):
-            if kind == "text":
-                pieces.append(v)
-                ch = ({"index": 0, "delta": {"content": v}, "logprobs": None, "finish_reason": None} if chat else
-                      {"index": 0, "text": v, "logprobs": None, "finish_reason": None})
-                await event(dict(base, choices=[ch], **extra))
-            elif kind == "error":
-                error = v
+        async for batch in self._batches(receive, rel, seq, q):
+            out = []
+            for kind, v in batch:
+                if kind == "text":
+                    pieces.append(v)
+                    out.append(head + _dump(v) + tail)
+                elif kind == "error":
+                    error = v
+            if out:
+                await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
         self._log(rel, rid, "chat" if chat else "completion", prompt_text, seq, "".join(pieces))
         if seq.client_gone:
             return await send({"type": "http.response.body", "body": b"", "more_body": False})
