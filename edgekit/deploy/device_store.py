@@ -134,6 +134,16 @@ def _genai():
         spec = None
     if spec is None:
         return {"available": False, "python": sys.executable}
+    for where in spec.submodule_search_locations or ():   # its dist-info beside it: no scan of every package
+        parent = os.path.dirname(where)
+        try:
+            names = os.listdir(parent)
+        except OSError:
+            continue
+        for n in names:
+            if n.startswith("onnxruntime_genai-") and n.endswith(".dist-info"):
+                return {"available": True, "version": n[len("onnxruntime_genai-"):-len(".dist-info")],
+                        "python": sys.executable}
     try:
         from importlib.metadata import PackageNotFoundError, version
     except ImportError:   # Python 3.7: no importlib.metadata
