@@ -37,6 +37,7 @@ import re
 import shutil
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -230,12 +231,16 @@ def run_builder(src: LMSource, opts: LLMBuildOptions, out_dir: Path, cache: Path
         target_options["quant_config"]["weights"]["overrides"] = (
             [{"match": {"preset": "last_matmul"}, "type": "int8"}] + [{"match": {"name": n}, "type": "int8"}
                                                                       for n in names])
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+    from edgekit.convert.llm_compat import builder_config_fixes
+
+    buf, fixes = io.StringIO(), []
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf), builder_config_fixes(fixes):
         kv = builder.parse_extra_options(None, str(src.path), str(out_dir), precision, opts.execution_provider,
                                          str(cache), extra, target_options=target_options)
         builder.create_model(None, str(src.path), str(out_dir), precision, opts.execution_provider,
                              str(cache), **kv)
+    if fixes:
+        buf.write("\n" + "\n".join(fixes) + "\n")
     return buf.getvalue()
 
 
@@ -476,7 +481,7 @@ class _Session:
         except (RuntimeError, ValueError, NotImplementedError, OSError, KeyError, AttributeError) + _ort_errors() as e:
             # a build the builder or ONNX Runtime refuses is recorded (the ladder goes on), not raised
             rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-            self.log.write(f"build {opts} failed: {rec['error']}\n")
+            self.log.write(f"build {opts} failed: {rec['error']}\n{traceback.format_exc()}\n")
         rec["seconds"] = time.monotonic() - t0
         self.builds[opts] = rec
         return rec
@@ -918,8 +923,11 @@ def convert_llm(recipe: LLMRecipe, out: str = "build", *, progress: Optional[Pro
         worst = result.failed[0]
         raise BudgetMissed(f"{len(result.failed)} of {len(result.bundles)} language-model bundle(s) not written: "
                            f"{worst.path.name}: {worst.reason}", result=result,
-                           hint=f"report {result.report_path}, log {log_path}; loosen the floor "
-                                "(--max-ppl-increase, --max-kl, --min-agreement) or use --precision int8")
+                           hint=f"report {result.report_path}, log {log_path}" + (
+                               "; loosen the floor (--max-ppl-increase, --max-kl, --min-agreement) or use --precision "
+                               "int8" if worst.reason.startswith("below the floor") else
+                               ": the log holds the builder's traceback (an architecture or configuration this "
+                               "onnxruntime-genai builder does not handle)"))
     return result
 
 
@@ -940,7 +948,8 @@ def _convert(recipe: LLMRecipe, src: LMSource, plans, out_dir: Path, name: str, 
             if found is None:
                 last = next((st for st in reversed(row.rescue) if st.get("misses") or st.get("error")), row.rescue[-1])
                 first = row.rescue[0]
-                row.reason = ("below the floor: " + "; ".join(first.get("misses") or [first.get("error") or "?"])
+                row.reason = (("below the floor: " if first.get("misses") else "build failed: ")
+                              + "; ".join(first.get("misses") or [first.get("error") or "?"])
                               + ("" if len(row.rescue) == 1 else f" (ladder: {len(row.rescue) - 1} rung(s), "
                                  f"none met it; last: {'; '.join(last.get('misses') or [last.get('error') or '?'])})"))
                 prof = s.builds.get(opts, {})

@@ -101,7 +101,9 @@ class FloatModel:
     def __init__(self, folder: Path, threads: Optional[int] = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()   # its "Loading weights" bar is noise in edgekit's progress lines
         self.torch = torch
         self.folder = Path(folder)
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
@@ -265,15 +267,30 @@ class OnnxDecoder:
                 self.past.append((i.name, heads, dim, dt))
         names = {i.name for i in self.session.get_inputs()}
         self.has_positions = "position_ids" in names
+        self.local_window = local_window(Path(model_dir) / "model.onnx")
 
     def logits(self, window: np.ndarray) -> np.ndarray:
         ids = window[None].astype(np.int64)
         feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
         if self.has_positions:
             feed["position_ids"] = np.arange(ids.shape[1], dtype=np.int64)[None]
+        # an empty cache, as ONNX Runtime GenAI's first step passes it: the KV buffer it shares between past and
+        # present (capacity >= the sliding window where the model has one, e.g. Gemma 3's 512) and an attention
+        # mask covering the window alone, so no position of the buffer counts as past
+        cap = max(ids.shape[1], self.local_window) if self.local_window > 0 else 0
         for name, heads, dim, dt in self.past:
-            feed[name] = np.zeros((1, heads, 0, dim), dt)
+            feed[name] = np.zeros((1, heads, cap, dim), dt)
         return self.session.run(["logits"], feed)[0][0].astype(np.float32)
+
+
+def local_window(model_onnx: Path) -> int:
+    """The largest sliding-window size of the graph's GroupQueryAttention nodes (0: none has one)."""
+    import onnx
+
+    graph = onnx.load(str(model_onnx), load_external_data=False).graph
+    sizes = [a.i for n in graph.node if n.op_type == "GroupQueryAttention" for a in n.attribute
+             if a.name == "local_window_size"]
+    return max([0] + sizes)
 
 
 def compare(ref: List[np.ndarray], text: EvalText, quant_logits: List[np.ndarray]) -> Dict[str, Any]:
