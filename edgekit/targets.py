@@ -84,6 +84,7 @@ _SCHEMA: Dict[str, Dict[str, Tuple[str, Optional[Tuple[Any, ...]], Any]]] = {
         "context_default": (_INT, None, 2048),
         "context_max": (_INT, None, 4096),
         "verified": (_BOOL, None, True),
+        "intra_op_spinning": (_BOOL, None, True),
     },
 }
 
@@ -168,6 +169,7 @@ class LLMBuild:
     context_default: int = 2048        # the context a runtime opens by default (tokens)
     context_max: int = 4096            # the longest context the profile allows (memory)
     verified: bool = True              # False: the path was not run on such a device (said in the manifest)
+    intra_op_spinning: bool = True     # ORT's intra-op threads busy-wait between ops (genai_config session option)
 
     def __post_init__(self) -> None:
         if self.context_default < 1 or self.context_max < self.context_default:

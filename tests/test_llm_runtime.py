@@ -149,6 +149,51 @@ def test_greedy_is_deterministic_and_seeded_sampling_reproducible(lm):
     assert lm.generate("The red train", max_new_tokens=24, temperature=1.0, top_k=1, seed=5) == a
 
 
+def test_prompt_is_prefilled_in_chunks_with_the_same_result(lm, monkeypatch):
+    import edgekit.runtime.llm as rl
+
+    prompt = "The red train goes to the lamp and the blue cat sits by the door. " * 2
+    n = len(lm.encode(prompt))
+    orig, calls = lm._generator, []
+
+    class Spy:
+        def __init__(self, gen):
+            self.gen = gen
+
+        def append_tokens(self, ids):
+            calls.append(len(ids))
+            self.gen.append_tokens(ids)
+
+        def __getattr__(self, name):
+            return getattr(self.gen, name)
+
+    monkeypatch.setattr(lm, "_generator", lambda *a, **k: Spy(orig(*a, **k)))
+    monkeypatch.setattr(rl, "PREFILL_CHUNK", 10_000)
+    whole = lm.generate(prompt, max_new_tokens=16)
+    assert calls == [n] and whole
+    ids_whole = lm.last["token_ids"]
+    calls.clear()
+    monkeypatch.setattr(rl, "PREFILL_CHUNK", 7)
+    assert lm.generate(prompt, max_new_tokens=16) == whole
+    assert calls == [7] * (n // 7) + ([n % 7] if n % 7 else []) and n > 14
+    assert lm.last["prompt_tokens"] == n and lm.last["token_ids"] == ids_whole
+
+
+def test_genai_config_carries_the_profiles_spinning_choice(og_dir, tmp_path):
+    from edgekit.convert.llm import _tune_genai_config
+    from edgekit.targets import load_target
+
+    so = json.loads((og_dir / "genai_config.json").read_text())["model"]["decoder"]["session_options"]
+    assert load_target("x86-avx2").llm.intra_op_spinning is False
+    assert so["session.intra_op.allow_spinning"] == "0"          # the x86-avx2 bundle of the fixture
+    (tmp_path / "genai_config.json").write_text(json.dumps({"model": {"decoder": {}}, "search": {}}))
+    t = load_target("rpi5")
+    _tune_genai_config(tmp_path, t, 512)
+    so = json.loads((tmp_path / "genai_config.json").read_text())["model"]["decoder"]["session_options"]
+    assert so["session.intra_op.allow_spinning"] == ("1" if t.llm.intra_op_spinning else "0")
+    assert so["intra_op_num_threads"] == t.runtime.threads
+
+
 def test_stop_strings_and_streaming(lm):
     full = lm.generate("The red train", max_new_tokens=40)
     pieces = list(lm.generate("The red train", max_new_tokens=40, stream=True))

@@ -631,13 +631,16 @@ def _generation(model_dir: Path, prompt: str, tokens: int = 16, cpu: bool = Fals
 
 def _tune_genai_config(model_dir: Path, t: TargetProfile, context: int) -> None:
     """genai_config.json: the profile's default context as search.max_length (the KV cache a runtime allocates
-    with past_present_share_buffer), and the target's threads."""
+    with past_present_share_buffer), the target's threads and whether ORT's intra-op threads spin between ops
+    (profile llm.intra_op_spinning: a decode step is ~300 small ops, and threads that busy-wait for the next
+    one take the CPU from whatever else runs on the device)."""
     p = model_dir / "genai_config.json"
     cfg = json.loads(p.read_text(encoding="utf-8"))
     cfg.setdefault("search", {})["max_length"] = min(t.llm.context_default, context)
     so = cfg["model"]["decoder"].setdefault("session_options", {})
     if t.llm.execution_provider == "cpu":
         so["intra_op_num_threads"] = t.runtime.threads
+        so["session.intra_op.allow_spinning"] = "1" if t.llm.intra_op_spinning else "0"
     p.write_text(json.dumps(cfg, indent=4), encoding="utf-8")
 
 

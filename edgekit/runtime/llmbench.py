@@ -58,7 +58,7 @@ def benchmark(lm, prompt_tokens: int = 128, new_tokens: int = 128, runs: int = 3
     for r in range(warmup + runs):
         gen = lm._generator(total, search, min_length=total)
         t0 = clock()
-        gen.append_tokens(arr)
+        lm._prefill(gen, arr)          # as generate() prefills (in chunks)
         t1 = clock()
         gen.generate_next_token()
         gen.get_next_tokens()
