@@ -3,6 +3,7 @@ converting afterwards with its fidelity reported; a tiny causal LM's MLPs (HF fo
 afterwards); PyTorch modules; the rank rules; layers where it does not pay left alone."""
 
 import json
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -119,10 +120,69 @@ def test_tiny_lm_mlps_factorized_then_int4(tiny_lm, tmp_path):  # noqa: F811
     w = m.model.layers[1].mlp.up_proj.weight.detach()
     assert w.shape == (256, 128) and int(torch.linalg.matrix_rank(w.double(), rtol=1e-5)) == 32
     assert json.loads((out / "edgekit_factorize.json").read_text())["ranks"]["model.layers.1.mlp.up_proj"] == 32
+    # the folder keeps the factors themselves beside the products: A (rank x in), B (out x rank), W = B @ A
+    from safetensors.numpy import load_file
+
+    rec = json.loads((out / "edgekit_factorize.json").read_text())["lowrank"]
+    fac = load_file(str(out / rec["file"]))
+    up = rec["layers"]["model.layers.1.mlp.up_proj"]
+    a, b = fac[up["A"]], fac[up["B"]]
+    assert a.shape == (32, 128) and b.shape == (256, 32) and len(rec["layers"]) == 12
+    np.testing.assert_allclose(b.astype(np.float64) @ a, w.double().numpy(), atol=1e-5)
     # the result converts like any other folder, its INT4 fidelity measured against itself in float
     i4 = int4_bundle(out, "x86-avx2", tmp_path / "b", name="lowrank", val=str(tmp_path / "val.txt"),
                      bench_tokens=16, say=lambda t: None)
     assert i4["fidelity"]["top1_agreement"] > 0.5 and i4["decode_tok_s"] > 0
+    _check_two_node_bundle(tiny_lm, Path(i4["bundle"]), fac, rec, tmp_path)
+
+
+def _check_two_node_bundle(source, bundle, fac, rec, tmp_path):
+    """The INT4 bundle of a factorized folder holds each MLP projection as two MatMulNBits (x A^T, then B^T) at
+    the build's bits / block / accuracy level, fewer weight bytes than the builder's one-node build of the
+    original, and its pairs compute x A^T B^T within 4-bit quantization error; it loads and generates."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    from edgekit.convert.llm import LLMBuildOptions, read_source, run_builder, weight_bytes
+    from edgekit.runtime import load
+
+    man = json.loads((bundle / "manifest.json").read_text())
+    low = man["lowrank"]
+    assert low["factorized"] == 12 and low["left"] == {} and low["bytes_after"] < 0.5 * low["bytes_before"]
+    assert "edgekit_lowrank.json" in man["model"]["files"]
+    m = onnx.load(str(bundle / "model" / "model.onnx"), load_external_data=False)
+    plain_dir = tmp_path / "plain"
+    run_builder(read_source(str(source)), LLMBuildOptions("int4"), plain_dir, tmp_path / "cache", {})
+    plain = onnx.load(str(plain_dir / "model.onnx"), load_external_data=False)
+    nbits = [n for n in m.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == sum(n.op_type == "MatMulNBits" for n in plain.graph.node) + 12
+    assert weight_bytes(bundle / "model")["weights"] < 0.85 * weight_bytes(plain_dir)["weights"]
+    full = onnx.load(str(bundle / "model" / "model.onnx"))
+    init = {t.name: t for t in full.graph.initializer}
+    nodes = {n.name: n for n in full.graph.node}
+    attrs = lambda n: {x.name: helper.get_attribute_value(x) for x in n.attribute}  # noqa: E731
+    first, second = nodes["/model/layers.1/mlp/up_proj/lowrank_A_Q4"], nodes["/model/layers.1/mlp/up_proj/MatMul_Q4"]
+    assert second.input[0] == first.output[0] and second.output[0] == "/model/layers.1/mlp/up_proj/MatMul/output_0"
+    assert (attrs(first)["K"], attrs(first)["N"], attrs(second)["K"], attrs(second)["N"]) == (128, 32, 32, 256)
+    assert all(attrs(n)["bits"] == 4 and attrs(n)["block_size"] == 32 and attrs(n)["accuracy_level"] == 4
+               for n in (first, second))
+    # the pair alone, run by ONNX Runtime, against the float product of the folder's factors
+    g = helper.make_graph([first, second], "pair", [helper.make_tensor_value_info(first.input[0], 1, ["n", 128])],
+                          [helper.make_tensor_value_info(second.output[0], 1, ["n", 256])],
+                          [init[x] for n in (first, second) for x in n.input[1:] if x in init])
+    sub = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    x = np.random.default_rng(1).standard_normal((8, 128)).astype(np.float32)
+    sess = ort.InferenceSession(sub.SerializeToString(), providers=["CPUExecutionProvider"])
+    y = sess.run(None, {first.input[0]: x})[0]
+    up = rec["layers"]["model.layers.1.mlp.up_proj"]
+    ref = x.astype(np.float64) @ fac[up["A"]].T @ fac[up["B"]].T
+    err = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+    assert 1e-4 < err < 0.2, err     # quantized (not float), within two 4-bit roundings
+    assert low["layers"]["model.layers.1.mlp.up_proj"]["rel_err"] == pytest.approx(err, abs=0.05)
+    lm = load(bundle)
+    assert lm.generate("The robot", max_new_tokens=8).strip()
+    assert abs(man["fidelity"]["ppl_increase"]) < 0.2, man["fidelity"]
 
 
 def test_torch_module_linear_and_conv():
@@ -148,6 +208,51 @@ def test_torch_module_linear_and_conv():
         h = net[:3](x)
         y, y2 = net[3](h), new[3](h)
     assert rows["3"]["output_rel_err"] == pytest.approx(float((y - y2).norm() / y.norm()), rel=1e-4)
+
+
+def test_torch_export_program_from_the_cli(cli, digits, tmp_path):
+    """`edgekit factorize net.pt2`: a torch.export program's linear layers (not its output layer) become two, the
+    result is a .pt2 again, and it converts with its fidelity reported."""
+    _, calib, val = digits
+    tr = np.load(calib.parent / "train.npz")
+    torch.manual_seed(0)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.out = torch.nn.Linear(64, 256), torch.nn.Linear(256, 256), torch.nn.Linear(256, 10)
+
+        def forward(self, image):
+            h = torch.relu(self.fc1(image.reshape(image.shape[0], -1)))
+            return self.out(torch.relu(self.fc2(h)))
+
+    net = Net()
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
+    x, y = torch.from_numpy(tr["image"]), torch.from_numpy(tr["labels"]).long()
+    for i in range(300):
+        j = torch.randint(0, len(x), (32,))
+        loss = torch.nn.functional.cross_entropy(net(x[j]), y[j])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    torch.export.save(torch.export.export(net, (x[:1],)), tmp_path / "net.pt2")  # batch 1, as convert runs it
+    r = cli("factorize", tmp_path / "net.pt2", "--rank-ratio", "0.25", "--data", calib.parent / "train.npz",
+            "--val", val, "--json", "-q")
+    assert r.exit_code == 0, r.stderr
+    res = json.loads(r.stdout)
+    rows = {x["layer"]: x for x in res["layers"]}
+    assert rows["fc1"]["rank"] == 16 and rows["fc2"]["rank"] == 64 and not rows["out"]["factorized"]
+    assert res["after"]["params"] == res["before"]["params"] - 64 * 256 - 256 * 256 + 16 * 320 + 64 * 512
+    assert res["before"]["accuracy"] > 80 and res["before"]["accuracy"] - res["after"]["accuracy"] < 15
+    assert 0 < res["outputs"]["output_rel_err"] < 0.5 and res["saved"].endswith("net-lowrank.pt2")
+    ep = torch.export.load(res["saved"])
+    assert sum(n.target is torch.ops.aten.linear.default for n in ep.graph.nodes) == 5
+    r = cli("convert", res["saved"], "-t", "x86-avx2", "--format", "onnx", "--calib", calib, "--val", val, "--out",
+            tmp_path / "b", "--json")
+    assert r.exit_code == 0, r.stderr
+    (bundle,) = json.loads(r.stdout)["bundles"]
+    assert bundle["validation"]["top1_agreement"] > 0.9
 
 
 def test_rank_rules_and_budgets():
@@ -193,4 +298,8 @@ def test_mistakes(cli, mlp, tmp_path):
     r = cli("factorize", model, "--data", train, "--skip", "nope")
     assert r.exit_code == 2 and "--skip nope" in r.stderr
     r = cli("factorize", tmp_path / "net.pt2", "--data", train)
-    assert r.exit_code == 2 and "factorize_module" in r.stderr
+    assert r.exit_code == 2 and "model not found" in r.stderr
+    r = cli("factorize", tmp_path / "net.pt", "--data", train)
+    assert r.exit_code == 2 and "torch.export.save" in r.stderr and "factorize_module" in r.stderr
+    r = cli("factorize", tmp_path / "net.pt2", "--data", train, "--epochs", "2")
+    assert r.exit_code == 2 and "--epochs" in r.stderr

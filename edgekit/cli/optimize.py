@@ -130,15 +130,15 @@ def distill(teacher, student, width, layers, layer_pick, init, data, val, prompt
 @click.option("--params-budget", type=float, help="The whole model keeps at most this fraction of its parameters.")
 @click.option("--flops-budget", type=float, help="The whole model keeps at most this fraction of its FLOPs.")
 @click.option("--data", required=True, type=click.Path(),
-              help="Keras: .npz with inputs and 'labels'; LM: .txt/.jsonl file or directory.")
+              help="Keras / .pt2: .npz with inputs and 'labels'; LM: .txt/.jsonl file or directory.")
 @click.option("--val", type=click.Path(), help="Validation data (default: held out from --data).")
 @click.option("--epochs", type=int, default=0, show_default=True, help="Fine-tuning epochs after the cut.")
 @click.option("--max-steps", type=int, help="LM: stop fine-tuning after this many steps.")
 @click.option("--lr", type=float, help="Fine-tuning learning rate [Keras 1e-3, LM 1e-4].")
 @click.option("--distill", is_flag=True, help="Keras: fine-tune against the original's outputs too "
               "(an LM is always fine-tuned against the original).")
-@click.option("--include-output", is_flag=True, help="Keras: factorize the output layer too.")
-@click.option("--skip", multiple=True, help="Keras: a layer to leave alone (repeat).")
+@click.option("--include-output", is_flag=True, help="Keras / .pt2: factorize the output layer too.")
+@click.option("--skip", multiple=True, help="Keras / .pt2: a layer to leave alone (repeat).")
 @click.option("--scope", type=click.Choice(["mlp", "attention", "all"]), default="mlp", show_default=True,
               help="LM: which projections of the decoder layers.")
 @click.option("--seq-len", type=int, default=128, show_default=True, help="LM: tokens per block.")
@@ -153,23 +153,38 @@ def factorize(model, rank_ratio, energy, params_budget, flops_budget, data, val,
               include_output, skip, scope, seq_len, batch_size, seed, target_names, out, as_json, quiet):
     """Low-rank factorization: MODEL's Dense/Linear (and convolution) layers become two thinner ones.
 
-    MODEL is a Keras model file or a causal LM's Hugging Face folder (its decoder's linear layers);
-    for a PyTorch nn.Module use edgekit.optimize.factorize.factorize_module in Python. Per layer: rank,
+    MODEL is a Keras model file, a torch.export program (.pt2: its linear layers), or a causal LM's
+    Hugging Face folder (its decoder's linear layers; the factors are saved beside the weights and
+    `edgekit convert` builds them as two MatMuls each); for an nn.Module (convolutions, fine-tuning)
+    use edgekit.optimize.factorize.factorize_module in Python. Per layer: rank,
     parameters and FLOPs before/after, output error; whole model: size, accuracy or perplexity, and with
     --target the converted bundle's latency before/after. Layers where it does not pay are left alone.
     """
+    from pathlib import Path
+
     from edgekit.optimize.factorize import RankRule
     from edgekit.optimize.lm import is_hf_folder
 
     say = (lambda t: None) if quiet else (lambda t: click.echo(t, err=True))
-    if model.lower().endswith((".pt2", ".pt", ".pth", ".ptl", ".jit")):
-        raise click.UsageError(f"{model}: a PyTorch file; factorize the nn.Module in Python with "
-                               "edgekit.optimize.factorize.factorize_module(module, RankRule(rank_ratio=0.25), "
-                               "(example,)), then convert it with edgekit.convert.convert_module")
+    if model.lower().endswith((".pt", ".pth", ".ptl", ".jit")):
+        raise click.UsageError(f"{model}: a TorchScript file cannot be rewritten layer by layer; save the model with "
+                               "torch.export.save(torch.export.export(module, (example,)), 'net.pt2') and give that, "
+                               "or factorize the nn.Module in Python with edgekit.optimize.factorize."
+                               "factorize_module(module, RankRule(rank_ratio=0.25), (example,))")
+    is_program = model.lower().endswith(".pt2")
+    if is_program and (epochs or target_names or distill):
+        raise click.UsageError(f"{model}: a torch.export program is factorized without fine-tuning or bundles here "
+                               "(--epochs/--distill/--target); fine-tune the nn.Module in Python (factorize_module), "
+                               "convert the result with edgekit convert")
     if rank_ratio is None and energy is None and params_budget is None and flops_budget is None:
         rank_ratio = 0.25
     rule = RankRule(rank_ratio=rank_ratio, energy=energy, params_budget=params_budget, flops_budget=flops_budget)
-    if is_hf_folder(model):
+    if is_program:
+        from edgekit.optimize.factorize import factorize_program
+
+        res = factorize_program(model, rule, data, val=val, skip=skip, include_output=include_output,
+                                out=out or str(Path(model).with_name(f"{Path(model).stem}-lowrank.pt2")), say=say)
+    elif is_hf_folder(model):
         from edgekit.optimize.factorize_lm import factorize_lm
         from edgekit.progress import Progress
 

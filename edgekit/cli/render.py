@@ -126,8 +126,13 @@ def factorize_text(res) -> str:
     metric = "perplexity" if "ppl" in b else "accuracy %"
     key = "ppl" if "ppl" in b else "accuracy"
     lines.append(f"model: params {b['params']:,} -> {a['params']:,} (x{a['params'] / b['params']:.3f}), FLOPs "
-                 f"x{res['totals']['flops_ratio']:.3f}; {metric} {b[key]:.4g} -> {a[key]:.4g}"
+                 f"x{res['totals']['flops_ratio']:.3f}"
+                 + (f"; {metric} {b[key]:.4g} -> {a[key]:.4g}" if key in b and key in a else "")
                  + (f" ({res['after_cut'][key]:.4g} right after the cut)" if res.get("after_cut") else ""))
+    if res.get("outputs"):   # a torch.export program: its outputs before/after on the data
+        o = res["outputs"]
+        lines.append(f"outputs on {res.get('data')}: relative error {o['output_rel_err']:.3g}"
+                     + (f", top-1 agreement {100 * o['top1_agreement']:.1f}%" if "top1_agreement" in o else ""))
     for t in res.get("bundles") or []:
         lines.append(f"{t['target']} {t.get('format', '')}: " + ", ".join(
             f"{k} {t[k]}" for k in ("before", "after", "speedup", "note") if t.get(k) is not None))

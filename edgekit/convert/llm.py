@@ -241,6 +241,13 @@ def run_builder(src: LMSource, opts: LLMBuildOptions, out_dir: Path, cache: Path
                              str(cache), **kv)
     if fixes:
         buf.write("\n" + "\n".join(fixes) + "\n")
+    from edgekit.convert import llm_lowrank   # a folder `edgekit factorize` wrote: its pairs as two MatMuls each
+
+    with contextlib.redirect_stdout(buf):   # ORT's k_quant prints a progress bar
+        low = llm_lowrank.apply(src.path, out_dir, opts.algo)
+    if low is not None:
+        buf.write(f"\nlow-rank: {low['factorized']} layer(s) as two MatMuls, {low['left_alone']} left: "
+                  f"{low['left']}\n")
     return buf.getvalue()
 
 
@@ -688,6 +695,7 @@ def _write_bundle(s: _Session, row: LLMRow, t: TargetProfile, opts: LLMBuildOpti
                     "eos_token_id": json.loads((mdir / "genai_config.json").read_text())["model"].get("eos_token_id")},
             "fidelity": dict(m, text=s.text.source, numerics=_numerics(t, opts, rec["ort_version"]),
                              floor=s.floor.to_dict(), meets=True),
+            "lowrank": _lowrank_summary(mdir),
             "rescue": row.rescue, "rescued_by": row.rescued_by, "candidates": row.candidates, "golden": "golden.json",
             "source": {"path": str(src.path), "sha256": src.sha256, "bytes": src.bytes,
                        "architecture": src.architecture},
@@ -696,6 +704,12 @@ def _write_bundle(s: _Session, row: LLMRow, t: TargetProfile, opts: LLMBuildOpti
         write_json_atomic(tmp / "manifest.json", manifest)
     row.bytes = manifest["model"]["bytes"]
     row.bytes_per_token = rec["bytes_per_token"]
+
+
+def _lowrank_summary(model_dir: Path):
+    from edgekit.convert.llm_lowrank import summary
+
+    return summary(model_dir)
 
 
 def _genai_version() -> str:

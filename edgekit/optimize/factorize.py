@@ -21,11 +21,10 @@ Kinds of model:
   Linear(r, out)), nn.Conv2d (groups 1) -> nn.Sequential(Conv2d(in, r, k, ...), Conv2d(r, out, 1)).
 - a causal LM (Hugging Face folder): its decoder layers' MLP projections (attention's too on request),
   fine-tuned by distillation from the original on text; saved as a Hugging Face folder of the same
-  architecture whose projection weights are the rank-r products A @ B (Llama-family configurations
-  cannot say "two thinner matrices", and ONNX Runtime GenAI's model builder reads those
-  configurations), with the ranks in edgekit_factorize.json: the folder converts like any other and
-  measures what the rank costs in perplexity; its parameters and FLOPs as factorized are reported
-  beside, the saved folder is as large as the original.
+  architecture whose projection weights are the rank-r products (Llama-family configurations cannot
+  say "two thinner matrices": transformers loads it as the original, the float reference) plus the
+  factors themselves (edgekit_lowrank.safetensors, named in edgekit_factorize.json), which `edgekit
+  convert` builds into the LLM bundle as two MatMuls per layer (edgekit.convert.llm_lowrank).
 
 `figures`: per layer rank, parameters and FLOPs before/after and output error (relative L2 error of the
 layer's output on the data, ||y - y_r|| / ||y||); whole model size, accuracy or perplexity, and with a
@@ -549,5 +548,169 @@ def factorize_module(module, rule: RankRule, example_inputs: Optional[Tuple] = N
                  "params_after": sum(int(p.numel()) for p in new.parameters())}
 
 
+# --- torch.export programs (.pt2) --------------------------------------------------------------------------
+
+def _program_data(path: str, names: List[str], where: str) -> Tuple[List[np.ndarray], Optional[np.ndarray]]:
+    """Inputs (in the program's order) and labels from an .npz keyed by input name (or holding one array
+    besides 'labels' for a one-input program), or a .npy for a one-input program."""
+    p = Path(path)
+    if not p.is_file() or p.suffix not in (".npz", ".npy"):
+        raise DataError("a PyTorch program's data must be an .npz keyed by input name (+ 'labels') or a .npy",
+                        path=path)
+    if p.suffix == ".npy":
+        if len(names) != 1:
+            raise DataError(f"the program takes {len(names)} inputs ({', '.join(names)}): give an .npz", path=path)
+        return [np.load(p)], None
+    z = np.load(p)
+    labels = z["labels"] if "labels" in z.files else None
+    rest = [k for k in z.files if k != "labels"]
+    if all(n in z.files for n in names):
+        return [z[n] for n in names], labels
+    if len(names) == 1 and len(rest) == 1:
+        return [z[rest[0]]], labels
+    raise DataError(f"the .npz holds {rest}, the program's inputs are {names}", path=path,
+                    hint=f"key the arrays by input name ({where})")
+
+
+def factorize_program(model_path: str, rule: RankRule, data: str, *, val: Optional[str] = None,
+                      skip: Sequence[str] = (), include_output: bool = False, out: Optional[str] = None,
+                      say: Callable[[str], None] = print) -> Dict[str, Any]:
+    """A torch.export program (.pt2): each aten.linear whose weight is a parameter becomes two (x A^T, then
+    B^T + bias), re-exported to `out` (.pt2, which edgekit convert takes). Convolutions and fine-tuning are
+    for nn.Modules in Python (factorize_module). Figures on `val` (else `data`): per layer rank, parameters,
+    FLOPs, output error; the program's outputs before/after (relative error, top-1 agreement, accuracy when
+    the data has 'labels')."""
+    import torch
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    if not Path(model_path).is_file():
+        raise DataError("model not found", path=model_path)
+    try:
+        ep = torch.export.load(model_path)
+    except (RuntimeError, ValueError, OSError) as e:
+        raise DataError(f"torch.export.load cannot read it: {str(e).splitlines()[0][:200]}", path=model_path,
+                        hint="save the program with torch.export.save(torch.export.export(model, example), path)"
+                        ) from None
+    gm = ep.module()
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    xs, labels = _program_data(val or data, names, model_path)
+    ex = ep.example_inputs[0] if ep.example_inputs else ()
+    bs = int(ex[0].shape[0]) if ex and hasattr(ex[0], "shape") and len(ex[0].shape) else 1
+    n_rows = min(len(x) for x in xs) // bs * bs
+    if n_rows == 0:
+        raise DataError(f"the data has fewer samples than the program's batch of {bs}", path=val or data)
+    args = tuple(torch.from_numpy(np.ascontiguousarray(x[:n_rows])) for x in xs)
+    chunks = [tuple(a[i: i + bs] for a in args) for i in range(0, n_rows, bs)]   # the program's static batch
+    labels = labels[:n_rows] if labels is not None else None
+    linear = torch.ops.aten.linear.default
+    ShapeProp(gm).propagate(*chunks[0])
+    layers, skipped, nodes = [], {}, {}
+    lins = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is linear]
+    for n in lins:
+        w = n.args[1]
+        if n is lins[-1] and not include_output:
+            skipped[n.name if getattr(w, "op", None) != "get_attr" else w.target.rsplit(".", 1)[0]] = (
+                "the output layer: left alone (a low rank there caps the rank of the outputs; --include-output)")
+            continue
+        if getattr(w, "op", None) != "get_attr":
+            skipped[n.name] = "its weight is not a parameter of the program: left alone"
+            continue
+        if n.name in skip or w.target.rsplit(".", 1)[0] in skip:
+            skipped[n.name] = "left alone as asked"
+            continue
+        mat = gm.get_parameter(w.target).detach().double().numpy().T.copy()
+        shape = tuple(n.meta["tensor_meta"].shape)
+        label = w.target.rsplit(".", 1)[0] or n.name
+        layers.append(Layer(label, "dense", mat, int(np.prod(shape[1:-1])) if len(shape) > 2 else 1))
+        nodes[label] = n
+    for n in skip:
+        if n not in nodes and n not in skipped:
+            raise DataError(f"--skip {n}: the program has no linear layer of that name",
+                            hint="names: " + ", ".join(list(nodes) + list(skipped)))
+    if not layers:
+        raise DataError("the program has no linear layer (aten.linear with a parameter weight) to factorize",
+                        path=model_path, hint="convolutions: factorize the nn.Module in Python (factorize_module)")
+    other = sum(int(q.numel()) for q in gm.parameters()) - sum(ly.weights(None) for ly in layers)
+    plan = plan_ranks(layers, rule, other_params=other)
+    factors = {ly.name: ly.factors(plan[ly.name]["rank"]) for ly in layers if plan[ly.name]["rank"]}
+    if not factors:
+        raise DataError(f"with {rule.describe()} no layer gets cheaper: "
+                        + "; ".join(f"{k}: {v['why']}" for k, v in plan.items()), hint="give a lower rank")
+    seen: Dict[str, Any] = {}
+
+    class Record(torch.fx.Interpreter):
+        def call_function(self, target, a, kw):
+            if target is linear and self._node_name in want:
+                seen.setdefault(self._node_name, a[0].detach())
+            return super().call_function(target, a, kw)
+
+        def run_node(self, n):
+            self._node_name = n.name
+            return super().run_node(n)
+
+    want = {nodes[k].name: k for k in factors}
+    flat = lambda o: o[0] if isinstance(o, (tuple, list)) else o  # noqa: E731
+    with torch.no_grad():
+        ref = torch.cat([flat(Record(gm).run(*c)) for c in chunks])
+    errs = {}
+    for node_name, x in seen.items():
+        k = want[node_name]
+        a, b = (torch.from_numpy(f).to(x.dtype) for f in factors[k])
+        w = torch.from_numpy(next(ly for ly in layers if ly.name == k).matrix).to(x.dtype)
+        errs[k] = _rel_err((x @ w).double().numpy(), (x @ a @ b).double().numpy())
+    new = copy.deepcopy(gm)
+    g = new.graph
+    for k, (a, b) in factors.items():
+        n = next(x for x in g.nodes if x.name == nodes[k].name)
+        safe = k.replace(".", "_")
+        new.register_parameter(f"{safe}_lowrank_A", torch.nn.Parameter(torch.from_numpy(a.T.copy()),
+                                                                        requires_grad=False))
+        new.register_parameter(f"{safe}_lowrank_B", torch.nn.Parameter(torch.from_numpy(b.T.copy()),
+                                                                        requires_grad=False))
+        with g.inserting_before(n):
+            pa, pb = g.get_attr(f"{safe}_lowrank_A"), g.get_attr(f"{safe}_lowrank_B")
+            h = g.call_function(linear, (n.args[0], pa))
+            y = g.call_function(linear, (h, pb) + tuple(n.args[2:]))
+        n.replace_all_uses_with(y)
+        old_w = n.args[1]
+        g.erase_node(n)
+        if not old_w.users:
+            g.erase_node(old_w)
+            owner, _, attr = old_w.target.rpartition(".")
+            delattr(new.get_submodule(owner) if owner else new, attr)
+    g.lint()
+    new.recompile()
+    with torch.no_grad():
+        got = torch.cat([flat(new(*c)) for c in chunks])
+    r0, r1 = ref.double().numpy(), got.double().numpy()
+    cmp: Dict[str, Any] = {"output_rel_err": _rel_err(r0, r1)}
+    if r0.ndim == 2 and r0.shape[1] > 1:
+        cmp["top1_agreement"] = float((r0.argmax(1) == r1.argmax(1)).mean())
+        if labels is not None and len(labels) == len(r0):
+            cmp["accuracy_before"] = 100.0 * float((r0.argmax(1) == labels).mean())   # percent, as Keras's
+            cmp["accuracy_after"] = 100.0 * float((r1.argmax(1) == labels).mean())
+    rows = [layer_row(ly, plan[ly.name], errs.get(ly.name)) for ly in layers]
+    rows += [{"layer": n, "factorized": False, "note": why} for n, why in skipped.items()]
+    params_before = sum(int(q.numel()) for q in gm.parameters())
+    params_after = sum(int(q.numel()) for q in new.parameters())
+    saved = None
+    if out:
+        exported = torch.export.export(new, chunks[0])
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        torch.export.save(exported, out)
+        saved = str(out)
+        say(f"saved {out}: edgekit convert {out} -t TARGET --calib ... converts it")
+    t = totals([r for r in rows if "params_before" in r])
+    # FLOPs of the program's linear layers (other ops are not counted here)
+    t.update(params_ratio=params_after / params_before,
+             flops_ratio=t["layer_flops_after"] / max(1, t["layer_flops_before"]))
+    return {"kind": "torch-export", "rule": rule.describe(), "epochs": 0, "layers": rows, "totals": t,
+            "before": {"params": params_before, **({"accuracy": cmp["accuracy_before"]} if "accuracy_before" in cmp
+                                                   else {})},
+            "after": {"params": params_after, **({"accuracy": cmp["accuracy_after"]} if "accuracy_after" in cmp
+                                                 else {})},
+            "outputs": cmp, "data": str(val or data), "saved": saved}
+
+
 __all__ = ["RankRule", "Layer", "plan_ranks", "keras_layers", "rebuild_keras", "torch_layers", "replace_torch",
-           "factorize_module", "factorize_keras", "bundle_latency"]
+           "factorize_module", "factorize_keras", "factorize_program", "bundle_latency"]

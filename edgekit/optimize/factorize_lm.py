@@ -2,22 +2,32 @@
 
 The decoder layers' MLP projections (`scope="mlp"`; "attention" or "all" adds the attention
 projections; the embeddings and lm_head are never touched) are replaced by their truncated SVD,
-optionally fine-tuned by distillation from the original on text (`epochs`), then each pair is
-multiplied back into one matrix of the original shape (rank r), because Llama-family configurations,
-and the converters that read them, have no way to say "two thinner matrices": the saved folder has the
-original architecture and size and converts like any other; what it measures is the cost of the rank
-in perplexity (beside INT4's, with `int4_target`). edgekit_factorize.json in the folder records the ranks.
-Parameters and FLOPs per token are reported as factorized (what a runtime with low-rank matmuls would
-load and compute) and as saved.
+optionally fine-tuned by distillation from the original on text (`epochs`). The saved folder holds both
+forms of each factorized layer:
+
+- the Hugging Face weights, each pair multiplied back into one matrix of the original shape (rank r):
+  Llama-family configurations cannot say "two thinner matrices", so transformers (and any tool that reads
+  the architecture) loads the folder as the original; this is the float reference edgekit convert's
+  fidelity measures against;
+- the factors themselves, `edgekit_lowrank.safetensors` (A: rank x in, B: out x rank, W = B @ A), named per
+  layer in edgekit_factorize.json's "lowrank" section: `edgekit convert` of the folder replaces each such
+  layer of the builder's model.onnx by two MatMuls (edgekit.convert.llm_lowrank), so the bundle reads
+  rank * (in + out) weights instead of in * out per token.
+
+Parameters and FLOPs per token are reported as factorized; `int4_target` converts the original and the
+factorized folder to INT4 and times both here.
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
+from edgekit.convert.llm_lowrank import FACTORS, RECORD
 from edgekit.errors import DataError
 from edgekit.optimize import lm
 from edgekit.optimize.factorize import RankRule, layer_row, plan_ranks, replace_torch, torch_layers, totals, \
@@ -113,17 +123,47 @@ def factorize_lm(model_path: str, rule: RankRule, data: str, *, val: Optional[st
         "after_cut": cut,
         "after": {"params": params_fact, "params_saved": n_params, "flops_per_token": flops_fact, **after},
         "ppl_increase": after["ppl"] / before["ppl"] - 1.0,
-        "note": ("saved with the original architecture: each factorized projection holds its rank-r product "
-                 "(the folder is as large as the original; 'params' after counts the factors)")}
+        "note": ("saved with the original architecture (each factorized projection holds its rank-r product: "
+                 "transformers loads it as the original, the float reference) and the factors beside it "
+                 f"({FACTORS}); edgekit convert replaces each factorized layer by its two thinner MatMuls")}
     if out:
-        lm.save_lm(merged, tok, out, extra={"edgekit_factorize.json": {"source": str(model_path),
-                                                                        "rule": rule.describe(), "ranks": ranks}})
-        say(f"saved {out}")
+        record = {"source": str(model_path), "rule": rule.describe(), "ranks": ranks}
+        lm.save_lm(merged, tok, out, extra={RECORD: record})
+        res["lowrank"] = save_factors(student, out, record)
+        say(f"saved {out} (the original architecture with rank-r products, and the {len(ranks)} factor pairs in "
+            f"{FACTORS}: edgekit convert builds them as two MatMuls each)")
     res["saved"] = str(out) if out else None
     if int4_target:
         res["int4"] = _int4(model_path, out, int4_target, val, say) if out else \
             {"measured": False, "why": "give -o to convert the result"}
     return res
+
+
+def save_factors(student, out: str, record: Dict[str, Any]) -> Dict[str, Any]:
+    """The factor pairs of `student` (its factorized Linears are Sequential(Linear(in, r), Linear(r, out))) into
+    out/edgekit_lowrank.safetensors: A (r x in) = the first's weight, B (out x r) = the second's, float32; then
+    `record` (edgekit_factorize.json) rewritten with its "lowrank" section naming them. The factors are written
+    before the record names them, so an interrupted save leaves a folder that converts as its weights."""
+    import torch
+    from safetensors.torch import save_file
+
+    tensors, layers = {}, {}
+    for name, m in student.named_modules():
+        if isinstance(m, torch.nn.Sequential) and len(m) == 2 and all(isinstance(x, torch.nn.Linear) for x in m):
+            a, b = m[0].weight.detach().float().cpu().contiguous(), m[1].weight.detach().float().cpu().contiguous()
+            tensors[f"{name}.A"], tensors[f"{name}.B"] = a, b
+            layers[name] = {"rank": int(a.shape[0]), "in": int(a.shape[1]), "out": int(b.shape[0]),
+                            "A": f"{name}.A", "B": f"{name}.B", "bias": m[1].bias is not None}
+    out_p = Path(out)
+    tmp = out_p / f".{FACTORS}.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "edgekit low-rank factors: W = B @ A"})
+    os.replace(tmp, out_p / FACTORS)
+    low = {"file": FACTORS, "layout": "A: rank x in, B: out x rank, W = B @ A (y = x A^T B^T + bias)",
+           "layers": layers}
+    rec_tmp = out_p / f".{RECORD}.tmp"
+    rec_tmp.write_text(json.dumps(dict(record, lowrank=low), indent=2) + "\n")
+    os.replace(rec_tmp, out_p / RECORD)
+    return {"file": str(out_p / FACTORS), "layers": len(layers), "bytes": (out_p / FACTORS).stat().st_size}
 
 
 def _lm_head_weights(model) -> int:
@@ -141,4 +181,4 @@ def _int4(source: str, factorized: str, target: str, val: Optional[str], say) ->
     return res
 
 
-__all__ = ["factorize_lm", "merge", "SCOPES"]
+__all__ = ["factorize_lm", "merge", "save_factors", "SCOPES"]
