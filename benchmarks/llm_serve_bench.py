@@ -283,8 +283,9 @@ def start_server(model_dir: Path, threads: int, log: Path) -> (subprocess.Popen,
 
 def long_prompt_bench(model_dir: Path, threads: int, prompt_tokens: int, chunks: List[int], rounds: int) -> Dict:
     """Inter-token gaps of a running stream (the batched engine in-process) while a prompt of `prompt_tokens`
-    arrives, for each long-prompt chunk size (llm_batch.PREFILL_CHUNK; one bigger than the prompt: read in
-    one piece, no decode step in between), the settings taking turns round by round."""
+    arrives, for each long-prompt chunk size (llm_batch.PREFILL_CHUNK; 0: the engine's own, sized by time;
+    one bigger than the prompt: read in one piece, no decode step in between), the settings taking turns
+    round by round."""
     from edgekit.runtime import llm_batch
     from edgekit.runtime.llm_batch import GenSequence, SamplingParams, load_llm_release
     from tinylm import corpus_text
@@ -301,7 +302,7 @@ def long_prompt_bench(model_dir: Path, threads: int, prompt_tokens: int, chunks:
     try:
         for r in range(rounds):
             for c in chunks:
-                llm_batch.PREFILL_CHUNK = c
+                llm_batch.PREFILL_CHUNK = c or None
                 times, long_first, done = [], [], threading.Semaphore(0)
 
                 def on_a(evs):
@@ -331,9 +332,9 @@ def long_prompt_bench(model_dir: Path, threads: int, prompt_tokens: int, chunks:
                 rel.engine.wake()
                 done.acquire()
                 done.acquire()
-                gaps = [(t1, (t1 - t0_) * 1e3) for t0_, t1 in zip(times, times[1:])]
-                during = [g for t, g in gaps if t0 < t <= long_first[0] + 1e-3]
-                before = [g for t, g in gaps if t <= t0]
+                gaps = [(a, b) for a, b in zip(times, times[1:])]
+                during = [(b - a) * 1e3 for a, b in gaps if b > t0 and a < long_first[0]]   # overlapping the prefill
+                before = [(b - a) * 1e3 for a, b in gaps if b <= t0]
                 res[c]["gap_during_ms"] += during
                 res[c]["gap_max_ms"].append(max(during) if during else float("nan"))
                 res[c]["gap_before_ms"] += before[5:]
@@ -346,7 +347,7 @@ def long_prompt_bench(model_dir: Path, threads: int, prompt_tokens: int, chunks:
     rows = []
     for c in chunks:
         d = res[c]
-        rows.append({"prefill_chunk": c, "interleaved": c < prompt_tokens, "rounds": rounds,
+        rows.append({"prefill_chunk": c or "by time", "interleaved": c < prompt_tokens, "rounds": rounds,
                      "inter_token_ms_p50_before_arrival": _pct(d["gap_before_ms"], 50),
                      "inter_token_ms_p99_before_arrival": _pct(d["gap_before_ms"], 99),
                      "inter_token_ms_p50_while_prefilling": _pct(d["gap_during_ms"], 50),
@@ -378,7 +379,8 @@ def main() -> None:
     ap.add_argument("--streams", default=CONCURRENCY, help="concurrent streams per row (comma-separated)")
     ap.add_argument("--long-prompt", type=int, default=0,
                     help="instead: a running stream's inter-token gaps while a prompt of this many tokens arrives")
-    ap.add_argument("--chunks", default="128,100000", help="with --long-prompt: chunk sizes compared")
+    ap.add_argument("--chunks", default="0,100000",
+                    help="with --long-prompt: chunk sizes compared (0: sized by time, the default)")
     args = ap.parse_args()
     cache = ROOT / "benchmarks" / ".cache"
     cache.mkdir(parents=True, exist_ok=True)
@@ -389,7 +391,7 @@ def main() -> None:
                                 args.rounds)
         res.update(model=str(model), conditions_before=before, conditions_after=conditions(args.threads))
         for r in res["rows"]:
-            print(f"chunk {r['prefill_chunk']:>6}: ITL p50/p99 before {r['inter_token_ms_p50_before_arrival']:.1f}/"
+            print(f"chunk {r['prefill_chunk']!s:>7}: ITL p50/p99 before {r['inter_token_ms_p50_before_arrival']:.1f}/"
                   f"{r['inter_token_ms_p99_before_arrival']:.1f} ms, while a {args.long_prompt}-token prompt is read "
                   f"{r['inter_token_ms_p50_while_prefilling']:.1f}/{r['inter_token_ms_p99_while_prefilling']:.1f} ms "
                   f"(max {max(r['inter_token_ms_max_while_prefilling']):.0f}), its TTFT p50 "

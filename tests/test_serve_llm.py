@@ -419,13 +419,13 @@ def test_prompts_arriving_together_prefill_as_one_batch_with_single_stream_text(
 
 
 def test_long_prompt_is_prefilled_between_decode_steps_of_a_running_stream(bundle):
-    """A prompt longer than one prefill batch is read in chunks (PREFILL_CHUNK tokens) between decode steps:
-    a stream already generating gets a token after each chunk instead of waiting for the whole prompt, and
-    the long prompt's greedy continuation still equals ONNX Runtime GenAI's single-stream generation."""
+    """A prompt longer than one prefill batch is read in chunks (sized by time) between decode steps: a stream
+    already generating gets a token after each chunk instead of waiting for the whole prompt, and the long
+    prompt's greedy continuation still equals ONNX Runtime GenAI's single-stream generation."""
     import time
 
     from edgekit.runtime import load
-    from edgekit.runtime.llm_batch import PREFILL_CHUNK, GenSequence, SamplingParams, load_llm_release
+    from edgekit.runtime.llm_batch import PREFILL_CHUNK_MIN, GenSequence, SamplingParams, load_llm_release
     from tinylm import corpus_text
 
     lm = load(bundle)
@@ -436,8 +436,15 @@ def test_long_prompt_is_prefilled_between_decode_steps_of_a_running_stream(bundl
     try:
         eng = rel.engine
         ids = rel.tokenizer.encode(long_prompt)
-        chunks = -(-len(ids) // PREFILL_CHUNK)
-        assert chunks >= 3, len(ids)
+        assert len(ids) > 400
+        chunks = []
+        part = eng.decoder.prefill_part
+
+        def counted(slot, prompt, start, end):
+            chunks.append(end - start)
+            return part(slot, prompt, start, end)
+
+        eng.decoder.prefill_part = counted
         times, text, done = {"a": [], "b": []}, [], threading.Semaphore(0)
 
         def on(key):
@@ -464,7 +471,8 @@ def test_long_prompt_is_prefilled_between_decode_steps_of_a_running_stream(bundl
         assert done.acquire(timeout=120) and done.acquire(timeout=120)
         assert "".join(text) == want
         during = [t for t in times["a"] if t_submit < t < times["b"][0]]
-        assert len(during) >= chunks - 1, (len(during), chunks)   # a decode step between every two chunks
+        assert len(chunks) >= 2 and min(chunks[:-1]) >= PREFILL_CHUNK_MIN, chunks
+        assert len(during) >= len(chunks) - 1, (len(during), chunks)   # a decode step between every two chunks
         assert a.completion_tokens == 300 and eng.kv_tokens == 0 and eng.long is None
     finally:
         rel.engine.retire()

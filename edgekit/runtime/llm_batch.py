@@ -25,9 +25,12 @@ Greedy decoding under batching gives the same tokens as ONNX Runtime GenAI's sin
 Admission is bounded by `max_sequences`, by the KV-cache budget (each sequence reserves prompt + max
 tokens, capped at the slot capacity) and by a bounded wait queue; beyond them a request is refused at once.
 Prefill runs between decode steps: prompts admitted together as one right-padded batch (up to 256 padded
-tokens). A longer prompt is prefilled in chunks of PREFILL_CHUNK tokens into a row of its own (the last
-slot, outside the decoding rows), one chunk between two decode steps, so the running streams keep decoding
-while it is read (their inter-token time grows by one chunk's time, not by the whole prompt's); when its
+tokens). A longer prompt is prefilled in chunks into a row of its own (the last slot, outside the decoding
+rows), one chunk between two decode steps, so the running streams keep decoding while it is read (their
+inter-token time grows by one chunk's time, not by the whole prompt's). A chunk is sized to take about
+LONG_PREFILL_STEPS decode steps (each chunk's size follows the ratio of that time to the last chunk's,
+64 to 256 tokens: smaller chunks cost much more per token), so the prompt gets ~4/5 of the time while
+others decode; 256 tokens a chunk when none does; when its
 last chunk is in, its cache moves to the next decoding row and it joins the batch. One long prompt is
 prefilled at a time; shorter ones arriving meanwhile are admitted as usual.
 
@@ -55,7 +58,10 @@ log = logging.getLogger("edgekit.serve")
 
 VERSION_CHARS = 12
 PREFILL_TOKENS = 256   # padded prompt tokens prefilled in one call when several prompts arrive together
-PREFILL_CHUNK = 128    # a longer prompt's tokens prefilled between two decode steps
+PREFILL_CHUNK: Optional[int] = None   # a longer prompt's tokens per chunk; None: sized by time (below)
+LONG_PREFILL_STEPS = 4                 # a chunk takes about this many decode steps' time
+PREFILL_CHUNK_MIN = 64                 # smaller chunks cost much more per token (measured: 16 tokens ~2x, 64 ~1.2x)
+_EMA = 0.3
 _PAGE = mmap.PAGESIZE
 
 
@@ -103,6 +109,10 @@ def _sample(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator) -> 
         sub = probs[keep] / probs[keep].sum()
         return int(keep[rng.choice(keep.size, p=sub)])
     return int(rng.choice(probs.size, p=probs))
+
+
+def _ema(avg: Optional[float], x: float) -> float:
+    return x if avg is None else avg + _EMA * (x - avg)
 
 
 # -- one sequence -----------------------------------------------------------------------------------------
@@ -364,6 +374,8 @@ class LLMEngine:
         self.active: List[GenSequence] = []
         self.long: Optional[GenSequence] = None   # a long prompt being prefilled, chunk by chunk (its row: the last)
         self.long_row = decoder.slots - 1
+        self.step_s: Optional[float] = None           # decode step time (moving average)
+        self.chunk = PREFILL_CHUNK_MIN                # the next long-prompt chunk's tokens (while others decode)
         self.steps = 0
         self.prefills = 0                    # prefill calls (a batch of prompts counts once)
         self.failed: Optional[str] = None    # why the generation thread ended with an error
@@ -507,15 +519,27 @@ class LLMEngine:
             out.append(seq)
         return out
 
+    def _chunk_tokens(self) -> int:
+        if PREFILL_CHUNK:
+            return PREFILL_CHUNK
+        if not self.active:
+            return PREFILL_TOKENS      # nobody is waiting for a decode step
+        return self.chunk
+
     def _prefill_long(self, events) -> None:
         """The next chunk of the long prompt, in its own row; on its last one it joins the decoding rows."""
         seq, row = self.long, self.long_row
         if seq.cancelled:
             return     # _drop_finished lets it go
         start = seq.length
-        end = min(start + PREFILL_CHUNK, seq.prompt_tokens)
+        end = min(start + self._chunk_tokens(), seq.prompt_tokens)
+        t0 = time.perf_counter()
         try:
             logits = self.decoder.prefill_part(row, seq.prompt_ids, start, end)
+            took = time.perf_counter() - t0
+            if self.active and self.step_s and end - start == self.chunk:   # toward LONG_PREFILL_STEPS steps' time
+                ratio = min(2.0, max(0.5, LONG_PREFILL_STEPS * self.step_s / max(took, 1e-6)))
+                self.chunk = int(min(PREFILL_TOKENS, max(PREFILL_CHUNK_MIN, round(self.chunk * ratio))))
         except Exception as e:  # this prompt fails (e.g. out of memory): the others go on
             log.error("model %s: prefill of a %d-token prompt failed: %s", self.name, seq.prompt_tokens, e)
             self.long = None
@@ -592,7 +616,9 @@ class LLMEngine:
         act = self.active
         tokens = np.fromiter((s.tokens[-1] for s in act), dtype=np.int64, count=len(act))
         lengths = np.fromiter((s.length for s in act), dtype=np.int64, count=len(act))
+        t0 = time.perf_counter()
         logits = self.decoder.decode(tokens, lengths)
+        self.step_s = _ema(self.step_s, time.perf_counter() - t0)
         self.steps += 1
         if self.metrics is not None:
             self.metrics.llm_batch.observe(len(act), **self.labels)
