@@ -111,4 +111,8 @@ def test_tiny_model_converts_meets_the_floor_and_generates(arch, tmp_path):
     lm = load(row.path)
     out = lm.generate(corpus_text(3, seed=11), max_new_tokens=24)
     assert isinstance(out, str) and lm.last["new_tokens"] > 0
+    # prompt + new tokens under the sliding window (16): the cache still gets the window's capacity (ORT GenAI
+    # refuses a smaller one), and the generation stops at its own count
+    lm.generate("The", max_new_tokens=3)
+    assert lm.last["new_tokens"] <= 3 and lm.last["prompt_tokens"] + 3 < 16
     assert lm.check()["ok"]

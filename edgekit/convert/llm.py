@@ -48,6 +48,7 @@ from edgekit.convert.llm_fidelity import (BUILTIN_PROMPTS, EvalText, FloatModel,
                                           golden)
 from edgekit.errors import BudgetMissed, EdgekitError, SourceModelError
 from edgekit.progress import Progress
+from edgekit.runtime.llmopts import kv_capacity, kv_floor
 from edgekit.table import render
 from edgekit.targets import TargetProfile, load_target
 
@@ -625,11 +626,12 @@ def _generation(model_dir: Path, prompt: str, tokens: int = 16, cpu: bool = Fals
     tok = og.Tokenizer(model)
     ids = tok.encode(prompt)
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + tokens, do_sample=False)
+    genai = json.loads((model_dir / "genai_config.json").read_text(encoding="utf-8"))
+    params.set_search_options(max_length=kv_capacity(genai, len(ids) + tokens), do_sample=False)
     gen = og.Generator(model, params)
     gen.append_tokens(ids)
     out = []
-    while not gen.is_done():
+    while not gen.is_done() and len(out) < tokens:
         gen.generate_next_token()
         out.append(int(gen.get_next_tokens()[0]))
     return {"prompt": prompt, "max_new_tokens": tokens, "tokens": out, "text": tok.decode(out),
@@ -737,13 +739,13 @@ def decode_speed(model_dir: Path, threads: int, prompt_tokens: int = 64, new_tok
     best = 0.0
     for _ in range(runs + 1):
         params = og.GeneratorParams(model)
-        params.set_search_options(max_length=prompt_tokens + new_tokens, min_length=prompt_tokens + new_tokens,
-                                  do_sample=False)
+        params.set_search_options(max_length=kv_capacity(cfg, prompt_tokens + new_tokens),
+                                  min_length=prompt_tokens + new_tokens, do_sample=False)
         gen = og.Generator(model, params)
         gen.append_tokens(ids)
         gen.generate_next_token()
         t0, n = time.perf_counter(), 0
-        while not gen.is_done():
+        while not gen.is_done() and n < new_tokens - 1:
             gen.generate_next_token()
             n += 1
         best = max(best, n / (time.perf_counter() - t0)) if n else best
@@ -893,13 +895,15 @@ def _host_threads(s: _Session, t: TargetProfile, rec: Dict[str, Any], where: str
     if ceiling < 2:
         return {}
     mdir = Path(rec["dir"])
-    vocab = int(json.loads((mdir / "genai_config.json").read_text(encoding="utf-8"))["model"]["vocab_size"])
+    genai = json.loads((mdir / "genai_config.json").read_text(encoding="utf-8"))
+    vocab = int(genai["model"]["vocab_size"])
     ids = (rec.get("golden") or {}).get("prompts", [[]])[0][:llmthreads.PROBE_PROMPT]
     if len(ids) < llmthreads.PROBE_PROMPT:
         ids = llmthreads.probe_ids(None, vocab)
     try:
         choice, _ = llmthreads.measure(og, lambda n: _og_model(og, mdir, n), ceiling, [int(i) for i in ids],
-                                       where=where.replace("decode tok/s on", "timed on", 1))
+                                       where=where.replace("decode tok/s on", "timed on", 1),
+                                       capacity=kv_floor(genai))
     except RuntimeError as e:   # ORT GenAI refusing the build at some count: the load at the device probes instead
         s.progress.say(f"  [{t.name}] threads not measured ({str(e).splitlines()[0][:160]})")
         return {}

@@ -65,6 +65,7 @@ from edgekit.errors import BackendUnavailable, BundleError, DataError
 from edgekit.runtime.llmopts import MIN_SNR_DB, MIN_TOP1  # noqa: F401  (re-exported: runtime.llm.MIN_TOP1)
 from edgekit.runtime.llmopts import GenOptions as _Options
 from edgekit.runtime.llmopts import hold_back as _hold_back
+from edgekit.runtime.llmopts import kv_capacity
 from edgekit.runtime.llmopts import rss_mb as _rss_mb
 
 KIND = "llm"
@@ -426,7 +427,9 @@ class LanguageModel:
 
     def _generator(self, max_length: int, search: Mapping[str, Any], min_length: int = 0):
         params = self._og.GeneratorParams(self.og_model)
-        params.set_search_options(max_length=int(max_length), min_length=int(min_length), **search)
+        # a sliding-window model's cache holds at least its window; callers stop by their own token count
+        params.set_search_options(max_length=kv_capacity(self.genai_config, max_length), min_length=int(min_length),
+                                  **search)
         return self._og.Generator(self.og_model, params)
 
     def _prefill(self, gen, ids: Sequence[int]) -> None:

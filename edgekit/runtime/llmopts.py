@@ -6,7 +6,7 @@ continuous-batching engine all take them from here, so none of those modules imp
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 from edgekit.errors import DataError
 
@@ -79,3 +79,18 @@ def rss_mb() -> Dict[str, Optional[float]]:
 
         out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
+
+
+def kv_floor(genai_config: Mapping[str, Any]) -> int:
+    """The fewest positions a generator's KV cache may hold for this model: its sliding window where it has one
+    (genai_config decoder.sliding_window.window_size, e.g. Gemma 3's 512), else 0. ONNX Runtime GenAI sizes the
+    cache it shares between past and present by max_length, and GroupQueryAttention refuses a sliding-window
+    layer whose cache is smaller than the window ("KV cache capacity (23) must be at least local_window_size
+    (512)"), so a short generation gets the window's capacity and is stopped by its own token count."""
+    window = (((genai_config.get("model") or {}).get("decoder") or {}).get("sliding_window") or {})
+    return int(window.get("window_size") or 0)
+
+
+def kv_capacity(genai_config: Mapping[str, Any], max_length: int) -> int:
+    """max_length for a generator that must hold `max_length` positions (see kv_floor)."""
+    return max(int(max_length), kv_floor(genai_config))

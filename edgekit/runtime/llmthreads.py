@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from edgekit.runtime import threadprobe as tp
+from edgekit.runtime.llmopts import kv_floor
 
 PROBE_PROMPT = 16
 PROBE_TOKENS = 12
@@ -37,12 +38,13 @@ BACKEND = "onnxruntime-genai"
 
 
 def decode_token_ms(og, og_model, ids: Sequence[int], new_tokens: int,
-                    prefill: Optional[List[float]] = None) -> List[float]:
+                    prefill: Optional[List[float]] = None, capacity: int = 0) -> List[float]:
     """The ms of each decode step of one greedy generation after prefilling `ids` (the first token is sampled
-    from the prefill's logits: not a decode step, not counted). The prefill's ms is appended to `prefill`."""
+    from the prefill's logits: not a decode step, not counted). The prefill's ms is appended to `prefill`.
+    capacity: the model's smallest KV cache (llmopts.kv_floor: a sliding window), 0 for none."""
     n = len(ids) + new_tokens + 1
     params = og.GeneratorParams(og_model)
-    params.set_search_options(max_length=n, min_length=n, do_sample=False)
+    params.set_search_options(max_length=max(n, capacity), min_length=n, do_sample=False)
     gen = og.Generator(og_model, params)
     clock = time.perf_counter_ns
     t0 = clock()
@@ -80,12 +82,12 @@ def probe_ids(bundle_dir: Optional[Path], vocab: int) -> List[int]:
 
 
 def measure(og, open_at: Callable[[int], Any], ceiling: int, ids: Sequence[int], opened=None,
-            where: Optional[str] = None) -> Tuple[Dict[str, Any], Any]:
+            where: Optional[str] = None, capacity: int = 0) -> Tuple[Dict[str, Any], Any]:
     """Decode speed at threadprobe.candidates(ceiling) and the count its rule picks: (record, the
     onnxruntime_genai.Model at that count). `open_at(t)` opens the model at t threads; `opened`: the one already
     open at the ceiling. The record: threads, tried, ms_per_token, decode_tok_s and prefill_ms per count, rounds,
     why, where, prompt/new tokens, loadavg, probe_ms; skipped=True (the ceiling kept) where a token takes over
-    PROBE_MAX_TOKEN_MS."""
+    PROBE_MAX_TOKEN_MS. capacity: the model's smallest KV cache (decode_token_ms)."""
     from edgekit.runtime.bench import cpu_model
 
     t_start = time.perf_counter()
@@ -95,8 +97,8 @@ def measure(og, open_at: Callable[[int], Any], ceiling: int, ids: Sequence[int],
                            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                            "loadavg": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
                            "prompt_tokens": len(ids), "new_tokens": PROBE_TOKENS}
-    decode_token_ms(og, top, ids, 2)                        # warm-up: the first run allocates
-    first = median(decode_token_ms(og, top, ids, 4))
+    decode_token_ms(og, top, ids, 2, capacity=capacity)     # warm-up: the first run allocates
+    first = median(decode_token_ms(og, top, ids, 4, capacity=capacity))
     if first > PROBE_MAX_TOKEN_MS:
         rec.update(threads=ceiling, skipped=True,
                    why=f"one decoded token takes {first:.1f} ms at {ceiling} threads (over {PROBE_MAX_TOKEN_MS:g} "
@@ -113,12 +115,12 @@ def measure(og, open_at: Callable[[int], Any], ceiling: int, ids: Sequence[int],
             continue
         last = (ceiling, top)                               # the previous count's model is let go first
         other = open_at(t)
-        decode_token_ms(og, other, ids, 2)
+        decode_token_ms(og, other, ids, 2, capacity=capacity)
         for r in range(PROBE_ROUNDS):
             if r >= PROBE_MIN_ROUNDS and time.perf_counter() > deadline:
                 break
             for t2, m in ((t, other), (ceiling, top)):
-                samples[t2].append(median(decode_token_ms(og, m, ids, PROBE_TOKENS, prefills[t2])))
+                samples[t2].append(median(decode_token_ms(og, m, ids, PROBE_TOKENS, prefills[t2], capacity)))
             rounds += 1
         last, other = (t, other), None
     if len(tried) == 1:
@@ -161,7 +163,8 @@ def choose(og, og_model, open_at: Callable[[int], Any], bundle_dir: Path, manife
         return og_model, ceiling, default_by, {"why": f"not probed ({tp.PROBE_ENV}=0)"}
     vocab = int((genai_config.get("model") or {}).get("vocab_size") or (manifest.get("model") or {}).get("vocab")
                 or 2)
-    rec, model = measure(og, open_at, ceiling, probe_ids(bundle_dir, vocab), opened=og_model)
+    rec, model = measure(og, open_at, ceiling, probe_ids(bundle_dir, vocab), opened=og_model,
+                         capacity=kv_floor(genai_config))
     cached = tp.write_cache(key, rec)
     if cached:
         rec["cache"] = cached
