@@ -260,22 +260,25 @@ class DeviceSession:
         (tick(done, total, extra)), asked for once the bytes to send are known."""
         store = transfer.Store(self, art.name)
         plan = store.plan(art, genai=art.is_llm)
-        if preflight is not None:
-            preflight(plan)
-        need = plan.send_bytes
-        if not force and need and plan.free_bytes < need * 1.05 + (1 << 16):
-            raise self.err(f"no space left under {self.root}: {plan.free_bytes / 1e6:.1f} MB free, the upload "
-                           f"needs {need / 1e6:.1f} MB",
-                           hint="free space on the device, lower --keep, set another root, or --force to try")
-        sent = self._send(store, plan, ticker_for)
         try:
-            r = store.commit(art, plan, then=then, keep=keep, check=check)
-        except BundleError:
-            # an object did not hash right (a part damaged where the link dropped, a file changed on
-            # the device): once more; commit removed the bad ones, so the new plan sends them whole
-            plan = store.plan(art, genai=False)
-            sent += self._send(store, plan, ticker_for)
-            r = store.commit(art, plan, then=then, keep=keep, check=check)
+            if preflight is not None:
+                preflight(plan)
+            need = plan.send_bytes
+            if not force and need and plan.free_bytes < need * 1.05 + (1 << 16):
+                raise self.err(f"no space left under {self.root}: {plan.free_bytes / 1e6:.1f} MB free, the upload "
+                               f"needs {need / 1e6:.1f} MB",
+                               hint="free space on the device, lower --keep, set another root, or --force to try")
+            sent = self._send(store, plan, ticker_for)
+            try:
+                r = store.commit(art, plan, then=then, keep=keep, check=check)
+            except BundleError:
+                # an object did not hash right (a part damaged where the link dropped, a file changed on
+                # the device): once more; commit removed the bad ones, so the new plan sends them whole
+                plan = store.plan(art, genai=False)
+                sent += self._send(store, plan, ticker_for)
+                r = store.commit(art, plan, then=then, keep=keep, check=check)
+        finally:
+            store.close()      # the device's store process ends (at once when refused: nothing was sent)
         return Pushed(r["incoming"], sent, plan, r.get("result"), store)
 
     def _send(self, store: "transfer.Store", plan: "transfer.StorePlan",
