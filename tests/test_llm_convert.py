@@ -91,9 +91,9 @@ def test_int4_for_arm_and_x86(tiny_lm, tiny_val, tmp_path):
 
 
 def test_floor_forces_the_ladder(tiny_lm, tiny_val, tmp_path):
-    """A KL floor no plain INT4 build meets: the ladder walks a smaller block, llama.cpp's mixed layers, then the
-    most sensitive layers at INT8 (measured in torch) on the best build so far, then INT8 throughout; the first
-    rung that meets the floor ships, every rung recorded."""
+    """A KL floor no plain INT4 build meets: the ladder puts the decoder MatMuls that cost most per weight alone
+    at INT4 (measured in torch on calibration text) at INT8, up to growing fractions of the decoder's weights, then
+    INT8 throughout; the first rung that meets the floor ships, every rung recorded."""
     from edgekit.convert.llm import LLMRecipe, convert_llm
     from edgekit.convert.llm_fidelity import LLMFloor
 
@@ -103,19 +103,22 @@ def test_floor_forces_the_ladder(tiny_lm, tiny_val, tmp_path):
     row = res.bundles[0]
     assert row.ok, row.reason
     rungs = [s["rung"] for s in row.rescue]
-    assert rungs[:4] == ["profile", "blocks", "llama.cpp-mixed", "mixed"], rungs
-    assert set(rungs[4:]) <= {"mixed", "int8"}
+    assert rungs[:2] == ["profile", "matmuls"], rungs
+    assert set(rungs[2:]) <= {"matmuls", "int8"}
     assert all(not s["meets"] and s["kl_mean"] > 5e-5 for s in row.rescue[:-1]) and row.rescue[-1]["meets"]
     assert row.rescued_by == rungs[-1] and row.fidelity["kl_mean"] <= 5e-5
-    # the measured rungs keep the layers that cost most alone at INT4 at INT8: 1, then 2 of the 4
-    mixed = [s for s in row.rescue if s["rung"] == "mixed"]
-    assert [len(s["options"]["int8_layers"]) for s in mixed] == [1, 2][:len(mixed)]
-    for s in mixed:
-        assert sorted(d["layer"] for d in s["sensitivity"]) == list(s["options"]["int8_layers"])
-        kls = [d["kl_mean"] for d in s["sensitivity"]]
-        assert kls == sorted(kls, reverse=True) and kls[-1] > 0
-    # blocks of 16 carry twice the scales: bigger than blocks of 32
-    assert row.rescue[1]["bytes"] > row.rescue[0]["bytes"]
+    # each matmuls rung: the measured MatMuls (worst per weight first) within its fraction of the decoder weights
+    steps = [s for s in row.rescue if s["rung"] == "matmuls"]
+    assert [s["fraction"] for s in steps] == sorted(s["fraction"] for s in steps)
+    for s in steps:
+        assert 0 < s["int8_weights"] <= s["fraction"]
+        assert len(s["sensitivity"]) == len(s["options"]["int8_matmuls"]) > 0
+        assert all(n.startswith("/model/layers.") for n in s["options"]["int8_matmuls"])
+        per_weight = [d["kl_mean"] / d["params"] for d in s["sensitivity"]]
+        assert per_weight == sorted(per_weight, reverse=True) and per_weight[-1] > 0
+        assert "calibration" in s["calibration"] and s["bytes"] > row.rescue[0]["bytes"]
+    # more INT8 MatMuls, more bytes
+    assert [s["bytes"] for s in steps] == sorted(s["bytes"] for s in steps)
     m = json.loads((row.path / "manifest.json").read_text())
     assert [s["rung"] for s in m["rescue"]] == rungs and m["rescued_by"] == row.rescued_by
     assert m["recipe"]["precision"] == row.precision and row.path.name == f"tiny-llama-x86-avx512-vnni-{row.precision}"

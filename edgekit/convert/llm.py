@@ -8,11 +8,11 @@ which layers stay wider); the builder (`onnxruntime_genai.models.builder`, in pr
 with its KV cache, genai_config.json and the tokenizer; llm_fidelity measures it against the float model in
 torch; below the floor an INT4 build walks the rescue ladder:
 
-1. blocks: a smaller INT4 block (16): more scales, less rounding error per weight;
-2. wide: the lm_head at INT8 and the embeddings never 4-bit, where the profile had not already;
-3. mixed: the most sensitive decoder layers at INT8 (sensitivity measured in torch: each layer alone at INT4,
-   KL against the float model), 1/8, then 1/4, then 1/2 of the layers;
-4. int8: INT8 weights throughout.
+1. wide: the lm_head at INT8 and the embeddings never 4-bit, where the profile had not already;
+2. matmuls: the decoder MatMuls that cost most per weight at INT8 (llm_sensitivity: each MatMul alone at INT4 in
+   torch, KL against the float model on calibration text that is not the fidelity text), up to 1/16, 1/8, 1/4,
+   then 1/2 of the decoder's weights;
+3. int8: INT8 weights throughout.
 
 A row that still misses the floor is FAILED and not written. Each bundle directory (written atomically: a
 temporary directory beside it, then a rename):
@@ -149,6 +149,7 @@ class LLMBuildOptions:
     embeddings_wide: bool = True        # the embedding table never 4-bit
     llama_mixed: bool = False           # INT4 builds: llama.cpp's sensitive MatMuls at INT8 (builder preset)
     int8_layers: Tuple[int, ...] = ()   # INT4 builds: decoder layers whose MatMuls are INT8 (measured)
+    int8_matmuls: Tuple[str, ...] = ()  # INT4 builds: decoder MatMul nodes at INT8 (measured, llm_sensitivity)
 
     @property
     def quantized(self) -> bool:
@@ -164,6 +165,8 @@ class LLMBuildOptions:
                 s += ", llama.cpp's mixed layers int8"
             if self.int8_layers:
                 s += f", layers {','.join(map(str, self.int8_layers))} int8"
+            if self.int8_matmuls:
+                s += f", {len(self.int8_matmuls)} measured MatMuls int8"
         return s
 
     def wide_layers(self, tied: bool) -> List[str]:
@@ -175,6 +178,10 @@ class LLMBuildOptions:
         if self.precision == "int4" and self.llama_mixed:
             out.append("llama.cpp mixed layers: first/last eighth, every third qkv/v/down (int8)")
         out += [f"layer {i} (int8)" for i in self.int8_layers]
+        if self.int8_matmuls:
+            from edgekit.convert.llm_sensitivity import short_name
+
+            out += [f"{short_name(n)} (int8)" for n in self.int8_matmuls]
         return out
 
     def builder_args(self, src: LMSource, matmuls: Dict[int, List[str]]) -> Tuple[List[str], Optional[dict]]:
@@ -202,6 +209,7 @@ class LLMBuildOptions:
                 overrides.append({"match": {"preset": "mixed_layers"}, "type": "int8"})
             for i in self.int8_layers:
                 overrides += [{"match": {"name": n}, "type": "int8"} for n in matmuls.get(i, [])]
+            overrides += [{"match": {"name": n}, "type": "int8"} for n in self.int8_matmuls]
         return extra, {"quant_config": {"weights": {"op_types": op_types, "overrides": overrides}}}
 
 
@@ -452,7 +460,7 @@ class _Session:
         self.ref = self.float.logprobs(self.text.windows)
         self.builds: Dict[LLMBuildOptions, Dict[str, Any]] = {}
         self.matmuls: Dict[int, List[str]] = {}
-        self._sensitivity: Dict[int, List[Dict[str, Any]]] = {}
+        self._sensitivity: Dict[Any, Any] = {}
 
     def build(self, opts: LLMBuildOptions) -> Dict[str, Any]:
         """Build (once per options) and measure: {"dir", "metrics", "bytes", ...} or {"error"}."""
@@ -494,11 +502,23 @@ class _Session:
         self.builds[opts] = rec
         return rec
 
-    def sensitivity(self, block: int) -> List[Dict[str, Any]]:
-        if block not in self._sensitivity:
-            self.progress.say(f"  measuring each decoder layer's INT4 sensitivity (torch, block {block})")
-            self._sensitivity[block] = self.float.layer_sensitivity(self.text.windows[:2], block)
-        return self._sensitivity[block]
+    def matmul_sensitivity(self, block: int, algo: str) -> Tuple[List[Dict[str, Any]], str]:
+        """Each decoder MatMul's cost alone at INT4 (llm_sensitivity), on calibration text that is not the
+        fidelity text; worst per weight first. Returns (ranking, what the calibration text was)."""
+        from edgekit.convert import llm_sensitivity as ls
+
+        key = ("matmuls", block, algo)
+        if key not in self._sensitivity:
+            t0 = time.monotonic()
+            cal = ls.calibration_text(self.float)
+            n = sum(len(v) for v in self.matmuls.values())
+            self.progress.say(f"  measuring each of {n} decoder MatMuls' INT4 sensitivity (torch, block {block}, "
+                              f"{algo}, {cal.tokens} calibration tokens)")
+            ranking = ls.matmul_sensitivity(self.float, cal, self.matmuls, block, algo)
+            self.log.write(f"matmul sensitivity (block {block}, {algo}, {time.monotonic() - t0:.0f} s): "
+                           + ", ".join(f"{ls.short_name(d['name'])} {d['kl_mean']:.5f}" for d in ranking) + "\n")
+            self._sensitivity[key] = (ranking, cal.source)
+        return self._sensitivity[key]
 
 
 def _ort_errors() -> Tuple[type, ...]:
@@ -522,58 +542,64 @@ def _step(rung: str, opts: LLMBuildOptions, rec: Dict[str, Any], floor: LLMFloor
     return d
 
 
+# the matmuls rungs: the most sensitive decoder MatMuls (per weight) at INT8, up to these fractions of the decoder's
+# weights (SmolLM2-135M, block 32, simulated in torch on held-out prose: perplexity +33% with none, +14% with 1/16
+# (+3.4 MB), +12% with 1/8, +7% with 1/4 (+14 MB); docs/llm.md has the builds' own figures)
+MATMUL_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 1 / 2)
+
+
 def _ladder(s: _Session, base: LLMBuildOptions):
-    """The INT4 rungs after the profile's build, in order: (rung, options)."""
-    steps = []
-    cur = base
-    if cur.block_size > 16:
-        cur = dataclasses.replace(cur, block_size=16)
-        steps.append(("blocks", cur))
-    if not (cur.lm_head_int8 and cur.embeddings_wide):
-        cur = dataclasses.replace(cur, lm_head_int8=True, embeddings_wide=True)
-        steps.append(("wide", cur))
-    steps.append(("llama.cpp-mixed", dataclasses.replace(cur, llama_mixed=True)))
-    return steps
+    """The INT4 rungs after the profile's build that need no measurement, in order: (rung, options)."""
+    if not (base.lm_head_int8 and base.embeddings_wide):
+        return [("wide", dataclasses.replace(base, lm_head_int8=True, embeddings_wide=True))]
+    return []
+
+
+def _try(s: _Session, row: LLMRow, rung: str, opts: LLMBuildOptions, **extra) -> Tuple[Dict[str, Any], bool]:
+    rec = s.build(opts)
+    step = dict(_step(rung, opts, rec, s.floor), **extra)
+    row.rescue.append(step)
+    s.progress.say(f"  [{row.target}] rescue: {opts.describe()}: "
+                   + ("meets the floor" if step["meets"] else (rec.get("error") or "; ".join(step["misses"]))))
+    return rec, step["meets"]
 
 
 def _walk(s: _Session, row: LLMRow, base: LLMBuildOptions) -> Optional[Tuple[LLMBuildOptions, Dict[str, Any]]]:
-    """The profile's build, then (INT4 below the floor) the ladder; the first build meeting the floor."""
+    """The profile's build, then (INT4 below the floor) the ladder; the first build meeting the floor.
+
+    INT4 ladder: `wide` (lm_head INT8, embeddings not 4-bit) where the profile had not; `matmuls`: the decoder
+    MatMuls that cost most per weight alone at INT4 (measured in torch on calibration text, llm_sensitivity) at
+    INT8, up to 1/16, 1/8, 1/4, 1/2 of the decoder's weights; then INT8 throughout."""
     rec = s.build(base)
     row.rescue.append(_step("profile", base, rec, s.floor))
     if row.rescue[-1]["meets"]:
         return base, rec
     if base.precision != "int4" or not s.recipe.rescue:
         return None
-    plan = _ladder(s, base)
-    best, best_kl = base, rec.get("metrics", {}).get("kl_mean", float("inf"))
-    for rung, opts in plan:
-        rec = s.build(opts)
-        row.rescue.append(_step(rung, opts, rec, s.floor))
-        s.progress.say(f"  [{row.target}] rescue: {opts.describe()}: "
-                       + ("meets the floor" if row.rescue[-1]["meets"] else
-                          (rec.get("error") or "; ".join(row.rescue[-1]["misses"]))))
-        if row.rescue[-1]["meets"]:
+    cur = base
+    for rung, opts in _ladder(s, base):
+        rec, ok = _try(s, row, rung, opts)
+        if ok:
             return opts, rec
-        if "metrics" in rec and rec["metrics"]["kl_mean"] < best_kl:   # the measured layers go on the best so far
-            best, best_kl = opts, rec["metrics"]["kl_mean"]
-    layers = int(s.src.dims()["layers"] or 0)
-    if layers:
-        ranking = s.sensitivity(best.block_size)
-        worst = [r["layer"] for r in ranking]
-        tried = set()
-        for frac in (8, 4, 2):
-            k = max(1, -(-layers // frac))
-            if k in tried:
+        if "error" not in rec:
+            cur = opts
+    if s.matmuls and "error" not in s.builds.get(cur, {"error": 1}):
+        from edgekit.convert.llm_sensitivity import pick_int8, short_name
+
+        ranking, calibration = s.matmul_sensitivity(cur.block_size, cur.algo)
+        total = sum(d["params"] for d in ranking)
+        tried: set = set()
+        for frac in MATMUL_FRACTIONS:
+            names = tuple(sorted(pick_int8(ranking, frac, total)))
+            if not names or names in tried:
                 continue
-            tried.add(k)
-            opts = dataclasses.replace(best, int8_layers=tuple(sorted(worst[:k])))
-            rec = s.build(opts)
-            step = _step("mixed", opts, rec, s.floor)
-            step["sensitivity"] = ranking[:k]
-            row.rescue.append(step)
-            s.progress.say(f"  [{row.target}] rescue: {k} most sensitive layer(s) at INT8: "
-                           + ("meets the floor" if step["meets"] else (rec.get("error") or "; ".join(step["misses"]))))
-            if step["meets"]:
+            tried.add(names)
+            opts = dataclasses.replace(cur, int8_matmuls=names)
+            chosen = [dict(d, name=short_name(d["name"])) for d in ranking if d["name"] in names]
+            rec, ok = _try(s, row, "matmuls", opts, fraction=frac, calibration=calibration,
+                           int8_weights=sum(d["params"] for d in chosen) / total if total else 0.0,
+                           sensitivity=chosen)
+            if ok:
                 return opts, rec
     opts = LLMBuildOptions("int8", base.execution_provider, base.block_size, base.accuracy_level, base.algo,
                            True, True)

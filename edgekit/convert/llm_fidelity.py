@@ -134,15 +134,15 @@ class FloatModel:
         return EvalText(f"{where}: {len(ids)} tokens of held-out text in {len(windows)} window(s) of up to "
                         f"{window}", windows)
 
-    def own_continuations(self, max_tokens: int, window: int) -> EvalText:
-        """Greedy continuations of the built-in prompts by the float model itself."""
+    def own_continuations(self, max_tokens: int, window: int, prompts=BUILTIN_PROMPTS) -> EvalText:
+        """Greedy continuations of the built-in prompts (or `prompts`) by the float model itself."""
         from transformers import GenerationConfig
 
         torch, t = self.torch, self.tokenizer
-        new = max(16, min(window, max_tokens // len(BUILTIN_PROMPTS)))
+        new = max(16, min(window, max_tokens // len(prompts)))
         bos = self._bos()
         windows, starts = [], []
-        for p in BUILTIN_PROMPTS:
+        for p in prompts:
             ids = torch.tensor([bos + t(p, add_special_tokens=False)["input_ids"]], dtype=torch.long)
             cfg = GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=False,
                                    pad_token_id=t.pad_token_id if t.pad_token_id is not None else t.eos_token_id)
@@ -152,7 +152,7 @@ class FloatModel:
             starts.append(int(ids.shape[1]))     # the continuation is scored, not the prompt
             if sum(len(w) - s for w, s in zip(windows, starts)) >= max_tokens:
                 break
-        text = EvalText("", windows, prompts=list(BUILTIN_PROMPTS[:len(windows)]), starts=starts)
+        text = EvalText("", windows, prompts=list(prompts[:len(windows)]), starts=starts)
         text.source = (f"no --val given: the float model's own greedy continuations of {len(windows)} built-in "
                        f"prompts ({text.tokens} tokens scored; easy text for the float model by construction)")
         return text
@@ -173,28 +173,6 @@ class FloatModel:
         torch = self.torch
         with torch.no_grad():
             return self.model(torch.from_numpy(window[None])).logits[0].float().numpy()
-
-    def layer_sensitivity(self, windows: List[np.ndarray], block_size: int, bits: int = 4) -> List[Dict[str, Any]]:
-        """Each decoder layer's cost alone at `bits` (symmetric blockwise round-to-nearest of its Linear weights,
-        the rest float): mean KL(float || that) over `windows`. Sorted worst first."""
-        torch = self.torch
-        layers = _decoder_layers(self.model)
-        ref = self.logprobs(windows)
-        out = []
-        for i, layer in enumerate(layers):
-            saved = {}
-            for name, mod in layer.named_modules():
-                if isinstance(mod, torch.nn.Linear):
-                    saved[name] = mod.weight.data.clone()
-                    mod.weight.data = _fake_quant(mod.weight.data, block_size, bits)
-            try:
-                kls = [_kl(r, _log_softmax(self.logits(w))) for r, w in zip(ref, windows)]
-            finally:
-                for name, mod in layer.named_modules():
-                    if name in saved:
-                        mod.weight.data = saved[name]
-            out.append({"layer": i, "kl_mean": float(np.mean(np.concatenate(kls)))})
-        return sorted(out, key=lambda d: -d["kl_mean"])
 
 
 def free_cores() -> int:

@@ -512,7 +512,8 @@ def llm_summary(m: ModelInfo) -> str:
             f"block {r['block_size']}" if r.get("block_size") else None,
             f"accuracy_level {r['accuracy_level']}" if r.get("accuracy_level") is not None else None,
             r.get("algo"), "lm_head int8" if r.get("lm_head_int8") else None,
-            f"{len(r['int8_layers'])} layers int8" if r.get("int8_layers") else None) if x) or "–"
+            f"{len(r['int8_layers'])} layers int8" if r.get("int8_layers") else None,
+            f"{len(r['int8_matmuls'])} MatMuls int8" if r.get("int8_matmuls") else None) if x) or "–"
         cells = [b.key, b.target, b.precision, recipe, _mib(b.bytes), _mib(b.llm.get("bytes_per_token")), _ppl(f),
                  _num(f.get("kl_mean"), "{:.3g}"), _pct(b.agreement), _budget(b)]
         for d in devices:

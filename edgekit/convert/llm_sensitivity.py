@@ -1,0 +1,158 @@
+"""Per-MatMul INT4 sensitivity of a language model, measured in torch, and the INT8 set a byte budget buys.
+
+The rescue ladder's `matmuls` rung (edgekit.convert.llm): each decoder MatMul of the build (the builder's node:
+a layer's packed qkv_proj, o_proj, gate_proj, up_proj, down_proj...) is simulated alone at INT4 on the float
+model (its Linear weights rounded as the build's algorithm does: k-quant's asymmetric search or symmetric
+round-to-nearest, at the build's block size; everything else float), and the mean KL(float || that) of the
+next-token distributions is measured on calibration text: the float model's own greedy continuations of
+prompts kept apart from the ones the fidelity text uses (never the held-out text the build is judged on).
+The MatMuls that cost most per weight go to INT8 first, up to a fraction of the decoder's weights.
+
+Measured on SmolLM2-135M (docs/llm.md): one MatMul alone at INT4 costs from ~0.0003 to 0.047 nats (layer 11's
+down_proj), a 150-fold spread that whole-layer choices waste bytes on.
+
+Only the converting machine imports this (torch, through llm_fidelity's FloatModel).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from edgekit.convert.llm_fidelity import EvalText, FloatModel, _decoder_layers, _fake_quant, _kl, _log_softmax
+
+# Calibration prompts: other topics and styles than llm_fidelity.BUILTIN_PROMPTS (which a convert without --val
+# scores the build on), so what is measured to choose the INT8 set is never what the build is judged on.
+CALIBRATION_PROMPTS = (
+    "The city council met on Tuesday to discuss",
+    "Here is a simple recipe for bread that anyone can bake at home:",
+    "Dear team, thank you for your patience while we",
+    "The main difference between a virus and a bacterium is",
+    "import numpy as np\n\ndef normalize(x):\n",
+    "Once upon a time, in a forest far from any road,",
+    "Q: How do I reset my password?\nA:",
+    "The first step in solving a quadratic equation is",
+)
+
+# builder node segment -> the Hugging Face Linear names it packs
+_PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def kquant_fake(w, block: int, bits: int):
+    """k-quant (the builder's algo_config=k_quant: ONNX Runtime's quant_tensor_k_quant_cpu, llama.cpp's
+    make_qkx2 search): per block of `block` weights along the input dimension, an asymmetric scale and minimum
+    chosen among 20 candidate grids by weighted squared error; returned dequantized (float)."""
+    import torch
+
+    out_f, in_f = w.shape
+    pad = (-in_f) % block
+    x = torch.nn.functional.pad(w.float(), (0, pad)).reshape(-1, block)
+    maxq = 2 ** bits - 1
+    wt = torch.sqrt((x * x).sum(1, keepdim=True) / block) + x.abs()
+    rmin, rmax = x.min(1, keepdim=True).values, x.max(1, keepdim=True).values
+    sum_w, sum_x = wt.sum(1, keepdim=True), (wt * x).sum(1, keepdim=True)
+    rng = rmax - rmin
+    ok = rng != 0
+    safe = torch.where(ok, rng, torch.ones_like(rng))
+    scale = torch.where(ok, safe / maxq, torch.ones_like(rng))
+    q = torch.clamp(torch.round((x - rmin) / scale), 0, maxq)
+    best = (wt * (scale * q + rmin - x) ** 2).sum(1, keepdim=True)
+    for i in range(20):
+        iscale = torch.where(ok, (-1 + 0.1 * i + maxq) / safe, torch.ones_like(rng))
+        qn = torch.clamp(torch.round(iscale * (x - rmin)), 0, maxq)
+        wq = wt * qn
+        sl, sl2, sxl = wq.sum(1, keepdim=True), (wq * qn).sum(1, keepdim=True), (wq * x).sum(1, keepdim=True)
+        d = sum_w * sl2 - sl * sl
+        ts, tm = (sum_w * sxl - sum_x * sl) / d, (sl2 * sum_x - sl * sxl) / d
+        mad = (wt * (ts * qn + tm - x) ** 2).sum(1, keepdim=True)
+        rep = (mad < best) & torch.isfinite(mad)
+        best, scale, rmin = torch.where(rep, mad, best), torch.where(rep, ts, scale), torch.where(rep, tm, rmin)
+    zp = torch.clamp(torch.round(-rmin / scale), 0, maxq)
+    deq = (torch.clamp(torch.round(x / scale + zp), 0, maxq) - zp) * scale
+    return deq.reshape(out_f, -1)[:, :in_f].contiguous()
+
+
+def fake_quant(w, block: int, bits: int, algo: str):
+    """The build's rounding of one weight matrix, back in float."""
+    return kquant_fake(w, block, bits) if algo.startswith("k_quant") else _fake_quant(w, block, bits)
+
+
+def matmul_modules(model, matmuls: Dict[int, List[str]]) -> Dict[str, List[Any]]:
+    """The builder's decoder MatMul node names -> the torch Linear modules whose weights each one holds (a packed
+    qkv_proj holds q/k/v). Nodes without a match are left out (never measured, never chosen)."""
+    import torch
+
+    layers = _decoder_layers(model)
+    out: Dict[str, List[Any]] = {}
+    for i, names in matmuls.items():
+        if i >= len(layers):
+            continue
+        linears = {n.rsplit(".", 1)[-1]: m for n, m in layers[i].named_modules() if isinstance(m, torch.nn.Linear)}
+        for node in names:
+            seg = node.rstrip("/").split("/")[-2] if "/" in node else node
+            want = _PACKED.get(seg, (seg,)) if seg not in linears else (seg,)
+            mods = [linears[w] for w in want if w in linears]
+            if mods and len(mods) == len(want):
+                out[node] = mods
+    return out
+
+
+def calibration_text(fm: FloatModel, tokens: int = 256) -> EvalText:
+    """The float model's own greedy continuations of CALIBRATION_PROMPTS (about `tokens` scored)."""
+    text = fm.own_continuations(tokens, max(16, tokens // len(CALIBRATION_PROMPTS)), prompts=CALIBRATION_PROMPTS)
+    text.source = (f"calibration: the float model's own greedy continuations of {len(text.windows)} prompts "
+                   f"({text.tokens} tokens), not the fidelity text")
+    return text
+
+
+def matmul_sensitivity(fm: FloatModel, text: EvalText, matmuls: Dict[int, List[str]], block: int,
+                       algo: str = "k_quant", bits: int = 4, progress=None) -> List[Dict[str, Any]]:
+    """Each decoder MatMul alone at `bits` (the build's rounding), the rest float: mean KL(float || that) on
+    `text`'s scored positions. Sorted by KL per weight, worst first: {"name", "layer", "params", "kl_mean"}."""
+    torch = fm.torch
+    ref = fm.logprobs(text.windows)
+    mods = matmul_modules(fm.model, matmuls)
+    out = []
+    for layer in sorted(matmuls):
+        for node in matmuls[layer]:
+            if node not in mods:
+                continue
+            saved = [m.weight.data for m in mods[node]]
+            try:
+                for m in mods[node]:
+                    m.weight.data = fake_quant(m.weight.data, block, bits, algo)
+                kls = []
+                for r, w, s in zip(ref, text.windows, text.starts):
+                    pos = np.arange(max(s, 1) - 1, len(w) - 1)
+                    kls.append(_kl(r[pos], _log_softmax(fm.logits(w))[pos]))
+            finally:
+                for m, wd in zip(mods[node], saved):
+                    m.weight.data = wd
+            params = int(sum(m.weight.numel() for m in mods[node]))
+            out.append({"name": node, "layer": layer, "params": params,
+                        "kl_mean": float(max(np.mean(np.concatenate(kls)), 0.0))})
+            if progress is not None:
+                progress(len(out))
+    del torch
+    return sorted(out, key=lambda d: -d["kl_mean"] / d["params"])
+
+
+def pick_int8(ranking: Sequence[Dict[str, Any]], fraction: float, total: Optional[int] = None) -> List[str]:
+    """Greedy by KL per weight: the MatMuls whose INT8 weights stay within `fraction` of the decoder's weights
+    (`total`: all decoder MatMul weights, default the ranking's own sum). A matrix too big for what is left is
+    skipped for smaller ones after it."""
+    total = int(total if total is not None else sum(d["params"] for d in ranking))
+    left, out = fraction * total, []
+    for d in ranking:
+        if d["params"] <= left and d["kl_mean"] > 0:
+            out.append(d["name"])
+            left -= d["params"]
+    return out
+
+
+def short_name(node: str) -> str:
+    """'/model/layers.11/mlp/down_proj/MatMul' -> '11.down_proj' (for the recipe and the report)."""
+    m = re.match(r"^/model/layers\.(\d+)/(?:.*/)?([^/]+)/MatMul", node)
+    return f"{m.group(1)}.{m.group(2)}" if m else node

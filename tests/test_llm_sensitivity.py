@@ -1,0 +1,69 @@
+"""edgekit.convert.llm_sensitivity: the torch simulation of the build's INT4 rounding, the MatMul-to-module map
+and the greedy INT8 choice the ladder's `matmuls` rung builds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import torch  # noqa: E402  (edgekit[llm-convert], in dev)
+
+from tinylm import tiny_lm  # noqa: E402,F401  (a session fixture)
+
+from edgekit.convert import llm_sensitivity as ls  # noqa: E402
+
+
+@pytest.mark.parametrize("bits,block", [(4, 32), (4, 16), (8, 32)])
+def test_kquant_fake_is_the_builders_k_quant(bits, block):
+    """The simulation dequantizes to what ONNX Runtime's k-quant (the builder's algo_config=k_quant) stores."""
+    from onnxruntime.quantization.neural_compressor.weight_only import quant_tensor_k_quant_cpu
+
+    rng = np.random.default_rng(bits * 100 + block)
+    w = (rng.standard_normal((48, 96)) * rng.uniform(0.01, 0.2, (48, 1))).astype(np.float32)
+    w[3, 5] = 1.5                                   # an outlier in one block
+    q, scale, zp = quant_tensor_k_quant_cpu(w.copy(), bits, block)
+    ref = ((q - zp) * scale).reshape(w.shape)
+    got = ls.kquant_fake(torch.from_numpy(w), block, bits).numpy()
+    r = np.abs(got - ref) / np.repeat(scale.reshape(48, -1), block, axis=1)   # in quantization steps
+    # float32 arithmetic may pick a neighbouring candidate grid in a few blocks: a weight a level apart is rare,
+    # the typical weight identical, the rounding error the same
+    assert (r > 0.5).mean() < 0.02 and np.median(r) < 1e-3 and r.max() < 1.5
+    assert abs(np.abs(got - w).mean() / np.abs(ref - w).mean() - 1) < 0.02
+    assert np.abs(got - w).mean() < np.abs(ls.fake_quant(torch.from_numpy(w), block, bits - 1, "rtn").numpy()
+                                           - w).mean()
+
+
+def test_pick_int8_is_greedy_within_the_budget():
+    ranking = [{"name": "a", "params": 10, "kl_mean": 0.5}, {"name": "b", "params": 40, "kl_mean": 1.0},
+               {"name": "c", "params": 20, "kl_mean": 0.2}, {"name": "d", "params": 30, "kl_mean": 0.0}]
+    assert ls.pick_int8(ranking, 0.1) == ["a"]
+    assert ls.pick_int8(ranking, 0.35) == ["a", "c"]        # b does not fit in what is left, c does
+    assert ls.pick_int8(ranking, 0.5) == ["a", "b"]
+    assert ls.pick_int8(ranking, 1.0) == ["a", "b", "c"]    # a MatMul that costs nothing stays INT4
+    assert ls.short_name("/model/layers.11/mlp/down_proj/MatMul") == "11.down_proj"
+
+
+def test_matmul_sensitivity_on_a_tiny_llama(tiny_lm):
+    """The builder's node names map to the Linear modules they hold (packed qkv = q, k, v); each MatMul alone at
+    INT4 costs something; the calibration text is the float model's own text, not the fidelity prompts."""
+    from edgekit.convert.llm_fidelity import BUILTIN_PROMPTS, FloatModel
+
+    fm = FloatModel(tiny_lm, threads=1)
+    names = {i: [f"/model/layers.{i}/attn/qkv_proj/MatMul", f"/model/layers.{i}/attn/o_proj/MatMul",
+                 f"/model/layers.{i}/mlp/gate_proj/MatMul", f"/model/layers.{i}/mlp/up_proj/MatMul",
+                 f"/model/layers.{i}/mlp/down_proj/MatMul", f"/model/layers.{i}/mlp/nothing/MatMul"]
+             for i in range(4)}
+    mods = ls.matmul_modules(fm.model, names)
+    assert len(mods) == 20 and len(mods["/model/layers.0/attn/qkv_proj/MatMul"]) == 3
+    assert mods["/model/layers.2/mlp/down_proj/MatMul"] == [fm.model.model.layers[2].mlp.down_proj]
+    cal = ls.calibration_text(fm, tokens=64)
+    assert cal.tokens >= 32 and not set(cal.prompts) & set(BUILTIN_PROMPTS)
+    before = {k: [m.weight.detach().clone() for m in v] for k, v in mods.items()}
+    ranking = ls.matmul_sensitivity(fm, cal, names, block=32)
+    assert len(ranking) == 20 and all(d["kl_mean"] > 0 for d in ranking)
+    per_weight = [d["kl_mean"] / d["params"] for d in ranking]
+    assert per_weight == sorted(per_weight, reverse=True)
+    assert ranking[0]["params"] in {m.weight.numel() for v in mods.values() for m in v} | {
+        sum(m.weight.numel() for m in mods[ranking[0]["name"]])}
+    for k, v in mods.items():                      # the float weights are put back
+        assert all(torch.equal(m.weight, b) for m, b in zip(v, before[k]))
