@@ -2,7 +2,10 @@
 streams: aggregate decode tok/s, TTFT p50/p99, inter-token p50/p99.
 
     python benchmarks/llm_serve_bench.py [--model DIR] [--synth 1024x8] [--tokens 96] [--rounds 3]
-                                         [--threads 2] [--out llm_serve_bench.json]
+                                         [--threads 2] [--streams 1,4,8] [--out llm_serve_bench.json]
+    python benchmarks/llm_serve_bench.py --model DIR --long-prompt 1024 [--chunks 0,100000]
+        (instead: a running stream's inter-token gaps while a 1024-token prompt arrives, with the engine's
+        chunking (0) and in one piece; --out llm_serve_bench_long_prompt.json)
 
 Model: --model (an LLM bundle or a bare ONNX Runtime GenAI folder); by default tests/tinylm.py's tiny Llama
 (hidden 128, 4 layers: ~1 MB of INT4 weights, which sit in the CPU's caches: its decode is NOT memory-bound);
