@@ -214,6 +214,44 @@ def test_new_release_sharing_files_sends_only_what_differs(lab, bundle, tmp_path
     releases = lab.devices["full"].root / "models" / NAME / "releases"
     a, b = releases / art.sha256 / WEIGHTS, releases / art2.sha256 / WEIGHTS
     assert a.stat().st_ino == b.stat().st_ino and a.stat().st_nlink == 3   # one copy on disk: two releases + object
+    # each byte hashed once on the device: the reused weights were trusted by their stamp, not read again
+    assert p.rehashed_bytes == 0 and p.plan.raw["rehashed_bytes"] == 0
+
+
+def test_release_id_from_the_stores_verified_digests(tmp_path):
+    """releases.store/activate given the object store's verified digests compute the release id from them
+    (bundle.sha256_tree's formula) without reading the files, and refuse a directory that is not exactly
+    those files with those sizes."""
+    import hashlib as h
+
+    from edgekit.bundle import sha256_tree
+    from edgekit.errors import BundleError
+    from edgekit.runtime import releases
+
+    files = {"manifest.json": b"{}", "model/model-x.bin": b"x" * 10, "model/a.txt": b"a"}
+
+    def incoming(tag):
+        inc = tmp_path / "models" / NAME / f".incoming-{'0' * 12}-{tag}"
+        for rel, data in files.items():
+            (inc / rel).parent.mkdir(parents=True, exist_ok=True)
+            (inc / rel).write_bytes(data)
+        return inc
+
+    verified = {rel: [h.sha256(d).hexdigest(), len(d)] for rel, d in files.items()}
+    inc = incoming("0" * 8)
+    sha = sha256_tree(inc)
+    assert releases.tree_digest({r: v[0] for r, v in verified.items()}) == sha
+    r = releases.store(str(tmp_path), NAME, sha, inc.name, verified=verified)
+    assert r["status"] == "stored" and (tmp_path / "models" / NAME / "releases" / sha).is_dir()
+    inc = incoming("1" * 8)
+    (inc / "model" / "extra.bin").write_bytes(b"?")      # a file the store did not verify
+    with pytest.raises(BundleError, match="model/extra.bin not as verified"):
+        releases.store(str(tmp_path), NAME, sha, inc.name, verified=verified)
+    assert not inc.exists()                               # the upload directory goes
+    inc = incoming("2" * 8)
+    (inc / "model" / "a.txt").write_bytes(b"ab")         # another size than verified
+    with pytest.raises(BundleError, match="model/a.txt not as verified"):
+        releases.store(str(tmp_path), NAME, sha, inc.name, verified=verified)
 
 
 def test_tampered_object_is_hashed_again_and_resent(lab, bundle):

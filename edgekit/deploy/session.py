@@ -279,7 +279,7 @@ class DeviceSession:
                 r = store.commit(art, plan, then=then, keep=keep, check=check)
         finally:
             store.close()      # the device's store process ends (at once when refused: nothing was sent)
-        return Pushed(r["incoming"], sent, plan, r.get("result"), store)
+        return Pushed(r["incoming"], sent, plan, r.get("result"), store, int(r.get("rehashed_bytes") or 0))
 
     def _send(self, store: "transfer.Store", plan: "transfer.StorePlan",
               ticker_for: Optional[Callable[[str], Callable[..., None]]]) -> int:
@@ -319,3 +319,4 @@ class Pushed:
     plan: "transfer.StorePlan"
     result: Optional[Dict[str, Any]]
     store: "transfer.Store"
+    rehashed_bytes: int = 0     # objects the device hashed again at the commit (stamp no longer matching)

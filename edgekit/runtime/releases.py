@@ -171,7 +171,11 @@ def _take_upload(mdir: Path, incoming: str, sha: str, verified: Optional[Dict[st
     if not inc.is_dir():
         raise BundleError(f"upload directory {incoming} is missing on the device",
                           hint="the upload was interrupted; deploy again")
-    got = _verified_digest(inc, verified) if verified is not None else sha256_tree(inc)
+    try:
+        got = _verified_digest(inc, verified) if verified is not None else sha256_tree(inc)
+    except BundleError:
+        shutil.rmtree(inc, ignore_errors=True)
+        raise
     if got != sha:
         shutil.rmtree(inc, ignore_errors=True)
         raise BundleError(f"upload verification failed: sha256 {got[:12]}… on the device, "
