@@ -37,6 +37,16 @@ def make_tiny(arch: str, folder: Path, seed: int = 0, steps: int = 60) -> Path:
                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512, bos_token_id=bos,
                   eos_token_id=eos, pad_token_id=bos)
     if arch == "gemma3":
+        # as Gemma's own tokenizer.json: a post-processor puts the BOS before every text (HF tokenizers apply it;
+        # ONNX Runtime GenAI's tokenizer does not: convert records it, the runtime adds it)
+        tj = json.loads((folder / "tokenizer.json").read_text())
+        tj["post_processor"] = {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": "<|endoftext|>", "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [bos], "tokens": ["<|endoftext|>"]}}}
+        (folder / "tokenizer.json").write_text(json.dumps(tj))
         cls = transformers.Gemma3ForCausalLM
         cfg = transformers.Gemma3TextConfig(head_dim=32, query_pre_attn_scalar=32, sliding_window=16,
                                             layer_types=["sliding_attention", "sliding_attention",
@@ -109,6 +119,11 @@ def test_tiny_model_converts_meets_the_floor_and_generates(arch, tmp_path):
     assert fid["tokens"] > 60 and fid["top1_agreement"] >= 0.9 and abs(fid["ppl_increase"]) < 0.05, fid
     assert ("builder config fix: rope_local_base_freq = 10000" in Path(res.log_path).read_text()) == (arch == "gemma3")
     lm = load(row.path)
+    bos = m["llm"]["prompt_bos"]
+    assert (bos is not None) == (arch == "gemma3")
+    if bos is not None:                 # the runtime puts it before a plain prompt, once
+        ids = lm.encode("The cat")
+        assert ids[0] == bos and ids[1] != bos and lm.encode(lm.decode(ids[1:]))[:2] == ids[:2]
     out = lm.generate(corpus_text(3, seed=11), max_new_tokens=24)
     assert isinstance(out, str) and lm.last["new_tokens"] > 0
     # prompt + new tokens under the sliding window (16): the cache still gets the window's capacity (ORT GenAI

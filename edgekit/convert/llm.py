@@ -640,9 +640,15 @@ def _numerics(t: TargetProfile, opts: LLMBuildOptions, ort_version: str) -> Dict
     return d
 
 
-def _generation(model_dir: Path, prompt: str, tokens: int = 16, cpu: bool = False) -> Dict[str, Any]:
+def _generation(model_dir: Path, prompt: str, tokens: int = 16, cpu: bool = False,
+                hf_tokenizer=None) -> Dict[str, Any]:
     """A short greedy generation with ONNX Runtime GenAI on the bundle's model folder (it must produce text).
-    cpu: a GPU build run with the CPU provider (this machine has no GPU)."""
+    cpu: a GPU build run with the CPU provider (this machine has no GPU). hf_tokenizer: the source's; where it
+    puts a BOS before the prompt that ONNX Runtime GenAI's tokenizer leaves out (Gemma: tokenizer.json's
+    post-processor, which ORT GenAI ignores), the BOS is added here and returned as prompt_bos for the manifest
+    (the runtime adds it to every plain prompt: without it Gemma 3 270M answered 'The capital of France is'
+    with ' France of France of ...')."""
+    import numpy as np
     import onnxruntime_genai as og
 
     config = og.Config(str(model_dir))
@@ -650,17 +656,23 @@ def _generation(model_dir: Path, prompt: str, tokens: int = 16, cpu: bool = Fals
         config.clear_providers()
     model = og.Model(config)
     tok = og.Tokenizer(model)
-    ids = tok.encode(prompt)
+    ids = [int(i) for i in tok.encode(prompt)]
+    bos = None
+    if hf_tokenizer is not None:
+        ref = [int(i) for i in hf_tokenizer(prompt).input_ids]
+        first = getattr(hf_tokenizer, "bos_token_id", None)
+        if first is not None and ref == [first] + ids:
+            bos, ids = int(first), [int(first)] + ids
     params = og.GeneratorParams(model)
     genai = json.loads((model_dir / "genai_config.json").read_text(encoding="utf-8"))
     params.set_search_options(max_length=kv_capacity(genai, len(ids) + tokens), do_sample=False)
     gen = og.Generator(model, params)
-    gen.append_tokens(ids)
+    gen.append_tokens(np.asarray(ids, dtype=np.int32))
     out = []
     while not gen.is_done() and len(out) < tokens:
         gen.generate_next_token()
         out.append(int(gen.get_next_tokens()[0]))
-    return {"prompt": prompt, "max_new_tokens": tokens, "tokens": out, "text": tok.decode(out),
+    return {"prompt": prompt, "max_new_tokens": tokens, "tokens": out, "text": tok.decode(out), "prompt_bos": bos,
             "engine": f"onnxruntime-genai {og.__version__}" + (" (CPU provider; built for the GPU)" if cpu else "")}
 
 
@@ -691,7 +703,7 @@ def _write_bundle(s: _Session, row: LLMRow, t: TargetProfile, opts: LLMBuildOpti
         context = min(int(dims["max_positions"] or t.llm.context_max), t.llm.context_max)
         _tune_genai_config(mdir, t, context)
         prompt = s.text.prompts[0] if s.text.prompts else BUILTIN_PROMPTS[0]
-        gen = _generation(mdir, prompt, cpu=opts.execution_provider != "cpu")
+        gen = _generation(mdir, prompt, cpu=opts.execution_provider != "cpu", hf_tokenizer=s.float.tokenizer)
         if not gen["text"].strip():
             raise EdgekitError(f"the build generates no text from {prompt!r} (tokens {gen['tokens']})")
         gold = dict(rec["golden"], generation=gen)
@@ -720,6 +732,7 @@ def _write_bundle(s: _Session, row: LLMRow, t: TargetProfile, opts: LLMBuildOpti
                     "kv_cache_type": t.llm.kv_cache_type, "context_default": min(t.llm.context_default, context),
                     "context_max": context, "execution_provider": opts.execution_provider,
                     "verified": t.llm.verified, "verified_why": t.reason("llm.verified"),
+                    "prompt_bos": gen["prompt_bos"],
                     "eos_token_id": json.loads((mdir / "genai_config.json").read_text())["model"].get("eos_token_id")},
             "fidelity": dict(m, text=s.text.source, numerics=_numerics(t, opts, rec["ort_version"]),
                              floor=s.floor.to_dict(), meets=True),

@@ -65,7 +65,7 @@ from edgekit.errors import BackendUnavailable, BundleError, DataError
 from edgekit.runtime.llmopts import MIN_SNR_DB, MIN_TOP1  # noqa: F401  (re-exported: runtime.llm.MIN_TOP1)
 from edgekit.runtime.llmopts import GenOptions as _Options
 from edgekit.runtime.llmopts import hold_back as _hold_back
-from edgekit.runtime.llmopts import kv_capacity
+from edgekit.runtime.llmopts import kv_capacity, prompt_bos, with_bos
 from edgekit.runtime.llmopts import rss_mb as _rss_mb
 
 KIND = "llm"
@@ -259,10 +259,11 @@ class Tokenizer:
     encode(text) adds the tokenizer's special tokens (a BOS where the model has one), as a plain prompt
     needs; encode_templated(text) adds none, for text a chat template made (it writes its own)."""
 
-    def __init__(self, og, og_model, og_tokenizer):
+    def __init__(self, og, og_model, og_tokenizer, bos: Optional[int] = None):
         self.og = og_tokenizer
         self._make = lambda: og.Tokenizer(og_model)
         self._variants: Dict[str, Any] = {}
+        self.bos = bos          # a BOS ONNX Runtime GenAI's tokenizer leaves out (llmopts.prompt_bos)
 
     def _variant(self, option: str):
         """A second tokenizer with one option off (made on first use: a large vocabulary costs memory):
@@ -275,7 +276,7 @@ class Tokenizer:
         return tok
 
     def encode(self, text: str) -> List[int]:
-        return [int(t) for t in self.og.encode(text)]
+        return with_bos([int(t) for t in self.og.encode(text)], self.bos)
 
     def encode_templated(self, text: str) -> List[int]:
         return [int(t) for t in self._variant("add_special_tokens").encode(text)]
@@ -329,7 +330,7 @@ class LanguageModel:
         self.model_dir = model_dir
         self.manifest = manifest
         self.genai_config = genai_config
-        self.tokenizer = Tokenizer(og, og_model, og_tokenizer)
+        self.tokenizer = Tokenizer(og, og_model, og_tokenizer, bos=prompt_bos(manifest))
         m = genai_config.get("model") or {}
         # the longest sequence the model takes, and the one used here: the bundle's default context (its profile's
         # llm.context_default) where it is shorter; a conversation allocates its KV cache for `context` tokens

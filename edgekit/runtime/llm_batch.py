@@ -52,6 +52,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
 import numpy as np
 
 from edgekit.errors import BundleError, DataError, EdgekitError
+from edgekit.runtime.llmopts import with_bos
 from edgekit.runtime.llmopts import hold_back as _hold_back  # stop strings held back as the generator does (one rule)
 
 log = logging.getLogger("edgekit.serve")
@@ -717,15 +718,16 @@ class LLMEngine:
 class _Tokenizer:
     """ONNX Runtime GenAI's tokenizer opened from the model folder (no second copy of the weights)."""
 
-    def __init__(self, model_dir: Path):
+    def __init__(self, model_dir: Path, bos: Optional[int] = None):
         import onnxruntime_genai as og
 
+        self.bos = bos          # a BOS ONNX Runtime GenAI's tokenizer leaves out (llmopts.prompt_bos)
         self.plain = og.Tokenizer(str(model_dir))
         self.templated = og.Tokenizer(str(model_dir))
         self.templated.update_options(add_special_tokens="false")
 
     def encode(self, text: str) -> List[int]:
-        return [int(t) for t in self.plain.encode(text)]
+        return with_bos([int(t) for t in self.plain.encode(text)], self.bos)
 
     def chat_ids(self, messages: List[Dict[str, str]]) -> List[int]:
         try:
@@ -784,6 +786,7 @@ def load_llm_release(name: str, sha: str, path: Path, *, threads: Optional[int],
                               f"generation {'ok' if result['generation_ok'] else 'empty'}", path=str(path))
     model_dir, genai_config, context = lm.model_dir, lm.genai_config, int(lm.context)
     eos, used_threads, version, chat = list(lm.eos_token_ids), lm.threads, lm.backend_version, lm.has_chat_template
+    bos = lm.tokenizer.bos
     del lm  # ONNX Runtime GenAI's copy of the weights goes before the batched session loads its own
     decoder = BatchedDecoder(model_dir, genai_config, threads=used_threads, slots=max_sequences, capacity=context)
     per_seq = context
@@ -795,7 +798,7 @@ def load_llm_release(name: str, sha: str, path: Path, *, threads: Optional[int],
                               f"({decoder.kv_bytes_per_token} bytes per token)", path=str(path))
     else:
         budget = per_seq * decoder.slots
-    engine = LLMEngine(decoder, _Tokenizer(model_dir), name=name, max_sequences=max_sequences,
+    engine = LLMEngine(decoder, _Tokenizer(model_dir, bos), name=name, max_sequences=max_sequences,
                        max_queue=max_queue, kv_budget_tokens=budget, eos_token_ids=eos,
                        labels={"model": name, "version": sha[:VERSION_CHARS]})
     rel = LLMRelease(name=name, sha256=sha, path=path, tokenizer=engine.tokenizer, engine=engine, context=context,

@@ -6,7 +6,7 @@ continuous-batching engine all take them from here, so none of those modules imp
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 from edgekit.errors import DataError
 
@@ -94,3 +94,16 @@ def kv_floor(genai_config: Mapping[str, Any]) -> int:
 def kv_capacity(genai_config: Mapping[str, Any], max_length: int) -> int:
     """max_length for a generator that must hold `max_length` positions (see kv_floor)."""
     return max(int(max_length), kv_floor(genai_config))
+
+
+def prompt_bos(manifest: Optional[Mapping[str, Any]]) -> Optional[int]:
+    """The BOS id a plain prompt must start with where ONNX Runtime GenAI's tokenizer leaves it out (it ignores
+    tokenizer.json's post-processor, which is where Gemma's tokenizer adds <bos>); convert records it as
+    manifest llm.prompt_bos after comparing both tokenizers. None: nothing to add (or a bare folder)."""
+    bos = ((manifest or {}).get("llm") or {}).get("prompt_bos")
+    return int(bos) if bos is not None else None
+
+
+def with_bos(ids: List[int], bos: Optional[int]) -> List[int]:
+    """`ids` led by `bos` (once) where one is due."""
+    return ids if bos is None or (ids and ids[0] == bos) else [bos] + ids
