@@ -67,3 +67,21 @@ def test_matmul_sensitivity_on_a_tiny_llama(tiny_lm):
         sum(m.weight.numel() for m in mods[ranking[0]["name"]])}
     for k, v in mods.items():                      # the float weights are put back
         assert all(torch.equal(m.weight, b) for m, b in zip(v, before[k]))
+
+
+def test_int8_matmuls_are_builder_overrides(tmp_path):
+    """The matmuls rung's choice reaches the builder as per-node INT8 overrides, and the recipe says so."""
+    from edgekit.convert.llm import LLMBuildOptions, LMSource
+
+    src = LMSource(tmp_path, {"tie_word_embeddings": True}, "LlamaForCausalLM", "0" * 64, 0)
+    names = ("/model/layers.11/mlp/down_proj/MatMul", "/model/layers.2/attn/qkv_proj/MatMul")
+    o = LLMBuildOptions("int4", int8_matmuls=names)
+    extra, target = o.builder_args(src, {})
+    over = target["quant_config"]["weights"]["overrides"]
+    assert {"match": {"preset": "last_matmul"}, "type": "int8"} in over
+    assert [d["match"]["name"] for d in over if "name" in d["match"]] == list(names)
+    assert all(d["type"] == "int8" for d in over)
+    assert "2 measured MatMuls int8" in o.describe()
+    assert {"11.down_proj (int8)", "2.qkv_proj (int8)"} <= set(o.wide_layers(tied=True))
+    assert LLMBuildOptions("int8", int8_matmuls=names).builder_args(src, {})[1]["quant_config"]["weights"][
+        "overrides"] == []

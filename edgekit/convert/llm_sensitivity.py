@@ -8,8 +8,8 @@ next-token distributions is measured on calibration text: the float model's own 
 prompts kept apart from the ones the fidelity text uses (never the held-out text the build is judged on).
 The MatMuls that cost most per weight go to INT8 first, up to a fraction of the decoder's weights.
 
-Measured on SmolLM2-135M (docs/llm.md): one MatMul alone at INT4 costs from ~0.0003 to 0.047 nats (layer 11's
-down_proj), a 150-fold spread that whole-layer choices waste bytes on.
+Measured on SmolLM2-135M (docs/llm.md): one MatMul alone at INT4 costs from 0.00014 to 0.048 nats (layer 11's
+down_proj), a 300-fold spread that whole-layer choices waste bytes on.
 
 Only the converting machine imports this (torch, through llm_fidelity's FloatModel).
 """
