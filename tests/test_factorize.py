@@ -134,6 +134,19 @@ def test_tiny_lm_mlps_factorized_then_int4(tiny_lm, tmp_path):  # noqa: F811
                      bench_tokens=16, say=lambda t: None)
     assert i4["fidelity"]["top1_agreement"] > 0.5 and i4["decode_tok_s"] > 0
     _check_two_node_bundle(tiny_lm, Path(i4["bundle"]), fac, rec, tmp_path)
+    # factors that no longer multiply to the folder's weights (the folder edited afterwards) are refused
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    from edgekit.convert import llm_lowrank
+    from edgekit.errors import SourceModelError
+
+    edited = tmp_path / "edited"
+    shutil.copytree(out, edited)
+    save_file(dict(fac, **{up["B"]: fac[up["B"]] * 1.1}), str(edited / rec["file"]))
+    with pytest.raises(SourceModelError, match="model.layers.1.mlp.up_proj's weight is not the product"):
+        llm_lowrank.apply(edited, tmp_path / "plain")
 
 
 def _check_two_node_bundle(source, bundle, fac, rec, tmp_path):
