@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -114,6 +115,24 @@ LAB_DEVICES = {  # name: (venv requirements, target profile, backend the device 
     "modern-pi": (["ai-edge-litert"], "rpi5", "litert"),
     "x86-box": (["onnxruntime"], "x86-avx2", "onnxruntime"),
 }
+
+
+@contextlib.contextmanager
+def full_and_bare_lab(base, tag: str, full: str, bare: str, target: str = "x86-avx2"):
+    """Two lab devices of `target`: `full` runs this Python (onnxruntime-genai and all installed here), `bare` a
+    venv with numpy only (a device that lacks the backend)."""
+    from devicelab import Lab
+
+    lab = Lab(base, tag=tag)
+    lab.setup()
+    try:
+        lab.add(full, sys.executable)
+        lab.add(bare, str(device_venv(["numpy"])))
+        lab.write_known_hosts()
+        lab.write_inventory(extra={full: {"target": target}, bare: {"target": target}})
+        yield lab
+    finally:
+        lab.teardown()
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, device_venv
+from conftest import ROOT, full_and_bare_lab
 from edgekit.deploy import artifact, ops
 from edgekit.deploy.connection import Connection
 from edgekit.deploy.inventory import load_inventory
@@ -65,18 +65,8 @@ def synthetic_llm(dest: Path, mb: int = 24, seed: int = 0, template: str = "{{ m
 @pytest.fixture(scope="module")
 def llm_lab(tmp_path_factory):
     """Two devices: 'full' runs this Python (onnxruntime-genai installed), 'bare' a venv with numpy only."""
-    from devicelab import Lab
-
-    lab = Lab(tmp_path_factory.mktemp("llmlab"), tag=f"L{os.getpid() % 10000}")
-    lab.setup()
-    try:
-        lab.add("full", sys.executable)
-        lab.add("bare", str(device_venv(["numpy"])))
-        lab.write_known_hosts()
-        lab.write_inventory(extra={"full": {"target": "x86-avx2"}, "bare": {"target": "x86-avx2"}})
+    with full_and_bare_lab(tmp_path_factory.mktemp("llmlab"), f"L{os.getpid() % 10000}", "full", "bare") as lab:
         yield lab
-    finally:
-        lab.teardown()
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
 
@@ -30,19 +29,10 @@ def tiny_src(tmp_path_factory):
 @pytest.fixture(scope="module")
 def llm_lab(tmp_path_factory):
     """Two x86-avx2 devices: 'box' runs this Python (onnxruntime-genai installed), 'bare' a venv with numpy only."""
-    from conftest import device_venv
-    from devicelab import Lab
+    from conftest import full_and_bare_lab
 
-    lab = Lab(tmp_path_factory.mktemp("llmsellab"), tag=f"S{os.getpid() % 10000}")
-    lab.setup()
-    try:
-        lab.add("box", sys.executable)
-        lab.add("bare", str(device_venv(["numpy"])))
-        lab.write_known_hosts()
-        lab.write_inventory(extra={"box": {"target": "x86-avx2"}, "bare": {"target": "x86-avx2"}})
+    with full_and_bare_lab(tmp_path_factory.mktemp("llmsellab"), f"S{os.getpid() % 10000}", "box", "bare") as lab:
         yield lab
-    finally:
-        lab.teardown()
 
 
 def test_llm_candidates_timed_on_the_device(cli, llm_lab, tiny_src, tmp_path):
