@@ -35,17 +35,22 @@ def llm_lab(tmp_path_factory):
         yield lab
 
 
+def _convert_timed_on(cli, lab, src, device: str, out):
+    """`convert --select fastest --device DEVICE` of the tiny LM for x86-avx2: (its row, its bundle's manifest)."""
+    r = cli("convert", src, "-t", "x86-avx2", "--select", "fastest", "--device", device,
+            "--inventory", lab.inventory, "--val-tokens", 64, "--name", "tinychat", "-o", out, "--json", "-q")
+    assert r.exit_code == 0, r.output
+    (row,) = json.loads(r.stdout)["bundles"]
+    return row, json.loads((out / row["path"].rsplit("/", 1)[-1] / "manifest.json").read_text())
+
+
 def test_llm_candidates_timed_on_the_device(cli, llm_lab, tiny_src, tmp_path):
     from edgekit.convert.llm import DEVICE_ROUNDS
     from edgekit.runtime.threadprobe import candidates
     from edgekit.runtime.threads import usable_cpus
 
     out = tmp_path / "out"
-    r = cli("convert", tiny_src, "-t", "x86-avx2", "--select", "fastest", "--device", "box",
-            "--inventory", llm_lab.inventory, "--val-tokens", 64, "--name", "tinychat", "-o", out, "--json", "-q")
-    assert r.exit_code == 0, r.output
-    (row,) = json.loads(r.stdout)["bundles"]
-    m = json.loads((out / row["path"].rsplit("/", 1)[-1] / "manifest.json").read_text())
+    row, m = _convert_timed_on(cli, llm_lab, tiny_src, "box", out)
     cands = m["candidates"]
     assert len(cands) >= 5 and all("on device box" in c["timed"] for c in cands), cands
     timed = [c for c in cands if c.get("decode_tok_s")]
@@ -86,11 +91,7 @@ def test_llm_device_that_cannot_run_them_keeps_the_profiles_build(cli, llm_lab, 
     """A device without onnxruntime-genai: every candidate is recorded with the device's error, none is timed
     (nothing from this host stands in for the device), and the profile's build ships."""
     out = tmp_path / "out"
-    r = cli("convert", tiny_src, "-t", "x86-avx2", "--select", "fastest", "--device", "bare",
-            "--inventory", llm_lab.inventory, "--val-tokens", 64, "--name", "tinychat", "-o", out, "--json", "-q")
-    assert r.exit_code == 0, r.output
-    (row,) = json.loads(r.stdout)["bundles"]
-    m = json.loads((out / row["path"].rsplit("/", 1)[-1] / "manifest.json").read_text())
+    row, m = _convert_timed_on(cli, llm_lab, tiny_src, "bare", out)
     meets = [c for c in m["candidates"] if c["meets"]]
     assert len(meets) >= 2 and not any(c.get("decode_tok_s") for c in m["candidates"])
     assert all(c["error"].startswith("timing on bare: ") and "onnxruntime-genai" in c["error"] for c in meets), meets
