@@ -21,6 +21,7 @@ Only this module and edgekit.convert.llm import torch / transformers (on the con
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from edgekit.errors import DataError
+from edgekit.runtime.llmopts import kv_floor
 
 BUILTIN_PROMPTS = (
     "The history of the printing press begins",
@@ -245,7 +247,8 @@ class OnnxDecoder:
                 self.past.append((i.name, heads, dim, dt))
         names = {i.name for i in self.session.get_inputs()}
         self.has_positions = "position_ids" in names
-        self.local_window = local_window(Path(model_dir) / "model.onnx")
+        # the sliding window, as the runtime reads it (genai_config decoder.sliding_window; 0: none)
+        self.local_window = kv_floor(json.loads((Path(model_dir) / "genai_config.json").read_text(encoding="utf-8")))
 
     def logits(self, window: np.ndarray) -> np.ndarray:
         ids = window[None].astype(np.int64)
@@ -259,16 +262,6 @@ class OnnxDecoder:
         for name, heads, dim, dt in self.past:
             feed[name] = np.zeros((1, heads, cap, dim), dt)
         return self.session.run(["logits"], feed)[0][0].astype(np.float32)
-
-
-def local_window(model_onnx: Path) -> int:
-    """The largest sliding-window size of the graph's GroupQueryAttention nodes (0: none has one)."""
-    import onnx
-
-    graph = onnx.load(str(model_onnx), load_external_data=False).graph
-    sizes = [a.i for n in graph.node if n.op_type == "GroupQueryAttention" for a in n.attribute
-             if a.name == "local_window_size"]
-    return max([0] + sizes)
 
 
 def compare(ref: List[np.ndarray], text: EvalText, quant_logits: List[np.ndarray]) -> Dict[str, Any]:
