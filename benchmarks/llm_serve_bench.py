@@ -19,13 +19,17 @@ end-of-sequence token is suppressed so every row does the same work):
 - "in-process, batched engine": edgekit.runtime.llm_batch without HTTP: the continuous-batching engine the
   server runs (the c sequences decode as one batch, one read of the weights per step);
 - "API (stream=true)": `python -m edgekit.serve` in its own process, c client threads streaming
-  /v1/completions over loopback (raw http.client, SSE parsed); the clients run on the same machine.
+  /v1/completions over loopback (raw http.client, SSE parsed); the clients run on the same machine. The
+  server writes a stream at most every --stream-interval-ms (its default, 20 ms): pieces that come faster
+  are sent together, each still its own SSE event;
+- "API (stream=true, a write per token)": the same with a second server at --stream-interval-ms 0 (a wake-up
+  of the server's event loop and a socket write per token, as before the interval existed).
 tok/s (the aggregate figure compared): every generated token of the round over its wall time (start to the last
 stream's last token: prefill and TTFT included). "decode": tokens after each stream's first over the time
 from the first stream's first token to the last one's last (for the API as the client receives them: pieces
 that arrive together shorten that span, so it reads high there). TTFT: request (or call) to the first piece of text (what a client sees; a token that decodes to no text yet,
 a special token or part of a character, counts as arriving with the next piece, on every path alike). Inter-token: gaps between
-consecutive pieces of text of a stream, over all streams (for the API, as the client receives them). The three paths take turns round by round (the server runs
+consecutive pieces of text of a stream, over all streams (for the API, as the client receives them). The paths take turns round by round (the server runs
 beside the in-process models), so a change in the machine's load lands on all of them. CPU ms/token:
 the CPU time (all threads) of the process that generates (this one in-process, the server's for the API) per
 generated token: unlike wall-clock figures it hardly moves with the machine's load. p50 over
@@ -54,6 +58,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 CONCURRENCY = "1,4,8"
+PER_TOKEN = "API (stream=true, a write per token)"
 PROMPTS = ["The robot moves the", "Count: one two", "The busy baker", "A small cat", "The old engineer repairs",
            "Count: five six", "My neighbour likes the", "The quiet child"]
 
@@ -259,14 +264,14 @@ def api_path(port: int, tokens: int):
     return one_round, (lambda: None)
 
 
-def start_server(model_dir: Path, threads: int, log: Path) -> (subprocess.Popen, int):
+def start_server(model_dir: Path, threads: int, log: Path, interval_ms: float = 20.0) -> (subprocess.Popen, int):
     port = _free_port()
     link = log.parent / "bench"   # the model is served under the name "bench"
     if link.is_symlink() or link.exists():
         link.unlink()
     link.symlink_to(model_dir.resolve(), target_is_directory=True)
     proc = subprocess.Popen([sys.executable, "-m", "edgekit.serve", str(link), "--port", str(port), "--threads",
-                             str(threads), "--max-sequences", "8", "--no-check"],
+                             str(threads), "--max-sequences", "8", "--no-check", "--stream-interval-ms", str(interval_ms)],
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=str(ROOT),
                             env=dict(os.environ, PYTHONPATH=str(ROOT)))
     deadline = time.monotonic() + 120
@@ -379,6 +384,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="llm_serve_bench.json")
+    ap.add_argument("--stream-interval-ms", type=float, default=20.0,
+                    help="the API server's --stream-interval-ms (a second server writes every token: 0)")
     ap.add_argument("--streams", default=CONCURRENCY, help="concurrent streams per row (comma-separated)")
     ap.add_argument("--long-prompt", type=int, default=0,
                     help="instead: a running stream's inter-token gaps while a prompt of this many tokens arrives")
@@ -412,10 +419,14 @@ def main() -> None:
               "weights_bytes": weights, "tokens_per_stream": args.tokens, "conditions_before": conditions(args.threads),
               "rows": []}
     log = cache / "llm_serve_bench.server.log"
-    proc, port = start_server(model, args.threads, log)
+    proc, port = start_server(model, args.threads, log, args.stream_interval_ms)
+    # the same server writing every token as it comes (--stream-interval-ms 0), beside the default
+    proc0, port0 = start_server(model, args.threads, cache / "llm_serve_bench.server0.log", 0.0)
+    result["stream_interval_ms"] = args.stream_interval_ms
     paths = [("in-process, generator per stream", generator_path(model, args.threads, args.tokens), os.getpid()),
              ("in-process, batched engine", engine_path(model, args.threads, args.tokens), os.getpid()),
-             ("API (stream=true)", api_path(port, args.tokens), proc.pid)]
+             ("API (stream=true)", api_path(port, args.tokens), proc.pid),
+             (PER_TOKEN, api_path(port0, args.tokens), proc0.pid)]
     try:
         for _, (one_round, _), _ in paths:
             one_round(1)  # warm-up
@@ -430,8 +441,9 @@ def main() -> None:
     finally:
         for _, (_, close), _ in paths:
             close()
-        proc.terminate()
-        proc.wait(30)
+        for pr in (proc, proc0):
+            pr.terminate()
+            pr.wait(30)
     result["conditions_after"] = conditions(args.threads)
     by = {(r["path"], r["streams"]): r for r in result["rows"]}
     key = "throughput_tok_s"
@@ -439,17 +451,19 @@ def main() -> None:
     result["api_overhead_1_stream"] = 1 - by[("API (stream=true)", 1)][key] / one
     result["api_overhead_1_stream_vs_engine"] = 1 - by[("API (stream=true)", 1)][key] / \
         by[("in-process, batched engine", 1)][key]
+    result["api_overhead_1_stream_per_token_writes"] = 1 - by[(PER_TOKEN, 1)][key] / one
     for c in (4, 8):
         if ("API (stream=true)", c) in by:
             result[f"api_{c}_over_1"] = by[("API (stream=true)", c)][key] / by[("API (stream=true)", 1)][key]
-    print(f"{'path':36} {'streams':>7} {'tok/s':>8} {'decode':>8} {'TTFT p50':>9} {'p99':>7} {'ITL p50':>8} "
+    print(f"{'path':38} {'streams':>7} {'tok/s':>8} {'decode':>8} {'TTFT p50':>9} {'p99':>7} {'ITL p50':>8} "
           f"{'p99':>7} {'CPU ms/tok':>10}")
     for r in sorted(result["rows"], key=lambda r: (r["streams"], r["path"])):
-        print(f"{r['path']:36} {r['streams']:>7} {r[key]:>8.1f} {r['decode_tok_s']:>8.1f} {r['ttft_ms_p50']:>8.1f}m "
+        print(f"{r['path']:38} {r['streams']:>7} {r[key]:>8.1f} {r['decode_tok_s']:>8.1f} {r['ttft_ms_p50']:>8.1f}m "
               f"{r['ttft_ms_p99']:>6.1f}m {r['inter_token_ms_p50']:>7.2f}m {r['inter_token_ms_p99']:>6.2f}m "
               f"{r['cpu_ms_per_token']:>10.2f}")
     print(f"API at 1 stream costs {result['api_overhead_1_stream'] * 100:+.1f}% of the runtime's generator's tok/s "
-          f"({result['api_overhead_1_stream_vs_engine'] * 100:+.1f}% of the batched engine's) (goal <= 3%)"
+          f"({result['api_overhead_1_stream_vs_engine'] * 100:+.1f}% of the batched engine's) (goal <= 3%); "
+          f"writing every token at once: {result['api_overhead_1_stream_per_token_writes'] * 100:+.1f}%"
           + "".join(f"; API {c} streams / 1 stream: {result[f'api_{c}_over_1']:.2f}x" for c in (4, 8)
                     if f"api_{c}_over_1" in result) + " (goal >= 2x at 4, on a memory-bound model)")
     out = Path(args.out) if "/" in args.out else ROOT / "benchmarks" / "results" / args.out

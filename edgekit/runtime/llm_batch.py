@@ -211,6 +211,11 @@ class BatchedDecoder:
         if threads:
             so.intra_op_num_threads = int(threads)
         so.inter_op_num_threads = 1
+        # the bundle's ORT config entries (genai_config session_options "session.*": e.g. the profile's
+        # session.intra_op.allow_spinning), as onnxruntime_genai applies them to the runtime's generator
+        for k, v in sorted((d.get("session_options") or {}).items()):
+            if k.startswith("session."):
+                so.add_session_config_entry(k, str(v))
         self.session = ort.InferenceSession(str(model_dir / d.get("filename", "model.onnx")), so,
                                             providers=["CPUExecutionProvider"])
         have = {i.name: i for i in self.session.get_inputs()}

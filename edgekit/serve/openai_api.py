@@ -26,6 +26,7 @@ import asyncio
 import json
 import logging
 import re
+import threading
 import time
 import uuid
 from typing import Any, Dict, List, Optional, Tuple
@@ -158,13 +159,95 @@ def chat_messages(doc: Dict[str, Any]) -> List[Dict[str, str]]:
     return out
 
 
+# -- from the engine thread to a request's event loop ------------------------------------------------------
+
+STREAM_INTERVAL_MS = 20.0   # the default --stream-interval-ms
+
+
+class _Outbox:
+    """One request's events, from the engine thread (put) to its event loop (batches).
+
+    Waking an event loop from another thread, and writing a chunk to a socket, costs CPU that the decode
+    threads on a small device then miss (the engine steps every few milliseconds on a small model). So a
+    stream is written at most once per `interval` seconds while its pieces come faster than that: the first
+    piece, the last event and every piece of a slower stream go at once (no added latency), faster ones are
+    gathered and sent together (each still its own SSE event). interval 0: a write per engine step;
+    None (a reply sent whole): the loop wakes only for the last event."""
+
+    __slots__ = ("_loop", "_interval", "_lock", "_buf", "_waiting", "_woken", "_ready", "_first")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, interval: Optional[float]):
+        self._loop = loop
+        self._interval = interval
+        self._lock = threading.Lock()
+        self._buf: list = []
+        self._waiting = False     # the loop waits for events with nothing buffered
+        self._woken = False       # a wake-up is on its way to the loop
+        self._ready = asyncio.Event()
+        self._first = True
+
+    def put(self, evs: list) -> None:
+        """From the engine thread: one step's events."""
+        if not evs:
+            return
+        last = evs[-1][0] != "text"
+        with self._lock:
+            self._buf.extend(evs)
+            if self._woken:
+                return
+            if last or (self._interval is not None and (self._waiting or self._first)):
+                self._woken = True
+                self._first = False
+            else:
+                return
+        self._loop.call_soon_threadsafe(self._ready.set)
+
+    def gone(self) -> None:
+        """On the loop: the client disconnected."""
+        with self._lock:
+            self._buf.append(("gone", None))
+        self._ready.set()
+
+    async def batches(self):
+        while True:
+            with self._lock:
+                # a reply sent whole takes its events only once the last is there
+                if self._buf and (self._interval is not None or self._buf[-1][0] != "text"):
+                    evs, self._buf = self._buf, []
+                else:
+                    evs = []
+                self._waiting = not evs
+            if not evs:
+                await self._ready.wait()
+                self._ready.clear()
+                with self._lock:
+                    self._woken = self._waiting = False
+                continue
+            yield evs
+            if evs[-1][0] != "text":
+                return
+            if self._interval:
+                # pieces coming faster than the interval wait for the next write; the last event does not
+                with self._lock:
+                    self._woken = False
+                try:
+                    await asyncio.wait_for(self._ready.wait(), self._interval)
+                except asyncio.TimeoutError:
+                    pass
+                self._ready.clear()
+                with self._lock:
+                    self._woken = False
+
+
 # -- the API ---------------------------------------------------------------------------------------------
 
 class LLMApi:
     """Serves the language-model endpoints for App (which checks the token and reads bodies)."""
 
-    def __init__(self, entries: List[LLMEntry], metrics, *, read_body, authorized, log_prompts: bool = False):
+    def __init__(self, entries: List[LLMEntry], metrics, *, read_body, authorized, log_prompts: bool = False,
+                 stream_interval_ms: float = STREAM_INTERVAL_MS):
         self.entries = {e.name: e for e in entries}
+        self.stream_interval = max(0.0, float(stream_interval_ms)) / 1000.0
         self.metrics = metrics
         self._read_body = read_body
         self._authorized = authorized
@@ -297,44 +380,37 @@ class LLMApi:
             "edgekit": e.state()}))
 
     # -- running a sequence -----------------------------------------------------------------------------
-    def _start(self, entry: LLMEntry, ids: List[int], params: SamplingParams, rid: str):
-        """Submit to the active release's engine: (release, sequence, event queue)."""
+    def _start(self, entry: LLMEntry, ids: List[int], params: SamplingParams, rid: str, *, stream: bool):
+        """Submit to the active release's engine: (release, sequence, outbox)."""
         rel = entry.active
         if rel is None:
             raise ApiError(503, f"model '{entry.name}' is not ready", "model_not_ready")
-        loop = asyncio.get_running_loop()
-        q: "asyncio.Queue" = asyncio.Queue()
-
-        def on_events(evs, _put=q.put_nowait, _call=loop.call_soon_threadsafe):
-            _call(_put, evs)
-
-        seq = GenSequence(ids, params, on_events, request_id=rid)
+        box = _Outbox(asyncio.get_running_loop(), self.stream_interval if stream else None)
+        seq = GenSequence(ids, params, box.put, request_id=rid)
         rel.engine.submit(seq)
-        return rel, seq, q
+        return rel, seq, box
 
-    async def _events(self, receive, rel, seq, q):
+    async def _events(self, receive, rel, seq, box):
         """Yield ("text", piece) ... then ("done", reason) or ("error", msg). A client that disconnects
         cancels its sequence (seq.client_gone) and the iteration ends at once."""
-        async for batch in self._batches(receive, rel, seq, q):
+        async for batch in self._batches(receive, rel, seq, box):
             for ev in batch:
                 yield ev
 
-    async def _batches(self, receive, rel, seq, q):
+    async def _batches(self, receive, rel, seq, box):
         """The same events, as lists: everything the engine delivered since the last one (several steps'
-        pieces when this loop was behind), so a stream writes them to its socket at once."""
+        pieces when they came faster than the stream interval, or this loop was behind), so a stream writes
+        them to its socket at once."""
         async def watch():
             await _wait_disconnect(receive)
             seq.client_gone = True
             seq.cancel()
             rel.engine.wake()
-            q.put_nowait((("gone", None),))
+            box.gone()
 
         gone = asyncio.get_running_loop().create_task(watch())
         try:
-            while True:
-                evs = list(await q.get())
-                while not q.empty():
-                    evs.extend(q.get_nowait())
+            async for evs in box.batches():
                 out = []
                 for ev in evs:
                     if ev[0] == "gone":
@@ -386,7 +462,7 @@ class LLMApi:
         stream = bool(doc.get("stream", False))
         usage_chunk = bool((doc.get("stream_options") or {}).get("include_usage"))
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        rel, seq, q = self._start(entry, ids, params, rid)
+        rel, seq, q = self._start(entry, ids, params, rid, stream=stream)
         created = int(time.time())
         base = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
                 "model": entry.name, "system_fingerprint": rel.version}
@@ -472,7 +548,7 @@ class LLMApi:
             params_doc["stop"] = params_doc["stop_words"]
         params = sampling_from(dict(params_doc, temperature=params_doc.get("temperature", 0.0)), 16)
         rid = "gen-" + uuid.uuid4().hex[:24]
-        rel, seq, q = self._start(entry, rel.tokenizer.encode(text), params, rid)
+        rel, seq, q = self._start(entry, rel.tokenizer.encode(text), params, rid, stream=stream)
         head = {"model_name": entry.name, "model_version": rel.version}
         if doc.get("id") is not None:
             head["id"] = str(doc["id"])

@@ -57,6 +57,7 @@ class ServeConfig:
     max_sequences: int = 8
     kv_cache_mb: Optional[float] = None   # None: every slot can hold the whole context
     log_prompts: bool = False
+    stream_interval_ms: float = 20.0   # a stream's pieces written at most this often (faster ones gathered)
 
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
@@ -80,6 +81,8 @@ class ServeConfig:
                            ("--max-batch", self.max_batch, 1), ("--max-sequences", self.max_sequences, 1)):
             if v < lo:
                 raise ServeError(f"{opt} must be at least {lo} (got {v})")
+        if not 0 <= self.stream_interval_ms <= 1000:
+            raise ServeError(f"--stream-interval-ms must be between 0 and 1000 (got {self.stream_interval_ms})")
         if self.kv_cache_mb is not None and self.kv_cache_mb <= 0:
             raise ServeError(f"--kv-cache-mb must be > 0 (got {self.kv_cache_mb})")
         if min(self.max_delay_ms, self.inline_ms) < 0 or min(self.max_body_mb, self.poll_interval) <= 0:
@@ -133,7 +136,8 @@ def build(paths: List[str], config: ServeConfig) -> Tuple["object", List[ModelEn
                     inline_ms=config.inline_ms)
     app = App(entries, engine, metrics, token=config.token, max_body=config.max_body,
               poll_interval=config.poll_interval, load_kwargs=config.load_kwargs, llm_entries=llms,
-              llm_kwargs=config.llm_kwargs(metrics), log_prompts=config.log_prompts)
+              llm_kwargs=config.llm_kwargs(metrics), log_prompts=config.log_prompts,
+              stream_interval_ms=config.stream_interval_ms)
     return app, entries + llms
 
 

@@ -1,0 +1,75 @@
+"""The serving API's outbox (edgekit.serve.openai_api._Outbox): events from the engine thread reach a request's
+event loop complete and in order; a stream is written at most once per interval while pieces come faster, the
+first piece and the last event at once; a reply sent whole wakes the loop once. Real asyncio and a real
+producer thread (the engine's side), no mocks."""
+
+import asyncio
+import threading
+import time
+
+from edgekit.serve.openai_api import _Outbox
+
+
+def _run(interval, n, gap_s, final=("done", "length")):
+    """A producer thread puts n pieces, gap_s apart, then the final event; returns (batches, times, t_final)."""
+    async def main():
+        box = _Outbox(asyncio.get_running_loop(), interval)
+        sent = {}
+
+        def produce():
+            for i in range(n):
+                box.put([("text", f"p{i}")])
+                time.sleep(gap_s)
+            sent["final"] = time.perf_counter()
+            box.put([final])
+
+        batches, times = [], []
+        t = threading.Thread(target=produce)
+        t.start()
+        async for evs in box.batches():
+            batches.append(list(evs))
+            times.append(time.perf_counter())
+        t.join()
+        return batches, times, sent["final"]
+
+    return asyncio.run(main())
+
+
+def _flat(batches):
+    return [ev for b in batches for ev in b]
+
+
+def test_fast_pieces_are_gathered_per_interval_and_none_is_lost():
+    batches, times, t_final = _run(0.05, 120, 0.002)   # 500 pieces/s against 20 writes/s
+    assert _flat(batches) == [("text", f"p{i}") for i in range(120)] + [("done", "length")]
+    assert batches[0] == [("text", "p0")]               # the first piece is not held back
+    # about 0.25 s of pieces: a handful of writes, nowhere near one per piece (a loaded machine only gathers more)
+    assert len(batches) <= 120 // 4, [len(b) for b in batches]
+    assert times[-1] - t_final < 0.04                   # the last event does not wait out the interval
+
+
+def test_slow_pieces_go_at_once():
+    batches, times, _ = _run(0.05, 6, 0.12)             # slower than the interval: one write per piece
+    assert _flat(batches) == [("text", f"p{i}") for i in range(6)] + [("done", "length")]
+    assert len(batches) >= 6
+
+
+def test_a_whole_reply_wakes_the_loop_once_and_errors_end_it():
+    batches, _, _ = _run(None, 40, 0.001)
+    assert batches == [[("text", f"p{i}") for i in range(40)] + [("done", "length")]]
+    batches, _, _ = _run(0.02, 3, 0.001, final=("error", "generation failed: boom"))
+    assert _flat(batches)[-1] == ("error", "generation failed: boom") and len(_flat(batches)) == 4
+
+
+def test_a_gone_client_ends_the_batches():
+    async def main():
+        box = _Outbox(asyncio.get_running_loop(), 0.02)
+        box.put([("text", "a")])
+        got = []
+        async for evs in box.batches():
+            got.append(list(evs))
+            if len(got) == 1:
+                box.gone()
+        return got
+
+    assert asyncio.run(main()) == [[("text", "a")], [("gone", None)]]
