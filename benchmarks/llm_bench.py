@@ -88,6 +88,27 @@ def loud(msg: str) -> None:
     print(f"\n{bar}\n!! {msg}\n{bar}\n", flush=True)
 
 
+def vm_rss_mb() -> Optional[float]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak() -> bool:
+    """VmHWM back to VmRSS (Linux), so the next vm_peak_mb() is what ran since (runtime.llmopts.reset_peak_rss)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def vm_peak_mb() -> Optional[float]:
     try:
         with open("/proc/self/status") as f:
@@ -112,10 +133,14 @@ def _w_ek_speed(spec: Dict[str, Any]) -> Dict[str, Any]:
     out = {"load_ms": lm.load_ms, "rss_before_load_mb": rss0, "threads": lm.threads,
            "backend": f"{lm.backend} {lm.backend_version}", "prompts": []}
     for p in spec["prompts"]:
+        # benchmark() resets the high-water mark after the load: its generation peak is this prompt size's own
         r = lm.benchmark(prompt_tokens=p, new_tokens=spec["new_tokens"], runs=spec["runs"], warmup=spec["warmup"])
         out["prompts"].append({"prompt_tokens": p, "ttft_ms": r["ttft_ms"], "prefill_ms": r["prefill_ms"],
                                "prefill_tok_s": r["prefill_tok_s"], "decode_tok_s": r["decode_tok_s"],
-                               "peak_rss_mb": vm_peak_mb(), "per_run": r["per_run"]})
+                               "peak_rss_mb": vm_peak_mb(), "peak_rss_load_mb": r["peak_rss_load_mb"],
+                               "peak_rss_generation_mb": r["peak_rss_generation_mb"],
+                               "rss_libraries_mb": r["rss_libraries_mb"], "memory_held": r["memory_held"],
+                               "memory_conditions": r["conditions"]["memory"], "per_run": r["per_run"]})
     return out
 
 
@@ -126,11 +151,13 @@ def _w_ll_speed(spec: Dict[str, Any]) -> Dict[str, Any]:
     import llama_cpp
     from llama_cpp import Llama
 
+    libs = vm_rss_mb()           # this fresh worker after import llama_cpp: the library's fixed cost
     clock = time.perf_counter_ns
     new = spec["new_tokens"]
     out: Dict[str, Any] = {"rss_before_load_mb": rss0, "threads": spec["threads"],
                            "backend": f"llama.cpp (llama-cpp-python {llama_cpp.__version__})", "prompts": []}
     for p, ids in zip(spec["prompts"], spec["prompt_ids"]):
+        reset = reset_peak()     # the load's peak and then the generations' (as LanguageModel.benchmark)
         t = clock()
         # a context per prompt size (as ORT GenAI allocates its KV cache for prompt + new tokens), smaller first
         llm = Llama(model_path=spec["path"], n_ctx=p + new, n_batch=min(512, p + new), n_ubatch=min(512, p + new),
@@ -138,6 +165,8 @@ def _w_ll_speed(spec: Dict[str, Any]) -> Dict[str, Any]:
                     flash_attn=spec["flash_attn"])
         load_ms = (clock() - t) / 1e6
         out.setdefault("load_ms", load_ms)
+        load_peak = vm_peak_mb() if reset else None
+        reset = reset_peak()
         n_vocab = llm.n_vocab()
 
         def next_token() -> int:
@@ -168,7 +197,9 @@ def _w_ll_speed(spec: Dict[str, Any]) -> Dict[str, Any]:
 
         out["prompts"].append({"prompt_tokens": p, "ttft_ms": p50("ttft_ms"), "prefill_ms": p50("prefill_ms"),
                                "prefill_tok_s": p50("prefill_tok_s"), "decode_tok_s": p50("decode_tok_s"),
-                               "peak_rss_mb": vm_peak_mb(), "per_run": runs, "llama_load_ms": load_ms})
+                               "peak_rss_mb": vm_peak_mb(), "peak_rss_load_mb": load_peak,
+                               "peak_rss_generation_mb": vm_peak_mb() if reset else None, "rss_libraries_mb": libs,
+                               "per_run": runs, "llama_load_ms": load_ms})
         del llm
     return out
 
@@ -594,6 +625,9 @@ def summarize(rows: List[Dict[str, Any]], bw: Dict[str, Any], cpu_count: int) ->
             rs = s["rounds"]
             for k in ("ttft_ms", "prefill_tok_s", "decode_tok_s", "peak_rss_mb", "load_ms"):
                 s[k] = float(np.median([r[k] for r in rs]))
+            for k in ("peak_rss_load_mb", "peak_rss_generation_mb", "rss_libraries_mb"):
+                v = [r[k] for r in rs if r.get(k) is not None]
+                s[k] = float(np.median(v)) if v else None
             d = [r["decode_tok_s"] for r in rs]
             s["decode_spread"] = (max(d) - min(d)) / s["decode_tok_s"] if len(d) > 1 else 0.0
             if s["decode_spread"] > 0.10:
@@ -606,7 +640,14 @@ def summarize(rows: List[Dict[str, Any]], bw: Dict[str, Any], cpu_count: int) ->
             s["decode_bound_tok_s"] = b["read_gb_s"] * 1e9 / read
             s["bound_fraction"] = s["decode_tok_s"] / s["decode_bound_tok_s"]
             kv = row["kv_bytes_per_token"] * (s["prompt_tokens"] + s["new_tokens"])
-            s["rss_vs_weights_kv"] = s["peak_rss_mb"] * 2**20 / (row["bytes"] + kv)
+            bound = (row["bytes"] + kv) / 2**20
+            # the goal's figure: the peak during generation (high-water mark reset after the load); where no
+            # reset was possible, the process's peak (load included), said in rss_basis
+            gen, load, libs = s["peak_rss_generation_mb"], s["peak_rss_load_mb"], s["rss_libraries_mb"]
+            s["rss_basis"] = "generation peak (VmHWM reset after load)" if gen else "process peak (load included)"
+            s["rss_vs_weights_kv"] = (gen or s["peak_rss_mb"]) / bound
+            s["load_rss_vs_weights_kv"] = load / bound if load else None
+            s["rss_beyond_libs_vs_weights_kv"] = (gen - libs) / bound if gen and libs else None
     loads = [r["loadavg_before"] for row in rows for s in row.get("speed", {}).values() for r in s["rounds"]]
     if loads and max(loads) > cpu_count:
         reasons.insert(0, f"load average up to {max(loads):.1f} on {cpu_count} CPUs (other work ran beside)")
@@ -656,10 +697,20 @@ def goals(rows: Dict[str, Dict[str, Any]], ratio_rows: List[Dict[str, Any]]) -> 
                     "met": i8["fidelity"]["ppl_increase"] <= 0.01})
     for key, r in rows.items():
         if r["engine"] == "edgekit" and not r.get("failed"):
-            worst = max((s["rss_vs_weights_kv"] for s in r.get("speed", {}).values()), default=None)
+            speed = list(r.get("speed", {}).values())
+            worst = max((s["rss_vs_weights_kv"] for s in speed), default=None)
             if worst is not None:
-                out.append({"goal": f"{key}: peak RSS <= 1.3 x (model bytes + KV cache)", "value": round(worst, 3),
-                            "met": worst <= 1.3})
+                basis = speed[0].get("rss_basis", "process peak")
+                out.append({"goal": f"{key}: peak RSS during generation <= 1.3 x (model bytes + KV cache) "
+                                    f"[{basis}, whole process]", "value": round(worst, 3), "met": worst <= 1.3})
+            # the same beyond the libraries' fixed cost, and the load's peak: shown, never hidden
+            for field, what in (("rss_beyond_libs_vs_weights_kv", "generation peak less the libraries' fixed cost "
+                                 "(fresh python + import of the engine)"),
+                                ("load_rss_vs_weights_kv", "load peak, whole process")):
+                v = [s[field] for s in speed if s.get(field) is not None]
+                if v:
+                    out.append({"goal": f"{key}: RSS <= 1.3 x (model bytes + KV cache) [{what}]",
+                                "value": round(max(v), 3), "met": max(v) <= 1.3})
     return out
 
 
@@ -678,13 +729,21 @@ def tables(report: Dict[str, Any]) -> str:
                  + (f"{f['ppl']:.3f} | {100 * f['ppl_increase']:+.2f}% | {f['kl_mean']:.4f} | "
                     f"{100 * f['top1_agreement']:.1f}% |" if f else "- | - | - | - |"))
     L += ["", "| engine | build | threads | prompt | TTFT ms | prefill tok/s | decode tok/s | bound tok/s | "
-              "of bound | peak RSS MiB | RSS / (weights+KV) |",
+              "of bound | RSS MiB: load peak / generation peak / libraries | RSS / (weights+KV): generation / "
+              "beyond libraries / load |",
           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def num(v, f="{:.0f}"):
+        return f.format(v) if v is not None else "-"
+
     for r in rows:
         for s in r.get("speed", {}).values():
             L.append(f"| {r['engine']} | {r['build']} | {s['threads']} | {s['prompt_tokens']} | {s['ttft_ms']:.0f} | "
                      f"{s['prefill_tok_s']:.0f} | {s['decode_tok_s']:.1f} | {s['decode_bound_tok_s']:.0f} | "
-                     f"{100 * s['bound_fraction']:.0f}% | {s['peak_rss_mb']:.0f} | {s['rss_vs_weights_kv']:.2f} |")
+                     f"{100 * s['bound_fraction']:.0f}% | {num(s.get('peak_rss_load_mb'))} / "
+                     f"{num(s.get('peak_rss_generation_mb') or s['peak_rss_mb'])} / {num(s.get('rss_libraries_mb'))} | "
+                     f"{s['rss_vs_weights_kv']:.2f} / {num(s.get('rss_beyond_libs_vs_weights_kv'), '{:.2f}')} / "
+                     f"{num(s.get('load_rss_vs_weights_kv'), '{:.2f}')} |")
     if report["ratios"]:
         L += ["", "| edgekit / llama.cpp | threads | prompt | decode | prefill | TTFT | size |",
               "|---|---:|---:|---:|---:|---:|---:|"]

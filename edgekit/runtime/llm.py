@@ -67,6 +67,7 @@ from edgekit.runtime.llmopts import GenOptions as _Options
 from edgekit.runtime.llmopts import hold_back as _hold_back
 from edgekit.runtime.llmopts import kv_capacity, prompt_bos, with_bos
 from edgekit.runtime.llmopts import rss_mb as _rss_mb
+from edgekit.runtime.llmopts import tune_malloc
 
 KIND = "llm"
 GENAI_CONFIG = "genai_config.json"
@@ -181,7 +182,8 @@ def load_llm(path: Union[str, Path], *, threads: Optional[int] = None, verify: b
     from edgekit.runtime.threads import choose_threads
 
     t0 = time.perf_counter_ns()
-    rss_before = _rss_mb()["rss_mb"]
+    mem_before = _rss_mb()
+    rss_before = mem_before["rss_mb"]
     p = Path(path)
     if backend not in (None, BACKEND, "onnxruntime"):
         raise BackendUnavailable(f"a language model runs on {BACKEND}, not {backend}", fmt="onnx-genai",
@@ -240,12 +242,18 @@ def load_llm(path: Union[str, Path], *, threads: Optional[int] = None, verify: b
     lm.threads_choice = choice
     lm.load_ms = (time.perf_counter_ns() - t0) / 1e6
     lm.rss_before_load_mb = rss_before
+    mem = _rss_mb()
+    lm.rss_after_load_mb = mem["rss_mb"]
+    # the load's own peak is the process's high-water mark only where the load raised it
+    hwm0, hwm1 = mem_before["peak_rss_mb"], mem["peak_rss_mb"]
+    lm.peak_rss_load_mb = hwm1 if hwm1 is not None and (hwm0 is None or hwm1 > hwm0) else None
     return lm
 
 
 def _og_model(og, model_dir: Path, threads: int):
     """onnxruntime_genai.Model of `model_dir` with the decoder session's intra_op_num_threads set (an overlay:
-    the files on disk are never changed)."""
+    the files on disk are never changed). glibc's malloc thresholds are fixed first (llmopts.tune_malloc)."""
+    tune_malloc()
     config = og.Config(str(model_dir))
     config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": int(threads)}}}}))
     return og.Model(config)
@@ -349,6 +357,8 @@ class LanguageModel:
         self.load_ms: float = 0.0
         self.last: Dict[str, Any] = {}
         self.rss_before_load_mb: Optional[float] = None
+        self.rss_after_load_mb: Optional[float] = None
+        self.peak_rss_load_mb: Optional[float] = None   # VmHWM after load where the load raised it, else None
         self.backend_version = og_version()
 
     # -- facts -------------------------------------------------------------------------------------------

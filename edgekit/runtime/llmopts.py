@@ -81,6 +81,134 @@ def rss_mb() -> Dict[str, Optional[float]]:
     return out
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's high-water mark (VmHWM) to its resident memory now, so the next rss_mb()
+    peak covers only what runs after this call (Linux: "5" into /proc/self/clear_refs). False where the
+    OS does not allow it (the peak then still includes everything before)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+# What a mapping in /proc/self/smaps holds, by the name the kernel gives it.
+_MODEL_SUFFIXES = (".onnx", ".data", ".onnx_data", ".bin", ".gguf")
+
+
+def memory_breakdown() -> Optional[Dict[str, float]]:
+    """Resident memory now (MiB) by what holds it, from /proc/self/smaps: "anon" (heap and anonymous
+    mappings: everything the process allocated, prepacked weights included), "model_files" (mapped
+    model files: ONNX Runtime maps external initializers), "libraries" (shared objects' pages), "other_files",
+    and "total". File-backed pages are clean copies of the page cache (the kernel can drop them under
+    pressure); anonymous ones are not. None where smaps is not readable."""
+    cats = {"anon": 0.0, "model_files": 0.0, "libraries": 0.0, "other_files": 0.0}
+    name = ""
+    try:
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                head = line.split(None, 5)
+                if head and not head[0].endswith(":"):     # a mapping's header: range perms offset dev inode [name]
+                    name = head[5].strip() if len(head) > 5 else ""
+                    continue
+                if line.startswith("Rss:"):
+                    mb = int(line.split()[1]) / 1024
+                    if not name or name.startswith("["):
+                        cats["anon"] += mb
+                    elif ".so" in name.rsplit("/", 1)[-1]:
+                        cats["libraries"] += mb
+                    elif name.endswith(_MODEL_SUFFIXES):
+                        cats["model_files"] += mb
+                    else:
+                        cats["other_files"] += mb
+    except OSError:
+        return None
+    cats["total"] = sum(cats.values())
+    return {k: round(v, 1) for k, v in cats.items()}
+
+
+_LIB_RSS: Dict[str, Optional[float]] = {}
+
+
+def library_rss_mb(module: str = "onnxruntime_genai") -> Dict[str, Optional[float]]:
+    """The fixed cost of the runtime's libraries, measured in a fresh interpreter of this Python: its RSS
+    bare (python_mb), after `import numpy` (numpy_mb) and after `import <module>` and nothing else (libs_mb,
+    the floor any process that generates pays before a model loads). Cached per process; Nones where
+    the child cannot report."""
+    if module in _LIB_RSS:
+        return dict(_LIB_RSS[module])  # type: ignore[arg-type]
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json\n"
+            "def r():\n"
+            "    for l in open('/proc/self/status'):\n"
+            "        if l.startswith('VmRSS:'): return int(l.split()[1]) / 1024\n"
+            "a = r()\nimport numpy\nb = r()\nimport " + module + "\nc = r()\n"
+            "print(json.dumps({'python_mb': a, 'numpy_mb': b, 'libs_mb': c}))\n")
+    out: Dict[str, Optional[float]] = {"python_mb": None, "numpy_mb": None, "libs_mb": None}
+    try:
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        if p.returncode == 0 and p.stdout.strip():
+            out.update(json.loads(p.stdout.strip().splitlines()[-1]))
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        pass
+    _LIB_RSS[module] = out  # type: ignore[assignment]
+    return dict(out)
+
+
+# glibc's malloc serves a request of at least M_MMAP_THRESHOLD with its own mmap (unmapped again on free) and
+# below it from the heap, which it gives back only from the top past M_TRIM_THRESHOLD. Left alone, both
+# thresholds grow to the largest block freed so far (up to 32 MiB / 64 MiB): after ONNX Runtime frees its
+# load-time buffers, every later block of tens of MiB (a prompt chunk's logits, KV cache buffers) comes from
+# the heap and stays there after the generator is gone, so each generation raised the process by another
+# 10-25 MB (SmolLM2-135M INT4: 329 -> 342 MiB over 4 generations, INT8 315 -> 340, block-32 INT4 263 -> 288).
+# Fixed thresholds keep such blocks in their own mappings, returned on free (332, 318, 264 MiB flat).
+MALLOC_MMAP_THRESHOLD = 1 << 20
+MALLOC_TRIM_THRESHOLD = 1 << 20
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MALLOC: Dict[str, Any] = {}
+
+
+def tune_malloc() -> Dict[str, Any]:
+    """Fix glibc malloc's mmap and trim thresholds for this process (once; see above) before a language
+    model loads. Process-wide and harmless to other code (it only decides where large blocks live).
+    EDGEKIT_MALLOC_TUNE=0 leaves malloc alone. Returns what was done: {"applied": bool, "why"?: str,
+    "mmap_threshold"?, "trim_threshold"?}."""
+    if _MALLOC:
+        return dict(_MALLOC)
+    import os
+
+    if os.environ.get("EDGEKIT_MALLOC_TUNE", "1").strip().lower() in ("0", "false", "no", "off"):
+        _MALLOC.update(applied=False, why="EDGEKIT_MALLOC_TUNE=0")
+        return dict(_MALLOC)
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        version = libc.gnu_get_libc_version
+        version.restype = ctypes.c_char_p
+        glibc = version().decode()
+        ok = (libc.mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD) == 1
+              and libc.mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD) == 1)
+    except (OSError, AttributeError) as e:   # not glibc (musl, macOS, Windows): nothing to tune
+        _MALLOC.update(applied=False, why=f"no glibc malloc ({e})")
+        return dict(_MALLOC)
+    if ok:
+        _MALLOC.update(applied=True, glibc=glibc, mmap_threshold=MALLOC_MMAP_THRESHOLD,
+                       trim_threshold=MALLOC_TRIM_THRESHOLD)
+    else:
+        _MALLOC.update(applied=False, why=f"glibc {glibc} mallopt refused the thresholds")
+    return dict(_MALLOC)
+
+
+def malloc_tuning() -> Dict[str, Any]:
+    """What tune_malloc did in this process (without doing it): its result, or applied False, why "not asked"."""
+    return dict(_MALLOC) if _MALLOC else {"applied": False, "why": "not asked (no language model loaded)"}
+
+
 def kv_floor(genai_config: Mapping[str, Any]) -> int:
     """The fewest positions a generator's KV cache may hold for this model: its sliding window where it has one
     (genai_config decoder.sliding_window.window_size, e.g. Gemma 3's 512), else 0. ONNX Runtime GenAI sizes the
