@@ -242,6 +242,9 @@ def load_llm(path: Union[str, Path], *, threads: Optional[int] = None, verify: b
     lm.threads_choice = choice
     lm.load_ms = (time.perf_counter_ns() - t0) / 1e6
     lm.rss_before_load_mb = rss_before
+    # from here on glibc's malloc keeps large blocks in mappings of their own (llmopts.tune_malloc): fixed after
+    # the load, which keeps ONNX Runtime's load-time layout as it was
+    tune_malloc()
     mem = _rss_mb()
     lm.rss_after_load_mb = mem["rss_mb"]
     # the load's own peak is the process's high-water mark only where the load raised it
@@ -252,8 +255,7 @@ def load_llm(path: Union[str, Path], *, threads: Optional[int] = None, verify: b
 
 def _og_model(og, model_dir: Path, threads: int):
     """onnxruntime_genai.Model of `model_dir` with the decoder session's intra_op_num_threads set (an overlay:
-    the files on disk are never changed). glibc's malloc thresholds are fixed first (llmopts.tune_malloc)."""
-    tune_malloc()
+    the files on disk are never changed)."""
     config = og.Config(str(model_dir))
     config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": int(threads)}}}}))
     return og.Model(config)
