@@ -67,7 +67,7 @@ from edgekit.runtime.llmopts import GenOptions as _Options
 from edgekit.runtime.llmopts import hold_back as _hold_back
 from edgekit.runtime.llmopts import kv_capacity, prompt_bos, with_bos
 from edgekit.runtime.llmopts import rss_mb as _rss_mb
-from edgekit.runtime.llmopts import tune_malloc
+from edgekit.runtime.llmopts import release_model_pages, tune_malloc
 
 KIND = "llm"
 GENAI_CONFIG = "genai_config.json"
@@ -245,6 +245,8 @@ def load_llm(path: Union[str, Path], *, threads: Optional[int] = None, verify: b
     # from here on glibc's malloc keeps large blocks in mappings of their own (llmopts.tune_malloc): fixed after
     # the load, which keeps ONNX Runtime's load-time layout as it was
     tune_malloc()
+    # the model file's pages that only prepacking read go back to the kernel (llmopts.release_model_pages)
+    lm.model_pages = release_model_pages(model_dir)
     mem = _rss_mb()
     lm.rss_after_load_mb = mem["rss_mb"]
     # the load's own peak is the process's high-water mark only where the load raised it
@@ -361,6 +363,7 @@ class LanguageModel:
         self.rss_before_load_mb: Optional[float] = None
         self.rss_after_load_mb: Optional[float] = None
         self.peak_rss_load_mb: Optional[float] = None   # VmHWM after load where the load raised it, else None
+        self.model_pages: Optional[Dict[str, Any]] = None   # what release_model_pages did after the load
         self.backend_version = og_version()
 
     # -- facts -------------------------------------------------------------------------------------------

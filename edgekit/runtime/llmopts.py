@@ -208,6 +208,68 @@ def tune_malloc() -> Dict[str, Any]:
     return dict(_MALLOC)
 
 
+# ONNX Runtime maps every external initializer of model.onnx.data (lazily); prepacking reads the MatMulNBits
+# weights, scales and zero points, and keeps the scales' and zero points' pages mapped although the packed
+# copies are what the kernels use from then on (SmolLM2-135M INT4: 20 MiB resident after load, 2.3 MiB of it
+# touched again by generation: embedding rows, norms, rotary caches). madvise(MADV_PAGEOUT) on those mappings
+# after the load gives the clean pages back; whatever a run touches again faults back in from the file (3 major
+# faults in the first prefill, none while decoding). Never a data loss: PAGEOUT only reclaims, it drops no
+# change. Linux >= 5.4; elsewhere nothing is done. Measured with tune_malloc, under the bench lock (2 threads,
+# prompt 128/512 + 128, load 1.5-1.9: noisy), untouched -> both: generation peak INT4 (116.9 MB) 299.0 ->
+# 280.2 / 329.1 -> 306.1 MiB, INT8 337.8 -> 318.3 / 374.3 -> 343.9; decode tok/s 96.0/88.3 -> 98.5/78.3 and
+# 101.6/88.1 -> 103.3/93.2 (per-round spread 10-25%: the same within that noise); first TTFT +5-10 ms.
+_MADV_PAGEOUT = 21
+_MODEL_DATA_SUFFIXES = (".data", ".onnx_data", ".bin")
+
+
+def release_model_pages(model_dir: Any) -> Dict[str, Any]:
+    """Page out this process's mappings of the model's external-data files under `model_dir` (see above).
+    EDGEKIT_MODEL_PAGEOUT=0 leaves them. Returns {"applied": bool, "mappings": n, "released_mb": RSS drop,
+    "why"?: str}."""
+    import os
+
+    out: Dict[str, Any] = {"applied": False, "mappings": 0, "released_mb": 0.0}
+    if os.environ.get("EDGEKIT_MODEL_PAGEOUT", "1").strip().lower() in ("0", "false", "no", "off"):
+        out["why"] = "EDGEKIT_MODEL_PAGEOUT=0"
+        return out
+    root = os.path.realpath(str(model_dir)) + os.sep
+    spans = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split(None, 5)
+                if len(parts) < 6:
+                    continue
+                name = parts[5].strip()
+                if name.startswith(root) and name.endswith(_MODEL_DATA_SUFFIXES):
+                    a, b = (int(x, 16) for x in parts[0].split("-"))
+                    spans.append((a, b - a))
+    except OSError as e:
+        out["why"] = f"no /proc/self/maps ({e.strerror})"
+        return out
+    if not spans:
+        out["why"] = "no mapped model data"
+        return out
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    madvise = libc.madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
+    before = rss_mb()["rss_mb"]
+    for addr, size in spans:
+        if madvise(addr, size, _MADV_PAGEOUT) != 0:
+            err = ctypes.get_errno()
+            out["why"] = f"madvise(MADV_PAGEOUT) refused ({os.strerror(err)})"
+            if out["mappings"] == 0:
+                return out
+            break
+        out["mappings"] += 1
+    after = rss_mb()["rss_mb"]
+    out.update(applied=True, released_mb=round(max(0.0, (before or 0) - (after or 0)), 1))
+    return out
+
+
 def malloc_tuning() -> Dict[str, Any]:
     """What tune_malloc did in this process (without doing it): its result, or applied False, why "not asked"."""
     return dict(_MALLOC) if _MALLOC else {"applied": False, "why": "not asked (no language model loaded)"}
