@@ -52,7 +52,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
 import numpy as np
 
 from edgekit.errors import BundleError, DataError, EdgekitError
-from edgekit.runtime.llmopts import with_bos
+from edgekit.runtime.llmopts import release_model_pages, tune_malloc, with_bos
 from edgekit.runtime.llmopts import hold_back as _hold_back  # stop strings held back as the generator does (one rule)
 
 log = logging.getLogger("edgekit.serve")
@@ -218,6 +218,10 @@ class BatchedDecoder:
                 so.add_session_config_entry(k, str(v))
         self.session = ort.InferenceSession(str(model_dir / d.get("filename", "model.onnx")), so,
                                             providers=["CPUExecutionProvider"])
+        # as load_llm does (runtime.llmopts): malloc's thresholds fixed after the load, and the model file's
+        # pages that prepacking copied handed back to the kernel
+        tune_malloc()
+        self.model_pages = release_model_pages(model_dir)
         have = {i.name: i for i in self.session.get_inputs()}
         self.in_ids = names_in.get("input_ids", "input_ids")
         self.in_mask = names_in.get("attention_mask", "attention_mask")
