@@ -137,6 +137,69 @@ def test_threads_probed_once_cached_and_overridden(bundle, tmp_path, monkeypatch
     assert (got.threads, got.threads_chosen_by) == (1, "manifest") and not cached()
 
 
+def test_the_probe_times_intra_op_spinning_both_ways_and_the_choice_reaches_every_session(bundle, tmp_path,
+                                                                                          monkeypatch):
+    """With more than one thread chosen, the probe times the chosen count with ORT's intra-op threads spinning as
+    genai_config says and the other way round, keeps the faster (beyond the tolerance), records both figures; a
+    cached choice is what the next load opens (lm.spinning), what benchmark() reports, and what the serving
+    engine's session gets."""
+    import onnxruntime_genai as og
+
+    from edgekit.runtime import llm_batch, llmthreads
+    from edgekit.runtime.llm import _og_model
+    from edgekit.runtime.llmopts import spinning_of
+
+    mdir = bundle / "model"
+    cfg = json.loads((mdir / "genai_config.json").read_text())
+    configured = spinning_of(cfg)
+    opened = {}
+
+    def open_at(t, spin=None):
+        m = _og_model(og, mdir, t, spin)
+        opened[id(m)] = (t, spin)
+        return m
+
+    base = open_at(2)
+    rec = {}
+    ids = llmthreads.probe_ids(bundle, 512)
+    got = llmthreads._spinning(og, open_at, base, 2, configured, ids, 0, rec)
+    assert isinstance(rec["spinning_chosen"], bool) and set(rec["spinning_ms_per_token"]) == {"on", "off"}
+    assert all(v > 0 for v in rec["spinning_ms_per_token"].values()) and "2 threads" in rec["spinning_why"]
+    ms = rec["spinning_ms_per_token"]
+    faster_other = ms["on" if not configured else "off"] < ms["on" if configured else "off"] * 0.98
+    assert rec["spinning_chosen"] == (configured ^ faster_other)
+    assert opened[id(got)] == ((2, None) if rec["spinning_chosen"] == configured else (2, not configured))
+
+    # a cached choice of the other way round: opened so, reported, and handed to the batching engine
+    import edgekit.runtime.threads as rthreads
+
+    monkeypatch.setattr(rthreads, "usable_cpus", lambda cpu_max=None: 2)
+    monkeypatch.setenv("EDGEKIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("EDGEKIT_THREAD_PROBE", raising=False)
+    first = load(bundle)
+    (path,) = sorted((tmp_path / "cache" / "threads").glob("*.json"))
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), threads=2, spinning_chosen=not configured)))
+    lm2 = load(bundle)
+    assert (lm2.threads, lm2.threads_chosen_by, lm2.spinning) == (2, "cache", not configured)
+    assert lm2.benchmark(prompt_tokens=8, new_tokens=4, runs=1)["intra_op_spinning"] is (not configured)
+    assert lm2.generate("Count: one", max_new_tokens=8) == first.generate("Count: one", max_new_tokens=8)
+    seen = []
+    real = llm_batch.BatchedDecoder.__init__
+
+    def spy(self, *a, **kw):
+        seen.append(kw.get("spinning"))
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(llm_batch.BatchedDecoder, "__init__", spy)
+    rel = llm_batch.load_llm_release("t", "0" * 64, bundle, threads=None, check=False, max_sequences=2,
+                                     max_queue=2, kv_cache_mb=None)
+    try:
+        assert seen == [not configured]
+    finally:
+        rel.engine.retire()
+        rel.engine.join(10)
+
+
 def test_greedy_is_deterministic_and_seeded_sampling_reproducible(lm):
     a = lm.generate("The red train", max_new_tokens=24)
     assert a and a == lm.generate("The red train", max_new_tokens=24)

@@ -67,7 +67,7 @@ from edgekit.runtime.llmopts import GenOptions as _Options
 from edgekit.runtime.llmopts import hold_back as _hold_back
 from edgekit.runtime.llmopts import kv_capacity, prompt_bos, with_bos
 from edgekit.runtime.llmopts import rss_mb as _rss_mb
-from edgekit.runtime.llmopts import release_model_pages, tune_malloc
+from edgekit.runtime.llmopts import SPIN_KEY, release_model_pages, tune_malloc
 
 KIND = "llm"
 GENAI_CONFIG = "genai_config.json"
@@ -228,7 +228,8 @@ def load_llm(path: Union[str, Path], *, threads: Optional[int] = None, verify: b
         if auto and used > 1:
             from edgekit.runtime.llmthreads import choose
 
-            og_model, used, chosen_by, choice = choose(og, og_model, lambda t: _og_model(og, model_dir, t), p,
+            og_model, used, chosen_by, choice = choose(og, og_model,
+                                                       lambda t, spin=None: _og_model(og, model_dir, t, spin), p,
                                                        manifest, genai_config, used, chosen_by, og_version())
         og_tokenizer = og.Tokenizer(og_model)
     except RuntimeError as e:   # ORT GenAI reports a bad folder, graph or tokenizer as RuntimeError
@@ -240,6 +241,8 @@ def load_llm(path: Union[str, Path], *, threads: Optional[int] = None, verify: b
     lm.threads_requested = threads if threads is not None else asked
     lm.threads_chosen_by = chosen_by
     lm.threads_choice = choice
+    # where the probe measured it: whether ORT's threads spin (None: as genai_config.json says)
+    lm.spinning = (choice or {}).get("spinning_chosen")
     lm.load_ms = (time.perf_counter_ns() - t0) / 1e6
     lm.rss_before_load_mb = rss_before
     # from here on glibc's malloc keeps large blocks in mappings of their own (llmopts.tune_malloc): fixed after
@@ -255,11 +258,15 @@ def load_llm(path: Union[str, Path], *, threads: Optional[int] = None, verify: b
     return lm
 
 
-def _og_model(og, model_dir: Path, threads: int):
-    """onnxruntime_genai.Model of `model_dir` with the decoder session's intra_op_num_threads set (an overlay:
-    the files on disk are never changed)."""
+def _og_model(og, model_dir: Path, threads: int, spinning: Optional[bool] = None):
+    """onnxruntime_genai.Model of `model_dir` with the decoder session's intra_op_num_threads set, and whether
+    ORT's intra-op threads spin between ops where `spinning` is not None (an overlay: the files on disk are
+    never changed; onnxruntime_genai passes a "session.*" key on to ONNX Runtime as a config entry)."""
     config = og.Config(str(model_dir))
-    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": int(threads)}}}}))
+    so: Dict[str, Any] = {"intra_op_num_threads": int(threads)}
+    if spinning is not None:
+        so[SPIN_KEY] = "1" if spinning else "0"
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": so}}}))
     return og.Model(config)
 
 
@@ -357,6 +364,7 @@ class LanguageModel:
         self.threads: Optional[int] = None
         self.threads_requested: Optional[int] = None
         self.threads_chosen_by: str = "usable CPUs"
+        self.spinning: Optional[bool] = None   # intra-op spinning chosen by the thread probe (None: genai_config's)
         self.threads_choice: Optional[Dict[str, Any]] = None   # the measured choice and its figures, where one was
         self.load_ms: float = 0.0
         self.last: Dict[str, Any] = {}

@@ -52,7 +52,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
 import numpy as np
 
 from edgekit.errors import BundleError, DataError, EdgekitError
-from edgekit.runtime.llmopts import release_model_pages, tune_malloc, with_bos
+from edgekit.runtime.llmopts import SPIN_KEY, release_model_pages, tune_malloc, with_bos
 from edgekit.runtime.llmopts import hold_back as _hold_back  # stop strings held back as the generator does (one rule)
 
 log = logging.getLogger("edgekit.serve")
@@ -184,7 +184,7 @@ class BatchedDecoder:
     """The bundle's decoder graph run for many sequences at once (see the module docstring)."""
 
     def __init__(self, model_dir: Path, genai_config: Dict[str, Any], *, threads: Optional[int],
-                 slots: int, capacity: int):
+                 slots: int, capacity: int, spinning: Optional[bool] = None):
         import onnxruntime as ort
 
         self._ort = ort
@@ -216,6 +216,8 @@ class BatchedDecoder:
         for k, v in sorted((d.get("session_options") or {}).items()):
             if k.startswith("session."):
                 so.add_session_config_entry(k, str(v))
+        if spinning is not None:   # the runtime's thread probe measured it on this machine (runtime.llmthreads)
+            so.add_session_config_entry(SPIN_KEY, "1" if spinning else "0")
         self.session = ort.InferenceSession(str(model_dir / d.get("filename", "model.onnx")), so,
                                             providers=["CPUExecutionProvider"])
         # as load_llm does (runtime.llmopts): malloc's thresholds fixed after the load, and the model file's
@@ -795,9 +797,10 @@ def load_llm_release(name: str, sha: str, path: Path, *, threads: Optional[int],
                               f"generation {'ok' if result['generation_ok'] else 'empty'}", path=str(path))
     model_dir, genai_config, context = lm.model_dir, lm.genai_config, int(lm.context)
     eos, used_threads, version, chat = list(lm.eos_token_ids), lm.threads, lm.backend_version, lm.has_chat_template
-    bos = lm.tokenizer.bos
+    bos, spinning = lm.tokenizer.bos, lm.spinning
     del lm  # ONNX Runtime GenAI's copy of the weights goes before the batched session loads its own
-    decoder = BatchedDecoder(model_dir, genai_config, threads=used_threads, slots=max_sequences, capacity=context)
+    decoder = BatchedDecoder(model_dir, genai_config, threads=used_threads, slots=max_sequences, capacity=context,
+                             spinning=spinning)
     per_seq = context
     if kv_cache_mb is not None:
         budget = int(kv_cache_mb * (1 << 20)) // decoder.kv_bytes_per_token

@@ -24,6 +24,7 @@ from typing import Any, Dict, List
 import numpy as np
 
 from edgekit.errors import DataError
+from edgekit.runtime.llmopts import spinning_of
 
 # The prompt is this text's tokens, repeated to the length asked for (any ids time the same; real text keeps
 # the attention pattern and the tokenizer's cost realistic).
@@ -136,6 +137,9 @@ def benchmark(lm, prompt_tokens: int = 128, new_tokens: int = 128, runs: int = 3
         "threads_requested": lm.threads_requested,
         "threads_chosen_by": lm.threads_chosen_by,
         "threads_choice": getattr(lm, "threads_choice", None),   # the measured choice and its figures
+        # ORT's intra-op threads spinning between ops: as the thread probe chose, else as genai_config.json says
+        "intra_op_spinning": (lm.spinning if getattr(lm, "spinning", None) is not None
+                              else spinning_of(lm.genai_config)),
         "prompt_tokens": prompt_tokens,
         "new_tokens": new_tokens,
         "runs": runs,

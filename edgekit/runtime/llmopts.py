@@ -301,3 +301,13 @@ def prompt_bos(manifest: Optional[Mapping[str, Any]]) -> Optional[int]:
 def with_bos(ids: List[int], bos: Optional[int]) -> List[int]:
     """`ids` led by `bos` (once) where one is due."""
     return ids if bos is None or (ids and ids[0] == bos) else [bos] + ids
+
+
+# ONNX Runtime's intra-op threads busy-wait between ops unless this config entry is "0" (ORT's default: "1")
+SPIN_KEY = "session.intra_op.allow_spinning"
+
+
+def spinning_of(genai_config: Dict[str, Any]) -> bool:
+    """Whether the decoder's intra-op threads spin as genai_config.json has it (ORT's default: they do)."""
+    so = ((genai_config.get("model") or {}).get("decoder") or {}).get("session_options") or {}
+    return str(so.get(SPIN_KEY, "1")).strip() != "0"

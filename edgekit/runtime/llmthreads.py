@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from edgekit.runtime import threadprobe as tp
-from edgekit.runtime.llmopts import kv_floor
+from edgekit.runtime.llmopts import kv_floor, spinning_of
 
 PROBE_PROMPT = 16
 PROBE_TOKENS = 12
@@ -81,13 +81,19 @@ def probe_ids(bundle_dir: Optional[Path], vocab: int) -> List[int]:
     return [(7 * i + 3) % max(vocab, 1) for i in range(PROBE_PROMPT)]
 
 
-def measure(og, open_at: Callable[[int], Any], ceiling: int, ids: Sequence[int], opened=None,
-            where: Optional[str] = None, capacity: int = 0) -> Tuple[Dict[str, Any], Any]:
+def measure(og, open_at: Callable[..., Any], ceiling: int, ids: Sequence[int], opened=None,
+            where: Optional[str] = None, capacity: int = 0,
+            spinning: Optional[bool] = None) -> Tuple[Dict[str, Any], Any]:
     """Decode speed at threadprobe.candidates(ceiling) and the count its rule picks: (record, the
     onnxruntime_genai.Model at that count). `open_at(t)` opens the model at t threads; `opened`: the one already
     open at the ceiling. The record: threads, tried, ms_per_token, decode_tok_s and prefill_ms per count, rounds,
     why, where, prompt/new tokens, loadavg, probe_ms; skipped=True (the ceiling kept) where a token takes over
-    PROBE_MAX_TOKEN_MS. capacity: the model's smallest KV cache (decode_token_ms)."""
+    PROBE_MAX_TOKEN_MS. capacity: the model's smallest KV cache (decode_token_ms).
+    spinning: whether the model's intra-op threads spin as opened (genai_config's setting); where given and
+    more than one thread is chosen, the chosen count is also timed with spinning the other way round
+    (`open_at(t, spin)`), alternating, and that is kept where it decodes faster by more than the tolerance:
+    threads that busy-wait between a decode step's ~300 small ops win on an otherwise idle device and lose
+    badly where other work wants the cores (record: spinning_chosen, spinning_ms_per_token, spinning_why)."""
     from edgekit.runtime.bench import cpu_model
 
     t_start = time.perf_counter()
@@ -132,8 +138,35 @@ def measure(og, open_at: Callable[[int], Any], ceiling: int, ids: Sequence[int],
                decode_tok_s={str(t): round(1e3 / v, 1) for t, v in sorted(ms.items())}, rounds=rounds, why=why,
                prefill_ms={str(t): round(median(v), 3) for t, v in sorted(prefills.items()) if v})
     model = top if chosen == ceiling else (last[1] if last[0] == chosen else open_at(chosen))
+    top = last = None                      # at most two models open: the chosen one and its spinning twin
+    if spinning is not None and chosen > 1:
+        model = _spinning(og, open_at, model, chosen, spinning, ids, capacity, rec)
     rec["probe_ms"] = round((time.perf_counter() - t_start) * 1e3, 1)
     return rec, model
+
+
+def _spinning(og, open_at, model, threads: int, spinning: bool, ids, capacity: int, rec: Dict[str, Any]):
+    """The chosen count with ORT's intra-op spinning as configured and the other way round (see measure)."""
+    twin = open_at(threads, not spinning)
+    decode_token_ms(og, twin, ids, 2, capacity=capacity)
+    samples: Dict[bool, List[float]] = {spinning: [], not spinning: []}
+    deadline = time.perf_counter() + PROBE_BUDGET_S
+    for r in range(PROBE_ROUNDS):
+        if r >= PROBE_MIN_ROUNDS and time.perf_counter() > deadline:
+            break
+        for s, m in ((not spinning, twin), (spinning, model)):
+            samples[s].append(median(decode_token_ms(og, m, ids, PROBE_TOKENS, capacity=capacity)))
+    ms = {s: median(v) for s, v in samples.items()}
+    flip = ms[not spinning] < ms[spinning] * (1 - tp.TOLERANCE)
+    chosen = (not spinning) if flip else spinning
+    word = {True: "spinning", False: "not spinning"}
+    rec.update(spinning_chosen=chosen,
+               spinning_ms_per_token={("on" if s else "off"): round(v, 4) for s, v in ms.items()},
+               spinning_why=f"{threads} threads {word[not spinning]} {ms[not spinning]:.2f} ms a token vs "
+                            f"{word[spinning]} (as configured) {ms[spinning]:.2f}: "
+                            + ("the other way round is faster" if flip else
+                               f"kept as configured (within {tp.TOLERANCE:.0%} or slower)"))
+    return twin if flip else model
 
 
 def files_digest(manifest: Mapping[str, Any]) -> str:
@@ -153,18 +186,23 @@ def choose(og, og_model, open_at: Callable[[int], Any], bundle_dir: Path, manife
     if provider != "cpu":
         return og_model, ceiling, default_by, {"why": f"not probed: the decoder runs on {provider}"}
     tried = tp.candidates(ceiling)
-    key = tp.cache_key(files_digest(manifest), BACKEND, version, [provider], ceiling, cpu_model())
+    # "+spinning": probes that also chose intra-op spinning (a cache from before them is not read)
+    key = tp.cache_key(files_digest(manifest), BACKEND + "+spinning", version, [provider], ceiling, cpu_model())
     rec = tp.read_cache(key, tried)
+    spinning = spinning_of(genai_config)
     if rec is not None:
         rec["cache"] = str(tp.cache_path(key))
         t = int(rec["threads"])
-        return (og_model if t == ceiling else open_at(t)), t, "cache", rec
+        spin = rec.get("spinning_chosen")
+        if t == ceiling and spin in (None, spinning):
+            return og_model, t, "cache", rec
+        return open_at(t, None if spin in (None, spinning) else bool(spin)), t, "cache", rec
     if not tp.probe_enabled():
         return og_model, ceiling, default_by, {"why": f"not probed ({tp.PROBE_ENV}=0)"}
     vocab = int((genai_config.get("model") or {}).get("vocab_size") or (manifest.get("model") or {}).get("vocab")
                 or 2)
     rec, model = measure(og, open_at, ceiling, probe_ids(bundle_dir, vocab), opened=og_model,
-                         capacity=kv_floor(genai_config))
+                         capacity=kv_floor(genai_config), spinning=spinning)
     cached = tp.write_cache(key, rec)
     if cached:
         rec["cache"] = cached
