@@ -129,8 +129,11 @@ def _w_ek_speed(spec: Dict[str, Any]) -> Dict[str, Any]:
     rss0 = vm_peak_mb()
     from edgekit.runtime.llm import load_llm
 
-    lm = load_llm(spec["path"], threads=spec["threads"], verify=False)
-    out = {"load_ms": lm.load_ms, "rss_before_load_mb": rss0, "threads": lm.threads,
+    lm = load_llm(spec["path"], threads=spec["threads"], verify=False, spinning=spec.get("spinning"))
+    from edgekit.runtime.llmopts import spinning_of
+
+    out = {"load_ms": lm.load_ms,
+           "intra_op_spinning": lm.spinning if lm.spinning is not None else spinning_of(lm.genai_config), "rss_before_load_mb": rss0, "threads": lm.threads,
            "backend": f"{lm.backend} {lm.backend_version}", "prompts": []}
     for p in spec["prompts"]:
         # benchmark() resets the high-water mark after the load: its generation peak is this prompt size's own
@@ -583,7 +586,8 @@ def fidelity(folder: Path, sha: str, text_path: Path, tokens: int, window: int, 
 # --- speed --------------------------------------------------------------------------------------------------
 
 def speed(rows: List[Dict[str, Any]], threads: Sequence[int], prompts: Sequence[int], new: int, rounds: int,
-          warmup: int, prompt_ids: Dict[int, List[int]], run: Runner, flash_attn: bool = False) -> None:
+          warmup: int, prompt_ids: Dict[int, List[int]], run: Runner, flash_attn: bool = False,
+          spinning: Optional[bool] = None) -> None:
     ek = [r for r in rows if r["engine"] == "edgekit" and not r.get("failed")]
     ll = [r for r in rows if r["engine"] == "llama.cpp"]
     pair = {v: k for k, v in PAIRS.items()}       # each edgekit build next to its llama.cpp counterpart
@@ -604,7 +608,7 @@ def speed(rows: List[Dict[str, Any]], threads: Sequence[int], prompts: Sequence[
                     "warmup": warmup}
             load = os.getloadavg()
             if row["engine"] == "edgekit":
-                res = run("ek_speed", spec)
+                res = run("ek_speed", dict(spec, spinning=spinning))
             else:
                 res = run("ll_speed", dict(spec, prompt_ids=[prompt_ids[p] for p in prompts], flash_attn=flash_attn))
             for pr in res["prompts"]:
@@ -613,7 +617,8 @@ def speed(rows: List[Dict[str, Any]], threads: Sequence[int], prompts: Sequence[
                                               "rounds": []})
                 row["speed"][key]["rounds"].append(dict(pr, load_ms=res["load_ms"], loadavg_before=load[0],
                                                         rss_before_load_mb=res["rss_before_load_mb"],
-                                                        backend=res["backend"]))
+                                                        backend=res["backend"],
+                                                        intra_op_spinning=res.get("intra_op_spinning")))
 
 
 def summarize(rows: List[Dict[str, Any]], bw: Dict[str, Any], cpu_count: int) -> List[str]:
@@ -783,6 +788,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--no-speed", action="store_true", help="builds and fidelity only (e.g. while the machine is busy)")
     ap.add_argument("--flash-attn", action="store_true", help="llama.cpp with flash attention (llama-cpp-python's "
                     "default is off)")
+    ap.add_argument("--spinning", choices=["profile", "on", "off"], default="profile",
+                    help="edgekit: ORT's intra-op threads busy-wait between ops (on), sleep (off), or as the bundle's "
+                         "genai_config says (profile: the x86 profiles turn it off)")
     ap.add_argument("--llama-cpp-version", default=LLAMA_CPP_VERSION)
     ap.add_argument("--wheels", default="/work/wheels", help="folder with a llama-cpp-python wheel")
     ap.add_argument("--quick", action="store_true", help="1 thread, prompt 32, 16 tokens, 1 round, 256 eval tokens")
@@ -846,7 +854,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         base = tok(PROMPT_TEXT, add_special_tokens=False)["input_ids"]
         prompt_ids = {p: (base * (-(-p // len(base))))[:p] for p in prompts}
         if not args.no_speed:
-            speed(rows, threads, prompts, args.new_tokens, args.rounds, args.warmup, prompt_ids, run, args.flash_attn)
+            speed(rows, threads, prompts, args.new_tokens, args.rounds, args.warmup, prompt_ids, run, args.flash_attn,
+                  {"profile": None, "on": True, "off": False}[args.spinning])
         reasons = summarize(rows, bw, cpu["cpu_count"])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -870,6 +879,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      "rounds": args.rounds, "warmup": args.warmup, "quick": args.quick,
                      "llama_cpp": "Llama(n_ctx=prompt+new, n_batch=n_ubatch=min(512, n_ctx), n_threads="
                                   "n_threads_batch=threads, flash_attn=%s, defaults otherwise: f16 KV)" % args.flash_attn,
+                     "edgekit_spinning": args.spinning,
                      "prompt": "runtime.llmbench.PROMPT_TEXT tokens repeated (same ids for both engines)"},
         "bandwidth": bw, "fidelity_text": fid,
         "fidelity_ppl_float": next((r["fidelity"]["ppl_float"] for r in rows if r.get("fidelity")), None),

@@ -183,6 +183,11 @@ def test_the_probe_times_intra_op_spinning_both_ways_and_the_choice_reaches_ever
     assert (lm2.threads, lm2.threads_chosen_by, lm2.spinning) == (2, "cache", not configured)
     assert lm2.benchmark(prompt_tokens=8, new_tokens=4, runs=1)["intra_op_spinning"] is (not configured)
     assert lm2.generate("Count: one", max_new_tokens=8) == first.generate("Count: one", max_new_tokens=8)
+    from edgekit.runtime.llm import load_llm
+
+    asked = load_llm(bundle, threads=2, spinning=configured)   # the argument wins over the cache
+    assert asked.spinning is configured and asked.benchmark(prompt_tokens=8, new_tokens=4,
+                                                            runs=1)["intra_op_spinning"] is configured
     seen = []
     real = llm_batch.BatchedDecoder.__init__
 

@@ -177,8 +177,10 @@ def profile_threads(manifest: Optional[Mapping[str, Any]]) -> Optional[int]:
 
 
 def load_llm(path: Union[str, Path], *, threads: Optional[int] = None, verify: bool = True,
-             backend: Optional[str] = None) -> "LanguageModel":
-    """Load an LLM bundle or a bare ONNX Runtime GenAI folder (see the module docstring)."""
+             backend: Optional[str] = None, spinning: Optional[bool] = None) -> "LanguageModel":
+    """Load an LLM bundle or a bare ONNX Runtime GenAI folder (see the module docstring). spinning: whether
+    ONNX Runtime's intra-op threads busy-wait between ops (None: the thread probe's choice where it ran, else
+    genai_config.json's)."""
     from edgekit.runtime.threads import choose_threads
 
     t0 = time.perf_counter_ns()
@@ -224,8 +226,8 @@ def load_llm(path: Union[str, Path], *, threads: Optional[int] = None, verify: b
         if got is not None:
             (used, choice), chosen_by, auto = got, "manifest", False
     try:
-        og_model = _og_model(og, model_dir, used)
-        if auto and used > 1:
+        og_model = _og_model(og, model_dir, used, spinning)
+        if auto and used > 1 and spinning is None:
             from edgekit.runtime.llmthreads import choose
 
             og_model, used, chosen_by, choice = choose(og, og_model,
@@ -242,7 +244,7 @@ def load_llm(path: Union[str, Path], *, threads: Optional[int] = None, verify: b
     lm.threads_chosen_by = chosen_by
     lm.threads_choice = choice
     # where the probe measured it: whether ORT's threads spin (None: as genai_config.json says)
-    lm.spinning = (choice or {}).get("spinning_chosen")
+    lm.spinning = spinning if spinning is not None else (choice or {}).get("spinning_chosen")
     lm.load_ms = (time.perf_counter_ns() - t0) / 1e6
     lm.rss_before_load_mb = rss_before
     # from here on glibc's malloc keeps large blocks in mappings of their own (llmopts.tune_malloc): fixed after
