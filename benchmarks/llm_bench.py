@@ -39,7 +39,9 @@ Figures:
   consulted, so every run decodes the same count): time to first token (prompt pass + first token), prefill tok/s
   (prompt tokens over the prompt pass), decode tok/s (tokens after the first over their time), peak RSS of the
   process (VmHWM: Python, weights, KV cache), load time. edgekit: LanguageModel.benchmark() (runtime.llmbench);
-  llama.cpp: the same loop over Llama.eval and the context's logits. The prompt: runtime.llmbench's text,
+  llama.cpp: the same loop over Llama.eval and the context's logits. edgekit's ONNX Runtime threads spin
+  between ops or sleep as the bundle's genai_config says (the x86 profiles: sleep), or as --spinning on/off
+  sets (llama.cpp's threads spin); the load-time probe that would choose is not run (threads are given). The prompt: runtime.llmbench's text,
   tokenized by the source's tokenizer, repeated to length (the same ids for both engines). Each (build,
   threads) runs in a fresh process that does --warmup untimed runs then one timed run per prompt size; --rounds
   rounds, the engines alternating within a round and the order reversed every other round; medians over the
