@@ -46,6 +46,7 @@ import edgekit
 from edgekit.bundle import SCHEMA_VERSION, check_name, sha256_file, sha256_tree, staged_dir, write_json_atomic
 from edgekit.convert.llm_fidelity import (BUILTIN_PROMPTS, EvalText, FloatModel, LLMFloor, OnnxDecoder, compare,
                                           golden)
+from edgekit.convert.llm_graph import alias_tied_embedding, embedding_summary, initializer_bytes
 from edgekit.errors import BudgetMissed, EdgekitError, SourceModelError
 from edgekit.progress import Progress
 from edgekit.runtime.llmopts import kv_capacity, kv_floor
@@ -257,6 +258,8 @@ def run_builder(src: LMSource, opts: LLMBuildOptions, out_dir: Path, cache: Path
     if low is not None:
         buf.write(f"\nlow-rank: {low['factorized']} layer(s) as two MatMuls, {low['left_alone']} left: "
                   f"{low['left']}\n")
+    for a in alias_tied_embedding(out_dir)["aliased"]:   # the tied embedding reads the lm_head's bytes (llm_graph)
+        buf.write(f"\n{a['node']}: reads {a['of']}'s bytes ({a['bytes']} B), no copy at load\n")
     return buf.getvalue()
 
 
@@ -279,10 +282,7 @@ def weight_bytes(model_dir: Path) -> Dict[str, int]:
     import onnx
 
     m = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
-    sizes = {}
-    for t in m.graph.initializer:
-        ext = {e.key: e.value for e in t.external_data}
-        sizes[t.name] = int(ext["length"]) if "length" in ext else len(t.raw_data)
+    sizes = initializer_bytes(m)   # an initializer aliasing another's bytes (llm_graph) counted once
     gathered = 0
     for n in m.graph.node:
         if n.op_type == "Gather" and n.name.endswith("embed_tokens/Gather") and n.input[0] in sizes:
@@ -732,7 +732,7 @@ def _write_bundle(s: _Session, row: LLMRow, t: TargetProfile, opts: LLMBuildOpti
                     "kv_cache_type": t.llm.kv_cache_type, "context_default": min(t.llm.context_default, context),
                     "context_max": context, "execution_provider": opts.execution_provider,
                     "verified": t.llm.verified, "verified_why": t.reason("llm.verified"),
-                    "prompt_bos": gen["prompt_bos"],
+                    "prompt_bos": gen["prompt_bos"], "embedding": embedding_summary(mdir),
                     "eos_token_id": json.loads((mdir / "genai_config.json").read_text())["model"].get("eos_token_id")},
             "fidelity": dict(m, text=s.text.source, numerics=_numerics(t, opts, rec["ort_version"]),
                              floor=s.floor.to_dict(), meets=True),

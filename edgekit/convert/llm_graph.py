@@ -1,0 +1,206 @@
+"""Graph rewrites of the ORT GenAI model builder's model.onnx that change what a device holds in memory, not what
+it computes.
+
+The tied embedding. For a model whose embedding table is the lm_head's weight (tie_word_embeddings: SmolLM2,
+Qwen2.5-0.5B, Gemma...), ORT GenAI 0.18's builder shares the quantized table of an INT4/INT8 build
+(shared_embeddings=true) by writing
+
+    lm_head.MatMul.weight_Q8G32 [V, K/block, block] ──▶ MatMulNBits (lm_head)
+                               └──▶ Reshape [V, K'] ──▶ GatherBlockQuantized (embedding)
+
+ONNX Runtime constant-folds that Reshape when the session is created, into a private heap copy of the whole
+table (SmolLM2-135M: 27 MiB; Qwen2.5-0.5B: 151936 x 896 int8 = 130 MiB), while MatMulNBits prepacks its own copy
+and the file mapping of the original is released. `alias_tied_embedding` gives the GatherBlockQuantized its own
+initializer that names the SAME bytes of model.onnx.data (same location, offset and length; the dims the Reshape
+produced) and drops the Reshape: the Gather then reads the memory-mapped file, only the pages of the rows it looks
+up become resident, and the arithmetic is unchanged (same bytes, same op: logits bit-identical). Only model.onnx
+is rewritten (temporary file, then a rename); model.onnx.data is not touched.
+
+Where the pattern is absent nothing happens: untied models, float builds (fp32/fp16: the tied table is a
+Transpose of the lm_head's [K, V] weight, a layout the file does not hold, so ORT's folded copy stays; recorded by
+`embedding_summary`), or a table held inline in model.onnx.
+
+Two initializers that name the same external bytes are one weight: `initializer_bytes` counts them once (the
+manifest's weight and bytes-per-token figures).
+
+Imports: stdlib at module top; onnx inside the functions (convert-side only).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+ALIAS_SUFFIX = "_gather"   # name of the Gather's initializer: the lm_head's initializer's name + this
+NOTE = "embedding aliased to the lm_head's bytes in model.onnx.data (no load-time copy)"
+
+
+def _ext(t) -> Dict[str, str]:
+    return {e.key: e.value for e in t.external_data}
+
+
+def _nbytes(t) -> int:
+    ext = _ext(t)
+    return int(ext["length"]) if "length" in ext else len(t.raw_data)
+
+
+def _location(t) -> Optional[Tuple[str, int, int]]:
+    """(file, offset, length) of an initializer held in external data; None for one held inline."""
+    ext = _ext(t)
+    if not ext or "location" not in ext or "length" not in ext:
+        return None
+    return ext["location"], int(ext.get("offset", 0)), int(ext["length"])
+
+
+def initializer_bytes(model) -> Dict[str, int]:
+    """Bytes of each initializer of a ModelProto, an initializer that names the same external bytes as an earlier
+    one (an alias, see alias_tied_embedding) counted 0."""
+    seen = set()
+    out: Dict[str, int] = {}
+    for t in model.graph.initializer:
+        loc = _location(t)
+        out[t.name] = 0 if loc is not None and loc in seen else _nbytes(t)
+        if loc is not None:
+            seen.add(loc)
+    return out
+
+
+def _const_ints(model, name: str) -> Optional[List[int]]:
+    """The int64 values of an initializer or a Constant node's output `name` (None when it is neither)."""
+    from onnx import numpy_helper
+
+    for t in model.graph.initializer:
+        if t.name == name:
+            return [int(v) for v in numpy_helper.to_array(t).reshape(-1)]
+    for n in model.graph.node:
+        if n.op_type == "Constant" and list(n.output) == [name]:
+            for a in n.attribute:
+                if a.name == "value":
+                    return [int(v) for v in numpy_helper.to_array(a.t).reshape(-1)]
+    return None
+
+
+def _write_atomic(model, path: Path) -> None:
+    """model.onnx only (its external data stays where its initializers say): a temporary file beside, then a
+    rename, so a reader never sees half a graph."""
+    fd, tmp = tempfile.mkstemp(prefix=".model-", suffix=".onnx.tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(model.SerializeToString())
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def alias_tied_embedding(model_dir: os.PathLike) -> Dict[str, Any]:
+    """Replace the builder's Reshape(initializer) -> GatherBlockQuantized of a tied embedding by an initializer
+    aliasing the same external bytes (see the module's docstring). Rewrites model_dir/model.onnx when the pattern
+    is present; returns {"aliased": [{"node", "initializer", "of", "dims", "bytes"}], "bytes": total aliased,
+    "skipped": [reasons], "note"}; "aliased" is empty when there was nothing to do (a second call: a no-op)."""
+    import onnx
+
+    path = Path(model_dir) / "model.onnx"
+    model = onnx.load(str(path), load_external_data=False)
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    consumers: Dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    graph_outputs = {o.name for o in g.output}
+    done: List[Dict[str, Any]] = []
+    skipped: List[str] = []
+    for n in list(g.node):
+        if n.op_type != "Reshape" or len(n.input) < 2 or n.input[0] not in inits:
+            continue
+        users = consumers.get(n.output[0], [])
+        if not users or n.output[0] in graph_outputs or any(
+                u.op_type != "GatherBlockQuantized" or u.input[0] != n.output[0] or
+                any(i == n.output[0] for i in list(u.input)[1:]) for u in users):
+            continue
+        w = inits[n.input[0]]
+        if _location(w) is None:
+            skipped.append(f"{n.name}: {w.name} is held inside model.onnx, not in external data")
+            continue
+        shape = _const_ints(model, n.input[1])
+        count = 1
+        for d in w.dims:
+            count *= int(d)
+        new = 1
+        for d in shape or []:
+            new *= d
+        if not shape or any(d <= 0 for d in shape) or new != count:
+            skipped.append(f"{n.name}: shape {shape} is not an explicit reshape of {list(w.dims)}")
+            continue
+        name = w.name + ALIAS_SUFFIX
+        while name in inits:
+            name += "_"
+        e = onnx.TensorProto()
+        e.CopyFrom(w)                 # same data_type, same external_data: location, offset, length
+        e.name = name
+        del e.dims[:]
+        e.dims.extend(shape)
+        g.initializer.append(e)
+        inits[name] = e
+        for u in users:
+            u.input[0] = name
+        g.node.remove(n)
+        # the shape constant, when nothing else reads it
+        if not any(n.input[1] in m.input for m in g.node) and n.input[1] not in graph_outputs:
+            for t in list(g.initializer):
+                if t.name == n.input[1]:
+                    g.initializer.remove(t)
+            for c in list(g.node):
+                if c.op_type == "Constant" and list(c.output) == [n.input[1]]:
+                    g.node.remove(c)
+        done.append({"node": users[0].name, "initializer": name, "of": w.name, "dims": shape,
+                     "bytes": _nbytes(w)})
+    if done:
+        _write_atomic(model, path)
+    return {"aliased": done, "bytes": sum(d["bytes"] for d in done), "skipped": skipped,
+            "note": NOTE if done else None}
+
+
+def embedding_summary(model_dir: os.PathLike) -> Optional[Dict[str, Any]]:
+    """How the shipped graph's embedding reads its table, for the manifest: {"op", "table", "shares" (the lm_head
+    initializer whose bytes it reads, tied builds), "load_copy_bytes" (a copy ONNX Runtime makes at session creation
+    by folding a Reshape/Transpose of a weight), "note"}; None when no embedding Gather is found."""
+    import onnx
+
+    model = onnx.load(str(Path(model_dir) / "model.onnx"), load_external_data=False)
+    inits = {t.name: t for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    gathers = [n for n in model.graph.node if n.op_type in ("Gather", "GatherBlockQuantized")
+               and "embed_tokens" in n.name]
+    if not gathers:
+        return None
+    n = gathers[0]
+    table = n.input[0]
+    out: Dict[str, Any] = {"op": n.op_type, "node": n.name}
+    if table in inits:
+        t = inits[table]
+        loc = _location(t)
+        shares = [o.name for o in model.graph.initializer
+                  if o.name != table and loc is not None and _location(o) == loc]
+        out.update(table=table, bytes=_nbytes(t), load_copy_bytes=0)
+        if shares:
+            out.update(shares=shares[0], note=NOTE)
+        return out
+    p = producer.get(table)
+    if p is not None and p.op_type in ("Reshape", "Transpose") and p.input[0] in inits:
+        t = inits[p.input[0]]
+        out.update(table=f"{p.op_type}({t.name})", shares=t.name, bytes=_nbytes(t), load_copy_bytes=_nbytes(t),
+                   note=f"a {p.op_type} of the lm_head's weight: ONNX Runtime folds it into a private copy at load")
+        return out
+    out.update(table=table, note="computed in the graph")
+    return out
+
+
+__all__ = ["alias_tied_embedding", "embedding_summary", "initializer_bytes", "NOTE"]
