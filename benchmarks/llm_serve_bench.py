@@ -432,8 +432,9 @@ def main() -> None:
             one_round(1)  # warm-up
         for c in [int(x) for x in args.streams.split(",")]:
             res: Dict[str, List[Dict]] = {name: [] for name, _, _ in paths}
-            for r in range(args.rounds):  # the paths take turns, so a change in the machine's load hits all
-                for name, (one_round, _), pid in paths:
+            for r in range(args.rounds):  # the paths take turns, so a change in the machine's load hits all;
+                # every other round in reverse order, so none always runs right after another
+                for name, (one_round, _), pid in (paths if r % 2 == 0 else paths[::-1]):
                     print(f"streams {c}, round {r + 1}: {name}", flush=True)
                     res[name].append(_measure(one_round, c, pid))
             for name, _, _ in paths:
@@ -452,6 +453,13 @@ def main() -> None:
     result["api_overhead_1_stream_vs_engine"] = 1 - by[("API (stream=true)", 1)][key] / \
         by[("in-process, batched engine", 1)][key]
     result["api_overhead_1_stream_per_token_writes"] = 1 - by[(PER_TOKEN, 1)][key] / one
+    # paired: the API's tok/s over the in-process path's in the same round (each round's two runs are seconds
+    # apart, so a change of the machine's load between rounds cancels out), the median over the rounds
+    for name, ref in (("generator", "in-process, generator per stream"), ("engine", "in-process, batched engine")):
+        ratios = [a / b for a, b in zip(by[("API (stream=true)", 1)]["throughput_tok_s_rounds"],
+                                        by[(ref, 1)]["throughput_tok_s_rounds"])]
+        result[f"api_overhead_1_stream_paired_vs_{name}"] = 1 - float(np.median(ratios))
+        result[f"api_over_{name}_1_stream_rounds"] = [round(x, 3) for x in ratios]
     for c in (4, 8):
         if ("API (stream=true)", c) in by:
             result[f"api_{c}_over_1"] = by[("API (stream=true)", c)][key] / by[("API (stream=true)", 1)][key]
@@ -463,7 +471,9 @@ def main() -> None:
               f"{r['cpu_ms_per_token']:>10.2f}")
     print(f"API at 1 stream costs {result['api_overhead_1_stream'] * 100:+.1f}% of the runtime's generator's tok/s "
           f"({result['api_overhead_1_stream_vs_engine'] * 100:+.1f}% of the batched engine's) (goal <= 3%); "
-          f"writing every token at once: {result['api_overhead_1_stream_per_token_writes'] * 100:+.1f}%"
+          f"writing every token at once: {result['api_overhead_1_stream_per_token_writes'] * 100:+.1f}%; paired by "
+          f"round: {result['api_overhead_1_stream_paired_vs_generator'] * 100:+.1f}% of the generator's, "
+          f"{result['api_overhead_1_stream_paired_vs_engine'] * 100:+.1f}% of the engine's"
           + "".join(f"; API {c} streams / 1 stream: {result[f'api_{c}_over_1']:.2f}x" for c in (4, 8)
                     if f"api_{c}_over_1" in result) + " (goal >= 2x at 4, on a memory-bound model)")
     out = Path(args.out) if "/" in args.out else ROOT / "benchmarks" / "results" / args.out
