@@ -56,9 +56,10 @@ def _input_shapes(values):
 @click.option("--max-accuracy-drop", type=float,
               help="Also a floor: accuracy points lost (with labels; else points of top-1 agreement).")
 @click.option("--max-ppl-increase", type=float, help="Language models: fidelity floor, perplexity increase over "
-              "float as a fraction (default 0.10 = +10%); --min-agreement is teacher-forced top-1 (default 0.80).")
+              "float as a fraction (default 0.10 = +10%, INT8 0.01); --min-agreement is teacher-forced top-1 (default "
+              "0.80, INT8 0.90).")
 @click.option("--max-kl", type=float, help="Language models: fidelity floor, mean KL divergence of the next-token "
-              "distributions from float's, nats (default 0.10).")
+              "distributions from float's, nats (default 0.10, INT8 0.01).")
 @click.option("--val-tokens", type=int, default=1024, show_default=True,
               help="Language models: at most this many tokens of the --val text are measured.")
 @click.option("--no-rescue", is_flag=True, help="Below the floor, fail the artifact instead of trying the "

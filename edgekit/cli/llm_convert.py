@@ -36,7 +36,7 @@ def convert_language_model(ctx, p) -> None:
     """p: the convert command's parameters."""
     from click.core import ParameterSource
 
-    from edgekit.convert.llm import LLMRecipe, convert_llm
+    from edgekit.convert.llm import INT8_FLOOR, LLMRecipe, convert_llm
     from edgekit.convert.llm_fidelity import LLMFloor
     from edgekit.errors import BudgetMissed
     from edgekit.progress import Progress
@@ -59,11 +59,17 @@ def convert_language_model(ctx, p) -> None:
             max_ppl_increase=p["max_ppl_increase"] if p["max_ppl_increase"] is not None else default.max_ppl_increase,
             max_kl=p["max_kl"] if p["max_kl"] is not None else default.max_kl,
             min_agreement=p["min_agreement"] if "min_agreement" in given else default.min_agreement)
+        # an INT8 row's floor: INT8_FLOOR where no flag says otherwise
+        int8_floor = LLMFloor(
+            max_ppl_increase=p["max_ppl_increase"] if p["max_ppl_increase"] is not None
+            else INT8_FLOOR.max_ppl_increase,
+            max_kl=p["max_kl"] if p["max_kl"] is not None else INT8_FLOOR.max_kl,
+            min_agreement=p["min_agreement"] if "min_agreement" in given else INT8_FLOOR.min_agreement)
     except ValueError as e:
         raise click.UsageError(f"fidelity floor: {e}") from None
     recipe = LLMRecipe(model=p["model"], targets=tuple(p["target_names"]), precision=precision, name=p["name"],
-                       val=p["val"], val_tokens=p["val_tokens"], floor=floor, rescue=not p["no_rescue"],
-                       select=p["select"])
+                       val=p["val"], val_tokens=p["val_tokens"], floor=floor, int8_floor=int8_floor,
+                       rescue=not p["no_rescue"], select=p["select"])
     timer = None
     if p.get("device_name"):   # checked before any work: --select fastest, and a device of one of the targets
         from edgekit.cli.common import _device_timer

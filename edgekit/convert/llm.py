@@ -14,6 +14,10 @@ torch; below the floor an INT4 build walks the rescue ladder:
    then 1/2 of the decoder's weights;
 3. int8: INT8 weights throughout.
 
+An INT8 row is held to its own floor (INT8_FLOOR: perplexity +1%); below it (llm_actquant: the int8 activations of
+accuracy level 4 are most of INT8's error) the decoder MatMuls that cost most per weight as INT8 nodes, measured in
+torch on calibration text, stay fp32 (up to 1/32, then 1/16 of the decoder's weights), then the same at block 16.
+
 A row that still misses the floor is FAILED and not written. Each bundle directory (written atomically: a
 temporary directory beside it, then a rename):
 
@@ -151,6 +155,7 @@ class LLMBuildOptions:
     llama_mixed: bool = False           # INT4 builds: llama.cpp's sensitive MatMuls at INT8 (builder preset)
     int8_layers: Tuple[int, ...] = ()   # INT4 builds: decoder layers whose MatMuls are INT8 (measured)
     int8_matmuls: Tuple[str, ...] = ()  # INT4 builds: decoder MatMul nodes at INT8 (measured, llm_sensitivity)
+    fp32_matmuls: Tuple[str, ...] = ()  # decoder MatMul nodes left unquantized (fp32 MatMul; measured, llm_actquant)
 
     @property
     def quantized(self) -> bool:
@@ -168,6 +173,8 @@ class LLMBuildOptions:
                 s += f", layers {','.join(map(str, self.int8_layers))} int8"
             if self.int8_matmuls:
                 s += f", {len(self.int8_matmuls)} measured MatMuls int8"
+        if self.fp32_matmuls:
+            s += f", {len(self.fp32_matmuls)} measured MatMuls fp32"
         return s
 
     def wide_layers(self, tied: bool) -> List[str]:
@@ -183,6 +190,10 @@ class LLMBuildOptions:
             from edgekit.convert.llm_sensitivity import short_name
 
             out += [f"{short_name(n)} (int8)" for n in self.int8_matmuls]
+        if self.fp32_matmuls:
+            from edgekit.convert.llm_sensitivity import short_name
+
+            out += [f"{short_name(n)} (fp32)" for n in self.fp32_matmuls]
         return out
 
     def builder_args(self, src: LMSource, matmuls: Dict[int, List[str]]) -> Tuple[List[str], Optional[dict]]:
@@ -202,7 +213,8 @@ class LLMBuildOptions:
             op_types = ["MatMul", "Gather"] if share else ["MatMul"]
         else:
             op_types = ["MatMul"] if self.embeddings_wide else ["MatMul", "Gather"]
-        overrides = []
+        # nodes kept fp32 first: the builder keeps the first override that names a node
+        overrides = [{"match": {"name": n}, "exclude": True} for n in self.fp32_matmuls]
         if self.precision == "int4":
             if self.lm_head_int8:
                 overrides.append({"match": {"preset": "last_matmul"}, "type": "int8"})
@@ -238,7 +250,8 @@ def run_builder(src: LMSource, opts: LLMBuildOptions, out_dir: Path, cache: Path
         # instead of staying a float32 copy (SmolLM2-135M: 275 -> ~160 MB)
         precision = "int4"
         names = [n for layer in sorted(matmuls) for n in matmuls[layer]]
-        target_options["quant_config"]["weights"]["overrides"] = (
+        keep = [o for o in target_options["quant_config"]["weights"]["overrides"] if o.get("exclude")]
+        target_options["quant_config"]["weights"]["overrides"] = keep + (
             [{"match": {"preset": "last_matmul"}, "type": "int8"}] + [{"match": {"name": n}, "type": "int8"}
                                                                       for n in names])
     from edgekit.convert.llm_compat import builder_config_fixes
@@ -293,6 +306,12 @@ def weight_bytes(model_dir: Path) -> Dict[str, int]:
 
 # --- recipe and result --------------------------------------------------------------------------------------------
 
+# The floor of an INT8 build (INT4's is LLMFloor's default, +10%): INT8 is the precision chosen for fidelity, and
+# llama.cpp's Q8_0 keeps +1.2% on the benchmark text (SmolLM2-135M), edgekit's INT8 +0.5% after its ladder (+1.5%
+# before: the int8 activations of accuracy level 4, llm_actquant). KL and agreement: SmolLM2 INT8 0.0042 / 95.9%,
+# Gemma 3 270M 0.0033 / 95.9%. A floor flag given on the command line applies to INT8 builds too.
+INT8_FLOOR = LLMFloor(max_ppl_increase=0.01, max_kl=0.01, min_agreement=0.90)
+
 @dataclass(frozen=True)
 class LLMRecipe:
     model: str
@@ -303,6 +322,7 @@ class LLMRecipe:
     val_tokens: int = 1024                 # at most this many tokens of it
     window: int = 256                      # teacher-forced window (tokens)
     floor: LLMFloor = field(default_factory=LLMFloor)
+    int8_floor: LLMFloor = INT8_FLOOR      # the floor of a row that starts at INT8 (the INT4 ladder's int8 rung: floor)
     rescue: bool = True
     select: str = "profile"                # fastest: among builds meeting the floor, the fastest decode here
     block_size: Optional[int] = None       # overrides the profiles' llm.block_size
@@ -320,6 +340,10 @@ class LLMRecipe:
             raise EdgekitError(f"select {self.select!r}: profile or fastest")
         if self.val_tokens < 32 or self.window < 16:
             raise EdgekitError("val_tokens must be at least 32 and window at least 16")
+
+    def floor_for(self, precision: str) -> LLMFloor:
+        """The floor a row starting at `precision` must meet (its ladder's rungs too)."""
+        return self.int8_floor if precision == "int8" else self.floor
 
     @property
     def bundle_name(self) -> str:
@@ -348,6 +372,7 @@ class LLMRow:
     seconds: float = 0.0
     candidates: List[Dict[str, Any]] = field(default_factory=list)   # --select fastest: each build measured
     runtime: Dict[str, Any] = field(default_factory=dict)   # --select fastest: {threads, threads_choice} measured
+    floor: Optional[LLMFloor] = None   # the floor this row was held to (recipe.floor_for its starting precision)
 
     @property
     def fmt(self) -> str:
@@ -358,7 +383,8 @@ class LLMRow:
              "status": "written" if self.ok else "failed", "bytes": self.bytes or None,
              "bytes_per_token": self.bytes_per_token or None, "fidelity": self.fidelity, "rescue": self.rescue,
              "rescued_by": self.rescued_by, "seconds": round(self.seconds, 1), "candidates": self.candidates,
-             "recipe": None if self.options is None else dataclasses.asdict(self.options)}
+             "recipe": None if self.options is None else dataclasses.asdict(self.options),
+             "floor": None if self.floor is None else self.floor.to_dict()}
         if not self.ok:
             d["failure"] = {"stage": "fidelity" if self.fidelity else "build", "reason": self.reason}
         return d
@@ -397,6 +423,10 @@ class LLMConvertResult:
         title = (f"{self.name}: float → quantized on {self.text}; floor: perplexity ≤ "
                  f"+{100 * (fl.max_ppl_increase or 0):.0f}%, KL ≤ {fl.max_kl}, agreement ≥ "
                  f"{100 * (fl.min_agreement or 0):.0f}%")
+        f8 = next((b.floor for b in self.bundles if b.floor is not None and b.floor != fl), None)
+        if f8 is not None:   # an INT8 row's own floor (recipe.int8_floor)
+            title += (f" (INT8: ≤ +{100 * (f8.max_ppl_increase or 0):.0f}%, KL ≤ {f8.max_kl}, agreement ≥ "
+                      f"{100 * (f8.min_agreement or 0):.0f}%)")
         text = render(["bundle", "precision", "MiB", "MiB/token", "perplexity f→q", "KL", "top-1 agree %",
                        "result"], rows, title=title)
         for b in self.bundles:
@@ -520,6 +550,25 @@ class _Session:
             self._sensitivity[key] = (ranking, cal.source)
         return self._sensitivity[key]
 
+    def activation_sensitivity(self, block: int, algo: str, level: int) -> Tuple[List[Dict[str, Any]], str]:
+        """Each decoder MatMul's cost alone as an INT8 node computes it (llm_actquant: INT8 weights, and at
+        accuracy_level 4 its input int8 per block), on the calibration text; worst per weight first."""
+        from edgekit.convert import llm_actquant as aq
+        from edgekit.convert import llm_sensitivity as ls
+
+        key = ("int8", block, algo, level)
+        if key not in self._sensitivity:
+            t0 = time.monotonic()
+            cal = ls.calibration_text(self.float)
+            n = sum(len(v) for v in self.matmuls.values())
+            self.progress.say(f"  measuring each of {n} decoder MatMuls' cost at INT8 (torch, block {block}, "
+                              + ("int8 activations, " if level == 4 else "") + f"{cal.tokens} calibration tokens)")
+            ranking = aq.activation_sensitivity(self.float, cal, self.matmuls, block, algo, activations=level == 4)
+            self.log.write(f"INT8 sensitivity (block {block}, accuracy_level {level}, {time.monotonic() - t0:.0f} s): "
+                           + ", ".join(f"{ls.short_name(d['name'])} {d['kl_mean']:.6f}" for d in ranking) + "\n")
+            self._sensitivity[key] = (ranking, cal.source)
+        return self._sensitivity[key]
+
 
 def _ort_errors() -> Tuple[type, ...]:
     """ONNX Runtime's own exceptions (they derive from Exception, not RuntimeError)."""
@@ -557,7 +606,7 @@ def _ladder(s: _Session, base: LLMBuildOptions):
 
 def _try(s: _Session, row: LLMRow, rung: str, opts: LLMBuildOptions, **extra) -> Tuple[Dict[str, Any], bool]:
     rec = s.build(opts)
-    step = dict(_step(rung, opts, rec, s.floor), **extra)
+    step = dict(_step(rung, opts, rec, row.floor or s.floor), **extra)
     row.rescue.append(step)
     s.progress.say(f"  [{row.target}] rescue: {opts.describe()}: "
                    + ("meets the floor" if step["meets"] else (rec.get("error") or "; ".join(step["misses"]))))
@@ -569,11 +618,17 @@ def _walk(s: _Session, row: LLMRow, base: LLMBuildOptions) -> Optional[Tuple[LLM
 
     INT4 ladder: `wide` (lm_head INT8, embeddings not 4-bit) where the profile had not; `matmuls`: the decoder
     MatMuls that cost most per weight alone at INT4 (measured in torch on calibration text, llm_sensitivity) at
-    INT8, up to 1/16, 1/8, 1/4, 1/2 of the decoder's weights; then INT8 throughout."""
+    INT8, up to 1/16, 1/8, 1/4, 1/2 of the decoder's weights; then INT8 throughout.
+
+    INT8 (held to recipe.int8_floor): `fp32`: the decoder MatMuls that cost most per weight as INT8 nodes (int8
+    activations at accuracy level 4: llm_actquant) left unquantized, then block 16 (llm_actquant.INT8_RUNGS)."""
+    row.floor = s.recipe.floor_for(base.precision)
     rec = s.build(base)
-    row.rescue.append(_step("profile", base, rec, s.floor))
+    row.rescue.append(_step("profile", base, rec, row.floor))
     if row.rescue[-1]["meets"]:
         return base, rec
+    if base.precision == "int8" and s.recipe.rescue:
+        return _walk_int8(s, row, base)
     if base.precision != "int4" or not s.recipe.rescue:
         return None
     cur = base
@@ -604,9 +659,36 @@ def _walk(s: _Session, row: LLMRow, base: LLMBuildOptions) -> Optional[Tuple[LLM
     opts = LLMBuildOptions("int8", base.execution_provider, base.block_size, base.accuracy_level, base.algo,
                            True, True)
     rec = s.build(opts)
-    row.rescue.append(_step("int8", opts, rec, s.floor))
+    row.rescue.append(_step("int8", opts, rec, row.floor))
     if row.rescue[-1]["meets"]:
         return opts, rec
+    return None
+
+
+def _walk_int8(s: _Session, row: LLMRow, base: LLMBuildOptions) -> Optional[Tuple[LLMBuildOptions, Dict[str, Any]]]:
+    """The INT8 rungs (llm_actquant.INT8_RUNGS): the measured MatMuls left fp32 up to a fraction of the decoder's
+    weights, at the profile's block size, then at block 16; the first build meeting the INT8 floor."""
+    from edgekit.convert.llm_actquant import INT8_RUNGS, pick_fp32
+    from edgekit.convert.llm_sensitivity import short_name
+
+    if not s.matmuls or "error" in s.builds.get(base, {"error": 1}):
+        return None
+    tried: set = set()
+    for block, frac in INT8_RUNGS:
+        block = block or base.block_size
+        ranking, calibration = s.activation_sensitivity(block, base.algo, base.accuracy_level)
+        total = sum(d["params"] for d in ranking)
+        names = tuple(sorted(pick_fp32(ranking, frac, total)))
+        if (block, names) in tried or not names:
+            continue
+        tried.add((block, names))
+        opts = dataclasses.replace(base, block_size=block, fp32_matmuls=names)
+        chosen = [dict(d, name=short_name(d["name"])) for d in ranking if d["name"] in names]
+        rec, ok = _try(s, row, "fp32" if block == base.block_size else "blocks", opts, fraction=frac,
+                       calibration=calibration, fp32_weights=sum(d["params"] for d in chosen) / total if total else 0.0,
+                       sensitivity=chosen)
+        if ok:
+            return opts, rec
     return None
 
 
@@ -726,7 +808,7 @@ def _write_bundle(s: _Session, row: LLMRow, t: TargetProfile, opts: LLMBuildOpti
             **({"runtime": row.runtime} if row.runtime else {}),
             "recipe": dict(dataclasses.asdict(opts), wide_layers=opts.wide_layers(src.tied),
                            builder=f"onnxruntime_genai.models.builder {_genai_version()}",
-                           floor=s.floor.to_dict(), val=s.recipe.val, val_tokens=s.recipe.val_tokens,
+                           floor=(row.floor or s.floor).to_dict(), val=s.recipe.val, val_tokens=s.recipe.val_tokens,
                            window=s.recipe.window),
             "llm": {"bytes_per_token": rec["bytes_per_token"], "kv_bytes_per_token": kv_bytes,
                     "kv_cache_type": t.llm.kv_cache_type, "context_default": min(t.llm.context_default, context),
@@ -735,7 +817,7 @@ def _write_bundle(s: _Session, row: LLMRow, t: TargetProfile, opts: LLMBuildOpti
                     "prompt_bos": gen["prompt_bos"], "embedding": embedding_summary(mdir),
                     "eos_token_id": json.loads((mdir / "genai_config.json").read_text())["model"].get("eos_token_id")},
             "fidelity": dict(m, text=s.text.source, numerics=_numerics(t, opts, rec["ort_version"]),
-                             floor=s.floor.to_dict(), meets=True),
+                             floor=(row.floor or s.floor).to_dict(), meets=True),
             "lowrank": _lowrank_summary(mdir),
             "rescue": row.rescue, "rescued_by": row.rescued_by, "candidates": row.candidates, "golden": "golden.json",
             "source": {"path": str(src.path), "sha256": src.sha256, "bytes": src.bytes,
@@ -840,7 +922,7 @@ def _select_fastest(s: _Session, row: LLMRow, t: TargetProfile, chosen: LLMBuild
             continue
         seen.add(o)
         r = s.build(o)
-        c = _step("select", o, r, s.floor)
+        c = _step("select", o, r, row.floor or s.floor)
         c["timed"] = where
         if c["meets"] and timed and "error" not in r and not on_device:
             try:
