@@ -20,10 +20,10 @@ end-of-sequence token is suppressed so every row does the same work):
   server runs (the c sequences decode as one batch, one read of the weights per step);
 - "API (stream=true)": `python -m edgekit.serve` in its own process, c client threads streaming
   /v1/completions over loopback (raw http.client, SSE parsed); the clients run on the same machine. The
-  server writes a stream at most every --stream-interval-ms (its default, 20 ms): pieces that come faster
-  are sent together, each still its own SSE event;
-- "API (stream=true, a write per token)": the same with a second server at --stream-interval-ms 0 (a wake-up
-  of the server's event loop and a socket write per token, as before the interval existed).
+  server runs with its defaults (--stream-interval-ms 0: a wake-up of its event loop and a socket write per
+  token);
+- "API (stream=true, gathered)": the same with a second server at --stream-interval-ms --gather-ms (20):
+  pieces that come faster than that are sent together, each still its own SSE event.
 tok/s (the aggregate figure compared): every generated token of the round over its wall time (start to the last
 stream's last token: prefill and TTFT included). "decode": tokens after each stream's first over the time
 from the first stream's first token to the last one's last (for the API as the client receives them: pieces
@@ -58,7 +58,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 CONCURRENCY = "1,4,8"
-PER_TOKEN = "API (stream=true, a write per token)"
+GATHERED = "API (stream=true, gathered)"
 PROMPTS = ["The robot moves the", "Count: one two", "The busy baker", "A small cat", "The old engineer repairs",
            "Count: five six", "My neighbour likes the", "The quiet child"]
 
@@ -264,7 +264,7 @@ def api_path(port: int, tokens: int):
     return one_round, (lambda: None)
 
 
-def start_server(model_dir: Path, threads: int, log: Path, interval_ms: float = 20.0) -> (subprocess.Popen, int):
+def start_server(model_dir: Path, threads: int, log: Path, interval_ms: float = 0.0) -> (subprocess.Popen, int):
     port = _free_port()
     link = log.parent / "bench"   # the model is served under the name "bench"
     if link.is_symlink() or link.exists():
@@ -384,8 +384,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="llm_serve_bench.json")
-    ap.add_argument("--stream-interval-ms", type=float, default=20.0,
-                    help="the API server's --stream-interval-ms (a second server writes every token: 0)")
+    ap.add_argument("--gather-ms", type=float, default=20.0,
+                    help="the second API server's --stream-interval-ms (the first runs the default, 0)")
     ap.add_argument("--streams", default=CONCURRENCY, help="concurrent streams per row (comma-separated)")
     ap.add_argument("--long-prompt", type=int, default=0,
                     help="instead: a running stream's inter-token gaps while a prompt of this many tokens arrives")
@@ -419,14 +419,14 @@ def main() -> None:
               "weights_bytes": weights, "tokens_per_stream": args.tokens, "conditions_before": conditions(args.threads),
               "rows": []}
     log = cache / "llm_serve_bench.server.log"
-    proc, port = start_server(model, args.threads, log, args.stream_interval_ms)
-    # the same server writing every token as it comes (--stream-interval-ms 0), beside the default
-    proc0, port0 = start_server(model, args.threads, cache / "llm_serve_bench.server0.log", 0.0)
-    result["stream_interval_ms"] = args.stream_interval_ms
+    proc, port = start_server(model, args.threads, log)
+    # the same server gathering the pieces that come faster than --gather-ms, beside the default
+    proc0, port0 = start_server(model, args.threads, cache / "llm_serve_bench.server0.log", args.gather_ms)
+    result["gathered_stream_interval_ms"] = args.gather_ms
     paths = [("in-process, generator per stream", generator_path(model, args.threads, args.tokens), os.getpid()),
              ("in-process, batched engine", engine_path(model, args.threads, args.tokens), os.getpid()),
              ("API (stream=true)", api_path(port, args.tokens), proc.pid),
-             (PER_TOKEN, api_path(port0, args.tokens), proc0.pid)]
+             (GATHERED, api_path(port0, args.tokens), proc0.pid)]
     try:
         for _, (one_round, _), _ in paths:
             one_round(1)  # warm-up
@@ -452,7 +452,7 @@ def main() -> None:
     result["api_overhead_1_stream"] = 1 - by[("API (stream=true)", 1)][key] / one
     result["api_overhead_1_stream_vs_engine"] = 1 - by[("API (stream=true)", 1)][key] / \
         by[("in-process, batched engine", 1)][key]
-    result["api_overhead_1_stream_per_token_writes"] = 1 - by[(PER_TOKEN, 1)][key] / one
+    result["api_overhead_1_stream_gathered"] = 1 - by[(GATHERED, 1)][key] / one
     # paired: the API's tok/s over the in-process path's in the same round (each round's two runs are seconds
     # apart, so a change of the machine's load between rounds cancels out), the median over the rounds
     for name, ref in (("generator", "in-process, generator per stream"), ("engine", "in-process, batched engine")):
@@ -471,7 +471,7 @@ def main() -> None:
               f"{r['cpu_ms_per_token']:>10.2f}")
     print(f"API at 1 stream costs {result['api_overhead_1_stream'] * 100:+.1f}% of the runtime's generator's tok/s "
           f"({result['api_overhead_1_stream_vs_engine'] * 100:+.1f}% of the batched engine's) (goal <= 3%); "
-          f"writing every token at once: {result['api_overhead_1_stream_per_token_writes'] * 100:+.1f}%; paired by "
+          f"gathered every {args.gather_ms:g} ms: {result['api_overhead_1_stream_gathered'] * 100:+.1f}%; paired by "
           f"round: {result['api_overhead_1_stream_paired_vs_generator'] * 100:+.1f}% of the generator's, "
           f"{result['api_overhead_1_stream_paired_vs_engine'] * 100:+.1f}% of the engine's"
           + "".join(f"; API {c} streams / 1 stream: {result[f'api_{c}_over_1']:.2f}x" for c in (4, 8)

@@ -202,13 +202,18 @@ def test_real_checkpoint_smollm2(tmp_path):
     for the Pi 5 at INT8 (one build: the INT4 ladder on it takes several builds, see docs/llm.md for its figures)
     and meets the default floor on held-out English prose; its bundle chats through ONNX Runtime GenAI."""
     from edgekit.convert.llm import LLMRecipe, convert_llm
+    from edgekit.convert.llm_fidelity import LLMFloor
 
     folder = _smollm2_folder()
-    res = convert_llm(LLMRecipe(str(folder), ("rpi5",), precision="int8", val=str(HELDOUT), val_tokens=256),
+    # one build: the floor this test asserts (+5%) instead of INT8's +1%, whose ladder measures all 150 MatMuls
+    # (~3 min here; the ladder's mechanism is tests/test_llm_int8.py's, its figures on this model docs/llm.md's)
+    res = convert_llm(LLMRecipe(str(folder), ("rpi5",), precision="int8", val=str(HELDOUT), val_tokens=256,
+                                int8_floor=LLMFloor(max_ppl_increase=0.05, max_kl=0.01, min_agreement=0.90)),
                       str(tmp_path))
     row = res.bundles[0]
     assert row.ok, row.reason
     m, g = _check_bundle(row.path, "rpi5", "int8")
+    assert [s["rung"] for s in m["rescue"]] == ["profile"] and m["recipe"]["floor"]["max_ppl_increase"] == 0.05
     assert m["model"]["params"] > 100_000_000 and m["model"]["layers"] == 30 and m["model"]["tied_embeddings"]
     fid = m["fidelity"]
     print(json.dumps({k: fid[k] for k in ("ppl_float", "ppl", "ppl_increase", "kl_mean", "top1_agreement")}),

@@ -46,7 +46,7 @@ from edgekit.cli.render import serving_table
 @click.option("--kv-cache-mb", type=float, help="Language models: KV-cache memory for all sequences "
                                                 "(default: each sequence can fill the context).")
 @click.option("--log-prompts", is_flag=True, help="Log prompts and generated text (default: token counts only).")
-@click.option("--stream-interval-ms", type=float, default=20.0, show_default=True,
+@click.option("--stream-interval-ms", type=float, default=0.0, show_default=True,
               help="Language models: write a stream at most this often; pieces that come faster are sent "
                    "together, each still its own event (0: one write per token).")
 def serve(paths, stop, show_status, **opts):

@@ -49,9 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="language models: KV-cache memory for all sequences (default: each can fill the context)")
     p.add_argument("--log-prompts", action="store_true",
                    help="log prompts and generated text (by default only token counts are logged)")
-    p.add_argument("--stream-interval-ms", type=float, default=20.0,
+    p.add_argument("--stream-interval-ms", type=float, default=0.0,
                    help="language models: write a stream at most this often; pieces that come faster are sent "
-                        "together, each still its own event (default 20; 0: one write per token)")
+                        "together, each still its own event (default 0: one write per token)")
     p.add_argument("--http", default="auto", choices=["auto", "h11", "httptools"],
                    help="HTTP parser: auto (default) uses httptools (and uvloop) when installed, else h11")
 
@@ -75,7 +75,7 @@ def config_from(args) -> "object":
                        access_log=args.access_log, http=getattr(args, "http", "auto"),
                        max_sequences=getattr(args, "max_sequences", 8), kv_cache_mb=getattr(args, "kv_cache_mb", None),
                        log_prompts=getattr(args, "log_prompts", False),
-                       stream_interval_ms=getattr(args, "stream_interval_ms", 20.0))
+                       stream_interval_ms=getattr(args, "stream_interval_ms", 0.0))
 
 
 def setup_logging() -> None:

@@ -161,7 +161,7 @@ def chat_messages(doc: Dict[str, Any]) -> List[Dict[str, str]]:
 
 # -- from the engine thread to a request's event loop ------------------------------------------------------
 
-STREAM_INTERVAL_MS = 20.0   # the default --stream-interval-ms
+STREAM_INTERVAL_MS = 0.0    # the default --stream-interval-ms: a write per token, as other servers do
 
 
 class _Outbox:

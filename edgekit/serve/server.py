@@ -57,7 +57,7 @@ class ServeConfig:
     max_sequences: int = 8
     kv_cache_mb: Optional[float] = None   # None: every slot can hold the whole context
     log_prompts: bool = False
-    stream_interval_ms: float = 20.0   # a stream's pieces written at most this often (faster ones gathered)
+    stream_interval_ms: float = 0.0    # a stream's pieces written at most this often (faster ones gathered)
 
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
