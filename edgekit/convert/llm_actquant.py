@@ -25,8 +25,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from edgekit.convert.llm_fidelity import EvalText, FloatModel, _decoder_layers, _kl, _log_softmax
-from edgekit.convert.llm_sensitivity import fake_quant, matmul_modules, pick_int8
+from edgekit.convert.llm_fidelity import EvalText, FloatModel, _decoder_layers, _log_softmax
+from edgekit.convert.llm_sensitivity import matmul_modules, pick_int8, rounded, scored_kl
 
 # INT8 rungs after the profile's build, in order: (block size or None for the profile's, fraction of the decoder's
 # MatMul weights kept fp32). SmolLM2-135M, benchmark text (755 tokens), ORT: block 32 +1.48% / KL 0.0042 (161.5 MB);
@@ -132,21 +132,15 @@ def activation_sensitivity(fm: FloatModel, text: EvalText, matmuls: Dict[int, Li
             for node in matmuls[layer]:
                 if node not in mods:
                     continue
-                saved = [m.weight.data for m in mods[node]]
-                try:
-                    for m in mods[node]:
-                        m.weight.data = fake_quant(m.weight.data, block, 8, algo)
-                        if activations:
-                            on.add(id(m))
-                    q = tail.logprobs(layer)
-                finally:
-                    on.clear()
-                    for m, wd in zip(mods[node], saved):
-                        m.weight.data = wd
-                kls = [_kl(r[np.arange(max(s, 1) - 1, len(w) - 1)], lq[np.arange(max(s, 1) - 1, len(w) - 1)])
-                       for r, lq, w, s in zip(ref, q, text.windows, text.starts)]
+                with rounded(mods[node], block, 8, algo):
+                    if activations:
+                        on.update(id(m) for m in mods[node])
+                    try:
+                        q = tail.logprobs(layer)
+                    finally:
+                        on.clear()
                 out.append({"name": node, "layer": layer, "params": int(sum(m.weight.numel() for m in mods[node])),
-                            "kl_mean": float(max(np.mean(np.concatenate(kls)), 0.0))})
+                            "kl_mean": scored_kl(ref, q, text)})
                 if progress is not None:
                     progress(len(out))
     finally:

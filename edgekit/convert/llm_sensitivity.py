@@ -16,8 +16,9 @@ Only the converting machine imports this (torch, through llm_fidelity's FloatMod
 
 from __future__ import annotations
 
+import contextlib
 import re
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 
@@ -107,6 +108,28 @@ def calibration_text(fm: FloatModel, tokens: int = 256) -> EvalText:
     return text
 
 
+@contextlib.contextmanager
+def rounded(modules: Sequence[Any], block: int, bits: int, algo: str):
+    """Inside the block, `modules`' weights are rounded to `bits` as the build rounds them; restored after."""
+    saved = [m.weight.data for m in modules]
+    try:
+        for m in modules:
+            m.weight.data = fake_quant(m.weight.data, block, bits, algo)
+        yield
+    finally:
+        for m, wd in zip(modules, saved):
+            m.weight.data = wd
+
+
+def scored_kl(ref: Sequence[np.ndarray], q: Iterable[np.ndarray], text: EvalText) -> float:
+    """Mean KL(ref || q) over `text`'s scored positions of every window (log-probabilities per position)."""
+    kls = []
+    for r, lq, w, s in zip(ref, q, text.windows, text.starts):
+        pos = np.arange(max(s, 1) - 1, len(w) - 1)
+        kls.append(_kl(r[pos], lq[pos]))
+    return float(max(np.mean(np.concatenate(kls)), 0.0))
+
+
 def matmul_sensitivity(fm: FloatModel, text: EvalText, matmuls: Dict[int, List[str]], block: int,
                        algo: str = "k_quant", bits: int = 4, progress=None) -> List[Dict[str, Any]]:
     """Each decoder MatMul alone at `bits` (the build's rounding), the rest float: mean KL(float || that) on
@@ -119,20 +142,10 @@ def matmul_sensitivity(fm: FloatModel, text: EvalText, matmuls: Dict[int, List[s
         for node in matmuls[layer]:
             if node not in mods:
                 continue
-            saved = [m.weight.data for m in mods[node]]
-            try:
-                for m in mods[node]:
-                    m.weight.data = fake_quant(m.weight.data, block, bits, algo)
-                kls = []
-                for r, w, s in zip(ref, text.windows, text.starts):
-                    pos = np.arange(max(s, 1) - 1, len(w) - 1)
-                    kls.append(_kl(r[pos], _log_softmax(fm.logits(w))[pos]))
-            finally:
-                for m, wd in zip(mods[node], saved):
-                    m.weight.data = wd
-            params = int(sum(m.weight.numel() for m in mods[node]))
-            out.append({"name": node, "layer": layer, "params": params,
-                        "kl_mean": float(max(np.mean(np.concatenate(kls)), 0.0))})
+            with rounded(mods[node], block, bits, algo):   # a window's logits at a time
+                kl = scored_kl(ref, (_log_softmax(fm.logits(w)) for w in text.windows), text)
+            out.append({"name": node, "layer": layer, "params": int(sum(m.weight.numel() for m in mods[node])),
+                        "kl_mean": kl})
             if progress is not None:
                 progress(len(out))
     del torch
