@@ -101,16 +101,6 @@ def vm_rss_mb() -> Optional[float]:
     return None
 
 
-def reset_peak() -> bool:
-    """VmHWM back to VmRSS (Linux), so the next vm_peak_mb() is what ran since (runtime.llmopts.reset_peak_rss)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def vm_peak_mb() -> Optional[float]:
     try:
         with open("/proc/self/status") as f:
@@ -157,12 +147,13 @@ def _w_ll_speed(spec: Dict[str, Any]) -> Dict[str, Any]:
     from llama_cpp import Llama
 
     libs = vm_rss_mb()           # this fresh worker after import llama_cpp: the library's fixed cost
+    from edgekit.runtime.llmopts import reset_peak_rss   # after that reading (stdlib; numpy is llama_cpp's too)
     clock = time.perf_counter_ns
     new = spec["new_tokens"]
     out: Dict[str, Any] = {"rss_before_load_mb": rss0, "threads": spec["threads"],
                            "backend": f"llama.cpp (llama-cpp-python {llama_cpp.__version__})", "prompts": []}
     for p, ids in zip(spec["prompts"], spec["prompt_ids"]):
-        reset = reset_peak()     # the load's peak and then the generations' (as LanguageModel.benchmark)
+        reset = reset_peak_rss()     # the load's peak and then the generations' (as LanguageModel.benchmark)
         t = clock()
         # a context per prompt size (as ORT GenAI allocates its KV cache for prompt + new tokens), smaller first
         llm = Llama(model_path=spec["path"], n_ctx=p + new, n_batch=min(512, p + new), n_ubatch=min(512, p + new),
@@ -171,7 +162,7 @@ def _w_ll_speed(spec: Dict[str, Any]) -> Dict[str, Any]:
         load_ms = (clock() - t) / 1e6
         out.setdefault("load_ms", load_ms)
         load_peak = vm_peak_mb() if reset else None
-        reset = reset_peak()
+        reset = reset_peak_rss()
         n_vocab = llm.n_vocab()
 
         def next_token() -> int:
