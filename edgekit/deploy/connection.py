@@ -177,7 +177,7 @@ class Connection:
         if self._sftp is not None:
             try:
                 self._sftp.close()
-            except Exception:
+            except (OSError, EOFError, paramiko.SSHException):  # the link already gone: nothing left to close
                 pass
         if self._client is not None:
             self._client.close()

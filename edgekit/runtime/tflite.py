@@ -148,7 +148,7 @@ class TFLiteBackend:
         out_names = [d["name"] for d in out_det]
         try:
             sigs = self._interp.get_signature_list()
-        except Exception:
+        except (AttributeError, ValueError, RuntimeError):  # an interpreter without signature support
             return in_names, out_names
         if len(sigs) != 1:
             return in_names, out_names
@@ -157,7 +157,7 @@ class TFLiteBackend:
             runner = self._interp.get_signature_runner(key)
             by_index_in = {d["index"]: n for n, d in runner.get_input_details().items()}
             by_index_out = {d["index"]: n for n, d in runner.get_output_details().items()}
-        except Exception:
+        except (AttributeError, ValueError, RuntimeError):  # a signature the interpreter cannot run by name
             return in_names, out_names
         in_names = [by_index_in.get(d["index"], d["name"]) for d in in_det]
         out_names = [by_index_out.get(d["index"], d["name"]) for d in out_det]
