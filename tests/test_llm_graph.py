@@ -152,3 +152,76 @@ def test_convert_records_the_alias(tied_lm, tmp_path):
     assert man["model"]["tied_embeddings"] and man["llm"]["bytes_per_token"] < man["model"]["bytes"]
     lm = load_llm(row.path)                                               # sha256 of every file checked
     assert lm.check()["ok"]
+
+
+def test_prune_lm_head_keeps_every_answer(tiny_lm, tmp_path):
+    """The lm_head on the last position only (llm_graph.prune_lm_head): the last position's logits are bit-identical
+    (ONNX Runtime) and ORT GenAI's tokens the same; the converter's OnnxDecoder teacher-forces a pruned bundle
+    through its graph with the pruning taken out (bit-identical, the same external data), the runtime one token at a
+    time (agreeing with the one-pass logits), and the batched server's prefill of prompts of different lengths
+    returns each prompt's own logits."""
+    import shutil
+
+    import onnxruntime as ort
+
+    from edgekit.convert.llm import LLMBuildOptions, read_source, run_builder
+    from edgekit.convert.llm_fidelity import OnnxDecoder
+    from edgekit.convert.llm_graph import lm_head_pruned, prune_lm_head
+    from edgekit.runtime.llm import load_llm
+    from edgekit.runtime.llm_batch import BatchedDecoder
+
+    base, pruned = tmp_path / "base", tmp_path / "pruned"
+    run_builder(read_source(str(tiny_lm)), LLMBuildOptions("int4"), base, tmp_path / "cache", {})
+    assert not lm_head_pruned(base)
+    shutil.copytree(base, pruned)
+    data_sha = _sha(pruned / "model.onnx.data")
+    r = prune_lm_head(pruned)
+    assert r["pruned"] and "lm_head" in r["node"] and "why" not in r
+    assert lm_head_pruned(pruned) and _sha(pruned / "model.onnx.data") == data_sha   # model.onnx only
+    graph = (pruned / "model.onnx").read_bytes()
+    again = prune_lm_head(pruned)
+    assert again["pruned"] and "already pruned" in again["why"] and (pruned / "model.onnx").read_bytes() == graph
+
+    window = np.asarray([5, 17, 40, 99, 300, 7, 8] + list(range(3, 40)), dtype=np.int64)
+    dec = OnnxDecoder(base, 2, 32, threads=1)
+    full = dec.logits(window)
+    viewed = OnnxDecoder(pruned, 2, 32, threads=1)
+    assert viewed.unpruned and not dec.unpruned and np.array_equal(viewed.logits(window), full)
+    del viewed
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(pruned / "model.onnx"), so, providers=["CPUExecutionProvider"])
+    feed = {"input_ids": window[None], "attention_mask": np.ones((1, len(window)), dtype=np.int64)}
+    if dec.has_positions:
+        feed["position_ids"] = np.arange(len(window), dtype=np.int64)[None]
+    for name, heads, dim, dt in dec.past:
+        feed[name] = np.zeros((1, heads, 0, dim), dt)
+    last = sess.run(["logits"], feed)[0]
+    assert last.shape == (1, 1, full.shape[-1]) and np.array_equal(last[0, 0], full[-1])   # bit-identical
+    del sess, dec
+
+    prompts = ["the robot moves the red box", "Count: one two three", corpus_text(3, seed=5)]
+    outs = []
+    for d in (base, pruned):
+        lm = load_llm(d, threads=1, verify=False)
+        outs.append(([lm.generate(p, max_new_tokens=12) for p in prompts],
+                     [lm.logits(lm.encode(p)) for p in prompts]))
+        del lm
+    assert outs[0][0] == outs[1][0] and all(t.strip() for t in outs[1][0])   # the same tokens
+    for a, b in zip(outs[0][1], outs[1][1]):          # one pass (unpruned) vs one token at a time (pruned)
+        assert a.shape == b.shape and a[-1].argmax() == b[-1].argmax()
+        assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.9
+        assert np.abs(a - b).max() < 1e-2 * max(1.0, float(np.abs(a).max()))
+
+    cfg = json.loads((base / "genai_config.json").read_text())
+    batch = [[5, 17, 40], [9, 8, 7, 6, 5, 4], [11, 12, 13]]
+    rows = []
+    for d in (base, pruned):
+        bd = BatchedDecoder(d, cfg, threads=1, slots=3, capacity=64)
+        assert bd.last_logits_only == (d == pruned)
+        rows.append(bd.prefill(0, batch))
+        rows.append([bd.prefill(0, [p])[0] for p in batch])          # each alone
+        del bd
+    for got in rows[1:]:
+        for a, b in zip(rows[0], got):
+            assert a.shape == b.shape and np.allclose(a, b, atol=1e-4)

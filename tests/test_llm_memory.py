@@ -133,6 +133,39 @@ def test_fixed_malloc_thresholds_give_freed_blocks_back():
     assert tuned["held_mb"] < 8, tuned
 
 
+_TRIM = r"""
+import ctypes, json
+from edgekit.runtime.llmopts import trim_heap, tune_malloc
+tune_malloc()
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+blocks = []
+for _ in range(800):                         # 800 x 64 KiB from the heap (below the 1 MiB mmap threshold), touched
+    p = libc.malloc(64 << 10)
+    ctypes.memset(p, 1, 64 << 10)
+    blocks.append(p)
+for p in blocks[:-1]:                        # freed below the last block: no trim threshold reaches them
+    libc.free(p)
+print(json.dumps(trim_heap()))
+"""
+
+
+def test_trim_heap_hands_freed_heap_pages_back():
+    """What a tokenizer's parse leaves (freed blocks below the heap's top) goes back with llmopts.trim_heap."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    p = subprocess.run([sys.executable, "-c", _TRIM], capture_output=True, text=True, env=env, timeout=60)
+    assert p.returncode == 0, p.stderr
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    if not got["applied"]:
+        pytest.skip(got["why"])
+    assert got["released_mb"] > 40, got      # ~50 MiB freed, all but the pages glibc keeps for its chunk headers
+    env["EDGEKIT_MALLOC_TUNE"] = "0"
+    p = subprocess.run([sys.executable, "-c", _TRIM], capture_output=True, text=True, env=env, timeout=60)
+    assert json.loads(p.stdout.strip().splitlines()[-1]) == {"applied": False, "released_mb": 0.0,
+                                                             "why": "EDGEKIT_MALLOC_TUNE=0"}
+
+
 @pytest.fixture(scope="module")
 def bundle(tiny_lm, tmp_path_factory):  # noqa: F811
     from edgekit.convert.llm import LLMRecipe, convert_llm
@@ -149,7 +182,10 @@ def test_benchmark_reports_the_generation_peak_apart_from_the_load(bundle):
     from edgekit.runtime.llmopts import malloc_tuning
 
     lm = load(bundle, threads=1)
-    assert lm.rss_before_load_mb < lm.rss_after_load_mb
+    # the load raised RSS, less what its heap trim handed back (this process's earlier garbage included)
+    trim = lm.heap_trim
+    assert trim["applied"] is True and trim["released_mb"] >= 0
+    assert lm.rss_before_load_mb < lm.rss_after_load_mb + trim["released_mb"]
     assert lm.peak_rss_load_mb is None or lm.peak_rss_load_mb >= lm.rss_after_load_mb
     assert malloc_tuning()["applied"] is True            # load_llm fixed the thresholds (glibc here)
     spike = np.ones(300 * 2**20 // 8)                    # after the load, before the benchmark
@@ -171,6 +207,7 @@ def test_benchmark_reports_the_generation_peak_apart_from_the_load(bundle):
     mem = r["conditions"]["memory"]
     assert "reset after load" in mem["generation_peak"] and mem["malloc"]["applied"] is True
     assert mem["model_pages"]["applied"] is True and mem["model_pages"]["mappings"] >= 1   # ORT mapped the data
+    assert mem["heap_trim"] == trim
     from edgekit.runtime.llmbench import llm_bench_table
     table = llm_bench_table([r])
     assert "generation peak" in table and "libraries alone" in table

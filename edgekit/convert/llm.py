@@ -50,7 +50,8 @@ import edgekit
 from edgekit.bundle import SCHEMA_VERSION, check_name, sha256_file, sha256_tree, staged_dir, write_json_atomic
 from edgekit.convert.llm_fidelity import (BUILTIN_PROMPTS, EvalText, FloatModel, LLMFloor, OnnxDecoder, compare,
                                           golden)
-from edgekit.convert.llm_graph import alias_tied_embedding, embedding_summary, initializer_bytes
+from edgekit.convert.llm_graph import (PRUNE_NOTE, alias_tied_embedding, embedding_summary, initializer_bytes,
+                                      prune_lm_head)
 from edgekit.errors import BudgetMissed, EdgekitError, SourceModelError
 from edgekit.progress import Progress
 from edgekit.runtime.llmopts import kv_capacity, kv_floor
@@ -784,6 +785,9 @@ def _write_bundle(s: _Session, row: LLMRow, t: TargetProfile, opts: LLMBuildOpti
                 shutil.copyfile(src.path / extra, mdir / extra)
         context = min(int(dims["max_positions"] or t.llm.context_max), t.llm.context_max)
         _tune_genai_config(mdir, t, context)
+        # the shipped graph computes the last position's logits only (llm_graph.prune_lm_head): fidelity and the
+        # golden logits were measured on the build before it, the same numbers at the last position
+        pruned = prune_lm_head(mdir)
         prompt = s.text.prompts[0] if s.text.prompts else BUILTIN_PROMPTS[0]
         gen = _generation(mdir, prompt, cpu=opts.execution_provider != "cpu", hf_tokenizer=s.float.tokenizer)
         if not gen["text"].strip():
@@ -815,6 +819,8 @@ def _write_bundle(s: _Session, row: LLMRow, t: TargetProfile, opts: LLMBuildOpti
                     "context_max": context, "execution_provider": opts.execution_provider,
                     "verified": t.llm.verified, "verified_why": t.reason("llm.verified"),
                     "prompt_bos": gen["prompt_bos"], "embedding": embedding_summary(mdir),
+                    "lm_head": ({"positions": "last", "note": PRUNE_NOTE} if pruned["pruned"] else
+                                {"positions": "all", "note": pruned["why"]}),
                     "eos_token_id": json.loads((mdir / "genai_config.json").read_text())["model"].get("eos_token_id")},
             "fidelity": dict(m, text=s.text.source, numerics=_numerics(t, opts, rec["ort_version"]),
                              floor=(row.floor or s.floor).to_dict(), meets=True),

@@ -227,7 +227,8 @@ def _kl(ref_lp: np.ndarray, q_lp: np.ndarray) -> np.ndarray:
 # --- the build in ONNX Runtime -----------------------------------------------------------------------------------
 
 class OnnxDecoder:
-    """A builder's model.onnx run teacher-forced: all positions of a window at once, empty KV cache."""
+    """A builder's model.onnx (or a bundle's: its lm_head pruning taken out, llm_graph.unpruned) run
+    teacher-forced: all positions of a window at once, empty KV cache."""
 
     def __init__(self, model_dir: Path, kv_heads: int, head_dim: int, threads: Optional[int] = None):
         import onnxruntime as ort
@@ -235,7 +236,16 @@ class OnnxDecoder:
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads or free_cores()
         so.log_severity_level = 3
-        self.session = ort.InferenceSession(str(Path(model_dir) / "model.onnx"), so,
+        # a bundle whose lm_head computes the last position only (llm_graph.prune_lm_head): its graph with the
+        # pruning taken out again, over the same external data, so every position's logits come in one pass
+        from edgekit.convert.llm_graph import unpruned
+
+        whole = unpruned(model_dir)
+        self.unpruned = whole is not None
+        if whole is not None:
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model_dir))
+        self.session = ort.InferenceSession(whole.SerializeToString() if whole is not None
+                                            else str(Path(model_dir) / "model.onnx"), so,
                                             providers=["CPUExecutionProvider"])
         self.version = ort.__version__
         self.past = []

@@ -1,5 +1,5 @@
-"""Graph rewrites of the ORT GenAI model builder's model.onnx that change what a device holds in memory, not what
-it computes.
+"""Graph rewrites of the ORT GenAI model builder's model.onnx that change what a device holds in memory and what
+it computes to no use, never the numbers it returns.
 
 The tied embedding. For a model whose embedding table is the lm_head's weight (tie_word_embeddings: SmolLM2,
 Qwen2.5-0.5B, Gemma...), ORT GenAI 0.18's builder shares the quantized table of an INT4/INT8 build
@@ -203,4 +203,102 @@ def embedding_summary(model_dir: os.PathLike) -> Optional[Dict[str, Any]]:
     return out
 
 
-__all__ = ["alias_tied_embedding", "embedding_summary", "initializer_bytes", "NOTE"]
+# -- the lm_head on the last position only --------------------------------------------------------------------
+#
+# The builder's graph computes the lm_head at every position it is given: a prompt of S tokens costs S x vocab x
+# hidden multiply-adds and S x vocab x 4 bytes of logits, of which generation reads the last row only (SmolLM2-135M:
+# 49,152 x 576, about a fifth of a 128-token prefill's arithmetic and 12.6 MB of logits per 64-token chunk; Gemma 3
+# 270M's 262,144-token vocabulary: 67 MB). llama.cpp computes the last row only by default; the builder has the
+# same rewrite behind prune_lm_head=true. `prune_lm_head` inserts it into a built graph:
+#
+#     final norm ──▶ Gather(axis=1, indices=[-1]) ──▶ lm_head MatMul(NBits) ──▶ ... ──▶ logits [batch, 1, vocab]
+#
+# The logits output declares [batch, 1, vocab], which ONNX Runtime GenAI allocates (as for the builder's own pruned
+# graphs). Each row's arithmetic is unchanged (the same MatMul on the same row): the last position's logits are
+# bit-identical, and so are the tokens. What needs every position (teacher-forced fidelity, the golden logits) is
+# measured on the graph before this rewrite, which the converter applies last, to the bundle it writes; a device
+# teacher-forces a pruned bundle one token at a time (runtime.llm LanguageModel.logits).
+PRUNE_NOTE = "the lm_head computes the last position's logits only (prefill: one row, not one per prompt token)"
+_LAST = "/lm_head/last_position"
+_AFTER_LM_HEAD = ("Add", "Mul", "Div", "Tanh", "Cast", "Softcap")
+
+
+def _lm_head(g):
+    """(the lm_head MatMul node, the node producing its input) of a graph with a logits output, else (None, None)."""
+    producer = {o: n for n in g.node for o in n.output}
+    n = producer.get("logits")
+    while n is not None and n.op_type in _AFTER_LM_HEAD:
+        n = producer.get(n.input[0])
+    if n is None or n.op_type not in ("MatMul", "MatMulNBits"):
+        return None, None
+    return n, producer.get(n.input[0])
+
+
+def prune_lm_head(model_dir: os.PathLike) -> Dict[str, Any]:
+    """Insert the last-position Gather before the lm_head (see above). Rewrites model_dir/model.onnx; returns
+    {"pruned": bool, "node": the lm_head node, "why"?: why nothing was done}; a graph already pruned (by this or
+    by the builder) is left as it is."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    path = Path(model_dir) / "model.onnx"
+    model = onnx.load(str(path), load_external_data=False)
+    g = model.graph
+    n, src = _lm_head(g)
+    if n is None:
+        return {"pruned": False, "node": None, "why": "no MatMul found before a logits output"}
+    if src is not None and src.op_type in ("Gather", "Slice", "Unsqueeze"):
+        return {"pruned": True, "node": n.name, "why": f"already pruned (the lm_head reads a {src.op_type})"}
+    picked = n.input[0] + "/last_position"
+    gather = helper.make_node("Gather", [n.input[0], _LAST], [picked], name="/lm_head/last_position/Gather", axis=1)
+    nodes = list(g.node)
+    nodes.insert(nodes.index(n), gather)
+    n.input[0] = picked
+    del g.node[:]
+    g.node.extend(nodes)
+    g.initializer.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), _LAST))
+    for o in g.output:
+        dims = o.type.tensor_type.shape.dim
+        if o.name == "logits" and len(dims) == 3:   # [batch, 1, vocab]: what ONNX Runtime GenAI allocates
+            dims[1].Clear()
+            dims[1].dim_value = 1
+    _write_atomic(model, path)
+    return {"pruned": True, "node": n.name}
+
+
+def lm_head_pruned(model_dir: os.PathLike) -> bool:
+    """Whether model_dir/model.onnx computes the last position's logits only (prune_lm_head, or the builder's)."""
+    import onnx
+
+    _, src = _lm_head(onnx.load(str(Path(model_dir) / "model.onnx"), load_external_data=False).graph)
+    return src is not None and src.op_type in ("Gather", "Slice", "Unsqueeze")
+
+
+def unpruned(model_dir: os.PathLike):
+    """model_dir's graph with its lm_head computing every position again (the pruning Gather, and the builder's
+    Unsqueeze, taken out; logits [batch, sequence_length, vocab]), for teacher forcing a pruned bundle (the
+    converter's OnnxDecoder, benchmarks): an onnx ModelProto whose initializers still name model_dir's external
+    data (load it from bytes with session.model_external_initializers_file_folder_path = model_dir). None when
+    the graph is not pruned."""
+    import onnx
+
+    model = onnx.load(str(Path(model_dir) / "model.onnx"), load_external_data=False)
+    g = model.graph
+    n, prev = _lm_head(g)
+    if n is None or prev is None or prev.op_type not in ("Gather", "Slice", "Unsqueeze"):
+        return None
+    producer = {o: m for m in g.node for o in m.output}
+    while prev is not None and prev.op_type in ("Gather", "Slice", "Unsqueeze"):
+        n.input[0] = prev.input[0]
+        prev = producer.get(prev.input[0])
+    for o in g.output:
+        dims = o.type.tensor_type.shape.dim
+        if o.name == "logits" and len(dims) == 3:
+            dims[1].Clear()
+            dims[1].dim_param = "sequence_length"
+    return model   # the pruning nodes stay, unused: ONNX Runtime drops them at load
+
+
+__all__ = ["alias_tied_embedding", "embedding_summary", "initializer_bytes", "lm_head_pruned", "prune_lm_head",
+           "unpruned", "NOTE", "PRUNE_NOTE"]

@@ -33,7 +33,8 @@ For batching servers (edgekit.serve) the ONNX Runtime GenAI handles are attribut
     lm.context (the sequence length used: the bundle's llm.context_default, at most the model's own
     lm.max_context; settable), lm.tokenizer (encode / decode / apply_chat_template),
     lm.new_generator(max_length, **generation options) -> onnxruntime_genai.Generator.
-Teacher forcing: lm.logits(ids) -> float32 [len(ids), vocab], one pass (the golden check and fidelity use it).
+Teacher forcing: lm.logits(ids) -> float32 [len(ids), vocab], one pass (the golden check and fidelity use it; a
+bundle whose lm_head computes the last position only: one token at a time).
 Concurrency: generate / chat may run from several threads at once (each call has its own generator over the one
 model); lm.last is whichever finished last. A Conversation is for one thread.
 Loading verifies each file the manifest lists (size and sha256; verify=False: sizes only).
@@ -67,7 +68,7 @@ from edgekit.runtime.llmopts import GenOptions as _Options
 from edgekit.runtime.llmopts import hold_back as _hold_back
 from edgekit.runtime.llmopts import kv_capacity, prompt_bos, with_bos
 from edgekit.runtime.llmopts import rss_mb as _rss_mb
-from edgekit.runtime.llmopts import SPIN_KEY, release_model_pages, tune_malloc
+from edgekit.runtime.llmopts import SPIN_KEY, release_model_pages, trim_heap, tune_malloc
 
 KIND = "llm"
 GENAI_CONFIG = "genai_config.json"
@@ -252,6 +253,8 @@ def load_llm(path: Union[str, Path], *, threads: Optional[int] = None, verify: b
     tune_malloc()
     # the model file's pages that only prepacking read go back to the kernel (llmopts.release_model_pages)
     lm.model_pages = release_model_pages(model_dir)
+    # the pages the tokenizer's parse and the load's buffers freed go back to the kernel (llmopts.trim_heap)
+    lm.heap_trim = trim_heap()
     mem = _rss_mb()
     lm.rss_after_load_mb = mem["rss_mb"]
     # the load's own peak is the process's high-water mark only where the load raised it
@@ -294,6 +297,7 @@ class Tokenizer:
             tok = self._make()
             tok.update_options(**{option: "false"})
             self._variants[option] = tok
+            trim_heap()   # what parsing tokenizer.json again freed (llmopts.trim_heap)
         return tok
 
     def encode(self, text: str) -> List[int]:
@@ -374,6 +378,8 @@ class LanguageModel:
         self.rss_after_load_mb: Optional[float] = None
         self.peak_rss_load_mb: Optional[float] = None   # VmHWM after load where the load raised it, else None
         self.model_pages: Optional[Dict[str, Any]] = None   # what release_model_pages did after the load
+        self.heap_trim: Optional[Dict[str, Any]] = None     # what trim_heap gave back after the load
+        self._last_logits_only = False   # the graph's lm_head computes the last position only (seen by logits())
         self.backend_version = og_version()
 
     # -- facts -------------------------------------------------------------------------------------------
@@ -570,9 +576,24 @@ class LanguageModel:
         ids = [int(t) for t in ids]
         self._fit(len(ids), 1)
         gen = self._generator(len(ids) + 1, _Options().search())
-        gen.append_tokens(np.asarray(ids, dtype=np.int32))
-        out = np.asarray(gen.get_output("logits"))
-        return out.reshape(-1, out.shape[-1])[-len(ids):].astype(np.float32, copy=False)
+        if not self._last_logits_only:
+            gen.append_tokens(np.asarray(ids, dtype=np.int32))
+            out = np.asarray(gen.get_output("logits"))
+            rows = out.reshape(-1, out.shape[-1])
+            if len(ids) == 1 or rows.shape[0] > 1:
+                return rows[-len(ids):].astype(np.float32, copy=False)
+            # a graph whose lm_head computes the last position only (convert.llm_graph.prune_lm_head; ORT GenAI
+            # allocates one row): the same positions one token at a time through the KV cache
+            self._last_logits_only = True
+            gen = self._generator(len(ids) + 1, _Options().search())
+        rows = None
+        for i, t in enumerate(ids):
+            gen.append_tokens(np.asarray([t], dtype=np.int32))
+            row = np.asarray(gen.get_output("logits"))
+            if rows is None:
+                rows = np.empty((len(ids), row.shape[-1]), dtype=np.float32)
+            rows[i] = row.reshape(-1, row.shape[-1])[-1]
+        return rows
 
     # -- measuring ---------------------------------------------------------------------------------------
     def benchmark(self, prompt_tokens: int = 128, new_tokens: int = 128, runs: int = 3,

@@ -52,7 +52,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
 import numpy as np
 
 from edgekit.errors import BundleError, DataError, EdgekitError
-from edgekit.runtime.llmopts import SPIN_KEY, release_model_pages, tune_malloc, with_bos
+from edgekit.runtime.llmopts import SPIN_KEY, release_model_pages, trim_heap, tune_malloc, with_bos
 from edgekit.runtime.llmopts import hold_back as _hold_back  # stop strings held back as the generator does (one rule)
 
 log = logging.getLogger("edgekit.serve")
@@ -229,6 +229,9 @@ class BatchedDecoder:
         self.in_mask = names_in.get("attention_mask", "attention_mask")
         self.in_pos = names_in.get("position_ids") if names_in.get("position_ids") in have else None
         self.out_logits = names_out.get("logits", "logits")
+        # a graph whose lm_head computes the last position only (convert.llm_graph.prune_lm_head): logits [n, 1, V]
+        shape = next((o.shape for o in self.session.get_outputs() if o.name == self.out_logits), [])
+        self.last_logits_only = len(shape) == 3 and shape[1] == 1
         self.past = [(names_in.get("past_key_names", "past_key_values.%d.key") % i,
                       names_in.get("past_value_names", "past_key_values.%d.value") % i) for i in range(self.n_layers)]
         self.present = [(names_out.get("present_key_names", "present.%d.key") % i,
@@ -270,10 +273,19 @@ class BatchedDecoder:
         """Run prompts into the (empty) caches of slots slot, slot+1, ... as one batch, right-padded (each row
         attends to its own length; the same logits as one prompt at a time, bit for bit). Returns the
         logits after each prompt's last token (float32 [vocab] each). A prompt longer than PREFILL_TOKENS runs
-        alone in chunks of that many (the graph computes logits at every position: this bounds their memory;
-        the result is the same bit for bit)."""
+        alone in chunks of that many (a graph computing logits at every position: this bounds their memory; the
+        result is the same bit for bit). A graph computing the last position only (convert.llm_graph.prune_lm_head)
+        batches prompts of one length; different lengths run one at a time."""
         if len(prompts) == 1 and len(prompts[0]) > PREFILL_TOKENS:
             return [self._prefill_chunked(slot, prompts[0])]
+        if self.last_logits_only and len({len(p) for p in prompts}) > 1:
+            # the graph's one row of logits is the padded batch's last position, a pad of the shorter prompts:
+            # prompts of different lengths one at a time (same logits, bit for bit)
+            return [self._prefill_rows(slot + i, [p])[0] for i, p in enumerate(prompts)]
+        return self._prefill_rows(slot, prompts)
+
+    def _prefill_rows(self, slot: int, prompts: Sequence[Sequence[int]]) -> List[np.ndarray]:
+        """prompts into the (empty) caches of slots slot, slot+1, ... as one right-padded batch."""
         n, width = len(prompts), max(len(p) for p in prompts)
         ids = np.zeros((n, width), dtype=np.int64)
         mask = np.zeros((n, width), dtype=np.int64)
@@ -289,7 +301,8 @@ class BatchedDecoder:
         self._bind_kv(b, slice(slot, slot + n))
         self.session.run_with_iobinding(b)
         out = b.get_outputs()[0].numpy()
-        return [np.asarray(out[i, len(p) - 1], dtype=np.float32) for i, p in enumerate(prompts)]
+        return [np.asarray(out[i, -1 if self.last_logits_only else len(p) - 1], dtype=np.float32)
+                for i, p in enumerate(prompts)]
 
     def _prefill_chunked(self, slot: int, prompt: Sequence[int]) -> np.ndarray:
         out = None
@@ -810,7 +823,9 @@ def load_llm_release(name: str, sha: str, path: Path, *, threads: Optional[int],
                               f"({decoder.kv_bytes_per_token} bytes per token)", path=str(path))
     else:
         budget = per_seq * decoder.slots
-    engine = LLMEngine(decoder, _Tokenizer(model_dir, bos), name=name, max_sequences=max_sequences,
+    tokenizer = _Tokenizer(model_dir, bos)
+    trim_heap()   # what the load and the tokenizers' parse of tokenizer.json freed goes back (llmopts.trim_heap)
+    engine = LLMEngine(decoder, tokenizer, name=name, max_sequences=max_sequences,
                        max_queue=max_queue, kv_budget_tokens=budget, eos_token_ids=eos,
                        labels={"model": name, "version": sha[:VERSION_CHARS]})
     rel = LLMRelease(name=name, sha256=sha, path=path, tokenizer=engine.tokenizer, engine=engine, context=context,
