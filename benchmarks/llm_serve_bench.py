@@ -20,10 +20,11 @@ end-of-sequence token is suppressed so every row does the same work):
   server runs (the c sequences decode as one batch, one read of the weights per step);
 - "API (stream=true)": `python -m edgekit.serve` in its own process, c client threads streaming
   /v1/completions over loopback (raw http.client, SSE parsed); the clients run on the same machine. The
-  server runs with its defaults (--stream-interval-ms 0: a wake-up of its event loop and a socket write per
-  token);
-- "API (stream=true, gathered)": the same with a second server at --stream-interval-ms --gather-ms (20):
-  pieces that come faster than that are sent together, each still its own SSE event.
+  server runs with its defaults (--stream-interval-ms auto: where the model's threads take every CPU, as
+  --threads 2 on this project's 2-core machine, pieces that come faster than 20 ms are sent together, each
+  still its own SSE event; else a write per token);
+- "API (stream=true, a write per token)": the same with a second server at --stream-interval-ms --per-token-ms
+  (0: a wake-up of its event loop, and of the client, per token).
 tok/s (the aggregate figure compared): every generated token of the round over its wall time (start to the last
 stream's last token: prefill and TTFT included). "decode": tokens after each stream's first over the time
 from the first stream's first token to the last one's last (for the API as the client receives them: pieces
@@ -32,7 +33,9 @@ a special token or part of a character, counts as arriving with the next piece, 
 consecutive pieces of text of a stream, over all streams (for the API, as the client receives them). The paths take turns round by round (the server runs
 beside the in-process models), so a change in the machine's load lands on all of them. CPU ms/token:
 the CPU time (all threads) of the process that generates (this one in-process, the server's for the API) per
-generated token: unlike wall-clock figures it hardly moves with the machine's load. p50 over
+generated token: unlike wall-clock figures it hardly moves with the machine's load. Preempted/token: involuntary
+context switches of that process's threads per token (a decode thread taken off its core mid-step by the event
+loop, the client or other work: what the API's wake-ups cost where ONNX Runtime holds every core). p50 over
 --rounds rounds of the aggregate figures, the percentiles over all rounds' samples. The machine's load and
 CPU are recorded: on a shared machine the figures move with its load.
 """
@@ -50,7 +53,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -58,7 +61,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 CONCURRENCY = "1,4,8"
-GATHERED = "API (stream=true, gathered)"
+PER_TOKEN = "API (stream=true, a write per token)"
 PROMPTS = ["The robot moves the", "Count: one two", "The busy baker", "A small cat", "The old engineer repairs",
            "Count: five six", "My neighbour likes the", "The quiet child"]
 
@@ -111,11 +114,25 @@ def _proc_cpu(pid: int) -> float:
     return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _preempted(pid: int) -> int:
+    """Involuntary context switches of a process's threads so far (a thread preempted while it wanted to run)."""
+    n = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            n += next(int(ln.split()[1]) for ln in open(f"/proc/{pid}/task/{tid}/status")
+                      if ln.startswith("nonvoluntary_ctxt_switches"))
+        except OSError:  # a thread that ended meanwhile
+            pass
+    return n
+
+
 def _measure(one_round, c: int, pid: int) -> Dict:
-    """One round of `c` streams, with the generating process's CPU time."""
-    cpu0 = _proc_cpu(pid)
+    """One round of `c` streams, with the generating process's CPU time and involuntary switches."""
+    cpu0, ncs0 = _proc_cpu(pid), _preempted(pid)
     r = one_round(c)
     r["cpu_ms_per_token"] = (_proc_cpu(pid) - cpu0) / r["tokens"] * 1e3
+    r["preempted_per_token"] = (_preempted(pid) - ncs0) / r["tokens"]
+    r["load_1min"] = os.getloadavg()[0]
     return r
 
 
@@ -130,7 +147,9 @@ def _aggregate(res: List[Dict], c: int) -> Dict:
             "ttft_ms_p50": _pct(ttft, 50) * 1e3, "ttft_ms_p99": _pct(ttft, 99) * 1e3,
             "inter_token_ms_p50": _pct(gaps, 50) * 1e3, "inter_token_ms_p99": _pct(gaps, 99) * 1e3,
             "tokens_per_stream": res[0]["tokens"] // c,
-            "cpu_ms_per_token": float(np.median([r["cpu_ms_per_token"] for r in res]))}
+            "cpu_ms_per_token": float(np.median([r["cpu_ms_per_token"] for r in res])),
+            "preempted_per_token": float(np.median([r["preempted_per_token"] for r in res])),
+            "load_1min_rounds": [round(r["load_1min"], 2) for r in res]}
 
 
 # -- in-process: a Generator per stream (the runtime's path) -------------------------------------------------
@@ -264,14 +283,15 @@ def api_path(port: int, tokens: int):
     return one_round, (lambda: None)
 
 
-def start_server(model_dir: Path, threads: int, log: Path, interval_ms: float = 0.0) -> (subprocess.Popen, int):
+def start_server(model_dir: Path, threads: int, log: Path, interval_ms: Optional[float] = None) -> (subprocess.Popen, int):
     port = _free_port()
     link = log.parent / "bench"   # the model is served under the name "bench"
     if link.is_symlink() or link.exists():
         link.unlink()
     link.symlink_to(model_dir.resolve(), target_is_directory=True)
+    interval = [] if interval_ms is None else ["--stream-interval-ms", str(interval_ms)]   # None: the default
     proc = subprocess.Popen([sys.executable, "-m", "edgekit.serve", str(link), "--port", str(port), "--threads",
-                             str(threads), "--max-sequences", "8", "--no-check", "--stream-interval-ms", str(interval_ms)],
+                             str(threads), "--max-sequences", "8", "--no-check", *interval],
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=str(ROOT),
                             env=dict(os.environ, PYTHONPATH=str(ROOT)))
     deadline = time.monotonic() + 120
@@ -384,8 +404,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="llm_serve_bench.json")
-    ap.add_argument("--gather-ms", type=float, default=20.0,
-                    help="the second API server's --stream-interval-ms (the first runs the default, 0)")
+    ap.add_argument("--per-token-ms", type=float, default=0.0,
+                    help="the second API server's --stream-interval-ms (the first runs the default, auto)")
     ap.add_argument("--streams", default=CONCURRENCY, help="concurrent streams per row (comma-separated)")
     ap.add_argument("--long-prompt", type=int, default=0,
                     help="instead: a running stream's inter-token gaps while a prompt of this many tokens arrives")
@@ -420,13 +440,16 @@ def main() -> None:
               "rows": []}
     log = cache / "llm_serve_bench.server.log"
     proc, port = start_server(model, args.threads, log)
-    # the same server gathering the pieces that come faster than --gather-ms, beside the default
-    proc0, port0 = start_server(model, args.threads, cache / "llm_serve_bench.server0.log", args.gather_ms)
-    result["gathered_stream_interval_ms"] = args.gather_ms
+    # the same server writing every piece at once (--per-token-ms 0), beside the default
+    proc0, port0 = start_server(model, args.threads, cache / "llm_serve_bench.server0.log", args.per_token_ms)
+    from edgekit.serve.openai_api import auto_stream_interval_ms
+
+    result["default_stream_interval_ms"] = auto_stream_interval_ms(args.threads)
+    result["second_server_stream_interval_ms"] = args.per_token_ms
     paths = [("in-process, generator per stream", generator_path(model, args.threads, args.tokens), os.getpid()),
              ("in-process, batched engine", engine_path(model, args.threads, args.tokens), os.getpid()),
              ("API (stream=true)", api_path(port, args.tokens), proc.pid),
-             (GATHERED, api_path(port0, args.tokens), proc0.pid)]
+             (PER_TOKEN, api_path(port0, args.tokens), proc0.pid)]
     try:
         for _, (one_round, _), _ in paths:
             one_round(1)  # warm-up
@@ -452,28 +475,30 @@ def main() -> None:
     result["api_overhead_1_stream"] = 1 - by[("API (stream=true)", 1)][key] / one
     result["api_overhead_1_stream_vs_engine"] = 1 - by[("API (stream=true)", 1)][key] / \
         by[("in-process, batched engine", 1)][key]
-    result["api_overhead_1_stream_gathered"] = 1 - by[(GATHERED, 1)][key] / one
+    result["api_overhead_1_stream_per_token_writes"] = 1 - by[(PER_TOKEN, 1)][key] / one
     # paired: the API's tok/s over the in-process path's in the same round (each round's two runs are seconds
     # apart, so a change of the machine's load between rounds cancels out), the median over the rounds
-    for name, ref in (("generator", "in-process, generator per stream"), ("engine", "in-process, batched engine")):
-        ratios = [a / b for a, b in zip(by[("API (stream=true)", 1)]["throughput_tok_s_rounds"],
-                                        by[(ref, 1)]["throughput_tok_s_rounds"])]
-        result[f"api_overhead_1_stream_paired_vs_{name}"] = 1 - float(np.median(ratios))
-        result[f"api_over_{name}_1_stream_rounds"] = [round(x, 3) for x in ratios]
+    for api, tag in (("API (stream=true)", ""), (PER_TOKEN, "per_token_writes_")):
+        for name, ref in (("generator", "in-process, generator per stream"),
+                          ("engine", "in-process, batched engine")):
+            ratios = [a / b for a, b in zip(by[(api, 1)]["throughput_tok_s_rounds"],
+                                            by[(ref, 1)]["throughput_tok_s_rounds"])]
+            result[f"api_{tag}overhead_1_stream_paired_vs_{name}"] = 1 - float(np.median(ratios))
+            result[f"api_{tag}over_{name}_1_stream_rounds"] = [round(x, 3) for x in ratios]
     for c in (4, 8):
         if ("API (stream=true)", c) in by:
             result[f"api_{c}_over_1"] = by[("API (stream=true)", c)][key] / by[("API (stream=true)", 1)][key]
     print(f"{'path':38} {'streams':>7} {'tok/s':>8} {'decode':>8} {'TTFT p50':>9} {'p99':>7} {'ITL p50':>8} "
-          f"{'p99':>7} {'CPU ms/tok':>10}")
+          f"{'p99':>7} {'CPU ms/tok':>10} {'preempt/tok':>11}")
     for r in sorted(result["rows"], key=lambda r: (r["streams"], r["path"])):
         print(f"{r['path']:38} {r['streams']:>7} {r[key]:>8.1f} {r['decode_tok_s']:>8.1f} {r['ttft_ms_p50']:>8.1f}m "
               f"{r['ttft_ms_p99']:>6.1f}m {r['inter_token_ms_p50']:>7.2f}m {r['inter_token_ms_p99']:>6.2f}m "
-              f"{r['cpu_ms_per_token']:>10.2f}")
+              f"{r['cpu_ms_per_token']:>10.2f} {r['preempted_per_token']:>11.2f}")
     print(f"API at 1 stream costs {result['api_overhead_1_stream'] * 100:+.1f}% of the runtime's generator's tok/s "
           f"({result['api_overhead_1_stream_vs_engine'] * 100:+.1f}% of the batched engine's) (goal <= 3%); "
-          f"gathered every {args.gather_ms:g} ms: {result['api_overhead_1_stream_gathered'] * 100:+.1f}%; paired by "
-          f"round: {result['api_overhead_1_stream_paired_vs_generator'] * 100:+.1f}% of the generator's, "
-          f"{result['api_overhead_1_stream_paired_vs_engine'] * 100:+.1f}% of the engine's"
+          f"paired by round: {result['api_overhead_1_stream_paired_vs_generator'] * 100:+.1f}% of the generator's, "
+          f"{result['api_overhead_1_stream_paired_vs_engine'] * 100:+.1f}% of the engine's; a write per token: "
+          f"{result['api_per_token_writes_overhead_1_stream_paired_vs_engine'] * 100:+.1f}% of the engine's"
           + "".join(f"; API {c} streams / 1 stream: {result[f'api_{c}_over_1']:.2f}x" for c in (4, 8)
                     if f"api_{c}_over_1" in result) + " (goal >= 2x at 4, on a memory-bound model)")
     out = Path(args.out) if "/" in args.out else ROOT / "benchmarks" / "results" / args.out

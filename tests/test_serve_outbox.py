@@ -73,3 +73,26 @@ def test_a_gone_client_ends_the_batches():
         return got
 
     assert asyncio.run(main()) == [[("text", "a")], [("gone", None)]]
+
+
+def test_auto_stream_interval_gathers_only_where_the_decode_threads_take_every_cpu():
+    from types import SimpleNamespace
+
+    import pytest
+
+    from edgekit.serve.__main__ import stream_interval
+    from edgekit.serve.openai_api import AUTO_STREAM_INTERVAL_MS, LLMApi, auto_stream_interval_ms
+
+    assert auto_stream_interval_ms(2, cpus=2) == AUTO_STREAM_INTERVAL_MS > 0
+    assert auto_stream_interval_ms(4, cpus=2) == AUTO_STREAM_INTERVAL_MS
+    assert auto_stream_interval_ms(None, cpus=4) == AUTO_STREAM_INTERVAL_MS   # no count: ORT takes every CPU
+    assert auto_stream_interval_ms(1, cpus=2) == 0.0 and auto_stream_interval_ms(3, cpus=4) == 0.0
+    api = LLMApi([], None, read_body=None, authorized=None)          # the default: auto, per release
+    api._cpus = 2
+    assert api.interval_for(SimpleNamespace(threads=2)) == AUTO_STREAM_INTERVAL_MS / 1000
+    assert api.interval_for(SimpleNamespace(threads=1)) == 0.0
+    fixed = LLMApi([], None, read_body=None, authorized=None, stream_interval_ms=0)
+    assert fixed.interval_for(SimpleNamespace(threads=2)) == 0.0      # an explicit value wins
+    assert stream_interval("auto") is None and stream_interval(None) is None and stream_interval("7.5") == 7.5
+    with pytest.raises(ValueError, match="milliseconds or 'auto'"):
+        stream_interval("soon")

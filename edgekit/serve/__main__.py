@@ -14,6 +14,16 @@ from typing import List, Optional
 from edgekit.errors import EdgekitError
 
 
+def stream_interval(v) -> "float | None":
+    """--stream-interval-ms: milliseconds, or "auto" (None)."""
+    if v is None or (isinstance(v, str) and v.strip().lower() == "auto"):
+        return None
+    try:
+        return float(v)
+    except ValueError:
+        raise ValueError(f"{v!r} is not a number of milliseconds or 'auto'") from None
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="*", metavar="PATH",
                    help="bundle directory, .tflite/.onnx file, deployed model dir, or device root (with models/)")
@@ -49,9 +59,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="language models: KV-cache memory for all sequences (default: each can fill the context)")
     p.add_argument("--log-prompts", action="store_true",
                    help="log prompts and generated text (by default only token counts are logged)")
-    p.add_argument("--stream-interval-ms", type=float, default=0.0,
+    p.add_argument("--stream-interval-ms", type=stream_interval, default=None, metavar="MS|auto",
                    help="language models: write a stream at most this often; pieces that come faster are sent "
-                        "together, each still its own event (default 0: one write per token)")
+                        "together, each still its own event (0: one write per token; default auto: 20 when the "
+                        "model's threads take every CPU, else 0)")
     p.add_argument("--http", default="auto", choices=["auto", "h11", "httptools"],
                    help="HTTP parser: auto (default) uses httptools (and uvloop) when installed, else h11")
 
@@ -66,6 +77,10 @@ def config_from(args) -> "object":
         except OSError as e:
             raise ServeError(f"cannot read --token-file {args.token_file}: {e.strerror}") from None
     token = token or os.environ.get(TOKEN_ENV) or None
+    try:
+        interval = stream_interval(getattr(args, "stream_interval_ms", None))
+    except ValueError as e:
+        raise ServeError(f"--stream-interval-ms: {e}") from None
     return ServeConfig(host=args.host, port=args.port, token=token, insecure=args.insecure,
                        tls_cert=args.tls_cert, tls_key=args.tls_key, max_concurrency=args.max_concurrency,
                        max_queue=args.max_queue, max_batch=args.max_batch, max_delay_ms=args.max_delay_ms,
@@ -75,7 +90,7 @@ def config_from(args) -> "object":
                        access_log=args.access_log, http=getattr(args, "http", "auto"),
                        max_sequences=getattr(args, "max_sequences", 8), kv_cache_mb=getattr(args, "kv_cache_mb", None),
                        log_prompts=getattr(args, "log_prompts", False),
-                       stream_interval_ms=getattr(args, "stream_interval_ms", 0.0))
+                       stream_interval_ms=interval)
 
 
 def setup_logging() -> None:

@@ -57,7 +57,8 @@ class ServeConfig:
     max_sequences: int = 8
     kv_cache_mb: Optional[float] = None   # None: every slot can hold the whole context
     log_prompts: bool = False
-    stream_interval_ms: float = 0.0    # a stream's pieces written at most this often (faster ones gathered)
+    # a stream's pieces written at most this often (faster ones gathered); None: auto (openai_api)
+    stream_interval_ms: Optional[float] = None
 
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
@@ -81,7 +82,7 @@ class ServeConfig:
                            ("--max-batch", self.max_batch, 1), ("--max-sequences", self.max_sequences, 1)):
             if v < lo:
                 raise ServeError(f"{opt} must be at least {lo} (got {v})")
-        if not 0 <= self.stream_interval_ms <= 1000:
+        if self.stream_interval_ms is not None and not 0 <= self.stream_interval_ms <= 1000:
             raise ServeError(f"--stream-interval-ms must be between 0 and 1000 (got {self.stream_interval_ms})")
         if self.kv_cache_mb is not None and self.kv_cache_mb <= 0:
             raise ServeError(f"--kv-cache-mb must be > 0 (got {self.kv_cache_mb})")
