@@ -78,7 +78,7 @@ _SCHEMA: Dict[str, Dict[str, Tuple[str, Optional[Tuple[Any, ...]], Any]]] = {
         "execution_provider": (_STR, ("cpu", "cuda"), "cpu"),
         "block_size": (_INT, (16, 32, 64, 128, 256), 32),
         "accuracy_level": (_INT, (0, 1, 2, 3, 4), 4),
-        "algo": (_STR, ("default", "rtn", "k_quant"), "k_quant"),
+        "algo": (_STR, ("default", "rtn", "k_quant", "awq", "gptq", "awq_gptq"), "k_quant"),
         "wide_layers": (_STRS, ("lm_head", "embeddings"), ("lm_head", "embeddings")),
         "kv_cache_type": (_STR, ("float32", "float16"), "float32"),
         "context_default": (_INT, None, 2048),

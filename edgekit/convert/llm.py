@@ -52,6 +52,7 @@ from edgekit.convert.llm_fidelity import (BUILTIN_PROMPTS, EvalText, FloatModel,
                                           golden)
 from edgekit.convert.llm_graph import (PRUNE_NOTE, alias_tied_embedding, embedding_summary, initializer_bytes,
                                       prune_lm_head)
+from edgekit.convert.llm_gptq import ALGOS as _CALIBRATED_ALGOS, builder_algo, calibrated
 from edgekit.errors import BudgetMissed, EdgekitError, SourceModelError
 from edgekit.progress import Progress
 from edgekit.runtime.llmopts import kv_capacity, kv_floor
@@ -157,6 +158,7 @@ class LLMBuildOptions:
     int8_layers: Tuple[int, ...] = ()   # INT4 builds: decoder layers whose MatMuls are INT8 (measured)
     int8_matmuls: Tuple[str, ...] = ()  # INT4 builds: decoder MatMul nodes at INT8 (measured, llm_sensitivity)
     fp32_matmuls: Tuple[str, ...] = ()  # decoder MatMul nodes left unquantized (fp32 MatMul; measured, llm_actquant)
+    head_block: int = 0                 # calibrated algos (llm_gptq): the INT8 lm_head's block size (0: the builder's)
 
     @property
     def quantized(self) -> bool:
@@ -176,6 +178,8 @@ class LLMBuildOptions:
                 s += f", {len(self.int8_matmuls)} measured MatMuls int8"
         if self.fp32_matmuls:
             s += f", {len(self.fp32_matmuls)} measured MatMuls fp32"
+        if self.head_block and calibrated(self.algo) and self.precision == "int4":
+            s += f", lm_head block {self.head_block}"
         return s
 
     def wide_layers(self, tied: bool) -> List[str]:
@@ -203,8 +207,11 @@ class LLMBuildOptions:
         extra = ["hf_remote=false", "hf_token=false"]
         if not self.quantized:
             return extra, None
-        extra += [f"block_size={self.block_size}", f"accuracy_level={self.accuracy_level}",
-                  f"algo_config={self.algo}"]
+        # a calibrated algo (llm_gptq): the builder writes k_quant at block <= 32 (ORT's quantizer packs 4-bit zero
+        # points across rows: 64/128 fail on SmolLM2's 576 = 9 x 64), then its decoder MatMuls are rewritten
+        block = min(self.block_size, 32) if calibrated(self.algo) and self.precision == "int4" else self.block_size
+        extra += [f"block_size={block}", f"accuracy_level={self.accuracy_level}",
+                  f"algo_config={builder_algo(self.algo)}"]
         wide_head = self.precision == "int8" or self.lm_head_int8
         if src.tied:
             # the tied table is shared with the lm_head (GatherBlockQuantized): at the lm_head's bits when that is
@@ -265,13 +272,17 @@ def run_builder(src: LMSource, opts: LLMBuildOptions, out_dir: Path, cache: Path
                              str(cache), **kv)
     if fixes:
         buf.write("\n" + "\n".join(fixes) + "\n")
-    from edgekit.convert import llm_lowrank   # a folder `edgekit factorize` wrote: its pairs as two MatMuls each
+    from edgekit.convert import llm_gptq, llm_lowrank   # llm_lowrank: a factorized folder's pairs as two MatMuls
 
     with contextlib.redirect_stdout(buf):   # ORT's k_quant prints a progress bar
-        low = llm_lowrank.apply(src.path, out_dir, opts.algo)
+        low = llm_lowrank.apply(src.path, out_dir, builder_algo(opts.algo))
     if low is not None:
         buf.write(f"\nlow-rank: {low['factorized']} layer(s) as two MatMuls, {low['left_alone']} left: "
                   f"{low['left']}\n")
+    if calibrated(opts.algo) and opts.precision == "int4":   # AWQ / GPTQ rounding of the decoder MatMuls
+        cal = llm_gptq.apply(src.path, out_dir, opts.algo, opts.block_size, head_block=opts.head_block)
+        buf.write(f"\ncalibrated rounding ({opts.algo}, block {opts.block_size}): {cal['nodes']} MatMuls "
+                  f"rewritten in {cal['seconds']} s, {cal['calibration']}\n")
     for a in alias_tied_embedding(out_dir)["aliased"]:   # the tied embedding reads the lm_head's bytes (llm_graph)
         buf.write(f"\n{a['node']}: reads {a['of']}'s bytes ({a['bytes']} B), no copy at load\n")
     return buf.getvalue()
@@ -313,6 +324,9 @@ def weight_bytes(model_dir: Path) -> Dict[str, int]:
 # Gemma 3 270M 0.0033 / 95.9%. A floor flag given on the command line applies to INT8 builds too.
 INT8_FLOOR = LLMFloor(max_ppl_increase=0.01, max_kl=0.01, min_agreement=0.90)
 
+# the builder's roundings and llm_gptq's calibrated ones (built as k_quant, then the decoder MatMuls rewritten)
+LLM_ALGOS = ("k_quant", "rtn", "default") + _CALIBRATED_ALGOS
+
 @dataclass(frozen=True)
 class LLMRecipe:
     model: str
@@ -328,6 +342,7 @@ class LLMRecipe:
     select: str = "profile"                # fastest: among builds meeting the floor, the fastest decode here
     block_size: Optional[int] = None       # overrides the profiles' llm.block_size
     accuracy_level: Optional[int] = None   # overrides the profiles' llm.accuracy_level
+    algo: Optional[str] = None             # overrides the profiles' llm.algo (k_quant, rtn, default, awq, gptq...)
 
     def __post_init__(self) -> None:
         if self.precision is not None and self.precision not in PRECISIONS:
@@ -337,6 +352,9 @@ class LLMRecipe:
             raise EdgekitError("give at least one --target")
         if self.block_size is not None and self.block_size not in (16, 32, 64, 128, 256):
             raise EdgekitError(f"block size {self.block_size} is not one of 16, 32, 64, 128, 256")
+        if self.algo is not None and self.algo not in LLM_ALGOS:
+            raise EdgekitError(f"algo {self.algo!r} is not one a language model builds with",
+                               hint="one of " + ", ".join(LLM_ALGOS))
         if self.select not in ("profile", "fastest"):
             raise EdgekitError(f"select {self.select!r}: profile or fastest")
         if self.val_tokens < 32 or self.window < 16:
@@ -466,7 +484,8 @@ def profile_options(t: TargetProfile, recipe: LLMRecipe) -> LLMBuildOptions:
         precision=precision, execution_provider=llm.execution_provider,
         block_size=recipe.block_size or llm.block_size,
         accuracy_level=llm.accuracy_level if recipe.accuracy_level is None else recipe.accuracy_level,
-        algo=llm.algo, lm_head_int8="lm_head" in llm.wide_layers, embeddings_wide="embeddings" in llm.wide_layers)
+        algo=recipe.algo or llm.algo, lm_head_int8="lm_head" in llm.wide_layers,
+        embeddings_wide="embeddings" in llm.wide_layers)
 
 
 class _Session:
@@ -642,7 +661,8 @@ def _walk(s: _Session, row: LLMRow, base: LLMBuildOptions) -> Optional[Tuple[LLM
     if s.matmuls and "error" not in s.builds.get(cur, {"error": 1}):
         from edgekit.convert.llm_sensitivity import pick_int8, short_name
 
-        ranking, calibration = s.matmul_sensitivity(cur.block_size, cur.algo)
+        # ranked with the builder's k-quant rounding (a calibrated algo's own is not simulated per MatMul)
+        ranking, calibration = s.matmul_sensitivity(cur.block_size, builder_algo(cur.algo))
         total = sum(d["params"] for d in ranking)
         tried: set = set()
         for frac in MATMUL_FRACTIONS:
@@ -677,7 +697,7 @@ def _walk_int8(s: _Session, row: LLMRow, base: LLMBuildOptions) -> Optional[Tupl
     tried: set = set()
     for block, frac in INT8_RUNGS:
         block = block or base.block_size
-        ranking, calibration = s.activation_sensitivity(block, base.algo, base.accuracy_level)
+        ranking, calibration = s.activation_sensitivity(block, builder_algo(base.algo), base.accuracy_level)
         total = sum(d["params"] for d in ranking)
         names = tuple(sorted(pick_fp32(ranking, frac, total)))
         if (block, names) in tried or not names:
@@ -825,6 +845,7 @@ def _write_bundle(s: _Session, row: LLMRow, t: TargetProfile, opts: LLMBuildOpti
             "fidelity": dict(m, text=s.text.source, numerics=_numerics(t, opts, rec["ort_version"]),
                              floor=(row.floor or s.floor).to_dict(), meets=True),
             "lowrank": _lowrank_summary(mdir),
+            "calibration": _calibration_summary(mdir),
             "rescue": row.rescue, "rescued_by": row.rescued_by, "candidates": row.candidates, "golden": "golden.json",
             "source": {"path": str(src.path), "sha256": src.sha256, "bytes": src.bytes,
                        "architecture": src.architecture},
@@ -833,6 +854,12 @@ def _write_bundle(s: _Session, row: LLMRow, t: TargetProfile, opts: LLMBuildOpti
         write_json_atomic(tmp / "manifest.json", manifest)
     row.bytes = manifest["model"]["bytes"]
     row.bytes_per_token = rec["bytes_per_token"]
+
+
+def _calibration_summary(model_dir: Path):
+    """llm_gptq's record of a calibrated build (None for the builder's own rounding)."""
+    p = model_dir / "edgekit_calibration.json"
+    return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None
 
 
 def _lowrank_summary(model_dir: Path):

@@ -1,0 +1,747 @@
+"""Calibrated INT4 rounding of a language model's decoder weights: GPTQ and AWQ, in torch.
+
+The builder's k_quant rounds every block of weights on its own, to the grid closest to those weights (llama.cpp's
+make_qkx2 search). The field's calibrated methods use what the weights are multiplied with:
+
+- GPTQ (Frantar et al. 2022): per Linear, the Hessian of the layer's output error H = 2 X^T X over calibration
+  activations X; columns are rounded one at a time and the rounding error of each is pushed onto the columns not
+  yet rounded (the optimal brain surgeon update with H^-1's Cholesky factor), layer by layer, each layer's inputs
+  computed by the layers before it already rounded. The grid of a block (scale, 4-bit zero point: MatMulNBits'
+  asymmetric layout) is chosen when the block's first column is reached, on the weights as the error feedback
+  left them (k-quant's search or min/max).
+- AWQ (Lin et al. 2023): per input channel scales s (mean |activation| ** alpha, alpha searched per group of
+  Linears on their calibration output error) multiply the Linears' weight columns and divide what feeds them: the
+  preceding RMSNorm's weight (q/k/v, gate/up) or up_proj's rows (down_proj). Exact in float; the salient channels
+  get finer steps once rounded.
+
+Only the converting machine imports this (torch). The result per Linear is MatMulNBits' integers: q [out, in_pad]
+(0..15), scales and zero points [out, n_blocks] (edgekit.convert.llm_nbits writes them into a build).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+GRIDS = ("kquant", "minmax")
+
+
+# --- grids: per block of `block` weights (rows = output channels), an asymmetric scale and integer zero point ---
+
+def _pad(x, block: int):
+    import torch
+
+    pad = (-x.shape[1]) % block
+    return torch.nn.functional.pad(x, (0, pad)) if pad else x
+
+
+def minmax_params(x, bits: int = 4):
+    """x [rows, block] -> (scale [rows, 1], zero point [rows, 1] integer-valued): min/max asymmetric."""
+    import torch
+
+    maxq = 2 ** bits - 1
+    lo = x.min(1, keepdim=True).values.clamp(max=0)
+    hi = x.max(1, keepdim=True).values.clamp(min=0)
+    scale = (hi - lo) / maxq
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zp = torch.clamp(torch.round(-lo / scale), 0, maxq)
+    return scale, zp
+
+
+def kquant_params(x, bits: int = 4):
+    """x [rows, block] -> (scale, zero point) as ONNX Runtime's k_quant chooses them (llama.cpp make_qkx2: 20
+    candidate grids, weighted squared error, weights sqrt(mean x^2) + |x|). Same search as
+    llm_sensitivity.kquant_fake."""
+    import torch
+
+    block = x.shape[1]
+    maxq = 2 ** bits - 1
+    wt = torch.sqrt((x * x).sum(1, keepdim=True) / block) + x.abs()
+    rmin, rmax = x.min(1, keepdim=True).values, x.max(1, keepdim=True).values
+    sum_w, sum_x = wt.sum(1, keepdim=True), (wt * x).sum(1, keepdim=True)
+    rng = rmax - rmin
+    ok = rng != 0
+    safe = torch.where(ok, rng, torch.ones_like(rng))
+    scale = torch.where(ok, safe / maxq, torch.ones_like(rng))
+    q = torch.clamp(torch.round((x - rmin) / scale), 0, maxq)
+    best = (wt * (scale * q + rmin - x) ** 2).sum(1, keepdim=True)
+    for i in range(20):
+        iscale = torch.where(ok, (-1 + 0.1 * i + maxq) / safe, torch.ones_like(rng))
+        qn = torch.clamp(torch.round(iscale * (x - rmin)), 0, maxq)
+        wq = wt * qn
+        sl, sl2, sxl = wq.sum(1, keepdim=True), (wq * qn).sum(1, keepdim=True), (wq * x).sum(1, keepdim=True)
+        d = sum_w * sl2 - sl * sl
+        ts, tm = (sum_w * sxl - sum_x * sl) / d, (sl2 * sum_x - sl * sxl) / d
+        mad = (wt * (ts * qn + tm - x) ** 2).sum(1, keepdim=True)
+        rep = (mad < best) & torch.isfinite(mad)
+        best, scale, rmin = torch.where(rep, mad, best), torch.where(rep, ts, scale), torch.where(rep, tm, rmin)
+    scale = torch.where(scale != 0, scale, torch.ones_like(scale))
+    zp = torch.clamp(torch.round(-rmin / scale), 0, maxq)
+    return scale, zp
+
+
+def grid_params(x, bits: int, grid: str):
+    if grid == "kquant":
+        return kquant_params(x, bits)
+    if grid == "minmax":
+        return minmax_params(x, bits)
+    raise ValueError(f"unknown grid {grid!r} (one of {GRIDS})")
+
+
+def dequant(q, scale, zp, in_features: int, block: int):
+    """MatMulNBits' dequantized weight [out, in_features] from q [out, in_pad], scale/zp [out, n_blocks]."""
+    out = q.shape[0]
+    x = (q.reshape(out, -1, block) - zp[..., None]) * scale[..., None]
+    return x.reshape(out, -1)[:, :in_features]
+
+
+def quantize_rtn(w, block: int, bits: int = 4, grid: str = "kquant"):
+    """Every block on its own (the builder's rounding when grid is kquant): (q, scale, zp)."""
+    import torch
+
+    out_f = w.shape[0]
+    x = _pad(w.float(), block).reshape(-1, block)
+    scale, zp = grid_params(x, bits, grid)
+    q = torch.clamp(torch.round(x / scale + zp), 0, 2 ** bits - 1)
+    return q.reshape(out_f, -1), scale.reshape(out_f, -1), zp.reshape(out_f, -1)
+
+
+def gptq_quantize(w, H, block: int, bits: int = 4, grid: str = "kquant", damp: float = 0.01,
+                  act_order: bool = False, chunk: int = 128):
+    """GPTQ of one weight matrix w [out, in] with the Hessian H [in, in] (2 X^T X / n of its calibration
+    inputs): (q, scale, zp) in MatMulNBits' layout (blocks of `block` consecutive input channels).
+
+    With act_order the columns are rounded in order of decreasing H diagonal, and each block's grid is chosen on
+    the weights before any feedback (static groups: the layout keeps blocks of consecutive channels)."""
+    import torch
+
+    W = w.detach().clone().float()
+    out_f, in_f = W.shape
+    maxq = 2 ** bits - 1
+    H = H.detach().clone().double()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    nb = -(-in_f // block)
+    scales = torch.zeros(out_f, nb)
+    zps = torch.zeros(out_f, nb)
+    if act_order:
+        for b in range(nb):
+            xb = _pad(W[:, b * block:(b + 1) * block], block)
+            scales[:, b:b + 1], zps[:, b:b + 1] = grid_params(xb, bits, grid)
+        perm = torch.argsort(torch.diag(H), descending=True)
+    else:
+        perm = torch.arange(in_f)
+    W, H = W[:, perm], H[perm][:, perm]
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(in_f, dtype=H.dtype)
+    L = torch.linalg.cholesky(H)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float()
+    Q = torch.zeros(out_f, in_f)
+    for i1 in range(0, in_f, chunk):
+        i2 = min(i1 + chunk, in_f)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            b = col // block
+            if not act_order and col % block == 0:
+                # the block's columns not yet rounded, as the feedback left them (all inside this chunk when
+                # block divides chunk; else the rest comes from W, updated up to the chunk before)
+                end = min((b + 1) * block, in_f)
+                seg = torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :end - col]
+                scales[:, b:b + 1], zps[:, b:b + 1] = grid_params(_pad(seg, block), bits, grid)
+            s, z = scales[:, b], zps[:, b]
+            x = W1[:, i]
+            q = torch.clamp(torch.round(x / s + z), 0, maxq)
+            Q[:, i1 + i] = q
+            d = Hinv1[i, i]
+            err = (x - (q - z) * s) / d
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    inv = torch.argsort(perm)
+    Q = Q[:, inv]
+    qpad = torch.zeros(out_f, nb * block)
+    qpad[:, :in_f] = Q
+    # padded positions: the integer of a zero weight (what a zero-padded block stores; never multiplied)
+    pad_cols = torch.arange(in_f, nb * block)
+    if len(pad_cols):
+        qpad[:, pad_cols] = zps[:, -1:].expand(-1, len(pad_cols))
+    return qpad, scales, zps
+
+
+# --- calibration text -------------------------------------------------------------------------------------------
+
+def calibration_windows(fm, tokens: int = 2048, sample: bool = True, seed: int = 0) -> List[np.ndarray]:
+    """Token windows to calibrate on: the float model's own continuations of llm_sensitivity.CALIBRATION_PROMPTS
+    (never the text a build is judged on), about `tokens` in all, generated as one batch (prompts left-padded).
+    Sampled (temperature 1, top-p 0.95, seeded) unless sample=False: greedy continuations of a small model fall
+    into loops that repeat a few sentences."""
+    import torch
+    from transformers import GenerationConfig
+
+    from edgekit.convert.llm_sensitivity import CALIBRATION_PROMPTS
+
+    t = fm.tokenizer
+    bos = fm._bos()
+    new = max(16, tokens // len(CALIBRATION_PROMPTS))
+    pad = t.pad_token_id if t.pad_token_id is not None else t.eos_token_id
+    prompts = [bos + t(p, add_special_tokens=False)["input_ids"] for p in CALIBRATION_PROMPTS]
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long)
+    cfg = GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=sample,
+                           temperature=1.0 if sample else None, top_p=0.95 if sample else None,
+                           top_k=0 if sample else None, pad_token_id=pad)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        out = fm.model.generate(ids, attention_mask=mask, generation_config=cfg)
+    return [out[k, width - len(p):].numpy().astype(np.int64) for k, p in enumerate(prompts)]
+
+
+# --- the model: calibration activations layer by layer ---------------------------------------------------------
+
+class LayerInputs:
+    """The hidden states entering decoder layer i for every calibration window, and the keyword arguments the
+    model passes its layers (rotary position embeddings, mask): captured once at layer 0, then advanced by
+    running each layer (as rounded so far) on them."""
+
+    def __init__(self, model, windows: Sequence[np.ndarray]):
+        import torch
+
+        from edgekit.convert.llm_fidelity import _decoder_layers
+
+        self.layers = _decoder_layers(model)
+        self.hidden: List[Any] = []
+        self.kwargs: List[Dict[str, Any]] = []
+
+        class _Stop(Exception):
+            pass
+
+        def grab(mod, args, kwargs):
+            hs = args[0] if args else kwargs.pop("hidden_states")
+            self.hidden.append(hs.detach())
+            kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            kw["use_cache"] = False
+            kw.pop("cache", None)
+            kw.pop("past_key_values", None)
+            kw.pop("past_key_value", None)
+            self.kwargs.append(kw)
+            raise _Stop
+
+        h = self.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                for w in windows:
+                    try:
+                        model(torch.from_numpy(np.asarray(w, dtype=np.int64)[None]), use_cache=False)
+                    except _Stop:
+                        pass
+        finally:
+            h.remove()
+
+    def run(self, i: int, hooks: Optional[Dict[Any, Callable]] = None) -> List[Any]:
+        """Layer i on every window's input (outputs returned, inputs kept); hooks: module -> fn(module, input)."""
+        import torch
+
+        handles = [m.register_forward_pre_hook(lambda mod, args, f=f: f(mod, args[0])) for m, f in
+                   (hooks or {}).items()]
+        try:
+            with torch.no_grad():
+                outs = []
+                for hs, kw in zip(self.hidden, self.kwargs):
+                    o = self.layers[i](hs, **kw)
+                    outs.append(o[0] if isinstance(o, tuple) else o)
+                return outs
+        finally:
+            for hd in handles:
+                hd.remove()
+
+    def advance(self, i: int) -> None:
+        self.hidden = self.run(i)
+
+
+def _linears(layer) -> Dict[str, Any]:
+    import torch
+
+    return {n.rsplit(".", 1)[-1]: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+# sub-steps of a Llama-style layer: each group's inputs depend on the groups before it being rounded
+_SEQUENCE = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+
+
+def _hessians(li: LayerInputs, i: int, mods: Dict[str, Any]) -> Dict[str, Any]:
+    acc: Dict[str, List[Any]] = {}
+
+    def make(name):
+        def f(mod, x):
+            x = x.reshape(-1, x.shape[-1]).double()
+            H, n = acc.get(name, (0, 0))
+            acc[name] = (H + x.T @ x, n + x.shape[0])
+        return f
+
+    # one Hessian per distinct input: q/k/v share theirs, gate/up theirs
+    li.run(i, {m: make(n) for n, m in mods.items()})
+    return {n: (2 * H / cnt).float() for n, (H, cnt) in acc.items()}
+
+
+def gptq_model(model, windows: Sequence[np.ndarray], block: int, bits: int = 4, grid: str = "kquant",
+               damp: float = 0.01, act_order: bool = False, progress=None,
+               bits_of: Optional[Dict[str, Optional[int]]] = None) -> Dict[str, Tuple[Any, Any, Any]]:
+    """GPTQ of every decoder Linear, layer by layer and, inside a layer, q/k/v -> o -> gate/up -> down, each
+    step's inputs computed with the steps before it rounded. The model's weights are replaced by their rounded
+    values; returned: {module path: (q, scale, zp)}. bits_of: module path -> other bits (8: rounded block by
+    block, k-quant, as the builder's INT8 nodes; None: left float), the rest `bits`."""
+    import torch
+
+    li = LayerInputs(model, windows)
+    names = {id(m): n for n, m in model.named_modules()}
+    out: Dict[str, Tuple[Any, Any, Any]] = {}
+    for i, layer in enumerate(li.layers):
+        lins = _linears(layer)
+        seq = [[n for n in group if n in lins] for group in _SEQUENCE]
+        rest = [n for n in lins if not any(n in g for g in _SEQUENCE)]
+        for group in [g for g in seq if g] + ([rest] if rest else []):
+            want = {n: (bits_of or {}).get(names[id(lins[n])], bits) for n in group}
+            Hs = _hessians(li, i, {n: lins[n] for n in group if want[n] == bits})
+            for n in group:
+                m = lins[n]
+                if want[n] is None:
+                    continue
+                if want[n] != bits:
+                    q, s, z = quantize_rtn(m.weight.data, block, want[n], grid)
+                else:
+                    q, s, z = gptq_quantize(m.weight.data, Hs[n], block, bits, grid, damp, act_order)
+                with torch.no_grad():
+                    m.weight.data = dequant(q, s, z, m.in_features, block).to(m.weight.dtype).contiguous()
+                out[names[id(m)]] = (q, s, z)
+        li.advance(i)
+        if progress is not None:
+            progress(i + 1, len(li.layers))
+    return out
+
+
+def rtn_model(model, block: int, bits: int = 4, grid: str = "kquant",
+              bits_of: Optional[Dict[str, Optional[int]]] = None) -> Dict[str, Tuple[Any, Any, Any]]:
+    """Every decoder Linear rounded block by block (no calibration); weights replaced, integers returned.
+    bits_of as for gptq_model."""
+    from edgekit.convert.llm_fidelity import _decoder_layers
+
+    names = {id(m): n for n, m in model.named_modules()}
+    out = {}
+    for layer in _decoder_layers(model):
+        for m in _linears(layer).values():
+            b = (bits_of or {}).get(names[id(m)], bits)
+            if b is None:
+                continue
+            q, s, z = quantize_rtn(m.weight.data, block, b, grid)
+            m.weight.data = dequant(q, s, z, m.in_features, block).to(m.weight.dtype).contiguous()
+            out[names[id(m)]] = (q, s, z)
+    return out
+
+
+# --- AWQ ------------------------------------------------------------------------------------------------------
+
+def _fake(w, block, bits, grid):
+    q, s, z = quantize_rtn(w, block, bits, grid)
+    return dequant(q, s, z, w.shape[1], block)
+
+
+def _search_scale(xs: List[Any], mods: List[Any], block: int, bits: int, grid: str, n_grid: int = 20,
+                  share: int = 1, head_dim: int = 0):
+    """AWQ's search: s = mean|x| ** alpha (normalized), alpha on a grid, the one whose rounded Linears' outputs
+    are closest to float on the calibration inputs xs [tokens, in]. Returns (s, alpha, error ratio to alpha 0).
+    share > 1 (v_proj -> o_proj under grouped-query attention): the input channels are heads x head_dim and
+    `share` consecutive heads read one key/value head, so they get one scale (returned s is o_proj's, in full)."""
+    import torch
+
+    X = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]).float()
+    if X.shape[0] > 4096:
+        X = X[torch.linspace(0, X.shape[0] - 1, 4096).long()]
+    x_mean = X.abs().mean(0)
+    if share > 1:
+        c = x_mean.numel()
+        x_mean = x_mean.reshape(-1, share, head_dim).mean(1)[:, None, :].expand(-1, share, -1).reshape(c)
+    W = [m.weight.data.float() for m in mods]
+    ref = [X @ w.T for w in W]
+    best, best_s, best_a, base = None, None, 0.0, None
+    for k in range(n_grid):
+        a = k / n_grid
+        s = x_mean.pow(a).clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        err = 0.0
+        for w, r in zip(W, ref):
+            wq = _fake(w * s[None, :], block, bits, grid) / s[None, :]
+            err += float(((X @ wq.T - r) ** 2).mean())
+        if base is None:
+            base = err
+        if best is None or err < best:
+            best, best_s, best_a = err, s, a
+    return best_s, best_a, (best / base if base else 1.0)
+
+
+def awq_model(model, windows: Sequence[np.ndarray], block: int, bits: int = 4, grid: str = "kquant",
+              progress=None, norm_ok: Optional[Callable[[int, str], bool]] = None,
+              n_grid: int = 20, vo: bool = False) -> List[Dict[str, Any]]:
+    """AWQ scales folded into the float model: per layer, input_layernorm -> q/k/v, post_attention_layernorm ->
+    gate/up, up_proj -> down_proj, and with vo v_proj -> o_proj (one scale per key/value head channel under
+    grouped-query attention; off by default: on SmolLM2-135M block 32 it changed nothing measurable, KL 0.1019 ->
+    0.1015, perplexity +9.2% -> +9.9% on the benchmark text, for a third more search time). norm_ok(layer, norm name): whether that norm's weight may take the scales
+    (the caller's graph holds it as a plain multiplier). Each layer's outputs are checked unchanged in float
+    (relative 1e-3) after the folding, else the layer's scales are taken back. Returns per group applied:
+    {"layer", "from", "alpha", "error_ratio", "scales" (tensor)}."""
+    import torch
+
+    li = LayerInputs(model, windows)
+    record: List[Dict[str, Any]] = []
+    for i, layer in enumerate(li.layers):
+        lins = _linears(layer)
+        groups = []
+        for nname, targets in (("input_layernorm", ("q_proj", "k_proj", "v_proj")),
+                               ("post_attention_layernorm", ("gate_proj", "up_proj"))):
+            norm = getattr(layer, nname, None)
+            if (norm is not None and getattr(norm, "weight", None) is not None and all(n in lins for n in targets)
+                    and (norm_ok is None or norm_ok(i, nname))):
+                groups.append((nname, norm, None, [lins[n] for n in targets]))
+        if vo and all(n in lins for n in ("v_proj", "o_proj")) and lins["v_proj"].bias is None:
+            groups.append(("v_proj", None, lins["v_proj"], [lins["o_proj"]]))
+        if all(n in lins for n in ("up_proj", "down_proj")) and lins["up_proj"].bias is None:
+            groups.append(("up_proj", None, lins["up_proj"], [lins["down_proj"]]))
+        caught: Dict[int, List[Any]] = {id(g[3][0]): [] for g in groups}
+        before = li.run(i, {g[3][0]: (lambda mod, x: caught[id(mod)].append(x.detach())) for g in groups})
+        saved = [(t, t.weight.data.clone()) for g in groups for t in ([g[1] or g[2]] + g[3])]
+        applied = []
+        for name, norm, prev, mods in groups:
+            share = mods[0].in_features // prev.out_features if prev is not None else 1
+            hd = int(getattr(getattr(layer, "self_attn", None), "head_dim", 0) or 0) if share > 1 else 0
+            if share > 1 and (not hd or prev.out_features % hd or mods[0].in_features != share * prev.out_features):
+                continue
+            sc, a, ratio = _search_scale(caught[id(mods[0])], mods, block, bits, grid, n_grid, share, hd)
+            with torch.no_grad():
+                if norm is not None:
+                    norm.weight.data = norm.weight.data / sc
+                elif share > 1:
+                    prev.weight.data = prev.weight.data / sc.reshape(-1, share, hd)[:, 0, :].reshape(-1)[:, None]
+                else:
+                    prev.weight.data = prev.weight.data / sc[:, None]
+                for m in mods:
+                    m.weight.data = m.weight.data * sc[None, :]
+            applied.append({"layer": i, "from": name, "alpha": a, "error_ratio": ratio, "scales": sc})
+        caught.clear()
+        after = li.run(i)
+        diff = max(float((x - y).abs().max() / y.abs().max().clamp_min(1e-12)) for x, y in zip(after, before))
+        if diff > 1e-3:    # the norm is not a plain multiplier in torch (e.g. Gemma's 1 + w): take them back
+            for t, w in saved:
+                t.weight.data = w
+            applied = []
+            after = before
+        record += applied
+        li.hidden = after
+        if progress is not None:
+            progress(i + 1, len(li.layers))
+    return record
+
+
+# --- MatMulNBits: the integers in ONNX Runtime's layout -----------------------------------------------------------
+
+def pack_nbits(q: np.ndarray, scale: np.ndarray, zp: np.ndarray, bits: int, block: int
+               ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """q [N, n_blocks * block] integers 0..2^bits-1, scale/zp [N, n_blocks] -> MatMulNBits' B uint8
+    [N, n_blocks, block * bits / 8] (4 bits: low nibble first), scales float32 [N, n_blocks], zero points uint8
+    (4 bits: two per byte, low nibble first, packed per row: [N, ceil(n_blocks / 2)]; 8 bits: [N, n_blocks])."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    n, k_pad = q.shape
+    nb = k_pad // block
+    if nb * block != k_pad or scale.shape != (n, nb) or zp.shape != (n, nb):
+        raise ValueError(f"shapes: q {q.shape}, scale {scale.shape}, zp {zp.shape}, block {block}")
+    qi = np.asarray(q).astype(np.uint8).reshape(n, nb, block)
+    zi = np.asarray(zp).astype(np.uint8)
+    if bits == 8:
+        return qi, np.asarray(scale, np.float32), zi
+    b = (qi[..., 0::2] & 0x0F) | ((qi[..., 1::2] & 0x0F) << 4)
+    if nb % 2:
+        zi = np.concatenate([zi, np.zeros((n, 1), np.uint8)], 1)
+    z = (zi[:, 0::2] & 0x0F) | ((zi[:, 1::2] & 0x0F) << 4)
+    return b.astype(np.uint8), np.asarray(scale, np.float32), z.astype(np.uint8)
+
+
+def unpack_nbits(B: np.ndarray, scales: np.ndarray, zps: Optional[np.ndarray], K: int, N: int, bits: int,
+                 block: int) -> np.ndarray:
+    """MatMulNBits' initializers -> the dequantized weight [N, K] (float32), as ONNX Runtime computes it
+    (zero point 2^(bits-1) where the node has none)."""
+    nb = -(-K // block)
+    B = np.asarray(B, np.uint8).reshape(N, nb, -1)
+    if bits == 4:
+        q = np.empty((N, nb, block), np.uint8)
+        q[..., 0::2], q[..., 1::2] = B & 0x0F, B >> 4
+    else:
+        q = B.reshape(N, nb, block)
+    s = np.asarray(scales, np.float32).reshape(N, nb)
+    if zps is None:
+        z = np.full((N, nb), 2 ** (bits - 1), np.float32)
+    elif bits == 4:
+        zb = np.asarray(zps, np.uint8).reshape(N, -1)
+        z = np.empty((N, zb.shape[1] * 2), np.uint8)
+        z[:, 0::2], z[:, 1::2] = zb & 0x0F, zb >> 4
+        z = z[:, :nb].astype(np.float32)
+    else:
+        z = np.asarray(zps, np.uint8).reshape(N, nb).astype(np.float32)
+    w = (q.astype(np.float32) - z[..., None]) * s[..., None]
+    return w.reshape(N, nb * block)[:, :K]
+
+
+def nbits_node(name: str, x: str, y: str, prefix: str, q, scale, zp, K: int, N: int, bits: int, block: int,
+               accuracy_level: int):
+    """A MatMulNBits node and its three initializers (ONNX protos) for y = x @ W^T."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    B, s, z = pack_nbits(np.asarray(q), np.asarray(scale), np.asarray(zp), bits, block)
+    inits = [numpy_helper.from_array(B, f"{prefix}.weight_Q{bits}G{block}"),
+             numpy_helper.from_array(s, f"{prefix}.weight_scale"),
+             numpy_helper.from_array(z, f"{prefix}.weight_zp")]
+    node = helper.make_node("MatMulNBits", [x] + [t.name for t in inits], [y], name=name, domain="com.microsoft",
+                            K=K, N=N, bits=bits, block_size=block, accuracy_level=accuracy_level)
+    del onnx
+    return node, inits
+
+
+# --- a build's model.onnx rewritten with the calibrated rounding -------------------------------------------------
+
+ALGOS = ("awq", "gptq", "awq_gptq")   # LLMBuildOptions.algo values this module serves (the builder runs k_quant)
+# GPTQ's dampening (fraction of the Hessian's mean diagonal added to it): with ~2k calibration tokens, 0.01 (the
+# paper's) fits the calibration activations and does worse on held-out text (SmolLM2-135M, AWQ then GPTQ at block
+# 32, benchmark text: damp 0.01 +20.2% / KL 0.159, damp 0.1 +9.5% / KL 0.086 against AWQ alone +9.9% / 0.101)
+GPTQ_DAMP = 0.1
+RECORD = "edgekit_calibration.json"  # in the built model folder: what was done (the manifest's recipe.calibration)
+CAL_TOKENS = 2048
+
+_NODE = re.compile(r"^/model/layers\.(\d+)/(?:[^/]+/)*[^/]+/MatMul(?:_Q\d+)?$")
+_NORM = re.compile(r"^/model/layers\.(\d+)/(input_layernorm|post_attention_layernorm)/")
+
+
+def calibrated(algo: str) -> bool:
+    return algo in ALGOS
+
+
+def builder_algo(algo: str) -> str:
+    """What the model builder is asked for: k_quant for a calibrated algo (its nodes are then rewritten)."""
+    return "k_quant" if calibrated(algo) else algo
+
+
+def _init_map(model) -> Dict[str, Any]:
+    return {t.name: t for t in model.graph.initializer}
+
+
+def _decoder_nodes(model) -> List[Any]:
+    return [n for n in model.graph.node if n.op_type in ("MatMulNBits", "MatMul") and _NODE.match(n.name)]
+
+
+def _attr(node, name, default=None):
+    from onnx import helper
+
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _norm_weights(model) -> Dict[Tuple[int, str], str]:
+    """(layer, input_layernorm | post_attention_layernorm) -> the initializer holding the norm's multiplier."""
+    inits = _init_map(model)
+    out = {}
+    for n in model.graph.node:
+        m = _NORM.match(n.name)
+        idx = {"SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNormalization": 2}.get(n.op_type)
+        if m and idx is not None and len(n.input) > idx and n.input[idx] in inits:
+            out[(int(m.group(1)), m.group(2))] = n.input[idx]
+    return out
+
+
+def apply(src_path, model_dir, algo: str, block: int, cal_tokens: int = CAL_TOKENS, threads: Optional[int] = None,
+          progress=None, head_block: int = 0) -> Dict[str, Any]:
+    """Rewrite the builder's decoder MatMuls in model_dir/model.onnx (+ .data) with `algo`'s rounding at `block`:
+    4-bit nodes calibrated (AWQ scales and/or GPTQ), 8-bit nodes rounded by k-quant from the same (scaled)
+    weights, float MatMuls given the scaled weights, the norms the AWQ scales came out of divided by them. The
+    lm_head and the embedding are left as the builder wrote them, unless head_block: an 8-bit lm_head (and the
+    tied embedding reading its bytes) re-rounded by k-quant at that block size (fewer scales: SmolLM2's 49152 x
+    576 table is 2.2 MB smaller at 64 than at 32). Returns the record (also written to RECORD)."""
+    import json
+    import time
+
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    from edgekit.convert.llm_fidelity import FloatModel
+    from edgekit.convert.llm_sensitivity import matmul_modules
+
+    if not calibrated(algo):
+        raise ValueError(f"algo {algo!r} is not one of {ALGOS}")
+    t0 = time.monotonic()
+    model_dir = Path(model_dir)
+    head = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
+    nodes = _decoder_nodes(head)
+    fm = FloatModel(Path(src_path), threads)
+    model = fm.model
+    by_layer: Dict[int, List[str]] = {}
+    for n in nodes:
+        by_layer.setdefault(int(_NODE.match(n.name).group(1)), []).append(re.sub(r"_Q\d+$", "", n.name))
+    mods = matmul_modules(model, by_layer)
+    path_of = {id(m): name for name, m in model.named_modules()}
+    plan, skipped = [], []
+    for n in nodes:
+        base = re.sub(r"_Q\d+$", "", n.name)
+        ms = mods.get(base)
+        K = _attr(n, "K") if n.op_type == "MatMulNBits" else None
+        N = _attr(n, "N") if n.op_type == "MatMulNBits" else None
+        if ms and n.op_type == "MatMul":
+            w = next((t for t in head.graph.initializer if t.name == n.input[1]), None)
+            K, N = (list(w.dims) + [None, None])[:2] if w is not None else (None, None)
+        if not ms or K != ms[0].in_features or N != sum(m.out_features for m in ms):
+            skipped.append(n.name)   # e.g. a low-rank pair's node, or a layout this module does not know
+            continue
+        bits = _attr(n, "bits") if n.op_type == "MatMulNBits" else None
+        plan.append((n, ms, bits))
+    bits_of = {path_of[id(m)]: bits for _, ms, bits in plan for m in ms}
+    norms = _norm_weights(head)
+    norm_vals = {}
+    cal = calibration_windows(fm, cal_tokens)
+    cal_n = int(sum(len(w) for w in cal))
+    record: Dict[str, Any] = {"algo": algo, "block_size": block, "grid": "k-quant (4-bit zero point)",
+                              "calibration": f"the float model's sampled continuations of "
+                                             f"{len(cal)} calibration prompts ({cal_n} tokens), not the fidelity "
+                                             "text", "calibration_tokens": cal_n}
+    layers_of = _layers_norms(model)
+    if algo in ("awq", "awq_gptq"):
+        ninits = _init_map(onnx.load(str(model_dir / "model.onnx")))   # the norms' values (external data loaded)
+
+        def norm_ok(i, name):
+            key = (i, name)
+            if key not in norms or key not in layers_of:
+                return False
+            v = numpy_helper.to_array(ninits[norms[key]]).astype(np.float32)
+            ok = v.shape == tuple(layers_of[key].weight.shape) and np.allclose(
+                v, layers_of[key].weight.detach().numpy(), rtol=1e-5, atol=1e-6)
+            if ok:
+                norm_vals[key] = v
+            return ok
+
+        aw = awq_model(model, cal, block, 4, "kquant", progress=progress, norm_ok=norm_ok)
+        record["awq"] = {"groups": len(aw), "alpha_mean": float(np.mean([a["alpha"] for a in aw])) if aw else None,
+                         "error_ratio_mean": float(np.mean([a["error_ratio"] for a in aw])) if aw else None}
+        del ninits
+    else:
+        aw = []
+    if algo in ("gptq", "awq_gptq"):
+        ints = gptq_model(model, cal, block, 4, "kquant", damp=GPTQ_DAMP, progress=progress, bits_of=bits_of)
+        record["gptq"] = {"damp": GPTQ_DAMP, "act_order": False, "order": "layer by layer, q/k/v -> o -> gate/up -> "
+                                                                     "down, inputs from the rounded layers before"}
+    else:
+        ints = rtn_model(model, block, 4, "kquant", bits_of=bits_of)
+    # the new graph
+    full = onnx.load(str(model_dir / "model.onnx"))
+    drop, add = set(), []
+    for n, ms, bits in plan:
+        node = next(x for x in full.graph.node if x.name == n.name)
+        if bits is None:
+            w = torch.cat([m.weight.data for m in ms]).T.contiguous().numpy().astype(np.float32)
+            t = numpy_helper.from_array(w, node.input[1])
+            drop.add(node.input[1])
+            add.append(t)
+            continue
+        qs = [ints[path_of[id(m)]] for m in ms]
+        q = torch.cat([x[0] for x in qs]).numpy()
+        sc = torch.cat([x[1] for x in qs]).numpy()
+        zp = torch.cat([x[2] for x in qs]).numpy()
+        prefix = re.sub(r"\.weight_Q\d+G\d+$", "", node.input[1])
+        new, tens = nbits_node(node.name, node.input[0], node.output[0], prefix, q, sc, zp, _attr(node, "K"),
+                               _attr(node, "N"), bits, block, _attr(node, "accuracy_level", 0))
+        drop.update(node.input[1:])
+        add += tens
+        node.CopyFrom(new)
+    for a in aw:
+        key = (a["layer"], a["from"])
+        if key in norms:
+            v = norm_vals[key] / a["scales"].numpy().astype(np.float32)
+            drop.add(norms[key])
+            add.append(numpy_helper.from_array(v.astype(np.float32), norms[key]))
+    if head_block:
+        record["lm_head"] = _reblock_head(full, model, head_block, drop, add)
+    keep = [t for t in full.graph.initializer if t.name not in drop]
+    del full.graph.initializer[:]
+    full.graph.initializer.extend(keep + add)
+    _save(full, model_dir)
+    record.update({"nodes": len(plan), "bits": {str(b): sum(1 for _, _, x in plan if x == b) for b in
+                                                sorted({x for _, _, x in plan}, key=str)},
+                   "skipped": skipped, "seconds": round(time.monotonic() - t0, 1)})
+    (model_dir / RECORD).write_text(json.dumps(record, indent=1), encoding="utf-8")
+    return record
+
+
+def _reblock_head(full, model, block: int, drop: set, add: list) -> Dict[str, Any]:
+    """The 8-bit lm_head MatMulNBits re-rounded (k-quant) at `block` from the float model's weight, and every node
+    reading its initializers (the tied embedding's Reshape -> GatherBlockQuantized) pointed at the new ones."""
+    from onnx import helper
+
+    head = next((n for n in full.graph.node if n.op_type == "MatMulNBits" and n.name.startswith("/lm_head/")), None)
+    w = getattr(getattr(model, "lm_head", None), "weight", None)
+    if head is None or w is None or _attr(head, "bits") != 8:
+        return {"block_size": None, "why": "no 8-bit lm_head MatMulNBits"}
+    K, N, old = _attr(head, "K"), _attr(head, "N"), _attr(head, "block_size")
+    readers = [n for n in full.graph.node if n is not head and set(n.input) & set(head.input[1:])]
+    if tuple(w.shape) != (N, K) or (readers and K % block):
+        return {"block_size": old, "why": f"kept at {old}: a {K}-wide table the embedding reads needs K % block == 0"}
+    q, sc, zp = quantize_rtn(w.data, block, 8, "kquant")
+    prefix = re.sub(r"\.weight_Q\d+G\d+$", "", head.input[1])
+    new, tens = nbits_node(head.name, head.input[0], head.output[0], prefix, q.numpy(), sc.numpy(), zp.numpy(), K,
+                           N, 8, block, _attr(head, "accuracy_level", 0))
+    rename = dict(zip(head.input[1:], [t.name for t in tens]))
+    drop.update(head.input[1:])
+    add += tens
+    head.CopyFrom(new)
+    for n in readers:
+        for i, x in enumerate(n.input):
+            if x in rename:
+                n.input[i] = rename[x]
+        if n.op_type == "GatherBlockQuantized":
+            for a in n.attribute:
+                if a.name == "block_size":
+                    a.CopyFrom(helper.make_attribute("block_size", block))
+    return {"block_size": block, "was": old, "readers": [n.name for n in readers]}
+
+
+def _layers_norms(model) -> Dict[Tuple[int, str], Any]:
+    from edgekit.convert.llm_fidelity import _decoder_layers
+
+    out = {}
+    for i, layer in enumerate(_decoder_layers(model)):
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            if getattr(layer, name, None) is not None:
+                out[(i, name)] = getattr(layer, name)
+    return out
+
+
+def _save(model, model_dir: Path) -> None:
+    """model.onnx + model.onnx.data written beside, then renamed over the builder's (the data file rewritten
+    whole: onnx appends to an existing one)."""
+    import os
+    import shutil
+    import tempfile
+
+    import onnx
+
+    tmp = Path(tempfile.mkdtemp(prefix=".calib-", dir=str(model_dir)))
+    try:
+        onnx.save_model(model, str(tmp / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="model.onnx.data", size_threshold=1024)
+        os.replace(tmp / "model.onnx.data", model_dir / "model.onnx.data")
+        os.replace(tmp / "model.onnx", model_dir / "model.onnx")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
