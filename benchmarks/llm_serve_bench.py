@@ -20,11 +20,11 @@ end-of-sequence token is suppressed so every row does the same work):
   server runs (the c sequences decode as one batch, one read of the weights per step);
 - "API (stream=true)": `python -m edgekit.serve` in its own process, c client threads streaming
   /v1/completions over loopback (raw http.client, SSE parsed); the clients run on the same machine. The
-  server runs with its defaults (--stream-interval-ms auto: where the model's threads take every CPU, as
-  --threads 2 on this project's 2-core machine, pieces that come faster than 20 ms are sent together, each
-  still its own SSE event; else a write per token);
-- "API (stream=true, a write per token)": the same with a second server at --stream-interval-ms --per-token-ms
-  (0: a wake-up of its event loop, and of the client, per token).
+  server runs with its defaults (--stream-interval-ms 0: a wake-up of its event loop, and of the client, per
+  token);
+- "API (stream=true, --stream-interval-ms auto)": the same with a second server at --second-interval (auto:
+  where the model's threads take every CPU, as --threads 2 on this project's 2-core machine, pieces that come
+  faster than 20 ms are sent together, each still its own SSE event; else a write per token).
 tok/s (the aggregate figure compared): every generated token of the round over its wall time (start to the last
 stream's last token: prefill and TTFT included). "decode": tokens after each stream's first over the time
 from the first stream's first token to the last one's last (for the API as the client receives them: pieces
@@ -53,7 +53,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 
@@ -61,7 +61,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 CONCURRENCY = "1,4,8"
-PER_TOKEN = "API (stream=true, a write per token)"
+GATHERED = "API (stream=true, --stream-interval-ms auto)"
 PROMPTS = ["The robot moves the", "Count: one two", "The busy baker", "A small cat", "The old engineer repairs",
            "Count: five six", "My neighbour likes the", "The quiet child"]
 
@@ -283,7 +283,7 @@ def api_path(port: int, tokens: int):
     return one_round, (lambda: None)
 
 
-def start_server(model_dir: Path, threads: int, log: Path, interval_ms: Optional[float] = None) -> (subprocess.Popen, int):
+def start_server(model_dir: Path, threads: int, log: Path, interval_ms=None) -> (subprocess.Popen, int):
     port = _free_port()
     link = log.parent / "bench"   # the model is served under the name "bench"
     if link.is_symlink() or link.exists():
@@ -404,8 +404,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="llm_serve_bench.json")
-    ap.add_argument("--per-token-ms", type=float, default=0.0,
-                    help="the second API server's --stream-interval-ms (the first runs the default, auto)")
+    ap.add_argument("--second-interval", default="auto",
+                    help="the second API server's --stream-interval-ms (the first runs the default, 0)")
     ap.add_argument("--streams", default=CONCURRENCY, help="concurrent streams per row (comma-separated)")
     ap.add_argument("--long-prompt", type=int, default=0,
                     help="instead: a running stream's inter-token gaps while a prompt of this many tokens arrives")
@@ -440,16 +440,16 @@ def main() -> None:
               "rows": []}
     log = cache / "llm_serve_bench.server.log"
     proc, port = start_server(model, args.threads, log)
-    # the same server writing every piece at once (--per-token-ms 0), beside the default
-    proc0, port0 = start_server(model, args.threads, cache / "llm_serve_bench.server0.log", args.per_token_ms)
+    # the same server gathering the pieces that come faster than --second-interval, beside the default
+    proc0, port0 = start_server(model, args.threads, cache / "llm_serve_bench.server0.log", args.second_interval)
     from edgekit.serve.openai_api import auto_stream_interval_ms
 
-    result["default_stream_interval_ms"] = auto_stream_interval_ms(args.threads)
-    result["second_server_stream_interval_ms"] = args.per_token_ms
+    result["second_server_stream_interval_ms"] = (auto_stream_interval_ms(args.threads)
+                                                  if args.second_interval == "auto" else float(args.second_interval))
     paths = [("in-process, generator per stream", generator_path(model, args.threads, args.tokens), os.getpid()),
              ("in-process, batched engine", engine_path(model, args.threads, args.tokens), os.getpid()),
              ("API (stream=true)", api_path(port, args.tokens), proc.pid),
-             (PER_TOKEN, api_path(port0, args.tokens), proc0.pid)]
+             (GATHERED, api_path(port0, args.tokens), proc0.pid)]
     try:
         for _, (one_round, _), _ in paths:
             one_round(1)  # warm-up
@@ -475,10 +475,10 @@ def main() -> None:
     result["api_overhead_1_stream"] = 1 - by[("API (stream=true)", 1)][key] / one
     result["api_overhead_1_stream_vs_engine"] = 1 - by[("API (stream=true)", 1)][key] / \
         by[("in-process, batched engine", 1)][key]
-    result["api_overhead_1_stream_per_token_writes"] = 1 - by[(PER_TOKEN, 1)][key] / one
+    result["api_overhead_1_stream_gathered"] = 1 - by[(GATHERED, 1)][key] / one
     # paired: the API's tok/s over the in-process path's in the same round (each round's two runs are seconds
     # apart, so a change of the machine's load between rounds cancels out), the median over the rounds
-    for api, tag in (("API (stream=true)", ""), (PER_TOKEN, "per_token_writes_")):
+    for api, tag in (("API (stream=true)", ""), (GATHERED, "gathered_")):
         for name, ref in (("generator", "in-process, generator per stream"),
                           ("engine", "in-process, batched engine")):
             ratios = [a / b for a, b in zip(by[(api, 1)]["throughput_tok_s_rounds"],
@@ -497,8 +497,8 @@ def main() -> None:
     print(f"API at 1 stream costs {result['api_overhead_1_stream'] * 100:+.1f}% of the runtime's generator's tok/s "
           f"({result['api_overhead_1_stream_vs_engine'] * 100:+.1f}% of the batched engine's) (goal <= 3%); "
           f"paired by round: {result['api_overhead_1_stream_paired_vs_generator'] * 100:+.1f}% of the generator's, "
-          f"{result['api_overhead_1_stream_paired_vs_engine'] * 100:+.1f}% of the engine's; a write per token: "
-          f"{result['api_per_token_writes_overhead_1_stream_paired_vs_engine'] * 100:+.1f}% of the engine's"
+          f"{result['api_overhead_1_stream_paired_vs_engine'] * 100:+.1f}% of the engine's; --stream-interval-ms "
+          f"{args.second_interval}: {result['api_gathered_overhead_1_stream_paired_vs_engine'] * 100:+.1f}% of the engine's"
           + "".join(f"; API {c} streams / 1 stream: {result[f'api_{c}_over_1']:.2f}x" for c in (4, 8)
                     if f"api_{c}_over_1" in result) + " (goal >= 2x at 4, on a memory-bound model)")
     out = Path(args.out) if "/" in args.out else ROOT / "benchmarks" / "results" / args.out

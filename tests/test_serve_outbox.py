@@ -87,12 +87,31 @@ def test_auto_stream_interval_gathers_only_where_the_decode_threads_take_every_c
     assert auto_stream_interval_ms(4, cpus=2) == AUTO_STREAM_INTERVAL_MS
     assert auto_stream_interval_ms(None, cpus=4) == AUTO_STREAM_INTERVAL_MS   # no count: ORT takes every CPU
     assert auto_stream_interval_ms(1, cpus=2) == 0.0 and auto_stream_interval_ms(3, cpus=4) == 0.0
-    api = LLMApi([], None, read_body=None, authorized=None)          # the default: auto, per release
+    api = LLMApi([], None, read_body=None, authorized=None, stream_interval_ms=None)   # auto, per release
     api._cpus = 2
     assert api.interval_for(SimpleNamespace(threads=2)) == AUTO_STREAM_INTERVAL_MS / 1000
     assert api.interval_for(SimpleNamespace(threads=1)) == 0.0
-    fixed = LLMApi([], None, read_body=None, authorized=None, stream_interval_ms=0)
-    assert fixed.interval_for(SimpleNamespace(threads=2)) == 0.0      # an explicit value wins
+    default = LLMApi([], None, read_body=None, authorized=None)       # the default: a write per token
+    assert default.interval_for(SimpleNamespace(threads=2)) == 0.0
+    fixed = LLMApi([], None, read_body=None, authorized=None, stream_interval_ms=7)
+    assert fixed.interval_for(SimpleNamespace(threads=1)) == 0.007    # an explicit value wins
     assert stream_interval("auto") is None and stream_interval(None) is None and stream_interval("7.5") == 7.5
     with pytest.raises(ValueError, match="milliseconds or 'auto'"):
         stream_interval("soon")
+
+
+def test_the_servers_interval_reaches_the_api():
+    import argparse
+
+    from edgekit.serve.__main__ import add_arguments, config_from
+    from edgekit.serve.app import App
+    from edgekit.serve.engine import Engine
+    from edgekit.serve.metrics import Metrics
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    m = Metrics()
+    e = Engine(max_concurrency=1, max_queue=1, max_batch=1, max_delay_ms=2.0, metrics=m, inline_ms=2.0)
+    for argv, want in (([], 0.0), (["--stream-interval-ms", "auto"], None), (["--stream-interval-ms", "20"], 0.02)):
+        cfg = config_from(p.parse_args(["x"] + argv))
+        assert App([], e, m, stream_interval_ms=cfg.stream_interval_ms).llm.stream_interval == want, argv

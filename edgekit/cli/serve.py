@@ -46,7 +46,7 @@ from edgekit.cli.render import serving_table
 @click.option("--kv-cache-mb", type=float, help="Language models: KV-cache memory for all sequences "
                                                 "(default: each sequence can fill the context).")
 @click.option("--log-prompts", is_flag=True, help="Log prompts and generated text (default: token counts only).")
-@click.option("--stream-interval-ms", default="auto", show_default=True, metavar="MS|auto",
+@click.option("--stream-interval-ms", default="0", show_default=True, metavar="MS|auto",
               help="Language models: write a stream at most this often; pieces that come faster are sent "
                    "together, each still its own event (0: one write per token; auto: 20 when the model's "
                    "threads take every CPU, else 0).")

@@ -44,15 +44,14 @@ class App:
                  token: Optional[str] = None, max_body: int = 64 << 20, poll_interval: float = 1.0,
                  load_kwargs: Optional[Dict[str, Any]] = None, llm_entries: Optional[list] = None,
                  llm_kwargs: Optional[Dict[str, Any]] = None, log_prompts: bool = False,
-                 stream_interval_ms: Optional[float] = None):
+                 stream_interval_ms: Optional[float] = 0.0):
         from edgekit.serve.openai_api import LLMApi
 
         llm_entries = list(llm_entries or [])
         self.entries = {e.name: e for e in list(entries) + llm_entries}
         # language models: the OpenAI-compatible API and Triton's generate (openai_api.py), same token and limits
         self.llm = LLMApi(llm_entries, metrics, read_body=self._read_body, authorized=self._authorized,
-                          log_prompts=log_prompts,
-                          **({} if stream_interval_ms is None else {"stream_interval_ms": stream_interval_ms}))
+                          log_prompts=log_prompts, stream_interval_ms=stream_interval_ms)   # None: auto
         self.llm_kwargs = llm_kwargs or {}
         self.engine = engine
         self.metrics = metrics
