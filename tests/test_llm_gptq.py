@@ -174,7 +174,7 @@ def test_tied_lm_head_reblocked(tiny_lm, tmp_path):
     src = read_source(str(d))
     fm = FloatModel(d, threads=1)
     text = fm.text_windows(corpus_text(200, seed=11), "held-out", 384, 128)
-    figs, sizes = {}, {}
+    figs, sizes, decoder = {}, {}, {}
     for hb in (0, 64):
         out = tmp_path / f"b{hb}"
         run_builder(src, LLMBuildOptions("int4", algo="awq", head_block=hb), out, tmp_path / "cache", {})
@@ -185,8 +185,14 @@ def test_tied_lm_head_reblocked(tiny_lm, tmp_path):
         blocks = {[a.i for a in n.attribute if a.name == "block_size"][0] for n in (gbq, head)}
         assert blocks == {hb or 32}
         assert not any(n.op_type == "Reshape" and "embed_tokens" in n.name for n in m.graph.node)   # aliased
+        rec = json.loads((out / g.RECORD).read_text())
+        # the second build (a ladder's next rung) reuses the calibration text and AWQ scales of the first
+        assert rec["awq_cached"] is bool(hb)
+        qkv = next(t for t in onnx.load(str(out / "model.onnx")).graph.initializer
+                   if t.name.startswith("model.layers.1.attn.qkv_proj") and "_Q4G" in t.name)
+        decoder[hb] = qkv.raw_data
         if hb:
-            rec = json.loads((out / g.RECORD).read_text())
+            assert decoder[hb] == decoder[0]
             assert rec["lm_head"]["block_size"] == 64 and rec["lm_head"]["readers"]
             lm = load_llm(out, threads=1, verify=False)
             assert lm.generate("the robot", max_new_tokens=8).strip()

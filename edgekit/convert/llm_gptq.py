@@ -385,19 +385,38 @@ def _search_scale(xs: List[Any], mods: List[Any], block: int, bits: int, grid: s
     return best_s, best_a, (best / base if base else 1.0)
 
 
+def _fold(model, entry: Dict[str, Any]) -> None:
+    """One AWQ group's scales into the model: what feeds the Linears (a norm's weight, or the rows of the Linear
+    before) divided by them, the Linears' input columns multiplied."""
+    import torch
+
+    mods = dict(model.named_modules())
+    sc, share, hd = entry["scales"], entry["share"], entry["head_dim"]
+    prev = mods[entry["prev"]]
+    with torch.no_grad():
+        if not isinstance(prev, torch.nn.Linear):
+            prev.weight.data = prev.weight.data / sc
+        elif share > 1:
+            prev.weight.data = prev.weight.data / sc.reshape(-1, share, hd)[:, 0, :].reshape(-1)[:, None]
+        else:
+            prev.weight.data = prev.weight.data / sc[:, None]
+        for name in entry["mods"]:
+            mods[name].weight.data = mods[name].weight.data * sc[None, :]
+
+
 def awq_model(model, windows: Sequence[np.ndarray], block: int, bits: int = 4, grid: str = "kquant",
               progress=None, norm_ok: Optional[Callable[[int, str], bool]] = None,
               n_grid: int = 20, vo: bool = False) -> List[Dict[str, Any]]:
     """AWQ scales folded into the float model: per layer, input_layernorm -> q/k/v, post_attention_layernorm ->
     gate/up, up_proj -> down_proj, and with vo v_proj -> o_proj (one scale per key/value head channel under
     grouped-query attention; off by default: on SmolLM2-135M block 32 it changed nothing measurable, KL 0.1019 ->
-    0.1015, perplexity +9.2% -> +9.9% on the benchmark text, for a third more search time). norm_ok(layer, norm name): whether that norm's weight may take the scales
-    (the caller's graph holds it as a plain multiplier). Each layer's outputs are checked unchanged in float
-    (relative 1e-3) after the folding, else the layer's scales are taken back. Returns per group applied:
-    {"layer", "from", "alpha", "error_ratio", "scales" (tensor)}."""
-    import torch
-
+    0.1015, perplexity +9.2% -> +9.9% on the benchmark text, for a third more search time).
+    norm_ok(layer, norm name): whether that norm's weight may take the scales (the caller's graph holds it as a
+    plain multiplier). Each layer's outputs are checked unchanged in float (relative 1e-3) after the folding, else
+    the layer's scales are taken back. Returns per group applied: {"layer", "from", "alpha", "error_ratio",
+    "scales" (tensor), "prev", "mods" (module paths), "share", "head_dim"} (_fold applies one again)."""
     li = LayerInputs(model, windows)
+    paths = {id(m): n for n, m in model.named_modules()}
     record: List[Dict[str, Any]] = []
     for i, layer in enumerate(li.layers):
         lins = _linears(layer)
@@ -422,16 +441,11 @@ def awq_model(model, windows: Sequence[np.ndarray], block: int, bits: int = 4, g
             if share > 1 and (not hd or prev.out_features % hd or mods[0].in_features != share * prev.out_features):
                 continue
             sc, a, ratio = _search_scale(caught[id(mods[0])], mods, block, bits, grid, n_grid, share, hd)
-            with torch.no_grad():
-                if norm is not None:
-                    norm.weight.data = norm.weight.data / sc
-                elif share > 1:
-                    prev.weight.data = prev.weight.data / sc.reshape(-1, share, hd)[:, 0, :].reshape(-1)[:, None]
-                else:
-                    prev.weight.data = prev.weight.data / sc[:, None]
-                for m in mods:
-                    m.weight.data = m.weight.data * sc[None, :]
-            applied.append({"layer": i, "from": name, "alpha": a, "error_ratio": ratio, "scales": sc})
+            entry = {"layer": i, "from": name, "alpha": a, "error_ratio": ratio, "scales": sc, "share": share,
+                     "head_dim": hd, "prev": paths[id(norm if norm is not None else prev)],
+                     "mods": [paths[id(m)] for m in mods]}
+            _fold(model, entry)
+            applied.append(entry)
         caught.clear()
         after = li.run(i)
         diff = max(float((x - y).abs().max() / y.abs().max().clamp_min(1e-12)) for x, y in zip(after, before))
@@ -522,6 +536,8 @@ GPTQ_DAMP = 0.1
 RECORD = "edgekit_calibration.json"  # in the built model folder: what was done (the manifest's recipe.calibration)
 CAL_TOKENS = 2048
 
+_NORMS = ("input_layernorm", "post_attention_layernorm")
+_CACHE: Dict[Tuple[str, int, int], Tuple[List[np.ndarray], List[Dict[str, Any]]]] = {}
 _NODE = re.compile(r"^/model/layers\.(\d+)/(?:[^/]+/)*[^/]+/MatMul(?:_Q\d+)?$")
 _NORM = re.compile(r"^/model/layers\.(\d+)/(input_layernorm|post_attention_layernorm)/")
 
@@ -612,7 +628,11 @@ def apply(src_path, model_dir, algo: str, block: int, cal_tokens: int = CAL_TOKE
     bits_of = {path_of[id(m)]: bits for _, ms, bits in plan for m in ms}
     norms = _norm_weights(head)
     norm_vals = {}
-    cal = calibration_windows(fm, cal_tokens)
+    key = (str(Path(src_path).resolve()), block, cal_tokens)
+    if key in _CACHE:   # a ladder's next rung: same calibration text, same AWQ scales (GPTQ reruns: other INT8 set)
+        cal, cached = _CACHE[key]
+    else:
+        cal, cached = calibration_windows(fm, cal_tokens), None
     cal_n = int(sum(len(w) for w in cal))
     record: Dict[str, Any] = {"algo": algo, "block_size": block, "grid": "k-quant (4-bit zero point)",
                               "calibration": f"the float model's sampled continuations of "
@@ -633,12 +653,20 @@ def apply(src_path, model_dir, algo: str, block: int, cal_tokens: int = CAL_TOKE
                 norm_vals[key] = v
             return ok
 
-        aw = awq_model(model, cal, block, 4, "kquant", progress=progress, norm_ok=norm_ok)
+        if cached is not None and all(norm_ok(e["layer"], e["from"]) for e in cached if e["from"] in _NORMS):
+            aw = cached
+            for e in aw:
+                _fold(model, e)
+        else:
+            aw = awq_model(model, cal, block, 4, "kquant", progress=progress, norm_ok=norm_ok)
+        record["awq_cached"] = aw is cached
         record["awq"] = {"groups": len(aw), "alpha_mean": float(np.mean([a["alpha"] for a in aw])) if aw else None,
                          "error_ratio_mean": float(np.mean([a["error_ratio"] for a in aw])) if aw else None}
         del ninits
     else:
         aw = []
+    _CACHE.clear()   # one model's at a time
+    _CACHE[key] = (cal, aw if aw else cached)
     if algo in ("gptq", "awq_gptq"):
         ints = gptq_model(model, cal, block, 4, "kquant", damp=GPTQ_DAMP, progress=progress, bits_of=bits_of)
         record["gptq"] = {"damp": GPTQ_DAMP, "act_order": False, "order": "layer by layer, q/k/v -> o -> gate/up -> "
