@@ -199,3 +199,24 @@ def test_tied_lm_head_reblocked(tiny_lm, tmp_path):
     v, k = 512, 128   # vocab x hidden; per row K/32 - K/64 fewer blocks, each a 4-byte scale and a 1-byte zero point
     assert sizes[0] - sizes[64] == v * (k // 32 - k // 64) * 5
     assert figs[64]["kl_mean"] < figs[0]["kl_mean"] * 1.5 + 1e-4, figs
+
+
+def test_convert_with_a_calibrated_algo(tiny_lm, tmp_path):
+    """LLMRecipe(algo="awq") through the whole converter: the bundle's recipe and manifest say how it was
+    rounded, and its own graph reproduces its golden top-1 (the rewritten nodes are what shipped)."""
+    from edgekit.convert.llm import LLMRecipe, convert_llm
+    from edgekit.convert.llm_fidelity import OnnxDecoder
+
+    val = tmp_path / "val.txt"
+    val.write_text(corpus_text(300, seed=5))
+    res = convert_llm(LLMRecipe(str(tiny_lm), ("x86-avx2",), precision="int4", val=str(val), algo="awq"),
+                      str(tmp_path / "out"))
+    (b,) = res.bundles
+    assert b.ok
+    m = json.loads((b.path / "manifest.json").read_text())
+    assert m["recipe"]["algo"] == "awq" and m["calibration"]["algo"] == "awq"
+    assert m["calibration"]["nodes"] == 20 and m["calibration"]["awq"]["groups"] == 12
+    assert g.RECORD in m["model"]["files"]
+    gold = json.loads((b.path / "golden.json").read_text())
+    dec = OnnxDecoder(b.path / "model", 2, 32, threads=1)
+    assert dec.logits(np.array(gold["prompts"][0], dtype=np.int64)).argmax(-1).tolist() == gold["top1"][0]
