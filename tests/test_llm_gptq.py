@@ -147,6 +147,10 @@ def test_awq_folding_is_exact_in_float(tiny_lm):
     assert any(float((r["scales"] - 1).abs().max()) > 1e-3 for r in rec)
     after = fm.logits(w)
     np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-4)
+    # a Linear whose graph node is not rewritten (e.g. a low-rank pair) is in no group
+    rec = g.awq_model(fm.model, [w], 32, 4, "kquant", n_grid=3, skip={"model.layers.0.mlp.down_proj"})
+    assert not [r for r in rec if r["layer"] == 0 and r["from"] == "up_proj"] and len(rec) == 4 * 3 - 1
+    np.testing.assert_allclose(fm.logits(w), before, rtol=1e-4, atol=1e-4)
     del torch
 
 

@@ -406,13 +406,14 @@ def _fold(model, entry: Dict[str, Any]) -> None:
 
 def awq_model(model, windows: Sequence[np.ndarray], block: int, bits: int = 4, grid: str = "kquant",
               progress=None, norm_ok: Optional[Callable[[int, str], bool]] = None,
-              n_grid: int = 20, vo: bool = False) -> List[Dict[str, Any]]:
+              n_grid: int = 20, vo: bool = False, skip: Sequence[str] = ()) -> List[Dict[str, Any]]:
     """AWQ scales folded into the float model: per layer, input_layernorm -> q/k/v, post_attention_layernorm ->
     gate/up, up_proj -> down_proj, and with vo v_proj -> o_proj (one scale per key/value head channel under
     grouped-query attention; off by default: on SmolLM2-135M block 32 it changed nothing measurable, KL 0.1019 ->
     0.1015, perplexity +9.2% -> +9.9% on the benchmark text, for a third more search time).
     norm_ok(layer, norm name): whether that norm's weight may take the scales (the caller's graph holds it as a
-    plain multiplier). Each layer's outputs are checked unchanged in float (relative 1e-3) after the folding, else
+    plain multiplier); skip: module paths of Linears no group may touch (their graph node is not rewritten).
+    Each layer's outputs are checked unchanged in float (relative 1e-3) after the folding, else
     the layer's scales are taken back. Returns per group applied: {"layer", "from", "alpha", "error_ratio",
     "scales" (tensor), "prev", "mods" (module paths), "share", "head_dim"} (_fold applies one again)."""
     li = LayerInputs(model, windows)
@@ -431,6 +432,8 @@ def awq_model(model, windows: Sequence[np.ndarray], block: int, bits: int = 4, g
             groups.append(("v_proj", None, lins["v_proj"], [lins["o_proj"]]))
         if all(n in lins for n in ("up_proj", "down_proj")) and lins["up_proj"].bias is None:
             groups.append(("up_proj", None, lins["up_proj"], [lins["down_proj"]]))
+        groups = [g for g in groups
+                  if not any(paths[id(m)] in skip for m in g[3] + ([g[2]] if g[2] is not None else []))]
         caught: Dict[int, List[Any]] = {id(g[3][0]): [] for g in groups}
         before = li.run(i, {g[3][0]: (lambda mod, x: caught[id(mod)].append(x.detach())) for g in groups})
         saved = [(t, t.weight.data.clone()) for g in groups for t in ([g[1] or g[2]] + g[3])]
@@ -595,7 +598,7 @@ def apply(src_path, model_dir, algo: str, block: int, cal_tokens: int = CAL_TOKE
     import torch
     from onnx import numpy_helper
 
-    from edgekit.convert.llm_fidelity import FloatModel
+    from edgekit.convert.llm_fidelity import FloatModel, _decoder_layers
     from edgekit.convert.llm_sensitivity import matmul_modules
 
     if not calibrated(algo):
@@ -653,12 +656,15 @@ def apply(src_path, model_dir, algo: str, block: int, cal_tokens: int = CAL_TOKE
                 norm_vals[key] = v
             return ok
 
-        if cached is not None and all(norm_ok(e["layer"], e["from"]) for e in cached if e["from"] in _NORMS):
+        unplanned = ({path_of[id(m)] for layer in _decoder_layers(model) for m in _linears(layer).values()}
+                     - set(bits_of))
+        if cached is not None and all(norm_ok(e["layer"], e["from"]) for e in cached if e["from"] in _NORMS) and \
+                not any(x in unplanned for e in cached for x in [e["prev"]] + e["mods"]):
             aw = cached
             for e in aw:
                 _fold(model, e)
         else:
-            aw = awq_model(model, cal, block, 4, "kquant", progress=progress, norm_ok=norm_ok)
+            aw = awq_model(model, cal, block, 4, "kquant", progress=progress, norm_ok=norm_ok, skip=unplanned)
         record["awq_cached"] = aw is cached
         record["awq"] = {"groups": len(aw), "alpha_mean": float(np.mean([a["alpha"] for a in aw])) if aw else None,
                          "error_ratio_mean": float(np.mean([a["error_ratio"] for a in aw])) if aw else None}
