@@ -15,7 +15,7 @@ make_qkx2 search). The field's calibrated methods use what the weights are multi
   get finer steps once rounded.
 
 Only the converting machine imports this (torch). The result per Linear is MatMulNBits' integers: q [out, in_pad]
-(0..15), scales and zero points [out, n_blocks] (edgekit.convert.llm_nbits writes them into a build).
+(0..15), scales and zero points [out, n_blocks] (`apply` packs them into the build's MatMulNBits nodes).
 """
 
 from __future__ import annotations
