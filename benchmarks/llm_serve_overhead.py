@@ -2,7 +2,7 @@
 at several ORT intra-op thread counts and spinning settings, with every thread's CPU time and context switches.
 
     flock /tmp/edgekit-bench.lock python benchmarks/llm_serve_overhead.py [--synth 1024x8] [--configs 1s,1n,2s,2n]
-        [--streams 1] [--tokens 256] [--rounds 6] [--out llm_serve_bench_overhead.json]
+        [--streams 1] [--tokens 256] [--rounds 6] [--pairs N] [--out llm_serve_bench_overhead.json]
 
 A config is THREADS followed by s (ORT's intra-op threads spin between parallel sections: ORT's default) or n
 (they block). For each config the script starts one server (`python -m edgekit.serve --threads T`, the
@@ -236,6 +236,39 @@ def parse_config(c: str):
     return c, t, spin, extra, gather
 
 
+def pairs(args) -> None:
+    """--pairs N: N fresh runs of this script (in turn), then the median over the runs of each config's paired
+    figure (API over in-process by round, median within a run)."""
+    out = Path(args.out) if "/" in args.out else ROOT / "benchmarks" / "results" / args.out
+    argv = [a for a in sys.argv[1:]]
+    i = argv.index("--pairs") if "--pairs" in argv else next(j for j, a in enumerate(argv) if a.startswith("--pairs="))
+    del argv[i:i + (2 if argv[i] == "--pairs" else 1)]
+    runs = []
+    for n in range(args.pairs):
+        part = out.with_name(f"{out.stem}.pair{n}.json")
+        subprocess.run([sys.executable, __file__, *argv, "--out", str(part)], check=True)
+        runs.append(json.loads(part.read_text()))
+        part.unlink()
+    summary = []
+    for row in runs[0]["summary"]:
+        same = [r for run in runs for r in run["summary"]
+                if r["config"] == row["config"] and r["streams"] == row["streams"]]
+        ovh = [r["api_overhead_paired"] for r in same]
+        summary.append({"config": row["config"], "streams": row["streams"], "pairs": len(same),
+                        "api_overhead_paired_per_pair": [round(x, 4) for x in ovh],
+                        "api_overhead_median_over_pairs": float(np.median(ovh)),
+                        "engine_tok_s_per_pair": [round(r["engine_tok_s"], 1) for r in same],
+                        "api_tok_s_per_pair": [round(r["api_tok_s"], 1) for r in same],
+                        "api_ncs_per_token_per_pair": [round(r["api_ncs_per_token"], 3) for r in same],
+                        "load": [min(r["load"][0] for r in same), max(r["load"][1] for r in same)]})
+        x = summary[-1]
+        print(f"c{x['streams']} {x['config']}: API under in-process, median over {len(same)} process pairs "
+              f"{x['api_overhead_median_over_pairs'] * 100:+.1f}% (per pair "
+              f"{', '.join(f'{v * 100:+.1f}%' for v in ovh)}); load {x['load'][0]:.2f}-{x['load'][1]:.2f}")
+    out.write_text(json.dumps({"pairs": args.pairs, "summary": summary, "runs": runs}, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model")
@@ -245,7 +278,13 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--out", default="llm_serve_bench_overhead.json")
+    ap.add_argument("--pairs", type=int, default=1,
+                    help="run the whole measurement this many times, each in fresh processes (a server and this "
+                         "script), and give the median of their paired figures: one pair of processes keeps an "
+                         "offset of its own over all its rounds")
     args = ap.parse_args()
+    if args.pairs > 1:
+        return pairs(args)
     cache = ROOT / "benchmarks" / ".cache"
     model = Path(args.model) if args.model else build_model(cache, args.synth)
     configs = [parse_config(c) for c in args.configs.split(",")]
