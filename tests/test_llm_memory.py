@@ -166,6 +166,33 @@ def test_trim_heap_hands_freed_heap_pages_back():
                                                              "why": "EDGEKIT_MALLOC_TUNE=0"}
 
 
+_HUGE = r"""
+import json, mmap
+from edgekit.runtime.llmopts import huge_pages
+m = mmap.mmap(-1, 32 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)   # as malloc maps prepacked weights
+m.write(b"x" * (32 << 20))
+print(json.dumps(huge_pages()))
+"""
+
+
+def test_huge_pages_advises_large_anonymous_mappings():
+    """llmopts.huge_pages: large anonymous mappings get MADV_HUGEPAGE (and MADV_COLLAPSE where the kernel has it);
+    EDGEKIT_HUGEPAGES=0 leaves them."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    p = subprocess.run([sys.executable, "-c", _HUGE], capture_output=True, text=True, env=env, timeout=60)
+    assert p.returncode == 0, p.stderr
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    if not got["applied"] and "transparent huge pages" in got.get("why", ""):
+        pytest.skip(got["why"])
+    assert got["applied"] and got["regions"] >= 1 and got["mb"] >= 30, got   # the 32 MiB mapping, 2 MiB-aligned
+    if got["collapsed"]:
+        assert got["anon_huge_mb"] >= 2, got
+    env["EDGEKIT_HUGEPAGES"] = "0"
+    p = subprocess.run([sys.executable, "-c", _HUGE], capture_output=True, text=True, env=env, timeout=60)
+    off = json.loads(p.stdout.strip().splitlines()[-1])
+    assert off["applied"] is False and off["why"] == "EDGEKIT_HUGEPAGES=0" and off["regions"] == 0
+
+
 @pytest.fixture(scope="module")
 def bundle(tiny_lm, tmp_path_factory):  # noqa: F811
     from edgekit.convert.llm import LLMRecipe, convert_llm
@@ -207,7 +234,7 @@ def test_benchmark_reports_the_generation_peak_apart_from_the_load(bundle):
     mem = r["conditions"]["memory"]
     assert "reset after load" in mem["generation_peak"] and mem["malloc"]["applied"] is True
     assert mem["model_pages"]["applied"] is True and mem["model_pages"]["mappings"] >= 1   # ORT mapped the data
-    assert mem["heap_trim"] == trim
+    assert mem["heap_trim"] == trim and mem["huge_pages"] == lm.huge_pages
     from edgekit.runtime.llmbench import llm_bench_table
     table = llm_bench_table([r])
     assert "generation peak" in table and "libraries alone" in table

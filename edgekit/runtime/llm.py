@@ -68,7 +68,7 @@ from edgekit.runtime.llmopts import GenOptions as _Options
 from edgekit.runtime.llmopts import hold_back as _hold_back
 from edgekit.runtime.llmopts import kv_capacity, prompt_bos, with_bos
 from edgekit.runtime.llmopts import rss_mb as _rss_mb
-from edgekit.runtime.llmopts import SPIN_KEY, release_model_pages, trim_heap, tune_malloc
+from edgekit.runtime.llmopts import SPIN_KEY, huge_pages, release_model_pages, trim_heap, tune_malloc
 
 KIND = "llm"
 GENAI_CONFIG = "genai_config.json"
@@ -255,6 +255,8 @@ def load_llm(path: Union[str, Path], *, threads: Optional[int] = None, verify: b
     lm.model_pages = release_model_pages(model_dir)
     # the pages the tokenizer's parse and the load's buffers freed go back to the kernel (llmopts.trim_heap)
     lm.heap_trim = trim_heap()
+    # the prepacked weights on transparent huge pages (llmopts.huge_pages): fewer TLB misses a decode step
+    lm.huge_pages = huge_pages()
     mem = _rss_mb()
     lm.rss_after_load_mb = mem["rss_mb"]
     # the load's own peak is the process's high-water mark only where the load raised it
@@ -379,6 +381,7 @@ class LanguageModel:
         self.peak_rss_load_mb: Optional[float] = None   # VmHWM after load where the load raised it, else None
         self.model_pages: Optional[Dict[str, Any]] = None   # what release_model_pages did after the load
         self.heap_trim: Optional[Dict[str, Any]] = None     # what trim_heap gave back after the load
+        self.huge_pages: Optional[Dict[str, Any]] = None    # what huge_pages advised after the load
         self._last_logits_only = False   # the graph's lm_head computes the last position only (seen by logits())
         self.backend_version = og_version()
 

@@ -52,7 +52,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
 import numpy as np
 
 from edgekit.errors import BundleError, DataError, EdgekitError
-from edgekit.runtime.llmopts import SPIN_KEY, release_model_pages, trim_heap, tune_malloc, with_bos
+from edgekit.runtime.llmopts import SPIN_KEY, huge_pages, release_model_pages, trim_heap, tune_malloc, with_bos
 from edgekit.runtime.llmopts import hold_back as _hold_back  # stop strings held back as the generator does (one rule)
 
 log = logging.getLogger("edgekit.serve")
@@ -825,6 +825,7 @@ def load_llm_release(name: str, sha: str, path: Path, *, threads: Optional[int],
         budget = per_seq * decoder.slots
     tokenizer = _Tokenizer(model_dir, bos)
     trim_heap()   # what the load and the tokenizers' parse of tokenizer.json freed goes back (llmopts.trim_heap)
+    huge_pages()  # the prepacked weights on transparent huge pages (llmopts.huge_pages)
     engine = LLMEngine(decoder, tokenizer, name=name, max_sequences=max_sequences,
                        max_queue=max_queue, kv_budget_tokens=budget, eos_token_ids=eos,
                        labels={"model": name, "version": sha[:VERSION_CHARS]})

@@ -112,7 +112,8 @@ def benchmark(lm, prompt_tokens: int = 128, new_tokens: int = 128, runs: int = 3
                       "load_peak": "VmHWM after load_llm" if load_peak else
                       "unknown: the process had been higher before the load",
                       "libraries": "fresh interpreter after import onnxruntime_genai", "malloc": malloc_tuning(),
-                      "model_pages": getattr(lm, "model_pages", None), "heap_trim": getattr(lm, "heap_trim", None)}
+                      "model_pages": getattr(lm, "model_pages", None), "heap_trim": getattr(lm, "heap_trim", None),
+                      "huge_pages": getattr(lm, "huge_pages", None)}
     reasons = noise_reasons(lat, cond)
     model_bytes = lm.model_bytes()
     kv = lm.kv_bytes_per_token()
