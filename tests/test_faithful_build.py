@@ -51,11 +51,12 @@ def test_rivals_only_where_the_target_has_no_exact_int8():
 
 @pytest.fixture(scope="module")
 def residual_cnn(tmp_path_factory):
-    """A depthwise / BatchNorm / residual CNN trained here on the digits with sensor noise (so that
-    many validation samples sit near a decision boundary), 1988 labelled validation samples."""
-    from residualcnn import train_residual
+    """A depthwise / BatchNorm / residual CNN on the digits with sensor noise (so that many validation
+    samples sit near a decision boundary), 1988 labelled validation samples: the committed model, since
+    training it anew gives another model on another CPU (tests/residualcnn.py)."""
+    from residualcnn import residual_fixture
 
-    return train_residual(tmp_path_factory.mktemp("residual"))
+    return residual_fixture(tmp_path_factory.mktemp("residual"))
 
 
 def test_x86_avx2_onnx_of_a_residual_cnn_keeps_accuracy(residual_cnn, tmp_path, monkeypatch):
