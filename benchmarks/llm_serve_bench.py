@@ -238,10 +238,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _served_name(port: int) -> str:
+    """The id the server gives its one language model (a bundle is served under its manifest's name, a bare
+    folder under the link's, "bench")."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("GET", "/v1/models")
+    r = conn.getresponse()
+    assert r.status == 200, r.read()
+    return json.loads(r.read())["data"][0]["id"]
+
+
 def api_path(port: int, tokens: int):
+    name = _served_name(port)
+
     def stream(i, out, start):
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-        body = json.dumps({"model": "bench", "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": tokens,
+        body = json.dumps({"model": name, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": tokens,
                            "temperature": 0, "ignore_eos": True, "stream": True,
                            "stream_options": {"include_usage": True}}).encode()
         start.wait()
