@@ -20,7 +20,9 @@ Builds (cached under .cache/llm_bench, keyed by the source folder's sha256):
 - llama.cpp: llama-cpp-python (pinned, --llama-cpp-version) installed into the benchmark's own environment
   (.cache/llm_bench/venv: a venv over this interpreter's site-packages, so torch/transformers for the
   converter come from here, that adds llama-cpp-python and sentencepiece): from a wheel in --wheels (default
-  /work/wheels) when one is there, else pip builds PyPI's sdist (about 12 minutes on 2 cores). The GGUF files
+  /work/wheels) when one is there, else pip builds PyPI's sdist into that folder (about 12 minutes on 2 cores;
+  --llama-cmake-args sets its CMAKE_ARGS, 'no-amx' for this CPU's instruction sets without AMX: on a 2-vCPU
+  Intel Xeon VM with AMX, llama.cpp's native build crashed (SIGSEGV) in its AMX kernels at batch > 1). The GGUF files
   come from llama.cpp's own tools: convert_hf_to_gguf.py from that sdist's vendor/llama.cpp (with its
   gguf-py) writes F16, and llama.cpp's quantizer (llama_cpp.llama_model_quantize, the C API llama-quantize
   calls) makes Q4_0, Q4_K_M and Q8_0 from it.
@@ -271,6 +273,15 @@ class Runner:
         self.tmp = tmp
         self.n = 0
         self.loads: List[float] = []
+        self._system_info: Optional[str] = None
+
+    def llama_system_info(self) -> str:
+        if self._system_info is None:
+            r = subprocess.run([str(self.venv_python), "-c", "import llama_cpp; "
+                                "print(llama_cpp.llama_print_system_info().decode(errors='replace'))"],
+                               capture_output=True, text=True, timeout=120)
+            self._system_info = r.stdout if r.returncode == 0 else ""
+        return self._system_info
 
     def __call__(self, op: str, spec: Dict[str, Any], timeout: float = 3600) -> Dict[str, Any]:
         self.n += 1
@@ -282,7 +293,13 @@ class Runner:
         r = subprocess.run([py, str(Path(__file__).resolve()), "--worker", op, str(sp), str(op_out)],
                            capture_output=True, text=True, timeout=timeout, env=env)
         if r.returncode != 0:
-            raise RuntimeError(f"worker {op} failed (exit {r.returncode}): {(r.stderr or r.stdout)[-3000:]}")
+            hint = ""
+            if op.startswith("ll_") and r.returncode == -11 and "AMX_INT8 = 1" in self.llama_system_info():
+                hint = (" -- this llama.cpp was built with AMX_INT8, whose kernels crashed (SIGSEGV) at batch > 1 "
+                        "on a 2-vCPU Intel Xeon VM (llama-cpp-python 0.3.36, 2026-12-06; one token at a time ran): "
+                        "build it without AMX (delete .cache/llm_bench/venv, then --llama-cmake-args no-amx with an "
+                        "empty --wheels folder)")
+            raise RuntimeError(f"worker {op} failed (exit {r.returncode}){hint}: {(r.stderr or r.stdout)[-3000:]}")
         res = json.loads(op_out.read_text())
         sp.unlink()
         op_out.unlink()
@@ -297,8 +314,21 @@ def cpu_flags() -> Dict[str, Any]:
             "avx512f": "avx512f" in flags, "avx512_vnni": "avx512_vnni" in flags, "avx_vnni": "avx_vnni" in flags}
 
 
-def pip(py: Path, *args: str, timeout: float = 3600) -> None:
-    r = subprocess.run([str(py), "-m", "pip", *args], capture_output=True, text=True, timeout=timeout)
+def no_amx_cmake_args() -> str:
+    """CMake arguments for llama.cpp with this CPU's x86 instruction sets but without AMX (GGML_NATIVE would
+    compile AMX in where the CPU reports it)."""
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    flags = set(next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []))
+    opts = {"GGML_AVX": "avx", "GGML_AVX2": "avx2", "GGML_BMI2": "bmi2", "GGML_FMA": "fma", "GGML_F16C": "f16c",
+            "GGML_AVX_VNNI": "avx_vnni", "GGML_AVX512": "avx512f", "GGML_AVX512_VBMI": "avx512vbmi",
+            "GGML_AVX512_VNNI": "avx512_vnni", "GGML_AVX512_BF16": "avx512_bf16"}
+    return " ".join(["-DGGML_NATIVE=OFF"] + [f"-D{k}={'ON' if f in flags else 'OFF'}" for k, f in opts.items()]
+                    + ["-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"])
+
+
+def pip(py: Path, *args: str, timeout: float = 3600, env: Optional[Dict[str, str]] = None) -> None:
+    r = subprocess.run([str(py), "-m", "pip", *args], capture_output=True, text=True, timeout=timeout,
+                       env=dict(os.environ, **(env or {})))
     if r.returncode != 0:
         raise RuntimeError(f"pip {' '.join(args)}: {(r.stderr or r.stdout)[-2000:]}")
 
@@ -395,7 +425,7 @@ def edgekit_builds(folder: Path, name: str, target: str, text: Path, sha: str,
 
 # --- llama.cpp ----------------------------------------------------------------------------------------------
 
-def llama_env(version: str, wheels: Path) -> Path:
+def llama_env(version: str, wheels: Path, cmake_args: Optional[str] = None) -> Path:
     """The benchmark's own environment: a venv over this interpreter's packages + llama-cpp-python, sentencepiece."""
     venv = WORK / "venv"
     py = venv / "bin" / "python"
@@ -411,9 +441,19 @@ def llama_env(version: str, wheels: Path) -> Path:
         say(f"pip install {found[-1].name} (+ sentencepiece) into {venv}")
         pip(py, "install", "-q", str(found[-1]), "sentencepiece")
     else:
+        if cmake_args == "no-amx":
+            cmake_args = no_amx_cmake_args()
         say(f"no llama-cpp-python {version} wheel in {wheels}: pip builds PyPI's sdist "
-            "(about 12 minutes on 2 cores; pip caches the wheel for later runs)")
-        pip(py, "install", "-q", f"llama-cpp-python=={version}", "sentencepiece", timeout=7200)
+            f"(about 12 minutes on 2 cores{'; CMAKE_ARGS=' + cmake_args if cmake_args else ''}; "
+            "the wheel is written to that folder for later runs)")
+        wheels.mkdir(parents=True, exist_ok=True)
+        # its own wheel, not pip's cache: the cache keys a build by the sdist alone, whatever CMAKE_ARGS said
+        pip(py, "wheel", "-q", "--no-cache-dir", "--no-deps", "-w", str(wheels), f"llama-cpp-python=={version}",
+            timeout=7200, env={"CMAKE_ARGS": cmake_args} if cmake_args else None)
+        found = sorted(wheels.glob(f"llama_cpp_python-{version}-*.whl"))
+        if not found:
+            raise RuntimeError(f"pip wheel llama-cpp-python=={version} wrote no wheel to {wheels}")
+        pip(py, "install", "-q", str(found[-1]), "sentencepiece")
     return py
 
 
@@ -785,7 +825,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help="edgekit: ORT's intra-op threads busy-wait between ops (on), sleep (off), or as the bundle's "
                          "genai_config says (profile: the x86 profiles turn it off)")
     ap.add_argument("--llama-cpp-version", default=LLAMA_CPP_VERSION)
-    ap.add_argument("--wheels", default="/work/wheels", help="folder with a llama-cpp-python wheel")
+    ap.add_argument("--wheels", default="/work/wheels", help="folder with a llama-cpp-python wheel (one built "
+                    "there when none is)")
+    ap.add_argument("--llama-cmake-args", help="CMAKE_ARGS for building llama-cpp-python from its sdist (when "
+                    "--wheels has no wheel); 'no-amx': this CPU's x86 instruction sets without AMX")
     ap.add_argument("--quick", action="store_true", help="1 thread, prompt 32, 16 tokens, 1 round, 256 eval tokens")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "llm_bench.json"))
     ap.add_argument("--md", help="also write the tables to this file")
@@ -822,7 +865,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ek_rows = edgekit_builds(folder, name, target, Path(args.text), sha, ek_precs, reuse=args.reuse_builds)
     tmp = Path(tempfile.mkdtemp(prefix="run-", dir=WORK))
     try:
-        py = llama_env(args.llama_cpp_version, Path(args.wheels))
+        py = llama_env(args.llama_cpp_version, Path(args.wheels), args.llama_cmake_args)
         run = Runner(py, tmp)
         ll_info = run("ll_info", {})
         ll_rows = llama_builds(folder, name, py, run, sha, dims, ll_types, args.llama_cpp_version)
