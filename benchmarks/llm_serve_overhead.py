@@ -3,6 +3,7 @@ at several ORT intra-op thread counts and spinning settings, with every thread's
 
     flock /tmp/edgekit-bench.lock python benchmarks/llm_serve_overhead.py [--synth 1024x8] [--configs 1s,1n,2s,2n]
         [--streams 1] [--tokens 256] [--rounds 6] [--pairs N] [--out llm_serve_bench_overhead.json]
+    python benchmarks/llm_serve_overhead.py --merge A.json B.json ... --out C.json   (the pairs of A, B as one)
 
 A config is THREADS followed by s (ORT's intra-op threads spin between parallel sections: ORT's default) or n
 (they block). For each config the script starts one server (`python -m edgekit.serve --threads T`, the
@@ -249,12 +250,17 @@ def pairs(args) -> None:
         subprocess.run([sys.executable, __file__, *argv, "--out", str(part)], check=True)
         runs.append(json.loads(part.read_text()))
         part.unlink()
+    write_pairs(runs, out)
+
+
+def write_pairs(runs: List[Dict], out: Path, sources: List[str] = ()) -> None:
+    """The median over process pairs (`runs`: one single run's result each) of each config's paired figure."""
     summary = []
-    for row in runs[0]["summary"]:
-        same = [r for run in runs for r in run["summary"]
-                if r["config"] == row["config"] and r["streams"] == row["streams"]]
+    keys = list(dict.fromkeys((r["config"], r["streams"]) for run in runs for r in run["summary"]))
+    for config, streams in keys:
+        same = [r for run in runs for r in run["summary"] if r["config"] == config and r["streams"] == streams]
         ovh = [r["api_overhead_paired"] for r in same]
-        summary.append({"config": row["config"], "streams": row["streams"], "pairs": len(same),
+        summary.append({"config": config, "streams": streams, "pairs": len(same),
                         "api_overhead_paired_per_pair": [round(x, 4) for x in ovh],
                         "api_overhead_median_over_pairs": float(np.median(ovh)),
                         "engine_tok_s_per_pair": [round(r["engine_tok_s"], 1) for r in same],
@@ -265,8 +271,36 @@ def pairs(args) -> None:
         print(f"c{x['streams']} {x['config']}: API under in-process, median over {len(same)} process pairs "
               f"{x['api_overhead_median_over_pairs'] * 100:+.1f}% (per pair "
               f"{', '.join(f'{v * 100:+.1f}%' for v in ovh)}); load {x['load'][0]:.2f}-{x['load'][1]:.2f}")
-    out.write_text(json.dumps({"pairs": args.pairs, "summary": summary, "runs": runs}, indent=1) + "\n")
+    doc = {"pairs": len(runs), "summary": summary, "runs": runs}
+    if sources:
+        doc["merged_from"] = list(sources)
+    out.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"wrote {out}")
+
+
+def merge(files: List[str], out: Path) -> None:
+    """--merge: the process pairs of earlier runs' files (a --pairs run's, or a single run's) as one median;
+    they must share the model and the tokens a stream."""
+    def fail(msg):
+        print(f"--merge: {msg}", file=sys.stderr)
+        raise SystemExit(2)
+
+    runs = []
+    for f in files:
+        try:
+            doc = json.loads(Path(f).read_text())
+        except (OSError, ValueError) as e:
+            fail(f"cannot read {f}: {e}")
+        if "pairs" in doc:
+            runs.extend(doc["runs"])
+        elif "summary" in doc:
+            runs.append(doc)
+        else:
+            fail(f"{f} is not a result of this script (no summary)")
+    kinds = {(Path(r["model"]).name, r["tokens_per_stream"]) for r in runs}
+    if len(kinds) > 1:
+        fail(f"the files measured different models or tokens a stream: {sorted(kinds)}")
+    write_pairs(runs, out, [Path(f).name for f in files])
 
 
 def main() -> None:
@@ -282,7 +316,13 @@ def main() -> None:
                     help="run the whole measurement this many times, each in fresh processes (a server and this "
                          "script), and give the median of their paired figures: one pair of processes keeps an "
                          "offset of its own over all its rounds")
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="measure nothing: the median over all the process pairs of these earlier results "
+                         "(--pairs runs or single runs), written to --out")
     args = ap.parse_args()
+    if args.merge:
+        out = Path(args.out) if "/" in args.out else ROOT / "benchmarks" / "results" / args.out
+        return merge(args.merge, out)
     if args.pairs > 1:
         return pairs(args)
     cache = ROOT / "benchmarks" / ".cache"
