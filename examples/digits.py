@@ -12,7 +12,6 @@ Seconds on a laptop CPU, no download. Writes:
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import numpy as np
@@ -44,8 +43,9 @@ def build_model(width: float = 1.0):
 
 
 def train(out_dir: Path, epochs: int = 15, seed: int = 0) -> Path:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import keras
+    from edgekit.convert.native import import_keras_quietly
+
+    keras = import_keras_quietly()     # TensorFlow's start-up lines ignore TF_CPP_MIN_LOG_LEVEL
 
     keras.utils.set_random_seed(seed)
     (xt, yt), (xv, yv) = digits_data(seed)
