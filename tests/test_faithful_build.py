@@ -60,7 +60,7 @@ def residual_cnn(tmp_path_factory):
 
 
 def test_x86_avx2_onnx_of_a_residual_cnn_keeps_accuracy(residual_cnn, tmp_path, monkeypatch):
-    """The profile's u8 x 7-bit build meets the floor and loses about a point of accuracy; u8 x u8 keeps
+    """The profile's u8 x 7-bit build meets the floor and loses accuracy (half a point here); u8 x u8 keeps
     it at about the same speed on the target, so it ships; the VNNI target's build has no such rival.
     Speed comes from the profile's own measurement (+3%) on every host: timed live on an AVX2 CI machine, a
     noisy run could read u8 x u8 past the 5% slack (the timed path is the rule's, tested in test_the_rule)."""
