@@ -22,7 +22,8 @@ Builds (cached under .cache/llm_bench, keyed by the source folder's sha256):
   converter come from here, that adds llama-cpp-python and sentencepiece): from a wheel in --wheels (default
   /work/wheels) when one is there, else pip builds PyPI's sdist into that folder (about 12 minutes on 2 cores;
   --llama-cmake-args sets its CMAKE_ARGS, 'no-amx' for this CPU's instruction sets without AMX: on a 2-vCPU
-  Intel Xeon VM with AMX, llama.cpp's native build crashed (SIGSEGV) in its AMX kernels at batch > 1). The GGUF files
+  Intel Xeon VM with AMX, llama.cpp's native build crashed (SIGSEGV) in its AMX kernels on batches of 32 and
+  64 tokens). The GGUF files
   come from llama.cpp's own tools: convert_hf_to_gguf.py from that sdist's vendor/llama.cpp (with its
   gguf-py) writes F16, and llama.cpp's quantizer (llama_cpp.llama_model_quantize, the C API llama-quantize
   calls) makes Q4_0, Q4_K_M and Q8_0 from it.
@@ -295,8 +296,8 @@ class Runner:
         if r.returncode != 0:
             hint = ""
             if op.startswith("ll_") and r.returncode == -11 and "AMX_INT8 = 1" in self.llama_system_info():
-                hint = (" -- this llama.cpp was built with AMX_INT8, whose kernels crashed (SIGSEGV) at batch > 1 "
-                        "on a 2-vCPU Intel Xeon VM (llama-cpp-python 0.3.36, 2026-12-06; one token at a time ran): "
+                hint = (" -- this llama.cpp was built with AMX_INT8, whose kernels crashed (SIGSEGV) on batches "
+                        "of 32+ tokens on a 2-vCPU Intel Xeon VM (llama-cpp-python 0.3.36, 2026-12-06; one token at a time ran): "
                         "build it without AMX (delete .cache/llm_bench/venv, then --llama-cmake-args no-amx with an "
                         "empty --wheels folder)")
             raise RuntimeError(f"worker {op} failed (exit {r.returncode}){hint}: {(r.stderr or r.stdout)[-3000:]}")
