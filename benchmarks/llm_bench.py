@@ -297,7 +297,8 @@ class Runner:
             hint = ""
             if op.startswith("ll_") and r.returncode == -11 and "AMX_INT8 = 1" in self.llama_system_info():
                 hint = (" -- this llama.cpp was built with AMX_INT8, whose kernels crashed (SIGSEGV) on batches "
-                        "of 32+ tokens on a 2-vCPU Intel Xeon VM (llama-cpp-python 0.3.36, 2026-12-06; one token at a time ran): "
+                        "of 32+ tokens on a 2-vCPU Intel Xeon VM (llama-cpp-python 0.3.36, 2026-12-06; one token "
+                        "at a time ran): "
                         "build it without AMX (delete .cache/llm_bench/venv, then --llama-cmake-args no-amx with an "
                         "empty --wheels folder)")
             raise RuntimeError(f"worker {op} failed (exit {r.returncode}){hint}: {(r.stderr or r.stdout)[-3000:]}")
