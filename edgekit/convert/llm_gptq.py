@@ -52,32 +52,14 @@ def minmax_params(x, bits: int = 4):
 
 
 def kquant_params(x, bits: int = 4):
-    """x [rows, block] -> (scale, zero point) as ONNX Runtime's k_quant chooses them (llama.cpp make_qkx2: 20
-    candidate grids, weighted squared error, weights sqrt(mean x^2) + |x|). Same search as
-    llm_sensitivity.kquant_fake."""
+    """x [rows, block] -> (scale, zero point) as ONNX Runtime's k_quant chooses them (llm_sensitivity.kquant_search;
+    a zero scale becomes 1)."""
     import torch
 
-    block = x.shape[1]
+    from edgekit.convert.llm_sensitivity import kquant_search
+
     maxq = 2 ** bits - 1
-    wt = torch.sqrt((x * x).sum(1, keepdim=True) / block) + x.abs()
-    rmin, rmax = x.min(1, keepdim=True).values, x.max(1, keepdim=True).values
-    sum_w, sum_x = wt.sum(1, keepdim=True), (wt * x).sum(1, keepdim=True)
-    rng = rmax - rmin
-    ok = rng != 0
-    safe = torch.where(ok, rng, torch.ones_like(rng))
-    scale = torch.where(ok, safe / maxq, torch.ones_like(rng))
-    q = torch.clamp(torch.round((x - rmin) / scale), 0, maxq)
-    best = (wt * (scale * q + rmin - x) ** 2).sum(1, keepdim=True)
-    for i in range(20):
-        iscale = torch.where(ok, (-1 + 0.1 * i + maxq) / safe, torch.ones_like(rng))
-        qn = torch.clamp(torch.round(iscale * (x - rmin)), 0, maxq)
-        wq = wt * qn
-        sl, sl2, sxl = wq.sum(1, keepdim=True), (wq * qn).sum(1, keepdim=True), (wq * x).sum(1, keepdim=True)
-        d = sum_w * sl2 - sl * sl
-        ts, tm = (sum_w * sxl - sum_x * sl) / d, (sl2 * sum_x - sl * sxl) / d
-        mad = (wt * (ts * qn + tm - x) ** 2).sum(1, keepdim=True)
-        rep = (mad < best) & torch.isfinite(mad)
-        best, scale, rmin = torch.where(rep, mad, best), torch.where(rep, ts, scale), torch.where(rep, tm, rmin)
+    scale, rmin = kquant_search(x, bits)
     scale = torch.where(scale != 0, scale, torch.ones_like(scale))
     zp = torch.clamp(torch.round(-rmin / scale), 0, maxq)
     return scale, zp

@@ -41,15 +41,13 @@ CALIBRATION_PROMPTS = (
 _PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
-def kquant_fake(w, block: int, bits: int):
-    """k-quant (the builder's algo_config=k_quant: ONNX Runtime's quant_tensor_k_quant_cpu, llama.cpp's
-    make_qkx2 search): per block of `block` weights along the input dimension, an asymmetric scale and minimum
-    chosen among 20 candidate grids by weighted squared error; returned dequantized (float)."""
+def kquant_search(x, bits: int):
+    """x [rows, block] -> (scale, minimum) per row as k-quant chooses them (the builder's algo_config=k_quant:
+    ONNX Runtime's quant_tensor_k_quant_cpu, llama.cpp's make_qkx2): among 20 candidate grids, the least
+    squared error weighted by sqrt(mean x^2) + |x|."""
     import torch
 
-    out_f, in_f = w.shape
-    pad = (-in_f) % block
-    x = torch.nn.functional.pad(w.float(), (0, pad)).reshape(-1, block)
+    block = x.shape[1]
     maxq = 2 ** bits - 1
     wt = torch.sqrt((x * x).sum(1, keepdim=True) / block) + x.abs()
     rmin, rmax = x.min(1, keepdim=True).values, x.max(1, keepdim=True).values
@@ -70,6 +68,19 @@ def kquant_fake(w, block: int, bits: int):
         mad = (wt * (ts * qn + tm - x) ** 2).sum(1, keepdim=True)
         rep = (mad < best) & torch.isfinite(mad)
         best, scale, rmin = torch.where(rep, mad, best), torch.where(rep, ts, scale), torch.where(rep, tm, rmin)
+    return scale, rmin
+
+
+def kquant_fake(w, block: int, bits: int):
+    """k-quant (kquant_search) per block of `block` weights along the input dimension, an asymmetric scale and
+    minimum per block; returned dequantized (float)."""
+    import torch
+
+    out_f, in_f = w.shape
+    pad = (-in_f) % block
+    x = torch.nn.functional.pad(w.float(), (0, pad)).reshape(-1, block)
+    maxq = 2 ** bits - 1
+    scale, rmin = kquant_search(x, bits)
     zp = torch.clamp(torch.round(-rmin / scale), 0, maxq)
     deq = (torch.clamp(torch.round(x / scale + zp), 0, maxq) - zp) * scale
     return deq.reshape(out_f, -1)[:, :in_f].contiguous()
