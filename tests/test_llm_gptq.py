@@ -13,7 +13,7 @@ import pytest
 
 import onnxruntime_genai  # noqa: F401  (edgekit[llm-convert], in dev: missing must fail, not skip)
 
-from tinylm import corpus_text, tiny_lm  # noqa: F401  (a session fixture)
+from tinylm import corpus_text, tied_lm, tiny_lm  # noqa: F401  (session fixtures)
 
 from edgekit.convert import llm_gptq as g
 
@@ -154,29 +154,18 @@ def test_awq_folding_is_exact_in_float(tiny_lm):
     del torch
 
 
-def test_tied_lm_head_reblocked(tiny_lm, tmp_path):
+def test_tied_lm_head_reblocked(tied_lm, tmp_path):
     """A tied model's INT8 lm_head re-rounded at block 64 (head_block): the embedding's GatherBlockQuantized reads
     the new table (block_size 64, aliased to the lm_head's bytes by llm_graph after the rewrite), the build is
     smaller than the builder's block-32 head, and ORT GenAI generates from it."""
-    import shutil
-
     import onnx
-    from safetensors.torch import load_file, save_file
 
     from edgekit.convert.llm import LLMBuildOptions, read_source, run_builder, weight_bytes
     from edgekit.convert.llm_fidelity import FloatModel
     from edgekit.runtime.llm import load_llm
 
-    d = tmp_path / "tiny-tied"
-    shutil.copytree(tiny_lm, d)
-    cfg = json.loads((d / "config.json").read_text())
-    cfg["tie_word_embeddings"] = True
-    (d / "config.json").write_text(json.dumps(cfg, indent=2))
-    w = load_file(str(d / "model.safetensors"))
-    w["model.embed_tokens.weight"] = w.pop("lm_head.weight").contiguous()
-    save_file(w, str(d / "model.safetensors"), metadata={"format": "pt"})
-    src = read_source(str(d))
-    fm = FloatModel(d, threads=1)
+    src = read_source(str(tied_lm))
+    fm = FloatModel(tied_lm, threads=1)
     text = fm.text_windows(corpus_text(200, seed=11), "held-out", 384, 128)
     figs, sizes, decoder = {}, {}, {}
     for hb in (0, 64):

@@ -10,11 +10,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 import onnxruntime_genai  # noqa: F401  (edgekit[llm-convert], in dev: missing must fail, not skip)
 
-from tinylm import corpus_text, tiny_lm  # noqa: F401  (a session fixture)
+from tinylm import corpus_text, tied_lm, tiny_lm  # noqa: F401  (session fixtures)
 
 from edgekit.convert import llm as llm_mod
 from edgekit.convert.llm_graph import NOTE, alias_tied_embedding, embedding_summary, initializer_bytes
@@ -22,24 +21,6 @@ from edgekit.convert.llm_graph import NOTE, alias_tied_embedding, embedding_summ
 
 def _sha(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
-
-
-@pytest.fixture(scope="module")
-def tied_lm(tiny_lm, tmp_path_factory) -> Path:
-    """The tiny Llama with tied embeddings: its trained lm_head is the table both ends read."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    d = tmp_path_factory.mktemp("tied") / "tiny-tied"
-    shutil.copytree(tiny_lm, d)
-    cfg = json.loads((d / "config.json").read_text())
-    cfg["tie_word_embeddings"] = True
-    (d / "config.json").write_text(json.dumps(cfg, indent=2))
-    w = load_file(str(d / "model.safetensors"))
-    w["model.embed_tokens.weight"] = w.pop("lm_head.weight").contiguous()
-    save_file(w, str(d / "model.safetensors"), metadata={"format": "pt"})
-    return d
 
 
 def _gbq_inputs(model_dir: Path):

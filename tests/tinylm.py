@@ -143,3 +143,21 @@ def make_tiny_lm(folder, seed: int = 0, steps: int = 150, layers: int = 4, hidde
 def tiny_lm(tmp_path_factory) -> Path:
     """A tiny Llama causal LM (HF folder) trained for this test session."""
     return make_tiny_lm(tmp_path_factory.mktemp("tinylm") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tied_lm(tiny_lm, tmp_path_factory) -> Path:
+    """The tiny Llama with tied embeddings: its trained lm_head is the table both ends read."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path_factory.mktemp("tied") / "tiny-tied"
+    shutil.copytree(tiny_lm, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["tie_word_embeddings"] = True
+    (d / "config.json").write_text(json.dumps(cfg, indent=2))
+    w = load_file(str(d / "model.safetensors"))
+    w["model.embed_tokens.weight"] = w.pop("lm_head.weight").contiguous()
+    save_file(w, str(d / "model.safetensors"), metadata={"format": "pt"})
+    return d
