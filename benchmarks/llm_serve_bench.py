@@ -53,7 +53,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -248,15 +248,20 @@ def _served_name(port: int) -> str:
     return json.loads(r.read())["data"][0]["id"]
 
 
-def api_path(port: int, tokens: int):
+def api_path(port: int, tokens: int, client_tids: Optional[set] = None):
+    """client_tids: when given, each stream's thread id goes into it and its CPU time is measured
+    (client_cpu_ms_per_token in each round's summary)."""
     name = _served_name(port)
 
     def stream(i, out, start):
+        if client_tids is not None:
+            client_tids.add(threading.get_native_id())
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
         body = json.dumps({"model": name, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": tokens,
                            "temperature": 0, "ignore_eos": True, "stream": True,
                            "stream_options": {"include_usage": True}}).encode()
         start.wait()
+        cpu0 = time.thread_time()
         rec = {"t0": time.perf_counter(), "times": []}
         conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
         r = conn.getresponse()
@@ -280,6 +285,7 @@ def api_path(port: int, tokens: int):
         conn.close()
         if usage_tokens:  # tokens that decoded to no text still count (as arriving with the last piece)
             rec["times"] += [rec["times"][-1]] * (usage_tokens - len(rec["times"]))
+        rec["cpu"] = time.thread_time() - cpu0
         out[i] = rec
 
     def one_round(c):
@@ -290,14 +296,18 @@ def api_path(port: int, tokens: int):
             t.start()
         for t in ts:
             t.join()
-        return _summary(out)
+        r = _summary(out)
+        if client_tids is not None:
+            r["client_cpu_ms_per_token"] = sum(o["cpu"] for o in out) / r["tokens"] * 1e3
+        return r
 
     return one_round, (lambda: None)
 
 
-def start_server(model_dir: Path, threads: int, log: Path, interval_ms=None) -> (subprocess.Popen, int):
+def start_server(model_dir: Path, threads: int, log: Path, interval_ms=None, name: str = "bench",
+                 timeout_s: float = 120) -> (subprocess.Popen, int):
     port = _free_port()
-    link = log.parent / "bench"   # the model is served under the name "bench"
+    link = log.parent / name   # a bare folder is served under the link's name
     if link.is_symlink() or link.exists():
         link.unlink()
     link.symlink_to(model_dir.resolve(), target_is_directory=True)
@@ -306,7 +316,7 @@ def start_server(model_dir: Path, threads: int, log: Path, interval_ms=None) -> 
                              str(threads), "--max-sequences", "8", "--no-check", *interval],
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=str(ROOT),
                             env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"the server exited:\n{log.read_text()}")
@@ -316,7 +326,7 @@ def start_server(model_dir: Path, threads: int, log: Path, interval_ms=None) -> 
         except OSError:
             time.sleep(0.1)
     proc.kill()
-    raise SystemExit("the server did not listen within 120 s")
+    raise SystemExit(f"the server did not listen within {timeout_s:g} s")
 
 
 # -- a long prompt arriving while a stream decodes ----------------------------------------------------------

@@ -20,13 +20,10 @@ status): an involuntary switch is a thread preempted while it wanted to run.
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 from typing import Dict, List
 
@@ -37,7 +34,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from llm_serve_bench import PROMPTS, _free_port, _summary, build_model, conditions  # noqa: E402
+from llm_serve_bench import api_path, build_model, conditions, engine_path, start_server  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 SPIN_KEY = "session.intra_op.allow_spinning"
@@ -93,117 +90,15 @@ def thread_deltas(pid: int, before: Dict[int, Dict], tokens: int, skip=()) -> Li
 
 
 def engine_runner(model_dir: Path, threads: int, tokens: int):
-    from edgekit.runtime.llm_batch import GenSequence, SamplingParams, load_llm_release
+    """llm_serve_bench's in-process engine; no client threads, so no client CPU."""
+    one_round, close = engine_path(model_dir, threads, tokens)
 
-    rel = load_llm_release("bench", "0" * 64, model_dir, threads=threads, check=False, max_sequences=8,
-                           max_queue=8, kv_cache_mb=None)
-    ids = [rel.tokenizer.encode(p) for p in PROMPTS]
-
-    def one_round(c):
-        done = threading.Semaphore(0)
-        recs = []
-        for i in range(c):
-            rec = {"t0": time.perf_counter(), "times": []}
-            recs.append(rec)
-
-            def on_events(evs, rec=rec):
-                now = time.perf_counter()
-                for kind, _ in evs:
-                    if kind == "text":
-                        rec["times"].append(now)
-                    else:
-                        done.release()
-
-            seq = GenSequence(ids[i % len(ids)], SamplingParams(max_tokens=tokens, temperature=0.0,
-                                                                  ignore_eos=True), on_events)
-            rec["seq"] = seq
-            rel.engine.submit(seq)
-        for _ in range(c):
-            done.acquire()
-        for rec in recs:
-            rec["times"] = rec["times"] + [rec["times"][-1]] * (rec.pop("seq").completion_tokens - len(rec["times"]))
-        r = _summary(recs)
+    def timed(c):
+        r = one_round(c)
         r["client_cpu_ms_per_token"] = 0.0
         return r
 
-    def close():
-        rel.engine.retire()
-        rel.engine.join(10)
-
-    return one_round, close
-
-
-def api_runner(port: int, model: str, tokens: int, client_tids: set):
-    def stream(i, out, start):
-        client_tids.add(threading.get_native_id())
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-        body = json.dumps({"model": model, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": tokens,
-                           "temperature": 0, "ignore_eos": True, "stream": True,
-                           "stream_options": {"include_usage": True}}).encode()
-        start.wait()
-        cpu0 = time.thread_time()
-        rec = {"t0": time.perf_counter(), "times": []}
-        conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
-        r = conn.getresponse()
-        assert r.status == 200, r.read()
-        usage = None
-        while True:
-            line = r.readline()
-            if not line or line.startswith(b"data: [DONE]"):
-                break
-            if not line.startswith(b"data: "):
-                continue
-            now = time.perf_counter()
-            doc = json.loads(line[6:])
-            ch = doc["choices"][0] if doc["choices"] else {"finish_reason": "usage"}
-            if ch["finish_reason"] is None:
-                rec["times"].append(now)
-            if doc.get("usage"):
-                usage = doc["usage"]["completion_tokens"]
-        conn.close()
-        if usage:
-            rec["times"] += [rec["times"][-1]] * (usage - len(rec["times"]))
-        rec["cpu"] = time.thread_time() - cpu0
-        out[i] = rec
-
-    def one_round(c):
-        out = [None] * c
-        start = threading.Barrier(c)
-        ts = [threading.Thread(target=stream, args=(i, out, start)) for i in range(c)]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-        r = _summary(out)
-        r["client_cpu_ms_per_token"] = sum(o["cpu"] for o in out) / r["tokens"] * 1e3
-        return r
-
-    return one_round
-
-
-def start_server(model_dir: Path, name: str, threads: int, log: Path, interval_ms: float = 0.0):
-    port = _free_port()
-    link = log.parent / name
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    link.symlink_to(model_dir.resolve(), target_is_directory=True)
-    proc = subprocess.Popen([sys.executable, "-m", "edgekit.serve", str(link), "--port", str(port), "--threads",
-                             str(threads), "--max-sequences", "8", "--no-check", "--stream-interval-ms", str(interval_ms)],
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=str(ROOT),
-                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited:\n{log.read_text()}")
-        try:
-            c = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-            c.request("GET", "/v1/models")
-            if c.getresponse().status == 200:
-                return proc, port
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("the server did not answer within 180 s")
+    return timed, close
 
 
 def _rounded(x):
@@ -337,12 +232,13 @@ def main() -> None:
         for key, t, spin, extra, gather in configs:
             d = config_dir(model, cache, spin, extra)
             name = "bench" + "".join(ch if ch.isalnum() else "-" for ch in key)
-            proc, port = start_server(d, name, t, cache / f"ovh-server-{name}.log", gather)
+            proc, port = start_server(d, t, cache / f"ovh-server-{name}.log", gather, name=name,
+                                      timeout_s=180)
             servers.append(proc)
             eng, close = engine_runner(d, t, args.tokens)
             runners[key] = {"threads": t, "spinning": spin, "close": close,
                             "paths": [("engine", eng, os.getpid()),
-                                      ("api", api_runner(port, name, args.tokens, client_tids), proc.pid)]}
+                                      ("api", api_path(port, args.tokens, client_tids)[0], proc.pid)]}
         for r in runners.values():          # warm-up
             for _, run, _ in r["paths"]:
                 run(1)
