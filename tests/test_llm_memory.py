@@ -154,11 +154,12 @@ print(json.dumps(trim_heap()))
 def test_trim_heap_hands_freed_heap_pages_back():
     """What a tokenizer's parse leaves (freed blocks below the heap's top) goes back with llmopts.trim_heap."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("EDGEKIT_MALLOC_TUNE", None)
     p = subprocess.run([sys.executable, "-c", _TRIM], capture_output=True, text=True, env=env, timeout=60)
     assert p.returncode == 0, p.stderr
     got = json.loads(p.stdout.strip().splitlines()[-1])
-    if not got["applied"]:
-        pytest.skip(got["why"])
+    if not got["applied"] and "no glibc" in got.get("why", ""):
+        pytest.skip(got["why"])                                        # musl and other C libraries
     assert got["released_mb"] > 40, got      # ~50 MiB freed, all but the pages glibc keeps for its chunk headers
     env["EDGEKIT_MALLOC_TUNE"] = "0"
     p = subprocess.run([sys.executable, "-c", _TRIM], capture_output=True, text=True, env=env, timeout=60)
