@@ -176,6 +176,13 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _MALLOC: Dict[str, Any] = {}
 
 
+def switched_off(var: str) -> bool:
+    """An EDGEKIT_* switch set to 0 / false / no / off (unset: on)."""
+    import os
+
+    return os.environ.get(var, "1").strip().lower() in ("0", "false", "no", "off")
+
+
 def tune_malloc() -> Dict[str, Any]:
     """Fix glibc malloc's mmap and trim thresholds for this process (once; see above): load_llm calls it
     after the load. Process-wide and harmless to other code (it only decides where large blocks live).
@@ -183,9 +190,7 @@ def tune_malloc() -> Dict[str, Any]:
     "mmap_threshold"?, "trim_threshold"?}."""
     if _MALLOC:
         return dict(_MALLOC)
-    import os
-
-    if os.environ.get("EDGEKIT_MALLOC_TUNE", "1").strip().lower() in ("0", "false", "no", "off"):
+    if switched_off("EDGEKIT_MALLOC_TUNE"):
         _MALLOC.update(applied=False, why="EDGEKIT_MALLOC_TUNE=0")
         return dict(_MALLOC)
     try:
@@ -219,31 +224,18 @@ def tune_malloc() -> Dict[str, Any]:
 def trim_heap() -> Dict[str, Any]:
     """malloc_trim(0) (see above); EDGEKIT_MALLOC_TUNE=0 leaves malloc alone. Returns {"applied": bool,
     "released_mb": RSS drop, "why"?: str}."""
-    import os
-
-    if os.environ.get("EDGEKIT_MALLOC_TUNE", "1").strip().lower() in ("0", "false", "no", "off"):
+    if switched_off("EDGEKIT_MALLOC_TUNE"):
         return {"applied": False, "released_mb": 0.0, "why": "EDGEKIT_MALLOC_TUNE=0"}
-    before = _vm_rss_kib()
+    before = rss_mb()["rss_mb"]
     try:
         import ctypes
 
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError) as e:   # not glibc: nothing to trim
         return {"applied": False, "released_mb": 0.0, "why": f"no glibc malloc ({e})"}
-    after = _vm_rss_kib()
-    released = (before - after) / 1024 if before is not None and after is not None else 0.0
+    after = rss_mb()["rss_mb"]
+    released = before - after if before is not None and after is not None else 0.0
     return {"applied": True, "released_mb": round(max(released, 0.0), 1)}
-
-
-def _vm_rss_kib() -> Optional[int]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
 
 
 # Transparent huge pages for the weights. MLAS's prepacked weights (the bulk of a loaded model) live in large
@@ -264,11 +256,10 @@ def huge_pages() -> Dict[str, Any]:
     """Ask for transparent huge pages on this process's large anonymous mappings (see above).
     EDGEKIT_HUGEPAGES=0 leaves them. Returns {"applied": bool, "regions": n, "mb": bytes advised / MiB,
     "collapsed": regions collapsed now, "anon_huge_mb": AnonHugePages after, "ms": time taken, "why"?: str}."""
-    import os
     import time
 
     out: Dict[str, Any] = {"applied": False, "regions": 0, "mb": 0.0, "collapsed": 0, "anon_huge_mb": 0.0, "ms": 0.0}
-    if os.environ.get("EDGEKIT_HUGEPAGES", "1").strip().lower() in ("0", "false", "no", "off"):
+    if switched_off("EDGEKIT_HUGEPAGES"):
         out["why"] = "EDGEKIT_HUGEPAGES=0"
         return out
     try:
@@ -344,7 +335,7 @@ def release_model_pages(model_dir: Any) -> Dict[str, Any]:
     import os
 
     out: Dict[str, Any] = {"applied": False, "mappings": 0, "released_mb": 0.0}
-    if os.environ.get("EDGEKIT_MODEL_PAGEOUT", "1").strip().lower() in ("0", "false", "no", "off"):
+    if switched_off("EDGEKIT_MODEL_PAGEOUT"):
         out["why"] = "EDGEKIT_MODEL_PAGEOUT=0"
         return out
     root = os.path.realpath(str(model_dir)) + os.sep
