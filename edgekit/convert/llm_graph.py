@@ -221,6 +221,7 @@ def embedding_summary(model_dir: os.PathLike) -> Optional[Dict[str, Any]]:
 PRUNE_NOTE = "the lm_head computes the last position's logits only (prefill: one row, not one per prompt token)"
 _LAST = "/lm_head/last_position"
 _AFTER_LM_HEAD = ("Add", "Mul", "Div", "Tanh", "Cast", "Softcap")
+_PRUNING = ("Gather", "Slice", "Unsqueeze")   # what picks the last position before a pruned lm_head
 
 
 def _lm_head(g):
@@ -248,7 +249,7 @@ def prune_lm_head(model_dir: os.PathLike) -> Dict[str, Any]:
     n, src = _lm_head(g)
     if n is None:
         return {"pruned": False, "node": None, "why": "no MatMul found before a logits output"}
-    if src is not None and src.op_type in ("Gather", "Slice", "Unsqueeze"):
+    if src is not None and src.op_type in _PRUNING:
         return {"pruned": True, "node": n.name, "why": f"already pruned (the lm_head reads a {src.op_type})"}
     picked = n.input[0] + "/last_position"
     gather = helper.make_node("Gather", [n.input[0], _LAST], [picked], name="/lm_head/last_position/Gather", axis=1)
@@ -272,7 +273,7 @@ def lm_head_pruned(model_dir: os.PathLike) -> bool:
     import onnx
 
     _, src = _lm_head(onnx.load(str(Path(model_dir) / "model.onnx"), load_external_data=False).graph)
-    return src is not None and src.op_type in ("Gather", "Slice", "Unsqueeze")
+    return src is not None and src.op_type in _PRUNING
 
 
 def unpruned(model_dir: os.PathLike):
@@ -286,10 +287,10 @@ def unpruned(model_dir: os.PathLike):
     model = onnx.load(str(Path(model_dir) / "model.onnx"), load_external_data=False)
     g = model.graph
     n, prev = _lm_head(g)
-    if n is None or prev is None or prev.op_type not in ("Gather", "Slice", "Unsqueeze"):
+    if n is None or prev is None or prev.op_type not in _PRUNING:
         return None
     producer = {o: m for m in g.node for o in m.output}
-    while prev is not None and prev.op_type in ("Gather", "Slice", "Unsqueeze"):
+    while prev is not None and prev.op_type in _PRUNING:
         n.input[0] = prev.input[0]
         prev = producer.get(prev.input[0])
     for o in g.output:
