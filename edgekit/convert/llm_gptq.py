@@ -26,6 +26,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from edgekit.convert.llm_graph import save_with_data
+
 GRIDS = ("kquant", "minmax")
 
 
@@ -693,7 +695,7 @@ def apply(src_path, model_dir, algo: str, block: int, cal_tokens: int = CAL_TOKE
     keep = [t for t in full.graph.initializer if t.name not in drop]
     del full.graph.initializer[:]
     full.graph.initializer.extend(keep + add)
-    _save(full, model_dir)
+    save_with_data(full, model_dir, ".calib-")
     record.update({"nodes": len(plan), "bits": {str(b): sum(1 for _, _, x in plan if x == b) for b in
                                                 sorted({x for _, _, x in plan}, key=str)},
                    "skipped": skipped, "seconds": round(time.monotonic() - t0, 1)})
@@ -742,22 +744,3 @@ def _layers_norms(model) -> Dict[Tuple[int, str], Any]:
             if getattr(layer, name, None) is not None:
                 out[(i, name)] = getattr(layer, name)
     return out
-
-
-def _save(model, model_dir: Path) -> None:
-    """model.onnx + model.onnx.data written beside, then renamed over the builder's (the data file rewritten
-    whole: onnx appends to an existing one)."""
-    import os
-    import shutil
-    import tempfile
-
-    import onnx
-
-    tmp = Path(tempfile.mkdtemp(prefix=".calib-", dir=str(model_dir)))
-    try:
-        onnx.save_model(model, str(tmp / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location="model.onnx.data", size_threshold=1024)
-        os.replace(tmp / "model.onnx.data", model_dir / "model.onnx.data")
-        os.replace(tmp / "model.onnx", model_dir / "model.onnx")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -99,6 +99,25 @@ def _write_atomic(model, path: Path) -> None:
         raise
 
 
+def save_with_data(model, model_dir: Path, prefix: str) -> None:
+    """model.onnx and a whole new model.onnx.data (onnx would append to an existing one) written in a temporary
+    folder inside model_dir, then both renamed over the old ones (for rewrites that change initializers)."""
+    import shutil
+
+    import onnx
+
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=str(model_dir)))
+    try:
+        onnx.save_model(model, str(tmp / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="model.onnx.data", size_threshold=1024)
+        for f in ("model.onnx.data", "model.onnx"):
+            os.chmod(tmp / f, 0o644)
+        os.replace(tmp / "model.onnx.data", Path(model_dir) / "model.onnx.data")
+        os.replace(tmp / "model.onnx", Path(model_dir) / "model.onnx")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def alias_tied_embedding(model_dir: os.PathLike) -> Dict[str, Any]:
     """Replace the builder's Reshape(initializer) -> GatherBlockQuantized of a tied embedding by an initializer
     aliasing the same external bytes (see the module's docstring). Rewrites model_dir/model.onnx when the pattern
@@ -302,4 +321,4 @@ def unpruned(model_dir: os.PathLike):
 
 
 __all__ = ["alias_tied_embedding", "embedding_summary", "initializer_bytes", "lm_head_pruned", "prune_lm_head",
-           "unpruned", "NOTE", "PRUNE_NOTE"]
+           "save_with_data", "unpruned", "NOTE", "PRUNE_NOTE"]

@@ -34,13 +34,12 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from edgekit.convert.llm_graph import save_with_data
 from edgekit.errors import SourceModelError
 
 RECORD = "edgekit_factorize.json"      # in the factorized Hugging Face folder
@@ -327,7 +326,7 @@ def apply(src_dir: os.PathLike, model_dir: os.PathLike, algo: str = "k_quant") -
         fresh = [t for t in g.initializer if t.name not in gone] + new_inits
         del g.initializer[:]
         g.initializer.extend(fresh)
-        _save(model, model_dir)
+        save_with_data(model, model_dir, ".lowrank-")
     rec = {"source": str(src_dir), "algo": algo, "layers": layers, "left": left,
            "factorized": len(layers), "left_alone": len(left),
            "bytes_before": sum(v["bytes_before"] for v in layers.values()),
@@ -340,22 +339,6 @@ def apply(src_dir: os.PathLike, model_dir: os.PathLike, algo: str = "k_quant") -
 def _layer_order(name: str):
     m = re.search(r"layers\.(\d+)\.", name)
     return (int(m.group(1)) if m else -1, name)
-
-
-def _save(model, model_dir: Path) -> None:
-    """model.onnx + model.onnx.data written beside, then both renamed into place."""
-    import onnx
-
-    tmp = Path(tempfile.mkdtemp(prefix=".lowrank-", dir=model_dir))
-    try:
-        onnx.save_model(model, str(tmp / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location="model.onnx.data", size_threshold=1024)
-        for f in ("model.onnx.data", "model.onnx"):
-            os.chmod(tmp / f, 0o644)
-        os.replace(tmp / "model.onnx.data", model_dir / "model.onnx.data")
-        os.replace(tmp / "model.onnx", model_dir / "model.onnx")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def summary(model_dir: os.PathLike) -> Optional[Dict[str, Any]]:
