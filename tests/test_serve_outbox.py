@@ -91,8 +91,12 @@ def test_auto_stream_interval_gathers_only_where_the_decode_threads_take_every_c
     api._cpus = 2
     assert api.interval_for(SimpleNamespace(threads=2)) == AUTO_STREAM_INTERVAL_MS / 1000
     assert api.interval_for(SimpleNamespace(threads=1)) == 0.0
-    default = LLMApi([], None, read_body=None, authorized=None)       # the default: a write per token
-    assert default.interval_for(SimpleNamespace(threads=2)) == 0.0
+    default = LLMApi([], None, read_body=None, authorized=None)       # the default: auto
+    default._cpus = 2
+    assert default.interval_for(SimpleNamespace(threads=2)) == AUTO_STREAM_INTERVAL_MS / 1000
+    assert default.interval_for(SimpleNamespace(threads=1)) == 0.0
+    per_token = LLMApi([], None, read_body=None, authorized=None, stream_interval_ms=0)
+    assert per_token.interval_for(SimpleNamespace(threads=2)) == 0.0    # 0: a write per token, asked for
     fixed = LLMApi([], None, read_body=None, authorized=None, stream_interval_ms=7)
     assert fixed.interval_for(SimpleNamespace(threads=1)) == 0.007    # an explicit value wins
     assert stream_interval("auto") is None and stream_interval(None) is None and stream_interval("7.5") == 7.5
@@ -112,6 +116,7 @@ def test_the_servers_interval_reaches_the_api():
     add_arguments(p)
     m = Metrics()
     e = Engine(max_concurrency=1, max_queue=1, max_batch=1, max_delay_ms=2.0, metrics=m, inline_ms=2.0)
-    for argv, want in (([], 0.0), (["--stream-interval-ms", "auto"], None), (["--stream-interval-ms", "20"], 0.02)):
+    for argv, want in (([], None), (["--stream-interval-ms", "auto"], None), (["--stream-interval-ms", "0"], 0.0),
+                       (["--stream-interval-ms", "20"], 0.02)):
         cfg = config_from(p.parse_args(["x"] + argv))
         assert App([], e, m, stream_interval_ms=cfg.stream_interval_ms).llm.stream_interval == want, argv

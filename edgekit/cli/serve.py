@@ -46,10 +46,10 @@ from edgekit.cli.render import serving_table
 @click.option("--kv-cache-mb", type=float, help="Language models: KV-cache memory for all sequences "
                                                 "(default: each sequence can fill the context).")
 @click.option("--log-prompts", is_flag=True, help="Log prompts and generated text (default: token counts only).")
-@click.option("--stream-interval-ms", default="0", show_default=True, metavar="MS|auto",
+@click.option("--stream-interval-ms", default="auto", show_default=True, metavar="MS|auto",
               help="Language models: write a stream at most this often; pieces that come faster are sent "
-                   "together, each still its own event (0: one write per token; auto: 20 when the model's "
-                   "threads take every CPU, else 0).")
+                   "together, each still its own event (auto: 20 when the model's threads take every CPU, "
+                   "else 0; 0: one write per token).")
 def serve(paths, stop, show_status, **opts):
     """Serve bundles over KServe's Open Inference Protocol v2 (HTTP/REST, binary tensors), and
     language models also over the OpenAI-compatible API (/v1/chat/completions, /v1/completions,

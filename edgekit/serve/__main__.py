@@ -59,10 +59,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="language models: KV-cache memory for all sequences (default: each can fill the context)")
     p.add_argument("--log-prompts", action="store_true",
                    help="log prompts and generated text (by default only token counts are logged)")
-    p.add_argument("--stream-interval-ms", type=stream_interval, default=0.0, metavar="MS|auto",
+    p.add_argument("--stream-interval-ms", type=stream_interval, default=None, metavar="MS|auto",
                    help="language models: write a stream at most this often; pieces that come faster are sent "
-                        "together, each still its own event (default 0: one write per token; auto: 20 when the "
-                        "model's threads take every CPU, else 0)")
+                        "together, each still its own event (default auto: 20 when the model's threads take "
+                        "every CPU, else 0; 0: one write per token)")
     p.add_argument("--http", default="auto", choices=["auto", "h11", "httptools"],
                    help="HTTP parser: auto (default) uses httptools (and uvloop) when installed, else h11")
 
@@ -78,7 +78,7 @@ def config_from(args) -> "object":
             raise ServeError(f"cannot read --token-file {args.token_file}: {e.strerror}") from None
     token = token or os.environ.get(TOKEN_ENV) or None
     try:
-        interval = stream_interval(getattr(args, "stream_interval_ms", 0.0))
+        interval = stream_interval(getattr(args, "stream_interval_ms", None))
     except ValueError as e:
         raise ServeError(f"--stream-interval-ms: {e}") from None
     return ServeConfig(host=args.host, port=args.port, token=token, insecure=args.insecure,

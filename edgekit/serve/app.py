@@ -44,7 +44,7 @@ class App:
                  token: Optional[str] = None, max_body: int = 64 << 20, poll_interval: float = 1.0,
                  load_kwargs: Optional[Dict[str, Any]] = None, llm_entries: Optional[list] = None,
                  llm_kwargs: Optional[Dict[str, Any]] = None, log_prompts: bool = False,
-                 stream_interval_ms: Optional[float] = 0.0):
+                 stream_interval_ms: Optional[float] = None):
         from edgekit.serve.openai_api import LLMApi
 
         llm_entries = list(llm_entries or [])

@@ -58,7 +58,7 @@ class ServeConfig:
     kv_cache_mb: Optional[float] = None   # None: every slot can hold the whole context
     log_prompts: bool = False
     # a stream's pieces written at most this often (faster ones gathered); None: auto (openai_api)
-    stream_interval_ms: Optional[float] = 0.0
+    stream_interval_ms: Optional[float] = None   # None: auto (openai_api.auto_stream_interval_ms)
 
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
