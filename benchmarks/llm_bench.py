@@ -43,8 +43,9 @@ Figures:
   (prompt tokens over the prompt pass), decode tok/s (tokens after the first over their time), peak RSS of the
   process (VmHWM: Python, weights, KV cache), load time. edgekit: LanguageModel.benchmark() (runtime.llmbench);
   llama.cpp: the same loop over Llama.eval and the context's logits. edgekit's ONNX Runtime threads spin
-  between ops or sleep as the bundle's genai_config says (the x86 profiles: sleep), or as --spinning on/off
-  sets (llama.cpp's threads spin); the load-time probe that would choose is not run (threads are given). The prompt: runtime.llmbench's text,
+  between ops or sleep as the runtime chooses at the given count (--spinning auto, the default: timed both ways
+  at the first load and cached, runtime.llmthreads.choose_spinning), as the bundle's genai_config says
+  (--spinning profile; the x86 profiles: sleep), or as --spinning on/off sets (llama.cpp's threads spin). The prompt: runtime.llmbench's text,
   tokenized by the source's tokenizer, repeated to length (the same ids for both engines). Each (build,
   threads) runs in a fresh process that does --warmup untimed runs then one timed run per prompt size; --rounds
   rounds, the engines alternating within a round and the order reversed every other round; medians over the
@@ -123,11 +124,19 @@ def _w_ek_speed(spec: Dict[str, Any]) -> Dict[str, Any]:
     rss0 = vm_peak_mb()
     from edgekit.runtime.llm import load_llm
 
-    lm = load_llm(spec["path"], threads=spec["threads"], verify=False, spinning=spec.get("spinning"))
     from edgekit.runtime.llmopts import spinning_of
 
+    spin = spec.get("spinning")
+    if spin == "profile":   # as the bundle's genai_config says, not measured
+        man = json.loads((Path(spec["path"]) / "manifest.json").read_text())
+        cfg = Path(spec["path"]) / (man.get("model") or {}).get("dir", "model") / "genai_config.json"
+        spin = spinning_of(json.loads(cfg.read_text()))
+    lm = load_llm(spec["path"], threads=spec["threads"], verify=False, spinning=spin)
+
     out = {"load_ms": lm.load_ms,
-           "intra_op_spinning": lm.spinning if lm.spinning is not None else spinning_of(lm.genai_config), "rss_before_load_mb": rss0, "threads": lm.threads,
+           "intra_op_spinning": lm.spinning if lm.spinning is not None else spinning_of(lm.genai_config),
+           "spinning_choice": {k: (lm.threads_choice or {}).get(k) for k in ("spinning_why", "cache", "probe_ms")},
+           "rss_before_load_mb": rss0, "threads": lm.threads,
            "backend": f"{lm.backend} {lm.backend_version}", "prompts": []}
     for p in spec["prompts"]:
         # benchmark() resets the high-water mark after the load: its generation peak is this prompt size's own
@@ -621,7 +630,7 @@ def fidelity(folder: Path, sha: str, text_path: Path, tokens: int, window: int, 
 
 def speed(rows: List[Dict[str, Any]], threads: Sequence[int], prompts: Sequence[int], new: int, rounds: int,
           warmup: int, prompt_ids: Dict[int, List[int]], run: Runner, flash_attn: bool = False,
-          spinning: Optional[bool] = None) -> None:
+          spinning: "Optional[bool] | str" = None) -> None:
     ek = [r for r in rows if r["engine"] == "edgekit" and not r.get("failed")]
     ll = [r for r in rows if r["engine"] == "llama.cpp"]
     pair = {v: k for k, v in PAIRS.items()}       # each edgekit build next to its llama.cpp counterpart
@@ -822,9 +831,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--no-speed", action="store_true", help="builds and fidelity only (e.g. while the machine is busy)")
     ap.add_argument("--flash-attn", action="store_true", help="llama.cpp with flash attention (llama-cpp-python's "
                     "default is off)")
-    ap.add_argument("--spinning", choices=["profile", "on", "off"], default="profile",
-                    help="edgekit: ORT's intra-op threads busy-wait between ops (on), sleep (off), or as the bundle's "
-                         "genai_config says (profile: the x86 profiles turn it off)")
+    ap.add_argument("--spinning", choices=["auto", "profile", "on", "off"], default="auto",
+                    help="edgekit: ORT's intra-op threads busy-wait between ops (on), sleep (off), as the runtime "
+                         "measures at the given count (auto, what a user gets), or as the bundle's genai_config "
+                         "says (profile: the x86 profiles turn it off)")
     ap.add_argument("--llama-cpp-version", default=LLAMA_CPP_VERSION)
     ap.add_argument("--wheels", default="/work/wheels", help="folder with a llama-cpp-python wheel (one built "
                     "there when none is)")
@@ -892,7 +902,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         prompt_ids = {p: (base * (-(-p // len(base))))[:p] for p in prompts}
         if not args.no_speed:
             speed(rows, threads, prompts, args.new_tokens, args.rounds, args.warmup, prompt_ids, run, args.flash_attn,
-                  {"profile": None, "on": True, "off": False}[args.spinning])
+                  {"auto": None, "profile": "profile", "on": True, "off": False}[args.spinning])
         reasons = summarize(rows, bw, cpu["cpu_count"])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -205,6 +205,42 @@ def test_the_probe_times_intra_op_spinning_both_ways_and_the_choice_reaches_ever
         rel.engine.join(10)
 
 
+def test_a_given_thread_count_still_gets_its_spinning_measured_and_cached(bundle, tmp_path, monkeypatch):
+    """load_llm(threads=2) keeps the caller's count but times ORT's intra-op spinning both ways at it (the
+    probe's own comparison), caches the choice for these files and this CPU, and opens the model that way; the
+    next load reads the cache; spinning= and EDGEKIT_THREAD_PROBE=0 skip the measurement."""
+    import edgekit.runtime.threads as rthreads
+    from edgekit.runtime.llm import load_llm
+    from edgekit.runtime.llmopts import spinning_of
+
+    configured = spinning_of(json.loads((bundle / "model" / "genai_config.json").read_text()))
+    monkeypatch.setattr(rthreads, "usable_cpus", lambda cpu_max=None: 2)
+    monkeypatch.setenv("EDGEKIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("EDGEKIT_THREAD_PROBE", raising=False)
+    lm = load_llm(bundle, threads=2)
+    rec = lm.threads_choice
+    assert (lm.threads, lm.threads_chosen_by) == (2, "argument")
+    assert isinstance(rec["spinning_chosen"], bool) and set(rec["spinning_ms_per_token"]) == {"on", "off"}
+    assert all(v > 0 for v in rec["spinning_ms_per_token"].values()) and "2 threads" in rec["spinning_why"]
+    assert lm.spinning is rec["spinning_chosen"]
+    assert lm.benchmark(prompt_tokens=8, new_tokens=4, runs=1)["intra_op_spinning"] is lm.spinning
+    (path,) = sorted((tmp_path / "cache" / "threads").glob("*.json"))
+    assert json.loads(path.read_text())["spinning_chosen"] is rec["spinning_chosen"]
+
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), spinning_chosen=not configured)))
+    again = load_llm(bundle, threads=2)
+    assert again.threads_choice["cache"] == str(path) and again.spinning is (not configured)
+    assert again.generate("Count: one", max_new_tokens=8) == lm.generate("Count: one", max_new_tokens=8)
+
+    assert load_llm(bundle, threads=2, spinning=configured).spinning is configured   # the argument wins
+    monkeypatch.setenv("EDGEKIT_CACHE_DIR", str(tmp_path / "cache2"))
+    monkeypatch.setenv("EDGEKIT_THREAD_PROBE", "0")
+    off = load_llm(bundle, threads=2)
+    assert off.spinning is None and "EDGEKIT_THREAD_PROBE=0" in off.threads_choice["why"]
+    assert not (tmp_path / "cache2" / "threads").exists()
+    assert load_llm(bundle, threads=1).threads_choice is None   # one thread: nothing spins, nothing timed
+
+
 def test_greedy_is_deterministic_and_seeded_sampling_reproducible(lm):
     a = lm.generate("The red train", max_new_tokens=24)
     assert a and a == lm.generate("The red train", max_new_tokens=24)

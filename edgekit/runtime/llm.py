@@ -48,7 +48,9 @@ Threads (as for other bundles): `threads=` as given; otherwise, for a bundle, th
 load and cached (runtime.llmthreads; EDGEKIT_THREAD_PROBE=0: none). The ceiling is the target profile's
 `runtime.threads` (its `llm.threads` where the profile has one), clamped to the CPUs this process may use
 (runtime.threads); a bare folder uses those usable CPUs. lm.threads_chosen_by (argument, manifest, cache, probe,
-profile, usable CPUs) and lm.threads_choice (the figures) say how.
+profile, usable CPUs) and lm.threads_choice (the figures) say how. Whether ORT's intra-op threads spin
+between ops is timed both ways at the chosen count, by the probe or, for a bundle loaded with `threads=` above
+1, on its own (llmthreads.choose_spinning, cached the same way); `spinning=` fixes it, lm.spinning says what ran.
 They reach ONNX Runtime as the decoder session's intra_op_num_threads (an overlay on genai_config.json: the
 files on disk are never changed).
 """
@@ -234,6 +236,12 @@ def load_llm(path: Union[str, Path], *, threads: Optional[int] = None, verify: b
             og_model, used, chosen_by, choice = choose(og, og_model,
                                                        lambda t, spin=None: _og_model(og, model_dir, t, spin), p,
                                                        manifest, genai_config, used, chosen_by, og_version())
+        elif threads is not None and used > 1 and spinning is None and manifest is not None:
+            # the count is the caller's; whether its threads spin is measured (cached) as the probe does
+            from edgekit.runtime.llmthreads import choose_spinning
+
+            og_model, choice = choose_spinning(og, og_model, lambda t, spin=None: _og_model(og, model_dir, t, spin),
+                                               p, manifest, genai_config, used, og_version())
         og_tokenizer = og.Tokenizer(og_model)
     except RuntimeError as e:   # ORT GenAI reports a bad folder, graph or tokenizer as RuntimeError
         raise BundleError(f"onnxruntime-genai cannot load the model ({str(e).splitlines()[0]})",

@@ -169,6 +169,50 @@ def _spinning(og, open_at, model, threads: int, spinning: bool, ids, capacity: i
     return twin if flip else model
 
 
+def choose_spinning(og, og_model, open_at: Callable[..., Any], bundle_dir: Path, manifest: Mapping[str, Any],
+                    genai_config: Mapping[str, Any], threads: int, version: str):
+    """For a thread count the caller fixed (load_llm(threads=N), N > 1): whether ORT's intra-op threads spin at
+    that count, cached or timed both ways here as `measure` times the count it chooses (_spinning). The count is
+    the caller's; only the spinning is measured: genai_config's is the profile's guess for a busy device, and
+    on an idle one the other way round can decode a third faster (docs/llm.md, "Thread spinning").
+    Returns (model opened as chosen, record with spinning_chosen, or a "why" where nothing was timed)."""
+    from edgekit.runtime.bench import cpu_model
+
+    provider = str((manifest.get("llm") or {}).get("execution_provider") or "cpu")
+    if provider != "cpu":
+        return og_model, {"why": f"not probed: the decoder runs on {provider}"}
+    spinning = spinning_of(genai_config)
+    key = tp.cache_key(files_digest(manifest), BACKEND + "+spinning-at", version, [provider], threads, cpu_model())
+    rec = tp.read_cache(key, [threads])
+    if rec is not None and isinstance(rec.get("spinning_chosen"), bool):
+        rec["cache"] = str(tp.cache_path(key))
+        spin = rec["spinning_chosen"]
+        return (og_model if spin == spinning else open_at(threads, spin)), rec
+    if not tp.probe_enabled():
+        return og_model, {"why": f"not probed ({tp.PROBE_ENV}=0)"}
+    t_start = time.perf_counter()
+    vocab = int((genai_config.get("model") or {}).get("vocab_size") or (manifest.get("model") or {}).get("vocab")
+                or 2)
+    ids, capacity = probe_ids(bundle_dir, vocab), kv_floor(genai_config)
+    rec = {"threads": threads, "tried": [threads], "where": f"probed at load on this machine ({cpu_model()})",
+           "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "loadavg": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+           "prompt_tokens": len(ids), "new_tokens": PROBE_TOKENS}
+    decode_token_ms(og, og_model, ids, 2, capacity=capacity)     # warm-up: the first run allocates
+    first = median(decode_token_ms(og, og_model, ids, 4, capacity=capacity))
+    if first > PROBE_MAX_TOKEN_MS:
+        rec.update(skipped=True, why=f"one decoded token takes {first:.1f} ms at {threads} threads (over "
+                                     f"{PROBE_MAX_TOKEN_MS:g} ms): spinning not probed; as genai_config says")
+        model = og_model
+    else:
+        model = _spinning(og, open_at, og_model, threads, spinning, ids, capacity, rec)
+    rec["probe_ms"] = round((time.perf_counter() - t_start) * 1e3, 1)
+    cached = tp.write_cache(key, rec)
+    if cached:
+        rec["cache"] = cached
+    return model, rec
+
+
 def files_digest(manifest: Mapping[str, Any]) -> str:
     """One sha256 over the manifest's model files (path -> sha256): the cache key's model identity."""
     files = (manifest.get("model") or {}).get("files") or {}
