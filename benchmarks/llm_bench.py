@@ -661,7 +661,8 @@ def speed(rows: List[Dict[str, Any]], threads: Sequence[int], prompts: Sequence[
                 row["speed"][key]["rounds"].append(dict(pr, load_ms=res["load_ms"], loadavg_before=load[0],
                                                         rss_before_load_mb=res["rss_before_load_mb"],
                                                         backend=res["backend"],
-                                                        intra_op_spinning=res.get("intra_op_spinning")))
+                                                        intra_op_spinning=res.get("intra_op_spinning"),
+                                                        spinning_choice=res.get("spinning_choice")))
 
 
 def summarize(rows: List[Dict[str, Any]], bw: Dict[str, Any], cpu_count: int) -> List[str]:
