@@ -20,11 +20,11 @@ end-of-sequence token is suppressed so every row does the same work):
   server runs (the c sequences decode as one batch, one read of the weights per step);
 - "API (stream=true)": `python -m edgekit.serve` in its own process, c client threads streaming
   /v1/completions over loopback (raw http.client, SSE parsed); the clients run on the same machine. The
-  server runs with its defaults (--stream-interval-ms 0: a wake-up of its event loop, and of the client, per
+  server writes every token (--stream-interval-ms 0: a wake-up of its event loop, and of the client, per
   token);
-- "API (stream=true, --stream-interval-ms auto)": the same with a second server at --second-interval (auto:
-  where the model's threads take every CPU, as --threads 2 on this project's 2-core machine, pieces that come
-  faster than 20 ms are sent together, each still its own SSE event; else a write per token).
+- "API (stream=true, --stream-interval-ms auto)": the same with a second server at --second-interval (auto, the
+  server's default: where the model's threads take every CPU, as --threads 2 on this project's 2-core machine,
+  pieces that come faster than 20 ms are sent together, each still its own SSE event; else a write per token).
 tok/s (the aggregate figure compared): every generated token of the round over its wall time (start to the last
 stream's last token: prefill and TTFT included). "decode": tokens after each stream's first over the time
 from the first stream's first token to the last one's last (for the API as the client receives them: pieces
@@ -461,8 +461,8 @@ def main() -> None:
               "weights_bytes": weights, "tokens_per_stream": args.tokens, "conditions_before": conditions(args.threads),
               "rows": []}
     log = cache / "llm_serve_bench.server.log"
-    proc, port = start_server(model, args.threads, log)
-    # the same server gathering the pieces that come faster than --second-interval, beside the default
+    proc, port = start_server(model, args.threads, log, 0)
+    # the same server gathering the pieces that come faster than --second-interval (auto: its default)
     proc0, port0 = start_server(model, args.threads, cache / "llm_serve_bench.server0.log", args.second_interval)
     from edgekit.serve.openai_api import auto_stream_interval_ms
 
