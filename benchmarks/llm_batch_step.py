@@ -23,6 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from edgekit.runtime.llm_batch import BatchedDecoder  # noqa: E402
+from edgekit.runtime.llmopts import after_load  # noqa: E402
 
 LENGTHS = (16, 128, 256, 384)
 
@@ -83,6 +84,7 @@ def main() -> None:
     config = json.loads((d / "genai_config.json").read_text())
     lengths_all = tuple(int(x) for x in sys.argv[4].split(",")) if len(sys.argv) > 4 else LENGTHS
     dec = BatchedDecoder(d, config, threads=threads, slots=8, capacity=512)
+    after_load(d)   # as the server's load ends (llmopts.after_load: huge pages for the weights among others)
     res = {}
     for _ in range(3):
         for L in lengths_all:

@@ -70,7 +70,7 @@ from edgekit.runtime.llmopts import GenOptions as _Options
 from edgekit.runtime.llmopts import hold_back as _hold_back
 from edgekit.runtime.llmopts import kv_capacity, prompt_bos, with_bos
 from edgekit.runtime.llmopts import rss_mb as _rss_mb
-from edgekit.runtime.llmopts import SPIN_KEY, huge_pages, release_model_pages, trim_heap, tune_malloc
+from edgekit.runtime.llmopts import SPIN_KEY, after_load, trim_heap
 
 KIND = "llm"
 GENAI_CONFIG = "genai_config.json"
@@ -256,15 +256,9 @@ def load_llm(path: Union[str, Path], *, threads: Optional[int] = None, verify: b
     lm.spinning = spinning if spinning is not None else (choice or {}).get("spinning_chosen")
     lm.load_ms = (time.perf_counter_ns() - t0) / 1e6
     lm.rss_before_load_mb = rss_before
-    # from here on glibc's malloc keeps large blocks in mappings of their own (llmopts.tune_malloc): fixed after
-    # the load, which keeps ONNX Runtime's load-time layout as it was
-    tune_malloc()
-    # the model file's pages that only prepacking read go back to the kernel (llmopts.release_model_pages)
-    lm.model_pages = release_model_pages(model_dir)
-    # the pages the tokenizer's parse and the load's buffers freed go back to the kernel (llmopts.trim_heap)
-    lm.heap_trim = trim_heap()
-    # the prepacked weights on transparent huge pages (llmopts.huge_pages): fewer TLB misses a decode step
-    lm.huge_pages = huge_pages()
+    # malloc's thresholds, the model file's pages, the freed heap, huge pages for the weights (llmopts.after_load)
+    done = after_load(model_dir)
+    lm.model_pages, lm.heap_trim, lm.huge_pages = done["model_pages"], done["heap_trim"], done["huge_pages"]
     mem = _rss_mb()
     lm.rss_after_load_mb = mem["rss_mb"]
     # the load's own peak is the process's high-water mark only where the load raised it

@@ -52,7 +52,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
 import numpy as np
 
 from edgekit.errors import BundleError, DataError, EdgekitError
-from edgekit.runtime.llmopts import SPIN_KEY, huge_pages, release_model_pages, trim_heap, tune_malloc, with_bos
+from edgekit.runtime.llmopts import SPIN_KEY, after_load, with_bos
 from edgekit.runtime.llmopts import hold_back as _hold_back  # stop strings held back as the generator does (one rule)
 
 log = logging.getLogger("edgekit.serve")
@@ -220,10 +220,6 @@ class BatchedDecoder:
             so.add_session_config_entry(SPIN_KEY, "1" if spinning else "0")
         self.session = ort.InferenceSession(str(model_dir / d.get("filename", "model.onnx")), so,
                                             providers=["CPUExecutionProvider"])
-        # as load_llm does (runtime.llmopts): malloc's thresholds fixed after the load, and the model file's
-        # pages that prepacking copied handed back to the kernel
-        tune_malloc()
-        self.model_pages = release_model_pages(model_dir)
         have = {i.name: i for i in self.session.get_inputs()}
         self.in_ids = names_in.get("input_ids", "input_ids")
         self.in_mask = names_in.get("attention_mask", "attention_mask")
@@ -824,8 +820,7 @@ def load_llm_release(name: str, sha: str, path: Path, *, threads: Optional[int],
     else:
         budget = per_seq * decoder.slots
     tokenizer = _Tokenizer(model_dir, bos)
-    trim_heap()   # what the load and the tokenizers' parse of tokenizer.json freed goes back (llmopts.trim_heap)
-    huge_pages()  # the prepacked weights on transparent huge pages (llmopts.huge_pages)
+    after_load(model_dir)   # as load_llm ends (llmopts.after_load): malloc, the file's pages, the heap, huge pages
     engine = LLMEngine(decoder, tokenizer, name=name, max_sequences=max_sequences,
                        max_queue=max_queue, kv_budget_tokens=budget, eos_token_ids=eos,
                        labels={"model": name, "version": sha[:VERSION_CHARS]})

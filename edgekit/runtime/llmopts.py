@@ -376,6 +376,18 @@ def release_model_pages(model_dir: Any) -> Dict[str, Any]:
     return out
 
 
+def after_load(model_dir: Any) -> Dict[str, Any]:
+    """What a process does once its language model is loaded (sessions and tokenizer made), in this order:
+    glibc malloc's thresholds fixed (tune_malloc: after the load, which keeps ONNX Runtime's load-time layout as it
+    was), the model file's pages that only prepacking read handed back to the kernel (release_model_pages), the
+    pages the tokenizer's parse and the load's buffers freed returned (trim_heap), the prepacked weights advised
+    onto transparent huge pages (huge_pages: fewer TLB misses a decode step). load_llm and the serving engine's
+    load_llm_release both end with it. Returns each step's record: {"malloc", "model_pages", "heap_trim",
+    "huge_pages"}."""
+    return {"malloc": tune_malloc(), "model_pages": release_model_pages(model_dir), "heap_trim": trim_heap(),
+            "huge_pages": huge_pages()}
+
+
 def malloc_tuning() -> Dict[str, Any]:
     """What tune_malloc did in this process (without doing it): its result, or applied False, why "not asked"."""
     return dict(_MALLOC) if _MALLOC else {"applied": False, "why": "not asked (no language model loaded)"}
