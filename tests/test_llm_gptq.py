@@ -54,6 +54,16 @@ def test_packing_is_onnxruntimes(K, N, block, bits):
     from edgekit.convert.llm_sensitivity import kquant_fake
 
     np.testing.assert_allclose(wd, kquant_fake(w, block, bits).numpy(), rtol=0, atol=1e-5)
+    # the symmetric grid: no zero points in the node (ONNX Runtime's default 2^(bits-1)), absmax on the grid's edge
+    q, s, z = g.quantize_rtn(w, block, bits, "symmetric")
+    half = 2 ** (bits - 1)
+    assert (z == half).all() and int((q - half).abs().max()) == half - 1
+    node, inits = g.nbits_node("mm", "x", "y", "w", q.numpy(), s.numpy(), None, K, N, bits, block, 0)
+    assert len(node.input) == 3 and len(inits) == 2
+    wd = g.dequant(q, s, z, K, block).numpy()
+    np.testing.assert_allclose(_run_node(node, inits, x), x @ wd.T, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(g.unpack_nbits(*[numpy_helper.to_array(t) for t in inits], None, K, N, bits, block),
+                                  wd)
 
 
 def test_gptq_lowers_the_output_error():
@@ -77,6 +87,79 @@ def test_gptq_lowers_the_output_error():
         gq = err(*g.gptq_quantize(W, H, 32, 4, grid))
         ao = err(*g.gptq_quantize(W, H, 32, 4, grid, act_order=True))
         assert gq < 0.8 * rtn and ao < 0.9 * rtn, (grid, rtn, gq, ao)
+
+
+def test_symmetric_int8_rewrite():
+    """symmetric_int8 on a graph as the builder writes it: an 8-bit k-quant lm_head (K 576) whose table a
+    Reshape -> GatherBlockQuantized also reads, an 8-bit down_proj (K 1536), a 4-bit node and an 8-bit node without
+    a float weight. The 8-bit nodes with weights come out symmetric at 64 (576 = 9 x 64) and 128, without zero
+    points, the embedding reads the new table without zero points at the new block, and ONNX Runtime's MatMul
+    and Gather give numpy's dequantization of the new integers (the op's default zero point 128); the rest is
+    as it was."""
+    import onnxruntime as ort
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    shapes = {"lm_head": (576, 40, 8), "down": (1536, 8, 8), "four": (576, 8, 4), "other": (576, 8, 8)}
+    w = {k: torch.from_numpy(rng.standard_normal((N, K)).astype(np.float32)) for k, (K, N, _) in shapes.items()}
+    nodes, inits = [], []
+    for k, (K, N, bits) in shapes.items():
+        q, s, z = g.quantize_rtn(w[k], 32, bits, "kquant")
+        name = "/lm_head/MatMul_Q8" if k == "lm_head" else f"/model/layers.0/{k}/MatMul_Q{bits}"
+        n, t = g.nbits_node(name, "x" if K == 576 else "h", f"y_{k}", k, q.numpy(), s.numpy(), z.numpy(), K, N,
+                            bits, 32, 0)
+        nodes.append(n)
+        inits += t
+    inits.append(numpy_helper.from_array(np.array([40, 576], np.int64), "shape"))
+    nodes += [helper.make_node("Reshape", ["lm_head.weight_Q8G32", "shape"], ["table"], name="/embed/Reshape"),
+              helper.make_node("GatherBlockQuantized", ["table", "ids", "lm_head.weight_scale", "lm_head.weight_zp"],
+                               ["rows"], name="/embed/GatherBlockQuantized", domain="com.microsoft", bits=8,
+                               block_size=32, gather_axis=0, quantize_axis=1)]
+    f = helper.make_tensor_value_info
+    graph = helper.make_graph(nodes, "t", [f("x", TensorProto.FLOAT, [2, 576]), f("h", TensorProto.FLOAT, [2, 1536]),
+                                           f("ids", TensorProto.INT64, [3])],
+                              [f(f"y_{k}", TensorProto.FLOAT, [2, shapes[k][1]]) for k in shapes]
+                              + [f("rows", TensorProto.FLOAT, [3, 576])], inits)
+    full = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                   helper.make_opsetid("com.microsoft", 1)])
+    before = {t.name: t.raw_data for t in full.graph.initializer}
+    drop, add = set(), []
+    def weight_of(n):   # the node's float weight; none for "other"
+        return None if "other" in n.name else w["lm_head" if "lm_head" in n.name else n.name.split("/")[3]]
+
+    rec = g.symmetric_int8(full, weight_of, (128, 64), drop, add)
+    assert rec == {"nodes": 2, "blocks": {"64": 1, "128": 1}, "kept": ["/model/layers.0/other/MatMul_Q8"]}
+    keep = [t for t in full.graph.initializer if t.name not in drop]
+    del full.graph.initializer[:]
+    full.graph.initializer.extend(keep + add)
+    after = {t.name: t for t in full.graph.initializer}
+    by = {n.name: n for n in full.graph.node}
+    head, down = by["/lm_head/MatMul_Q8"], by["/model/layers.0/down/MatMul_Q8"]
+    gbq = by["/embed/GatherBlockQuantized"]
+    assert [len(n.input) for n in (head, down, gbq)] == [3, 3, 3]
+    assert [g._attr(n, "block_size") for n in (head, down, gbq)] == [64, 128, 64]
+    assert by["/embed/Reshape"].input[0] == head.input[1] == "lm_head.weight_Q8G64" and gbq.input[2] == head.input[2]
+    for k in ("four", "other"):   # untouched
+        n = by[f"/model/layers.0/{k}/MatMul_Q{shapes[k][2]}"]
+        assert len(n.input) == 4 and all(after[x].raw_data == before[x] for x in n.input[1:])
+    W = {}
+    for k, n in (("lm_head", head), ("down", down)):
+        K, N, _ = shapes[k]
+        b = g._attr(n, "block_size")
+        W[k] = g.unpack_nbits(*[numpy_helper.to_array(after[x]) for x in n.input[1:]], None, K, N, 8, b)
+        scale = numpy_helper.to_array(after[n.input[2]]).reshape(N, K // b)
+        np.testing.assert_allclose(scale, np.abs(w[k].numpy()).reshape(N, K // b, b).max(-1) / 127, rtol=1e-6)
+        assert (np.abs(W[k] - w[k].numpy()) / np.repeat(scale, b, 1)).max() <= 0.5 + 1e-4
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(full.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    x, h, ids = (rng.standard_normal((2, 576)).astype(np.float32), rng.standard_normal((2, 1536)).astype(np.float32),
+                 np.array([0, 7, 39], np.int64))
+    out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"x": x, "h": h, "ids": ids})))
+    np.testing.assert_allclose(out["y_lm_head"], x @ W["lm_head"].T, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(out["y_down"], h @ W["down"].T, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(out["rows"], W["lm_head"][ids])
 
 
 def _kl_of(model_dir: Path, fm, text) -> dict:

@@ -28,7 +28,7 @@ import numpy as np
 
 from edgekit.convert.llm_graph import save_with_data
 
-GRIDS = ("kquant", "minmax")
+GRIDS = ("kquant", "minmax", "symmetric")
 
 
 # --- grids: per block of `block` weights (rows = output channels), an asymmetric scale and integer zero point ---
@@ -67,11 +67,25 @@ def kquant_params(x, bits: int = 4):
     return scale, zp
 
 
+def symmetric_params(x, bits: int = 8):
+    """x [rows, block] -> (scale [rows, 1], zero point 2^(bits-1) [rows, 1]): absmax / (2^(bits-1) - 1), as
+    llama.cpp's Q8_0 rounds; the zero point is MatMulNBits' (and GatherBlockQuantized's) default, so a node of
+    this grid carries no zero points (nbits_node with zp None)."""
+    import torch
+
+    half = 2 ** (bits - 1)
+    scale = x.abs().max(1, keepdim=True).values / (half - 1)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale, torch.full_like(scale, half)
+
+
 def grid_params(x, bits: int, grid: str):
     if grid == "kquant":
         return kquant_params(x, bits)
     if grid == "minmax":
         return minmax_params(x, bits)
+    if grid == "symmetric":
+        return symmetric_params(x, bits)
     raise ValueError(f"unknown grid {grid!r} (one of {GRIDS})")
 
 
@@ -450,18 +464,24 @@ def awq_model(model, windows: Sequence[np.ndarray], block: int, bits: int = 4, g
 
 # --- MatMulNBits: the integers in ONNX Runtime's layout -----------------------------------------------------------
 
-def pack_nbits(q: np.ndarray, scale: np.ndarray, zp: np.ndarray, bits: int, block: int
-               ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def pack_nbits(q: np.ndarray, scale: np.ndarray, zp: Optional[np.ndarray], bits: int, block: int
+               ) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
     """q [N, n_blocks * block] integers 0..2^bits-1, scale/zp [N, n_blocks] -> MatMulNBits' B uint8
     [N, n_blocks, block * bits / 8] (4 bits: low nibble first), scales float32 [N, n_blocks], zero points uint8
-    (4 bits: two per byte, low nibble first, packed per row: [N, ceil(n_blocks / 2)]; 8 bits: [N, n_blocks])."""
+    (4 bits: two per byte, low nibble first, packed per row: [N, ceil(n_blocks / 2)]; 8 bits: [N, n_blocks]);
+    zp None (the symmetric grid: the op's default 2^(bits-1)): no zero points."""
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
     n, k_pad = q.shape
     nb = k_pad // block
-    if nb * block != k_pad or scale.shape != (n, nb) or zp.shape != (n, nb):
-        raise ValueError(f"shapes: q {q.shape}, scale {scale.shape}, zp {zp.shape}, block {block}")
+    if nb * block != k_pad or scale.shape != (n, nb) or (zp is not None and zp.shape != (n, nb)):
+        raise ValueError(f"shapes: q {q.shape}, scale {scale.shape}, zp {None if zp is None else zp.shape}, "
+                         f"block {block}")
     qi = np.asarray(q).astype(np.uint8).reshape(n, nb, block)
+    if zp is None:
+        if bits == 4:
+            qi = (qi[..., 0::2] & 0x0F) | ((qi[..., 1::2] & 0x0F) << 4)
+        return qi.astype(np.uint8), np.asarray(scale, np.float32), None
     zi = np.asarray(zp).astype(np.uint8)
     if bits == 8:
         return qi, np.asarray(scale, np.float32), zi
@@ -499,14 +519,16 @@ def unpack_nbits(B: np.ndarray, scales: np.ndarray, zps: Optional[np.ndarray], K
 
 def nbits_node(name: str, x: str, y: str, prefix: str, q, scale, zp, K: int, N: int, bits: int, block: int,
                accuracy_level: int):
-    """A MatMulNBits node and its three initializers (ONNX protos) for y = x @ W^T."""
+    """A MatMulNBits node and its initializers (ONNX protos) for y = x @ W^T: B, scales and, unless zp is None
+    (symmetric: the op's default zero point), zero points."""
     import onnx
     from onnx import helper, numpy_helper
 
-    B, s, z = pack_nbits(np.asarray(q), np.asarray(scale), np.asarray(zp), bits, block)
+    B, s, z = pack_nbits(np.asarray(q), np.asarray(scale), None if zp is None else np.asarray(zp), bits, block)
     inits = [numpy_helper.from_array(B, f"{prefix}.weight_Q{bits}G{block}"),
-             numpy_helper.from_array(s, f"{prefix}.weight_scale"),
-             numpy_helper.from_array(z, f"{prefix}.weight_zp")]
+             numpy_helper.from_array(s, f"{prefix}.weight_scale")]
+    if z is not None:
+        inits.append(numpy_helper.from_array(z, f"{prefix}.weight_zp"))
     node = helper.make_node("MatMulNBits", [x] + [t.name for t in inits], [y], name=name, domain="com.microsoft",
                             K=K, N=N, bits=bits, block_size=block, accuracy_level=accuracy_level)
     del onnx
@@ -568,13 +590,16 @@ def _norm_weights(model) -> Dict[Tuple[int, str], str]:
 
 
 def apply(src_path, model_dir, algo: str, block: int, cal_tokens: int = CAL_TOKENS, threads: Optional[int] = None,
-          progress=None, head_block: int = 0) -> Dict[str, Any]:
+          progress=None, head_block: int = 0, int8_blocks: Sequence[int] = ()) -> Dict[str, Any]:
     """Rewrite the builder's decoder MatMuls in model_dir/model.onnx (+ .data) with `algo`'s rounding at `block`:
     4-bit nodes calibrated (AWQ scales and/or GPTQ), 8-bit nodes rounded by k-quant from the same (scaled)
     weights, float MatMuls given the scaled weights, the norms the AWQ scales came out of divided by them. The
     lm_head and the embedding are left as the builder wrote them, unless head_block: an 8-bit lm_head (and the
     tied embedding reading its bytes) re-rounded by k-quant at that block size (fewer scales: SmolLM2's 49152 x
-    576 table is 2.2 MB smaller at 64 than at 32). Returns the record (also written to RECORD)."""
+    576 table is 2.2 MB smaller at 64 than at 32). int8_blocks: the 8-bit nodes (and an 8-bit lm_head that
+    head_block does not name) rounded symmetric instead (symmetric_int8; from the scaled weights; the layers
+    after them were calibrated on their k-quant rounding, an 8-bit difference). Returns the record (also
+    written to RECORD)."""
     import json
     import time
 
@@ -657,6 +682,9 @@ def apply(src_path, model_dir, algo: str, block: int, cal_tokens: int = CAL_TOKE
         aw = []
     _CACHE.clear()   # one model's at a time
     _CACHE[key] = (cal, aw if aw else cached)
+    # the 8-bit nodes' weights as AWQ left them (gptq_model / rtn_model replace them by their k-quant rounding)
+    w8 = {path_of[id(m)]: m.weight.data.clone() for _, ms, bits in plan if bits == 8 for m in ms} \
+        if int8_blocks else {}
     if algo in ("gptq", "awq_gptq"):
         ints = gptq_model(model, cal, block, 4, "kquant", damp=GPTQ_DAMP, progress=progress, bits_of=bits_of)
         record["gptq"] = {"damp": GPTQ_DAMP, "act_order": False, "order": "layer by layer, q/k/v -> o -> gate/up -> "
@@ -674,6 +702,8 @@ def apply(src_path, model_dir, algo: str, block: int, cal_tokens: int = CAL_TOKE
             drop.add(node.input[1])
             add.append(t)
             continue
+        if bits == 8 and int8_blocks:
+            continue   # symmetric_int8 below
         qs = [ints[path_of[id(m)]] for m in ms]
         q = torch.cat([x[0] for x in qs]).numpy()
         sc = torch.cat([x[1] for x in qs]).numpy()
@@ -692,6 +722,16 @@ def apply(src_path, model_dir, algo: str, block: int, cal_tokens: int = CAL_TOKE
             add.append(numpy_helper.from_array(v.astype(np.float32), norms[key]))
     if head_block:
         record["lm_head"] = _reblock_head(full, model, head_block, drop, add)
+    if int8_blocks:
+        mods8 = {n.name: ms for n, ms, bits in plan if bits == 8}
+        head_w = None if head_block else getattr(getattr(model, "lm_head", None), "weight", None)
+
+        def weight_of(node):
+            if node.name in mods8:
+                return torch.cat([w8[path_of[id(m)]] for m in mods8[node.name]])
+            return head_w.data if head_w is not None and node.name.startswith("/lm_head/") else None
+
+        record["int8"] = symmetric_int8(full, weight_of, int8_blocks, drop, add)
     keep = [t for t in full.graph.initializer if t.name not in drop]
     del full.graph.initializer[:]
     full.graph.initializer.extend(keep + add)
@@ -703,36 +743,150 @@ def apply(src_path, model_dir, algo: str, block: int, cal_tokens: int = CAL_TOKE
     return record
 
 
-def _reblock_head(full, model, block: int, drop: set, add: list) -> Dict[str, Any]:
-    """The 8-bit lm_head MatMulNBits re-rounded (k-quant) at `block` from the float model's weight, and every node
-    reading its initializers (the tied embedding's Reshape -> GatherBlockQuantized) pointed at the new ones."""
+def replace_nbits(full, node, q, scale, zp, block: int, drop: set, add: list) -> List[str]:
+    """A MatMulNBits node of `full` rewritten in place with the integers q / scale / zp at `block` (zp None: the
+    symmetric grid, no zero points; bits, K, N and accuracy level kept), its old initializers put in `drop`, the
+    new ones in `add`, and every other node that read the old ones (a tied embedding's Reshape ->
+    GatherBlockQuantized, before llm_graph aliases it) pointed at the new ones: a GatherBlockQuantized gets the
+    block size and the zero points (or none). Returns the names of those readers."""
     from onnx import helper
 
-    head = next((n for n in full.graph.node if n.op_type == "MatMulNBits" and n.name.startswith("/lm_head/")), None)
-    w = getattr(getattr(model, "lm_head", None), "weight", None)
-    if head is None or w is None or _attr(head, "bits") != 8:
-        return {"block_size": None, "why": "no 8-bit lm_head MatMulNBits"}
-    K, N, old = _attr(head, "K"), _attr(head, "N"), _attr(head, "block_size")
-    readers = [n for n in full.graph.node if n is not head and set(n.input) & set(head.input[1:])]
-    if tuple(w.shape) != (N, K) or (readers and K % block):
-        return {"block_size": old, "why": f"kept at {old}: a {K}-wide table the embedding reads needs K % block == 0"}
-    q, sc, zp = quantize_rtn(w.data, block, 8, "kquant")
-    prefix = re.sub(r"\.weight_Q\d+G\d+$", "", head.input[1])
-    new, tens = nbits_node(head.name, head.input[0], head.output[0], prefix, q.numpy(), sc.numpy(), zp.numpy(), K,
-                           N, 8, block, _attr(head, "accuracy_level", 0))
-    rename = dict(zip(head.input[1:], [t.name for t in tens]))
-    drop.update(head.input[1:])
+    old = list(node.input)
+    readers = [n for n in full.graph.node if n is not node and set(n.input) & set(old[1:])]
+    prefix = re.sub(r"\.weight_Q\d+G\d+$", "", old[1])
+    new, tens = nbits_node(node.name, old[0], node.output[0], prefix, np.asarray(q), np.asarray(scale),
+                           None if zp is None else np.asarray(zp), _attr(node, "K"), _attr(node, "N"),
+                           _attr(node, "bits"), block, _attr(node, "accuracy_level", 0))
+    names = [t.name for t in tens]
+    rename = dict(zip(old[1:3], names[:2]))   # B and scales; zero points below
+    drop.update(old[1:])
     add += tens
-    head.CopyFrom(new)
+    node.CopyFrom(new)
     for n in readers:
         for i, x in enumerate(n.input):
             if x in rename:
                 n.input[i] = rename[x]
         if n.op_type == "GatherBlockQuantized":
+            # inputs: data, indices, scales[, zero_points]
+            del n.input[3:]
+            if zp is not None:
+                n.input.append(names[2])
             for a in n.attribute:
                 if a.name == "block_size":
                     a.CopyFrom(helper.make_attribute("block_size", block))
-    return {"block_size": block, "was": old, "readers": [n.name for n in readers]}
+    return [n.name for n in readers]
+
+
+def _reblock_head(full, model, block: int, drop: set, add: list) -> Dict[str, Any]:
+    """The 8-bit lm_head MatMulNBits re-rounded (k-quant) at `block` from the float model's weight, and every node
+    reading its initializers (the tied embedding's Reshape -> GatherBlockQuantized) pointed at the new ones."""
+    head = next((n for n in full.graph.node if n.op_type == "MatMulNBits" and n.name.startswith("/lm_head/")), None)
+    w = getattr(getattr(model, "lm_head", None), "weight", None)
+    if head is None or w is None or _attr(head, "bits") != 8:
+        return {"block_size": None, "why": "no 8-bit lm_head MatMulNBits"}
+    K, N, old = _attr(head, "K"), _attr(head, "N"), _attr(head, "block_size")
+    reads = any(n is not head and set(n.input) & set(head.input[1:]) for n in full.graph.node)
+    if tuple(w.shape) != (N, K) or (reads and K % block):
+        return {"block_size": old, "why": f"kept at {old}: a {K}-wide table the embedding reads needs K % block == 0"}
+    q, sc, zp = quantize_rtn(w.data, block, 8, "kquant")
+    readers = replace_nbits(full, head, q.numpy(), sc.numpy(), zp.numpy(), block, drop, add)
+    return {"block_size": block, "was": old, "readers": readers}
+
+
+# --- the 8-bit nodes symmetric ----------------------------------------------------------------------------------
+#
+# The builder writes an 8-bit MatMulNBits as it writes a 4-bit one: k-quant, asymmetric, at the build's block, a
+# fp32 scale and a uint8 zero point per block (block 32: 9.25 bits a weight). 8 bits need no zero point:
+# symmetric_int8 rounds absmax / 127 per block (llama.cpp Q8_0's grid) and writes no zero points, ONNX Runtime's
+# default 128 (MatMulNBits and GatherBlockQuantized alike: checked against numpy in ORT 1.32 at blocks 32-256,
+# accuracy levels 0/1/4, bit-identical to an explicit zero point of 128), at the first block of `blocks` that
+# divides K. At accuracy level 4 the block is also the one the int8 activations are quantized in, so it costs
+# fidelity where the 8-bit nodes are most of the error (an INT8 build) and bytes and time where they are not.
+INT8_NOTE = "8-bit MatMulNBits symmetric (absmax / 127 per block, no zero points: ONNX Runtime's default 128)"
+
+
+def symmetric_int8(full, weight_of: Callable[[Any], Any], blocks: Sequence[int], drop: set, add: list
+                   ) -> Dict[str, Any]:
+    """Every 8-bit MatMulNBits of `full` whose float weight weight_of(node) gives ([N, K], torch) re-rounded
+    symmetric at the first of `blocks` dividing K (else at its own block), its readers pointed at the new
+    initializers (replace_nbits). Returns {"nodes", "blocks": {block: count}, "kept": names left as they were}."""
+    done: Dict[str, int] = {}
+    kept = []
+    for n in list(full.graph.node):
+        if n.op_type != "MatMulNBits" or _attr(n, "bits") != 8:
+            continue
+        K, N = _attr(n, "K"), _attr(n, "N")
+        w = weight_of(n)
+        if w is None or tuple(w.shape) != (N, K):
+            kept.append(n.name)
+            continue
+        b = next((b for b in blocks if K % b == 0), _attr(n, "block_size"))
+        q, sc, _ = quantize_rtn(w, b, 8, "symmetric")
+        replace_nbits(full, n, q.numpy(), sc.numpy(), None, b, drop, add)
+        done[str(b)] = done.get(str(b), 0) + 1
+    return {"nodes": sum(done.values()), "blocks": done, "kept": kept}
+
+
+def rewrite_int8(src_path, model_dir, blocks: Sequence[int], threads: Optional[int] = None) -> Dict[str, Any]:
+    """A built model_dir's 8-bit MatMulNBits (lm_head, decoder nodes) re-rounded symmetric from the float model's
+    weights (symmetric_int8); model.onnx + model.onnx.data rewritten when any was. A node whose weight the float
+    model does not hold as one Linear (or a packed q/k/v, gate/up) is left as it is."""
+    import onnx
+    import torch
+
+    from edgekit.convert.llm_fidelity import FloatModel
+    from edgekit.convert.llm_sensitivity import matmul_modules
+
+    model_dir = Path(model_dir)
+    full = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
+    if not any(n.op_type == "MatMulNBits" and _attr(n, "bits") == 8 for n in full.graph.node):
+        return {"nodes": 0, "blocks": {}, "kept": []}
+    model = FloatModel(Path(src_path), threads).model
+    by_layer: Dict[int, List[str]] = {}
+    for n in _decoder_nodes(full):
+        by_layer.setdefault(int(_NODE.match(n.name).group(1)), []).append(re.sub(r"_Q\d+$", "", n.name))
+    mods = matmul_modules(model, by_layer)
+    head = getattr(getattr(model, "lm_head", None), "weight", None)
+
+    def weight_of(node):
+        if node.name.startswith("/lm_head/"):
+            return None if head is None else head.data
+        ms = mods.get(re.sub(r"_Q\d+$", "", node.name))
+        return torch.cat([m.weight.data for m in ms]) if ms else None
+
+    full = onnx.load(str(model_dir / "model.onnx"))
+    drop: set = set()
+    add: list = []
+    with torch.no_grad():
+        rec = symmetric_int8(full, weight_of, blocks, drop, add)
+    if rec["nodes"]:
+        keep = [t for t in full.graph.initializer if t.name not in drop]
+        del full.graph.initializer[:]
+        full.graph.initializer.extend(keep + add)
+        save_with_data(full, model_dir, ".int8-")
+    return rec
+
+
+def int8_summary(model_dir) -> Optional[Dict[str, Any]]:
+    """The shipped graph's 8-bit MatMulNBits, for the manifest: {"nodes", "symmetric" (no zero points), "blocks":
+    {block: count}, "weights", "bytes" (B, scales, zero points), "bits_per_weight", "note"}; None without any."""
+    import onnx
+
+    from edgekit.convert.llm_graph import initializer_bytes
+
+    m = onnx.load(str(Path(model_dir) / "model.onnx"), load_external_data=False)
+    sizes = initializer_bytes(m)
+    nodes = [n for n in m.graph.node if n.op_type == "MatMulNBits" and _attr(n, "bits") == 8]
+    if not nodes:
+        return None
+    blocks: Dict[str, int] = {}
+    for n in nodes:
+        blocks[str(_attr(n, "block_size"))] = blocks.get(str(_attr(n, "block_size")), 0) + 1
+    weights = sum(_attr(n, "K") * _attr(n, "N") for n in nodes)
+    nbytes = sum(sizes.get(x, 0) for n in nodes for x in n.input[1:4] if x)
+    sym = sum(1 for n in nodes if len(n.input) < 4 or not n.input[3])
+    return {"nodes": len(nodes), "symmetric": sym, "blocks": blocks, "weights": weights, "bytes": nbytes,
+            "bits_per_weight": round(8 * nbytes / weights, 3), "note": INT8_NOTE if sym == len(nodes) else None}
 
 
 def _layers_norms(model) -> Dict[Tuple[int, str], Any]:

@@ -81,6 +81,23 @@ def probe_ids(bundle_dir: Optional[Path], vocab: int) -> List[int]:
     return [(7 * i + 3) % max(vocab, 1) for i in range(PROBE_PROMPT)]
 
 
+def _start(og, model, ids: Sequence[int], tried: List[int], where: Optional[str], capacity: int):
+    """A probe's record (what was tried, where, when, the load, the prompt) and the median ms of a decoded token
+    of `model` after a warm-up: (record, ms)."""
+    from edgekit.runtime.bench import cpu_model
+
+    rec: Dict[str, Any] = {"tried": tried, "where": where or f"probed at load on this machine ({cpu_model()})",
+                           "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                           "loadavg": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+                           "prompt_tokens": len(ids), "new_tokens": PROBE_TOKENS}
+    decode_token_ms(og, model, ids, 2, capacity=capacity)     # warm-up: the first run allocates
+    return rec, median(decode_token_ms(og, model, ids, 4, capacity=capacity))
+
+
+def _vocab(genai_config: Mapping[str, Any], manifest: Mapping[str, Any]) -> int:
+    return int((genai_config.get("model") or {}).get("vocab_size") or (manifest.get("model") or {}).get("vocab") or 2)
+
+
 def measure(og, open_at: Callable[..., Any], ceiling: int, ids: Sequence[int], opened=None,
             where: Optional[str] = None, capacity: int = 0,
             spinning: Optional[bool] = None) -> Tuple[Dict[str, Any], Any]:
@@ -94,17 +111,10 @@ def measure(og, open_at: Callable[..., Any], ceiling: int, ids: Sequence[int], o
     (`open_at(t, spin)`), alternating, and that is kept where it decodes faster by more than the tolerance:
     threads that busy-wait between a decode step's ~300 small ops win on an otherwise idle device and lose
     badly where other work wants the cores (record: spinning_chosen, spinning_ms_per_token, spinning_why)."""
-    from edgekit.runtime.bench import cpu_model
-
     t_start = time.perf_counter()
     tried = tp.candidates(ceiling)
     top = opened if opened is not None else open_at(ceiling)
-    rec: Dict[str, Any] = {"tried": tried, "where": where or f"probed at load on this machine ({cpu_model()})",
-                           "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                           "loadavg": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-                           "prompt_tokens": len(ids), "new_tokens": PROBE_TOKENS}
-    decode_token_ms(og, top, ids, 2, capacity=capacity)     # warm-up: the first run allocates
-    first = median(decode_token_ms(og, top, ids, 4, capacity=capacity))
+    rec, first = _start(og, top, ids, tried, where, capacity)
     if first > PROBE_MAX_TOKEN_MS:
         rec.update(threads=ceiling, skipped=True,
                    why=f"one decoded token takes {first:.1f} ms at {ceiling} threads (over {PROBE_MAX_TOKEN_MS:g} "
@@ -191,15 +201,9 @@ def choose_spinning(og, og_model, open_at: Callable[..., Any], bundle_dir: Path,
     if not tp.probe_enabled():
         return og_model, {"why": f"not probed ({tp.PROBE_ENV}=0)"}
     t_start = time.perf_counter()
-    vocab = int((genai_config.get("model") or {}).get("vocab_size") or (manifest.get("model") or {}).get("vocab")
-                or 2)
-    ids, capacity = probe_ids(bundle_dir, vocab), kv_floor(genai_config)
-    rec = {"threads": threads, "tried": [threads], "where": f"probed at load on this machine ({cpu_model()})",
-           "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "loadavg": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-           "prompt_tokens": len(ids), "new_tokens": PROBE_TOKENS}
-    decode_token_ms(og, og_model, ids, 2, capacity=capacity)     # warm-up: the first run allocates
-    first = median(decode_token_ms(og, og_model, ids, 4, capacity=capacity))
+    ids, capacity = probe_ids(bundle_dir, _vocab(genai_config, manifest)), kv_floor(genai_config)
+    rec, first = _start(og, og_model, ids, [threads], None, capacity)
+    rec["threads"] = threads
     if first > PROBE_MAX_TOKEN_MS:
         rec.update(skipped=True, why=f"one decoded token takes {first:.1f} ms at {threads} threads (over "
                                      f"{PROBE_MAX_TOKEN_MS:g} ms): spinning not probed; as genai_config says")
@@ -243,9 +247,7 @@ def choose(og, og_model, open_at: Callable[[int], Any], bundle_dir: Path, manife
         return open_at(t, None if spin in (None, spinning) else bool(spin)), t, "cache", rec
     if not tp.probe_enabled():
         return og_model, ceiling, default_by, {"why": f"not probed ({tp.PROBE_ENV}=0)"}
-    vocab = int((genai_config.get("model") or {}).get("vocab_size") or (manifest.get("model") or {}).get("vocab")
-                or 2)
-    rec, model = measure(og, open_at, ceiling, probe_ids(bundle_dir, vocab), opened=og_model,
+    rec, model = measure(og, open_at, ceiling, probe_ids(bundle_dir, _vocab(genai_config, manifest)), opened=og_model,
                          capacity=kv_floor(genai_config), spinning=spinning)
     cached = tp.write_cache(key, rec)
     if cached:
