@@ -169,6 +169,98 @@ def _kl_of(model_dir: Path, fm, text) -> dict:
     return compare(fm.logprobs(text.windows), text, [dec.logits(w) for w in text.windows])
 
 
+def _sub_model_run(full, node, feeds: dict):
+    """One node of a built graph (external data loaded) run alone on `feeds`, MatMulNBits at accuracy level 0 (fp32
+    compute: the weights' arithmetic alone)."""
+    import onnxruntime as ort
+    from onnx import helper
+
+    inits = {t.name: t for t in full.graph.initializer}
+    n = helper.make_node(node.op_type, list(node.input), ["out"], domain=node.domain,
+                         **{a.name: helper.get_attribute_value(a) for a in node.attribute})
+    if n.op_type == "MatMulNBits":
+        n.attribute[[a.name for a in n.attribute].index("accuracy_level")].i = 0
+    ins = [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), list(v.shape))
+           for k, v in feeds.items()]
+    graph = helper.make_graph([n], "t", ins, [helper.make_tensor_value_info("out", 1, None)],
+                              [inits[x] for x in node.input if x in inits])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+def test_int8_nodes_symmetric_in_builds(tied_lm, tmp_path):
+    """The builder's 8-bit MatMulNBits rewritten symmetric (LLMBuildOptions.int8_symmetric, the default) in an
+    INT4 build of the tied tiny Llama (the lm_head and one measured decoder MatMul at INT8: block 64) and in
+    its INT8 build (every MatMul, at the build's block 32): no zero points; the tied embedding's
+    GatherBlockQuantized reads the lm_head's new table (aliased, no Reshape); the lm_head and the embedding
+    compute numpy's dequantization of the float weight's absmax rounding; the bytes shrink as the layout says;
+    KL stays near the asymmetric build's; ORT GenAI generates."""
+    import onnx
+    from onnx import numpy_helper
+
+    from edgekit.convert.llm import LLMBuildOptions, decoder_matmuls, read_source, run_builder, weight_bytes
+    from edgekit.convert.llm_fidelity import FloatModel
+    from edgekit.runtime.llm import load_llm
+
+    src = read_source(str(tied_lm))
+    fm = FloatModel(tied_lm, threads=1)
+    text = fm.text_windows(corpus_text(200, seed=13), "held-out", 384, 128)
+    w_head = fm.model.lm_head.weight.detach().numpy()
+    V, K = w_head.shape
+    matmuls = {}
+    figs, sizes, summary = {}, {}, {}
+    for prec in ("int4", "int8"):
+        for sym in (False, True):
+            out = tmp_path / f"{prec}-{sym}"
+            if prec == "int4":
+                opts = LLMBuildOptions("int4", int8_matmuls=("/model/layers.1/attn/o_proj/MatMul",),
+                                       int8_symmetric=sym)
+            else:
+                opts = LLMBuildOptions("int8", int8_symmetric=sym)
+            log = run_builder(src, opts, out, tmp_path / "cache", matmuls)
+            matmuls = matmuls or decoder_matmuls(out / "model.onnx")
+            figs[prec, sym], sizes[prec, sym] = _kl_of(out, fm, text), weight_bytes(out)["weights"]
+            summary[prec, sym] = g.int8_summary(out)
+            full = onnx.load(str(out / "model.onnx"))
+            n8 = [n for n in full.graph.node if n.op_type == "MatMulNBits" and g._attr(n, "bits") == 8]
+            gbq = next(n for n in full.graph.node if n.op_type == "GatherBlockQuantized")
+            assert len(n8) == (2 if prec == "int4" else 1 + 4 * 5)
+            assert not any(n.op_type == "Reshape" and "embed_tokens" in n.name for n in full.graph.node)
+            if not sym:
+                assert all(len(n.input) == 4 for n in n8 + [gbq]) and "8-bit MatMulNBits symmetric" not in log
+                continue
+            block = 64 if prec == "int4" else 32
+            assert "8-bit MatMulNBits symmetric" in log
+            assert all(len(n.input) == 3 and g._attr(n, "block_size") == block for n in n8 + [gbq])
+            assert summary[prec, sym]["symmetric"] == len(n8) and summary[prec, sym]["blocks"] == {str(block): len(n8)}
+            head = next(n for n in n8 if n.name.startswith("/lm_head/"))
+            inits = {t.name: t for t in full.graph.initializer}
+            W = g.unpack_nbits(*[numpy_helper.to_array(inits[x]) for x in head.input[1:]], None, K, V, 8, block)
+            scale = numpy_helper.to_array(inits[head.input[2]]).reshape(V, K // block)
+            np.testing.assert_allclose(scale, np.abs(w_head).reshape(V, K // block, block).max(-1) / 127, rtol=1e-6)
+            assert (np.abs(W - w_head) / np.repeat(scale, block, 1)).max() <= 0.5 + 1e-4
+            x = np.random.default_rng(0).standard_normal((2, K)).astype(np.float32)
+            np.testing.assert_allclose(_sub_model_run(full, head, {head.input[0]: x}), x @ W.T, rtol=1e-4, atol=1e-4)
+            ids = np.array([0, 5, V - 1], np.int64)
+            np.testing.assert_array_equal(_sub_model_run(full, gbq, {gbq.input[1]: ids}), W[ids])
+            lm = load_llm(out, threads=1, verify=False)
+            assert lm.generate("the robot", max_new_tokens=8).strip()
+    # the lm_head (V x K) and o_proj (K x K): a zero point per block of 32 and every other scale gone (INT4
+    # build), a zero point per block of 32 everywhere (INT8)
+    assert sizes["int4", False] - sizes["int4", True] == (V + K) * (K // 32 * 5 - K // 64 * 4)
+    assert summary["int4", False]["bits_per_weight"] == 9.25 and summary["int4", True]["bits_per_weight"] == 8.5
+    assert summary["int8", True]["bits_per_weight"] == 9.0
+    assert sizes["int8", False] - sizes["int8", True] == sum(
+        g._attr(n, "N") * g._attr(n, "K") // 32 for n in onnx.load(str(tmp_path / "int8-True" / "model.onnx"),
+                                                                    load_external_data=False).graph.node
+        if n.op_type == "MatMulNBits")
+    # measured (18:24 UTC): KL INT4 0.00270 -> 0.00264, INT8 0.000027 -> 0.000040
+    for prec in ("int4", "int8"):
+        assert figs[prec, True]["kl_mean"] < 1.3 * figs[prec, False]["kl_mean"] + 1e-4, (prec, figs)
+
+
 def test_calibrated_build_of_the_tiny_decoder(tiny_lm, tmp_path):
     """The tiny Llama built with k_quant and with awq_gptq at block 32, and awq_gptq at block 128 (one block per
     128-wide row: an odd count, which ORT's own quantizer cannot pack): the calibrated builds are closer to float
@@ -183,9 +275,12 @@ def test_calibrated_build_of_the_tiny_decoder(tiny_lm, tmp_path):
     fm = FloatModel(tiny_lm, threads=1)
     text = fm.text_windows(corpus_text(300, seed=7), "held-out", 512, 128)
     out = {}
+    one8 = ("/model/layers.2/mlp/down_proj/MatMul",)
     for algo, block in (("k_quant", 32), ("awq_gptq", 32), ("awq_gptq", 128)):
         d = tmp_path / f"{algo}-{block}"
-        log = run_builder(src, LLMBuildOptions("int4", block_size=block, algo=algo), d, tmp_path / "cache", {})
+        # at block 128 one decoder MatMul INT8 too (symmetric, from the AWQ-scaled weight)
+        opts = LLMBuildOptions("int4", block_size=block, algo=algo, int8_matmuls=one8 if block == 128 else ())
+        log = run_builder(src, opts, d, tmp_path / "cache", {})
         out[(algo, block)] = _kl_of(d, fm, text)
         m = onnx.load(str(d / "model.onnx"), load_external_data=False)
         dec = [n for n in m.graph.node if n.op_type == "MatMulNBits" and "/layers." in n.name]
@@ -197,11 +292,13 @@ def test_calibrated_build_of_the_tiny_decoder(tiny_lm, tmp_path):
         rec = json.loads((d / g.RECORD).read_text())
         assert rec["algo"] == algo and rec["block_size"] == block and rec["nodes"] == 20 and not rec["skipped"]
         assert rec["awq"]["groups"] == 4 * 3 and rec["calibration_tokens"] >= 1024
-        assert {[a.i for a in n.attribute if a.name == "block_size"][0] for n in dec} == {block}
+        assert {g._attr(n, "block_size") for n in dec if g._attr(n, "bits") == 4} == {block}
+        # the 8-bit nodes (the lm_head; at 128 one down_proj) symmetric at block 64, no zero points
+        n8 = [n for n in m.graph.node if n.op_type == "MatMulNBits" and g._attr(n, "bits") == 8]
+        assert [n.name.split("/")[1] for n in n8] == (["model", "lm_head"] if block == 128 else ["lm_head"])
+        assert all(len(n.input) == 3 and g._attr(n, "block_size") == 64 for n in n8)
+        assert rec["int8"] == {"nodes": len(n8), "blocks": {"64": len(n8)}, "kept": []}
         if block == 32:
-            # the lm_head stays the builder's INT8
-            head = next(n for n in m.graph.node if n.op_type == "MatMulNBits" and "lm_head" in n.name)
-            assert [a.i for a in head.attribute if a.name == "bits"] == [8]
             from edgekit.runtime.llm import load_llm
 
             lm = load_llm(d, threads=1, verify=False)
@@ -253,7 +350,10 @@ def test_tied_lm_head_reblocked(tied_lm, tmp_path):
     figs, sizes, decoder = {}, {}, {}
     for hb in (0, 64):
         out = tmp_path / f"b{hb}"
-        run_builder(src, LLMBuildOptions("int4", algo="awq", head_block=hb), out, tmp_path / "cache", {})
+        # head_block names the lm_head's rounding (k-quant), over the symmetric 8-bit default; without it, the
+        # builder's (int8_symmetric off)
+        run_builder(src, LLMBuildOptions("int4", algo="awq", head_block=hb, int8_symmetric=bool(hb)), out,
+                    tmp_path / "cache", {})
         figs[hb], sizes[hb] = _kl_of(out, fm, text), weight_bytes(out)["weights"]
         m = onnx.load(str(out / "model.onnx"), load_external_data=False)
         gbq = next(n for n in m.graph.node if n.op_type == "GatherBlockQuantized")
