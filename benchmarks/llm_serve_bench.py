@@ -427,7 +427,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="llm_serve_bench.json")
     ap.add_argument("--second-interval", default="auto",
-                    help="the second API server's --stream-interval-ms (the first runs the default, 0)")
+                    help="the second API server's --stream-interval-ms (default auto, the server's default; the first "
+                         "server writes every token, 0)")
     ap.add_argument("--streams", default=CONCURRENCY, help="concurrent streams per row (comma-separated)")
     ap.add_argument("--long-prompt", type=int, default=0,
                     help="instead: a running stream's inter-token gaps while a prompt of this many tokens arrives")

@@ -256,9 +256,44 @@ def test_int8_nodes_symmetric_in_builds(tied_lm, tmp_path):
         g._attr(n, "N") * g._attr(n, "K") // 32 for n in onnx.load(str(tmp_path / "int8-True" / "model.onnx"),
                                                                     load_external_data=False).graph.node
         if n.op_type == "MatMulNBits")
-    # measured (18:24 UTC): KL INT4 0.00270 -> 0.00264, INT8 0.000027 -> 0.000040
-    for prec in ("int4", "int8"):
-        assert figs[prec, True]["kl_mean"] < 1.3 * figs[prec, False]["kl_mean"] + 1e-4, (prec, figs)
+    # measured (18:24 UTC): KL INT4 0.00270 -> 0.00264, INT8 0.000027 -> 0.000040 (INT8's KL is near the int8
+    # activations' own noise: a wider relative margin, a small absolute one)
+    assert figs["int4", True]["kl_mean"] < 1.3 * figs["int4", False]["kl_mean"] + 1e-5, figs
+    assert figs["int8", True]["kl_mean"] < 2.0 * figs["int8", False]["kl_mean"] + 1e-5, figs
+
+
+def test_symmetric_int8_keeps_a_rows_own_block_and_leaves_nodes_it_cannot_write():
+    """K not a multiple of any block asked for: the node's own block (96 = 3 x 32); a node with fp16 scales (a CUDA
+    build's) or an input beyond zero points (bias) is left as the builder wrote it, and said so."""
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(5)
+    K, N = 96, 16
+    w = torch.from_numpy(rng.standard_normal((N, K)).astype(np.float32))
+    nodes, inits = [], []
+    for k in ("own", "half", "bias"):
+        q, s, z = g.quantize_rtn(w, 32, 8, "kquant")
+        n, t = g.nbits_node(f"/model/layers.0/{k}/MatMul_Q8", "x", f"y_{k}", k, q.numpy(), s.numpy(), z.numpy(), K,
+                            N, 8, 32, 0)
+        if k == "half":
+            t = [numpy_helper.from_array(numpy_helper.to_array(x).astype(np.float16), x.name)
+                 if x.name == n.input[2] else x for x in t]
+        if k == "bias":
+            t.append(numpy_helper.from_array(np.zeros(N, np.float32), "bias"))
+            n.input.extend(["", "", "bias"])
+        nodes.append(n)
+        inits += t
+    f = helper.make_tensor_value_info
+    full = helper.make_model(helper.make_graph(nodes, "t", [f("x", TensorProto.FLOAT, [1, K])],
+                                               [f(f"y_{k}", TensorProto.FLOAT, [1, N]) for k in ("own", "half", "bias")],
+                                               inits))
+    drop, add = set(), []
+    rec = g.symmetric_int8(full, lambda n: w, (64,), drop, add)
+    assert rec == {"nodes": 1, "blocks": {"32": 1},
+                   "kept": ["/model/layers.0/half/MatMul_Q8", "/model/layers.0/bias/MatMul_Q8"]}
+    own = next(n for n in full.graph.node if n.name == "/model/layers.0/own/MatMul_Q8")
+    assert g._attr(own, "block_size") == 32 and len(own.input) == 3
 
 
 def test_calibrated_build_of_the_tiny_decoder(tiny_lm, tmp_path):

@@ -240,6 +240,20 @@ def test_a_given_thread_count_still_gets_its_spinning_measured_and_cached(bundle
     assert not (tmp_path / "cache2" / "threads").exists()
     assert load_llm(bundle, threads=1).threads_choice is None   # one thread: nothing spins, nothing timed
 
+    # a model too slow to probe is said so, cached, and not timed again at the next load
+    from edgekit.runtime import llmthreads
+
+    monkeypatch.setenv("EDGEKIT_CACHE_DIR", str(tmp_path / "cache3"))
+    monkeypatch.delenv("EDGEKIT_THREAD_PROBE", raising=False)
+    monkeypatch.setattr(llmthreads, "PROBE_MAX_TOKEN_MS", 0.0)
+    slow = load_llm(bundle, threads=2)
+    assert slow.threads_choice["skipped"] and "spinning not probed" in slow.threads_choice["why"]
+    assert slow.spinning is None and "cache" in slow.threads_choice
+    timed = []
+    monkeypatch.setattr(llmthreads, "decode_token_ms", lambda *a, **k: timed.append(1) or [1.0])
+    again = load_llm(bundle, threads=2)
+    assert again.threads_choice["cache"] == slow.threads_choice["cache"] and not timed
+
 
 def test_greedy_is_deterministic_and_seeded_sampling_reproducible(lm):
     a = lm.generate("The red train", max_new_tokens=24)

@@ -173,8 +173,9 @@ class LLMBuildOptions:
         same speed, and an 8-bit block of 128 gives a row other last bits at M = 1 than in a batch (MLAS), which
         the pruned lm_head's bit-identical last row (llm_graph) would lose. An INT8 build keeps its block (only
         the zero points go: 170.6 -> 166.5 MB, same KL and speed): at accuracy level 4 the block is also the
-        int8 activations', and at 64 / 128 INT8's KL doubled (0.0032 -> 0.0066)."""
-        if not (self.int8_symmetric and self.quantized):
+        int8 activations', and at 64 / 128 INT8's KL doubled (0.0032 -> 0.0066). CPU builds only: a CUDA build's
+        MatMulNBits take fp16 scales and the builder's own attributes, and the figures above are MLAS's."""
+        if not (self.int8_symmetric and self.quantized and self.execution_provider == "cpu"):
             return ()
         return (64,) if self.precision == "int4" else (self.block_size,)
 
@@ -262,8 +263,9 @@ def _quiet_builder():
 
 
 def run_builder(src: LMSource, opts: LLMBuildOptions, out_dir: Path, cache: Path,
-                matmuls: Dict[int, List[str]]) -> str:
-    """Build into out_dir; returns the builder's captured output (for the log)."""
+                matmuls: Dict[int, List[str]], float_model=None) -> str:
+    """Build into out_dir; returns the builder's captured output (for the log). float_model: the source's torch
+    model already loaded (the 8-bit rewrite reads its weights), else loaded when needed."""
     from onnxruntime_genai.models import builder
 
     _quiet_builder()
@@ -303,7 +305,7 @@ def run_builder(src: LMSource, opts: LLMBuildOptions, out_dir: Path, cache: Path
                   f"rewritten in {cal['seconds']} s, {cal['calibration']}\n")
         sym = cal.get("int8")
     elif opts.int8_blocks():   # the 8-bit MatMulNBits symmetric, no zero points
-        sym = llm_gptq.rewrite_int8(src.path, out_dir, opts.int8_blocks())
+        sym = llm_gptq.rewrite_int8(src.path, out_dir, opts.int8_blocks(), model=float_model)
     else:
         sym = None
     if sym:
@@ -549,10 +551,11 @@ class _Session:
         try:
             if not self.matmuls and opts.precision == "int8" and self.src.tied:
                 # the INT8 build of a tied model names every MatMul: learn the names from a plain build first
-                run_builder(self.src, opts, self.wd / "names", self.wd / "cache", {})
+                run_builder(self.src, dataclasses.replace(opts, int8_symmetric=False), self.wd / "names",
+                            self.wd / "cache", {})
                 self.matmuls.update(decoder_matmuls(self.wd / "names" / "model.onnx"))
                 shutil.rmtree(self.wd / "names", ignore_errors=True)
-            out = run_builder(self.src, opts, d, self.wd / "cache", self.matmuls)
+            out = run_builder(self.src, opts, d, self.wd / "cache", self.matmuls, self.float.model)
             self.log.write(out[-20000:])
             if not self.matmuls:
                 self.matmuls.update(decoder_matmuls(d / "model.onnx"))

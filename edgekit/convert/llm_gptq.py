@@ -732,6 +732,9 @@ def apply(src_path, model_dir, algo: str, block: int, cal_tokens: int = CAL_TOKE
             return head_w.data if head_w is not None and node.name.startswith("/lm_head/") else None
 
         record["int8"] = symmetric_int8(full, weight_of, int8_blocks, drop, add)
+        left = sorted(set(mods8) & set(record["int8"]["kept"]))
+        if left:   # their builder bytes were rounded from the weights before AWQ's scaling: wrong, not just wider
+            raise RuntimeError(f"calibrated build: 8-bit MatMuls not re-rounded after scaling: {left}")
     keep = [t for t in full.graph.initializer if t.name not in drop]
     del full.graph.initializer[:]
     full.graph.initializer.extend(keep + add)
@@ -810,13 +813,19 @@ def symmetric_int8(full, weight_of: Callable[[Any], Any], blocks: Sequence[int],
     """Every 8-bit MatMulNBits of `full` whose float weight weight_of(node) gives ([N, K], torch) re-rounded
     symmetric at the first of `blocks` dividing K (else at its own block), its readers pointed at the new
     initializers (replace_nbits). Returns {"nodes", "blocks": {block: count}, "kept": names left as they were}."""
+    from onnx import TensorProto
+
     done: Dict[str, int] = {}
     kept = []
+    scale_type = {t.name: t.data_type for t in full.graph.initializer}
     for n in list(full.graph.node):
         if n.op_type != "MatMulNBits" or _attr(n, "bits") != 8:
             continue
         K, N = _attr(n, "K"), _attr(n, "N")
-        w = weight_of(n)
+        # what nbits_node writes: fp32 scales, no g_idx / bias, no attributes beyond K, N, bits, block, level
+        plain = (scale_type.get(n.input[2]) == TensorProto.FLOAT and not any(n.input[4:])
+                 and {a.name for a in n.attribute} <= {"K", "N", "bits", "block_size", "accuracy_level"})
+        w = weight_of(n) if plain else None
         if w is None or tuple(w.shape) != (N, K):
             kept.append(n.name)
             continue
@@ -827,10 +836,12 @@ def symmetric_int8(full, weight_of: Callable[[Any], Any], blocks: Sequence[int],
     return {"nodes": sum(done.values()), "blocks": done, "kept": kept}
 
 
-def rewrite_int8(src_path, model_dir, blocks: Sequence[int], threads: Optional[int] = None) -> Dict[str, Any]:
+def rewrite_int8(src_path, model_dir, blocks: Sequence[int], threads: Optional[int] = None,
+                 model=None) -> Dict[str, Any]:
     """A built model_dir's 8-bit MatMulNBits (lm_head, decoder nodes) re-rounded symmetric from the float model's
     weights (symmetric_int8); model.onnx + model.onnx.data rewritten when any was. A node whose weight the float
-    model does not hold as one Linear (or a packed q/k/v, gate/up) is left as it is."""
+    model does not hold as one Linear (or a packed q/k/v, gate/up) is left as it is. model: the float torch
+    model already loaded (the converter's session holds one), else loaded from src_path."""
     import onnx
     import torch
 
@@ -841,7 +852,8 @@ def rewrite_int8(src_path, model_dir, blocks: Sequence[int], threads: Optional[i
     full = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
     if not any(n.op_type == "MatMulNBits" and _attr(n, "bits") == 8 for n in full.graph.node):
         return {"nodes": 0, "blocks": {}, "kept": []}
-    model = FloatModel(Path(src_path), threads).model
+    if model is None:
+        model = FloatModel(Path(src_path), threads).model
     by_layer: Dict[int, List[str]] = {}
     for n in _decoder_nodes(full):
         by_layer.setdefault(int(_NODE.match(n.name).group(1)), []).append(re.sub(r"_Q\d+$", "", n.name))

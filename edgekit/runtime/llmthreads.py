@@ -194,9 +194,9 @@ def choose_spinning(og, og_model, open_at: Callable[..., Any], bundle_dir: Path,
     spinning = spinning_of(genai_config)
     key = tp.cache_key(files_digest(manifest), BACKEND + "+spinning-at", version, [provider], threads, cpu_model())
     rec = tp.read_cache(key, [threads])
-    if rec is not None and isinstance(rec.get("spinning_chosen"), bool):
-        rec["cache"] = str(tp.cache_path(key))
-        spin = rec["spinning_chosen"]
+    if rec is not None and (isinstance(rec.get("spinning_chosen"), bool) or rec.get("skipped")):
+        rec["cache"] = str(tp.cache_path(key))      # a skipped probe (a slow model) is not run again either
+        spin = rec.get("spinning_chosen", spinning)
         return (og_model if spin == spinning else open_at(threads, spin)), rec
     if not tp.probe_enabled():
         return og_model, {"why": f"not probed ({tp.PROBE_ENV}=0)"}
