@@ -45,8 +45,8 @@ Figures:
   llama.cpp: the same loop over Llama.eval and the context's logits. edgekit's ONNX Runtime threads spin
   between ops or sleep as the runtime chooses at the given count (--spinning auto, the default: timed both ways
   at the first load and cached, runtime.llmthreads.choose_spinning), as the bundle's genai_config says
-  (--spinning profile; the x86 profiles: sleep), or as --spinning on/off sets (llama.cpp's threads spin). The prompt: runtime.llmbench's text,
-  tokenized by the source's tokenizer, repeated to length (the same ids for both engines). Each (build,
+  (--spinning profile; the x86 profiles: sleep), or as --spinning on/off sets (llama.cpp's threads spin).
+  The prompt: runtime.llmbench's text, tokenized by the source's tokenizer, repeated to length (the same ids for both engines). Each (build,
   threads) runs in a fresh process that does --warmup untimed runs then one timed run per prompt size; --rounds
   rounds, the engines alternating within a round and the order reversed every other round; medians over the
   rounds, each round kept;

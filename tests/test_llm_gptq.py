@@ -285,9 +285,8 @@ def test_symmetric_int8_keeps_a_rows_own_block_and_leaves_nodes_it_cannot_write(
         nodes.append(n)
         inits += t
     f = helper.make_tensor_value_info
-    full = helper.make_model(helper.make_graph(nodes, "t", [f("x", TensorProto.FLOAT, [1, K])],
-                                               [f(f"y_{k}", TensorProto.FLOAT, [1, N]) for k in ("own", "half", "bias")],
-                                               inits))
+    outs = [f(f"y_{k}", TensorProto.FLOAT, [1, N]) for k in ("own", "half", "bias")]
+    full = helper.make_model(helper.make_graph(nodes, "t", [f("x", TensorProto.FLOAT, [1, K])], outs, inits))
     drop, add = set(), []
     rec = g.symmetric_int8(full, lambda n: w, (64,), drop, add)
     assert rec == {"nodes": 1, "blocks": {"32": 1},
