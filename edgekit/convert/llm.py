@@ -55,6 +55,7 @@ from edgekit.convert.llm_graph import (PRUNE_NOTE, alias_tied_embedding, embeddi
 from edgekit.convert.llm_gptq import ALGOS as _CALIBRATED_ALGOS, builder_algo, calibrated, int8_summary
 from edgekit.errors import BudgetMissed, EdgekitError, SourceModelError
 from edgekit.progress import Progress
+from edgekit.runtime.cpuid import cpu_flags
 from edgekit.runtime.llmopts import kv_capacity, kv_floor
 from edgekit.table import render
 from edgekit.targets import TargetProfile, load_target
@@ -746,12 +747,7 @@ def _numerics(t: TargetProfile, opts: LLMBuildOptions, ort_version: str) -> Dict
     import platform
 
     host = platform.machine()
-    flags = ""
-    try:
-        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith(("flags",
-                                                                                                    "Features"))), "")
-    except OSError:
-        pass
+    flags = cpu_flags()
     host_int8 = ("avx512_vnni" in flags or "avx_vnni" in flags or "avx2" in flags or "asimddp" in flags)
     d = {"mode": "host", "engine": f"onnxruntime {ort_version} CPUExecutionProvider (MLAS)", "host_arch": host,
          "accuracy_level": opts.accuracy_level if opts.quantized else None}

@@ -21,6 +21,7 @@ from typing import Any, Dict, List
 import numpy as np
 
 from edgekit.errors import BundleError
+from edgekit.runtime.cpuid import cpu_flags  # noqa: F401  (re-exported: convert.numerics)
 from edgekit.runtime.snr import snr_db  # noqa: F401  (re-exported: convert.validate, serve.probe)
 
 MIN_SNR_DB = 20.0
@@ -53,19 +54,6 @@ def exact_int8(arch: str, features) -> bool:
     """Integer dot products without int16 saturation: any non-x86 CPU (NEON, sdot), or x86 with VNNI.
     Without VNNI, ONNX Runtime's u8 x s8 kernels (VPMADDUBSW) saturate int16 pair sums."""
     return arch.lower() not in X86 or any(v in features for v in VNNI)
-
-
-def cpu_flags() -> frozenset:
-    """This CPU's feature flags from /proc/cpuinfo (x86 'flags', ARM 'Features'); empty elsewhere,
-    which counts as a host without VNNI (the safe side)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.split(":", 1)[0].strip().lower() in ("flags", "features"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
 
 
 def host_saturates() -> bool:

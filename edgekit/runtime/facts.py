@@ -7,6 +7,8 @@ import platform
 import sys
 from typing import Any, Dict
 
+from edgekit.runtime.cpuid import cpu_flags
+
 _PROBES = (
     ("litert", "ai_edge_litert.interpreter", "ai-edge-litert"),
     ("tflite-runtime", "tflite_runtime.interpreter", "tflite-runtime"),
@@ -82,15 +84,7 @@ def device_facts() -> Dict[str, Any]:
                     mem_kb = int(line.split()[1])
     except OSError:
         pass
-    flags = []
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    flags = line.split(":", 1)[1].split()
-                    break
-    except OSError:
-        pass
+    flags = sorted(cpu_flags())
     return {
         "arch": platform.machine(),
         "cpu_model": cond["cpu_model"],
