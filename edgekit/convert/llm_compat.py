@@ -9,6 +9,22 @@ transformers 4 configuration had, `rope_theta` and `rope_local_base_freq`. The f
 the builder loads those attributes from the nested dict (nothing is written to the user's folder), so both
 thetas reach the graph as the model defines them; the fidelity check against the float model in torch then
 measures the result as for any build.
+
+Mistral (v0.1: `sliding_window` 4096) and Phi-3 (Phi-3-mini-4k: 2047) apply their `sliding_window` to every layer
+in transformers, and their configurations have no `layer_types`; the builder takes a layer as windowed only where
+`layer_types` says "sliding_attention", so it built them with full attention everywhere (a tiny Mistral with a
+16-token window: INT8 perplexity +32%, KL 0.22 against torch on 100-token windows) while its genai_config still
+named the window. The fix gives such a configuration the layer types transformers applies.
+
+LongRoPE (Phi-3-mini-128k, Phi-3.5-mini, Phi-4-mini: `rope_scaling = {"type": "longrope", ...}` in config.json):
+transformers 5 reads it into `rope_parameters` with the key `rope_type`, and the builder's Phi-3 LongRoPE model
+looks up `rope_parameters["type"]` for its magnitude-scaling policy (KeyError 'type'). The fix adds that key.
+
+SmolLM3 leaves RoPE out of every fourth layer (`no_rope_layers[i] == 0`, NoPE). The builder's SmolLM3 model turns
+off only RoPE *fused in attention* there, so the base builder asks for a separate RotaryEmbedding op on a
+position_ids input the CPU graph does not have (KeyError 'position_ids'; with one, those layers would get RoPE
+they must not have). The fix builds those layers with no RoPE at all (the builder's own switch for a model
+without RoPE, `attention_attrs["rope"]`), as transformers computes them.
 """
 
 from __future__ import annotations
@@ -17,6 +33,8 @@ import contextlib
 from typing import Any, Dict, Iterator, List
 
 NESTED_ROPE_MODELS = ("gemma3_text", "gemma3")   # model_type values whose nested rope_parameters need flattening
+# model_type values whose transformers model windows every layer's attention by config.sliding_window (no layer_types)
+UNIFORM_WINDOW_MODELS = ("mistral", "phi3")
 
 
 def flatten_rope(config: Any) -> List[str]:
@@ -40,6 +58,29 @@ def flatten_rope(config: Any) -> List[str]:
             f"rope_local_base_freq = {local['rope_theta']}"]
 
 
+def window_every_layer(config: Any) -> List[str]:
+    """Give a uniformly windowed `config` (Mistral, Phi-3) the layer types the builder reads its window from;
+    returns what was set (empty: nothing to do: no window, a window no shorter than the context, or layer types
+    already given)."""
+    window = getattr(config, "sliding_window", None)
+    if getattr(config, "model_type", None) not in UNIFORM_WINDOW_MODELS or getattr(config, "layer_types", None) \
+            or not isinstance(window, int) or window <= 0 or window >= int(config.max_position_embeddings):
+        return []
+    config.layer_types = ["sliding_attention"] * int(config.num_hidden_layers)
+    return [f"layer_types = sliding_attention x {config.num_hidden_layers} (sliding_window {window} on every layer, "
+            "as transformers applies it)"]
+
+
+def longrope_type(config: Any) -> List[str]:
+    """Give a LongRoPE `rope_parameters` the key "type" the builder's Phi-3 LongRoPE model reads (transformers 5
+    names it "rope_type"); returns what was set (empty: nothing to do)."""
+    rope = getattr(config, "rope_parameters", None)
+    if not isinstance(rope, dict) or rope.get("rope_type") not in ("longrope", "su") or "type" in rope:
+        return []
+    config.rope_parameters = dict(rope, type=rope["rope_type"])
+    return [f"rope_parameters['type'] = {rope['rope_type']!r}"]
+
+
 @contextlib.contextmanager
 def builder_config_fixes(log: List[str]) -> Iterator[None]:
     """Within: the builder's configuration loader applies the fixes above (each noted in `log`)."""
@@ -49,12 +90,33 @@ def builder_config_fixes(log: List[str]) -> Iterator[None]:
 
     def fixed(*args, **kwargs):
         details = original(*args, **kwargs)
-        done = flatten_rope(details["hf_config"])
+        cfg = details["hf_config"]
+        done = flatten_rope(cfg) + window_every_layer(cfg) + longrope_type(cfg)
         log.extend(f"builder config fix: {d}" for d in done)
         return details
 
+    # the class the builder's dispatch uses (it imports its builders as a top-level package, `builders`, so
+    # onnxruntime_genai.models.builders.smollm holds another copy of the class)
+    SmolLM3Model = builder.SmolLM3Model
+    smol_attention = SmolLM3Model.make_attention
+    nope: List[int] = []
+
+    def smol_fixed(self, layer_id, attention, root_input, **kwargs):
+        rope = self.attention_attrs["rope"]
+        if not self.no_rope_layers[layer_id]:   # a NoPE layer: no rotary embedding, fused or separate
+            self.attention_attrs["rope"] = False
+            nope.append(layer_id)
+        try:
+            smol_attention(self, layer_id, attention, root_input, **kwargs)
+        finally:
+            self.attention_attrs["rope"] = rope
+
     builder.get_hf_details = fixed
+    SmolLM3Model.make_attention = smol_fixed
     try:
         yield
     finally:
         builder.get_hf_details = original
+        SmolLM3Model.make_attention = smol_attention
+        if nope:
+            log.append(f"builder fix: SmolLM3 NoPE layers {nope} built without RoPE")

@@ -398,9 +398,17 @@ def kv_floor(genai_config: Mapping[str, Any]) -> int:
     (genai_config decoder.sliding_window.window_size, e.g. Gemma 3's 512), else 0. ONNX Runtime GenAI sizes the
     cache it shares between past and present by max_length, and GroupQueryAttention refuses a sliding-window
     layer whose cache is smaller than the window ("KV cache capacity (23) must be at least local_window_size
-    (512)"), so a short generation gets the window's capacity and is stopped by its own token count."""
-    window = (((genai_config.get("model") or {}).get("decoder") or {}).get("sliding_window") or {})
-    return int(window.get("window_size") or 0)
+    (512)"), so a short generation gets the window's capacity and is stopped by its own token count.
+    The builder also writes the window of a configuration where it windows no layer (`layers: []`: Phi-3.5-mini
+    and Phi-4-mini name a 262,144 window beyond their 131,072 context): 0 there, and never more than the model's
+    context_length (ONNX Runtime GenAI refuses a max_length above it)."""
+    model = genai_config.get("model") or {}
+    window = ((model.get("decoder") or {}).get("sliding_window") or {})
+    if "layers" in window and not window["layers"]:
+        return 0
+    size = int(window.get("window_size") or 0)
+    context = int(model.get("context_length") or 0)
+    return min(size, context) if context > 0 else size
 
 
 def kv_capacity(genai_config: Mapping[str, Any], max_length: int) -> int:
