@@ -16,9 +16,10 @@ in transformers, and their configurations have no `layer_types`; the builder tak
 16-token window: INT8 perplexity +32%, KL 0.22 against torch on 100-token windows) while its genai_config still
 named the window. The fix gives such a configuration the layer types transformers applies.
 
-LongRoPE (Phi-3-mini-128k, Phi-3.5-mini, Phi-4-mini: `rope_scaling = {"type": "longrope", ...}` in config.json):
-transformers 5 reads it into `rope_parameters` with the key `rope_type`, and the builder's Phi-3 LongRoPE model
-looks up `rope_parameters["type"]` for its magnitude-scaling policy (KeyError 'type'). The fix adds that key.
+LongRoPE (Phi-3-mini-128k, Phi-3.5-mini, Phi-4-mini): the builder's Phi-3 LongRoPE model looks up
+`rope_parameters["type"]` for its magnitude-scaling policy. A hub config.json's `rope_scaling = {"type": "longrope",
+...}` keeps that key when transformers 5 reads it; a folder saved by transformers 5 has only `rope_type`
+(KeyError 'type'). The fix adds that key.
 
 SmolLM3 leaves RoPE out of every fourth layer (`no_rope_layers[i] == 0`, NoPE). The builder's SmolLM3 model turns
 off only RoPE *fused in attention* there, so the base builder asks for a separate RotaryEmbedding op on a
