@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -48,6 +49,10 @@ def qemu() -> str:
     exe = shutil.which("qemu-x86_64-static") or shutil.which("qemu-x86_64")
     if not exe:
         unavailable("qemu-x86_64(-static) is not installed (apt install qemu-user-static)")
+    out = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
+    m = re.search(r"version (\d+)\.(\d+)", out)
+    if not m or (int(m.group(1)), int(m.group(2))) < (7, 2):
+        unavailable(f"{exe} is not qemu 7.2 or later ({out.splitlines()[0] if out else '?'}): its TCG has no AVX2")
     return exe
 
 
