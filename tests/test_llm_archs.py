@@ -189,3 +189,29 @@ def test_tiny_model_converts_meets_the_floor_and_generates(arch, tmp_path):
     lm.generate("The", max_new_tokens=3)
     assert lm.last["new_tokens"] <= 3 and lm.last["prompt_tokens"] + 3 < 16
     assert lm.check()["ok"]
+
+
+def test_builder_node_names_reach_phi2_dense_and_phi3_fused_linears():
+    """llm_sensitivity.matmul_modules: the builder's decoder MatMul names -> the torch Linears the ladder measures,
+    the calibrated algos round and the symmetric INT8 rewrite reads (phi-2's o_proj is `dense`; Phi-3's fused
+    qkv_proj is one Linear; its gate_up_proj the builder splits into gate_proj / up_proj, not matched yet)."""
+    import transformers
+
+    from edgekit.convert.llm_sensitivity import matmul_modules
+
+    nodes = {0: [f"/model/layers.0/{p}/MatMul" for p in ("attn/qkv_proj", "attn/o_proj", "mlp/fc1", "mlp/fc2")]}
+    phi2 = transformers.PhiForCausalLM(transformers.PhiConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2))
+    mods = matmul_modules(phi2, nodes)
+    attn = phi2.model.layers[0].self_attn
+    assert mods["/model/layers.0/attn/o_proj/MatMul"] == [attn.dense]
+    assert mods["/model/layers.0/attn/qkv_proj/MatMul"] == [attn.q_proj, attn.k_proj, attn.v_proj]
+    assert len(mods) == 4
+    nodes = {0: [f"/model/layers.0/{p}/MatMul" for p in ("attn/qkv_proj", "attn/o_proj", "mlp/gate_proj",
+                                                          "mlp/up_proj", "mlp/down_proj")]}
+    phi3 = transformers.Phi3ForCausalLM(transformers.Phi3Config(
+        vocab_size=64, pad_token_id=0, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1))
+    mods = matmul_modules(phi3, nodes)
+    assert mods["/model/layers.0/attn/qkv_proj/MatMul"] == [phi3.model.layers[0].self_attn.qkv_proj]
+    assert sorted(n.split("/")[-2] for n in mods) == ["down_proj", "o_proj", "qkv_proj"]

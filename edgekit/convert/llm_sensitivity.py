@@ -39,6 +39,9 @@ CALIBRATION_PROMPTS = (
 
 # builder node segment -> the Hugging Face Linear names it packs
 _PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+# builder node segment -> the Hugging Face Linear it names otherwise (phi-2's attention output is `dense`; without
+# this its node was never measured, chosen or calibrated)
+_RENAMED = {"o_proj": ("dense",)}
 
 
 def kquant_search(x, bits: int):
@@ -93,7 +96,8 @@ def fake_quant(w, block: int, bits: int, algo: str):
 
 def matmul_modules(model, matmuls: Dict[int, List[str]]) -> Dict[str, List[Any]]:
     """The builder's decoder MatMul node names -> the torch Linear modules whose weights each one holds (a packed
-    qkv_proj holds q/k/v). Nodes without a match are left out (never measured, never chosen)."""
+    qkv_proj holds q/k/v; phi-2's o_proj is its `dense`). Nodes without a match are left out (never measured, never
+    chosen, never calibrated: Phi-3's gate_proj / up_proj, which the builder splits from its fused gate_up_proj)."""
     import torch
 
     layers = _decoder_layers(model)
@@ -104,10 +108,11 @@ def matmul_modules(model, matmuls: Dict[int, List[str]]) -> Dict[str, List[Any]]
         linears = {n.rsplit(".", 1)[-1]: m for n, m in layers[i].named_modules() if isinstance(m, torch.nn.Linear)}
         for node in names:
             seg = node.rstrip("/").split("/")[-2] if "/" in node else node
-            want = _PACKED.get(seg, (seg,)) if seg not in linears else (seg,)
-            mods = [linears[w] for w in want if w in linears]
-            if mods and len(mods) == len(want):
-                out[node] = mods
+            for want in ((seg,),) if seg in linears else (_PACKED.get(seg, (seg,)), _RENAMED.get(seg, ())):
+                mods = [linears[w] for w in want if w in linears]
+                if mods and len(mods) == len(want):
+                    out[node] = mods
+                    break
     return out
 
 
