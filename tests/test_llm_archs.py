@@ -176,6 +176,9 @@ def test_tiny_model_converts_meets_the_floor_and_generates(arch, tmp_path):
         assert window["window_size"] == 4096 and window["layers"] == []
     if arch == "mistral":
         assert window["window_size"] == 16 and window["layers"] == [0, 1, 2]
+    # every 8-bit node symmetric, Phi-3's gate_proj / up_proj (split from gate_up_proj) included
+    nodes = m["llm"]["int8_nodes"]
+    assert nodes["symmetric"] == nodes["nodes"] == 5 * 3 + 1, nodes
     lm = load(row.path)
     bos = m["llm"]["prompt_bos"]
     assert (bos is not None) == (arch == "gemma3")
@@ -194,10 +197,11 @@ def test_tiny_model_converts_meets_the_floor_and_generates(arch, tmp_path):
 def test_builder_node_names_reach_phi2_dense_and_phi3_fused_linears():
     """llm_sensitivity.matmul_modules: the builder's decoder MatMul names -> the torch Linears the ladder measures,
     the calibrated algos round and the symmetric INT8 rewrite reads (phi-2's o_proj is `dense`; Phi-3's fused
-    qkv_proj is one Linear; its gate_up_proj the builder splits into gate_proj / up_proj, not matched yet)."""
+    qkv_proj is one Linear; the gate_proj / up_proj the builder splits from its gate_up_proj are no module, but
+    split_weight gives their weights)."""
     import transformers
 
-    from edgekit.convert.llm_sensitivity import matmul_modules
+    from edgekit.convert.llm_sensitivity import matmul_modules, split_weight
 
     nodes = {0: [f"/model/layers.0/{p}/MatMul" for p in ("attn/qkv_proj", "attn/o_proj", "mlp/fc1", "mlp/fc2")]}
     phi2 = transformers.PhiForCausalLM(transformers.PhiConfig(
@@ -215,3 +219,9 @@ def test_builder_node_names_reach_phi2_dense_and_phi3_fused_linears():
     mods = matmul_modules(phi3, nodes)
     assert mods["/model/layers.0/attn/qkv_proj/MatMul"] == [phi3.model.layers[0].self_attn.qkv_proj]
     assert sorted(n.split("/")[-2] for n in mods) == ["down_proj", "o_proj", "qkv_proj"]
+    # the halves the builder splits gate_up_proj into ([gate | up], as Phi3MLP chunks it): weights for the INT8 rewrite
+    fused = phi3.model.layers[0].mlp.gate_up_proj.weight.data
+    gate, up = (split_weight(phi3, f"/model/layers.0/mlp/{p}/MatMul_Q8") for p in ("gate_proj", "up_proj"))
+    assert torch.equal(gate, fused[:128]) and torch.equal(up, fused[128:])
+    assert split_weight(phi3, "/model/layers.0/mlp/down_proj/MatMul") is None
+    assert split_weight(phi2, "/model/layers.0/mlp/up_proj/MatMul") is None

@@ -837,13 +837,14 @@ def rewrite_int8(src_path, model_dir, blocks: Sequence[int], threads: Optional[i
                  model=None) -> Dict[str, Any]:
     """A built model_dir's 8-bit MatMulNBits (lm_head, decoder nodes) re-rounded symmetric from the float model's
     weights (symmetric_int8); model.onnx + model.onnx.data rewritten when any was. A node whose weight the float
-    model does not hold as one Linear (or a packed q/k/v, gate/up) is left as it is. model: the float torch
-    model already loaded (the converter's session holds one), else loaded from src_path."""
+    model does not hold as one Linear, a packed q/k/v or gate/up, or half of a fused gate_up_proj (Phi-3's, split
+    by the builder: llm_sensitivity.split_weight) is left as it is. model: the float torch model already loaded
+    (the converter's session holds one), else loaded from src_path."""
     import onnx
     import torch
 
     from edgekit.convert.llm_fidelity import FloatModel
-    from edgekit.convert.llm_sensitivity import matmul_modules
+    from edgekit.convert.llm_sensitivity import matmul_modules, split_weight
 
     model_dir = Path(model_dir)
     full = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
@@ -861,7 +862,8 @@ def rewrite_int8(src_path, model_dir, blocks: Sequence[int], threads: Optional[i
         if node.name.startswith("/lm_head/"):
             return None if head is None else head.data
         ms = mods.get(re.sub(r"_Q\d+$", "", node.name))
-        return torch.cat([m.weight.data for m in ms]) if ms else None
+        # else a node the builder split from a fused Linear (Phi-3's gate_up_proj)
+        return torch.cat([m.weight.data for m in ms]) if ms else split_weight(model, node.name)
 
     full = onnx.load(str(model_dir / "model.onnx"))
     drop: set = set()

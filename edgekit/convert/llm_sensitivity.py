@@ -116,6 +116,37 @@ def matmul_modules(model, matmuls: Dict[int, List[str]]) -> Dict[str, List[Any]]
     return out
 
 
+# builder node segment -> (the fused Hugging Face Linear the builder splits it from, which half of its rows):
+# Phi-3's gate_up_proj holds [gate | up] (Phi3MLP chunks its output in two; the builder's make_mlp_unpacked takes
+# rows [:intermediate] as gate_proj, the rest as up_proj)
+_SPLIT = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+
+def split_weight(model, node: str):
+    """The float weight [N, K] of a builder MatMul node split from a fused Linear (Phi-3's gate_proj / up_proj: a
+    half of gate_up_proj's rows), None for any other node. matmul_modules leaves these nodes out (a half of a
+    Linear is not a module to measure or calibrate); the symmetric INT8 rewrite needs only the weight."""
+    import re
+
+    import torch
+
+    m = re.match(r"/model/layers\.(\d+)/", node)
+    seg = node.rstrip("/").split("/")[-2] if "/" in node else node
+    if m is None or seg not in _SPLIT:
+        return None
+    layers = _decoder_layers(model)
+    i = int(m.group(1))
+    if i >= len(layers):
+        return None
+    fused, half = _SPLIT[seg]
+    linears = {n.rsplit(".", 1)[-1]: mod for n, mod in layers[i].named_modules() if isinstance(mod, torch.nn.Linear)}
+    if seg in linears or fused not in linears or linears[fused].out_features % 2:
+        return None
+    w = linears[fused].weight.data
+    rows = w.shape[0] // 2
+    return w[half * rows:(half + 1) * rows]
+
+
 def calibration_text(fm: FloatModel, tokens: int = 256) -> EvalText:
     """The float model's own greedy continuations of CALIBRATION_PROMPTS (about `tokens` scored)."""
     text = fm.own_continuations(tokens, max(16, tokens // len(CALIBRATION_PROMPTS)), prompts=CALIBRATION_PROMPTS)
