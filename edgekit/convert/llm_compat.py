@@ -21,6 +21,14 @@ LongRoPE (Phi-3-mini-128k, Phi-3.5-mini, Phi-4-mini): the builder's Phi-3 LongRo
 ...}` keeps that key when transformers 5 reads it; a folder saved by transformers 5 has only `rope_type`
 (KeyError 'type'). The fix adds that key.
 
+YaRN without `beta_fast` / `beta_slow` (Qwen2.5's and Qwen3's documented long-context setting, `{"rope_type": "yarn",
+"factor": 4.0, "original_max_position_embeddings": 32768}`): transformers takes its defaults (32, 1), the builder
+takes 0 and divides by it (ZeroDivisionError). The fix writes transformers' defaults into the build's configuration.
+
+Llama-family builders (Llama, SmolLM3, Nemotron) replace the base builder's RoPE setup with one that knows only
+`llama3`: a `linear` or `yarn` scaling was dropped without a word (a tiny Llama with linear factor 2: INT8 KL 0.079
+against torch). The fix hands those two to the base builder's setup, which builds them for Mistral, Qwen and Phi.
+
 SmolLM3 leaves RoPE out of every fourth layer (`no_rope_layers[i] == 0`, NoPE). The builder's SmolLM3 model turns
 off only RoPE *fused in attention* there, so the base builder asks for a separate RotaryEmbedding op on a
 position_ids input the CPU graph does not have (KeyError 'position_ids'; with one, those layers would get RoPE
@@ -82,6 +90,19 @@ def longrope_type(config: Any) -> List[str]:
     return [f"rope_parameters['type'] = {rope['rope_type']!r}"]
 
 
+def yarn_defaults(config: Any) -> List[str]:
+    """Give a YaRN `rope_parameters` transformers' beta_fast / beta_slow defaults where it names none (the builder
+    reads 0); returns what was set (empty: nothing to do)."""
+    rope = getattr(config, "rope_parameters", None)
+    if not isinstance(rope, dict) or rope.get("rope_type") != "yarn":
+        return []
+    add = {k: v for k, v in (("beta_fast", 32.0), ("beta_slow", 1.0)) if rope.get(k) is None}
+    if not add:
+        return []
+    config.rope_parameters = dict(rope, **add)
+    return [f"rope_parameters {add} (transformers' YaRN defaults)"]
+
+
 @contextlib.contextmanager
 def builder_config_fixes(log: List[str]) -> Iterator[None]:
     """Within: the builder's configuration loader applies the fixes above (each noted in `log`)."""
@@ -92,7 +113,7 @@ def builder_config_fixes(log: List[str]) -> Iterator[None]:
     def fixed(*args, **kwargs):
         details = original(*args, **kwargs)
         cfg = details["hf_config"]
-        done = flatten_rope(cfg) + window_every_layer(cfg) + longrope_type(cfg)
+        done = flatten_rope(cfg) + window_every_layer(cfg) + longrope_type(cfg) + yarn_defaults(cfg)
         log.extend(f"builder config fix: {d}" for d in done)
         return details
 
@@ -112,12 +133,30 @@ def builder_config_fixes(log: List[str]) -> Iterator[None]:
         finally:
             self.attention_attrs["rope"] = rope
 
+    LlamaModel = builder.LlamaModel
+    llama_rope = LlamaModel.__dict__["make_rope_init"]
+    base_rope = LlamaModel.__mro__[1].make_rope_init   # the base builder's (default, linear, yarn, ...)
+    scaled: List[str] = []
+
+    def llama_rope_fixed(self, config):
+        kind = (getattr(config, "rope_parameters", None) or {}).get("rope_type")
+        if kind in ("linear", "yarn"):
+            base_rope(self, config)
+            scaled.append(kind)
+        else:
+            llama_rope(self, config)
+
     builder.get_hf_details = fixed
     SmolLM3Model.make_attention = smol_fixed
+    LlamaModel.make_rope_init = llama_rope_fixed
     try:
         yield
     finally:
         builder.get_hf_details = original
         SmolLM3Model.make_attention = smol_attention
+        LlamaModel.make_rope_init = llama_rope
+        if scaled:
+            log.append(f"builder fix: {scaled[0]} RoPE scaling built by the base builder (its Llama builder "
+                       "knows only llama3)")
         if nope:
             log.append(f"builder fix: SmolLM3 NoPE layers {nope} built without RoPE")
