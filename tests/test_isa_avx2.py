@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 
 from conftest import bundle_of, unavailable
-from tinylm import tiny_lm  # noqa: F401  (the session fixture)
+from tinylm import tiny_int4_avx2, tiny_lm  # noqa: F401  (the session fixtures)
 
 from edgekit.convert.numerics import this_host
 from edgekit.runtime import load
@@ -74,10 +74,41 @@ def test_cpuid_agrees_with_proc_cpuinfo_here():
 
     simd = simd_flags()
     assert simd is not None, "CPUID could not be run here (no executable page?)"
-    line = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags"))
+    line = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "flags:")
     proc = set(line.split(":", 1)[1].split())
     for name in ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni"):
         assert (name in simd) == (name in proc), name
+
+
+def test_without_cpuid_the_flags_are_proc_cpuinfos(monkeypatch):
+    """Where CPUID is not tried (an ARM device) or refused (no executable page), /proc/cpuinfo decides."""
+    from edgekit.runtime import cpuid
+
+    line = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "flags:")
+    proc = frozenset(line.split(":", 1)[1].split())
+    try:
+        monkeypatch.setattr(cpuid.platform, "machine", lambda: "aarch64")
+        cpuid.simd_flags.cache_clear()
+        assert cpuid.simd_flags() is None and cpuid.cpu_flags() == proc
+        monkeypatch.undo()
+
+        def refused(*a, **k):
+            raise OSError(13, "mprotect(PROT_READ | PROT_EXEC) refused")
+
+        monkeypatch.setattr(cpuid, "_Code", refused)
+        cpuid.simd_flags.cache_clear()
+        assert cpuid.simd_flags() is None and cpuid.cpu_flags() == proc
+    finally:
+        monkeypatch.undo()
+        cpuid.simd_flags.cache_clear()
+    assert cpuid.simd_flags() is not None
+
+
+def test_matmulnbits_int8_activations_do_not_saturate_on_avx2():
+    """MatMulNBits at accuracy level 4 (int8 activations) with 8-bit and 4-bit weights at their extremes against
+    activations at +-127 per block: the exact integer sums on the emulated AVX2 CPU (no VPMADDUBSW saturation)."""
+    res = haswell("matmulnbits")
+    assert res["max_abs_error"] == {"4": 0.0, "8": 0.0}, res
 
 
 def test_the_emulated_cpu_is_avx2_without_vnni():
@@ -122,21 +153,11 @@ def test_int8_artifacts_compute_on_avx2_what_numerics_says(digits, digits_build,
     # x86-avx2's build (u8 activations x 7-bit weights) cannot saturate: the same result on both kinds
     here = load(avx2.path, threads=1, providers=["CPUExecutionProvider"])
     there = _outputs(avx2.path, feeds, tmp_path, "avx2")[avx2.artifact.outputs[0]["name"]]
-    assert snr_db(here(x), there) > 40
+    assert snr_db(here(x), there) > 60      # measured: bit-identical on an AVX-512 VNNI host
 
 
-@pytest.fixture(scope="module")
-def int4_bundle(tiny_lm, tmp_path_factory):  # noqa: F811
-    from edgekit.convert.llm import LLMRecipe, convert_llm
-
-    out = tmp_path_factory.mktemp("isa-llm")
-    res = convert_llm(LLMRecipe(str(tiny_lm), ("x86-avx2",), precision="int4", name="isa", val_tokens=128),
-                      str(out))
-    assert [r.ok for r in res.bundles] == [True]
-    return out / "isa-x86-avx2-int4"
-
-
-def test_an_int4_language_model_passes_its_golden_check_on_avx2(int4_bundle, tmp_path):
+def test_an_int4_language_model_passes_its_golden_check_on_avx2(tiny_int4_avx2, tmp_path):  # noqa: F811
+    int4_bundle = tiny_int4_avx2
     man = json.loads((int4_bundle / "manifest.json").read_text())
     assert man["recipe"]["accuracy_level"] == 4 and man["llm"]["int8_nodes"]["nodes"]   # int8 activations, 8-bit head
     res = haswell("llm", int4_bundle, tmp_path / "logits.npz")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from tinylm import tiny_lm  # noqa: F401  (the session fixture)
+from tinylm import tiny_int4_avx2, tiny_lm  # noqa: F401  (the session fixtures)
 
 from edgekit.runtime.llmopts import library_rss_mb, memory_breakdown, reset_peak_rss, rss_mb
 
@@ -195,14 +195,8 @@ def test_huge_pages_advises_large_anonymous_mappings():
 
 
 @pytest.fixture(scope="module")
-def bundle(tiny_lm, tmp_path_factory):  # noqa: F811
-    from edgekit.convert.llm import LLMRecipe, convert_llm
-
-    out = tmp_path_factory.mktemp("membuild")
-    res = convert_llm(LLMRecipe(str(tiny_lm), ("x86-avx2",), precision="int4", name="tinymem", val_tokens=128),
-                      str(out))
-    assert [r.ok for r in res.bundles] == [True]
-    return out / "tinymem-x86-avx2-int4"
+def bundle(tiny_int4_avx2):  # noqa: F811
+    return tiny_int4_avx2
 
 
 def test_benchmark_reports_the_generation_peak_apart_from_the_load(bundle):

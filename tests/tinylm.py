@@ -146,6 +146,19 @@ def tiny_lm(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_int4_avx2(tiny_lm, tmp_path_factory) -> Path:
+    """The tiny Llama converted INT4 for x86-avx2 (4-bit MatMulNBits, an 8-bit lm_head, int8 activations), shared
+    read-only by the tests that only load it."""
+    from edgekit.convert.llm import LLMRecipe, convert_llm
+
+    out = tmp_path_factory.mktemp("int4build")
+    res = convert_llm(LLMRecipe(str(tiny_lm), ("x86-avx2",), precision="int4", name="tinyint4", val_tokens=128),
+                      str(out))
+    assert [r.ok for r in res.bundles] == [True]
+    return out / "tinyint4-x86-avx2-int4"
+
+
+@pytest.fixture(scope="session")
 def tied_lm(tiny_lm, tmp_path_factory) -> Path:
     """The tiny Llama with tied embeddings: its trained lm_head is the table both ends read."""
     import shutil

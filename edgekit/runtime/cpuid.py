@@ -5,15 +5,15 @@ kernels follow CPUID. Under qemu-user (`qemu-x86_64 -cpu Haswell`, how the suite
 kernels on a VNNI machine) /proc/cpuinfo is the real host's file while CPUID is the emulated CPU's; a
 hypervisor can also hide a feature in CPUID that a stale flags line still names. So `simd_flags()` reads
 CPUID (and XCR0: AVX and AVX-512 need the OS to save their registers) by running the instruction itself,
-a few bytes of machine code in an executable page. Where no such page can be made (a hardened kernel that
-refuses writable+executable memory) or the CPU is not x86-64, it returns None and the caller keeps
-/proc/cpuinfo's flags.
+a few bytes of machine code written into a fresh page that is then made read+execute (mprotect). Where that
+cannot be done (a hardened kernel that refuses to make a written page executable, a Python without ctypes),
+or this is not a 64-bit x86 Python on Linux (an ARM device never tries), it returns None and the caller
+keeps /proc/cpuinfo's flags.
 """
 
 from __future__ import annotations
 
-import ctypes
-import mmap
+import os
 import platform
 from functools import lru_cache
 from typing import Dict, FrozenSet, Optional, Tuple
@@ -54,28 +54,44 @@ _NEEDS_AVX_STATE = {"avx", "avx2", "fma", "f16c", "avx_vnni", "avx_vnni_int8"}
 _OSXSAVE = (1, 0, 2, 27)
 # every name above: the caller replaces these in /proc/cpuinfo's set by what CPUID says
 NAMES: FrozenSet[str] = frozenset(_BITS)
+# /proc/cpuinfo's other names of these families (avx512_bf16, amx_bf16, avx_ifma, ...), which CPUID is not asked
+# about, are kept only where CPUID has the family's base feature: under an emulator they are the real host's
+FAMILIES = (("avx512", "avx512f"), ("amx", "amx_tile"), ("avx_", "avx_vnni"))
 
 
 class _Code:
-    """A function of raw machine code in its own executable page (kept alive with the object)."""
+    """A function of raw machine code in its own page: written while read+write, then made read+execute (never
+    writable and executable at once); the page lives as long as the object."""
 
-    def __init__(self, code: bytes, restype, *argtypes):
-        self._page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    def __init__(self, ctypes, mmap, libc, code: bytes, restype, *argtypes):
+        self._page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self._page.write(code)
-        addr = ctypes.addressof(ctypes.c_char.from_buffer(self._page))
+        self._buf = ctypes.c_char.from_buffer(self._page)
+        addr = ctypes.addressof(self._buf)
+        if libc.mprotect(ctypes.c_void_p(addr), ctypes.c_size_t(mmap.PAGESIZE), mmap.PROT_READ | mmap.PROT_EXEC):
+            raise OSError(ctypes.get_errno(), "mprotect(PROT_READ | PROT_EXEC) refused")
         self.fn = ctypes.CFUNCTYPE(restype, *argtypes)(addr)
 
 
 @lru_cache(maxsize=1)
 def simd_flags() -> Optional[FrozenSet[str]]:
     """The names in NAMES this CPU has and the OS enables, by CPUID and XCR0; None where CPUID cannot be run
-    here (not x86-64, or no writable+executable page)."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
+    here (not a 64-bit x86 Python on Linux, no ctypes, or a kernel that refuses an executable page)."""
+    if platform.machine().lower() not in ("x86_64", "amd64") or os.name != "posix" or platform.system() != "Linux":
         return None
     try:
-        cpuid = _Code(_CPUID, None, ctypes.c_uint32, ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint32 * 4))
-        xgetbv = _Code(_XGETBV, ctypes.c_uint64)
-    except (OSError, ValueError, TypeError):   # mmap refused PROT_EXEC (SELinux execmem, PaX) or no mmap.PROT_EXEC
+        import ctypes
+        import mmap
+    except ImportError:          # a minimal device Python without ctypes
+        return None
+    if ctypes.sizeof(ctypes.c_void_p) != 8:      # a 32-bit Python on a 64-bit kernel: this code is 64-bit
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        cpuid = _Code(ctypes, mmap, libc, _CPUID, None, ctypes.c_uint32, ctypes.c_uint32,
+                      ctypes.POINTER(ctypes.c_uint32 * 4))
+        xgetbv = _Code(ctypes, mmap, libc, _XGETBV, ctypes.c_uint64)
+    except (OSError, AttributeError):   # no executable page (SELinux execmem, PaX MPROTECT), no libc mprotect
         return None
     regs: Dict[Tuple[int, int], Tuple[int, ...]] = {}
 
@@ -126,4 +142,10 @@ def cpu_flags() -> FrozenSet[str]:
     except OSError:
         pass
     simd = simd_flags()
-    return flags if simd is None else (flags - NAMES) | simd
+    if simd is None:
+        return flags
+
+    def kept(flag: str) -> bool:
+        return flag not in NAMES and all(base in simd for prefix, base in FAMILIES if flag.startswith(prefix))
+
+    return frozenset(f for f in flags if kept(f)) | simd
