@@ -15,7 +15,7 @@ output and the JSON (its weights sit in the caches: its speed says nothing about
 
 Builds (cached under .cache/llm_bench, keyed by the source folder's sha256):
 - edgekit: edgekit.convert.llm.convert_llm for the x86 profile of this CPU (x86-avx512-vnni where
-  /proc/cpuinfo has avx512_vnni, else x86-avx2) at int4, int8 and fp32, each with the profile's recipe, floor
+  CPU has avx512_vnni, else x86-avx2) at int4, int8 and fp32, each with the profile's recipe, floor
   and rescue ladder, the held-out text as --val; run with edgekit.runtime.llm.load_llm (ONNX Runtime GenAI).
 - llama.cpp: llama-cpp-python (pinned, --llama-cpp-version) installed into the benchmark's own environment
   (.cache/llm_bench/venv: a venv over this interpreter's site-packages, so torch/transformers for the
@@ -317,9 +317,11 @@ class Runner:
 
 
 def cpu_flags() -> Dict[str, Any]:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), None)
-    flags = set(next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []))
+    from edgekit.runtime.bench import cpu_model
+    from edgekit.runtime.cpuid import cpu_flags as flags_of_this_cpu
+
+    model = cpu_model()
+    flags = flags_of_this_cpu()
     return {"cpu_model": model, "cpu_count": os.cpu_count(), "avx2": "avx2" in flags,
             "avx512f": "avx512f" in flags, "avx512_vnni": "avx512_vnni" in flags, "avx_vnni": "avx_vnni" in flags}
 
@@ -327,8 +329,9 @@ def cpu_flags() -> Dict[str, Any]:
 def no_amx_cmake_args() -> str:
     """CMake arguments for llama.cpp with this CPU's x86 instruction sets but without AMX (GGML_NATIVE would
     compile AMX in where the CPU reports it)."""
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    flags = set(next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []))
+    from edgekit.runtime.cpuid import cpu_flags as flags_of_this_cpu
+
+    flags = flags_of_this_cpu()
     opts = {"GGML_AVX": "avx", "GGML_AVX2": "avx2", "GGML_BMI2": "bmi2", "GGML_FMA": "fma", "GGML_F16C": "f16c",
             "GGML_AVX_VNNI": "avx_vnni", "GGML_AVX512": "avx512f", "GGML_AVX512_VBMI": "avx512vbmi",
             "GGML_AVX512_VNNI": "avx512_vnni", "GGML_AVX512_BF16": "avx512_bf16"}

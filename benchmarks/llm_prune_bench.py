@@ -89,10 +89,9 @@ def main(argv=None) -> int:
 
 
 def _cpu() -> str:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
+    from edgekit.runtime.cpuid import cpu_flags
+
+    flags = cpu_flags()
     return "x86-64 AVX-512 VNNI" if "avx512_vnni" in flags else ("x86-64 AVX2" if "avx2" in flags else "other")
 
 

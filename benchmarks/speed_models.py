@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict
 
 import numpy as np
 
@@ -294,14 +294,9 @@ def fidelity(y: np.ndarray, ref: np.ndarray) -> Dict[str, float]:
 
 
 def cpu_kind() -> Dict[str, object]:
-    flags: List[str] = []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = line.split(":", 1)[1].split()
-                break
-    except OSError:
-        pass
+    from edgekit.runtime.cpuid import cpu_flags
+
+    flags = cpu_flags()
     vnni = "avx512_vnni" in flags or "avx_vnni" in flags
     kind = "VNNI" if vnni else ("AVX2-only" if "avx2" in flags else "other")
     return {"kind": kind, "avx2": "avx2" in flags, "avx512f": "avx512f" in flags, "vnni": vnni}
