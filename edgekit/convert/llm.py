@@ -57,6 +57,7 @@ from edgekit.errors import BudgetMissed, EdgekitError, SourceModelError
 from edgekit.progress import Progress
 from edgekit.runtime.cpuid import cpu_flags
 from edgekit.runtime.llmopts import kv_capacity, kv_floor
+from edgekit.runtime.llmtemplate import relayout_folder
 from edgekit.table import render
 from edgekit.targets import TargetProfile, load_target
 
@@ -830,6 +831,8 @@ def _write_bundle(s: _Session, row: LLMRow, t: TargetProfile, opts: LLMBuildOpti
                 shutil.copyfile(src.path / extra, mdir / extra)
         context = min(int(dims["max_positions"] or t.llm.context_max), t.llm.context_max)
         _tune_genai_config(mdir, t, context)
+        # the chat template laid out as transformers renders it (trim_blocks / lstrip_blocks: runtime.llmtemplate)
+        relayout_folder(mdir)
         # the shipped graph computes the last position's logits only (llm_graph.prune_lm_head): fidelity and the
         # golden logits were measured on the build before it, the same numbers at the last position
         pruned = prune_lm_head(mdir)

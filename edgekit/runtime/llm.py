@@ -71,6 +71,7 @@ from edgekit.runtime.llmopts import hold_back as _hold_back
 from edgekit.runtime.llmopts import kv_capacity, prompt_bos, with_bos
 from edgekit.runtime.llmopts import rss_mb as _rss_mb
 from edgekit.runtime.llmopts import SPIN_KEY, after_load, trim_heap
+from edgekit.runtime.llmtemplate import laid_out_template
 
 KIND = "llm"
 GENAI_CONFIG = "genai_config.json"
@@ -287,11 +288,12 @@ class Tokenizer:
     encode(text) adds the tokenizer's special tokens (a BOS where the model has one), as a plain prompt
     needs; encode_templated(text) adds none, for text a chat template made (it writes its own)."""
 
-    def __init__(self, og, og_model, og_tokenizer, bos: Optional[int] = None):
+    def __init__(self, og, og_model, og_tokenizer, bos: Optional[int] = None, template: Optional[str] = None):
         self.og = og_tokenizer
         self._make = lambda: og.Tokenizer(og_model)
         self._variants: Dict[str, Any] = {}
         self.bos = bos          # a BOS ONNX Runtime GenAI's tokenizer leaves out (llmopts.prompt_bos)
+        self.template = template   # the chat template as transformers lays it out, where the folder's differs
 
     def _variant(self, option: str):
         """A second tokenizer with one option off (made on first use: a large vocabulary costs memory):
@@ -317,7 +319,8 @@ class Tokenizer:
     def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
         msgs = _check_messages(messages)
         try:
-            return self.og.apply_chat_template(json.dumps(msgs), add_generation_prompt=add_generation_prompt)
+            return self.og.apply_chat_template(json.dumps(msgs), template_str=self.template,
+                                               add_generation_prompt=add_generation_prompt)
         except RuntimeError as e:
             raise DataError(f"the chat template cannot render these messages ({str(e).splitlines()[0]})",
                             hint="messages are [{'role': 'system'|'user'|'assistant', 'content': '...'}]") from None
@@ -359,7 +362,9 @@ class LanguageModel:
         self.model_dir = model_dir
         self.manifest = manifest
         self.genai_config = genai_config
-        self.tokenizer = Tokenizer(og, og_model, og_tokenizer, bos=prompt_bos(manifest))
+        # bundles converted before convert laid the template out, and bare folders: laid out here (llmtemplate)
+        self.tokenizer = Tokenizer(og, og_model, og_tokenizer, bos=prompt_bos(manifest),
+                                   template=laid_out_template(model_dir))
         m = genai_config.get("model") or {}
         # the longest sequence the model takes, and the one used here: the bundle's default context (its profile's
         # llm.context_default) where it is shorter; a conversation allocates its KV cache for `context` tokens

@@ -53,6 +53,7 @@ import numpy as np
 
 from edgekit.errors import BundleError, DataError, EdgekitError
 from edgekit.runtime.llmopts import SPIN_KEY, after_load, with_bos
+from edgekit.runtime.llmtemplate import laid_out_template
 from edgekit.runtime.llmopts import hold_back as _hold_back  # stop strings held back as the generator does (one rule)
 
 log = logging.getLogger("edgekit.serve")
@@ -745,13 +746,15 @@ class _Tokenizer:
         self.plain = og.Tokenizer(str(model_dir))
         self.templated = og.Tokenizer(str(model_dir))
         self.templated.update_options(add_special_tokens="false")
+        self.template = laid_out_template(model_dir)   # as transformers lays it out (llmtemplate), where it differs
 
     def encode(self, text: str) -> List[int]:
         return with_bos([int(t) for t in self.plain.encode(text)], self.bos)
 
     def chat_ids(self, messages: List[Dict[str, str]]) -> List[int]:
         try:
-            text = self.plain.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
+            text = self.plain.apply_chat_template(json.dumps(messages), template_str=self.template,
+                                                  add_generation_prompt=True)
         except RuntimeError as e:
             raise DataError(f"the chat template cannot render these messages ({str(e).splitlines()[0]})") from None
         return [int(t) for t in self.templated.encode(text)]

@@ -1,0 +1,278 @@
+"""Tokenizers other than the tiny LM's byte-level BPE, through the LLM path: tiny Llama models (3 layers, hidden 64,
+40 AdamW steps) whose tokenizers are built offline with the `tokenizers` library in the form of the checkpoints
+they stand for, converted to INT8 and run by edgekit.runtime, with what edgekit feeds the model compared to what
+transformers' tokenizer gives:
+- "spm": Llama 2 / TinyLlama's (SentencePiece converted: BPE with byte_fallback and <0xXX> byte tokens, a
+  Prepend("▁") + Replace(" ", "▁") normalizer, no pre-tokenizer, <s> added by a TemplateProcessing
+  post-processor, tokenizer_class LlamaTokenizer, TinyLlama's Zephyr chat template that writes no <s>);
+- "llama3": Llama 3.2 Instruct's (byte-level BPE with its split regex, <|begin_of_text|> added by a
+  TemplateProcessing post-processor, a chat template that writes <|begin_of_text|> itself, eos ids
+  [<|end_of_text|>, <|eot_id|>] in generation_config.json)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+import onnxruntime_genai  # noqa: F401  (edgekit[llm-convert], in dev: missing must fail, not skip)
+import torch
+
+from tinylm import corpus_text
+
+ZEPHYR_TEMPLATE = (   # TinyLlama-1.1B-Chat-v1.0's, as its tokenizer_config.json has it
+    "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + "
+    "eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n"
+    "{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}")
+LLAMA3_TEMPLATE = (   # Llama 3's, without the tool-calling and date parts of 3.2's
+    "{{- bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+    "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+UNICODE = ["Le café est prêt à midi.", "The naïve robot says olé 🙂 to the café.", "Über die Brücke, señor."]
+_CHAT = re.compile(r"<\|im_start\|>user\n(.*?)<\|im_end\|>\n<\|im_start\|>assistant\n(.*?)<\|im_end\|>\n")
+
+
+def _corpus(family: str, n: int, seed: int) -> str:
+    """The tiny LM's text with its chat exchanges in the family's format, and some accented text and emoji."""
+    text = corpus_text(n, seed)
+    if family == "spm":
+        text = _CHAT.sub(lambda m: f"<|user|>\n{m[1]}</s>\n<|assistant|>\n{m[2]}</s>\n", text)
+    else:
+        text = _CHAT.sub(lambda m: f"<|start_header_id|>user<|end_header_id|>\n\n{m[1]}<|eot_id|>"
+                                   f"<|start_header_id|>assistant<|end_header_id|>\n\n{m[2]}<|eot_id|>\n", text)
+    return text + "\n".join(UNICODE * 20) + "\n"
+
+
+def _template_processing(bos: str, bos_id: int) -> dict:
+    return {"type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}}}
+
+
+def _added(specials, first: int = 0) -> list:
+    return [{"id": first + i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+             "normalized": False, "special": True} for i, s in enumerate(specials)]
+
+
+def _spm_tokenizer(text: str, folder: Path) -> dict:
+    """Llama 2 / TinyLlama's tokenizer files: <unk> <s> </s>, the 256 <0xXX> byte tokens, then merges trained here
+    (no newline or emoji among the pieces: they fall back to bytes, as in Llama 2)."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    # pieces start with ▁ and never join letters or digits to punctuation (SentencePiece's split by Unicode script:
+    # Gemma 3's 262,144 pieces have none such; ONNX Runtime GenAI's tokenizer would not merge them)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split("▁", behavior="merged_with_next"),
+        pre_tokenizers.Split(Regex("[^\\p{L}\\p{N}▁\\s]+"), behavior="isolated")])
+    trainer = trainers.BpeTrainer(vocab_size=700, show_progress=False)
+    pieces = re.sub("[^\u0000-\uffff]", "", text)   # characters beyond the BMP (emoji) left to the byte tokens
+    tok.train_from_iterator([ln for ln in pieces.splitlines() if ln], trainer=trainer)
+    trained = json.loads(tok.to_str())["model"]
+    specials = ["<unk>", "<s>", "</s>"]
+    vocab = {s: i for i, s in enumerate(specials)}
+    vocab.update({f"<0x{b:02X}>": 3 + b for b in range(256)})
+    for piece, _ in sorted(trained["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(piece, len(vocab))
+    doc = {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": _added(specials),
+        "normalizer": {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "▁"},
+                                                           {"type": "Replace", "pattern": {"String": " "},
+                                                            "content": "▁"}]},
+        "pre_tokenizer": None,
+        "post_processor": _template_processing("<s>", 1),
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "}, {"type": "ByteFallback"},
+            {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        "model": {"type": "BPE", "dropout": None, "unk_token": "<unk>", "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
+                  "vocab": vocab, "merges": trained["merges"]}}
+    (folder / "tokenizer.json").write_text(json.dumps(doc, ensure_ascii=False), encoding="utf-8")
+    cfg = {"add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
+           "unk_token": "<unk>", "pad_token": None, "clean_up_tokenization_spaces": False, "legacy": False,
+           "model_max_length": 2048, "padding_side": "right", "sp_model_kwargs": {},
+           "tokenizer_class": "LlamaTokenizer", "chat_template": ZEPHYR_TEMPLATE,
+           "added_tokens_decoder": {str(a["id"]): {k: v for k, v in a.items() if k != "id"}
+                                    for a in _added(specials)}}
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+    (folder / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}), encoding="utf-8")
+    return {"bos": 1, "eos": [2], "vocab": len(vocab)}
+
+
+def _llama3_tokenizer(text: str, folder: Path) -> dict:
+    """Llama 3's tokenizer files: a byte-level BPE (its split regex) then its special tokens after the vocabulary."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False)])
+    trainer = trainers.BpeTrainer(vocab_size=600, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    body = re.sub(r"<\|[a-z_]+\|>", " ", text)
+    tok.train_from_iterator(body.splitlines(), trainer=trainer)
+    doc = json.loads(tok.to_str())
+    vocab = doc["model"]["vocab"]
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    first = len(vocab)
+    for i, s in enumerate(specials):
+        vocab[s] = first + i
+    doc["added_tokens"] = _added(specials, first)
+    doc["normalizer"] = None
+    doc["post_processor"] = {"type": "Sequence", "processors": [
+        {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
+        _template_processing("<|begin_of_text|>", first)]}
+    doc["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+    doc["model"]["ignore_merges"] = True
+    (folder / "tokenizer.json").write_text(json.dumps(doc, ensure_ascii=False), encoding="utf-8")
+    cfg = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "clean_up_tokenization_spaces": True,
+           "model_input_names": ["input_ids", "attention_mask"], "model_max_length": 131072,
+           "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": LLAMA3_TEMPLATE,
+           "added_tokens_decoder": {str(a["id"]): {k: v for k, v in a.items() if k != "id"}
+                                    for a in _added(specials, first)}}
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+    (folder / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}), encoding="utf-8")
+    return {"bos": first, "eos": [first + 1, first + 4], "vocab": len(vocab)}
+
+
+def make_family(family: str, folder: Path, seed: int = 0, steps: int = 40) -> Path:
+    """A 3-layer Llama with the family's tokenizer, trained for `steps` on text in the family's chat format."""
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    text = _corpus(family, 500, seed)
+    info = (_spm_tokenizer if family == "spm" else _llama3_tokenizer)(text, folder)
+    fast = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
+    torch.manual_seed(seed)
+    eos = info["eos"] if len(info["eos"]) > 1 else info["eos"][0]
+    cfg = LlamaConfig(vocab_size=info["vocab"], hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=512,
+                      bos_token_id=info["bos"], eos_token_id=eos, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    ids = torch.tensor(fast(text, add_special_tokens=False).input_ids, dtype=torch.long)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model.train()
+        for _ in range(steps):
+            starts = torch.randint(0, len(ids) - 65, (8,), generator=g)
+            x = torch.stack([ids[s:s + 64] for s in starts])
+            loss = model(input_ids=x, labels=x).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()
+    model.config.architectures = ["LlamaForCausalLM"]
+    model.generation_config = GenerationConfig(bos_token_id=info["bos"], eos_token_id=eos, do_sample=False,
+                                               max_length=256)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+def test_chat_template_layout_is_transformers():
+    """hf_layout: jinja2 without trim_blocks / lstrip_blocks renders the laid-out template as transformers renders
+    the original (with them)."""
+    import jinja2
+
+    from edgekit.runtime.llmtemplate import hf_layout
+
+    tricky = ("  {% if x %}\n   a\n  {%+ if y %}b{% endif +%}\n{%- endif %}\n{# c #}\n  \t{% for m in messages %}"
+              "{{ m.content }}\n{% endfor %}\r\nend\n")
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "U1"},
+            {"role": "assistant", "content": "A1"}, {"role": "user", "content": "U2"}]
+    ctx = dict(messages=msgs, add_generation_prompt=True, eos_token="</s>", bos_token="<s>", x=1, y=1)
+    hf = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+    plain = jinja2.Environment()
+    for tpl in (ZEPHYR_TEMPLATE, LLAMA3_TEMPLATE, tricky):
+        assert plain.from_string(hf_layout(tpl)).render(**ctx) == hf.from_string(tpl).render(**ctx)
+    assert hf_layout(LLAMA3_TEMPLATE) == LLAMA3_TEMPLATE                   # written with {%- -%}: unchanged
+    assert plain.from_string(hf_layout(ZEPHYR_TEMPLATE)).render(**ctx).startswith("<|system|>\nS</s>\n<|user|>")
+
+
+@pytest.mark.parametrize("family", ["spm", "llama3"])
+def test_tokenizer_family_converts_and_feeds_the_model_what_transformers_does(family, tmp_path):
+    from tokenizers import Tokenizer as RawTokenizer
+    from transformers import AutoTokenizer
+
+    from edgekit.convert.llm import LLMRecipe, convert_llm
+    from edgekit.runtime import load
+
+    # Llama 3's form trained until its replies end with <|eot_id|> (the second of its eos ids)
+    folder = make_family(family, tmp_path / family, steps=40 if family == "spm" else 120)
+    res = convert_llm(LLMRecipe(str(folder), ("x86-avx512-vnni",), precision="int8"), str(tmp_path / "out"))
+    row = res.bundles[0]
+    assert row.ok, row.reason
+    m = json.loads((row.path / "manifest.json").read_text())
+    hf = AutoTokenizer.from_pretrained(str(folder))
+    raw = RawTokenizer.from_file(str(folder / "tokenizer.json"))     # the file's own pipeline
+    gen_cfg = json.loads((folder / "generation_config.json").read_text())
+    eos = gen_cfg["eos_token_id"] if isinstance(gen_cfg["eos_token_id"], list) else [gen_cfg["eos_token_id"]]
+    bos = hf.bos_token_id
+    lm = load(row.path)
+    # every eos id of generation_config.json ends a generation
+    assert sorted(lm.eos_token_ids) == sorted(eos) == sorted(m["llm"]["eos_token_id"] if isinstance(
+        m["llm"]["eos_token_id"], list) else [m["llm"]["eos_token_id"]])
+    # a plain prompt: the post-processor's BOS once (ORT GenAI's tokenizer leaves it out; convert records it)
+    assert m["llm"]["prompt_bos"] == bos
+    for text in ["The cat", "Hi there\nthe box"] + UNICODE:
+        ids = lm.encode(text)
+        assert ids == raw.encode(text).ids and ids[0] == bos and ids[1] != bos, text
+        if family == "llama3":
+            assert ids == hf(text).input_ids, text
+        # byte-fallback pieces and emoji through decode and the streaming detokenizer
+        body = ids[1:]
+        stream = lm.tokenizer.stream()
+        streamed = "".join(stream.decode(t) for t in body)
+        assert streamed == lm.decode(body), text
+        # Llama 2's decoder strips the dummy prefix's space (Strip start 1); ORT GenAI's keeps it
+        assert lm.decode(body) in (text, " " + text) and hf.decode(body, skip_special_tokens=True) == text, text
+    # the chat template renders as transformers renders it; one BOS where the template writes it, none otherwise
+    msgs = [{"role": "system", "content": "Be short."}, {"role": "user", "content": "What colour is the box?"}]
+    rendered = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert lm.apply_chat_template(msgs) == rendered
+    ids = lm.prompt_ids(msgs)
+    assert ids == raw.encode(rendered, add_special_tokens=False).ids
+    if family == "llama3":
+        assert ids == hf.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True)["input_ids"]
+        assert ids[0] == bos and ids[1] != bos
+    else:   # TinyLlama's template writes no <s>, and transformers' apply_chat_template adds none
+        assert bos not in ids
+    out = lm.chat(msgs, max_new_tokens=16)
+    assert isinstance(out, str) and lm.last["new_tokens"] > 0
+    if family == "llama3":   # "The box is red." then <|eot_id|>, which is not eos_token_ids[0] (<|end_of_text|>)
+        out = lm.chat(msgs[1:], max_new_tokens=24)
+        assert lm.eos_token_ids[0] == hf.convert_tokens_to_ids("<|end_of_text|>")
+        assert lm.last["finish_reason"] == "stop" and lm.last["new_tokens"] < 24 and out.endswith("."), out
+    conv = lm.conversation(system="Be short.")
+    conv.say("What colour is the box?", max_new_tokens=12)
+    conv.say("What colour is the lamp?", max_new_tokens=12)
+    cache = [int(t) for t in conv._gen.get_sequence(0)]
+    assert cache[:len(ids)] == ids and cache.count(bos) == (1 if family == "llama3" else 0), cache
+    assert lm.check()["ok"]
+
+    # a bare ONNX Runtime GenAI folder (or a bundle converted before convert laid the template out) with the
+    # checkpoint's own template: the runtime and the server's tokenizer lay it out when they render
+    import shutil
+
+    from edgekit.runtime.llm_batch import _Tokenizer
+
+    bare = tmp_path / "bare"
+    shutil.copytree(row.path / "model", bare)
+    (bare / "chat_template.jinja").write_text(json.loads((folder / "tokenizer_config.json").read_text())[
+        "chat_template"], encoding="utf-8")
+    assert load(bare).apply_chat_template(msgs) == rendered
+    assert _Tokenizer(bare).chat_ids(msgs) == ids
