@@ -140,6 +140,8 @@ def test_window_on_every_layer_rope_keys_and_kv_floor():
     yarn = SimpleNamespace(rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 16.0})
     assert yarn_defaults(yarn) and yarn.rope_parameters["beta_fast"] == 16.0 and \
         yarn.rope_parameters["beta_slow"] == 1.0 and yarn_defaults(yarn) == []
+    zero = SimpleNamespace(rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 0, "beta_slow": 0.0})
+    assert yarn_defaults(zero) and (zero.rope_parameters["beta_fast"], zero.rope_parameters["beta_slow"]) == (32, 1)
     assert yarn_defaults(llama3) == [] and "beta_fast" not in llama3.rope_parameters
 
     def genai(window, layers, context=131072):
@@ -149,6 +151,98 @@ def test_window_on_every_layer_rope_keys_and_kv_floor():
     assert kv_floor(genai(262144, [])) == 0                                  # the window of no layer
     assert kv_floor(genai(4096, [0, 1], context=2048)) == 2048               # never past the context
     assert kv_floor({"model": {"decoder": {}}}) == 0
+
+
+ROPE_CASES = {   # name: (config class, builder class name, rotary embedding, config keywords)
+    # Qwen3's documented long context (no betas): head 128, theta 1e6, factor 4 from 32768
+    "qwen3_yarn": ("Qwen3Config", "Qwen3Model", "qwen3", dict(
+        hidden_size=256, head_dim=128, rope_parameters={
+            "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768, "rope_theta": 1e6})),
+    # partial rotary (half of head 128), beta_fast 0 (unset for transformers), the correction range not rounded
+    "llama_yarn_partial": ("LlamaConfig", "LlamaModel", "llama", dict(
+        hidden_size=256, head_dim=128, partial_rotary_factor=0.5, rope_parameters={
+            "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048, "rope_theta": 5e5,
+            "beta_fast": 0, "truncate": False})),
+    "llama_linear": ("LlamaConfig", "LlamaModel", "llama", dict(
+        hidden_size=256, head_dim=128, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4})),
+    "llama3": ("LlamaConfig", "LlamaModel", "llama", dict(   # Llama 3.2's
+        hidden_size=256, head_dim=64, rope_parameters={
+            "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192, "rope_theta": 5e5})),
+    "llama_dynamic": ("LlamaConfig", "LlamaModel", "llama", dict(
+        hidden_size=256, head_dim=128, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4})),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ROPE_CASES))
+def test_builder_rope_caches_are_transformers(case, tmp_path):
+    """The cos / sin caches the builder puts in the graph (its RoPE setup through builder_config_fixes) against
+    transformers' rotary embedding over 8192 positions: equal to the bit. Before the YaRN fix the builder's Qwen3
+    YaRN cache was off by 0.008 at position 100 and 1.2 by 8192 (no rounding of the correction range, the full head
+    dimension instead of the rotary one), and beta_fast 0 divided by zero."""
+    import copy
+    import importlib
+
+    import onnx_ir as ir
+    import transformers
+    from onnxruntime_genai.models import builder
+
+    from edgekit.convert.llm_compat import builder_config_fixes
+
+    cfg_name, model_name, family, kw = ROPE_CASES[case]
+    n = 8192
+    cfg = getattr(transformers, cfg_name)(vocab_size=64, intermediate_size=128, num_hidden_layers=1,
+                                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=n,
+                                          **copy.deepcopy(kw))
+    cfg.architectures = [cfg_name.replace("Config", "ForCausalLM")]
+    log = []
+    with builder_config_fixes(log):
+        model = getattr(builder, model_name)(copy.deepcopy(cfg), ir.DataType.FLOAT, ir.DataType.FLOAT, "cpu",
+                                             str(tmp_path), {})
+        model.rope_attrs["save_caches"] = False       # the caches returned instead of saved as initializers
+        cos, sin = model.make_rotary_embedding_caches()
+    modeling = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    rotary = getattr(modeling, f"{family.capitalize()}RotaryEmbedding")(cfg)
+    ref_cos, ref_sin = rotary(torch.zeros(1, 1, n), torch.arange(n)[None])
+    half = int(kw.get("partial_rotary_factor", 1.0) * kw["head_dim"]) // 2
+    assert tuple(cos.shape) == tuple(sin.shape) == (n, half)
+    assert torch.equal(cos, ref_cos[0, :, :half]) and torch.equal(sin, ref_sin[0, :, :half]), (
+        float((cos - ref_cos[0, :, :half]).abs().max()), float((sin - ref_sin[0, :, :half]).abs().max()))
+    if "yarn" in case:
+        assert model.rope_attrs["mscale"] == rotary.attention_scaling > 1
+        assert any(line.startswith("builder fix: YaRN RoPE with transformers' inv_freq") for line in log), log
+    if case == "llama_dynamic":
+        assert any(line.startswith("builder note: dynamic (NTK) RoPE built unscaled") for line in log), log
+    assert not any("not applicable" in line for line in log), log
+
+
+def test_builder_fixes_only_where_their_target_exists(monkeypatch):
+    """Another builder layout (here: no SmolLM3 class, no base RoPE setup): the fixes that have no target are
+    named in the log, the others apply, and every patched attribute is restored on exit."""
+    from onnxruntime_genai.models import builder
+
+    from edgekit.convert.llm_compat import builder_config_fixes
+
+    before = {(c, n): c.__dict__.get(n) for c, n in ((builder.LlamaModel, "make_rope_init"),
+                                                      (builder.Model, "make_rope_init"),
+                                                      (builder.SmolLM3Model, "make_attention"))}
+    get_hf_details = builder.get_hf_details
+    log = []
+    with builder_config_fixes(log):
+        assert builder.get_hf_details is not get_hf_details
+        assert builder.Model.__dict__["make_rope_init"] is not before[(builder.Model, "make_rope_init")]
+    assert builder.get_hf_details is get_hf_details and log == []
+    assert {k: k[0].__dict__.get(k[1]) for k in before} == before
+    monkeypatch.delattr(builder, "SmolLM3Model")
+    monkeypatch.delattr(builder, "Model")
+    with builder_config_fixes(log):
+        assert builder.get_hf_details is not get_hf_details
+    assert builder.get_hf_details is get_hf_details
+    assert len(log) == 1 and log[0].startswith("builder fixes not applicable"), log
+    for what in ("YaRN", "Llama-family", "SmolLM3"):
+        assert what in log[0], log
+    monkeypatch.undo()
+    assert {k: k[0].__dict__.get(k[1]) for k in before} == before
 
 
 @pytest.mark.parametrize("arch", ["gemma3", "qwen2", "mistral", "phi3", "smollm3", "llama_yarn"])
@@ -178,7 +272,8 @@ def test_tiny_model_converts_meets_the_floor_and_generates(arch, tmp_path):
              ("phi3", "builder config fix: rope_parameters['type'] = 'longrope'"),
              ("smollm3", "builder fix: SmolLM3 NoPE layers [2] built without RoPE"),
              ("llama_yarn", "builder config fix: rope_parameters {'beta_fast': 32.0, 'beta_slow': 1.0}"),
-             ("llama_yarn", "builder fix: yarn RoPE scaling built by the base builder")]
+             ("llama_yarn", "builder fix: yarn RoPE scaling built by the base builder"),
+             ("llama_yarn", "builder fix: YaRN RoPE with transformers' inv_freq and attention factor")]
     for a, line in fixes:
         assert (line in log) == (a == arch), (a, line)
     window = json.loads((row.path / "model" / "genai_config.json").read_text())["model"]["decoder"].get(

@@ -21,25 +21,29 @@ LongRoPE (Phi-3-mini-128k, Phi-3.5-mini, Phi-4-mini): the builder's Phi-3 LongRo
 ...}` keeps that key when transformers 5 reads it; a folder saved by transformers 5 has only `rope_type`
 (KeyError 'type'). The fix adds that key.
 
-YaRN without `beta_fast` / `beta_slow` (Qwen2.5's and Qwen3's documented long-context setting, `{"rope_type": "yarn",
-"factor": 4.0, "original_max_position_embeddings": 32768}`): transformers takes its defaults (32, 1), the builder
-takes 0 and divides by it (ZeroDivisionError). The fix writes transformers' defaults into the build's configuration.
+YaRN (Qwen2.5's and Qwen3's long-context setting, `{"rope_type": "yarn", "factor": 4.0,
+"original_max_position_embeddings": 32768}`, GPT-OSS, Ministral 3): the builder's NTK-by-parts ramp neither rounds
+the correction range (transformers floors / ceils it unless `truncate` is false) nor uses the partial-rotary
+dimension, and takes 0 for a missing beta_fast / beta_slow (ZeroDivisionError). Its cos cache left transformers'
+by 0.008 at position 100, 0.14 by 1000, 0.60 by 4096 and 1.20 by 8192 (head 128, theta 1e6, factor 4, original
+32768). The fix gives the builder transformers' own inv_freq and attention factor (`ROPE_INIT_FUNCTIONS["yarn"]`
+for the build's configuration), so its caches are transformers' to the last bit; a builder class that does not
+reach the base builder's RoPE setup with a YaRN configuration fails the build instead of building it unscaled.
 
 Llama-family builders (Llama, SmolLM3, Nemotron) replace the base builder's RoPE setup with one that knows only
 `llama3`: a `linear` or `yarn` scaling was dropped without a word (a tiny Llama with linear factor 2: INT8 KL 0.079
-against torch). The fix hands those two to the base builder's setup, which builds them for Mistral, Qwen and Phi.
-
-SmolLM3 leaves RoPE out of every fourth layer (`no_rope_layers[i] == 0`, NoPE). The builder's SmolLM3 model turns
-off only RoPE *fused in attention* there, so the base builder asks for a separate RotaryEmbedding op on a
-position_ids input the CPU graph does not have (KeyError 'position_ids'; with one, those layers would get RoPE
-they must not have). The fix builds those layers with no RoPE at all (the builder's own switch for a model
-without RoPE, `attention_attrs["rope"]`), as transformers computes them.
+against torch). The fix hands every type but `llama3` and `dynamic` to the base builder's setup (which builds
+linear and YaRN, and refuses what it does not know). `dynamic` (NTK) is built unscaled, which is what transformers
+5 computes up to `max_position_embeddings` (it rescales only past it), the context the builder's caches cover; the
+convert log says so.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Iterator, List
+import copy
+import threading
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 NESTED_ROPE_MODELS = ("gemma3_text", "gemma3")   # model_type values whose nested rope_parameters need flattening
 # model_type values whose transformers model windows every layer's attention by config.sliding_window (no layer_types)
@@ -91,72 +95,185 @@ def longrope_type(config: Any) -> List[str]:
 
 
 def yarn_defaults(config: Any) -> List[str]:
-    """Give a YaRN `rope_parameters` transformers' beta_fast / beta_slow defaults where it names none (the builder
-    reads 0); returns what was set (empty: nothing to do)."""
+    """Give a YaRN `rope_parameters` transformers' beta_fast / beta_slow defaults where it names none or 0
+    (transformers reads `get(k) or 32`; the builder reads 0); returns what was set (empty: nothing to do)."""
     rope = getattr(config, "rope_parameters", None)
     if not isinstance(rope, dict) or rope.get("rope_type") != "yarn":
         return []
-    add = {k: v for k, v in (("beta_fast", 32.0), ("beta_slow", 1.0)) if rope.get(k) is None}
+    add = {k: v for k, v in (("beta_fast", 32.0), ("beta_slow", 1.0)) if not rope.get(k)}
     if not add:
         return []
     config.rope_parameters = dict(rope, **add)
     return [f"rope_parameters {add} (transformers' YaRN defaults)"]
 
 
+def rope_type(config: Any) -> Optional[str]:
+    """The RoPE type a (flat) `rope_parameters` names; None where there is none."""
+    rope = getattr(config, "rope_parameters", None)
+    return rope.get("rope_type") if isinstance(rope, dict) else None
+
+
+def transformers_yarn(config: Any) -> Tuple[Any, float]:
+    """transformers' YaRN inv_freq (rotary dimension / 2, float32) and attention factor for `config` (a copy is
+    read: transformers standardizes the RoPE parameters in place)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS["yarn"](copy.deepcopy(config), None)
+    return inv_freq, float(attention_factor)
+
+
+# the fixes patch class attributes of the builder: one build at a time in this process (re-entrant: a nested use
+# in the same thread wraps again and unwinds in order instead of waiting on itself)
+_LOCK = threading.RLock()
+
+
+def _own(cls: Any, name: str) -> Optional[Callable]:
+    """`cls.name` where `cls` defines it itself (None: another builder layout)."""
+    return getattr(cls, "__dict__", {}).get(name) if cls is not None else None
+
+
 @contextlib.contextmanager
 def builder_config_fixes(log: List[str]) -> Iterator[None]:
-    """Within: the builder's configuration loader applies the fixes above (each noted in `log`)."""
+    """Within: the builder's configuration loader and classes apply the fixes above (each noted in `log`; a fix
+    whose target the installed builder lacks is named there as not applied)."""
     from onnxruntime_genai.models import builder
 
-    original = builder.get_hf_details
+    with _LOCK:
+        patches: List[Tuple[Any, str, Any, bool]] = []  # (owner, attribute, original, own), restored on exit
+        missing: List[str] = []
+        state: Dict[str, Any] = {"yarn": None, "yarn_built": [], "scaled": [], "dynamic": [], "nope": []}
 
-    def fixed(*args, **kwargs):
-        details = original(*args, **kwargs)
-        cfg = details["hf_config"]
-        done = flatten_rope(cfg) + window_every_layer(cfg) + longrope_type(cfg) + yarn_defaults(cfg)
-        log.extend(f"builder config fix: {d}" for d in done)
-        return details
+        def patch(what: str, owner: Any, name: str, make: Callable[[Any], Any], original: Any = None) -> bool:
+            original = original if original is not None else (getattr(owner, name, None) if owner else None)
+            if not callable(original):
+                missing.append(what)
+                return False
+            patches.append((owner, name, original, name in vars(owner)))
+            setattr(owner, name, make(original))
+            return True
 
-    # the class the builder's dispatch uses (it imports its builders as a top-level package, `builders`, so
-    # onnxruntime_genai.models.builders.smollm holds another copy of the class)
-    SmolLM3Model = builder.SmolLM3Model
-    smol_attention = SmolLM3Model.make_attention
-    nope: List[int] = []
+        Model = getattr(builder, "Model", None)
+        base_rope = _own(Model, "make_rope_init")
+        yarn_ok = base_rope is not None and _own(Model, "make_inv_freq_rescaled") is not None
 
-    def smol_fixed(self, layer_id, attention, root_input, **kwargs):
-        rope = self.attention_attrs["rope"]
-        if not self.no_rope_layers[layer_id]:   # a NoPE layer: no rotary embedding, fused or separate
-            self.attention_attrs["rope"] = False
-            nope.append(layer_id)
-        try:
-            smol_attention(self, layer_id, attention, root_input, **kwargs)
-        finally:
-            self.attention_attrs["rope"] = rope
+        def config_fixed(original):
+            def fixed(*args, **kwargs):
+                details = original(*args, **kwargs)
+                cfg = details["hf_config"]
+                done = flatten_rope(cfg) + window_every_layer(cfg) + longrope_type(cfg) + yarn_defaults(cfg)
+                log.extend(f"builder config fix: {d}" for d in done)
+                if rope_type(cfg) == "yarn":
+                    if not yarn_ok:
+                        raise NotImplementedError(
+                            "YaRN RoPE: this onnxruntime-genai builder has no base Model.make_rope_init / "
+                            "make_inv_freq_rescaled to give transformers' frequencies to; its own differ from "
+                            "transformers' (not built)")
+                    state["yarn"] = cfg
+                return details
+            return fixed
 
-    LlamaModel = builder.LlamaModel
-    llama_rope = LlamaModel.__dict__["make_rope_init"]
-    base_rope = LlamaModel.__mro__[1].make_rope_init   # the base builder's (default, linear, yarn, ...)
-    scaled: List[str] = []
+        patch("configuration fixes (get_hf_details)", builder, "get_hf_details", config_fixed)
 
-    def llama_rope_fixed(self, config):
-        kind = (getattr(config, "rope_parameters", None) or {}).get("rope_type")
-        if kind in ("linear", "yarn"):
-            base_rope(self, config)
-            scaled.append(kind)
+        if yarn_ok:
+            def base_rope_fixed(original):
+                def fixed(self, config):
+                    original(self, config)
+                    if rope_type(config) != "yarn":
+                        return
+                    inv_freq, attention_factor = transformers_yarn(config)
+                    dim = int(self.rope_attrs["partial_rotary_factor"] * self.head_size)
+                    if tuple(inv_freq.shape) != (dim // 2,):
+                        raise NotImplementedError(
+                            f"YaRN RoPE: transformers gives {inv_freq.shape[0]} frequencies, the builder's rotary "
+                            f"dimension {dim} needs {dim // 2} (not built)")
+                    self.rope_attrs["mscale"] = attention_factor
+                    self.rope_attrs["rescale_inv_freq"] = {"transformers_inv_freq": inv_freq}
+                    state["yarn_built"].append(f"rotary dimension {dim}, attention factor {attention_factor:.6g}")
+                return fixed
+
+            def rescaled_fixed(original):
+                def fixed(self, inv_freq):
+                    exact = self.rope_attrs.get("rescale_inv_freq", {}).get("transformers_inv_freq")
+                    return original(self, inv_freq) if exact is None else exact.to(inv_freq.dtype)
+                return fixed
+
+            patch("YaRN as transformers computes it (Model.make_rope_init)", Model, "make_rope_init",
+                  base_rope_fixed, base_rope)
+            patch("YaRN as transformers computes it (Model.make_inv_freq_rescaled)", Model,
+                  "make_inv_freq_rescaled", rescaled_fixed)
         else:
-            llama_rope(self, config)
+            missing.append("YaRN as transformers computes it (Model.make_rope_init / make_inv_freq_rescaled)")
 
-    builder.get_hf_details = fixed
-    SmolLM3Model.make_attention = smol_fixed
-    LlamaModel.make_rope_init = llama_rope_fixed
-    try:
-        yield
-    finally:
-        builder.get_hf_details = original
-        SmolLM3Model.make_attention = smol_attention
-        LlamaModel.make_rope_init = llama_rope
-        if scaled:
-            log.append(f"builder fix: {scaled[0]} RoPE scaling built by the base builder (its Llama builder "
-                       "knows only llama3)")
-        if nope:
-            log.append(f"builder fix: SmolLM3 NoPE layers {nope} built without RoPE")
+        LlamaModel = getattr(builder, "LlamaModel", None)
+        llama_rope = _own(LlamaModel, "make_rope_init")
+
+        def llama_rope_fixed(original):
+            def fixed(self, config):
+                kind = rope_type(config)
+                if kind in ("llama3", "dynamic", None):
+                    original(self, config)
+                    if kind == "dynamic":
+                        if self.context_length > int(config.max_position_embeddings):
+                            raise NotImplementedError(
+                                f"dynamic (NTK) RoPE: the builder's context {self.context_length} is past "
+                                f"max_position_embeddings {config.max_position_embeddings}, where transformers "
+                                "rescales it (not built)")
+                        state["dynamic"].append(int(config.max_position_embeddings))
+                else:   # default, linear, yarn, ... : the base builder's (it refuses what it does not know)
+                    Model.make_rope_init(self, config)
+                    if kind != "default":
+                        state["scaled"].append(kind)
+            return fixed
+
+        if base_rope is not None:
+            patch("Llama-family linear / YaRN RoPE (LlamaModel.make_rope_init)", LlamaModel, "make_rope_init",
+                  llama_rope_fixed, llama_rope)
+        else:
+            missing.append("Llama-family linear / YaRN RoPE (no base Model.make_rope_init)")
+
+        # the class the builder's dispatch uses (it imports its builders as a top-level package, `builders`, so
+        # onnxruntime_genai.models.builders.smollm holds another copy of the class)
+        SmolLM3Model = getattr(builder, "SmolLM3Model", None)
+
+        def smol_fixed(original):
+            def fixed(self, layer_id, attention, root_input, **kwargs):
+                flags, attrs = getattr(self, "no_rope_layers", None), getattr(self, "attention_attrs", None)
+                if flags is None or not isinstance(attrs, dict) or "rope" not in attrs or flags[layer_id]:
+                    return original(self, layer_id, attention, root_input, **kwargs)
+                rope = attrs["rope"]
+                attrs["rope"] = False            # a NoPE layer: no rotary embedding, fused or separate
+                state["nope"].append(layer_id)
+                try:
+                    return original(self, layer_id, attention, root_input, **kwargs)
+                finally:
+                    attrs["rope"] = rope
+            return fixed
+
+        patch("SmolLM3 NoPE layers (SmolLM3Model.make_attention)", SmolLM3Model, "make_attention", smol_fixed)
+        if missing:
+            log.append("builder fixes not applicable to this onnxruntime-genai builder: " + "; ".join(missing))
+        built = False
+        try:
+            yield
+            built = True
+        finally:
+            for owner, name, original, own in reversed(patches):
+                if own:
+                    setattr(owner, name, original)
+                else:                            # inherited: the class's own attribute goes again
+                    delattr(owner, name)
+            if state["scaled"]:
+                log.append(f"builder fix: {state['scaled'][0]} RoPE scaling built by the base builder (its Llama "
+                           "builder knows only llama3)")
+            if state["yarn_built"]:
+                log.append(f"builder fix: YaRN RoPE with transformers' inv_freq and attention factor "
+                           f"({state['yarn_built'][0]})")
+            if state["dynamic"]:
+                log.append(f"builder note: dynamic (NTK) RoPE built unscaled, as transformers computes it up to "
+                           f"max_position_embeddings ({state['dynamic'][0]}), the context built")
+            if state["nope"]:
+                log.append(f"builder fix: SmolLM3 NoPE layers {state['nope']} built without RoPE")
+        if built and state["yarn"] is not None and not state["yarn_built"]:
+            raise NotImplementedError(
+                f"YaRN RoPE: the builder's class for {(getattr(state['yarn'], 'architectures', None) or ['?'])[0]} "
+                "does not reach the base builder's RoPE setup, so it built no YaRN scaling (not used)")
