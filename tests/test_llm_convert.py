@@ -180,6 +180,40 @@ def test_unsupported_architecture(cli, tmp_path):
     assert r.exit_code == 2 and "language-model precision" in r.stderr
 
 
+def test_dynamic_ntk_refused_up_front_outside_the_llama_family(cli, tmp_path):
+    """Dynamic NTK RoPE on an architecture whose builder refuses it (base Model.make_rope_init: NotImplementedError
+    after the float model loaded, exit 1) is refused before any work, in one line; the Llama family builds it."""
+    from edgekit.convert.llm import read_source, rope_scaling_type
+
+    def folder(name, arch, **rope):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps(dict({"architectures": [arch], "model_type": "x",
+                                                        "max_position_embeddings": 4096}, **rope)))
+        (d / "model.safetensors").write_bytes(b"\0" * 16)
+        (d / "tokenizer.json").write_text("{}")
+        return d
+
+    hub = {"rope_scaling": {"type": "dynamic", "factor": 2.0}}                       # a hub config.json's form
+    tf5 = {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e6}}   # transformers 5's
+    for i, (arch, rope) in enumerate([("Qwen2ForCausalLM", hub), ("MistralForCausalLM", tf5),
+                                      ("Phi3ForCausalLM", hub)]):
+        d = folder(f"dyn{i}", arch, **rope)
+        r = cli("convert", d, "-t", "x86-avx512-vnni", "--precision", "int8", "--out", tmp_path / "out")
+        assert r.exit_code == 2, r.output
+        lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+        assert arch in lines[0] and "'dynamic'" in lines[0] and "Llama family" in lines[0], r.stderr
+        assert "max_position_embeddings (4096)" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    for arch in ("LlamaForCausalLM", "SmolLM3ForCausalLM"):                          # LlamaModel's RoPE setup
+        assert read_source(str(folder(arch, arch, **tf5))).architecture == arch
+    assert read_source(str(folder("qwen-plain", "Qwen2ForCausalLM"))).architecture == "Qwen2ForCausalLM"
+    assert rope_scaling_type({"rope_parameters": {"full_attention": {"rope_type": "default"},
+                                                  "sliding_attention": {"rope_type": "dynamic"}}}) == "dynamic"
+    assert rope_scaling_type({"text_config": {"rope_scaling": {"rope_type": "yarn"}}}) == "yarn"
+    assert rope_scaling_type({"rope_scaling": None}) is None
+
+
 # --- a real pretrained checkpoint ------------------------------------------------------------------------------
 
 def _smollm2_folder() -> Path:

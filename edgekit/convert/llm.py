@@ -92,6 +92,68 @@ def supported_architectures() -> List[str]:
     return sorted(set(names))
 
 
+def builder_classes(arch: str) -> List[type]:
+    """The model builder's classes that `arch` may be built with (read from its dispatch, like
+    supported_architectures: each `config.architectures[0] == "..."` branch and the class its `onnx_model = ...`
+    makes; Phi-3 has two, by context length)."""
+    import inspect
+
+    from onnxruntime_genai.models import builder
+
+    found: List[type] = []
+    pending = False
+    for line in inspect.getsource(builder.create_model).splitlines():
+        names = re.findall(r'config\.architectures\[0\]\s*==\s*"(\w+)"', line)
+        if names:
+            pending = arch in names
+            continue
+        made = re.match(r"\s*onnx_model\s*=\s*(\w+)\(", line)
+        if made and pending:
+            cls = getattr(builder, made.group(1), None)
+            if isinstance(cls, type) and cls not in found:
+                found.append(cls)
+            pending = False
+    return found
+
+
+def rope_scaling_type(config: Dict[str, Any]) -> Optional[str]:
+    """The RoPE scaling type of a config.json (its text_config where it has one): rope_parameters (transformers 5;
+    per layer type too) or rope_scaling, `rope_type` or `type`; None for plain RoPE."""
+    c = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    for key in ("rope_parameters", "rope_scaling"):
+        rs = c.get(key)
+        if not isinstance(rs, dict):
+            continue
+        forms = [v for v in rs.values() if isinstance(v, dict)] if all(isinstance(v, dict) for v in rs.values()) \
+            and rs else [rs]
+        for form in forms:
+            kind = form.get("rope_type") or form.get("type")
+            if kind and kind != "default":
+                return str(kind)
+    return None
+
+
+def _check_rope(p: Path, config: Dict[str, Any], arch: str) -> None:
+    """Dynamic NTK RoPE is built only by the Llama-family builders (LlamaModel's RoPE setup); the others refuse it
+    once the float model is loaded (NotImplementedError, exit 1): refused here first, in one line."""
+    if rope_scaling_type(config) != "dynamic":
+        return
+    from onnxruntime_genai.models import builder
+
+    llama = getattr(getattr(builder, "LlamaModel", None), "make_rope_init", None)   # the dispatch's own module
+    classes = builder_classes(arch)
+    if llama is not None and classes and all(getattr(cls, "make_rope_init", None) is llama for cls in classes):
+        return
+    c = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    limit = c.get("max_position_embeddings")
+    raise SourceModelError(
+        f"architecture {arch} with RoPE scaling type 'dynamic' (dynamic NTK): ONNX Runtime GenAI's model builder "
+        "builds it only for the Llama family", path=str(p),
+        hint=f"transformers computes dynamic NTK as plain RoPE up to max_position_embeddings ({limit}): remove "
+             "rope_scaling / rope_parameters' scaling from a copy of the folder's config.json to build it for "
+             "that context")
+
+
 @dataclass
 class LMSource:
     path: Path
@@ -134,6 +196,7 @@ def read_source(path: str) -> LMSource:
     if arch not in supported:
         raise SourceModelError(f"architecture {arch} is not one ONNX Runtime GenAI's model builder exports",
                                path=str(p), hint="supported: " + ", ".join(supported))
+    _check_rope(p, config, arch)
     if not any(f.suffix in WEIGHT_SUFFIXES for f in p.iterdir()):
         raise SourceModelError("no weights (*.safetensors or pytorch_model*.bin) beside config.json", path=str(p))
     if not ((p / "tokenizer.json").is_file() or (p / "tokenizer.model").is_file()):
