@@ -21,7 +21,7 @@ from tinylm import _tokenizer, corpus_text
 from edgekit.convert.llm_compat import flatten_rope
 
 
-def make_tiny(arch: str, folder: Path, seed: int = 0, steps: int = 60) -> Path:
+def make_tiny(arch: str, folder: Path, seed: int = 0, steps: int = 60, config=None) -> Path:
     """A 3-layer model of `arch`, trained for `steps` on generated English so its next-token choices are not
     ties, saved by transformers 5:
     - "gemma3": Gemma 3 text (sliding window 16 on layers 0-1, full attention on layer 2, q/k norms, tied
@@ -31,7 +31,9 @@ def make_tiny(arch: str, folder: Path, seed: int = 0, steps: int = 60) -> Path:
     - "phi3": Phi-4-mini's form (Phi3ForCausalLM, fused qkv_proj / gate_up_proj, LongRoPE from position 256,
       partial rotary 0.75 of head_dim 64, tied embeddings, a sliding_window beyond the context);
     - "smollm3": SmolLM3 (tied, layer 2 without RoPE: no_rope_layers [1, 1, 0]);
-    - "llama_yarn": Llama with YaRN RoPE scaling as Qwen's docs write it (factor 4, no beta_fast / beta_slow)."""
+    - "llama_yarn": Llama with YaRN RoPE scaling as Qwen's docs write it (factor 4, no beta_fast / beta_slow);
+    - any other: `config(common)` -> (model class, its configuration), `common` being the keywords above
+      (vocabulary, 3 layers, hidden 64, ...; benchmarks/llm_arch_sweep.py's architectures)."""
     import transformers
     from transformers import GenerationConfig
 
@@ -43,7 +45,9 @@ def make_tiny(arch: str, folder: Path, seed: int = 0, steps: int = 60) -> Path:
     common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512, bos_token_id=bos,
                   eos_token_id=eos, pad_token_id=bos)
-    if arch == "gemma3":
+    if config is not None:
+        cls, cfg = config(common)
+    elif arch == "gemma3":
         # as Gemma's own tokenizer.json: a post-processor puts the BOS before every text (HF tokenizers apply it;
         # ONNX Runtime GenAI's tokenizer does not: convert records it, the runtime adds it)
         tj = json.loads((folder / "tokenizer.json").read_text())
