@@ -8,6 +8,7 @@ checked against their float models and run by edgekit.runtime. The real Gemma 3 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -167,6 +168,12 @@ ROPE_CASES = {   # name: (config class, builder class name, rotary embedding, co
         hidden_size=256, head_dim=128, partial_rotary_factor=0.5, rope_parameters={
             "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048, "rope_theta": 5e5,
             "beta_fast": 0, "truncate": False})),
+    # Ministral 3's form: a VLM config whose text_config holds YaRN with mscale / mscale_all_dim (the builder
+    # collapses text_config into the top level)
+    "ministral3_yarn": ("Mistral3Config", "Mistral3TextModel", "ministral3", dict(
+        hidden_size=256, head_dim=128, rope_parameters={
+            "rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 256, "beta_fast": 32.0,
+            "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0, "rope_theta": 1e6})),
     "llama_linear": ("LlamaConfig", "LlamaModel", "llama", dict(
         hidden_size=256, head_dim=128, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4})),
     "llama3": ("LlamaConfig", "LlamaModel", "llama", dict(   # Llama 3.2's
@@ -183,7 +190,7 @@ def test_builder_rope_caches_are_transformers(case, tmp_path):
     """The cos / sin caches the builder puts in the graph (its RoPE setup through builder_config_fixes) against
     transformers' rotary embedding over 8192 positions: equal to the bit. Before the YaRN fix the builder's Qwen3
     YaRN cache was off by 0.008 at position 100 and 1.2 by 8192 (no rounding of the correction range, the full head
-    dimension instead of the rotary one), and beta_fast 0 divided by zero."""
+    dimension instead of the rotary one), the Ministral-3-like one by 2.0, and beta_fast 0 divided by zero."""
     import copy
     import importlib
 
@@ -195,10 +202,14 @@ def test_builder_rope_caches_are_transformers(case, tmp_path):
 
     cfg_name, model_name, family, kw = ROPE_CASES[case]
     n = 8192
-    cfg = getattr(transformers, cfg_name)(vocab_size=64, intermediate_size=128, num_hidden_layers=1,
-                                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=n,
-                                          **copy.deepcopy(kw))
-    cfg.architectures = [cfg_name.replace("Config", "ForCausalLM")]
+    text = dict(vocab_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, max_position_embeddings=n, **copy.deepcopy(kw))
+    if cfg_name == "Mistral3Config":
+        cfg = transformers.Mistral3Config(text_config=dict(text, model_type=family))
+        cfg.architectures = ["Mistral3ForConditionalGeneration"]
+    else:
+        cfg = getattr(transformers, cfg_name)(**text)
+        cfg.architectures = [cfg_name.replace("Config", "ForCausalLM")]
     log = []
     with builder_config_fixes(log):
         model = getattr(builder, model_name)(copy.deepcopy(cfg), ir.DataType.FLOAT, ir.DataType.FLOAT, "cpu",
@@ -206,14 +217,16 @@ def test_builder_rope_caches_are_transformers(case, tmp_path):
         model.rope_attrs["save_caches"] = False       # the caches returned instead of saved as initializers
         cos, sin = model.make_rotary_embedding_caches()
     modeling = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
-    rotary = getattr(modeling, f"{family.capitalize()}RotaryEmbedding")(cfg)
+    rotary = getattr(modeling, f"{family.capitalize()}RotaryEmbedding")(cfg.get_text_config())
     ref_cos, ref_sin = rotary(torch.zeros(1, 1, n), torch.arange(n)[None])
     half = int(kw.get("partial_rotary_factor", 1.0) * kw["head_dim"]) // 2
     assert tuple(cos.shape) == tuple(sin.shape) == (n, half)
     assert torch.equal(cos, ref_cos[0, :, :half]) and torch.equal(sin, ref_sin[0, :, :half]), (
         float((cos - ref_cos[0, :, :half]).abs().max()), float((sin - ref_sin[0, :, :half]).abs().max()))
     if "yarn" in case:
-        assert model.rope_attrs["mscale"] == rotary.attention_scaling > 1
+        # YaRN's attention factor, 0.1 ln(4) + 1; Ministral 3's mscale == mscale_all_dim make it 1
+        factor = 1.0 if "ministral" in case else 0.1 * math.log(4.0) + 1.0
+        assert model.rope_attrs["mscale"] == rotary.attention_scaling == pytest.approx(factor, rel=1e-12)
         assert any(line.startswith("builder fix: YaRN RoPE with transformers' inv_freq") for line in log), log
     if case == "llama_dynamic":
         assert any(line.startswith("builder note: dynamic (NTK) RoPE built unscaled") for line in log), log
