@@ -17,7 +17,7 @@ import pytest
 import onnxruntime_genai  # noqa: F401  (edgekit[llm-convert], in dev: missing must fail, not skip)
 import torch
 
-from tinylm import _tokenizer, corpus_text
+from tinylm import _tokenizer, corpus_text, train_steps
 
 from edgekit.convert.llm_compat import flatten_rope
 
@@ -86,22 +86,7 @@ def make_tiny(arch: str, folder: Path, seed: int = 0, steps: int = 60, config=No
         cfg = transformers.Qwen2Config(tie_word_embeddings=False, **common)
     model = cls(cfg)
     ids = torch.tensor(tok.backend_tokenizer.encode(text).ids, dtype=torch.long)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(seed)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model.train()
-        for _ in range(steps):
-            starts = torch.randint(0, len(ids) - 65, (8,), generator=g)
-            x = torch.stack([ids[s:s + 64] for s in starts])
-            loss = model(input_ids=x, labels=x).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    finally:
-        torch.set_num_threads(threads)
-    model.eval()
+    train_steps(model, ids, steps, seed)
     model.config.architectures = [cls.__name__]
     model.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=bos,
                                                do_sample=False, max_length=256)

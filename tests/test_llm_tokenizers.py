@@ -20,7 +20,7 @@ import pytest
 import onnxruntime_genai  # noqa: F401  (edgekit[llm-convert], in dev: missing must fail, not skip)
 import torch
 
-from tinylm import corpus_text
+from tinylm import corpus_text, train_steps
 
 ZEPHYR_TEMPLATE = (   # TinyLlama-1.1B-Chat-v1.0's, as its tokenizer_config.json has it
     "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + "
@@ -160,22 +160,7 @@ def make_family(family: str, folder: Path, seed: int = 0, steps: int = 40) -> Pa
                       bos_token_id=info["bos"], eos_token_id=eos, tie_word_embeddings=False)
     model = LlamaForCausalLM(cfg)
     ids = torch.tensor(fast(text, add_special_tokens=False).input_ids, dtype=torch.long)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(seed)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model.train()
-        for _ in range(steps):
-            starts = torch.randint(0, len(ids) - 65, (8,), generator=g)
-            x = torch.stack([ids[s:s + 64] for s in starts])
-            loss = model(input_ids=x, labels=x).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    finally:
-        torch.set_num_threads(threads)
-    model.eval()
+    train_steps(model, ids, steps, seed)
     model.config.architectures = ["LlamaForCausalLM"]
     model.generation_config = GenerationConfig(bos_token_id=info["bos"], eos_token_id=eos, do_sample=False,
                                                max_length=256)

@@ -92,6 +92,30 @@ def _tokenizer(text: str, folder: Path):
     return fast
 
 
+def train_steps(model, ids, steps: int, seed: int = 0) -> None:
+    """`steps` of AdamW (lr 3e-3) on 8 random 64-token windows of `ids` (a 1-D LongTensor), on one torch thread;
+    the model is left in eval mode. The tiny architecture and tokenizer models' training (test_llm_archs,
+    test_llm_tokenizers, benchmarks/llm_arch_sweep.py)."""
+    import torch
+
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model.train()
+        for _ in range(steps):
+            starts = torch.randint(0, len(ids) - 65, (8,), generator=g)
+            x = torch.stack([ids[s:s + 64] for s in starts])
+            loss = model(input_ids=x, labels=x).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()
+
+
 def make_tiny_lm(folder, seed: int = 0, steps: int = 150, layers: int = 4, hidden: int = 128) -> Path:
     """Build, train and save a tiny Llama causal LM as a Hugging Face folder; returns the folder."""
     import torch
