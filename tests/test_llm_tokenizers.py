@@ -11,10 +11,12 @@ transformers' tokenizer gives:
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import onnxruntime_genai  # noqa: F401  (edgekit[llm-convert], in dev: missing must fail, not skip)
@@ -188,6 +190,43 @@ def test_chat_template_layout_is_transformers():
     assert plain.from_string(hf_layout(ZEPHYR_TEMPLATE)).render(**ctx).startswith("<|system|>\nS</s>\n<|user|>")
 
 
+def test_decode_rules_from_the_head_of_tokenizer_json(tmp_path, monkeypatch):
+    """llmdecode reads added_tokens and decoder without the vocabulary (read in growing pieces: here from 5
+    characters, so every value crosses a read), the strip of a Fuse-then-Strip decoder only, and a stream skips
+    special ids and strips the leading space across its first pieces."""
+    from edgekit.runtime import llmdecode
+
+    monkeypatch.setattr(llmdecode, "_FIRST_READ", 5)
+    strip = {"type": "Strip", "content": " ", "start": 1, "stop": 0}
+    fuse_strip = {"type": "Sequence", "decoders": [{"type": "ByteFallback"}, {"type": "Fuse"}, strip]}
+    doc = {"version": "1.0", "truncation": None, "padding": 12345, "added_tokens": _added(["<s>", "</s>"], 7)
+           + [dict(_added(["<x>"], 9)[0], special=False)], "normalizer": {"a": [1, 2.5]}, "decoder": fuse_strip,
+           "model": {"vocab": {"é\"{": 1}}}
+    f = tmp_path / "tokenizer.json"
+    for indent in (None, 2):
+        f.write_text(json.dumps(doc, indent=indent, ensure_ascii=False), encoding="utf-8")
+        assert llmdecode.read_head(f, ("padding", "decoder")) == {"padding": 12345, "decoder": fuse_strip}
+        assert llmdecode.read_head(f, ("model", "absent")) == {"model": doc["model"]}
+        r = llmdecode.decode_rules(tmp_path)
+        assert (r.special, r.strip_start, r.strip_char) == ({7, 8}, 1, " ")
+    for decoder in (strip, {"type": "Sequence", "decoders": [strip, {"type": "Fuse"}]}, None):   # per token: not
+        f.write_text(json.dumps(dict(doc, decoder=decoder)), encoding="utf-8")
+        assert llmdecode.decode_rules(tmp_path).strip_start == 0
+    f.write_text("[1]", encoding="utf-8")
+    assert llmdecode.decode_rules(tmp_path) == llmdecode.DecodeRules()      # unreadable: ORT GenAI says so
+    r = llmdecode.DecodeRules(special=frozenset({7}), strip_start=1)
+    pieces = {1: "", 2: " ", 3: " a", 4: " b", 7: "  "}
+
+    class Fake:
+        def decode(self, t):
+            return pieces[t]
+
+    for seq, want in (([1, 7, 2, 3], ["", "", "", " a"]), ([1, 3, 4], ["", "a", " b"]), ([4, 7, 2], ["b", "", " "])):
+        s = r.stream(Fake())
+        assert [s.decode(t) for t in seq] == want
+        assert r.strip("".join(pieces[t] for t in r.keep(seq))) == "".join(want)
+
+
 @pytest.mark.parametrize("family", ["spm", "llama3"])
 def test_tokenizer_family_converts_and_feeds_the_model_what_transformers_does(family, tmp_path):
     from tokenizers import Tokenizer as RawTokenizer
@@ -218,13 +257,24 @@ def test_tokenizer_family_converts_and_feeds_the_model_what_transformers_does(fa
         assert ids == raw.encode(text).ids and ids[0] == bos and ids[1] != bos, text
         if family == "llama3":
             assert ids == hf(text).input_ids, text
-        # byte-fallback pieces and emoji through decode and the streaming detokenizer
+        # byte-fallback pieces and emoji through decode and the streaming detokenizer: transformers' text (Llama 2's
+        # decoder strips the dummy prefix's space, Strip start 1, which ORT GenAI 0.18 does not: runtime.llmdecode)
         body = ids[1:]
         stream = lm.tokenizer.stream()
         streamed = "".join(stream.decode(t) for t in body)
-        assert streamed == lm.decode(body), text
-        # Llama 2's decoder strips the dummy prefix's space (Strip start 1); ORT GenAI's keeps it
-        assert lm.decode(body) in (text, " " + text) and hf.decode(body, skip_special_tokens=True) == text, text
+        assert streamed == lm.decode(body) == hf.decode(body, skip_special_tokens=True) == text, text
+        if family == "spm":
+            assert lm.og_tokenizer.decode(np.asarray(body, dtype=np.int32)) == " " + text   # what is fixed
+    # streamed and whole decode equal transformers' on every sequence of up to 3 plain, byte-fallback and special
+    # tokens (ORT GenAI streams spaces for a skipped special, drops the space after one, decodes specials as U+FFFD)
+    plain = list(dict.fromkeys(hf(" y the\n é", add_special_tokens=False).input_ids))   # whole characters each
+    specials = sorted({bos, *eos} | set(hf.convert_tokens_to_ids(["<unk>", "<|start_header_id|>"])) - {None})
+    assert lm.tokenizer.rules.special >= set(specials) and len(plain) == 5
+    seqs = [list(s) for n in (1, 2, 3) for s in itertools.product(plain + specials[:3], repeat=n)]
+    for seq in seqs:
+        stream = lm.tokenizer.stream()
+        got = ("".join(stream.decode(t) for t in seq), lm.decode(seq))
+        assert got == (hf.decode(seq, skip_special_tokens=True),) * 2, (seq, got)
     # the chat template renders as transformers renders it; one BOS where the template writes it, none otherwise
     msgs = [{"role": "system", "content": "Be short."}, {"role": "user", "content": "What colour is the box?"}]
     rendered = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
@@ -238,6 +288,15 @@ def test_tokenizer_family_converts_and_feeds_the_model_what_transformers_does(fa
         assert bos not in ids
     out = lm.chat(msgs, max_new_tokens=16)
     assert isinstance(out, str) and lm.last["new_tokens"] > 0
+    assert out == hf.decode(lm.last["token_ids"], skip_special_tokens=True)
+    assert "".join(lm.chat(msgs, max_new_tokens=16, stream=True)) == out
+    # a plain continuation: its first token carries "▁" (Llama 2: the reply started with " " before; transformers
+    # strips it) or "Ġ" (Llama 3: kept by both)
+    cont = lm.generate("The cat", max_new_tokens=8)
+    assert cont == hf.decode(lm.last["token_ids"], skip_special_tokens=True), cont
+    assert "".join(lm.generate("The cat", max_new_tokens=8, stream=True)) == cont
+    raw_cont = lm.og_tokenizer.decode(np.asarray(lm.last["token_ids"], dtype=np.int32))
+    assert raw_cont == (" " + cont if family == "spm" else cont) and raw_cont.startswith(" "), raw_cont
     if family == "llama3":   # "The box is red." then <|eot_id|>, which is not eos_token_ids[0] (<|end_of_text|>)
         out = lm.chat(msgs[1:], max_new_tokens=24)
         assert lm.eos_token_ids[0] == hf.convert_tokens_to_ids("<|end_of_text|>")
@@ -247,7 +306,33 @@ def test_tokenizer_family_converts_and_feeds_the_model_what_transformers_does(fa
     conv.say("What colour is the lamp?", max_new_tokens=12)
     cache = [int(t) for t in conv._gen.get_sequence(0)]
     assert cache[:len(ids)] == ids and cache.count(bos) == (1 if family == "llama3" else 0), cache
+    assert conv.messages[-1]["content"] == hf.decode(conv.last["token_ids"], skip_special_tokens=True)
     assert lm.check()["ok"]
+
+    # the server's engine (its streamed and whole responses join these pieces): the same text
+    import threading
+
+    from edgekit.runtime.llm_batch import GenSequence, SamplingParams, load_llm_release
+
+    rel = load_llm_release("t", "0" * 64, row.path, threads=1, check=False, max_sequences=2, max_queue=2,
+                           kv_cache_mb=None)
+    try:
+        got = {0: [], 1: []}
+        done = threading.Semaphore(0)
+
+        def on(i):
+            def on_events(evs):
+                for kind, v in evs:
+                    (got[i].append(v) if kind == "text" else done.release())
+            return on_events
+
+        rel.engine.submit(GenSequence(rel.tokenizer.chat_ids(msgs), SamplingParams(max_tokens=16), on(0)))
+        rel.engine.submit(GenSequence(rel.tokenizer.encode("The cat"), SamplingParams(max_tokens=8), on(1)))
+        assert done.acquire(timeout=60) and done.acquire(timeout=60)
+        assert ["".join(got[0]), "".join(got[1])] == [out, cont]
+    finally:
+        rel.engine.retire()
+        rel.engine.join(10)
 
     # a bare ONNX Runtime GenAI folder (or a bundle converted before convert laid the template out) with the
     # checkpoint's own template: the runtime and the server's tokenizer lay it out when they render

@@ -71,6 +71,7 @@ from edgekit.runtime.llmopts import hold_back as _hold_back
 from edgekit.runtime.llmopts import kv_capacity, prompt_bos, with_bos
 from edgekit.runtime.llmopts import rss_mb as _rss_mb
 from edgekit.runtime.llmopts import SPIN_KEY, after_load, trim_heap
+from edgekit.runtime.llmdecode import DecodeRules, TextStream, decode_rules
 from edgekit.runtime.llmtemplate import laid_out_template
 
 KIND = "llm"
@@ -288,12 +289,15 @@ class Tokenizer:
     encode(text) adds the tokenizer's special tokens (a BOS where the model has one), as a plain prompt
     needs; encode_templated(text) adds none, for text a chat template made (it writes its own)."""
 
-    def __init__(self, og, og_model, og_tokenizer, bos: Optional[int] = None, template: Optional[str] = None):
+    def __init__(self, og, og_model, og_tokenizer, bos: Optional[int] = None, template: Optional[str] = None,
+                 rules: Optional[DecodeRules] = None):
         self.og = og_tokenizer
         self._make = lambda: og.Tokenizer(og_model)
         self._variants: Dict[str, Any] = {}
         self.bos = bos          # a BOS ONNX Runtime GenAI's tokenizer leaves out (llmopts.prompt_bos)
         self.template = template   # the chat template as transformers lays it out, where the folder's differs
+        # special ids and the decoder's leading strip, which ORT GenAI's decoding gets wrong (runtime.llmdecode)
+        self.rules = rules if rules is not None else DecodeRules()
 
     def _variant(self, option: str):
         """A second tokenizer with one option off (made on first use: a large vocabulary costs memory):
@@ -313,8 +317,13 @@ class Tokenizer:
         return [int(t) for t in self._variant("add_special_tokens").encode(text)]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-        arr = np.asarray(list(ids), dtype=np.int32)
-        return (self.og if skip_special_tokens else self._variant("skip_special_tokens")).decode(arr)
+        """The text of `ids` as transformers' decode(ids, skip_special_tokens=True) gives it (runtime.llmdecode:
+        special tokens left out, the decoder's leading strip applied); skip_special_tokens=False: ORT GenAI's
+        text of every token, specials written out and nothing stripped (the text a KV cache holds)."""
+        if not skip_special_tokens:
+            return self._variant("skip_special_tokens").decode(np.asarray(list(ids), dtype=np.int32))
+        kept = self.rules.keep(ids)
+        return self.rules.strip(self.og.decode(np.asarray(kept, dtype=np.int32))) if kept else ""
 
     def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
         msgs = _check_messages(messages)
@@ -325,9 +334,10 @@ class Tokenizer:
             raise DataError(f"the chat template cannot render these messages ({str(e).splitlines()[0]})",
                             hint="messages are [{'role': 'system'|'user'|'assistant', 'content': '...'}]") from None
 
-    def stream(self):
-        """A streaming detokenizer: .decode(token_id) -> the text that token completes ('' mid-character)."""
-        return self.og.create_stream()
+    def stream(self) -> TextStream:
+        """A streaming detokenizer: .decode(token_id) -> the text that token completes ('' mid-character, and for
+        a special token); the pieces of a sequence join to decode(sequence)."""
+        return self.rules.stream(self.og.create_stream())
 
 
 def _check_messages(messages: Sequence[Message]) -> List[Dict[str, str]]:
@@ -364,7 +374,7 @@ class LanguageModel:
         self.genai_config = genai_config
         # bundles converted before convert laid the template out, and bare folders: laid out here (llmtemplate)
         self.tokenizer = Tokenizer(og, og_model, og_tokenizer, bos=prompt_bos(manifest),
-                                   template=laid_out_template(model_dir))
+                                   template=laid_out_template(model_dir), rules=decode_rules(model_dir))
         m = genai_config.get("model") or {}
         # the longest sequence the model takes, and the one used here: the bundle's default context (its profile's
         # llm.context_default) where it is shorter; a conversation allocates its KV cache for `context` tokens

@@ -52,6 +52,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
 import numpy as np
 
 from edgekit.errors import BundleError, DataError, EdgekitError
+from edgekit.runtime.llmdecode import decode_rules
 from edgekit.runtime.llmopts import SPIN_KEY, after_load, with_bos
 from edgekit.runtime.llmtemplate import laid_out_template
 from edgekit.runtime.llmopts import hold_back as _hold_back  # stop strings held back as the generator does (one rule)
@@ -747,6 +748,7 @@ class _Tokenizer:
         self.templated = og.Tokenizer(str(model_dir))
         self.templated.update_options(add_special_tokens="false")
         self.template = laid_out_template(model_dir)   # as transformers lays it out (llmtemplate), where it differs
+        self.rules = decode_rules(model_dir)   # special ids, the decoder's leading strip (llmdecode)
 
     def encode(self, text: str) -> List[int]:
         return with_bos([int(t) for t in self.plain.encode(text)], self.bos)
@@ -760,7 +762,8 @@ class _Tokenizer:
         return [int(t) for t in self.templated.encode(text)]
 
     def create_stream(self):
-        return self.plain.create_stream()
+        """Text pieces that join to transformers' decode of the reply (runtime.llmdecode)."""
+        return self.rules.stream(self.plain.create_stream())
 
 
 @dataclass
