@@ -120,3 +120,42 @@ def test_the_servers_interval_reaches_the_api():
                        (["--stream-interval-ms", "20"], 0.02)):
         cfg = config_from(p.parse_args(["x"] + argv))
         assert App([], e, m, stream_interval_ms=cfg.stream_interval_ms).llm.stream_interval == want, argv
+
+
+def test_a_request_that_took_a_release_just_before_a_swap_goes_to_the_new_one():
+    """The swap assigns the new release, then retires the old engine; a request that read the old release in
+    between gets Retiring from its engine and is submitted to the release active now, not failed (429). With no
+    successor (the server closing) Retiring stays the client's 429."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from edgekit.runtime.llm_batch import Retiring, SamplingParams
+    from edgekit.serve.openai_api import LLMApi
+
+    got = []
+
+    class Engine:
+        def __init__(self, name, swap_to=None):
+            self.name, self.swap_to = name, swap_to
+
+        def submit(self, seq):
+            if self.swap_to is not None:          # retired: the swap already made another release active
+                if self.swap_to is not False:
+                    entry.active = self.swap_to
+                raise Retiring(f"model 'm' is being replaced; retry ({self.name})")
+            got.append((self.name, seq))
+
+    new = SimpleNamespace(engine=Engine("new"))
+    entry = SimpleNamespace(name="m", active=None)
+    entry.active = SimpleNamespace(engine=Engine("old", swap_to=new))
+    api = SimpleNamespace(interval_for=lambda rel: 0.0)
+
+    async def start():
+        return LLMApi._start(api, entry, [1, 2, 3], SamplingParams(max_tokens=2), "r1", stream=True)
+
+    rel, seq, _ = asyncio.run(start())
+    assert rel is new and [n for n, _ in got] == ["new"] and got[0][1] is seq
+    entry.active = SimpleNamespace(engine=Engine("closing", swap_to=False))
+    with pytest.raises(Retiring):
+        asyncio.run(start())

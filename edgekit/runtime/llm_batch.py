@@ -72,6 +72,11 @@ class Busy(EdgekitError):
     """Every sequence slot and the wait queue are taken (HTTP 429)."""
 
 
+class Retiring(Busy):
+    """The engine was retired (its release replaced, or the server closing): a request that took the release just
+    before a swap submits again to the release now active (serve), else HTTP 429."""
+
+
 class EngineFailed(EdgekitError):
     """The generation thread ended with an error: the model does not generate (HTTP 503)."""
 
@@ -428,7 +433,7 @@ class LLMEngine:
             if self.failed:
                 raise EngineFailed(f"model '{self.name}' cannot generate: {self.failed}")
             if self._retiring:
-                raise Busy(f"model '{self.name}' is being replaced; retry")
+                raise Retiring(f"model '{self.name}' is being replaced; retry")
             if len(self.active) + len(self.waiting) >= self.max_sequences + self.max_queue:
                 raise Busy(f"model '{self.name}' is busy: {len(self.active)} sequences generating and "
                            f"{len(self.waiting)} waiting (--max-sequences {self.max_sequences}, "

@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from edgekit.bundle import check_name
 from edgekit.errors import BundleError, DataError
-from edgekit.runtime.llm_batch import Busy, EngineFailed, GenSequence, SamplingParams, TooLong
+from edgekit.runtime.llm_batch import Busy, EngineFailed, GenSequence, Retiring, SamplingParams, TooLong
 from edgekit.runtime.threads import usable_cpus
 from edgekit.serve.llm_entry import LLMEntry
 from edgekit.serve.protocol import ProtocolError
@@ -407,14 +407,22 @@ class LLMApi:
 
     # -- running a sequence -----------------------------------------------------------------------------
     def _start(self, entry: LLMEntry, ids: List[int], params: SamplingParams, rid: str, *, stream: bool):
-        """Submit to the active release's engine: (release, sequence, outbox)."""
-        rel = entry.active
-        if rel is None:
-            raise ApiError(503, f"model '{entry.name}' is not ready", "model_not_ready")
-        box = _Outbox(asyncio.get_running_loop(), self.interval_for(rel) if stream else None)
-        seq = GenSequence(ids, params, box.put, request_id=rid)
-        rel.engine.submit(seq)
-        return rel, seq, box
+        """Submit to the active release's engine: (release, sequence, outbox). A release swapped between reading
+        `entry.active` and submitting (its engine retired: Retiring) is not the client's failure: the sequence
+        goes to the release active now."""
+        while True:
+            rel = entry.active
+            if rel is None:
+                raise ApiError(503, f"model '{entry.name}' is not ready", "model_not_ready")
+            box = _Outbox(asyncio.get_running_loop(), self.interval_for(rel) if stream else None)
+            seq = GenSequence(ids, params, box.put, request_id=rid)
+            try:
+                rel.engine.submit(seq)
+            except Retiring:
+                if entry.active is rel:     # retired with no successor (the server closing): 429
+                    raise
+                continue
+            return rel, seq, box
 
     async def _events(self, receive, rel, seq, box):
         """Yield ("text", piece) ... then ("done", reason) or ("error", msg). A client that disconnects
