@@ -742,18 +742,24 @@ class LLMEngine:
 
 # -- a loaded release -------------------------------------------------------------------------------------
 
+_FROM_FOLDER = object()
+
+
 class _Tokenizer:
     """ONNX Runtime GenAI's tokenizer opened from the model folder (no second copy of the weights)."""
 
-    def __init__(self, model_dir: Path, bos: Optional[int] = None):
+    def __init__(self, model_dir: Path, bos: Optional[int] = None, template: Any = _FROM_FOLDER,
+                 rules: Any = _FROM_FOLDER):
         import onnxruntime_genai as og
 
         self.bos = bos          # a BOS ONNX Runtime GenAI's tokenizer leaves out (llmopts.prompt_bos)
         self.plain = og.Tokenizer(str(model_dir))
         self.templated = og.Tokenizer(str(model_dir))
         self.templated.update_options(add_special_tokens="false")
-        self.template = laid_out_template(model_dir)   # as transformers lays it out (llmtemplate), where it differs
-        self.rules = decode_rules(model_dir)   # special ids, the decoder's leading strip (llmdecode)
+        # the chat template as transformers lays it out (llmtemplate; None: the folder's as it is) and the decoding
+        # rules (llmdecode): those the loaded LanguageModel read, else read from the folder
+        self.template = laid_out_template(model_dir) if template is _FROM_FOLDER else template
+        self.rules = decode_rules(model_dir) if rules is _FROM_FOLDER else rules
 
     def encode(self, text: str) -> List[int]:
         return with_bos([int(t) for t in self.plain.encode(text)], self.bos)
@@ -818,6 +824,7 @@ def load_llm_release(name: str, sha: str, path: Path, *, threads: Optional[int],
     model_dir, genai_config, context = lm.model_dir, lm.genai_config, int(lm.context)
     eos, used_threads, version, chat = list(lm.eos_token_ids), lm.threads, lm.backend_version, lm.has_chat_template
     bos, spinning = lm.tokenizer.bos, lm.spinning
+    template, rules = lm.tokenizer.template, lm.tokenizer.rules   # read at load: not read again for the server
     del lm  # ONNX Runtime GenAI's copy of the weights goes before the batched session loads its own
     decoder = BatchedDecoder(model_dir, genai_config, threads=used_threads, slots=max_sequences, capacity=context,
                              spinning=spinning)
@@ -830,7 +837,7 @@ def load_llm_release(name: str, sha: str, path: Path, *, threads: Optional[int],
                               f"({decoder.kv_bytes_per_token} bytes per token)", path=str(path))
     else:
         budget = per_seq * decoder.slots
-    tokenizer = _Tokenizer(model_dir, bos)
+    tokenizer = _Tokenizer(model_dir, bos, template=template, rules=rules)
     after_load(model_dir)   # as load_llm ends (llmopts.after_load): malloc, the file's pages, the heap, huge pages
     engine = LLMEngine(decoder, tokenizer, name=name, max_sequences=max_sequences,
                        max_queue=max_queue, kv_budget_tokens=budget, eos_token_ids=eos,
