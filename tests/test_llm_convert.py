@@ -256,10 +256,17 @@ def test_real_checkpoint_smollm2(tmp_path):
     assert 5 < fid["ppl_float"] < 200 and abs(fid["ppl_increase"]) <= 0.05 and fid["top1_agreement"] >= 0.90
     # INT8 weights, the tied embedding sharing the lm_head's INT8 table: under a third of the float32 weights
     assert m["model"]["bytes"] < 0.33 * sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    # every scale stored fp16 behind a Cast (llm_graph.half_scales); tokenizer.json without its indentation
+    assert m["llm"]["scales"]["fp16_cast"] > 0 and m["llm"]["scales"]["fp32"] == 0
+    shipped, source = (row.path / "model" / "tokenizer.json").read_bytes(), (folder / "tokenizer.json").read_bytes()
+    assert json.loads(shipped) == json.loads(source) and len(shipped) < 0.6 * len(source)
     import onnxruntime_genai as og
+    from transformers import AutoTokenizer
 
     model = og.Model(str(row.path / "model"))
     tok = og.Tokenizer(model)
+    sample = HELDOUT.read_text(encoding="utf-8")[:3000] + " é 😀 Ünïcödé \n\n  tabs\t"
+    assert list(tok.encode(sample)) == AutoTokenizer.from_pretrained(str(folder))(sample)["input_ids"]
     prompt = tok.apply_chat_template(messages=json.dumps([{"role": "user", "content": "What is the capital of "
                                                            "France?"}]), add_generation_prompt=True)
     params = og.GeneratorParams(model)
@@ -275,3 +282,25 @@ def test_real_checkpoint_smollm2(tmp_path):
     # greedy answers are fragile: the float model and the INT4 ladder's build say "The capital of France is
     # Paris.", this INT8 build (KL 0.004 on prose) answers in French; the chat path must produce words
     assert sum(ch.isalpha() for ch in reply) >= 5, reply
+
+
+def test_compact_json(tmp_path):
+    """tokenizer.json written without whitespace: the same JSON value (key order, non-ASCII text as UTF-8), fewer
+    bytes; a file that is not JSON, holds a lone surrogate, or is already compact is left as it is."""
+    from edgekit.convert.llm import compact_json
+
+    value = {"version": "1.0", "model": {"vocab": {"é": 0, "😀": 1, "Ġthe": 2, "\u0000": 3}, "merges": ["Ġ t", "h e"]},
+             "added_tokens": [{"id": 0, "content": "<|endoftext|>", "special": True}], "score": -12.345678901234567}
+    p = tmp_path / "tokenizer.json"
+    p.write_text(json.dumps(value, indent=2, ensure_ascii=True), encoding="utf-8")
+    before = p.stat().st_size
+    saved = compact_json(p)
+    raw = p.read_bytes()
+    assert saved == before - len(raw) > 0 and json.loads(raw) == value
+    assert list(json.loads(raw)) == list(value) and "😀".encode() in raw and b"\n" not in raw
+    assert compact_json(p) == 0 and p.read_bytes() == raw                       # already compact
+    for text in ("{not json", '{"a": "\\ud800"}'):   # the second: valid JSON, a lone surrogate UTF-8 cannot hold
+        p.write_text(text, encoding="utf-8")
+        assert compact_json(p) == 0 and p.read_text(encoding="utf-8") == text
+    assert compact_json(tmp_path / "missing.json") == 0
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -196,7 +196,8 @@ def test_int8_nodes_symmetric_in_builds(tied_lm, tmp_path):
     its INT8 build (every MatMul, at the build's block 32): no zero points; the tied embedding's
     GatherBlockQuantized reads the lm_head's new table (aliased, no Reshape); the lm_head and the embedding
     compute numpy's dequantization of the float weight's absmax rounding; the bytes shrink as the layout says;
-    KL stays near the asymmetric build's; ORT GenAI generates."""
+    KL stays near the asymmetric build's; ORT GenAI generates. With the scales stored fp16 (half_scales, the
+    default), the weights are rounded on the fp16 scales themselves: the file holds exactly what was rounded."""
     import onnx
     from onnx import numpy_helper
 
@@ -212,15 +213,20 @@ def test_int8_nodes_symmetric_in_builds(tied_lm, tmp_path):
     matmuls = {}
     figs, sizes, summary = {}, {}, {}
     for prec in ("int4", "int8"):
-        for sym in (False, True):
-            out = tmp_path / f"{prec}-{sym}"
+        for sym, half in ((False, False), (True, False), (True, True)):
+            out = tmp_path / f"{prec}-{sym}-{half}"
             if prec == "int4":
                 opts = LLMBuildOptions("int4", int8_matmuls=("/model/layers.1/attn/o_proj/MatMul",),
-                                       int8_symmetric=sym)
+                                       int8_symmetric=sym, half_scales=half)
             else:
-                opts = LLMBuildOptions("int8", int8_symmetric=sym)
+                opts = LLMBuildOptions("int8", int8_symmetric=sym, half_scales=half)
             log = run_builder(src, opts, out, tmp_path / "cache", matmuls)
             matmuls = matmuls or decoder_matmuls(out / "model.onnx")
+            if half:
+                figs[prec, "half"], sizes[prec, "half"] = _kl_of(out, fm, text), weight_bytes(out)["weights"]
+                summary[prec, "half"] = g.int8_summary(out)
+                _check_half(out, prec, K, V, w_head, log)
+                continue
             figs[prec, sym], sizes[prec, sym] = _kl_of(out, fm, text), weight_bytes(out)["weights"]
             summary[prec, sym] = g.int8_summary(out)
             full = onnx.load(str(out / "model.onnx"))
@@ -253,13 +259,43 @@ def test_int8_nodes_symmetric_in_builds(tied_lm, tmp_path):
     assert summary["int4", False]["bits_per_weight"] == 9.25 and summary["int4", True]["bits_per_weight"] == 8.5
     assert summary["int8", True]["bits_per_weight"] == 9.0
     assert sizes["int8", False] - sizes["int8", True] == sum(
-        g._attr(n, "N") * g._attr(n, "K") // 32 for n in onnx.load(str(tmp_path / "int8-True" / "model.onnx"),
-                                                                    load_external_data=False).graph.node
+        g._attr(n, "N") * g._attr(n, "K") // 32 for n in onnx.load(
+            str(tmp_path / "int8-True-False" / "model.onnx"), load_external_data=False).graph.node
+        if n.op_type == "MatMulNBits")
+    # fp16 scales: 2 bytes of every scale gone (the 8-bit nodes: 8.25 bits a weight at 64, 8.5 at 32)
+    assert summary["int4", "half"]["bits_per_weight"] == 8.25 and summary["int8", "half"]["bits_per_weight"] == 8.5
+    assert sizes["int8", True] - sizes["int8", "half"] == sum(
+        g._attr(n, "N") * ((g._attr(n, "K") + 31) // 32) * 2 for n in onnx.load(
+            str(tmp_path / "int8-True-True" / "model.onnx"), load_external_data=False).graph.node
         if n.op_type == "MatMulNBits")
     # measured (18:24 UTC): KL INT4 0.00270 -> 0.00264, INT8 0.000027 -> 0.000040 (INT8's KL is near the int8
     # activations' own noise: a wider relative margin, a small absolute one)
     assert figs["int4", True]["kl_mean"] < 1.3 * figs["int4", False]["kl_mean"] + 1e-5, figs
     assert figs["int8", True]["kl_mean"] < 2.0 * figs["int8", False]["kl_mean"] + 1e-5, figs
+    for prec in ("int4", "int8"):   # the fp16 grid: the same rounding a few units of fp16's last bit apart
+        assert figs[prec, "half"]["kl_mean"] < 1.1 * figs[prec, True]["kl_mean"] + 1e-5, figs
+
+
+def _check_half(out, prec, K, V, w_head, log):
+    """A build with fp16 scales: every MatMulNBits / GatherBlockQuantized scale an fp16 initializer behind a Cast;
+    the lm_head's 8-bit weights rounded on those fp16 scales (absmax / 127 rounded to fp16)."""
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    full = onnx.load(str(out / "model.onnx"))
+    inits = {t.name: t for t in full.graph.initializer}
+    cast = {n.output[0]: n.input[0] for n in full.graph.node if n.op_type == "Cast"}
+    users = [n for n in full.graph.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized")]
+    assert users and all(inits[cast[n.input[2]]].data_type == TensorProto.FLOAT16 for n in users)
+    assert "scales fp16 in the file" in log
+    block = 64 if prec == "int4" else 32
+    head = next(n for n in users if n.name.startswith("/lm_head/"))
+    s16 = numpy_helper.to_array(inits[cast[head.input[2]]]).reshape(V, K // block)
+    want = (np.abs(w_head).reshape(V, K // block, block).max(-1) / 127).astype(np.float16)
+    np.testing.assert_array_equal(s16, want)
+    W = g.unpack_nbits(numpy_helper.to_array(inits[head.input[1]]), s16.astype(np.float32), None, K, V, 8, block)
+    step = np.repeat(s16.astype(np.float32), block, 1)
+    assert (np.abs(W - w_head) / step).max() <= 0.5 + 1e-3
 
 
 def test_symmetric_int8_keeps_a_rows_own_block_and_leaves_nodes_it_cannot_write():
@@ -406,8 +442,9 @@ def test_tied_lm_head_reblocked(tied_lm, tmp_path):
             assert rec["lm_head"]["block_size"] == 64 and rec["lm_head"]["readers"]
             lm = load_llm(out, threads=1, verify=False)
             assert lm.generate("the robot", max_new_tokens=8).strip()
-    v, k = 512, 128   # vocab x hidden; per row K/32 - K/64 fewer blocks, each a 4-byte scale and a 1-byte zero point
-    assert sizes[0] - sizes[64] == v * (k // 32 - k // 64) * 5
+    # vocab x hidden; per row K/32 - K/64 fewer blocks, each a 2-byte scale (fp16 in the file) and a 1-byte zero point
+    v, k = 512, 128
+    assert sizes[0] - sizes[64] == v * (k // 32 - k // 64) * 3
     assert figs[64]["kl_mean"] < figs[0]["kl_mean"] * 1.5 + 1e-4, figs
 
 

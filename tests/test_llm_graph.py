@@ -206,3 +206,121 @@ def test_prune_lm_head_keeps_every_answer(tiny_lm, tmp_path):
     for got in rows[1:]:
         for a, b in zip(rows[0], got):
             assert a.shape == b.shape and np.allclose(a, b, atol=1e-4)
+
+
+def _scale_inits(model_dir: Path):
+    """{scale initializer name: (offset, length, dtype)} of the MatMulNBits / GatherBlockQuantized scales, following
+    a Cast to what the file holds."""
+    import onnx
+
+    m = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
+    inits = {t.name: t for t in m.graph.initializer}
+    cast = {n.output[0]: n.input[0] for n in m.graph.node if n.op_type == "Cast"}
+    out = {}
+    for n in m.graph.node:
+        if n.op_type in ("MatMulNBits", "GatherBlockQuantized"):
+            t = inits[cast.get(n.input[2], n.input[2])]
+            e = {x.key: x.value for x in t.external_data}
+            out[t.name] = (int(e.get("offset", 0)), int(e["length"]), t.data_type)
+    return m, out
+
+
+def test_half_scales_on_a_tied_build(tied_lm, tmp_path):
+    """The scales stored fp16 behind a Cast (llm_graph.half_scales): the file loses half of their bytes, both
+    engines compute bit for bit what the same build with the scales rounded to fp16 but stored fp32 computes (the
+    Cast is folded before the kernels see the scales), the tied embedding still reads the lm_head's bytes, the
+    logits stay within the fp16 rounding of the fp32 build's, and a second call does nothing."""
+    import shutil
+
+    from onnx import TensorProto
+
+    from edgekit.convert.llm import LLMBuildOptions, read_source, run_builder, weight_bytes
+    from edgekit.convert.llm_graph import HALF_NOTE, half_scales, scales_summary
+
+    d = tmp_path / "fp32"
+    run_builder(read_source(str(tied_lm)), LLMBuildOptions("int4", half_scales=False), d, tmp_path / "cache", {})
+    _, sc = _scale_inits(d)
+    assert sc and all(dt == TensorProto.FLOAT for _, _, dt in sc.values())
+    assert scales_summary(d)["fp16_cast"] == 0 and scales_summary(d)["fp32"] == len(sc)
+    # the reference: the same files with every scale rounded to fp16 but written back as fp32, in place
+    ref = tmp_path / "rounded"
+    shutil.copytree(d, ref)
+    with open(ref / "model.onnx.data", "r+b") as f:
+        for off, n, _ in sc.values():
+            f.seek(off)
+            a = np.frombuffer(f.read(n), dtype="<f4")
+            f.seek(off)
+            f.write(a.astype(np.float16).astype("<f4").tobytes())
+    half = tmp_path / "fp16"
+    shutil.copytree(d, half)
+    size0 = (half / "model.onnx.data").stat().st_size
+    r = half_scales(half)
+    assert r["initializers"] == len(sc) and r["kept"] == [] and r["note"] == HALF_NOTE
+    assert r["saved_bytes"] == sum(n for _, n, _ in sc.values()) // 2
+    assert size0 - (half / "model.onnx.data").stat().st_size >= r["saved_bytes"] - 64 * len(sc)
+    m, sc16 = _scale_inits(half)
+    assert len(sc16) == len(sc) and all(dt == TensorProto.FLOAT16 for _, _, dt in sc16.values())
+    assert sorted(n.output[0] for n in m.graph.node if n.op_type == "Cast" and n.output[0] in sc) == sorted(sc)
+    summ = scales_summary(half)
+    assert summ["fp16_cast"] == len(sc) and summ["fp32"] == 0 and summ["note"] == HALF_NOTE
+    assert weight_bytes(half)["weights"] == weight_bytes(d)["weights"] - r["saved_bytes"]
+    emb = embedding_summary(half)                                         # the alias survives the new data file
+    assert emb["note"] == NOTE and emb["load_copy_bytes"] == 0
+
+    prompts = ["the robot moves the red box", "Count: one two three", corpus_text(3, seed=5)]
+    og_ref, ort_ref, text_ref = _logits(ref, prompts)
+    og16, ort16, text16 = _logits(half, prompts)
+    for a, b in zip(og_ref + ort_ref, og16 + ort16):
+        assert a.shape == b.shape and np.array_equal(a, b)                # the folded Cast: the same kernels' input
+    assert text16 == text_ref and text16.strip()
+    og32, ort32, _ = _logits(d, prompts)
+    for a, b in zip(og32 + ort32, og16 + ort16):                          # and close to the fp32 scales' logits
+        assert np.abs(a - b).max() < 0.05 * max(1.0, float(np.abs(a).max()))
+
+    graph, data = (half / "model.onnx").read_bytes(), _sha(half / "model.onnx.data")
+    again = half_scales(half)
+    assert again["initializers"] == 0 and again["note"] is None
+    assert (half / "model.onnx").read_bytes() == graph and _sha(half / "model.onnx.data") == data
+
+
+def test_half_scales_keeps_what_fp16_cannot_hold(tmp_path):
+    """A scale below fp16's normal range keeps its node's initializer fp32 (named, with why); the other node's
+    scales go fp16 and the graph computes the same as with them rounded in fp32."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgekit.convert.llm_graph import half_scales
+
+    rng = np.random.default_rng(3)
+    K, N, block = 64, 16, 32
+    arrays = {}
+    for i, lo in enumerate((1e-3, 1e-6)):
+        arrays[f"w{i}"] = rng.integers(0, 256, (N, K // block, block // 2), dtype=np.uint8)
+        arrays[f"s{i}"] = (rng.random((N, K // block)) * lo + lo).astype(np.float32)
+
+    def model(arrs):
+        nodes = [helper.make_node("MatMulNBits", ["x", f"w{i}", f"s{i}"], [f"y{i}"], domain="com.microsoft",
+                                  K=K, N=N, bits=4, block_size=block, accuracy_level=0) for i in range(2)]
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, K])],
+                                  [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, N]) for i in range(2)],
+                                  [numpy_helper.from_array(a, n) for n, a in arrs.items()])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                       helper.make_opsetid("com.microsoft", 1)])
+
+    d = tmp_path / "m"
+    d.mkdir()
+    onnx.save(model(arrays), str(d / "model.onnx"), save_as_external_data=True, location="model.onnx.data",
+              size_threshold=0)
+    r = half_scales(d)
+    assert r["initializers"] == 1 and r["kept"] == [("s1", "a scale outside fp16's normal range")]
+    m = onnx.load(str(d / "model.onnx"), load_external_data=False)
+    types = {t.name: t.data_type for t in m.graph.initializer}
+    assert types["s0_fp16"] == TensorProto.FLOAT16 and types["s1"] == TensorProto.FLOAT
+    x = rng.standard_normal((1, K)).astype(np.float32)
+    got = ort.InferenceSession(str(d / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    rounded = dict(arrays, s0=arrays["s0"].astype(np.float16).astype(np.float32))
+    want = ort.InferenceSession(model(rounded).SerializeToString(),
+                                providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    for a, b in zip(got, want):
+        assert np.array_equal(a, b)

@@ -67,25 +67,36 @@ def kquant_params(x, bits: int = 4):
     return scale, zp
 
 
-def symmetric_params(x, bits: int = 8):
-    """x [rows, block] -> (scale [rows, 1], zero point 2^(bits-1) [rows, 1]): absmax / (2^(bits-1) - 1), as
-    llama.cpp's Q8_0 rounds; the zero point is MatMulNBits' (and GatherBlockQuantized's) default, so a node of
-    this grid carries no zero points (nbits_node with zp None)."""
+def fp16_grid(scale):
+    """Scales rounded to the nearest fp16 value where fp16 holds them as normal numbers (llm_graph.half_scales
+    then stores them fp16 without changing them), else left as they are (that initializer stays fp32)."""
     import torch
 
-    half = 2 ** (bits - 1)
-    scale = x.abs().max(1, keepdim=True).values / (half - 1)
+    h = scale.to(torch.float16).float()
+    ok = (scale.abs() >= 6.103515625e-05) & torch.isfinite(h)
+    return torch.where(ok, h, scale)
+
+
+def symmetric_params(x, bits: int = 8, half: bool = False):
+    """x [rows, block] -> (scale [rows, 1], zero point 2^(bits-1) [rows, 1]): absmax / (2^(bits-1) - 1), as
+    llama.cpp's Q8_0 rounds; the zero point is MatMulNBits' (and GatherBlockQuantized's) default, so a node of
+    this grid carries no zero points (nbits_node with zp None). half: the scale rounded to fp16 first (fp16_grid)
+    and the weights rounded on that grid (the largest may land one step short of 2^(bits-1) - 1 and be clamped)."""
+    import torch
+
+    mid = 2 ** (bits - 1)
+    scale = x.abs().max(1, keepdim=True).values / (mid - 1)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return scale, torch.full_like(scale, half)
+    return (fp16_grid(scale) if half else scale), torch.full_like(scale, mid)
 
 
-def grid_params(x, bits: int, grid: str):
+def grid_params(x, bits: int, grid: str, half: bool = False):
     if grid == "kquant":
         return kquant_params(x, bits)
     if grid == "minmax":
         return minmax_params(x, bits)
     if grid == "symmetric":
-        return symmetric_params(x, bits)
+        return symmetric_params(x, bits, half)
     raise ValueError(f"unknown grid {grid!r} (one of {GRIDS})")
 
 
@@ -96,13 +107,14 @@ def dequant(q, scale, zp, in_features: int, block: int):
     return x.reshape(out, -1)[:, :in_features]
 
 
-def quantize_rtn(w, block: int, bits: int = 4, grid: str = "kquant"):
-    """Every block on its own (the builder's rounding when grid is kquant): (q, scale, zp)."""
+def quantize_rtn(w, block: int, bits: int = 4, grid: str = "kquant", half: bool = False):
+    """Every block on its own (the builder's rounding when grid is kquant): (q, scale, zp). half: the symmetric
+    grid's scales fp16 (symmetric_params)."""
     import torch
 
     out_f = w.shape[0]
     x = _pad(w.float(), block).reshape(-1, block)
-    scale, zp = grid_params(x, bits, grid)
+    scale, zp = grid_params(x, bits, grid, half)
     q = torch.clamp(torch.round(x / scale + zp), 0, 2 ** bits - 1)
     return q.reshape(out_f, -1), scale.reshape(out_f, -1), zp.reshape(out_f, -1)
 
@@ -590,7 +602,7 @@ def _norm_weights(model) -> Dict[Tuple[int, str], str]:
 
 
 def apply(src_path, model_dir, algo: str, block: int, cal_tokens: int = CAL_TOKENS, threads: Optional[int] = None,
-          progress=None, head_block: int = 0, int8_blocks: Sequence[int] = ()) -> Dict[str, Any]:
+          progress=None, head_block: int = 0, int8_blocks: Sequence[int] = (), half: bool = False) -> Dict[str, Any]:
     """Rewrite the builder's decoder MatMuls in model_dir/model.onnx (+ .data) with `algo`'s rounding at `block`:
     4-bit nodes calibrated (AWQ scales and/or GPTQ), 8-bit nodes rounded by k-quant from the same (scaled)
     weights, float MatMuls given the scaled weights, the norms the AWQ scales came out of divided by them. The
@@ -598,8 +610,8 @@ def apply(src_path, model_dir, algo: str, block: int, cal_tokens: int = CAL_TOKE
     tied embedding reading its bytes) re-rounded by k-quant at that block size (fewer scales: SmolLM2's 49152 x
     576 table is 2.2 MB smaller at 64 than at 32). int8_blocks: the 8-bit nodes (and an 8-bit lm_head that
     head_block does not name) rounded symmetric instead (symmetric_int8; from the scaled weights; the layers
-    after them were calibrated on their k-quant rounding, an 8-bit difference). Returns the record (also
-    written to RECORD)."""
+    after them were calibrated on their k-quant rounding, an 8-bit difference), on fp16 scales with half.
+    Returns the record (also written to RECORD)."""
     import json
     import time
 
@@ -731,7 +743,7 @@ def apply(src_path, model_dir, algo: str, block: int, cal_tokens: int = CAL_TOKE
                 return torch.cat([w8[path_of[id(m)]] for m in mods8[node.name]])
             return head_w.data if head_w is not None and node.name.startswith("/lm_head/") else None
 
-        record["int8"] = symmetric_int8(full, weight_of, int8_blocks, drop, add)
+        record["int8"] = symmetric_int8(full, weight_of, int8_blocks, drop, add, half)
         left = sorted(set(mods8) & set(record["int8"]["kept"]))
         if left:   # their builder bytes were rounded from the weights before AWQ's scaling: wrong, not just wider
             raise RuntimeError(f"calibrated build: 8-bit MatMuls not re-rounded after scaling: {left}")
@@ -805,11 +817,12 @@ def _reblock_head(full, model, block: int, drop: set, add: list) -> Dict[str, An
 INT8_NOTE = "8-bit MatMulNBits symmetric (absmax / 127 per block, no zero points: ONNX Runtime's default 128)"
 
 
-def symmetric_int8(full, weight_of: Callable[[Any], Any], blocks: Sequence[int], drop: set, add: list
-                   ) -> Dict[str, Any]:
+def symmetric_int8(full, weight_of: Callable[[Any], Any], blocks: Sequence[int], drop: set, add: list,
+                   half: bool = False) -> Dict[str, Any]:
     """Every 8-bit MatMulNBits of `full` whose float weight weight_of(node) gives ([N, K], torch) re-rounded
     symmetric at the first of `blocks` dividing K (else at its own block), its readers pointed at the new
-    initializers (replace_nbits). Returns {"nodes", "blocks": {block: count}, "kept": names left as they were}."""
+    initializers (replace_nbits); half: on fp16 scales (the file will hold them fp16: llm_graph.half_scales).
+    Returns {"nodes", "blocks": {block: count}, "kept": names left as they were}."""
     from onnx import TensorProto
 
     done: Dict[str, int] = {}
@@ -827,19 +840,19 @@ def symmetric_int8(full, weight_of: Callable[[Any], Any], blocks: Sequence[int],
             kept.append(n.name)
             continue
         b = next((b for b in blocks if K % b == 0), _attr(n, "block_size"))
-        q, sc, _ = quantize_rtn(w, b, 8, "symmetric")
+        q, sc, _ = quantize_rtn(w, b, 8, "symmetric", half)
         replace_nbits(full, n, q.numpy(), sc.numpy(), None, b, drop, add)
         done[str(b)] = done.get(str(b), 0) + 1
     return {"nodes": sum(done.values()), "blocks": done, "kept": kept}
 
 
 def rewrite_int8(src_path, model_dir, blocks: Sequence[int], threads: Optional[int] = None,
-                 model=None) -> Dict[str, Any]:
+                 model=None, half: bool = False) -> Dict[str, Any]:
     """A built model_dir's 8-bit MatMulNBits (lm_head, decoder nodes) re-rounded symmetric from the float model's
     weights (symmetric_int8); model.onnx + model.onnx.data rewritten when any was. A node whose weight the float
     model does not hold as one Linear, a packed q/k/v or gate/up, or half of a fused gate_up_proj (Phi-3's, split
     by the builder: llm_sensitivity.split_weight) is left as it is. model: the float torch model already loaded
-    (the converter's session holds one), else loaded from src_path."""
+    (the converter's session holds one), else loaded from src_path. half: on fp16 scales (symmetric_int8)."""
     import onnx
     import torch
 
@@ -869,7 +882,7 @@ def rewrite_int8(src_path, model_dir, blocks: Sequence[int], threads: Optional[i
     drop: set = set()
     add: list = []
     with torch.no_grad():
-        rec = symmetric_int8(full, weight_of, blocks, drop, add)
+        rec = symmetric_int8(full, weight_of, blocks, drop, add, half)
     if rec["nodes"]:
         _save(full, model_dir, drop, add, ".int8-")
     return rec
@@ -893,6 +906,9 @@ def int8_summary(model_dir) -> Optional[Dict[str, Any]]:
 
     m = onnx.load(str(Path(model_dir) / "model.onnx"), load_external_data=False)
     sizes = initializer_bytes(m)
+    # scales stored fp16 behind a Cast (llm_graph.half_scales): the Cast's input is what the file holds
+    sizes.update({c.output[0]: sizes.get(c.input[0], 0) for c in m.graph.node if c.op_type == "Cast"
+                  and c.input[0] in sizes})
     nodes = [n for n in m.graph.node if n.op_type == "MatMulNBits" and _attr(n, "bits") == 8]
     if not nodes:
         return None
