@@ -36,14 +36,13 @@ def lm_head_step(d: Path, config: dict, threads: int) -> dict:
     from onnx import helper
     from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 
-    from edgekit.convert.llm_graph import _lm_head
+    from edgekit.convert.llm_graph import _lm_head, node_constants
 
     m = onnx.load(str(d / config["model"]["decoder"].get("filename", "model.onnx")), load_external_data=False)
     node, _ = _lm_head(m.graph)
     if node is None:
         return {"why": "no lm_head MatMul found before the logits"}
-    inits = {t.name: t for t in m.graph.initializer}
-    used = [inits[i] for i in node.input if i in inits]
+    casts, used = node_constants(m.graph, node)   # the scales fp16 behind a Cast (llm_graph.half_scales)
     for t in used:
         if uses_external_data(t):
             load_external_data_for_tensor(t, str(d))
@@ -53,7 +52,7 @@ def lm_head_step(d: Path, config: dict, threads: int) -> dict:
         else int(used[0].dims[0])
     x = helper.make_tensor_value_info(node.input[0], onnx.TensorProto.FLOAT, ["n", 1, hidden])
     y = helper.make_tensor_value_info(node.output[0], onnx.TensorProto.FLOAT, None)
-    g = helper.make_graph([node], "lm_head", [x], [y], used)
+    g = helper.make_graph(casts + [node], "lm_head", [x], [y], used)
     one = helper.make_model(g, opset_imports=list(m.opset_import), ir_version=m.ir_version)
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads

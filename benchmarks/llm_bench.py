@@ -79,7 +79,10 @@ from realllm import SMOL_GGUF, SMOL_PKG, smollm2_folder  # noqa: E402  (the test
 
 WORK = ROOT / ".cache" / "llm_bench"
 LLAMA_CPP_VERSION = "0.3.36"
-EDGEKIT_PRECISIONS = ("int4", "int8", "fp32", "int4-plain")
+EDGEKIT_PRECISIONS = ("int4", "int8", "fp32", "int4-plain", "int4-q4km")
+# "int4-q4km": INT4 within llama.cpp Q4_K_M's file bytes (LLMRecipe.max_bytes: the best fidelity that fits), with
+# this calibrated rounding (--budget-algo)
+BUDGET_ALGO = "awq"
 GGUF_TYPES = ("Q4_0", "Q4_K_M", "Q8_0", "F16")
 PAIRS = {"int4": "Q4_0", "int8": "Q8_0", "fp32": "F16"}   # the rows compared in the ratio table
 
@@ -382,37 +385,48 @@ def convert_stamp(target: str) -> str:
     import onnxruntime_genai as og
 
     h = hashlib.sha256(og.__version__.encode())
-    for f in ("edgekit/convert/llm.py", "edgekit/convert/llm_fidelity.py", f"targets/{target}.toml"):
+    for f in ("edgekit/convert/llm.py", "edgekit/convert/llm_fidelity.py", "edgekit/convert/llm_graph.py",
+              "edgekit/convert/llm_gptq.py", "edgekit/convert/llm_sensitivity.py", "edgekit/convert/llm_compat.py",
+              f"targets/{target}.toml"):
         h.update((ROOT / f).read_bytes())
     return h.hexdigest()[:16]
 
 
 def edgekit_builds(folder: Path, name: str, target: str, text: Path, sha: str,
-                   precisions: Sequence[str], reuse: bool = False) -> Dict[str, Dict[str, Any]]:
+                   precisions: Sequence[str], reuse: bool = False, budget: Optional[int] = None,
+                   budget_algo: str = BUDGET_ALGO) -> Dict[str, Dict[str, Any]]:
     """convert_llm per precision with the profile's recipe, floor and ladder. "int4-plain": the profile's INT4
     recipe as it is, no ladder and no floor (what the ladder started from; not a bundle edgekit would ship when
-    it misses the floor: its fidelity is in the table)."""
+    it misses the floor: its fidelity is in the table). "int4-q4km": INT4 with `budget_algo`'s rounding within
+    `budget` bytes (Q4_K_M's file; skipped without it), the profile's floor."""
     from edgekit.convert.llm import LLMRecipe, convert_llm
     from edgekit.convert.llm_fidelity import LLMFloor
     from edgekit.errors import BudgetMissed
 
     out = WORK / "edgekit"
-    stamp = convert_stamp(target)
+    base_stamp = convert_stamp(target)
     rows: Dict[str, Dict[str, Any]] = {}
     for prec in precisions:
         plain = prec.endswith("-plain")
-        p = prec[:-len("-plain")] if plain else prec
-        bname = f"{name}-plain" if plain else name
+        within = prec == "int4-q4km"
+        if within and not budget:
+            say("int4-q4km: no Q4_K_M file to take the byte budget from (add Q4_K_M to --gguf): skipped")
+            continue
+        p = "int4" if within else prec[:-len("-plain")] if plain else prec
+        bname = f"{name}-plain" if plain else f"{name}-q4km" if within else name
         dest = out / f"{bname}-{target}-{p}"
         m = dest / "manifest.json"
         st = out / f"{dest.name}.stamp"
+        stamp = f"{base_stamp}-{budget_algo}-{budget}" if within else base_stamp
         built_with = st.read_text().strip() if st.is_file() else None
         if not (m.is_file() and json.loads(m.read_text()).get("source_sha256") == sha
                 and (reuse or built_with == stamp)):
-            say(f"edgekit convert {folder.name} --target {target} --precision {p}" + (" (no ladder, no floor)"
-                                                                                     if plain else ""))
+            say(f"edgekit convert {folder.name} --target {target} --precision {p}" + (
+                " (no ladder, no floor)" if plain else f" --algo {budget_algo} --max-mb {budget / 1e6}" if within
+                else ""))
             t = time.monotonic()
-            extra = dict(rescue=False, floor=LLMFloor(None, None, None)) if plain else {}
+            extra = (dict(rescue=False, floor=LLMFloor(None, None, None)) if plain else
+                     dict(algo=budget_algo, max_bytes=budget) if within else {})
             try:
                 convert_llm(LLMRecipe(str(folder), (target,), precision=p, name=bname, val=str(text), **extra),
                             str(out))
@@ -429,6 +443,7 @@ def edgekit_builds(folder: Path, name: str, target: str, text: Path, sha: str,
                       "kv_bytes_per_token": man["llm"]["kv_bytes_per_token"],
                       "recipe": {k: man["recipe"].get(k) for k in ("precision", "block_size", "accuracy_level",
                                                                    "algo", "wide_layers", "int8_layers")},
+                      **({"budget_bytes": budget} if within else {}),
                       "rescued_by": man.get("rescued_by"), "created": man.get("created"),
                       "current_converter": built_with == stamp,
                       "convert_fidelity": {k: man["fidelity"].get(k) for k in ("ppl_float", "ppl", "ppl_increase",
@@ -708,7 +723,8 @@ def summarize(rows: List[Dict[str, Any]], bw: Dict[str, Any], cpu_count: int) ->
 
 def ratios(rows: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
     out = []
-    for ek, ll in list(PAIRS.items()) + [("int4", "Q4_K_M"), ("int4-plain", "Q4_0")]:
+    for ek, ll in list(PAIRS.items()) + [("int4", "Q4_K_M"), ("int4-plain", "Q4_0"), ("int4-q4km", "Q4_K_M"),
+                                          ("int4-q4km", "Q4_0")]:
         a, b = rows.get(f"edgekit {ek}"), rows.get(f"llama.cpp {ll}")
         if not a or not b or a.get("failed"):
             continue
@@ -733,6 +749,12 @@ def goals(rows: Dict[str, Dict[str, Any]], ratio_rows: List[Dict[str, Any]]) -> 
                         "met": x["decode_x"] >= 1.0})
             out.append({"goal": f"INT4 prefill >= 1.0x llama.cpp Q4_0 ({at})", "value": round(x["prefill_x"], 3),
                         "met": x["prefill_x"] >= 1.0})
+    q = rows.get("edgekit int4-q4km")
+    if q and not q.get("failed") and k4 and q.get("fidelity") and k4.get("fidelity"):
+        a, b = q["fidelity"]["ppl_increase"], k4["fidelity"]["ppl_increase"]
+        out.append({"goal": "INT4 within Q4_K_M's bytes (int4-q4km): perplexity increase <= Q4_K_M's and model bytes "
+                            "<= its file", "value": [round(a, 4), round(b, 4), q["bytes"], k4["bytes"]],
+                    "met": a <= b and q["bytes"] <= k4["bytes"]})
     if i4 and not i4.get("failed"):
         for s in i4.get("speed", {}).values():
             out.append({"goal": f"INT4 decode >= 70% of the bandwidth bound ({s['threads']} thread(s), prompt "
@@ -828,6 +850,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--eval-tokens", type=int, default=1024)
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--edgekit", default=",".join(EDGEKIT_PRECISIONS), help="edgekit precisions")
+    ap.add_argument("--budget-algo", default=BUDGET_ALGO, choices=["k_quant", "awq", "gptq", "awq_gptq"],
+                    help="the rounding of int4-q4km (INT4 within Q4_K_M's file bytes)")
     ap.add_argument("--gguf", default=",".join(GGUF_TYPES), help="llama.cpp types")
     ap.add_argument("--reuse-builds", action="store_true", help="keep cached edgekit bundles made by an older "
                     "converter (by default they are rebuilt when edgekit/convert/llm*.py or the profile changed)")
@@ -877,13 +901,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     say(f"checkpoint {model['name']}: {src.architecture}, {dims['layers']} layers, hidden {dims['hidden']}, "
         f"vocab {dims['vocab']}; {src.bytes / 2**20:.0f} MB float32 ({model['source']})")
 
-    ek_rows = edgekit_builds(folder, name, target, Path(args.text), sha, ek_precs, reuse=args.reuse_builds)
     tmp = Path(tempfile.mkdtemp(prefix="run-", dir=WORK))
     try:
         py = llama_env(args.llama_cpp_version, Path(args.wheels), args.llama_cmake_args)
         run = Runner(py, tmp)
         ll_info = run("ll_info", {})
         ll_rows = llama_builds(folder, name, py, run, sha, dims, ll_types, args.llama_cpp_version)
+        k4 = ll_rows.get("Q4_K_M") or {}
+        ek_rows = edgekit_builds(folder, name, target, Path(args.text), sha, ek_precs, reuse=args.reuse_builds,
+                                 budget=None if k4.get("failed") else k4.get("bytes"), budget_algo=args.budget_algo)
         rows_by = {f"edgekit {k}": v for k, v in ek_rows.items()}
         rows_by.update({f"llama.cpp {k}": v for k, v in ll_rows.items()})
         rows = list(rows_by.values())

@@ -158,6 +158,7 @@ def _check_two_node_bundle(source, bundle, fac, rec, tmp_path):
     from onnx import helper
 
     from edgekit.convert.llm import LLMBuildOptions, read_source, run_builder, weight_bytes
+    from edgekit.convert.llm_graph import node_constants
     from edgekit.runtime import load
 
     man = json.loads((bundle / "manifest.json").read_text())
@@ -172,7 +173,6 @@ def _check_two_node_bundle(source, bundle, fac, rec, tmp_path):
     assert len(nbits) == sum(n.op_type == "MatMulNBits" for n in plain.graph.node) + 12
     assert weight_bytes(bundle / "model")["weights"] < 0.85 * weight_bytes(plain_dir)["weights"]
     full = onnx.load(str(bundle / "model" / "model.onnx"))
-    init = {t.name: t for t in full.graph.initializer}
     nodes = {n.name: n for n in full.graph.node}
     attrs = lambda n: {x.name: helper.get_attribute_value(x) for x in n.attribute}  # noqa: E731
     first, second = nodes["/model/layers.1/mlp/up_proj/lowrank_A_Q4"], nodes["/model/layers.1/mlp/up_proj/MatMul_Q4"]
@@ -181,9 +181,11 @@ def _check_two_node_bundle(source, bundle, fac, rec, tmp_path):
     assert all(attrs(n)["bits"] == 4 and attrs(n)["block_size"] == 32 and attrs(n)["accuracy_level"] == 4
                for n in (first, second))
     # the pair alone, run by ONNX Runtime, against the float product of the folder's factors
-    g = helper.make_graph([first, second], "pair", [helper.make_tensor_value_info(first.input[0], 1, ["n", 128])],
+    consts = [node_constants(full.graph, n) for n in (first, second)]   # scales fp16 behind Casts (llm_graph)
+    g = helper.make_graph([c for cs, _ in consts for c in cs] + [first, second], "pair",
+                          [helper.make_tensor_value_info(first.input[0], 1, ["n", 128])],
                           [helper.make_tensor_value_info(second.output[0], 1, ["n", 256])],
-                          [init[x] for n in (first, second) for x in n.input[1:] if x in init])
+                          [t for _, ts in consts for t in ts])
     sub = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
     x = np.random.default_rng(1).standard_normal((8, 128)).astype(np.float32)
     sess = ort.InferenceSession(sub.SerializeToString(), providers=["CPUExecutionProvider"])

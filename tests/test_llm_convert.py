@@ -143,6 +143,44 @@ def test_cli_int8_json_and_failed_row(cli, tiny_lm, tiny_val, tmp_path):
     assert r.exit_code == 2 and "language model" in r.stderr
 
 
+def test_byte_budget(cli, tiny_lm, tiny_val, tmp_path):
+    """--max-mb: the INT4 row ships the best fidelity that fits, not the smallest build meeting the floor: the
+    profile's build, then (`budget` rung) the decoder MatMuls ranked most sensitive per weight at INT8 as far as the
+    bytes allow; the bundle stays within the budget. A budget under the profile's build: FAILED, nothing written,
+    exit 1, the reason and the size said. LLM-only options are refused for another model, exit 2."""
+    from edgekit.convert.llm import BUNDLE_MARGIN
+
+    r = cli("convert", tiny_lm, "-t", "x86-avx512-vnni", "--precision", "int4", "--val", tiny_val, "--no-rescue",
+            "-o", tmp_path / "plain", "--json", "-q")
+    assert r.exit_code == 0, r.stderr
+    plain = json.loads(r.stdout)["bundles"][0]
+    budget = plain["bytes"] + BUNDLE_MARGIN + 40_000   # room for a few of the tiny model's MatMuls at INT8
+    r = cli("convert", tiny_lm, "-t", "x86-avx512-vnni", "--precision", "int4", "--val", tiny_val,
+            "--max-mb", str(budget / 1e6), "-o", tmp_path / "b", "--json", "-q")
+    assert r.exit_code == 0, r.stderr
+    row = json.loads(r.stdout)["bundles"][0]
+    assert [s["rung"] for s in row["rescue"]] == ["profile", "budget"] and row["rescued_by"] == "budget"
+    step = row["rescue"][-1]
+    picked = step["options"]["int8_matmuls"]
+    assert picked and len(picked) < 4 * 5 and step["budget_bytes"] == int(budget)
+    per_weight = [d["kl_mean"] / d["params"] for d in step["sensitivity"]]
+    assert per_weight == sorted(per_weight, reverse=True)
+    assert plain["bytes"] < row["bytes"] <= budget
+    assert row["fidelity"]["kl_mean"] < plain["fidelity"]["kl_mean"]
+    m = json.loads((Path(row["path"]) / "manifest.json").read_text())
+    assert m["model"]["bytes"] == row["bytes"] and m["recipe"]["int8_matmuls"] == picked
+    # under the profile's own build: nothing fits
+    r = cli("convert", tiny_lm, "-t", "x86-avx512-vnni", "--precision", "int4", "--val", tiny_val,
+            "--max-mb", str((plain["bytes"] - 1000) / 1e6), "-o", tmp_path / "c")
+    assert r.exit_code == 1 and "over the byte budget" in r.stdout + r.stderr and "--max-mb" in r.stderr
+    assert not (tmp_path / "c" / "tiny-llama-x86-avx512-vnni-int4").exists()
+    for flags in (["--max-mb", "5"], ["--algo", "awq"]):
+        r = cli("convert", tmp_path / "model.onnx", "-t", "rpi5", *flags)
+        assert r.exit_code == 2 and "for language models" in r.stderr, r.stderr
+    r = cli("convert", tiny_lm, "-t", "rpi5", "--max-mb", "0")
+    assert r.exit_code == 2 and "--max-mb" in r.stderr
+
+
 def test_select_fastest(tiny_lm, tiny_val, tmp_path):
     """--select fastest: INT4 block sizes x accuracy levels and INT8 are built and measured; those meeting the
     floor are timed here (this x86 host stands for an x86 target) and the fastest ships, every candidate recorded;
@@ -289,7 +327,8 @@ def test_compact_json(tmp_path):
     bytes; a file that is not JSON, holds a lone surrogate, or is already compact is left as it is."""
     from edgekit.convert.llm import compact_json
 
-    value = {"version": "1.0", "model": {"vocab": {"é": 0, "😀": 1, "Ġthe": 2, "\u0000": 3}, "merges": ["Ġ t", "h e"]},
+    value = {"version": "1.0",
+             "model": {"vocab": {"é": 0, "😀": 1, "Ġthe": 2, "\u0000": 3}, "merges": ["Ġ t", "h e"]},
              "added_tokens": [{"id": 0, "content": "<|endoftext|>", "special": True}], "score": -12.345678901234567}
     p = tmp_path / "tokenizer.json"
     p.write_text(json.dumps(value, indent=2, ensure_ascii=True), encoding="utf-8")
@@ -299,7 +338,8 @@ def test_compact_json(tmp_path):
     assert saved == before - len(raw) > 0 and json.loads(raw) == value
     assert list(json.loads(raw)) == list(value) and "😀".encode() in raw and b"\n" not in raw
     assert compact_json(p) == 0 and p.read_bytes() == raw                       # already compact
-    for text in ("{not json", '{"a": "\\ud800"}'):   # the second: valid JSON, a lone surrogate UTF-8 cannot hold
+    # not JSON; a lone surrogate UTF-8 cannot hold; NaN, a number beyond a double, a key twice: not strict JSON
+    for text in ("{not json", '{"a": "\\ud800"}', '{"a": NaN}', '{"a": 1e400}', '{"a": 1, "a": 2}'):
         p.write_text(text, encoding="utf-8")
         assert compact_json(p) == 0 and p.read_text(encoding="utf-8") == text
     assert compact_json(tmp_path / "missing.json") == 0

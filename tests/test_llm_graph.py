@@ -324,3 +324,85 @@ def test_half_scales_keeps_what_fp16_cannot_hold(tmp_path):
                                 providers=["CPUExecutionProvider"]).run(None, {"x": x})
     for a, b in zip(got, want):
         assert np.array_equal(a, b)
+
+
+def test_half_scales_leaves_what_it_cannot_own(tmp_path):
+    """Only initializers that are nothing but scales: one also listed as a graph input, one whose external bytes a
+    non-scale initializer also names, stay fp32; two scale initializers naming the same bytes are halved once and
+    still share them; exactly representable subnormal scales (fp16_grid's) go fp16. The graph computes as before
+    with the halved values."""
+    import onnx
+    import onnxruntime as ort
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgekit.convert.llm_gptq import fp16_grid
+    from edgekit.convert.llm_graph import half_scales
+
+    rng = np.random.default_rng(4)
+    K, N, block = 64, 8, 32
+    tiny = fp16_grid(torch.tensor([[1e-9, 3e-7], [5e-6, 2e-5]] * (N // 2))).numpy()
+    scales = {"s_in": 0.01 + rng.random((N, 2)).astype(np.float32) * 0.01,
+              "s_shared": np.full((N, 2), 0.02, np.float32), "s_tiny": tiny, "s_a": np.full((N, 2), 0.03125, np.float32)}
+    nodes, inits = [], []
+    for i, sname in enumerate(["s_in", "s_shared", "s_tiny", "s_a", "s_b"]):
+        inits.append(numpy_helper.from_array(rng.integers(0, 256, (N, 2, block // 2), dtype=np.uint8), f"w{i}"))
+        nodes.append(helper.make_node("MatMulNBits", ["x", f"w{i}", sname], [f"y{i}"], domain="com.microsoft",
+                                      K=K, N=N, bits=4, block_size=block, accuracy_level=0))
+    inits += [numpy_helper.from_array(v, k) for k, v in scales.items() if k != "s_in"]
+    inits.append(numpy_helper.from_array(scales["s_a"], "s_b"))
+    inits.append(numpy_helper.from_array(np.full((N, 2), 0.02, np.float32), "other"))   # not a scale
+    nodes.append(helper.make_node("Add", ["other", "other"], ["z"]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, K]),
+                                           helper.make_tensor_value_info("s_in", TensorProto.FLOAT, [N, 2])],
+                              [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, N]) for i in range(5)]
+                              + [helper.make_tensor_value_info("z", TensorProto.FLOAT, [N, 2])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    d = tmp_path / "m"
+    d.mkdir()
+    onnx.save(model, str(d / "model.onnx"), save_as_external_data=True, location="model.onnx.data",
+              size_threshold=0)
+    # make s_shared name other's bytes and s_b name s_a's (what alias_tied_embedding does for a tied table)
+    m = onnx.load(str(d / "model.onnx"), load_external_data=False)
+    by = {t.name: t for t in m.graph.initializer}
+    for a, b in (("s_shared", "other"), ("s_b", "s_a")):
+        del by[a].external_data[:]
+        by[a].external_data.extend(by[b].external_data)
+    onnx.save(m, str(d / "model.onnx"))
+    x = rng.standard_normal((1, K)).astype(np.float32)
+    feeds = {"x": x, "s_in": scales["s_in"]}
+    before = ort.InferenceSession(str(d / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+    r = half_scales(d)
+    assert sorted(r["kept"]) == [("s_shared", "its bytes are also another initializer's")], r
+    assert r["initializers"] == 3 and r["saved_bytes"] == 2 * (N * 2 * 2)   # s_tiny and s_a (s_b shares s_a's)
+    m = onnx.load(str(d / "model.onnx"), load_external_data=False)
+    types = {t.name: t.data_type for t in m.graph.initializer}
+    assert types["s_tiny_fp16"] == types["s_a_fp16"] == types["s_b_fp16"] == TensorProto.FLOAT16
+    assert types["s_shared"] == types["other"] == TensorProto.FLOAT and "s_in" not in types
+    loc = {t.name: {e.key: e.value for e in t.external_data} for t in m.graph.initializer}
+    assert loc["s_a_fp16"] == loc["s_b_fp16"] and loc["s_shared"] == loc["other"]
+    after = ort.InferenceSession(str(d / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)
+    for a, b in zip(before, after):                                       # all these scales were on fp16's grid
+        assert np.array_equal(a, b)
+
+
+def test_fp16_grid():
+    """Scales on fp16's grid: the nearest fp16 value in its normal range, the next one up below it (never a finer
+    step than asked), a value beyond fp16 left as it is; each exactly representable in fp16."""
+    import torch
+
+    from edgekit.convert.llm_gptq import fp16_grid, quantize_rtn
+
+    s = torch.tensor([0.0123456, 1e-4, 6.0e-5, 3e-7, 1e-12, 7e4])
+    g = fp16_grid(s).numpy()
+    assert np.all(g[:5].astype(np.float16).astype(np.float32) == g[:5]) and g[5] == np.float32(7e4)
+    assert abs(g[0] / 0.0123456 - 1) <= 2 ** -11 and abs(g[1] / 1e-4 - 1) <= 2 ** -11
+    assert np.all(g[2:5] >= s[2:5].numpy()) and g[4] == np.float32(np.float16(2 ** -24))
+    w = torch.randn(6, 64) * torch.tensor([1.0, 1e-2, 1e-4, 1e-6, 1e-9, 0.0])[:, None]
+    q, sc, _ = quantize_rtn(w, 32, 8, "symmetric", half=True)
+    assert q.min() >= 1 and q.max() <= 255                                   # never past +-127 around 128
+    assert torch.all(sc.half().float() == sc)
+    deq = (q.reshape(6, 2, 32) - 128) * sc[..., None]
+    assert torch.all((deq.reshape(6, 64) - w).abs() <= 0.5 * sc.repeat_interleave(32, 1) * (1 + 1e-3))

@@ -60,6 +60,12 @@ def _input_shapes(values):
               "0.80, INT8 0.90).")
 @click.option("--max-kl", type=float, help="Language models: fidelity floor, mean KL divergence of the next-token "
               "distributions from float's, nats (default 0.10, INT8 0.01).")
+@click.option("--max-mb", type=float, help="Language models: the bundle's model size at most this many MB (10^6 "
+              "bytes); an INT4 build then fills it with the decoder MatMuls measured most sensitive at INT8 (the best "
+              "fidelity that fits, not the smallest build meeting the floor).")
+@click.option("--algo", type=click.Choice(["k_quant", "rtn", "default", "awq", "gptq", "awq_gptq"]),
+              help="Language models: the INT4 weights' rounding (default: the profile's, k_quant). awq / gptq / "
+              "awq_gptq calibrate on the float model's own text (minutes for a 135M model).")
 @click.option("--val-tokens", type=int, default=1024, show_default=True,
               help="Language models: at most this many tokens of the --val text are measured.")
 @click.option("--no-rescue", is_flag=True, help="Below the floor, fail the artifact instead of trying the "
@@ -88,8 +94,8 @@ def _input_shapes(values):
 @click.pass_context
 def convert(ctx, model, target_names, recipe_path, calib, calib_random, calib_samples, preprocess, val,
             input_shapes, out, name, formats, precision, min_snr, min_agreement, max_accuracy_drop, max_ppl_increase,
-            max_kl, val_tokens, no_rescue, no_mixed_precision, search_budget, search_first, select, device_name,
-            inventory, trust_new_host, compat_check, as_json, quiet, html_report):
+            max_kl, max_mb, algo, val_tokens, no_rescue, no_mixed_precision, search_budget, search_first, select,
+            device_name, inventory, trust_new_host, compat_check, as_json, quiet, html_report):
     """Convert MODEL (.keras, .h5, SavedModel dir, .onnx) into a validated INT8 bundle per target.
 
     Every artifact must meet the fidelity floor (--min-snr, --min-agreement, --max-accuracy-drop);
@@ -100,6 +106,7 @@ def convert(ctx, model, target_names, recipe_path, calib, calib_random, calib_sa
     if llm_convert.is_language_model(model):   # a Hugging Face causal LM folder: the LLM bundle path
         return llm_convert.convert_language_model(ctx, ctx.params)
     llm_convert.refuse_llm_precision(model, precision)
+    llm_convert.refuse_llm_options(ctx, model)
     from edgekit.convert import convert as run_convert
     from edgekit.errors import BudgetMissed
     from edgekit.progress import Progress

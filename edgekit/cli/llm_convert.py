@@ -24,6 +24,19 @@ def is_language_model(model) -> bool:
     return bool(model) and is_hf_causal_lm(model)
 
 
+# options that only a language model takes (named if given for another model)
+_LLM_ONLY = ("max_ppl_increase", "max_kl", "max_mb", "algo", "val_tokens")
+
+
+def refuse_llm_options(ctx, model) -> None:
+    from click.core import ParameterSource
+
+    given = [k for k in _LLM_ONLY if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE]
+    if given:
+        raise click.UsageError(f"--{given[0].replace('_', '-')} is for language models (a Hugging Face model "
+                               f"folder); {model or 'this model'} is not one")
+
+
 def refuse_llm_precision(model, precision) -> None:
     """int4 / fp32 are language-model precisions: said in one line for any other model."""
     if precision in ("int4", "fp32"):
@@ -67,9 +80,12 @@ def convert_language_model(ctx, p) -> None:
             min_agreement=p["min_agreement"] if "min_agreement" in given else INT8_FLOOR.min_agreement)
     except ValueError as e:
         raise click.UsageError(f"fidelity floor: {e}") from None
+    if p["max_mb"] is not None and not p["max_mb"] > 0:
+        raise click.BadParameter(f"{p['max_mb']}: a size in MB above 0", param_hint="--max-mb")
     recipe = LLMRecipe(model=p["model"], targets=tuple(p["target_names"]), precision=precision, name=p["name"],
                        val=p["val"], val_tokens=p["val_tokens"], floor=floor, int8_floor=int8_floor,
-                       rescue=not p["no_rescue"], select=p["select"])
+                       rescue=not p["no_rescue"], select=p["select"], algo=p["algo"],
+                       max_bytes=None if p["max_mb"] is None else int(p["max_mb"] * 1e6))
     timer = None
     if p.get("device_name"):   # checked before any work: --select fastest, and a device of one of the targets
         from edgekit.cli.common import _device_timer

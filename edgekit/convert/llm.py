@@ -401,24 +401,35 @@ def run_builder(src: LMSource, opts: LLMBuildOptions, out_dir: Path, cache: Path
     return buf.getvalue()
 
 
+def _strict_object(pairs):
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        raise ValueError("a key given twice")
+    return d
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not JSON")
+
+
 def compact_json(path: Path) -> int:
     """Rewrite a JSON file (the checkpoint's tokenizer.json, which the tokenizers library writes indented: SmolLM2's
     3.5 MB is 1.6 MB without the whitespace) as the same JSON value with no whitespace between tokens, keys in
-    their order, non-ASCII text as UTF-8; returns the bytes saved (0, file untouched, where it is missing, not
-    JSON, holds text UTF-8 cannot (an escaped lone surrogate), or is no smaller)."""
-    try:
-        raw = path.read_bytes()
-        out = json.dumps(json.loads(raw.decode("utf-8-sig")), ensure_ascii=False,
-                         separators=(",", ":")).encode("utf-8")
-    except (OSError, UnicodeError, ValueError):
-        return 0
-    if len(out) >= len(raw):
-        return 0
+    their order, non-ASCII text as UTF-8; returns the bytes saved. 0, the file untouched, where it is missing or
+    unwritable, is not strict JSON (NaN, a number beyond a double, a key given twice: what a reader might take
+    otherwise), holds text UTF-8 cannot (an escaped lone surrogate), nests too deep, or is no smaller."""
     tmp = path.with_name("." + path.name + ".tmp")
     try:
+        raw = path.read_bytes()
+        value = json.loads(raw.decode("utf-8-sig"), object_pairs_hook=_strict_object, parse_constant=_no_constant)
+        out = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+        if len(out) >= len(raw):
+            return 0
         tmp.write_bytes(out)
         os.chmod(tmp, path.stat().st_mode & 0o777)
         os.replace(tmp, path)
+    except (OSError, UnicodeError, ValueError, RecursionError):
+        return 0
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -480,6 +491,7 @@ class LLMRecipe:
     block_size: Optional[int] = None       # overrides the profiles' llm.block_size
     accuracy_level: Optional[int] = None   # overrides the profiles' llm.accuracy_level
     algo: Optional[str] = None             # overrides the profiles' llm.algo (k_quant, rtn, default, awq, gptq...)
+    max_bytes: Optional[int] = None        # model bytes a bundle may have: INT4 fills them with INT8 MatMuls (_walk)
 
     def __post_init__(self) -> None:
         if self.precision is not None and self.precision not in PRECISIONS:
@@ -494,6 +506,9 @@ class LLMRecipe:
                                hint="one of " + ", ".join(LLM_ALGOS))
         if self.select not in ("profile", "fastest"):
             raise EdgekitError(f"select {self.select!r}: profile or fastest")
+        if self.max_bytes is not None and self.max_bytes <= BUNDLE_MARGIN:
+            raise EdgekitError(f"a byte budget of {self.max_bytes} B holds no language model",
+                               hint="--max-mb takes the bundle's model size in MB (10^6 bytes), e.g. 105.5")
         if self.val_tokens < 32 or self.window < 16:
             raise EdgekitError("val_tokens must be at least 32 and window at least 16")
 
@@ -736,12 +751,24 @@ def _ort_errors() -> Tuple[type, ...]:
                                           "NotImplemented", "NoSuchFile", "InvalidProtobuf") if hasattr(st, n))
 
 
-def _step(rung: str, opts: LLMBuildOptions, rec: Dict[str, Any], floor: LLMFloor) -> Dict[str, Any]:
+# what the bundle adds to a build's folder (generation_config.json, the relaid chat template, the pruned lm_head's
+# Gather: ~1 KB for SmolLM2), kept free under a byte budget
+BUNDLE_MARGIN = 65536
+
+
+def _over_budget(rec: Dict[str, Any], max_bytes: Optional[int]) -> List[str]:
+    if not max_bytes or "bytes" not in rec or rec["bytes"] + BUNDLE_MARGIN <= max_bytes:
+        return []
+    return [f"{rec['bytes'] / 1e6:.1f} MB > the budget's {max_bytes / 1e6:.1f} MB"]
+
+
+def _step(rung: str, opts: LLMBuildOptions, rec: Dict[str, Any], floor: LLMFloor,
+          max_bytes: Optional[int] = None) -> Dict[str, Any]:
     d = {"rung": rung, "what": opts.describe(), "options": dataclasses.asdict(opts),
          "seconds": round(rec.get("seconds", 0.0), 2), "error": rec.get("error")}
     if "metrics" in rec:
         m = rec["metrics"]
-        misses = floor.misses(m)
+        misses = floor.misses(m) + _over_budget(rec, max_bytes)
         d.update(ppl=m["ppl"], ppl_increase=m["ppl_increase"], kl_mean=m["kl_mean"],
                  top1_agreement=m["top1_agreement"], bytes=rec["bytes"], misses=misses, meets=not misses)
     else:
@@ -764,7 +791,7 @@ def _ladder(s: _Session, base: LLMBuildOptions):
 
 def _try(s: _Session, row: LLMRow, rung: str, opts: LLMBuildOptions, **extra) -> Tuple[Dict[str, Any], bool]:
     rec = s.build(opts)
-    step = dict(_step(rung, opts, rec, row.floor or s.floor), **extra)
+    step = dict(_step(rung, opts, rec, row.floor or s.floor, s.recipe.max_bytes), **extra)
     row.rescue.append(step)
     s.progress.say(f"  [{row.target}] rescue: {opts.describe()}: "
                    + ("meets the floor" if step["meets"] else (rec.get("error") or "; ".join(step["misses"]))))
@@ -782,7 +809,9 @@ def _walk(s: _Session, row: LLMRow, base: LLMBuildOptions) -> Optional[Tuple[LLM
     activations at accuracy level 4: llm_actquant) left unquantized, then block 16 (llm_actquant.INT8_RUNGS)."""
     row.floor = s.recipe.floor_for(base.precision)
     rec = s.build(base)
-    row.rescue.append(_step("profile", base, rec, row.floor))
+    row.rescue.append(_step("profile", base, rec, row.floor, s.recipe.max_bytes))
+    if base.precision == "int4" and s.recipe.max_bytes and s.recipe.rescue and "error" not in rec:
+        return _walk_budget(s, row, base, rec)
     if row.rescue[-1]["meets"]:
         return base, rec
     if base.precision == "int8" and s.recipe.rescue:
@@ -818,10 +847,78 @@ def _walk(s: _Session, row: LLMRow, base: LLMBuildOptions) -> Optional[Tuple[LLM
     opts = LLMBuildOptions("int8", base.execution_provider, base.block_size, base.accuracy_level, base.algo,
                            True, True)
     rec = s.build(opts)
-    row.rescue.append(_step("int8", opts, rec, row.floor))
+    row.rescue.append(_step("int8", opts, rec, row.floor, s.recipe.max_bytes))
     if row.rescue[-1]["meets"]:
         return opts, rec
     return None
+
+
+def int8_costs(model_dir: Path, opts: LLMBuildOptions) -> Dict[str, int]:
+    """Bytes each 4-bit decoder MatMulNBits of a build (by node name without its _Q4 suffix) would add to the file
+    as the 8-bit node the build would write for it: symmetric at the first of opts.int8_blocks() dividing K (else
+    its own block; asymmetric with a zero-point byte per block where the builder's 8-bit nodes stay), scales fp16
+    or fp32 as opts stores them."""
+    import onnx
+
+    from edgekit.convert.llm_gptq import _attr
+
+    m = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
+    sizes = initializer_bytes(m)
+    sizes.update({c.output[0]: sizes[c.input[0]] for c in m.graph.node if c.op_type == "Cast" and c.input[0] in sizes})
+    blocks, scale = opts.int8_blocks(), 2 if opts.fp16_scales() else 4
+    out: Dict[str, int] = {}
+    for n in m.graph.node:
+        if n.op_type != "MatMulNBits" or _attr(n, "bits") != 4:
+            continue
+        K, N, own = _attr(n, "K"), _attr(n, "N"), _attr(n, "block_size")
+        b = next((b for b in blocks if K % b == 0), own)
+        nb = -(-K // b)
+        now = sum(sizes.get(x, 0) for x in list(n.input)[1:4] if x)
+        out[re.sub(r"_Q\d+$", "", n.name)] = N * nb * (b + scale + (0 if blocks else 1)) - now
+    return out
+
+
+def _walk_budget(s: _Session, row: LLMRow, base: LLMBuildOptions, rec: Dict[str, Any]
+                 ) -> Optional[Tuple[LLMBuildOptions, Dict[str, Any]]]:
+    """INT4 under a byte budget (recipe.max_bytes): the best fidelity that fits, not the smallest build meeting the
+    floor. After the profile's build (and `wide` where the profile had not), the `budget` rung: the decoder MatMuls
+    measured most sensitive per weight (as the `matmuls` rungs rank them) at INT8, in that order, as many as the
+    bytes left allow (int8_costs; a MatMul too big for what is left is skipped for smaller ones after it); built,
+    and one MatMul fewer at a time while the build is over the budget. Shipped when it fits and meets the floor."""
+    from edgekit.convert.llm_sensitivity import short_name
+
+    budget = s.recipe.max_bytes
+    cur = base
+    for rung, opts in _ladder(s, base):
+        r, _ = _try(s, row, rung, opts)
+        if "error" not in r:
+            cur, rec = opts, r
+    if _over_budget(rec, budget):
+        return None   # the INT8 MatMuls only add bytes: the row's reason names the profile build's size
+    best = (cur, rec) if row.rescue[-1]["meets"] else None
+    if not s.matmuls:
+        return best
+    ranking, calibration = s.matmul_sensitivity(cur.block_size, builder_algo(cur.algo))
+    costs = int8_costs(rec["dir"], cur)
+    left = budget - BUNDLE_MARGIN - rec["bytes"]
+    names: List[str] = []
+    for d in ranking:
+        c = costs.get(d["name"])
+        if c is not None and 0 < c <= left and d["kl_mean"] > 0:
+            names.append(d["name"])
+            left -= c
+    total = sum(d["params"] for d in ranking)
+    while names:
+        opts = dataclasses.replace(cur, int8_matmuls=tuple(sorted(names)))
+        chosen = [dict(d, name=short_name(d["name"])) for d in ranking if d["name"] in names]
+        r, ok = _try(s, row, "budget", opts, calibration=calibration, budget_bytes=budget,
+                     int8_weights=sum(d["params"] for d in chosen) / total if total else 0.0, sensitivity=chosen)
+        if "error" in r:
+            return best
+        if not _over_budget(r, budget):
+            return (opts, r) if ok else best
+        names.pop()   # the estimate was short: the least sensitive of those picked goes back to INT4
+    return best
 
 
 def _walk_int8(s: _Session, row: LLMRow, base: LLMBuildOptions) -> Optional[Tuple[LLMBuildOptions, Dict[str, Any]]]:
@@ -1237,6 +1334,8 @@ def convert_llm(recipe: LLMRecipe, out: str = "build", *, progress: Optional[Pro
                            hint=f"report {result.report_path}, log {log_path}" + (
                                "; loosen the floor (--max-ppl-increase, --max-kl, --min-agreement) or use --precision "
                                "int8" if worst.reason.startswith("below the floor") else
+                               "; raise --max-mb, or loosen the floor"
+                               if worst.reason.startswith("over the byte budget") else
                                ": the log holds the builder's traceback (an architecture or configuration this "
                                "onnxruntime-genai builder does not handle)"))
     return result
@@ -1259,7 +1358,9 @@ def _convert(recipe: LLMRecipe, src: LMSource, plans, out_dir: Path, name: str, 
             if found is None:
                 last = next((st for st in reversed(row.rescue) if st.get("misses") or st.get("error")), row.rescue[-1])
                 first = row.rescue[0]
-                row.reason = (("below the floor: " if first.get("misses") else "build failed: ")
+                misses = first.get("misses") or []
+                row.reason = (("over the byte budget: " if misses and all("budget" in x for x in misses) else
+                               "below the floor: " if misses else "build failed: ")
                               + "; ".join(first.get("misses") or [first.get("error") or "?"])
                               + ("" if len(row.rescue) == 1 else f" (ladder: {len(row.rescue) - 1} rung(s), "
                                  f"none met it; last: {'; '.join(last.get('misses') or [last.get('error') or '?'])})"))
@@ -1282,6 +1383,10 @@ def _convert(recipe: LLMRecipe, src: LMSource, plans, out_dir: Path, name: str, 
                 row.fidelity = dict(rec["metrics"])
                 try:
                     _write_bundle(s, row, t, chosen, rec, dest)
+                    if recipe.max_bytes and row.bytes > recipe.max_bytes:   # BUNDLE_MARGIN was too small
+                        shutil.rmtree(dest, ignore_errors=True)
+                        row.ok, row.reason = False, (f"over the byte budget: the bundle is {row.bytes / 1e6:.3f} MB > "
+                                                     f"{recipe.max_bytes / 1e6:.3f} MB")
                 except EdgekitError as e:
                     row.ok, row.reason = False, str(e)
             row.seconds = time.monotonic() - t0

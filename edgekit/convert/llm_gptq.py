@@ -68,20 +68,26 @@ def kquant_params(x, bits: int = 4):
 
 
 def fp16_grid(scale):
-    """Scales rounded to the nearest fp16 value where fp16 holds them as normal numbers (llm_graph.half_scales
-    then stores them fp16 without changing them), else left as they are (that initializer stays fp32)."""
+    """Positive scales on fp16's grid, so llm_graph.half_scales stores them fp16 exactly: the nearest fp16 value in
+    its normal range (relative change <= 2^-11), the next fp16 value up below it (a subnormal or the smallest one:
+    never a finer step than asked, so no weight leaves the integer range); above fp16's range, left as they are
+    (that initializer then stays fp32)."""
     import torch
 
-    h = scale.to(torch.float16).float()
-    ok = (scale.abs() >= 6.103515625e-05) & torch.isfinite(h)
-    return torch.where(ok, h, scale)
+    a = scale.detach().float().cpu().numpy()
+    h = a.astype(np.float16)
+    low = h.astype(np.float32) < a
+    tiny = (np.abs(a) < 6.103515625e-05) & low
+    h[tiny] = np.nextafter(h[tiny], np.float16(np.inf))
+    ok = np.isfinite(h) & (a > 0)
+    return torch.from_numpy(np.where(ok, h.astype(np.float32), a)).to(scale.dtype)
 
 
 def symmetric_params(x, bits: int = 8, half: bool = False):
     """x [rows, block] -> (scale [rows, 1], zero point 2^(bits-1) [rows, 1]): absmax / (2^(bits-1) - 1), as
     llama.cpp's Q8_0 rounds; the zero point is MatMulNBits' (and GatherBlockQuantized's) default, so a node of
-    this grid carries no zero points (nbits_node with zp None). half: the scale rounded to fp16 first (fp16_grid)
-    and the weights rounded on that grid (the largest may land one step short of 2^(bits-1) - 1 and be clamped)."""
+    this grid carries no zero points (nbits_node with zp None). half: the scale put on fp16's grid first
+    (fp16_grid) and the weights rounded on it (the largest lands within 2^-11 of 2^(bits-1) - 1 steps)."""
     import torch
 
     mid = 2 ** (bits - 1)

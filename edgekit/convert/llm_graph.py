@@ -329,14 +329,18 @@ def unpruned(model_dir: os.PathLike):
 #
 #     weight_scale (fp16, in model.onnx.data) ──▶ Cast(to float) ──▶ MatMulNBits / GatherBlockQuantized scales
 #
-# ONNX Runtime constant-folds the Cast when the session is created, before MatMulNBits prepacks its weights and
-# scales, so the kernels run on the same fp32 values as a file holding them in fp32: decode speed is unchanged
-# (checked on a 30-node chain, 576 x 1536 at block 32, outputs bit-identical to the fp32 file holding the same
-# values) and only the file and what it maps are smaller. The values change once, at the rewrite, by rounding each
-# scale to fp16 (relative error <= 2^-11, a thousandth of a 4-bit step); the converter measures fidelity and the
-# golden logits on the rewritten graph. A scale fp16 cannot hold within that (below fp16's normal range, 6.1e-5,
-# or above 65504) keeps its initializer fp32. Only initializers read solely as MatMulNBits' / GatherBlockQuantized's
-# scales are touched; an fp16 build's scales are already fp16.
+# ONNX Runtime constant-folds the Cast when the session is created (graph optimizations on, its default and ORT
+# GenAI's), before MatMulNBits prepacks its weights and scales, so the kernels run on the same fp32 values as a file
+# holding them in fp32: decode speed is unchanged (checked on a 30-node chain, 576 x 1536 at block 32, outputs
+# bit-identical to the fp32 file holding the same values) and only the file and what it maps are smaller. Scales
+# already on fp16's grid (llm_gptq.fp16_grid: the symmetric 8-bit nodes edgekit rounds) are stored exactly; others
+# are rounded to fp16 (relative error <= 2^-11: a weight moves by at most |q - zero point| x 2^-11 of its step,
+# 0.7% of a 4-bit one), and the converter measures fidelity and the golden logits on the rewritten graph. An
+# initializer with a scale fp16 holds neither exactly nor within that (below its normal range, 6.1e-5, or above
+# 65504) stays fp32 (that node's scales, all of them). Only initializers read solely as MatMulNBits' /
+# GatherBlockQuantized's scales, named once, not graph inputs or outputs, whose external bytes no other
+# initializer shares (aliases among the scales themselves stay aliases), are touched; an fp16 build's scales are
+# fp16 already. A graph with an external tensor this module cannot place (no length) is left as it is.
 HALF_NOTE = "MatMulNBits scales stored fp16 in the file, read through a Cast ONNX Runtime folds at load"
 _SCALE_INPUT = {"MatMulNBits": 2, "GatherBlockQuantized": 2}
 _FP16_MIN_NORMAL = 6.103515625e-05
@@ -353,6 +357,21 @@ def _read_external(model_dir: Path, t) -> bytes:
     return b
 
 
+def node_constants(graph, node) -> Tuple[List[Any], List[Any]]:
+    """What a node reads that is constant, to run it alone: (the Cast nodes between an initializer and the node,
+    the initializers), following half_scales' Cast back to the fp16 initializer."""
+    inits = {t.name: t for t in graph.initializer}
+    cast = {n.output[0]: n for n in graph.node if n.op_type == "Cast" and n.input and n.input[0] in inits}
+    nodes, tensors = [], []
+    for x in node.input:
+        if x in inits:
+            tensors.append(inits[x])
+        elif x in cast:
+            nodes.append(cast[x])
+            tensors.append(inits[cast[x].input[0]])
+    return nodes, tensors
+
+
 def half_scales(model_dir: os.PathLike) -> Dict[str, Any]:
     """Store the fp32 scales of model_dir's MatMulNBits / GatherBlockQuantized nodes as fp16 behind a Cast (see
     above). Rewrites model.onnx and model.onnx.data (new files beside, then renamed over; initializers that name
@@ -366,32 +385,57 @@ def half_scales(model_dir: os.PathLike) -> Dict[str, Any]:
     path = model_dir / "model.onnx"
     model = onnx.load(str(path), load_external_data=False)
     g = model.graph
+    nothing = {"initializers": 0, "saved_bytes": 0, "kept": [], "note": None}
+    if any(t.data_location == TensorProto.EXTERNAL and _location(t) is None for t in g.initializer):
+        return dict(nothing, kept=[(None, "an external initializer without a length: the graph is left as it is")])
     inits = {t.name: t for t in g.initializer}
+    count: Dict[str, int] = {}
+    for t in g.initializer:
+        count[t.name] = count.get(t.name, 0) + 1
     readers: Dict[str, List[Tuple[str, int]]] = {}
     for n in g.node:
         for i, x in enumerate(n.input):
             readers.setdefault(x, []).append((n.op_type, i))
-    graph_outputs = {o.name for o in g.output}
+    interface = {o.name for o in g.output} | {i.name for i in g.input}
+    sharers: Dict[Tuple[str, int, int], List[str]] = {}
+    for t in g.initializer:
+        if _location(t) is not None:
+            sharers.setdefault(_location(t), []).append(t.name)
     targets: List[str] = []
     for name, uses in readers.items():
         t = inits.get(name)
-        if t is None or t.data_type != TensorProto.FLOAT or name in graph_outputs:
+        if t is None or t.data_type != TensorProto.FLOAT or name in interface or count[name] > 1:
             continue
         if all(_SCALE_INPUT.get(op) == i for op, i in uses):
             targets.append(name)
+    is_target = set(targets)
     kept: List[Tuple[str, str]] = []
     new_data: Dict[str, bytes] = {}
     for name in targets:
         t = inits[name]
-        raw = _read_external(model_dir, t) if _location(t) else None
+        loc = _location(t)
+        if loc is not None and not all(x in is_target for x in sharers[loc]):
+            kept.append((name, "its bytes are also another initializer's"))
+            continue
+        raw = _read_external(model_dir, t) if loc else None
         a = (np.frombuffer(raw, dtype="<f4") if raw is not None else onnx.numpy_helper.to_array(t)).reshape(-1)
+        h = a.astype("<f2")
         mag = np.abs(a)
-        if not np.all(np.isfinite(a)) or np.any((mag > 0) & (mag < _FP16_MIN_NORMAL)) or np.any(mag > 65504):
+        exact = h.astype(np.float32) == a
+        if not np.all(exact | (np.isfinite(a) & ((mag == 0) | (mag >= _FP16_MIN_NORMAL)) & (mag <= 65504))):
             kept.append((name, "a scale outside fp16's normal range"))
             continue
-        new_data[name] = a.astype("<f2").tobytes()
+        new_data[name] = h.tobytes()
+    is_target = set(new_data)
+    for loc, names in sharers.items():   # aliases among the scales: all of them halved, or none
+        if any(x in is_target for x in names) and not all(x in is_target for x in names):
+            for x in names:
+                if new_data.pop(x, None) is not None:
+                    kept.append((x, "its bytes are also another initializer's"))
     if not new_data:
-        return {"initializers": 0, "saved_bytes": 0, "kept": kept, "note": None}
+        return dict(nothing, kept=kept)
+    taken = set(inits) | set(readers) | interface | {v.name for v in g.value_info} | {
+        o for n in g.node for o in n.output}
 
     # every initializer's bytes into a new data file: the halved ones converted, aliases kept as aliases
     tmp = Path(tempfile.mkdtemp(prefix=".half-", dir=str(model_dir)))
@@ -414,13 +458,14 @@ def half_scales(model_dir: os.PathLike) -> Dict[str, Any]:
             for t in g.initializer:
                 loc = _location(t)
                 if t.name in new_data:
-                    before = _nbytes(t) if loc else len(t.raw_data) or 4 * len(t.float_data)
-                    if loc and loc in moved:   # an alias of a halved initializer: not expected, kept safe
-                        raise ValueError(f"{t.name}: names bytes another scale initializer holds")
-                    start, n = put(new_data[t.name])
-                    if loc:
-                        moved[loc] = (start, n)
-                    saved += before - n
+                    if loc and loc in moved:   # an alias of a scale halved just before: the same new bytes
+                        start, n = moved[loc]
+                    else:
+                        before = _nbytes(t) if loc else 4 * int(np.prod(list(t.dims), dtype=np.int64))
+                        start, n = put(new_data[t.name])
+                        if loc:
+                            moved[loc] = (start, n)
+                        saved += before - n
                     t.data_type = TensorProto.FLOAT16
                     t.ClearField("raw_data")
                     t.ClearField("float_data")
@@ -440,8 +485,9 @@ def half_scales(model_dir: os.PathLike) -> Dict[str, Any]:
         casts = []
         for name in new_data:
             half = name + "_fp16"
-            while half in inits or half in readers:
+            while half in taken:
                 half += "_"
+            taken.add(half)
             inits[name].name = half
             casts.append(helper.make_node("Cast", [half], [name], name=f"{name}/Cast", to=TensorProto.FLOAT))
         nodes = casts + list(g.node)
@@ -500,4 +546,5 @@ def scales_summary(model_dir: os.PathLike) -> Optional[Dict[str, Any]]:
     return out
 
 __all__ = ["alias_tied_embedding", "embedding_summary", "half_scales", "initializer_bytes", "lm_head_pruned",
-           "prune_lm_head", "save_with_data", "scales_summary", "unpruned", "HALF_NOTE", "NOTE", "PRUNE_NOTE"]
+           "node_constants", "prune_lm_head", "save_with_data", "scales_summary", "unpruned", "HALF_NOTE", "NOTE",
+           "PRUNE_NOTE"]
