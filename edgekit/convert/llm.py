@@ -759,7 +759,8 @@ BUNDLE_MARGIN = 65536
 def _over_budget(rec: Dict[str, Any], max_bytes: Optional[int]) -> List[str]:
     if not max_bytes or "bytes" not in rec or rec["bytes"] + BUNDLE_MARGIN <= max_bytes:
         return []
-    return [f"{rec['bytes'] / 1e6:.1f} MB > the budget's {max_bytes / 1e6:.1f} MB"]
+    return [f"{rec['bytes'] / 1e6:.3f} MB > the budget's {max_bytes / 1e6:.3f} MB (with {BUNDLE_MARGIN} B kept for "
+            "the bundle's own files)"]
 
 
 def _step(rung: str, opts: LLMBuildOptions, rec: Dict[str, Any], floor: LLMFloor,
