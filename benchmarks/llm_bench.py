@@ -419,8 +419,10 @@ def edgekit_builds(folder: Path, name: str, target: str, text: Path, sha: str,
         st = out / f"{dest.name}.stamp"
         stamp = f"{base_stamp}-{budget_algo}-{budget}" if within else base_stamp
         built_with = st.read_text().strip() if st.is_file() else None
+        # --reuse-builds keeps an older converter's bundle, never one made for another budget or rounding
+        reusable = reuse and (not within or (built_with or "").endswith(f"-{budget_algo}-{budget}"))
         if not (m.is_file() and json.loads(m.read_text()).get("source_sha256") == sha
-                and (reuse or built_with == stamp)):
+                and (reusable or built_with == stamp)):
             say(f"edgekit convert {folder.name} --target {target} --precision {p}" + (
                 " (no ladder, no floor)" if plain else f" --algo {budget_algo} --max-mb {budget / 1e6}" if within
                 else ""))

@@ -181,6 +181,27 @@ def test_byte_budget(cli, tiny_lm, tiny_val, tmp_path):
     assert r.exit_code == 2 and "--max-mb" in r.stderr
 
 
+def test_byte_budget_checked_before_a_bundle_is_replaced(tiny_lm, tiny_val, tmp_path, monkeypatch):
+    """A bundle whose files come out over the budget (the margin kept for them made too small here) is not
+    written, and the bundle already at its path stays as it was."""
+    from edgekit.convert import llm as llm_mod
+    from edgekit.convert.llm import LLMRecipe, convert_llm
+    from edgekit.errors import BudgetMissed
+
+    res = convert_llm(LLMRecipe(str(tiny_lm), ("x86-avx2",), precision="int4", val=str(tiny_val), rescue=False),
+                      str(tmp_path))
+    row = res.bundles[0]
+    assert row.ok
+    before = {f.name: sha256_file(f) for f in (row.path / "model").iterdir()}
+    monkeypatch.setattr(llm_mod, "BUNDLE_MARGIN", 0)
+    with pytest.raises(BudgetMissed) as e:
+        convert_llm(LLMRecipe(str(tiny_lm), ("x86-avx2",), precision="int4", val=str(tiny_val), rescue=False,
+                              max_bytes=row.rescue[0]["bytes"]), str(tmp_path))
+    assert "over the byte budget: the bundle would be" in str(e.value) and "--max-mb" in e.value.hint
+    assert {f.name: sha256_file(f) for f in (row.path / "model").iterdir()} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 def test_select_fastest(tiny_lm, tiny_val, tmp_path):
     """--select fastest: INT4 block sizes x accuracy levels and INT8 are built and measured; those meeting the
     floor are timed here (this x86 host stands for an x86 target) and the fastest ships, every candidate recorded;

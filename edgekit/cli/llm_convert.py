@@ -9,6 +9,7 @@ agreement, and --select fastest --device NAME times the candidates' decode speed
 from __future__ import annotations
 
 import json
+import math
 
 import click
 
@@ -80,7 +81,7 @@ def convert_language_model(ctx, p) -> None:
             min_agreement=p["min_agreement"] if "min_agreement" in given else INT8_FLOOR.min_agreement)
     except ValueError as e:
         raise click.UsageError(f"fidelity floor: {e}") from None
-    if p["max_mb"] is not None and not p["max_mb"] > 0:
+    if p["max_mb"] is not None and not (math.isfinite(p["max_mb"]) and p["max_mb"] > 0):
         raise click.BadParameter(f"{p['max_mb']}: a size in MB above 0", param_hint="--max-mb")
     recipe = LLMRecipe(model=p["model"], targets=tuple(p["target_names"]), precision=precision, name=p["name"],
                        val=p["val"], val_tokens=p["val_tokens"], floor=floor, int8_floor=int8_floor,

@@ -889,14 +889,14 @@ def _walk_budget(s: _Session, row: LLMRow, base: LLMBuildOptions, rec: Dict[str,
     from edgekit.convert.llm_sensitivity import short_name
 
     budget = s.recipe.max_bytes
-    cur = base
-    for rung, opts in _ladder(s, base):
-        r, _ = _try(s, row, rung, opts)
-        if "error" not in r:
-            cur, rec = opts, r
+    cur, cur_ok = base, row.rescue[-1]["meets"]
     if _over_budget(rec, budget):
         return None   # the INT8 MatMuls only add bytes: the row's reason names the profile build's size
-    best = (cur, rec) if row.rescue[-1]["meets"] else None
+    for rung, opts in _ladder(s, base):
+        r, ok = _try(s, row, rung, opts)
+        if "error" not in r and not _over_budget(r, budget):
+            cur, rec, cur_ok = opts, r, ok
+    best = (cur, rec) if cur_ok else None
     if not s.matmuls:
         return best
     ranking, calibration = s.matmul_sensitivity(cur.block_size, builder_algo(cur.algo))
@@ -918,7 +918,10 @@ def _walk_budget(s: _Session, row: LLMRow, base: LLMBuildOptions, rec: Dict[str,
             return best
         if not _over_budget(r, budget):
             return (opts, r) if ok else best
-        names.pop()   # the estimate was short: the least sensitive of those picked goes back to INT4
+        # the estimate was short: the least sensitive of those picked go back to INT4 until their costs cover it
+        over = r["bytes"] + BUNDLE_MARGIN - budget
+        while names and over > 0:
+            over -= costs[names.pop()]
     return best
 
 
@@ -1049,6 +1052,10 @@ def _write_bundle(s: _Session, row: LLMRow, t: TargetProfile, opts: LLMBuildOpti
         write_json_atomic(tmp / "golden.json", gold)
         files = {f.relative_to(mdir).as_posix(): {"sha256": sha256_file(f), "bytes": f.stat().st_size}
                  for f in sorted(mdir.rglob("*")) if f.is_file()}
+        total = sum(f["bytes"] for f in files.values())
+        if s.recipe.max_bytes and total > s.recipe.max_bytes:   # BUNDLE_MARGIN too small: a bundle at dest stays
+            raise EdgekitError(f"over the byte budget: the bundle would be {total / 1e6:.3f} MB > "
+                               f"{s.recipe.max_bytes / 1e6:.3f} MB")
         kv_bytes = 2 * int(dims["layers"]) * dims["kv_heads"] * dims["head_dim"] * (
             2 if t.llm.kv_cache_type == "float16" else 4)
         m = rec["metrics"]
@@ -1066,6 +1073,7 @@ def _write_bundle(s: _Session, row: LLMRow, t: TargetProfile, opts: LLMBuildOpti
             "recipe": dict(dataclasses.asdict(opts), wide_layers=opts.wide_layers(src.tied),
                            builder=f"onnxruntime_genai.models.builder {_genai_version()}",
                            floor=(row.floor or s.floor).to_dict(), val=s.recipe.val, val_tokens=s.recipe.val_tokens,
+                           max_bytes=s.recipe.max_bytes,
                            window=s.recipe.window),
             "llm": {"bytes_per_token": rec["bytes_per_token"], "kv_bytes_per_token": kv_bytes,
                     "kv_cache_type": t.llm.kv_cache_type, "context_default": min(t.llm.context_default, context),
@@ -1189,7 +1197,7 @@ def _select_fastest(s: _Session, row: LLMRow, t: TargetProfile, chosen: LLMBuild
             continue
         seen.add(o)
         r = s.build(o)
-        c = _step("select", o, r, row.floor or s.floor)
+        c = _step("select", o, r, row.floor or s.floor, s.recipe.max_bytes)
         c["timed"] = where
         if c["meets"] and timed and "error" not in r and not on_device:
             try:
@@ -1333,10 +1341,10 @@ def convert_llm(recipe: LLMRecipe, out: str = "build", *, progress: Optional[Pro
         raise BudgetMissed(f"{len(result.failed)} of {len(result.bundles)} language-model bundle(s) not written: "
                            f"{worst.path.name}: {worst.reason}", result=result,
                            hint=f"report {result.report_path}, log {log_path}" + (
-                               "; loosen the floor (--max-ppl-increase, --max-kl, --min-agreement) or use --precision "
-                               "int8" if worst.reason.startswith("below the floor") else
                                "; raise --max-mb, or loosen the floor"
-                               if worst.reason.startswith("over the byte budget") else
+                               if worst.reason.startswith("over the byte budget") or "the budget's" in worst.reason
+                               else "; loosen the floor (--max-ppl-increase, --max-kl, --min-agreement) or use "
+                               "--precision int8" if worst.reason.startswith("below the floor") else
                                ": the log holds the builder's traceback (an architecture or configuration this "
                                "onnxruntime-genai builder does not handle)"))
     return result
@@ -1376,18 +1384,17 @@ def _convert(recipe: LLMRecipe, src: LMSource, plans, out_dir: Path, name: str, 
                         row.path = dest
                 row.options, row.ok = chosen, True
                 row.precision = chosen.precision
-                if len(row.rescue) > 1:
-                    row.rescued_by = row.rescue[-1]["rung"]
+                # the rung whose build ships (a budget walk may fall back to an earlier one)
+                shipped = [st for st in row.rescue if st.get("options") == dataclasses.asdict(chosen)]
+                rung = shipped[-1]["rung"] if shipped else row.rescue[-1]["rung"]
+                if len(row.rescue) > 1 and rung != "profile":
+                    row.rescued_by = rung
                     dest = out_dir / f"{name}-{t.name}-{chosen.precision}" if chosen.precision != opts.precision \
                         else dest
                     row.path = dest
                 row.fidelity = dict(rec["metrics"])
                 try:
                     _write_bundle(s, row, t, chosen, rec, dest)
-                    if recipe.max_bytes and row.bytes > recipe.max_bytes:   # BUNDLE_MARGIN was too small
-                        shutil.rmtree(dest, ignore_errors=True)
-                        row.ok, row.reason = False, (f"over the byte budget: the bundle is {row.bytes / 1e6:.3f} MB > "
-                                                     f"{recipe.max_bytes / 1e6:.3f} MB")
                 except EdgekitError as e:
                     row.ok, row.reason = False, str(e)
             row.seconds = time.monotonic() - t0
