@@ -51,7 +51,7 @@ from edgekit.bundle import SCHEMA_VERSION, check_name, sha256_file, sha256_tree,
 from edgekit.convert.llm_fidelity import (BUILTIN_PROMPTS, EvalText, FloatModel, LLMFloor, OnnxDecoder, compare,
                                           golden)
 from edgekit.convert.llm_graph import (PRUNE_NOTE, alias_tied_embedding, embedding_summary, half_scales,
-                                      initializer_bytes, prune_lm_head, scales_summary)
+                                      initializer_bytes, prune_lm_head, scales_summary, stored_bytes)
 from edgekit.convert.llm_gptq import ALGOS as _CALIBRATED_ALGOS, builder_algo, calibrated, int8_summary
 from edgekit.errors import BudgetMissed, EdgekitError, SourceModelError
 from edgekit.progress import Progress
@@ -864,8 +864,7 @@ def int8_costs(model_dir: Path, opts: LLMBuildOptions) -> Dict[str, int]:
     from edgekit.convert.llm_gptq import _attr
 
     m = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
-    sizes = initializer_bytes(m)
-    sizes.update({c.output[0]: sizes[c.input[0]] for c in m.graph.node if c.op_type == "Cast" and c.input[0] in sizes})
+    sizes = stored_bytes(m)
     blocks, scale = opts.int8_blocks(), 2 if opts.fp16_scales() else 4
     out: Dict[str, int] = {}
     for n in m.graph.node:

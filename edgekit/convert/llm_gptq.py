@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from edgekit.convert.llm_graph import save_with_data
+from edgekit.convert.llm_graph import FP16_MIN_NORMAL, save_with_data
 
 GRIDS = ("kquant", "minmax", "symmetric")
 
@@ -77,7 +77,7 @@ def fp16_grid(scale):
     a = scale.detach().float().cpu().numpy()
     h = a.astype(np.float16)
     low = h.astype(np.float32) < a
-    tiny = (np.abs(a) < 6.103515625e-05) & low
+    tiny = (np.abs(a) < FP16_MIN_NORMAL) & low
     h[tiny] = np.nextafter(h[tiny], np.float16(np.inf))
     ok = np.isfinite(h) & (a > 0)
     return torch.from_numpy(np.where(ok, h.astype(np.float32), a)).to(scale.dtype)
@@ -908,13 +908,10 @@ def int8_summary(model_dir) -> Optional[Dict[str, Any]]:
     {block: count}, "weights", "bytes" (B, scales, zero points), "bits_per_weight", "note"}; None without any."""
     import onnx
 
-    from edgekit.convert.llm_graph import initializer_bytes
+    from edgekit.convert.llm_graph import stored_bytes
 
     m = onnx.load(str(Path(model_dir) / "model.onnx"), load_external_data=False)
-    sizes = initializer_bytes(m)
-    # scales stored fp16 behind a Cast (llm_graph.half_scales): the Cast's input is what the file holds
-    sizes.update({c.output[0]: sizes.get(c.input[0], 0) for c in m.graph.node if c.op_type == "Cast"
-                  and c.input[0] in sizes})
+    sizes = stored_bytes(m)   # scales stored fp16 behind a Cast (llm_graph.half_scales) counted as the file holds them
     nodes = [n for n in m.graph.node if n.op_type == "MatMulNBits" and _attr(n, "bits") == 8]
     if not nodes:
         return None

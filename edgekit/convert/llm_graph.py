@@ -67,6 +67,15 @@ def initializer_bytes(model) -> Dict[str, int]:
     return out
 
 
+def stored_bytes(model) -> Dict[str, int]:
+    """initializer_bytes, and each Cast of an initializer (half_scales' fp16 scales) under its output's name: the
+    bytes in the file behind what a node reads."""
+    sizes = initializer_bytes(model)
+    sizes.update({c.output[0]: sizes[c.input[0]] for c in model.graph.node
+                  if c.op_type == "Cast" and c.input and c.input[0] in sizes})
+    return sizes
+
+
 def _const_ints(model, name: str) -> Optional[List[int]]:
     """The int64 values of an initializer or a Constant node's output `name` (None when it is neither)."""
     from onnx import numpy_helper
@@ -343,7 +352,7 @@ def unpruned(model_dir: os.PathLike):
 # fp16 already. A graph with an external tensor this module cannot place (no length) is left as it is.
 HALF_NOTE = "MatMulNBits scales stored fp16 in the file, read through a Cast ONNX Runtime folds at load"
 _SCALE_INPUT = {"MatMulNBits": 2, "GatherBlockQuantized": 2}
-_FP16_MIN_NORMAL = 6.103515625e-05
+FP16_MIN_NORMAL = 6.103515625e-05   # the smallest normal fp16 value, 2^-14
 _ALIGN = 64
 
 
@@ -422,7 +431,7 @@ def half_scales(model_dir: os.PathLike) -> Dict[str, Any]:
         h = a.astype("<f2")
         mag = np.abs(a)
         exact = h.astype(np.float32) == a
-        if not np.all(exact | (np.isfinite(a) & ((mag == 0) | (mag >= _FP16_MIN_NORMAL)) & (mag <= 65504))):
+        if not np.all(exact | (np.isfinite(a) & ((mag == 0) | (mag >= FP16_MIN_NORMAL)) & (mag <= 65504))):
             kept.append((name, "a scale outside fp16's normal range"))
             continue
         new_data[name] = h.tobytes()
@@ -546,5 +555,5 @@ def scales_summary(model_dir: os.PathLike) -> Optional[Dict[str, Any]]:
     return out
 
 __all__ = ["alias_tied_embedding", "embedding_summary", "half_scales", "initializer_bytes", "lm_head_pruned",
-           "node_constants", "prune_lm_head", "save_with_data", "scales_summary", "unpruned", "HALF_NOTE", "NOTE",
-           "PRUNE_NOTE"]
+           "node_constants", "prune_lm_head", "save_with_data", "scales_summary", "stored_bytes", "unpruned",
+           "FP16_MIN_NORMAL", "HALF_NOTE", "NOTE", "PRUNE_NOTE"]
