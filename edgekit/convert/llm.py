@@ -82,14 +82,23 @@ def is_hf_causal_lm(path: os.PathLike) -> bool:
     return isinstance(data, dict) and bool(data.get("architectures") or data.get("model_type"))
 
 
+# a branch of the model builder's dispatch (builder.create_model): `config.architectures[0] == "Name"`
+_DISPATCH = re.compile(r'config\.architectures\[0\]\s*==\s*"(\w+)"')
+
+
+def text_config(config: Dict[str, Any]) -> Dict[str, Any]:
+    """A config.json's text model's settings: its text_config where it has one (Gemma 3, multimodal), else itself."""
+    c = config.get("text_config")
+    return c if isinstance(c, dict) else config
+
+
 def supported_architectures() -> List[str]:
     """The architectures the installed model builder exports (read from its dispatch, not a list kept here)."""
     import inspect
 
     from onnxruntime_genai.models import builder
 
-    names = re.findall(r'config\.architectures\[0\]\s*==\s*"(\w+)"', inspect.getsource(builder.create_model))
-    return sorted(set(names))
+    return sorted(set(_DISPATCH.findall(inspect.getsource(builder.create_model))))
 
 
 def builder_classes(arch: str) -> List[type]:
@@ -103,7 +112,7 @@ def builder_classes(arch: str) -> List[type]:
     found: List[type] = []
     pending = False
     for line in inspect.getsource(builder.create_model).splitlines():
-        names = re.findall(r'config\.architectures\[0\]\s*==\s*"(\w+)"', line)
+        names = _DISPATCH.findall(line)
         if names:
             pending = arch in names
             continue
@@ -119,7 +128,7 @@ def builder_classes(arch: str) -> List[type]:
 def rope_scaling_type(config: Dict[str, Any]) -> Optional[str]:
     """The RoPE scaling type of a config.json (its text_config where it has one): rope_parameters (transformers 5;
     per layer type too) or rope_scaling, `rope_type` or `type`; None for plain RoPE."""
-    c = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    c = text_config(config)
     for key in ("rope_parameters", "rope_scaling"):
         rs = c.get(key)
         if not isinstance(rs, dict):
@@ -144,8 +153,7 @@ def _check_rope(p: Path, config: Dict[str, Any], arch: str) -> None:
     classes = builder_classes(arch)
     if llama is not None and classes and all(getattr(cls, "make_rope_init", None) is llama for cls in classes):
         return
-    c = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    limit = c.get("max_position_embeddings")
+    limit = text_config(config).get("max_position_embeddings")
     raise SourceModelError(
         f"architecture {arch} with RoPE scaling type 'dynamic' (dynamic NTK): ONNX Runtime GenAI's model builder "
         "builds it only for the Llama family", path=str(p),
@@ -167,8 +175,7 @@ class LMSource:
         return bool(self.config.get("tie_word_embeddings", False))
 
     def dims(self) -> Dict[str, Any]:
-        c = self.config
-        c = c.get("text_config", c) if isinstance(c.get("text_config"), dict) else c
+        c = text_config(self.config)
         heads = int(c.get("num_attention_heads", 0) or 0)
         hidden = int(c.get("hidden_size", 0) or 0)
         return {"vocab": c.get("vocab_size"), "layers": c.get("num_hidden_layers"), "hidden": hidden,
