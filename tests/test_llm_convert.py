@@ -16,7 +16,7 @@ import transformers  # noqa: E402,F401
 
 from conftest import unavailable  # noqa: E402
 from realllm import smollm2_folder  # noqa: E402
-from tinylm import corpus_text, tiny_lm  # noqa: E402,F401  (tiny_lm: a session fixture)
+from tinylm import corpus_text, make_tiny_lm, tiny_lm  # noqa: E402,F401  (tiny_lm: a session fixture)
 
 from edgekit.bundle import sha256_file  # noqa: E402
 
@@ -200,6 +200,55 @@ def test_byte_budget_checked_before_a_bundle_is_replaced(tiny_lm, tiny_val, tmp_
     assert "over the byte budget: the bundle would be" in str(e.value) and "--max-mb" in e.value.hint
     assert {f.name: sha256_file(f) for f in (row.path / "model").iterdir()} == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.fixture(scope="module")
+def tiny120(tmp_path_factory):
+    """A tiny Llama of hidden size 120 (briefly trained: its sizes are what matters)."""
+    return make_tiny_lm(tmp_path_factory.mktemp("tiny120") / "tiny-llama", steps=20, hidden=120)
+
+
+@pytest.mark.parametrize("kind", ["k_quant-32", "awq-64", "cuda-32"])
+def test_int8_costs_are_what_the_build_writes(tiny120, tmp_path, kind):
+    """int8_costs (the byte budget's estimate) against what the build then writes when layer 1's five decoder
+    MatMuls go INT8, on a tiny Llama of hidden size 120 (K = 120 and 240: no MatMul's K divides by 64; the
+    builder's 4-bit rows still hold an even number of blocks of 32): the builder's k_quant at block 32; a
+    calibrated build at block 64 (its 8-bit nodes keep the builder's block 32, not 64); a CUDA build (scales
+    fp16 in the graph, zero points kept). The initializers grow by exactly the prediction. The files move by
+    that, plus the data file's alignment padding (half_scales aligns each initializer to 64 B; the CUDA
+    builder's file is unpadded) and model.onnx's own bytes (initializer entries, names)."""
+    import onnx
+
+    from edgekit.convert.llm import LLMBuildOptions, decoder_matmuls, int8_costs, read_source, run_builder, \
+        weight_bytes
+    from edgekit.convert.llm_gptq import _attr
+
+    src = read_source(str(tiny120))
+    algo, block = kind.split("-")
+    kw = {"execution_provider": "cuda"} if algo == "cuda" else {"algo": algo}
+    base = LLMBuildOptions("int4", block_size=int(block), **kw)
+    run_builder(src, base, tmp_path / "base", tmp_path / "cache", {})
+    matmuls = decoder_matmuls(tmp_path / "base" / "model.onnx")
+    costs = int8_costs(tmp_path / "base", base)
+    names = tuple(sorted(matmuls[1]))
+    assert len(names) == 5 and all(n in costs for n in names)
+    opts = LLMBuildOptions("int4", block_size=int(block), int8_matmuls=names, **kw)
+    run_builder(src, opts, tmp_path / "int8", tmp_path / "cache", matmuls)
+    m = onnx.load(str(tmp_path / "int8" / "model.onnx"), load_external_data=False)
+    n8 = {n.name.rsplit("_Q", 1)[0]: n for n in m.graph.node if n.op_type == "MatMulNBits" and _attr(n, "bits") == 8}
+    assert set(names) < set(n8) and all(_attr(n8[x], "K") % 64 for x in names)
+    assert {_attr(n8[x], "block_size") for x in names} == {32}
+    assert {len(n8[x].input) for x in names} == ({4} if algo == "cuda" else {3})   # zero points or none
+    pred = sum(costs[x] for x in names)
+    assert weight_bytes(tmp_path / "int8")["weights"] - weight_bytes(tmp_path / "base")["weights"] == pred
+
+    def size(d, f):
+        return (tmp_path / d / f).stat().st_size
+
+    inits = len(m.graph.initializer)
+    pad = size("int8", "model.onnx.data") - size("base", "model.onnx.data") - pred
+    assert pad == 0 if algo == "cuda" else -64 * inits < pad < 64 * inits
+    assert abs(size("int8", "model.onnx") - size("base", "model.onnx")) < 1000 * len(names)
 
 
 def test_select_fastest(tiny_lm, tiny_val, tmp_path):

@@ -45,6 +45,9 @@ def test_packing_is_onnxruntimes(K, N, block, bits):
     q, s, z = g.quantize_rtn(w, block, bits, "kquant")
     assert int(q.max()) <= 2 ** bits - 1 and int(q.min()) >= 0
     node, inits = g.nbits_node("mm", "x", "y", "w", q.numpy(), s.numpy(), z.numpy(), K, N, bits, block, 0)
+    # the layout's bytes (LLMBuildOptions.int8_bytes, the byte budget's costs): with zero points and without
+    assert sum(numpy_helper.to_array(t).nbytes for t in inits) == g.nbits_bytes(K, N, bits, block, 4, True)
+    assert sum(numpy_helper.to_array(t).nbytes for t in inits[:2]) == g.nbits_bytes(K, N, bits, block, 4, False)
     x = rng.standard_normal((3, K)).astype(np.float32)
     wd = g.dequant(q, s, z, K, block).numpy()
     np.testing.assert_allclose(_run_node(node, inits, x), x @ wd.T, rtol=1e-4, atol=1e-4)

@@ -261,6 +261,27 @@ class LLMBuildOptions:
         unchanged to 7 digits on SmolLM2). CPU builds only: a CUDA build's scales are fp16 already."""
         return self.half_scales and self.quantized and self.execution_provider == "cpu"
 
+    def builder_block(self) -> int:
+        """The block the model builder writes this build's MatMulNBits at: a calibrated INT4 build's at most 32
+        (ORT's quantizer packs 4-bit zero points across rows: 64/128 fail on SmolLM2's 576 = 9 x 64), its decoder
+        MatMuls then rewritten at block_size by llm_gptq.apply."""
+        return min(self.block_size, 32) if calibrated(self.algo) and self.precision == "int4" else self.block_size
+
+    def int8_bytes(self, K: int, N: int) -> int:
+        """Bytes of the 8-bit MatMulNBits this build writes for a K x N decoder MatMul (an INT4 build's
+        int8_matmuls): with int8_blocks, symmetric at llm_gptq.symmetric_block (the node's fallback is the
+        builder's block: llm_gptq rewrites the builder's 8-bit node, in a calibrated build too); without, the
+        builder's asymmetric node at its block, or in a calibrated build llm_gptq.apply's at block_size, a zero
+        point per block. Scales 2 bytes where the file holds them fp16 (fp16_scales; a CUDA build's activations and
+        so its scales are fp16: the builder's io dtype), else 4."""
+        from edgekit.convert.llm_gptq import nbits_bytes, symmetric_block
+
+        scale = 2 if self.fp16_scales() or self.execution_provider == "cuda" else 4
+        if self.int8_blocks():
+            return nbits_bytes(K, N, 8, symmetric_block(K, self.int8_blocks(), self.builder_block()), scale, False)
+        block = self.block_size if calibrated(self.algo) and self.precision == "int4" else self.builder_block()
+        return nbits_bytes(K, N, 8, block, scale, True)
+
     def describe(self) -> str:
         if not self.quantized:
             return f"{self.precision} ({self.execution_provider})"
@@ -309,10 +330,9 @@ class LLMBuildOptions:
         extra = ["hf_remote=false", "hf_token=false"]
         if not self.quantized:
             return extra, None
-        # a calibrated algo (llm_gptq): the builder writes k_quant at block <= 32 (ORT's quantizer packs 4-bit zero
-        # points across rows: 64/128 fail on SmolLM2's 576 = 9 x 64), then its decoder MatMuls are rewritten
-        block = min(self.block_size, 32) if calibrated(self.algo) and self.precision == "int4" else self.block_size
-        extra += [f"block_size={block}", f"accuracy_level={self.accuracy_level}",
+        # a calibrated algo (llm_gptq): the builder writes k_quant at block <= 32, then its decoder MatMuls are
+        # rewritten
+        extra += [f"block_size={self.builder_block()}", f"accuracy_level={self.accuracy_level}",
                   f"algo_config={builder_algo(self.algo)}"]
         wide_head = self.precision == "int8" or self.lm_head_int8
         if src.tied:
@@ -863,25 +883,21 @@ def _walk(s: _Session, row: LLMRow, base: LLMBuildOptions) -> Optional[Tuple[LLM
 
 def int8_costs(model_dir: Path, opts: LLMBuildOptions) -> Dict[str, int]:
     """Bytes each 4-bit decoder MatMulNBits of a build (by node name without its _Q4 suffix) would add to the file
-    as the 8-bit node the build would write for it: symmetric at the first of opts.int8_blocks() dividing K (else
-    its own block; asymmetric with a zero-point byte per block where the builder's 8-bit nodes stay), scales fp16
-    or fp32 as opts stores them."""
+    as the 8-bit node the build would write for it (LLMBuildOptions.int8_bytes) in place of its 4-bit one (its
+    initializers' bytes in the file). Exact in initializer bytes; the file also moves by the data file's alignment
+    padding and the graph's own bytes (node and initializer names, attributes): tens of bytes a node."""
     import onnx
 
     from edgekit.convert.llm_gptq import _attr
 
     m = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
     sizes = stored_bytes(m)
-    blocks, scale = opts.int8_blocks(), 2 if opts.fp16_scales() else 4
     out: Dict[str, int] = {}
     for n in m.graph.node:
         if n.op_type != "MatMulNBits" or _attr(n, "bits") != 4:
             continue
-        K, N, own = _attr(n, "K"), _attr(n, "N"), _attr(n, "block_size")
-        b = next((b for b in blocks if K % b == 0), own)
-        nb = -(-K // b)
         now = sum(sizes.get(x, 0) for x in list(n.input)[1:4] if x)
-        out[re.sub(r"_Q\d+$", "", n.name)] = N * nb * (b + scale + (0 if blocks else 1)) - now
+        out[re.sub(r"_Q\d+$", "", n.name)] = opts.int8_bytes(_attr(n, "K"), _attr(n, "N")) - now
     return out
 
 

@@ -510,6 +510,15 @@ def pack_nbits(q: np.ndarray, scale: np.ndarray, zp: Optional[np.ndarray], bits:
     return b.astype(np.uint8), np.asarray(scale, np.float32), z.astype(np.uint8)
 
 
+def nbits_bytes(K: int, N: int, bits: int, block: int, scale_bytes: int, zero_points: bool) -> int:
+    """Bytes of a MatMulNBits node's initializers as pack_nbits (and the model builder) lays them out: B
+    [N, ceil(K / block), block * bits / 8], a scale of scale_bytes per block, and with zero_points a byte per block
+    (8 bits) or half one (4 bits, per row: ceil(n_blocks / 2))."""
+    nb = -(-K // block)
+    zp = 0 if not zero_points else nb if bits == 8 else -(-nb // 2)
+    return N * (nb * (block * bits // 8 + scale_bytes) + zp)
+
+
 def unpack_nbits(B: np.ndarray, scales: np.ndarray, zps: Optional[np.ndarray], K: int, N: int, bits: int,
                  block: int) -> np.ndarray:
     """MatMulNBits' initializers -> the dequantized weight [N, K] (float32), as ONNX Runtime computes it
@@ -823,6 +832,12 @@ def _reblock_head(full, model, block: int, drop: set, add: list) -> Dict[str, An
 INT8_NOTE = "8-bit MatMulNBits symmetric (absmax / 127 per block, no zero points: ONNX Runtime's default 128)"
 
 
+def symmetric_block(K: int, blocks: Sequence[int], own: int) -> int:
+    """The block symmetric_int8 writes a K-wide 8-bit node at: the first of `blocks` dividing K, else `own`, the
+    block the node had (the model builder's: LLMBuildOptions.builder_block)."""
+    return next((b for b in blocks if K % b == 0), own)
+
+
 def symmetric_int8(full, weight_of: Callable[[Any], Any], blocks: Sequence[int], drop: set, add: list,
                    half: bool = False) -> Dict[str, Any]:
     """Every 8-bit MatMulNBits of `full` whose float weight weight_of(node) gives ([N, K], torch) re-rounded
@@ -845,7 +860,7 @@ def symmetric_int8(full, weight_of: Callable[[Any], Any], blocks: Sequence[int],
         if w is None or tuple(w.shape) != (N, K):
             kept.append(n.name)
             continue
-        b = next((b for b in blocks if K % b == 0), _attr(n, "block_size"))
+        b = symmetric_block(K, blocks, _attr(n, "block_size"))
         q, sc, _ = quantize_rtn(w, b, 8, "symmetric", half)
         replace_nbits(full, n, q.numpy(), sc.numpy(), None, b, drop, add)
         done[str(b)] = done.get(str(b), 0) + 1
