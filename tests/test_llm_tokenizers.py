@@ -346,3 +346,107 @@ def test_tokenizer_family_converts_and_feeds_the_model_what_transformers_does(fa
         "chat_template"], encoding="utf-8")
     assert load(bare).apply_chat_template(msgs) == rendered
     assert _Tokenizer(bare).chat_ids(msgs) == ids
+
+
+def _mistral_v03_tokenizer(folder: Path, decoder=None) -> dict:
+    """Mistral 7B v0.3's tokenizer.json form as transformers 5 writes a LlamaTokenizer (save_pretrained, every field
+    the library writes): BPE with byte_fallback over the spm family's vocabulary, no normalizer, pre_tokenizer
+    Metaspace("▁", prepend_scheme "first", split false), <s> by the post-processor, decoder Sequence [Replace "▁",
+    ByteFallback, Fuse, Strip " " start 1]; `decoder` replaces the decoder (a Metaspace decoder: the form an
+    earlier session tried)."""
+    from transformers import LlamaTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    _spm_tokenizer(_corpus("spm", 200, 0), folder)
+    doc = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in doc["model"]["merges"]]
+    LlamaTokenizer(vocab=doc["model"]["vocab"], merges=merges, bos_token="<s>", eos_token="</s>",
+                   unk_token="<unk>").save_pretrained(str(folder))
+    doc = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    doc["model"]["unk_token"] = "<unk>"                         # as Mistral's file (transformers 5 leaves None)
+    doc["post_processor"] = _template_processing("<s>", 1)
+    if decoder is not None:
+        doc["decoder"] = decoder
+    (folder / "tokenizer.json").write_text(json.dumps(doc, ensure_ascii=False, indent=2), encoding="utf-8")
+    return doc
+
+
+def test_metaspace_tokenizers_ort_genai_misreads_are_refused(cli, tmp_path):
+    """Mistral 7B v0.3's form (Metaspace pre_tokenizer, prepend_scheme "first"): ONNX Runtime GenAI 0.18 loads it
+    and decodes it as transformers does (with runtime.llmdecode's rules, whole and streamed), but runs no
+    pre_tokenizer: it puts "▁" before every piece of text between special tokens, also before a leading space, so
+    a leading space or any text after a special token (every chat template's) gets other ids than the file's and
+    transformers'. With a Metaspace decoder it reads the vocabulary as byte-level BPE: ids -1 and 'map::at' on
+    decoding. No tokenizer.json form it reads tokenizes as "first" does, so convert refuses both (exit 2, one
+    line), and passes a Metaspace form it does tokenize as the file ("never", no Strip)."""
+    from tokenizers import Tokenizer as RawTokenizer
+    from transformers import AutoTokenizer
+
+    from edgekit.convert.llm_tokenizer import check_tokenizer, og_tokenizer
+    from edgekit.errors import SourceModelError
+    from edgekit.runtime.llmdecode import decode_rules
+
+    folder = tmp_path / "mistral-v03"
+    doc = _mistral_v03_tokenizer(folder)
+    assert doc["normalizer"] is None and doc["model"]["byte_fallback"] is True
+    assert doc["pre_tokenizer"] == {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first",
+                                    "split": False}
+    assert [d["type"] for d in doc["decoder"]["decoders"]] == ["Replace", "ByteFallback", "Fuse", "Strip"]
+    hf = AutoTokenizer.from_pretrained(str(folder))
+    raw = RawTokenizer.from_file(str(folder / "tokenizer.json"))
+    work = tmp_path / "og"
+    work.mkdir()
+    tok = og_tokenizer(folder, work)
+
+    def og_pieces(text):
+        return [raw.id_to_token(int(i)) for i in tok.encode(text)]
+
+    for text in ["The cat", "Hi there\nthe box"] + UNICODE:          # plain text: the file's ids
+        assert [int(i) for i in tok.encode(text)] == raw.encode(text, add_special_tokens=False).ids \
+            == hf(text, add_special_tokens=False).input_ids, text
+    assert raw.encode(" The", add_special_tokens=False).tokens == ["▁The"]
+    assert og_pieces(" The") == ["▁", "▁The"]                         # a second "▁" before a leading space
+    assert raw.encode("<s>the", add_special_tokens=False).tokens == ["<s>", "t", "he"]
+    assert og_pieces("<s>the") == ["<s>", "▁the"]                     # after a special token: "first" puts none
+    assert hf("</s> the", add_special_tokens=False).input_ids == raw.encode("</s> the", add_special_tokens=False).ids
+    assert og_pieces("</s> the") == ["</s>", "▁", "▁the"]
+    # decoding is transformers': every sequence of up to 3 plain, "▁", newline, é and special tokens
+    rules = decode_rules(folder)
+    assert rules.strip_start == 1 and rules.special == {0, 1, 2}
+    plain = list(dict.fromkeys(hf(" y the\n é", add_special_tokens=False).input_ids))
+    for seq in [list(s) for n in (1, 2, 3) for s in itertools.product(plain + [0, 1, 2], repeat=n)]:
+        stream = rules.stream(tok.create_stream())
+        kept = rules.keep(seq)
+        whole = rules.strip(tok.decode(np.asarray(kept, dtype=np.int32))) if kept else ""
+        assert "".join(stream.decode(t) for t in seq) == whole == hf.decode(seq, skip_special_tokens=True), seq
+    # convert: one line naming the form, exit 2, before any build
+    (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
+    (folder / "model.safetensors").write_bytes(b"\0" * 16)
+    with pytest.raises(SourceModelError, match=r"Metaspace \(prepend_scheme 'first'\).*' Hello' as \['▁', '▁', "):
+        check_tokenizer(folder)
+    r = cli("convert", folder, "-t", "x86-avx512-vnni", "-o", tmp_path / "out")
+    assert r.exit_code == 2, r.output
+    line = r.stderr.strip().splitlines()[-1]
+    assert "Metaspace (prepend_scheme 'first')" in line and "every piece of text between special tokens" in line
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+    # a Metaspace decoder: read as byte-level BPE
+    meta = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": False}
+    bad = tmp_path / "metaspace-decoder"
+    _mistral_v03_tokenizer(bad, decoder=meta)
+    (bad / "og").mkdir()
+    btok = og_tokenizer(bad, bad / "og")
+    assert -1 in [int(i) for i in btok.encode("Hello world")]
+    with pytest.raises(RuntimeError, match="map::at"):
+        btok.decode(np.asarray(raw.encode("The cat", add_special_tokens=False).ids, dtype=np.int32))
+    with pytest.raises(SourceModelError, match=r"decoder Metaspace .*byte-level BPE"):
+        check_tokenizer(bad)
+
+    # a Metaspace form ONNX Runtime GenAI does tokenize as the file: passed
+    never = tmp_path / "metaspace-never"
+    doc = _mistral_v03_tokenizer(never, decoder={"type": "Sequence", "decoders": [
+        {"type": "Replace", "pattern": {"String": "▁"}, "content": " "}, {"type": "ByteFallback"}, {"type": "Fuse"}]})
+    doc["pre_tokenizer"]["prepend_scheme"] = "never"
+    (never / "tokenizer.json").write_text(json.dumps(doc, ensure_ascii=False), encoding="utf-8")
+    assert check_tokenizer(never) == {"form": "pre_tokenizer Metaspace (prepend_scheme 'never'), decoder Sequence "
+                                              "[Replace, ByteFallback, Fuse]", "texts": 20}

@@ -53,6 +53,7 @@ from edgekit.convert.llm_fidelity import (BUILTIN_PROMPTS, EvalText, FloatModel,
 from edgekit.convert.llm_graph import (PRUNE_NOTE, alias_tied_embedding, embedding_summary, half_scales,
                                       initializer_bytes, prune_lm_head, scales_summary, stored_bytes)
 from edgekit.convert.llm_gptq import ALGOS as _CALIBRATED_ALGOS, builder_algo, calibrated, int8_summary
+from edgekit.convert.llm_tokenizer import check_tokenizer
 from edgekit.errors import BudgetMissed, EdgekitError, SourceModelError
 from edgekit.progress import Progress
 from edgekit.runtime.cpuid import cpu_flags
@@ -209,6 +210,8 @@ def read_source(path: str) -> LMSource:
     if not ((p / "tokenizer.json").is_file() or (p / "tokenizer.model").is_file()):
         raise SourceModelError("no tokenizer (tokenizer.json or tokenizer.model)", path=str(p),
                                hint="copy the tokenizer files of the checkpoint into the folder")
+    # a Metaspace form ONNX Runtime GenAI tokenizes otherwise than the file is refused (convert.llm_tokenizer)
+    check_tokenizer(p)
     size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
     return LMSource(p, config, arch, sha256_tree(p), size)
 
