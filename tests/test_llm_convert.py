@@ -349,8 +349,11 @@ def test_real_checkpoint_smollm2(tmp_path):
     folder = _smollm2_folder()
     # one build: the floor this test asserts (+5%) instead of INT8's +1%, whose ladder measures all 150 MatMuls
     # (~3 min here; the ladder's mechanism is tests/test_llm_int8.py's, its figures on this model docs/llm.md's)
+    # compat_check off: its golden check on ARM's kernels takes 3-6 minutes under qemu (docs/llm.md, "On ARM's
+    # kernels"); tests/test_llm_arm.py runs that check on the tiny Llama
     res = convert_llm(LLMRecipe(str(folder), ("rpi5",), precision="int8", val=str(HELDOUT), val_tokens=256,
-                                int8_floor=LLMFloor(max_ppl_increase=0.05, max_kl=0.01, min_agreement=0.90)),
+                                int8_floor=LLMFloor(max_ppl_increase=0.05, max_kl=0.01, min_agreement=0.90),
+                                compat_check="off"),
                       str(tmp_path))
     row = res.bundles[0]
     assert row.ok, row.reason

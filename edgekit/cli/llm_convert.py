@@ -81,12 +81,16 @@ def convert_language_model(ctx, p) -> None:
             min_agreement=p["min_agreement"] if "min_agreement" in given else INT8_FLOOR.min_agreement)
     except ValueError as e:
         raise click.UsageError(f"fidelity floor: {e}") from None
+    if p["compat_check"] == "accept-crash":
+        raise click.BadParameter("accept-crash is for TFLite artifacts; a language model takes auto, emulated, "
+                                 "venv or off", param_hint="--compat-check")
     if p["max_mb"] is not None and not (math.isfinite(p["max_mb"]) and p["max_mb"] > 0):
         raise click.BadParameter(f"{p['max_mb']}: a size in MB above 0", param_hint="--max-mb")
     recipe = LLMRecipe(model=p["model"], targets=tuple(p["target_names"]), precision=precision, name=p["name"],
                        val=p["val"], val_tokens=p["val_tokens"], floor=floor, int8_floor=int8_floor,
                        rescue=not p["no_rescue"], select=p["select"], algo=p["algo"],
-                       max_bytes=None if p["max_mb"] is None else int(p["max_mb"] * 1e6))
+                       max_bytes=None if p["max_mb"] is None else int(p["max_mb"] * 1e6),
+                       compat_check=p["compat_check"])
     timer = None
     if p.get("device_name"):   # checked before any work: --select fastest, and a device of one of the targets
         from edgekit.cli.common import _device_timer

@@ -77,7 +77,9 @@ def _emulation_fits(reqs: List[str]) -> bool:
             and set(reqs) <= set(emulate.RECIPE["pip"]))
 
 
-def _run_emulated(bundle_dir: Path) -> Dict[str, Any]:
+def _run_emulated(bundle_dir: Path, python: Optional[str] = None, timeout: float = 900) -> Dict[str, Any]:
+    """The bundle's golden check (`python -m edgekit.runtime check --json`) inside the emulated arm64 root, with
+    `python` as the root sees it (default: the root's tflite-runtime venv)."""
     from edgekit.lab import emulated as emulate
 
     root = emulate.root_path()
@@ -87,13 +89,72 @@ def _run_emulated(bundle_dir: Path) -> Dict[str, Any]:
         copy_runtime(tmp / "rt")
         shutil.copytree(bundle_dir, tmp / "bundle")
         inside = "/" + str(tmp.relative_to(root))
-        proc = emulate.in_root(root, [f"{emulate.VENV}/bin/python", "-m", "edgekit.runtime", "check",
+        proc = emulate.in_root(root, [python or f"{emulate.VENV}/bin/python", "-m", "edgekit.runtime", "check",
                                       f"{inside}/bundle", "--json"],
                                env={"PYTHONPATH": f"{inside}/rt", "PYTHONDONTWRITEBYTECODE": "1"},
-                               timeout=900, capture=True)
+                               timeout=timeout, capture=True)
         return _parse(proc)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_llm(bundle_dir: Path, profile: TargetProfile, mode: str = "auto") -> List[Dict[str, Any]]:
+    """A language-model bundle for an arm64 profile: its golden check (teacher-forced top-1 agreement, logit SNR
+    at the golden top-K, a generation) run by onnxruntime-genai on ARM's kernels in the emulated arm64 root, the
+    engine at the versions that measured it here (edgekit.lab.emulated.build_llm). Fidelity was measured on this
+    machine's kernels; this is where the target's rounding of the int8 dot products shows. Returns the manifest's
+    compatibility records (none for an x86 profile: this machine's kernels are the target's kind). Raises
+    ConversionError when the bundle fails there (the row is not written). auto: checked where the LLM venv is
+    built, else recorded as not checked; emulated: required (built on first use); venv/off: not checked."""
+    if mode not in MODES:
+        raise ConversionError(f"unknown compatibility mode {mode!r}", hint="one of " + ", ".join(MODES))
+    if profile.device.arch != "aarch64":
+        return []
+    from edgekit.errors import DeviceError
+    from edgekit.lab import emulated as emulate
+
+    recipe = emulate.llm_recipe()
+    reqs = list(recipe["pip"])
+    where = "emulated aarch64 (qemu)"
+    if mode in ("off", "venv"):
+        why = ("--compat-check off" if mode == "off" else
+               "--compat-check venv: an x86 venv runs this machine's kernels, which measured the bundle already")
+        return [{"requirements": reqs, "checked": False, "reason": why}]
+    usable = os.geteuid() == 0 and sys.platform == "linux"
+    if mode == "emulated":
+        if not usable:
+            raise ConversionError("the emulated arm64 root needs Linux and root", target=profile.name,
+                                  stage="compatibility", hint="--compat-check auto records the bundle as not checked")
+        try:
+            python = emulate.build_llm(say=lambda _t: None)
+        except DeviceError as e:
+            raise ConversionError(f"no emulated arm64 root with {' + '.join(reqs)}: {e}", target=profile.name,
+                                  stage="compatibility", hint=e.hint or "python -m edgekit.lab.emulated build --llm"
+                                  ) from None
+    elif usable and emulate.llm_is_built(recipe):
+        python = f"{emulate.llm_venv(recipe)}/bin/python"
+    else:
+        return [{"requirements": reqs, "checked": False,
+                 "reason": "no emulated arm64 root with onnxruntime-genai here (python -m edgekit.lab.emulated "
+                           "build --llm; Linux and root): measured on this machine's kernels only"}]
+    t0 = time.monotonic()
+    res = _run_emulated(Path(bundle_dir).resolve(), python=python, timeout=3600)
+    record = {"requirements": reqs, "where": where, "checked": True, **res,
+              "seconds": round(time.monotonic() - t0, 1)}
+    if not res.get("ok"):
+        if res.get("error"):
+            detail = res["error"]
+        else:
+            snr = res.get("snr_db")
+            detail = (f"teacher-forced top-1 agreement {res.get('top1_agreement', 0):.3f} (min "
+                      f"{res.get('min_top1_agreement')}), logit SNR "
+                      + ("n/a" if snr is None else f"{snr:.1f} dB (min {res.get('min_snr_db')})")
+                      + ("" if res.get("generation_ok", True) else ", the generation produced no text"))
+        raise ConversionError(f"the language model fails its golden check on ARM's kernels ({where}, "
+                              f"{' + '.join(reqs)}): {detail}", target=profile.name, stage="compatibility",
+                              hint="--precision int8 rounds closer to "
+                                   "the float model on the device; --compat-check off writes it unchecked")
+    return [record]
 
 
 def _explain(error: str, reqs: List[str], model: Optional[Path] = None) -> str:

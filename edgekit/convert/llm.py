@@ -504,6 +504,7 @@ INT8_FLOOR = LLMFloor(max_ppl_increase=0.01, max_kl=0.01, min_agreement=0.90)
 
 # the builder's roundings and llm_gptq's calibrated ones (built as k_quant, then the decoder MatMuls rewritten)
 LLM_ALGOS = ("k_quant", "rtn", "default") + _CALIBRATED_ALGOS
+LLM_COMPAT = ("auto", "emulated", "venv", "off")   # --compat-check for a language model (compat.check_llm)
 
 @dataclass(frozen=True)
 class LLMRecipe:
@@ -522,6 +523,7 @@ class LLMRecipe:
     accuracy_level: Optional[int] = None   # overrides the profiles' llm.accuracy_level
     algo: Optional[str] = None             # overrides the profiles' llm.algo (k_quant, rtn, default, awq, gptq...)
     max_bytes: Optional[int] = None        # model bytes a bundle may have: INT4 fills them with INT8 MatMuls (_walk)
+    compat_check: str = "auto"             # an arm64 target's golden check on ARM's kernels (compat.check_llm)
 
     def __post_init__(self) -> None:
         if self.precision is not None and self.precision not in PRECISIONS:
@@ -539,6 +541,9 @@ class LLMRecipe:
         if self.max_bytes is not None and self.max_bytes <= BUNDLE_MARGIN:
             raise EdgekitError(f"a byte budget of {self.max_bytes} B holds no language model",
                                hint="--max-mb takes the bundle's model size in MB (10^6 bytes), e.g. 105.5")
+        if self.compat_check not in LLM_COMPAT:
+            raise EdgekitError(f"compatibility check {self.compat_check!r} is not one a language model takes",
+                               hint="one of " + ", ".join(LLM_COMPAT) + " (accept-crash is for TFLite artifacts)")
         if self.val_tokens < 32 or self.window < 16:
             raise EdgekitError("val_tokens must be at least 32 and window at least 16")
 
@@ -1054,7 +1059,10 @@ def _tune_genai_config(model_dir: Path, t: TargetProfile, context: int) -> None:
 
 
 def _write_bundle(s: _Session, row: LLMRow, t: TargetProfile, opts: LLMBuildOptions, rec: Dict[str, Any],
-                  dest: Path) -> None:
+                  dest: Path, device_check: bool = True) -> None:
+    """The bundle at dest (staged: nothing at dest changes unless all of it is written). device_check: an arm64
+    target's golden check on ARM's kernels (compat.check_llm, recipe.compat_check); the candidates --select
+    fastest times on a device skip it (the device runs them)."""
     src, dims = s.src, s.src.dims()
     with staged_dir(dest) as tmp:
         mdir = tmp / "model"
@@ -1119,6 +1127,20 @@ def _write_bundle(s: _Session, row: LLMRow, t: TargetProfile, opts: LLMBuildOpti
             "source_sha256": src.sha256,
         }
         write_json_atomic(tmp / "manifest.json", manifest)
+        if device_check and t.device.arch == "aarch64":
+            from edgekit.convert.compat import check_llm
+
+            if s.recipe.compat_check in ("auto", "emulated"):
+                s.progress.say(f"  [{t.name}] golden check on ARM's kernels (emulated aarch64, qemu)")
+            records = check_llm(tmp, t, s.recipe.compat_check)
+            for r in records:
+                s.progress.say(f"  [{t.name}] " + (
+                    f"ARM: top-1 agreement {r['top1_agreement']:.3f}, logit SNR "
+                    + ("n/a" if r.get("snr_db") is None else f"{r['snr_db']:.1f} dB")
+                    + f" ({r['where']}, {r['seconds']:.0f} s)" if r.get("checked") else
+                    f"not checked on ARM's kernels: {r['reason']}"))
+            manifest["compatibility"] = records
+            write_json_atomic(tmp / "manifest.json", manifest)
     row.bytes = manifest["model"]["bytes"]
     row.bytes_per_token = rec["bytes_per_token"]
 
@@ -1262,7 +1284,7 @@ def _time_on_device(s: _Session, t: TargetProfile, device, timed) -> Dict[int, D
         for i, (o, r, c) in enumerate(timed):
             dest = Path(d) / f"candidate-{i}"
             try:
-                _write_bundle(s, LLMRow(t.name, o.precision, dest), t, o, r, dest)
+                _write_bundle(s, LLMRow(t.name, o.precision, dest), t, o, r, dest, device_check=False)
             except EdgekitError as e:
                 c["error"] = f"bundle: {e}"
                 continue

@@ -8,6 +8,7 @@ keyed by its recipe; a device is that root's aarch64 sshd, chrooted, in its own 
 namespace (a LocalDevice), with its own host key and device root.
 
     python -m edgekit.lab.emulated build        # build (or find) the cached root
+    python -m edgekit.lab.emulated build --llm  # ... and its venv with onnxruntime-genai (language models)
     edgekit device emulate up|down|status       # the same, as an inventory device
 
 Needs Linux, root, debootstrap, qemu-user-static, openssh-client, iproute2, and the
@@ -236,6 +237,94 @@ def build(recipe: Dict[str, object] = RECIPE, say: Callable[[str], None] = print
     return final / "root"
 
 
+# --- the language-model layer: a second venv in the same root, with edgekit[llm]'s engine -------------------
+# The root's own venv stays tflite-runtime 2.14 on numpy<2 (what Pi images run for CNN bundles); a language-model
+# bundle needs onnxruntime-genai, whose onnxruntime wants a newer numpy: its own venv beside it, built on demand
+# (about 2 minutes of pip under emulation) and cached, keyed by the root's recipe and its own. It pins the versions
+# installed here, so a check compares the same engine on ARM's kernels with this machine's.
+
+def llm_recipe() -> Dict[str, object]:
+    """The LLM venv's recipe: onnxruntime-genai and onnxruntime at the versions installed here (else
+    edgekit[llm]'s floor), on top of the root's recipe."""
+    from importlib import metadata
+
+    pins = []
+    for pkg, floor in (("onnxruntime-genai", ">=0.18"), ("onnxruntime", "")):
+        try:
+            pins.append(f"{pkg}=={metadata.version(pkg)}")
+        except metadata.PackageNotFoundError:
+            if floor:
+                pins.append(pkg + floor)
+    return {"version": 1, "root": recipe_key(RECIPE), "pip": pins}
+
+
+def llm_venv(recipe: Optional[Dict[str, object]] = None) -> str:
+    """The LLM venv's path inside the root."""
+    return f"/opt/edgekit-llm-{recipe_key(recipe or llm_recipe())}"
+
+
+def _llm_marker(recipe: Dict[str, object]) -> Path:
+    return cache_dir() / recipe_key(RECIPE) / f".llm-{recipe_key(recipe)}.complete"
+
+
+def llm_is_built(recipe: Optional[Dict[str, object]] = None) -> bool:
+    return is_built() and _llm_marker(recipe or llm_recipe()).is_file()
+
+
+def build_llm(say: Callable[[str], None] = print, recipe: Optional[Dict[str, object]] = None) -> str:
+    """Build (once) the root and its LLM venv; returns the venv's python as the root sees it."""
+    import fcntl
+
+    recipe = recipe or llm_recipe()
+    venv = llm_venv(recipe)
+    if llm_is_built(recipe):
+        return f"{venv}/bin/python"
+    root = build(say=say)
+    marker = _llm_marker(recipe)
+    with open(marker.parent / ".llm.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)   # one builder; a second waits, then finds it built
+        if marker.is_file():
+            return f"{venv}/bin/python"
+        ensure_binfmt()
+        here = root / venv.lstrip("/")
+        shutil.rmtree(here, ignore_errors=True)   # a build cut off before its marker
+        log_path = marker.parent / "build-llm.log"
+        t0 = time.monotonic()
+        say(f"emulated device: a venv with {' '.join(recipe['pip'])} (under emulation, once)")
+        try:
+            with open(log_path, "w") as log:
+                r = in_root(root, ["python3", "-m", "venv", venv], log=log)
+                if r.returncode != 0:
+                    raise DeviceError(f"python3 -m venv {venv} failed in the arm64 root; log: {log_path}")
+                env = {"PIP_DEFAULT_TIMEOUT": "180", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+                ca = refresh_ca(root)
+                if ca:
+                    env["PIP_CERT"] = ca
+                for k in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_TRUSTED_HOST"):
+                    if os.environ.get(k):
+                        env[k] = os.environ[k]
+                r = in_root(root, [f"{venv}/bin/pip", "install", "--no-cache-dir", "--only-binary=:all:",
+                                   *recipe["pip"]], env=env, log=log)
+                if r.returncode != 0:
+                    log.flush()
+                    raise DeviceError(f"pip install {' '.join(recipe['pip'])} failed inside the emulated arm64 "
+                                      f"root: {pip_failure(log_path.read_text(errors='replace'))}; log: {log_path}")
+                r = in_root(root, [f"{venv}/bin/python", "-c",
+                                   "import platform, onnxruntime_genai as og, onnxruntime as ort; "
+                                   "print(platform.machine(), og.__version__, ort.__version__)"], log=log)
+                if r.returncode != 0:
+                    raise DeviceError(f"the arm64 LLM venv does not import onnxruntime_genai; log: {log_path}")
+        except BaseException:
+            shutil.rmtree(here, ignore_errors=True)
+            raise
+        seconds = time.monotonic() - t0
+        tmp = marker.with_name(marker.name + f".{os.getpid()}")
+        tmp.write_text(json.dumps({"recipe": recipe, "venv": venv, "seconds": seconds}))
+        os.replace(tmp, marker)
+    say(f"emulated device: LLM venv ready in {seconds:.0f} s: {venv}")
+    return f"{venv}/bin/python"
+
+
 def build_seconds(recipe: Dict[str, object] = RECIPE) -> Optional[float]:
     try:
         return json.loads((cache_dir() / recipe_key(recipe) / ".complete").read_text())["seconds"]
@@ -324,7 +413,8 @@ def down(name: str = "emulated-pi", base: Optional[Path] = None) -> bool:
 def status(name: str = "emulated-pi", base: Optional[Path] = None) -> Dict[str, object]:
     d = local.state_dir(base) / name
     out: Dict[str, object] = {"root_built": is_built(), "root": str(root_path()), "recipe_key": recipe_key(),
-                              "build_seconds": build_seconds(), "device": None}
+                              "build_seconds": build_seconds(), "llm_venv": llm_venv() if llm_is_built() else None,
+                              "device": None}
     if (d / "device.json").is_file():
         dev = _load(d)
         out["device"] = {"name": name, "address": dev.addr, "running": dev.running(),
@@ -337,10 +427,14 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m edgekit.lab.emulated")
     ap.add_argument("action", choices=["build", "status", "key"])
+    ap.add_argument("--llm", action="store_true",
+                    help="build: also the venv with onnxruntime-genai that language-model bundles are checked in")
     a = ap.parse_args(argv)
     try:
         if a.action == "build":
             print(build())
+            if a.llm:
+                print(build_llm())
         elif a.action == "key":
             print(recipe_key())
         else:

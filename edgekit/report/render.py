@@ -579,6 +579,32 @@ def llm_ladder(m: ModelInfo) -> str:
                  numeric=[4, 5, 6], bad_rows=bad)
 
 
+def llm_compat(m: ModelInfo) -> str:
+    """An arm64 bundle's golden check on ARM's kernels (convert.compat.check_llm), one row per record."""
+    rows, bad = [], []
+    for b in m.bundles:
+        for c in b.compatibility or []:
+            if not c.get("checked"):
+                res = Markup(f'<span class="muted">not checked</span>: {escape(str(c.get("reason") or ""))}')
+            elif c.get("ok"):
+                res = Markup('<span class="ok">matches</span>')
+            else:
+                res = Markup(f'<span class="bad">FAILS</span>: {escape(str(c.get("error") or ""))}')
+                bad.append(len(rows))
+            same = {True: "same", False: "differs", None: "–"}[c.get("text_matches_golden")]
+            rows.append([b.key, " + ".join(c.get("requirements") or []), c.get("where") or "–", res,
+                         _pct(c.get("top1_agreement")), _num(c.get("snr_db"), "{:.1f}"), same,
+                         _num(c.get("seconds"), "{:.1f}")])
+    if not rows:
+        return ""
+    return ("<h3>On the target's kernels</h3>" + table(
+        ["bundle", "engine", "where checked", "result", "top-1 agree %", "logit SNR dB", "generation vs golden",
+         "seconds"], rows, numeric=[4, 5, 7], bad_rows=bad)
+        + '<p class="note">The golden check (teacher-forced top-1 agreement with the converting machine, the SNR '
+          'of the logits at the golden top-K ids, a short greedy generation) run by the same engine version on '
+          'ARM\'s kernels.</p>')
+
+
 def llm_model_section(m: ModelInfo) -> str:
     sid = _id("model", m.name)
     out = [f'<section class="model" id="{sid}"><h2>{escape(m.name)} <span class="muted">(language model)</span></h2>']
@@ -605,6 +631,7 @@ def llm_model_section(m: ModelInfo) -> str:
             series_title="target", shape_title="format"), cid, f"One point per bundle ({len(pts)}).") + "</div>")
     out.append("<h3>Speed</h3>" + llm_speed(m))
     out.append("<h3>Rescue ladder</h3>" + llm_ladder(m))
+    out.append(llm_compat(m))
     out.append("</section>")
     return "".join(out)
 

@@ -11,6 +11,7 @@ with the golden text is reported, not required (greedy decoding diverges after t
 
 from __future__ import annotations
 
+import platform
 from typing import Any, Dict, List
 
 import numpy as np
@@ -91,7 +92,8 @@ def golden_check(lm) -> Dict[str, Any]:
     return {"ok": bool(ok), "kind": "llm", "top1_agreement": top1, "snr_db": snr, "positions": total,
             "min_top1_agreement": min_top1, "min_snr_db": min_snr, "text": text, "generation_ok": gen_ok,
             "text_matches_golden": matches, "golden_text": gen.get("text"), "prompts": per_prompt,
-            "backend": lm.backend, "backend_version": lm.backend_version, "threads": lm.threads}
+            "backend": lm.backend, "backend_version": lm.backend_version, "threads": lm.threads,
+            "machine": platform.machine()}
 
 
 def _finite(v: float) -> float:
