@@ -406,3 +406,99 @@ def test_fp16_grid():
     assert torch.all(sc.half().float() == sc)
     deq = (q.reshape(6, 2, 32) - 128) * sc[..., None]
     assert torch.all((deq.reshape(6, 64) - w).abs() <= 0.5 * sc.repeat_interleave(32, 1) * (1 + 1e-3))
+
+
+def _two_nodes(d: Path, seed: int):
+    """A folder holding a two-MatMulNBits graph with its scales (not on fp16's grid) and weights in
+    model.onnx.data; returns (its input, the outputs ONNX Runtime computes from it)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    K, N, block = 256, 64, 32   # every initializer over save_with_data's 1024 B held inline
+    inits, nodes = [], []
+    for i in range(2):
+        inits += [numpy_helper.from_array(rng.integers(0, 256, (N, K // block, block // 2), dtype=np.uint8), f"w{i}"),
+                  numpy_helper.from_array((rng.random((N, K // block)) * 1e-2 + 1e-2).astype(np.float32), f"s{i}")]
+        nodes.append(helper.make_node("MatMulNBits", ["x", f"w{i}", f"s{i}"], [f"y{i}"], domain="com.microsoft",
+                                      K=K, N=N, bits=4, block_size=block, accuracy_level=0))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, K])],
+                              [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, N]) for i in range(2)],
+                              inits)
+    d.mkdir()
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                      helper.make_opsetid("com.microsoft", 1)]),
+              str(d / "model.onnx"), save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    x = rng.standard_normal((1, K)).astype(np.float32)
+    return x, _run(d, x)
+
+
+def _run(d: Path, x):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(d / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+
+
+def _reweigh(d: Path) -> None:
+    """save_with_data's rewrite: every weight byte inverted (other outputs), all tensors written anew."""
+    import onnx
+    from onnx import numpy_helper
+
+    from edgekit.convert.llm_graph import save_with_data
+
+    m = onnx.load(str(d / "model.onnx"))
+    for t in m.graph.initializer:
+        if t.name.startswith("w"):
+            t.CopyFrom(numpy_helper.from_array(255 - numpy_helper.to_array(t), t.name))
+    save_with_data(m, d)
+
+
+def test_model_and_data_replaced_as_one(tmp_path, monkeypatch):
+    """half_scales and save_with_data replace model.onnx and model.onnx.data so that a reader of the folder always
+    finds a pair that matches: stopped at any of their renames (os.replace raising there, as a crash would stop
+    them), the folder loads in ONNX Runtime and computes the old outputs (stopped at the first: the graph's rename
+    is the switch) or the new ones, holding nothing but the pair and the new data file the graph names; a whole
+    run leaves only model.onnx and model.onnx.data, and the next rewrite of a folder a stopped one left removes
+    that file."""
+    import os
+
+    import onnx
+
+    from edgekit.convert.llm_graph import half_scales
+
+    real_replace = os.replace
+    for rewrite in (half_scales, _reweigh):
+        x, old = _two_nodes(tmp_path / f"{rewrite.__name__}-ref", 5)
+        rewrite(tmp_path / f"{rewrite.__name__}-ref")
+        new = _run(tmp_path / f"{rewrite.__name__}-ref", x)
+        assert sorted(p.name for p in (tmp_path / f"{rewrite.__name__}-ref").iterdir()) == ["model.onnx",
+                                                                                          "model.onnx.data"]
+        assert not all(np.array_equal(a, b) for a, b in zip(old, new))
+        for stop in (1, 2, 3):
+            d = tmp_path / f"{rewrite.__name__}-{stop}"
+            _two_nodes(d, 5)
+            calls = []
+
+            def replace(src, dst, stop=stop, calls=calls):
+                calls.append(dst)
+                if len(calls) == stop:
+                    raise OSError(f"stopped at rename {stop}")
+                return real_replace(src, dst)
+
+            monkeypatch.setattr(os, "replace", replace)
+            try:
+                rewrite(d)
+                raise AssertionError("not stopped")
+            except OSError as e:
+                assert f"stopped at rename {stop}" in str(e)
+            finally:
+                monkeypatch.setattr(os, "replace", real_replace)
+            got = _run(d, x)
+            for a, b in zip(got, old if stop == 1 else new):
+                assert np.array_equal(a, b), (rewrite.__name__, stop)
+            named = {e.value for t in onnx.load(str(d / "model.onnx"), load_external_data=False).graph.initializer
+                     for e in t.external_data if e.key == "location"}
+            assert len(named) == 1 and {p.name for p in d.iterdir()} == {"model.onnx", "model.onnx.data"} | named
+            if stop > 1:   # a later rewrite finishes in the usual pair, the stopped one's file removed
+                _reweigh(d)
+                assert sorted(p.name for p in d.iterdir()) == ["model.onnx", "model.onnx.data"]

@@ -762,7 +762,7 @@ def apply(src_path, model_dir, algo: str, block: int, cal_tokens: int = CAL_TOKE
         left = sorted(set(mods8) & set(record["int8"]["kept"]))
         if left:   # their builder bytes were rounded from the weights before AWQ's scaling: wrong, not just wider
             raise RuntimeError(f"calibrated build: 8-bit MatMuls not re-rounded after scaling: {left}")
-    _save(full, model_dir, drop, add, ".calib-")
+    _save(full, model_dir, drop, add)
     record.update({"nodes": len(plan), "bits": {str(b): sum(1 for _, _, x in plan if x == b) for b in
                                                 sorted({x for _, _, x in plan}, key=str)},
                    "skipped": skipped, "seconds": round(time.monotonic() - t0, 1)})
@@ -905,17 +905,17 @@ def rewrite_int8(src_path, model_dir, blocks: Sequence[int], threads: Optional[i
     with torch.no_grad():
         rec = symmetric_int8(full, weight_of, blocks, drop, add, half)
     if rec["nodes"]:
-        _save(full, model_dir, drop, add, ".int8-")
+        _save(full, model_dir, drop, add)
     return rec
 
 
-def _save(full, model_dir, drop: set, add: list, prefix: str) -> None:
+def _save(full, model_dir, drop: set, add: list) -> None:
     """`full` with the initializers named in `drop` replaced by `add`, written over model_dir's model.onnx and
     model.onnx.data (llm_graph.save_with_data)."""
     keep = [t for t in full.graph.initializer if t.name not in drop]
     del full.graph.initializer[:]
     full.graph.initializer.extend(keep + add)
-    save_with_data(full, Path(model_dir), prefix)
+    save_with_data(full, Path(model_dir))
 
 
 def int8_summary(model_dir) -> Optional[Dict[str, Any]]:

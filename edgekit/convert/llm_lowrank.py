@@ -326,7 +326,7 @@ def apply(src_dir: os.PathLike, model_dir: os.PathLike, algo: str = "k_quant") -
         fresh = [t for t in g.initializer if t.name not in gone] + new_inits
         del g.initializer[:]
         g.initializer.extend(fresh)
-        save_with_data(model, model_dir, ".lowrank-")
+        save_with_data(model, model_dir)
     rec = {"source": str(src_dir), "algo": algo, "layers": layers, "left": left,
            "factorized": len(layers), "left_alone": len(left),
            "bytes_before": sum(v["bytes_before"] for v in layers.values()),
