@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 import onnxruntime_genai  # noqa: F401  (edgekit[llm-convert], in dev: missing must fail, not skip)
@@ -305,11 +306,12 @@ def test_tiny_model_converts_meets_the_floor_and_generates(arch, tmp_path):
 def test_builder_node_names_reach_phi2_dense_and_phi3_fused_linears():
     """llm_sensitivity.matmul_modules: the builder's decoder MatMul names -> the torch Linears the ladder measures,
     the calibrated algos round and the symmetric INT8 rewrite reads (phi-2's o_proj is `dense`; Phi-3's fused
-    qkv_proj is one Linear; the gate_proj / up_proj the builder splits from its gate_up_proj are no module, but
-    split_weight gives their weights)."""
+    qkv_proj is one Linear; its gate_up_proj, which the builder splits into gate_proj / up_proj nodes, becomes two
+    Linears holding its two halves of rows, the model computing what it did)."""
     import transformers
 
-    from edgekit.convert.llm_sensitivity import matmul_modules, split_weight
+    from edgekit.convert.llm_fidelity import split_gate_up
+    from edgekit.convert.llm_sensitivity import matmul_modules
 
     nodes = {0: [f"/model/layers.0/{p}/MatMul" for p in ("attn/qkv_proj", "attn/o_proj", "mlp/fc1", "mlp/fc2")]}
     phi2 = transformers.PhiForCausalLM(transformers.PhiConfig(
@@ -318,18 +320,141 @@ def test_builder_node_names_reach_phi2_dense_and_phi3_fused_linears():
     attn = phi2.model.layers[0].self_attn
     assert mods["/model/layers.0/attn/o_proj/MatMul"] == [attn.dense]
     assert mods["/model/layers.0/attn/qkv_proj/MatMul"] == [attn.q_proj, attn.k_proj, attn.v_proj]
-    assert len(mods) == 4
+    assert len(mods) == 4 and split_gate_up(phi2) == 0
     nodes = {0: [f"/model/layers.0/{p}/MatMul" for p in ("attn/qkv_proj", "attn/o_proj", "mlp/gate_proj",
                                                           "mlp/up_proj", "mlp/down_proj")]}
+    torch.manual_seed(0)
     phi3 = transformers.Phi3ForCausalLM(transformers.Phi3Config(
         vocab_size=64, pad_token_id=0, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
         num_attention_heads=2, num_key_value_heads=1))
+    ids = torch.arange(1, 20)[None]
+    with torch.no_grad():
+        before = phi3(ids).logits
+    fused = phi3.model.layers[0].mlp.gate_up_proj.weight.data.clone()
     mods = matmul_modules(phi3, nodes)
     assert mods["/model/layers.0/attn/qkv_proj/MatMul"] == [phi3.model.layers[0].self_attn.qkv_proj]
-    assert sorted(n.split("/")[-2] for n in mods) == ["down_proj", "o_proj", "qkv_proj"]
-    # the halves the builder splits gate_up_proj into ([gate | up], as Phi3MLP chunks it): weights for the INT8 rewrite
-    fused = phi3.model.layers[0].mlp.gate_up_proj.weight.data
-    gate, up = (split_weight(phi3, f"/model/layers.0/mlp/{p}/MatMul_Q8") for p in ("gate_proj", "up_proj"))
-    assert torch.equal(gate, fused[:128]) and torch.equal(up, fused[128:])
-    assert split_weight(phi3, "/model/layers.0/mlp/down_proj/MatMul") is None
-    assert split_weight(phi2, "/model/layers.0/mlp/up_proj/MatMul") is None
+    assert sorted(n.split("/")[-2] for n in mods) == ["down_proj", "gate_proj", "o_proj", "qkv_proj", "up_proj"]
+    # the halves the builder splits gate_up_proj into ([gate | up], as Phi3MLP chunks it), each its own Linear
+    (gate,), (up,) = (mods[f"/model/layers.0/mlp/{p}/MatMul"] for p in ("gate_proj", "up_proj"))
+    assert torch.equal(gate.weight, fused[:128]) and torch.equal(up.weight, fused[128:])
+    assert gate.out_features == up.out_features == 128 and split_gate_up(phi3) == 0   # split once
+    with torch.no_grad():
+        torch.testing.assert_close(phi3(ids).logits, before, rtol=1e-5, atol=1e-5)
+
+
+def _nbits_weight(full, node, steps: bool = False):
+    """A built MatMulNBits node's dequantized weight [N, K] (its scales read through half_scales' Cast); steps:
+    with each weight's quantization step (its block's scale) [N, K]."""
+    from onnx import numpy_helper
+
+    from edgekit.convert import llm_gptq as g
+
+    inits = {t.name: t for t in full.graph.initializer}
+    cast = {n.output[0]: n.input[0] for n in full.graph.node if n.op_type == "Cast"}
+
+    def arr(x):
+        return numpy_helper.to_array(inits[cast.get(x, x)])
+
+    ins = list(node.input) + [""] * 4
+    K, N, block = g._attr(node, "K"), g._attr(node, "N"), g._attr(node, "block_size")
+    scale = arr(ins[2]).astype(np.float32).reshape(N, -1)
+    w = g.unpack_nbits(arr(ins[1]), scale, arr(ins[3]) if ins[3] else None, K, N, g._attr(node, "bits"), block)
+    return (w, np.repeat(scale, block, 1)[:, :K]) if steps else w
+
+
+def test_phi3_gate_and_up_halves_are_measured_and_calibrated(tmp_path, monkeypatch):
+    """Phi-3's gate_proj / up_proj, the builder's two MatMuls split from its fused gate_up_proj, are first-class:
+    the ladder's per-MatMul ranking measures each (its weight the half of gate_up_proj's rows the builder's node
+    holds: the builder's k-quant node is the simulation's rounding of that half), a calibrated build (AWQ + GPTQ)
+    rewrites every decoder node with AWQ's post_attention_layernorm -> gate/up and up -> down groups, an 8-bit
+    override on one of them reaches the build, and the build's logits are the torch simulation's of the same
+    rounding (the simulated model apply rounded, with the graph's 8-bit tables, against the graph run at
+    accuracy level 0: fp32 activations)."""
+    import onnx
+
+    from edgekit.convert import llm_fidelity as lf
+    from edgekit.convert import llm_gptq as g
+    from edgekit.convert import llm_sensitivity as ls
+    from edgekit.convert.llm import LLMBuildOptions, decoder_matmuls, read_source, run_builder
+
+    folder = make_tiny("phi3", tmp_path / "tiny-phi3")
+    src = read_source(str(folder))
+    kq = tmp_path / "k_quant"
+    run_builder(src, LLMBuildOptions("int4"), kq, tmp_path / "cache", {})
+    matmuls = decoder_matmuls(kq / "model.onnx")
+    halves = [f"/model/layers.{i}/mlp/{p}/MatMul" for i in range(3) for p in ("gate_proj", "up_proj")]
+    assert set(halves) <= {n for v in matmuls.values() for n in v}
+    fm = lf.FloatModel(folder, threads=1)
+    mods = ls.matmul_modules(fm.model, matmuls)
+    assert len(mods) == 15 and all(len(mods[n]) == 1 and mods[n][0].out_features == 128 for n in halves)
+    # the builder's k-quant gate / up nodes hold the simulation's rounding of the module's weight (rows [:128] /
+    # [128:] of gate_up_proj), in the node's own quantization steps as kquant_fake's own test measures it (float32
+    # arithmetic may pick a neighbouring candidate grid in a few blocks; the file's scales are fp16); the other
+    # half's rounding is nowhere near
+    full = onnx.load(str(kq / "model.onnx"))
+    other = {h: h.replace("gate_proj", "up_proj") if "gate_proj" in h else h.replace("up_proj", "gate_proj")
+             for h in halves}
+    for n in full.graph.node:
+        base = n.name.rsplit("_Q", 1)[0]
+        if base in halves:
+            got, step = _nbits_weight(full, n, steps=True)
+            r = np.abs(got - ls.kquant_fake(mods[base][0].weight.detach(), 32, 4).numpy()) / step
+            assert (r > 0.5).mean() < 0.02 and np.median(r) < 1e-2 and r.max() < 1.5, (n.name, r.max())
+            r = np.abs(got - ls.kquant_fake(mods[other[base]][0].weight.detach(), 32, 4).numpy()) / step
+            assert np.median(r) > 1, n.name
+    # the ladder's ranking (llm.py's _Session.matmul_sensitivity): each half a candidate of its own
+    cal = ls.calibration_text(fm, tokens=64)
+    ranking = ls.matmul_sensitivity(fm, cal, matmuls, 32, "k_quant")
+    assert len(ranking) == 15 and set(halves) <= {d["name"] for d in ranking}
+    assert all(d["params"] == 128 * 128 and d["kl_mean"] > 0 for d in ranking if d["name"] in halves)
+    # a calibrated build with the worst-ranked half at INT8 (the matmuls rung's choice)
+    worst = next(d["name"] for d in ranking if d["name"] in halves)
+    sims = []
+
+    class Recorded(lf.FloatModel):   # the model llm_gptq.apply rounds: the torch simulation of the build
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            sims.append(self)
+
+    monkeypatch.setattr(lf, "FloatModel", Recorded)
+    d = tmp_path / "awq_gptq"
+    log = run_builder(src, LLMBuildOptions("int4", algo="awq_gptq", int8_matmuls=(worst,)), d, tmp_path / "cache",
+                      {})
+    assert "calibrated rounding" in log
+    rec = json.loads((d / g.RECORD).read_text())
+    assert rec["nodes"] == 15 and not rec["skipped"] and rec["bits"] == {"4": 14, "8": 1}, rec
+    assert rec["awq"]["groups"] == 3 * 2 and rec["int8"] == {"nodes": 2, "blocks": {"64": 2}, "kept": []}
+    full = onnx.load(str(d / "model.onnx"))
+    nodes = {n.name.rsplit("_Q", 1)[0]: n for n in full.graph.node if n.op_type == "MatMulNBits"}
+    assert all(g._attr(nodes[h], "bits") == (8 if h == worst else 4) for h in halves)
+    assert len(nodes[worst].input) == 3      # symmetric, no zero points
+    sim = sims[0].model
+    smods = ls.matmul_modules(sim, matmuls)
+    for h in halves:   # the 4-bit halves: what GPTQ rounded in torch (the file's scales fp16: 2^-11 apart)
+        if h != worst:
+            got, step = _nbits_weight(full, nodes[h], steps=True)
+            assert (np.abs(got - smods[h][0].weight.detach().numpy()) / step).max() < 1e-2, h
+    # the 8-bit tables as the graph holds them (the half: symmetric from its AWQ-scaled weight, not the k-quant
+    # rounding GPTQ's later layers saw; the tied lm_head / embedding: the builder's, re-rounded symmetric)
+    with torch.no_grad():
+        smods[worst][0].weight.data = torch.from_numpy(_nbits_weight(full, nodes[worst]))
+        sim.lm_head.weight.data = torch.from_numpy(_nbits_weight(full, nodes["/lm_head/MatMul"]))
+    assert sim.model.embed_tokens.weight is sim.lm_head.weight
+    for n in nodes.values():
+        for a in n.attribute:
+            if a.name == "accuracy_level":
+                a.i = 0
+    d0 = tmp_path / "level0"
+    d0.mkdir()
+    (d0 / "genai_config.json").write_text((d / "genai_config.json").read_text())
+    g._save(full, d0, set(), [], ".l0-")
+    text = fm.text_windows(corpus_text(60, seed=3), "held-out", 256, 128)
+    dec = lf.OnnxDecoder(d0, 1, 64, threads=1)
+    got = [dec.logits(w) for w in text.windows]
+    with torch.no_grad():
+        want = [sim(torch.from_numpy(w)[None], use_cache=False).logits[0].numpy() for w in text.windows]
+    err = max(float(np.abs(a - b).max()) for a, b in zip(got, want))
+    # against the float model, the build's rounding moves them by far more
+    moved = min(float(np.abs(a - fm.logits(w)).max()) for a, w in zip(got, text.windows))
+    print(json.dumps({"sim_err": err, "float_moved": moved}))
+    assert err < 0.02 * moved, (err, moved)

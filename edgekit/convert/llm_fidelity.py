@@ -110,6 +110,7 @@ class FloatModel:
         self.folder = Path(folder)
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
         self.model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+        split_gate_up(self.model)   # Phi-3's fused gate_up_proj as the builder writes it: two MatMuls, two Linears
         self.params = int(sum(p.numel() for p in self.model.parameters()))
         self._ref: Dict[int, np.ndarray] = {}
         torch.set_num_threads(threads or free_cores())
@@ -198,6 +199,56 @@ def _decoder_layers(model):
         except AttributeError:
             continue
     raise AttributeError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+_SPLIT_CLASS: List[Any] = []
+
+
+def _split_class():
+    """The module a fused gate_up_proj Linear becomes (split_gate_up); defined on first use (torch imported late)."""
+    if not _SPLIT_CLASS:
+        import torch
+
+        class GateUp(torch.nn.Module):
+            """Two Linears, gate_proj (the fused weight's first half of rows) and up_proj (the second), whose
+            outputs concatenated are the fused Linear's ([gate | up], as Phi3MLP chunks it)."""
+
+            def __init__(self, fused):
+                super().__init__()
+                half = fused.out_features // 2
+                for name, rows in (("gate_proj", slice(0, half)), ("up_proj", slice(half, 2 * half))):
+                    lin = torch.nn.Linear(fused.in_features, half, bias=fused.bias is not None,
+                                          device="meta", dtype=fused.weight.dtype)
+                    lin.weight = torch.nn.Parameter(fused.weight.data[rows], requires_grad=False)
+                    if fused.bias is not None:
+                        lin.bias = torch.nn.Parameter(fused.bias.data[rows], requires_grad=False)
+                    setattr(self, name, lin)
+
+            def forward(self, x):
+                return torch.cat([self.gate_proj(x), self.up_proj(x)], -1)
+
+        _SPLIT_CLASS.append(GateUp)
+    return _SPLIT_CLASS[0]
+
+
+def split_gate_up(model) -> int:
+    """Each decoder layer's fused `gate_up_proj` Linear (Phi-3, Phi-3.5-mini, Phi-4-mini) replaced in place by two
+    Linears `gate_proj` / `up_proj` under it, as ONNX Runtime GenAI's model builder splits it into two MatMuls
+    (make_mlp_unpacked_regular: rows [:intermediate_size] gate_proj, the rest up_proj; Phi3MLP chunks its output
+    [gate | up] the same way). The model computes what it did (the same weights, the two products concatenated);
+    the builder's gate_proj / up_proj nodes then each have a module of their own to measure, calibrate and round
+    (llm_sensitivity.matmul_modules, llm_gptq). Idempotent; returns how many were split."""
+    import torch
+
+    cls, n = _split_class(), 0
+    for layer in _decoder_layers(model):
+        for parent in list(layer.modules()):
+            fused = getattr(parent, "gate_up_proj", None)
+            if (isinstance(fused, torch.nn.Linear) and not fused.out_features % 2
+                    and not hasattr(parent, "gate_proj") and not hasattr(parent, "up_proj")):
+                parent.gate_up_proj = cls(fused)
+                n += 1
+    return n
 
 
 def _fake_quant(w, block: int, bits: int):

@@ -871,14 +871,15 @@ def rewrite_int8(src_path, model_dir, blocks: Sequence[int], threads: Optional[i
                  model=None, half: bool = False) -> Dict[str, Any]:
     """A built model_dir's 8-bit MatMulNBits (lm_head, decoder nodes) re-rounded symmetric from the float model's
     weights (symmetric_int8); model.onnx + model.onnx.data rewritten when any was. A node whose weight the float
-    model does not hold as one Linear, a packed q/k/v or gate/up, or half of a fused gate_up_proj (Phi-3's, split
-    by the builder: llm_sensitivity.split_weight) is left as it is. model: the float torch model already loaded
-    (the converter's session holds one), else loaded from src_path. half: on fp16 scales (symmetric_int8)."""
+    model does not hold as one Linear or a packed q/k/v or gate/up (llm_sensitivity.matmul_modules; Phi-3's
+    gate_proj / up_proj are the Linears llm_fidelity.split_gate_up makes of its gate_up_proj) is left as it is.
+    model: the float torch model already loaded (the converter's session holds one), else loaded from src_path.
+    half: on fp16 scales (symmetric_int8)."""
     import onnx
     import torch
 
     from edgekit.convert.llm_fidelity import FloatModel
-    from edgekit.convert.llm_sensitivity import matmul_modules, split_weight
+    from edgekit.convert.llm_sensitivity import matmul_modules
 
     model_dir = Path(model_dir)
     full = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
@@ -896,8 +897,7 @@ def rewrite_int8(src_path, model_dir, blocks: Sequence[int], threads: Optional[i
         if node.name.startswith("/lm_head/"):
             return None if head is None else head.data
         ms = mods.get(re.sub(r"_Q\d+$", "", node.name))
-        # else a node the builder split from a fused Linear (Phi-3's gate_up_proj)
-        return torch.cat([m.weight.data for m in ms]) if ms else split_weight(model, node.name)
+        return torch.cat([m.weight.data for m in ms]) if ms else None
 
     full = onnx.load(str(model_dir / "model.onnx"))
     drop: set = set()

@@ -22,7 +22,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 
-from edgekit.convert.llm_fidelity import EvalText, FloatModel, _decoder_layers, _fake_quant, _kl, _log_softmax
+from edgekit.convert.llm_fidelity import (EvalText, FloatModel, _decoder_layers, _fake_quant, _kl, _log_softmax,
+                                          split_gate_up)
 
 # Calibration prompts: other topics and styles than llm_fidelity.BUILTIN_PROMPTS (which a convert without --val
 # scores the build on), so what is measured to choose the INT8 set is never what the build is judged on.
@@ -96,10 +97,13 @@ def fake_quant(w, block: int, bits: int, algo: str):
 
 def matmul_modules(model, matmuls: Dict[int, List[str]]) -> Dict[str, List[Any]]:
     """The builder's decoder MatMul node names -> the torch Linear modules whose weights each one holds (a packed
-    qkv_proj holds q/k/v; phi-2's o_proj is its `dense`). Nodes without a match are left out (never measured, never
-    chosen, never calibrated: Phi-3's gate_proj / up_proj, which the builder splits from its fused gate_up_proj)."""
+    qkv_proj holds q/k/v; phi-2's o_proj is its `dense`; Phi-3's gate_proj / up_proj, which the builder splits from
+    its fused gate_up_proj, are the two Linears llm_fidelity.split_gate_up makes of it: the model is split first
+    if it was not, as FloatModel loads it). Nodes without a match are left out (never measured, never chosen,
+    never calibrated)."""
     import torch
 
+    split_gate_up(model)
     layers = _decoder_layers(model)
     out: Dict[str, List[Any]] = {}
     for i, names in matmuls.items():
@@ -114,37 +118,6 @@ def matmul_modules(model, matmuls: Dict[int, List[str]]) -> Dict[str, List[Any]]
                     out[node] = mods
                     break
     return out
-
-
-# builder node segment -> (the fused Hugging Face Linear the builder splits it from, which half of its rows):
-# Phi-3's gate_up_proj holds [gate | up] (Phi3MLP chunks its output in two; the builder's make_mlp_unpacked takes
-# rows [:intermediate] as gate_proj, the rest as up_proj)
-_SPLIT = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
-
-
-def split_weight(model, node: str):
-    """The float weight [N, K] of a builder MatMul node split from a fused Linear (Phi-3's gate_proj / up_proj: a
-    half of gate_up_proj's rows), None for any other node. matmul_modules leaves these nodes out (a half of a
-    Linear is not a module to measure or calibrate); the symmetric INT8 rewrite needs only the weight."""
-    import re
-
-    import torch
-
-    m = re.match(r"/model/layers\.(\d+)/", node)
-    seg = node.rstrip("/").split("/")[-2] if "/" in node else node
-    if m is None or seg not in _SPLIT:
-        return None
-    layers = _decoder_layers(model)
-    i = int(m.group(1))
-    if i >= len(layers):
-        return None
-    fused, half = _SPLIT[seg]
-    linears = {n.rsplit(".", 1)[-1]: mod for n, mod in layers[i].named_modules() if isinstance(mod, torch.nn.Linear)}
-    if seg in linears or fused not in linears or linears[fused].out_features % 2:
-        return None
-    w = linears[fused].weight.data
-    rows = w.shape[0] // 2
-    return w[half * rows:(half + 1) * rows]
 
 
 def calibration_text(fm: FloatModel, tokens: int = 256) -> EvalText:
