@@ -376,6 +376,7 @@ def test_phi3_gate_and_up_halves_are_measured_and_calibrated(tmp_path, monkeypat
     from edgekit.convert import llm_gptq as g
     from edgekit.convert import llm_sensitivity as ls
     from edgekit.convert.llm import LLMBuildOptions, decoder_matmuls, read_source, run_builder
+    from edgekit.convert.llm_graph import save_with_data
 
     folder = make_tiny("phi3", tmp_path / "tiny-phi3")
     src = read_source(str(folder))
@@ -447,7 +448,7 @@ def test_phi3_gate_and_up_halves_are_measured_and_calibrated(tmp_path, monkeypat
     d0 = tmp_path / "level0"
     d0.mkdir()
     (d0 / "genai_config.json").write_text((d / "genai_config.json").read_text())
-    g._save(full, d0, set(), [], ".l0-")
+    save_with_data(full, d0)
     text = fm.text_windows(corpus_text(60, seed=3), "held-out", 256, 128)
     dec = lf.OnnxDecoder(d0, 1, 64, threads=1)
     got = [dec.logits(w) for w in text.windows]
