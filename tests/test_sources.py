@@ -83,9 +83,12 @@ def test_vww_h5_through_the_tf_keras_fallback(tmp_path):
     assert agree.mean() >= 0.97, agree.mean()
 
 
-def _two_input_model(path):
+def _two_input_model(path, seed=None):
+    """seed: Keras' initializers seeded (keras.utils.set_random_seed), else random weights."""
     import keras
 
+    if seed is not None:
+        keras.utils.set_random_seed(seed)
     a = keras.Input((6,), name="sensor")
     b = keras.Input((4, 4, 1), name="patch")
     hb = keras.layers.Flatten()(keras.layers.Conv2D(4, 3, activation="relu")(b))
