@@ -94,3 +94,19 @@ def test_cli_takes_the_check_modes_a_language_model_has(tiny_lm, cli, tmp_path):
     r = cli("convert", tiny_lm, "-t", "rpi5", "--compat-check", "accept-crash", "-o", tmp_path / "b")
     assert r.exit_code == 2 and "accept-crash is for TFLite artifacts" in r.output
     assert "Traceback" not in r.output and not (tmp_path / "b").exists()
+
+
+def test_a_check_past_its_time_is_not_checked_under_auto_and_fails_when_required(arm_build, monkeypatch):
+    """qemu runs ARM code tens of times slower: auto gives a long check up (recorded, the bundle written),
+    emulated fails the row. A 1-second limit: the engine alone takes longer to import under emulation."""
+    from edgekit.convert import compat
+    from edgekit.errors import ConversionError
+    from edgekit.targets import load_target
+
+    _, path = arm_build
+    monkeypatch.setitem(compat.LLM_EMULATED_LIMIT_S, False, 1.0)
+    monkeypatch.setitem(compat.LLM_EMULATED_LIMIT_S, True, 1.0)
+    [rec] = compat.check_llm(path, load_target("rpi5"), "auto")
+    assert rec["checked"] is False and "ran past 1 s under emulation" in rec["reason"], rec
+    with pytest.raises(ConversionError, match="ran past 1 s under emulation"):
+        compat.check_llm(path, load_target("rpi5"), "emulated")
