@@ -171,6 +171,29 @@ def pip_failure(log_text: str) -> str:
     return why
 
 
+def _venv_with(root: Path, venv: str, pip: List[str], probe: str, log, log_path: Path) -> None:
+    """A venv at `venv` inside root with `pip` installed (binary wheels only, from the registry this host reaches,
+    with its CA bundle), then `probe` run by its python; DeviceError naming the step and the log otherwise."""
+    r = in_root(root, ["python3", "-m", "venv", venv], log=log)
+    if r.returncode != 0:
+        raise DeviceError(f"python3 -m venv {venv} failed in the arm64 root; log: {log_path}")
+    env = {"PIP_DEFAULT_TIMEOUT": "180", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    ca = refresh_ca(root)  # the host's CA bundle: the same registry access as here
+    if ca:
+        env["PIP_CERT"] = ca
+    for k in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_TRUSTED_HOST"):
+        if os.environ.get(k):
+            env[k] = os.environ[k]
+    r = in_root(root, [f"{venv}/bin/pip", "install", "--no-cache-dir", "--only-binary=:all:", *pip], env=env, log=log)
+    if r.returncode != 0:
+        log.flush()
+        raise DeviceError(f"pip install {' '.join(pip)} failed inside the emulated arm64 root: "
+                          f"{pip_failure(log_path.read_text(errors='replace'))}; log: {log_path}")
+    r = in_root(root, [f"{venv}/bin/python", "-c", probe], log=log)
+    if r.returncode != 0:
+        raise DeviceError(f"the arm64 venv {venv} fails `{probe}`; log: {log_path}")
+
+
 def build(recipe: Dict[str, object] = RECIPE, say: Callable[[str], None] = print) -> Path:
     """Build the root once (cached under cache_dir()/<recipe key>); returns its path."""
     key = recipe_key(recipe)
@@ -198,27 +221,8 @@ def build(recipe: Dict[str, object] = RECIPE, say: Callable[[str], None] = print
             if r.returncode != 0:
                 raise DeviceError(f"debootstrap failed (exit {r.returncode}); log: {log_path}")
             say(f"emulated device: venv with {' '.join(recipe['pip'])} (under emulation)")
-            r = in_root(root, ["python3", "-m", "venv", VENV], log=log)
-            if r.returncode != 0:
-                raise DeviceError(f"python3 -m venv failed in the arm64 root; log: {log_path}")
-            env = {"PIP_DEFAULT_TIMEOUT": "180", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-            ca = refresh_ca(root)  # the host's CA bundle: the same registry access as here
-            if ca:
-                env["PIP_CERT"] = ca
-            for k in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_TRUSTED_HOST"):
-                if os.environ.get(k):
-                    env[k] = os.environ[k]
-            r = in_root(root, [f"{VENV}/bin/pip", "install", "--no-cache-dir", "--only-binary=:all:",
-                               *recipe["pip"]], env=env, log=log)
-            if r.returncode != 0:
-                log.flush()
-                raise DeviceError(f"pip install {' '.join(recipe['pip'])} failed inside the emulated arm64 root: "
-                                  f"{pip_failure(log_path.read_text(errors='replace'))}; log: {log_path}")
-            r = in_root(root, [f"{VENV}/bin/python", "-c",
-                               "import platform, numpy, tflite_runtime.interpreter as t; "
-                               "print(platform.machine(), numpy.__version__)"], log=log)
-            if r.returncode != 0:
-                raise DeviceError(f"the arm64 venv does not import numpy + tflite-runtime; log: {log_path}")
+            _venv_with(root, VENV, list(recipe["pip"]), "import platform, numpy, tflite_runtime.interpreter as t; "
+                       "print(platform.machine(), numpy.__version__)", log, log_path)
             for d in ("run/sshd", DEVICE_ROOT.lstrip("/"), "etc/edgekit"):
                 (root / d).mkdir(parents=True, exist_ok=True)
             for k in root.glob("etc/ssh/ssh_host_*"):  # each device gets its own host key
@@ -293,27 +297,8 @@ def build_llm(say: Callable[[str], None] = print, recipe: Optional[Dict[str, obj
         say(f"emulated device: a venv with {' '.join(recipe['pip'])} (under emulation, once)")
         try:
             with open(log_path, "w") as log:
-                r = in_root(root, ["python3", "-m", "venv", venv], log=log)
-                if r.returncode != 0:
-                    raise DeviceError(f"python3 -m venv {venv} failed in the arm64 root; log: {log_path}")
-                env = {"PIP_DEFAULT_TIMEOUT": "180", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-                ca = refresh_ca(root)
-                if ca:
-                    env["PIP_CERT"] = ca
-                for k in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_TRUSTED_HOST"):
-                    if os.environ.get(k):
-                        env[k] = os.environ[k]
-                r = in_root(root, [f"{venv}/bin/pip", "install", "--no-cache-dir", "--only-binary=:all:",
-                                   *recipe["pip"]], env=env, log=log)
-                if r.returncode != 0:
-                    log.flush()
-                    raise DeviceError(f"pip install {' '.join(recipe['pip'])} failed inside the emulated arm64 "
-                                      f"root: {pip_failure(log_path.read_text(errors='replace'))}; log: {log_path}")
-                r = in_root(root, [f"{venv}/bin/python", "-c",
-                                   "import platform, onnxruntime_genai as og, onnxruntime as ort; "
-                                   "print(platform.machine(), og.__version__, ort.__version__)"], log=log)
-                if r.returncode != 0:
-                    raise DeviceError(f"the arm64 LLM venv does not import onnxruntime_genai; log: {log_path}")
+                _venv_with(root, venv, list(recipe["pip"]), "import platform, onnxruntime_genai as og, onnxruntime "
+                           "as ort; print(platform.machine(), og.__version__, ort.__version__)", log, log_path)
         except BaseException:
             shutil.rmtree(here, ignore_errors=True)
             raise

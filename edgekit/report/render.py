@@ -340,6 +340,15 @@ def _drop(st: Dict[str, Any]) -> Optional[float]:
     return next((st[k] for k in ("drop_points", "accuracy_drop_points", "drop") if st.get(k) is not None), None)
 
 
+def _compat_result(c: Dict[str, Any], ok: str) -> Markup:
+    """A compatibility record's result cell: not checked (why), `ok`, or FAILS (the error)."""
+    if not c.get("checked"):
+        return Markup(f'<span class="muted">not checked</span>: {escape(str(c.get("reason") or ""))}')
+    if c.get("ok"):
+        return Markup(f'<span class="ok">{escape(ok)}</span>')
+    return Markup(f'<span class="bad">FAILS</span>: {escape(str(c.get("error") or ""))}')
+
+
 def compat_section(m: ModelInfo) -> str:
     rows, bad = [], []
     for b in m.bundles:
@@ -350,12 +359,8 @@ def compat_section(m: ModelInfo) -> str:
             fig = "; ".join(f"{k}: SNR {_num(v.get('snr_db'), '{:.1f}')} dB, top-1 "
                             f"{_num(v.get('top1_agreement'), '{:.3g}')}" for k, v in outs.items()
                             if isinstance(v, dict))
-            if not c.get("checked"):
-                res = Markup(f'<span class="muted">not checked</span>: {escape(str(c.get("reason") or ""))}')
-            elif c.get("ok"):
-                res = Markup('<span class="ok">loads and matches</span>')
-            else:
-                res = Markup(f'<span class="bad">FAILS</span>: {escape(str(c.get("error") or ""))}')
+            res = _compat_result(c, "loads and matches")
+            if c.get("checked") and not c.get("ok"):
                 bad.append(len(rows))
             rows.append([b.key, " + ".join(c.get("requirements") or []), c.get("where") or "–", res,
                          c.get("backend") or "–", fig or "–", _num(c.get("seconds"), "{:.1f}")])
@@ -584,12 +589,8 @@ def llm_compat(m: ModelInfo) -> str:
     rows, bad = [], []
     for b in m.bundles:
         for c in b.compatibility or []:
-            if not c.get("checked"):
-                res = Markup(f'<span class="muted">not checked</span>: {escape(str(c.get("reason") or ""))}')
-            elif c.get("ok"):
-                res = Markup('<span class="ok">matches</span>')
-            else:
-                res = Markup(f'<span class="bad">FAILS</span>: {escape(str(c.get("error") or ""))}')
+            res = _compat_result(c, "matches")
+            if c.get("checked") and not c.get("ok"):
                 bad.append(len(rows))
             same = {True: "same", False: "differs", None: "–"}[c.get("text_matches_golden")]
             rows.append([b.key, " + ".join(c.get("requirements") or []), c.get("where") or "–", res,
