@@ -459,3 +459,25 @@ def test_phi3_gate_and_up_halves_are_measured_and_calibrated(tmp_path, monkeypat
     moved = min(float(np.abs(a - fm.logits(w)).max()) for a, w in zip(got, text.windows))
     print(json.dumps({"sim_err": err, "float_moved": moved}))
     assert err < 0.02 * moved, (err, moved)
+
+
+def test_split_gate_up_on_models_without_fused_layers():
+    """A Gemma3ForConditionalGeneration's text decoder is found (model.language_model.layers) and has nothing to
+    split; a module whose layers are nowhere known is left as it is (FloatModel loaded such forms before the
+    split existed: it must not stop them)."""
+    import torch
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+    from transformers.models.gemma3.configuration_gemma3 import Gemma3TextConfig
+    from transformers.models.siglip.configuration_siglip import SiglipVisionConfig
+
+    from edgekit.convert.llm_fidelity import _decoder_layers, split_gate_up
+
+    tc = Gemma3TextConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=128,
+                          sliding_window=32)
+    vc = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                            image_size=28, patch_size=14)
+    torch.manual_seed(0)
+    m = Gemma3ForConditionalGeneration(Gemma3Config(text_config=tc, vision_config=vc, mm_tokens_per_image=4))
+    assert len(_decoder_layers(m)) == 2 and split_gate_up(m) == 0
+    assert split_gate_up(torch.nn.Sequential(torch.nn.Linear(4, 8))) == 0

@@ -190,7 +190,8 @@ def free_cores() -> int:
 
 
 def _decoder_layers(model):
-    for path in ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers"):
+    for path in ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers",
+                 "model.language_model.layers"):   # the last: Gemma3ForConditionalGeneration's text decoder
         obj = model
         try:
             for part in path.split("."):
@@ -241,7 +242,11 @@ def split_gate_up(model) -> int:
     import torch
 
     cls, n = _split_class(), 0
-    for layer in _decoder_layers(model):
+    try:
+        layers = _decoder_layers(model)
+    except AttributeError:   # a form whose layers are elsewhere: nothing fused to split there (it was loadable)
+        return 0
+    for layer in layers:
         for parent in list(layer.modules()):
             fused = getattr(parent, "gate_up_proj", None)
             if (isinstance(fused, torch.nn.Linear) and not fused.out_features % 2
