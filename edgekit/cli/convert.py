@@ -88,8 +88,9 @@ def _input_shapes(values):
               default="auto", show_default=True, help="Check each artifact in the oldest runtime its target runs "
               "(runtime.min_runtime): emulated arm64 root when built, else a cached venv. accept-crash: as auto, "
               "but write an artifact whose crash under emulation cannot be attributed (recorded in the manifest). "
-              "Language models for arm64 targets: their golden check by onnxruntime-genai on ARM's kernels in the "
-              "emulated root (built by python -m edgekit.lab.emulated build --llm, or by 'emulated' on first use).")
+              "Language models for arm64 CPU targets: their golden check by onnxruntime-genai on ARM's kernels in "
+              "the emulated root (auto: where python -m edgekit.lab.emulated build --llm built it; emulated: "
+              "built on first use); venv and off record them unchecked; accept-crash is refused.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
 @click.option("--report", "html_report", is_flag=True, help="Also write OUT/report.html (edgekit report OUT).")

@@ -11,6 +11,7 @@ Entries with a space or parentheses are what the device needs but cannot be inst
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -103,14 +104,17 @@ def _run_emulated(bundle_dir: Path, python: Optional[str] = None, timeout: float
 LLM_EMULATED_LIMIT_S = {False: 900.0, True: 3600.0}
 
 
-def check_llm(bundle_dir: Path, profile: TargetProfile, mode: str = "auto") -> List[Dict[str, Any]]:
+def check_llm(bundle_dir: Path, profile: TargetProfile, mode: str = "auto", execution_provider: str = "cpu",
+              cache: Optional[Dict] = None, say=None) -> List[Dict[str, Any]]:
     """A language-model bundle for an arm64 profile: its golden check (teacher-forced top-1 agreement, logit SNR
     at the golden top-K, a generation) run by onnxruntime-genai on ARM's kernels in the emulated arm64 root, the
     engine at the versions that measured it here (edgekit.lab.emulated.build_llm). Fidelity was measured on this
     machine's kernels; this is where the target's rounding of the int8 dot products shows. Returns the manifest's
-    compatibility records (none for an x86 profile: this machine's kernels are the target's kind). Raises
-    ConversionError when the bundle fails there (the row is not written). auto: checked where the LLM venv is
-    built, else recorded as not checked; emulated: required (built on first use); venv/off: not checked."""
+    compatibility records (none for an x86 profile: this machine's kernels are the target's kind; a build for
+    another execution provider than the CPU's is recorded unchecked). Raises ConversionError when the bundle fails
+    there (the row is not written). auto: checked where the LLM venv is built, else recorded with why not;
+    emulated: required (built on first use); venv/off: recorded unchecked. cache: records by the model's files and
+    golden (the Pi profiles' bundles of one build are checked once); say: a progress line before a check runs."""
     if mode not in MODES:
         raise ConversionError(f"unknown compatibility mode {mode!r}", hint="one of " + ", ".join(MODES))
     if profile.device.arch != "aarch64":
@@ -121,31 +125,37 @@ def check_llm(bundle_dir: Path, profile: TargetProfile, mode: str = "auto") -> L
     recipe = emulate.llm_recipe()
     reqs = list(recipe["pip"])
     where = "emulated aarch64 (qemu)"
+    if execution_provider != "cpu":
+        return [{"requirements": reqs, "checked": False,
+                 "reason": f"built for the {execution_provider} execution provider: ARM's CPU kernels are not the "
+                           "device's (unverified until the device runs its golden check)"}]
     if mode in ("off", "venv"):
         why = ("--compat-check off" if mode == "off" else
                "--compat-check venv: an x86 venv runs this machine's kernels, which measured the bundle already")
         return [{"requirements": reqs, "checked": False, "reason": why}]
-    usable = os.geteuid() == 0 and sys.platform == "linux"
+    bundle_dir = Path(bundle_dir).resolve()
+    manifest = json.loads((bundle_dir / "manifest.json").read_text(encoding="utf-8"))
+    key = (tuple(sorted((k, f["sha256"]) for k, f in manifest["model"]["files"].items())),
+           hashlib.sha256((bundle_dir / "golden.json").read_bytes()).hexdigest(), tuple(reqs), mode)
+    if cache is not None and key in cache:
+        return [dict(cache[key])]
     if mode == "emulated":
-        if not usable:
-            raise ConversionError("the emulated arm64 root needs Linux and root", target=profile.name,
-                                  stage="compatibility", hint="--compat-check auto records the bundle as not checked")
         try:
-            python = emulate.build_llm(say=lambda _t: None)
+            python = emulate.build_llm(say=say or (lambda _t: None))
         except DeviceError as e:
             raise ConversionError(f"no emulated arm64 root with {' + '.join(reqs)}: {e}", target=profile.name,
-                                  stage="compatibility", hint=e.hint or "python -m edgekit.lab.emulated build --llm"
-                                  ) from None
-    elif usable and emulate.llm_is_built(recipe):
-        python = f"{emulate.llm_venv(recipe)}/bin/python"
+                                  stage="compatibility") from None
     else:
-        return [{"requirements": reqs, "checked": False,
-                 "reason": "no emulated arm64 root with onnxruntime-genai here (python -m edgekit.lab.emulated "
-                           "build --llm; Linux and root): measured on this machine's kernels only"}]
+        why = emulate.llm_unavailable(recipe)
+        if why:
+            return [{"requirements": reqs, "checked": False, "reason": why + ": measured on this machine's kernels only"}]
+        python = f"{emulate.llm_venv(recipe)}/bin/python"
+    if say:
+        say(f"golden check on ARM's kernels ({where}, {' + '.join(reqs)})")
     t0 = time.monotonic()
     limit = LLM_EMULATED_LIMIT_S[mode == "emulated"]
     try:
-        res = _run_emulated(Path(bundle_dir).resolve(), python=python, timeout=limit)
+        res = _run_emulated(bundle_dir, python=python, timeout=limit)
     except subprocess.TimeoutExpired:
         why = f"the golden check ran past {limit:.0f} s under emulation (qemu runs ARM code tens of times slower)"
         if mode == "emulated":
@@ -158,17 +168,21 @@ def check_llm(bundle_dir: Path, profile: TargetProfile, mode: str = "auto") -> L
               "seconds": round(time.monotonic() - t0, 1)}
     if not res.get("ok"):
         if res.get("error"):
-            detail = res["error"]
-        else:
-            snr = res.get("snr_db")
-            detail = (f"teacher-forced top-1 agreement {res.get('top1_agreement', 0):.3f} (min "
-                      f"{res.get('min_top1_agreement')}), logit SNR "
-                      + ("n/a" if snr is None else f"{snr:.1f} dB (min {res.get('min_snr_db')})")
-                      + ("" if res.get("generation_ok", True) else ", the generation produced no text"))
+            raise ConversionError(f"the language model does not run in {' + '.join(reqs)} on aarch64 ({where}): "
+                                  f"{res['error']}", target=profile.name, stage="compatibility",
+                                  hint="a board decides; --compat-check off writes it unchecked")
+        snr = res.get("snr_db")
+        detail = (f"teacher-forced top-1 agreement {res.get('top1_agreement', 0):.3f} (min "
+                  f"{res.get('min_top1_agreement')}), logit SNR "
+                  + ("n/a" if snr is None else f"{snr:.1f} dB (min {res.get('min_snr_db')})")
+                  + ("" if res.get("generation_ok", True) else ", the generation produced no text"))
+        int4 = (manifest.get("recipe") or {}).get("precision") == "int4"
         raise ConversionError(f"the language model fails its golden check on ARM's kernels ({where}, "
                               f"{' + '.join(reqs)}): {detail}", target=profile.name, stage="compatibility",
-                              hint="--precision int8 rounds closer to "
-                                   "the float model on the device; --compat-check off writes it unchecked")
+                              hint=("--precision int8 rounds closer to the float model on the device; " if int4 else
+                                    "a board decides; ") + "--compat-check off writes it unchecked")
+    if cache is not None:
+        cache[key] = record
     return [record]
 
 

@@ -39,6 +39,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 import traceback
@@ -680,6 +681,7 @@ class _Session:
 
     def __init__(self, recipe: LLMRecipe, src: LMSource, wd: Path, progress: Progress, log):
         self.recipe, self.src, self.wd, self.progress, self.log = recipe, src, wd, progress, log
+        self.arm_checks: Dict[Any, Dict[str, Any]] = {}   # compat.check_llm's records, by model files and golden
         self.floor = recipe.floor
         progress.say(f"{src.path.name}: loading the float model ({src.architecture}) in torch")
         self.float = FloatModel(src.path)
@@ -1130,9 +1132,8 @@ def _write_bundle(s: _Session, row: LLMRow, t: TargetProfile, opts: LLMBuildOpti
         if device_check and t.device.arch == "aarch64":
             from edgekit.convert.compat import check_llm
 
-            if s.recipe.compat_check in ("auto", "emulated"):
-                s.progress.say(f"  [{t.name}] golden check on ARM's kernels (emulated aarch64, qemu)")
-            records = check_llm(tmp, t, s.recipe.compat_check)
+            records = check_llm(tmp, t, s.recipe.compat_check, opts.execution_provider, cache=s.arm_checks,
+                                say=lambda line: s.progress.say(f"  [{t.name}] {line}"))
             for r in records:
                 s.progress.say(f"  [{t.name}] " + (
                     f"ARM: top-1 agreement {r['top1_agreement']:.3f}, logit SNR "
@@ -1354,6 +1355,24 @@ def _host_threads(s: _Session, t: TargetProfile, rec: Dict[str, Any], where: str
     return {"threads": int(choice["threads"]), "threads_choice": choice}
 
 
+def _emulated_ready(progress: Progress) -> None:
+    """--compat-check emulated with an arm64 CPU target: the emulated root's LLM venv built (or found) before any
+    work; one line (exit 2) where it cannot be."""
+    import subprocess
+
+    from edgekit.errors import DeviceError
+    from edgekit.lab import emulated as emulate
+
+    if sys.platform != "linux" or os.geteuid() != 0:
+        raise EdgekitError("--compat-check emulated: the emulated arm64 root needs Linux and root",
+                           hint="--compat-check auto records the ARM check as not done here")
+    try:
+        emulate.build_llm(say=progress.say)
+    except (DeviceError, OSError, subprocess.SubprocessError) as e:
+        raise EdgekitError(f"--compat-check emulated: no emulated arm64 root with onnxruntime-genai: {e}",
+                           hint="--compat-check auto records the ARM check as not done here") from None
+
+
 def convert_llm(recipe: LLMRecipe, out: str = "build", *, progress: Optional[Progress] = None,
                 device=None) -> LLMConvertResult:
     """Build, measure and write an LLM bundle per target of `recipe` under `out`. `device`: with select
@@ -1371,6 +1390,9 @@ def convert_llm(recipe: LLMRecipe, out: str = "build", *, progress: Optional[Pro
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise EdgekitError(f"{out_dir}: exists and is not a directory", hint="choose another --out")
+    if recipe.compat_check == "emulated" and any(t.device.arch == "aarch64" and o.execution_provider == "cpu"
+                                                 for t, o in plans):
+        _emulated_ready(progress)
     name = recipe.bundle_name
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / f"{name}.convert.log"
@@ -1392,6 +1414,7 @@ def convert_llm(recipe: LLMRecipe, out: str = "build", *, progress: Optional[Pro
                                if worst.reason.startswith("over the byte budget") or "the budget's" in worst.reason
                                else "; loosen the floor (--max-ppl-increase, --max-kl, --min-agreement) or use "
                                "--precision int8" if worst.reason.startswith("below the floor") else
+                               "" if "stage compatibility" in worst.reason or "compatibility:" in worst.reason else
                                ": the log holds the builder's traceback (an architecture or configuration this "
                                "onnxruntime-genai builder does not handle)"))
     return result

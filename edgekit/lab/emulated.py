@@ -17,6 +17,7 @@ Debian and PyPI registries for the build.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -194,8 +195,35 @@ def _venv_with(root: Path, venv: str, pip: List[str], probe: str, log, log_path:
         raise DeviceError(f"the arm64 venv {venv} fails `{probe}`; log: {log_path}")
 
 
+@contextlib.contextmanager
+def _build_lock():
+    """One builder of the cache at a time (the root and its LLM venv): a second waits, then finds it built."""
+    import fcntl
+
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with open(cache_dir() / ".build.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _timed_out(what: str, e: subprocess.TimeoutExpired) -> DeviceError:
+    cmd = e.cmd if isinstance(e.cmd, str) else " ".join(str(c) for c in e.cmd[-4:])
+    return DeviceError(f"{what} ran past {e.timeout:.0f} s ({cmd})",
+                       hint="a slow registry or mirror: try again, or set PIP_INDEX_URL / the Debian mirror here")
+
+
 def build(recipe: Dict[str, object] = RECIPE, say: Callable[[str], None] = print) -> Path:
     """Build the root once (cached under cache_dir()/<recipe key>); returns its path."""
+    if is_built(recipe):
+        return root_path(recipe)
+    with _build_lock():
+        try:
+            return _build(recipe, say)
+        except subprocess.TimeoutExpired as e:
+            raise _timed_out("building the emulated arm64 root", e) from None
+
+
+def _build(recipe: Dict[str, object], say: Callable[[str], None]) -> Path:
     key = recipe_key(recipe)
     final = cache_dir() / key
     if (final / ".complete").is_file():
@@ -244,21 +272,24 @@ def build(recipe: Dict[str, object] = RECIPE, say: Callable[[str], None] = print
 # --- the language-model layer: a second venv in the same root, with edgekit[llm]'s engine -------------------
 # The root's own venv stays tflite-runtime 2.14 on numpy<2 (what Pi images run for CNN bundles); a language-model
 # bundle needs onnxruntime-genai, whose onnxruntime wants a newer numpy: its own venv beside it, built on demand
-# (about 2 minutes of pip under emulation) and cached, keyed by the root's recipe and its own. It pins the versions
+# (about a minute of pip under emulation) and cached, keyed by the root's recipe and its own. It pins the versions
 # installed here, so a check compares the same engine on ARM's kernels with this machine's.
 
 def llm_recipe() -> Dict[str, object]:
     """The LLM venv's recipe: onnxruntime-genai and onnxruntime at the versions installed here (else
     edgekit[llm]'s floor), on top of the root's recipe."""
-    from importlib import metadata
+    import importlib
 
     pins = []
-    for pkg, floor in (("onnxruntime-genai", ">=0.18"), ("onnxruntime", "")):
-        try:
-            pins.append(f"{pkg}=={metadata.version(pkg)}")
-        except metadata.PackageNotFoundError:
-            if floor:
-                pins.append(pkg + floor)
+    for pkg, module, floor in (("onnxruntime-genai", "onnxruntime_genai", ">=0.18"), ("onnxruntime", "onnxruntime", "")):
+        try:   # the module's own version: a host with onnxruntime-gpu / -genai-cuda runs the same release
+            version = str(importlib.import_module(module).__version__).split("+")[0]
+        except ImportError:
+            version = ""
+        if version:
+            pins.append(f"{pkg}=={version}")
+        elif floor:
+            pins.append(pkg + floor)
     return {"version": 1, "root": recipe_key(RECIPE), "pip": pins}
 
 
@@ -272,22 +303,39 @@ def _llm_marker(recipe: Dict[str, object]) -> Path:
 
 
 def llm_is_built(recipe: Optional[Dict[str, object]] = None) -> bool:
-    return is_built() and _llm_marker(recipe or llm_recipe()).is_file()
+    """The marker of a finished build and the venv it names (pyvenv.cfg: bin/python links to the host's)."""
+    recipe = recipe or llm_recipe()
+    return (is_built() and _llm_marker(recipe).is_file()
+            and (root_path() / llm_venv(recipe).lstrip("/") / "pyvenv.cfg").is_file())
+
+
+def llm_unavailable(recipe: Optional[Dict[str, object]] = None) -> Optional[str]:
+    """Why a language model cannot be checked in the emulated root here now, None when it can."""
+    if sys.platform != "linux" or os.geteuid() != 0:
+        return "the emulated arm64 root needs Linux and root"
+    if not is_built():
+        return "no emulated arm64 root here (python -m edgekit.lab.emulated build --llm)"
+    recipe = recipe or llm_recipe()
+    if llm_is_built(recipe):
+        return None
+    mine = _llm_marker(recipe)
+    others = [m for m in mine.parent.glob(".llm-*.complete") if m.name != mine.name]
+    why = ("the emulated root's LLM venv is missing its files" if mine.is_file() else
+           "the emulated root's LLM venv was built for other engine versions than " + " ".join(recipe["pip"])
+           if others else "the emulated root has no LLM venv")
+    return why + " (python -m edgekit.lab.emulated build --llm)"
 
 
 def build_llm(say: Callable[[str], None] = print, recipe: Optional[Dict[str, object]] = None) -> str:
     """Build (once) the root and its LLM venv; returns the venv's python as the root sees it."""
-    import fcntl
-
     recipe = recipe or llm_recipe()
     venv = llm_venv(recipe)
     if llm_is_built(recipe):
         return f"{venv}/bin/python"
     root = build(say=say)
     marker = _llm_marker(recipe)
-    with open(marker.parent / ".llm.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)   # one builder; a second waits, then finds it built
-        if marker.is_file():
+    with _build_lock():
+        if llm_is_built(recipe):
             return f"{venv}/bin/python"
         ensure_binfmt()
         here = root / venv.lstrip("/")
@@ -299,6 +347,9 @@ def build_llm(say: Callable[[str], None] = print, recipe: Optional[Dict[str, obj
             with open(log_path, "w") as log:
                 _venv_with(root, venv, list(recipe["pip"]), "import platform, onnxruntime_genai as og, onnxruntime "
                            "as ort; print(platform.machine(), og.__version__, ort.__version__)", log, log_path)
+        except subprocess.TimeoutExpired as e:
+            shutil.rmtree(here, ignore_errors=True)
+            raise _timed_out("building the emulated root's LLM venv", e) from None
         except BaseException:
             shutil.rmtree(here, ignore_errors=True)
             raise
