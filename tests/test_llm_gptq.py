@@ -303,7 +303,8 @@ def _check_half(out, prec, K, V, w_head, log):
 
 def test_symmetric_int8_keeps_a_rows_own_block_and_leaves_nodes_it_cannot_write():
     """K not a multiple of any block asked for: the node's own block (96 = 3 x 32); a node with fp16 scales (a CUDA
-    build's) or an input beyond zero points (bias) is left as the builder wrote it, and said so."""
+    build's) rewritten with fp16 scales on fp16's grid (the type its activations bind); a node with an input beyond
+    zero points (bias) is left as the builder wrote it, and said so."""
     import torch
     from onnx import TensorProto, helper, numpy_helper
 
@@ -328,10 +329,16 @@ def test_symmetric_int8_keeps_a_rows_own_block_and_leaves_nodes_it_cannot_write(
     full = helper.make_model(helper.make_graph(nodes, "t", [f("x", TensorProto.FLOAT, [1, K])], outs, inits))
     drop, add = set(), []
     rec = g.symmetric_int8(full, lambda n: w, (64,), drop, add)
-    assert rec == {"nodes": 1, "blocks": {"32": 1},
-                   "kept": ["/model/layers.0/half/MatMul_Q8", "/model/layers.0/bias/MatMul_Q8"]}
+    assert rec == {"nodes": 2, "blocks": {"32": 2}, "kept": ["/model/layers.0/bias/MatMul_Q8"]}
     own = next(n for n in full.graph.node if n.name == "/model/layers.0/own/MatMul_Q8")
     assert g._attr(own, "block_size") == 32 and len(own.input) == 3
+    new = {t.name: t for t in add}
+    half = next(n for n in full.graph.node if n.name == "/model/layers.0/half/MatMul_Q8")
+    s16 = numpy_helper.to_array(new[half.input[2]])
+    assert s16.dtype == np.float16 and len(half.input) == 3
+    # on fp16's grid: the scales the own node's fp32 ones would be with half (fp16_grid), exactly
+    q, s, _ = g.quantize_rtn(w, 32, 8, "symmetric", half=True)
+    np.testing.assert_array_equal(s16.astype(np.float32), s.numpy())
 
 
 def test_calibrated_build_of_the_tiny_decoder(tiny_lm, tmp_path):
@@ -470,3 +477,89 @@ def test_convert_with_a_calibrated_algo(tiny_lm, tmp_path):
     gold = json.loads((b.path / "golden.json").read_text())
     dec = OnnxDecoder(b.path / "model", 2, 32, threads=1)
     assert dec.logits(np.array(gold["prompts"][0], dtype=np.int64)).argmax(-1).tolist() == gold["top1"][0]
+
+
+def _scale_arrays(model_dir: Path) -> dict:
+    """Each MatMulNBits / GatherBlockQuantized node's scales as the file holds them (an fp16 initializer behind
+    half_scales' Cast followed back to it), by node name."""
+    import onnx
+    from onnx import numpy_helper
+
+    from edgekit.convert.llm_graph import node_constants
+
+    m = onnx.load(str(model_dir / "model.onnx"))
+    inits = {t.name: t for t in m.graph.initializer}
+    out = {}
+    for n in m.graph.node:
+        if n.op_type in ("MatMulNBits", "GatherBlockQuantized"):
+            casts, _ = node_constants(m.graph, n)
+            src = next((c.input[0] for c in casts if c.output[0] == n.input[2]), n.input[2])
+            out[n.name] = numpy_helper.to_array(inits[src])
+    return out
+
+
+def test_calibrated_cuda_build_keeps_the_graphs_fp16(tiny_lm, tmp_path):
+    """A CUDA target's calibrated INT4 build: the model builder writes its graph in fp16 (activations, norms,
+    MatMulNBits scales), and llm_gptq's rewrite writes each tensor in the type of the one it replaces
+    (llm_graph.constant_dtypes). Was: fp32 scales and norms in the fp16 graph, which ONNX Runtime refused ('Type
+    parameter (T1) of MatMulNBits bound to different types (tensor(float16) and tensor(float))'), and AWQ's norm
+    groups dropped (the fp16 norms differ from the float model's by more than the check's 1e-5). Checked on the
+    CPU provider, as the converter measures CUDA builds (ORT 1.32: MatMulNBits, (Skip)SimplifiedLayerNormalization
+    and GroupQueryAttention run fp16 CPU kernels; Sigmoid and Mul, the SwiGLU, have none and ORT computes them in
+    fp32 between Casts it inserts at load, which a GPU does not): it loads, its scales and norms are fp16, AWQ
+    finds the CPU build's 12 groups and writes the CPU build's fp16 scales bit for bit, and its logits are the CPU
+    build's within fp16 arithmetic; the converter's jetson-orin row at INT4 with awq is written, its fidelity
+    measured."""
+    import onnx
+
+    from edgekit.convert.llm import LLMBuildOptions, LLMRecipe, convert_llm, read_source, run_builder
+    from edgekit.convert.llm_fidelity import FloatModel, OnnxDecoder
+    from edgekit.convert.llm_graph import scales_summary
+
+    src = read_source(str(tiny_lm))
+    fm = FloatModel(tiny_lm, threads=1)
+    text = fm.text_windows(corpus_text(300, seed=7), "held-out", 512, 128)
+    for algo in ("awq", "gptq"):
+        logits, scales = {}, {}
+        for ep in ("cpu", "cuda"):
+            d = tmp_path / f"{algo}-{ep}"
+            # the same build but for the provider: the jetson profiles' accuracy level 0 (dequantized weights, no
+            # int8 activations) and the builder's 8-bit lm_head in both (a CPU build's default rewrites it
+            # symmetric at block 64: another rounding, not what this compares)
+            run_builder(src, LLMBuildOptions("int4", execution_provider=ep, accuracy_level=0, algo=algo,
+                                             int8_symmetric=False), d, tmp_path / "cache", {})
+            rec = json.loads((d / g.RECORD).read_text())
+            assert rec["nodes"] == 20 and not rec["skipped"]
+            if algo == "awq":
+                assert rec["awq"]["groups"] == 12, (ep, rec["awq"])
+            logits[ep] = np.concatenate([OnnxDecoder(d, 2, 32, threads=1).logits(w) for w in text.windows])
+            scales[ep] = _scale_arrays(d)
+        m = onnx.load(str(tmp_path / f"{algo}-cuda" / "model.onnx"), load_external_data=False)
+        norms = [t for t in m.graph.initializer if "layernorm" in t.name]
+        assert norms and {t.data_type for t in norms} == {onnx.TensorProto.FLOAT16}
+        assert scales_summary(tmp_path / f"{algo}-cuda")["fp32"] == 0
+        assert {a.dtype for a in scales["cuda"].values()} == {np.dtype(np.float16)}
+        # the 4-bit decoder nodes: the numbers the CPU build stores fp16 in its file (half_scales), in the node
+        dec = [n for n in scales["cuda"] if n.startswith("/model/layers.")]
+        assert len(dec) == 20
+        for n in dec:
+            np.testing.assert_array_equal(scales["cuda"][n], scales["cpu"][n], err_msg=n)
+        # the CUDA graph computes in fp16 (activations, norms, residual stream, logits: at |logit| in [8, 16)
+        # fp16's step is 0.0078) where the CPU build computes in fp32. Measured (tiny Llama, 4 windows): max
+        # |diff| 0.0126 (awq) / 0.0145 (gptq), mean 0.0013, top-1 agreement 0.998 / 0.990; the rounding itself
+        # moves a logit from float by up to 0.41 / 0.32. Bound: 0.05 (~6 fp16 steps at the largest logits)
+        diff = np.abs(logits["cuda"] - logits["cpu"])
+        assert diff.max() < 0.05 and diff.mean() < 0.005, (algo, diff.max(), diff.mean())
+        assert (logits["cuda"].argmax(-1) == logits["cpu"].argmax(-1)).mean() >= 0.97
+    # through the converter: the row's build measured, not an error
+    val = tmp_path / "val.txt"
+    val.write_text(corpus_text(300, seed=5))
+    res = convert_llm(LLMRecipe(str(tiny_lm), ("jetson-orin",), precision="int4", val=str(val), algo="awq",
+                                compat_check="off"), str(tmp_path / "out"))
+    (b,) = res.bundles
+    assert b.ok, b.reason
+    assert not [st for st in b.rescue if st.get("error")], b.rescue
+    man = json.loads((b.path / "manifest.json").read_text())
+    assert man["recipe"]["execution_provider"] == "cuda" and man["calibration"]["awq"]["groups"] == 12
+    assert man["llm"]["scales"]["fp32"] == 0 and man["llm"]["scales"]["fp16"] > 0
+    assert man["fidelity"]["kl_mean"] < 0.01

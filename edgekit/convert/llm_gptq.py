@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from edgekit.convert.llm_graph import FP16_MIN_NORMAL, save_with_data
+from edgekit.convert.llm_graph import FP16_MIN_NORMAL, constant_dtypes, save_with_data
 
 GRIDS = ("kquant", "minmax", "symmetric")
 
@@ -545,15 +545,16 @@ def unpack_nbits(B: np.ndarray, scales: np.ndarray, zps: Optional[np.ndarray], K
 
 
 def nbits_node(name: str, x: str, y: str, prefix: str, q, scale, zp, K: int, N: int, bits: int, block: int,
-               accuracy_level: int):
-    """A MatMulNBits node and its initializers (ONNX protos) for y = x @ W^T: B, scales and, unless zp is None
-    (symmetric: the op's default zero point), zero points."""
+               accuracy_level: int, scale_dtype=np.float32):
+    """A MatMulNBits node and its initializers (ONNX protos) for y = x @ W^T: B, scales in scale_dtype (the
+    node's activations' type, T1: what the node it replaces read, llm_graph.constant_dtypes) and, unless zp is
+    None (symmetric: the op's default zero point), zero points."""
     import onnx
     from onnx import helper, numpy_helper
 
     B, s, z = pack_nbits(np.asarray(q), np.asarray(scale), None if zp is None else np.asarray(zp), bits, block)
     inits = [numpy_helper.from_array(B, f"{prefix}.weight_Q{bits}G{block}"),
-             numpy_helper.from_array(s, f"{prefix}.weight_scale")]
+             numpy_helper.from_array(s.astype(scale_dtype), f"{prefix}.weight_scale")]
     if z is not None:
         inits.append(numpy_helper.from_array(z, f"{prefix}.weight_zp"))
     node = helper.make_node("MatMulNBits", [x] + [t.name for t in inits], [y], name=name, domain="com.microsoft",
@@ -685,9 +686,11 @@ def apply(src_path, model_dir, algo: str, block: int, cal_tokens: int = CAL_TOKE
             key = (i, name)
             if key not in norms or key not in layers_of:
                 return False
-            v = numpy_helper.to_array(ninits[norms[key]]).astype(np.float32)
-            ok = v.shape == tuple(layers_of[key].weight.shape) and np.allclose(
-                v, layers_of[key].weight.detach().numpy(), rtol=1e-5, atol=1e-6)
+            v = numpy_helper.to_array(ninits[norms[key]])
+            # the float weight as the graph holds it (a CUDA build's fp16)
+            ref = layers_of[key].weight.detach().numpy().astype(v.dtype).astype(np.float32)
+            v = v.astype(np.float32)
+            ok = v.shape == ref.shape and np.allclose(v, ref, rtol=1e-5, atol=1e-6)
             if ok:
                 norm_vals[key] = v
             return ok
@@ -718,14 +721,15 @@ def apply(src_path, model_dir, algo: str, block: int, cal_tokens: int = CAL_TOKE
                                                                      "down, inputs from the rounded layers before"}
     else:
         ints = rtn_model(model, block, 4, "kquant", bits_of=bits_of)
-    # the new graph
+    # the new graph: every tensor written in the type of the one it replaces (a CUDA build's fp16)
     full = onnx.load(str(model_dir / "model.onnx"))
+    dtypes = constant_dtypes(full.graph)
     drop, add = set(), []
     for n, ms, bits in plan:
         node = next(x for x in full.graph.node if x.name == n.name)
         if bits is None:
-            w = torch.cat([m.weight.data for m in ms]).T.contiguous().numpy().astype(np.float32)
-            t = numpy_helper.from_array(w, node.input[1])
+            w = torch.cat([m.weight.data for m in ms]).T.contiguous().numpy()
+            t = numpy_helper.from_array(w.astype(dtypes.get(node.input[1], np.float32)), node.input[1])
             drop.add(node.input[1])
             add.append(t)
             continue
@@ -737,7 +741,8 @@ def apply(src_path, model_dir, algo: str, block: int, cal_tokens: int = CAL_TOKE
         zp = torch.cat([x[2] for x in qs]).numpy()
         prefix = re.sub(r"\.weight_Q\d+G\d+$", "", node.input[1])
         new, tens = nbits_node(node.name, node.input[0], node.output[0], prefix, q, sc, zp, _attr(node, "K"),
-                               _attr(node, "N"), bits, block, _attr(node, "accuracy_level", 0))
+                               _attr(node, "N"), bits, block, _attr(node, "accuracy_level", 0),
+                               dtypes.get(node.input[2], np.float32))
         drop.update(node.input[1:])
         add += tens
         node.CopyFrom(new)
@@ -746,7 +751,7 @@ def apply(src_path, model_dir, algo: str, block: int, cal_tokens: int = CAL_TOKE
         if key in norms:
             v = norm_vals[key] / a["scales"].numpy().astype(np.float32)
             drop.add(norms[key])
-            add.append(numpy_helper.from_array(v.astype(np.float32), norms[key]))
+            add.append(numpy_helper.from_array(v.astype(dtypes.get(norms[key], np.float32)), norms[key]))
     if head_block:
         record["lm_head"] = _reblock_head(full, model, head_block, drop, add)
     if int8_blocks:
@@ -781,9 +786,11 @@ def replace_nbits(full, node, q, scale, zp, block: int, drop: set, add: list) ->
     old = list(node.input)
     readers = [n for n in full.graph.node if n is not node and set(n.input) & set(old[1:])]
     prefix = re.sub(r"\.weight_Q\d+G\d+$", "", old[1])
+    # the scales in the type the old ones were read in (the node's and its readers' activations' type)
     new, tens = nbits_node(node.name, old[0], node.output[0], prefix, np.asarray(q), np.asarray(scale),
                            None if zp is None else np.asarray(zp), _attr(node, "K"), _attr(node, "N"),
-                           _attr(node, "bits"), block, _attr(node, "accuracy_level", 0))
+                           _attr(node, "bits"), block, _attr(node, "accuracy_level", 0),
+                           constant_dtypes(full.graph).get(old[2], np.float32))
     names = [t.name for t in tens]
     rename = dict(zip(old[1:3], names[:2]))   # B and scales; zero points below
     drop.update(old[1:])
@@ -842,8 +849,9 @@ def symmetric_int8(full, weight_of: Callable[[Any], Any], blocks: Sequence[int],
                    half: bool = False) -> Dict[str, Any]:
     """Every 8-bit MatMulNBits of `full` whose float weight weight_of(node) gives ([N, K], torch) re-rounded
     symmetric at the first of `blocks` dividing K (else at its own block), its readers pointed at the new
-    initializers (replace_nbits); half: on fp16 scales (the file will hold them fp16: llm_graph.half_scales).
-    Returns {"nodes", "blocks": {block: count}, "kept": names left as they were}."""
+    initializers (replace_nbits); half: on fp16 scales (the file will hold them fp16: llm_graph.half_scales), as a
+    node whose scales are fp16 already (a CUDA build's) is. Returns {"nodes", "blocks": {block: count}, "kept":
+    names left as they were}."""
     from onnx import TensorProto
 
     done: Dict[str, int] = {}
@@ -853,15 +861,17 @@ def symmetric_int8(full, weight_of: Callable[[Any], Any], blocks: Sequence[int],
         if n.op_type != "MatMulNBits" or _attr(n, "bits") != 8:
             continue
         K, N = _attr(n, "K"), _attr(n, "N")
-        # what nbits_node writes: fp32 scales, no g_idx / bias, no attributes beyond K, N, bits, block, level
-        plain = (scale_type.get(n.input[2]) == TensorProto.FLOAT and not any(n.input[4:])
+        # what nbits_node writes: scales an initializer (in the activations' type), no g_idx / bias, no
+        # attributes beyond K, N, bits, block, level
+        st = scale_type.get(n.input[2])
+        plain = (st in (TensorProto.FLOAT, TensorProto.FLOAT16) and not any(n.input[4:])
                  and {a.name for a in n.attribute} <= {"K", "N", "bits", "block_size", "accuracy_level"})
         w = weight_of(n) if plain else None
         if w is None or tuple(w.shape) != (N, K):
             kept.append(n.name)
             continue
         b = symmetric_block(K, blocks, _attr(n, "block_size"))
-        q, sc, _ = quantize_rtn(w, b, 8, "symmetric", half)
+        q, sc, _ = quantize_rtn(w, b, 8, "symmetric", half or st == TensorProto.FLOAT16)
         replace_nbits(full, n, q.numpy(), sc.numpy(), None, b, drop, add)
         done[str(b)] = done.get(str(b), 0) + 1
     return {"nodes": sum(done.values()), "blocks": done, "kept": kept}

@@ -469,6 +469,23 @@ def node_constants(graph, node) -> Tuple[List[Any], List[Any]]:
     return nodes, tensors
 
 
+def constant_dtypes(graph) -> Dict[str, Any]:
+    """name -> the numpy dtype a node reading it sees, for every initializer (its own type) and every Cast of one
+    (the Cast's `to`: half_scales' fp16 scales are read as fp32). What an edgekit rewrite writes a replacement in:
+    a MatMulNBits / GatherBlockQuantized node's scales share its activations' type (T1: fp16 in a CUDA build, whose
+    graph the model builder writes in fp16, fp32 in a CPU build), a float MatMul's weight and a norm's multiplier
+    their input's, so a node rewritten in the type of the tensor it replaces stays bound as the graph binds it."""
+    from onnx import helper
+
+    out = {t.name: helper.tensor_dtype_to_np_dtype(t.data_type) for t in graph.initializer}
+    for n in graph.node:
+        if n.op_type == "Cast" and n.input and n.input[0] in out:
+            to = next((a.i for a in n.attribute if a.name == "to"), None)
+            if to is not None:
+                out[n.output[0]] = helper.tensor_dtype_to_np_dtype(to)
+    return out
+
+
 def half_scales(model_dir: os.PathLike) -> Dict[str, Any]:
     """Store the fp32 scales of model_dir's MatMulNBits / GatherBlockQuantized nodes as fp16 behind a Cast (see
     above). Rewrites model.onnx and model.onnx.data (a new data file beside, switched in with the graph:
@@ -634,6 +651,6 @@ def scales_summary(model_dir: os.PathLike) -> Optional[Dict[str, Any]]:
     out["note"] = HALF_NOTE if out["fp16_cast"] else None
     return out
 
-__all__ = ["alias_tied_embedding", "embedding_summary", "half_scales", "initializer_bytes", "lm_head_pruned",
-           "node_constants", "prune_lm_head", "save_with_data", "scales_summary", "stored_bytes", "unpruned",
-           "FP16_MIN_NORMAL", "HALF_NOTE", "NOTE", "PRUNE_NOTE"]
+__all__ = ["alias_tied_embedding", "constant_dtypes", "embedding_summary", "half_scales", "initializer_bytes",
+           "lm_head_pruned", "node_constants", "prune_lm_head", "save_with_data", "scales_summary", "stored_bytes",
+           "unpruned", "FP16_MIN_NORMAL", "HALF_NOTE", "NOTE", "PRUNE_NOTE"]

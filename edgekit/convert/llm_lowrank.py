@@ -39,7 +39,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from edgekit.convert.llm_graph import save_with_data
+from edgekit.convert.llm_graph import constant_dtypes, save_with_data
 from edgekit.errors import SourceModelError
 
 RECORD = "edgekit_factorize.json"      # in the factorized Hugging Face folder
@@ -243,6 +243,7 @@ def apply(src_dir: os.PathLike, model_dir: os.PathLike, algo: str = "k_quant") -
     g = model.graph
     nodes = {n.name: n for n in g.node}
     init = {t.name: t for t in g.initializer}
+    dtypes = constant_dtypes(g)   # the pair in the type the node it replaces reads (a CUDA build's fp16)
     left: Dict[str, str] = {}
     groups: Dict[Tuple, List[Dict[str, Any]]] = {}
     for name in sorted(factors, key=_layer_order):
@@ -273,15 +274,14 @@ def apply(src_dir: os.PathLike, model_dir: os.PathLike, algo: str = "k_quant") -
             if (int(attrs["K"]), int(attrs["N"])) != (n_in, n_out):
                 left[name] = f"node {node.name} is {attrs['K']} x {attrs['N']}, the factors {n_in} x {n_out}"
                 continue
-            scale = init.get(node.input[2])
-            dt = np.float16 if scale is not None and scale.data_type == onnx.TensorProto.FLOAT16 else np.float32
+            dt = np.float16 if dtypes.get(node.input[2]) == np.float16 else np.float32
             key = (int(attrs["bits"]), int(attrs["block_size"]), int(attrs.get("accuracy_level", 0)), dt)
         elif node.op_type == "MatMul" and node.input[1] in init:
             w = init[node.input[1]]
             if tuple(w.dims) != (n_in, n_out):
                 left[name] = f"node {node.name} weight is {list(w.dims)}, the factors {n_in} x {n_out}"
                 continue
-            dt = np.float16 if w.data_type == onnx.TensorProto.FLOAT16 else np.float32
+            dt = np.float16 if dtypes.get(node.input[1]) == np.float16 else np.float32
             key = (0, 0, 0, dt)
         else:
             left[name] = f"node {node.name} is {node.op_type} without a constant weight: left as it is"
