@@ -450,3 +450,17 @@ def test_metaspace_tokenizers_ort_genai_misreads_are_refused(cli, tmp_path):
     (never / "tokenizer.json").write_text(json.dumps(doc, ensure_ascii=False), encoding="utf-8")
     assert check_tokenizer(never) == {"form": "pre_tokenizer Metaspace (prepend_scheme 'never'), decoder Sequence "
                                               "[Replace, ByteFallback, Fuse]", "texts": 20}
+
+
+def test_a_metaspace_file_the_tokenizers_library_cannot_read_is_one_line(tmp_path):
+    """A tokenizer.json that names a Metaspace form but that the tokenizers library cannot parse: one clear error
+    (SourceModelError, the CLI's exit 2), not the library's bare Exception as a traceback."""
+    from edgekit.convert.llm_tokenizer import check_tokenizer
+    from edgekit.errors import SourceModelError
+
+    (tmp_path / "tokenizer.json").write_text(json.dumps({
+        "version": "1.0", "pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first",
+                                            "split": False},
+        "decoder": None, "model": {"type": "BPE"}}), encoding="utf-8")
+    with pytest.raises(SourceModelError, match="the tokenizers library cannot read it"):
+        check_tokenizer(tmp_path)

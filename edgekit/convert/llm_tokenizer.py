@@ -113,7 +113,12 @@ def compare_ids(folder: Path, texts: List[str]) -> List[Tuple[str, List[str], Li
     """(text, ONNX Runtime GenAI's pieces, the file's pieces) for each of `texts` where the ids differ."""
     from tokenizers import Tokenizer
 
-    raw = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    try:
+        raw = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for a file it cannot read
+        raise SourceModelError(f"tokenizer.json: the tokenizers library cannot read it ({str(e).splitlines()[0]})",
+                               path=str(folder), hint="the checkpoint's own tokenizer.json, as transformers saved "
+                                                      "it") from None
     with tempfile.TemporaryDirectory(prefix="edgekit-tok-") as work:
         tok = og_tokenizer(folder, Path(work))
         out = []
@@ -152,7 +157,9 @@ def check_tokenizer(folder: Path) -> Optional[Dict[str, Any]]:
         raise SourceModelError(
             f"tokenizer.json ({form}) is tokenized otherwise by ONNX Runtime GenAI: {text!r} as {got}, the file "
             f"gives {want} ({len(differ)} of {len(texts)} probe texts differ; {_why(doc)})", path=str(folder),
-            hint="ONNX Runtime GenAI 0.18 reads no tokenizer.json form that tokenizes as this one (it runs Llama 2's "
-                 "legacy form: a '▁' after each special token and before a leading space); no bundle is written "
-                 "that would feed the model other ids than the checkpoint's tokenizer")
+            hint="ONNX Runtime GenAI 0.18 reads no tokenizer.json form that tokenizes as this one; a tokenizer.json "
+                 "in Llama 2's legacy form (normalizer Prepend '▁' + Replace ' ' -> '▁', no pre_tokenizer; what "
+                 "transformers 4 saved with legacy=True) converts, if a '▁' after each special token is acceptable "
+                 "for this model: replace the folder's file with one (no bundle is written that would feed the "
+                 "model other ids than its tokenizer gives)")
     return {"form": form, "texts": len(texts)}
