@@ -138,8 +138,15 @@ def check_llm(bundle_dir: Path, profile: TargetProfile, mode: str = "auto", exec
     key = (tuple(sorted((k, f["sha256"]) for k, f in manifest["model"]["files"].items())),
            hashlib.sha256((bundle_dir / "golden.json").read_bytes()).hexdigest(), tuple(reqs), mode)
     if cache is not None and key in cache:
-        return [dict(cache[key])]
+        hit = cache[key]
+        if "failed" in hit:   # the same model failed there for another profile: the same failure, this profile's
+            raise ConversionError(hit["failed"][0], target=profile.name, stage="compatibility", hint=hit["failed"][1])
+        return [dict(hit, reused=True)]
     if mode == "emulated":
+        why = emulate.llm_unavailable(recipe)
+        if why and why.startswith("the emulated arm64 root needs"):
+            raise ConversionError(why, target=profile.name, stage="compatibility",
+                                  hint="--compat-check auto records the ARM check as not done here")
         try:
             python = emulate.build_llm(say=say or (lambda _t: None))
         except DeviceError as e:
@@ -159,31 +166,37 @@ def check_llm(bundle_dir: Path, profile: TargetProfile, mode: str = "auto", exec
     except subprocess.TimeoutExpired:
         why = f"the golden check ran past {limit:.0f} s under emulation (qemu runs ARM code tens of times slower)"
         if mode == "emulated":
-            raise ConversionError(why, target=profile.name, stage="compatibility",
-                                  hint="--compat-check off writes it unchecked; a board runs it in seconds") from None
-        return [{"requirements": reqs, "checked": False,
-                 "reason": why + "; --compat-check emulated waits up to "
-                           f"{LLM_EMULATED_LIMIT_S[True] / 60:.0f} minutes"}]
-    record = {"requirements": reqs, "where": where, "checked": True, **res,
-              "seconds": round(time.monotonic() - t0, 1)}
-    if not res.get("ok"):
+            return _failed(cache, key, why, "--compat-check off writes it unchecked; a board runs it in seconds",
+                           profile)
+        record = {"requirements": reqs, "checked": False,
+                  "reason": why + f"; --compat-check emulated waits up to {LLM_EMULATED_LIMIT_S[True] / 60:.0f} minutes"}
+    else:
+        record = {"requirements": reqs, "where": where, "checked": True, **res,
+                  "seconds": round(time.monotonic() - t0, 1)}
         if res.get("error"):
-            raise ConversionError(f"the language model does not run in {' + '.join(reqs)} on aarch64 ({where}): "
-                                  f"{res['error']}", target=profile.name, stage="compatibility",
-                                  hint="a board decides; --compat-check off writes it unchecked")
-        snr = res.get("snr_db")
-        detail = (f"teacher-forced top-1 agreement {res.get('top1_agreement', 0):.3f} (min "
-                  f"{res.get('min_top1_agreement')}), logit SNR "
-                  + ("n/a" if snr is None else f"{snr:.1f} dB (min {res.get('min_snr_db')})")
-                  + ("" if res.get("generation_ok", True) else ", the generation produced no text"))
-        int4 = (manifest.get("recipe") or {}).get("precision") == "int4"
-        raise ConversionError(f"the language model fails its golden check on ARM's kernels ({where}, "
-                              f"{' + '.join(reqs)}): {detail}", target=profile.name, stage="compatibility",
-                              hint=("--precision int8 rounds closer to the float model on the device; " if int4 else
-                                    "a board decides; ") + "--compat-check off writes it unchecked")
+            return _failed(cache, key, f"the language model does not run in {' + '.join(reqs)} on aarch64 ({where}): "
+                           f"{res['error']}", "a board decides; --compat-check off writes it unchecked", profile)
+        if not res.get("ok"):
+            snr = res.get("snr_db")
+            detail = (f"teacher-forced top-1 agreement {res.get('top1_agreement', 0):.3f} (min "
+                      f"{res.get('min_top1_agreement')}), logit SNR "
+                      + ("n/a" if snr is None else f"{snr:.1f} dB (min {res.get('min_snr_db')})")
+                      + ("" if res.get("generation_ok", True) else ", the generation produced no text"))
+            int4 = (manifest.get("recipe") or {}).get("precision") == "int4"
+            return _failed(cache, key, f"the language model fails its golden check on ARM's kernels ({where}, "
+                           f"{' + '.join(reqs)}): {detail}", ("--precision int8 rounds closer to the float model on "
+                           "the device; " if int4 else "a board decides; ") + "--compat-check off writes it unchecked",
+                           profile)
     if cache is not None:
         cache[key] = record
     return [record]
+
+
+def _failed(cache: Optional[Dict], key, message: str, hint: str, profile: TargetProfile):
+    """Raise check_llm's failure, remembered for the same model on another profile (not checked again)."""
+    if cache is not None:
+        cache[key] = {"failed": (message, hint)}
+    raise ConversionError(message, target=profile.name, stage="compatibility", hint=hint)
 
 
 def _explain(error: str, reqs: List[str], model: Optional[Path] = None) -> str:

@@ -250,8 +250,8 @@ class LLMBuildOptions:
         same speed, and an 8-bit block of 128 gives a row other last bits at M = 1 than in a batch (MLAS), which
         the pruned lm_head's bit-identical last row (llm_graph) would lose. An INT8 build keeps its block (only
         the zero points go: 170.6 -> 166.5 MB, same KL and speed): at accuracy level 4 the block is also the
-        int8 activations', and at 64 / 128 INT8's KL doubled (0.0032 -> 0.0066). CPU builds only: a CUDA build's
-        MatMulNBits take fp16 scales and the builder's own attributes, and the figures above are MLAS's."""
+        int8 activations', and at 64 / 128 INT8's KL doubled (0.0032 -> 0.0066). CPU builds only: the figures
+        above are MLAS's (llm_gptq.symmetric_int8 would write a CUDA build's fp16 scales; no GPU measured it)."""
         if not (self.int8_symmetric and self.quantized and self.execution_provider == "cpu"):
             return ()
         return (64,) if self.precision == "int4" else (self.block_size,)
@@ -734,7 +734,8 @@ class _Session:
                               f"({100 * m['ppl_increase']:+.1f}%), "
                               f"KL {m['kl_mean']:.4f}, top-1 agreement {100 * m['top1_agreement']:.1f}%, "
                               f"{rec['bytes'] / 2 ** 20:.1f} MiB ({time.monotonic() - t0:.0f} s)")
-        except (RuntimeError, ValueError, NotImplementedError, OSError, KeyError, AttributeError) + _ort_errors() as e:
+        except (RuntimeError, ValueError, NotImplementedError, OSError, KeyError, AttributeError,
+                SourceModelError) + _ort_errors() as e:
             # a build the builder or ONNX Runtime refuses is recorded (the ladder goes on), not raised
             rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             self.log.write(f"build {opts} failed: {rec['error']}\n{traceback.format_exc()}\n")

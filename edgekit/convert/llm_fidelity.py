@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from edgekit.errors import DataError
+from edgekit.errors import DataError, SourceModelError
 from edgekit.runtime.llmopts import kv_floor
 
 BUILTIN_PROMPTS = (
@@ -199,7 +199,10 @@ def _decoder_layers(model):
             return list(obj)
         except AttributeError:
             continue
-    raise AttributeError(f"cannot find the decoder layers of {type(model).__name__}")
+    raise SourceModelError(f"cannot find the decoder layers of {type(model).__name__} (looked at model.layers, "
+                           "transformer.h, model.decoder.layers, gpt_neox.layers, model.language_model.layers)",
+                           hint="the rescue ladder and --algo awq/gptq need them: --no-rescue with the builder's "
+                                "own rounding converts without")
 
 
 _SPLIT_CLASS: List[Any] = []
@@ -244,7 +247,7 @@ def split_gate_up(model) -> int:
     cls, n = _split_class(), 0
     try:
         layers = _decoder_layers(model)
-    except AttributeError:   # a form whose layers are elsewhere: nothing fused to split there (it was loadable)
+    except SourceModelError:   # a form whose layers are elsewhere: nothing fused to split there (it was loadable)
         return 0
     for layer in layers:
         for parent in list(layer.modules()):

@@ -116,7 +116,10 @@ def compare_ids(folder: Path, texts: List[str]) -> List[Tuple[str, List[str], Li
     try:
         raw = Tokenizer.from_file(str(folder / "tokenizer.json"))
     except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for a file it cannot read
-        raise SourceModelError(f"tokenizer.json: the tokenizers library cannot read it ({str(e).splitlines()[0]})",
+        if type(e) is not Exception:   # anything more specific is not that
+            raise
+        raise SourceModelError(f"tokenizer.json: the tokenizers library cannot read it "
+                               f"({(str(e).splitlines() or ['no message'])[0]})",
                                path=str(folder), hint="the checkpoint's own tokenizer.json, as transformers saved "
                                                       "it") from None
     with tempfile.TemporaryDirectory(prefix="edgekit-tok-") as work:
@@ -151,7 +154,7 @@ def check_tokenizer(folder: Path) -> Optional[Dict[str, Any]]:
         differ = compare_ids(folder, texts)
     except RuntimeError as e:   # ORT GenAI reports a tokenizer it cannot load as RuntimeError
         raise SourceModelError(f"tokenizer.json ({form}): ONNX Runtime GenAI cannot load it "
-                               f"({str(e).splitlines()[0]})", path=str(folder)) from None
+                               f"({(str(e).splitlines() or [type(e).__name__])[0]})", path=str(folder)) from None
     if differ:
         text, got, want = differ[0]
         raise SourceModelError(
