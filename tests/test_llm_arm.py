@@ -158,3 +158,30 @@ def test_emulated_required_where_it_cannot_run_stops_before_any_work(tiny_lm, cl
     r = cli("convert", tiny_lm, "-t", "rpi5", "--compat-check", "emulated", "-o", tmp_path / "b")
     assert r.exit_code == 2 and "--compat-check emulated: the emulated arm64 root needs Linux and root" in r.output
     assert "Traceback" not in r.output and not any((tmp_path / "b").glob("*-rpi5-*"))
+
+
+def test_a_killed_checks_bundle_copy_is_swept(arm_build):
+    """A converter killed mid-check leaves its bundle copy in the root's /tmp: the next check removes copies older
+    than any check can run, and leaves a recent one (another converter's, running) alone."""
+    import os
+    import time
+
+    from edgekit.convert import compat
+    from edgekit.lab import emulated as emu
+    from edgekit.targets import load_target
+
+    _, path = arm_build
+    tmp = emu.root_path() / "tmp"
+    old, recent = tmp / "edgekit-compat-test-old", tmp / "edgekit-compat-test-recent"
+    for d in (old, recent):
+        (d / "bundle").mkdir(parents=True, exist_ok=True)
+    ago = time.time() - 2 * max(compat.LLM_EMULATED_LIMIT_S.values()) - 60
+    os.utime(old, (ago, ago))
+    try:
+        [rec] = compat.check_llm(path, load_target("rpi5"), "emulated")
+        assert rec["ok"] and not old.exists() and recent.is_dir()
+    finally:
+        import shutil
+
+        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(recent, ignore_errors=True)

@@ -85,6 +85,7 @@ def _run_emulated(bundle_dir: Path, python: Optional[str] = None, timeout: float
 
     root = emulate.root_path()
     emulate.ensure_binfmt()
+    _sweep_stale(root / "tmp")
     tmp = Path(tempfile.mkdtemp(prefix="edgekit-compat-", dir=root / "tmp"))
     try:
         copy_runtime(tmp / "rt")
@@ -97,6 +98,18 @@ def _run_emulated(bundle_dir: Path, python: Optional[str] = None, timeout: float
         return _parse(proc)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _sweep_stale(tmp_root: Path) -> None:
+    """Remove the bundle copies of checks that cannot be running any more (older than twice the longest limit: a
+    converter killed mid-check leaves its copy in the root's /tmp, a language model's hundreds of MB)."""
+    cutoff = time.time() - 2 * max(LLM_EMULATED_LIMIT_S.values())
+    for d in tmp_root.glob("edgekit-compat-*"):
+        try:
+            if d.is_dir() and d.stat().st_mtime < cutoff:
+                shutil.rmtree(d, ignore_errors=True)
+        except OSError:   # gone meanwhile
+            continue
 
 
 # How long a language model's golden check may run under qemu: auto gives up (recorded as not checked), emulated

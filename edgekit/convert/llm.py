@@ -1139,7 +1139,8 @@ def _write_bundle(s: _Session, row: LLMRow, t: TargetProfile, opts: LLMBuildOpti
                 s.progress.say(f"  [{t.name}] " + (
                     f"ARM: top-1 agreement {r['top1_agreement']:.3f}, logit SNR "
                     + ("n/a" if r.get("snr_db") is None else f"{r['snr_db']:.1f} dB")
-                    + f" ({r['where']}, {r['seconds']:.0f} s)" if r.get("checked") else
+                    + (f" ({r['where']}, the same model as checked above)" if r.get("reused") else
+                       f" ({r['where']}, {r['seconds']:.0f} s)") if r.get("checked") else
                     f"not checked on ARM's kernels: {r['reason']}"))
             manifest["compatibility"] = records
             write_json_atomic(tmp / "manifest.json", manifest)
