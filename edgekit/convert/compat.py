@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -74,8 +73,7 @@ def _run_in_venv(bundle_dir: Path, reqs: List[str], reference: bool = False) -> 
 def _emulation_fits(reqs: List[str]) -> bool:
     from edgekit.lab import emulated as emulate
 
-    return (os.geteuid() == 0 and emulate.is_built() and sys.platform == "linux"
-            and set(reqs) <= set(emulate.RECIPE["pip"]))
+    return emulate.host_unfit() is None and emulate.is_built() and set(reqs) <= set(emulate.RECIPE["pip"])
 
 
 def _run_emulated(bundle_dir: Path, python: Optional[str] = None, timeout: float = 900) -> Dict[str, Any]:
@@ -156,8 +154,8 @@ def check_llm(bundle_dir: Path, profile: TargetProfile, mode: str = "auto", exec
             raise ConversionError(hit["failed"][0], target=profile.name, stage="compatibility", hint=hit["failed"][1])
         return [dict(hit, reused=True)]
     if mode == "emulated":
-        why = emulate.llm_unavailable(recipe)
-        if why and why.startswith("the emulated arm64 root needs"):
+        why = emulate.host_unfit()
+        if why:
             raise ConversionError(why, target=profile.name, stage="compatibility",
                                   hint="--compat-check auto records the ARM check as not done here")
         try:

@@ -39,7 +39,6 @@ import logging
 import os
 import re
 import shutil
-import sys
 import tempfile
 import time
 import traceback
@@ -1365,8 +1364,9 @@ def _emulated_ready(progress: Progress) -> None:
     from edgekit.errors import DeviceError
     from edgekit.lab import emulated as emulate
 
-    if sys.platform != "linux" or os.geteuid() != 0:
-        raise EdgekitError("--compat-check emulated: the emulated arm64 root needs Linux and root",
+    unfit = emulate.host_unfit()
+    if unfit:
+        raise EdgekitError(f"--compat-check emulated: {unfit}",
                            hint="--compat-check auto records the ARM check as not done here")
     try:
         emulate.build_llm(say=progress.say)

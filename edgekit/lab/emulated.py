@@ -309,10 +309,19 @@ def llm_is_built(recipe: Optional[Dict[str, object]] = None) -> bool:
             and (root_path() / llm_venv(recipe).lstrip("/") / "pyvenv.cfg").is_file())
 
 
-def llm_unavailable(recipe: Optional[Dict[str, object]] = None) -> Optional[str]:
-    """Why a language model cannot be checked in the emulated root here now, None when it can."""
+def host_unfit() -> Optional[str]:
+    """Why this host cannot run the emulated root (chroot, mount namespaces, binfmt_misc: Linux and root), None
+    where it can."""
     if sys.platform != "linux" or os.geteuid() != 0:
         return "the emulated arm64 root needs Linux and root"
+    return None
+
+
+def llm_unavailable(recipe: Optional[Dict[str, object]] = None) -> Optional[str]:
+    """Why a language model cannot be checked in the emulated root here now, None when it can."""
+    unfit = host_unfit()
+    if unfit:
+        return unfit
     if not is_built():
         return "no emulated arm64 root here (python -m edgekit.lab.emulated build --llm)"
     recipe = recipe or llm_recipe()
