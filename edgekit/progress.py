@@ -54,3 +54,17 @@ class Progress:
                     print(f"  {label}  {done}/{total}{unit} {extra}".rstrip(), file=self._out, flush=True)
 
         return tick
+
+    def timed(self, label: str, unit: str = ""):
+        """As ticker, with the rate and the time left (from the mean rate so far) after the count."""
+        tick = self.ticker(label, unit)
+        t0 = time.monotonic()
+
+        def timed_tick(done: int, total: int) -> None:
+            el = time.monotonic() - t0
+            if done >= total or not done or el <= 0:
+                tick(done, total, f"{el:.0f} s" if done else "")
+            else:
+                tick(done, total, f"{done / el:.2f}/s, {el / done * (total - done):.0f} s left")
+
+        return timed_tick

@@ -16,7 +16,7 @@ import transformers  # noqa: E402,F401
 
 from conftest import unavailable  # noqa: E402
 from realllm import smollm2_folder  # noqa: E402
-from tinylm import corpus_text, make_tiny_lm, tiny_lm  # noqa: E402,F401  (tiny_lm: a session fixture)
+from tinylm import corpus_text, make_tiny_lm, tiny_int4_avx2, tiny_lm  # noqa: E402,F401  (session fixtures)
 
 from edgekit.bundle import sha256_file  # noqa: E402
 
@@ -86,6 +86,114 @@ def test_int4_for_arm_and_x86(tiny_lm, tiny_val, tmp_path):
     assert by["rpi5"].bytes_per_token < 0.5 * src
     table = res.table()
     assert "tiny-llama-rpi5-int4" in table and "perplexity" in table
+
+
+def test_untied_embedding_table_is_8bit(tiny_lm, tiny_int4_avx2):
+    """An untied model's float embedding table is written 8-bit (GatherBlockQuantized, symmetric per block of
+    64, no zero points: 128, scales fp16 behind a Cast): a quarter of the float32 table's bytes, every weight
+    within half a step of the float model's, and the bytes a token reads still leave the table out."""
+    import onnx
+    from onnx import numpy_helper
+    from safetensors.numpy import load_file
+
+    from edgekit.convert.llm import weight_bytes
+
+    d = tiny_int4_avx2 / "model"
+    m = onnx.load(str(d / "model.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    cast = {n.output[0]: n.input[0] for n in m.graph.node if n.op_type == "Cast"}
+    (node,) = [n for n in m.graph.node if "embed_tokens" in n.name and n.op_type.startswith("Gather")]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    assert node.op_type == "GatherBlockQuantized" and len(node.input) == 3
+    assert attrs == {"bits": 8, "block_size": 64, "gather_axis": 0, "quantize_axis": 1}
+    q, scale = inits[node.input[0]], inits[cast[node.input[2]]]
+    w = load_file(str(tiny_lm / "model.safetensors"))["model.embed_tokens.weight"].astype(np.float32)
+    assert q.dtype == np.uint8 and q.shape == w.shape and scale.dtype == np.float16
+    step = np.repeat(scale.astype(np.float32), 64, axis=1)
+    err = np.abs((q.astype(np.float32) - 128) * step - w)
+    assert np.all(err <= 0.5 * step * (1 + 1e-3)), float((err / step).max())
+    man = json.loads((tiny_int4_avx2 / "manifest.json").read_text())
+    assert man["llm"]["embedding"]["op"] == "GatherBlockQuantized" and man["llm"]["embedding"]["bytes"] == q.nbytes
+    wb = weight_bytes(d)
+    assert wb["weights"] - wb["per_token"] == q.nbytes + scale.nbytes
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")   # ORT's k-quant on a constant block
+def test_kquant_rows_are_ort_kquant(monkeypatch):
+    """The builder's k-quant, sliced over blocks and threads, gives ORT's arrays element for element (4 and
+    8 bits; slices of 7 blocks, so every matrix crosses many slice edges; a matrix of one slice)."""
+    from onnxruntime.quantization.neural_compressor import weight_only as wo
+
+    from edgekit.convert import llm
+
+    monkeypatch.setattr(llm, "KQUANT_ROWS", 7)
+    rng = np.random.default_rng(3)
+    for shape, bits, threads in (((96, 200), 4, 2), ((64, 50), 8, 2), ((32, 3), 4, 1)):
+        w = (rng.standard_normal(shape) * 0.05).astype(np.float32)
+        w[:, 0] = 0.0                                    # a constant block (rmin == rmax) as well
+        ref = wo.quant_tensor_k_quant_cpu(w.T.copy(), bits, 32)
+        got = llm.kquant_rows(wo.quant_tensor_k_quant_cpu, w.T.copy(), bits, 32, threads)
+        assert [a.shape for a in got] == [a.shape for a in ref]
+        assert all(np.array_equal(a, b) for a, b in zip(got, ref)), (shape, bits)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")   # ORT's k-quant on a constant block
+def test_quantizer_hooks_draw_progress_and_keep_library_logs(capfd):
+    """While the builder quantizes: ORT's per-MatMul progress becomes edgekit's (on the terminal, with rate and
+    time left), neural_compressor's log lines go to the build's log and not the terminal, and both of ORT's
+    functions are back afterwards."""
+    import io
+    import logging
+
+    from onnxruntime.quantization.neural_compressor import weight_only as wo
+
+    from edgekit.convert.llm import _quantizer_hooks
+    from edgekit.progress import Progress
+
+    before = (wo.simple_progress_bar, wo.quant_tensor_k_quant_cuda)
+    out, log = io.StringIO(), io.StringIO()
+    with _quantizer_hooks(Progress(stream=out), "quantizing (int4)", log):
+        for i in range(1, 5):
+            wo.simple_progress_bar(4, i)
+        logging.getLogger("neural_compressor").warning("Model size > 2GB")
+        q = wo.quant_tensor_k_quant_cuda(np.ones((4, 32), np.float32), 4, 32)
+    assert (wo.simple_progress_bar, wo.quant_tensor_k_quant_cuda) == before
+    assert "quantizing (int4)  4/4 MatMuls" in out.getvalue()
+    assert "Model size > 2GB" in log.getvalue()
+    assert "Model size" not in capfd.readouterr().err
+    assert q[0].shape == (4, 32) and q[2].dtype == np.uint8
+
+
+def test_float_model_dropped_when_the_builder_would_not_fit(tiny_lm, tiny_val, tmp_path, monkeypatch):
+    """Where the builder's float32 copies would not fit beside the float model in the memory available, the
+    converter drops the float model's weights for the build and reads them again when next needed (the 8-bit
+    lm_head's symmetric rewrite): the same bundle, said in the log."""
+    from edgekit.convert import llm
+    from edgekit.convert.llm import LLMRecipe, convert_llm
+
+    loads = []
+    real_load = llm.FloatModel.model.fget
+
+    def counting(self):
+        if not self.loaded:
+            loads.append(1)
+        return real_load(self)
+
+    monkeypatch.setattr(llm.FloatModel, "model", property(counting))
+    ref = convert_llm(LLMRecipe(str(tiny_lm), ("x86-avx2",), precision="int4", val=str(tiny_val), name="ref"),
+                      str(tmp_path))
+    assert len(loads) == 1 and "dropped for the build" not in (tmp_path / "ref.convert.log").read_text()
+    loads.clear()
+    monkeypatch.setattr(llm, "mem_available", lambda: 1 << 20)    # 1 MiB available: the builder never fits
+    low = convert_llm(LLMRecipe(str(tiny_lm), ("x86-avx2",), precision="int4", val=str(tiny_val), name="low"),
+                      str(tmp_path))
+    assert len(loads) == 2                                         # read at the start and again after the build
+    assert "dropped for the build and read again after" in (tmp_path / "low.convert.log").read_text()
+    a, b = ref.bundles[0].path / "model", low.bundles[0].path / "model"
+    assert sha256_file(a / "model.onnx.data") == sha256_file(b / "model.onnx.data")
+    fa = json.loads((ref.bundles[0].path / "manifest.json").read_text())["fidelity"]
+    fb = json.loads((low.bundles[0].path / "manifest.json").read_text())["fidelity"]
+    assert (fa["kl_mean"], fa["ppl"]) == (fb["kl_mean"], fb["ppl"])
 
 
 def test_floor_forces_the_ladder(tiny_lm, tiny_val, tmp_path):

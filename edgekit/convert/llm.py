@@ -49,7 +49,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import edgekit
 from edgekit.bundle import SCHEMA_VERSION, check_name, sha256_file, sha256_tree, staged_dir, write_json_atomic
 from edgekit.convert.llm_fidelity import (BUILTIN_PROMPTS, EvalText, FloatModel, LLMFloor, OnnxDecoder, compare,
-                                          golden)
+                                          golden, mem_available)
 from edgekit.convert.llm_graph import (PRUNE_NOTE, alias_tied_embedding, embedding_summary, half_scales,
                                       initializer_bytes, prune_lm_head, scales_summary, stored_bytes)
 from edgekit.convert.llm_gptq import ALGOS as _CALIBRATED_ALGOS, builder_algo, calibrated, int8_summary
@@ -369,10 +369,85 @@ def _quiet_builder():
     os.environ.setdefault("TQDM_DISABLE", "1")
 
 
+# the builder's peak beside the converter's own memory, in float32 copies of the checkpoint: it reads the
+# checkpoint again in float32 and holds its graph's float initializers and the quantizer's arrays. Measured on
+# TinyLlama-1.1B's shapes (1.17 G parameters, 4.7 GB in float32; Xeon VM): the converter's resident memory 5.2 GB
+# before the build (the float model), 16.1 GB at the build's peak: +10.9 GB, 2.3 copies; with margin, 2.5
+BUILDER_FP32_COPIES = 2.5
+# An untied embedding table's 8-bit block (llm_gptq.quantize_embedding): the first dividing the hidden size, as
+# the 8-bit lm_head's (LLMBuildOptions.int8_blocks). CPU builds: GatherBlockQuantized on CUDA is not measured here.
+EMBED_BLOCKS = (64, 32, 16)
+KQUANT_ROWS = 32768   # blocks per slice of kquant_rows (1 MiB of float32 per array at block 32)
+
+
+def kquant_rows(kquant, data, num_bits: int = 4, group_size: int = 32, threads: int = 1):
+    """ORT's k-quant (`kquant`: its quant_tensor_k_quant_cpu) over slices of blocks, on `threads` threads.
+    Every block's grid search reads only that block (axis-1 reductions), so the slices' results are the whole
+    call's, element for element; the slices keep its dozen temporaries in the CPU's caches and numpy's ufuncs
+    release the GIL. Measured here (Xeon VM, one core): 2.9M weights 0.82 -> 0.55 s, identical arrays."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    d = np.reshape(data, (-1, group_size))
+    parts = [d[i:i + KQUANT_ROWS] for i in range(0, d.shape[0], KQUANT_ROWS)]
+    if threads > 1 and len(parts) > 1:
+        with ThreadPoolExecutor(threads) as ex:
+            outs = list(ex.map(lambda x: kquant(x, num_bits, group_size), parts))
+    else:
+        outs = [kquant(x, num_bits, group_size) for x in parts]
+    return tuple(np.concatenate([o[i] for o in outs]) for i in range(3))
+
+
+@contextlib.contextmanager
+def _quantizer_hooks(progress: Optional[Progress], label: str, log: io.StringIO):
+    """While the builder quantizes: its per-MatMul progress (ORT's simple_progress_bar, printed on stdout and
+    captured) drawn as edgekit's with rate and time left, its k-quant sliced over the free cores
+    (kquant_rows), and neural_compressor's log lines (its handler writes to the terminal's stderr, past the
+    redirect) into the build's log. Where ORT's quantizer module lacks either function, it is left as it is."""
+    try:
+        from onnxruntime.quantization.neural_compressor import weight_only as wo
+    except ImportError:
+        yield
+        return
+    from edgekit.convert.llm_fidelity import free_cores
+
+    saved = {k: getattr(wo, k) for k in ("simple_progress_bar", "quant_tensor_k_quant_cuda",
+                                         "quant_tensor_k_quant_cpu") if hasattr(wo, k)}
+    nc = logging.getLogger("neural_compressor")
+    handlers, propagate = nc.handlers[:], nc.propagate
+    nc.handlers, nc.propagate = [logging.StreamHandler(log)], False
+    tick = progress.timed(label, " MatMuls") if progress is not None else None
+    threads = min(os.cpu_count() or 1, free_cores() + 1)   # the load average counts the converter's own thread
+
+    def bar(total, i):
+        if tick is not None and total:
+            tick(i, total)
+
+    def kquant(data, num_bits=4, group_size=32):
+        return kquant_rows(saved["quant_tensor_k_quant_cpu"], data, num_bits, group_size, threads)
+
+    try:
+        if "simple_progress_bar" in saved:
+            wo.simple_progress_bar = bar
+        if "quant_tensor_k_quant_cuda" in saved and "quant_tensor_k_quant_cpu" in saved:
+            try:
+                import cupy  # noqa: F401  (ORT's k-quant runs on the GPU with it: left alone)
+            except ImportError:
+                wo.quant_tensor_k_quant_cuda = kquant
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(wo, k, v)
+        nc.handlers, nc.propagate = handlers, propagate
+
+
 def run_builder(src: LMSource, opts: LLMBuildOptions, out_dir: Path, cache: Path,
-                matmuls: Dict[int, List[str]], float_model=None) -> str:
-    """Build into out_dir; returns the builder's captured output (for the log). float_model: the source's torch
-    model already loaded (the 8-bit rewrite reads its weights), else loaded when needed."""
+                matmuls: Dict[int, List[str]], float_model: Optional[FloatModel] = None,
+                progress: Optional[Progress] = None) -> str:
+    """Build into out_dir; returns the builder's captured output (for the log). float_model: the converter's
+    FloatModel (the 8-bit rewrite reads its weights, loading them again if they were released for the builder),
+    else the source is loaded when needed."""
     from onnxruntime_genai.models import builder
 
     _quiet_builder()
@@ -391,7 +466,8 @@ def run_builder(src: LMSource, opts: LLMBuildOptions, out_dir: Path, cache: Path
     from edgekit.convert.llm_compat import builder_config_fixes
 
     buf, fixes = io.StringIO(), []
-    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf), builder_config_fixes(fixes):
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf), builder_config_fixes(fixes), \
+            _quantizer_hooks(progress, f"quantizing ({opts.precision})", buf):
         kv = builder.parse_extra_options(None, str(src.path), str(out_dir), precision, opts.execution_provider,
                                          str(cache), extra, target_options=target_options)
         builder.create_model(None, str(src.path), str(out_dir), precision, opts.execution_provider,
@@ -412,13 +488,21 @@ def run_builder(src: LMSource, opts: LLMBuildOptions, out_dir: Path, cache: Path
                   f"rewritten in {cal['seconds']} s, {cal['calibration']}\n")
         sym = cal.get("int8")
     elif opts.int8_blocks():   # the 8-bit MatMulNBits symmetric, no zero points
-        sym = llm_gptq.rewrite_int8(src.path, out_dir, opts.int8_blocks(), model=float_model,
+        sym = llm_gptq.rewrite_int8(src.path, out_dir, opts.int8_blocks(),
+                                    model=float_model.model if float_model is not None else None,
                                     half=opts.fp16_scales())
     else:
         sym = None
     if sym:
         buf.write(f"\n8-bit MatMulNBits symmetric: {sym['nodes']} at blocks {sym['blocks']}"
                   + (f", {len(sym['kept'])} left asymmetric: {sym['kept']}" if sym["kept"] else "") + "\n")
+    if opts.quantized and opts.execution_provider == "cpu":   # an untied float embedding table -> 8-bit
+        emb = llm_gptq.quantize_embedding(out_dir, EMBED_BLOCKS, half=opts.fp16_scales())
+        if emb.get("node"):
+            buf.write(f"\nembedding table 8-bit ({emb['node']}, block {emb['block']}): {emb['bytes_before']} -> "
+                      f"{emb['bytes_after']} B\n")
+        elif emb.get("skipped"):
+            buf.write(f"\nembedding table left float: {emb['skipped']}\n")
     if opts.fp16_scales():   # the scales fp16 in the file, read through a Cast (llm_graph.half_scales)
         h = half_scales(out_dir)
         buf.write(f"\nscales fp16 in the file: {h['initializers']} initializers, {h['saved_bytes']} B less"
@@ -486,10 +570,19 @@ def weight_bytes(model_dir: Path) -> Dict[str, int]:
 
     m = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
     sizes = initializer_bytes(m)   # an initializer aliasing another's bytes (llm_graph) counted once
+    stored = stored_bytes(m)       # and a Cast of one (fp16 scales) under the name its reader reads
+    readers: Dict[str, int] = {}
+    for n in m.graph.node:
+        for x in n.input:
+            readers[x] = readers.get(x, 0) + 1
     gathered = 0
     for n in m.graph.node:
         if n.op_type == "Gather" and n.name.endswith("embed_tokens/Gather") and n.input[0] in sizes:
             gathered += sizes[n.input[0]]
+        elif n.op_type == "GatherBlockQuantized" and "embed_tokens" in n.name and sizes.get(n.input[0]):
+            # an untied table of its own (llm_gptq.quantize_embedding): it and the scales only it reads; a tied
+            # one aliases the lm_head's bytes (counted 0 here) and shares its scales
+            gathered += sizes[n.input[0]] + sum(stored.get(x, 0) for x in n.input[2:] if x and readers.get(x) == 1)
     total = sum(sizes.values())
     return {"weights": total, "per_token": total - gathered}
 
@@ -694,7 +787,8 @@ class _Session:
             self.text: EvalText = self.float.text_windows(text, str(vp), recipe.val_tokens, recipe.window)
         else:
             progress.say(f"{src.path.name}: no --val: generating the float model's own continuations")
-            self.text = self.float.own_continuations(min(recipe.val_tokens, 512), recipe.window)
+            self.text = self.float.own_continuations(min(recipe.val_tokens, 512), recipe.window,
+                                                     tick=progress.timed("generating", " prompts"))
         self.ref = self.float.logprobs(self.text.windows)
         self.builds: Dict[LLMBuildOptions, Dict[str, Any]] = {}
         self.matmuls: Dict[int, List[str]] = {}
@@ -709,13 +803,14 @@ class _Session:
         self.progress.say(f"  building {opts.describe()}")
         rec: Dict[str, Any] = {"dir": d}
         try:
+            self._make_room()
             if not self.matmuls and opts.precision == "int8" and self.src.tied:
                 # the INT8 build of a tied model names every MatMul: learn the names from a plain build first
                 run_builder(self.src, dataclasses.replace(opts, int8_symmetric=False), self.wd / "names",
                             self.wd / "cache", {})
                 self.matmuls.update(decoder_matmuls(self.wd / "names" / "model.onnx"))
                 shutil.rmtree(self.wd / "names", ignore_errors=True)
-            out = run_builder(self.src, opts, d, self.wd / "cache", self.matmuls, self.float.model)
+            out = run_builder(self.src, opts, d, self.wd / "cache", self.matmuls, self.float, self.progress)
             self.log.write(out[-20000:])
             if not self.matmuls:
                 self.matmuls.update(decoder_matmuls(d / "model.onnx"))
@@ -741,6 +836,21 @@ class _Session:
         rec["seconds"] = time.monotonic() - t0
         self.builds[opts] = rec
         return rec
+
+    def _make_room(self) -> None:
+        """The builder reads the checkpoint again in float32 and holds its graph's float initializers and the
+        quantizer's arrays beside it (BUILDER_FP32_COPIES): where that would not fit in the memory available
+        now, the float model's weights are dropped for the build and read again when next needed (a
+        1.5B-parameter checkpoint on a 24 GB machine; a 135M one never)."""
+        held = self.float.loaded
+        need = BUILDER_FP32_COPIES * 4 * self.float.params
+        avail = mem_available()
+        if held and avail is not None and need > avail:
+            self.float.release()
+            msg = (f"  the builder needs ~{need / 1e9:.1f} GB, {avail / 1e9:.1f} GB available: the float model's "
+                   f"{4 * self.float.params / 1e9:.1f} GB are dropped for the build and read again after")
+            self.progress.say(msg)
+            self.log.write(msg.strip() + "\n")
 
     def matmul_sensitivity(self, block: int, algo: str) -> Tuple[List[Dict[str, Any]], str]:
         """Each decoder MatMul's cost alone at INT4 (llm_sensitivity), on calibration text that is not the

@@ -109,11 +109,34 @@ class FloatModel:
         self.torch = torch
         self.folder = Path(folder)
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        self.model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
-        split_gate_up(self.model)   # Phi-3's fused gate_up_proj as the builder writes it: two MatMuls, two Linears
+        self._auto = AutoModelForCausalLM
+        self._model = None   # read on first use of .model; release() drops it
         self.params = int(sum(p.numel() for p in self.model.parameters()))
         self._ref: Dict[int, np.ndarray] = {}
         torch.set_num_threads(threads or free_cores())
+
+    @property
+    def model(self):
+        """The torch model, read from the folder again if release() dropped it."""
+        if self._model is None:
+            m = self._auto.from_pretrained(str(self.folder), dtype=self.torch.float32).eval()
+            split_gate_up(m)   # Phi-3's fused gate_up_proj as the builder writes it: two MatMuls, two Linears
+            self._model = m
+        return self._model
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    def release(self) -> bool:
+        """Drop the torch weights (float32: 4 bytes a parameter) until the next use of .model; True if held."""
+        if self._model is None:
+            return False
+        import gc
+
+        self._model = None
+        gc.collect()
+        return True
 
     # --- text -------------------------------------------------------------------------------------------------
 
@@ -137,14 +160,16 @@ class FloatModel:
         return EvalText(f"{where}: {len(ids)} tokens of held-out text in {len(windows)} window(s) of up to "
                         f"{window}", windows)
 
-    def own_continuations(self, max_tokens: int, window: int, prompts=BUILTIN_PROMPTS) -> EvalText:
-        """Greedy continuations of the built-in prompts (or `prompts`) by the float model itself."""
+    def own_continuations(self, max_tokens: int, window: int, prompts=BUILTIN_PROMPTS, tick=None) -> EvalText:
+        """Greedy continuations of the built-in prompts (or `prompts`) by the float model itself. tick(done,
+        total): called after each prompt (total: the prompts it takes to reach max_tokens)."""
         from transformers import GenerationConfig
 
         torch, t = self.torch, self.tokenizer
         new = max(16, min(window, max_tokens // len(prompts)))
         bos = self._bos()
         windows, starts = [], []
+        total = min(len(prompts), -(-max_tokens // new))
         for p in prompts:
             ids = torch.tensor([bos + t(p, add_special_tokens=False)["input_ids"]], dtype=torch.long)
             cfg = GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=False,
@@ -153,6 +178,8 @@ class FloatModel:
                 out = self.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=cfg)
             windows.append(out[0].numpy().astype(np.int64))
             starts.append(int(ids.shape[1]))     # the continuation is scored, not the prompt
+            if tick is not None:
+                tick(len(windows), max(total, len(windows)))
             if sum(len(w) - s for w, s in zip(windows, starts)) >= max_tokens:
                 break
         text = EvalText("", windows, prompts=list(prompts[:len(windows)]), starts=starts)
@@ -176,6 +203,18 @@ class FloatModel:
         torch = self.torch
         with torch.no_grad():
             return self.model(torch.from_numpy(window[None])).logits[0].float().numpy()
+
+
+def mem_available() -> Optional[int]:
+    """Bytes of memory available now (Linux: MemAvailable), None where /proc/meminfo does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def free_cores() -> int:

@@ -919,6 +919,77 @@ def rewrite_int8(src_path, model_dir, blocks: Sequence[int], threads: Optional[i
     return rec
 
 
+EMBED_NOTE = ("untied embedding table 8-bit symmetric per block (GatherBlockQuantized, absmax / 127, no zero "
+              "points): a quarter of the float32 table's bytes; a Gather reads one row per token")
+EMBED_ROWS = 8192   # rows of the table rounded at a time (a 151,936 x 1,536 float table is 0.9 GB)
+
+
+def quantize_embedding(model_dir, blocks: Sequence[int], half: bool = False) -> Dict[str, Any]:
+    """The float embedding table of an untied model (the builder's Gather of a [vocab, hidden] float initializer:
+    its GatherBlockQuantized form only shares a tied lm_head's table) stored 8-bit: symmetric per block of the
+    first of `blocks` dividing hidden (absmax / 127, as the 8-bit MatMulNBits edgekit writes; half: scales on
+    fp16's grid, for llm_graph.half_scales), read by a GatherBlockQuantized (bits 8, quantize_axis 1, no zero
+    points: 128) in the table's own type. Rewrites model.onnx + model.onnx.data when such a table is found.
+    Returns {"node", "rows", "hidden", "block", "bytes_before", "bytes_after", "note"}, or {"skipped": why} (None
+    when there was no such table: a tied or float build, a second call)."""
+    import onnx
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
+    model_dir = Path(model_dir)
+    head = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
+    g = head.graph
+    inits = {t.name: t for t in g.initializer}
+    readers: Dict[str, int] = {}
+    for n in g.node:
+        for x in n.input:
+            readers[x] = readers.get(x, 0) + 1
+    node = next((n for n in g.node if n.op_type == "Gather" and n.name.endswith("embed_tokens/Gather")
+                 and n.input[0] in inits), None)
+    if node is None:
+        return {"skipped": None}
+    t = inits[node.input[0]]
+    if t.data_type not in (TensorProto.FLOAT, TensorProto.FLOAT16) or len(t.dims) != 2:
+        return {"skipped": f"{t.name}: a {TensorProto.DataType.Name(t.data_type)} table of rank {len(t.dims)}"}
+    if _attr(node, "axis", 0) != 0 or readers.get(t.name) != 1:
+        return {"skipped": f"{t.name}: read by more than the embedding's Gather along axis 0"}
+    rows, hidden = int(t.dims[0]), int(t.dims[1])
+    block = next((b for b in blocks if hidden % b == 0), None)
+    if block is None:
+        return {"skipped": f"hidden size {hidden} is a multiple of none of the blocks {list(blocks)}"}
+    full = onnx.load(str(model_dir / "model.onnx"))
+    inits = {x.name: x for x in full.graph.initializer}
+    table = numpy_helper.to_array(inits[t.name])
+    dtype = table.dtype
+    q = np.empty((rows, hidden), dtype=np.uint8)
+    scales = np.empty((rows, hidden // block), dtype=dtype)
+    with torch.no_grad():
+        for i in range(0, rows, EMBED_ROWS):
+            w = torch.from_numpy(np.array(table[i:i + EMBED_ROWS], dtype=np.float32))   # a writable copy
+            qi, si, _ = quantize_rtn(w, block, bits=8, grid="symmetric", half=half)
+            q[i:i + EMBED_ROWS] = qi.numpy().astype(np.uint8)
+            scales[i:i + EMBED_ROWS] = si.numpy().astype(dtype)
+    del table
+    taken = set(inits) | {o for n in full.graph.node for o in n.output} | {i.name for i in full.graph.input}
+    qname, sname = f"{t.name}_Q8G{block}", f"{t.name}_scale"
+    while qname in taken:
+        qname += "_"
+    while sname in taken:
+        sname += "_"
+    gbq = helper.make_node("GatherBlockQuantized", [qname, node.input[1], sname], list(node.output),
+                           name=node.name[:-len("Gather")] + "GatherBlockQuantized", domain="com.microsoft",
+                           bits=8, block_size=block, gather_axis=0, quantize_axis=1)
+    nodes = [gbq if n.name == node.name else n for n in full.graph.node]
+    del full.graph.node[:]
+    full.graph.node.extend(nodes)
+    if not any(o.domain == "com.microsoft" for o in full.opset_import):
+        full.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    before = int(np.prod(t.dims)) * np.dtype(dtype).itemsize
+    _save(full, model_dir, {t.name}, [numpy_helper.from_array(q, qname), numpy_helper.from_array(scales, sname)])
+    return {"node": gbq.name, "rows": rows, "hidden": hidden, "block": block, "bytes_before": before,
+            "bytes_after": int(q.nbytes + scales.nbytes), "note": EMBED_NOTE}
+
+
 def _save(full, model_dir, drop: set, add: list) -> None:
     """`full` with the initializers named in `drop` replaced by `add`, written over model_dir's model.onnx and
     model.onnx.data (llm_graph.save_with_data)."""
