@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Optional, TextIO
+from typing import List, Optional, TextIO
 
 
 class Progress:
@@ -58,10 +58,12 @@ class Progress:
     def timed(self, label: str, unit: str = ""):
         """As ticker, with the rate and the time left (from the mean rate so far) after the count."""
         tick = self.ticker(label, unit)
-        t0 = time.monotonic()
+        t0: List[float] = []   # the clock starts at the first call (the work's start, not the caller's setup)
 
         def timed_tick(done: int, total: int) -> None:
-            el = time.monotonic() - t0
+            if not t0:
+                t0.append(time.monotonic())
+            el = time.monotonic() - t0[0]
             if done >= total or not done or el <= 0:
                 tick(done, total, f"{el:.0f} s" if done else "")
             else:

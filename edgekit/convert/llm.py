@@ -235,7 +235,8 @@ class LLMBuildOptions:
     fp32_matmuls: Tuple[str, ...] = ()  # decoder MatMul nodes left unquantized (fp32 MatMul; measured, llm_actquant)
     head_block: int = 0                 # calibrated algos (llm_gptq): the INT8 lm_head's block size (0: the builder's)
     int8_symmetric: bool = True         # the 8-bit MatMulNBits rewritten symmetric, no zero points (int8_blocks)
-    half_scales: bool = True            # the MatMulNBits scales stored fp16 in the file (fp16_scales)
+    half_scales: bool = True            # the MatMulNBits scales stored fp16 in the file (fp16_scales); the
+                                        # converter's default: only under a byte budget (profile_options)
 
     @property
     def quantized(self) -> bool:
@@ -261,7 +262,13 @@ class LLMBuildOptions:
         smaller (SmolLM2-135M's INT4 ladder build 115.3 -> 108.6 MB, INT8 166.5 -> 158.3 MB; decode the same).
         The 8-bit nodes edgekit rounds (int8_blocks) are rounded on the fp16 grid itself; the builder's 4-bit
         k-quant scales are rounded to fp16 after (at most 2^-11 of a scale: the weights' mean squared error
-        unchanged to 7 digits on SmolLM2). CPU builds only: a CUDA build's scales are fp16 already."""
+        unchanged to 7 digits on SmolLM2). CPU builds only: a CUDA build's scales are fp16 already.
+        The cost is memory on the device: ONNX Runtime keeps the Cast's folded fp32 copy of every scale in the heap
+        beside MLAS's packed one, where scales stored fp32 stay pages of the mapped file, which the runtime hands
+        back after the load (runtime.llmopts.release_model_pages). Measured here (Xeon VM, 1 thread, prompt 128 +
+        64): the generation's peak RSS 1043 -> 915 MiB for TinyLlama-1.1B's shapes (file 769 -> 836 MB), 231 ->
+        217 MiB for SmolLM2-135M. So the converter stores them fp32 unless a byte budget (--max-mb) asks for the
+        smallest file (profile_options)."""
         return self.half_scales and self.quantized and self.execution_provider == "cpu"
 
     def builder_block(self) -> int:
@@ -313,7 +320,9 @@ class LLMBuildOptions:
         if self.precision == "int4" and self.lm_head_int8:
             out.append("lm_head (int8)")
         if self.quantized and self.embeddings_wide:
-            out.append("embeddings (" + ("shared with the lm_head" if tied else "float32") + ")")
+            shared = tied and (self.precision == "int8" or self.lm_head_int8)
+            own = "8-bit" if self.execution_provider == "cpu" else "float"   # llm_gptq.quantize_embedding
+            out.append("embeddings (" + ("shared with the lm_head" if shared else own) + ")")
         if self.precision == "int4" and self.llama_mixed:
             out.append("llama.cpp mixed layers: first/last eighth, every third qkv/v/down (int8)")
         out += [f"layer {i} (int8)" for i in self.int8_layers]
@@ -377,14 +386,15 @@ BUILDER_FP32_COPIES = 2.5
 # An untied embedding table's 8-bit block (llm_gptq.quantize_embedding): the first dividing the hidden size, as
 # the 8-bit lm_head's (LLMBuildOptions.int8_blocks). CPU builds: GatherBlockQuantized on CUDA is not measured here.
 EMBED_BLOCKS = (64, 32, 16)
-KQUANT_ROWS = 32768   # blocks per slice of kquant_rows (1 MiB of float32 per array at block 32)
+KQUANT_ROWS = 32768   # blocks per slice of kquant_rows (4 MiB of float32 per array at block 32)
 
 
 def kquant_rows(kquant, data, num_bits: int = 4, group_size: int = 32, threads: int = 1):
     """ORT's k-quant (`kquant`: its quant_tensor_k_quant_cpu) over slices of blocks, on `threads` threads.
     Every block's grid search reads only that block (axis-1 reductions), so the slices' results are the whole
-    call's, element for element; the slices keep its dozen temporaries in the CPU's caches and numpy's ufuncs
-    release the GIL. Measured here (Xeon VM, one core): 2.9M weights 0.82 -> 0.55 s, identical arrays."""
+    call's, element for element; the slices keep its dozen temporaries a few MiB each instead of the matrix's
+    size, and numpy's ufuncs release the GIL. Measured here (Xeon VM, one thread, the other core busy): a 2048 x
+    5632 matrix 6.0 -> 3.1 s, 2.9M weights 0.82 -> 0.55 s, identical arrays."""
     from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
@@ -404,10 +414,13 @@ def _quantizer_hooks(progress: Optional[Progress], label: str, log: io.StringIO)
     """While the builder quantizes: its per-MatMul progress (ORT's simple_progress_bar, printed on stdout and
     captured) drawn as edgekit's with rate and time left, its k-quant sliced over the free cores
     (kquant_rows), and neural_compressor's log lines (its handler writes to the terminal's stderr, past the
-    redirect) into the build's log. Where ORT's quantizer module lacks either function, it is left as it is."""
+    redirect) into the build's log. Where ORT's quantizer module lacks either function, it is left as it is;
+    everything is put back on the way out, an error's included."""
     try:
         from onnxruntime.quantization.neural_compressor import weight_only as wo
     except ImportError:
+        wo = None
+    if wo is None:
         yield
         return
     from edgekit.convert.llm_fidelity import free_cores
@@ -416,18 +429,27 @@ def _quantizer_hooks(progress: Optional[Progress], label: str, log: io.StringIO)
                                          "quant_tensor_k_quant_cpu") if hasattr(wo, k)}
     nc = logging.getLogger("neural_compressor")
     handlers, propagate = nc.handlers[:], nc.propagate
-    nc.handlers, nc.propagate = [logging.StreamHandler(log)], False
-    tick = progress.timed(label, " MatMuls") if progress is not None else None
-    threads = min(os.cpu_count() or 1, free_cores() + 1)   # the load average counts the converter's own thread
+    shown = [0, 0]   # MatMuls done, of how many
+
+    def draw(done, total):
+        try:
+            tick(done, total)
+        except (OSError, ValueError):   # a closed terminal: the build goes on without its progress line
+            pass
 
     def bar(total, i):
+        # ORT calls it before quantizing MatMul i: i - 1 are done
         if tick is not None and total:
-            tick(i, total)
+            shown[:] = [i - 1, total]
+            draw(i - 1, total)
 
     def kquant(data, num_bits=4, group_size=32):
         return kquant_rows(saved["quant_tensor_k_quant_cpu"], data, num_bits, group_size, threads)
 
     try:
+        nc.handlers, nc.propagate = [logging.StreamHandler(log)], False
+        tick = progress.timed(label, " MatMuls") if progress is not None else None
+        threads = min(os.cpu_count() or 1, free_cores() + 1)   # the load average counts the converter's thread
         if "simple_progress_bar" in saved:
             wo.simple_progress_bar = bar
         if "quant_tensor_k_quant_cuda" in saved and "quant_tensor_k_quant_cpu" in saved:
@@ -436,6 +458,8 @@ def _quantizer_hooks(progress: Optional[Progress], label: str, log: io.StringIO)
             except ImportError:
                 wo.quant_tensor_k_quant_cuda = kquant
         yield
+        if tick is not None and shown[1] and shown[0] < shown[1]:
+            draw(shown[1], shown[1])
     finally:
         for k, v in saved.items():
             setattr(wo, k, v)
@@ -474,6 +498,11 @@ def run_builder(src: LMSource, opts: LLMBuildOptions, out_dir: Path, cache: Path
                              str(cache), **kv)
     if fixes:
         buf.write("\n" + "\n".join(fixes) + "\n")
+    # the builder's graph (onnx_ir: nodes and values refer to each other) and its float weights go only with a
+    # collection: before anything reads the float model again
+    import gc
+
+    gc.collect()
     from edgekit.convert import llm_gptq, llm_lowrank   # llm_lowrank: a factorized folder's pairs as two MatMuls
 
     with contextlib.redirect_stdout(buf):   # ORT's k_quant prints a progress bar
@@ -489,7 +518,7 @@ def run_builder(src: LMSource, opts: LLMBuildOptions, out_dir: Path, cache: Path
         sym = cal.get("int8")
     elif opts.int8_blocks():   # the 8-bit MatMulNBits symmetric, no zero points
         sym = llm_gptq.rewrite_int8(src.path, out_dir, opts.int8_blocks(),
-                                    model=float_model.model if float_model is not None else None,
+                                    model_fn=(lambda: float_model.model) if float_model is not None else None,
                                     half=opts.fp16_scales())
     else:
         sym = None
@@ -564,8 +593,8 @@ def decoder_matmuls(model_onnx: Path) -> Dict[int, List[str]]:
 
 
 def weight_bytes(model_dir: Path) -> Dict[str, int]:
-    """Bytes of the weights (initializers) and of those a decoded token reads: all but an untied float
-    embedding table (a Gather reads one row of it per token)."""
+    """Bytes of the weights (initializers) and of those a decoded token reads: all but an untied embedding table
+    (float, or 8-bit with its scales: a Gather reads one row of it per token)."""
     import onnx
 
     m = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
@@ -765,7 +794,7 @@ def profile_options(t: TargetProfile, recipe: LLMRecipe) -> LLMBuildOptions:
         block_size=recipe.block_size or llm.block_size,
         accuracy_level=llm.accuracy_level if recipe.accuracy_level is None else recipe.accuracy_level,
         algo=recipe.algo or llm.algo, lm_head_int8="lm_head" in llm.wide_layers,
-        embeddings_wide="embeddings" in llm.wide_layers)
+        embeddings_wide="embeddings" in llm.wide_layers, half_scales=recipe.max_bytes is not None)
 
 
 class _Session:

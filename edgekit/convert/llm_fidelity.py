@@ -110,7 +110,7 @@ class FloatModel:
         self.folder = Path(folder)
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
         self._auto = AutoModelForCausalLM
-        self._model = None   # read on first use of .model; release() drops it
+        self._model = None   # read now (the parameter count) and by .model after a release() dropped it
         self.params = int(sum(p.numel() for p in self.model.parameters()))
         self._ref: Dict[int, np.ndarray] = {}
         torch.set_num_threads(threads or free_cores())
@@ -136,6 +136,9 @@ class FloatModel:
 
         self._model = None
         gc.collect()
+        from edgekit.runtime.llmopts import trim_heap
+
+        trim_heap()   # glibc keeps freed blocks below its raised mmap threshold in the heap until trimmed
         return True
 
     # --- text -------------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from edgekit.convert.llm_graph import FP16_MIN_NORMAL, constant_dtypes, save_with_data
+from edgekit.convert.llm_graph import EMBED_NOTE, FP16_MIN_NORMAL, constant_dtypes, save_with_data
 
 GRIDS = ("kquant", "minmax", "symmetric")
 
@@ -878,13 +878,14 @@ def symmetric_int8(full, weight_of: Callable[[Any], Any], blocks: Sequence[int],
 
 
 def rewrite_int8(src_path, model_dir, blocks: Sequence[int], threads: Optional[int] = None,
-                 model=None, half: bool = False) -> Dict[str, Any]:
+                 model=None, half: bool = False, model_fn: Optional[Callable[[], Any]] = None) -> Dict[str, Any]:
     """A built model_dir's 8-bit MatMulNBits (lm_head, decoder nodes) re-rounded symmetric from the float model's
     weights (symmetric_int8); model.onnx + model.onnx.data rewritten when any was. A node whose weight the float
     model does not hold as one Linear or a packed q/k/v or gate/up (llm_sensitivity.matmul_modules; Phi-3's
     gate_proj / up_proj are the Linears llm_fidelity.split_gate_up makes of its gate_up_proj) is left as it is.
-    model: the float torch model already loaded (the converter's session holds one), else loaded from src_path.
-    half: on fp16 scales (symmetric_int8)."""
+    model: the float torch model already loaded, or model_fn() giving it (the converter's FloatModel, which may
+    read it again), called only when there is an 8-bit node; else loaded from src_path. half: on fp16 scales
+    (symmetric_int8)."""
     import onnx
     import torch
 
@@ -895,6 +896,8 @@ def rewrite_int8(src_path, model_dir, blocks: Sequence[int], threads: Optional[i
     full = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
     if not any(n.op_type == "MatMulNBits" and _attr(n, "bits") == 8 for n in full.graph.node):
         return {"nodes": 0, "blocks": {}, "kept": []}
+    if model is None and model_fn is not None:
+        model = model_fn()
     if model is None:
         model = FloatModel(Path(src_path), threads).model
     by_layer: Dict[int, List[str]] = {}
@@ -919,8 +922,6 @@ def rewrite_int8(src_path, model_dir, blocks: Sequence[int], threads: Optional[i
     return rec
 
 
-EMBED_NOTE = ("untied embedding table 8-bit symmetric per block (GatherBlockQuantized, absmax / 127, no zero "
-              "points): a quarter of the float32 table's bytes; a Gather reads one row per token")
 EMBED_ROWS = 8192   # rows of the table rounded at a time (a 151,936 x 1,536 float table is 0.9 GB)
 
 
@@ -951,7 +952,7 @@ def quantize_embedding(model_dir, blocks: Sequence[int], half: bool = False) -> 
     t = inits[node.input[0]]
     if t.data_type not in (TensorProto.FLOAT, TensorProto.FLOAT16) or len(t.dims) != 2:
         return {"skipped": f"{t.name}: a {TensorProto.DataType.Name(t.data_type)} table of rank {len(t.dims)}"}
-    if _attr(node, "axis", 0) != 0 or readers.get(t.name) != 1:
+    if _attr(node, "axis", 0) != 0 or readers.get(t.name) != 1 or t.name in {i.name for i in g.input}:
         return {"skipped": f"{t.name}: read by more than the embedding's Gather along axis 0"}
     rows, hidden = int(t.dims[0]), int(t.dims[1])
     block = next((b for b in blocks if hidden % b == 0), None)

@@ -33,6 +33,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+EMBED_NOTE = ("untied embedding table 8-bit symmetric per block (GatherBlockQuantized, absmax / 127, no zero "
+              "points): a quarter of the float32 table's bytes; a Gather reads one row per token")
 ALIAS_SUFFIX = "_gather"   # name of the Gather's initializer: the lm_head's initializer's name + this
 NOTE = "embedding aliased to the lm_head's bytes in model.onnx.data (no load-time copy)"
 
@@ -306,8 +308,13 @@ def embedding_summary(model_dir: os.PathLike) -> Optional[Dict[str, Any]]:
         shares = [o.name for o in model.graph.initializer
                   if o.name != table and loc is not None and _location(o) == loc]
         out.update(table=table, bytes=_nbytes(t), load_copy_bytes=0)
+        if n.op_type == "GatherBlockQuantized":
+            attrs = {a.name: a.i for a in n.attribute if a.name in ("bits", "block_size")}
+            out.update(bits=attrs.get("bits", 4), block_size=attrs.get("block_size", 128))
         if shares:
             out.update(shares=shares[0], note=NOTE)
+        elif n.op_type == "GatherBlockQuantized" and out["bits"] == 8:
+            out.update(note=EMBED_NOTE)
         return out
     p = producer.get(table)
     if p is not None and p.op_type in ("Reshape", "Transpose") and p.input[0] in inits:
