@@ -137,6 +137,33 @@ def test_threads_probed_once_cached_and_overridden(bundle, tmp_path, monkeypatch
     assert (got.threads, got.threads_chosen_by) == (1, "manifest") and not cached()
 
 
+def test_no_probe_where_a_second_copy_of_the_model_does_not_fit(bundle, tmp_path, monkeypatch):
+    """The load-time probes time a second copy of the model against the first: where the memory available would
+    not hold it (a device whose memory holds one copy), neither the thread count nor the spinning is probed,
+    nothing is cached, the model loads at the profile's count and says why; with room, the probe runs."""
+    import edgekit.runtime.llmopts as opts
+    import edgekit.runtime.threads as rthreads
+    from edgekit.runtime.llmthreads import TWIN_FACTOR, no_room_for_a_twin
+
+    if rthreads.usable_cpus() < 2:
+        monkeypatch.setattr(rthreads, "usable_cpus", lambda cpu_max=None: 2)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("EDGEKIT_CACHE_DIR", str(cache))
+    monkeypatch.delenv("EDGEKIT_THREAD_PROBE", raising=False)
+    man = json.loads((bundle / "manifest.json").read_text())
+    one_copy = TWIN_FACTOR * man["model"]["bytes"] / 2 ** 20
+    monkeypatch.setattr(opts, "mem_available_mb", lambda: one_copy)          # room for the copy already open
+    assert "second copy of the model" in no_room_for_a_twin(man)
+    lm = load(bundle)
+    assert lm.threads_chosen_by == "profile" and "second copy of the model" in lm.threads_choice["why"]
+    given = load(bundle, threads=2)
+    assert given.spinning is None and "second copy of the model" in given.threads_choice["why"]
+    assert not (cache / "threads").is_dir() or not list((cache / "threads").glob("*.json"))
+    assert lm.generate("Count: one", max_new_tokens=4)
+    monkeypatch.setattr(opts, "mem_available_mb", lambda: 100 * one_copy + 1024)
+    assert no_room_for_a_twin(man) is None and load(bundle).threads_chosen_by == "probe"
+
+
 def test_the_probe_times_intra_op_spinning_both_ways_and_the_choice_reaches_every_session(bundle, tmp_path,
                                                                                           monkeypatch):
     """With more than one thread chosen, the probe times the chosen count with ORT's intra-op threads spinning as

@@ -81,6 +81,18 @@ def rss_mb() -> Dict[str, Optional[float]]:
     return out
 
 
+def mem_available_mb() -> Optional[float]:
+    """Memory available for a new allocation now, MiB (Linux: MemAvailable); None where /proc does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def reset_peak_rss() -> bool:
     """Reset this process's high-water mark (VmHWM) to its resident memory now, so the next rss_mb()
     peak covers only what runs after this call (Linux: "5" into /proc/self/clear_refs). False where the

@@ -34,6 +34,10 @@ PROBE_TOKENS = 12
 PROBE_ROUNDS, PROBE_MIN_ROUNDS = 3, 2
 PROBE_BUDGET_S = 1.5          # rounds after PROBE_MIN_ROUNDS stop once this is spent (a loaded machine)
 PROBE_MAX_TOKEN_MS = 100.0    # one decoded token slower than this at the ceiling (under 10 tok/s): not probed
+# The probes hold a second copy of the model while they time it against the first: a copy's resident memory is at
+# most this times the model files' bytes (measured: 1.14x with the scales stored fp32, 1.41x fp16, TinyLlama-1.1B's
+# shapes; 2.1x for SmolLM2-135M, whose tokenizer and small tables weigh more), plus TWIN_SPARE_MB.
+TWIN_FACTOR, TWIN_SPARE_MB = 1.5, 64.0
 BACKEND = "onnxruntime-genai"
 
 
@@ -92,6 +96,21 @@ def _start(og, model, ids: Sequence[int], tried: List[int], where: Optional[str]
                            "prompt_tokens": len(ids), "new_tokens": PROBE_TOKENS}
     decode_token_ms(og, model, ids, 2, capacity=capacity)     # warm-up: the first run allocates
     return rec, median(decode_token_ms(og, model, ids, 4, capacity=capacity))
+
+
+def no_room_for_a_twin(manifest: Mapping[str, Any]) -> Optional[str]:
+    """Why a second copy of the model must not be opened now (None: it fits): the probes time two copies side by
+    side, and on a device whose memory holds one (a 1B model on a 2 GB board, SmolLM2 on a Pi Zero 2) the second
+    would be killed or push the first out to swap."""
+    from edgekit.runtime.llmopts import mem_available_mb
+
+    files = int((manifest.get("model") or {}).get("bytes") or 0)
+    avail = mem_available_mb()
+    need = TWIN_FACTOR * files / 2 ** 20 + TWIN_SPARE_MB
+    if avail is None or not files or avail >= need:
+        return None
+    return (f"not probed: timing needs a second copy of the model open (~{need:.0f} MiB) and {avail:.0f} MiB are "
+            "available; as genai_config says (give threads= to choose)")
 
 
 def _vocab(genai_config: Mapping[str, Any], manifest: Mapping[str, Any]) -> int:
@@ -200,6 +219,9 @@ def choose_spinning(og, og_model, open_at: Callable[..., Any], bundle_dir: Path,
         return (og_model if spin == spinning else open_at(threads, spin)), rec
     if not tp.probe_enabled():
         return og_model, {"why": f"not probed ({tp.PROBE_ENV}=0)"}
+    full = no_room_for_a_twin(manifest)
+    if full:   # not cached: another time there may be room
+        return og_model, {"why": full}
     t_start = time.perf_counter()
     ids, capacity = probe_ids(bundle_dir, _vocab(genai_config, manifest)), kv_floor(genai_config)
     rec, first = _start(og, og_model, ids, [threads], None, capacity)
@@ -247,6 +269,9 @@ def choose(og, og_model, open_at: Callable[[int], Any], bundle_dir: Path, manife
         return open_at(t, None if spin in (None, spinning) else bool(spin)), t, "cache", rec
     if not tp.probe_enabled():
         return og_model, ceiling, default_by, {"why": f"not probed ({tp.PROBE_ENV}=0)"}
+    full = no_room_for_a_twin(manifest)
+    if full:   # not cached: another time there may be room
+        return og_model, ceiling, default_by, {"why": full}
     rec, model = measure(og, open_at, ceiling, probe_ids(bundle_dir, _vocab(genai_config, manifest)), opened=og_model,
                          capacity=kv_floor(genai_config), spinning=spinning)
     cached = tp.write_cache(key, rec)
