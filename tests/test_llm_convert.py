@@ -406,6 +406,8 @@ def test_select_fastest(tiny_lm, tiny_val, tmp_path):
     assert x86.ok and arm.ok
     whats = [c["what"] for c in x86.candidates]
     assert len(whats) == len(set(whats)) >= 5 and any(w.startswith("int8") for w in whats)
+    # no byte budget: every candidate, INT8's too, with its scales fp32 in the file (LLMBuildOptions.fp16_scales)
+    assert not any(c["options"]["half_scales"] for c in x86.candidates)
     timed = [c for c in x86.candidates if c.get("decode_tok_s")]
     assert timed and all(c["meets"] for c in timed)
     chosen = [c for c in x86.candidates if c.get("chosen")]

@@ -121,6 +121,37 @@ def _fragment(tune: str) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+def test_memory_available_is_the_cgroups_where_it_allows_less(tmp_path, monkeypatch):
+    """mem_available_mb: MemAvailable, or what this process's memory cgroup still allows where that is less (v2
+    memory.max - memory.current; v1 limit_in_bytes - usage_in_bytes; a container sees its cgroup at the root);
+    no limit ("max", v1's huge number): MemAvailable."""
+    import edgekit.runtime.llmopts as opts
+
+    machine = opts.mem_available_mb()
+    proc, root = tmp_path / "cgroup", tmp_path / "fs"
+    monkeypatch.setattr(opts, "CGROUP_FILE", str(proc))
+    monkeypatch.setattr(opts, "CGROUP_ROOT", str(root))
+
+    def files(d, **kv):
+        d.mkdir(parents=True, exist_ok=True)
+        for k, v in kv.items():
+            (d / k.replace("_", ".", 1)).write_text(v + "\n")
+
+    proc.write_text("0::/app.slice/svc\n")
+    files(root / "app.slice" / "svc", memory_max=str(300 << 20), memory_current=str(100 << 20))
+    assert opts._cgroup_room_mb() == 200.0 and opts.mem_available_mb() == min(machine, 200.0)
+    # the inactive file pages it counts are the kernel's to reclaim: room
+    (root / "app.slice" / "svc" / "memory.stat").write_text(f"anon {60 << 20}\ninactive_file {40 << 20}\n")
+    assert opts._cgroup_room_mb() == 240.0
+    files(root / "app.slice" / "svc", memory_max="max")
+    assert opts._cgroup_room_mb() is None
+    proc.write_text("4:memory:/docker/abc\n0::/\n")                 # v1, the container's own cgroup at the root
+    files(root / "memory", memory_limit_in_bytes=str(512 << 20), memory_usage_in_bytes=str(500 << 20))
+    assert opts._cgroup_room_mb() == 12.0
+    files(root / "memory", memory_limit_in_bytes=str(9223372036854771712))
+    assert opts._cgroup_room_mb() is None
+
+
 def test_fixed_malloc_thresholds_give_freed_blocks_back():
     tuned, untuned = _fragment("1"), _fragment("0")
     if not tuned["state"]["applied"] and "no glibc" in tuned["state"].get("why", ""):

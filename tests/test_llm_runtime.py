@@ -162,6 +162,14 @@ def test_no_probe_where_a_second_copy_of_the_model_does_not_fit(bundle, tmp_path
     assert lm.generate("Count: one", max_new_tokens=4)
     monkeypatch.setattr(opts, "mem_available_mb", lambda: 100 * one_copy + 1024)
     assert no_room_for_a_twin(man) is None and load(bundle).threads_chosen_by == "probe"
+    # a cached choice that needs a second open beside the first (another count): not opened without room
+    (path,) = sorted((cache / "threads").glob("*.json"))
+    rec = json.loads(path.read_text())
+    other = next(t for t in rec["tried"] if t != lm.threads)
+    path.write_text(json.dumps(dict(rec, threads=other)))
+    monkeypatch.setattr(opts, "mem_available_mb", lambda: one_copy)
+    low = load(bundle)
+    assert (low.threads, low.threads_chosen_by) == (lm.threads, "profile") and "not opened" in low.threads_choice["why"]
 
 
 def test_the_probe_times_intra_op_spinning_both_ways_and_the_choice_reaches_every_session(bundle, tmp_path,

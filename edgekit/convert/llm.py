@@ -1022,7 +1022,7 @@ def _walk(s: _Session, row: LLMRow, base: LLMBuildOptions) -> Optional[Tuple[LLM
             if ok:
                 return opts, rec
     opts = LLMBuildOptions("int8", base.execution_provider, base.block_size, base.accuracy_level, base.algo,
-                           True, True)
+                           True, True, half_scales=base.half_scales)
     rec = s.build(opts)
     row.rescue.append(_step("int8", opts, rec, row.floor, s.recipe.max_bytes))
     if row.rescue[-1]["meets"]:
@@ -1378,7 +1378,7 @@ def _select_fastest(s: _Session, row: LLMRow, t: TargetProfile, chosen: LLMBuild
             for lv in levels:
                 cands.append(dataclasses.replace(chosen, block_size=bs, accuracy_level=lv))
         cands.append(LLMBuildOptions("int8", chosen.execution_provider, 32, chosen.accuracy_level, chosen.algo,
-                                     True, True))
+                                     True, True, half_scales=chosen.half_scales))
     seen, out = set(), []
     for o in cands:
         if o in seen:

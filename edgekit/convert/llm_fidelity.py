@@ -173,6 +173,8 @@ class FloatModel:
         bos = self._bos()
         windows, starts = [], []
         total = min(len(prompts), -(-max_tokens // new))
+        if tick is not None:
+            tick(0, total)   # the clock starts with the first prompt
         for p in prompts:
             ids = torch.tensor([bos + t(p, add_special_tokens=False)["input_ids"]], dtype=torch.long)
             cfg = GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=False,
@@ -209,15 +211,12 @@ class FloatModel:
 
 
 def mem_available() -> Optional[int]:
-    """Bytes of memory available now (Linux: MemAvailable), None where /proc/meminfo does not say."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
+    """Bytes of memory available now: Linux's MemAvailable, or less where this process's cgroup allows less (a
+    container's limit; runtime.llmopts.mem_available_mb), None where /proc does not say."""
+    from edgekit.runtime.llmopts import mem_available_mb
+
+    mb = mem_available_mb()
+    return None if mb is None else int(mb * 2 ** 20)
 
 
 def free_cores() -> int:

@@ -6,6 +6,7 @@ continuous-batching engine all take them from here, so none of those modules imp
 
 from __future__ import annotations
 
+import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 from edgekit.errors import DataError
@@ -81,16 +82,61 @@ def rss_mb() -> Dict[str, Optional[float]]:
     return out
 
 
+CGROUP_FILE, CGROUP_ROOT = "/proc/self/cgroup", "/sys/fs/cgroup"
+
+
+def _cgroup_room_mb() -> Optional[float]:
+    """What this process's memory cgroup still allows, MiB: memory.max - memory.current (v2), limit_in_bytes -
+    usage_in_bytes (v1), each usage less the inactive file pages it counts (memory.stat inactive_file /
+    total_inactive_file: cache the kernel reclaims first, as `docker stats` does); None without a limit (a
+    container, a systemd MemoryMax, a Kubernetes pod: the machine's MemAvailable is not what they allow)."""
+    try:
+        with open(CGROUP_FILE) as f:
+            lines = [line.rstrip("\n").split(":", 2) for line in f]
+    except OSError:
+        return None
+    for hid, controllers, rel in (x for x in lines if len(x) == 3):
+        if hid == "0" and controllers == "":
+            root, files, cache = CGROUP_ROOT, ("memory.max", "memory.current"), "inactive_file"
+        elif "memory" in controllers.split(","):
+            root, files = os.path.join(CGROUP_ROOT, "memory"), ("memory.limit_in_bytes", "memory.usage_in_bytes")
+            cache = "total_inactive_file"
+        else:
+            continue
+        for base in (os.path.join(root, rel.lstrip("/")), root):   # a container sees its own cgroup at the root
+            try:
+                with open(os.path.join(base, files[0])) as f:
+                    limit = f.read().strip()
+                with open(os.path.join(base, files[1])) as f:
+                    current = int(f.read().strip())
+            except (OSError, ValueError):
+                continue
+            if limit == "max" or not limit.isdigit() or int(limit) >= 1 << 60:   # no limit
+                break
+            try:
+                with open(os.path.join(base, "memory.stat")) as f:
+                    current -= next((int(v) for k, v in (line.split() for line in f if line.count(" ") == 1)
+                                     if k == cache), 0)
+            except (OSError, ValueError):
+                pass   # no memory.stat: the usage as it is (the cautious side)
+            return (int(limit) - current) / 2 ** 20
+    return None
+
+
 def mem_available_mb() -> Optional[float]:
-    """Memory available for a new allocation now, MiB (Linux: MemAvailable); None where /proc does not say."""
+    """Memory available for a new allocation now, MiB: Linux's MemAvailable, or less where this process's cgroup
+    allows less; None where /proc does not say."""
+    avail = None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / 1024
+                    avail = int(line.split()[1]) / 1024
+                    break
     except (OSError, ValueError, IndexError):
         return None
-    return None
+    room = _cgroup_room_mb()
+    return avail if room is None or avail is None else min(avail, room)
 
 
 def reset_peak_rss() -> bool:

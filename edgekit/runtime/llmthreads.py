@@ -3,8 +3,10 @@
 load_llm (runtime.llm) without `threads=` takes, in order: the manifest's measured choice
 (`runtime.threads_choice`, written by `convert --select fastest`), a probe cached for these model files,
 backend, version, CPU and ceiling (threadprobe.cache_dir()), or a probe run here once and cached; the
-ceiling (the profile's count clamped to the usable CPUs) when EDGEKIT_THREAD_PROBE=0 or when one decoded
-token takes over PROBE_MAX_TOKEN_MS (a model that slow is memory-bound at any count worth its cores).
+ceiling (the profile's count clamped to the usable CPUs) when EDGEKIT_THREAD_PROBE=0, when one decoded
+token takes over PROBE_MAX_TOKEN_MS (a model that slow is memory-bound at any count worth its cores), or when
+the memory available (MemAvailable, or the cgroup's limit) would not hold a second copy of the model beside the
+first (no_room_for_a_twin: the probe times two copies; nothing is cached then).
 
 The probe: PROBE_PROMPT prompt tokens prefilled, then PROBE_TOKENS greedy tokens decoded with each step
 timed; a count's figure is the median ms per decoded token over PROBE_ROUNDS rounds, alternating with the
@@ -34,9 +36,11 @@ PROBE_TOKENS = 12
 PROBE_ROUNDS, PROBE_MIN_ROUNDS = 3, 2
 PROBE_BUDGET_S = 1.5          # rounds after PROBE_MIN_ROUNDS stop once this is spent (a loaded machine)
 PROBE_MAX_TOKEN_MS = 100.0    # one decoded token slower than this at the ceiling (under 10 tok/s): not probed
-# The probes hold a second copy of the model while they time it against the first: a copy's resident memory is at
-# most this times the model files' bytes (measured: 1.14x with the scales stored fp32, 1.41x fp16, TinyLlama-1.1B's
-# shapes; 2.1x for SmolLM2-135M, whose tokenizer and small tables weigh more), plus TWIN_SPARE_MB.
+# The probes (and a cached choice other than the first open's) hold a second copy of the model beside the first.
+# What a copy adds, allowed for: TWIN_FACTOR x the model files' bytes + TWIN_SPARE_MB. Measured on the whole
+# process's generation peak over weights + KV, libraries included (so above a second copy's increment): 1.14x
+# (scales fp32 in the file) and 1.41x (fp16) for TinyLlama-1.1B's shapes; SmolLM2-135M 217 MiB for 109 MB of
+# files, within the 229 MiB allowed.
 TWIN_FACTOR, TWIN_SPARE_MB = 1.5, 64.0
 BACKEND = "onnxruntime-genai"
 
@@ -110,7 +114,7 @@ def no_room_for_a_twin(manifest: Mapping[str, Any]) -> Optional[str]:
     if avail is None or not files or avail >= need:
         return None
     return (f"not probed: timing needs a second copy of the model open (~{need:.0f} MiB) and {avail:.0f} MiB are "
-            "available; as genai_config says (give threads= to choose)")
+            "available; as the profile and genai_config say")
 
 
 def _vocab(genai_config: Mapping[str, Any], manifest: Mapping[str, Any]) -> int:
@@ -216,7 +220,12 @@ def choose_spinning(og, og_model, open_at: Callable[..., Any], bundle_dir: Path,
     if rec is not None and (isinstance(rec.get("spinning_chosen"), bool) or rec.get("skipped")):
         rec["cache"] = str(tp.cache_path(key))      # a skipped probe (a slow model) is not run again either
         spin = rec.get("spinning_chosen", spinning)
-        return (og_model if spin == spinning else open_at(threads, spin)), rec
+        if spin == spinning:
+            return og_model, rec
+        full = no_room_for_a_twin(manifest)
+        if full:   # the cached choice needs a second open beside the first
+            return og_model, {"why": f"{full}; cached: spinning {spin} at {threads} threads, not opened"}
+        return open_at(threads, spin), rec
     if not tp.probe_enabled():
         return og_model, {"why": f"not probed ({tp.PROBE_ENV}=0)"}
     full = no_room_for_a_twin(manifest)
@@ -266,6 +275,9 @@ def choose(og, og_model, open_at: Callable[[int], Any], bundle_dir: Path, manife
         spin = rec.get("spinning_chosen")
         if t == ceiling and spin in (None, spinning):
             return og_model, t, "cache", rec
+        full = no_room_for_a_twin(manifest)
+        if full:   # the cached choice needs a second open beside the first
+            return og_model, ceiling, default_by, {"why": f"{full}; cached: {t} threads, not opened"}
         return open_at(t, None if spin in (None, spinning) else bool(spin)), t, "cache", rec
     if not tp.probe_enabled():
         return og_model, ceiling, default_by, {"why": f"not probed ({tp.PROBE_ENV}=0)"}
