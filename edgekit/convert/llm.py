@@ -379,9 +379,11 @@ def _quiet_builder():
 
 
 # the builder's peak beside the converter's own memory, in float32 copies of the checkpoint: it reads the
-# checkpoint again in float32 and holds its graph's float initializers and the quantizer's arrays. Measured on
-# TinyLlama-1.1B's shapes (1.17 G parameters, 4.7 GB in float32; Xeon VM): the converter's resident memory 5.2 GB
-# before the build (the float model), 16.1 GB at the build's peak: +10.9 GB, 2.3 copies; with margin, 2.5
+# checkpoint again in float32 and holds its graph's float initializers and the quantizer's arrays. Measured (Xeon
+# VM, peak RSS): DeepSeek-R1-Distill-Qwen-1.5B's shapes (1.46 G parameters, 5.45 GiB in float32) 17.36 GiB with
+# the float model held, 11.87 GiB with it dropped (in a 14 GiB cgroup; the same bundle to the byte): the builder
+# ~11.2 GiB over a ~0.7 GiB converter, 2.05 copies; TinyLlama-1.1B's shapes (1.17 G, 4.36 GiB) 14.5 GiB held: 2.2
+# copies (2.5 before the k-quant ran in slices). With margin, 2.5
 BUILDER_FP32_COPIES = 2.5
 # An untied embedding table's 8-bit block (llm_gptq.quantize_embedding): the first dividing the hidden size, as
 # the 8-bit lm_head's (LLMBuildOptions.int8_blocks). CPU builds: GatherBlockQuantized on CUDA is not measured here.
