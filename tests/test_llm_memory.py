@@ -145,9 +145,18 @@ def test_memory_available_is_the_cgroups_where_it_allows_less(tmp_path, monkeypa
     assert opts._cgroup_room_mb() == 240.0
     files(root / "app.slice" / "svc", memory_max="max")
     assert opts._cgroup_room_mb() is None
+    files(root / "app.slice", memory_max=str(1 << 30), memory_current=str(900 << 20))   # the slice's limit
+    assert opts._cgroup_room_mb() == 124.0
+    files(root / "app.slice" / "svc", memory_max=str(50 << 20))         # the least of the levels; never below 0
+    assert opts._cgroup_room_mb() == 0.0
+    for f in ("memory.max", "memory.current", "memory.stat"):
+        for d in (root / "app.slice", root / "app.slice" / "svc"):
+            (d / f).unlink(missing_ok=True)
     proc.write_text("4:memory:/docker/abc\n0::/\n")                 # v1, the container's own cgroup at the root
     files(root / "memory", memory_limit_in_bytes=str(512 << 20), memory_usage_in_bytes=str(500 << 20))
     assert opts._cgroup_room_mb() == 12.0
+    (root / "memory" / "memory.stat").write_text(f"cache {30 << 20}\ntotal_inactive_file {20 << 20}\n")
+    assert opts._cgroup_room_mb() == 32.0
     files(root / "memory", memory_limit_in_bytes=str(9223372036854771712))
     assert opts._cgroup_room_mb() is None
 

@@ -162,14 +162,26 @@ def test_no_probe_where_a_second_copy_of_the_model_does_not_fit(bundle, tmp_path
     assert lm.generate("Count: one", max_new_tokens=4)
     monkeypatch.setattr(opts, "mem_available_mb", lambda: 100 * one_copy + 1024)
     assert no_room_for_a_twin(man) is None and load(bundle).threads_chosen_by == "probe"
-    # a cached choice that needs a second open beside the first (another count): not opened without room
+    # a cached choice that needs another open than the first (another count): without room for two copies it is
+    # opened after the first is let go, and used
     (path,) = sorted((cache / "threads").glob("*.json"))
     rec = json.loads(path.read_text())
     other = next(t for t in rec["tried"] if t != lm.threads)
     path.write_text(json.dumps(dict(rec, threads=other)))
     monkeypatch.setattr(opts, "mem_available_mb", lambda: one_copy)
     low = load(bundle)
-    assert (low.threads, low.threads_chosen_by) == (lm.threads, "profile") and "not opened" in low.threads_choice["why"]
+    assert (low.threads, low.threads_chosen_by) == (other, "cache") and "reopen" not in low.threads_choice
+    assert low.generate("Count: one", max_new_tokens=4)
+    # the same for a given count's cached spinning
+    monkeypatch.setattr(opts, "mem_available_mb", lambda: 100 * one_copy + 1024)
+    spun = load(bundle, threads=2)
+    (spath,) = [q for q in sorted((cache / "threads").glob("*.json")) if q != path]
+    srec = json.loads(spath.read_text())
+    spath.write_text(json.dumps(dict(srec, spinning_chosen=not spun.spinning)))
+    monkeypatch.setattr(opts, "mem_available_mb", lambda: one_copy)
+    flipped = load(bundle, threads=2)
+    assert flipped.spinning is (not spun.spinning) and "reopen" not in flipped.threads_choice
+    assert flipped.generate("Count: one", max_new_tokens=4)
 
 
 def test_the_probe_times_intra_op_spinning_both_ways_and_the_choice_reaches_every_session(bundle, tmp_path,

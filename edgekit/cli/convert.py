@@ -63,7 +63,7 @@ def _input_shapes(values):
 @click.option("--max-mb", type=float, help="Language models: the bundle's model size at most this many MB (10^6 "
               "bytes); an INT4 build then fills it with the decoder MatMuls measured most sensitive at INT8 (the best "
               "fidelity that fits, not the smallest build meeting the floor); its builds store their scales fp16 (the "
-              "smallest file; 6-12% more memory on the device than the default fp32).")
+              "smallest file; 6-14% more memory on the device than the default fp32).")
 @click.option("--algo", type=click.Choice(["k_quant", "rtn", "default", "awq", "gptq", "awq_gptq"]),
               help="Language models: the INT4 weights' rounding (default: the profile's, k_quant). awq / gptq / "
               "awq_gptq calibrate on the float model's own text (minutes for a 135M model).")

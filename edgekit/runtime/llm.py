@@ -244,6 +244,9 @@ def load_llm(path: Union[str, Path], *, threads: Optional[int] = None, verify: b
 
             og_model, choice = choose_spinning(og, og_model, lambda t, spin=None: _og_model(og, model_dir, t, spin),
                                                p, manifest, genai_config, used, og_version())
+        if og_model is None:   # a cached choice with no room for two copies: the first is gone, this one opens now
+            used, spin = (choice or {}).pop("reopen")
+            og_model = _og_model(og, model_dir, used, spin)
         og_tokenizer = og.Tokenizer(og_model)
     except RuntimeError as e:   # ORT GenAI reports a bad folder, graph or tokenizer as RuntimeError
         raise BundleError(f"onnxruntime-genai cannot load the model ({str(e).splitlines()[0]})",

@@ -85,16 +85,39 @@ def rss_mb() -> Dict[str, Optional[float]]:
 CGROUP_FILE, CGROUP_ROOT = "/proc/self/cgroup", "/sys/fs/cgroup"
 
 
+def _cgroup_level_room(base: str, files: Sequence[str], cache: str) -> Optional[float]:
+    """Bytes one cgroup folder still allows (its limit less its usage less the inactive file pages it counts),
+    None where it sets no limit or cannot be read."""
+    try:
+        with open(os.path.join(base, files[0])) as f:
+            limit = f.read().strip()
+        with open(os.path.join(base, files[1])) as f:
+            current = int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+    if limit == "max" or not limit.isdigit() or int(limit) >= 1 << 60:   # no limit here
+        return None
+    try:
+        with open(os.path.join(base, "memory.stat")) as f:
+            current -= next((int(v) for k, v in (line.split() for line in f if line.count(" ") == 1)
+                             if k == cache), 0)
+    except (OSError, ValueError):
+        pass   # no memory.stat: the usage as it is (the cautious side)
+    return float(max(int(limit) - current, 0))
+
+
 def _cgroup_room_mb() -> Optional[float]:
-    """What this process's memory cgroup still allows, MiB: memory.max - memory.current (v2), limit_in_bytes -
-    usage_in_bytes (v1), each usage less the inactive file pages it counts (memory.stat inactive_file /
-    total_inactive_file: cache the kernel reclaims first, as `docker stats` does); None without a limit (a
-    container, a systemd MemoryMax, a Kubernetes pod: the machine's MemAvailable is not what they allow)."""
+    """What this process's memory cgroup still allows, MiB: the least over its folder and every folder above it
+    that sets a limit (a systemd slice's MemoryMax, a container's limit over the cgroup its init moved it to) of
+    memory.max - memory.current (v2) or limit_in_bytes - usage_in_bytes (v1), each usage less the inactive file
+    pages it counts (memory.stat inactive_file / total_inactive_file: cache the kernel reclaims first, as `docker
+    stats` does); None where no level sets a limit (the machine's MemAvailable is then what counts)."""
     try:
         with open(CGROUP_FILE) as f:
             lines = [line.rstrip("\n").split(":", 2) for line in f]
     except OSError:
         return None
+    rooms: List[float] = []
     for hid, controllers, rel in (x for x in lines if len(x) == 3):
         if hid == "0" and controllers == "":
             root, files, cache = CGROUP_ROOT, ("memory.max", "memory.current"), "inactive_file"
@@ -103,24 +126,14 @@ def _cgroup_room_mb() -> Optional[float]:
             cache = "total_inactive_file"
         else:
             continue
-        for base in (os.path.join(root, rel.lstrip("/")), root):   # a container sees its own cgroup at the root
-            try:
-                with open(os.path.join(base, files[0])) as f:
-                    limit = f.read().strip()
-                with open(os.path.join(base, files[1])) as f:
-                    current = int(f.read().strip())
-            except (OSError, ValueError):
-                continue
-            if limit == "max" or not limit.isdigit() or int(limit) >= 1 << 60:   # no limit
-                break
-            try:
-                with open(os.path.join(base, "memory.stat")) as f:
-                    current -= next((int(v) for k, v in (line.split() for line in f if line.count(" ") == 1)
-                                     if k == cache), 0)
-            except (OSError, ValueError):
-                pass   # no memory.stat: the usage as it is (the cautious side)
-            return (int(limit) - current) / 2 ** 20
-    return None
+        parts = [p for p in rel.split("/") if p]
+        if not os.path.isdir(os.path.join(root, *parts)):
+            parts = []   # a container sees its own cgroup at the root
+        for depth in range(len(parts), -1, -1):   # the process's folder, then each one above it
+            room = _cgroup_level_room(os.path.join(root, *parts[:depth]), files, cache)
+            if room is not None:
+                rooms.append(room)
+    return min(rooms) / 2 ** 20 if rooms else None
 
 
 def mem_available_mb() -> Optional[float]:
@@ -134,9 +147,11 @@ def mem_available_mb() -> Optional[float]:
                     avail = int(line.split()[1]) / 1024
                     break
     except (OSError, ValueError, IndexError):
-        return None
+        avail = None
     room = _cgroup_room_mb()
-    return avail if room is None or avail is None else min(avail, room)
+    if room is None or avail is None:
+        return avail if room is None else room
+    return min(avail, room)
 
 
 def reset_peak_rss() -> bool:

@@ -5,8 +5,9 @@ load_llm (runtime.llm) without `threads=` takes, in order: the manifest's measur
 backend, version, CPU and ceiling (threadprobe.cache_dir()), or a probe run here once and cached; the
 ceiling (the profile's count clamped to the usable CPUs) when EDGEKIT_THREAD_PROBE=0, when one decoded
 token takes over PROBE_MAX_TOKEN_MS (a model that slow is memory-bound at any count worth its cores), or when
-the memory available (MemAvailable, or the cgroup's limit) would not hold a second copy of the model beside the
-first (no_room_for_a_twin: the probe times two copies; nothing is cached then).
+the memory available (MemAvailable, or less where the process's cgroup allows less) would not hold a second copy
+of the model beside the first (no_room_for_a_twin: the probe times two copies; nothing is cached then). A cached
+choice other than the first open's is opened after the first copy is let go where two would not fit ("reopen").
 
 The probe: PROBE_PROMPT prompt tokens prefilled, then PROBE_TOKENS greedy tokens decoded with each step
 timed; a count's figure is the median ms per decoded token over PROBE_ROUNDS rounds, alternating with the
@@ -40,7 +41,7 @@ PROBE_MAX_TOKEN_MS = 100.0    # one decoded token slower than this at the ceilin
 # What a copy adds, allowed for: TWIN_FACTOR x the model files' bytes + TWIN_SPARE_MB. Measured on the whole
 # process's generation peak over weights + KV, libraries included (so above a second copy's increment): 1.14x
 # (scales fp32 in the file) and 1.41x (fp16) for TinyLlama-1.1B's shapes; SmolLM2-135M 217 MiB for 109 MB of
-# files, within the 229 MiB allowed.
+# files, within the 220 MiB allowed.
 TWIN_FACTOR, TWIN_SPARE_MB = 1.5, 64.0
 BACKEND = "onnxruntime-genai"
 
@@ -222,9 +223,8 @@ def choose_spinning(og, og_model, open_at: Callable[..., Any], bundle_dir: Path,
         spin = rec.get("spinning_chosen", spinning)
         if spin == spinning:
             return og_model, rec
-        full = no_room_for_a_twin(manifest)
-        if full:   # the cached choice needs a second open beside the first
-            return og_model, {"why": f"{full}; cached: spinning {spin} at {threads} threads, not opened"}
+        if no_room_for_a_twin(manifest):   # no room for two copies: the caller lets the first go, then opens this
+            return None, dict(rec, reopen=[threads, spin])
         return open_at(threads, spin), rec
     if not tp.probe_enabled():
         return og_model, {"why": f"not probed ({tp.PROBE_ENV}=0)"}
@@ -275,9 +275,8 @@ def choose(og, og_model, open_at: Callable[[int], Any], bundle_dir: Path, manife
         spin = rec.get("spinning_chosen")
         if t == ceiling and spin in (None, spinning):
             return og_model, t, "cache", rec
-        full = no_room_for_a_twin(manifest)
-        if full:   # the cached choice needs a second open beside the first
-            return og_model, ceiling, default_by, {"why": f"{full}; cached: {t} threads, not opened"}
+        if no_room_for_a_twin(manifest):   # no room for two copies: the caller lets the first go, then opens this
+            return None, t, "cache", dict(rec, reopen=[t, None if spin in (None, spinning) else bool(spin)])
         return open_at(t, None if spin in (None, spinning) else bool(spin)), t, "cache", rec
     if not tp.probe_enabled():
         return og_model, ceiling, default_by, {"why": f"not probed ({tp.PROBE_ENV}=0)"}
