@@ -105,7 +105,7 @@ def _start(og, model, ids: Sequence[int], tried: List[int], where: Optional[str]
 
 def no_room_for_a_twin(manifest: Mapping[str, Any]) -> Optional[str]:
     """Why a second copy of the model must not be opened now (None: it fits): the probes time two copies side by
-    side, and on a device whose memory holds one (a 1B model on a 2 GB board, SmolLM2 on a Pi Zero 2) the second
+    side, and where the memory holds one but not two (a 0.5B model on a 2 GB board, a container's limit) the second
     would be killed or push the first out to swap."""
     from edgekit.runtime.llmopts import mem_available_mb
 
