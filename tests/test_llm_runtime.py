@@ -543,13 +543,29 @@ def test_cli_chat_through_stdin_with_reset_exit_and_ctrl_c(bundle, monkeypatch):
         if text != "Count: one two":
             return it
 
-        def interrupted():           # Ctrl-C while the reply streams: a real SIGINT to this process
+        def interrupted():
+            # Ctrl-C while the reply streams: a real SIGINT to this process as its second token is detokenized
+            # (by token, not by piece: how many pieces a reply streams in is the tiny model's to say; text a stop
+            # string might begin is held back, and a trained-here model's reply may come as one piece)
+            cls = type(self.lm.tokenizer)
+            real = cls.stream
+
+            def stream(tok_self):
+                detok, count = real(tok_self), [0]
+
+                class Interrupting:
+                    def decode(self_, tok):
+                        count[0] += 1
+                        if count[0] == 2:
+                            os.kill(os.getpid(), signal.SIGINT)
+                        return detok.decode(tok)
+                return Interrupting()
+
+            monkeypatch.setattr(cls, "stream", stream)
             try:
-                for i, piece in enumerate(it):
-                    yield piece
-                    if i == 1:
-                        os.kill(os.getpid(), signal.SIGINT)
+                yield from it
             finally:
+                monkeypatch.setattr(cls, "stream", real)
                 it.close()
                 after_ctrl_c.append((list(self.messages), dict(self.last)))
         return interrupted()
