@@ -125,12 +125,13 @@ def test_memory_available_is_the_cgroups_where_it_allows_less(tmp_path, monkeypa
     """mem_available_mb: MemAvailable, or what this process's memory cgroup still allows where that is less (v2
     memory.max - memory.current; v1 limit_in_bytes - usage_in_bytes; a container sees its cgroup at the root);
     no limit ("max", v1's huge number): MemAvailable."""
+    import edgekit.runtime.cgroup as cgroup
     import edgekit.runtime.llmopts as opts
 
     machine = opts.mem_available_mb()
     proc, root = tmp_path / "cgroup", tmp_path / "fs"
-    monkeypatch.setattr(opts, "CGROUP_FILE", str(proc))
-    monkeypatch.setattr(opts, "CGROUP_ROOT", str(root))
+    monkeypatch.setattr(cgroup, "CGROUP_FILE", str(proc))
+    monkeypatch.setattr(cgroup, "CGROUP_ROOT", str(root))
 
     def files(d, **kv):
         d.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 from edgekit.errors import DataError
+from edgekit.runtime.cgroup import cgroup_folders
 
 MIN_TOP1 = 0.90      # teacher-forced top-1 agreement with the converting machine (INT4 rounds differently per ISA)
 MIN_SNR_DB = 20.0    # logit SNR on the golden top-k logits
@@ -82,9 +83,6 @@ def rss_mb() -> Dict[str, Optional[float]]:
     return out
 
 
-CGROUP_FILE, CGROUP_ROOT = "/proc/self/cgroup", "/sys/fs/cgroup"
-
-
 def _cgroup_level_room(base: str, files: Sequence[str], cache: str) -> Optional[float]:
     """Bytes one cgroup folder still allows (its limit less its usage less the inactive file pages it counts),
     None where it sets no limit or cannot be read."""
@@ -112,27 +110,15 @@ def _cgroup_room_mb() -> Optional[float]:
     memory.max - memory.current (v2) or limit_in_bytes - usage_in_bytes (v1), each usage less the inactive file
     pages it counts (memory.stat inactive_file / total_inactive_file: cache the kernel reclaims first, as `docker
     stats` does); None where no level sets a limit (the machine's MemAvailable is then what counts)."""
-    try:
-        with open(CGROUP_FILE) as f:
-            lines = [line.rstrip("\n").split(":", 2) for line in f]
-    except OSError:
-        return None
     rooms: List[float] = []
-    for hid, controllers, rel in (x for x in lines if len(x) == 3):
-        if hid == "0" and controllers == "":
-            root, files, cache = CGROUP_ROOT, ("memory.max", "memory.current"), "inactive_file"
-        elif "memory" in controllers.split(","):
-            root, files = os.path.join(CGROUP_ROOT, "memory"), ("memory.limit_in_bytes", "memory.usage_in_bytes")
-            cache = "total_inactive_file"
+    for version, folder in cgroup_folders("memory"):
+        if version == 2:
+            room = _cgroup_level_room(folder, ("memory.max", "memory.current"), "inactive_file")
         else:
-            continue
-        parts = [p for p in rel.split("/") if p]
-        if not os.path.isdir(os.path.join(root, *parts)):
-            parts = []   # a container sees its own cgroup at the root
-        for depth in range(len(parts), -1, -1):   # the process's folder, then each one above it
-            room = _cgroup_level_room(os.path.join(root, *parts[:depth]), files, cache)
-            if room is not None:
-                rooms.append(room)
+            room = _cgroup_level_room(folder, ("memory.limit_in_bytes", "memory.usage_in_bytes"),
+                                      "total_inactive_file")
+        if room is not None:
+            rooms.append(room)
     return min(rooms) / 2 ** 20 if rooms else None
 
 
