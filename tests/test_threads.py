@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +57,47 @@ def test_quota_file_named_but_wrong(tmp_path, monkeypatch):
         th.usable_cpus()
     with pytest.raises(EdgekitError, match="at least 1"):
         th.choose_threads(0, 4)
+
+
+def test_quota_from_the_process_cgroups(tmp_path, monkeypatch):
+    """With no file named: v2's tightest cpu.max from the process's folder up to the root, and v1's
+    cfs_quota_us / cfs_period_us in the process's own folder (a joint cpu,cpuacct mount in either order); where
+    the process's folder is not under the mount (a container's own cgroup is the root), the root's."""
+    import edgekit.runtime.cgroup as cgroup
+
+    monkeypatch.delenv(th.CPU_MAX_ENV, raising=False)
+    proc, root = tmp_path / "cgroup", tmp_path / "fs"
+    monkeypatch.setattr(cgroup, "CGROUP_FILE", str(proc))
+    monkeypatch.setattr(cgroup, "CGROUP_ROOT", str(root))
+
+    def put(d, **kv):
+        d.mkdir(parents=True, exist_ok=True)
+        for k, v in kv.items():
+            (d / k.replace("_", ".", 1)).write_text(v + "\n")
+
+    proc.write_text("0::/a.slice/svc\n")
+    put(root / "a.slice" / "svc", cpu_max="max 100000")
+    assert th.cgroup_cpu_limit() is None
+    put(root / "a.slice", cpu_max="250000 100000")        # the slice's quota
+    assert th.cgroup_cpu_limit() == 2.5
+    put(root / "a.slice" / "svc", cpu_max="150000 100000")  # the tightest level
+    assert th.cgroup_cpu_limit() == 1.5
+    proc.write_text("0::/docker/abc\n")                   # not under the mount: the root's
+    put(root, cpu_max="50000 100000")
+    assert th.cgroup_cpu_limit() == 0.5
+    (root / "cpu.max").unlink()
+    for mount in ("cpu,cpuacct", "cpuacct,cpu"):
+        proc.write_text("3:cpu,cpuacct:/docker/abc\n1:name=systemd:/docker/abc\n")
+        put(root / mount / "docker" / "abc", cpu_cfs_quota_us="200000", cpu_cfs_period_us="100000")
+        put(root / mount / "docker", cpu_cfs_quota_us="100000", cpu_cfs_period_us="100000")
+        assert th.cgroup_cpu_limit() == 2.0, mount              # its own folder only
+        put(root / mount / "docker" / "abc", cpu_cfs_quota_us="-1")
+        assert th.cgroup_cpu_limit() is None, mount
+        shutil.rmtree(root / mount)
+    proc.write_text("3:cpu,cpuacct:/docker/abc\n")        # a container on v1: its cgroup at the mount's root
+    put(root / "cpu,cpuacct", cpu_cfs_quota_us="300000", cpu_cfs_period_us="100000")
+    (root / "cpu").symlink_to("cpu,cpuacct")
+    assert th.cgroup_cpu_limit() == 3.0
 
 
 def test_quota_env_clamps_bundle(digits_build, tmp_path, monkeypatch):

@@ -19,8 +19,9 @@ import os
 from pathlib import Path
 from typing import Dict, Optional
 
+from edgekit.runtime.cgroup import cgroup_folders
+
 CPU_MAX_ENV = "EDGEKIT_CGROUP_CPU_MAX"
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
 def parse_cpu_max(text: str) -> Optional[float]:
@@ -41,24 +42,7 @@ def parse_cpu_max(text: str) -> Optional[float]:
 
 def _cgroup_cpu_max_files() -> list:
     """This process's cgroup v2 cpu.max files, from its own cgroup up to the root."""
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return []
-    rel = None
-    for line in lines:
-        if line.startswith("0::"):
-            rel = line[3:].strip()
-    if rel is None:  # cgroup v1 only
-        return []
-    d = (CGROUP_ROOT / rel.lstrip("/")).resolve()
-    files = []
-    while True:
-        files.append(d / "cpu.max")
-        if d == CGROUP_ROOT or CGROUP_ROOT not in d.parents:
-            break
-        d = d.parent
-    return files
+    return [Path(d) / "cpu.max" for version, d in cgroup_folders("cpu") if version == 2]
 
 
 def cgroup_cpu_limit(cpu_max: Optional[str] = None) -> Optional[float]:
@@ -90,23 +74,17 @@ def cgroup_cpu_limit(cpu_max: Optional[str] = None) -> Optional[float]:
 
 
 def _cgroup_v1_limit() -> Optional[float]:
-    """cgroup v1's cpu.cfs_quota_us / cpu.cfs_period_us (older Docker hosts); None: no limit."""
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
+    """cgroup v1's cpu.cfs_quota_us / cpu.cfs_period_us in this process's own cgroup (older Docker hosts; the
+    folders above it are not read); None: no limit."""
+    own = next((d for version, d in cgroup_folders("cpu") if version == 1), None)
+    if own is None:
         return None
-    for line in lines:
-        parts = line.split(":", 2)
-        if len(parts) == 3 and "cpu" in parts[1].split(","):
-            for mount in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
-                d = CGROUP_ROOT / mount / parts[2].lstrip("/")
-                try:
-                    quota = int((d / "cpu.cfs_quota_us").read_text())
-                    period = int((d / "cpu.cfs_period_us").read_text())
-                except (OSError, ValueError):
-                    continue
-                return quota / period if quota > 0 and period > 0 else None
-    return None
+    try:
+        quota = int((Path(own) / "cpu.cfs_quota_us").read_text())
+        period = int((Path(own) / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota / period if quota > 0 and period > 0 else None
 
 
 def affinity_cpus() -> int:
