@@ -51,7 +51,7 @@ from edgekit.bundle import SCHEMA_VERSION, check_name, sha256_file, sha256_tree,
 from edgekit.convert.llm_fidelity import (BUILTIN_PROMPTS, EvalText, FloatModel, LLMFloor, OnnxDecoder, compare,
                                           golden, mem_available)
 from edgekit.convert.llm_graph import (PRUNE_NOTE, alias_tied_embedding, embedding_summary, half_scales,
-                                      initializer_bytes, prune_lm_head, scales_summary, stored_bytes)
+                                      initializer_bytes, prune_lm_head, readers, scales_summary, stored_bytes)
 from edgekit.convert.llm_gptq import ALGOS as _CALIBRATED_ALGOS, builder_algo, calibrated, int8_summary
 from edgekit.convert.llm_tokenizer import check_tokenizer
 from edgekit.errors import BudgetMissed, EdgekitError, SourceModelError
@@ -602,10 +602,7 @@ def weight_bytes(model_dir: Path) -> Dict[str, int]:
     m = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
     sizes = initializer_bytes(m)   # an initializer aliasing another's bytes (llm_graph) counted once
     stored = stored_bytes(m)       # and a Cast of one (fp16 scales) under the name its reader reads
-    readers: Dict[str, int] = {}
-    for n in m.graph.node:
-        for x in n.input:
-            readers[x] = readers.get(x, 0) + 1
+    reads = readers(m.graph)
     gathered = 0
     for n in m.graph.node:
         if n.op_type == "Gather" and n.name.endswith("embed_tokens/Gather") and n.input[0] in sizes:
@@ -613,7 +610,8 @@ def weight_bytes(model_dir: Path) -> Dict[str, int]:
         elif n.op_type == "GatherBlockQuantized" and "embed_tokens" in n.name and sizes.get(n.input[0]):
             # an untied table of its own (llm_gptq.quantize_embedding): it and the scales only it reads; a tied
             # one aliases the lm_head's bytes (counted 0 here) and shares its scales
-            gathered += sizes[n.input[0]] + sum(stored.get(x, 0) for x in n.input[2:] if x and readers.get(x) == 1)
+            gathered += sizes[n.input[0]] + sum(stored.get(x, 0) for x in n.input[2:]
+                                                if x and len(reads.get(x, ())) == 1)
     total = sum(sizes.values())
     return {"weights": total, "per_token": total - gathered}
 

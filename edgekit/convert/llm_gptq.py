@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from edgekit.convert.llm_graph import EMBED_NOTE, FP16_MIN_NORMAL, constant_dtypes, save_with_data
+from edgekit.convert.llm_graph import EMBED_NOTE, FP16_MIN_NORMAL, constant_dtypes, readers, save_with_data
 
 GRIDS = ("kquant", "minmax", "symmetric")
 
@@ -941,10 +941,7 @@ def quantize_embedding(model_dir, blocks: Sequence[int], half: bool = False) -> 
     head = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
     g = head.graph
     inits = {t.name: t for t in g.initializer}
-    readers: Dict[str, int] = {}
-    for n in g.node:
-        for x in n.input:
-            readers[x] = readers.get(x, 0) + 1
+    reads = readers(g)
     node = next((n for n in g.node if n.op_type == "Gather" and n.name.endswith("embed_tokens/Gather")
                  and n.input[0] in inits), None)
     if node is None:
@@ -952,7 +949,7 @@ def quantize_embedding(model_dir, blocks: Sequence[int], half: bool = False) -> 
     t = inits[node.input[0]]
     if t.data_type not in (TensorProto.FLOAT, TensorProto.FLOAT16) or len(t.dims) != 2:
         return {"skipped": f"{t.name}: a {TensorProto.DataType.Name(t.data_type)} table of rank {len(t.dims)}"}
-    if _attr(node, "axis", 0) != 0 or readers.get(t.name) != 1 or t.name in {i.name for i in g.input}:
+    if _attr(node, "axis", 0) != 0 or len(reads.get(t.name, ())) != 1 or t.name in {i.name for i in g.input}:
         return {"skipped": f"{t.name}: read by more than the embedding's Gather along axis 0"}
     rows, hidden = int(t.dims[0]), int(t.dims[1])
     block = next((b for b in blocks if hidden % b == 0), None)

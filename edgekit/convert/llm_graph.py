@@ -78,6 +78,17 @@ def stored_bytes(model) -> Dict[str, int]:
     return sizes
 
 
+def readers(graph) -> Dict[str, List[Tuple[Any, int]]]:
+    """name -> [(node, input index)] for every input of every node of `graph`, in the graph's order (a node that
+    reads a name twice is there twice; len() is how many reads). The graph's own nodes only: a subgraph's reads
+    and the graph's outputs are not counted (a caller that must keep an output checks g.output itself)."""
+    out: Dict[str, List[Tuple[Any, int]]] = {}
+    for n in graph.node:
+        for i, x in enumerate(n.input):
+            out.setdefault(x, []).append((n, i))
+    return out
+
+
 def _const_ints(model, name: str) -> Optional[List[int]]:
     """The int64 values of an initializer or a Constant node's output `name` (None when it is neither)."""
     from onnx import numpy_helper
@@ -228,17 +239,14 @@ def alias_tied_embedding(model_dir: os.PathLike) -> Dict[str, Any]:
     model = onnx.load(str(path), load_external_data=False)
     g = model.graph
     inits = {t.name: t for t in g.initializer}
-    consumers: Dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    reads = readers(g)
     graph_outputs = {o.name for o in g.output}
     done: List[Dict[str, Any]] = []
     skipped: List[str] = []
     for n in list(g.node):
         if n.op_type != "Reshape" or len(n.input) < 2 or n.input[0] not in inits:
             continue
-        users = consumers.get(n.output[0], [])
+        users = [u for u, _ in reads.get(n.output[0], [])]
         if not users or n.output[0] in graph_outputs or any(
                 u.op_type != "GatherBlockQuantized" or u.input[0] != n.output[0] or
                 any(i == n.output[0] for i in list(u.input)[1:]) for u in users):
@@ -513,21 +521,18 @@ def half_scales(model_dir: os.PathLike) -> Dict[str, Any]:
     count: Dict[str, int] = {}
     for t in g.initializer:
         count[t.name] = count.get(t.name, 0) + 1
-    readers: Dict[str, List[Tuple[str, int]]] = {}
-    for n in g.node:
-        for i, x in enumerate(n.input):
-            readers.setdefault(x, []).append((n.op_type, i))
+    reads = readers(g)
     interface = {o.name for o in g.output} | {i.name for i in g.input}
     sharers: Dict[Tuple[str, int, int], List[str]] = {}
     for t in g.initializer:
         if _location(t) is not None:
             sharers.setdefault(_location(t), []).append(t.name)
     targets: List[str] = []
-    for name, uses in readers.items():
+    for name, uses in reads.items():
         t = inits.get(name)
         if t is None or t.data_type != TensorProto.FLOAT or name in interface or count[name] > 1:
             continue
-        if all(_SCALE_INPUT.get(op) == i for op, i in uses):
+        if all(_SCALE_INPUT.get(n.op_type) == i for n, i in uses):
             targets.append(name)
     is_target = set(targets)
     kept: List[Tuple[str, str]] = []
@@ -555,7 +560,7 @@ def half_scales(model_dir: os.PathLike) -> Dict[str, Any]:
                     kept.append((x, "its bytes are also another initializer's"))
     if not new_data:
         return dict(nothing, kept=kept)
-    taken = set(inits) | set(readers) | interface | {v.name for v in g.value_info} | {
+    taken = set(inits) | set(reads) | interface | {v.name for v in g.value_info} | {
         o for n in g.node for o in n.output}
 
     # every initializer's bytes into a new data file: the halved ones converted, aliases kept as aliases
