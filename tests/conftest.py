@@ -51,6 +51,24 @@ def digits_build(digits, tmp_path_factory):
                                  validation=str(val)), str(out))
 
 
+@pytest.fixture
+def fake_cgroup(tmp_path, monkeypatch):
+    """edgekit.runtime.cgroup pointed at files of the test's own: (proc, root, put); proc stands for
+    /proc/self/cgroup, root for /sys/fs/cgroup, put(folder, memory_max="...") writes folder/memory.max."""
+    import edgekit.runtime.cgroup as cgroup
+
+    proc, root = tmp_path / "cgroup", tmp_path / "fs"
+    monkeypatch.setattr(cgroup, "CGROUP_FILE", str(proc))
+    monkeypatch.setattr(cgroup, "CGROUP_ROOT", str(root))
+
+    def put(d, **kv):
+        d.mkdir(parents=True, exist_ok=True)
+        for k, v in kv.items():
+            (d / k.replace("_", ".", 1)).write_text(v + "\n")
+
+    return proc, root, put
+
+
 def unavailable(why: str):
     """Something a test needs from outside (a package fetched from PyPI) cannot be had: a skip on a
     developer's machine, a failure in CI (CI=true), where nothing may be silently left untested."""

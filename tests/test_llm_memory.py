@@ -121,23 +121,14 @@ def _fragment(tune: str) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def test_memory_available_is_the_cgroups_where_it_allows_less(tmp_path, monkeypatch):
+def test_memory_available_is_the_cgroups_where_it_allows_less(fake_cgroup):
     """mem_available_mb: MemAvailable, or what this process's memory cgroup still allows where that is less (v2
     memory.max - memory.current; v1 limit_in_bytes - usage_in_bytes; a container sees its cgroup at the root);
     no limit ("max", v1's huge number): MemAvailable."""
-    import edgekit.runtime.cgroup as cgroup
     import edgekit.runtime.llmopts as opts
 
     machine = opts.mem_available_mb()
-    proc, root = tmp_path / "cgroup", tmp_path / "fs"
-    monkeypatch.setattr(cgroup, "CGROUP_FILE", str(proc))
-    monkeypatch.setattr(cgroup, "CGROUP_ROOT", str(root))
-
-    def files(d, **kv):
-        d.mkdir(parents=True, exist_ok=True)
-        for k, v in kv.items():
-            (d / k.replace("_", ".", 1)).write_text(v + "\n")
-
+    proc, root, files = fake_cgroup
     proc.write_text("0::/app.slice/svc\n")
     files(root / "app.slice" / "svc", memory_max=str(300 << 20), memory_current=str(100 << 20))
     assert opts._cgroup_room_mb() == 200.0 and opts.mem_available_mb() == min(machine, 200.0)

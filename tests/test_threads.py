@@ -59,22 +59,12 @@ def test_quota_file_named_but_wrong(tmp_path, monkeypatch):
         th.choose_threads(0, 4)
 
 
-def test_quota_from_the_process_cgroups(tmp_path, monkeypatch):
+def test_quota_from_the_process_cgroups(fake_cgroup, monkeypatch):
     """With no file named: v2's tightest cpu.max from the process's folder up to the root, and v1's
     cfs_quota_us / cfs_period_us in the process's own folder (a joint cpu,cpuacct mount in either order); where
     the process's folder is not under the mount (a container's own cgroup is the root), the root's."""
-    import edgekit.runtime.cgroup as cgroup
-
     monkeypatch.delenv(th.CPU_MAX_ENV, raising=False)
-    proc, root = tmp_path / "cgroup", tmp_path / "fs"
-    monkeypatch.setattr(cgroup, "CGROUP_FILE", str(proc))
-    monkeypatch.setattr(cgroup, "CGROUP_ROOT", str(root))
-
-    def put(d, **kv):
-        d.mkdir(parents=True, exist_ok=True)
-        for k, v in kv.items():
-            (d / k.replace("_", ".", 1)).write_text(v + "\n")
-
+    proc, root, put = fake_cgroup
     proc.write_text("0::/a.slice/svc\n")
     put(root / "a.slice" / "svc", cpu_max="max 100000")
     assert th.cgroup_cpu_limit() is None
