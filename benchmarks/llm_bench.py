@@ -60,12 +60,14 @@ Sizes no package ships (--shape NAME): the checkpoints on the registries we reac
 users bring 0.5-1.5B models, where decode leaves the CPU caches and the process's fixed memory weighs less. A
 shape is a named model's published decoder configuration (layers, hidden, intermediate, heads, KV heads, tied or
 not, rope theta; Llama 3's rope scaling is left out: the caches have the same shape) filled with random weights
-(transformers' init: normal, std 0.02; seed 0; bf16 safetensors) and given SmolLM2's tokenizer and its
-49,152-token vocabulary (the model's own vocabulary is not on a registry: the embedding and lm_head are sized to
-it; the report gives the published one). Decode speed, prefill, load and memory depend on the shapes, not on the
-values; but the lm_head, read every token, is the vocabulary's size: a shape with a smaller vocabulary than its
-model's reads fewer bytes a token and decodes faster than the real model would (Qwen2.5-0.5B's ~151,936 rows:
-about 370 against 280 MB a token), one with a larger (TinyLlama's 32,000) slower. Fidelity is skipped, and
+(transformers' init: normal, std 0.02; seed 0; bf16 safetensors) and given SmolLM2's tokenizer (the models' own
+tokenizers are not on a registry). The vocabulary is the published one where it is larger than SmolLM2's 49,152
+(Qwen2.5's and DeepSeek-R1-Distill-Qwen's 151,936, Llama 3.2's 128,256): the tokenizer's BPE vocabulary is padded
+with tokens no merge reaches ("<pad_N>", decodable by both engines, as the ids a real checkpoint's config counts
+beyond its tokenizer), so the embedding and the lm_head, read every token, have the real model's rows. Where the
+published vocabulary is smaller (TinyLlama's 32,000) the shape keeps 49,152 (every id the tokenizer makes needs a
+row): it reads more bytes a token and decodes slower than the real model would. The tokenizer itself stays
+SmolLM2's (its parse is part of the process's memory: the real ones have more merges). Fidelity is skipped, and
 edgekit's builds are the profile's recipe with no floor and no ladder (a random model's perplexity says
 nothing); int4-q4km (a fidelity build) is refused. Both engines start from the same folder as for a checkpoint.
 
@@ -100,7 +102,7 @@ BUDGET_ALGO = "awq"
 GGUF_TYPES = ("Q4_0", "Q4_K_M", "Q8_0", "F16")
 PAIRS = {"int4": "Q4_0", "int8": "Q8_0", "fp32": "F16"}   # the rows compared in the ratio table
 # --shape: decoder configurations as the models' config.json on the Hugging Face hub publish them (the vocabulary
-# is replaced by the tokenizer's; see the docstring)
+# padded to theirs where larger than the tokenizer's; see the docstring)
 SHAPES: Dict[str, Dict[str, Any]] = {
     "tinyllama-1.1b": {"of": "TinyLlama/TinyLlama-1.1B-Chat-v1.0", "model_type": "llama", "vocab": 32000,
                        "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
@@ -396,30 +398,54 @@ def shape_folder(name: str, tok_folder: Path) -> Path:
 
     folder = WORK / "shapes" / name
     tok_cfg = json.loads((tok_folder / "config.json").read_text())
-    stamp = json.dumps({"spec": SHAPES[name], "vocab": tok_cfg["vocab_size"], "seed": 0,
+    vocab = max(SHAPES[name]["vocab"], tok_cfg["vocab_size"])   # the published rows, but never fewer than ids made
+    stamp = json.dumps({"spec": SHAPES[name], "vocab": vocab, "tokenizer_vocab": tok_cfg["vocab_size"], "seed": 0,
                         "transformers": transformers.__version__, "torch": torch.__version__}, sort_keys=True)
     if (folder / "model.safetensors").is_file() and (folder / "shape.json").is_file() and \
             (folder / "shape.json").read_text() == stamp:
         return folder
     spec = dict(SHAPES[name])
     spec.pop("of"), spec.pop("vocab")
-    cfg = AutoConfig.for_model(spec.pop("model_type"), **spec, vocab_size=tok_cfg["vocab_size"],
+    cfg = AutoConfig.for_model(spec.pop("model_type"), **spec, vocab_size=vocab,
                                bos_token_id=tok_cfg.get("bos_token_id"), eos_token_id=tok_cfg.get("eos_token_id"),
                                pad_token_id=tok_cfg.get("pad_token_id"), hidden_act="silu")
-    say(f"--shape {name}: random weights in {name}'s decoder shapes (transformers' init, seed 0) -> {folder}")
+    say(f"--shape {name}: random weights in {name}'s decoder shapes, vocabulary {vocab} (transformers' init, "
+        f"seed 0) -> {folder}")
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
+    del model
     for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja",
               "special_tokens_map.json"):
         if (tok_folder / f).is_file():
             shutil.copy(tok_folder / f, tmp / f)
+    if vocab > tok_cfg["vocab_size"]:
+        pad_vocab(tmp / "tokenizer.json", vocab)
     (tmp / "shape.json").write_text(stamp)   # what the folder was made from: another spec or version remakes it
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
     return folder
+
+
+def pad_vocab(tokenizer_json: Path, vocab: int) -> None:
+    """tokenizer.json's BPE vocabulary padded to `vocab` ids with "<pad_N>" tokens no merge reaches (never made
+    from text, decoded as themselves by both engines); a ByteLevel BPE, as SmolLM2's."""
+    tj = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    model = tj["model"]
+    if model.get("type") != "BPE":
+        raise RuntimeError(f"{tokenizer_json}: a {model.get('type')} tokenizer; padding is written for BPE")
+    ids = set(model["vocab"].values()) | {t["id"] for t in tj.get("added_tokens", [])}
+    n = max(ids) + 1
+    if ids != set(range(n)):
+        raise RuntimeError(f"{tokenizer_json}: its ids are not 0..{n - 1}; cannot pad after them")
+    for i in range(n, vocab):
+        tok = f"<pad_{i}>"
+        if tok in model["vocab"]:
+            raise RuntimeError(f"{tokenizer_json}: {tok} is already a token")
+        model["vocab"][tok] = i
+    tokenizer_json.write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
 
 
 def pick_model(args) -> Dict[str, Any]:
@@ -437,9 +463,11 @@ def pick_model(args) -> Dict[str, Any]:
                 "note": (f"RANDOM WEIGHTS in {sh['of']}'s decoder shapes ({sh['num_hidden_layers']} layers, hidden "
                          f"{sh['hidden_size']}, intermediate {sh['intermediate_size']}, heads "
                          f"{sh['num_attention_heads']}/{sh['num_key_value_heads']}, tied "
-                         f"{sh['tie_word_embeddings']}) with SmolLM2's tokenizer: vocabulary {vocab} instead of "
-                         f"{sh['vocab']}. Speed and memory only (they depend on shapes, not values); no fidelity, "
-                         "and edgekit's builds have no floor and no ladder")}
+                         f"{sh['tie_word_embeddings']}) with SmolLM2's tokenizer"
+                         + (f", its vocabulary padded to {vocab} (the published size)" if vocab == sh["vocab"]
+                            else f": vocabulary {vocab} instead of {sh['vocab']}")
+                         + ". Speed and memory only (they depend on shapes, not values); no fidelity, and edgekit's "
+                         "builds have no floor and no ladder")}
     if args.model:
         p = Path(args.model)
         if not (p / "config.json").is_file():
@@ -609,7 +637,11 @@ def gguf_info(path: Path, layers: int, kv_heads: int, head_dim: int) -> Dict[str
 
 
 def llama_builds(folder: Path, name: str, py: Path, run: Runner, sha: str, dims: Dict[str, Any],
-                 types: Sequence[str], version: str) -> Dict[str, Dict[str, Any]]:
+                 types: Sequence[str], version: str, pre: Optional[str] = None) -> Dict[str, Dict[str, Any]]:
+    """GGUF files by llama.cpp's own converter and quantizer. pre: the pre-tokenizer to record instead of the one
+    the converter recognizes by hashing transformers' tokenization (a --shape folder: SmolLM2's tokenizer.json in
+    another model type, which transformers 5 tokenizes with that model's own class, e.g. Qwen2Tokenizer's regex,
+    so the converter knows no hash for it; the file's pre-tokenizer is SmolLM2's all the same)."""
     src = llama_cpp_source(version)
     out = WORK / "gguf"
     out.mkdir(parents=True, exist_ok=True)
@@ -620,8 +652,13 @@ def llama_builds(folder: Path, name: str, py: Path, run: Runner, sha: str, dims:
     f16 = out / f"{name}-F16.gguf"
     if not f16.is_file():
         say("llama.cpp convert_hf_to_gguf.py --outtype f16")
-        r = subprocess.run([str(py), str(src / "convert_hf_to_gguf.py"), str(folder), "--outtype", "f16",
-                            "--outfile", str(f16) + ".tmp"], capture_output=True, text=True, timeout=3600)
+        argv = [str(src / "convert_hf_to_gguf.py"), str(folder), "--outtype", "f16", "--outfile", str(f16) + ".tmp"]
+        cmd = [str(py)] + argv
+        if pre:
+            cmd = [str(py), "-c", "import runpy, sys; sys.path.insert(0, sys.argv[1]); import conversion.base as b; "
+                   "b.TextModel.get_vocab_base_pre = lambda self, tok, pre=sys.argv[2]: pre; sys.argv = sys.argv[3:]; "
+                   "runpy.run_path(sys.argv[0], run_name='__main__')", str(src), pre] + argv
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
         if r.returncode != 0:
             raise RuntimeError(f"convert_hf_to_gguf.py failed: {(r.stderr or r.stdout)[-3000:]}")
         os.replace(str(f16) + ".tmp", f16)
@@ -1009,7 +1046,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         py = llama_env(args.llama_cpp_version, Path(args.wheels), args.llama_cmake_args)
         run = Runner(py, tmp)
         ll_info = run("ll_info", {})
-        ll_rows = llama_builds(folder, name, py, run, sha, dims, ll_types, args.llama_cpp_version)
+        ll_rows = llama_builds(folder, name, py, run, sha, dims, ll_types, args.llama_cpp_version,
+                               pre="smollm" if model.get("shape") else None)
         k4 = ll_rows.get("Q4_K_M") or {}
         ek_rows = edgekit_builds(folder, name, target, Path(args.text), sha, ek_precs, reuse=args.reuse_builds,
                                  budget=None if k4.get("failed") else k4.get("bytes"), budget_algo=args.budget_algo,
