@@ -5,7 +5,9 @@ tests/tinylm.py converted by edgekit (convert.llm: INT4 for x86-avx2, golden.jso
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -542,11 +544,9 @@ def test_cli_chat_through_stdin_with_reset_exit_and_ctrl_c(bundle, monkeypatch):
             return it
 
         def interrupted():
-            # Ctrl-C while the reply streams, as its second token is detokenized: the KeyboardInterrupt Python
-            # raises for SIGINT, raised where the signal would land (by token, not by piece: how many pieces a reply
-            # streams in is the tiny model's to say, and text a stop string might begin is held back). A real
-            # os.kill(SIGINT) here stopped the reply in this file's runs but not in two whole-suite runs, where
-            # the signal went unanswered (state an earlier test leaves; not found yet)
+            # Ctrl-C while the reply streams: a real SIGINT to this process as its second token is detokenized
+            # (by token, not by piece: how many pieces a reply streams in is the tiny model's to say, and text a
+            # stop string might begin is held back)
             cls = type(self.lm.tokenizer)
             real = cls.stream
 
@@ -557,7 +557,7 @@ def test_cli_chat_through_stdin_with_reset_exit_and_ctrl_c(bundle, monkeypatch):
                     def decode(self_, tok):
                         count[0] += 1
                         if count[0] == 2:
-                            raise KeyboardInterrupt
+                            os.kill(os.getpid(), signal.SIGINT)
                         return detok.decode(tok)
                 return Interrupting()
 
@@ -572,7 +572,15 @@ def test_cli_chat_through_stdin_with_reset_exit_and_ctrl_c(bundle, monkeypatch):
 
     monkeypatch.setattr(Conversation, "say", say)
     stdin = "What colour is the lamp?\nCount: one two\n/stats\n/reset\nWhat colour is the box?\n/exit\nnever\n"
-    r = CliRunner().invoke(cli, ["chat", str(bundle), "--max-new-tokens", "40"], input=stdin)
+    # SIGINT as a terminal's `edgekit chat` gets it: Python's KeyboardInterrupt handler. A pytest started as an
+    # asynchronous command (`cmd &`) of a non-interactive shell, as a CI run beside other work may be, inherits
+    # SIGINT ignored (POSIX); Python then installs no handler and the kernel drops the kill (the reply ran to its
+    # 40 tokens in two such whole-suite runs, while this file's foreground runs passed)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        r = CliRunner().invoke(cli, ["chat", str(bundle), "--max-new-tokens", "40"], input=stdin)
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert r.exit_code == 0, r.output
     out = r.output
     assert "(reply stopped)" in out and "(conversation reset)" in out
