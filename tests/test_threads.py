@@ -60,9 +60,10 @@ def test_quota_file_named_but_wrong(tmp_path, monkeypatch):
 
 
 def test_quota_from_the_process_cgroups(fake_cgroup, monkeypatch):
-    """With no file named: v2's tightest cpu.max from the process's folder up to the root, and v1's
-    cfs_quota_us / cfs_period_us in the process's own folder (a joint cpu,cpuacct mount in either order); where
-    the process's folder is not under the mount (a container's own cgroup is the root), the root's."""
+    """With no file named: the tightest quota from the process's folder up to the root, v2's cpu.max and v1's
+    cfs_quota_us / cfs_period_us (a joint cpu,cpuacct mount in either order); where the process's folder is not
+    under the mount (a container's own cgroup is the root), the root's; none from a path outside the process's
+    cgroup namespace ("..")."""
     monkeypatch.delenv(th.CPU_MAX_ENV, raising=False)
     proc, root, put = fake_cgroup
     proc.write_text("0::/a.slice/svc\n")
@@ -80,14 +81,21 @@ def test_quota_from_the_process_cgroups(fake_cgroup, monkeypatch):
         proc.write_text("3:cpu,cpuacct:/docker/abc\n1:name=systemd:/docker/abc\n")
         put(root / mount / "docker" / "abc", cpu_cfs_quota_us="200000", cpu_cfs_period_us="100000")
         put(root / mount / "docker", cpu_cfs_quota_us="100000", cpu_cfs_period_us="100000")
-        assert th.cgroup_cpu_limit() == 2.0, mount              # its own folder only
+        assert th.cgroup_cpu_limit() == 1.0, mount              # the tightest up the hierarchy
         put(root / mount / "docker" / "abc", cpu_cfs_quota_us="-1")
+        assert th.cgroup_cpu_limit() == 1.0, mount              # an unlimited child under its parent's quota
+        put(root / mount / "docker", cpu_cfs_quota_us="-1")
         assert th.cgroup_cpu_limit() is None, mount
         shutil.rmtree(root / mount)
     proc.write_text("3:cpu,cpuacct:/docker/abc\n")        # a container on v1: its cgroup at the mount's root
     put(root / "cpu,cpuacct", cpu_cfs_quota_us="300000", cpu_cfs_period_us="100000")
     (root / "cpu").symlink_to("cpu,cpuacct")
     assert th.cgroup_cpu_limit() == 3.0
+    proc.write_text("3:cpu,cpuacct:/../other\n")          # outside its cgroup namespace: not its limits
+    assert th.cgroup_cpu_limit() is None
+    proc.write_bytes(b"0::/caf\xe9\n")                     # not UTF-8: its folder is missing, the root is read
+    put(root, cpu_max="50000 100000")
+    assert th.cgroup_cpu_limit() == 0.5
 
 
 def test_quota_env_clamps_bundle(digits_build, tmp_path, monkeypatch):

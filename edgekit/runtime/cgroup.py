@@ -33,9 +33,11 @@ def cgroup_folders(controller: str) -> Iterator[Tuple[int, str]]:
     process: for the unified v2 line of /proc/self/cgroup ("0::PATH", under CGROUP_ROOT) and for the v1 line that
     names the controller (under its mount, _v1_mount), the process's own folder first, then each one above it
     up to the mount's root. Where the process's folder is not under the mount (a container sees its own cgroup
-    at the root; a path that leaves the root), the root alone. Nothing where /proc/self/cgroup cannot be read."""
+    at the root), the root alone. A path with ".." (the process sits outside its cgroup namespace's root, which
+    is then no folder above it: its limits are not this process's) gives nothing. Nothing where
+    /proc/self/cgroup cannot be read; a name that is not UTF-8 is kept as its bytes (surrogateescape)."""
     try:
-        with open(CGROUP_FILE) as f:
+        with open(CGROUP_FILE, encoding="utf-8", errors="surrogateescape") as f:
             lines = [line.rstrip("\n").split(":", 2) for line in f]
     except OSError:
         return
@@ -49,7 +51,9 @@ def cgroup_folders(controller: str) -> Iterator[Tuple[int, str]]:
         else:
             continue
         parts: List[str] = [p for p in rel.split("/") if p]
-        if ".." in parts or not os.path.isdir(os.path.join(root, *parts)):
+        if ".." in parts:
+            continue
+        if not os.path.isdir(os.path.join(root, *parts)):
             parts = []
         for depth in range(len(parts), -1, -1):   # the process's folder, then each one above it
             yield version, os.path.join(root, *parts[:depth])

@@ -1,7 +1,7 @@
 """How many threads this process can really use (standard library only).
 
 A profile names the device's cores (rpi4: 4), but the process may be pinned to
-fewer (taskset, a container's cpuset) or capped by a cgroup v2 CPU quota
+fewer (taskset, a container's cpuset) or capped by a cgroup CPU quota (v2 cpu.max, v1 CFS)
 (`docker run --cpus 1.5`, Kubernetes CPU limits). An inference thread pool larger
 than that runs its threads in turns: every parallel operator waits for the one that
 is not scheduled, so latency gets worse, not better.
@@ -46,7 +46,7 @@ def _cgroup_cpu_max_files() -> list:
 
 
 def cgroup_cpu_limit(cpu_max: Optional[str] = None) -> Optional[float]:
-    """CPUs allowed by cgroup v2 quotas (the tightest along the hierarchy), None when unlimited.
+    """CPUs allowed by cgroup quotas, v2 and v1 (the tightest along the hierarchy), None when unlimited.
 
     cpu_max: a file to read instead (the env var EDGEKIT_CGROUP_CPU_MAX does the same)."""
     path = cpu_max or os.environ.get(CPU_MAX_ENV)
@@ -74,17 +74,21 @@ def cgroup_cpu_limit(cpu_max: Optional[str] = None) -> Optional[float]:
 
 
 def _cgroup_v1_limit() -> Optional[float]:
-    """cgroup v1's cpu.cfs_quota_us / cpu.cfs_period_us in this process's own cgroup (older Docker hosts; the
-    folders above it are not read); None: no limit."""
-    own = next((d for version, d in cgroup_folders("cpu") if version == 1), None)
-    if own is None:
-        return None
-    try:
-        quota = int((Path(own) / "cpu.cfs_quota_us").read_text())
-        period = int((Path(own) / "cpu.cfs_period_us").read_text())
-    except (OSError, ValueError):
-        return None
-    return quota / period if quota > 0 and period > 0 else None
+    """cgroup v1's cpu.cfs_quota_us / cpu.cfs_period_us (older Docker hosts, a systemd slice's CPUQuota): the
+    tightest from this process's own cgroup up to the root, as the kernel applies a parent's quota to an
+    unlimited child; None: no limit."""
+    limit: Optional[float] = None
+    for version, d in cgroup_folders("cpu"):
+        if version != 1:
+            continue
+        try:
+            quota = int((Path(d) / "cpu.cfs_quota_us").read_text())
+            period = int((Path(d) / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):   # no such files at that level: no quota from it
+            continue
+        if quota > 0 and period > 0 and (limit is None or quota / period < limit):
+            limit = quota / period
+    return limit
 
 
 def affinity_cpus() -> int:
