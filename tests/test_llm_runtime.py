@@ -580,7 +580,8 @@ def test_cli_chat_through_stdin_with_reset_exit_and_ctrl_c(bundle, monkeypatch):
     try:
         r = CliRunner().invoke(cli, ["chat", str(bundle), "--max-new-tokens", "40"], input=stdin)
     finally:
-        signal.signal(signal.SIGINT, before)
+        if before is not None:   # None: a handler not installed from Python, which cannot be put back from here
+            signal.signal(signal.SIGINT, before)
     assert r.exit_code == 0, r.output
     out = r.output
     assert "(reply stopped)" in out and "(conversation reset)" in out
