@@ -1091,7 +1091,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "wall_s": time.time() - started,
         "model": {"name": model["name"], "source": model["source"], "note": model["note"],
                   "shape": model.get("shape"), "published_vocab": model.get("published_vocab"),
-                  "architecture": src.architecture, **dims, "float_bytes": src.bytes, "sha256": sha},
+                  "architecture": src.architecture, **dims, "weights_files_bytes": src.bytes, "sha256": sha},
         "target": target, "cpu": cpu, "conditions": conditions(),
         "versions": {"onnxruntime_genai": og.__version__, "llama_cpp_python": ll_info["version"],
                      "llama_cpp_system_info": ll_info["system_info"]},
