@@ -440,9 +440,10 @@ def pad_vocab(tokenizer_json: Path, vocab: int) -> None:
     n = max(ids) + 1
     if ids != set(range(n)):
         raise RuntimeError(f"{tokenizer_json}: its ids are not 0..{n - 1}; cannot pad after them")
+    taken = set(model["vocab"]) | {t["content"] for t in tj.get("added_tokens", [])}
     for i in range(n, vocab):
         tok = f"<pad_{i}>"
-        if tok in model["vocab"]:
+        if tok in taken:
             raise RuntimeError(f"{tokenizer_json}: {tok} is already a token")
         model["vocab"][tok] = i
     tokenizer_json.write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
