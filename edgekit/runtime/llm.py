@@ -78,11 +78,15 @@ KIND = "llm"
 GENAI_CONFIG = "genai_config.json"
 MANIFEST = "manifest.json"
 BACKEND = "onnxruntime-genai"
-# A prompt goes into the KV cache PREFILL_CHUNK tokens at a time: the decoder graph computes logits at every
-# position it is given (tokens x vocab x 4 bytes: a 512-token prompt of a 49,152-token vocabulary is 100 MB, of
-# Qwen2.5's 151,936 311 MB), so chunks bound that memory. Same logits and tokens as one pass (the cache is the
-# same); measured on SmolLM2-135M INT4 (2-vCPU EPYC, load ~9, 1 thread): prompt 512 prefill 225 -> 244-271
-# tok/s and peak RSS 381 -> 276 MB; prompt 128 at 1-2 threads prefill unchanged within noise, peak 286 -> 253 MB.
+# A prompt goes into the KV cache PREFILL_CHUNK tokens at a time. A bundle whose lm_head is not pruned to the last
+# position (converted before convert.llm_graph.prune_lm_head, or a bare folder) computes logits at every position
+# it is given (tokens x vocab x 4 bytes: a 512-token prompt of a 49,152-token vocabulary is 100 MB, of Qwen2.5's
+# 151,936 311 MB), so chunks bound that memory; in a pruned one they bound the activations. Same logits and tokens
+# as one pass (the cache is the same). Measured on SmolLM2-135M INT4 before the pruning (2-vCPU EPYC, load ~9, 1
+# thread): prompt 512 prefill 225 -> 244-271 tok/s, peak RSS 381 -> 276 MB. On pruned bundles (Xeon VM, 1 thread,
+# 2026-12-07, best of 3): chunks of 64 to 512 prefill within 3% of each other on Llama 3.2 1B's shapes (67-71
+# tok/s at prompt 128 and 512); on SmolLM2 at prompt 512 chunk 64 421 tok/s, 256 443 (+5%, peak +11 MiB), the
+# whole prompt 399 (peak 257 against 233 MiB); at prompt 128 462 vs 470. Kept at 64.
 PREFILL_CHUNK = 64
 
 Message = Mapping[str, str]
