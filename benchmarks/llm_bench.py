@@ -1093,7 +1093,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not args.no_speed:
             speed(rows, threads, prompts, args.new_tokens, args.rounds, args.warmup, prompt_ids, run, args.flash_attn,
                   {"auto": None, "profile": "profile", "on": True, "off": False}[args.spinning])
-            # this VM's reading has moved 10.6 -> 17.7 GB/s between runs an hour apart (and a decode has streamed
+            # this VM's one-process reading went 17.7 -> 10.6 -> 17.3 GB/s within an hour (and a decode streamed
             # faster than the reading before it): read again after the rounds; the bound takes the higher reading
             say("memory bandwidth, after the rounds")
             bw = best_bandwidth(bw, bandwidth())

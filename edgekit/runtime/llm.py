@@ -83,10 +83,8 @@ BACKEND = "onnxruntime-genai"
 # it is given (tokens x vocab x 4 bytes: a 512-token prompt of a 49,152-token vocabulary is 100 MB, of Qwen2.5's
 # 151,936 311 MB), so chunks bound that memory; in a pruned one they bound the activations. Same logits and tokens
 # as one pass (the cache is the same). Measured on SmolLM2-135M INT4 before the pruning (2-vCPU EPYC, load ~9, 1
-# thread): prompt 512 prefill 225 -> 244-271 tok/s, peak RSS 381 -> 276 MB. On pruned bundles (Xeon VM, 1 thread,
-# 2026-12-07, best of 3): chunks of 64 to 512 prefill within 3% of each other on Llama 3.2 1B's shapes (67-71
-# tok/s at prompt 128 and 512); on SmolLM2 at prompt 512 chunk 64 421 tok/s, 256 443 (+5%, peak +11 MiB), the
-# whole prompt 399 (peak 257 against 233 MiB); at prompt 128 462 vs 470. Kept at 64.
+# thread): prompt 512 prefill 225 -> 244-271 tok/s, peak RSS 381 -> 276 MB. On pruned bundles the chunk's size
+# moves prefill by a few percent at most (docs/llm.md, "Prefill in chunks"): kept at 64.
 PREFILL_CHUNK = 64
 
 Message = Mapping[str, str]
