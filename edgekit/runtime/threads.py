@@ -40,11 +40,6 @@ def parse_cpu_max(text: str) -> Optional[float]:
     return quota / period
 
 
-def _cgroup_cpu_max_files() -> list:
-    """This process's cgroup v2 cpu.max files, from its own cgroup up to the root."""
-    return [Path(d) / "cpu.max" for version, d in cgroup_folders("cpu") if version == 2]
-
-
 def cgroup_cpu_limit(cpu_max: Optional[str] = None) -> Optional[float]:
     """CPUs allowed by cgroup quotas, v2 and v1 (the tightest along the hierarchy), None when unlimited.
 
@@ -60,35 +55,25 @@ def cgroup_cpu_limit(cpu_max: Optional[str] = None) -> Optional[float]:
                                hint=f"give a cgroup v2 cpu.max file ('QUOTA PERIOD' or 'max PERIOD'), "
                                     f"or unset {CPU_MAX_ENV}") from None
     limit: Optional[float] = None
-    for f in _cgroup_cpu_max_files():
-        try:
-            cpus = parse_cpu_max(f.read_text())
-        except (OSError, ValueError):  # no cpu controller there (or not v2): no limit from it
-            continue
+    for version, folder in cgroup_folders("cpu"):   # the tightest level, v2 and v1, up to the root
+        cpus = _level_cpus(version, Path(folder))
         if cpus is not None and (limit is None or cpus < limit):
             limit = cpus
-    v1 = _cgroup_v1_limit()
-    if v1 is not None and (limit is None or v1 < limit):
-        limit = v1
     return limit
 
 
-def _cgroup_v1_limit() -> Optional[float]:
-    """cgroup v1's cpu.cfs_quota_us / cpu.cfs_period_us (older Docker hosts, a systemd slice's CPUQuota): the
-    tightest from this process's own cgroup up to the root, as the kernel applies a parent's quota to an
-    unlimited child; None: no limit."""
-    limit: Optional[float] = None
-    for version, d in cgroup_folders("cpu"):
-        if version != 1:
-            continue
-        try:
-            quota = int((Path(d) / "cpu.cfs_quota_us").read_text())
-            period = int((Path(d) / "cpu.cfs_period_us").read_text())
-        except (OSError, ValueError):   # no such files at that level: no quota from it
-            continue
-        if quota > 0 and period > 0 and (limit is None or quota / period < limit):
-            limit = quota / period
-    return limit
+def _level_cpus(version: int, folder: Path) -> Optional[float]:
+    """CPUs one cgroup folder allows: v2's cpu.max, v1's cpu.cfs_quota_us / cpu.cfs_period_us (older Docker
+    hosts, a systemd slice's CPUQuota; the kernel applies a parent's quota to an unlimited child, so every level
+    counts); None where it sets none or has no such files (no cpu controller there)."""
+    try:
+        if version == 2:
+            return parse_cpu_max((folder / "cpu.max").read_text())
+        quota = int((folder / "cpu.cfs_quota_us").read_text())
+        period = int((folder / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota / period if quota > 0 and period > 0 else None
 
 
 def affinity_cpus() -> int:
