@@ -124,7 +124,7 @@ def _cgroup_room_mb() -> Optional[float]:
 
 def mem_available_mb() -> Optional[float]:
     """Memory available for a new allocation now, MiB: Linux's MemAvailable, or less where this process's cgroup
-    allows less; None where /proc does not say."""
+    allows less; the cgroup's room alone where /proc does not say; None where neither does."""
     avail = None
     try:
         with open("/proc/meminfo") as f:
@@ -133,11 +133,9 @@ def mem_available_mb() -> Optional[float]:
                     avail = int(line.split()[1]) / 1024
                     break
     except (OSError, ValueError, IndexError):
-        avail = None
-    room = _cgroup_room_mb()
-    if room is None or avail is None:
-        return avail if room is None else room
-    return min(avail, room)
+        pass   # no MemAvailable: the cgroup's room, if any, is what is known
+    known = [v for v in (avail, _cgroup_room_mb()) if v is not None]
+    return min(known) if known else None
 
 
 def reset_peak_rss() -> bool:
