@@ -641,3 +641,159 @@ def test_cli_samples_as_the_model_says_unless_told(og_dir, tmp_path):
 
     assert len({run("--seed", str(s)) for s in range(4)}) > 1        # sampled, as the model's settings say
     assert run("--temperature", "0") == greedy
+
+
+class _Gen:
+    """An onnxruntime_genai.Generator with a hook after generate_next_token (a Python object, so weakrefs work)."""
+
+    def __init__(self, gen, after=None):
+        self._g, self._after, self.steps = gen, after, 0
+
+    def generate_next_token(self):
+        self._g.generate_next_token()
+        self.steps += 1
+        if self._after is not None:
+            self._after(self)
+
+    def __getattr__(self, name):
+        return getattr(self._g, name)
+
+
+def test_ctrl_c_as_a_token_is_made_leaves_the_cache_as_the_history_says(lm, monkeypatch):
+    """Ctrl-C lands when generate_next_token returns, before the loop records the token: the generator holds a
+    token the reply does not. The cache must be rewound to the reply, so the next turn sees what the history says."""
+    orig = lm._generator
+    armed = {"at": 3}
+
+    def interrupt(g):
+        if g.steps == armed["at"]:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(lm, "_generator", lambda *a, **k: _Gen(orig(*a, **k), interrupt))
+    conv = lm.conversation(max_new_tokens=30)
+    with pytest.raises(KeyboardInterrupt):
+        for _ in conv.say("What colour is the lamp?", stream=True):
+            pass
+    s = conv.last
+    assert s["finish_reason"] == "interrupted" and len(s["token_ids"]) == 2
+    seq = [int(t) for t in conv._gen.get_sequence(0)]
+    assert len(seq) == s["prompt_tokens"] + len(s["token_ids"])          # not one token more
+    assert seq[s["prompt_tokens"]:] == s["token_ids"]
+    assert conv.messages[-1] == {"role": "assistant", "content": s["text"]}
+    armed["at"] = None
+    r2 = conv.say("What colour is the box?", max_new_tokens=30)
+    assert conv.last["reprefill"] is False and conv.last["rewound_to"] is None
+    assert r2 == lm.chat(conv.messages[:-1], max_new_tokens=30)   # as a fresh chat over the history says
+
+
+def test_a_streamed_turn_never_started_leaves_the_conversation_whole(lm):
+    conv = lm.conversation(max_new_tokens=30)
+    conv.say("What colour is the lamp?")
+    before = list(conv.messages)
+    it = conv.say("What colour is the box?", stream=True)
+    del it                                  # never iterated: its reply never ran, nor its bookkeeping
+    assert conv.messages == before and conv.turns == 1
+    r = conv.say("What colour is the clock?")
+    assert conv.last["reprefill"]           # the history prefilled again, not a cache holding a phantom turn
+    assert r == lm.chat(conv.messages[:-1], max_new_tokens=30)
+
+
+def test_a_turn_keeps_room_for_its_reply_or_drops_old_turns(lm):
+    conv = lm.conversation(max_new_tokens=40)
+    long = "Count: " + " ".join(["one two three four five six seven eight nine ten"] * 3)
+    room = min(40, lm.context // 4)
+    for _ in range(8):
+        conv.say(long)
+        assert lm.context - conv.last["prompt_tokens"] >= room, conv.last
+    assert "context full: the oldest turns were dropped" in conv.last["reprefill"] or conv.turns == 8
+
+
+def test_generation_options_refuse_nan_infinity_and_seeds_beyond_32_bits(lm):
+    for bad in ({"temperature": float("nan")}, {"temperature": float("inf")}, {"repetition_penalty": float("nan")},
+                {"top_p": float("nan")}, {"seed": 2 ** 31}, {"seed": True}, {"temperature": "hot"}):
+        with pytest.raises(DataError):
+            lm.generate("Count: one", max_new_tokens=2, **bad)
+    assert lm.generate("Count: one", max_new_tokens=2, temperature=0.5, seed=2 ** 31 - 1)
+
+
+def test_a_bundle_without_a_chat_template_says_so_once(og_dir, tmp_path):
+    from edgekit.cli import cli
+
+    bare = tmp_path / "base"
+    shutil.copytree(og_dir, bare)
+    (bare / "chat_template.jinja").unlink()
+    cfg = json.loads((bare / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(cfg))
+    base = load(bare)
+    assert not base.has_chat_template
+    with pytest.raises(DataError, match="no chat template"):
+        base.conversation()
+    with pytest.raises(DataError, match="no chat template"):
+        base.chat(QUESTION)
+    assert base.generate("Count: one", max_new_tokens=4)        # plain text still runs
+    r = CliRunner().invoke(cli, ["chat", str(bare)], input="hello\n")
+    assert r.exit_code == 2 and "no chat template" in r.output and "Traceback" not in r.output
+    assert r.output.count("no chat template") == 1
+
+
+def test_spinning_measured_on_the_device_is_what_the_load_applies(bundle, tmp_path, monkeypatch):
+    """convert --select fastest --device records the device's threads and spinning; a load takes both."""
+    import edgekit.runtime.llm as rl
+
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    man = json.loads((copy / "manifest.json").read_text())
+    man.setdefault("runtime", {})["threads_choice"] = {"threads": 2, "tried": [1, 2, 64], "spinning_chosen": True}
+    (copy / "manifest.json").write_text(json.dumps(man))
+    seen = []
+    orig = rl._og_model
+    monkeypatch.setattr(rl, "_og_model", lambda og, d, t, spin=None: seen.append((t, spin)) or orig(og, d, t, spin))
+    lm2 = load(copy, verify=False)
+    assert lm2.threads_chosen_by == "manifest"
+    if lm2.threads > 1:                      # (a 1-CPU machine runs one thread: nothing spins)
+        assert seen == [(2, True)] and lm2.spinning is True
+
+
+def test_benchmark_frees_each_runs_cache_and_counts_a_windows_cache(lm, monkeypatch):
+    import weakref
+
+    orig = lm._generator
+    made = []
+
+    def make(*a, **k):
+        assert all(r() is None for r in made), "a run's generator outlived it (two KV caches at once)"
+        g = _Gen(orig(*a, **k))
+        made.append(weakref.ref(g))
+        return g
+
+    monkeypatch.setattr(lm, "_generator", make)
+    r = lm.benchmark(prompt_tokens=16, new_tokens=4, runs=2, warmup=1)
+    assert len(made) == 3 and r["kv_positions"] == 20
+    # a sliding-window model's generator holds at least its window: the memory bound counts what it holds
+    monkeypatch.setitem(lm.genai_config["model"]["decoder"], "sliding_window", {"window_size": 100})
+    made.clear()
+    r = lm.benchmark(prompt_tokens=16, new_tokens=4, runs=1, warmup=0)
+    assert r["kv_positions"] == 100 and r["kv_bytes"] == 100 * r["kv_bytes_per_token"]
+
+
+def test_cli_bench_frees_one_model_before_loading_the_next(bundle, monkeypatch):
+    import weakref
+
+    import edgekit.runtime as rt
+    from edgekit.cli import cli
+
+    orig, loaded = rt.load, []
+
+    def spy(*a, **k):
+        assert all(r() is None for r in loaded), "the previous model is still alive at the next load"
+        m = orig(*a, **k)
+        loaded.append(weakref.ref(m))
+        return m
+
+    monkeypatch.setattr(rt, "load", spy)
+    r = CliRunner().invoke(cli, ["bench", str(bundle), str(bundle), "--prompt-tokens", "16", "--new-tokens", "4",
+                                 "--runs", "1", "--warmup", "0", "--json"])
+    assert r.exit_code == 0, r.output
+    reps = json.loads(r.output.strip().splitlines()[-1])
+    assert len(loaded) == 2 and len(reps) == 2

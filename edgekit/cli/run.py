@@ -3,6 +3,7 @@ figures, or an interactive chat."""
 
 from __future__ import annotations
 
+import gc
 import json
 
 import click
@@ -101,10 +102,16 @@ def bench(models, runs, warmup, prompt_tokens, new_tokens, backend, threads, as_
     from edgekit.bundle import write_json_atomic
     from edgekit.runtime import load
     from edgekit.runtime.llmbench import llm_bench_table
+    from edgekit.runtime.llmopts import reset_peak_rss
     from edgekit.runtime.report import bench_table
 
     reports = []
-    for path in models:
+    m = None
+    for i, path in enumerate(models):
+        if i:   # the previous model is freed and the high-water mark reset: each load and peak is its own
+            m = None
+            gc.collect()
+            reset_peak_rss()
         m = load(path, backend=backend, threads=threads)
         if getattr(m, "kind", None) == "llm":
             r, w = (3 if runs is None else runs), (1 if warmup is None else warmup)

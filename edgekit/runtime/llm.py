@@ -232,6 +232,8 @@ def load_llm(path: Union[str, Path], *, threads: Optional[int] = None, verify: b
         got = from_manifest(manifest.get("runtime") or {}, used)
         if got is not None:
             (used, choice), chosen_by, auto = got, "manifest", False
+            if spinning is None and used > 1 and isinstance(choice.get("spinning_chosen"), bool):
+                spinning = choice["spinning_chosen"]    # measured with the count (convert --select --device)
     try:
         og_model = _og_model(og, model_dir, used, spinning)
         if auto and used > 1 and spinning is None:
@@ -468,7 +470,17 @@ class LanguageModel:
         return self.tokenizer.decode(ids)
 
     def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        self.require_chat_template()
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt)
+
+    def require_chat_template(self) -> None:
+        """DataError where the bundle has no chat template (ONNX Runtime GenAI would fail each message with
+        "Empty chat template.")."""
+        if not self.has_chat_template:
+            raise DataError(f"{self.name} has no chat template (chat_template.jinja or tokenizer_config.json's "
+                            "chat_template): a base model, not a chat one",
+                            hint="send plain text (edgekit run BUNDLE --no-template --prompt ...), or convert the "
+                                 "checkpoint's instruct/chat variant")
 
     def prompt_ids(self, messages: Sequence[Message]) -> List[int]:
         """The chat template applied (with the assistant's generation prompt) and tokenized."""
@@ -662,6 +674,7 @@ class Conversation:
     kept as returned in `messages`; the cache keeps the tokens the model generated."""
 
     def __init__(self, lm: LanguageModel, system: Optional[str] = None, **options):
+        lm.require_chat_template()
         self.lm = lm
         self.system = system
         self._defaults = dict(options)
@@ -674,7 +687,7 @@ class Conversation:
         self._gen = None
         self._search: Optional[Dict[str, Any]] = None
         self._text = ""           # the rendered text the cache holds (template + raw replies)
-        self._eos_in_cache = False
+        self._eos_in_cache: Optional[int] = None    # the end-of-sequence id the cache ends with, if it does
         self.last: Dict[str, Any] = {}
         self.turns = 0
 
@@ -699,28 +712,35 @@ class Conversation:
         if self._gen is not None and search != self._search:
             stats["reprefill"] = "sampling options changed"
             self._gen = None
+        # room kept for the reply: a turn that would leave less drops the oldest turns instead of being cut short
+        reserve = max(1, min(opts.max_new_tokens, lm.context // 4))
+        # the generator is the turn's until its reply ends (on_end): a stream abandoned before its first piece
+        # (never started, so on_end never runs) leaves the conversation without a cache, not with one that
+        # was rewound or extended for a turn that is not in the history
+        gen, self._gen = self._gen, None
         new_ids: Optional[List[int]] = None
         dropped = 0
-        if self._gen is not None:
-            new_ids = self._continue(rendered, new_kv, stats)
-            if new_ids is not None and self.token_count + len(new_ids) + 1 > lm.context:
+        if gen is not None:
+            new_ids = self._continue(gen, rendered, new_kv, stats)
+            if new_ids is not None and int(gen.token_count()) + len(new_ids) + reserve > lm.context:
                 stats["reprefill"] = "context full: the oldest turns were dropped"
                 new_ids = None
-                self._gen = None
-        if self._gen is None:
+                gen = None
+        if gen is None:
             if len(new_kv) > 1 + bool(self.system) and not stats["reprefill"]:
                 stats["reprefill"] = "the cache was dropped (a message that did not fit, or a stop before prefill)"
-            new_kv, rendered, new_ids, dropped = self._fresh(new_kv, user, stats)
-            self._gen = lm._generator(lm.context, search)
+            new_kv, rendered, new_ids, dropped = self._fresh(new_kv, user, stats, reserve)
+            gen = lm._generator(lm.context, search)
             self._search = search
-        max_new = min(opts.max_new_tokens, lm.context - self.token_count - len(new_ids))
-        if max_new < 1:
-            self._gen = None    # it may have been rewound for this turn: the next one starts from the history
+        max_new = min(opts.max_new_tokens, lm.context - int(gen.token_count()) - len(new_ids))
+        if max_new < 1:   # (the generator may have been rewound for this turn: the next one starts afresh)
             raise DataError(f"the message does not fit the context ({lm.context} tokens)", hint="shorten it")
 
         def on_end(s: Dict[str, Any]) -> None:    # the turn enters the history when its reply ends, however
-            if s.get("prompt_tokens") is None:     # stopped before the prefill ran: the cache lacks this turn
-                self._gen = None
+            kept = gen if s.get("prompt_tokens") is not None else None   # else stopped before the prefill ran
+            if kept is not None:
+                self._trim_to_reply(kept, s)
+            self._gen = kept
             reply_raw = lm.tokenizer.decode(s["token_ids"], skip_special_tokens=False)
             if dropped:   # the oldest turns that no longer fit the context (the system message stays)
                 head = [m for m in self.messages[:1] if m["role"] == "system"]
@@ -728,21 +748,32 @@ class Conversation:
             self.messages += [user, {"role": "assistant", "content": s["text"]}]
             self._kv = new_kv + [{"role": "assistant", "content": reply_raw}]
             self._text = rendered + reply_raw
-            self._eos_in_cache = self._gen is not None and self._gen_last_is_eos()
+            self._eos_in_cache = self._last_eos(kept) if kept is not None else None
             self.turns += 1
             self.last = s
 
-        it = lm._stream(self._gen, new_ids, max_new, opts.stop, t0, stats, on_end=on_end)
+        it = lm._stream(gen, new_ids, max_new, opts.stop, t0, stats, on_end=on_end)
         return it if stream else "".join(it)
 
+    def _trim_to_reply(self, gen, s: Dict[str, Any]) -> None:
+        """The cache holds the prompt and the reply's tokens (and the end-of-sequence token where the model
+        gave one). A Ctrl-C lands when generate_next_token returns, before the loop records the token: the
+        generator holds one token the reply does not; it is rewound off, so cache and history agree."""
+        want = int(s["prompt_tokens"]) + len(s["token_ids"])
+        seq = gen.get_sequence(0)
+        extra = [int(t) for t in seq[want:]]
+        if extra and not (len(extra) == 1 and extra[0] in self.lm.eos_token_ids):
+            gen.rewind_to(want)
+
     # the cache's tokens are `self._text`; the next turn's text is `rendered`: append the difference
-    def _continue(self, rendered: str, new_kv: List[Dict[str, str]], stats: Dict[str, Any]) -> Optional[List[int]]:
+    def _continue(self, gen, rendered: str, new_kv: List[Dict[str, str]],
+                  stats: Dict[str, Any]) -> Optional[List[int]]:
         lm = self.lm
         tok = lm.tokenizer
         if rendered.startswith(self._text):
             tail = rendered[len(self._text):]
-            if self._eos_in_cache:   # the generator kept the end-of-sequence token: its text is in the cache
-                eos_text = tok.decode(lm.eos_token_ids[:1], skip_special_tokens=False)
+            if self._eos_in_cache is not None:   # the generator kept the end-of-sequence token the model gave
+                eos_text = tok.decode([self._eos_in_cache], skip_special_tokens=False)
                 if tail.startswith(eos_text):
                     tail = tail[len(eos_text):]
                 else:
@@ -751,23 +782,25 @@ class Conversation:
                 return tok.encode_templated(tail)
         # the template rewrote earlier turns: keep the longest common prefix of tokens, run the rest
         target = tok.encode_templated(rendered)
-        have = [int(t) for t in self._gen.get_sequence(0)]
+        have = [int(t) for t in gen.get_sequence(0)]
         k = 0
         for a, b in zip(have, target):
             if a != b:
                 break
             k += 1
         k = min(k, len(target) - 1)
-        self._gen.rewind_to(k)
+        gen.rewind_to(k)
         stats["rewound_to"] = k
         return target[k:]
 
-    def _gen_last_is_eos(self) -> bool:
-        seq = self._gen.get_sequence(0)
-        return len(seq) > 0 and int(seq[-1]) in self.lm.eos_token_ids
+    def _last_eos(self, gen) -> Optional[int]:
+        seq = gen.get_sequence(0)
+        last = int(seq[-1]) if len(seq) > 0 else None
+        return last if last in self.lm.eos_token_ids else None
 
-    def _fresh(self, new_kv: List[Dict[str, str]], user: Dict[str, str], stats: Dict[str, Any]):
-        """What to prefill from nothing: the history (the oldest turns dropped until it fits) and the new message.
+    def _fresh(self, new_kv: List[Dict[str, str]], user: Dict[str, str], stats: Dict[str, Any], reserve: int = 1):
+        """What to prefill from nothing: the history (the oldest turns dropped until it leaves `reserve` tokens
+        for the reply) and the new message.
         Returns (messages as the cache will hold them, their rendered text, its tokens, messages dropped)."""
         lm = self.lm
         head = [m for m in new_kv[:1] if m["role"] == "system"]
@@ -776,7 +809,7 @@ class Conversation:
             kv = head + body + [user]
             rendered = lm.apply_chat_template(kv, True)
             ids = lm.tokenizer.encode_templated(rendered)
-            if len(ids) + 1 < lm.context or not body:
+            if len(ids) + reserve <= lm.context or not body:
                 break
             body = body[2:] if len(body) >= 2 else []
             stats["reprefill"] = stats.get("reprefill") or "context full: the oldest turns were dropped"

@@ -6,6 +6,7 @@ continuous-batching engine all take them from here, so none of those modules imp
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
@@ -26,16 +27,17 @@ class GenOptions:
                  repetition_penalty: float = 1.0):
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise DataError(f"max_new_tokens must be an integer >= 1 (got {max_new_tokens!r})")
-        if temperature is None or temperature < 0:
-            raise DataError(f"temperature must be >= 0 (got {temperature!r}; 0 is greedy)")
+        if not _finite(temperature) or temperature < 0:
+            raise DataError(f"temperature must be a finite number >= 0 (got {temperature!r}; 0 is greedy)")
         if top_p is None or not 0.0 < top_p <= 1.0:
             raise DataError(f"top_p must be in (0, 1] (got {top_p!r})")
         if top_k is None or top_k < 0:
             raise DataError(f"top_k must be >= 0 (got {top_k!r}; 0 is no limit)")
-        if repetition_penalty is None or repetition_penalty <= 0:
-            raise DataError(f"repetition_penalty must be > 0 (got {repetition_penalty!r})")
-        if seed is not None and (not isinstance(seed, int) or seed < 0):
-            raise DataError(f"seed must be an integer >= 0 (got {seed!r})")
+        if not _finite(repetition_penalty) or repetition_penalty <= 0:
+            raise DataError(f"repetition_penalty must be a finite number > 0 (got {repetition_penalty!r})")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**31):
+            # ONNX Runtime GenAI keeps random_seed as a 32-bit int
+            raise DataError(f"seed must be an integer in [0, 2**31) (got {seed!r})")
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if any(not isinstance(s, str) or not s for s in stops):
             raise DataError(f"stop strings must be non-empty strings (got {stop!r})")
@@ -53,6 +55,13 @@ class GenOptions:
             if self.seed is not None:
                 o["random_seed"] = self.seed
         return o
+
+
+def _finite(x: Any) -> bool:
+    try:
+        return x is not None and not isinstance(x, bool) and math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False
 
 
 def hold_back(text: str, stops: Sequence[str]) -> int:
