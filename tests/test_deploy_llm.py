@@ -435,3 +435,13 @@ def test_ansible_export_deploys_a_language_model_with_its_golden_check(cli, lab,
     assert p.returncode != 0, p.stdout[-3000:]
     assert "golden check of a language model" in p.stdout and "rolled back to " + art.sha256[:12] in p.stdout
     assert current.resolve().name == art.sha256          # the bad release switched, failed its check, went back
+
+
+def test_profile_refuses_one_new_token_for_a_language_model_before_any_device(bundle, tmp_path):
+    from click.testing import CliRunner
+
+    from edgekit.cli import cli
+
+    r = CliRunner().invoke(cli, ["profile", str(bundle), "-d", "nowhere", "--new-tokens", "1",
+                                 "--inventory", str(tmp_path / "none.toml")])
+    assert r.exit_code == 2 and "--new-tokens" in r.output and "at least 2" in r.output, r.output

@@ -797,3 +797,15 @@ def test_cli_bench_frees_one_model_before_loading_the_next(bundle, monkeypatch):
     assert r.exit_code == 0, r.output
     reps = json.loads(r.output.strip().splitlines()[-1])
     assert len(loaded) == 2 and len(reps) == 2
+
+
+def test_device_cli_ctrl_c_while_loading_is_one_line(bundle, monkeypatch, capsys):
+    import edgekit.runtime.__main__ as dev
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dev, "_dispatch", interrupted)
+    assert dev.main(["bench", str(bundle)]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "interrupted" and "Traceback" not in err

@@ -239,6 +239,8 @@ def profile(bundle, device_name, group, all_devices, runs, warmup, threads, prom
         if v is not None and v < 1:
             raise click.BadParameter("must be at least 1", param_hint=flag)
     b = read_one(bundle)
+    if b.is_llm and new_tokens < 2:   # decode tok/s is timed from the first generated token to the last
+        raise click.BadParameter("a language model's decode speed needs at least 2", param_hint="--new-tokens")
     runs = runs or (3 if b.is_llm else 200)
     warmup = (1 if b.is_llm else 20) if warmup is None else warmup
     res = _on_devices(inventory, device_name, group, all_devices, trust_new_host,

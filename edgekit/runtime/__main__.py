@@ -113,6 +113,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt:      # Ctrl-C while loading, probing threads or benchmarking
+        if args.debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 def _dispatch(args) -> int:
