@@ -80,7 +80,7 @@ _SCHEMA: Dict[str, Dict[str, Tuple[str, Optional[Tuple[Any, ...]], Any]]] = {
         "accuracy_level": (_INT, (0, 1, 2, 3, 4), 4),
         "algo": (_STR, ("default", "rtn", "k_quant", "awq", "gptq", "awq_gptq"), "k_quant"),
         "wide_layers": (_STRS, ("lm_head", "embeddings"), ("lm_head", "embeddings")),
-        "kv_cache_type": (_STR, ("float32", "float16"), "float32"),
+        "kv_cache_type": (_STR, ("float32", "float16"), None),   # None: the build's (LLMBuild.kv_type)
         "context_default": (_INT, None, 2048),
         "context_max": (_INT, None, 4096),
         "verified": (_BOOL, None, True),
@@ -165,7 +165,7 @@ class LLMBuild:
     accuracy_level: int = 4            # MatMulNBits compute: 4 = int8 activations, 1 = fp32, 2 = fp16, 0 = EP default
     algo: str = "k_quant"              # weight rounding: default / rtn (round to nearest), k_quant (llama.cpp's)
     wide_layers: Tuple[str, ...] = ("lm_head", "embeddings")   # kept at 8 bits (lm_head) / never 4 (embeddings)
-    kv_cache_type: str = "float32"     # the KV cache's element type (follows the builder's I/O type)
+    kv_cache_type: Optional[str] = None   # the KV cache's element type: the builder's I/O type (kv_type; None: it)
     context_default: int = 2048        # the context a runtime opens by default (tokens)
     context_max: int = 4096            # the longest context the profile allows (memory)
     verified: bool = True              # False: the path was not run on such a device (said in the manifest)
@@ -174,8 +174,20 @@ class LLMBuild:
     def __post_init__(self) -> None:
         if self.context_default < 1 or self.context_max < self.context_default:
             raise ValueError("llm.context_default must be at least 1 and at most llm.context_max")
-        if self.execution_provider == "cpu" and self.kv_cache_type != "float32":
-            raise ValueError("llm.kv_cache_type: the CPU build's KV cache is float32 (the builder's CPU I/O type)")
+        if self.kv_cache_type is None:
+            object.__setattr__(self, "kv_cache_type", self.kv_type())
+        if self.kv_cache_type != self.kv_type():
+            raise ValueError(f"llm.kv_cache_type: a {self.execution_provider} build at {self.precision} keeps its KV "
+                             f"cache in {self.kv_type()} (the model builder's I/O type: float32 on the CPU and at "
+                             "fp32, float16 for CUDA at int4, int8 and fp16)")
+
+    def kv_type(self, precision: Optional[str] = None) -> str:
+        """The KV cache's element type of a build at `precision` (default: the profile's) for this execution
+        provider: the model builder's I/O type (onnxruntime-genai 0.18, quantization.default_io_dtype: float32 for
+        the CPU's int4 / int8 and for fp32; float16 otherwise, so CUDA's int4, int8 and fp16). A --precision other
+        than the profile's may change it (CUDA at fp32: float32)."""
+        precision = precision or self.precision
+        return "float32" if self.execution_provider == "cpu" or precision == "fp32" else "float16"
 
 
 @dataclass(frozen=True)

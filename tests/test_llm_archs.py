@@ -95,6 +95,43 @@ def make_tiny(arch: str, folder: Path, seed: int = 0, steps: int = 60, config=No
     return folder
 
 
+def test_gemma_without_the_tie_key_is_tied(tmp_path, monkeypatch):
+    """A Gemma config.json saved by transformers 4.x omits tie_word_embeddings (its default, True, for Gemma 1-3:
+    gemma-3-1b's has no key): the source reads as tied, as transformers and the builder take it, and the INT8
+    bundle stores one table (the embedding reads the lm_head's bytes), its manifest saying tied; the dict alone
+    (transformers unable to read the config) falls back to the model type's default."""
+    import transformers
+
+    from edgekit.convert.llm import LLMRecipe, LMSource, config_tie, convert_llm, read_source
+
+    folder = make_tiny("gemma3", tmp_path / "tiny-gemma", steps=30)
+    cfg_path = folder / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.pop("tie_word_embeddings", None)
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    assert read_source(str(folder)).tied
+    assert config_tie(cfg) and config_tie({"text_config": {"model_type": "gemma3_text"}, "model_type": "gemma3"})
+    assert not config_tie({"model_type": "llama"}) and not config_tie({"model_type": "qwen2"})
+    assert not config_tie(dict(cfg, tie_word_embeddings=False))
+    assert LMSource(folder, cfg, "Gemma3ForCausalLM", "0" * 64, 0).tied    # no effective value given: the dict's
+
+    def unreadable(*a, **k):
+        raise ValueError("unknown model type")
+
+    with monkeypatch.context() as m:
+        m.setattr(transformers.AutoConfig, "from_pretrained", unreadable)
+        assert read_source(str(folder)).tied
+    val = tmp_path / "val.txt"
+    val.write_text(corpus_text(30, seed=7))
+    res = convert_llm(LLMRecipe(str(folder), ("x86-avx512-vnni",), precision="int8", val=str(val), val_tokens=128),
+                      str(tmp_path / "out"))
+    row = res.bundles[0]
+    assert row.ok, row.reason
+    man = json.loads((row.path / "manifest.json").read_text())
+    assert man["model"]["tied_embeddings"] is True
+    assert man["llm"]["embedding"].get("shares"), man["llm"]["embedding"]   # one table, read by both ends
+
+
 def test_flatten_rope_reads_the_per_layer_type_form():
     cfg = SimpleNamespace(model_type="gemma3_text", rope_parameters={
         "full_attention": {"rope_type": "default", "rope_theta": 1e6},

@@ -215,6 +215,7 @@ def test_float_model_dropped_when_the_builder_would_not_fit(tiny_lm, tiny_val, t
     assert len(loads) == 1 and "dropped for the build" not in (tmp_path / "ref.convert.log").read_text()
     loads.clear()
     monkeypatch.setattr(llm, "mem_available", lambda: 1 << 20)    # 1 MiB available: the builder never fits
+    monkeypatch.setattr(llm, "BUILDER_FP32_MEASURED", 0.0)         # ... and is tried (the refusal: its own test)
     low = convert_llm(LLMRecipe(str(tiny_lm), ("x86-avx2",), precision="int4", val=str(tiny_val), name="low"),
                       str(tmp_path))
     assert len(loads) == 2                                         # read at the start and again after the build
@@ -279,6 +280,25 @@ def test_cli_int8_json_and_failed_row(cli, tiny_lm, tiny_val, tmp_path):
     # CNN-only options are named as such
     r = cli("convert", tiny_lm, "-t", "rpi5", "--calib-random")
     assert r.exit_code == 2 and "language model" in r.stderr
+
+
+def test_cli_html_report(cli, tiny_lm, tiny_val, tmp_path):
+    """--report writes OUT/report.html for a language model as for any other: after the table on success, and
+    after the FAILED table when a row misses its floor (exit 1, the report still written, its line on stderr)."""
+    out = tmp_path / "out"
+    r = cli("convert", tiny_lm, "-t", "x86-avx512-vnni", "--precision", "int8", "--val", tiny_val, "-o", out,
+            "-q", "--report")
+    assert r.exit_code == 0, r.stderr
+    assert f"html report: {out / 'report.html'}" in r.stdout
+    html = (out / "report.html").read_text()
+    assert "tiny-llama-x86-avx512-vnni-int8" in html and "(language model)" in html
+    # a floor nothing meets: FAILED, exit 1, and the report says so
+    r = cli("convert", tiny_lm, "-t", "x86-avx512-vnni", "--precision", "int4", "--val", tiny_val, "--max-kl", "0",
+            "--min-agreement", "1.0", "--no-rescue", "-o", out, "-q", "--report")
+    assert r.exit_code == 1 and "FAILED" in r.stdout
+    assert f"html report: {out / 'report.html'}" in r.stderr
+    html = (out / "report.html").read_text()
+    assert "tiny-llama-x86-avx512-vnni-int4" in html and "FAILED" in html
 
 
 def test_byte_budget(cli, tiny_lm, tiny_val, tmp_path):
@@ -396,11 +416,14 @@ def test_int8_costs_are_what_the_build_writes(tiny120, tmp_path, kind):
 
 def test_select_fastest(tiny_lm, tiny_val, tmp_path):
     """--select fastest: INT4 block sizes x accuracy levels and INT8 are built and measured; those meeting the
-    floor are timed here (this x86 host stands for an x86 target) and the fastest ships, every candidate recorded;
-    for an ARM target nothing is timed here and the profile's build ships."""
+    floor are timed here (this x86 host stands for the x86 target of its kind, VNNI or not) and the fastest ships,
+    every candidate recorded; for an ARM target nothing is timed here, no other is built and the profile's build
+    ships."""
     from edgekit.convert.llm import LLMRecipe, convert_llm
+    from edgekit.convert.numerics import this_host
 
-    res = convert_llm(LLMRecipe(str(tiny_lm), ("x86-avx512-vnni", "rpi5"), val=str(tiny_val), select="fastest"),
+    target = "x86-avx512-vnni" if this_host().exact_int8 else "x86-avx2"
+    res = convert_llm(LLMRecipe(str(tiny_lm), (target, "rpi5"), val=str(tiny_val), select="fastest"),
                       str(tmp_path))
     x86, arm = res.bundles
     assert x86.ok and arm.ok
@@ -415,8 +438,8 @@ def test_select_fastest(tiny_lm, tiny_val, tmp_path):
     m = json.loads((x86.path / "manifest.json").read_text())
     assert m["candidates"] == json.loads(json.dumps(x86.candidates))
     assert m["recipe"]["block_size"] == chosen[0]["options"]["block_size"]
-    assert not any(c.get("decode_tok_s") for c in arm.candidates) and arm.candidates[0]["chosen"]
-    assert "not timed" in arm.candidates[0]["timed"]
+    assert len(arm.candidates) == 1 and arm.candidates[0]["chosen"] and "decode_tok_s" not in arm.candidates[0]
+    assert "not timed" in arm.candidates[0]["timed"] and "not rpi5's ISA" in arm.candidates[0]["timed"]
 
 
 def test_unsupported_architecture(cli, tmp_path):
@@ -431,6 +454,177 @@ def test_unsupported_architecture(cli, tmp_path):
     # int4 / fp32 are language-model precisions
     r = cli("convert", tmp_path / "net.onnx", "-t", "rpi5", "--precision", "int4")
     assert r.exit_code == 2 and "language-model precision" in r.stderr
+
+
+def _one_error_line(r, out: Path) -> str:
+    """A refused conversion: exit 2, one line on stderr, no traceback, nothing left in --out."""
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.output
+    assert "Traceback" not in r.output
+    assert not out.exists() or not any(out.iterdir()), list(out.iterdir())
+    return lines[0]
+
+
+def _random_llama(d: Path) -> Path:
+    """A tiny untrained Llama folder (tokenizer, config, weights): loads in transformers in a moment."""
+    from tinylm import _tokenizer
+
+    d.mkdir(parents=True)
+    tok = _tokenizer(corpus_text(200), d)
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                                   tie_word_embeddings=False, architectures=["LlamaForCausalLM"])
+    transformers.LlamaForCausalLM(cfg).save_pretrained(str(d), safe_serialization=True)
+    return d
+
+
+def test_builder_only_architecture_refused_in_one_line(cli, tmp_path):
+    """An architecture the builder dispatches but transformers' AutoModelForCausalLM cannot load without remote
+    code (the float reference) is refused up front, and is not in the supported list users are shown."""
+    from edgekit.convert.llm import builder_architectures, supported_architectures
+
+    supported = supported_architectures()
+    for arch in ("Qwen2_5_VLForConditionalGeneration", "WhisperForConditionalGeneration", "InternLM2ForCausalLM",
+                 "Phi3VForCausalLM", "Mistral3ForConditionalGeneration"):
+        assert arch in builder_architectures() and arch not in supported, arch
+    for arch in ("LlamaForCausalLM", "Qwen2ForCausalLM", "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration",
+                 "Phi3ForCausalLM", "MistralForCausalLM", "SmolLM3ForCausalLM"):
+        assert arch in supported, arch
+    d = tmp_path / "qwen-vl"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"architectures": ["Qwen2_5_VLForConditionalGeneration"],
+                                               "model_type": "qwen2_5_vl"}))
+    (d / "model.safetensors").write_bytes(b"\0" * 16)
+    out = tmp_path / "out"
+    line = _one_error_line(cli("convert", d, "-t", "x86-avx512-vnni", "--out", out, "--quiet"), out)
+    assert "Qwen2_5_VLForConditionalGeneration" in line and "AutoModelForCausalLM" in line, line
+    listed = line.split("supported: ", 1)[1]
+    assert "LlamaForCausalLM" in listed and "Qwen2_5_VL" not in listed and "Whisper" not in listed, line
+
+
+def test_git_lfs_pointer_checkout_refused_in_one_line(cli, tmp_path):
+    """A clone without its LFS objects (weights ~130-byte pointer files) is refused by read_source, naming the file
+    and `git lfs pull`, before torch or the builder sees it."""
+    d = tmp_path / "lfs-clone"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
+    (d / "model.safetensors").write_text(
+        "version https://git-lfs.github.com/spec/v1\n"
+        "oid sha256:4f2a0c7c1c5c3f0e8a1e6b1f7f9e4d1a2b3c4d5e6f708192a3b4c5d6e7f80912\nsize 269060552\n")
+    (d / "tokenizer.json").write_text("{}")
+    out = tmp_path / "out"
+    line = _one_error_line(cli("convert", d, "-t", "x86-avx512-vnni", "--precision", "int8", "--out", out,
+                               "--quiet"), out)
+    assert "model.safetensors" in line and "Git LFS pointer" in line and "git lfs pull" in line, line
+
+
+def test_unloadable_float_model_one_line_nothing_left(cli, tmp_path):
+    """Weights that pass read_source's checks but that transformers cannot read (a corrupt safetensors file) end
+    the run with one line naming the folder and the cause, not a traceback; --out is left as it was."""
+    d = _random_llama(tmp_path / "corrupt")
+    (d / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}" + b"\0" * 4096)
+    out = tmp_path / "out"
+    line = _one_error_line(cli("convert", d, "-t", "x86-avx512-vnni", "--precision", "int8", "--out", out,
+                               "--quiet"), out)
+    assert str(d) in line and "cannot load the float model" in line, line
+
+
+def test_too_little_memory_for_the_builder_one_line_nothing_left(cli, tmp_path, monkeypatch):
+    """Where the builder's memory would not fit even after the float model is dropped, the run ends before the
+    builder starts with one line (what it needs, what is available, what to do), not the OOM killer's silence."""
+    import edgekit.runtime.llmopts as llmopts
+
+    d = _random_llama(tmp_path / "small")
+    monkeypatch.setattr(llmopts, "mem_available_mb", lambda: 0.01)   # 10 KiB: less than any model needs
+    started = []
+    import edgekit.convert.llm as llm
+
+    monkeypatch.setattr(llm, "run_builder", lambda *a, **k: started.append(1))
+    out = tmp_path / "out"
+    line = _one_error_line(cli("convert", d, "-t", "x86-avx512-vnni", "--precision", "int8", "--out", out,
+                               "--quiet", "--val-tokens", "64"), out)
+    assert "converting small needs ~" in line and "GB available" in line and "more memory" in line, line
+    assert not started
+
+
+def test_make_room_refuses_only_what_still_does_not_fit(monkeypatch):
+    """_Session._make_room: short of memory, the float model is dropped first and the memory measured again; the
+    run is refused only where the builder's measured need (BUILDER_FP32_MEASURED copies) still exceeds it."""
+    import io
+    from types import SimpleNamespace
+
+    import edgekit.runtime.llmopts as llmopts
+    from edgekit.convert.llm import BUILDER_FP32_MEASURED, _Session
+    from edgekit.errors import EdgekitError
+    from edgekit.progress import Progress
+
+    def session(before, after):
+        mem = {"mb": before}
+
+        def release():
+            fm.loaded, mem["mb"] = False, after
+            return True
+
+        fm = SimpleNamespace(loaded=True, params=10 ** 9, release=release)   # 4 GB in float32
+        monkeypatch.setattr(llmopts, "mem_available_mb", lambda: mem["mb"])
+        return SimpleNamespace(float=fm, src=SimpleNamespace(path=Path("/m/big-lm")), progress=Progress(False),
+                               log=io.StringIO())
+
+    gb = 1e9 / 2 ** 20   # MiB in a GB
+    s = session(5 * gb, 9.5 * gb)          # 10 GB wanted, 5 free; 9.5 once the float model is dropped: built
+    _Session._make_room(s)
+    assert not s.float.loaded and "dropped for the build" in s.log.getvalue()
+    s = session(5 * gb, 6 * gb)            # still short after the drop: one line, before the builder
+    with pytest.raises(EdgekitError, match=r"converting big-lm needs ~8\.8 GB .*6\.0 GB available") as e:
+        _Session._make_room(s)
+    assert "more memory" in str(e.value) and BUILDER_FP32_MEASURED == 2.2
+    s = session(None, None)                # nothing known: left to the builder
+    _Session._make_room(s)
+    assert s.float.loaded
+    s = session(20 * gb, 20 * gb)          # room enough: the float model stays
+    _Session._make_room(s)
+    assert s.float.loaded
+
+
+def test_broken_config_json_is_named(cli, tmp_path):
+    """A folder whose config.json is not a language model's (not JSON, not an object, naming neither architectures
+    nor model_type) is said to be that, in one line, exit 2: not the image-model path's advice to run the command
+    the user ran, nor (with --precision int4) that int4 is for a Hugging Face folder."""
+    from edgekit.convert.sources import detect_kind
+    from edgekit.errors import SourceModelError
+
+    cases = {"notjson": ('{"architectures": ["LlamaForCausalLM"],', "config.json is not valid JSON"),
+             "bare": ('{"hidden_size": 64}', 'config.json names neither "architectures" nor "model_type"'),
+             "array": ("[]", "config.json holds an array, not a JSON object")}
+    for name, (text, words) in cases.items():
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(text)
+        (d / "model.safetensors").write_bytes(b"\0" * 16)
+        for extra in ([], ["--precision", "int4"]):
+            r = cli("convert", d, "-t", "rpi5", *extra, "--out", tmp_path / "out")
+            lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+            assert r.exit_code == 2 and len(lines) == 1, r.output
+            line = lines[0]
+            assert words in line and str(d) in line and "LlamaForCausalLM" in line, r.stderr
+            assert "edgekit convert" not in r.stderr and "language-model precision" not in r.stderr
+            assert "Traceback" not in r.stderr
+        with pytest.raises(SourceModelError, match=words):   # the API's path (ConvertRecipe) says the same
+            detect_kind(d)
+    assert not (tmp_path / "out").exists()
+
+
+def test_profile_kv_type_is_the_builders():
+    """targets.LLMBuild.kv_type (the manifest's kv_cache_type and kv_bytes_per_token) is the installed model
+    builder's I/O type for each execution provider and precision edgekit builds."""
+    from onnxruntime_genai.models.quantization.quant_config import default_io_dtype
+
+    from edgekit.targets import LLMBuild
+
+    for ep, precisions in (("cpu", ("int4", "int8", "fp32")), ("cuda", ("int4", "int8", "fp16", "fp32"))):
+        for precision in precisions:
+            want = {"fp32": "float32", "fp16": "float16"}[default_io_dtype(precision, ep, {})]
+            assert LLMBuild(precision=precision, execution_provider=ep).kv_type() == want, (ep, precision)
 
 
 def test_dynamic_ntk_refused_up_front_outside_the_llama_family(cli, tmp_path):

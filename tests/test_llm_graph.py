@@ -264,6 +264,8 @@ def test_half_scales_on_a_tied_build(tied_lm, tmp_path):
     summ = scales_summary(half)
     assert summ["fp16_cast"] == len(sc) and summ["fp32"] == 0 and summ["note"] == HALF_NOTE
     assert weight_bytes(half)["weights"] == weight_bytes(d)["weights"] - r["saved_bytes"]
+    # a token reads the fp32 scales ORT folds the Casts into: the same bytes as with the scales stored fp32
+    assert weight_bytes(half)["per_token"] == weight_bytes(d)["per_token"]
     emb = embedding_summary(half)                                         # the alias survives the new data file
     assert emb["note"] == NOTE and emb["load_copy_bytes"] == 0
 
@@ -281,6 +283,39 @@ def test_half_scales_on_a_tied_build(tied_lm, tmp_path):
     again = half_scales(half)
     assert again["initializers"] == 0 and again["note"] is None
     assert (half / "model.onnx").read_bytes() == graph and _sha(half / "model.onnx.data") == data
+
+
+def test_bytes_per_token_reads_fp16_scales_as_fp32(tiny_lm, tmp_path):
+    """An untied build with its scales stored fp16 behind Casts (a --max-mb build, LLMBuildOptions.fp16_scales):
+    the file holds 2 bytes a scale, but ONNX Runtime folds each Cast into an fp32 initializer and the kernels read
+    that, so the bytes read per token count 4 (llm_graph.read_bytes), as for the same build with its scales stored
+    fp32; the embedding table's own scales (one row read per token) stay out of it either way."""
+    import shutil
+
+    import onnx
+
+    from edgekit.convert.llm import LLMBuildOptions, read_source, run_builder, weight_bytes
+    from edgekit.convert.llm_graph import half_scales, read_bytes, stored_bytes
+
+    d = tmp_path / "fp32"
+    run_builder(read_source(str(tiny_lm)), LLMBuildOptions("int4", half_scales=False), d, tmp_path / "cache", {})
+    half = tmp_path / "fp16"
+    shutil.copytree(d, half)
+    r = half_scales(half)
+    assert r["initializers"] > 0 and r["saved_bytes"] > 0
+    m = onnx.load(str(half / "model.onnx"), load_external_data=False)
+    inits = {t.name for t in m.graph.initializer}
+    casts = [n for n in m.graph.node if n.op_type == "Cast" and n.input[0] in inits]   # half_scales' own
+    assert len(casts) == r["initializers"]
+    gbq = next(n for n in m.graph.node if n.op_type == "GatherBlockQuantized")   # the untied table, 8-bit
+    assert gbq.input[2] in {c.output[0] for c in casts}                          # its scales through a Cast too
+    stored, read = stored_bytes(m), read_bytes(m)
+    for c in casts:
+        assert read[c.output[0]] == 2 * stored[c.output[0]] > 0 and read[c.input[0]] == 0
+    fp32, fp16 = weight_bytes(d), weight_bytes(half)
+    assert fp16["weights"] == fp32["weights"] - r["saved_bytes"]                 # the file: the stored bytes
+    assert fp16["per_token"] == fp32["per_token"]                                # a token: the fp32 scales
+    assert fp16["per_token"] < fp16["weights"]                                   # the table's row, not the table
 
 
 def test_half_scales_keeps_what_fp16_cannot_hold(tmp_path):

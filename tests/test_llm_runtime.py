@@ -702,10 +702,12 @@ def test_a_turn_keeps_room_for_its_reply_or_drops_old_turns(lm):
     conv = lm.conversation(max_new_tokens=40)
     long = "Count: " + " ".join(["one two three four five six seven eight nine ten"] * 3)
     room = min(40, lm.context // 4)
+    why = []
     for _ in range(8):
         conv.say(long)
+        why.append(conv.last["reprefill"])
         assert lm.context - conv.last["prompt_tokens"] >= room, conv.last
-    assert "context full: the oldest turns were dropped" in conv.last["reprefill"] or conv.turns == 8
+    assert any("context full" in (w or "") for w in why), why     # the room came from dropping old turns
 
 
 def test_generation_options_refuse_nan_infinity_and_seeds_beyond_32_bits(lm):

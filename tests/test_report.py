@@ -10,6 +10,7 @@ saves a screenshot.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import math
 import os
@@ -191,6 +192,116 @@ def test_prune_and_distill_records_are_shown_with_their_model(tmp_path):
     html = render(data)
     assert "prune (m.prune.json)" in html and "distill (m.distill.json)" in html
     assert html.count("<td>after</td>") == 1 and html.count("<td>student</td>") == 1
+
+
+def _llm_manifest(target, precision, **recipe):
+    """A language-model bundle's manifest as convert.llm writes it (the fields the report reads)."""
+    from edgekit.convert.llm import LLMBuildOptions
+
+    opts = dataclasses.asdict(LLMBuildOptions(precision=precision, **recipe))
+    return {"schema": 2, "kind": "llm", "format": "onnx-genai", "name": "tiny", "created": "2026-11-01T09:00:00Z",
+            "target": {"name": target}, "model": {"dir": "model", "files": {}, "bytes": 123_456_789},
+            "recipe": dict(opts, wide_layers=[]), "llm": {"bytes_per_token": 99_999_999, "kv_bytes_per_token": 4096,
+                                                          "context_default": 2048},
+            "fidelity": {"ppl_float": 10.0, "ppl": 10.2, "ppl_increase": 0.02, "kl_mean": 0.01,
+                         "top1_agreement": 0.97, "meets": True},
+            "rescue": [{"rung": "profile", "what": "old build", "meets": True}]}
+
+
+def _row(html, label):
+    """The summary table row whose first cell is `label`."""
+    m = re.search(r"<tr[^>]*>\s*<td[^>]*>" + re.escape(label) + r"</td>(.*?)</tr>", html, re.S)
+    assert m, label
+    return m.group(1)
+
+
+def test_failed_llm_row_takes_nothing_from_an_old_bundle_at_its_path(tmp_path):
+    """A FAILED row wrote nothing; the bundle an earlier run left at its path is not merged into it (its size,
+    bytes per token and recipe beside the new failure's fidelity): the failed row keeps its own figures only,
+    and the old bundle is an entry of its own, flagged STALE, which takes the benchmark of that directory."""
+    from edgekit.report.render import render
+
+    build = tmp_path / "build"
+    old = build / "tiny-rpi5-int4"
+    old.mkdir(parents=True)
+    (old / "manifest.json").write_text(json.dumps(_llm_manifest("rpi5", "int4")))
+    (build / "tiny.convert.json").write_text(json.dumps({
+        "name": "tiny", "kind": "llm", "source": {"path": "/m/tiny", "sha256": "ab" * 32},
+        "bundles": [{"path": str(old), "target": "rpi5", "format": "onnx-genai", "precision": "int4",
+                     "status": "failed", "bytes": None, "bytes_per_token": None, "recipe": None,
+                     "fidelity": {"ppl_float": 10.0, "ppl": 14.0, "ppl_increase": 0.4, "kl_mean": 0.3,
+                                  "top1_agreement": 0.7},
+                     "rescue": [{"rung": "profile", "what": "new build", "meets": False, "misses": ["KL"]}],
+                     "failure": {"stage": "fidelity", "reason": "below the floor: KL 0.3 > 0.1"}}]}))
+    (build / "bench").mkdir()
+    (build / "bench" / "old.json").write_text(json.dumps({
+        "kind": "llm", "model": str(old), "bundle": "tiny", "target": "rpi5", "precision": "int4",
+        "decode_tok_s": 42.0, "prefill_tok_s": 400.0, "ttft_ms": 12.0}))
+    data = col.collect(build, rollouts=[])
+    (m,) = data.models
+    failed, stale = m.bundles
+    assert failed.status == "failed" and failed.failure.startswith("fidelity: below the floor")
+    assert failed.bytes is None and failed.llm["bytes_per_token"] is None and failed.llm["recipe"] == {}
+    assert failed.llm["fidelity"]["kl_mean"] == 0.3 and failed.agreement == 0.7
+    assert [s["what"] for s in failed.rescue] == ["new build"] and failed.llm_runs == []
+    assert stale.status == "stale" and "2026-11-01T09:00:00Z" in stale.stale and stale.label.endswith("(stale)")
+    assert stale.bytes == 123_456_789 and stale.llm["bytes_per_token"] == 99_999_999
+    assert stale.precision == "int4" and stale.llm["fidelity"]["kl_mean"] == 0.01
+    assert [r["decode_tok_s"] for r in stale.llm_runs] == [42.0] and not data.skipped
+    html = render(data)
+    row = _row(html, "tiny-rpi5-int4")
+    assert "FAILED" in row and "117.74" not in row and "95.37" not in row and "block 32" not in row
+    row = _row(html, "tiny-rpi5-int4 (stale)")
+    assert "STALE" in row and "117.74" in row and "95.37" in row and "block 32" in row
+
+    # a CNN row the same way: a failed row's size is not the old artifact's
+    cnn = tmp_path / "cnn"
+    (cnn / "m-rpi4").mkdir(parents=True)
+    (cnn / "m-rpi4" / "manifest.json").write_text(json.dumps(
+        {"schema": 2, "name": "m", "target": {"name": "rpi4"}, "model": {"format": "tflite", "bytes": 5000},
+         "validation": {"top1_agreement": 0.99}}))
+    (cnn / "m.convert.json").write_text(json.dumps({"name": "m", "bundles": [
+        {"path": str(cnn / "m-rpi4"), "target": "rpi4", "format": "tflite", "status": "failed",
+         "failure": {"stage": "validation", "reason": "below the floor"}}]}))
+    (m,) = col.collect(cnn, rollouts=[]).models
+    assert [(b.status, b.bytes, b.agreement) for b in m.bundles] == [("failed", None, None), ("stale", 5000, 0.99)]
+
+
+def test_llm_recipe_column_shows_what_applies_to_the_precision(tmp_path):
+    """An fp32 / fp16 build quantizes nothing: no block size, accuracy level, algo or lm_head (defaults the
+    builder never used); a quantized build's column is LLMBuildOptions.describe() but the precision, the INT8
+    ladder's fp32 MatMuls and fp16 scales included."""
+    from edgekit.convert.llm import LLMBuildOptions
+    from edgekit.report.render import llm_recipe, render
+
+    build = tmp_path / "build"
+    cases = {"tiny-x86-avx2-fp32": _llm_manifest("x86-avx2", "fp32"),
+             "tiny-jetson-fp16": _llm_manifest("jetson", "fp16", execution_provider="cuda"),
+             "tiny-rpi5-int4": _llm_manifest("rpi5", "int4", int8_matmuls=("a", "b")),
+             "tiny-rpi4-int8": _llm_manifest("rpi4", "int8", fp32_matmuls=("c",), block_size=64)}
+    for key, man in cases.items():
+        (build / key).mkdir(parents=True)
+        (build / key / "manifest.json").write_text(json.dumps(man))
+    html = render(col.collect(build, rollouts=[]))
+    assert "no quantization (cpu)" in _row(html, "tiny-x86-avx2-fp32")
+    assert "no quantization (cuda)" in _row(html, "tiny-jetson-fp16")
+    for key in ("tiny-x86-avx2-fp32", "tiny-jetson-fp16"):
+        row = _row(html, key)
+        assert "block" not in row and "accuracy_level" not in row and "k_quant" not in row and "lm_head" not in row
+    assert ("block 32, accuracy_level 4, k_quant, lm_head int8, 2 measured MatMuls int8, int8 symmetric block 64, "
+            "fp16 scales") in _row(html, "tiny-rpi5-int4")
+    row = _row(html, "tiny-rpi4-int8")
+    assert "block 64, accuracy_level 4, k_quant, 1 measured MatMuls fp32, int8 symmetric, fp16 scales" in row
+    assert "lm_head" not in row
+    # the column says what describe() says, for each kind of build the ladder makes
+    for o in (LLMBuildOptions("int4"), LLMBuildOptions("int4", lm_head_int8=False, half_scales=False),
+              LLMBuildOptions("int4", llama_mixed=True, int8_layers=(0, 3), int8_symmetric=False),
+              LLMBuildOptions("int4", algo="gptq", head_block=64, block_size=128),
+              LLMBuildOptions("int4", execution_provider="cuda"), LLMBuildOptions("int8", fp32_matmuls=("x", "y")),
+              LLMBuildOptions("int8", execution_provider="cuda", block_size=128)):
+        assert llm_recipe(dataclasses.asdict(o)) == o.describe()[len(o.precision) + 1:], o
+    for o in (LLMBuildOptions("fp32"), LLMBuildOptions("fp16", execution_provider="cuda")):
+        assert llm_recipe(dataclasses.asdict(o)) == f"no quantization ({o.execution_provider})"
 
 
 # --- the whole page in Chromium --------------------------------------------------------------

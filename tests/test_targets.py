@@ -81,6 +81,24 @@ def test_missing_key_and_impossible_combination(tmp_path):
         parse_profile(BASE + '[onnx]\nsymmetric_activations = true\nactivation_type = "uint8"\n', "x.toml")
 
 
+def test_llm_kv_cache_type_follows_the_build():
+    """The KV cache's type is the model builder's I/O type: float32 on the CPU and at fp32, float16 for CUDA at
+    int4 / int8 / fp16. A profile saying otherwise is refused (its kv_bytes_per_token would be off by 2x); one
+    that does not say gets the build's."""
+    cuda = BASE + '[llm]\nexecution_provider = "cuda"\n'
+    with pytest.raises(TargetError) as e:
+        parse_profile(cuda + 'kv_cache_type = "float32"\n', "gpu.toml")
+    assert "gpu.toml" in str(e.value) and "llm.kv_cache_type" in str(e.value) and "float16" in str(e.value)
+    assert parse_profile(cuda, "gpu.toml").llm.kv_cache_type == "float16"
+    assert parse_profile(cuda + 'precision = "fp32"\nkv_cache_type = "float32"\n', "gpu.toml").llm.kv_cache_type \
+        == "float32"
+    with pytest.raises(TargetError, match="llm.kv_cache_type"):
+        parse_profile(BASE + '[llm]\nkv_cache_type = "float16"\n', "cpu.toml")
+    assert parse_profile(BASE, "cpu.toml").llm.kv_cache_type == "float32"
+    nano = load_target("jetson-nano").llm
+    assert (nano.kv_cache_type, nano.kv_type("int8"), nano.kv_type("fp32")) == ("float16", "float16", "float32")
+
+
 def test_unknown_target_lists_the_valid_ones():
     with pytest.raises(TargetError) as e:
         load_target("rpi9")

@@ -66,7 +66,8 @@ def _input_shapes(values):
               "smallest file; 6-14% more memory on the device than the default fp32).")
 @click.option("--algo", type=click.Choice(["k_quant", "rtn", "default", "awq", "gptq", "awq_gptq"]),
               help="Language models: the INT4 weights' rounding (default: the profile's, k_quant). awq / gptq / "
-              "awq_gptq calibrate on the float model's own text (minutes for a 135M model).")
+              "awq_gptq calibrate on the float model's own text (minutes for a 135M model); INT4 only (refused with "
+              "--precision int8, fp16 or fp32).")
 @click.option("--val-tokens", type=int, default=1024, show_default=True,
               help="Language models: at most this many tokens of the --val text are measured.")
 @click.option("--no-rescue", is_flag=True, help="Below the floor, fail the artifact instead of trying the "
@@ -109,6 +110,7 @@ def convert(ctx, model, target_names, recipe_path, calib, calib_random, calib_sa
 
     if llm_convert.is_language_model(model):   # a Hugging Face causal LM folder: the LLM bundle path
         return llm_convert.convert_language_model(ctx, ctx.params)
+    llm_convert.refuse_broken_hf_folder(model)   # a config.json that makes it neither: said before anything else
     llm_convert.refuse_llm_precision(model, precision)
     llm_convert.refuse_llm_options(ctx, model)
     from edgekit.convert import convert as run_convert

@@ -38,6 +38,19 @@ def refuse_llm_options(ctx, model) -> None:
                                f"folder); {model or 'this model'} is not one")
 
 
+def refuse_broken_hf_folder(model) -> None:
+    """A folder with a config.json that is not a language model's (unreadable, not JSON, naming neither
+    architectures nor model_type): said as such, before the image-model path reads it as something else."""
+    from pathlib import Path
+
+    if not model or not Path(model).is_dir() or (Path(model) / "saved_model.pb").is_file() \
+            or (Path(model) / "saved_model.pbtxt").is_file():
+        return
+    from edgekit.convert.sources import check_hf_config
+
+    check_hf_config(Path(model))
+
+
 def refuse_llm_precision(model, precision) -> None:
     """int4 / fp32 are language-model precisions: said in one line for any other model."""
     if precision in ("int4", "fp32"):
@@ -50,6 +63,7 @@ def convert_language_model(ctx, p) -> None:
     """p: the convert command's parameters."""
     from click.core import ParameterSource
 
+    from edgekit.cli.common import _html_report
     from edgekit.convert.llm import INT8_FLOOR, LLMRecipe, convert_llm
     from edgekit.convert.llm_fidelity import LLMFloor
     from edgekit.errors import BudgetMissed
@@ -97,14 +111,19 @@ def convert_language_model(ctx, p) -> None:
 
         timer = _device_timer(recipe, p["device_name"], p["inventory"], p["trust_new_host"], p["quiet"])
     progress = Progress(enabled=not p["quiet"])
+    html_report = p.get("html_report")
     try:
         result = convert_llm(recipe, p["out"], progress=progress, device=timer)
     except BudgetMissed as e:
         if e.result is not None:
             click.echo(json.dumps(e.result.to_dict(), indent=2, default=str) if p["as_json"] else e.result.table())
+        if html_report and e.result is not None:   # a missed floor still writes its report (DESIGN: Errors)
+            _html_report(p["out"], err=True)
         raise
     if p["as_json"]:
         click.echo(json.dumps(result.to_dict(), indent=2, default=str))
     else:
         click.echo(result.table())
         click.echo(f"report: {result.report_path}  log: {result.log_path}")
+    if html_report:
+        _html_report(p["out"], err=p["as_json"])

@@ -51,7 +51,8 @@ from edgekit.bundle import SCHEMA_VERSION, check_name, sha256_file, sha256_tree,
 from edgekit.convert.llm_fidelity import (BUILTIN_PROMPTS, EvalText, FloatModel, LLMFloor, OnnxDecoder, compare,
                                           golden, mem_available)
 from edgekit.convert.llm_graph import (PRUNE_NOTE, alias_tied_embedding, embedding_summary, half_scales,
-                                      initializer_bytes, prune_lm_head, readers, scales_summary, stored_bytes)
+                                      initializer_bytes, prune_lm_head, read_bytes, readers, scales_summary,
+                                      stored_bytes)
 from edgekit.convert.llm_gptq import ALGOS as _CALIBRATED_ALGOS, builder_algo, calibrated, int8_summary
 from edgekit.convert.llm_tokenizer import check_tokenizer
 from edgekit.errors import BudgetMissed, EdgekitError, SourceModelError
@@ -78,7 +79,7 @@ def is_hf_causal_lm(path: os.PathLike) -> bool:
         return False
     try:
         data = json.loads(cfg.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
+    except (OSError, ValueError):   # (UnicodeDecodeError is a ValueError) said by sources.check_hf_config
         return False
     return isinstance(data, dict) and bool(data.get("architectures") or data.get("model_type"))
 
@@ -93,13 +94,32 @@ def text_config(config: Dict[str, Any]) -> Dict[str, Any]:
     return c if isinstance(c, dict) else config
 
 
-def supported_architectures() -> List[str]:
+def builder_architectures() -> List[str]:
     """The architectures the installed model builder exports (read from its dispatch, not a list kept here)."""
     import inspect
 
     from onnxruntime_genai.models import builder
 
     return sorted(set(_DISPATCH.findall(inspect.getsource(builder.create_model))))
+
+
+def causal_lm_classes() -> set:
+    """The class names transformers' AutoModelForCausalLM makes without remote code (its causal-LM mapping): the
+    float model every build is measured against is one of them."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    out: set = set()
+    for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        out.update(v if isinstance(v, (tuple, list)) else (v,))
+    return out
+
+
+def supported_architectures() -> List[str]:
+    """The architectures edgekit converts: those the installed model builder exports (builder_architectures) that
+    transformers' AutoModelForCausalLM also loads (causal_lm_classes). The builder's others (0.18: ChatGLM,
+    InternLM2, Phi-3 small / vision, Phi-4 multimodal, PhiMoE, Qwen2.5-VL, Qwen3-VL, Qwen3.5, Mistral 3, LFM2-VL /
+    Audio, VideoChat-Flash, Whisper) need remote code or another auto class for the float reference."""
+    return sorted(set(builder_architectures()) & causal_lm_classes())
 
 
 def builder_classes(arch: str) -> List[type]:
@@ -163,6 +183,50 @@ def _check_rope(p: Path, config: Dict[str, Any], arch: str) -> None:
              "that context")
 
 
+# The model types (of the architectures supported_architectures() takes) whose transformers configuration ties the
+# embeddings by default (tie_word_embeddings=True: Gemma 1-4, Ernie 4.5, LFM2, SmolLM3; 4.x's PretrainedConfig
+# default too, where Llama / Qwen2 / Mistral / Phi-3 ... say False). A hub config.json saved by transformers 4.x
+# omits a key equal to its default (gemma-3-1b's has no tie_word_embeddings). Read only where transformers cannot
+# read the folder's config (config_tie); transformers' own reading comes first (effective_tie).
+TIED_BY_DEFAULT = frozenset({"gemma", "gemma2", "gemma3", "gemma3_text", "gemma4", "gemma4_text", "gemma4_unified",
+                             "gemma4_unified_text", "ernie4_5", "lfm2", "lfm2_moe", "smollm3"})
+
+
+def config_tie(config: Dict[str, Any]) -> bool:
+    """tie_word_embeddings from a config.json's dict alone: the key where it is written (the model's own
+    settings, then its text_config's), else its model type's default (TIED_BY_DEFAULT)."""
+    for c in (config, text_config(config)):
+        if c.get("tie_word_embeddings") is not None:
+            return bool(c["tie_word_embeddings"])
+    return bool({config.get("model_type"), text_config(config).get("model_type")} & TIED_BY_DEFAULT)
+
+
+def effective_tie(path: os.PathLike, config: Dict[str, Any]) -> bool:
+    """Whether the model ties its lm_head to the embedding table, as transformers (and the model builder, which
+    reads the same AutoConfig) takes it: the configuration class's value, its default where config.json omits
+    the key; the model's own setting where it has one (transformers ties by it: Gemma3ForConditionalGeneration's
+    top level), else its text config's. config_tie where transformers cannot read the config."""
+    try:
+        from transformers import AutoConfig
+        from transformers.utils import logging as hf_logging
+
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()   # its notes on unusual token ids are not this check's business
+        try:
+            cfg = AutoConfig.from_pretrained(str(path))
+        finally:
+            hf_logging.set_verbosity(level)
+    except Exception:   # an unknown model_type, remote code, no transformers: what the dict says
+        return config_tie(config)
+    value = getattr(cfg, "tie_word_embeddings", None)
+    if value is None:
+        try:
+            value = getattr(cfg.get_text_config(), "tie_word_embeddings", None)
+        except Exception:
+            value = None
+    return config_tie(config) if value is None else bool(value)
+
+
 @dataclass
 class LMSource:
     path: Path
@@ -170,10 +234,11 @@ class LMSource:
     architecture: str
     sha256: str
     bytes: int
+    tied_embeddings: Optional[bool] = None   # read_source: effective_tie; None: config_tie of the dict
 
     @property
     def tied(self) -> bool:
-        return bool(self.config.get("tie_word_embeddings", False))
+        return config_tie(self.config) if self.tied_embeddings is None else self.tied_embeddings
 
     def dims(self) -> Dict[str, Any]:
         c = text_config(self.config)
@@ -183,6 +248,30 @@ class LMSource:
                 "heads": heads, "kv_heads": int(c.get("num_key_value_heads", heads) or heads),
                 "head_dim": int(c.get("head_dim") or (hidden // heads if heads else 0)),
                 "max_positions": c.get("max_position_embeddings")}
+
+
+# what a Git LFS pointer file holds in place of the file (a clone without git-lfs, or GIT_LFS_SKIP_SMUDGE=1): about
+# 130 bytes of "version https://git-lfs.github.com/spec/v1", the object's sha256 and size
+LFS_POINTER = b"version https://git-lfs"
+
+
+def _check_lfs_pointers(p: Path) -> None:
+    """A folder checked out without its Git LFS objects: weights (and often tokenizer.json) are pointer files,
+    which would pass every check by name and fail deep in safetensors / the tokenizer; refused here, naming them."""
+    pointers = []
+    for f in sorted(p.iterdir()):
+        try:
+            if f.is_file() and f.stat().st_size < 1024:
+                with open(f, "rb") as fh:
+                    if fh.read(len(LFS_POINTER)) == LFS_POINTER:
+                        pointers.append(f.name)
+        except OSError:
+            continue
+    if pointers:
+        more = f" and {len(pointers) - 1} other file(s)" if len(pointers) > 1 else ""
+        raise SourceModelError(f"{pointers[0]}{more}: a Git LFS pointer, not the file itself", path=str(p),
+                               hint="run `git lfs pull` in the folder with git-lfs installed, or download the files "
+                                    "themselves")
 
 
 def read_source(path: str) -> LMSource:
@@ -202,18 +291,27 @@ def read_source(path: str) -> LMSource:
         raise SourceModelError("converting a language model needs ONNX Runtime GenAI's model builder, torch and "
                                "transformers", path=str(p), hint="pip install 'edgekit[llm-convert]'") from None
     if arch not in supported:
+        if arch in builder_architectures():
+            import transformers
+
+            raise SourceModelError(
+                f"architecture {arch}: ONNX Runtime GenAI's model builder exports it, but transformers "
+                f"{transformers.__version__}'s AutoModelForCausalLM does not load it (edgekit measures every build "
+                "against that float model and runs no remote code)", path=str(p),
+                hint="supported: " + ", ".join(supported))
         raise SourceModelError(f"architecture {arch} is not one ONNX Runtime GenAI's model builder exports",
                                path=str(p), hint="supported: " + ", ".join(supported))
     _check_rope(p, config, arch)
     if not any(f.suffix in WEIGHT_SUFFIXES for f in p.iterdir()):
         raise SourceModelError("no weights (*.safetensors or pytorch_model*.bin) beside config.json", path=str(p))
+    _check_lfs_pointers(p)
     if not ((p / "tokenizer.json").is_file() or (p / "tokenizer.model").is_file()):
         raise SourceModelError("no tokenizer (tokenizer.json or tokenizer.model)", path=str(p),
                                hint="copy the tokenizer files of the checkpoint into the folder")
     # a Metaspace form ONNX Runtime GenAI tokenizes otherwise than the file is refused (convert.llm_tokenizer)
     check_tokenizer(p)
     size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-    return LMSource(p, config, arch, sha256_tree(p), size)
+    return LMSource(p, config, arch, sha256_tree(p), size, effective_tie(p, config))
 
 
 # --- builds -------------------------------------------------------------------------------------------------------
@@ -237,6 +335,12 @@ class LLMBuildOptions:
     int8_symmetric: bool = True         # the 8-bit MatMulNBits rewritten symmetric, no zero points (int8_blocks)
     half_scales: bool = True            # the MatMulNBits scales stored fp16 in the file (fp16_scales); the
                                         # converter's default: only under a byte budget (profile_options)
+
+    def __post_init__(self) -> None:
+        # calibrated rounding (llm_gptq.apply) runs for INT4 builds only: any other build is the builder's
+        # (builder_algo: k_quant), and its options (the manifest's recipe, the ladder's rungs) say so
+        if self.precision != "int4" and calibrated(self.algo):
+            object.__setattr__(self, "algo", builder_algo(self.algo))
 
     @property
     def quantized(self) -> bool:
@@ -385,6 +489,10 @@ def _quiet_builder():
 # ~11.2 GiB over a ~0.7 GiB converter, 2.05 copies; TinyLlama-1.1B's shapes (1.17 G, 4.36 GiB) 14.5 GiB held: 2.2
 # copies (2.5 before the k-quant ran in slices). With margin, 2.5
 BUILDER_FP32_COPIES = 2.5
+# The most measured above (2.2 copies): with less than that available even after the float model is dropped, the
+# run is refused in one line (_Session._make_room) rather than killed by the OOM killer inside the builder; between
+# it and BUILDER_FP32_COPIES the build is tried (the 1.5B build above fit a 14 GiB cgroup with 2.05)
+BUILDER_FP32_MEASURED = 2.2
 # An untied embedding table's 8-bit block (llm_gptq.quantize_embedding): the first dividing the hidden size, as
 # the 8-bit lm_head's (LLMBuildOptions.int8_blocks). CPU builds: GatherBlockQuantized on CUDA is not measured here.
 EMBED_BLOCKS = (64, 32, 16)
@@ -595,13 +703,15 @@ def decoder_matmuls(model_onnx: Path) -> Dict[int, List[str]]:
 
 
 def weight_bytes(model_dir: Path) -> Dict[str, int]:
-    """Bytes of the weights (initializers) and of those a decoded token reads: all but an untied embedding table
-    (float, or 8-bit with its scales: a Gather reads one row of it per token)."""
+    """Bytes of the weights (initializers, as the file holds them) and of those a decoded token reads: all but an
+    untied embedding table (float, or 8-bit with its scales: a Gather reads one row of it per token), a scale
+    stored fp16 behind a Cast at the fp32 of the initializer ONNX Runtime folds the Cast into (llm_graph.read_bytes:
+    the kernels read that, not the file's fp16)."""
     import onnx
 
     m = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
     sizes = initializer_bytes(m)   # an initializer aliasing another's bytes (llm_graph) counted once
-    stored = stored_bytes(m)       # and a Cast of one (fp16 scales) under the name its reader reads
+    read = read_bytes(m)           # and a Cast of one (fp16 scales) at its output's type, under the name read
     reads = readers(m.graph)
     gathered = 0
     for n in m.graph.node:
@@ -610,10 +720,9 @@ def weight_bytes(model_dir: Path) -> Dict[str, int]:
         elif n.op_type == "GatherBlockQuantized" and "embed_tokens" in n.name and sizes.get(n.input[0]):
             # an untied table of its own (llm_gptq.quantize_embedding): it and the scales only it reads; a tied
             # one aliases the lm_head's bytes (counted 0 here) and shares its scales
-            gathered += sizes[n.input[0]] + sum(stored.get(x, 0) for x in n.input[2:]
+            gathered += sizes[n.input[0]] + sum(read.get(x, 0) for x in n.input[2:]
                                                 if x and len(reads.get(x, ())) == 1)
-    total = sum(sizes.values())
-    return {"weights": total, "per_token": total - gathered}
+    return {"weights": sum(sizes.values()), "per_token": sum(read.values()) - gathered}
 
 
 # --- recipe and result --------------------------------------------------------------------------------------------
@@ -658,6 +767,12 @@ class LLMRecipe:
         if self.algo is not None and self.algo not in LLM_ALGOS:
             raise EdgekitError(f"algo {self.algo!r} is not one a language model builds with",
                                hint="one of " + ", ".join(LLM_ALGOS))
+        if self.precision not in (None, "int4") and self.algo is not None and calibrated(self.algo):
+            # refused, not ignored: GPTQ / AWQ exist at 8 bits elsewhere, and a line in minutes of progress is missed
+            raise EdgekitError(f"algo {self.algo!r} is calibrated INT4 rounding: an {self.precision} build does not "
+                               "use it" + (" (its INT8 weights are the model builder's k_quant)"
+                                           if self.precision == "int8" else ""),
+                               hint=f"drop --algo {self.algo}, or build --precision int4")
         if self.select not in ("profile", "fastest"):
             raise EdgekitError(f"select {self.select!r}: profile or fastest")
         if self.max_bytes is not None and self.max_bytes <= BUNDLE_MARGIN:
@@ -701,6 +816,7 @@ class LLMRow:
     candidates: List[Dict[str, Any]] = field(default_factory=list)   # --select fastest: each build measured
     runtime: Dict[str, Any] = field(default_factory=dict)   # --select fastest: {threads, threads_choice} measured
     floor: Optional[LLMFloor] = None   # the floor this row was held to (recipe.floor_for its starting precision)
+    stage: str = ""   # a failed row: where it failed (build, fidelity, budget; writing: generation, compatibility...)
 
     @property
     def fmt(self) -> str:
@@ -714,7 +830,7 @@ class LLMRow:
              "recipe": None if self.options is None else dataclasses.asdict(self.options),
              "floor": None if self.floor is None else self.floor.to_dict()}
         if not self.ok:
-            d["failure"] = {"stage": "fidelity" if self.fidelity else "build", "reason": self.reason}
+            d["failure"] = {"stage": self.stage or ("fidelity" if self.fidelity else "build"), "reason": self.reason}
         return d
 
 
@@ -870,7 +986,9 @@ class _Session:
         """The builder reads the checkpoint again in float32 and holds its graph's float initializers and the
         quantizer's arrays beside it (BUILDER_FP32_COPIES): where that would not fit in the memory available
         now, the float model's weights are dropped for the build and read again when next needed (a
-        1.5B-parameter checkpoint on a 24 GB machine; a 135M one never)."""
+        1.5B-parameter checkpoint on a 24 GB machine; a 135M one never). Where it still would not fit, the run
+        ends here with one line (an EdgekitError, which build() does not record as a build's failure) rather than
+        the kernel's OOM killer ending it without a word in the builder."""
         held = self.float.loaded
         need = BUILDER_FP32_COPIES * 4 * self.float.params
         avail = mem_available()
@@ -880,6 +998,13 @@ class _Session:
                    f"{4 * self.float.params / 1e9:.1f} GB are dropped for the build and read again after")
             self.progress.say(msg)
             self.log.write(msg.strip() + "\n")
+            avail = mem_available()
+        least = BUILDER_FP32_MEASURED * 4 * self.float.params   # refused below what builds were measured to take
+        if avail is not None and least > avail:
+            raise EdgekitError(f"converting {self.src.path.name} needs ~{least / 1e9:.1f} GB of memory for ONNX "
+                               f"Runtime GenAI's model builder ({self.float.params / 1e9:.2f} G parameters in "
+                               f"float32, {BUILDER_FP32_MEASURED:g} copies), {avail / 1e9:.1f} GB available",
+                               hint="convert on a machine with more memory, or close other programs")
 
     def matmul_sensitivity(self, block: int, algo: str) -> Tuple[List[Dict[str, Any]], str]:
         """Each decoder MatMul's cost alone at INT4 (llm_sensitivity), on calibration text that is not the
@@ -1199,11 +1324,21 @@ def _tune_genai_config(model_dir: Path, t: TargetProfile, context: int) -> None:
     p.write_text(json.dumps(cfg, indent=4), encoding="utf-8")
 
 
+class BundleWriteError(EdgekitError):
+    """A bundle _write_bundle did not write, and the stage it failed at (the row's failure.stage: "generation",
+    "budget"; compat.check_llm's ConversionError carries "compatibility")."""
+
+    def __init__(self, message: str, *, stage: str, hint: Optional[str] = None):
+        super().__init__(message, hint=hint)
+        self.stage = stage
+
+
 def _write_bundle(s: _Session, row: LLMRow, t: TargetProfile, opts: LLMBuildOptions, rec: Dict[str, Any],
                   dest: Path, device_check: bool = True) -> None:
     """The bundle at dest (staged: nothing at dest changes unless all of it is written). device_check: an arm64
     target's golden check on ARM's kernels (compat.check_llm, recipe.compat_check); the candidates --select
-    fastest times on a device skip it (the device runs them)."""
+    fastest times on a device skip it (the device runs them). Raises an EdgekitError whose `stage` says where it
+    failed (BundleWriteError; compat.check_llm's ConversionError)."""
     src, dims = s.src, s.src.dims()
     with staged_dir(dest) as tmp:
         mdir = tmp / "model"
@@ -1221,17 +1356,18 @@ def _write_bundle(s: _Session, row: LLMRow, t: TargetProfile, opts: LLMBuildOpti
         prompt = s.text.prompts[0] if s.text.prompts else BUILTIN_PROMPTS[0]
         gen = _generation(mdir, prompt, cpu=opts.execution_provider != "cpu", hf_tokenizer=s.float.tokenizer)
         if not gen["text"].strip():
-            raise EdgekitError(f"the build generates no text from {prompt!r} (tokens {gen['tokens']})")
+            raise BundleWriteError(f"the build generates no text from {prompt!r} (tokens {gen['tokens']})",
+                                   stage="generation")
         gold = dict(rec["golden"], generation=gen)
         write_json_atomic(tmp / "golden.json", gold)
         files = {f.relative_to(mdir).as_posix(): {"sha256": sha256_file(f), "bytes": f.stat().st_size}
                  for f in sorted(mdir.rglob("*")) if f.is_file()}
         total = sum(f["bytes"] for f in files.values())
         if s.recipe.max_bytes and total > s.recipe.max_bytes:   # BUNDLE_MARGIN too small: a bundle at dest stays
-            raise EdgekitError(f"over the byte budget: the bundle would be {total / 1e6:.3f} MB > "
-                               f"{s.recipe.max_bytes / 1e6:.3f} MB")
+            raise BundleWriteError(f"over the byte budget: the bundle would be {total / 1e6:.3f} MB > "
+                                   f"{s.recipe.max_bytes / 1e6:.3f} MB", stage="budget")
         kv_bytes = 2 * int(dims["layers"]) * dims["kv_heads"] * dims["head_dim"] * (
-            2 if t.llm.kv_cache_type == "float16" else 4)
+            2 if t.llm.kv_type(opts.precision) == "float16" else 4)
         m = rec["metrics"]
         manifest = {
             "schema": SCHEMA_VERSION, "kind": "llm", "format": "onnx-genai", "name": s.recipe.bundle_name,
@@ -1250,8 +1386,9 @@ def _write_bundle(s: _Session, row: LLMRow, t: TargetProfile, opts: LLMBuildOpti
                            max_bytes=s.recipe.max_bytes,
                            window=s.recipe.window),
             "llm": {"bytes_per_token": rec["bytes_per_token"], "kv_bytes_per_token": kv_bytes,
-                    "kv_cache_type": t.llm.kv_cache_type, "context_default": min(t.llm.context_default, context),
-                    "context_max": context, "execution_provider": opts.execution_provider,
+                    "kv_cache_type": t.llm.kv_type(opts.precision),
+                    "context_default": min(t.llm.context_default, context), "context_max": context,
+                    "execution_provider": opts.execution_provider,
                     "verified": t.llm.verified, "verified_why": t.reason("llm.verified"),
                     "prompt_bos": gen["prompt_bos"], "embedding": embedding_summary(mdir),
                     "int8_nodes": int8_summary(mdir), "scales": scales_summary(mdir),
@@ -1307,46 +1444,67 @@ def _genai_version() -> str:
         return "?"
 
 
-def decode_speed(model_dir: Path, threads: int, prompt_tokens: int = 64, new_tokens: int = 32,
-                 runs: int = 2) -> float:
-    """Decode tokens per second of a build with ONNX Runtime GenAI here (greedy, after a warm-up run; the best
-    of `runs`: the least disturbed by other work on this machine)."""
+# --select fastest here: each candidate that meets the floor is timed in HOST_ROUNDS rounds alternating between the
+# candidates, as on a device (drift and other work on this machine hit them alike: one round's spread is 10-25% on a
+# shared machine, runtime.llmopts); a round loads the candidate's model at the profile's threads and intra-op
+# spinning (what its bundle ships: _tune_genai_config), runs HOST_WARMUP new tokens, then times one run of
+# HOST_PROMPT prompt tokens and HOST_NEW new ones; decode tok/s is the median of the rounds (host_rounds)
+HOST_ROUNDS = 3
+HOST_PROMPT, HOST_NEW, HOST_WARMUP = 64, 32, 4
+
+
+def decode_speed(model_dir: Path, threads: int, prompt_tokens: int = HOST_PROMPT, new_tokens: int = HOST_NEW,
+                 runs: int = 1, spinning: Optional[bool] = None) -> float:
+    """Decode tokens per second of a build with ONNX Runtime GenAI here: greedy, after a short warm-up generation
+    (HOST_WARMUP new tokens); the best of `runs`. The decoder at `threads` intra-op threads, spinning between ops
+    as `spinning` says (None: as the folder's genai_config.json has it), through an overlay (runtime.llm._og_model):
+    the folder's files are not changed."""
     import onnxruntime_genai as og
 
-    cfg_path = model_dir / "genai_config.json"
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    cfg["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = threads
-    cfg_path.write_text(json.dumps(cfg, indent=4), encoding="utf-8")
-    model = og.Model(str(model_dir))
+    from edgekit.runtime.llm import _og_model
+
+    cfg = json.loads((model_dir / "genai_config.json").read_text(encoding="utf-8"))
+    model = _og_model(og, model_dir, threads, spinning)
     vocab = int(cfg["model"]["vocab_size"])
     ids = [(7 * i + 3) % vocab for i in range(prompt_tokens)]
-    best = 0.0
-    for _ in range(runs + 1):
+
+    def run(new: int) -> float:
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=kv_capacity(cfg, prompt_tokens + new_tokens),
-                                  min_length=prompt_tokens + new_tokens, do_sample=False)
+                                  min_length=prompt_tokens + new, do_sample=False)
         gen = og.Generator(model, params)
         gen.append_tokens(ids)
         gen.generate_next_token()
         t0, n = time.perf_counter(), 0
-        while not gen.is_done() and n < new_tokens - 1:
+        while not gen.is_done() and n < new - 1:
             gen.generate_next_token()
             n += 1
-        best = max(best, n / (time.perf_counter() - t0)) if n else best
-    return best
+        return n / (time.perf_counter() - t0) if n else 0.0
+
+    run(min(HOST_WARMUP, new_tokens))
+    return max(run(new_tokens) for _ in range(max(1, runs)))
+
+
+def _shipped_spinning(t: TargetProfile) -> Optional[bool]:
+    """Whether the bundle's intra-op threads spin between ops as it ships (_tune_genai_config: the profile's
+    llm.intra_op_spinning, written for a CPU target); None for a GPU target (genai_config's own)."""
+    return bool(t.llm.intra_op_spinning) if t.llm.execution_provider == "cpu" else None
 
 
 def _host_runs(t: TargetProfile) -> Tuple[bool, str]:
-    """Whether this host's decode speed stands for the target's: same architecture, and on x86 the int8 dot
-    products the profile assumes."""
-    import platform
+    """Whether this host's decode speed stands for the target's: a CPU target, and this host of its kind as the
+    CNN path's --select fastest judges it (convert.select.host_matches: the architecture, and on x86 whether both
+    have VNNI's exact int8 dot products, which the int8-activation MatMulNBits kernels of accuracy level 4 run on:
+    a VNNI host would rank an AVX2 target's candidates by kernels that target lacks)."""
+    from edgekit.convert.numerics import this_host
+    from edgekit.convert.select import host_matches
 
-    host = platform.machine()
     if t.llm.execution_provider != "cpu":
         return False, f"not timed: {t.name} runs on its GPU"
-    if host != t.device.arch:
-        return False, f"not timed: this host is {host}, {t.name} is {t.device.arch} (the profile's build ships)"
-    return True, f"decode tok/s on this {host} host, {_ceiling(t)} thread(s)"
+    ok, why = host_matches(t)
+    if not ok:
+        return False, f"not timed: {why}"
+    return True, f"decode tok/s on this {this_host().describe()} host, {_ceiling(t)} thread(s)"
 
 
 def _ceiling(t: TargetProfile) -> int:
@@ -1366,11 +1524,18 @@ DEVICE_RUNS, DEVICE_PROMPT, DEVICE_NEW = 2, 32, 32
 def _select_fastest(s: _Session, row: LLMRow, t: TargetProfile, chosen: LLMBuildOptions, rec: Dict[str, Any],
                     device=None):
     """--select fastest: INT4 block sizes x accuracy levels and INT8 around the build that met the floor; those
-    that meet it are timed here (where this host stands for the target) or, with `device` (deploy.timing.
-    DeviceTimer, handed in by the CLI: convert never imports deploy) covering the target, on that device; the
-    fastest ships, with the thread count measured for it (row.runtime: the manifest's runtime.threads_choice)."""
+    that meet it are timed here (where this host stands for the target: _host_runs; rounds alternating between
+    them: _time_here) or, with `device` (deploy.timing.DeviceTimer, handed in by the CLI: convert never imports
+    deploy) covering the target, on that device; the fastest ships, with the thread count measured for it
+    (row.runtime: the manifest's runtime.threads_choice). Where neither times them, the profile's build ships and
+    no other is built (the output and its one candidate record say why)."""
     on_device = device is not None and device.covers(t.name)
     timed, where = (True, device.describe()) if on_device else _host_runs(t)
+    if not timed:   # nothing here stands for the target: no other candidate is built (as the CNN path keeps its own)
+        s.progress.say(f"  [{t.name}] --select fastest: {where}; the profile's build ships")
+        row.candidates = [dict(_step("select", chosen, rec, row.floor or s.floor, s.recipe.max_bytes), timed=where,
+                               chosen=True)]
+        return chosen, rec
     cands = [chosen]
     if chosen.precision == "int4":
         levels = [chosen.accuracy_level] + ([1] if chosen.accuracy_level == 4 else [])
@@ -1387,19 +1552,15 @@ def _select_fastest(s: _Session, row: LLMRow, t: TargetProfile, chosen: LLMBuild
         r = s.build(o)
         c = _step("select", o, r, row.floor or s.floor, s.recipe.max_bytes)
         c["timed"] = where
-        if c["meets"] and timed and "error" not in r and not on_device:
-            try:
-                c["decode_tok_s"] = round(decode_speed(Path(r["dir"]), _ceiling(t)), 1)
-            except RuntimeError as e:   # ORT GenAI refusing a build: recorded, not chosen
-                c["error"] = f"timing: {str(e).splitlines()[0][:200]}"
         out.append((o, r, c))
-        if not on_device:
-            s.progress.say(f"  [{t.name}] candidate {o.describe()}: "
-                           + (f"{c['decode_tok_s']} tok/s" if c.get("decode_tok_s") else
-                              c.get("error") or ("below the floor" if not c["meets"] else where)))
+        if not on_device and not (c["meets"] and "error" not in r):
+            s.progress.say(f"  [{t.name}] candidate {o.describe()}: " + (c.get("error") or "below the floor"))
+    meeting = [x for x in out if x[2]["meets"] and "error" not in x[1]]
     reports: Dict[int, Dict[str, Any]] = {}
     if on_device:
-        reports = _time_on_device(s, t, device, [x for x in out if x[2]["meets"] and "error" not in x[1]])
+        reports = _time_on_device(s, t, device, meeting)
+    else:
+        _time_here(s, t, meeting)
     fast = [x for x in out if x[2].get("decode_tok_s")]
     if on_device and not fast:
         s.progress.say(f"  [{t.name}] no candidate could be timed on {device.device.name}: the profile's build ships")
@@ -1410,6 +1571,33 @@ def _select_fastest(s: _Session, row: LLMRow, t: TargetProfile, chosen: LLMBuild
         row.runtime = (_device_threads(device, reports.get(id(pick[2]))) if on_device
                        else _host_threads(s, t, pick[1], where))
     return pick[0], pick[1]
+
+
+def _time_here(s: _Session, t: TargetProfile, timed) -> None:
+    """Each candidate that meets the floor timed here in HOST_ROUNDS rounds alternating between the candidates
+    (decode_speed: one run each, at the profile's threads clamped to this host's CPUs and the intra-op spinning
+    its bundle ships); its decode_tok_s is the median of its rounds (host_rounds). A candidate ONNX Runtime GenAI
+    refuses is recorded with the error and left out."""
+    import statistics
+
+    threads, spinning = _ceiling(t), _shipped_spinning(t)
+    samples: Dict[int, List[float]] = {id(c): [] for _, _, c in timed}
+    for _ in range(HOST_ROUNDS):
+        for o, r, c in timed:
+            if c.get("error"):
+                continue
+            try:
+                samples[id(c)].append(decode_speed(Path(r["dir"]), threads, spinning=spinning))
+            except RuntimeError as e:   # ORT GenAI refusing a build: recorded, not chosen
+                c["error"] = f"timing: {str(e).splitlines()[0][:200]}"
+    for o, r, c in timed:
+        xs = samples[id(c)]
+        if xs and not c.get("error"):
+            c.update(decode_tok_s=round(statistics.median(xs), 1), host_rounds=[round(x, 1) for x in xs],
+                     threads=threads, spinning=spinning)
+        s.progress.say(f"  [{t.name}] candidate {o.describe()}: " + (
+            f"{c['decode_tok_s']} tok/s (median of {', '.join(map(str, c['host_rounds']))})"
+            if c.get("decode_tok_s") is not None else c.get("error") or "not timed"))
 
 
 def _time_on_device(s: _Session, t: TargetProfile, device, timed) -> Dict[int, Dict[str, Any]]:
@@ -1468,8 +1656,8 @@ def _device_threads(device, rep: Optional[Dict[str, Any]]) -> Dict[str, Any]:
 
 def _host_threads(s: _Session, t: TargetProfile, rec: Dict[str, Any], where: str) -> Dict[str, Any]:
     """The winner timed at 1, 2, 4 ... threads up to the ceiling (runtime.llmthreads: decode steps, alternating
-    rounds) and the count runtime.threadprobe's rule picks, for the manifest (load_llm takes it instead of
-    probing). Nothing to record with a ceiling of one thread."""
+    rounds; the intra-op spinning its bundle ships) and the count runtime.threadprobe's rule picks, for the
+    manifest (load_llm takes it instead of probing). Nothing to record with a ceiling of one thread."""
     import onnxruntime_genai as og
 
     from edgekit.runtime import llmthreads
@@ -1485,7 +1673,8 @@ def _host_threads(s: _Session, t: TargetProfile, rec: Dict[str, Any], where: str
     if len(ids) < llmthreads.PROBE_PROMPT:
         ids = llmthreads.probe_ids(None, vocab)
     try:
-        choice, _ = llmthreads.measure(og, lambda n: _og_model(og, mdir, n), ceiling, [int(i) for i in ids],
+        spinning = _shipped_spinning(t)   # as the bundle ships (decode_speed timed the candidates so)
+        choice, _ = llmthreads.measure(og, lambda n: _og_model(og, mdir, n, spinning), ceiling, [int(i) for i in ids],
                                        where=where.replace("decode tok/s on", "timed on", 1),
                                        capacity=kv_floor(genai))
     except RuntimeError as e:   # ORT GenAI refusing the build at some count: the load at the device probes instead
@@ -1534,7 +1723,12 @@ def convert_llm(recipe: LLMRecipe, out: str = "build", *, progress: Optional[Pro
     if recipe.compat_check == "emulated" and any(t.device.arch == "aarch64" and o.execution_provider == "cpu"
                                                  for t, o in plans):
         _emulated_ready(progress)
+    for t, o in plans:   # a profile's own precision (no --precision): the rows it does not apply to say so
+        if recipe.algo and calibrated(recipe.algo) and o.algo != recipe.algo:
+            progress.say(f"[{t.name}] {o.precision}: algo {recipe.algo} is calibrated INT4 rounding, not applied "
+                         f"(built {o.algo})")
     name = recipe.bundle_name
+    made = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / f"{name}.convert.log"
     import torch
@@ -1542,6 +1736,14 @@ def convert_llm(recipe: LLMRecipe, out: str = "build", *, progress: Optional[Pro
     threads = torch.get_num_threads()   # the float model sets its own (free cores); put back afterwards
     try:
         result = _convert(recipe, src, plans, out_dir, name, log_path, progress, device)
+    except EdgekitError:
+        # a user's problem that ends the run (the float model unreadable, too little memory for the builder): its
+        # half-written log goes, and the --out folder this run made where nothing else is in it
+        log_path.unlink(missing_ok=True)
+        if made:
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
+        raise
     finally:
         torch.set_num_threads(threads)
     result.report_path = out_dir / f"{name}.convert.json"
@@ -1550,15 +1752,25 @@ def convert_llm(recipe: LLMRecipe, out: str = "build", *, progress: Optional[Pro
         worst = result.failed[0]
         raise BudgetMissed(f"{len(result.failed)} of {len(result.bundles)} language-model bundle(s) not written: "
                            f"{worst.path.name}: {worst.reason}", result=result,
-                           hint=f"report {result.report_path}, log {log_path}" + (
-                               "; raise --max-mb, or loosen the floor"
-                               if worst.reason.startswith("over the byte budget") or "the budget's" in worst.reason
-                               else "; loosen the floor (--max-ppl-increase, --max-kl, --min-agreement) or use "
-                               "--precision int8" if worst.reason.startswith("below the floor") else
-                               "" if "stage compatibility" in worst.reason or "compatibility:" in worst.reason else
-                               ": the log holds the builder's traceback (an architecture or configuration this "
-                               "onnxruntime-genai builder does not handle)"))
+                           hint=f"report {result.report_path}, log {log_path}" + _failure_hint(worst))
     return result
+
+
+def _failure_hint(row: LLMRow) -> str:
+    """What to do about a row that was not written (BudgetMissed's hint, after the report and the log), by the
+    stage it failed at (LLMRow.stage)."""
+    if row.stage == "budget" or "the budget's" in row.reason:
+        return "; raise --max-mb, or loosen the floor"
+    if row.stage == "fidelity":
+        return "; loosen the floor (--max-ppl-increase, --max-kl, --min-agreement) or use --precision int8"
+    if row.stage == "build":
+        return (": the log holds the builder's traceback (an architecture or configuration this onnxruntime-genai "
+                "builder does not handle)")
+    if row.stage == "generation":
+        return ("; the build met the floor, but a short greedy generation with ONNX Runtime GenAI decoded to no "
+                "text: the reason lists its token ids (an end-of-text id first, or ids the tokenizer decodes to "
+                "nothing: check the folder's tokenizer files and generation_config.json)")
+    return ""   # compatibility (the reason says what ARM's kernels did), or writing the files (the reason)
 
 
 def _convert(recipe: LLMRecipe, src: LMSource, plans, out_dir: Path, name: str, log_path: Path,
@@ -1579,8 +1791,10 @@ def _convert(recipe: LLMRecipe, src: LMSource, plans, out_dir: Path, name: str, 
                 last = next((st for st in reversed(row.rescue) if st.get("misses") or st.get("error")), row.rescue[-1])
                 first = row.rescue[0]
                 misses = first.get("misses") or []
-                row.reason = (("over the byte budget: " if misses and all("budget" in x for x in misses) else
-                               "below the floor: " if misses else "build failed: ")
+                row.stage = ("budget" if misses and all("budget" in x for x in misses) else
+                             "fidelity" if misses else "build")
+                row.reason = ({"budget": "over the byte budget: ", "fidelity": "below the floor: ",
+                               "build": "build failed: "}[row.stage]
                               + "; ".join(first.get("misses") or [first.get("error") or "?"])
                               + ("" if len(row.rescue) == 1 else f" (ladder: {len(row.rescue) - 1} rung(s), "
                                  f"none met it; last: {'; '.join(last.get('misses') or [last.get('error') or '?'])})"))
@@ -1606,8 +1820,8 @@ def _convert(recipe: LLMRecipe, src: LMSource, plans, out_dir: Path, name: str, 
                 row.fidelity = dict(rec["metrics"])
                 try:
                     _write_bundle(s, row, t, chosen, rec, dest)
-                except EdgekitError as e:
-                    row.ok, row.reason = False, str(e)
+                except EdgekitError as e:   # the stage it failed at (BundleWriteError, compat's ConversionError)
+                    row.ok, row.reason, row.stage = False, str(e), getattr(e, "stage", None) or "bundle"
             row.seconds = time.monotonic() - t0
             result.bundles.append(row)
             progress.say(f"[{t.name}] " + (f"wrote {row.path}" if row.ok else f"FAILED: {row.reason}"))

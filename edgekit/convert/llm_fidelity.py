@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from edgekit.errors import DataError, SourceModelError
+from edgekit.errors import DataError, EdgekitError, SourceModelError
 from edgekit.runtime.llmopts import kv_floor
 
 BUILTIN_PROMPTS = (
@@ -97,6 +97,19 @@ class EvalText:
         return int(sum(len(w) - s for w, s in zip(self.windows, self.starts)))
 
 
+def load_error(folder: Path, what: str, e: BaseException) -> SourceModelError:
+    """transformers failing to read a folder read_source took (weights cut short or corrupt, a quantization_config
+    whose library is missing, a class it cannot build): one line naming the folder and the cause's first line."""
+    first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+    return SourceModelError(f"transformers cannot load the {what}: {type(e).__name__}" + (f": {first[:300]}"
+                                                                                         if first else ""),
+                            path=str(folder),
+                            hint="a machine with more memory, or close other programs" if isinstance(e, MemoryError)
+                            else "check the files are complete (an interrupted download or a Git LFS pointer: "
+                                 "fetch them again) and that any library its config.json's quantization_config "
+                                 "names is installed; --debug shows the traceback")
+
+
 class FloatModel:
     """The source model in torch float32: the reference every build is measured against."""
 
@@ -108,7 +121,12 @@ class FloatModel:
         hf_logging.disable_progress_bar()   # its "Loading weights" bar is noise in edgekit's progress lines
         self.torch = torch
         self.folder = Path(folder)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        except EdgekitError:
+            raise
+        except Exception as e:
+            raise load_error(self.folder, "tokenizer", e) from e
         self._auto = AutoModelForCausalLM
         self._model = None   # read now (the parameter count) and by .model after a release() dropped it
         self.params = int(sum(p.numel() for p in self.model.parameters()))
@@ -119,7 +137,12 @@ class FloatModel:
     def model(self):
         """The torch model, read from the folder again if release() dropped it."""
         if self._model is None:
-            m = self._auto.from_pretrained(str(self.folder), dtype=self.torch.float32).eval()
+            try:
+                m = self._auto.from_pretrained(str(self.folder), dtype=self.torch.float32).eval()
+            except EdgekitError:
+                raise
+            except Exception as e:
+                raise load_error(self.folder, "float model", e) from e
             split_gate_up(m)   # Phi-3's fused gate_up_proj as the builder writes it: two MatMuls, two Linears
             self._model = m
         return self._model

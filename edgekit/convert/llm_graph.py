@@ -78,6 +78,33 @@ def stored_bytes(model) -> Dict[str, int]:
     return sizes
 
 
+def read_bytes(model) -> Dict[str, int]:
+    """The bytes a run reads of each constant a node reads, for the bytes read per token: initializer_bytes, with
+    each Cast of an initializer (half_scales' fp16 scales) under its output's name at the Cast's output type (ONNX
+    Runtime folds the Cast at load into an initializer of that type, which the kernels read: an fp16 scale is read
+    as 4 bytes), and an initializer that only Casts read counted 0 (read once, at load). stored_bytes is what the
+    file holds."""
+    from onnx import helper
+
+    sizes = initializer_bytes(model)
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    out = dict(sizes)
+    casts = [c for c in model.graph.node if c.op_type == "Cast" and c.input and c.input[0] in sizes]
+    for c in casts:
+        to = next((a.i for a in c.attribute if a.name == "to"), None)
+        try:
+            src = helper.tensor_dtype_to_np_dtype(types[c.input[0]]).itemsize
+            dst = helper.tensor_dtype_to_np_dtype(to).itemsize
+        except (KeyError, TypeError, ValueError):   # a type numpy has no itemsize for: the stored bytes
+            src = dst = 1
+        out[c.output[0]] = sizes[c.input[0]] * dst // src
+    reads = readers(model.graph)
+    for name in {c.input[0] for c in casts}:
+        if all(n.op_type == "Cast" for n, _ in reads.get(name, ())):
+            out[name] = 0
+    return out
+
+
 def readers(graph) -> Dict[str, List[Tuple[Any, int]]]:
     """name -> [(node, input index)] for every input of every node of `graph`, in the graph's order (a node that
     reads a name twice is there twice; len() is how many reads). The graph's own nodes only: a subgraph's reads
@@ -444,7 +471,8 @@ def unpruned(model_dir: os.PathLike):
 # ONNX Runtime constant-folds the Cast when the session is created (graph optimizations on, its default and ORT
 # GenAI's), before MatMulNBits prepacks its weights and scales, so the kernels run on the same fp32 values as a file
 # holding them in fp32: decode speed is unchanged (checked on a 30-node chain, 576 x 1536 at block 32, outputs
-# bit-identical to the fp32 file holding the same values) and only the file and what it maps are smaller. Scales
+# bit-identical to the fp32 file holding the same values) and only the file and what it maps are smaller (the bytes
+# a decoded token reads are the folded fp32 scales': read_bytes counts them at 4 bytes, stored_bytes at 2). Scales
 # already on fp16's grid (llm_gptq.fp16_grid: the symmetric 8-bit nodes edgekit rounds) are stored exactly; others
 # are rounded to fp16 (relative error <= 2^-11: a weight moves by at most |q - zero point| x 2^-11 of its step,
 # 0.7% of a 4-bit one), and the converter measures fidelity and the golden logits on the rewritten graph. An
@@ -664,5 +692,5 @@ def scales_summary(model_dir: os.PathLike) -> Optional[Dict[str, Any]]:
     return out
 
 __all__ = ["alias_tied_embedding", "constant_dtypes", "embedding_summary", "half_scales", "initializer_bytes",
-           "lm_head_pruned", "node_constants", "prune_lm_head", "save_with_data", "scales_summary", "stored_bytes",
-           "unpruned", "FP16_MIN_NORMAL", "HALF_NOTE", "NOTE", "PRUNE_NOTE"]
+           "lm_head_pruned", "node_constants", "prune_lm_head", "read_bytes", "save_with_data", "scales_summary",
+           "stored_bytes", "unpruned", "FP16_MIN_NORMAL", "HALF_NOTE", "NOTE", "PRUNE_NOTE"]

@@ -30,10 +30,49 @@ TORCH_EXPORT_SUFFIXES = (".pt2",)                     # torch.export.save
 TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ptl", ".jit")  # torch.jit.save
 
 
+HF_CONFIG_HINT = ("a Hugging Face causal LM's config.json is a JSON object naming its \"architectures\" (e.g. "
+                  "[\"LlamaForCausalLM\"]) and \"model_type\"; put back the one the model was published with")
+
+
+def hf_config_problem(folder: Path) -> Optional[str]:
+    """What keeps a folder with a config.json from being taken as a Hugging Face causal LM (the rule of
+    convert.llm.is_hf_causal_lm: a JSON object naming `architectures` or `model_type`), in words; None when nothing
+    does, or when there is no config.json."""
+    import json
+
+    cfg = Path(folder) / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        data = json.loads(cfg.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        return "config.json is not UTF-8 text"
+    except ValueError as e:
+        return f"config.json is not valid JSON ({e})"
+    except OSError as e:
+        return f"config.json cannot be read ({e.strerror or e})"
+    if not isinstance(data, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(data), "a number")
+        return f"config.json holds {kind}, not a JSON object"
+    if not (data.get("architectures") or data.get("model_type")):
+        return "config.json names neither \"architectures\" nor \"model_type\""
+    return None
+
+
+def check_hf_config(folder: Path) -> None:
+    """A folder (not a SavedModel) whose config.json keeps it from being a language model: SourceModelError saying
+    what is wrong with config.json (not what to run: the user ran it)."""
+    problem = hf_config_problem(folder)
+    if problem:
+        raise SourceModelError(f"{problem}, so edgekit cannot take the folder as a Hugging Face language model",
+                               path=str(folder), hint=HF_CONFIG_HINT)
+
+
 def detect_kind(path: Path) -> str:
     if path.is_dir():
         if (path / "saved_model.pb").is_file() or (path / "saved_model.pbtxt").is_file():
             return "savedmodel"
+        check_hf_config(path)
         if (path / "config.json").is_file():
             raise SourceModelError("a Hugging Face model folder: language models convert through "
                                    "edgekit.convert.llm (convert_llm(LLMRecipe(folder, targets)) or `edgekit convert "

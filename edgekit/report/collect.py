@@ -88,6 +88,14 @@ class BundleInfo:
     # "fidelity": {ppl_float, ppl, ppl_increase, kl_mean, top1_agreement, tokens, text}, "recipe": {...}}
     llm: Optional[Dict[str, Any]] = None
     llm_runs: List[Dict[str, Any]] = field(default_factory=list)   # LanguageModel.benchmark() reports, as written
+    # a bundle an earlier run left at the path of a row this run's convert record says FAILED (a failed row writes
+    # nothing and leaves what was there): shown apart, its figures its own, never the failed row's; why, in words
+    stale: Optional[str] = None
+
+    @property
+    def label(self) -> str:
+        """The bundle's name in the report: its directory, marked when it is a stale one."""
+        return f"{self.key} (stale)" if self.stale else self.key
 
     def p50(self, device: str) -> Optional[float]:
         """The latest run's p50 on `device`; on HERE, convert's own figure when nothing was run."""
@@ -216,6 +224,8 @@ def _float_ops(*places: Dict[str, Any]) -> Dict[str, int]:
 def _precision(manifest: Dict[str, Any], record: Dict[str, Any]) -> str:
     m = (manifest.get("model") or {}) if isinstance(manifest.get("model"), dict) else {}
     p = _first(m, "precision") or _first(manifest, "precision") or _first(record, "precision")
+    if not p and manifest.get("kind") == "llm" and isinstance(manifest.get("recipe"), dict):
+        p = manifest["recipe"].get("precision")   # a language model's manifest keeps it in its recipe
     if p:
         return str(p)
     mixed = record.get("mixed_precision") or manifest.get("mixed_precision")
@@ -329,6 +339,22 @@ def _bundle(key: str, model: str, record: Dict[str, Any], manifest: Dict[str, An
         numerics=_numerics(record, v))
 
 
+def _failed(record: Dict[str, Any]) -> bool:
+    """A convert record's row that wrote no bundle."""
+    return record.get("status") == "failed" or bool(record.get("failure"))
+
+
+def _stale(key: str, model: str, manifest: Dict[str, Any]) -> BundleInfo:
+    """The bundle left at a failed row's path: the manifest's own figures, marked as not this run's."""
+    b = _bundle(key, model, {}, manifest)
+    when = manifest.get("created")
+    b.status = "stale"
+    b.stale = ("not from this run: the conversion above failed and wrote nothing; this is the bundle an earlier "
+               "run left at this path" + (f" (created {when})" if when else "")
+               + "; its figures are that run's, not this one's")
+    return b
+
+
 def _llm_info(record: Dict[str, Any], manifest: Dict[str, Any]) -> Dict[str, Any]:
     """A language-model bundle's figures, from its convert record and/or its manifest."""
     ml = manifest.get("llm") if isinstance(manifest.get("llm"), dict) else {}
@@ -360,7 +386,7 @@ def _llm_reports(d: Any) -> List[Dict[str, Any]]:
 
 
 def _match_llm(models: Dict[str, "ModelInfo"], rep: Dict[str, Any]) -> Optional[BundleInfo]:
-    every = [b for m in models.values() for b in m.bundles if b.llm is not None]
+    every = [b for m in models.values() for b in m.bundles if b.llm is not None and b.status != "failed"]
     names = {Path(str(rep.get("model") or "")).name, str(rep.get("bundle") or "")}
     hit = [b for b in every if b.key in names]
     if len(hit) == 1:
@@ -483,7 +509,15 @@ def collect(build_dir: os.PathLike, profiles: Sequence[os.PathLike] = (),
                 continue
             key = Path(str(rec.get("path") or rec.get("bundle") or "")).name or f"{name}-{rec.get('target')}"
             used_dirs.add(key)
-            bundles.append(_bundle(key, name, rec, manifests.get(key, {})))
+            if _failed(rec):
+                # a failed row wrote nothing: a manifest at its path is another (earlier) run's, so none of its
+                # figures (size, bytes per token, recipe, validation) go into this row; the old bundle, if there
+                # is one, is its own entry, flagged
+                bundles.append(_bundle(key, name, rec, {}))
+                if key in manifests:
+                    bundles.append(_stale(key, name, manifests[key]))
+            else:
+                bundles.append(_bundle(key, name, rec, manifests.get(key, {})))
         models[name] = ModelInfo(name, dict(rep.get("source") or {}), dict(rep.get("calibration") or {}),
                                  rep.get("max_accuracy_drop"), bundles)
     for key, m in manifests.items():  # bundles whose convert report is missing (or another tool's)
@@ -548,7 +582,7 @@ def _is_rollout(f: Path, d: Any) -> bool:
 
 
 def _match(models: Dict[str, ModelInfo], r: Run) -> Optional[BundleInfo]:
-    every = [b for m in models.values() for b in m.bundles]
+    every = [b for m in models.values() for b in m.bundles if b.status != "failed"]  # a failed row has no bundle
     if r.bundle_dir:
         hit = [b for b in every if b.key == r.bundle_dir]
         if len(hit) == 1:

@@ -99,6 +99,8 @@ def _fidelity(m: ModelInfo):
 def _budget(b: BundleInfo) -> Markup:
     if b.failure:
         return Markup(f'<span class="bad">FAILED</span> {escape(b.failure)}')
+    if b.stale:
+        return Markup(f'<span class="bad">STALE</span> {escape(b.stale)}')
     rescued = f" (rescued: {escape(str(b.rescued_by))})" if b.rescued_by else ""
     if b.within_budget is None:
         if b.status == "written":  # convert writes a bundle only when it meets the floor
@@ -120,7 +122,7 @@ def summary(m: ModelInfo) -> str:
                if b.accuracy_quant is not None else "–")
         ratio = b.bytes / b.float_bytes if b.bytes and b.float_bytes else None
         ops = ", ".join(f"{k}×{v}" for k, v in sorted(b.float_ops.items())) or "none"
-        cells = [b.key, b.target, b.fmt, b.precision, _num(b.bytes / 1024 if b.bytes else None, "{:.1f}"),
+        cells = [b.label, b.target, b.fmt, b.precision, _num(b.bytes / 1024 if b.bytes else None, "{:.1f}"),
                  _num(ratio, "{:.2f}"), _pct(b.agreement), acc, _num(b.snr_db, "{:.1f}"), ops] \
             + ([b.numerics or "–"] if numerics else []) + [_budget(b)]
         for d in devices:
@@ -129,7 +131,7 @@ def summary(m: ModelInfo) -> str:
                 else " (convert)"
             cells.append(_num(p, "{:.4g}") + src)
         rows.append(cells)
-        if b.failure or b.within_budget is False or any(c.get("checked") and c.get("ok") is False
+        if b.failure or b.stale or b.within_budget is False or any(c.get("checked") and c.get("ok") is False
                                                         for c in b.compatibility or []):
             bad.append(i)
     first_p50 = len(headers) - len(devices)
@@ -140,7 +142,7 @@ def summary(m: ModelInfo) -> str:
 def _point(b: BundleInfo, x: Optional[float], y: Optional[float], what: str, xunit: str) -> Optional[svg.Point]:
     if x is None or y is None:
         return None
-    return svg.Point(x, y, b.target, b.fmt, tip=f"{b.key} ({b.precision}): {what} {y * 100:.2f}%, {x:.4g} {xunit}")
+    return svg.Point(x, y, b.target, b.fmt, tip=f"{b.label} ({b.precision}): {what} {y * 100:.2f}%, {x:.4g} {xunit}")
 
 
 def tradeoff_charts(m: ModelInfo) -> str:
@@ -182,7 +184,7 @@ def latency_section(m: ModelInfo) -> str:
         for b in measured:
             r = _latest(b, d)
             if r is not None:
-                series.append((b.key, r.samples_ms))
+                series.append((b.label, r.samples_ms))
                 cols.append(_target_colour(m, b))
                 dashes.append("5 3" if b.fmt == "onnx" else "")
         cid = _id(m.name, "cdf", d)
@@ -194,26 +196,26 @@ def latency_section(m: ModelInfo) -> str:
                             "colour: its target, as above; dashed: ONNX."))
     parts.append("</div>")
     parts.append("<h3>Histograms per bundle and device</h3>")
-    where = {b.key: [d for d in devices if (r := _latest(b, d)) is not None and r.samples_ms] for b in measured}
-    multi = [b for b in measured if len(where[b.key]) > 1]
+    where = {b.label: [d for d in devices if (r := _latest(b, d)) is not None and r.samples_ms] for b in measured}
+    multi = [b for b in measured if len(where[b.label]) > 1]
     if multi:  # measured on several machines: one row per bundle, one column per machine, side by side
-        cols = [d for d in devices if any(d in where[b.key] for b in multi)]
+        cols = [d for d in devices if any(d in where[b.label] for b in multi)]
         grid = [f'<div class="grid" style="grid-template-columns:max-content repeat({len(cols)},max-content)">'
                 '<div></div>']
         grid += [f'<div class="colhead">{escape("here" if d == HERE else d)}</div>' for d in cols]
         for b in multi:
-            grid.append(f'<div class="rowhead">{escape(b.key)}</div>')
+            grid.append(f'<div class="rowhead">{escape(b.label)}</div>')
             for d in cols:
                 r = _latest(b, d)
-                if d not in where[b.key]:
+                if d not in where[b.label]:
                     grid.append('<div class="note">not measured there</div>')
                     continue
                 noisy = " · NOISY" if r.noisy else ""
                 grid.append(figure(_hist(m, measured, b, r, f"{len(r.samples_ms)} runs, p50 {r.p50_ms:.3g} ms{noisy}"),
-                                   _id(m.name, "hist", b.key, d)))
+                                   _id(m.name, "hist", b.label, d)))
         parts.append("".join(grid) + "</div>")
     for d in devices:  # the rest: per machine, wrapping
-        alone = [b for b in measured if where[b.key] == [d]]
+        alone = [b for b in measured if where[b.label] == [d]]
         if not alone:
             continue
         if multi or len(devices) > 1:
@@ -221,7 +223,7 @@ def latency_section(m: ModelInfo) -> str:
         parts.append('<div class="charts">')
         for b in alone:
             r = _latest(b, d)
-            parts.append(figure(_hist(m, measured, b, r, b.key), _id(m.name, "hist", b.key, d),
+            parts.append(figure(_hist(m, measured, b, r, b.label), _id(m.name, "hist", b.label, d),
                                 f"{len(r.samples_ms)} runs {'here' if d == HERE else 'on ' + d}, p50 {r.p50_ms:.3g} ms"
                                 + (" · NOISY: " + "; ".join(r.noise_reasons) if r.noisy else "")))
         parts.append("</div>")
@@ -230,7 +232,7 @@ def latency_section(m: ModelInfo) -> str:
 
 def _hist(m: ModelInfo, measured: List[BundleInfo], b: BundleInfo, r: Run, title: str) -> str:
     return svg.histogram(r.samples_ms, title=title, x_label="inference latency (ms)",
-                         chart_id=_id(m.name, "hist", b.key, r.device), col=_target_colour(m, b))
+                         chart_id=_id(m.name, "hist", b.label, r.device), col=_target_colour(m, b))
 
 
 def _target_colour(m: ModelInfo, b: BundleInfo) -> str:
@@ -254,7 +256,7 @@ def conditions_table(m: ModelInfo) -> str:
         temp = c.get("temperature_c")
         cpu = " · ".join(str(x) for x in (c.get("board") or c.get("cpu_model"),
                                           f"{c['cpu_count']} cores" if c.get("cpu_count") else None) if x)
-        rows.append([b.key, Markup(f"{escape(_short_device(r))}<br><span class=muted>{escape(cpu)}</span>"),
+        rows.append([b.label, Markup(f"{escape(_short_device(r))}<br><span class=muted>{escape(cpu)}</span>"),
                      Markup(f"{escape(r.backend)}<br><span class=muted>{escape(str(r.threads))} threads</span>"),
                      c.get("governor") or "–", _num(temp, "{:.1f}"),
                      c.get("throttled") or "–", _num(load[0] if isinstance(load, list) and load else None, "{:.2f}"),
@@ -283,13 +285,13 @@ def mixed_section(m: ModelInfo) -> str:
         kept = set(mp.get("float_layers") or []) if mp.get("met") else set()
         items = [(str(s.get("layer") or s.get("node")) + (f" · {s['op']}" if s.get("op") else ""), s.get("score"),
                   s.get("layer") in kept) for s in sens]
-        cid = _id(m.name, "sensitivity", b.key)
+        cid = _id(m.name, "sensitivity", b.label)
         chosen = ", ".join(sorted(kept)) if kept else "none (full INT8 kept)"
-        parts.append(f"<h4>{escape(b.key)} ({escape(b.fmt)})</h4>")
+        parts.append(f"<h4>{escape(b.label)} ({escape(b.fmt)})</h4>")
         parts.append(f'<p class="note">{escape(_criterion(mp))}; kept in float: <b>{escape(chosen)}</b>; search: '
                      f'{escape(str(mp.get("stopped") or "–"))}.</p>')
         parts.append('<div class="charts">' + figure(
-            svg.hbars(items, title=f"per-layer sensitivity, {b.key}", x_label="error when the layer is "
+            svg.hbars(items, title=f"per-layer sensitivity, {b.label}", x_label="error when the layer is "
                       "quantized (larger: more damage; the converter's per-layer measure)", chart_id=cid),
             cid, "Sorted as measured, most sensitive first; red: layers mixed precision kept in float.") + "</div>")
         full = mp.get("full_int8") or {}
@@ -309,7 +311,7 @@ def mixed_section(m: ModelInfo) -> str:
                      _num(st.get("snr_db"), "{:.1f}"), _num((st.get("bytes") or 0) / 1024 or None, "{:.1f}"),
                      "yes" if st.get("meets") else (st.get("error") or "no" + (
                          f" ({'; '.join(map(str, st['misses']))})" if st.get("misses") else ""))] for st in b.rescue]
-            parts.append(f"<h4>rescue ladder of {escape(b.key)} ({escape(b.fmt)})</h4>"
+            parts.append(f"<h4>rescue ladder of {escape(b.label)} ({escape(b.fmt)})</h4>"
                          + table(["rung", "what", "top-1 agree %", "SNR dB", "KiB", "meets floor"], rows,
                                  numeric=[2, 3, 4]))
     if not parts:
@@ -362,7 +364,7 @@ def compat_section(m: ModelInfo) -> str:
             res = _compat_result(c, "loads and matches")
             if c.get("checked") and not c.get("ok"):
                 bad.append(len(rows))
-            rows.append([b.key, " + ".join(c.get("requirements") or []), c.get("where") or "–", res,
+            rows.append([b.label, " + ".join(c.get("requirements") or []), c.get("where") or "–", res,
                          c.get("backend") or "–", fig or "–", _num(c.get("seconds"), "{:.1f}")])
     return table(["bundle", "oldest runtime of the target", "where checked", "result", "backend",
                   "vs golden", "seconds"], rows, numeric=[6], bad_rows=bad)
@@ -501,6 +503,44 @@ def _ppl(f: Dict[str, Any]) -> str:
         "" if inc is None else f" ({inc * 100:+.1f}%)")
 
 
+CALIBRATED_ALGOS = ("awq", "gptq", "awq_gptq")   # convert.llm_gptq.ALGOS (not imported: the report is stdlib only)
+
+
+def llm_recipe(r: Dict[str, Any]) -> str:
+    """What a language-model build did, from its recorded options (LLMBuildOptions' fields, as the manifest's and
+    the convert record's `recipe` hold them): convert.llm.LLMBuildOptions.describe()'s words but the precision (its
+    own column), so only what applies to the precision: an fp32 / fp16 build quantizes nothing (its block size,
+    accuracy level, algo and lm_head fields are defaults the builder never used). A field an older manifest lacks
+    is left out, not assumed."""
+    if not r:
+        return "–"
+    precision, ep = r.get("precision"), r.get("execution_provider") or "cpu"
+    if precision not in ("int4", "int8"):
+        return f"no quantization ({ep})"
+    parts = [f"block {r['block_size']}" if r.get("block_size") else None,
+             f"accuracy_level {r['accuracy_level']}" if r.get("accuracy_level") is not None else None, r.get("algo")]
+    int4 = precision == "int4"
+    if int4:
+        if r.get("lm_head_int8") is not None:
+            parts.append("lm_head " + ("int8" if r["lm_head_int8"] else "int4"))
+        if r.get("llama_mixed"):
+            parts.append("llama.cpp's mixed layers int8")
+        if r.get("int8_layers"):
+            parts.append(f"layers {','.join(map(str, r['int8_layers']))} int8")
+        if r.get("int8_matmuls"):
+            parts.append(f"{len(r['int8_matmuls'])} measured MatMuls int8")
+    if r.get("fp32_matmuls"):
+        parts.append(f"{len(r['fp32_matmuls'])} measured MatMuls fp32")
+    if r.get("head_block") and r.get("algo") in CALIBRATED_ALGOS and int4:
+        parts.append(f"lm_head block {r['head_block']}")
+    cpu = ep == "cpu"
+    if r.get("int8_symmetric") and cpu:        # LLMBuildOptions.int8_blocks
+        parts.append("int8 symmetric" + (" block 64" if int4 else ""))
+    if r.get("half_scales") and cpu:           # LLMBuildOptions.fp16_scales
+        parts.append("fp16 scales")
+    return ", ".join(str(x) for x in parts if x) or "–"
+
+
 def llm_summary(m: ModelInfo) -> str:
     """One row per language-model bundle: size, bytes read per token, fidelity, result, speed per device."""
     devices = m.llm_devices
@@ -513,20 +553,15 @@ def llm_summary(m: ModelInfo) -> str:
     rows, bad = [], []
     for i, b in enumerate(m.bundles):
         f, r = b.llm["fidelity"], b.llm["recipe"]
-        recipe = ", ".join(str(x) for x in (
-            f"block {r['block_size']}" if r.get("block_size") else None,
-            f"accuracy_level {r['accuracy_level']}" if r.get("accuracy_level") is not None else None,
-            r.get("algo"), "lm_head int8" if r.get("lm_head_int8") else None,
-            f"{len(r['int8_layers'])} layers int8" if r.get("int8_layers") else None,
-            f"{len(r['int8_matmuls'])} MatMuls int8" if r.get("int8_matmuls") else None) if x) or "–"
-        cells = [b.key, b.target, b.precision, recipe, _mib(b.bytes), _mib(b.llm.get("bytes_per_token")), _ppl(f),
+        recipe = llm_recipe(dict(r, precision=r.get("precision") or b.precision) if r else r)
+        cells = [b.label, b.target, b.precision, recipe, _mib(b.bytes), _mib(b.llm.get("bytes_per_token")), _ppl(f),
                  _num(f.get("kl_mean"), "{:.3g}"), _pct(b.agreement), _budget(b)]
         for d in devices:
             run = _latest_llm(b, d)
             cells += [_num((run or {}).get("ttft_ms"), "{:.4g}"), _rate((run or {}).get("prefill_tok_s")),
                       _rate((run or {}).get("decode_tok_s")), _num((run or {}).get("peak_rss_mb"), "{:.4g}")]
         rows.append(cells)
-        if b.failure:
+        if b.failure or b.stale:
             bad.append(i)
     return table(headers, rows, cls="summary", numeric=[4, 5, 7, 8] + list(range(10, len(headers))), bad_rows=bad)
 
@@ -541,7 +576,7 @@ def llm_speed(m: ModelInfo) -> str:
             load = c.get("loadavg")
             if r.get("noisy"):
                 noisy.append(len(rows))
-            rows.append([b.key, "here" if r["device"] == HERE else r["device"],
+            rows.append([b.label, "here" if r["device"] == HERE else r["device"],
                          f"{r.get('backend', '')} {r.get('backend_version', '')}".strip(), r.get("threads"),
                          f"{r.get('prompt_tokens')} + {r.get('new_tokens')}", r.get("runs"),
                          _num(r.get("load_ms"), "{:.4g}"), _num(r.get("ttft_ms"), "{:.4g}"),
@@ -572,7 +607,7 @@ def llm_ladder(m: ModelInfo) -> str:
             if st.get("meets") is False or st.get("error"):
                 bad.append(len(rows))
             inc = st.get("ppl_increase")
-            rows.append([b.key, st.get("rung", "?"), st.get("what", ""), "–" if st.get("ppl") is None else
+            rows.append([b.label, st.get("rung", "?"), st.get("what", ""), "–" if st.get("ppl") is None else
                          f"{st['ppl']:.4g}" + ("" if inc is None else f" ({inc * 100:+.1f}%)"),
                          _num(st.get("kl_mean"), "{:.3g}"),
                          _pct(st.get("top1_agreement")), _mib(st.get("bytes")),
@@ -593,7 +628,7 @@ def llm_compat(m: ModelInfo) -> str:
             if c.get("checked") and not c.get("ok"):
                 bad.append(len(rows))
             same = {True: "same", False: "differs", None: "–"}[c.get("text_matches_golden")]
-            rows.append([b.key, " + ".join(c.get("requirements") or []), c.get("where") or "–", res,
+            rows.append([b.label, " + ".join(c.get("requirements") or []), c.get("where") or "–", res,
                          _pct(c.get("top1_agreement")), _num(c.get("snr_db"), "{:.1f}"), same,
                          _num(c.get("seconds"), "{:.1f}")])
     if not rows:

@@ -58,10 +58,7 @@ class GenOptions:
 
 
 def _finite(x: Any) -> bool:
-    try:
-        return x is not None and not isinstance(x, bool) and math.isfinite(float(x))
-    except (TypeError, ValueError):
-        return False
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def hold_back(text: str, stops: Sequence[str]) -> int:
