@@ -1049,11 +1049,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     model = pick_model(args)
     folder = model["path"]
-    from edgekit.bundle import sha256_tree
     from edgekit.convert.llm import read_source
 
     src = read_source(str(folder))
-    sha = sha256_tree(folder)
+    sha = src.sha256   # the digest convert records as source_sha256 (convert.llm.source_files)
     dims = src.dims()
     name = "bench-" + "".join(c if c.isalnum() else "-" for c in model["name"].lower()).strip("-")
     say(f"checkpoint {model['name']}: {src.architecture}, {dims['layers']} layers, hidden {dims['hidden']}, "

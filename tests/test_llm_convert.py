@@ -757,3 +757,27 @@ def test_compact_json(tmp_path):
         assert compact_json(p) == 0 and p.read_text(encoding="utf-8") == text
     assert compact_json(tmp_path / "missing.json") == 0
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_source_digest_and_size_are_the_models_files_only(tiny_lm, tmp_path):
+    """A hub download carries what no conversion reads (Llama 3.2's original/consolidated.00.pth, --local-dir's
+    .cache/huggingface metadata): the source's sha256 and bytes are the folder's own files, so neither doubles
+    and the same model hashes the same wherever it came from."""
+    import shutil
+
+    from edgekit.bundle import sha256_tree
+    from edgekit.convert.llm import read_source
+
+    plain = read_source(str(tiny_lm))
+    assert plain.sha256 == sha256_tree(tiny_lm)                  # a folder of its own files: the same digest
+    hub = tmp_path / "hub"
+    shutil.copytree(tiny_lm, hub)
+    (hub / "original").mkdir()
+    (hub / "original" / "consolidated.00.pth").write_bytes(b"\0" * 4096)
+    (hub / ".cache" / "huggingface").mkdir(parents=True)
+    (hub / ".cache" / "huggingface" / "download.lock").write_text("x")
+    (hub / ".gitattributes").write_text("*.safetensors filter=lfs\n")
+    src = read_source(str(hub))
+    assert (src.sha256, src.bytes) == (plain.sha256, plain.bytes)
+    (hub / "tokenizer.json").write_text((hub / "tokenizer.json").read_text() + " ")
+    assert read_source(str(hub)).sha256 != plain.sha256            # a file the model is made of still counts

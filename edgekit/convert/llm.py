@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import io
 import json
 import logging
@@ -47,7 +48,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import edgekit
-from edgekit.bundle import SCHEMA_VERSION, check_name, sha256_file, sha256_tree, staged_dir, write_json_atomic
+from edgekit.bundle import SCHEMA_VERSION, check_name, sha256_file, staged_dir, write_json_atomic
 from edgekit.convert.llm_fidelity import (BUILTIN_PROMPTS, EvalText, FloatModel, LLMFloor, OnnxDecoder, compare,
                                           golden, mem_available)
 from edgekit.convert.llm_graph import (PRUNE_NOTE, alias_tied_embedding, embedding_summary, half_scales,
@@ -310,8 +311,26 @@ def read_source(path: str) -> LMSource:
                                hint="copy the tokenizer files of the checkpoint into the folder")
     # a Metaspace form ONNX Runtime GenAI tokenizes otherwise than the file is refused (convert.llm_tokenizer)
     check_tokenizer(p)
-    size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-    return LMSource(p, config, arch, sha256_tree(p), size, effective_tie(p, config))
+    files = source_files(p)
+    return LMSource(p, config, arch, _digest(p, files), sum(f.stat().st_size for f in files),
+                    effective_tie(p, config))
+
+
+def source_files(p: Path) -> List[Path]:
+    """The files a conversion reads: the folder's own, hidden ones left out. Not its subfolders: a hub download's
+    `original/` (Llama 3.2's consolidated .pth, 2.5 GB beside 2.5 GB of safetensors) and `--local-dir`'s
+    `.cache/huggingface/` metadata are no part of the model the builder and transformers read, and would double
+    the source's size and hashing time or make the same model hash differently."""
+    return sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith("."))
+
+
+def _digest(root: Path, files: List[Path]) -> str:
+    """bundle.sha256_tree's digest over `files` (the same value where they are all the folder holds)."""
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.relative_to(root).as_posix().encode() + b"\0")
+        h.update(sha256_file(f).encode() + b"\n")
+    return h.hexdigest()
 
 
 # --- builds -------------------------------------------------------------------------------------------------------
