@@ -59,9 +59,14 @@ def sha256_file(path: os.PathLike, chunk: int = 1 << 20) -> str:
 def sha256_tree(root: os.PathLike) -> str:
     """One digest for a directory: relative paths and contents, in sorted order."""
     root = Path(root)
+    return sha256_files(root, sorted(q for q in root.rglob("*") if q.is_file()))
+
+
+def sha256_files(root: os.PathLike, files) -> str:
+    """sha256_tree's digest over `files` under `root` (in the order given)."""
     h = hashlib.sha256()
-    for p in sorted(q for q in root.rglob("*") if q.is_file()):
-        h.update(p.relative_to(root).as_posix().encode() + b"\0")
+    for p in files:
+        h.update(Path(p).relative_to(root).as_posix().encode() + b"\0")
         h.update(sha256_file(p).encode() + b"\n")
     return h.hexdigest()
 

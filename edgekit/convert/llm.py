@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import io
 import json
 import logging
@@ -48,7 +47,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import edgekit
-from edgekit.bundle import SCHEMA_VERSION, check_name, sha256_file, staged_dir, write_json_atomic
+from edgekit.bundle import SCHEMA_VERSION, check_name, sha256_file, sha256_files, staged_dir, write_json_atomic
 from edgekit.convert.llm_fidelity import (BUILTIN_PROMPTS, EvalText, FloatModel, LLMFloor, OnnxDecoder, compare,
                                           golden, mem_available)
 from edgekit.convert.llm_graph import (PRUNE_NOTE, alias_tied_embedding, embedding_summary, half_scales,
@@ -312,7 +311,7 @@ def read_source(path: str) -> LMSource:
     # a Metaspace form ONNX Runtime GenAI tokenizes otherwise than the file is refused (convert.llm_tokenizer)
     check_tokenizer(p)
     files = source_files(p)
-    return LMSource(p, config, arch, _digest(p, files), sum(f.stat().st_size for f in files),
+    return LMSource(p, config, arch, sha256_files(p, files), sum(f.stat().st_size for f in files),
                     effective_tie(p, config))
 
 
@@ -322,15 +321,6 @@ def source_files(p: Path) -> List[Path]:
     `.cache/huggingface/` metadata are no part of the model the builder and transformers read, and would double
     the source's size and hashing time or make the same model hash differently."""
     return sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith("."))
-
-
-def _digest(root: Path, files: List[Path]) -> str:
-    """bundle.sha256_tree's digest over `files` (the same value where they are all the folder holds)."""
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.relative_to(root).as_posix().encode() + b"\0")
-        h.update(sha256_file(f).encode() + b"\n")
-    return h.hexdigest()
 
 
 # --- builds -------------------------------------------------------------------------------------------------------
