@@ -449,7 +449,7 @@ def test_metaspace_tokenizers_ort_genai_misreads_are_refused(cli, tmp_path):
     doc["pre_tokenizer"]["prepend_scheme"] = "never"
     (never / "tokenizer.json").write_text(json.dumps(doc, ensure_ascii=False), encoding="utf-8")
     assert check_tokenizer(never) == {"form": "pre_tokenizer Metaspace (prepend_scheme 'never'), decoder Sequence "
-                                              "[Replace, ByteFallback, Fuse]", "texts": 20}
+                                              "[Replace, ByteFallback, Fuse]", "texts": 22}
 
 
 def test_a_metaspace_file_the_tokenizers_library_cannot_read_is_one_line(tmp_path):
@@ -464,3 +464,106 @@ def test_a_metaspace_file_the_tokenizers_library_cannot_read_is_one_line(tmp_pat
         "decoder": None, "model": {"type": "BPE"}}), encoding="utf-8")
     with pytest.raises(SourceModelError, match="the tokenizers library cannot read it"):
         check_tokenizer(tmp_path)
+
+
+def _qwen_form_tokenizer(folder: Path, normalizer) -> dict:
+    """Qwen2.5 / DeepSeek-R1-Distill-Qwen's tokenizer.json form: byte-level BPE with `normalizer` (theirs: NFC),
+    special tokens after the vocabulary (one of DeepSeek's, which NFKC would change), and two added tokens that strip
+    the whitespace beside them (lstrip, rstrip; no Qwen token does: the form other checkpoints use)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(UNICODE * 5 + ["hello world ok a b"] * 5, trainer=trainers.BpeTrainer(
+        vocab_size=400, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    doc = json.loads(tok.to_str())
+    vocab = doc["model"]["vocab"]
+    first = len(vocab)
+    added = _added(["<|im_start|>", "<｜User｜>", "<|x|>", "<|y|>"], first)
+    added[2]["lstrip"] = added[3]["rstrip"] = True
+    for a in added:
+        vocab[a["content"]] = a["id"]
+    doc.update(added_tokens=added, normalizer=normalizer)
+    (folder / "tokenizer.json").write_text(json.dumps(doc, ensure_ascii=False), encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                              "eos_token": "<|im_start|>"}), encoding="utf-8")
+    return doc
+
+
+NFD_TEXTS = ["cafe\u0301 ok", "Cafe\u0301\nna\u0308ive", "<|im_start|>cafe\u0301<｜User｜>"]
+STRIP_TEXTS = ["a  <|x|>b", "a \n<|x|>b", "a<|y|>  b", "<|x|> b", "a \u3000<|x|><|y|>\nb"]
+
+
+def test_unicode_normalizer_and_lstrip_tokens_are_applied_before_ort_genai_encodes(tmp_path):
+    """ONNX Runtime GenAI 0.18 runs no NFC normalizer (Qwen's and DeepSeek-R1-Distill-Qwen's files have one): NFD
+    text, as macOS and PDF text comes, got other ids than the file gives; nor does it strip the whitespace before an
+    lstrip added token. The runtime's Tokenizer applies both (runtime.llmtemplate.EncodeRules, read from the head
+    of tokenizer.json) and then gives the file's ids; convert's check probes that, and refuses a normalizer step
+    it does not apply (Lowercase)."""
+    from tokenizers import Tokenizer as RawTokenizer
+
+    import onnxruntime_genai as og
+    from edgekit.convert.llm_tokenizer import check_tokenizer, compare_ids, og_tokenizer, probe_texts
+    from edgekit.errors import SourceModelError
+    from edgekit.runtime.llm import Tokenizer
+    from edgekit.runtime.llm_batch import _Tokenizer
+    from edgekit.runtime.llmtemplate import EncodeRules, encode_rules, normalizer_form
+
+    # which Unicode form a normalizer applies; other steps are reported, not guessed
+    nfc = {"type": "NFC"}
+    assert normalizer_form(nfc) == ("NFC", []) and normalizer_form(None) == (None, [])
+    assert normalizer_form({"type": "Sequence", "normalizers": [{"type": "Sequence", "normalizers": [
+        {"type": "NFKC"}]}, {"type": "Lowercase"}]}) == ("NFKC", ["Lowercase"])
+    assert normalizer_form({"type": "Sequence", "normalizers": [{"type": "NFD"}, {"type": "StripAccents"},
+                                                                {"type": "NFC"}]}) == (None, ["NFD", "StripAccents",
+                                                                                              "NFC"])
+    assert normalizer_form({"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "▁"},
+                                                                {"type": "Replace"}]}) == (None, ["Prepend", "Replace"])
+    # NFKC leaves added tokens as written ('<｜User｜>' would become '<|User|>') and normalizes the text between
+    nfkc = EncodeRules(form="NFKC", protect=frozenset({"<｜User｜>"}))
+    assert nfkc.apply("<｜User｜>ﬁ｜") == "<｜User｜>fi|" and not EncodeRules()
+
+    for name, normalizer in (("nfc", nfc), ("nfc-seq", {"type": "Sequence", "normalizers": [nfc]})):
+        folder = tmp_path / name
+        _qwen_form_tokenizer(folder, normalizer)
+        raw = RawTokenizer.from_file(str(folder / "tokenizer.json"))
+        work = tmp_path / f"og-{name}"
+        work.mkdir()
+        tok = og_tokenizer(folder, work)
+        rules = encode_rules(folder)
+        assert rules.form == "NFC" and rules.lstrip == {"<|x|>"}
+        # the bug: ORT GenAI's ids of the text as given differ from the file's on every one of these
+        for text in NFD_TEXTS + STRIP_TEXTS[:2]:
+            assert [int(i) for i in tok.encode(text)] != raw.encode(text, add_special_tokens=False).ids, text
+        assert [int(i) for i in tok.encode("a<|y|>  b")] == raw.encode("a<|y|>  b", add_special_tokens=False).ids
+        # the runtime's Tokenizer (an ORT GenAI tokenizer of the folder as its model's): the file's ids
+        lm_tok = Tokenizer(og, str(work), tok, prep=rules)
+        for text in NFD_TEXTS + STRIP_TEXTS + UNICODE:
+            want = raw.encode(text, add_special_tokens=False).ids
+            assert lm_tok.encode(text) == lm_tok.encode_templated(text) == want, text
+        # the server's tokenizer (runtime.llm_batch, rules read from the folder as a bare release's): the same ids
+        srv = _Tokenizer(work)
+        for text in NFD_TEXTS + STRIP_TEXTS + UNICODE:
+            assert srv.encode(text) == raw.encode(text, add_special_tokens=False).ids, text
+        # convert's check: probes NFD text and text around each lstrip / rstrip token, as the runtime prepares it
+        texts = probe_texts(json.loads((folder / "tokenizer.json").read_text(encoding="utf-8")))
+        assert "cafe\u0301 ok" in texts and "a \n<|x|>b" in texts and "a<|y|>\n b" in texts
+        differ = {t for t, _, _ in compare_ids(folder, texts)}      # without the runtime's preparation
+        assert {"cafe\u0301 ok", "a  <|x|>b", "a \n<|x|>b"} <= differ, differ
+        assert all("<|x|>" in t or "\u0301" in t or "\u0308" in t for t in differ), differ
+        assert compare_ids(folder, texts, rules) == []
+        assert check_tokenizer(folder) == {"form": "normalizer NFC, 1 added token(s) lstrip ('<|x|>'), 1 added "
+                                                   "token(s) rstrip ('<|y|>')", "texts": len(texts)}
+
+    lower = tmp_path / "lowercase"
+    _qwen_form_tokenizer(lower, {"type": "Sequence", "normalizers": [nfc, {"type": "Lowercase"}]})
+    with pytest.raises(SourceModelError, match=r"normalizer NFC \+ Lowercase.*'Hello world' as \['H', "):
+        check_tokenizer(lower)
+    plain = tmp_path / "no-normalizer"     # SmolLM2 / Llama 3's form: nothing to probe (the head only is read)
+    doc = _qwen_form_tokenizer(plain, None)
+    for a in doc["added_tokens"]:
+        a["lstrip"] = a["rstrip"] = False
+    (plain / "tokenizer.json").write_text(json.dumps(doc, ensure_ascii=False), encoding="utf-8")
+    assert check_tokenizer(plain) is None and not encode_rules(plain)

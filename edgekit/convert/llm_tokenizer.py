@@ -30,6 +30,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from edgekit.errors import SourceModelError
 from edgekit.runtime.llmdecode import read_head
+from edgekit.runtime.llmtemplate import EncodeRules, encode_rules_of, normalizer_form
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 # an ONNX Runtime GenAI config that loads a tokenizer and nothing else (no model file is opened)
@@ -40,6 +41,10 @@ _TOKENIZER_ONLY_CONFIG = {"model": {"type": "llama", "context_length": 64, "voca
 PLAIN_PROBES = ("Hello world", " Hello", "  two spaces", "a\nb", "\nx", "café 🙂", "x  y", "end ")
 SPECIAL_PROBES = ("{s}the", "{s} the", "the{s}\nHi", "the {s} x")
 MAX_SPECIALS = 4
+# decomposed text (NFD, as macOS and PDF text comes): ORT GenAI runs no NFC / NFKC normalizer (runtime.llmtemplate)
+NFD_PROBES = ("cafe\u0301 ok", "Cafe\u0301\nna\u0308ive")
+# whitespace around an added token marked lstrip / rstrip: ORT GenAI strips none before an lstrip one
+STRIP_PROBES = ("a  {s}b", "a \n{s}b", "a{s}  b", "a{s}\n b")
 
 
 def _types(node: Any, key: str) -> List[Dict[str, Any]]:
@@ -87,9 +92,27 @@ def _why(doc: Dict[str, Any]) -> str:
 
 
 def probe_texts(doc: Dict[str, Any]) -> List[str]:
-    specials = [a["content"] for a in doc.get("added_tokens") or []
-                if isinstance(a, dict) and a.get("special") and isinstance(a.get("content"), str)][:MAX_SPECIALS]
-    return list(PLAIN_PROBES) + [p.format(s=s) for s in specials for p in SPECIAL_PROBES]
+    added = [a for a in doc.get("added_tokens") or [] if isinstance(a, dict) and isinstance(a.get("content"), str)]
+    specials = [a["content"] for a in added if a.get("special")][:MAX_SPECIALS]
+    stripped = [a["content"] for a in added if a.get("lstrip") or a.get("rstrip")][:MAX_SPECIALS]
+    return (list(PLAIN_PROBES) + [p.format(s=s) for s in specials for p in SPECIAL_PROBES] + list(NFD_PROBES)
+            + [p.format(s=s) for s in stripped for p in STRIP_PROBES])
+
+
+def text_form(head: Dict[str, Any]) -> Optional[str]:
+    """A description of what tokenizer.json does to text before its model that ONNX Runtime GenAI may not (a
+    normalizer; added tokens that strip the whitespace beside them); None where it does nothing such."""
+    form, other = normalizer_form(head.get("normalizer"))
+    parts = []
+    if form or other:
+        parts.append("normalizer " + " + ".join(([form] if form else []) + other))
+    for key in ("lstrip", "rstrip"):
+        toks = [a["content"] for a in head.get("added_tokens") or []
+                if isinstance(a, dict) and a.get(key) and isinstance(a.get("content"), str)]
+        if toks:
+            parts.append(f"{len(toks)} added token(s) {key} ({', '.join(map(repr, toks[:3]))}"
+                         + (", ..." if len(toks) > 3 else "") + ")")
+    return ", ".join(parts) or None
 
 
 def og_tokenizer(folder: Path, work: Path):
@@ -109,8 +132,10 @@ def og_tokenizer(folder: Path, work: Path):
     return tok
 
 
-def compare_ids(folder: Path, texts: List[str]) -> List[Tuple[str, List[str], List[str]]]:
-    """(text, ONNX Runtime GenAI's pieces, the file's pieces) for each of `texts` where the ids differ."""
+def compare_ids(folder: Path, texts: List[str],
+                prep: Optional[EncodeRules] = None) -> List[Tuple[str, List[str], List[str]]]:
+    """(text, ONNX Runtime GenAI's pieces, the file's pieces) for each of `texts` where the ids differ; `prep`: what
+    the runtime does to text before ONNX Runtime GenAI encodes it (runtime.llmtemplate.EncodeRules)."""
     from tokenizers import Tokenizer
 
     try:
@@ -126,7 +151,7 @@ def compare_ids(folder: Path, texts: List[str]) -> List[Tuple[str, List[str], Li
         tok = og_tokenizer(folder, Path(work))
         out = []
         for text in texts:
-            got = [int(i) for i in tok.encode(text)]
+            got = [int(i) for i in tok.encode(prep.apply(text) if prep else text)]
             want = raw.encode(text, add_special_tokens=False)
             if got != want.ids:
                 out.append((text, [raw.id_to_token(i) if i >= 0 else str(i) for i in got], list(want.tokens)))
@@ -134,28 +159,34 @@ def compare_ids(folder: Path, texts: List[str]) -> List[Tuple[str, List[str], Li
 
 
 def check_tokenizer(folder: Path) -> Optional[Dict[str, Any]]:
-    """Refuse (SourceModelError) a tokenizer.json of a Metaspace form that ONNX Runtime GenAI tokenizes otherwise
-    than the file; returns {"form", "texts"} where one was checked and agrees, None where the form is not one."""
+    """Refuse (SourceModelError) a tokenizer.json that ONNX Runtime GenAI tokenizes otherwise than the file: a
+    Metaspace form, or a normalizer / lstrip or rstrip added tokens (probed with the text as the runtime prepares it,
+    runtime.llmtemplate.EncodeRules: a Unicode form and lstrip applied, so Qwen's NFC passes); returns {"form",
+    "texts"} where one was checked and agrees, None where the file has neither (byte-level BPE with no normalizer:
+    SmolLM2, Llama 3; only the head of the file is read)."""
     path = folder / "tokenizer.json"
     if not path.is_file():
         return None
-    try:   # the head first (pre_tokenizer and decoder come before the vocabulary); the file where it is Metaspace
-        head = read_head(path, ("pre_tokenizer", "decoder"))
-        if "Metaspace" not in json.dumps(head):
-            return None
-        doc = json.loads(path.read_text(encoding="utf-8-sig"))
+    try:   # the head first (all of these come before the vocabulary); the whole file where it is Metaspace
+        head = read_head(path, ("added_tokens", "normalizer", "pre_tokenizer", "decoder"))
+        meta = "Metaspace" in json.dumps([head.get("pre_tokenizer"), head.get("decoder")])
+        doc = json.loads(path.read_text(encoding="utf-8-sig")) if meta else head
     except (OSError, ValueError, UnicodeDecodeError):
         return None   # the builder and transformers report an unreadable file
-    form = metaspace_form(doc) if isinstance(doc, dict) else None
-    if form is None:
+    if not isinstance(doc, dict):
         return None
+    form = metaspace_form(doc) if meta else None
+    prepared = text_form(head)
+    if form is None and prepared is None:
+        return None
+    form = ", ".join(f for f in (form, prepared) if f)
     texts = probe_texts(doc)
     try:
-        differ = compare_ids(folder, texts)
+        differ = compare_ids(folder, texts, encode_rules_of(head))
     except RuntimeError as e:   # ORT GenAI reports a tokenizer it cannot load as RuntimeError
         raise SourceModelError(f"tokenizer.json ({form}): ONNX Runtime GenAI cannot load it "
                                f"({(str(e).splitlines() or [type(e).__name__])[0]})", path=str(folder)) from None
-    if differ:
+    if differ and meta:
         text, got, want = differ[0]
         raise SourceModelError(
             f"tokenizer.json ({form}) is tokenized otherwise by ONNX Runtime GenAI: {text!r} as {got}, the file "
@@ -165,4 +196,13 @@ def check_tokenizer(folder: Path) -> Optional[Dict[str, Any]]:
                  "transformers 4 saved with legacy=True) converts, if a '▁' after each special token is acceptable "
                  "for this model: replace the folder's file with one (no bundle is written that would feed the "
                  "model other ids than its tokenizer gives)")
+    if differ:
+        text, got, want = differ[0]
+        raise SourceModelError(
+            f"tokenizer.json ({form}) is tokenized otherwise by ONNX Runtime GenAI: {text!r} as {got}, the file "
+            f"gives {want} ({len(differ)} of {len(texts)} probe texts differ; ONNX Runtime GenAI runs none of "
+            "tokenizer.json's normalizer and strips no whitespace before an lstrip token; edgekit applies a Unicode "
+            "form (NFC, NFKC, NFD, NFKD) and lstrip itself, not other normalizer steps)", path=str(folder),
+            hint="a tokenizer.json whose normalizer is a Unicode form, or none, converts (no bundle is written that "
+                 "would feed the model other ids than its tokenizer gives)")
     return {"form": form, "texts": len(texts)}

@@ -72,7 +72,7 @@ from edgekit.runtime.llmopts import kv_capacity, prompt_bos, with_bos
 from edgekit.runtime.llmopts import rss_mb as _rss_mb
 from edgekit.runtime.llmopts import SPIN_KEY, after_load, trim_heap
 from edgekit.runtime.llmdecode import DecodeRules, TextStream, decode_rules
-from edgekit.runtime.llmtemplate import laid_out_template
+from edgekit.runtime.llmtemplate import EncodeRules, encode_rules, laid_out_template
 
 KIND = "llm"
 GENAI_CONFIG = "genai_config.json"
@@ -297,7 +297,7 @@ class Tokenizer:
     needs; encode_templated(text) adds none, for text a chat template made (it writes its own)."""
 
     def __init__(self, og, og_model, og_tokenizer, bos: Optional[int] = None, template: Optional[str] = None,
-                 rules: Optional[DecodeRules] = None):
+                 rules: Optional[DecodeRules] = None, prep: Optional[EncodeRules] = None):
         self.og = og_tokenizer
         self._make = lambda: og.Tokenizer(og_model)
         self._variants: Dict[str, Any] = {}
@@ -305,6 +305,8 @@ class Tokenizer:
         self.template = template   # the chat template as transformers lays it out, where the folder's differs
         # special ids and the decoder's leading strip, which ORT GenAI's decoding gets wrong (runtime.llmdecode)
         self.rules = rules if rules is not None else DecodeRules()
+        # tokenizer.json's Unicode normalizer and lstrip tokens, which ORT GenAI's encoding skips (runtime.llmtemplate)
+        self.prep = prep if prep is not None else EncodeRules()
 
     def _variant(self, option: str):
         """A second tokenizer with one option off (made on first use: a large vocabulary costs memory):
@@ -318,9 +320,10 @@ class Tokenizer:
         return tok
 
     def encode(self, text: str) -> List[int]:
-        return with_bos([int(t) for t in self.og.encode(text)], self.bos)
+        return with_bos([int(t) for t in self.og.encode(self.prep.apply(text) if self.prep else text)], self.bos)
 
     def encode_templated(self, text: str) -> List[int]:
+        text = self.prep.apply(text) if self.prep else text
         return [int(t) for t in self._variant("add_special_tokens").encode(text)]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
@@ -381,7 +384,8 @@ class LanguageModel:
         self.genai_config = genai_config
         # bundles converted before convert laid the template out, and bare folders: laid out here (llmtemplate)
         self.tokenizer = Tokenizer(og, og_model, og_tokenizer, bos=prompt_bos(manifest),
-                                   template=laid_out_template(model_dir), rules=decode_rules(model_dir))
+                                   template=laid_out_template(model_dir), rules=decode_rules(model_dir),
+                                   prep=encode_rules(model_dir))
         m = genai_config.get("model") or {}
         # the longest sequence the model takes, and the one used here: the bundle's default context (its profile's
         # llm.context_default) where it is shorter; a conversation allocates its KV cache for `context` tokens

@@ -54,7 +54,7 @@ import numpy as np
 from edgekit.errors import BundleError, DataError, EdgekitError
 from edgekit.runtime.llmdecode import decode_rules
 from edgekit.runtime.llmopts import SPIN_KEY, after_load, with_bos
-from edgekit.runtime.llmtemplate import laid_out_template
+from edgekit.runtime.llmtemplate import encode_rules, laid_out_template
 from edgekit.runtime.llmopts import hold_back as _hold_back  # stop strings held back as the generator does (one rule)
 
 log = logging.getLogger("edgekit.serve")
@@ -749,7 +749,7 @@ class _Tokenizer:
     """ONNX Runtime GenAI's tokenizer opened from the model folder (no second copy of the weights)."""
 
     def __init__(self, model_dir: Path, bos: Optional[int] = None, template: Any = _FROM_FOLDER,
-                 rules: Any = _FROM_FOLDER):
+                 rules: Any = _FROM_FOLDER, prep: Any = _FROM_FOLDER):
         import onnxruntime_genai as og
 
         self.bos = bos          # a BOS ONNX Runtime GenAI's tokenizer leaves out (llmopts.prompt_bos)
@@ -760,9 +760,11 @@ class _Tokenizer:
         # rules (llmdecode): those the loaded LanguageModel read, else read from the folder
         self.template = laid_out_template(model_dir) if template is _FROM_FOLDER else template
         self.rules = decode_rules(model_dir) if rules is _FROM_FOLDER else rules
+        # tokenizer.json's Unicode normalizer and lstrip tokens, which ORT GenAI's encoding skips (llmtemplate)
+        self.prep = encode_rules(model_dir) if prep is _FROM_FOLDER else prep
 
     def encode(self, text: str) -> List[int]:
-        return with_bos([int(t) for t in self.plain.encode(text)], self.bos)
+        return with_bos([int(t) for t in self.plain.encode(self.prep.apply(text) if self.prep else text)], self.bos)
 
     def chat_ids(self, messages: List[Dict[str, str]]) -> List[int]:
         try:
@@ -770,7 +772,7 @@ class _Tokenizer:
                                                   add_generation_prompt=True)
         except RuntimeError as e:
             raise DataError(f"the chat template cannot render these messages ({str(e).splitlines()[0]})") from None
-        return [int(t) for t in self.templated.encode(text)]
+        return [int(t) for t in self.templated.encode(self.prep.apply(text) if self.prep else text)]
 
     def create_stream(self):
         """Text pieces that join to transformers' decode of the reply (runtime.llmdecode)."""
@@ -824,7 +826,7 @@ def load_llm_release(name: str, sha: str, path: Path, *, threads: Optional[int],
     model_dir, genai_config, context = lm.model_dir, lm.genai_config, int(lm.context)
     eos, used_threads, version, chat = list(lm.eos_token_ids), lm.threads, lm.backend_version, lm.has_chat_template
     bos, spinning = lm.tokenizer.bos, lm.spinning
-    template, rules = lm.tokenizer.template, lm.tokenizer.rules   # read at load: not read again for the server
+    template, rules, prep = lm.tokenizer.template, lm.tokenizer.rules, lm.tokenizer.prep   # read at load, not again
     del lm  # ONNX Runtime GenAI's copy of the weights goes before the batched session loads its own
     decoder = BatchedDecoder(model_dir, genai_config, threads=used_threads, slots=max_sequences, capacity=context,
                              spinning=spinning)
@@ -837,7 +839,7 @@ def load_llm_release(name: str, sha: str, path: Path, *, threads: Optional[int],
                               f"({decoder.kv_bytes_per_token} bytes per token)", path=str(path))
     else:
         budget = per_seq * decoder.slots
-    tokenizer = _Tokenizer(model_dir, bos, template=template, rules=rules)
+    tokenizer = _Tokenizer(model_dir, bos, template=template, rules=rules, prep=prep)
     after_load(model_dir)   # as load_llm ends (llmopts.after_load): malloc, the file's pages, the heap, huge pages
     engine = LLMEngine(decoder, tokenizer, name=name, max_sequences=max_sequences,
                        max_queue=max_queue, kv_budget_tokens=budget, eos_token_ids=eos,
