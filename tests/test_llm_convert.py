@@ -53,6 +53,8 @@ def _check_bundle(path: Path, target: str, precision: str):
     assert g["generation"]["text"].strip()
     cfg = json.loads((path / "model" / "genai_config.json").read_text())
     assert cfg["search"]["max_length"] == m["llm"]["context_default"]
+    # the chat template, as the device renders it, against transformers' rendering of the checkpoint's
+    assert m["llm"]["chat_template_check"] == {"conversations": 3, "differ": []}
     return m, g
 
 
@@ -478,6 +480,25 @@ def _random_llama(d: Path) -> Path:
     return d
 
 
+def test_block_size_kquant_cannot_pack_refused_up_front(cli, tmp_path):
+    """--block-size with the builder's k_quant where a decoder MatMul's width spans an odd number of blocks (ORT's
+    quantizer packs 4-bit zero points two a byte across rows: 'cannot reshape'; the row then fell to the INT8 rung)
+    is one line, exit 2, before any work; --block-size is a language-model option."""
+    from edgekit.convert.llm import kquant_odd_blocks, read_source
+
+    d = _random_llama(tmp_path / "llama")           # hidden 32, intermediate 64
+    src = read_source(str(d))
+    assert kquant_odd_blocks(src, 64) == "hidden_size 32 is 1 blocks of 64, an odd number"
+    assert kquant_odd_blocks(src, 16) is None      # 2 and 4 blocks
+    out = tmp_path / "out"
+    line = _one_error_line(cli("convert", d, "-t", "x86-avx512-vnni", "--precision", "int4", "--block-size", "64",
+                               "--out", out), out)
+    assert "--block-size 64 with k_quant" in line and "hidden_size 32 is 1 blocks of 64" in line \
+        and "--algo awq" in line, line
+    r = cli("convert", tmp_path / "net.onnx", "-t", "rpi5", "--block-size", "64")
+    assert r.exit_code == 2 and "--block-size is for language models" in r.stderr, r.output
+
+
 def test_builder_only_architecture_refused_in_one_line(cli, tmp_path):
     """An architecture the builder dispatches but transformers' AutoModelForCausalLM cannot load without remote
     code (the float reference) is refused up front, and is not in the supported list users are shown."""
@@ -781,3 +802,162 @@ def test_source_digest_and_size_are_the_models_files_only(tiny_lm, tmp_path):
     assert (src.sha256, src.bytes) == (plain.sha256, plain.bytes)
     (hub / "tokenizer.json").write_text((hub / "tokenizer.json").read_text() + " ")
     assert read_source(str(hub)).sha256 != plain.sha256            # a file the model is made of still counts
+
+
+def test_tune_genai_config_context_and_repetition(tmp_path):
+    """_tune_genai_config: genai_config's context_length becomes the bundle's context (the builder writes
+    max_position_embeddings: 131,072 for Llama 3.2, which the runtime took as its longest context), never above
+    the builder's nor below a sliding window's (GroupQueryAttention refuses a smaller KV cache); the checkpoint's
+    repetition_penalty (generation_config.json) reaches search, which the builder left at 1.0 under transformers 5
+    (Qwen2.5-0.5B-Instruct's 1.1), no_repeat_ngram_size does not (the runtime could not turn it off); values that are
+    not numbers in range are left out."""
+    from edgekit.convert.llm import _tune_genai_config
+    from edgekit.targets import load_target
+
+    t = load_target("x86-avx2")
+
+    def tune(context, model=None, gc=None, window=None):
+        d = tmp_path / f"d{len(list(tmp_path.iterdir()))}"
+        d.mkdir()
+        decoder = {"sliding_window": window} if window else {}
+        (d / "genai_config.json").write_text(json.dumps({"model": dict(model or {}, decoder=decoder),
+                                                         "search": {"repetition_penalty": 1.0}}))
+        if gc is not None:
+            (d / "generation_config.json").write_text(json.dumps(gc))
+        rows = _tune_genai_config(d, t, context)
+        return rows, json.loads((d / "genai_config.json").read_text())
+
+    rows, cfg = tune(8192, {"context_length": 131072}, {"repetition_penalty": 1.1, "no_repeat_ngram_size": 3})
+    assert rows == cfg["model"]["context_length"] == 8192
+    assert cfg["search"]["repetition_penalty"] == 1.1 and "no_repeat_ngram_size" not in cfg["search"]
+    assert cfg["search"]["max_length"] == t.llm.context_default
+    rows, cfg = tune(8192, {"context_length": 512})                              # the builder's is shorter
+    assert rows == cfg["model"]["context_length"] == 512 and cfg["search"]["repetition_penalty"] == 1.0
+    rows, cfg = tune(2048, {"context_length": 32768}, window={"window_size": 4096, "layers": [0, 1]})
+    assert rows == cfg["model"]["context_length"] == 4096                        # the window's KV cache
+    rows, cfg = tune(2048, {"context_length": 131072}, window={"window_size": 262144, "layers": []})
+    assert rows == 2048                                                          # a window on no layer: none
+    rows, cfg = tune(1024, None, {"repetition_penalty": True, "no_repeat_ngram_size": -1})
+    assert rows == cfg["model"]["context_length"] == 1024
+    assert cfg["search"] == {"repetition_penalty": 1.0, "max_length": 1024}
+    for bad in ({"repetition_penalty": 0}, {"repetition_penalty": "1.1"}, [1.1]):
+        assert tune(1024, None, bad)[1]["search"]["repetition_penalty"] == 1.0
+    d = tmp_path / "broken"
+    d.mkdir()
+    (d / "genai_config.json").write_text(json.dumps({"model": {"decoder": {}}, "search": {}}))
+    (d / "generation_config.json").write_text("{not json")
+    assert _tune_genai_config(d, t, 100) == 100
+
+
+def test_rope_caches_cut_to_the_bundle_context(tiny_lm, tmp_path, monkeypatch):
+    """A model with Llama 3.2's 131,072 positions (the tiny Llama, head 32): the builder's cos / sin caches are
+    [131072, 16] fp32, 8.4 MB each, for ~1 MB of weights. The bundle's are cut to its context (x86-avx2's
+    context_max, 8192 rows) and genai_config's context_length is that context (lm.max_context), the data file
+    and the bytes read per token lose the rest, and the greedy tokens are those of the build before the cut; the
+    golden check passes; a max_length beyond the context is refused by ONNX Runtime GenAI. The checkpoint's
+    repetition_penalty reaches genai_config's search (the runtime's default for chat / run), while the golden
+    generation stays the runtime's plain greedy one (edgekit check matches its text)."""
+    import shutil
+
+    import onnx
+
+    from edgekit.convert import llm as llm_mod
+    from edgekit.convert import llm_graph
+    from edgekit.convert.llm import LLMRecipe, convert_llm, weight_bytes
+    from edgekit.runtime import load
+
+    src = tmp_path / "long-llama"
+    shutil.copytree(tiny_lm, src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["max_position_embeddings"] = 131072
+    (src / "config.json").write_text(json.dumps(cfg))
+    gc = json.loads((src / "generation_config.json").read_text())
+    gc.update(repetition_penalty=1.1, no_repeat_ngram_size=4)
+    (src / "generation_config.json").write_text(json.dumps(gc))
+    before = tmp_path / "before-cut"
+    real = llm_graph.cut_rope_caches
+
+    def keep_a_copy(d, rows):
+        shutil.copytree(d, before)
+        return real(d, rows)
+
+    monkeypatch.setattr(llm_graph, "cut_rope_caches", keep_a_copy)
+    res = convert_llm(LLMRecipe(str(src), ("x86-avx2",), precision="int4", name="long", val_tokens=128),
+                      str(tmp_path / "out"))
+    row = res.bundles[0]
+    assert row.ok, row.reason
+    m = json.loads((row.path / "manifest.json").read_text())
+    mdir = row.path / "model"
+    context = m["model"]["context"]
+    assert context == m["llm"]["context_max"] == 8192 == m["llm"]["rope_caches"]["rows"]
+    saved = 2 * (131072 - context) * 16 * 4
+    assert m["llm"]["rope_caches"]["cut"] == ["cos_cache", "sin_cache"]
+    assert m["llm"]["rope_caches"]["saved_bytes"] == saved
+    genai = json.loads((mdir / "genai_config.json").read_text())
+    assert genai["model"]["context_length"] == context
+    assert genai["search"]["repetition_penalty"] == 1.1 and genai["search"].get("no_repeat_ngram_size", 0) == 0
+    g = onnx.load(str(mdir / "model.onnx"), load_external_data=False).graph
+    assert {t.name: list(t.dims) for t in g.initializer if t.name in ("cos_cache", "sin_cache")} == {
+        "cos_cache": [context, 16], "sin_cache": [context, 16]}
+    data, data0 = (mdir / "model.onnx.data").stat().st_size, (before / "model.onnx.data").stat().st_size
+    assert data < data0 - saved + 4096 and data < 0.5 * data0
+    assert m["llm"]["bytes_per_token"] == weight_bytes(before)["per_token"] - saved == row.bytes_per_token
+    prompt = corpus_text(2, seed=9)
+    assert llm_mod._generation(mdir, prompt, tokens=24)["tokens"] == llm_mod._generation(before, prompt,
+                                                                                       tokens=24)["tokens"]
+    lm = load(row.path)
+    assert lm.max_context == context and lm.context == m["llm"]["context_default"] <= context
+    assert lm.generation_defaults["repetition_penalty"] == 1.1
+    chk = lm.check()
+    assert chk["ok"] and chk["text_matches_golden"], chk
+    with pytest.raises(Exception, match="context_length"):
+        lm.new_generator(context + 1)
+    from edgekit.errors import DataError
+
+    for bad in (context + 1, 1, 2.5, True):     # lm.context is settable up to the cut, never past it
+        with pytest.raises(DataError, match="context"):
+            lm.context = bad
+    lm.context = context
+    assert lm.context == context
+
+
+def test_converter_text_is_plain_whatever_the_generation_config(tiny_lm, tmp_path):
+    """The converter's own text (the float model's greedy continuations, the fidelity text without --val; the
+    calibration text, sampled or greedy) ignores the processors the checkpoint's generation_config.json names:
+    with repetition_penalty 3.0 and no_repeat_ngram_size 2 (which transformers 5 fills into every generate() call
+    that leaves them unset, and which change this model's greedy text) the continuations are plain greedy, token
+    by token the argmax, and the calibration windows those of the same model without them."""
+    import shutil
+
+    import torch
+    from transformers import GenerationConfig
+
+    from edgekit.convert.llm_fidelity import BUILTIN_PROMPTS, FloatModel
+    from edgekit.convert.llm_gptq import calibration_windows
+
+    src = tmp_path / "penalised"
+    shutil.copytree(tiny_lm, src)
+    gc = json.loads((src / "generation_config.json").read_text())
+    gc.update(repetition_penalty=3.0, no_repeat_ngram_size=2)
+    (src / "generation_config.json").write_text(json.dumps(gc))
+    fm, plain = FloatModel(src), FloatModel(tiny_lm)
+    text = fm.own_continuations(64, 256, prompts=BUILTIN_PROMPTS[:2])
+    differs = 0
+    for w, s in zip(text.windows, text.starts):
+        x = torch.tensor(w[:s])[None]
+        with torch.no_grad():
+            for _ in range(len(w) - s):
+                x = torch.cat([x, fm.model(x).logits[0, -1].argmax().view(1, 1)], 1)
+            # what generate() makes of the checkpoint's settings: not the plain greedy text on this model
+            n = len(w) - s
+            merged = fm.model.generate(torch.tensor(w[:s])[None], generation_config=GenerationConfig(
+                max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=gc["pad_token_id"]))
+        assert x[0].tolist() == w.tolist()
+        differs += merged[0].tolist() != w.tolist()
+    assert differs > 0
+    assert fm.model.generation_config.repetition_penalty == 3.0            # the model's own config left as it was
+    assert [w.tolist() for w in text.windows] == [w.tolist() for w in plain.own_continuations(
+        64, 256, prompts=BUILTIN_PROMPTS[:2]).windows]
+    for sample in (True, False):
+        assert [w.tolist() for w in calibration_windows(fm, 256, sample=sample)] == [
+            w.tolist() for w in calibration_windows(plain, 256, sample=sample)]

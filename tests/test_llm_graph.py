@@ -537,3 +537,175 @@ def test_model_and_data_replaced_as_one(tmp_path, monkeypatch):
             if stop > 1:   # a later rewrite finishes in the usual pair, the stopped one's file removed
                 _reweigh(d)
                 assert sorted(p.name for p in d.iterdir()) == ["model.onnx", "model.onnx.data"]
+
+
+def _rope_graph(d: Path, P: int = 4096, half: int = 8, heads: int = 2):
+    """A folder whose graph reads two RoPE cos / sin pairs as the model builder writes them: one pair of
+    initializers in model.onnx.data (RotaryEmbedding, com.microsoft), one chosen by an If between two pairs of
+    Constants held in model.onnx (Phi-3 LongRoPE's layout: P rows, or 64), each [rows, half]; beside them a weight
+    in the data file and a third cache a Shape also reads (neither cut). Returns the inputs' feed."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+
+    def pair(rows, scale):
+        f = np.outer(np.arange(rows), 1.0 / scale ** (np.arange(half) / half))
+        return np.cos(f).astype(np.float32), np.sin(f).astype(np.float32)
+
+    cos_a, sin_a = pair(P, 1e4)
+    cos_c, sin_c = pair(P, 5e3)
+    w = rng.standard_normal((heads * 2 * half,)).astype(np.float32)
+    consts = lambda tag, rows, scale: [helper.make_node(   # noqa: E731
+        "Constant", [], [f"{k}_{tag}"], value=numpy_helper.from_array(a, f"{k}_{tag}"))
+        for k, a in zip(("cos", "sin"), pair(rows, scale))]
+    out = lambda n, rows: helper.make_tensor_value_info(n, TensorProto.FLOAT, [rows, half])   # noqa: E731
+    then = helper.make_graph(consts("large", P, 2e4), "large", [], [out("cos_large", P), out("sin_large", P)])
+    other = helper.make_graph(consts("small", 64, 1e4), "small", [], [out("cos_small", 64), out("sin_small", 64)])
+    hidden = heads * 2 * half
+    nodes = [helper.make_node("If", ["long"], ["cos_b", "sin_b"], name="/model/rope_caches_subgraph/If",
+                              then_branch=then, else_branch=other),
+             helper.make_node("RotaryEmbedding", ["x", "pos", "cos_a", "sin_a"], ["ya"], domain="com.microsoft",
+                              num_heads=heads),
+             helper.make_node("RotaryEmbedding", ["x", "pos", "cos_b", "sin_b"], ["yb"], domain="com.microsoft",
+                              num_heads=heads),
+             helper.make_node("RotaryEmbedding", ["x", "pos", "cos_c", "sin_c"], ["yc0"], domain="com.microsoft",
+                              num_heads=heads),
+             helper.make_node("Add", ["yc0", "w"], ["yc"]),
+             helper.make_node("Shape", ["cos_c"], ["shape_c"])]
+    graph = helper.make_graph(
+        nodes, "rope",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "S", hidden]),
+         helper.make_tensor_value_info("pos", TensorProto.INT64, [1, "S"]),
+         helper.make_tensor_value_info("long", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, "S", hidden]) for n in ("ya", "yb", "yc")]
+        + [helper.make_tensor_value_info("shape_c", TensorProto.INT64, [2])],
+        [numpy_helper.from_array(a, n) for a, n in ((cos_a, "cos_a"), (sin_a, "sin_a"), (cos_c, "cos_c"),
+                                                    (sin_c, "sin_c"), (w, "w"))])
+    d.mkdir()
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                      helper.make_opsetid("com.microsoft", 1)]),
+              str(d / "model.onnx"), save_as_external_data=True, location="model.onnx.data", size_threshold=1024,
+              convert_attribute=False)
+    S = 40
+    return [{"x": rng.standard_normal((1, S, hidden)).astype(np.float32),
+             "pos": (np.arange(S)[None] + 20).astype(np.int64), "long": np.array(flag)} for flag in (True, False)]
+
+
+def test_cut_rope_caches_two_pairs_one_behind_an_if(tmp_path):
+    """cut_rope_caches on a graph with two RoPE pairs, one in model.onnx.data and one chosen by an If between two
+    pairs held in the graph (Phi-3 LongRoPE), and a cache something else reads too: the caches longer than the
+    context keep their first rows (the same bits: every output at positions below the cut unchanged), a shorter
+    one (the If's short pair) and the shared one are left, the data file loses the cut rows' bytes (and keeps the
+    weight beside them), the If branch's declared shapes follow, and a second call does nothing."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from edgekit.convert.llm_graph import ROPE_NOTE, cut_rope_caches, rope_caches
+
+    d = tmp_path / "rope"
+    feeds = _rope_graph(d)
+    run = lambda: [ort.InferenceSession(str(d / "model.onnx"), providers=["CPUExecutionProvider"]).run(   # noqa: E731
+        None, f) for f in feeds]
+    before, data0, graph0 = run(), (d / "model.onnx.data").stat().st_size, (d / "model.onnx").stat().st_size
+    found = {name for _, name, _, _ in rope_caches(onnx.load(str(d / "model.onnx"), load_external_data=False))}
+    assert found == {"cos_a", "sin_a", "cos_large", "sin_large", "cos_small", "sin_small"}   # not cos_c (a Shape)
+    # nor its pair: a reader takes the same rows of both
+    r = cut_rope_caches(d, 100)
+    assert sorted(c["name"] for c in r["caches"]) == ["cos_a", "cos_large", "sin_a", "sin_large"]
+    assert all(c["rows_before"] == 4096 for c in r["caches"]) and r["note"] == ROPE_NOTE
+    assert r["saved_bytes"] == 4 * (4096 - 100) * 8 * 4
+    assert (d / "model.onnx.data").stat().st_size <= data0 - 2 * (4096 - 100) * 8 * 4 + 3 * 64   # alignment
+    assert (d / "model.onnx").stat().st_size <= graph0 - 2 * (4096 - 100) * 8 * 4
+    assert sorted(p.name for p in d.iterdir()) == ["model.onnx", "model.onnx.data"]
+    m = onnx.load(str(d / "model.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    assert inits["cos_a"].shape == (100, 8) and inits["cos_c"].shape == (4096, 8) and inits["w"].shape == (32,)
+    ifn = next(n for n in m.graph.node if n.op_type == "If")
+    branches = {a.name: a.g for a in ifn.attribute}
+    for b, rows in (("then_branch", 100), ("else_branch", 64)):
+        assert [numpy_helper.to_array(n.attribute[0].t).shape for n in branches[b].node] == [(rows, 8)] * 2
+        assert [o.type.tensor_type.shape.dim[0].dim_value for o in branches[b].output] == [rows] * 2
+    for a, b in zip(before, run()):
+        for x, y in zip(a, b):
+            assert np.array_equal(x, y)
+    again = cut_rope_caches(d, 100)
+    assert again["caches"] == [] and again["saved_bytes"] == 0
+
+
+def test_cut_rope_caches_of_builder_graphs(tmp_path):
+    """The model builder's own graphs: Gemma 3 (a local and a global pair, initializers in model.onnx.data) and
+    Phi-3 LongRoPE (the short and the long pair behind an If, held in model.onnx), each with 8192 positions, cut to
+    300 rows with genai_config's context_length: the same greedy tokens from ONNX Runtime GenAI over 290 positions
+    (Phi-3: past its 256 original positions, the long pair), smaller files, and a longer max_length refused."""
+    import shutil
+
+    import onnx
+    import onnxruntime_genai as og
+    import pytest
+    import torch
+    import transformers
+    from transformers import GenerationConfig
+
+    from tinylm import _tokenizer
+
+    from edgekit.convert.llm import LLMBuildOptions, read_source, run_builder
+    from edgekit.convert.llm_graph import cut_rope_caches, rope_caches
+
+    def tokens(d, ids, new=20, max_length=None):
+        model = og.Model(og.Config(str(d)))
+        p = og.GeneratorParams(model)
+        p.set_search_options(max_length=max_length or len(ids) + new, do_sample=False)
+        g = og.Generator(model, p)
+        g.append_tokens(np.asarray(ids, dtype=np.int32))
+        out = []
+        while not g.is_done() and len(out) < new:
+            g.generate_next_token()
+            out.append(int(g.get_next_tokens()[0]))
+        return out
+
+    for arch in ("gemma3", "phi3"):
+        src = tmp_path / arch
+        src.mkdir()
+        tok = _tokenizer(corpus_text(200, 0), src)
+        common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=8192, bos_token_id=0,
+                      eos_token_id=2, pad_token_id=0)
+        if arch == "gemma3":
+            cls, cfg = transformers.Gemma3ForCausalLM, transformers.Gemma3TextConfig(
+                head_dim=32, query_pre_attn_scalar=32, sliding_window=16, tie_word_embeddings=True,
+                layer_types=["sliding_attention", "full_attention"], **common)
+        else:
+            cls, cfg = transformers.Phi3ForCausalLM, transformers.Phi3Config(
+                tie_word_embeddings=True, partial_rotary_factor=0.75, original_max_position_embeddings=256,
+                rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "original_max_position_embeddings": 256,
+                                 "short_factor": [1.0] * 24, "long_factor": [4.0] * 24},
+                **dict(common, hidden_size=128))
+        torch.manual_seed(0)
+        model = cls(cfg)
+        model.config.architectures = [cls.__name__]
+        model.generation_config = GenerationConfig(bos_token_id=0, eos_token_id=2, pad_token_id=0)
+        model.save_pretrained(str(src))
+        d = tmp_path / f"{arch}-build"
+        run_builder(read_source(str(src)), LLMBuildOptions("int4"), d, tmp_path / "cache", {})
+        cut = tmp_path / f"{arch}-cut"
+        shutil.copytree(d, cut)
+        names = sorted(n for _, n, _, _ in rope_caches(onnx.load(str(d / "model.onnx"), load_external_data=False)))
+        if arch == "gemma3":
+            assert names == ["cos_cache_global", "cos_cache_local", "sin_cache_global", "sin_cache_local"]
+        else:
+            assert names == ["cos_cache_large", "cos_cache_small", "sin_cache_large", "sin_cache_small"]
+        size = lambda x: sum(f.stat().st_size for f in x.glob("model.onnx*"))   # noqa: E731
+        r = cut_rope_caches(cut, 300)
+        assert len(r["caches"]) == (4 if arch == "gemma3" else 2)        # Phi-3's short pair: 256 rows, kept
+        assert size(cut) < size(d) - r["saved_bytes"] + 4096 and r["saved_bytes"] >= 2 * (8192 - 300) * 16 * 4
+        for x in (d, cut):
+            p = x / "genai_config.json"
+            c = json.loads(p.read_text())
+            c["model"]["context_length"] = 300
+            p.write_text(json.dumps(c))
+        ids = [int(i) for i in np.random.default_rng(1).integers(3, len(tok), 270)]
+        assert tokens(cut, ids) == tokens(d, ids)
+        with pytest.raises(Exception, match="context_length"):
+            tokens(cut, ids, max_length=310)

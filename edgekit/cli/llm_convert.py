@@ -26,7 +26,7 @@ def is_language_model(model) -> bool:
 
 
 # options that only a language model takes (named if given for another model)
-_LLM_ONLY = ("max_ppl_increase", "max_kl", "max_mb", "algo", "val_tokens")
+_LLM_ONLY = ("max_ppl_increase", "max_kl", "max_mb", "algo", "block_size", "val_tokens")
 
 
 def refuse_llm_options(ctx, model) -> None:
@@ -40,14 +40,16 @@ def refuse_llm_options(ctx, model) -> None:
 
 def refuse_broken_hf_folder(model) -> None:
     """A folder with a config.json that is not a language model's (unreadable, not JSON, naming neither
-    architectures nor model_type): said as such, before the image-model path reads it as something else."""
+    architectures nor model_type), or a PEFT adapter's: said as such, before the image-model path reads it as
+    something else."""
     from pathlib import Path
 
     if not model or not Path(model).is_dir() or (Path(model) / "saved_model.pb").is_file() \
             or (Path(model) / "saved_model.pbtxt").is_file():
         return
-    from edgekit.convert.sources import check_hf_config
+    from edgekit.convert.sources import check_adapter, check_hf_config
 
+    check_adapter(Path(model))   # a PEFT adapter folder: said so, not "not a SavedModel" nor an option's complaint
     check_hf_config(Path(model))
 
 
@@ -103,6 +105,7 @@ def convert_language_model(ctx, p) -> None:
     recipe = LLMRecipe(model=p["model"], targets=tuple(p["target_names"]), precision=precision, name=p["name"],
                        val=p["val"], val_tokens=p["val_tokens"], floor=floor, int8_floor=int8_floor,
                        rescue=not p["no_rescue"], select=p["select"], algo=p["algo"],
+                       block_size=None if p.get("block_size") is None else int(p["block_size"]),
                        max_bytes=None if p["max_mb"] is None else int(p["max_mb"] * 1e6),
                        compat_check=p["compat_check"])
     timer = None

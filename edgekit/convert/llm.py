@@ -255,23 +255,125 @@ class LMSource:
 LFS_POINTER = b"version https://git-lfs"
 
 
-def _check_lfs_pointers(p: Path) -> None:
+def _lfs_pointer(f: Path) -> bool:
+    try:
+        if f.is_file() and f.stat().st_size < 1024:
+            with open(f, "rb") as fh:
+                return fh.read(len(LFS_POINTER)) == LFS_POINTER
+    except OSError:
+        pass
+    return False
+
+
+def _check_lfs_pointers(p: Path, files: List[Path]) -> None:
     """A folder checked out without its Git LFS objects: weights (and often tokenizer.json) are pointer files,
-    which would pass every check by name and fail deep in safetensors / the tokenizer; refused here, naming them."""
-    pointers = []
-    for f in sorted(p.iterdir()):
-        try:
-            if f.is_file() and f.stat().st_size < 1024:
-                with open(f, "rb") as fh:
-                    if fh.read(len(LFS_POINTER)) == LFS_POINTER:
-                        pointers.append(f.name)
-        except OSError:
-            continue
+    which would pass every check by name and fail deep in safetensors / the tokenizer; refused here, naming them.
+    `files`: those the conversion reads (source_files): a pointer it never opens (a .gguf, tf_model.h5 or
+    pytorch_model.bin beside the safetensors, tokenizer.model beside tokenizer.json: `git lfs pull --include
+    "*.safetensors"`) is no reason to refuse."""
+    pointers = [f.relative_to(p).as_posix() for f in files if _lfs_pointer(f)]
     if pointers:
         more = f" and {len(pointers) - 1} other file(s)" if len(pointers) > 1 else ""
         raise SourceModelError(f"{pointers[0]}{more}: a Git LFS pointer, not the file itself", path=str(p),
                                hint="run `git lfs pull` in the folder with git-lfs installed, or download the files "
                                     "themselves")
+
+
+# formats a conversion reads only where the source's selection names the file (source_files): weights transformers
+# does not pick (consolidated.safetensors beside the shards, pytorch_model.bin beside model.safetensors, *.gguf,
+# tf_model.h5, flax_model.msgpack, ONNX exports), SentencePiece models beside tokenizer.json, archives, arrays
+UNREAD_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".ggml", ".h5", ".hdf5", ".keras",
+                   ".msgpack", ".onnx", ".onnx_data", ".tflite", ".pb", ".ot", ".npy", ".npz", ".pkl", ".pickle",
+                   ".joblib", ".mlmodel", ".model", ".tiktoken", ".nemo", ".llamafile", ".zip", ".tar", ".gz",
+                   ".tgz", ".xz", ".bz2", ".zst", ".7z", ".rar", ".arrow", ".parquet", ".wasm", ".ftz")
+# transformers' from_pretrained looks for these in this order (modeling_utils: SAFE_WEIGHTS_NAME, ...INDEX_NAME,
+# WEIGHTS_NAME, ...INDEX_NAME) and reads the first it finds
+WEIGHT_NAMES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def weight_files(p: Path, config: Dict[str, Any]) -> List[Path]:
+    """The weight files transformers' from_pretrained reads (and the model builder, which loads the model through
+    it): config.json's `transformers_weights` where it names one, else the first of WEIGHT_NAMES in the folder; an
+    index with the shards its weight_map names (present or not). [] where there is none."""
+    explicit = config.get("transformers_weights")
+    for name in [explicit] if isinstance(explicit, str) else WEIGHT_NAMES:
+        f = p / name
+        if not f.is_file():
+            continue
+        if not name.endswith(".index.json"):
+            return [f]
+        if _lfs_pointer(f):
+            _check_lfs_pointers(p, [f])
+        try:
+            shards = json.loads(f.read_text(encoding="utf-8"))["weight_map"].values()
+            return [f] + [p / s for s in sorted(set(shards))]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise SourceModelError(f"{name} is not a weight index transformers reads ({type(e).__name__}: "
+                                   f"{(str(e).splitlines() or [''])[0][:200]})", path=str(p),
+                                   hint="download it again with the checkpoint's shards") from None
+    return []
+
+
+def tokenizer_source(p: Path) -> Optional[str]:
+    """What transformers makes the tokenizer of: tokenizer.json; else a BPE vocab.json + merges.txt (Qwen2, GPT-2:
+    transformers 5 builds the same tokenizer from them); else a SentencePiece tokenizer.model (read with the
+    sentencepiece package). None: no tokenizer."""
+    if (p / "tokenizer.json").is_file():
+        return "tokenizer.json"
+    if (p / "vocab.json").is_file() and (p / "merges.txt").is_file():
+        return "vocab.json + merges.txt"
+    if (p / "tokenizer.model").is_file():
+        return "tokenizer.model"
+    return None
+
+
+def _check_tokenizer_source(p: Path) -> None:
+    """Refuse a folder whose tokenizer cannot be read or that ONNX Runtime GenAI would tokenize otherwise. A folder
+    without tokenizer.json gets the one the model builder writes into the bundle (transformers' AutoTokenizer of
+    the folder, save_pretrained), made here and checked as a folder's own (convert.llm_tokenizer)."""
+    import importlib.util
+
+    kind = tokenizer_source(p)
+    if kind is None:
+        raise SourceModelError("no tokenizer (tokenizer.json, vocab.json + merges.txt, or tokenizer.model)",
+                               path=str(p), hint="copy the tokenizer files of the checkpoint into the folder")
+    if kind == "tokenizer.json":
+        # a Metaspace form ONNX Runtime GenAI tokenizes otherwise than the file is refused (convert.llm_tokenizer)
+        check_tokenizer(p)
+        return
+    if kind == "tokenizer.model" and importlib.util.find_spec("sentencepiece") is None:
+        raise SourceModelError("the only tokenizer is tokenizer.model (SentencePiece), and the sentencepiece package "
+                               "transformers reads it with is not installed", path=str(p),
+                               hint="add the checkpoint's tokenizer.json to the folder, or pip install sentencepiece")
+    import warnings
+
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    with tempfile.TemporaryDirectory(prefix="edgekit-tok-") as work:
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                warnings.simplefilter("ignore")
+                AutoTokenizer.from_pretrained(str(p)).save_pretrained(work)
+        except Exception as e:   # transformers raises anything from a tokenizer it cannot build
+            first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+            raise SourceModelError(f"transformers cannot make a tokenizer of {kind}: {type(e).__name__}"
+                                   + (f": {first[:300]}" if first else ""), path=str(p),
+                                   hint="add the checkpoint's tokenizer.json to the folder") from None
+        finally:
+            hf_logging.set_verbosity(level)
+        if not (Path(work) / "tokenizer.json").is_file():
+            raise SourceModelError(f"transformers writes no tokenizer.json from {kind}, and ONNX Runtime GenAI reads "
+                                   "only that", path=str(p), hint="add the checkpoint's tokenizer.json to the folder")
+        try:
+            check_tokenizer(Path(work))
+        except SourceModelError as e:
+            msg = e.message[len(f"{e.path}: "):] if e.path and e.message.startswith(f"{e.path}: ") else e.message
+            raise SourceModelError(f"{msg} (the tokenizer.json transformers writes from {kind}, as the model builder "
+                                   "does for the bundle)", path=str(p), hint=e.hint) from None
 
 
 def read_source(path: str) -> LMSource:
@@ -280,6 +382,9 @@ def read_source(path: str) -> LMSource:
     if not p.is_dir():
         raise SourceModelError("not a directory (a Hugging Face model folder holds config.json, weights and "
                                "tokenizer files)", path=str(p))
+    from edgekit.convert.sources import check_adapter
+
+    check_adapter(p)   # a PEFT adapter: merged into its base first
     if not is_hf_causal_lm(p):
         raise SourceModelError("no Hugging Face config.json naming an architecture", path=str(p),
                                hint="give the folder a hub download or save_pretrained() wrote")
@@ -302,25 +407,62 @@ def read_source(path: str) -> LMSource:
         raise SourceModelError(f"architecture {arch} is not one ONNX Runtime GenAI's model builder exports",
                                path=str(p), hint="supported: " + ", ".join(supported))
     _check_rope(p, config, arch)
-    if not any(f.suffix in WEIGHT_SUFFIXES for f in p.iterdir()):
-        raise SourceModelError("no weights (*.safetensors or pytorch_model*.bin) beside config.json", path=str(p))
-    _check_lfs_pointers(p)
-    if not ((p / "tokenizer.json").is_file() or (p / "tokenizer.model").is_file()):
-        raise SourceModelError("no tokenizer (tokenizer.json or tokenizer.model)", path=str(p),
-                               hint="copy the tokenizer files of the checkpoint into the folder")
-    # a Metaspace form ONNX Runtime GenAI tokenizes otherwise than the file is refused (convert.llm_tokenizer)
-    check_tokenizer(p)
-    files = source_files(p)
+    weights = weight_files(p, config)
+    if not weights:
+        other = sorted(f.name for f in p.iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES + (".gguf",))
+        raise SourceModelError("no weights transformers reads beside config.json (model.safetensors, "
+                               "model.safetensors.index.json and its shards, or pytorch_model.bin"
+                               + (f"; not {', '.join(other[:3])}" if other else "") + ")", path=str(p))
+    missing = [f.relative_to(p).as_posix() for f in weights if not f.is_file()]
+    if missing:
+        more = f" and {len(missing) - 1} other shard(s)" if len(missing) > 1 else ""
+        raise SourceModelError(f"{missing[0]}{more}, named by {weights[0].name}, not in the folder", path=str(p),
+                               hint="download the checkpoint's remaining shards")
+    files = source_files(p, config)
+    _check_lfs_pointers(p, files)
+    _check_tokenizer_source(p)
     return LMSource(p, config, arch, sha256_files(p, files), sum(f.stat().st_size for f in files),
                     effective_tie(p, config))
 
 
-def source_files(p: Path) -> List[Path]:
-    """The files a conversion reads: the folder's own, hidden ones left out. Not its subfolders: a hub download's
+def source_files(p: Path, config: Optional[Dict[str, Any]] = None) -> List[Path]:
+    """The files a conversion reads: the folder's own, hidden ones left out, and of those in a format of
+    UNREAD_SUFFIXES only the ones read: the weights transformers picks (weight_files; every *.safetensors of a
+    checkpoint with a quantization_config, which the model builder's loaders read all of), `edgekit factorize`'s
+    factors, tokenizer.model where it is the tokenizer (tokenizer_source). Mistral's consolidated.safetensors
+    (14.5 GB beside its shards), pytorch_model.bin beside model.safetensors, a .gguf or tf_model.h5 neither count
+    in the source's digest and bytes nor are refused as Git LFS pointers. Not its subfolders: a hub download's
     `original/` (Llama 3.2's consolidated .pth, 2.5 GB beside 2.5 GB of safetensors) and `--local-dir`'s
     `.cache/huggingface/` metadata are no part of the model the builder and transformers read, and would double
     the source's size and hashing time or make the same model hash differently."""
-    return sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith("."))
+    if config is None:
+        try:
+            config = json.loads((p / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            config = {}
+    read = set(weight_files(p, config))
+    if config.get("quantization_config") or text_config(config).get("quantization_config"):
+        read.update(p.glob("*.safetensors"))
+    if tokenizer_source(p) == "tokenizer.model":
+        read.add(p / "tokenizer.model")
+    try:   # a factorized folder's low-rank factors (convert.llm_lowrank)
+        low = json.loads((p / "edgekit_factorize.json").read_text(encoding="utf-8")).get("lowrank")
+        read.add(p / str(low.get("file", "edgekit_lowrank.safetensors")))
+    except (OSError, ValueError, AttributeError):
+        pass
+    own = {f for f in p.iterdir() if f.is_file() and not f.name.startswith(".")
+           and (f.suffix.lower() not in UNREAD_SUFFIXES or f in read)}
+    return sorted(own | {f for f in read if f.is_file()})
+
+
+def source_name(model: str) -> str:
+    """The name a bundle takes from its source folder: the folder's, or a Hugging Face cache snapshot's repository
+    name (…/models--Qwen--Qwen2.5-0.5B-Instruct/snapshots/7ae5576… -> Qwen2.5-0.5B-Instruct), not its revision."""
+    p = Path(model).resolve()
+    repo = p.parent.parent.name
+    if p.parent.name == "snapshots" and repo.startswith("models--") and repo.split("--")[-1]:
+        return repo.split("--")[-1]
+    return p.name
 
 
 # --- builds -------------------------------------------------------------------------------------------------------
@@ -799,7 +941,7 @@ class LLMRecipe:
 
     @property
     def bundle_name(self) -> str:
-        return check_name(self.name or Path(self.model).resolve().name)
+        return check_name(self.name or source_name(self.model))
 
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -928,6 +1070,7 @@ class _Session:
     def __init__(self, recipe: LLMRecipe, src: LMSource, wd: Path, progress: Progress, log):
         self.recipe, self.src, self.wd, self.progress, self.log = recipe, src, wd, progress, log
         self.arm_checks: Dict[Any, Dict[str, Any]] = {}   # compat.check_llm's records, by model files and golden
+        self.rope_rows: Optional[int] = None   # each build's RoPE caches cut to these rows (_convert; None: not cut)
         self.floor = recipe.floor
         progress.say(f"{src.path.name}: loading the float model ({src.architecture}) in torch")
         self.float = FloatModel(src.path)
@@ -968,6 +1111,11 @@ class _Session:
             self.log.write(out[-20000:])
             if not self.matmuls:
                 self.matmuls.update(decoder_matmuls(d / "model.onnx"))
+            if self.rope_rows:   # at least a sliding window's rows (GroupQueryAttention's KV cache: kv_floor)
+                from edgekit.convert.llm_graph import cut_rope_caches
+
+                genai = json.loads((d / "genai_config.json").read_text(encoding="utf-8"))
+                rec["rope"] = cut_rope_caches(d, max(self.rope_rows, kv_floor(genai)))
             dims = self.src.dims()
             dec = OnnxDecoder(d, dims["kv_heads"], dims["head_dim"])
             q = [dec.logits(w) for w in self.text.windows]
@@ -1307,7 +1455,13 @@ def _generation(model_dir: Path, prompt: str, tokens: int = 16, cpu: bool = Fals
             bos, ids = int(first), [int(first)] + ids
     params = og.GeneratorParams(model)
     genai = json.loads((model_dir / "genai_config.json").read_text(encoding="utf-8"))
-    params.set_search_options(max_length=kv_capacity(genai, len(ids) + tokens), do_sample=False)
+    # the search options of the runtime's greedy generate() (llmopts.GenOptions: repetition_penalty 1.0 over
+    # genai_config's, which is the checkpoint's since _tune_genai_config), so the golden text is what
+    # `edgekit check` (runtime.llmcheck) generates again on the device
+    from edgekit.runtime.llmopts import GenOptions
+
+    params.set_search_options(max_length=kv_capacity(genai, len(ids) + tokens),
+                              **GenOptions(max_new_tokens=tokens).search())
     gen = og.Generator(model, params)
     gen.append_tokens(np.asarray(ids, dtype=np.int32))
     out = []
@@ -1318,19 +1472,73 @@ def _generation(model_dir: Path, prompt: str, tokens: int = 16, cpu: bool = Fals
             "engine": f"onnxruntime-genai {og.__version__}" + (" (CPU provider; built for the GPU)" if cpu else "")}
 
 
-def _tune_genai_config(model_dir: Path, t: TargetProfile, context: int) -> None:
+def _template_check(mdir: Path, s: "_Session") -> Optional[Dict[str, Any]]:
+    """The bundle's chat template rendered by ONNX Runtime GenAI (as the runtime renders it) and by the checkpoint's
+    tokenizer in transformers on llmtemplate.TEMPLATE_PROBES: {"conversations": n, "differ": [names], "first":
+    {conversation, transformers, onnxruntime_genai}}; None without a chat template. A difference is logged and said
+    in the progress (one line), the bundle still written: the runtime uses this template either way."""
+    from edgekit.runtime.llmtemplate import TEMPLATE_PROBES, source_template, template_mismatches
+
+    if source_template(mdir) is None:
+        return None
+    tok = s.float.tokenizer
+    bad = template_mismatches(mdir, source=s.src.path, reference=lambda m: tok.apply_chat_template(
+        m, tokenize=False, add_generation_prompt=True))
+    out: Dict[str, Any] = {"conversations": len(TEMPLATE_PROBES), "differ": [b["conversation"] for b in bad]}
+    if bad:
+        out["first"] = {k: str(v)[:2000] for k, v in bad[0].items()}
+        s.log.write(f"chat template: ONNX Runtime GenAI renders {len(bad)} of {len(TEMPLATE_PROBES)} conversations "
+                    f"otherwise than transformers: {json.dumps(bad, ensure_ascii=False)[:20000]}\n")
+        s.progress.say(f"  warning: the chat template renders {', '.join(out['differ'])} otherwise in ONNX Runtime "
+                       "GenAI than in transformers (the manifest's llm.chat_template_check, the convert log)")
+    return out
+
+
+def _source_search(model_dir: Path) -> Dict[str, Any]:
+    """The repetition settings of the checkpoint's generation_config.json (in model_dir: SOURCE_EXTRAS) as ONNX
+    Runtime GenAI search options. The builder copies them from the configuration object only where it has the
+    attribute, which transformers 5's AutoConfig no longer gives: Qwen2.5-0.5B-Instruct's repetition_penalty 1.1
+    became 1.0 (what `edgekit chat` / `run` take as the model's default: runtime.llm generation_defaults).
+    A penalty that is not a number above 0 is left out. no_repeat_ngram_size is not copied: ONNX Runtime GenAI 0.18
+    would apply it to every generation (a tiny Llama, size 2: the bigram seen before not generated again), and
+    edgekit's runtime has no such option to turn it off for its greedy API and golden check."""
+    try:
+        gc = json.loads((model_dir / "generation_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(gc, dict):
+        return {}
+    out: Dict[str, Any] = {}
+    rp = gc.get("repetition_penalty")
+    if isinstance(rp, (int, float)) and not isinstance(rp, bool) and 0 < rp < float("inf"):
+        out["repetition_penalty"] = float(rp)
+    return out
+
+
+def _tune_genai_config(model_dir: Path, t: TargetProfile, context: int) -> int:
     """genai_config.json: the profile's default context as search.max_length (the KV cache a runtime allocates
     with past_present_share_buffer), the target's threads and whether ORT's intra-op threads spin between ops
     (profile llm.intra_op_spinning: a decode step is ~300 small ops, and threads that busy-wait for the next
-    one take the CPU from whatever else runs on the device)."""
+    one take the CPU from whatever else runs on the device), the checkpoint's repetition settings
+    (_source_search), and model.context_length the bundle's context: the builder writes max_position_embeddings
+    (131,072 for Llama 3.2), which the runtime takes as the longest context (lm.max_context) and ONNX Runtime
+    GenAI as the longest max_length it accepts. Where a sliding window is longer than the context (GroupQueryAttention
+    refuses a KV cache smaller than the window: kv_floor) the window's length, at most the builder's. Returns the
+    context_length written: the RoPE caches' rows (llm_graph.cut_rope_caches)."""
     p = model_dir / "genai_config.json"
     cfg = json.loads(p.read_text(encoding="utf-8"))
     cfg.setdefault("search", {})["max_length"] = min(t.llm.context_default, context)
+    cfg["search"].update(_source_search(model_dir))
+    built = int(cfg["model"].get("context_length") or 0)
+    rows = max(int(context), kv_floor(cfg))
+    rows = min(rows, built) if built > 0 else rows
+    cfg["model"]["context_length"] = rows
     so = cfg["model"]["decoder"].setdefault("session_options", {})
     if t.llm.execution_provider == "cpu":
         so["intra_op_num_threads"] = t.runtime.threads
         so["session.intra_op.allow_spinning"] = "1" if t.llm.intra_op_spinning else "0"
     p.write_text(json.dumps(cfg, indent=4), encoding="utf-8")
+    return rows
 
 
 class BundleWriteError(EdgekitError):
@@ -1356,9 +1564,19 @@ def _write_bundle(s: _Session, row: LLMRow, t: TargetProfile, opts: LLMBuildOpti
             if (src.path / extra).is_file() and not (mdir / extra).exists():
                 shutil.copyfile(src.path / extra, mdir / extra)
         context = min(int(dims["max_positions"] or t.llm.context_max), t.llm.context_max)
-        _tune_genai_config(mdir, t, context)
+        rows = _tune_genai_config(mdir, t, context)
+        # the RoPE cos / sin caches cut from max_position_embeddings rows to the context's (llm_graph): Llama-3.2-1B
+        # 33.5 MB less, Phi-3.5-mini ~50 MB; fidelity and golden read positions far below the cut, the same bits
+        from edgekit.convert.llm_graph import cut_rope_caches
+
+        rope = cut_rope_caches(mdir, rows)
+        per_token = weight_bytes(mdir)["per_token"] if rope["caches"] else rec["bytes_per_token"]
         # the chat template laid out as transformers renders it (trim_blocks / lstrip_blocks: runtime.llmtemplate)
         relayout_folder(mdir)
+        # the chat template as the device's ORT GenAI renders it against transformers' rendering of the checkpoint's
+        # (three conversations: llmtemplate.template_mismatches); a difference is said and recorded, not refused
+        # (a template may read the date or raise on a role the other engine lets through)
+        tpl_bad = _template_check(mdir, s)
         # the shipped graph computes the last position's logits only (llm_graph.prune_lm_head): fidelity and the
         # golden logits were measured on the build before it, the same numbers at the last position
         pruned = prune_lm_head(mdir)
@@ -1394,7 +1612,7 @@ def _write_bundle(s: _Session, row: LLMRow, t: TargetProfile, opts: LLMBuildOpti
                            floor=(row.floor or s.floor).to_dict(), val=s.recipe.val, val_tokens=s.recipe.val_tokens,
                            max_bytes=s.recipe.max_bytes,
                            window=s.recipe.window),
-            "llm": {"bytes_per_token": rec["bytes_per_token"], "kv_bytes_per_token": kv_bytes,
+            "llm": {"bytes_per_token": per_token, "kv_bytes_per_token": kv_bytes,
                     "kv_cache_type": t.llm.kv_type(opts.precision),
                     "context_default": min(t.llm.context_default, context), "context_max": context,
                     "execution_provider": opts.execution_provider,
@@ -1403,6 +1621,11 @@ def _write_bundle(s: _Session, row: LLMRow, t: TargetProfile, opts: LLMBuildOpti
                     "int8_nodes": int8_summary(mdir), "scales": scales_summary(mdir),
                     "lm_head": ({"positions": "last", "note": PRUNE_NOTE} if pruned["pruned"] else
                                 {"positions": "all", "note": pruned["why"]}),
+                    "chat_template_check": tpl_bad,
+                    "rope_caches": {"rows": rows, "cut": sorted({c["name"] for r in (rec.get("rope") or {}, rope)
+                                                                 for c in r.get("caches", [])}),
+                                    "saved_bytes": (rec.get("rope") or {}).get("saved_bytes", 0)
+                                    + rope["saved_bytes"], "note": rope["note"] or (rec.get("rope") or {}).get("note")},
                     "eos_token_id": json.loads((mdir / "genai_config.json").read_text())["model"].get("eos_token_id")},
             "fidelity": dict(m, text=s.text.source, numerics=_numerics(t, opts, rec["ort_version"]),
                              floor=(row.floor or s.floor).to_dict(), meets=True),
@@ -1429,7 +1652,7 @@ def _write_bundle(s: _Session, row: LLMRow, t: TargetProfile, opts: LLMBuildOpti
             manifest["compatibility"] = records
             write_json_atomic(tmp / "manifest.json", manifest)
     row.bytes = manifest["model"]["bytes"]
-    row.bytes_per_token = rec["bytes_per_token"]
+    row.bytes_per_token = per_token
 
 
 def _calibration_summary(model_dir: Path):
@@ -1712,6 +1935,22 @@ def _emulated_ready(progress: Progress) -> None:
                            hint="--compat-check auto records the ARM check as not done here") from None
 
 
+def kquant_odd_blocks(src: "LMSource", block: int) -> Optional[str]:
+    """Why ONNX Runtime's k_quant quantizer (the model builder's, ORT 1.32) cannot build `src`'s decoder MatMuls at
+    `block`, or None: it packs two 4-bit zero points a byte across a matrix's rows, so a MatMul whose input width K
+    spans an odd number of blocks fails ("cannot reshape array of size 288 into shape (64,newaxis)" for K 576 at
+    64: checked on single MatMuls, K 192 / 576 / 640 at 64 / 128 / 32 fail with 3 / 5 / 9 blocks, 256 at 64 builds).
+    The widths: hidden_size (q, k, v, gate, up), heads x head_dim (o_proj), intermediate_size (down)."""
+    d = src.dims()
+    c = text_config(src.config)
+    widths = {"hidden_size": d["hidden"], "heads x head_dim": d["heads"] * d["head_dim"],
+              "intermediate_size": int(c.get("intermediate_size") or 0)}
+    for what, k in widths.items():
+        if k > 0 and (-(-k // block)) % 2:
+            return f"{what} {k} is {-(-k // block)} blocks of {block}, an odd number"
+    return None
+
+
 def convert_llm(recipe: LLMRecipe, out: str = "build", *, progress: Optional[Progress] = None,
                 device=None) -> LLMConvertResult:
     """Build, measure and write an LLM bundle per target of `recipe` under `out`. `device`: with select
@@ -1726,6 +1965,15 @@ def convert_llm(recipe: LLMRecipe, out: str = "build", *, progress: Optional[Pro
         from edgekit.errors import DataError
         raise DataError("held-out text not found", path=recipe.val, hint="--val takes a UTF-8 .txt file")
     plans = [(t, profile_options(t, recipe)) for t in targets]
+    for t, o in plans:   # a block size asked for that the builder's k_quant cannot pack: said before any work
+        why = (kquant_odd_blocks(src, o.block_size) if recipe.block_size is not None and o.precision == "int4"
+               and o.algo == "k_quant" else None)
+        if why:
+            raise EdgekitError(f"{recipe.model}: --block-size {o.block_size} with k_quant rounding: {why}, and ONNX "
+                               "Runtime's k-quant packs 4-bit zero points two a byte across rows, so it cannot build "
+                               "this model",
+                               hint="a block size that divides it evenly, or --algo awq (edgekit packs its own "
+                                    "roundings per row)")
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise EdgekitError(f"{out_dir}: exists and is not a directory", hint="choose another --out")
@@ -1787,6 +2035,10 @@ def _convert(recipe: LLMRecipe, src: LMSource, plans, out_dir: Path, name: str, 
     with tempfile.TemporaryDirectory(prefix="edgekit-llm-") as wd, open(log_path, "w", encoding="utf-8") as log:
         log.write(f"edgekit {edgekit.__version__} convert {recipe.model} (language model)\n")
         s = _Session(recipe, src, Path(wd), progress, log)
+        # every build's RoPE caches cut to the longest context a target's bundle has (_write_bundle cuts each to its
+        # own): the byte budget and the ladder judge builds of the size they ship at (Llama-3.2-1B: 33.5 MB less)
+        max_pos = src.dims()["max_positions"]
+        s.rope_rows = max(min(int(max_pos or t.llm.context_max), t.llm.context_max) for t, _ in plans)
         result = LLMConvertResult(name, recipe.to_dict(), {"path": str(src.path), "sha256": src.sha256,
                                                            "bytes": src.bytes, "architecture": src.architecture},
                                   s.text.source, recipe.floor, log_path=log_path)

@@ -110,6 +110,35 @@ def load_error(folder: Path, what: str, e: BaseException) -> SourceModelError:
                                  "names is installed; --debug shows the traceback")
 
 
+# generate()'s options that change which token a greedy or sampled step picks (logits processors), at the values
+# that leave the logits alone. transformers 5 fills every option a call leaves unset (None) from the checkpoint's
+# generation_config.json: Qwen2.5-Instruct's repetition_penalty 1.1, other checkpoints' no_repeat_ngram_size,
+# suppress_tokens, forced_eos_token_id..., and the converter's text (the float model's own continuations, the
+# calibration text) was then not the model's plain continuation
+PLAIN_GENERATION = dict(num_beams=1, num_beam_groups=1, diversity_penalty=0.0, repetition_penalty=1.0,
+                        encoder_repetition_penalty=1.0, no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0,
+                        length_penalty=1.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
+                        renormalize_logits=False, remove_invalid_values=False)
+_SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+
+
+def plain_generate(model, ids, attention_mask, **options):
+    """model.generate(ids) as plain greedy (do_sample=False) or plain sampling (do_sample=True, temperature /
+    top_p / top_k as given): PLAIN_GENERATION over the checkpoint's generation_config, which for the call keeps
+    only its special token ids (EOS: min_new_tokens holds it back), so no processor it names (a list-valued one:
+    suppress_tokens, bad_words_ids, sequence_bias, whose unset value is None) fills in the options."""
+    from transformers import GenerationConfig
+
+    own = model.generation_config
+    ids_only = {k: getattr(own, k, None) for k in _SPECIAL_IDS}
+    model.generation_config = GenerationConfig(**{k: v for k, v in ids_only.items() if v is not None})
+    try:
+        return model.generate(ids, attention_mask=attention_mask,
+                              generation_config=GenerationConfig(**dict(PLAIN_GENERATION, **options)))
+    finally:
+        model.generation_config = own
+
+
 class FloatModel:
     """The source model in torch float32: the reference every build is measured against."""
 
@@ -188,9 +217,8 @@ class FloatModel:
 
     def own_continuations(self, max_tokens: int, window: int, prompts=BUILTIN_PROMPTS, tick=None) -> EvalText:
         """Greedy continuations of the built-in prompts (or `prompts`) by the float model itself. tick(done,
-        total): called after each prompt (total: the prompts it takes to reach max_tokens)."""
-        from transformers import GenerationConfig
-
+        total): called after each prompt (total: the prompts it takes to reach max_tokens). Plain greedy: the
+        checkpoint's generation_config processors (repetition_penalty...) left out (plain_generate)."""
         torch, t = self.torch, self.tokenizer
         new = max(16, min(window, max_tokens // len(prompts)))
         bos = self._bos()
@@ -200,10 +228,10 @@ class FloatModel:
             tick(0, total)   # the clock starts with the first prompt
         for p in prompts:
             ids = torch.tensor([bos + t(p, add_special_tokens=False)["input_ids"]], dtype=torch.long)
-            cfg = GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                                   pad_token_id=t.pad_token_id if t.pad_token_id is not None else t.eos_token_id)
             with torch.no_grad():
-                out = self.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=cfg)
+                out = plain_generate(self.model, ids, torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                                     do_sample=False, pad_token_id=t.pad_token_id if t.pad_token_id is not None
+                                     else t.eos_token_id)
             windows.append(out[0].numpy().astype(np.int64))
             starts.append(int(ids.shape[1]))     # the continuation is scored, not the prompt
             if tick is not None:

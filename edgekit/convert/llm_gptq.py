@@ -196,10 +196,11 @@ def calibration_windows(fm, tokens: int = 2048, sample: bool = True, seed: int =
     """Token windows to calibrate on: the float model's own continuations of llm_sensitivity.CALIBRATION_PROMPTS
     (never the text a build is judged on), about `tokens` in all, generated as one batch (prompts left-padded).
     Sampled (temperature 1, top-p 0.95, seeded) unless sample=False: greedy continuations of a small model fall
-    into loops that repeat a few sentences."""
+    into loops that repeat a few sentences. Plain sampling / greedy: the checkpoint's generation_config processors
+    (repetition_penalty, no_repeat_ngram_size, min_p...) left out (llm_fidelity.plain_generate)."""
     import torch
-    from transformers import GenerationConfig
 
+    from edgekit.convert.llm_fidelity import plain_generate
     from edgekit.convert.llm_sensitivity import CALIBRATION_PROMPTS
 
     t = fm.tokenizer
@@ -210,12 +211,11 @@ def calibration_windows(fm, tokens: int = 2048, sample: bool = True, seed: int =
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], dtype=torch.long)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long)
-    cfg = GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=sample,
-                           temperature=1.0 if sample else None, top_p=0.95 if sample else None,
-                           top_k=0 if sample else None, pad_token_id=pad)
     torch.manual_seed(seed)
     with torch.no_grad():
-        out = fm.model.generate(ids, attention_mask=mask, generation_config=cfg)
+        out = plain_generate(fm.model, ids, mask, max_new_tokens=new, min_new_tokens=new, do_sample=sample,
+                             temperature=1.0 if sample else None, top_p=0.95 if sample else None,
+                             top_k=0 if sample else None, pad_token_id=pad)
     return [out[k, width - len(p):].numpy().astype(np.int64) for k, p in enumerate(prompts)]
 
 

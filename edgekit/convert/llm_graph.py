@@ -691,6 +691,234 @@ def scales_summary(model_dir: os.PathLike) -> Optional[Dict[str, Any]]:
     out["note"] = HALF_NOTE if out["fp16_cast"] else None
     return out
 
+
+ROPE_NOTE = ("RoPE cos / sin caches cut to the bundle's context (the builder writes max_position_embeddings rows; "
+             "positions past the context are never read: ONNX Runtime GenAI refuses a max_length above "
+             "genai_config's context_length)")
+# the nodes that read RoPE cos / sin caches, their rows indexed by position: (domain, op) -> the cache inputs.
+# ONNX Runtime's contrib ops as the model builder writes them, and ONNX's own RotaryEmbedding (opset 23)
+_ROPE_READERS = {("com.microsoft", "GroupQueryAttention"): (7, 8), ("com.microsoft", "PagedAttention"): (8, 9),
+                 ("com.microsoft", "RotaryEmbedding"): (2, 3), ("com.microsoft", "MRotaryEmbedding"): (2, 3),
+                 ("", "RotaryEmbedding"): (1, 2), ("ai.onnx", "RotaryEmbedding"): (1, 2)}
+
+
+def _subgraphs(g):
+    """g and every graph under it (If / Loop / Scan bodies), each once."""
+    out, todo = [], [g]
+    while todo:
+        x = todo.pop()
+        out.append(x)
+        for n in x.node:
+            for a in n.attribute:
+                todo += ([a.g] if a.HasField("g") else []) + list(a.graphs)
+    return out
+
+
+def _all_tensors(model):
+    """Every TensorProto of a ModelProto: initializers and node attributes (Constant values), subgraphs too."""
+    for g in _subgraphs(model.graph):
+        yield from g.initializer
+        for n in g.node:
+            for a in n.attribute:
+                if a.HasField("t"):
+                    yield a.t
+                yield from a.tensors
+
+
+def _rope_reads(g, reads, name: str) -> bool:
+    """Whether every read of `name` in g is a RoPE reader's cache input (and something reads it)."""
+    uses = reads.get(name, [])
+    return bool(uses) and all(i in _ROPE_READERS.get((n.domain, n.op_type), ()) for n, i in uses)
+
+
+def _rope_sources(g, name: str, found: list, kept: list, depth: int = 0) -> None:
+    """The tensors behind cache `name` of graph g: an initializer, a Constant node's value, or (Phi-3 LongRoPE: an
+    If choosing the short or the long pair by the sequence length) what each branch's output is; appended to
+    found as (graph, name, tensor, holder) with holder "initializer" or "constant"; anything else to kept."""
+    for t in g.initializer:
+        if t.name == name:
+            found.append((g, name, t, "initializer"))
+            return
+    for n in g.node:
+        if name not in n.output:
+            continue
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            found.append((g, name, n.attribute[0].t, "constant"))
+        elif n.op_type == "If" and depth < 4:
+            k = list(n.output).index(name)
+            for a in n.attribute:
+                if a.HasField("g") and k < len(a.g.output):
+                    _rope_sources(a.g, a.g.output[k].name, found, kept, depth + 1)
+        else:
+            kept.append((name, f"made by a {n.op_type} node"))
+        return
+    kept.append((name, "not an initializer or a node's output (a graph input)"))
+
+
+def rope_pairs(model) -> List[Tuple[Tuple[Any, str, Any, str], Tuple[Any, str, Any, str]]]:
+    """The RoPE cos / sin cache pairs of a ModelProto that only RoPE readers read (GroupQueryAttention's cos_cache /
+    sin_cache, RotaryEmbedding's; Gemma 3's local and global pairs; Phi-3 LongRoPE's short and long pairs behind
+    an If): [(cos, sin)], each (graph, name, tensor, "initializer" | "constant"), each pair once. A pair one of
+    whose caches something else reads too (a Shape, a graph output) or is made by another node is not in it: a
+    reader takes a cos and a sin of the same rows, so the two are cut together or not at all."""
+    g = model.graph
+    reads = readers(g)
+    outputs = {o.name for o in g.output}
+    pairs: List[Tuple[str, str]] = []
+    for n in g.node:
+        idx = _ROPE_READERS.get((n.domain, n.op_type), ())
+        if len(idx) == 2 and idx[1] < len(n.input) and n.input[idx[0]] and n.input[idx[1]]:
+            pair = (n.input[idx[0]], n.input[idx[1]])
+            if pair not in pairs:
+                pairs.append(pair)
+    out, seen = [], set()
+    for names in pairs:
+        found: List[list] = [[], []]
+        kept: list = []
+        for k, name in enumerate(names):
+            if name in outputs or not _rope_reads(g, reads, name):
+                kept.append(name)
+            else:
+                _rope_sources(g, name, found[k], kept)
+        if kept or len(found[0]) != len(found[1]):
+            continue
+        for a, b in zip(*found):
+            if (id(a[2]), id(b[2])) not in seen and a[2] is not b[2]:
+                seen.add((id(a[2]), id(b[2])))
+                out.append((a, b))
+    return out
+
+
+def rope_caches(model) -> List[Tuple[Any, str, Any, str]]:
+    """The caches of rope_pairs, each tensor once: [(graph, name, tensor, "initializer" | "constant")]."""
+    out, seen = [], set()
+    for pair in rope_pairs(model):
+        for f in pair:
+            if id(f[2]) not in seen:
+                seen.add(id(f[2]))
+                out.append(f)
+    return out
+
+
+def cut_rope_caches(model_dir: os.PathLike, rows: int) -> Dict[str, Any]:
+    """Cut model_dir's RoPE cos / sin caches (rope_caches) to their first `rows` rows, positions 0..rows-1: the
+    model builder writes max_position_embeddings rows ([positions, rotary_dim / 2], fp32 on CPU), 131,072 for
+    Llama 3.2 / Phi-3.5 / DeepSeek-R1-Distill, 33.5 MB of Llama-3.2-1B's model.onnx.data and 50 MB of
+    Phi-3.5-mini's model.onnx (its LongRoPE pair is held inside the graph) that a bundle whose context is `rows`
+    never reads. A cache of `rows` rows or fewer is left as it is (Phi-3's short pair: original_max_position_
+    embeddings rows); the values kept are the same bits, so every logit at a position below `rows` is unchanged.
+    Caches in model.onnx.data: the data file rewritten (a new one beside, switched in with the graph: _swap_in;
+    initializers naming the same bytes still do); caches inside the graph: model.onnx only. Returns {"rows",
+    "caches": [{"name", "rows_before"}], "saved_bytes", "kept": [(name, why)], "note"}; a second call finds
+    nothing to do. The caller sets genai_config's context_length to at most `rows` (ONNX Runtime GenAI then refuses
+    a longer generation, which would read past the cut)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model_dir = Path(model_dir)
+    path = model_dir / "model.onnx"
+    model = onnx.load(str(path), load_external_data=False)
+    nothing = {"rows": int(rows), "caches": [], "saved_bytes": 0, "kept": [], "note": None}
+    if rows < 1:
+        return dict(nothing, kept=[(None, f"{rows} rows: nothing cut")])
+    tensors = list(_all_tensors(model))
+    if any(t.data_location == TensorProto.EXTERNAL and _location(t) is None for t in tensors):
+        return dict(nothing, kept=[(None, "an external tensor without a length: the graph is left as it is")])
+    kept: List[Tuple[str, str]] = []
+    cut: Dict[int, Tuple[Any, str, Any]] = {}   # id(tensor) -> (graph, name, tensor)
+    pairs = rope_pairs(model)   # the same tensor objects throughout: `tensors` above holds them
+    caches = {id(f[2]): f for pair in pairs for f in pair}
+    for g, name, t, _ in caches.values():
+        if len(t.dims) != 2 or int(t.dims[0]) <= rows:
+            continue
+        if t.data_type not in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16):
+            kept.append((name, f"of type {helper.tensor_dtype_to_np_dtype(t.data_type)}, not a float cache"))
+            continue
+        if _location(t) is not None and _location(t)[2] % int(t.dims[0]):
+            kept.append((name, f"{_location(t)[2]} bytes are not {int(t.dims[0])} rows"))
+            continue
+        cut[id(t)] = (g, name, t)
+    # an external cache whose bytes another tensor also names (an alias) is cut only with all of them
+    sharers: Dict[Tuple[str, int, int], List[Any]] = {}
+    for t in tensors:
+        if _location(t) is not None:
+            sharers.setdefault(_location(t), []).append(t)
+    for group in sharers.values():
+        if any(id(t) in cut for t in group) and not all(id(t) in cut for t in group):
+            for t in group:
+                if id(t) in cut:
+                    kept.append((cut.pop(id(t))[1], "its bytes are also another tensor's"))
+    for a, b in pairs:   # a cos and its sin: both cut, or neither (a reader wants the same rows of each)
+        if (id(a[2]) in cut) != (id(b[2]) in cut):
+            for x in (a, b):
+                if id(x[2]) in cut:
+                    kept.append((cut.pop(id(x[2]))[1], f"its pair {b[1] if x is a else a[1]} is not cut"))
+    if not cut:
+        return dict(nothing, kept=kept)
+    done, saved, fixed = [], 0, set()
+    new_data: Dict[int, bytes] = {}
+    for g, name, t in cut.values():
+        before, width = int(t.dims[0]), int(t.dims[1])
+        loc = _location(t)
+        if loc is not None:
+            keep = loc[2] // before * rows   # row-major: the first rows are the first bytes
+            new_data[id(t)] = _read_external(model_dir, t)[:keep]
+            saved += loc[2] - keep
+        else:
+            a = numpy_helper.to_array(t)
+            saved += (before - rows) * a[0].nbytes
+            t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(a[:rows]), t.name))
+        del t.dims[:]
+        t.dims.extend([rows, width])
+        done.append({"name": name, "rows_before": before})
+        fixed.add(name)
+    # a shape the builder wrote for a cache (an If branch's outputs: [max_position_embeddings, rotary_dim / 2])
+    # would now contradict the tensor
+    for g in _subgraphs(model.graph):
+        for v in list(g.value_info) + list(g.output) + list(g.input):
+            dims = v.type.tensor_type.shape.dim
+            if v.name in fixed and dims and dims[0].HasField("dim_value") and dims[0].dim_value > rows:
+                dims[0].dim_value = rows
+    if not new_data:   # the caches were inside the graph: model.onnx only
+        _write_atomic(model, path)
+        return {"rows": int(rows), "caches": done, "saved_bytes": saved, "kept": kept, "note": ROPE_NOTE}
+    staged = _staged_data(model_dir)
+    try:
+        moved: Dict[Tuple[str, int, int], Tuple[int, int]] = {}
+        with open(model_dir / staged, "wb") as out:
+            pos = 0
+
+            def put(b: bytes) -> Tuple[int, int]:
+                nonlocal pos
+                pad = (-pos) % _ALIGN
+                out.write(b"\0" * pad)
+                pos += pad
+                start = pos
+                out.write(b)
+                pos += len(b)
+                return start, len(b)
+
+            for t in tensors:
+                loc = _location(t)
+                if loc is None:
+                    continue
+                if loc not in moved:
+                    moved[loc] = put(new_data[id(t)] if id(t) in new_data else _read_external(model_dir, t))
+                start, n = moved[loc]
+                del t.external_data[:]
+                for k, v in (("location", staged), ("offset", str(start)), ("length", str(n))):
+                    e = t.external_data.add()
+                    e.key, e.value = k, v
+            out.flush()
+            os.fsync(out.fileno())
+    except BaseException:
+        (model_dir / staged).unlink(missing_ok=True)
+        raise
+    _swap_in(model, model_dir, staged)
+    return {"rows": int(rows), "caches": done, "saved_bytes": saved, "kept": kept, "note": ROPE_NOTE}
+
 __all__ = ["alias_tied_embedding", "constant_dtypes", "embedding_summary", "half_scales", "initializer_bytes",
            "lm_head_pruned", "node_constants", "prune_lm_head", "read_bytes", "save_with_data", "scales_summary",
-           "stored_bytes", "unpruned", "FP16_MIN_NORMAL", "HALF_NOTE", "NOTE", "PRUNE_NOTE"]
+           "stored_bytes", "unpruned", "cut_rope_caches", "rope_caches", "rope_pairs", "FP16_MIN_NORMAL",
+           "HALF_NOTE", "NOTE", "PRUNE_NOTE", "ROPE_NOTE"]

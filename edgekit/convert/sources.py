@@ -68,10 +68,35 @@ def check_hf_config(folder: Path) -> None:
                                path=str(folder), hint=HF_CONFIG_HINT)
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def check_adapter(folder: Path) -> None:
+    """A PEFT adapter folder (adapter_config.json beside adapter_model.safetensors: LoRA's low-rank updates of a
+    base model the folder does not hold; transformers would fetch that base by the name the file gives):
+    SourceModelError saying to merge it into its base model and convert the merged folder."""
+    import json
+
+    cfg = Path(folder) / ADAPTER_CONFIG
+    if not cfg.is_file():
+        return
+    try:
+        base = json.loads(cfg.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        base = None
+    of = f" of {base}" if isinstance(base, str) and base else ""
+    raise SourceModelError(f"a PEFT adapter{of} ({ADAPTER_CONFIG}), not a model: edgekit converts a whole model",
+                           path=str(folder),
+                           hint="merge it into its base model (peft: PeftModel.from_pretrained(base, FOLDER)"
+                                ".merge_and_unload(), then save_pretrained(MERGED) with the base's tokenizer) and "
+                                "convert the merged folder")
+
+
 def detect_kind(path: Path) -> str:
     if path.is_dir():
         if (path / "saved_model.pb").is_file() or (path / "saved_model.pbtxt").is_file():
             return "savedmodel"
+        check_adapter(path)
         check_hf_config(path)
         if (path / "config.json").is_file():
             raise SourceModelError("a Hugging Face model folder: language models convert through "

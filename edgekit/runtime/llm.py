@@ -445,6 +445,20 @@ class LanguageModel:
             d["temperature"] = 0.0
         return d
 
+    @property
+    def context(self) -> int:
+        """The sequence length used (a conversation's KV cache, the prompt's room): settable up to max_context, the
+        model's longest (genai_config's context_length: convert cuts the RoPE caches to it, so a longer sequence
+        would read past them; ONNX Runtime GenAI refuses it only when a generator is made)."""
+        return self._context
+
+    @context.setter
+    def context(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= self.max_context:
+            raise DataError(f"context {value!r}: a whole number of tokens from 2 to this model's "
+                            f"{self.max_context}")
+        self._context = value
+
     def model_bytes(self) -> int:
         """The weights' bytes: the ONNX graph files and their external data (not the tokenizer and configs)."""
         files = ((self.manifest or {}).get("model") or {}).get("files")
