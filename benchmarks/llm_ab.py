@@ -53,7 +53,8 @@ def main(argv=None) -> int:
 
     base = AutoTokenizer.from_pretrained(args.folder)(PROMPT_TEXT, add_special_tokens=False)["input_ids"]
     pids = {p: (base * (-(-p // len(base))))[:p] for p in prompts}
-    run = B.Runner(B.WORK / "venv" / "bin" / "python", Path(tempfile.mkdtemp(prefix="llm-ab-")))
+    tmp = tempfile.TemporaryDirectory(prefix="llm-ab-")
+    run = B.Runner(B.WORK / "venv" / "bin" / "python", Path(tmp.name))
     bw_before = B.bandwidth()
     samples: dict = {}
     for rnd in range(args.rounds):
@@ -71,10 +72,12 @@ def main(argv=None) -> int:
                 samples.setdefault(key, []).append({"decode_tok_s": pr["decode_tok_s"],
                                                     "prefill_tok_s": pr["prefill_tok_s"],
                                                     "peak_rss_generation_mb": pr["peak_rss_generation_mb"],
-                                                    "loadavg_before": load})
+                                                    "intra_op_spinning": out.get("intra_op_spinning"),
+                                                    "threads_used": out.get("threads"), "loadavg_before": load})
                 B.say(f"round {rnd + 1}: {key}: decode {pr['decode_tok_s']:.1f} tok/s, prefill "
                       f"{pr['prefill_tok_s']:.0f} (load {load:.2f})")
     bw_after = B.bandwidth()
+    tmp.cleanup()
     summary = {}
     for key, v in samples.items():
         dec = [x["decode_tok_s"] for x in v]

@@ -433,6 +433,11 @@ def test_select_fastest(tiny_lm, tiny_val, tmp_path):
     assert len(whats) == len(set(whats)) >= 5 and any(w.startswith("int8") for w in whats)
     # no byte budget: every candidate, INT8's too, with its scales fp32 in the file (LLMBuildOptions.fp16_scales)
     assert not any(c["options"]["half_scales"] for c in x86.candidates)
+    # the tiny model's hidden 128 is one block of 128: k_quant cannot pack it, the candidate is not built (was
+    # ORT's quantizer's 'cannot reshape')
+    b128 = [c for c in x86.candidates if c["options"]["block_size"] == 128 and c["options"]["precision"] == "int4"]
+    assert b128 and all(c["error"] == "not built: k_quant cannot pack it (hidden_size 128 is 1 blocks of 128, an "
+                        "odd number)" and not c["meets"] for c in b128), b128
     timed = [c for c in x86.candidates if c.get("decode_tok_s")]
     assert timed and all(c["meets"] for c in timed)
     chosen = [c for c in x86.candidates if c.get("chosen")]
@@ -495,6 +500,8 @@ def test_block_size_kquant_cannot_pack_refused_up_front(cli, tmp_path):
                                "--out", out), out)
     assert "--block-size 64 with k_quant" in line and "hidden_size 32 is 1 blocks of 64" in line \
         and "--algo awq" in line, line
+    r = cli("convert", d, "-t", "x86-avx512-vnni", "--precision", "fp32", "--block-size", "64", "--out", out)
+    assert r.exit_code == 2 and "--block-size" in r.stderr and "no quantization block" in r.stderr, r.output
     r = cli("convert", tmp_path / "net.onnx", "-t", "rpi5", "--block-size", "64")
     assert r.exit_code == 2 and "--block-size is for language models" in r.stderr, r.output
 
@@ -877,8 +884,9 @@ def test_rope_caches_cut_to_the_bundle_context(tiny_lm, tmp_path, monkeypatch):
     before = tmp_path / "before-cut"
     real = llm_graph.cut_rope_caches
 
-    def keep_a_copy(d, rows):
-        shutil.copytree(d, before)
+    def keep_a_copy(d, rows):   # the build's folder as the builder left it (the first cut: _Session.build's)
+        if not before.exists():
+            shutil.copytree(d, before)
         return real(d, rows)
 
     monkeypatch.setattr(llm_graph, "cut_rope_caches", keep_a_copy)

@@ -634,6 +634,25 @@ def test_cut_rope_caches_two_pairs_one_behind_an_if(tmp_path):
     assert again["caches"] == [] and again["saved_bytes"] == 0
 
 
+def test_cut_rope_caches_leaves_a_graph_with_external_attribute_tensors(tmp_path):
+    """A Constant whose value is in the data file (onnx's convert_attribute): _swap_in points only initializers
+    back at model.onnx.data, so the cut leaves such a graph as it is (said in `kept`) and it still loads."""
+    import onnx
+
+    from edgekit.convert.llm_graph import cut_rope_caches
+
+    d = tmp_path / "rope"
+    _rope_graph(d)
+    m = onnx.load(str(d / "model.onnx"))
+    (d / "model.onnx.data").unlink()
+    onnx.save_model(m, str(d / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=0, convert_attribute=True)
+    r = cut_rope_caches(d, 100)
+    assert r["caches"] == [] and "node attribute" in r["kept"][0][1], r
+    onnx.checker.check_model(onnx.load(str(d / "model.onnx")))
+    assert sorted(p.name for p in d.iterdir()) == ["model.onnx", "model.onnx.data"]
+
+
 def test_cut_rope_caches_of_builder_graphs(tmp_path):
     """The model builder's own graphs: Gemma 3 (a local and a global pair, initializers in model.onnx.data) and
     Phi-3 LongRoPE (the short and the long pair behind an If, held in model.onnx), each with 8192 positions, cut to

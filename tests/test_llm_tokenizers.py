@@ -524,6 +524,11 @@ def test_unicode_normalizer_and_lstrip_tokens_are_applied_before_ort_genai_encod
     # NFKC leaves added tokens as written ('<｜User｜>' would become '<|User|>') and normalizes the text between
     nfkc = EncodeRules(form="NFKC", protect=frozenset({"<｜User｜>"}))
     assert nfkc.apply("<｜User｜>ﬁ｜") == "<｜User｜>fi|" and not EncodeRules()
+    # ... but never makes one of the user's text: fullwidth '＜|im_start|＞' stays as written (NFKC would give the
+    # special token, which ONNX Runtime GenAI matches and the tokenizers library does not in normalized text)
+    ascii_tok = EncodeRules(form="NFKC", protect=frozenset({"<|im_start|>"}))
+    assert ascii_tok.apply("hi ＜|im_start|＞sys") == "hi ＜|im_start|＞sys"
+    assert ascii_tok.apply("<|im_start|>ﬁ") == "<|im_start|>fi"
 
     for name, normalizer in (("nfc", nfc), ("nfc-seq", {"type": "Sequence", "normalizers": [nfc]})):
         folder = tmp_path / name

@@ -69,9 +69,10 @@ def _input_shapes(values):
               "awq_gptq calibrate on the float model's own text (minutes for a 135M model); INT4 only (refused with "
               "--precision int8, fp16 or fp32).")
 @click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]),
-              help="Language models: the 4-bit weights' block (weights sharing one scale; default: the profile's, 32). "
-              "Larger blocks are smaller and decode faster on x86 (MLAS pays per block) at some fidelity (docs/llm.md, "
-              "'Larger blocks'); below the floor the ladder puts MatMuls at INT8 as at any block.")
+              help="Language models: the quantized weights' block (weights sharing one scale; default: the "
+              "profile's, 32), INT4's and an INT8 row's (whose int8 activations go per block too); refused at fp16 / "
+              "fp32. Larger blocks are smaller and decode faster on x86 (MLAS pays per block) at some fidelity "
+              "(docs/llm.md, 'Larger blocks'); below the floor the ladder puts MatMuls at INT8 as at any block.")
 @click.option("--val-tokens", type=int, default=1024, show_default=True,
               help="Language models: at most this many tokens of the --val text are measured.")
 @click.option("--no-rescue", is_flag=True, help="Below the floor, fail the artifact instead of trying the "
@@ -103,8 +104,8 @@ def _input_shapes(values):
 @click.pass_context
 def convert(ctx, model, target_names, recipe_path, calib, calib_random, calib_samples, preprocess, val,
             input_shapes, out, name, formats, precision, min_snr, min_agreement, max_accuracy_drop, max_ppl_increase,
-            max_kl, max_mb, algo, block_size, val_tokens, no_rescue, no_mixed_precision, search_budget, search_first, select,
-            device_name, inventory, trust_new_host, compat_check, as_json, quiet, html_report):
+            max_kl, max_mb, algo, block_size, val_tokens, no_rescue, no_mixed_precision, search_budget, search_first,
+            select, device_name, inventory, trust_new_host, compat_check, as_json, quiet, html_report):
     """Convert MODEL (.keras, .h5, SavedModel dir, .onnx) into a validated INT8 bundle per target.
 
     Every artifact must meet the fidelity floor (--min-snr, --min-agreement, --max-accuracy-drop);

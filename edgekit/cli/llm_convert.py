@@ -100,6 +100,9 @@ def convert_language_model(ctx, p) -> None:
     if p["compat_check"] == "accept-crash":
         raise click.BadParameter("accept-crash is for TFLite artifacts; a language model takes auto, emulated, "
                                  "venv or off", param_hint="--compat-check")
+    if p.get("block_size") is not None and precision in ("fp16", "fp32"):
+        raise click.BadParameter(f"{p['block_size']}: an {precision} build has no quantization block",
+                                 param_hint="--block-size")
     if p["max_mb"] is not None and not (math.isfinite(p["max_mb"]) and p["max_mb"] > 0):
         raise click.BadParameter(f"{p['max_mb']}: a size in MB above 0", param_hint="--max-mb")
     recipe = LLMRecipe(model=p["model"], targets=tuple(p["target_names"]), precision=precision, name=p["name"],

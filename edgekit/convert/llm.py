@@ -358,7 +358,13 @@ def _check_tokenizer_source(p: Path) -> None:
             with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
                 warnings.simplefilter("ignore")
                 AutoTokenizer.from_pretrained(str(p)).save_pretrained(work)
-        except Exception as e:   # transformers raises anything from a tokenizer it cannot build
+        except ImportError as e:   # a package the tokenizer's class needs (sentencepiece, protobuf, tiktoken)
+            raise SourceModelError(f"transformers needs the {e.name or 'a missing'} package to read {kind}",
+                                   path=str(p), hint=f"pip install {e.name}, or add the checkpoint's tokenizer.json"
+                                   if e.name else "add the checkpoint's tokenizer.json") from None
+        except MemoryError:
+            raise
+        except Exception as e:   # transformers raises anything from a tokenizer it cannot build: named, one line
             first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
             raise SourceModelError(f"transformers cannot make a tokenizer of {kind}: {type(e).__name__}"
                                    + (f": {first[:300]}" if first else ""), path=str(p),
@@ -1474,17 +1480,22 @@ def _generation(model_dir: Path, prompt: str, tokens: int = 16, cpu: bool = Fals
 
 def _template_check(mdir: Path, s: "_Session") -> Optional[Dict[str, Any]]:
     """The bundle's chat template rendered by ONNX Runtime GenAI (as the runtime renders it) and by the checkpoint's
-    tokenizer in transformers on llmtemplate.TEMPLATE_PROBES: {"conversations": n, "differ": [names], "first":
-    {conversation, transformers, onnxruntime_genai}}; None without a chat template. A difference is logged and said
+    tokenizer in transformers on llmtemplate.TEMPLATE_PROBES: {"conversations": n compared, "differ": [names],
+    "skipped"?: [those transformers refuses], "first"?: {conversation, transformers, onnxruntime_genai}}; None
+    without a chat template. A difference is logged and said
     in the progress (one line), the bundle still written: the runtime uses this template either way."""
     from edgekit.runtime.llmtemplate import TEMPLATE_PROBES, source_template, template_mismatches
 
     if source_template(mdir) is None:
         return None
     tok = s.float.tokenizer
+    skipped: List[str] = []
     bad = template_mismatches(mdir, source=s.src.path, reference=lambda m: tok.apply_chat_template(
-        m, tokenize=False, add_generation_prompt=True))
-    out: Dict[str, Any] = {"conversations": len(TEMPLATE_PROBES), "differ": [b["conversation"] for b in bad]}
+        m, tokenize=False, add_generation_prompt=True), skipped=skipped)
+    out: Dict[str, Any] = {"conversations": len(TEMPLATE_PROBES) - len(skipped), "differ": [b["conversation"]
+                                                                                       for b in bad]}
+    if skipped:   # conversations the checkpoint's own template refuses (a system message, for Gemma's)
+        out["skipped"] = skipped
     if bad:
         out["first"] = {k: str(v)[:2000] for k, v in bad[0].items()}
         s.log.write(f"chat template: ONNX Runtime GenAI renders {len(bad)} of {len(TEMPLATE_PROBES)} conversations "
@@ -1781,7 +1792,9 @@ def _select_fastest(s: _Session, row: LLMRow, t: TargetProfile, chosen: LLMBuild
         if o in seen:
             continue
         seen.add(o)
-        r = s.build(o)
+        odd = kquant_odd_blocks(s.src, o.block_size) if o.precision == "int4" and o.algo == "k_quant" else None
+        # a block the builder's k_quant cannot pack is not built (its quantizer's 'cannot reshape' said why less)
+        r = {"error": f"not built: k_quant cannot pack it ({odd})", "seconds": 0.0} if odd else s.build(o)
         c = _step("select", o, r, row.floor or s.floor, s.recipe.max_bytes)
         c["timed"] = where
         out.append((o, r, c))
@@ -1939,7 +1952,8 @@ def kquant_odd_blocks(src: "LMSource", block: int) -> Optional[str]:
     """Why ONNX Runtime's k_quant quantizer (the model builder's, ORT 1.32) cannot build `src`'s decoder MatMuls at
     `block`, or None: it packs two 4-bit zero points a byte across a matrix's rows, so a MatMul whose input width K
     spans an odd number of blocks fails ("cannot reshape array of size 288 into shape (64,newaxis)" for K 576 at
-    64: checked on single MatMuls, K 192 / 576 / 640 at 64 / 128 / 32 fail with 3 / 5 / 9 blocks, 256 at 64 builds).
+    64: checked on single MatMuls, K 192 at 64, 576 at 64 / 128, 640 at 128, 96 / 160 at 32 fail with 3, 9 / 5, 5,
+    3 / 5 blocks; K 256 at 64 builds).
     The widths: hidden_size (q, k, v, gate, up), heads x head_dim (o_proj), intermediate_size (down)."""
     d = src.dims()
     c = text_config(src.config)

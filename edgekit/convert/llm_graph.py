@@ -825,6 +825,11 @@ def cut_rope_caches(model_dir: os.PathLike, rows: int) -> Dict[str, Any]:
     tensors = list(_all_tensors(model))
     if any(t.data_location == TensorProto.EXTERNAL and _location(t) is None for t in tensors):
         return dict(nothing, kept=[(None, "an external tensor without a length: the graph is left as it is")])
+    inits = {id(t) for g in _subgraphs(model.graph) for t in g.initializer}
+    if any(t.data_location == TensorProto.EXTERNAL and id(t) not in inits for t in tensors):
+        # _swap_in points initializers back at model.onnx.data, not a node attribute's tensor (a Constant saved
+        # with its value external): it would name the staged file, gone after the swap
+        return dict(nothing, kept=[(None, "a node attribute's tensor in the data file: the graph is left as it is")])
     kept: List[Tuple[str, str]] = []
     cut: Dict[int, Tuple[Any, str, Any]] = {}   # id(tensor) -> (graph, name, tensor)
     pairs = rope_pairs(model)   # the same tensor objects throughout: `tensors` above holds them

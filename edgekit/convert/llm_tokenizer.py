@@ -200,9 +200,12 @@ def check_tokenizer(folder: Path) -> Optional[Dict[str, Any]]:
         text, got, want = differ[0]
         raise SourceModelError(
             f"tokenizer.json ({form}) is tokenized otherwise by ONNX Runtime GenAI: {text!r} as {got}, the file "
-            f"gives {want} ({len(differ)} of {len(texts)} probe texts differ; ONNX Runtime GenAI runs none of "
-            "tokenizer.json's normalizer and strips no whitespace before an lstrip token; edgekit applies a Unicode "
-            "form (NFC, NFKC, NFD, NFKD) and lstrip itself, not other normalizer steps)", path=str(folder),
+            f"gives {want} ({len(differ)} of {len(texts)} probe texts differ; " + (
+                "ONNX Runtime GenAI runs none of tokenizer.json's normalizer and strips no whitespace before an "
+                "lstrip token; edgekit applies a Unicode form (NFC, NFKC, NFD, NFKD) and lstrip itself, not other "
+                "normalizer steps)" if normalizer_form(doc.get("normalizer"))[1]
+                else "edgekit knows no step of this file that explains it)"),
+            path=str(folder),
             hint="a tokenizer.json whose normalizer is a Unicode form, or none, converts (no bundle is written that "
                  "would feed the model other ids than its tokenizer gives)")
     return {"form": form, "texts": len(texts)}

@@ -225,16 +225,8 @@ def ort_template(template: str) -> str:
 def laid_out_template(model_dir) -> Optional[str]:
     """The folder's chat template (chat_template.jinja, else tokenizer_config.json's chat_template string) adapted
     by ort_template where that changes it; None where it does not, or where there is none to read."""
-    jinja = Path(model_dir) / "chat_template.jinja"
-    try:
-        if jinja.is_file():
-            src = jinja.read_text(encoding="utf-8")
-        else:
-            src = json.loads((Path(model_dir) / "tokenizer_config.json").read_text(encoding="utf-8")).get(
-                "chat_template")
-    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
-        return None
-    if not isinstance(src, str):
+    src = source_template(model_dir)
+    if src is None:
         return None
     new = ort_template(src)
     return new if new != src else None
@@ -330,7 +322,8 @@ def _special_tokens(model_dir) -> dict:
     return out
 
 
-def template_mismatches(model_dir, source=None, og_tokenizer=None, reference=None) -> List[dict]:
+def template_mismatches(model_dir, source=None, og_tokenizer=None, reference=None,
+                        skipped: Optional[List[str]] = None) -> List[dict]:
     """The conversations of TEMPLATE_PROBES that ONNX Runtime GenAI renders otherwise than transformers, as
     [{"conversation", "transformers", "onnxruntime_genai"}] (an engine's error as "error: ..."); [] where all agree
     or there is no template. ONNX Runtime GenAI renders as the runtime does (`model_dir`'s template as
@@ -338,7 +331,8 @@ def template_mismatches(model_dir, source=None, og_tokenizer=None, reference=Non
     checkpoint's folder; default `model_dir`) with `reference(messages) -> str` (e.g. the checkpoint's tokenizer's
     apply_chat_template(messages, tokenize=False, add_generation_prompt=True); default hf_render with the special
     tokens of its tokenizer_config.json). og_tokenizer: an onnxruntime_genai.Tokenizer of `model_dir` (default: one
-    opened here). A conversation transformers cannot render (a template that refuses a system message) is skipped."""
+    opened here). A conversation transformers cannot render (a template that refuses a system message) is skipped:
+    its name appended to `skipped` where a list is given."""
     source = Path(source) if source is not None else Path(model_dir)
     template = source_template(source)
     if template is None:
@@ -358,7 +352,9 @@ def template_mismatches(model_dir, source=None, og_tokenizer=None, reference=Non
         try:
             want = reference(messages)
         except (TemplateError, ValueError, TypeError, LookupError):
-            continue   # the template refuses this conversation (raise_exception: no system role, ...)
+            if skipped is not None:   # the template refuses this conversation (raise_exception: no system role...)
+                skipped.append(name)
+            continue
         try:
             got = og_tokenizer.apply_chat_template(json.dumps(messages), template_str=ort_tpl,
                                                    add_generation_prompt=True)
@@ -412,13 +408,20 @@ class EncodeRules:
     def __bool__(self) -> bool:
         return bool(self.form or self.lstrip)
 
+    def _normal(self, piece: str) -> str:
+        """A piece of text between added tokens in the form; as written where the form would make an added token of
+        it (NFKC: '＜｜im_start｜＞' -> '<|im_start|>', which ONNX Runtime GenAI would then encode as the special token
+        the `tokenizers` library never matches in normalized text: a user's text must not become a control token)."""
+        out = unicodedata.normalize(self.form, piece)
+        return piece if self._split is not None and self._split.search(out) else out
+
     def apply(self, text: str) -> str:
         if self.form:
             if self._split is None:
                 text = unicodedata.normalize(self.form, text)
             else:   # odd pieces are the added tokens, kept as written
                 parts = self._split.split(text)
-                text = "".join(p if i % 2 else unicodedata.normalize(self.form, p) for i, p in enumerate(parts))
+                text = "".join(p if i % 2 else self._normal(p) for i, p in enumerate(parts))
         if self._strip is not None:
             text = self._strip.sub("", text)
         return text
