@@ -12,19 +12,11 @@ import pytest
 
 import onnxruntime_genai  # noqa: F401  (edgekit[llm-convert], in dev: missing must fail, not skip)
 
+from test_llm_convert import _one_error_line  # noqa: E402  (the refusal's shape, as every LLM refusal test checks it)
 from edgekit.errors import SourceModelError
 
 POINTER = ("version https://git-lfs.github.com/spec/v1\n"
            "oid sha256:4f2a0c7c1c5c3f0e8a1e6b1f7f9e4d1a2b3c4d5e6f708192a3b4c5d6e7f80912\nsize 269060552\n")
-
-
-def _one_error_line(r, out: Path) -> str:
-    """A refused conversion: exit 2, one line on stderr, no traceback, nothing left in --out."""
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.output
-    assert "Traceback" not in r.output
-    assert not out.exists() or not any(out.iterdir()), list(out.iterdir())
-    return lines[0]
 
 
 def _folder(d: Path, arch: str = "LlamaForCausalLM", model_type: str = "llama", tokenizer: bool = True,

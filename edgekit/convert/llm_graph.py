@@ -497,6 +497,44 @@ def _read_external(model_dir: Path, t) -> bytes:
     return b
 
 
+class _StagedData:
+    """A rewrite's new data file beside model.onnx (_staged_data; _swap_in makes it model.onnx.data): bytes appended
+    _ALIGN-aligned (put), tensors pointed at them (point), synced (close); discard() removes it (an error midway)."""
+
+    def __init__(self, model_dir: Path):
+        self.name = _staged_data(model_dir)
+        self.path = model_dir / self.name
+        self.f = open(self.path, "wb")
+        self.pos = 0
+
+    def put(self, b: bytes) -> Tuple[int, int]:
+        pad = (-self.pos) % _ALIGN
+        self.f.write(b"\0" * pad)
+        start = self.pos + pad
+        self.f.write(b)
+        self.pos = start + len(b)
+        return start, len(b)
+
+    def point(self, t, start: int, n: int) -> None:
+        from onnx import TensorProto
+
+        del t.external_data[:]
+        for k, v in (("location", self.name), ("offset", str(start)), ("length", str(n))):
+            e = t.external_data.add()
+            e.key, e.value = k, v
+        t.data_location = TensorProto.EXTERNAL
+
+    def close(self) -> None:
+        if not self.f.closed:
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self.f.close()
+
+    def discard(self) -> None:
+        self.f.close()
+        self.path.unlink(missing_ok=True)
+
+
 def node_constants(graph, node) -> Tuple[List[Any], List[Any]]:
     """What a node reads that is constant, to run it alone: (the Cast nodes between an initializer and the node,
     the initializers), following half_scales' Cast back to the fp16 initializer."""
@@ -592,50 +630,32 @@ def half_scales(model_dir: os.PathLike) -> Dict[str, Any]:
         o for n in g.node for o in n.output}
 
     # every initializer's bytes into a new data file: the halved ones converted, aliases kept as aliases
-    staged = _staged_data(model_dir)
+    out = _StagedData(model_dir)
     try:
         moved: Dict[Tuple[str, int, int], Tuple[int, int]] = {}
         saved = 0
-        with open(model_dir / staged, "wb") as out:
-            pos = 0
-
-            def put(b: bytes) -> Tuple[int, int]:
-                nonlocal pos
-                pad = (-pos) % _ALIGN
-                out.write(b"\0" * pad)
-                pos += pad
-                start = pos
-                out.write(b)
-                pos += len(b)
-                return start, len(b)
-
-            for t in g.initializer:
-                loc = _location(t)
-                if t.name in new_data:
-                    if loc and loc in moved:   # an alias of a scale halved just before: the same new bytes
-                        start, n = moved[loc]
-                    else:
-                        before = _nbytes(t) if loc else 4 * int(np.prod(list(t.dims), dtype=np.int64))
-                        start, n = put(new_data[t.name])
-                        if loc:
-                            moved[loc] = (start, n)
-                        saved += before - n
-                    t.data_type = TensorProto.FLOAT16
-                    t.ClearField("raw_data")
-                    t.ClearField("float_data")
-                elif loc:
-                    if loc not in moved:
-                        moved[loc] = put(_read_external(model_dir, t))
+        for t in g.initializer:
+            loc = _location(t)
+            if t.name in new_data:
+                if loc and loc in moved:   # an alias of a scale halved just before: the same new bytes
                     start, n = moved[loc]
                 else:
-                    continue
-                del t.external_data[:]
-                for k, v in (("location", staged), ("offset", str(start)), ("length", str(n))):
-                    e = t.external_data.add()
-                    e.key, e.value = k, v
-                t.data_location = TensorProto.EXTERNAL
-            out.flush()
-            os.fsync(out.fileno())
+                    before = _nbytes(t) if loc else 4 * int(np.prod(list(t.dims), dtype=np.int64))
+                    start, n = out.put(new_data[t.name])
+                    if loc:
+                        moved[loc] = (start, n)
+                    saved += before - n
+                t.data_type = TensorProto.FLOAT16
+                t.ClearField("raw_data")
+                t.ClearField("float_data")
+            elif loc:
+                if loc not in moved:
+                    moved[loc] = out.put(_read_external(model_dir, t))
+                start, n = moved[loc]
+            else:
+                continue
+            out.point(t, start, n)
+        out.close()
         casts = []
         for name in new_data:
             half = name + "_fp16"
@@ -653,9 +673,9 @@ def half_scales(model_dir: os.PathLike) -> Dict[str, Any]:
         for v in stale:
             g.value_info.remove(v)
     except BaseException:
-        (model_dir / staged).unlink(missing_ok=True)
+        out.discard()
         raise
-    _swap_in(model, model_dir, staged)
+    _swap_in(model, model_dir, out.name)
     return {"initializers": len(new_data), "saved_bytes": saved, "kept": kept, "note": HALF_NOTE}
 
 
@@ -888,39 +908,21 @@ def cut_rope_caches(model_dir: os.PathLike, rows: int) -> Dict[str, Any]:
     if not new_data:   # the caches were inside the graph: model.onnx only
         _write_atomic(model, path)
         return {"rows": int(rows), "caches": done, "saved_bytes": saved, "kept": kept, "note": ROPE_NOTE}
-    staged = _staged_data(model_dir)
+    out = _StagedData(model_dir)
     try:
         moved: Dict[Tuple[str, int, int], Tuple[int, int]] = {}
-        with open(model_dir / staged, "wb") as out:
-            pos = 0
-
-            def put(b: bytes) -> Tuple[int, int]:
-                nonlocal pos
-                pad = (-pos) % _ALIGN
-                out.write(b"\0" * pad)
-                pos += pad
-                start = pos
-                out.write(b)
-                pos += len(b)
-                return start, len(b)
-
-            for t in tensors:
-                loc = _location(t)
-                if loc is None:
-                    continue
-                if loc not in moved:
-                    moved[loc] = put(new_data[id(t)] if id(t) in new_data else _read_external(model_dir, t))
-                start, n = moved[loc]
-                del t.external_data[:]
-                for k, v in (("location", staged), ("offset", str(start)), ("length", str(n))):
-                    e = t.external_data.add()
-                    e.key, e.value = k, v
-            out.flush()
-            os.fsync(out.fileno())
+        for t in tensors:
+            loc = _location(t)
+            if loc is None:
+                continue
+            if loc not in moved:
+                moved[loc] = out.put(new_data[id(t)] if id(t) in new_data else _read_external(model_dir, t))
+            out.point(t, *moved[loc])
+        out.close()
     except BaseException:
-        (model_dir / staged).unlink(missing_ok=True)
+        out.discard()
         raise
-    _swap_in(model, model_dir, staged)
+    _swap_in(model, model_dir, out.name)
     return {"rows": int(rows), "caches": done, "saved_bytes": saved, "kept": kept, "note": ROPE_NOTE}
 
 __all__ = ["alias_tied_embedding", "constant_dtypes", "embedding_summary", "half_scales", "initializer_bytes",
