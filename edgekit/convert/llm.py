@@ -240,6 +240,11 @@ class LMSource:
     def tied(self) -> bool:
         return config_tie(self.config) if self.tied_embeddings is None else self.tied_embeddings
 
+    def context(self, t: TargetProfile) -> int:
+        """The context a bundle for `t` has: the model's max_position_embeddings, at most the profile's
+        llm.context_max."""
+        return min(int(self.dims()["max_positions"] or t.llm.context_max), t.llm.context_max)
+
     def dims(self) -> Dict[str, Any]:
         c = text_config(self.config)
         heads = int(c.get("num_attention_heads", 0) or 0)
@@ -1574,7 +1579,7 @@ def _write_bundle(s: _Session, row: LLMRow, t: TargetProfile, opts: LLMBuildOpti
         for extra in SOURCE_EXTRAS:
             if (src.path / extra).is_file() and not (mdir / extra).exists():
                 shutil.copyfile(src.path / extra, mdir / extra)
-        context = min(int(dims["max_positions"] or t.llm.context_max), t.llm.context_max)
+        context = src.context(t)
         rows = _tune_genai_config(mdir, t, context)
         # the RoPE cos / sin caches cut from max_position_embeddings rows to the context's (llm_graph): Llama-3.2-1B
         # 33.5 MB less, Phi-3.5-mini ~50 MB; fidelity and golden read positions far below the cut, the same bits
@@ -1792,7 +1797,7 @@ def _select_fastest(s: _Session, row: LLMRow, t: TargetProfile, chosen: LLMBuild
         if o in seen:
             continue
         seen.add(o)
-        odd = kquant_odd_blocks(s.src, o.block_size) if o.precision == "int4" and o.algo == "k_quant" else None
+        odd = kquant_cannot_build(s.src, o)
         # a block the builder's k_quant cannot pack is not built (its quantizer's 'cannot reshape' said why less)
         r = {"error": f"not built: k_quant cannot pack it ({odd})", "seconds": 0.0} if odd else s.build(o)
         c = _step("select", o, r, row.floor or s.floor, s.recipe.max_bytes)
@@ -1965,6 +1970,11 @@ def kquant_odd_blocks(src: "LMSource", block: int) -> Optional[str]:
     return None
 
 
+def kquant_cannot_build(src: "LMSource", o: LLMBuildOptions) -> Optional[str]:
+    """kquant_odd_blocks for a build the model builder quantizes with k_quant at 4 bits; None for any other."""
+    return kquant_odd_blocks(src, o.block_size) if o.precision == "int4" and o.algo == "k_quant" else None
+
+
 def convert_llm(recipe: LLMRecipe, out: str = "build", *, progress: Optional[Progress] = None,
                 device=None) -> LLMConvertResult:
     """Build, measure and write an LLM bundle per target of `recipe` under `out`. `device`: with select
@@ -1980,8 +1990,7 @@ def convert_llm(recipe: LLMRecipe, out: str = "build", *, progress: Optional[Pro
         raise DataError("held-out text not found", path=recipe.val, hint="--val takes a UTF-8 .txt file")
     plans = [(t, profile_options(t, recipe)) for t in targets]
     for t, o in plans:   # a block size asked for that the builder's k_quant cannot pack: said before any work
-        why = (kquant_odd_blocks(src, o.block_size) if recipe.block_size is not None and o.precision == "int4"
-               and o.algo == "k_quant" else None)
+        why = kquant_cannot_build(src, o) if recipe.block_size is not None else None
         if why:
             raise EdgekitError(f"{recipe.model}: --block-size {o.block_size} with k_quant rounding: {why}, and ONNX "
                                "Runtime's k-quant packs 4-bit zero points two a byte across rows, so it cannot build "
@@ -2051,8 +2060,7 @@ def _convert(recipe: LLMRecipe, src: LMSource, plans, out_dir: Path, name: str, 
         s = _Session(recipe, src, Path(wd), progress, log)
         # every build's RoPE caches cut to the longest context a target's bundle has (_write_bundle cuts each to its
         # own): the byte budget and the ladder judge builds of the size they ship at (Llama-3.2-1B: 33.5 MB less)
-        max_pos = src.dims()["max_positions"]
-        s.rope_rows = max(min(int(max_pos or t.llm.context_max), t.llm.context_max) for t, _ in plans)
+        s.rope_rows = max(src.context(t) for t, _ in plans)
         result = LLMConvertResult(name, recipe.to_dict(), {"path": str(src.path), "sha256": src.sha256,
                                                            "bytes": src.bytes, "architecture": src.architecture},
                                   s.text.source, recipe.floor, log_path=log_path)

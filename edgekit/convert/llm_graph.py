@@ -160,16 +160,23 @@ def _staged_data(model_dir: Path) -> str:
     return os.path.basename(p)
 
 
+def _subgraphs(g):
+    """g and every graph under it (If / Loop / Scan bodies), each once."""
+    out, todo = [], [g]
+    while todo:
+        x = todo.pop()
+        out.append(x)
+        for n in x.node:
+            for a in n.attribute:
+                todo += ([a.g] if a.HasField("g") else []) + list(a.graphs)
+    return out
+
+
 def _locations(model):
     """The location entries of a ModelProto's external tensors (its graphs' initializers, subgraphs too)."""
-    graphs = [model.graph]
-    while graphs:
-        g = graphs.pop()
+    for g in _subgraphs(model.graph):
         for t in g.initializer:
             yield from (e for e in t.external_data if e.key == "location")
-        for n in g.node:
-            for a in n.attribute:
-                graphs += ([a.g] if a.HasField("g") else []) + list(a.graphs)
 
 
 def _sync_dir(d: Path) -> None:
@@ -720,18 +727,6 @@ ROPE_NOTE = ("RoPE cos / sin caches cut to the bundle's context (the builder wri
 _ROPE_READERS = {("com.microsoft", "GroupQueryAttention"): (7, 8), ("com.microsoft", "PagedAttention"): (8, 9),
                  ("com.microsoft", "RotaryEmbedding"): (2, 3), ("com.microsoft", "MRotaryEmbedding"): (2, 3),
                  ("", "RotaryEmbedding"): (1, 2), ("ai.onnx", "RotaryEmbedding"): (1, 2)}
-
-
-def _subgraphs(g):
-    """g and every graph under it (If / Loop / Scan bodies), each once."""
-    out, todo = [], [g]
-    while todo:
-        x = todo.pop()
-        out.append(x)
-        for n in x.node:
-            for a in n.attribute:
-                todo += ([a.g] if a.HasField("g") else []) + list(a.graphs)
-    return out
 
 
 def _all_tensors(model):

@@ -186,26 +186,23 @@ def check_tokenizer(folder: Path) -> Optional[Dict[str, Any]]:
     except RuntimeError as e:   # ORT GenAI reports a tokenizer it cannot load as RuntimeError
         raise SourceModelError(f"tokenizer.json ({form}): ONNX Runtime GenAI cannot load it "
                                f"({(str(e).splitlines() or [type(e).__name__])[0]})", path=str(folder)) from None
-    if differ and meta:
-        text, got, want = differ[0]
-        raise SourceModelError(
-            f"tokenizer.json ({form}) is tokenized otherwise by ONNX Runtime GenAI: {text!r} as {got}, the file "
-            f"gives {want} ({len(differ)} of {len(texts)} probe texts differ; {_why(doc)})", path=str(folder),
-            hint="ONNX Runtime GenAI 0.18 reads no tokenizer.json form that tokenizes as this one; a tokenizer.json "
-                 "in Llama 2's legacy form (normalizer Prepend '▁' + Replace ' ' -> '▁', no pre_tokenizer; what "
-                 "transformers 4 saved with legacy=True) converts, if a '▁' after each special token is acceptable "
-                 "for this model: replace the folder's file with one (no bundle is written that would feed the "
-                 "model other ids than its tokenizer gives)")
-    if differ:
-        text, got, want = differ[0]
-        raise SourceModelError(
-            f"tokenizer.json ({form}) is tokenized otherwise by ONNX Runtime GenAI: {text!r} as {got}, the file "
-            f"gives {want} ({len(differ)} of {len(texts)} probe texts differ; " + (
-                "ONNX Runtime GenAI runs none of tokenizer.json's normalizer and strips no whitespace before an "
-                "lstrip token; edgekit applies a Unicode form (NFC, NFKC, NFD, NFKD) and lstrip itself, not other "
-                "normalizer steps)" if normalizer_form(doc.get("normalizer"))[1]
-                else "edgekit knows no step of this file that explains it)"),
-            path=str(folder),
-            hint="a tokenizer.json whose normalizer is a Unicode form, or none, converts (no bundle is written that "
-                 "would feed the model other ids than its tokenizer gives)")
-    return {"form": form, "texts": len(texts)}
+    if not differ:
+        return {"form": form, "texts": len(texts)}
+    text, got, want = differ[0]
+    if meta:
+        why = _why(doc)
+        hint = ("ONNX Runtime GenAI 0.18 reads no tokenizer.json form that tokenizes as this one; a tokenizer.json "
+                "in Llama 2's legacy form (normalizer Prepend '▁' + Replace ' ' -> '▁', no pre_tokenizer; what "
+                "transformers 4 saved with legacy=True) converts, if a '▁' after each special token is acceptable "
+                "for this model: replace the folder's file with one (no bundle is written that would feed the "
+                "model other ids than its tokenizer gives)")
+    else:
+        why = ("ONNX Runtime GenAI runs none of tokenizer.json's normalizer and strips no whitespace before an "
+               "lstrip token; edgekit applies a Unicode form (NFC, NFKC, NFD, NFKD) and lstrip itself, not other "
+               "normalizer steps" if normalizer_form(doc.get("normalizer"))[1]
+               else "edgekit knows no step of this file that explains it")
+        hint = ("a tokenizer.json whose normalizer is a Unicode form, or none, converts (no bundle is written that "
+                "would feed the model other ids than its tokenizer gives)")
+    raise SourceModelError(f"tokenizer.json ({form}) is tokenized otherwise by ONNX Runtime GenAI: {text!r} as {got}, "
+                           f"the file gives {want} ({len(differ)} of {len(texts)} probe texts differ; {why})",
+                           path=str(folder), hint=hint)

@@ -71,8 +71,8 @@ from edgekit.runtime.llmopts import hold_back as _hold_back
 from edgekit.runtime.llmopts import kv_capacity, prompt_bos, with_bos
 from edgekit.runtime.llmopts import rss_mb as _rss_mb
 from edgekit.runtime.llmopts import SPIN_KEY, after_load, trim_heap
-from edgekit.runtime.llmdecode import DecodeRules, TextStream, decode_rules
-from edgekit.runtime.llmtemplate import EncodeRules, encode_rules, laid_out_template
+from edgekit.runtime.llmdecode import DecodeRules, TextStream, decode_rules_of, tokenizer_head
+from edgekit.runtime.llmtemplate import EncodeRules, encode_rules_of, laid_out_template
 
 KIND = "llm"
 GENAI_CONFIG = "genai_config.json"
@@ -320,11 +320,10 @@ class Tokenizer:
         return tok
 
     def encode(self, text: str) -> List[int]:
-        return with_bos([int(t) for t in self.og.encode(self.prep.apply(text) if self.prep else text)], self.bos)
+        return with_bos([int(t) for t in self.og.encode(self.prep.apply(text))], self.bos)
 
     def encode_templated(self, text: str) -> List[int]:
-        text = self.prep.apply(text) if self.prep else text
-        return [int(t) for t in self._variant("add_special_tokens").encode(text)]
+        return [int(t) for t in self._variant("add_special_tokens").encode(self.prep.apply(text))]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """The text of `ids` as transformers' decode(ids, skip_special_tokens=True) gives it (runtime.llmdecode:
@@ -382,10 +381,12 @@ class LanguageModel:
         self.model_dir = model_dir
         self.manifest = manifest
         self.genai_config = genai_config
-        # bundles converted before convert laid the template out, and bare folders: laid out here (llmtemplate)
+        # bundles converted before convert laid the template out, and bare folders: laid out here (llmtemplate);
+        # the decoding and encoding rules from one read of tokenizer.json's head
+        head = tokenizer_head(model_dir)
         self.tokenizer = Tokenizer(og, og_model, og_tokenizer, bos=prompt_bos(manifest),
-                                   template=laid_out_template(model_dir), rules=decode_rules(model_dir),
-                                   prep=encode_rules(model_dir))
+                                   template=laid_out_template(model_dir), rules=decode_rules_of(head),
+                                   prep=encode_rules_of(head))
         m = genai_config.get("model") or {}
         # the longest sequence the model takes, and the one used here: the bundle's default context (its profile's
         # llm.context_default) where it is shorter; a conversation allocates its KV cache for `context` tokens

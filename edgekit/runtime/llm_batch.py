@@ -52,9 +52,9 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
 import numpy as np
 
 from edgekit.errors import BundleError, DataError, EdgekitError
-from edgekit.runtime.llmdecode import decode_rules
+from edgekit.runtime.llmdecode import decode_rules_of, tokenizer_head
 from edgekit.runtime.llmopts import SPIN_KEY, after_load, with_bos
-from edgekit.runtime.llmtemplate import encode_rules, laid_out_template
+from edgekit.runtime.llmtemplate import encode_rules_of, laid_out_template
 from edgekit.runtime.llmopts import hold_back as _hold_back  # stop strings held back as the generator does (one rule)
 
 log = logging.getLogger("edgekit.serve")
@@ -759,12 +759,13 @@ class _Tokenizer:
         # the chat template as transformers lays it out (llmtemplate; None: the folder's as it is) and the decoding
         # rules (llmdecode): those the loaded LanguageModel read, else read from the folder
         self.template = laid_out_template(model_dir) if template is _FROM_FOLDER else template
-        self.rules = decode_rules(model_dir) if rules is _FROM_FOLDER else rules
+        head = tokenizer_head(model_dir) if rules is _FROM_FOLDER or prep is _FROM_FOLDER else {}
+        self.rules = decode_rules_of(head) if rules is _FROM_FOLDER else rules
         # tokenizer.json's Unicode normalizer and lstrip tokens, which ORT GenAI's encoding skips (llmtemplate)
-        self.prep = encode_rules(model_dir) if prep is _FROM_FOLDER else prep
+        self.prep = encode_rules_of(head) if prep is _FROM_FOLDER else prep
 
     def encode(self, text: str) -> List[int]:
-        return with_bos([int(t) for t in self.plain.encode(self.prep.apply(text) if self.prep else text)], self.bos)
+        return with_bos([int(t) for t in self.plain.encode(self.prep.apply(text))], self.bos)
 
     def chat_ids(self, messages: List[Dict[str, str]]) -> List[int]:
         try:
@@ -772,7 +773,7 @@ class _Tokenizer:
                                                   add_generation_prompt=True)
         except RuntimeError as e:
             raise DataError(f"the chat template cannot render these messages ({str(e).splitlines()[0]})") from None
-        return [int(t) for t in self.templated.encode(self.prep.apply(text) if self.prep else text)]
+        return [int(t) for t in self.templated.encode(self.prep.apply(text))]
 
     def create_stream(self):
         """Text pieces that join to transformers' decode of the reply (runtime.llmdecode)."""

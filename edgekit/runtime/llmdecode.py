@@ -148,13 +148,28 @@ def read_head(path: Union[str, Path], keys: Tuple[str, ...]) -> Dict[str, Any]:
     return found
 
 
-def decode_rules(model_dir: Union[str, Path]) -> DecodeRules:
-    """The rules for the tokenizer.json in `model_dir` (none where it is missing or unreadable: ONNX Runtime GenAI
-    then reports the folder's tokenizer itself)."""
+# the keys of tokenizer.json the runtime reads (decode_rules_of; llmtemplate.encode_rules_of): all before the
+# vocabulary, so one read of the file's head serves both
+HEAD_KEYS = ("added_tokens", "normalizer", "decoder")
+
+
+def tokenizer_head(model_dir: Union[str, Path]) -> Dict[str, Any]:
+    """HEAD_KEYS of the tokenizer.json in `model_dir`; {} where it is missing or unreadable (ONNX Runtime GenAI then
+    reports the folder's tokenizer itself)."""
     try:
-        head = read_head(Path(model_dir) / TOKENIZER_JSON, ("added_tokens", "decoder"))
+        head = read_head(Path(model_dir) / TOKENIZER_JSON, HEAD_KEYS)
     except (OSError, ValueError, UnicodeDecodeError):
-        return DecodeRules()
+        return {}
+    return head if isinstance(head, dict) else {}
+
+
+def decode_rules(model_dir: Union[str, Path]) -> DecodeRules:
+    """The rules for the tokenizer.json in `model_dir` (none where it is missing or unreadable)."""
+    return decode_rules_of(tokenizer_head(model_dir))
+
+
+def decode_rules_of(head: Dict[str, Any]) -> DecodeRules:
+    """The rules of tokenizer.json's added_tokens and decoder (tokenizer_head)."""
     special = frozenset(int(a["id"]) for a in head.get("added_tokens") or []
                         if isinstance(a, dict) and a.get("special") and isinstance(a.get("id"), int))
     char, start = _decoder_strip(head.get("decoder"))

@@ -439,9 +439,6 @@ def encode_rules_of(head: Any) -> EncodeRules:
 def encode_rules(model_dir) -> EncodeRules:
     """The folder's EncodeRules, from the head of its tokenizer.json (none where it is missing or unreadable: ONNX
     Runtime GenAI then reports the folder's tokenizer itself)."""
-    from edgekit.runtime.llmdecode import TOKENIZER_JSON, read_head
+    from edgekit.runtime.llmdecode import tokenizer_head
 
-    try:
-        return encode_rules_of(read_head(Path(model_dir) / TOKENIZER_JSON, ("added_tokens", "normalizer")))
-    except (OSError, ValueError, UnicodeDecodeError):
-        return EncodeRules()
+    return encode_rules_of(tokenizer_head(model_dir))
