@@ -373,12 +373,12 @@ def tiny120(tmp_path_factory):
     return make_tiny_lm(tmp_path_factory.mktemp("tiny120") / "tiny-llama", steps=20, hidden=120)
 
 
-@pytest.mark.parametrize("kind", ["k_quant-32", "awq-64", "cuda-32"])
+@pytest.mark.parametrize("kind", ["k_quant-32", "k_quant-128", "awq-64", "cuda-32"])
 def test_int8_costs_are_what_the_build_writes(tiny120, tmp_path, kind):
     """int8_costs (the byte budget's estimate) against what the build then writes when layer 1's five decoder
     MatMuls go INT8, on a tiny Llama of hidden size 120 (K = 120 and 240: no MatMul's K divides by 64; the
-    builder's 4-bit rows still hold an even number of blocks of 32): the builder's k_quant at block 32; a
-    calibrated build at block 64 (its 8-bit nodes keep the builder's block 32, not 64); a CUDA build (scales
+    builder's 4-bit rows still hold an even number of blocks of 32): the builder's k_quant at block 32; k_quant at
+    128 (120 is one block of 128: edgekit packs it, the builder writes 32); a calibrated build at block 64 (its 8-bit nodes keep the builder's block 32, not 64); a CUDA build (scales
     fp16 in the graph, zero points kept). The initializers grow by exactly the prediction. The files move by
     that, plus the data file's alignment padding (half_scales aligns each initializer to 64 B; the CUDA
     builder's file is unpadded) and model.onnx's own bytes (initializer entries, names)."""
@@ -394,7 +394,7 @@ def test_int8_costs_are_what_the_build_writes(tiny120, tmp_path, kind):
     base = LLMBuildOptions("int4", block_size=int(block), **kw)
     run_builder(src, base, tmp_path / "base", tmp_path / "cache", {})
     matmuls = decoder_matmuls(tmp_path / "base" / "model.onnx")
-    costs = int8_costs(tmp_path / "base", base)
+    costs = int8_costs(tmp_path / "base", base, src)
     names = tuple(sorted(matmuls[1]))
     assert len(names) == 5 and all(n in costs for n in names)
     opts = LLMBuildOptions("int4", block_size=int(block), int8_matmuls=names, **kw)
@@ -433,11 +433,10 @@ def test_select_fastest(tiny_lm, tiny_val, tmp_path):
     assert len(whats) == len(set(whats)) >= 5 and any(w.startswith("int8") for w in whats)
     # no byte budget: every candidate, INT8's too, with its scales fp32 in the file (LLMBuildOptions.fp16_scales)
     assert not any(c["options"]["half_scales"] for c in x86.candidates)
-    # the tiny model's hidden 128 is one block of 128: k_quant cannot pack it, the candidate is not built (was
-    # ORT's quantizer's 'cannot reshape')
+    # the tiny model's hidden 128 is one block of 128: ORT's k_quant cannot pack it, edgekit does (was ORT's
+    # quantizer's 'cannot reshape', then a candidate not built)
     b128 = [c for c in x86.candidates if c["options"]["block_size"] == 128 and c["options"]["precision"] == "int4"]
-    assert b128 and all(c["error"] == "not built: k_quant cannot pack it (hidden_size 128 is 1 blocks of 128, an "
-                        "odd number)" and not c["meets"] for c in b128), b128
+    assert b128 and not any(c.get("error") for c in b128), b128
     timed = [c for c in x86.candidates if c.get("decode_tok_s")]
     assert timed and all(c["meets"] for c in timed)
     chosen = [c for c in x86.candidates if c.get("chosen")]
@@ -485,21 +484,62 @@ def _random_llama(d: Path) -> Path:
     return d
 
 
-def test_block_size_kquant_cannot_pack_refused_up_front(cli, tmp_path):
-    """--block-size with the builder's k_quant where a decoder MatMul's width spans an odd number of blocks (ORT's
-    quantizer packs 4-bit zero points two a byte across rows: 'cannot reshape'; the row then fell to the INT8 rung)
-    is one line, exit 2, before any work; --block-size is a language-model option."""
-    from edgekit.convert.llm import kquant_odd_blocks, read_source
+def _decoder_nbits(model_dir: Path) -> dict:
+    """The decoder's MatMulNBits of a build: name -> (attributes, [packed weights, scales, zero points...])."""
+    import onnx
+    from onnx import numpy_helper
+
+    from edgekit.convert.llm_gptq import _attr
+
+    m = onnx.load(str(model_dir / "model.onnx"))
+    init = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    return {n.name: ({a: _attr(n, a) for a in ("bits", "block_size", "K", "N")}, [init[x] for x in n.input[1:]])
+            for n in m.graph.node if n.op_type == "MatMulNBits" and "/layers." in n.name}
+
+
+def test_block_size_kquant_odd_blocks_packed_by_edgekit(cli, tiny_lm, tmp_path):
+    """k_quant at a block where a decoder MatMul's width spans an odd number of blocks: ORT's quantizer cannot pack
+    it (4-bit zero points two a byte across rows: 'cannot reshape'; such a row fell to the INT8 rung, an explicit
+    --block-size was refused). edgekit rounds with ORT's own k-quant and packs per row: at a block ORT can pack the
+    bytes are ORT's bit for bit; at one it cannot, the build converts, says so and records it, its decoder MatMuls at
+    the block asked. --block-size stays a quantized language model's option."""
+    import shutil
+
+    from edgekit.convert import llm_gptq
+    from edgekit.convert.llm import LLMBuildOptions, kquant_odd_blocks, read_source, run_builder
 
     d = _random_llama(tmp_path / "llama")           # hidden 32, intermediate 64
     src = read_source(str(d))
     assert kquant_odd_blocks(src, 64) == "hidden_size 32 is 1 blocks of 64, an odd number"
     assert kquant_odd_blocks(src, 16) is None      # 2 and 4 blocks
+    o = LLMBuildOptions("int4", block_size=16, int8_symmetric=False, half_scales=False)
+    assert not o.edgekit_packs(src) and LLMBuildOptions("int4", block_size=64).edgekit_packs(src)
+    assert LLMBuildOptions("int4", block_size=64).builder_block(src) == 16   # 1 block of 32 is odd too
+    run_builder(src, o, tmp_path / "ort", tmp_path / "cache", {})
+    shutil.copytree(tmp_path / "ort", tmp_path / "own")
+    rec = llm_gptq.apply(str(d), tmp_path / "own", llm_gptq.OWN_KQUANT, 16)
+    ort, own = _decoder_nbits(tmp_path / "ort"), _decoder_nbits(tmp_path / "own")
+    assert rec["nodes"] == len(ort) == 5 and rec["calibration_tokens"] == 0 and "none" in rec["calibration"]
+    for name, (attrs, tensors) in ort.items():
+        assert own[name][0] == attrs and len(own[name][1]) == len(tensors) == 3, name   # with zero points
+        for a, b in zip(tensors, own[name][1]):
+            assert a.dtype == b.dtype and np.array_equal(a, b), name
+
     out = tmp_path / "out"
-    line = _one_error_line(cli("convert", d, "-t", "x86-avx512-vnni", "--precision", "int4", "--block-size", "64",
-                               "--out", out), out)
-    assert "--block-size 64 with k_quant" in line and "hidden_size 32 is 1 blocks of 64" in line \
-        and "--algo awq" in line, line
+    r = cli("convert", tiny_lm, "-t", "x86-avx512-vnni", "--precision", "int4", "--block-size", "128", "--out", out,
+            "--val-tokens", "128", "--name", "b128")
+    assert r.exit_code == 0, r.output
+    assert "hidden_size 128 is 1 blocks of 128, an odd number" in r.output and "edgekit rounds and packs" in r.output
+    bundle = out / "b128-x86-avx512-vnni-int4"
+    m = json.loads((bundle / "manifest.json").read_text())
+    assert m["recipe"]["block_size"] == 128 and m["calibration"]["algo"] == "k_quant", m["calibration"]
+    nodes = _decoder_nbits(bundle / "model")
+    four = [a for a, _ in nodes.values() if a["bits"] == 4]
+    assert four and {a["block_size"] for a in four} == {128}
+    from edgekit.runtime import load
+
+    assert load(bundle).generate("the", max_new_tokens=4, stream=False)
+
     r = cli("convert", d, "-t", "x86-avx512-vnni", "--precision", "fp32", "--block-size", "64", "--out", out)
     assert r.exit_code == 2 and "--block-size" in r.stderr and "no quantization block" in r.stderr, r.output
     r = cli("convert", tmp_path / "net.onnx", "-t", "rpi5", "--block-size", "64")

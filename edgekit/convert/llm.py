@@ -48,6 +48,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import edgekit
 from edgekit.bundle import SCHEMA_VERSION, check_name, sha256_file, sha256_files, staged_dir, write_json_atomic
+from edgekit.convert import hf_config
 from edgekit.convert.llm_fidelity import (BUILTIN_PROMPTS, EvalText, FloatModel, LLMFloor, OnnxDecoder, compare,
                                           golden, mem_available)
 from edgekit.convert.llm_graph import (PRUNE_NOTE, alias_tied_embedding, embedding_summary, half_scales,
@@ -72,16 +73,9 @@ SOURCE_EXTRAS = ("generation_config.json",)
 # --- the source ---------------------------------------------------------------------------------------------------
 
 def is_hf_causal_lm(path: os.PathLike) -> bool:
-    """A directory holding a Hugging Face config.json that names an architecture."""
-    p = Path(path)
-    cfg = p / "config.json"
-    if not (p.is_dir() and cfg.is_file()):
-        return False
-    try:
-        data = json.loads(cfg.read_text(encoding="utf-8"))
-    except (OSError, ValueError):   # (UnicodeDecodeError is a ValueError) said by sources.check_hf_config
-        return False
-    return isinstance(data, dict) and bool(data.get("architectures") or data.get("model_type"))
+    """A directory holding a Hugging Face config.json that names an architecture (the rule is
+    convert.hf_config's, which sources.check_hf_config puts in words)."""
+    return hf_config.is_hf_causal_lm(path)
 
 
 # a branch of the model builder's dispatch (builder.create_model): `config.architectures[0] == "Name"`
@@ -201,28 +195,38 @@ def config_tie(config: Dict[str, Any]) -> bool:
     return bool({config.get("model_type"), text_config(config).get("model_type")} & TIED_BY_DEFAULT)
 
 
+# What transformers 5's AutoConfig.from_pretrained raises for a config it cannot read: ValueError (a model_type it
+# does not know, none at all, one that needs remote code), OSError (config.json unreadable or not JSON); with
+# huggingface_hub's StrictDataclassError (a value its configuration class rejects: a string for
+# num_attention_heads), imported where transformers is
+CONFIG_UNREAD: Tuple[type, ...] = (ValueError, OSError)
+
+
 def effective_tie(path: os.PathLike, config: Dict[str, Any]) -> bool:
     """Whether the model ties its lm_head to the embedding table, as transformers (and the model builder, which
     reads the same AutoConfig) takes it: the configuration class's value, its default where config.json omits
     the key; the model's own setting where it has one (transformers ties by it: Gemma3ForConditionalGeneration's
-    top level), else its text config's. config_tie where transformers cannot read the config."""
+    top level), else its text config's. config_tie where transformers cannot read the config (CONFIG_UNREAD);
+    anything else it raises is not caught. Remote code is never run (nor asked about on a terminal)."""
     try:
+        from huggingface_hub.errors import StrictDataclassError
         from transformers import AutoConfig
         from transformers.utils import logging as hf_logging
-
-        level = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()   # its notes on unusual token ids are not this check's business
-        try:
-            cfg = AutoConfig.from_pretrained(str(path))
-        finally:
-            hf_logging.set_verbosity(level)
-    except Exception:   # an unknown model_type, remote code, no transformers: what the dict says
+    except ImportError:   # no transformers: what the dict says
         return config_tie(config)
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()   # its notes on unusual token ids are not this check's business
+    try:
+        cfg = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+    except CONFIG_UNREAD + (StrictDataclassError,):
+        return config_tie(config)
+    finally:
+        hf_logging.set_verbosity(level)
     value = getattr(cfg, "tie_word_embeddings", None)
     if value is None:
         try:
             value = getattr(cfg.get_text_config(), "tie_word_embeddings", None)
-        except Exception:
+        except ValueError:   # transformers 5: more than one text config, none the text config
             value = None
     return config_tie(config) if value is None else bool(value)
 
@@ -537,25 +541,41 @@ class LLMBuildOptions:
         smallest file (profile_options)."""
         return self.half_scales and self.quantized and self.execution_provider == "cpu"
 
-    def builder_block(self) -> int:
-        """The block the model builder writes this build's MatMulNBits at: a calibrated INT4 build's at most 32
-        (ORT's quantizer packs 4-bit zero points across rows: 64/128 fail on SmolLM2's 576 = 9 x 64), its decoder
-        MatMuls then rewritten at block_size by llm_gptq.apply."""
-        return min(self.block_size, 32) if calibrated(self.algo) and self.precision == "int4" else self.block_size
+    def builder_block(self, src: Optional["LMSource"] = None) -> int:
+        """The block the model builder writes this build's MatMulNBits at: where edgekit rounds the INT4 decoder
+        MatMuls itself (a calibrated algo; with src, also k_quant at a block ORT's quantizer cannot pack for it:
+        edgekit_packs) at most 32, and with src the first of that and 16 the quantizer can pack (it packs 4-bit
+        zero points two a byte across rows: 64 / 128 fail on SmolLM2's 576 = 9 x 64), the decoder MatMuls then
+        rewritten at block_size by llm_gptq.apply."""
+        if not (calibrated(self.algo) and self.precision == "int4" or src is not None and self.edgekit_packs(src)):
+            return self.block_size
+        b = min(self.block_size, 32)
+        if src is not None and kquant_odd_blocks(src, b):
+            b = next((x for x in (16,) if x < b and not kquant_odd_blocks(src, x)), b)
+        return b
 
-    def int8_bytes(self, K: int, N: int) -> int:
+    def edgekit_packs(self, src: "LMSource") -> bool:
+        """Whether llm_gptq.apply rounds and packs this build's INT4 decoder MatMuls rather than the builder: a
+        calibrated algo, or k_quant at a block ONNX Runtime's quantizer cannot pack for src (kquant_odd_blocks;
+        the same k-quant rounding, packed per row)."""
+        return self.precision == "int4" and (calibrated(self.algo) or kquant_cannot_build(src, self) is not None)
+
+    def int8_bytes(self, K: int, N: int, src: Optional["LMSource"] = None) -> int:
         """Bytes of the 8-bit MatMulNBits this build writes for a K x N decoder MatMul (an INT4 build's
         int8_matmuls): with int8_blocks, symmetric at llm_gptq.symmetric_block (the node's fallback is the
         builder's block: llm_gptq rewrites the builder's 8-bit node, in a calibrated build too); without, the
         builder's asymmetric node at its block, or in a calibrated build llm_gptq.apply's at block_size, a zero
-        point per block. Scales 2 bytes where the file holds them fp16 (fp16_scales; a CUDA build's activations and
-        so its scales are fp16: the builder's io dtype), else 4."""
+        point per block (also in a k_quant build edgekit packs: edgekit_packs, known with src). Scales 2 bytes where
+        the file holds them fp16 (fp16_scales; a CUDA build's activations and so its scales are fp16: the builder's io
+        dtype), else 4."""
         from edgekit.convert.llm_gptq import nbits_bytes, symmetric_block
 
         scale = 2 if self.fp16_scales() or self.execution_provider == "cuda" else 4
         if self.int8_blocks():
-            return nbits_bytes(K, N, 8, symmetric_block(K, self.int8_blocks(), self.builder_block()), scale, False)
-        block = self.block_size if calibrated(self.algo) and self.precision == "int4" else self.builder_block()
+            return nbits_bytes(K, N, 8, symmetric_block(K, self.int8_blocks(), self.builder_block(src)), scale,
+                               False)
+        own = self.edgekit_packs(src) if src is not None else calibrated(self.algo) and self.precision == "int4"
+        block = self.block_size if own else self.builder_block(src)
         return nbits_bytes(K, N, 8, block, scale, True)
 
     def describe(self) -> str:
@@ -610,7 +630,7 @@ class LLMBuildOptions:
             return extra, None
         # a calibrated algo (llm_gptq): the builder writes k_quant at block <= 32, then its decoder MatMuls are
         # rewritten
-        extra += [f"block_size={self.builder_block()}", f"accuracy_level={self.accuracy_level}",
+        extra += [f"block_size={self.builder_block(src)}", f"accuracy_level={self.accuracy_level}",
                   f"algo_config={builder_algo(self.algo)}"]
         wide_head = self.precision == "int8" or self.lm_head_int8
         if src.tied:
@@ -782,11 +802,14 @@ def run_builder(src: LMSource, opts: LLMBuildOptions, out_dir: Path, cache: Path
     if low is not None:
         buf.write(f"\nlow-rank: {low['factorized']} layer(s) as two MatMuls, {low['left_alone']} left: "
                   f"{low['left']}\n")
-    if calibrated(opts.algo) and opts.precision == "int4":   # AWQ / GPTQ rounding of the decoder MatMuls
-        cal = llm_gptq.apply(src.path, out_dir, opts.algo, opts.block_size, head_block=opts.head_block,
+    if opts.edgekit_packs(src):   # AWQ / GPTQ rounding of the decoder MatMuls, or k_quant packed here
+        algo = opts.algo if calibrated(opts.algo) else llm_gptq.OWN_KQUANT
+        cal = llm_gptq.apply(src.path, out_dir, algo, opts.block_size,
+                             head_block=opts.head_block if calibrated(opts.algo) else 0,
                              int8_blocks=opts.int8_blocks(), half=opts.fp16_scales())
-        buf.write(f"\ncalibrated rounding ({opts.algo}, block {opts.block_size}): {cal['nodes']} MatMuls "
-                  f"rewritten in {cal['seconds']} s, {cal['calibration']}\n")
+        buf.write(f"\n{'calibrated ' if calibrated(algo) else ''}rounding ({algo}, block {opts.block_size}, "
+                  f"the builder's at {opts.builder_block(src)}): {cal['nodes']} MatMuls rewritten in "
+                  f"{cal['seconds']} s, {cal['calibration']}\n")
         sym = cal.get("int8")
     elif opts.int8_blocks():   # the 8-bit MatMulNBits symmetric, no zero points
         sym = llm_gptq.rewrite_int8(src.path, out_dir, opts.int8_blocks(),
@@ -1099,6 +1122,9 @@ class _Session:
                                                      tick=progress.timed("generating", " prompts"))
         self.ref = self.float.logprobs(self.text.windows)
         self.builds: Dict[LLMBuildOptions, Dict[str, Any]] = {}
+        # the floors of the rows still to finish (this target's and the later ones'; _convert sets them): sweep()
+        # keeps the files of the builds that meet one of them. None: every build's files are kept
+        self.keep_for: Optional[List[LLMFloor]] = None
         self.matmuls: Dict[int, List[str]] = {}
         self._sensitivity: Dict[Any, Any] = {}
 
@@ -1106,6 +1132,7 @@ class _Session:
         """Build (once per options) and measure: {"dir", "metrics", "bytes", ...} or {"error"}."""
         if opts in self.builds:
             return self.builds[opts]
+        self.sweep()   # the builds no one will read again make room for this one
         d = self.wd / f"build-{len(self.builds)}"
         t0 = time.monotonic()
         self.progress.say(f"  building {opts.describe()}")
@@ -1136,6 +1163,8 @@ class _Session:
             wb = weight_bytes(d)
             rec["bytes"] = sum(f.stat().st_size for f in d.iterdir() if f.is_file())
             rec["bytes_per_token"] = wb["per_token"]
+            if self.recipe.max_bytes and opts.precision == "int4":   # read by _walk_budget after the files may go
+                rec["int8_costs"] = int8_costs(d, opts, self.src)
             m = rec["metrics"]
             self.progress.say(f"    perplexity {m['ppl_float']:.3f} -> {m['ppl']:.3f} "
                               f"({100 * m['ppl_increase']:+.1f}%), "
@@ -1149,6 +1178,22 @@ class _Session:
         rec["seconds"] = time.monotonic() - t0
         self.builds[opts] = rec
         return rec
+
+    def sweep(self) -> None:
+        """Remove the files of the builds nothing left in the run reads (a 1B ladder's rungs are several GB, in
+        RAM where /tmp is tmpfs); their records stay: the ladder, the choice between builds and the report read
+        only their figures. A build's files are read only where it meets its row's floor and budget (_usable: the
+        build shipped, --select's candidates timed; _walk_budget's INT8 costs are taken when it is built), so
+        those meeting one of keep_for's floors (the row under way's, the later targets') stay; a rung below the
+        floor, a failed build's leftovers, and --select's losers once no later target can take them go."""
+        if self.keep_for is None:
+            return
+        for rec in self.builds.values():
+            if rec.get("removed") or "dir" not in rec or any(_usable(rec, f, self.recipe.max_bytes)
+                                                             for f in self.keep_for):
+                continue
+            shutil.rmtree(rec["dir"], ignore_errors=True)
+            rec["removed"] = True
 
     def _make_room(self) -> None:
         """The builder reads the checkpoint again in float32 and holds its graph's float initializers and the
@@ -1230,6 +1275,12 @@ def _over_budget(rec: Dict[str, Any], max_bytes: Optional[int]) -> List[str]:
         return []
     return [f"{rec['bytes'] / 1e6:.3f} MB > the budget's {max_bytes / 1e6:.3f} MB (with {BUNDLE_MARGIN} B kept for "
             "the bundle's own files)"]
+
+
+def _usable(rec: Dict[str, Any], floor: LLMFloor, max_bytes: Optional[int]) -> bool:
+    """A build a row held to `floor` may ship or time (what _step calls meets): measured, meeting the floor and
+    the byte budget."""
+    return "metrics" in rec and not floor.misses(rec["metrics"]) and not _over_budget(rec, max_bytes)
 
 
 def _step(rung: str, opts: LLMBuildOptions, rec: Dict[str, Any], floor: LLMFloor,
@@ -1323,7 +1374,7 @@ def _walk(s: _Session, row: LLMRow, base: LLMBuildOptions) -> Optional[Tuple[LLM
     return None
 
 
-def int8_costs(model_dir: Path, opts: LLMBuildOptions) -> Dict[str, int]:
+def int8_costs(model_dir: Path, opts: LLMBuildOptions, src: Optional[LMSource] = None) -> Dict[str, int]:
     """Bytes each 4-bit decoder MatMulNBits of a build (by node name without its _Q4 suffix) would add to the file
     as the 8-bit node the build would write for it (LLMBuildOptions.int8_bytes) in place of its 4-bit one (its
     initializers' bytes in the file). Exact in initializer bytes; the file also moves by the data file's alignment
@@ -1339,7 +1390,7 @@ def int8_costs(model_dir: Path, opts: LLMBuildOptions) -> Dict[str, int]:
         if n.op_type != "MatMulNBits" or _attr(n, "bits") != 4:
             continue
         now = sum(sizes.get(x, 0) for x in list(n.input)[1:4] if x)
-        out[re.sub(r"_Q\d+$", "", n.name)] = opts.int8_bytes(_attr(n, "K"), _attr(n, "N")) - now
+        out[re.sub(r"_Q\d+$", "", n.name)] = opts.int8_bytes(_attr(n, "K"), _attr(n, "N"), src) - now
     return out
 
 
@@ -1364,7 +1415,7 @@ def _walk_budget(s: _Session, row: LLMRow, base: LLMBuildOptions, rec: Dict[str,
     if not s.matmuls:
         return best
     ranking, calibration = s.matmul_sensitivity(cur.block_size, builder_algo(cur.algo))
-    costs = int8_costs(rec["dir"], cur)
+    costs = rec["int8_costs"] if "int8_costs" in rec else int8_costs(rec["dir"], cur, s.src)
     left = budget - BUNDLE_MARGIN - rec["bytes"]
     names: List[str] = []
     for d in ranking:
@@ -1571,11 +1622,42 @@ def _write_bundle(s: _Session, row: LLMRow, t: TargetProfile, opts: LLMBuildOpti
     """The bundle at dest (staged: nothing at dest changes unless all of it is written). device_check: an arm64
     target's golden check on ARM's kernels (compat.check_llm, recipe.compat_check); the candidates --select
     fastest times on a device skip it (the device runs them). Raises an EdgekitError whose `stage` says where it
-    failed (BundleWriteError; compat.check_llm's ConversionError)."""
+    failed (BundleWriteError; compat.check_llm's ConversionError). A failure of the tools it runs or of the disk
+    (ONNX Runtime GenAI's RuntimeError in the generation check, an OSError writing a file: WRITE_FAILURES) is a
+    BundleWriteError too, stage "bundle", naming the step it failed at (_BundleSteps; its traceback in the log):
+    the row fails (exit 1 with the report, as a build that fails does), not the run with a traceback."""
+    at = _BundleSteps()
+    try:
+        _stage_bundle(s, row, t, opts, rec, dest, device_check, at)
+    except WRITE_FAILURES + _ort_errors() as e:
+        s.log.write(f"writing {dest.name} failed at {at.step}:\n{traceback.format_exc()}\n")
+        detail = str(e).splitlines()[0][:300] if str(e).strip() else ""
+        raise BundleWriteError(f"writing the bundle failed at {at.step}: {type(e).__name__}"
+                               + (f": {detail}" if detail else ""), stage="bundle",
+                               hint="its traceback is in the convert log") from None
+
+
+# what _write_bundle turns into a failed row (a BundleWriteError) rather than a traceback: a tool it runs refusing
+# the build (ONNX Runtime GenAI's RuntimeError, ONNX Runtime's own exceptions: _ort_errors), the disk (OSError: no
+# space, no permission), memory (MemoryError). Others (TypeError, KeyError ...) are bugs and keep their traceback.
+WRITE_FAILURES: Tuple[type, ...] = (RuntimeError, OSError, MemoryError)
+
+
+class _BundleSteps:
+    """The step _stage_bundle is at (for the line a failure ends with)."""
+
+    def __init__(self) -> None:
+        self.step = "copying the build"
+
+
+def _stage_bundle(s: _Session, row: LLMRow, t: TargetProfile, opts: LLMBuildOptions, rec: Dict[str, Any],
+                  dest: Path, device_check: bool, at: _BundleSteps) -> None:
+    """_write_bundle's work; `at.step` says where it is."""
     src, dims = s.src, s.src.dims()
     with staged_dir(dest) as tmp:
         mdir = tmp / "model"
         shutil.copytree(rec["dir"], mdir)
+        at.step = "preparing the model folder (genai_config.json, RoPE caches, chat template, lm_head)"
         for extra in SOURCE_EXTRAS:
             if (src.path / extra).is_file() and not (mdir / extra).exists():
                 shutil.copyfile(src.path / extra, mdir / extra)
@@ -1597,10 +1679,12 @@ def _write_bundle(s: _Session, row: LLMRow, t: TargetProfile, opts: LLMBuildOpti
         # golden logits were measured on the build before it, the same numbers at the last position
         pruned = prune_lm_head(mdir)
         prompt = s.text.prompts[0] if s.text.prompts else BUILTIN_PROMPTS[0]
+        at.step = "the generation check (ONNX Runtime GenAI)"
         gen = _generation(mdir, prompt, cpu=opts.execution_provider != "cpu", hf_tokenizer=s.float.tokenizer)
         if not gen["text"].strip():
             raise BundleWriteError(f"the build generates no text from {prompt!r} (tokens {gen['tokens']})",
                                    stage="generation")
+        at.step = "writing golden.json and manifest.json"
         gold = dict(rec["golden"], generation=gen)
         write_json_atomic(tmp / "golden.json", gold)
         files = {f.relative_to(mdir).as_posix(): {"sha256": sha256_file(f), "bytes": f.stat().st_size}
@@ -1654,6 +1738,7 @@ def _write_bundle(s: _Session, row: LLMRow, t: TargetProfile, opts: LLMBuildOpti
         }
         write_json_atomic(tmp / "manifest.json", manifest)
         if device_check and t.device.arch == "aarch64":
+            at.step = "the golden check on ARM's kernels"
             from edgekit.convert.compat import check_llm
 
             records = check_llm(tmp, t, s.recipe.compat_check, opts.execution_provider, cache=s.arm_checks,
@@ -1667,6 +1752,7 @@ def _write_bundle(s: _Session, row: LLMRow, t: TargetProfile, opts: LLMBuildOpti
                     f"not checked on ARM's kernels: {r['reason']}"))
             manifest["compatibility"] = records
             write_json_atomic(tmp / "manifest.json", manifest)
+        at.step = f"moving the bundle to {dest}"
     row.bytes = manifest["model"]["bytes"]
     row.bytes_per_token = per_token
 
@@ -1797,9 +1883,7 @@ def _select_fastest(s: _Session, row: LLMRow, t: TargetProfile, chosen: LLMBuild
         if o in seen:
             continue
         seen.add(o)
-        odd = kquant_cannot_build(s.src, o)
-        # a block the builder's k_quant cannot pack is not built (its quantizer's 'cannot reshape' said why less)
-        r = {"error": f"not built: k_quant cannot pack it ({odd})", "seconds": 0.0} if odd else s.build(o)
+        r = s.build(o)   # a block ORT's k_quant cannot pack: edgekit packs it (LLMBuildOptions.edgekit_packs)
         c = _step("select", o, r, row.floor or s.floor, s.recipe.max_bytes)
         c["timed"] = where
         out.append((o, r, c))
@@ -1989,14 +2073,12 @@ def convert_llm(recipe: LLMRecipe, out: str = "build", *, progress: Optional[Pro
         from edgekit.errors import DataError
         raise DataError("held-out text not found", path=recipe.val, hint="--val takes a UTF-8 .txt file")
     plans = [(t, profile_options(t, recipe)) for t in targets]
-    for t, o in plans:   # a block size asked for that the builder's k_quant cannot pack: said before any work
-        why = kquant_cannot_build(src, o) if recipe.block_size is not None else None
+    for t, o in plans:   # a block ORT's k_quant cannot pack: edgekit packs the same rounding itself (said)
+        why = kquant_cannot_build(src, o)
         if why:
-            raise EdgekitError(f"{recipe.model}: --block-size {o.block_size} with k_quant rounding: {why}, and ONNX "
-                               "Runtime's k-quant packs 4-bit zero points two a byte across rows, so it cannot build "
-                               "this model",
-                               hint="a block size that divides it evenly, or --algo awq (edgekit packs its own "
-                                    "roundings per row)")
+            progress.say(f"[{t.name}] {o.precision} block {o.block_size}: {why}, which ONNX Runtime's k-quant "
+                         "cannot pack (4-bit zero points two a byte across rows): edgekit rounds and packs the "
+                         f"decoder MatMuls itself (the builder's at block {o.builder_block(src)})")
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise EdgekitError(f"{out_dir}: exists and is not a directory", hint="choose another --out")
@@ -2064,7 +2146,8 @@ def _convert(recipe: LLMRecipe, src: LMSource, plans, out_dir: Path, name: str, 
         result = LLMConvertResult(name, recipe.to_dict(), {"path": str(src.path), "sha256": src.sha256,
                                                            "bytes": src.bytes, "architecture": src.architecture},
                                   s.text.source, recipe.floor, log_path=log_path)
-        for t, opts in plans:
+        for i, (t, opts) in enumerate(plans):
+            s.keep_for = [recipe.floor_for(o.precision) for _, o in plans[i:]]   # Session.sweep: this row's, later
             dest = out_dir / f"{name}-{t.name}-{opts.precision}"
             row = LLMRow(t.name, opts.precision, dest)
             t0 = time.monotonic()
@@ -2106,6 +2189,8 @@ def _convert(recipe: LLMRecipe, src: LMSource, plans, out_dir: Path, name: str, 
                 except EdgekitError as e:   # the stage it failed at (BundleWriteError, compat's ConversionError)
                     row.ok, row.reason, row.stage = False, str(e), getattr(e, "stage", None) or "bundle"
             row.seconds = time.monotonic() - t0
+            s.keep_for = s.keep_for[1:]   # this row's builds are written or failed: those no later row takes go
+            s.sweep()
             result.bundles.append(row)
             progress.say(f"[{t.name}] " + (f"wrote {row.path}" if row.ok else f"FAILED: {row.reason}"))
     return result

@@ -54,8 +54,8 @@ def minmax_params(x, bits: int = 4):
 
 
 def kquant_params(x, bits: int = 4):
-    """x [rows, block] -> (scale, zero point) as ONNX Runtime's k_quant chooses them (llm_sensitivity.kquant_search;
-    a zero scale becomes 1)."""
+    """x [rows, block] -> (scale, zero point) by llama.cpp's k-quant search (llm_sensitivity.kquant_search; a zero
+    scale becomes 1): within a few % of ONNX Runtime's k_quant scales, not equal to them (ort_kquant)."""
     import torch
 
     from edgekit.convert.llm_sensitivity import kquant_search
@@ -113,15 +113,33 @@ def dequant(q, scale, zp, in_features: int, block: int):
     return x.reshape(out, -1)[:, :in_features]
 
 
+def ort_kquant(x, bits: int = 4):
+    """x [rows, block] -> (q, scale, zp) as ONNX Runtime's k_quant quantizer (the model builder's algo_config=k_quant)
+    rounds them, by calling it: its search differs from llama.cpp's make_qkx2 (kquant_search) in moving the
+    minimum it searches around to each better candidate's, so k-quant rounded here for a block ORT cannot pack
+    (OWN_KQUANT) is bit for bit what ORT writes at a block it can."""
+    import torch
+
+    try:
+        from onnxruntime.quantization.neural_compressor.weight_only import quant_tensor_k_quant_cpu
+    except ImportError as e:   # the builder's quantizer itself: without it no k_quant build was possible either
+        raise RuntimeError(f"ONNX Runtime's k_quant quantizer is not importable: {e}") from None
+    q, scale, zp = quant_tensor_k_quant_cpu(x.detach().float().cpu().numpy(), bits, x.shape[1])
+    return tuple(torch.from_numpy(np.asarray(a, dtype=np.float32)) for a in (q, scale, zp))
+
+
 def quantize_rtn(w, block: int, bits: int = 4, grid: str = "kquant", half: bool = False):
-    """Every block on its own (the builder's rounding when grid is kquant): (q, scale, zp). half: the symmetric
-    grid's scales fp16 (symmetric_params)."""
+    """Every block on its own: (q, scale, zp). grid "kquant_ort": ONNX Runtime's k_quant quantizer's own (ort_kquant),
+    "kquant": llama.cpp's search (kquant_search). half: the symmetric grid's scales fp16 (symmetric_params)."""
     import torch
 
     out_f = w.shape[0]
     x = _pad(w.float(), block).reshape(-1, block)
-    scale, zp = grid_params(x, bits, grid, half)
-    q = torch.clamp(torch.round(x / scale + zp), 0, 2 ** bits - 1)
+    if grid == "kquant_ort":
+        q, scale, zp = ort_kquant(x, bits)
+    else:
+        scale, zp = grid_params(x, bits, grid, half)
+        q = torch.clamp(torch.round(x / scale + zp), 0, 2 ** bits - 1)
     return q.reshape(out_f, -1), scale.reshape(out_f, -1), zp.reshape(out_f, -1)
 
 
@@ -566,6 +584,10 @@ def nbits_node(name: str, x: str, y: str, prefix: str, q, scale, zp, K: int, N: 
 # --- a build's model.onnx rewritten with the calibrated rounding -------------------------------------------------
 
 ALGOS = ("awq", "gptq", "awq_gptq")   # LLMBuildOptions.algo values this module serves (the builder runs k_quant)
+# apply's uncalibrated rounding: the builder's own k_quant, rounded and packed here (ORT 1.32's quantizer packs 4-bit
+# zero points two a byte across a matrix's rows, so a width of an odd number of blocks fails there;
+# convert.llm.kquant_odd_blocks); rounded by the quantizer's own function (ort_kquant: the builder's bits exactly)
+OWN_KQUANT = "k_quant"
 # GPTQ's dampening (fraction of the Hessian's mean diagonal added to it): with ~2k calibration tokens, 0.01 (the
 # paper's) fits the calibration activations and does worse on held-out text (SmolLM2-135M, AWQ then GPTQ at block
 # 32, benchmark text: damp 0.01 +20.2% / KL 0.159, damp 0.1 +9.5% / KL 0.086 against AWQ alone +9.9% / 0.101)
@@ -620,7 +642,8 @@ def _norm_weights(model) -> Dict[Tuple[int, str], str]:
 def apply(src_path, model_dir, algo: str, block: int, cal_tokens: int = CAL_TOKENS, threads: Optional[int] = None,
           progress=None, head_block: int = 0, int8_blocks: Sequence[int] = (), half: bool = False) -> Dict[str, Any]:
     """Rewrite the builder's decoder MatMuls in model_dir/model.onnx (+ .data) with `algo`'s rounding at `block`:
-    4-bit nodes calibrated (AWQ scales and/or GPTQ), 8-bit nodes rounded by k-quant from the same (scaled)
+    4-bit nodes calibrated (AWQ scales and/or GPTQ; algo OWN_KQUANT: no calibration, k-quant's own rounding at a
+    block ORT's quantizer cannot pack), 8-bit nodes rounded by k-quant from the same (scaled)
     weights, float MatMuls given the scaled weights, the norms the AWQ scales came out of divided by them. The
     lm_head and the embedding are left as the builder wrote them, unless head_block: an 8-bit lm_head (and the
     tied embedding reading its bytes) re-rounded by k-quant at that block size (fewer scales: SmolLM2's 49152 x
@@ -638,8 +661,8 @@ def apply(src_path, model_dir, algo: str, block: int, cal_tokens: int = CAL_TOKE
     from edgekit.convert.llm_fidelity import FloatModel, _decoder_layers
     from edgekit.convert.llm_sensitivity import matmul_modules
 
-    if not calibrated(algo):
-        raise ValueError(f"algo {algo!r} is not one of {ALGOS}")
+    if not calibrated(algo) and algo != OWN_KQUANT:
+        raise ValueError(f"algo {algo!r} is not one of {ALGOS + (OWN_KQUANT,)}")
     t0 = time.monotonic()
     model_dir = Path(model_dir)
     head = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
@@ -669,7 +692,9 @@ def apply(src_path, model_dir, algo: str, block: int, cal_tokens: int = CAL_TOKE
     norms = _norm_weights(head)
     norm_vals = {}
     key = (str(Path(src_path).resolve()), block, cal_tokens)
-    if key in _CACHE:   # a ladder's next rung: same calibration text, same AWQ scales (GPTQ reruns: other INT8 set)
+    if algo == OWN_KQUANT:   # k-quant's rounding, block by block: nothing to calibrate
+        cal, cached = [], None
+    elif key in _CACHE:   # a ladder's next rung: same calibration text, same AWQ scales (GPTQ reruns: other INT8 set)
         cal, cached = _CACHE[key]
     else:
         cal, cached = calibration_windows(fm, cal_tokens), None
@@ -678,6 +703,9 @@ def apply(src_path, model_dir, algo: str, block: int, cal_tokens: int = CAL_TOKE
                               "calibration": f"the float model's sampled continuations of "
                                              f"{len(cal)} calibration prompts ({cal_n} tokens), not the fidelity "
                                              "text", "calibration_tokens": cal_n}
+    if algo == OWN_KQUANT:
+        record["calibration"] = ("none: k-quant's rounding block by block, packed by edgekit (ONNX Runtime's "
+                                 "quantizer cannot pack this block size for this model)")
     layers_of = _layers_norms(model)
     if algo in ("awq", "awq_gptq"):
         ninits = _init_map(onnx.load(str(model_dir / "model.onnx")))   # the norms' values (external data loaded)
@@ -710,8 +738,9 @@ def apply(src_path, model_dir, algo: str, block: int, cal_tokens: int = CAL_TOKE
         del ninits
     else:
         aw = []
-    _CACHE.clear()   # one model's at a time
-    _CACHE[key] = (cal, aw if aw else cached)
+    if algo != OWN_KQUANT:
+        _CACHE.clear()   # one model's at a time
+        _CACHE[key] = (cal, aw if aw else cached)
     # the 8-bit nodes' weights as AWQ left them (gptq_model / rtn_model replace them by their k-quant rounding)
     w8 = {path_of[id(m)]: m.weight.data.clone() for _, ms, bits in plan if bits == 8 for m in ms} \
         if int8_blocks else {}
@@ -720,7 +749,7 @@ def apply(src_path, model_dir, algo: str, block: int, cal_tokens: int = CAL_TOKE
         record["gptq"] = {"damp": GPTQ_DAMP, "act_order": False, "order": "layer by layer, q/k/v -> o -> gate/up -> "
                                                                      "down, inputs from the rounded layers before"}
     else:
-        ints = rtn_model(model, block, 4, "kquant", bits_of=bits_of)
+        ints = rtn_model(model, block, 4, "kquant_ort" if algo == OWN_KQUANT else "kquant", bits_of=bits_of)
     # the new graph: every tensor written in the type of the one it replaces (a CUDA build's fp16)
     full = onnx.load(str(model_dir / "model.onnx"))
     dtypes = constant_dtypes(full.graph)

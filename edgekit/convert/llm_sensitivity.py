@@ -46,9 +46,12 @@ _RENAMED = {"o_proj": ("dense",)}
 
 
 def kquant_search(x, bits: int):
-    """x [rows, block] -> (scale, minimum) per row as k-quant chooses them (the builder's algo_config=k_quant:
-    ONNX Runtime's quant_tensor_k_quant_cpu, llama.cpp's make_qkx2): among 20 candidate grids, the least
-    squared error weighted by sqrt(mean x^2) + |x|."""
+    """x [rows, block] -> (scale, minimum) per row as llama.cpp's make_qkx2 chooses them (without its clamping of
+    the minimum to <= 0): among 20 candidate grids around the block's min / max, the least squared error weighted
+    by sqrt(mean x^2) + |x|. The builder's algo_config=k_quant (ONNX Runtime's quant_tensor_k_quant_cpu) moves the
+    minimum the later candidates are built around to each better one's, so its scales differ by up to ~10% on some
+    blocks (a 64-wide random Llama); the sensitivity ranking here simulates it with this search, and
+    llm_gptq.ort_kquant calls ORT's own where the bits must be the builder's."""
     import torch
 
     block = x.shape[1]

@@ -19,6 +19,7 @@ from typing import Dict, Optional, Tuple
 
 from edgekit.bundle import sha256_file, sha256_tree
 from edgekit.convert import shapes as shaping
+from edgekit.convert.hf_config import HF_CONFIG_HINT, hf_config_problem  # noqa: F401  (the rule)
 from edgekit.convert.native import captured_stderr, quiet_tensorflow
 from edgekit.convert.shapes import DataShapes
 from edgekit.convert.source import Source
@@ -28,35 +29,6 @@ KERAS_SUFFIXES = (".keras",)
 H5_SUFFIXES = (".h5", ".hdf5")
 TORCH_EXPORT_SUFFIXES = (".pt2",)                     # torch.export.save
 TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ptl", ".jit")  # torch.jit.save
-
-
-HF_CONFIG_HINT = ("a Hugging Face causal LM's config.json is a JSON object naming its \"architectures\" (e.g. "
-                  "[\"LlamaForCausalLM\"]) and \"model_type\"; put back the one the model was published with")
-
-
-def hf_config_problem(folder: Path) -> Optional[str]:
-    """What keeps a folder with a config.json from being taken as a Hugging Face causal LM (the rule of
-    convert.llm.is_hf_causal_lm: a JSON object naming `architectures` or `model_type`), in words; None when nothing
-    does, or when there is no config.json."""
-    import json
-
-    cfg = Path(folder) / "config.json"
-    if not cfg.is_file():
-        return None
-    try:
-        data = json.loads(cfg.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        return "config.json is not UTF-8 text"
-    except ValueError as e:
-        return f"config.json is not valid JSON ({e})"
-    except OSError as e:
-        return f"config.json cannot be read ({e.strerror or e})"
-    if not isinstance(data, dict):
-        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(data), "a number")
-        return f"config.json holds {kind}, not a JSON object"
-    if not (data.get("architectures") or data.get("model_type")):
-        return "config.json names neither \"architectures\" nor \"model_type\""
-    return None
 
 
 def check_hf_config(folder: Path) -> None:
