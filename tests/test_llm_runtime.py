@@ -56,10 +56,10 @@ def lm(bundle) -> LanguageModel:
     return load(bundle)
 
 
-def test_load_returns_a_language_model_for_a_bundle_and_a_bare_folder(lm, og_dir, bundle, tmp_path):
+def test_load_returns_a_language_model_for_a_bundle_and_a_bare_folder(lm, og_dir, bundle, tmp_path, monkeypatch):
     from edgekit.runtime.threads import usable_cpus
 
-    from edgekit.runtime.threadprobe import candidates
+    from edgekit.runtime.threadprobe import candidates, machine
 
     assert isinstance(lm, LanguageModel) and lm.manifest["kind"] == "llm"
     # measured (runtime.llmthreads) among 1, 2, 4 ... up to the profile's count clamped to the usable CPUs
@@ -77,11 +77,18 @@ def test_load_returns_a_language_model_for_a_bundle_and_a_bare_folder(lm, og_dir
     chosen = tmp_path / "chosen"
     shutil.copytree(bundle, chosen)
     m = json.loads((chosen / "manifest.json").read_text())
-    m["runtime"] = {"threads_choice": {"threads": 1, "tried": [1, 2]}}
+    rec = {"threads": 1, "tried": [1, 2], **machine()}   # measured on a machine of this kind (its CPU and cores)
+    m["runtime"] = {"threads_choice": rec}
     (chosen / "manifest.json").write_text(json.dumps(m))
     got = load(chosen)
     assert (got.threads, got.threads_chosen_by) == (1, "manifest")
-    assert got.threads_choice == {"threads": 1, "tried": [1, 2]}
+    assert got.threads_choice == rec
+    # timed on another kind of machine (a 2-vCPU build host for an 8-core device): not applied, as if unrecorded
+    m["runtime"] = {"threads_choice": dict(rec, usable_cpus=rec["usable_cpus"] + 6)}
+    (chosen / "manifest.json").write_text(json.dumps(m))
+    monkeypatch.setenv("EDGEKIT_CACHE_DIR", str(tmp_path / "cache"))   # no cached probe either: the ceiling
+    monkeypatch.setenv("EDGEKIT_THREAD_PROBE", "0")
+    assert load(chosen).threads_chosen_by == "profile"
 
 
 def test_threads_probed_once_cached_and_overridden(bundle, tmp_path, monkeypatch):
@@ -130,7 +137,10 @@ def test_threads_probed_once_cached_and_overridden(bundle, tmp_path, monkeypatch
     chosen = tmp_path / "chosen"
     shutil.copytree(bundle, chosen)
     m = json.loads((chosen / "manifest.json").read_text())
-    m["runtime"] = {"threads": 1, "threads_choice": {"threads": 1, "tried": candidates(ceiling), "where": "test"}}
+    from edgekit.runtime.threadprobe import machine
+
+    m["runtime"] = {"threads": 1, "threads_choice": {"threads": 1, "tried": candidates(ceiling), "where": "test",
+                                                     **machine()}}
     (chosen / "manifest.json").write_text(json.dumps(m))
     shutil.rmtree(cache)
     got = load(chosen)
@@ -683,7 +693,85 @@ def test_ctrl_c_as_a_token_is_made_leaves_the_cache_as_the_history_says(lm, monk
     armed["at"] = None
     r2 = conv.say("What colour is the box?", max_new_tokens=30)
     assert conv.last["reprefill"] is False and conv.last["rewound_to"] is None
+    assert conv.last["carry_ms"] is None     # the reply's last token ran when the rewound one was sampled
     assert r2 == lm.chat(conv.messages[:-1], max_new_tokens=30)   # as a fresh chat over the history says
+
+
+class _Timed(_Gen):
+    """A generator whose model runs advance a fake clock (runtime.llm's time.perf_counter_ns): get_logits 7 ms,
+    append_tokens 100 ms, generate_next_token 1 ms; the calls recorded, and after each append the sequence and the
+    logits it gave."""
+
+    def __init__(self, gen, clock, calls):
+        super().__init__(gen)
+        self._clock, self.calls, self.appended = clock, calls, []
+
+    def _run(self, name, ms, *args):
+        self.calls.append(name)
+        self._clock[0] += int(ms * 1e6)
+        return getattr(self._g, name)(*args)
+
+    def get_logits(self):
+        return self._run("get_logits", 7)
+
+    def append_tokens(self, ids):
+        self._run("append_tokens", 100, ids)
+        self.appended.append(([int(t) for t in self._g.get_sequence(0)], np.asarray(self._g.get_logits()).ravel()))
+
+    def generate_next_token(self):
+        self._run("generate_next_token", 1)
+
+
+def test_a_turn_after_a_cut_reply_runs_its_last_token_apart(lm, monkeypatch):
+    """A reply cut by max_new_tokens (a stop string, its consumer) ends with a token ONNX Runtime GenAI sampled and
+    has not run; 0.18's append_tokens does not run it either, so the next turn's cache had an unwritten slot there
+    (on the tiny LM the next logits were 0.1 to 1.9 off teacher forcing of the same tokens). It runs first, timed
+    apart as carry_ms;
+    prefill_ms times the prefill_tokens alone (ttft_ms both). A reply ended by the model's end of sequence leaves
+    none. Timed by a fake clock that only the model's runs advance: no figure depends on the machine."""
+    from types import SimpleNamespace
+
+    from edgekit.runtime import llm as llm_mod
+
+    clock, calls, gens = [0], [], []
+    monkeypatch.setattr(llm_mod, "time", SimpleNamespace(perf_counter_ns=lambda: clock[0]))
+    orig = lm._generator
+    monkeypatch.setattr(lm, "_generator", lambda *a, **k: gens.append(_Timed(orig(*a, **k), clock, calls)) or gens[-1])
+
+    def chunks(n):
+        return -(-n // llm_mod.PREFILL_CHUNK)
+
+    conv = lm.conversation(max_new_tokens=30)
+    conv.say("What colour is the lamp?", max_new_tokens=3)
+    s1 = conv.last
+    assert s1["finish_reason"] == "length" and s1["carry_ms"] is None and "get_logits" not in calls
+    assert s1["prefill_ms"] == 100.0 * chunks(s1["prefill_tokens"])
+    del calls[:]
+    conv.say("What colour is the box?")
+    s2 = conv.last
+    assert len(gens) == 1 and s2["reprefill"] is False and s2["rewound_to"] is None
+    assert calls[:2] == ["get_logits", "append_tokens"] and calls.count("get_logits") == 1
+    assert s2["carry_ms"] == 7.0 and s2["prefill_ms"] == 100.0 * chunks(s2["prefill_tokens"])
+    assert s2["ttft_ms"] == s2["carry_ms"] + s2["prefill_ms"] + 1.0
+    # the cache after the turn's prefill is the one teacher forcing of its tokens gives (the cut reply's last too)
+    seq, got = conv._gen.appended[-1]
+    assert np.abs(got - lm.logits(seq)[-1]).max() < 1e-3
+    # the model ended that reply itself (its end of sequence is out of the cache): nothing left to run
+    assert s2["finish_reason"] == "stop"
+    del calls[:]
+    conv.say("What colour is the clock?")
+    assert "get_logits" not in calls and conv.last["carry_ms"] is None
+    # a reply its consumer stopped reading also ends with a sampled token; a fresh cache has none
+    for _ in conv.say("What colour is the cup?", stream=True):
+        break
+    del calls[:]
+    conv.say("And the pen?")
+    assert calls.count("get_logits") == 1 and conv.last["carry_ms"] == 7.0
+    seq, got = conv._gen.appended[-1]
+    assert np.abs(got - lm.logits(seq)[-1]).max() < 1e-3
+    conv.reset()
+    conv.say("What colour is the lamp?")
+    assert conv.last["carry_ms"] is None
 
 
 def test_a_streamed_turn_never_started_leaves_the_conversation_whole(lm):
@@ -746,7 +834,10 @@ def test_spinning_measured_on_the_device_is_what_the_load_applies(bundle, tmp_pa
     copy = tmp_path / "b"
     shutil.copytree(bundle, copy)
     man = json.loads((copy / "manifest.json").read_text())
-    man.setdefault("runtime", {})["threads_choice"] = {"threads": 2, "tried": [1, 2, 64], "spinning_chosen": True}
+    from edgekit.runtime.threadprobe import machine
+
+    man.setdefault("runtime", {})["threads_choice"] = {"threads": 2, "tried": [1, 2, 64], "spinning_chosen": True,
+                                                       **machine()}   # the device's own load measured it
     (copy / "manifest.json").write_text(json.dumps(man))
     seen = []
     orig = rl._og_model

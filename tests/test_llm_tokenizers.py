@@ -338,14 +338,14 @@ def test_tokenizer_family_converts_and_feeds_the_model_what_transformers_does(fa
     # checkpoint's own template: the runtime and the server's tokenizer lay it out when they render
     import shutil
 
-    from edgekit.runtime.llm_batch import _Tokenizer
+    from edgekit.runtime.llm import Tokenizer
 
     bare = tmp_path / "bare"
     shutil.copytree(row.path / "model", bare)
     (bare / "chat_template.jinja").write_text(json.loads((folder / "tokenizer_config.json").read_text())[
         "chat_template"], encoding="utf-8")
     assert load(bare).apply_chat_template(msgs) == rendered
-    assert _Tokenizer(bare).chat_ids(msgs) == ids
+    assert Tokenizer.of_folder(bare).chat_ids(msgs) == ids
 
 
 def _mistral_v03_tokenizer(folder: Path, decoder=None) -> dict:
@@ -508,7 +508,6 @@ def test_unicode_normalizer_and_lstrip_tokens_are_applied_before_ort_genai_encod
     from edgekit.convert.llm_tokenizer import check_tokenizer, compare_ids, og_tokenizer, probe_texts
     from edgekit.errors import SourceModelError
     from edgekit.runtime.llm import Tokenizer
-    from edgekit.runtime.llm_batch import _Tokenizer
     from edgekit.runtime.llmtemplate import EncodeRules, encode_rules, normalizer_form
 
     # which Unicode form a normalizer applies; other steps are reported, not guessed
@@ -549,7 +548,7 @@ def test_unicode_normalizer_and_lstrip_tokens_are_applied_before_ort_genai_encod
             want = raw.encode(text, add_special_tokens=False).ids
             assert lm_tok.encode(text) == lm_tok.encode_templated(text) == want, text
         # the server's tokenizer (runtime.llm_batch, rules read from the folder as a bare release's): the same ids
-        srv = _Tokenizer(work)
+        srv = Tokenizer.of_folder(work)
         for text in NFD_TEXTS + STRIP_TEXTS + UNICODE:
             assert srv.encode(text) == raw.encode(text, add_special_tokens=False).ids, text
         # convert's check: probes NFD text and text around each lstrip / rstrip token, as the runtime prepares it

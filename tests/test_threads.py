@@ -185,13 +185,38 @@ def test_candidates_and_the_rule():
     assert tp.pick({1: 1.00, 2: 0.90, 4: 0.89}) == 2
     assert tp.pick({1: 0.94, 2: 1.00}) == 1
     assert "+6.4%" in tp.explain({1: 0.94, 2: 1.00}, 1)
-    rec = {"threads": 1, "tried": [1, 2]}
-    assert tp.from_manifest({"threads_choice": rec}, 4) == (1, rec)    # fewer threads won: holds on more cores
-    assert tp.from_manifest({"threads_choice": dict(rec, threads=2)}, 4) is None   # 2 won of 1, 2: 4 untried
-    assert tp.from_manifest({"threads_choice": dict(rec, threads=2)}, 2)[0] == 2
-    assert tp.from_manifest({"threads_choice": dict(rec, threads=2)}, 1)[0] == 1   # never above the ceiling
-    assert tp.from_manifest({"threads_choice": {"threads": "two"}}, 2) is None
-    assert tp.from_manifest({}, 2) is None
+    here = {"cpu_model": "Cortex-A76", "usable_cpus": 4}
+    rec = {"threads": 1, "tried": [1, 2], **here}
+    assert tp.from_manifest({"threads_choice": rec}, 4, here) == (1, rec)    # fewer threads won: holds on more cores
+    assert tp.from_manifest({"threads_choice": dict(rec, threads=2)}, 4, here) is None   # 2 won of 1, 2: 4 untried
+    assert tp.from_manifest({"threads_choice": dict(rec, threads=2)}, 2, here)[0] == 2
+    assert tp.from_manifest({"threads_choice": dict(rec, threads=2)}, 1, here)[0] == 1   # never above the ceiling
+    assert tp.from_manifest({"threads_choice": {"threads": "two", **here}}, 2, here) is None
+    assert tp.from_manifest({}, 2, here) is None
+
+
+def test_a_choice_measured_on_another_kind_of_machine_is_not_applied():
+    """A count timed on the build host (a loaded 2-vCPU runner chose 1 thread) holds only on a machine with the
+    CPU model and usable CPUs it was measured with; elsewhere, and for a host-timed choice from before those were
+    recorded, the loader probes. A choice the target device measured itself (convert --device) still holds."""
+    from edgekit.runtime import threadprobe as tp
+
+    host = {"cpu_model": "AMD EPYC 7B13", "usable_cpus": 2}
+    rec = {"threads": 1, "tried": [1, 2], "where": "decode tok/s timed on this x86_64 host, 2 thread(s)", **host}
+    rt = {"threads": 1, "threads_choice": rec}
+    assert tp.from_manifest(rt, 2, host) == (1, rec)                                   # the same machine kind
+    assert tp.from_manifest(rt, 8, dict(host, usable_cpus=8)) is None                  # an 8-core device
+    assert tp.from_manifest(rt, 2, dict(host, cpu_model="Intel Xeon Gold 6248")) is None   # another CPU
+    assert tp.from_manifest(rt, 2, dict(host, cpu_model=" AMD EPYC 7B13\n")) == (1, rec)
+    assert tp.from_manifest({"threads_choice": dict(rec, usable_cpus="two")}, 2, host) is None
+    old = {k: v for k, v in rec.items() if k not in tp.MACHINE_KEYS}                   # before the facts
+    assert tp.from_manifest({"threads_choice": old}, 2, host) is None
+    assert tp.from_manifest({"threads_choice": dict(old, cpu_model="AMD EPYC 7B13")}, 2, host) is None
+    dev = dict(old, where="on device box (x86-avx2): probed at load on this machine (AMD EPYC 7B13)")
+    assert tp.from_manifest({"threads_choice": dev}, 8, host) == (1, dev)              # measured on the device
+    assert tp.from_manifest({"threads_choice": dict(dev, **host)}, 8, dict(host, usable_cpus=8)) is None
+    assert tp.measured_here(tp.machine()) and set(tp.machine()) == set(tp.MACHINE_KEYS)
+    assert tp.machine()["usable_cpus"] == th.usable_cpus()
 
 
 def test_manifest_choice_is_loaded_and_explicit_threads_win(tmp_path, monkeypatch):
@@ -205,7 +230,7 @@ def test_manifest_choice_is_loaded_and_explicit_threads_win(tmp_path, monkeypatc
     monkeypatch.setattr(tp, "measure", no_probe)
     monkeypatch.setenv(tp.CACHE_ENV, str(tmp_path / "cache"))
     choice = {"threads": 1, "tried": [1, 2, 4], "p50_ms": {"1": 0.1, "2": 0.12, "4": 0.2},
-              "where": "timed here", "why": "1 thread: fastest"}
+              "where": "timed here", "why": "1 thread: fastest", **tp.machine()}
     b = _tiny_bundle(tmp_path / "b", runtime={"threads": 1, "threads_choice": choice})
     m = load(b)
     assert (m.threads, m.threads_requested, m.threads_chosen_by) == (1, 4, "manifest")
@@ -215,6 +240,26 @@ def test_manifest_choice_is_loaded_and_explicit_threads_win(tmp_path, monkeypatc
     e = load(b, threads=2)
     assert (e.threads, e.threads_requested, e.threads_chosen_by) == (2, 2, "argument")
     assert not (tmp_path / "cache").exists()
+
+
+def test_manifest_choice_from_another_machine_is_probed_instead(tmp_path, monkeypatch):
+    """Through load(): a choice recorded with another CPU model, or another usable-CPU count, or none (an older
+    manifest timed on the build host) is not taken; the load goes on as with no choice (here, probing off: the
+    profile's count clamped to the usable CPUs)."""
+    from edgekit.runtime import load
+    from edgekit.runtime import threadprobe as tp
+
+    monkeypatch.setenv(tp.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(tp.PROBE_ENV, "0")
+    ceiling = th.choose_threads(None, 4)
+    here = tp.machine()
+    base = {"threads": 1, "tried": tp.candidates(ceiling), "where": "timed here", "why": "1 thread: fastest"}
+    for i, choice in enumerate([{**base, **here, "cpu_model": "another CPU"},
+                                {**base, **here, "usable_cpus": here["usable_cpus"] + 6}, base]):
+        m = load(_tiny_bundle(tmp_path / f"b{i}", runtime={"threads": 1, "threads_choice": choice}))
+        assert (m.threads, m.threads_chosen_by) == (ceiling, "profile"), choice
+    same = load(_tiny_bundle(tmp_path / "same", runtime={"threads": 1, "threads_choice": dict(base, **here)}))
+    assert (same.threads, same.threads_chosen_by) == (1, "manifest")
 
 
 def test_probe_chooses_by_measurement_and_is_cached(tmp_path, monkeypatch):

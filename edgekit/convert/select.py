@@ -366,7 +366,8 @@ def _choose_threads(sel: _Selection, winner: Artifact) -> None:
         rt["threads"] = chosen
         rt["threads_choice"] = {"threads": chosen, "tried": tried,
                                 "p50_ms": {str(t): round(v, 6) for t, v in p50.items()},
-                                "where": sel.where, "why": threadprobe.explain(p50, chosen)}
+                                "where": sel.where, "why": threadprobe.explain(p50, chosen),
+                                **threadprobe.machine()}   # applied only on a machine of this kind (measured_here)
         sel.progress.say(f"{sel.label}: threads: {rt['threads_choice']['why']}")
     winner.runtime = rt
 

@@ -21,7 +21,10 @@ A prompt that does not fit the context is a DataError; max_new_tokens is clamped
 After each generation (after the stream is exhausted or closed), `lm.last` holds its figures:
     {"prompt_tokens", "prefill_tokens" (tokens run through the model before the first new one: all of
      the prompt for generate/chat, only the new ones in a conversation's later turns), "new_tokens",
-     "ttft_ms" (call to first token), "prefill_ms", "decode_ms", "decode_tok_s", "finish_reason"
+     "ttft_ms" (call to first token), "prefill_ms" (the prefill_tokens' run alone), "carry_ms" (a
+     conversation's later turn after a reply cut by max_new_tokens, a stop string or its consumer: the run of
+     that reply's last token, sampled but not yet run through the model, one decode step; None elsewhere;
+     ttft_ms includes it), "decode_ms", "decode_tok_s", "finish_reason"
      ("stop": end of sequence or a stop string, "length": max_new_tokens or the context, "interrupted":
      the consumer stopped early or Ctrl-C)}.
 
@@ -290,11 +293,17 @@ def _og_model(og, model_dir: Path, threads: int, spinning: Optional[bool] = None
 
 # -- the tokenizer -----------------------------------------------------------------------------------------
 
+_FROM_FOLDER = object()
+
+
 class Tokenizer:
-    """The bundle's tokenizer (ONNX Runtime GenAI's, from tokenizer.json): token ids are Python ints.
+    """The bundle's tokenizer (ONNX Runtime GenAI's, from tokenizer.json): token ids are Python ints. The runtime's
+    LanguageModel and edgekit.serve's batched engine (runtime.llm_batch, through Tokenizer.of_folder) use it alike.
 
     encode(text) adds the tokenizer's special tokens (a BOS where the model has one), as a plain prompt
-    needs; encode_templated(text) adds none, for text a chat template made (it writes its own)."""
+    needs; encode_templated(text) adds none, for text a chat template made (it writes its own); chat_ids(messages)
+    is the chat template's text (with the assistant's generation prompt) so encoded. `og_model`: the
+    onnxruntime_genai.Model, or the model folder's path (a second tokenizer is opened from it)."""
 
     def __init__(self, og, og_model, og_tokenizer, bos: Optional[int] = None, template: Optional[str] = None,
                  rules: Optional[DecodeRules] = None, prep: Optional[EncodeRules] = None):
@@ -307,6 +316,21 @@ class Tokenizer:
         self.rules = rules if rules is not None else DecodeRules()
         # tokenizer.json's Unicode normalizer and lstrip tokens, which ORT GenAI's encoding skips (runtime.llmtemplate)
         self.prep = prep if prep is not None else EncodeRules()
+
+    @classmethod
+    def of_folder(cls, model_dir: Union[str, Path], bos: Optional[int] = None, *, template: Any = _FROM_FOLDER,
+                  rules: Any = _FROM_FOLDER, prep: Any = _FROM_FOLDER) -> "Tokenizer":
+        """The tokenizer of an ONNX Runtime GenAI folder opened without its model (edgekit.serve's batched engine,
+        whose own session holds the weights). template / rules / prep: those a loaded LanguageModel read
+        (lm.tokenizer's), else read from the folder here. The templated tokenizer is made now, not in a request."""
+        og = _import_og()
+        head = tokenizer_head(model_dir) if rules is _FROM_FOLDER or prep is _FROM_FOLDER else {}
+        tok = cls(og, str(model_dir), og.Tokenizer(str(model_dir)), bos,
+                  template=laid_out_template(model_dir) if template is _FROM_FOLDER else template,
+                  rules=decode_rules_of(head) if rules is _FROM_FOLDER else rules,
+                  prep=encode_rules_of(head) if prep is _FROM_FOLDER else prep)
+        tok._variant("add_special_tokens")
+        return tok
 
     def _variant(self, option: str):
         """A second tokenizer with one option off (made on first use: a large vocabulary costs memory):
@@ -342,6 +366,10 @@ class Tokenizer:
         except RuntimeError as e:
             raise DataError(f"the chat template cannot render these messages ({str(e).splitlines()[0]})",
                             hint="messages are [{'role': 'system'|'user'|'assistant', 'content': '...'}]") from None
+
+    def chat_ids(self, messages: Sequence[Message]) -> List[int]:
+        """The chat template applied to `messages` (with the assistant's generation prompt) and tokenized."""
+        return self.encode_templated(self.apply_chat_template(messages, True))
 
     def stream(self) -> TextStream:
         """A streaming detokenizer: .decode(token_id) -> the text that token completes ('' mid-character, and for
@@ -503,7 +531,8 @@ class LanguageModel:
 
     def prompt_ids(self, messages: Sequence[Message]) -> List[int]:
         """The chat template applied (with the assistant's generation prompt) and tokenized."""
-        return self.tokenizer.encode_templated(self.apply_chat_template(messages, True))
+        self.require_chat_template()
+        return self.tokenizer.chat_ids(messages)
 
     def search_options(self, **options) -> Dict[str, Any]:
         """Generation options (module docstring) as ONNX Runtime GenAI search options, without max_length."""
@@ -565,15 +594,22 @@ class LanguageModel:
         return it if stream else "".join(it)
 
     def _stream(self, gen, new_ids: List[int], max_new: int, stops: Sequence[str], t0: int,
-                stats: Dict[str, Any], on_end=None) -> Iterator[str]:
+                stats: Dict[str, Any], on_end=None, carry: bool = False) -> Iterator[str]:
         """Prefill `new_ids` into `gen`, then decode up to `max_new` tokens, yielding text pieces.
-        `stats` is filled and published as self.last when the iteration ends (however it ends)."""
+        `stats` is filled and published as self.last when the iteration ends (however it ends). carry: `gen` ends
+        with a token it sampled and has not run (a conversation's previous reply): run first, timed as carry_ms."""
         clock = time.perf_counter_ns
         stats.update(prompt_tokens=None, prefill_tokens=len(new_ids), new_tokens=0, ttft_ms=None,
-                     prefill_ms=None, decode_ms=None, decode_tok_s=None, finish_reason="interrupted")
+                     prefill_ms=None, carry_ms=None, decode_ms=None, decode_tok_s=None, finish_reason="interrupted")
         pieces: List[str] = []
         tokens: List[int] = []
         try:
+            # ONNX Runtime GenAI 0.18's append_tokens does not run it: its KV slot was never written (zeros), and
+            # every later position of the conversation attended to it; get_logits runs it (ComputeLogits) in place
+            if carry:
+                tc = clock()
+                gen.get_logits()
+                stats["carry_ms"] = (clock() - tc) / 1e6
             tp = clock()
             self._prefill(gen, new_ids)
             t_first = t_last = clock()
@@ -682,7 +718,8 @@ class Conversation:
         conv.say("hi")                          # the reply (or stream=True: an iterator of pieces)
         conv.say("more", max_new_tokens=64, stop=["\\n\\n"])
         conv.messages                           # the history: system, user, assistant, ...
-        conv.last                               # the last turn's figures (lm.last); prefill_tokens: new ones
+        conv.last                               # the last turn's figures (lm.last); prefill_tokens: new ones,
+                                                # carry_ms: the previous reply's last token run before them
         conv.reset()                            # forget the history (keeps the system message)
 
     Sampling options given to say() that differ from the conversation's start a new KV cache (the history is
@@ -707,6 +744,8 @@ class Conversation:
         self._search: Optional[Dict[str, Any]] = None
         self._text = ""           # the rendered text the cache holds (template + raw replies)
         self._eos_in_cache: Optional[int] = None    # the end-of-sequence id the cache ends with, if it does
+        # the cache's length where its last token is one the reply sampled and the model has not run (None: none)
+        self._sampled: Optional[int] = None
         self.last: Dict[str, Any] = {}
         self.turns = 0
 
@@ -739,8 +778,10 @@ class Conversation:
         gen, self._gen = self._gen, None
         new_ids: Optional[List[int]] = None
         dropped = 0
+        carry = False   # the previous reply's last token still to run (the cache not rewound past it): run apart
         if gen is not None:
             new_ids = self._continue(gen, rendered, new_kv, stats)
+            carry = self._sampled == int(gen.token_count())
             if new_ids is not None and int(gen.token_count()) + len(new_ids) + reserve > lm.context:
                 stats["reprefill"] = "context full: the oldest turns were dropped"
                 new_ids = None
@@ -750,6 +791,7 @@ class Conversation:
                 stats["reprefill"] = "the cache was dropped (a message that did not fit, or a stop before prefill)"
             new_kv, rendered, new_ids, dropped = self._fresh(new_kv, user, stats, reserve)
             gen = lm._generator(lm.context, search)
+            carry = False
             self._search = search
         max_new = min(opts.max_new_tokens, lm.context - int(gen.token_count()) - len(new_ids))
         if max_new < 1:   # (the generator may have been rewound for this turn: the next one starts afresh)
@@ -757,9 +799,9 @@ class Conversation:
 
         def on_end(s: Dict[str, Any]) -> None:    # the turn enters the history when its reply ends, however
             kept = gen if s.get("prompt_tokens") is not None else None   # else stopped before the prefill ran
-            if kept is not None:
-                self._trim_to_reply(kept, s)
+            rewound = kept is not None and self._trim_to_reply(kept, s)
             self._gen = kept
+            self._sampled = self._unrun(kept) if kept is not None and s["new_tokens"] and not rewound else None
             reply_raw = lm.tokenizer.decode(s["token_ids"], skip_special_tokens=False)
             if dropped:   # the oldest turns that no longer fit the context (the system message stays)
                 head = [m for m in self.messages[:1] if m["role"] == "system"]
@@ -771,18 +813,29 @@ class Conversation:
             self.turns += 1
             self.last = s
 
-        it = lm._stream(gen, new_ids, max_new, opts.stop, t0, stats, on_end=on_end)
+        it = lm._stream(gen, new_ids, max_new, opts.stop, t0, stats, on_end=on_end, carry=carry)
         return it if stream else "".join(it)
 
-    def _trim_to_reply(self, gen, s: Dict[str, Any]) -> None:
+    @staticmethod
+    def _unrun(gen) -> Optional[int]:
+        """The cache's length where its last token is the last one the reply sampled: ONNX Runtime GenAI runs a
+        sampled token through the model only at the next generate_next_token. None where the reply ended with an
+        end of sequence ONNX Runtime GenAI left out of the sequence (the token before it ran when it was sampled)."""
+        seq = gen.get_sequence(0)
+        return len(seq) if len(seq) and int(seq[-1]) == int(gen.get_next_tokens()[0]) else None
+
+    def _trim_to_reply(self, gen, s: Dict[str, Any]) -> bool:
         """The cache holds the prompt and the reply's tokens (and the end-of-sequence token where the model
         gave one). A Ctrl-C lands when generate_next_token returns, before the loop records the token: the
-        generator holds one token the reply does not; it is rewound off, so cache and history agree."""
+        generator holds one token the reply does not; it is rewound off, so cache and history agree. True where
+        it rewound (no sampled token left unrun)."""
         want = int(s["prompt_tokens"]) + len(s["token_ids"])
         seq = gen.get_sequence(0)
         extra = [int(t) for t in seq[want:]]
         if extra and not (len(extra) == 1 and extra[0] in self.lm.eos_token_ids):
             gen.rewind_to(want)
+            return True
+        return False
 
     # the cache's tokens are `self._text`; the next turn's text is `rendered`: append the difference
     def _continue(self, gen, rendered: str, new_kv: List[Dict[str, str]],

@@ -39,7 +39,6 @@ Standard library and numpy at import; onnxruntime and onnxruntime_genai inside f
 
 from __future__ import annotations
 
-import json
 import logging
 import mmap
 import threading
@@ -52,9 +51,8 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
 import numpy as np
 
 from edgekit.errors import BundleError, DataError, EdgekitError
-from edgekit.runtime.llmdecode import decode_rules_of, tokenizer_head
-from edgekit.runtime.llmopts import SPIN_KEY, after_load, with_bos
-from edgekit.runtime.llmtemplate import encode_rules_of, laid_out_template
+from edgekit.runtime.llm import Tokenizer   # the runtime's: encode, chat_ids, stream (Tokenizer.of_folder)
+from edgekit.runtime.llmopts import SPIN_KEY, after_load
 from edgekit.runtime.llmopts import hold_back as _hold_back  # stop strings held back as the generator does (one rule)
 
 log = logging.getLogger("edgekit.serve")
@@ -630,7 +628,7 @@ class LLMEngine:
 
     def _started(self, seq: GenSequence, logits: np.ndarray, events) -> None:
         """A sequence's prompt is in its cache: its first token."""
-        seq._detok = self.tokenizer.create_stream()
+        seq._detok = self.tokenizer.stream()
         if self.metrics is not None:
             self.metrics.llm_prompt_tokens.inc(seq.prompt_tokens, **self.labels)
         self._accept(seq, self._choose(seq, logits), events)
@@ -742,44 +740,6 @@ class LLMEngine:
 
 # -- a loaded release -------------------------------------------------------------------------------------
 
-_FROM_FOLDER = object()
-
-
-class _Tokenizer:
-    """ONNX Runtime GenAI's tokenizer opened from the model folder (no second copy of the weights)."""
-
-    def __init__(self, model_dir: Path, bos: Optional[int] = None, template: Any = _FROM_FOLDER,
-                 rules: Any = _FROM_FOLDER, prep: Any = _FROM_FOLDER):
-        import onnxruntime_genai as og
-
-        self.bos = bos          # a BOS ONNX Runtime GenAI's tokenizer leaves out (llmopts.prompt_bos)
-        self.plain = og.Tokenizer(str(model_dir))
-        self.templated = og.Tokenizer(str(model_dir))
-        self.templated.update_options(add_special_tokens="false")
-        # the chat template as transformers lays it out (llmtemplate; None: the folder's as it is) and the decoding
-        # rules (llmdecode): those the loaded LanguageModel read, else read from the folder
-        self.template = laid_out_template(model_dir) if template is _FROM_FOLDER else template
-        head = tokenizer_head(model_dir) if rules is _FROM_FOLDER or prep is _FROM_FOLDER else {}
-        self.rules = decode_rules_of(head) if rules is _FROM_FOLDER else rules
-        # tokenizer.json's Unicode normalizer and lstrip tokens, which ORT GenAI's encoding skips (llmtemplate)
-        self.prep = encode_rules_of(head) if prep is _FROM_FOLDER else prep
-
-    def encode(self, text: str) -> List[int]:
-        return with_bos([int(t) for t in self.plain.encode(self.prep.apply(text))], self.bos)
-
-    def chat_ids(self, messages: List[Dict[str, str]]) -> List[int]:
-        try:
-            text = self.plain.apply_chat_template(json.dumps(messages), template_str=self.template,
-                                                  add_generation_prompt=True)
-        except RuntimeError as e:
-            raise DataError(f"the chat template cannot render these messages ({str(e).splitlines()[0]})") from None
-        return [int(t) for t in self.templated.encode(self.prep.apply(text))]
-
-    def create_stream(self):
-        """Text pieces that join to transformers' decode of the reply (runtime.llmdecode)."""
-        return self.rules.stream(self.plain.create_stream())
-
-
 @dataclass
 class LLMRelease:
     """One loaded release of a language model, with its engine."""
@@ -787,7 +747,7 @@ class LLMRelease:
     name: str
     sha256: str
     path: Path
-    tokenizer: _Tokenizer
+    tokenizer: Tokenizer
     engine: LLMEngine
     context: int
     kv_bytes_per_token: int
@@ -840,7 +800,7 @@ def load_llm_release(name: str, sha: str, path: Path, *, threads: Optional[int],
                               f"({decoder.kv_bytes_per_token} bytes per token)", path=str(path))
     else:
         budget = per_seq * decoder.slots
-    tokenizer = _Tokenizer(model_dir, bos, template=template, rules=rules, prep=prep)
+    tokenizer = Tokenizer.of_folder(model_dir, bos, template=template, rules=rules, prep=prep)
     after_load(model_dir)   # as load_llm ends (llmopts.after_load): malloc, the file's pages, the heap, huge pages
     engine = LLMEngine(decoder, tokenizer, name=name, max_sequences=max_sequences,
                        max_queue=max_queue, kv_budget_tokens=budget, eos_token_ids=eos,

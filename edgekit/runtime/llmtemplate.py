@@ -22,7 +22,10 @@ rewrites each `<string literal> in X` as `(<lit> in X or (X is string and (X.spl
 is the test's whole left side and X (a name, literal or bracket with .attr, [..], (..), |filter steps) its whole
 right side; a test that chains or mixes operators (`x ~ 'a' in y`, `'a' in x == y`), an empty literal, or an X
 that calls a mutating method is left as written. A template with no such test comes out byte-identical.
-`ort_template(template)` applies both (hf_layout, then ort_in_tests).
+`ort_template(template)` applies both (hf_layout, then ort_in_tests). Each leaves its own output byte-identical (the
+runtime re-applies ort_template to a bundle whose template convert adapted): a test in the rewritten form is kept as
+it is, and the newline trim_blocks leaves after a block tag (a blank line after it) is written `{{ '\\n' }}`, which a
+second pass does not trim.
 
 Convert writes the template so adapted into the bundle (relayout_folder); the runtime renders with it too
 (laid_out_template), so bundles converted before that and bare ONNX Runtime GenAI folders render the same.
@@ -67,7 +70,8 @@ def hf_layout(template: str) -> str:
         before = parts[i - 1] if i > 0 else None
         after = parts[i + 1] if i + 1 < len(parts) else None
         # trim_blocks: one newline right after a block or comment tag (not after `+%}`; `-%}` strips it anyway)
-        if before is not None and not before.startswith("{{") and not before.endswith(("+%}", "-%}", "-#}")):
+        trim = before is not None and not before.startswith("{{") and not before.endswith(("+%}", "-%}", "-#}"))
+        if trim:
             if text.startswith("\r\n"):
                 text = text[2:]
             elif text.startswith("\n"):
@@ -80,6 +84,15 @@ def hf_layout(template: str) -> str:
             if at_line_start and line and not line.strip(" \t"):
                 # only what this literal still has of that line (trim_blocks may have taken the newline)
                 text = text[:len(text) - len(line)] if text.endswith(line) else text
+        # a tag that strips the whitespace before it (`{%-`, `{#-`, `{{-`) strips it here: an expression written
+        # below would not be whitespace to it (Llama 3.x: a blank line, then `{#- ... #}`)
+        if after is not None and after.startswith(("{%-", "{#-", "{{-")):
+            text = text.rstrip()
+        # a second newline after such a tag (a blank line): trim_blocks keeps it, but a second pass would take it,
+        # so it is written as an expression (jinja2 renders a '\r\n' of the text as '\n'): hf_layout(hf_layout(t))
+        # is hf_layout(t), as the runtime re-applies it to a bundle convert laid out
+        if trim and text.startswith(("\n", "\r\n")):
+            text = "{{ '\\n' }}" + text[text.index("\n") + 1:]
         out.append(text)
         if after is not None:
             out.append(after)
@@ -166,6 +179,11 @@ def _rewrite_tag(toks: List[str]) -> Optional[str]:
                                                        for m in range(xs, xe))):
                     xp = x if _PLAIN.fullmatch(x) or x[0] == "(" and _close(toks, xs) == xe else f"({x})"
                     test = f"({t} in {x} or ({xp} is string and ({xp}.split({t})|length > 1)))"
+                    done = _close(toks, i - 1) if not neg and i > 0 and toks[i - 1] == "(" else -1
+                    if done > 0 and "".join(toks[i - 1:done]) == test:   # rewritten already: kept as it is
+                        out += toks[i:done]
+                        i, prev = done, ")"
+                        continue
                     out.append(f"not {test}" if neg else test)
                     i, prev, changed = xe, ")", True
                     continue

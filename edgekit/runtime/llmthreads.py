@@ -1,7 +1,8 @@
 """The thread count of a language model by measurement: runtime.threadprobe's rule, timed on decoding.
 
 load_llm (runtime.llm) without `threads=` takes, in order: the manifest's measured choice
-(`runtime.threads_choice`, written by `convert --select fastest`), a probe cached for these model files,
+(`runtime.threads_choice`, written by `convert --select fastest`; only where it was measured on a machine of this
+kind: threadprobe.from_manifest), a probe cached for these model files,
 backend, version, CPU and ceiling (threadprobe.cache_dir()), or a probe run here once and cached; the
 ceiling (the profile's count clamped to the usable CPUs) when EDGEKIT_THREAD_PROBE=0, when one decoded
 token takes over PROBE_MAX_TOKEN_MS (a model that slow is memory-bound at any count worth its cores), or when
@@ -98,7 +99,8 @@ def _start(og, model, ids: Sequence[int], tried: List[int], where: Optional[str]
     rec: Dict[str, Any] = {"tried": tried, "where": where or f"probed at load on this machine ({cpu_model()})",
                            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                            "loadavg": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-                           "prompt_tokens": len(ids), "new_tokens": PROBE_TOKENS}
+                           "prompt_tokens": len(ids), "new_tokens": PROBE_TOKENS,
+                           **tp.machine()}   # the machine it holds for (threadprobe.from_manifest checks it)
     decode_token_ms(og, model, ids, 2, capacity=capacity)     # warm-up: the first run allocates
     return rec, median(decode_token_ms(og, model, ids, 4, capacity=capacity))
 

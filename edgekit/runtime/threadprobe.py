@@ -6,8 +6,14 @@ and joining the thread pool than the split saves: there one or two threads beat 
 `load()` of a bundle is not told `threads=`, the count comes, in this order, from:
 
 1. the manifest's measured choice (`runtime.threads_choice`, written by `convert --select fastest`
-   where it timed the shipped artifact on the target's ISA or on the device): taken when it
-   covers this machine (it tried up to this machine's ceiling, or fewer threads already won);
+   where it timed the shipped artifact on the target's ISA or on the device): taken when it was
+   measured on a machine of this one's kind (the CPU model and usable CPUs it records, MACHINE_KEYS,
+   are this machine's: a count timed on a loaded 2-vCPU build host says nothing of an 8-core
+   device) and covers this machine (it tried up to this machine's ceiling, or fewer threads
+   already won); a choice without those facts (manifests from before they were recorded) is taken
+   only where the device itself measured it (convert --device: its `where` says "on device"),
+   else this machine probes (step 2 or 3): a probe costs well under a second once, a wrong
+   count costs every inference;
 2. a probe result cached for this model file, backend, CPU and ceiling (`cache_dir()`: the user's
    cache directory, never the bundle, whose files are its release id, nor the working directory);
 3. a probe: the model opened at 1, 2, 4 ... threads up to the ceiling, each timed in alternating
@@ -69,8 +75,38 @@ def probe_enabled() -> bool:
     return os.environ.get(PROBE_ENV, "1").strip().lower() not in ("0", "off", "no", "false")
 
 
-def from_manifest(runtime: Mapping[str, Any], ceiling: int) -> Optional[Tuple[int, Dict[str, Any]]]:
-    """The manifest's measured choice when it covers this machine: (threads, record), else None."""
+MACHINE_KEYS = ("cpu_model", "usable_cpus")   # what a measured choice records of the machine it was measured on
+DEVICE_WHERE = "on device "                   # how convert --device's choices begin their `where` (convert.llm)
+
+
+def machine() -> Dict[str, Any]:
+    """This machine as a measured thread count depends on it: the CPU model (runtime.bench.cpu_model) and the
+    CPUs this process may use (runtime.threads.usable_cpus). Every measured choice records these (MACHINE_KEYS)."""
+    from edgekit.runtime.bench import cpu_model
+    from edgekit.runtime.threads import usable_cpus
+
+    return {"cpu_model": cpu_model(), "usable_cpus": usable_cpus()}
+
+
+def measured_here(rec: Mapping[str, Any], here: Optional[Mapping[str, Any]] = None) -> bool:
+    """Whether a recorded choice was measured on a machine of this one's kind (`here`: machine() by default).
+    With MACHINE_KEYS recorded: both equal this machine's. Without (a manifest from before they were recorded):
+    only a choice the target device measured itself (convert --device) holds, as it always has; one timed on
+    the build host does not (it may be a loaded 2-vCPU runner, or a wider one): probing is the safe side."""
+    if all(rec.get(k) is not None for k in MACHINE_KEYS):
+        here = machine() if here is None else here
+        try:
+            return (str(rec["cpu_model"]).strip() == str(here["cpu_model"]).strip()
+                    and int(rec["usable_cpus"]) == int(here["usable_cpus"]))
+        except (TypeError, ValueError):
+            return False
+    return str(rec.get("where") or "").startswith(DEVICE_WHERE)
+
+
+def from_manifest(runtime: Mapping[str, Any], ceiling: int,
+                  here: Optional[Mapping[str, Any]] = None) -> Optional[Tuple[int, Dict[str, Any]]]:
+    """The manifest's measured choice when it was measured on a machine of this kind (measured_here; `here`:
+    machine() by default) and covers this machine: (threads, record), else None (the loader probes)."""
     rec = runtime.get("threads_choice") if isinstance(runtime, Mapping) else None
     if not isinstance(rec, Mapping):
         return None
@@ -79,7 +115,7 @@ def from_manifest(runtime: Mapping[str, Any], ceiling: int) -> Optional[Tuple[in
         tried = [int(t) for t in rec["tried"]]
     except (KeyError, TypeError, ValueError):
         return None
-    if chosen < 1 or not tried:
+    if chosen < 1 or not tried or not measured_here(rec, here):
         return None
     if chosen < max(tried) or max(tried) >= ceiling:
         return min(chosen, ceiling), dict(rec)
