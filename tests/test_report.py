@@ -304,6 +304,40 @@ def test_llm_recipe_column_shows_what_applies_to_the_precision(tmp_path):
         assert llm_recipe(dataclasses.asdict(o)) == f"no quantization ({o.execution_provider})"
 
 
+def test_llm_select_fastest_candidates_are_their_own_table_and_the_ladder_does_not_claim_the_bundle(tmp_path):
+    """A --select fastest bundle: its timed candidates are shown (what, decode tok/s, where timed, meets, chosen),
+    the Speed section does not say "Not measured", and the profile rung it did not ship is not presented as its
+    build."""
+    from edgekit.convert.llm import LLMBuildOptions
+    from edgekit.report.render import render
+
+    def cand(block, tok_s, chosen=False):
+        opts = dataclasses.asdict(LLMBuildOptions("int4", block_size=block))
+        return {"rung": "select", "what": f"int4 block {block}", "options": opts, "ppl_increase": 0.001,
+                "kl_mean": 0.001, "top1_agreement": 0.97, "bytes": 600_000, "misses": [], "meets": True,
+                "timed": "decode tok/s on this x86_64 host, 2 thread(s)", "decode_tok_s": tok_s,
+                **({"chosen": True} if chosen else {})}
+
+    man = _llm_manifest("x86-avx2", "int4", block_size=128)
+    man["candidates"] = [cand(32, 7506.9), cand(128, 7773.3, chosen=True)]
+    man["rescue"] = [dict(man["candidates"][0], rung="profile", what="int4 block 32")]
+    del man["rescue"][0]["decode_tok_s"], man["rescue"][0]["timed"]
+    (tmp_path / "tiny-x86-avx2-int4").mkdir()
+    (tmp_path / "tiny-x86-avx2-int4" / "manifest.json").write_text(json.dumps(man))
+    data = col.collect(tmp_path, rollouts=[])
+    assert [c["decode_tok_s"] for c in data.models[0].bundles[0].candidates] == [7506.9, 7773.3]
+    html = render(data)
+    speed = html[html.index("<h3>Speed</h3>"):html.index("<h3>Rescue ladder</h3>")]
+    assert "Not measured" not in speed and "--select fastest candidates" in speed
+    rows = re.findall(r"<tr><td>tiny-x86-avx2-int4</td><td>int4 block (\d+)</td>(.*?)</tr>", speed, re.S)
+    assert [r[0] for r in rows] == ["32", "128"]
+    assert "7,507" in rows[0][1] and "shipped" not in rows[0][1] and "on this x86_64 host" in rows[0][1]
+    assert "7,773" in rows[1][1] and "shipped" in rows[1][1] and ">yes<" in rows[1][1]
+    ladder = html[html.index("<h3>Rescue ladder</h3>"):]
+    row = re.search(r"<td>profile</td>.*?</tr>", ladder, re.S).group(0)
+    assert "not shipped: --select fastest shipped int4 block 128" in row
+
+
 # --- the whole page in Chromium --------------------------------------------------------------
 
 @pytest.fixture(scope="session")

@@ -115,3 +115,12 @@ def test_cli_targets_list_and_show(cli):
     assert r.exit_code == 0 and "why:" in r.stdout and "Cortex-A72" in r.stdout
     r = cli("targets", "show", "nope")
     assert r.exit_code == 2 and "unknown target 'nope'" in r.stderr and "rpi4" in r.stderr
+
+
+def test_cli_targets_show_prints_the_llm_section_with_its_reasons(cli):
+    """docs/llm.md sends users to `targets show` for each language-model choice and its why."""
+    p = load_target("rpi5")
+    out = cli("targets", "show", "rpi5").stdout
+    llm = out.split("\n[llm]\n", 1)[1]
+    assert f"  block_size             {p.llm.block_size}" in llm and f"      why: {p.reason('llm.algo')}" in llm
+    assert f"  context_max            {p.llm.context_max}" in llm

@@ -86,7 +86,10 @@ def _input_shapes(values):
 @click.option("--select", "select", type=click.Choice(["profile", "fastest"]), default="profile", show_default=True,
               help="fastest: also build the schemes worth trying on the target's ISA, dynamic and float; "
                    "time those that meet the floor here (when this host has the target's ISA) and ship the "
-                   "fastest as OUT/<name>-<target>, the others beside it.")
+                   "fastest as OUT/<name>-<target>, the others beside it. A language model: build the candidate "
+                   "recipes (INT4 block sizes and accuracy levels, INT8), time the decode speed of those meeting "
+                   "the floor, and write only the fastest, as OUT/<name>-<target>-<precision>: it may be INT8 "
+                   "even where int4 was asked (the candidates and their figures are in its manifest and the table).")
 @click.option("--device", "device_name", help="With --select fastest: time the candidates of this device's target "
               "on the device itself (over SSH, as edgekit profile) instead of here.")
 @_inventory_opt
@@ -113,9 +116,15 @@ def convert(ctx, model, target_names, recipe_path, calib, calib_random, calib_sa
     (its row says FAILED and why; the others are written; exit status 1)."""
     from edgekit.cli import llm_convert
 
+    snapshot = llm_convert.hub_snapshot(model)   # a hub cache repository folder: its refs/main snapshot
+    if snapshot != model:
+        if not quiet:
+            click.echo(f"{model}: a Hugging Face cache repository; converting its snapshot {snapshot}", err=True)
+        model = ctx.params["model"] = snapshot
     if llm_convert.is_language_model(model):   # a Hugging Face causal LM folder: the LLM bundle path
         return llm_convert.convert_language_model(ctx, ctx.params)
     llm_convert.refuse_broken_hf_folder(model)   # a config.json that makes it neither: said before anything else
+    llm_convert.refuse_llm_recipe(recipe_path)   # a language model's bundle: not an image recipe's field complaint
     llm_convert.refuse_llm_precision(model, precision)
     llm_convert.refuse_llm_options(ctx, model)
     from edgekit.convert import convert as run_convert

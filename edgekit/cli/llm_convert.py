@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import click
 
@@ -17,6 +18,42 @@ import click
 _CNN_ONLY = ("calib", "calib_random", "preprocess", "input_shapes", "formats", "min_snr", "max_accuracy_drop",
              "no_mixed_precision", "search_budget", "search_first", "recipe_path")
 LLM_PRECISIONS = ("int4", "int8", "fp16", "fp32")
+
+
+def _flag(ctx, name) -> str:
+    """The command-line spelling of the convert option whose parameter is `name` (recipe_path -> --recipe)."""
+    for param in ctx.command.params:
+        if param.name == name:
+            return next((o for o in param.opts if o.startswith("--")), param.opts[0])
+    return "--" + name.replace("_", "-")
+
+
+def hub_snapshot(model):
+    """A Hugging Face hub cache repository folder (models--ORG--NAME, holding snapshots/REV and refs/main, what
+    huggingface_hub downloads into): the snapshot refs/main names, or its only snapshot when no refs/main says;
+    any other path as given. One that names no snapshot to take: one line saying which to give."""
+    from edgekit.errors import SourceModelError
+
+    if not model:
+        return model
+    repo = Path(model)
+    snaps = repo / "snapshots"
+    if not (repo.is_dir() and snaps.is_dir() and not (repo / "config.json").exists()
+            and (repo.name.startswith("models--") or (repo / "refs").is_dir())):
+        return model
+    revs = sorted(d.name for d in snaps.iterdir() if d.is_dir())
+    try:
+        main = (repo / "refs" / "main").read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        main = ""
+    if main in revs or (not main and len(revs) == 1):
+        return str(snaps / (main or revs[0]))
+    if not revs:
+        raise SourceModelError("a Hugging Face cache repository with no snapshot downloaded", path=str(model),
+                               hint="download the model again (huggingface-cli download ORG/NAME)")
+    said = f"refs/main names {main}, which snapshots/ does not hold" if main else "no refs/main says which snapshot"
+    raise SourceModelError(f"a Hugging Face cache repository: {said}", path=str(model),
+                           hint=f"give {snaps}/REV, REV one of: " + ", ".join(revs))
 
 
 def is_language_model(model) -> bool:
@@ -34,23 +71,67 @@ def refuse_llm_options(ctx, model) -> None:
 
     given = [k for k in _LLM_ONLY if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE]
     if given:
-        raise click.UsageError(f"--{given[0].replace('_', '-')} is for language models (a Hugging Face model "
+        raise click.UsageError(f"{_flag(ctx, given[0])} is for language models (a Hugging Face model "
                                f"folder); {model or 'this model'} is not one")
+
+
+# files of a Hugging Face model folder: one of them without a config.json is a language model missing its config
+_HF_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json",
+             "model.safetensors.index.json", "pytorch_model.bin")
 
 
 def refuse_broken_hf_folder(model) -> None:
     """A folder with a config.json that is not a language model's (unreadable, not JSON, naming neither
-    architectures nor model_type), or a PEFT adapter's: said as such, before the image-model path reads it as
-    something else."""
-    from pathlib import Path
+    architectures nor model_type), a PEFT adapter's, a Hugging Face model's files without their config.json, or a
+    .gguf file: said as such, before the image-model path reads it as something else."""
+    from edgekit.errors import SourceModelError
 
+    if model and Path(model).suffix.lower() == ".gguf":
+        raise SourceModelError("a GGUF file, llama.cpp's format: convert the Hugging Face folder it came from "
+                               "(config.json, tokenizer and safetensors)", path=str(model))
     if not model or not Path(model).is_dir() or (Path(model) / "saved_model.pb").is_file() \
             or (Path(model) / "saved_model.pbtxt").is_file():
         return
-    from edgekit.convert.sources import check_adapter, check_hf_config
+    from edgekit.convert.sources import HF_CONFIG_HINT, check_adapter, check_hf_config
 
     check_adapter(Path(model))   # a PEFT adapter folder: said so, not "not a SavedModel" nor an option's complaint
     check_hf_config(Path(model))
+    folder = Path(model)
+    if not (folder / "config.json").exists():
+        found = sorted(f.name for f in folder.iterdir() if f.name in _HF_FILES or f.suffix == ".safetensors")
+        if found:
+            raise SourceModelError(f"config.json is missing: a Hugging Face model's files ({', '.join(found[:3])}) "
+                                   "without the config that names its architecture", path=str(model),
+                                   hint=HF_CONFIG_HINT)
+
+
+def refuse_llm_recipe(recipe_path) -> None:
+    """--recipe rebuilds an image or tensor model from its recipe; a language-model bundle (its directory or
+    manifest.json) or convert report (NAME.convert.json) given there: one line saying how a language model is
+    rebuilt, not the image recipe's "unknown recipe field"."""
+    from edgekit.errors import RecipeError
+
+    if not recipe_path:
+        return
+    path = Path(recipe_path) / "manifest.json" if Path(recipe_path).is_dir() else Path(recipe_path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return   # ConvertRecipe.load says what is wrong with it
+    if not isinstance(data, dict) or data.get("kind") != "llm":
+        return
+    recipe = data.get("recipe") if isinstance(data.get("recipe"), dict) else {}
+    source = (data.get("source") or {}).get("path") if isinstance(data.get("source"), dict) else None
+    target = data.get("target")
+    target = target.get("name") if isinstance(target, dict) else None
+    targets = [target] if target else [t for t in recipe.get("targets") or () if isinstance(t, str)]
+    command = f"edgekit convert {source or recipe.get('model') or 'HF_FOLDER'}" + \
+        "".join(f" --target {t}" for t in targets or ["TARGET"])
+    for key, flag in (("precision", "--precision"), ("block_size", "--block-size"), ("algo", "--algo")):
+        if recipe.get(key) is not None:
+            command += f" {flag} {recipe[key]}"
+    raise RecipeError("a language model's bundle or convert report: --recipe rebuilds image and tensor models",
+                      path=str(recipe_path), hint=f"rebuild a language model from its Hugging Face folder: {command}")
 
 
 def refuse_llm_precision(model, precision) -> None:
@@ -74,7 +155,7 @@ def convert_language_model(ctx, p) -> None:
     given = {k for k in p if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
     wrong = [k for k in _CNN_ONLY if k in given]
     if wrong:
-        raise click.UsageError(f"{p['model']} is a language model: --{wrong[0].replace('_', '-')} is for image and "
+        raise click.UsageError(f"{p['model']} is a language model: {_flag(ctx, wrong[0])} is for image and "
                                "tensor models (a language model takes --val TEXT.txt, --precision int4|int8|fp16|fp32 "
                                "and the floor --max-ppl-increase / --max-kl / --min-agreement)")
     if not p["target_names"]:
@@ -123,6 +204,8 @@ def convert_language_model(ctx, p) -> None:
     except BudgetMissed as e:
         if e.result is not None:
             click.echo(json.dumps(e.result.to_dict(), indent=2, default=str) if p["as_json"] else e.result.table())
+            if not p["as_json"] and p["max_mb"] is not None:
+                click.echo(max_mb_note(p["max_mb"]))
         if html_report and e.result is not None:   # a missed floor still writes its report (DESIGN: Errors)
             _html_report(p["out"], err=True)
         raise
@@ -130,6 +213,13 @@ def convert_language_model(ctx, p) -> None:
         click.echo(json.dumps(result.to_dict(), indent=2, default=str))
     else:
         click.echo(result.table())
+        if p["max_mb"] is not None:
+            click.echo(max_mb_note(p["max_mb"]))
         click.echo(f"report: {result.report_path}  log: {result.log_path}")
     if html_report:
         _html_report(p["out"], err=p["as_json"])
+
+
+def max_mb_note(max_mb: float) -> str:
+    """--max-mb (MB, 10^6 bytes) in the table's MiB (2^20 bytes), so that a row's size reads against it."""
+    return f"size limit: --max-mb {max_mb:g} MB = {max_mb * 1e6 / 2 ** 20:.4g} MiB (the tables' MiB are 2^20 bytes)"

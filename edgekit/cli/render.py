@@ -38,7 +38,7 @@ def profile_text(p) -> str:
 
     lines = [f"{p.name}: {p.description}", f"  (from {p.source})"]
     sections = [("device", p.device), ("build", {"formats": p.formats}), ("tflite", p.tflite),
-                ("onnx", p.onnx), ("runtime", p.runtime)]
+                ("onnx", p.onnx), ("runtime", p.runtime), ("llm", p.llm)]
     for sec, obj in sections:
         lines.append(f"\n[{sec}]")
         items = obj.items() if isinstance(obj, dict) else dataclasses.asdict(obj).items()

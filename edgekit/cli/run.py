@@ -32,6 +32,20 @@ def _generation_opts(f):
     return f
 
 
+_context_opt = click.option("--context", type=int, help="Language model: the context in tokens (the prompt and "
+                           "reply's room, the KV cache's length), at most the bundle's longest.  [default: the "
+                           "bundle's, its profile's llm.context_default]")
+
+
+def _set_context(m, context, path) -> None:
+    """--context on the loaded model: a language model's lm.context (its setter refuses more than max_context)."""
+    if context is None:
+        return
+    if getattr(m, "kind", None) != "llm":
+        raise click.UsageError(f"--context is for language models; {path} is not one")
+    m.context = context
+
+
 def _gen(lm, max_new_tokens, temperature, top_p, top_k, seed, stop, repetition_penalty):
     """The generation options given, over the model's own defaults (lm.generation_defaults)."""
     given = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "repetition_penalty": repetition_penalty}
@@ -49,11 +63,12 @@ def _gen(lm, max_new_tokens, temperature, top_p, top_k, seed, stop, repetition_p
 @click.option("--raw", is_flag=True, help="Integer tensors in and out, no (de)quantization.")
 @_backend_opt
 @click.option("--threads", type=int)
-@click.option("--json", "as_json", is_flag=True, help="Outputs as JSON (a language model: its figures after "
-                                                      "the answer).")
+@click.option("--json", "as_json", is_flag=True, help="Outputs as JSON (a language model: its figures, the answer "
+                                                      "among them; the answer streams to stderr).")
 @_generation_opts
+@_context_opt
 def run(model, input_path, prompt, no_template, raw, backend, threads, as_json, max_new_tokens, temperature,
-        top_p, top_k, seed, stop, repetition_penalty, system):
+        top_p, top_k, seed, stop, repetition_penalty, system, context):
     """Run MODEL (bundle, .tflite or .onnx) once and print its (float) outputs; for a language-model bundle,
     stream the answer to --prompt."""
     import numpy as np
@@ -62,14 +77,18 @@ def run(model, input_path, prompt, no_template, raw, backend, threads, as_json, 
     from edgekit.runtime.__main__ import read_inputs
 
     m = load(model, backend=backend, threads=threads)
+    _set_context(m, context, model)
     if getattr(m, "kind", None) == "llm":
+        import sys
+
         from edgekit.runtime.__main__ import stream_answer
 
         if prompt is None:
             raise click.UsageError(f"{model} is a language model: give --prompt TEXT")
-        try:
+        try:   # with --json, stdout is the JSON alone (a pipe to jq): the answer streams to stderr
             stats = stream_answer(m, prompt, system, not no_template,
-                                  _gen(m, max_new_tokens, temperature, top_p, top_k, seed, stop, repetition_penalty))
+                                  _gen(m, max_new_tokens, temperature, top_p, top_k, seed, stop, repetition_penalty),
+                                  out=sys.stderr if as_json else None)
         except KeyboardInterrupt:
             raise click.exceptions.Exit(130)
         if as_json:
@@ -96,7 +115,8 @@ def run(model, input_path, prompt, no_template, raw, backend, threads, as_json, 
 @click.option("--threads", type=int)
 @click.option("--json", "as_json", is_flag=True, help="The full report (raw samples included).")
 @click.option("--out", type=click.Path(), help="Also save the JSON report to this file.")
-def bench(models, runs, warmup, prompt_tokens, new_tokens, backend, threads, as_json, out):
+@_context_opt
+def bench(models, runs, warmup, prompt_tokens, new_tokens, backend, threads, as_json, out, context):
     """Measure latency of one or more MODELS here (load, first run, warm-up, timed runs); a language model:
     load time, time to first token, prefill and decode tok/s (p50 over runs), peak RSS."""
     from edgekit.bundle import write_json_atomic
@@ -113,6 +133,7 @@ def bench(models, runs, warmup, prompt_tokens, new_tokens, backend, threads, as_
             gc.collect()
             reset_peak_rss()
         m = load(path, backend=backend, threads=threads)
+        _set_context(m, context, path)
         if getattr(m, "kind", None) == "llm":
             r, w = (3 if runs is None else runs), (1 if warmup is None else warmup)
             click.echo(f"benchmarking {path}: {w} warm-up + {r} timed runs of {prompt_tokens} prompt + "
@@ -140,8 +161,9 @@ def bench(models, runs, warmup, prompt_tokens, new_tokens, backend, threads, as_
 @click.option("--threads", type=int)
 @click.option("--verbose", "-v", is_flag=True, help="Figures after each reply (tokens, TTFT, tok/s).")
 @_generation_opts
+@_context_opt
 def chat(model, threads, verbose, max_new_tokens, temperature, top_p, top_k, seed, stop, repetition_penalty,
-         system):
+         system, context):
     """Chat with a language-model bundle in the terminal: each line a message, the reply streamed, the
     history kept (its KV cache too). /reset forgets it, /exit or Ctrl-D leaves, Ctrl-C stops a reply."""
     from edgekit.runtime import load
@@ -150,5 +172,6 @@ def chat(model, threads, verbose, max_new_tokens, temperature, top_p, top_k, see
     m = load(model, threads=threads)
     if getattr(m, "kind", None) != "llm":
         raise click.UsageError(f"{model} is not a language model (chat needs an LLM bundle)")
+    _set_context(m, context, model)
     chat_loop(m, system=system, verbose=verbose,
               options=_gen(m, max_new_tokens, temperature, top_p, top_k, seed, stop, repetition_penalty))

@@ -83,6 +83,9 @@ class BundleInfo:
     rescued_by: Optional[str] = None      # the rescue rung that met the floor, if one did
     numerics: Optional[str] = None        # where fidelity was measured ("host", "reference", ...)
     rescue: List[Dict[str, Any]] = field(default_factory=list)  # convert's rescue ladder, as written
+    # --select fastest: every candidate as convert recorded it (a language model's: what, decode_tok_s, timed,
+    # meets, chosen, options, fidelity and bytes)
+    candidates: List[Dict[str, Any]] = field(default_factory=list)
     runs: List[Run] = field(default_factory=list)
     # a language model (format onnx-genai): {"bytes_per_token", "kv_bytes_per_token", "context_default",
     # "fidelity": {ppl_float, ppl, ppl_increase, kl_mean, top1_agreement, tokens, text}, "recipe": {...}}
@@ -335,6 +338,7 @@ def _bundle(key: str, model: str, record: Dict[str, Any], manifest: Dict[str, An
         failure=(f"{failure.get('stage', '?')}: {failure.get('reason', '')}" if isinstance(failure, dict)
                  else str(failure) if failure else None),
         rescue=[x for x in (record.get("rescue") or manifest.get("rescue") or []) if isinstance(x, dict)],
+        candidates=[x for x in (record.get("candidates") or manifest.get("candidates") or []) if isinstance(x, dict)],
         status=record.get("status"), rescued_by=record.get("rescued_by") or mmodel.get("rescued_by"),
         numerics=_numerics(record, v))
 

@@ -589,7 +589,10 @@ def llm_speed(m: ModelInfo) -> str:
                          Markup('<span class="bad">NOISY</span> ' + escape("; ".join(r.get("noise_reasons") or [])))
                          if r.get("noisy") else Markup('<span class="ok">ok</span>')])
     if not rows:
-        return ('<p class="note">Not measured: <code>edgekit bench BUNDLE --out BUILD/bench/NAME.json</code> here, '
+        timed = any(c.get("decode_tok_s") is not None for b in m.bundles for c in b.candidates)
+        return ('<p class="note">' + ("No benchmark report (convert timed the --select fastest candidates' decode "
+                                      "speed: below); for the full figures, " if timed else "Not measured: ")
+                + '<code>edgekit bench BUNDLE --out BUILD/bench/NAME.json</code> here, '
                 'or <code>edgekit profile BUNDLE --device D --save-dir BUILD/profiles</code> on a device.</p>')
     return table(["bundle", "device", "engine", "threads", "prompt + new tokens", "runs", "load ms", "TTFT ms",
                   "prefill tok/s", "decode tok/s", "token p99 ms", "peak RSS MiB", "RSS growth / (weights + KV)",
@@ -600,19 +603,51 @@ def llm_speed(m: ModelInfo) -> str:
         'loading and generating added to the process (ONNX Runtime\'s libraries included).</p>')
 
 
+def _shipped(b: BundleInfo) -> Optional[Dict[str, Any]]:
+    """The --select fastest candidate a bundle shipped (None: it shipped no candidate: no --select fastest)."""
+    return next((c for c in b.candidates if c.get("chosen")), None)
+
+
+def llm_candidates(m: ModelInfo) -> str:
+    """--select fastest's candidates of each language-model bundle: what, decode speed and where it was timed,
+    fidelity, size, whether it meets the floor, which one shipped."""
+    rows, bad = [], []
+    for b in m.bundles:
+        for c in b.candidates:
+            if c.get("meets") is False or c.get("error"):
+                bad.append(len(rows))
+            inc = c.get("ppl_increase")
+            rows.append([b.label, c.get("what", ""), _rate(c.get("decode_tok_s")), c.get("timed") or "–",
+                         "–" if inc is None else f"{inc * 100:+.1f}%", _num(c.get("kl_mean"), "{:.3g}"),
+                         _pct(c.get("top1_agreement")), _mib(c.get("bytes")),
+                         "yes" if c.get("meets") else (c.get("error") or "; ".join(
+                             str(x) for x in c.get("misses") or []) or "no"),
+                         Markup('<span class="ok">shipped</span>') if c.get("chosen") else ""])
+    if not rows:
+        return ""
+    return ("<h3>--select fastest candidates</h3>" + table(
+        ["bundle", "candidate", "decode tok/s", "where timed", "perplexity +", "KL mean", "top-1 agree %", "MiB",
+         "meets floor", "chosen"], rows, cls="candidates", numeric=[2, 4, 5, 6, 7], bad_rows=bad)
+        + '<p class="note">convert built each candidate, measured its fidelity like any rung and timed the '
+          'decode speed of those meeting the floor; the fastest is the bundle (only it is written).</p>')
+
+
 def llm_ladder(m: ModelInfo) -> str:
     rows, bad = [], []
     for b in m.bundles:
+        shipped = _shipped(b)
         for st in b.rescue:
             if st.get("meets") is False or st.get("error"):
                 bad.append(len(rows))
             inc = st.get("ppl_increase")
+            floor = st.get("error") or ("; ".join(str(x) for x in st.get("misses") or []) or
+                                        ("meets" if st.get("meets") else "–"))
+            if shipped is not None and st.get("options") != shipped.get("options"):
+                floor += f"; not shipped: --select fastest shipped {shipped.get('what', '?')}"
             rows.append([b.label, st.get("rung", "?"), st.get("what", ""), "–" if st.get("ppl") is None else
                          f"{st['ppl']:.4g}" + ("" if inc is None else f" ({inc * 100:+.1f}%)"),
                          _num(st.get("kl_mean"), "{:.3g}"),
-                         _pct(st.get("top1_agreement")), _mib(st.get("bytes")),
-                         st.get("error") or ("; ".join(str(x) for x in st.get("misses") or []) or
-                                             ("meets" if st.get("meets") else "–"))])
+                         _pct(st.get("top1_agreement")), _mib(st.get("bytes")), floor])
     if not rows:
         return '<p class="note">No rescue ladder recorded.</p>'
     return table(["bundle", "rung", "build", "perplexity", "KL mean", "top-1 agree %", "MiB", "floor"], rows,
@@ -666,6 +701,7 @@ def llm_model_section(m: ModelInfo) -> str:
             y_label="top-1 agreement with the float model (%)", y_percent=True, chart_id=cid,
             series_title="target", shape_title="format"), cid, f"One point per bundle ({len(pts)}).") + "</div>")
     out.append("<h3>Speed</h3>" + llm_speed(m))
+    out.append(llm_candidates(m))
     out.append("<h3>Rescue ladder</h3>" + llm_ladder(m))
     out.append(llm_compat(m))
     out.append("</section>")

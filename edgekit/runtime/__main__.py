@@ -37,6 +37,12 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--seed", type=int, default=None)
         sp.add_argument("--stop", action="append", default=None, help="stop before this text (repeatable)")
         sp.add_argument("--repetition-penalty", type=float, default=None)
+        context(sp)
+
+    def context(sp):
+        sp.add_argument("--context", type=int, default=None,
+                        help="language model: the context in tokens (prompt and reply), at most the bundle's longest "
+                             "(default: the bundle's)")
 
     r = sub.add_parser("run", help="run once on an input file and print the float outputs; "
                                    "a language model: --prompt, the answer streamed")
@@ -55,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--new-tokens", type=int, default=128, help="language model: tokens generated")
     b.add_argument("--no-end-to-end", action="store_true")
     b.add_argument("--out", default=None, help="also write the JSON report here")
+    context(b)
     c = sub.add_parser("check", help="golden health check of a bundle")
     common(c)
     c.add_argument("--reference-numerics", action="store_true",
@@ -133,7 +140,11 @@ def _dispatch(args) -> int:
     model = load(args.model, backend=getattr(args, "backend", None), threads=args.threads,
                  reference_numerics=getattr(args, "reference_numerics", False))
     if getattr(model, "kind", None) == "llm":
+        if getattr(args, "context", None) is not None:
+            model.context = args.context   # more than the bundle's longest: a DataError (one line, exit 2)
         return _llm(args, model)
+    if getattr(args, "context", None) is not None:
+        raise DataError("--context is for language models", hint=f"{args.model} is not one")
     if args.cmd == "chat":
         raise DataError("chat needs a language-model bundle", hint=f"{args.model} is not one")
     if args.cmd == "run":
@@ -191,7 +202,10 @@ def generation_options(args, lm) -> dict:
 
 def stream_answer(lm, prompt: str, system: Optional[str], template: bool, options: dict, out=None) -> dict:
     """Stream the answer to `prompt` to `out` (stdout); the chat template applied where the bundle has one
-    and `template`. Returns the figures (lm.last)."""
+    and `template`; an answer cut by max_new_tokens or the context says so on stderr. Returns the figures
+    (lm.last)."""
+    from edgekit.runtime.llmchat import cut_note
+
     out = out or sys.stdout
     if template and lm.has_chat_template:
         msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
@@ -206,6 +220,9 @@ def stream_answer(lm, prompt: str, system: Optional[str], template: bool, option
         it.close()
     out.write("\n")
     out.flush()
+    note = cut_note(lm.last, options.get("max_new_tokens"), lm.context)
+    if note:
+        print(note, file=sys.stderr, flush=True)
     return lm.last
 
 
@@ -213,8 +230,9 @@ def _llm(args, lm) -> int:
     if args.cmd == "run":
         if args.prompt is None:
             raise DataError("a language model runs on text: give --prompt", hint=f"{args.model} is a language model")
-        try:
-            stats = stream_answer(lm, args.prompt, args.system, not args.no_template, generation_options(args, lm))
+        try:   # with --json, stdout is the JSON alone: the answer streams to stderr
+            stats = stream_answer(lm, args.prompt, args.system, not args.no_template, generation_options(args, lm),
+                                  out=sys.stderr if args.json else None)
         except KeyboardInterrupt:
             return 130
         if args.json:

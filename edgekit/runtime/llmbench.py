@@ -204,7 +204,7 @@ def llm_bench_table(reports: List[Dict[str, Any]], label: str = "model") -> str:
                      r["decode_tok_s"], r["decode_token_ms"].get("p99_ms"), r["peak_rss_mb"],
                      r["model_bytes"] / 2 ** 20, "NOISY" if r["noisy"] else "ok"])
     table = render([label, "precision", "backend", "thr", "load ms", "tokens", "TTFT ms", "prefill tok/s",
-                    "decode tok/s", "tok p99 ms", "peak RSS MB", "model MB", "run"], rows)
+                    "decode tok/s", "tok p99 ms", "peak RSS MiB", "model MiB", "run"], rows)
     notes = [f"{r.get('bundle') or r['model']}: noisy: " + "; ".join(r["noise_reasons"]) for r in reports if r["noisy"]]
     for r in reports:
         if not r.get("peak_rss_ratio"):
@@ -214,13 +214,13 @@ def llm_bench_table(reports: List[Dict[str, Any]], label: str = "model") -> str:
             v, x, y = r.get(f"peak_rss_{key}_mb"), r.get(f"peak_rss_{key}_ratio"), \
                 r.get(f"peak_rss_{key}_ratio_over_libs")
             if v and x:
-                parts.append(f"{what} peak {v:.1f} MB = {x:.2f}x" + (f" ({y:.2f}x beyond the libraries)" if y else ""))
+                parts.append(f"{what} peak {v:.1f} MiB = {x:.2f}x" + (f" ({y:.2f}x beyond the libraries)" if y else ""))
         if not parts:        # an older report, or no reset of the high-water mark: the process's peak
-            parts.append(f"peak RSS {r['peak_rss_mb']:.1f} MB = {r['peak_rss_ratio']:.2f}x")
+            parts.append(f"peak RSS {r['peak_rss_mb']:.1f} MiB = {r['peak_rss_ratio']:.2f}x")
         libs = r.get("rss_libraries_mb")
         notes.append(f"{r.get('bundle') or r['model']}: " + "; ".join(parts)
-                     + f" of weights + KV cache ({r['memory_bound_mb']:.1f} MB)"
-                     + (f"; libraries alone (python + import onnxruntime_genai) {libs:.1f} MB" if libs else ""))
+                     + f" of weights + KV cache ({r['memory_bound_mb']:.1f} MiB)"
+                     + (f"; libraries alone (python + import onnxruntime_genai) {libs:.1f} MiB" if libs else ""))
     if reports:
         c = reports[0]["conditions"]
         notes.append(f"conditions: {c['cpu_model']} ({c['machine']}, {c['cpu_count']} cores), governor "

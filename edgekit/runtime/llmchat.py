@@ -35,6 +35,17 @@ def _stats_line(s: Dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def cut_note(stats: Dict[str, Any], max_new_tokens: Optional[int], context: int) -> Optional[str]:
+    """The line said after a reply that ended on length rather than at its end (finish_reason "length"): cut by
+    max_new_tokens, or by the context filling up (max_new_tokens is clamped to the room left); None otherwise."""
+    if (stats or {}).get("finish_reason") != "length":
+        return None
+    n = stats.get("new_tokens")
+    if max_new_tokens is not None and n is not None and n >= max_new_tokens:
+        return f"(reply cut at {n} tokens: --max-new-tokens)"
+    return f"(reply cut at {n} tokens: the context of {context} tokens is full; --context)"
+
+
 def chat_loop(lm, *, system: Optional[str] = None, options: Optional[Dict[str, Any]] = None,
               stdin: Optional[TextIO] = None, stdout: Optional[TextIO] = None, stderr: Optional[TextIO] = None,
               verbose: bool = False, prompt: str = ">>> ") -> int:
@@ -84,14 +95,18 @@ def chat_loop(lm, *, system: Optional[str] = None, options: Optional[Dict[str, A
             continue
         if text.startswith("//"):
             text = text[1:]
-        _reply(conv, text, stdout, stderr)
+        note = _reply(conv, text, stdout, stderr) and cut_note(conv.last, (options or {}).get("max_new_tokens"),
+                                                               lm.context)
+        if note:
+            print(note, file=stderr, flush=True)
         if verbose:
             print(_stats_line(conv.last), file=stderr, flush=True)
     return 0
 
 
-def _reply(conv, text: str, stdout: TextIO, stderr: TextIO) -> None:
-    """Stream one reply; Ctrl-C stops it (the partial reply stays in the conversation)."""
+def _reply(conv, text: str, stdout: TextIO, stderr: TextIO) -> bool:
+    """Stream one reply; Ctrl-C stops it (the partial reply stays in the conversation). True: it ran to its end
+    (conv.last is its figures)."""
     it = None
     try:
         it = conv.say(text, stream=True)
@@ -99,6 +114,7 @@ def _reply(conv, text: str, stdout: TextIO, stderr: TextIO) -> None:
             stdout.write(piece)
             stdout.flush()
         stdout.write("\n")
+        return True
     except KeyboardInterrupt:
         if it is not None:
             it.close()    # the generator's own bookkeeping records the reply so far
@@ -108,3 +124,4 @@ def _reply(conv, text: str, stdout: TextIO, stderr: TextIO) -> None:
         print(f"error: {e}", file=stderr, flush=True)
     finally:
         stdout.flush()
+    return False
