@@ -457,6 +457,10 @@ def test_benchmark_reports_sane_figures(lm):
     assert r["ttft_ms"] > 0 and r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0
     assert r["decode_token_ms"]["count"] == 2 * 15
     assert r["peak_rss_mb"] >= r["rss_mb"] > 0 and r["load_ms"] == lm.load_ms
+    # the load's parts: the files hashed (a bundle with a manifest), the thread count chosen; within the load
+    assert r["load_verify_ms"] == lm.verify_ms > 0 and r["load_probe_ms"] == lm.probe_ms >= 0
+    assert lm.verify_ms + lm.probe_ms < lm.load_ms
+    assert load(lm.model_dir, threads=1).verify_ms == 0.0   # a bare ONNX Runtime GenAI folder: no manifest
     assert r["model_bytes"] == sum(f["bytes"] for rel, f in lm.manifest["model"]["files"].items()
                                    if rel.startswith("model.onnx")) < lm.manifest["model"]["bytes"]
     assert r["kv_bytes"] == lm.kv_bytes_per_token() * 64 and r["kv_bytes_per_token"] == 2 * 4 * 2 * 32 * 4
@@ -902,3 +906,42 @@ def test_device_cli_ctrl_c_while_loading_is_one_line(bundle, monkeypatch, capsys
     assert dev.main(["bench", str(bundle)]) == 130
     err = capsys.readouterr().err
     assert err.strip() == "interrupted" and "Traceback" not in err
+
+
+def test_a_prompt_over_the_context_in_use_says_how_to_raise_it(bundle):
+    """The context a bundle opens with is the profile's default, below its longest: a prompt (or a benchmark) that
+    does not fit says the context in use, the model's longest and --context, not 'the model's context'."""
+    lm = load(bundle)
+    lm.context = 8   # below the model's longest, as a profile's default context is (rpi5: 2048 of 8192)
+    with pytest.raises(DataError) as e:
+        lm.generate("the lamp is on the table by the door and the cat sleeps", max_new_tokens=4)
+    assert f"the context in use is 8 tokens (this model takes up to {lm.max_context})" in str(e.value)
+    assert f"raise it with --context N (lm.context = N) up to {lm.max_context}" in e.value.hint
+    with pytest.raises(DataError) as e:
+        lm.benchmark(prompt_tokens=8, new_tokens=4, runs=1)
+    assert "exceeds the context in use is" not in str(e.value) and "--context N" in e.value.hint
+    lm.context = lm.max_context
+    with pytest.raises(DataError) as e:
+        lm.benchmark(prompt_tokens=lm.max_context, new_tokens=4, runs=1)
+    assert "this model takes up to" not in str(e.value) and "--context" not in (e.value.hint or "")
+
+
+def test_a_template_that_takes_no_system_message_says_so_up_front(og_dir, tmp_path):
+    """Gemma 2's template raises on a system message: a conversation with one is refused when it is made, in one
+    line that names the system message (not at every turn with a hint saying a system role is fine); without one
+    it chats; lm.chat with one says the same."""
+    folder = tmp_path / "nosystem"
+    shutil.copytree(og_dir, folder)
+    (folder / "chat_template.jinja").write_text(
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}", encoding="utf-8")
+    lm = load(folder)
+    with pytest.raises(DataError) as e:
+        lm.conversation(system="Be short.")
+    assert "this model's chat template takes no system message" in str(e.value) \
+        and "System role not supported" in str(e.value) and "--system" in e.value.hint, str(e.value)
+    with pytest.raises(DataError) as e:
+        lm.chat([{"role": "system", "content": "Be short."}] + QUESTION, max_new_tokens=2)
+    assert "takes no system message" in str(e.value)
+    assert isinstance(lm.conversation().say("hi", max_new_tokens=2), str)

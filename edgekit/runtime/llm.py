@@ -42,7 +42,8 @@ Concurrency: generate / chat may run from several threads at once (each call has
 model); lm.last is whichever finished last. A Conversation is for one thread.
 Loading verifies each file the manifest lists (size and sha256; verify=False: sizes only).
 Facts: lm.manifest (None for a bare folder), lm.path, lm.model_dir, lm.threads, lm.threads_requested,
-lm.threads_chosen_by, lm.load_ms, lm.backend ("onnxruntime-genai"), lm.backend_version, lm.kind == "llm",
+lm.threads_chosen_by, lm.load_ms (of which lm.verify_ms hashing the files, lm.probe_ms choosing the threads),
+lm.backend ("onnxruntime-genai"), lm.backend_version, lm.kind == "llm",
 lm.generation_defaults (the checkpoint's own sampling settings: what the CLIs use unless told otherwise).
 
 Threads (as for other bundles): `threads=` as given; otherwise, for a bundle, the count measured fastest among
@@ -203,6 +204,7 @@ def load_llm(path: Union[str, Path], *, threads: Optional[int] = None, verify: b
     if not p.is_dir():
         raise BundleError("no such bundle directory", path=str(p))
     manifest: Optional[Dict[str, Any]] = None
+    verify_ms = 0.0
     if (p / MANIFEST).is_file():
         manifest = _read_json(p / MANIFEST, MANIFEST)
         if manifest.get("kind") != KIND:
@@ -213,7 +215,9 @@ def load_llm(path: Union[str, Path], *, threads: Optional[int] = None, verify: b
 
             check_name(str(manifest["name"]))
         model_dir = p / (manifest.get("model") or {}).get("dir", "model")
+        tv = time.perf_counter_ns()
         verify_files(p, manifest, hash_files=verify)
+        verify_ms = (time.perf_counter_ns() - tv) / 1e6
     elif (p / GENAI_CONFIG).is_file():
         model_dir = p
     else:
@@ -224,6 +228,7 @@ def load_llm(path: Union[str, Path], *, threads: Optional[int] = None, verify: b
         raise BundleError(f"{GENAI_CONFIG} is missing", path=str(model_dir))
     genai_config = _read_json(model_dir / GENAI_CONFIG, GENAI_CONFIG)
     og = _import_og()
+    probe_ms = 0.0
     asked = profile_threads(manifest)
     used = choose_threads(threads, asked)
     chosen_by = "argument" if threads is not None else ("profile" if asked is not None else "usable CPUs")
@@ -239,6 +244,7 @@ def load_llm(path: Union[str, Path], *, threads: Optional[int] = None, verify: b
                 spinning = choice["spinning_chosen"]    # measured with the count (convert --select --device)
     try:
         og_model = _og_model(og, model_dir, used, spinning)
+        tp = time.perf_counter_ns()
         if auto and used > 1 and spinning is None:
             from edgekit.runtime.llmthreads import choose
 
@@ -254,6 +260,7 @@ def load_llm(path: Union[str, Path], *, threads: Optional[int] = None, verify: b
         if og_model is None:   # a cached choice with no room for two copies: the first is gone, this one opens now
             used, spin = (choice or {}).pop("reopen")
             og_model = _og_model(og, model_dir, used, spin)
+        probe_ms = (time.perf_counter_ns() - tp) / 1e6
         og_tokenizer = og.Tokenizer(og_model)
     except RuntimeError as e:   # ORT GenAI reports a bad folder, graph or tokenizer as RuntimeError
         raise BundleError(f"onnxruntime-genai cannot load the model ({str(e).splitlines()[0]})",
@@ -267,6 +274,9 @@ def load_llm(path: Union[str, Path], *, threads: Optional[int] = None, verify: b
     # where the probe measured it: whether ORT's threads spin (None: as genai_config.json says)
     lm.spinning = spinning if spinning is not None else (choice or {}).get("spinning_chosen")
     lm.load_ms = (time.perf_counter_ns() - t0) / 1e6
+    # of which: hashing the bundle's files against the manifest, and choosing the thread count (a probe at first
+    # load, a cached choice after: the model opened again at the count chosen)
+    lm.verify_ms, lm.probe_ms = verify_ms, probe_ms
     lm.rss_before_load_mb = rss_before
     # malloc's thresholds, the model file's pages, the freed heap, huge pages for the weights (llmopts.after_load)
     done = after_load(model_dir)
@@ -364,8 +374,20 @@ class Tokenizer:
             return self.og.apply_chat_template(json.dumps(msgs), template_str=self.template,
                                                add_generation_prompt=add_generation_prompt)
         except RuntimeError as e:
-            raise DataError(f"the chat template cannot render these messages ({str(e).splitlines()[0]})",
-                            hint="messages are [{'role': 'system'|'user'|'assistant', 'content': '...'}]") from None
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        rest = [m for m in msgs if m["role"] != "system"]
+        if rest != msgs and rest:   # a template that refuses a system message (Gemma 2's raise_exception)
+            try:
+                self.og.apply_chat_template(json.dumps(rest), template_str=self.template,
+                                            add_generation_prompt=add_generation_prompt)
+            except RuntimeError:
+                pass
+            else:
+                raise DataError(f"this model's chat template takes no system message ({why})",
+                                hint="leave out the system message (--system), or put its instructions in the "
+                                     "first user message")
+        raise DataError(f"the chat template cannot render these messages ({why})",
+                        hint="messages are [{'role': 'system'|'user'|'assistant', 'content': '...'}]")
 
     def chat_ids(self, messages: Sequence[Message]) -> List[int]:
         """The chat template applied to `messages` (with the assistant's generation prompt) and tokenized."""
@@ -432,6 +454,8 @@ class LanguageModel:
         self.spinning: Optional[bool] = None   # intra-op spinning chosen by the thread probe (None: genai_config's)
         self.threads_choice: Optional[Dict[str, Any]] = None   # the measured choice and its figures, where one was
         self.load_ms: float = 0.0
+        self.verify_ms: float = 0.0   # of load_ms: the files hashed against the manifest
+        self.probe_ms: float = 0.0    # of load_ms: the thread count chosen (a first load's probe)
         self.last: Dict[str, Any] = {}
         self.rss_before_load_mb: Optional[float] = None
         self.rss_after_load_mb: Optional[float] = None
@@ -487,6 +511,16 @@ class LanguageModel:
             raise DataError(f"context {value!r}: a whole number of tokens from 2 to this model's "
                             f"{self.max_context}")
         self._context = value
+
+    def context_words(self) -> str:
+        """The context in use, said so that it is not taken for the model's longest (errors, the chat's notes)."""
+        more = f" (this model takes up to {self.max_context})" if self.context < self.max_context else ""
+        return f"the context in use is {self.context} tokens{more}"
+
+    def context_room(self, lead: str) -> str:
+        """How to raise the context, after `lead`, or "" where it is the model's longest already."""
+        return f"{lead}raise it with --context N (lm.context = N) up to {self.max_context}" \
+            if self.context < self.max_context else ""
 
     def model_bytes(self) -> int:
         """The weights' bytes: the ONNX graph files and their external data (not the tokenizer and configs)."""
@@ -582,8 +616,8 @@ class LanguageModel:
         if n_prompt < 1:
             raise DataError("the prompt is empty (no tokens)")
         if n_prompt >= self.context:
-            raise DataError(f"the prompt is {n_prompt} tokens; the model's context is {self.context}",
-                            hint="shorten the prompt")
+            raise DataError(f"the prompt is {n_prompt} tokens; {self.context_words()}",
+                            hint="shorten the prompt" + self.context_room(", or "))
         return min(max_new, self.context - n_prompt)
 
     def _run(self, t0: int, make_ids, opts: _Options, stream: bool):
@@ -735,6 +769,9 @@ class Conversation:
         self.system = system
         self._defaults = dict(options)
         _Options(**{k: v for k, v in options.items() if k != "stream"})    # check them now
+        if system:   # a template that takes no system message says so now, not at every turn
+            lm.tokenizer.apply_chat_template([{"role": "system", "content": system},
+                                              {"role": "user", "content": "hello"}])
         self.reset()
 
     def reset(self) -> None:

@@ -54,8 +54,8 @@ def benchmark(lm, prompt_tokens: int = 128, new_tokens: int = 128, runs: int = 3
                         f"{new_tokens}, {runs}, {warmup})")
     total = prompt_tokens + new_tokens
     if total > lm.context:
-        raise DataError(f"prompt_tokens + new_tokens = {total} exceeds the model's context ({lm.context})",
-                        hint="ask for fewer tokens")
+        raise DataError(f"prompt_tokens + new_tokens = {total} do not fit: {lm.context_words()}",
+                        hint="ask for fewer tokens" + lm.context_room(", or "))
     clock = time.perf_counter_ns
     t = clock()
     ids = _prompt_ids(lm, prompt_tokens)
@@ -150,6 +150,8 @@ def benchmark(lm, prompt_tokens: int = 128, new_tokens: int = 128, runs: int = 3
         "warmup": warmup,
         "load_ms": lm.load_ms,
         "load_s": lm.load_ms / 1e3,
+        "load_verify_ms": lm.verify_ms,       # of load_ms: the bundle's files hashed against the manifest
+        "load_probe_ms": lm.probe_ms,         # of load_ms: the thread count chosen (a first load's probe)
         "encode_ms": encode_ms,
         "ttft_ms": p50("ttft_ms"),
         "prefill_ms": p50("prefill_ms"),
@@ -221,6 +223,11 @@ def llm_bench_table(reports: List[Dict[str, Any]], label: str = "model") -> str:
         notes.append(f"{r.get('bundle') or r['model']}: " + "; ".join(parts)
                      + f" of weights + KV cache ({r['memory_bound_mb']:.1f} MiB)"
                      + (f"; libraries alone (python + import onnxruntime_genai) {libs:.1f} MiB" if libs else ""))
+    for r in reports:
+        v, pr = r.get("load_verify_ms") or 0, r.get("load_probe_ms") or 0
+        if v + pr >= 1:
+            notes.append(f"{r.get('bundle') or r['model']}: load {r['load_ms']:.0f} ms, of which {v:.0f} ms hashing the "
+                         f"files against the manifest and {pr:.0f} ms choosing the thread count")
     if reports:
         c = reports[0]["conditions"]
         notes.append(f"conditions: {c['cpu_model']} ({c['machine']}, {c['cpu_count']} cores), governor "
