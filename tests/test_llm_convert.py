@@ -88,6 +88,13 @@ def test_int4_for_arm_and_x86(tiny_lm, tiny_val, tmp_path):
     assert by["rpi5"].bytes_per_token < 0.5 * src
     table = res.table()
     assert "tiny-llama-rpi5-int4" in table and "perplexity" in table
+    # the size in MB (10^6 bytes, as --max-mb and the README) beside MiB
+    from edgekit.table import fmt
+
+    lines = table.splitlines()
+    assert lines[1].split()[:4] == ["bundle", "precision", "MB", "MiB"], lines[1]
+    row = next(ln for ln in lines if ln.startswith("tiny-llama-rpi5-int4"))
+    assert row.split()[2:4] == [fmt(by["rpi5"].bytes / 1e6), fmt(by["rpi5"].bytes / 2 ** 20)], row
 
 
 def test_untied_embedding_table_is_8bit(tiny_lm, tiny_int4_avx2):
@@ -144,7 +151,7 @@ def test_kquant_rows_are_ort_kquant(monkeypatch):
     8 bits; slices of 7 blocks, so every matrix crosses many slice edges; a matrix of one slice)."""
     from onnxruntime.quantization.neural_compressor import weight_only as wo
 
-    from edgekit.convert import llm
+    from edgekit.convert import llm_gptq as llm
 
     monkeypatch.setattr(llm, "KQUANT_ROWS", 7)
     rng = np.random.default_rng(3)

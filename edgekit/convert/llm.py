@@ -54,7 +54,8 @@ from edgekit.convert.llm_fidelity import (BUILTIN_PROMPTS, EvalText, FloatModel,
 from edgekit.convert.llm_graph import (PRUNE_NOTE, alias_tied_embedding, embedding_summary, half_scales,
                                       initializer_bytes, prune_lm_head, read_bytes, readers, scales_summary,
                                       stored_bytes)
-from edgekit.convert.llm_gptq import ALGOS as _CALIBRATED_ALGOS, builder_algo, calibrated, int8_summary
+from edgekit.convert.llm_gptq import ALGOS as _CALIBRATED_ALGOS, builder_algo, calibrated, int8_summary, \
+    kquant_rows
 from edgekit.convert.llm_tokenizer import check_tokenizer
 from edgekit.errors import BudgetMissed, EdgekitError, SourceModelError
 from edgekit.progress import Progress
@@ -678,29 +679,6 @@ BUILDER_FP32_MEASURED = 2.2
 # An untied embedding table's 8-bit block (llm_gptq.quantize_embedding): the first dividing the hidden size, as
 # the 8-bit lm_head's (LLMBuildOptions.int8_blocks). CPU builds: GatherBlockQuantized on CUDA is not measured here.
 EMBED_BLOCKS = (64, 32, 16)
-KQUANT_ROWS = 32768   # blocks per slice of kquant_rows (4 MiB of float32 per array at block 32)
-
-
-def kquant_rows(kquant, data, num_bits: int = 4, group_size: int = 32, threads: int = 1):
-    """ORT's k-quant (`kquant`: its quant_tensor_k_quant_cpu) over slices of blocks, on `threads` threads.
-    Every block's grid search reads only that block (axis-1 reductions), so the slices' results are the whole
-    call's, element for element; the slices keep its dozen temporaries a few MiB each instead of the matrix's
-    size, and numpy's ufuncs release the GIL. Measured here (Xeon VM, one thread, the other core busy): a 2048 x
-    5632 matrix 6.0 -> 3.1 s, 2.9M weights 0.82 -> 0.55 s, identical arrays."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    import numpy as np
-
-    d = np.reshape(data, (-1, group_size))
-    parts = [d[i:i + KQUANT_ROWS] for i in range(0, d.shape[0], KQUANT_ROWS)]
-    if threads > 1 and len(parts) > 1:
-        with ThreadPoolExecutor(threads) as ex:
-            outs = list(ex.map(lambda x: kquant(x, num_bits, group_size), parts))
-    else:
-        outs = [kquant(x, num_bits, group_size) for x in parts]
-    return tuple(np.concatenate([o[i] for o in outs]) for i in range(3))
-
-
 @contextlib.contextmanager
 def _quantizer_hooks(progress: Optional[Progress], label: str, log: io.StringIO):
     """While the builder quantizes: its per-MatMul progress (ORT's simple_progress_bar, printed on stdout and
@@ -1043,7 +1021,8 @@ class LLMConvertResult:
         for b in self.bundles:
             f = b.fidelity
             ppl = f"{f['ppl_float']:.3f}→{f['ppl']:.3f} ({100 * f['ppl_increase']:+.1f}%)" if f else "-"
-            rows.append([b.path.name, b.precision, b.bytes / 2 ** 20 if b.bytes else None,
+            rows.append([b.path.name, b.precision, b.bytes / 1e6 if b.bytes else None,
+                         b.bytes / 2 ** 20 if b.bytes else None,
                          b.bytes_per_token / 2 ** 20 if b.bytes_per_token else None, ppl,
                          f.get("kl_mean"), None if not f else 100 * f["top1_agreement"],
                          ("ok" + (f" (rescued: {b.rescued_by})" if b.rescued_by else "")) if b.ok
@@ -1056,7 +1035,7 @@ class LLMConvertResult:
         if f8 is not None:   # an INT8 row's own floor (recipe.int8_floor)
             title += (f" (INT8: ≤ +{100 * (f8.max_ppl_increase or 0):.0f}%, KL ≤ {f8.max_kl}, agreement ≥ "
                       f"{100 * (f8.min_agreement or 0):.0f}%)")
-        text = render(["bundle", "precision", "MiB", "MiB/token", "perplexity f→q", "KL", "top-1 agree %",
+        text = render(["bundle", "precision", "MB", "MiB", "MiB/token", "perplexity f→q", "KL", "top-1 agree %",
                        "result"], rows, title=title)
         for b in self.bundles:
             if len(b.rescue) > 1:

