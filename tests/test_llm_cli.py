@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tinylm import tiny_int4_avx2, tiny_lm  # noqa: F401  (session fixtures)
 
 
@@ -47,8 +49,19 @@ def test_hub_cache_repository_folder_converts_its_refs_main_snapshot(cli, tmp_pa
     # language-model precision"
     assert "NewMambaForCausalLM" in line and "calibration" not in line and "language-model precision" not in line
     from edgekit.cli.llm_convert import hub_snapshot
+    from edgekit.convert.llm import read_source
+    from edgekit.convert.sources import detect_kind
+    from edgekit.errors import SourceModelError
 
     assert hub_snapshot(str(repo)) == str(repo / "snapshots" / "new1")
+    # the Python API reads it the same way: convert.llm.read_source at refs/main's snapshot, detect_kind (the
+    # image-model path) names it a Hugging Face model
+    with pytest.raises(SourceModelError) as e:
+        read_source(str(repo))
+    assert "NewMambaForCausalLM" in str(e.value)
+    with pytest.raises(SourceModelError) as e:
+        detect_kind(repo)
+    assert "language models convert through edgekit.convert.llm" in str(e.value)
     # no refs/main and two snapshots: which to give, in one line
     (repo / "refs" / "main").unlink()
     line = _one_error_line(cli("convert", repo, "-t", "rpi5"))
@@ -72,6 +85,14 @@ def test_model_files_without_config_json_and_a_gguf_are_named(cli, tmp_path):
     for extra in ((), ("--precision", "int4")):
         line = _one_error_line(cli("convert", g, "-t", "rpi5", *extra))
         assert "llama.cpp's format: convert the Hugging Face folder it came from" in line, line
+    from edgekit.convert.llm import read_source   # the Python API says the same of a .gguf
+    from edgekit.convert.sources import detect_kind
+    from edgekit.errors import SourceModelError
+
+    for read in (read_source, detect_kind):
+        with pytest.raises(SourceModelError) as e:
+            read(g if read is detect_kind else str(g))
+        assert "GGUF file, llama.cpp's format" in str(e.value), str(e.value)
 
 
 def test_llm_bundle_in_recipe_says_how_to_rebuild_and_options_are_spelled_as_the_cli_has_them(  # noqa: F811

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import click
 
+from edgekit.convert.hf_config import hub_snapshot  # noqa: F401  (cli.convert's: a hub cache repository folder)
+
 # options of the CNN path that mean nothing for a language model (named if given)
 _CNN_ONLY = ("calib", "calib_random", "preprocess", "input_shapes", "formats", "min_snr", "max_accuracy_drop",
              "no_mixed_precision", "search_budget", "search_first", "recipe_path")
@@ -26,34 +28,6 @@ def _flag(ctx, name) -> str:
         if param.name == name:
             return next((o for o in param.opts if o.startswith("--")), param.opts[0])
     return "--" + name.replace("_", "-")
-
-
-def hub_snapshot(model):
-    """A Hugging Face hub cache repository folder (models--ORG--NAME, holding snapshots/REV and refs/main, what
-    huggingface_hub downloads into): the snapshot refs/main names, or its only snapshot when no refs/main says;
-    any other path as given. One that names no snapshot to take: one line saying which to give."""
-    from edgekit.errors import SourceModelError
-
-    if not model:
-        return model
-    repo = Path(model)
-    snaps = repo / "snapshots"
-    if not (repo.is_dir() and snaps.is_dir() and not (repo / "config.json").exists()
-            and (repo.name.startswith("models--") or (repo / "refs").is_dir())):
-        return model
-    revs = sorted(d.name for d in snaps.iterdir() if d.is_dir())
-    try:
-        main = (repo / "refs" / "main").read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError):
-        main = ""
-    if main in revs or (not main and len(revs) == 1):
-        return str(snaps / (main or revs[0]))
-    if not revs:
-        raise SourceModelError("a Hugging Face cache repository with no snapshot downloaded", path=str(model),
-                               hint="download the model again (huggingface-cli download ORG/NAME)")
-    said = f"refs/main names {main}, which snapshots/ does not hold" if main else "no refs/main says which snapshot"
-    raise SourceModelError(f"a Hugging Face cache repository: {said}", path=str(model),
-                           hint=f"give {snaps}/REV, REV one of: " + ", ".join(revs))
 
 
 def is_language_model(model) -> bool:

@@ -3,7 +3,8 @@ convert.sources, which imports the TF helpers of convert.native, can read it wit
 
 A folder is taken as a Hugging Face causal LM when it holds a config.json that is a JSON object naming
 `architectures` or `model_type`: convert.llm.is_hf_causal_lm asks yes or no, convert.sources.check_hf_config says
-what is wrong.
+what is wrong. hub_snapshot reads a hub cache repository folder (models--ORG--NAME) at its refs/main snapshot, for
+the CLI and convert.llm.read_source alike.
 """
 
 from __future__ import annotations
@@ -46,3 +47,31 @@ def is_hf_causal_lm(path: os.PathLike) -> bool:
     """A directory holding a config.json that hf_config_problem finds nothing wrong with."""
     p = Path(path)
     return p.is_dir() and (p / CONFIG).is_file() and hf_config_problem(p) is None
+
+
+def hub_snapshot(model):
+    """A Hugging Face hub cache repository folder (models--ORG--NAME, holding snapshots/REV and refs/main, what
+    huggingface_hub downloads into): the snapshot refs/main names, or its only snapshot when no refs/main says;
+    any other path as given. One that names no snapshot to take: one line saying which to give."""
+    from edgekit.errors import SourceModelError
+
+    if not model:
+        return model
+    repo = Path(model)
+    snaps = repo / "snapshots"
+    if not (repo.is_dir() and snaps.is_dir() and not (repo / "config.json").exists()
+            and (repo.name.startswith("models--") or (repo / "refs").is_dir())):
+        return model
+    revs = sorted(d.name for d in snaps.iterdir() if d.is_dir())
+    try:
+        main = (repo / "refs" / "main").read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        main = ""
+    if main in revs or (not main and len(revs) == 1):
+        return str(snaps / (main or revs[0]))
+    if not revs:
+        raise SourceModelError("a Hugging Face cache repository with no snapshot downloaded", path=str(model),
+                               hint="download the model again (huggingface-cli download ORG/NAME)")
+    said = f"refs/main names {main}, which snapshots/ does not hold" if main else "no refs/main says which snapshot"
+    raise SourceModelError(f"a Hugging Face cache repository: {said}", path=str(model),
+                           hint=f"give {snaps}/REV, REV one of: " + ", ".join(revs))

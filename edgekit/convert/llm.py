@@ -393,8 +393,14 @@ def _check_tokenizer_source(p: Path) -> None:
 
 
 def read_source(path: str) -> LMSource:
-    """Check a Hugging Face causal-LM folder before any work: config, architecture, weights."""
-    p = Path(path)
+    """Check a Hugging Face causal-LM folder before any work: config, architecture, weights. A hub cache
+    repository folder (models--ORG--NAME) is read at its refs/main snapshot (hf_config.hub_snapshot)."""
+    from edgekit.convert.hf_config import hub_snapshot
+
+    p = Path(hub_snapshot(path))
+    if p.suffix.lower() == ".gguf":
+        raise SourceModelError("a GGUF file, llama.cpp's format, not a Hugging Face folder", path=str(p),
+                               hint="convert the Hugging Face folder it came from")
     if not p.is_dir():
         raise SourceModelError("not a directory (a Hugging Face model folder holds config.json, weights and "
                                "tokenizer files)", path=str(p))

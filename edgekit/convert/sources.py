@@ -19,7 +19,7 @@ from typing import Dict, Optional, Tuple
 
 from edgekit.bundle import sha256_file, sha256_tree
 from edgekit.convert import shapes as shaping
-from edgekit.convert.hf_config import HF_CONFIG_HINT, hf_config_problem  # noqa: F401  (the rule)
+from edgekit.convert.hf_config import HF_CONFIG_HINT, hf_config_problem, hub_snapshot  # noqa: F401  (the rule)
 from edgekit.convert.native import captured_stderr, quiet_tensorflow
 from edgekit.convert.shapes import DataShapes
 from edgekit.convert.source import Source
@@ -70,7 +70,7 @@ def detect_kind(path: Path) -> str:
             return "savedmodel"
         check_adapter(path)
         check_hf_config(path)
-        if (path / "config.json").is_file():
+        if (path / "config.json").is_file() or hub_snapshot(str(path)) != str(path):
             raise SourceModelError("a Hugging Face model folder: language models convert through "
                                    "edgekit.convert.llm (convert_llm(LLMRecipe(folder, targets)) or `edgekit convert "
                                    "FOLDER --target ...`)", path=str(path), hint="docs/llm.md")
@@ -89,6 +89,9 @@ def detect_kind(path: Path) -> str:
         return "torch-export"
     if suffix in TORCHSCRIPT_SUFFIXES:
         return "torchscript"
+    if suffix == ".gguf":
+        raise SourceModelError("a GGUF file, llama.cpp's format: edgekit converts a language model from its Hugging "
+                               "Face folder", path=str(path), hint="convert the folder it came from (docs/llm.md)")
     if suffix == ".tflite":
         raise SourceModelError("a .tflite model is already converted; edgekit converts from Keras, "
                                "SavedModel, ONNX or PyTorch", path=str(path),
