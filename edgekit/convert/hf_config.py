@@ -1,5 +1,6 @@
-"""The one rule for a Hugging Face causal LM's config.json (standard library only, so that both convert.llm and
-convert.sources, which imports the TF helpers of convert.native, can read it without importing each other).
+"""The one rule for a Hugging Face causal LM's config.json (the standard library and edgekit.errors only, so that
+both convert.llm and convert.sources, which imports the TF helpers of convert.native, can read it without importing
+each other).
 
 A folder is taken as a Hugging Face causal LM when it holds a config.json that is a JSON object naming
 `architectures` or `model_type`: convert.llm.is_hf_causal_lm asks yes or no, convert.sources.check_hf_config says
