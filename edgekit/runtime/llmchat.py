@@ -30,6 +30,8 @@ def _stats_line(s: Dict[str, Any]) -> str:
     parts = [f"{s.get('prefill_tokens')} tokens prefilled in {s.get('prefill_ms') or 0:.1f} ms",
              f"{s.get('new_tokens')} generated", f"TTFT {s.get('ttft_ms') or 0:.1f} ms",
              f"decode {dec:.1f} tok/s" if dec else "decode n/a", str(s.get("finish_reason"))]
+    if s.get("carry_ms") is not None:   # the previous reply's last token, run before this turn's prefill
+        parts.append(f"previous reply's last token run in {s['carry_ms']:.1f} ms")
     if s.get("reprefill"):
         parts.append(f"re-prefilled: {s['reprefill']}")
     return ", ".join(parts)
