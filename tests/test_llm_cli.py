@@ -62,6 +62,15 @@ def test_hub_cache_repository_folder_converts_its_refs_main_snapshot(cli, tmp_pa
     with pytest.raises(SourceModelError) as e:
         detect_kind(repo)
     assert "language models convert through edgekit.convert.llm" in str(e.value)
+    from edgekit.convert.llm import LLMRecipe
+
+    assert LLMRecipe(str(repo), ("rpi5",)).bundle_name == LLMRecipe(str(snap), ("rpi5",)).bundle_name == "Tiny"
+    cnn = tmp_path / "models--keras-io--cnn"   # a hub download of an image model: its snapshot's kind
+    (cnn / "snapshots" / "r1").mkdir(parents=True)
+    (cnn / "snapshots" / "r1" / "saved_model.pb").write_bytes(b"\0")
+    (cnn / "refs").mkdir()
+    (cnn / "refs" / "main").write_text("r1")
+    assert detect_kind(cnn) == "savedmodel"
     # no refs/main and two snapshots: which to give, in one line
     (repo / "refs" / "main").unlink()
     line = _one_error_line(cli("convert", repo, "-t", "rpi5"))
@@ -138,6 +147,10 @@ def test_context_option(cli, tiny_int4_avx2):  # noqa: F811
                 ("bench", tiny_int4_avx2, "--runs", "1")):
         line = _one_error_line(cli(*cmd, "--context", "100000"))
         assert "context 100000" in line and "tokens from 2 to" in line, line
+    # bench of several models with --context: one that is not a language model is refused before any runs
+    r = cli("bench", tiny_int4_avx2, tiny_int4_avx2 / "golden.json", "--runs", "1", "--context", "64")
+    assert r.exit_code == 2 and "--context is for language models" in r.stderr and "benchmarking" not in r.stderr, \
+        r.output
     from click.testing import CliRunner
 
     from edgekit.cli import cli as root
@@ -179,3 +192,15 @@ def test_bench_table_units_are_mib():
 
     assert max_mb_note(2) == "size limit: --max-mb 2 MB = 1.907 MiB (the tables' MiB are 2^20 bytes)"
 
+
+
+def test_cut_note_names_what_cut_the_reply():
+    """A reply that ended on length names max_new_tokens where it reached it (the generation's default 128 when the
+    caller gave none: chat_loop(lm) from Python), the context otherwise; a reply that ended itself, nothing."""
+    from edgekit.runtime.llmchat import cut_note
+
+    cut = {"finish_reason": "length", "new_tokens": 128}
+    assert cut_note(cut, None, 4096) == cut_note(cut, 128, 4096) == "(reply cut at 128 tokens: --max-new-tokens)"
+    assert cut_note(dict(cut, new_tokens=40), None, 100) == \
+        "(reply cut at 40 tokens: the context of 100 tokens is full; --context)"
+    assert cut_note({"finish_reason": "stop", "new_tokens": 128}, None, 4096) is None

@@ -113,10 +113,27 @@ def test_effective_tie_falls_back_only_where_transformers_cannot_read(tmp_path, 
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", failing(ValueError("unrecognized")))
     assert effective_tie(d, dict(llama, tie_word_embeddings=True)) is True   # cannot read: the dict's word
     assert seen.get("trust_remote_code") is False
-    for exc in (RuntimeError("a bug in a configuration class"), KeyError("rope_type"), TypeError("x")):
+    # a value the configuration class trips over: the config's error in one line (it was a traceback)
+    from edgekit.errors import SourceModelError
+
+    for exc in (RuntimeError("a bug in a configuration class"), KeyError("rope_type"), TypeError("x"),
+                ZeroDivisionError("division by zero")):
         monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", failing(exc))
-        with pytest.raises(type(exc)):
+        with pytest.raises(SourceModelError) as e:
             effective_tie(d, llama)
+        assert "transformers cannot load the config.json" in str(e.value) and type(exc).__name__ in str(e.value)
+
+    class Unforeseen(Exception):
+        pass
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", failing(Unforeseen("?")))
+    with pytest.raises(Unforeseen):   # anything else is not caught
+        effective_tie(d, llama)
+    monkeypatch.undo()
+    zero = dict(llama, num_attention_heads=0, hidden_size=64)   # the real class on a real bad value
+    with pytest.raises(SourceModelError) as e:
+        effective_tie(_folder(tmp_path, "zero", zero), zero)
+    assert "config.json" in str(e.value), str(e.value)
 
 
 # --- a bundle whose writing fails ---------------------------------------------------------------------------------

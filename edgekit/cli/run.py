@@ -46,6 +46,28 @@ def _set_context(m, context, path) -> None:
     m.context = context
 
 
+def _refuse_context_for_others(context, paths) -> None:
+    """--context with several models: every one a language model (an LLM bundle or an ONNX Runtime GenAI folder),
+    said before any is loaded or benchmarked."""
+    if context is None:
+        return
+    from pathlib import Path
+
+    from edgekit.runtime.llm import GENAI_CONFIG, KIND, MANIFEST
+
+    def is_llm(p: Path) -> bool:
+        if (p / MANIFEST).is_file():
+            try:
+                return json.loads((p / MANIFEST).read_text(encoding="utf-8")).get("kind") == KIND
+            except (OSError, ValueError, AttributeError):
+                return True   # unreadable: its load says what is wrong with it
+        return (p / GENAI_CONFIG).is_file()
+
+    for path in paths:
+        if not is_llm(Path(path)):
+            raise click.UsageError(f"--context is for language models; {path} is not one")
+
+
 def _gen(lm, max_new_tokens, temperature, top_p, top_k, seed, stop, repetition_penalty):
     """The generation options given, over the model's own defaults (lm.generation_defaults)."""
     given = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "repetition_penalty": repetition_penalty}
@@ -125,6 +147,7 @@ def bench(models, runs, warmup, prompt_tokens, new_tokens, backend, threads, as_
     from edgekit.runtime.llmopts import reset_peak_rss
     from edgekit.runtime.report import bench_table
 
+    _refuse_context_for_others(context, models)
     reports = []
     m = None
     for i, path in enumerate(models):

@@ -201,14 +201,19 @@ def config_tie(config: Dict[str, Any]) -> bool:
 # huggingface_hub's StrictDataclassError (a value its configuration class rejects: a string for
 # num_attention_heads), imported where transformers is
 CONFIG_UNREAD: Tuple[type, ...] = (ValueError, OSError)
+# What a configuration class raises on a value it cannot use ("dtype": "bfloat", num_attention_heads 0, a
+# rope_scaling missing its factors, a quantization_config string): not a fallback but the config's error, one line
+# (the float model's load would fail on it too: llm_fidelity.load_error)
+CONFIG_BAD_VALUE: Tuple[type, ...] = (AttributeError, TypeError, KeyError, ArithmeticError, RuntimeError)
 
 
 def effective_tie(path: os.PathLike, config: Dict[str, Any]) -> bool:
     """Whether the model ties its lm_head to the embedding table, as transformers (and the model builder, which
     reads the same AutoConfig) takes it: the configuration class's value, its default where config.json omits
     the key; the model's own setting where it has one (transformers ties by it: Gemma3ForConditionalGeneration's
-    top level), else its text config's. config_tie where transformers cannot read the config (CONFIG_UNREAD);
-    anything else it raises is not caught. Remote code is never run (nor asked about on a terminal)."""
+    top level), else its text config's. config_tie where transformers cannot read the config (CONFIG_UNREAD); a
+    value the configuration class trips over (CONFIG_BAD_VALUE) is a SourceModelError naming it; anything else it
+    raises is not caught. Remote code is never run (nor asked about on a terminal)."""
     try:
         from huggingface_hub.errors import StrictDataclassError
         from transformers import AutoConfig
@@ -221,6 +226,10 @@ def effective_tie(path: os.PathLike, config: Dict[str, Any]) -> bool:
         cfg = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
     except CONFIG_UNREAD + (StrictDataclassError,):
         return config_tie(config)
+    except CONFIG_BAD_VALUE as e:   # a value its configuration class trips over: the config is wrong, said in a line
+        from edgekit.convert.llm_fidelity import load_error
+
+        raise load_error(Path(path), "config.json", e) from None
     finally:
         hf_logging.set_verbosity(level)
     value = getattr(cfg, "tie_word_embeddings", None)
@@ -479,11 +488,14 @@ def source_files(p: Path, config: Optional[Dict[str, Any]] = None) -> List[Path]
 
 def source_name(model: str) -> str:
     """The name a bundle takes from its source folder: the folder's, or a Hugging Face cache snapshot's repository
-    name (…/models--Qwen--Qwen2.5-0.5B-Instruct/snapshots/7ae5576… -> Qwen2.5-0.5B-Instruct), not its revision."""
+    name (…/models--Qwen--Qwen2.5-0.5B-Instruct/snapshots/7ae5576… -> Qwen2.5-0.5B-Instruct), not its revision; the
+    same for the repository folder itself."""
     p = Path(model).resolve()
     repo = p.parent.parent.name
     if p.parent.name == "snapshots" and repo.startswith("models--") and repo.split("--")[-1]:
         return repo.split("--")[-1]
+    if p.name.startswith("models--") and p.name.split("--")[-1]:   # the repository folder (read_source's snapshot)
+        return p.name.split("--")[-1]
     return p.name
 
 

@@ -65,12 +65,13 @@ def check_adapter(folder: Path) -> None:
 
 
 def detect_kind(path: Path) -> str:
+    path = Path(hub_snapshot(str(path)))   # a hub cache repository folder: its refs/main snapshot, whatever it holds
     if path.is_dir():
         if (path / "saved_model.pb").is_file() or (path / "saved_model.pbtxt").is_file():
             return "savedmodel"
         check_adapter(path)
         check_hf_config(path)
-        if (path / "config.json").is_file() or hub_snapshot(str(path)) != str(path):
+        if (path / "config.json").is_file():
             raise SourceModelError("a Hugging Face model folder: language models convert through "
                                    "edgekit.convert.llm (convert_llm(LLMRecipe(folder, targets)) or `edgekit convert "
                                    "FOLDER --target ...`)", path=str(path), hint="docs/llm.md")
@@ -133,7 +134,7 @@ def load_source(path: str, workdir: Path, input_shapes: Optional[Dict[str, Tuple
     """needs_tflite=False skips making the SavedModel of an ONNX / PyTorch source (onnx2tf).
     `input_shapes` (--input-shape) fix the dimensions a source leaves unknown; where it does not
     say, `data` (the calibration data's shapes, convert.shapes) does: one sample, batch 1."""
-    p = Path(path)
+    p = Path(hub_snapshot(str(path)))   # a hub cache repository folder: its refs/main snapshot (as detect_kind)
     kind = detect_kind(p)
     if kind == "onnx":
         return _load_onnx(p, workdir, dict(input_shapes or {}), needs_tflite, data)

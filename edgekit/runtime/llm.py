@@ -384,8 +384,8 @@ class Tokenizer:
                 pass
             else:
                 raise DataError(f"this model's chat template takes no system message ({why})",
-                                hint="leave out the system message (--system), or put its instructions in the "
-                                     "first user message")
+                                hint="leave out the system message, or put its instructions in the first user "
+                                     "message")
         raise DataError(f"the chat template cannot render these messages ({why})",
                         hint="messages are [{'role': 'system'|'user'|'assistant', 'content': '...'}]")
 

@@ -39,9 +39,14 @@ def _stats_line(s: Dict[str, Any]) -> str:
 
 def cut_note(stats: Dict[str, Any], max_new_tokens: Optional[int], context: int) -> Optional[str]:
     """The line said after a reply that ended on length rather than at its end (finish_reason "length"): cut by
-    max_new_tokens, or by the context filling up (max_new_tokens is clamped to the room left); None otherwise."""
+    max_new_tokens, or by the context filling up (max_new_tokens is clamped to the room left); None otherwise.
+    max_new_tokens None: the generation's default (GenOptions'), which such a reply ran with."""
     if (stats or {}).get("finish_reason") != "length":
         return None
+    if max_new_tokens is None:
+        from edgekit.runtime.llmopts import GenOptions
+
+        max_new_tokens = GenOptions().max_new_tokens
     n = stats.get("new_tokens")
     if max_new_tokens is not None and n is not None and n >= max_new_tokens:
         return f"(reply cut at {n} tokens: --max-new-tokens)"

@@ -53,7 +53,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, FrozenSet, List, Optional, Tuple
 
-_TAG = re.compile(r"\{%.*?%\}|\{#.*?#\}|\{\{.*?\}\}", re.S)
+# a tag, or a whole {% raw %} ... {% endraw %} block as one (its text is not laid out: jinja2 keeps even the newline
+# after {% raw %}; lstrip_blocks before it and trim_blocks after {% endraw %} apply as to a tag)
+_TAG = re.compile(r"\{%[-+]?\s*raw\s*[-+]?%\}.*?\{%[-+]?\s*endraw\s*[-+]?%\}|\{%.*?%\}|\{#.*?#\}|\{\{.*?\}\}", re.S)
 
 
 def hf_layout(template: str) -> str:
