@@ -71,6 +71,10 @@ def test_hub_cache_repository_folder_converts_its_refs_main_snapshot(cli, tmp_pa
     (cnn / "refs").mkdir()
     (cnn / "refs" / "main").write_text("r1")
     assert detect_kind(cnn) == "savedmodel"
+    from edgekit.convert.recipe import ConvertRecipe
+
+    assert ConvertRecipe(str(cnn), ("rpi5",)).bundle_name == ConvertRecipe(hub_snapshot(str(cnn)),
+                                                                           ("rpi5",)).bundle_name == "cnn"
     # no refs/main and two snapshots: which to give, in one line
     (repo / "refs" / "main").unlink()
     line = _one_error_line(cli("convert", repo, "-t", "rpi5"))
@@ -151,6 +155,8 @@ def test_context_option(cli, tiny_int4_avx2):  # noqa: F811
     r = cli("bench", tiny_int4_avx2, tiny_int4_avx2 / "golden.json", "--runs", "1", "--context", "64")
     assert r.exit_code == 2 and "--context is for language models" in r.stderr and "benchmarking" not in r.stderr, \
         r.output
+    line = _one_error_line(cli("bench", tiny_int4_avx2.parent / "no-such-bundle", "--context", "64"))
+    assert "no-such-bundle" in line and "--context is for" not in line, line   # the load names the missing path
     from click.testing import CliRunner
 
     from edgekit.cli import cli as root

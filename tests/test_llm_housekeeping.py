@@ -133,7 +133,7 @@ def test_effective_tie_falls_back_only_where_transformers_cannot_read(tmp_path, 
     zero = dict(llama, num_attention_heads=0, hidden_size=64)   # the real class on a real bad value
     with pytest.raises(SourceModelError) as e:
         effective_tie(_folder(tmp_path, "zero", zero), zero)
-    assert "config.json" in str(e.value), str(e.value)
+    assert "config.json" in str(e.value) and "fix config.json" in e.value.hint, str(e.value)
 
 
 # --- a bundle whose writing fails ---------------------------------------------------------------------------------

@@ -919,7 +919,11 @@ def test_a_prompt_over_the_context_in_use_says_how_to_raise_it(bundle):
     assert f"raise it with --context N (lm.context = N) up to {lm.max_context}" in e.value.hint
     with pytest.raises(DataError) as e:
         lm.benchmark(prompt_tokens=8, new_tokens=4, runs=1)
-    assert "exceeds the context in use is" not in str(e.value) and "--context N" in e.value.hint
+    assert "do not fit: the context in use is 8 tokens (this model takes up to" in str(e.value) \
+        and "--context N" in e.value.hint
+    with pytest.raises(DataError) as e:   # a chat turn that does not fit says the same
+        lm.conversation().say("the lamp is on the table by the door and the cat sleeps", max_new_tokens=2)
+    assert "does not fit: the context in use is 8 tokens" in str(e.value) and "--context N" in e.value.hint
     lm.context = lm.max_context
     with pytest.raises(DataError) as e:
         lm.benchmark(prompt_tokens=lm.max_context, new_tokens=4, runs=1)
@@ -945,3 +949,15 @@ def test_a_template_that_takes_no_system_message_says_so_up_front(og_dir, tmp_pa
         lm.chat([{"role": "system", "content": "Be short."}] + QUESTION, max_new_tokens=2)
     assert "takes no system message" in str(e.value)
     assert isinstance(lm.conversation().say("hi", max_new_tokens=2), str)
+    # a template that takes a system message only first (Mistral's, Llama 2's): two of them fail its alternation
+    # check, which is not "takes no system message"
+    (folder / "chat_template.jinja").write_text(
+        "{% if messages[0]['role'] == 'system' %}{% set rest = messages[1:] %}{% else %}{% set rest = messages %}"
+        "{% endif %}{% for m in rest %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('roles must alternate') }}{% endif %}{{ m['content'] }}\n{% endfor %}", encoding="utf-8")
+    lm = load(folder)
+    assert isinstance(lm.conversation(system="Be short.").say("hi", max_new_tokens=2), str)
+    with pytest.raises(DataError) as e:
+        lm.chat([{"role": "system", "content": "a"}, {"role": "system", "content": "b"}] + QUESTION,
+                max_new_tokens=2)
+    assert "takes no system message" not in str(e.value) and "roles must alternate" in str(e.value), str(e.value)

@@ -299,12 +299,13 @@ def test_template_mismatches_of_a_folder(folder, tmp_path, monkeypatch):
 def test_raw_blocks_are_not_laid_out():
     """{% raw %} ... {% endraw %} is text jinja2 leaves as written (even the newline right after {% raw %}):
     hf_layout lays out around it as around a tag and leaves its inside alone (a blank line inside it became the
-    text "{{ '\\n' }}"); idempotent."""
+    text "{{ '\\n' }}") but for lstrip_blocks before {% endraw %}; idempotent."""
     import jinja2
 
     hf, plain = jinja2.Environment(trim_blocks=True, lstrip_blocks=True), jinja2.Environment()
     for tpl in ("{% raw %}\n\n{{ x }}{% endraw %}\nA", "B\n  {% raw %}\nC{% endraw %}\n\nD",
-                "{%- raw -%}\n X \n{%- endraw %}\nE", "{% if 1 %}\n\n{% raw %}{% if %}{% endraw %}\n{% endif %}"):
+                "{%- raw -%}\n X \n{%- endraw %}\nE", "{% if 1 %}\n\n{% raw %}{% if %}{% endraw %}\n{% endif %}",
+                "{% raw %}A\n    {% endraw %}\nb", "{% raw %}A\n  x {% endraw %}\nb", "{% raw %}  {% endraw %}b"):
         once = hf_layout(tpl)
         assert plain.from_string(once).render() == hf.from_string(tpl).render(), tpl
         assert hf_layout(once) == once

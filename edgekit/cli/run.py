@@ -56,6 +56,8 @@ def _refuse_context_for_others(context, paths) -> None:
     from edgekit.runtime.llm import GENAI_CONFIG, KIND, MANIFEST
 
     def is_llm(p: Path) -> bool:
+        if not p.exists():
+            return True   # its load names the missing path
         if (p / MANIFEST).is_file():
             try:
                 return json.loads((p / MANIFEST).read_text(encoding="utf-8")).get("kind") == KIND

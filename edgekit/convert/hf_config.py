@@ -76,3 +76,16 @@ def hub_snapshot(model):
     said = f"refs/main names {main}, which snapshots/ does not hold" if main else "no refs/main says which snapshot"
     raise SourceModelError(f"a Hugging Face cache repository: {said}", path=str(model),
                            hint=f"give {snaps}/REV, REV one of: " + ", ".join(revs))
+
+
+def hub_name(model) -> str:
+    """The name a bundle takes from its source folder: the folder's, or for a Hugging Face cache snapshot
+    or repository folder its repository's (…/models--Qwen--Qwen2.5-0.5B-Instruct/snapshots/7ae5576… and
+    …/models--Qwen--Qwen2.5-0.5B-Instruct -> Qwen2.5-0.5B-Instruct), not its revision."""
+    p = Path(model).resolve()
+    repo = p.parent.parent.name
+    if p.parent.name == "snapshots" and repo.startswith("models--") and repo.split("--")[-1]:
+        return repo.split("--")[-1]
+    if p.name.startswith("models--") and p.name.split("--")[-1]:
+        return p.name.split("--")[-1]
+    return p.name

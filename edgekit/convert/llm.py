@@ -229,7 +229,10 @@ def effective_tie(path: os.PathLike, config: Dict[str, Any]) -> bool:
     except CONFIG_BAD_VALUE as e:   # a value its configuration class trips over: the config is wrong, said in a line
         from edgekit.convert.llm_fidelity import load_error
 
-        raise load_error(Path(path), "config.json", e) from None
+        raise load_error(Path(path), "config.json", e,
+                         hint="a value in config.json its configuration class cannot use (a zero or a string where "
+                              "a number belongs, a rope_scaling without its factors): fix config.json; --debug "
+                              "shows the traceback") from None
     finally:
         hf_logging.set_verbosity(level)
     value = getattr(cfg, "tie_word_embeddings", None)
@@ -487,16 +490,11 @@ def source_files(p: Path, config: Optional[Dict[str, Any]] = None) -> List[Path]
 
 
 def source_name(model: str) -> str:
-    """The name a bundle takes from its source folder: the folder's, or a Hugging Face cache snapshot's repository
-    name (…/models--Qwen--Qwen2.5-0.5B-Instruct/snapshots/7ae5576… -> Qwen2.5-0.5B-Instruct), not its revision; the
-    same for the repository folder itself."""
-    p = Path(model).resolve()
-    repo = p.parent.parent.name
-    if p.parent.name == "snapshots" and repo.startswith("models--") and repo.split("--")[-1]:
-        return repo.split("--")[-1]
-    if p.name.startswith("models--") and p.name.split("--")[-1]:   # the repository folder (read_source's snapshot)
-        return p.name.split("--")[-1]
-    return p.name
+    """The name a bundle takes from its source folder (hf_config.hub_name: a hub cache snapshot's or repository
+    folder's repository name, not its revision)."""
+    from edgekit.convert.hf_config import hub_name
+
+    return hub_name(model)
 
 
 # --- builds -------------------------------------------------------------------------------------------------------

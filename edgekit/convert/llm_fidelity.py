@@ -97,14 +97,15 @@ class EvalText:
         return int(sum(len(w) - s for w, s in zip(self.windows, self.starts)))
 
 
-def load_error(folder: Path, what: str, e: BaseException) -> SourceModelError:
+def load_error(folder: Path, what: str, e: BaseException, hint: Optional[str] = None) -> SourceModelError:
     """transformers failing to read a folder read_source took (weights cut short or corrupt, a quantization_config
     whose library is missing, a class it cannot build): one line naming the folder and the cause's first line."""
     first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
     return SourceModelError(f"transformers cannot load the {what}: {type(e).__name__}" + (f": {first[:300]}"
                                                                                          if first else ""),
                             path=str(folder),
-                            hint="a machine with more memory, or close other programs" if isinstance(e, MemoryError)
+                            hint=hint if hint else
+                            "a machine with more memory, or close other programs" if isinstance(e, MemoryError)
                             else "check the files are complete (an interrupted download or a Git LFS pointer: "
                                  "fetch them again) and that any library its config.json's quantization_config "
                                  "names is installed; --debug shows the traceback")

@@ -162,8 +162,11 @@ class ConvertRecipe:
     @property
     def bundle_name(self) -> str:
         from edgekit.bundle import check_name
+        from edgekit.convert.hf_config import hub_name
 
         p = Path(self.model)
+        if p.is_dir() and hub_name(p) != p.resolve().name:   # a hub cache download: its repository's name
+            return self.name or check_name(hub_name(p))
         return self.name or check_name(p.stem or p.name)
 
     def replace(self, **changes) -> "ConvertRecipe":

@@ -375,19 +375,21 @@ class Tokenizer:
                                                add_generation_prompt=add_generation_prompt)
         except RuntimeError as e:
             why = str(e).splitlines()[0] if str(e) else type(e).__name__
-        rest = [m for m in msgs if m["role"] != "system"]
-        if rest != msgs and rest:   # a template that refuses a system message (Gemma 2's raise_exception)
-            try:
-                self.og.apply_chat_template(json.dumps(rest), template_str=self.template,
-                                            add_generation_prompt=add_generation_prompt)
-            except RuntimeError:
-                pass
-            else:
-                raise DataError(f"this model's chat template takes no system message ({why})",
-                                hint="leave out the system message, or put its instructions in the first user "
-                                     "message")
+        system = next((m for m in msgs if m["role"] == "system"), None)
+        if system is not None and not self._renders([system, _HELLO]) and self._renders([_HELLO]):
+            # a template that refuses any system message (Gemma 2's raise_exception), not one that takes it only
+            # first (Mistral's, Llama 2's: a second or a later one fails their alternation check)
+            raise DataError(f"this model's chat template takes no system message ({why})",
+                            hint="leave out the system message, or put its instructions in the first user message")
         raise DataError(f"the chat template cannot render these messages ({why})",
                         hint="messages are [{'role': 'system'|'user'|'assistant', 'content': '...'}]")
+
+    def _renders(self, messages: List[Dict[str, str]]) -> bool:
+        try:
+            self.og.apply_chat_template(json.dumps(messages), template_str=self.template, add_generation_prompt=True)
+        except RuntimeError:
+            return False
+        return True
 
     def chat_ids(self, messages: Sequence[Message]) -> List[int]:
         """The chat template applied to `messages` (with the assistant's generation prompt) and tokenized."""
@@ -397,6 +399,9 @@ class Tokenizer:
         """A streaming detokenizer: .decode(token_id) -> the text that token completes ('' mid-character, and for
         a special token); the pieces of a sequence join to decode(sequence)."""
         return self.rules.stream(self.og.create_stream())
+
+
+_HELLO = {"role": "user", "content": "hello"}   # a first user turn every chat template takes
 
 
 def _check_messages(messages: Sequence[Message]) -> List[Dict[str, str]]:
@@ -770,8 +775,7 @@ class Conversation:
         self._defaults = dict(options)
         _Options(**{k: v for k, v in options.items() if k != "stream"})    # check them now
         if system:   # a template that takes no system message says so now, not at every turn
-            lm.tokenizer.apply_chat_template([{"role": "system", "content": system},
-                                              {"role": "user", "content": "hello"}])
+            lm.tokenizer.apply_chat_template([{"role": "system", "content": system}, _HELLO])
         self.reset()
 
     def reset(self) -> None:
@@ -832,7 +836,8 @@ class Conversation:
             self._search = search
         max_new = min(opts.max_new_tokens, lm.context - int(gen.token_count()) - len(new_ids))
         if max_new < 1:   # (the generator may have been rewound for this turn: the next one starts afresh)
-            raise DataError(f"the message does not fit the context ({lm.context} tokens)", hint="shorten it")
+            raise DataError(f"the message does not fit: {lm.context_words()}",
+                            hint="shorten it" + lm.context_room(", or "))
 
         def on_end(s: Dict[str, Any]) -> None:    # the turn enters the history when its reply ends, however
             kept = gen if s.get("prompt_tokens") is not None else None   # else stopped before the prefill ran

@@ -97,8 +97,22 @@ def hf_layout(template: str) -> str:
             text = "{{ '\\n' }}" + text[text.index("\n") + 1:]
         out.append(text)
         if after is not None:
-            out.append(after)
+            out.append(_raw_lstrip(after))
     return "".join(out)
+
+
+_RAW_END = re.compile(r"\{%[-+]?\s*endraw\s*[-+]?%\}$")
+
+
+def _raw_lstrip(tag: str) -> str:
+    """A {% raw %} block as jinja2's lstrip_blocks leaves it: the spaces and tabs between a line's start and its
+    {% endraw %} go (not before `{%+` / `{%-`); any other tag as it is."""
+    m = _RAW_END.search(tag)
+    if not m or not _TAG.fullmatch(tag) or tag.startswith(("{{", "{#")) or m.group(0).startswith(("{%+", "{%-")):
+        return tag
+    body = tag[:m.start()]
+    line = body[body.rfind("\n") + 1:]
+    return body[:len(body) - len(line)] + m.group(0) if "\n" in body and line and not line.strip(" \t") else tag
 
 
 _TOKEN = re.compile(r"""\s+|'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|[A-Za-z_][A-Za-z0-9_]*|\d[\w.]*"""
