@@ -237,7 +237,8 @@ def test_adaptation_applied_twice_is_applied_once(folder, tmp_path):
 # Llama 3.1 / 3.2's head: a blank line after a block, then a comment that strips the whitespace before it
 LLAMA3_HEAD = ("{{- bos_token }}\n{%- if not tools is defined %}\n    {%- set tools = none %}\n{%- endif %}\n\n"
                "{#- This block extracts the system message, so we can slot it into the right place. #}\n"
-               "{%- if messages[0]['role'] == 'system' %}\n    {%- set system_message = messages[0]['content']|trim %}\n"
+               "{%- if messages[0]['role'] == 'system' %}\n"
+               "    {%- set system_message = messages[0]['content']|trim %}\n"
                "{%- else %}\n    {%- set system_message = \"\" %}\n{%- endif %}\n\n{#- System message #}\n"
                "{{- \"<|start_header_id|>system<|end_header_id|>\\n\\n\" }}{{- system_message }}\n"
                "{% if true %}{% endif %}\n\n{{- 'Z' }}\n\n\n{%- for m in messages %}{{ m.content }}{% endfor %}")

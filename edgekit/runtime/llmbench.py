@@ -226,8 +226,8 @@ def llm_bench_table(reports: List[Dict[str, Any]], label: str = "model") -> str:
     for r in reports:
         v, pr = r.get("load_verify_ms") or 0, r.get("load_probe_ms") or 0
         if v + pr >= 1:
-            notes.append(f"{r.get('bundle') or r['model']}: load {r['load_ms']:.0f} ms, of which {v:.0f} ms checking the "
-                         f"files against the manifest and {pr:.0f} ms choosing the thread count")
+            notes.append(f"{r.get('bundle') or r['model']}: load {r['load_ms']:.0f} ms, of which {v:.0f} ms "
+                         f"checking the files against the manifest and {pr:.0f} ms choosing the thread count")
     if reports:
         c = reports[0]["conditions"]
         notes.append(f"conditions: {c['cpu_model']} ({c['machine']}, {c['cpu_count']} cores), governor "
