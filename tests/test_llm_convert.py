@@ -387,8 +387,9 @@ def test_int8_costs_are_what_the_build_writes(tiny120, tmp_path, kind):
     builder's 4-bit rows still hold an even number of blocks of 32): the builder's k_quant at block 32; k_quant at
     128 (120 is one block of 128: edgekit packs it, the builder writes 32); a calibrated build at block 64 (its
     8-bit nodes keep the builder's block 32, not 64); a CUDA build (scales fp16 in the graph, zero points kept).
-    The initializers grow by exactly the prediction. The files move by that, plus the data file's alignment padding (half_scales aligns each initializer to 64 B; the CUDA
-    builder's file is unpadded) and model.onnx's own bytes (initializer entries, names)."""
+    The initializers grow by exactly the prediction. The files move by that, plus the data file's alignment
+    padding (half_scales aligns each initializer to 64 B; the CUDA builder's file is unpadded) and model.onnx's
+    own bytes (initializer entries, names)."""
     import onnx
 
     from edgekit.convert.llm import LLMBuildOptions, decoder_matmuls, int8_costs, read_source, run_builder, \
