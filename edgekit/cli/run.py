@@ -47,27 +47,26 @@ def _set_context(m, context, path) -> None:
 
 
 def _refuse_context_for_others(context, paths) -> None:
-    """--context with several models: every one a language model (an LLM bundle or an ONNX Runtime GenAI folder),
-    said before any is loaded or benchmarked."""
+    """--context with several models: every one a language model (runtime.llm.is_llm: an LLM bundle or an ONNX
+    Runtime GenAI folder), said before any is loaded or benchmarked. A missing path, or a manifest that cannot be
+    read, is left to the load, which names what is wrong with it."""
     if context is None:
         return
     from pathlib import Path
 
-    from edgekit.runtime.llm import GENAI_CONFIG, KIND, MANIFEST
-
-    def is_llm(p: Path) -> bool:
-        if not p.exists():
-            return True   # its load names the missing path
-        if (p / MANIFEST).is_file():
-            try:
-                return json.loads((p / MANIFEST).read_text(encoding="utf-8")).get("kind") == KIND
-            except (OSError, ValueError, AttributeError):
-                return True   # unreadable: its load says what is wrong with it
-        return (p / GENAI_CONFIG).is_file()
+    from edgekit.runtime.llm import MANIFEST, is_llm
 
     for path in paths:
-        if not is_llm(Path(path)):
-            raise click.UsageError(f"--context is for language models; {path} is not one")
+        p = Path(path)
+        if not p.exists() or is_llm(p):
+            continue
+        if (p / MANIFEST).is_file():
+            try:
+                if not isinstance(json.loads((p / MANIFEST).read_text(encoding="utf-8")), dict):
+                    continue
+            except (OSError, ValueError, UnicodeDecodeError):
+                continue
+        raise click.UsageError(f"--context is for language models; {path} is not one")
 
 
 def _gen(lm, max_new_tokens, temperature, top_p, top_k, seed, stop, repetition_penalty):

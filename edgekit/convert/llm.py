@@ -407,9 +407,7 @@ def _check_tokenizer_source(p: Path) -> None:
 def read_source(path: str) -> LMSource:
     """Check a Hugging Face causal-LM folder before any work: config, architecture, weights. A hub cache
     repository folder (models--ORG--NAME) is read at its refs/main snapshot (hf_config.hub_snapshot)."""
-    from edgekit.convert.hf_config import hub_snapshot
-
-    p = Path(hub_snapshot(path))
+    p = Path(hf_config.hub_snapshot(path))
     if p.suffix.lower() == ".gguf":
         raise SourceModelError("a GGUF file, llama.cpp's format, not a Hugging Face folder", path=str(p),
                                hint="convert the Hugging Face folder it came from")
@@ -489,14 +487,6 @@ def source_files(p: Path, config: Optional[Dict[str, Any]] = None) -> List[Path]
     return sorted(own | {f for f in read if f.is_file()})
 
 
-def source_name(model: str) -> str:
-    """The name a bundle takes from its source folder (hf_config.hub_name: a hub cache snapshot's or repository
-    folder's repository name, not its revision)."""
-    from edgekit.convert.hf_config import hub_name
-
-    return hub_name(model)
-
-
 # --- builds -------------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -567,8 +557,8 @@ class LLMBuildOptions:
         if not (calibrated(self.algo) and self.precision == "int4" or src is not None and self.edgekit_packs(src)):
             return self.block_size
         b = min(self.block_size, 32)
-        if src is not None and kquant_odd_blocks(src, b):
-            b = next((x for x in (16,) if x < b and not kquant_odd_blocks(src, x)), b)
+        if src is not None and b > 16 and kquant_odd_blocks(src, b) and not kquant_odd_blocks(src, 16):
+            b = 16
         return b
 
     def edgekit_packs(self, src: "LMSource") -> bool:
@@ -969,7 +959,7 @@ class LLMRecipe:
 
     @property
     def bundle_name(self) -> str:
-        return check_name(self.name or source_name(self.model))
+        return check_name(self.name or hf_config.hub_name(self.model))
 
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
