@@ -195,7 +195,8 @@ def _sub_model_run(full, node, feeds: dict):
 
 def test_int8_nodes_symmetric_in_builds(tied_lm, tmp_path):
     """The builder's 8-bit MatMulNBits rewritten symmetric (LLMBuildOptions.int8_symmetric, the default) in an
-    INT4 build of the tied tiny Llama (the lm_head and one measured decoder MatMul at INT8: block 64) and in
+    INT4 build of the tied tiny Llama (the lm_head at INT8, block 128 as its hidden 128 allows:
+    LLMBuildOptions.int8_head_blocks; one measured decoder MatMul at INT8: block 64) and in
     its INT8 build (every MatMul, at the build's block 32): no zero points; the tied embedding's
     GatherBlockQuantized reads the lm_head's new table (aliased, no Reshape); the lm_head and the embedding
     compute numpy's dequantization of the float weight's absmax rounding; the bytes shrink as the layout says;
@@ -240,11 +241,13 @@ def test_int8_nodes_symmetric_in_builds(tied_lm, tmp_path):
             if not sym:
                 assert all(len(n.input) == 4 for n in n8 + [gbq]) and "8-bit MatMulNBits symmetric" not in log
                 continue
-            block = 64 if prec == "int4" else 32
+            block = 128 if prec == "int4" else 32     # the lm_head's (and the tied embedding's)
             assert "8-bit MatMulNBits symmetric" in log
-            assert all(len(n.input) == 3 and g._attr(n, "block_size") == block for n in n8 + [gbq])
-            assert summary[prec, sym]["symmetric"] == len(n8) and summary[prec, sym]["blocks"] == {str(block): len(n8)}
             head = next(n for n in n8 if n.name.startswith("/lm_head/"))
+            assert all(len(n.input) == 3 and g._attr(n, "block_size") == (block if n in (head, gbq) else 64 if
+                                                                          prec == "int4" else 32) for n in n8 + [gbq])
+            assert summary[prec, sym]["symmetric"] == len(n8) and summary[prec, sym]["blocks"] == (
+                {"128": 1, "64": 1} if prec == "int4" else {"32": len(n8)})
             inits = {t.name: t for t in full.graph.initializer}
             W = g.unpack_nbits(*[numpy_helper.to_array(inits[x]) for x in head.input[1:]], None, K, V, 8, block)
             scale = numpy_helper.to_array(inits[head.input[2]]).reshape(V, K // block)
@@ -256,17 +259,20 @@ def test_int8_nodes_symmetric_in_builds(tied_lm, tmp_path):
             np.testing.assert_array_equal(_sub_model_run(full, gbq, {gbq.input[1]: ids}), W[ids])
             lm = load_llm(out, threads=1, verify=False)
             assert lm.generate("the robot", max_new_tokens=8).strip()
-    # the lm_head (V x K) and o_proj (K x K): a zero point per block of 32 and every other scale gone (INT4
-    # build), a zero point per block of 32 everywhere (INT8)
-    assert sizes["int4", False] - sizes["int4", True] == (V + K) * (K // 32 * 5 - K // 64 * 4)
-    assert summary["int4", False]["bits_per_weight"] == 9.25 and summary["int4", True]["bits_per_weight"] == 8.5
+    # the lm_head (V x K) and o_proj (K x K): a zero point per block of 32 and three of four scales (lm_head,
+    # block 128) or every other one (o_proj, 64) gone (INT4 build), a zero point per block of 32 everywhere (INT8)
+    assert sizes["int4", False] - sizes["int4", True] == (V * (K // 32 * 5 - K // 128 * 4)
+                                                          + K * (K // 32 * 5 - K // 64 * 4))
+    assert summary["int4", False]["bits_per_weight"] == 9.25
+    assert summary["int4", True]["bits_per_weight"] == round(8 * (1 + (V * K / 32 + K * K / 16) / (V * K + K * K)), 3)
     assert summary["int8", True]["bits_per_weight"] == 9.0
     assert sizes["int8", False] - sizes["int8", True] == sum(
         g._attr(n, "N") * g._attr(n, "K") // 32 for n in onnx.load(
             str(tmp_path / "int8-True-False" / "model.onnx"), load_external_data=False).graph.node
         if n.op_type == "MatMulNBits")
-    # fp16 scales: 2 bytes of every scale gone (the 8-bit nodes: 8.25 bits a weight at 64, 8.5 at 32)
-    assert summary["int4", "half"]["bits_per_weight"] == 8.25 and summary["int8", "half"]["bits_per_weight"] == 8.5
+    # fp16 scales: 2 bytes of every scale gone (the 8-bit nodes: 8.125 bits a weight at 128, 8.25 at 64, 8.5 at 32)
+    assert summary["int4", "half"]["bits_per_weight"] == round(8 * (1 + (V * K / 64 + K * K / 32) / (V * K + K * K)), 3)
+    assert summary["int8", "half"]["bits_per_weight"] == 8.5
     assert sizes["int8", True] - sizes["int8", "half"] == sum(
         g._attr(n, "N") * ((g._attr(n, "K") + 31) // 32) * 2 for n in onnx.load(
             str(tmp_path / "int8-True-True" / "model.onnx"), load_external_data=False).graph.node
@@ -291,7 +297,7 @@ def _check_half(out, prec, K, V, w_head, log):
     users = [n for n in full.graph.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized")]
     assert users and all(inits[cast[n.input[2]]].data_type == TensorProto.FLOAT16 for n in users)
     assert "scales fp16 in the file" in log
-    block = 64 if prec == "int4" else 32
+    block = 128 if prec == "int4" else 32     # LLMBuildOptions.int8_head_blocks: K = 128
     head = next(n for n in users if n.name.startswith("/lm_head/"))
     s16 = numpy_helper.to_array(inits[cast[head.input[2]]]).reshape(V, K // block)
     want = (np.abs(w_head).reshape(V, K // block, block).max(-1) / 127).astype(np.float16)
@@ -373,11 +379,14 @@ def test_calibrated_build_of_the_tiny_decoder(tiny_lm, tmp_path):
         assert rec["algo"] == algo and rec["block_size"] == block and rec["nodes"] == 20 and not rec["skipped"]
         assert rec["awq"]["groups"] == 4 * 3 and rec["calibration_tokens"] >= 1024
         assert {g._attr(n, "block_size") for n in dec if g._attr(n, "bits") == 4} == {block}
-        # the 8-bit nodes (the lm_head; at 128 one down_proj) symmetric at block 64, no zero points
+        # the 8-bit nodes (the lm_head; at 128 one down_proj) symmetric, no zero points: the down_proj at block 64,
+        # the lm_head at 128 (its K, the hidden 128, allows it: LLMBuildOptions.int8_head_blocks)
         n8 = [n for n in m.graph.node if n.op_type == "MatMulNBits" and g._attr(n, "bits") == 8]
         assert [n.name.split("/")[1] for n in n8] == (["model", "lm_head"] if block == 128 else ["lm_head"])
-        assert all(len(n.input) == 3 and g._attr(n, "block_size") == 64 for n in n8)
-        assert rec["int8"] == {"nodes": len(n8), "blocks": {"64": len(n8)}, "kept": []}
+        assert all(len(n.input) == 3 and g._attr(n, "block_size") == (128 if n.name.startswith("/lm_head/") else 64)
+                   for n in n8)
+        assert rec["int8"] == {"nodes": len(n8), "blocks": {"64": 1, "128": 1} if block == 128 else {"128": 1},
+                               "kept": []}
         if block == 32:
             from edgekit.runtime.llm import load_llm
 

@@ -288,8 +288,11 @@ def test_llm_recipe_column_shows_what_applies_to_the_precision(tmp_path):
     for key in ("tiny-x86-avx2-fp32", "tiny-jetson-fp16"):
         row = _row(html, key)
         assert "block" not in row and "accuracy_level" not in row and "k_quant" not in row and "lm_head" not in row
-    assert ("block 32, accuracy_level 4, k_quant, lm_head int8, 2 measured MatMuls int8, int8 symmetric block 64, "
-            "fp16 scales") in _row(html, "tiny-rpi5-int4")
+    assert ("block 32, accuracy_level 4, k_quant, lm_head int8, 2 measured MatMuls int8, int8 symmetric block 64 "
+            "(lm_head 128 where its K allows), fp16 scales") in _row(html, "tiny-rpi5-int4")
+    # with the manifest's 8-bit nodes, the blocks they were written at
+    assert "int8 symmetric block 128/64, fp16" in llm_recipe(dataclasses.asdict(LLMBuildOptions("int4")),
+                                                              {"64": 3, "128": 1})
     row = _row(html, "tiny-rpi4-int8")
     assert "block 64, accuracy_level 4, k_quant, 1 measured MatMuls fp32, int8 symmetric, fp16 scales" in row
     assert "lm_head" not in row

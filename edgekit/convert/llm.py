@@ -523,15 +523,29 @@ class LLMBuildOptions:
         """Blocks of the symmetric 8-bit MatMulNBits (llm_gptq.symmetric_int8: the first dividing K, else the
         node's own), () when the builder's asymmetric ones stay. An INT4 build's few 8-bit nodes (lm_head,
         measured MatMuls) at 64: SmolLM2-135M's ladder build 120.5 -> 115.3 MB, decode 81 -> 86 tok/s at 1
-        thread, KL +1% on the benchmark text (+6% on other prose); 128 where K allows saved 0.2 MB more at the
-        same speed, and an 8-bit block of 128 gives a row other last bits at M = 1 than in a batch (MLAS), which
-        the pruned lm_head's bit-identical last row (llm_graph) would lose. An INT8 build keeps its block (only
-        the zero points go: 170.6 -> 166.5 MB, same KL and speed): at accuracy level 4 the block is also the
+        thread, KL +1% on the benchmark text (+6% on other prose); the decoder nodes at 128 where K allows saved
+        0.2 MB more at the same speed; the lm_head has its own blocks (int8_head_blocks). An INT8 build keeps its
+        block (only the zero points go: 170.6 -> 166.5 MB, same KL and speed): at accuracy level 4 the block is also the
         int8 activations', and at 64 / 128 INT8's KL doubled (0.0032 -> 0.0066). CPU builds only: the figures
         above are MLAS's (llm_gptq.symmetric_int8 would write a CUDA build's fp16 scales; no GPU measured it)."""
         if not (self.int8_symmetric and self.quantized and self.execution_provider == "cpu"):
             return ()
         return (64,) if self.precision == "int4" else (self.block_size,)
+
+    def int8_head_blocks(self) -> Tuple[int, ...]:
+        """Blocks of an INT4 build's 8-bit lm_head (the first dividing K, else int8_blocks'): 128, then 64. The
+        lm_head is the largest matrix a token reads (Gemma 3 270M's 262,144 x 640 is 62% of its weights), and MLAS's
+        8-bit M = 1 kernel runs it much faster at 128 (1 thread, EPYC: 262,144 x 640 13.3 -> 7.6 ms, Qwen2.5-0.5B's
+        151,936 x 896 8.6 -> 7.8 ms; Qwen2.5-0.5B's shapes decoded 36.3 -> 38.4 tok/s, 6 rounds alternating) with
+        fewer scales; its own cost, measured alone on 750 held-out tokens against the float lm_head: Gemma 3 270M's
+        KL 0.0009 -> 0.0016, perplexity +0.04% -> +0.13% (an INT4 build's KL is ~0.07). Where 128 does not divide K
+        (SmolLM2's 576) it stays 64: padded to 128 it was 10% faster alone but 9% larger, KL 0.0021 -> 0.0035. The
+        last position's logits are then not bit-identical between one row and a batch (MLAS sums a 128-block's
+        halves in another order at M = 1; a few 1e-6), which the 4-bit nodes above block 32 already are not. INT8
+        builds keep their block for the lm_head too (it holds their KL near 0.003)."""
+        if self.precision != "int4" or not self.int8_blocks():
+            return ()
+        return (128,) + self.int8_blocks()
 
     def fp16_scales(self) -> bool:
         """Whether the build's MatMulNBits / GatherBlockQuantized scales are stored fp16 behind a Cast that ONNX
@@ -602,7 +616,8 @@ class LLMBuildOptions:
         if self.head_block and calibrated(self.algo) and self.precision == "int4":
             s += f", lm_head block {self.head_block}"
         if self.int8_blocks():
-            s += ", int8 symmetric" + (f" block {'/'.join(map(str, self.int8_blocks()))}"
+            s += ", int8 symmetric" + (f" block {'/'.join(map(str, self.int8_blocks()))} (lm_head "
+                                       f"{self.int8_head_blocks()[0]} where its K allows)"
                                        if self.precision == "int4" else "")
         if self.fp16_scales():
             s += ", fp16 scales"
@@ -790,7 +805,8 @@ def run_builder(src: LMSource, opts: LLMBuildOptions, out_dir: Path, cache: Path
         algo = opts.algo if calibrated(opts.algo) else llm_gptq.OWN_KQUANT
         cal = llm_gptq.apply(src.path, out_dir, algo, opts.block_size,
                              head_block=opts.head_block if calibrated(opts.algo) else 0,
-                             int8_blocks=opts.int8_blocks(), half=opts.fp16_scales())
+                             int8_blocks=opts.int8_blocks(), half=opts.fp16_scales(),
+                             head_blocks=opts.int8_head_blocks())
         buf.write(f"\n{'calibrated ' if calibrated(algo) else ''}rounding ({algo}, block {opts.block_size}, "
                   f"the builder's at {opts.builder_block(src)}): {cal['nodes']} MatMuls rewritten in "
                   f"{cal['seconds']} s, {cal['calibration']}\n")
@@ -798,7 +814,7 @@ def run_builder(src: LMSource, opts: LLMBuildOptions, out_dir: Path, cache: Path
     elif opts.int8_blocks():   # the 8-bit MatMulNBits symmetric, no zero points
         sym = llm_gptq.rewrite_int8(src.path, out_dir, opts.int8_blocks(),
                                     model_fn=(lambda: float_model.model) if float_model is not None else None,
-                                    half=opts.fp16_scales())
+                                    half=opts.fp16_scales(), head_blocks=opts.int8_head_blocks())
     else:
         sym = None
     if sym:

@@ -664,7 +664,8 @@ def _norm_weights(model) -> Dict[Tuple[int, str], str]:
 
 
 def apply(src_path, model_dir, algo: str, block: int, cal_tokens: int = CAL_TOKENS, threads: Optional[int] = None,
-          progress=None, head_block: int = 0, int8_blocks: Sequence[int] = (), half: bool = False) -> Dict[str, Any]:
+          progress=None, head_block: int = 0, int8_blocks: Sequence[int] = (), half: bool = False,
+          head_blocks: Sequence[int] = ()) -> Dict[str, Any]:
     """Rewrite the builder's decoder MatMuls in model_dir/model.onnx (+ .data) with `algo`'s rounding at `block`:
     4-bit nodes calibrated (AWQ scales and/or GPTQ; algo OWN_KQUANT: no calibration, k-quant's own rounding at a
     block ORT's quantizer cannot pack), 8-bit nodes rounded by k-quant from the same (scaled)
@@ -672,8 +673,9 @@ def apply(src_path, model_dir, algo: str, block: int, cal_tokens: int = CAL_TOKE
     lm_head and the embedding are left as the builder wrote them, unless head_block: an 8-bit lm_head (and the
     tied embedding reading its bytes) re-rounded by k-quant at that block size (fewer scales: SmolLM2's 49152 x
     576 table is 2.2 MB smaller at 64 than at 32). int8_blocks: the 8-bit nodes (and an 8-bit lm_head that
-    head_block does not name) rounded symmetric instead (symmetric_int8; from the scaled weights; the layers
-    after them were calibrated on their k-quant rounding, an 8-bit difference), on fp16 scales with half.
+    head_block does not name, at the first of head_blocks dividing K where given) rounded symmetric instead
+    (symmetric_int8; from the scaled weights; the layers after them were calibrated on their k-quant rounding, an
+    8-bit difference), on fp16 scales with half.
     Returns the record (also written to RECORD)."""
     import json
     import time
@@ -816,7 +818,7 @@ def apply(src_path, model_dir, algo: str, block: int, cal_tokens: int = CAL_TOKE
                 return torch.cat([w8[path_of[id(m)]] for m in mods8[node.name]])
             return head_w.data if head_w is not None and node.name.startswith("/lm_head/") else None
 
-        record["int8"] = symmetric_int8(full, weight_of, int8_blocks, drop, add, half)
+        record["int8"] = symmetric_int8(full, weight_of, int8_blocks, drop, add, half, head_blocks)
         left = sorted(set(mods8) & set(record["int8"]["kept"]))
         if left:   # their builder bytes were rounded from the weights before AWQ's scaling: wrong, not just wider
             raise RuntimeError(f"calibrated build: 8-bit MatMuls not re-rounded after scaling: {left}")
@@ -899,12 +901,12 @@ def symmetric_block(K: int, blocks: Sequence[int], own: int) -> int:
 
 
 def symmetric_int8(full, weight_of: Callable[[Any], Any], blocks: Sequence[int], drop: set, add: list,
-                   half: bool = False) -> Dict[str, Any]:
+                   half: bool = False, head_blocks: Sequence[int] = ()) -> Dict[str, Any]:
     """Every 8-bit MatMulNBits of `full` whose float weight weight_of(node) gives ([N, K], torch) re-rounded
-    symmetric at the first of `blocks` dividing K (else at its own block), its readers pointed at the new
-    initializers (replace_nbits); half: on fp16 scales (the file will hold them fp16: llm_graph.half_scales), as a
-    node whose scales are fp16 already (a CUDA build's) is. Returns {"nodes", "blocks": {block: count}, "kept":
-    names left as they were}."""
+    symmetric at the first of `blocks` dividing K (else at its own block; the lm_head at the first of
+    `head_blocks` dividing K where given), its readers pointed at the new initializers (replace_nbits); half: on
+    fp16 scales (the file will hold them fp16: llm_graph.half_scales), as a node whose scales are fp16 already (a
+    CUDA build's) is. Returns {"nodes", "blocks": {block: count}, "kept": names left as they were}."""
     from onnx import TensorProto
 
     done: Dict[str, int] = {}
@@ -923,7 +925,8 @@ def symmetric_int8(full, weight_of: Callable[[Any], Any], blocks: Sequence[int],
         if w is None or tuple(w.shape) != (N, K):
             kept.append(n.name)
             continue
-        b = symmetric_block(K, blocks, _attr(n, "block_size"))
+        b = symmetric_block(K, head_blocks if head_blocks and n.name.startswith("/lm_head/") else (),
+                            symmetric_block(K, blocks, _attr(n, "block_size")))
         q, sc, _ = quantize_rtn(w, b, 8, "symmetric", half or st == TensorProto.FLOAT16)
         replace_nbits(full, n, q.numpy(), sc.numpy(), None, b, drop, add)
         done[str(b)] = done.get(str(b), 0) + 1
@@ -931,14 +934,15 @@ def symmetric_int8(full, weight_of: Callable[[Any], Any], blocks: Sequence[int],
 
 
 def rewrite_int8(src_path, model_dir, blocks: Sequence[int], threads: Optional[int] = None,
-                 model=None, half: bool = False, model_fn: Optional[Callable[[], Any]] = None) -> Dict[str, Any]:
+                 model=None, half: bool = False, model_fn: Optional[Callable[[], Any]] = None,
+                 head_blocks: Sequence[int] = ()) -> Dict[str, Any]:
     """A built model_dir's 8-bit MatMulNBits (lm_head, decoder nodes) re-rounded symmetric from the float model's
     weights (symmetric_int8); model.onnx + model.onnx.data rewritten when any was. A node whose weight the float
     model does not hold as one Linear or a packed q/k/v or gate/up (llm_sensitivity.matmul_modules; Phi-3's
     gate_proj / up_proj are the Linears llm_fidelity.split_gate_up makes of its gate_up_proj) is left as it is.
     model: the float torch model already loaded, or model_fn() giving it (the converter's FloatModel, which may
-    read it again), called only when there is an 8-bit node; else loaded from src_path. half: on fp16 scales
-    (symmetric_int8)."""
+    read it again), called only when there is an 8-bit node; else loaded from src_path. half: on fp16 scales,
+    head_blocks: the lm_head's blocks (symmetric_int8)."""
     import onnx
     import torch
 
@@ -969,7 +973,7 @@ def rewrite_int8(src_path, model_dir, blocks: Sequence[int], threads: Optional[i
     drop: set = set()
     add: list = []
     with torch.no_grad():
-        rec = symmetric_int8(full, weight_of, blocks, drop, add, half)
+        rec = symmetric_int8(full, weight_of, blocks, drop, add, half, head_blocks)
     if rec["nodes"]:
         _save(full, model_dir, drop, add)
     return rec

@@ -380,8 +380,10 @@ def embedding_summary(model_dir: os.PathLike) -> Optional[Dict[str, Any]]:
 #
 # The logits output declares [batch, 1, vocab], which ONNX Runtime GenAI allocates (as for the builder's own pruned
 # graphs). Each row's arithmetic is unchanged (the same MatMul on the same row): the last position's logits are
-# bit-identical, and so are the tokens. What needs every position (teacher-forced fidelity, the golden logits) is
-# measured on the graph before this rewrite, which the converter applies last, to the bundle it writes; a device
+# bit-identical where MLAS sums a row the same way at M = 1 as in a batch (8-bit blocks up to 64, 4-bit at 32),
+# else a few 1e-6 apart (an INT4 build's 8-bit lm_head at block 128: LLMBuildOptions.int8_head_blocks); the tokens
+# the same but at a near tie. What needs every position (teacher-forced fidelity, the golden logits) is measured on
+# the graph before this rewrite, which the converter applies last, to the bundle it writes; a device
 # teacher-forces a pruned bundle one token at a time (runtime.llm LanguageModel.logits).
 PRUNE_NOTE = "the lm_head computes the last position's logits only (prefill: one row, not one per prompt token)"
 _LAST = "/lm_head/last_position"

@@ -368,7 +368,9 @@ def _llm_info(record: Dict[str, Any], manifest: Dict[str, Any]) -> Dict[str, Any
     recipe.update({k: x for k, x in (record.get("recipe") or {}).items() if x is not None})
     return {"bytes_per_token": _first(record, "bytes_per_token") or ml.get("bytes_per_token"),
             "kv_bytes_per_token": ml.get("kv_bytes_per_token"), "context_default": ml.get("context_default"),
-            "fidelity": fid, "recipe": recipe}
+            "fidelity": fid, "recipe": recipe,
+            "int8_blocks": (ml.get("int8_nodes") or {}).get("blocks") if isinstance(ml.get("int8_nodes"), dict)
+            else None}
 
 
 def _is_llm_report(d: Any) -> bool:

@@ -506,12 +506,13 @@ def _ppl(f: Dict[str, Any]) -> str:
 CALIBRATED_ALGOS = ("awq", "gptq", "awq_gptq")   # convert.llm_gptq.ALGOS (not imported: the report is stdlib only)
 
 
-def llm_recipe(r: Dict[str, Any]) -> str:
+def llm_recipe(r: Dict[str, Any], int8_blocks: Optional[Dict[str, int]] = None) -> str:
     """What a language-model build did, from its recorded options (LLMBuildOptions' fields, as the manifest's and
     the convert record's `recipe` hold them): convert.llm.LLMBuildOptions.describe()'s words but the precision (its
     own column), so only what applies to the precision: an fp32 / fp16 build quantizes nothing (its block size,
     accuracy level, algo and lm_head fields are defaults the builder never used). A field an older manifest lacks
-    is left out, not assumed."""
+    is left out, not assumed. int8_blocks: the manifest's llm.int8_nodes blocks ({block: nodes}), the blocks an
+    INT4 build's 8-bit nodes were written at; without it, the rule describe() states."""
     if not r:
         return "–"
     precision, ep = r.get("precision"), r.get("execution_provider") or "cpu"
@@ -535,7 +536,9 @@ def llm_recipe(r: Dict[str, Any]) -> str:
         parts.append(f"lm_head block {r['head_block']}")
     cpu = ep == "cpu"
     if r.get("int8_symmetric") and cpu:        # LLMBuildOptions.int8_blocks
-        parts.append("int8 symmetric" + (" block 64" if int4 else ""))
+        blocks = sorted({int(k) for k in int8_blocks or {} if str(k).isdigit()}, reverse=True)
+        parts.append("int8 symmetric" + ((f" block {'/'.join(map(str, blocks))}" if blocks else
+                                          " block 64 (lm_head 128 where its K allows)") if int4 else ""))
     if r.get("half_scales") and cpu:           # LLMBuildOptions.fp16_scales
         parts.append("fp16 scales")
     return ", ".join(str(x) for x in parts if x) or "–"
@@ -553,7 +556,7 @@ def llm_summary(m: ModelInfo) -> str:
     rows, bad = [], []
     for i, b in enumerate(m.bundles):
         f, r = b.llm["fidelity"], b.llm["recipe"]
-        recipe = llm_recipe(dict(r, precision=r.get("precision") or b.precision) if r else r)
+        recipe = llm_recipe(dict(r, precision=r.get("precision") or b.precision) if r else r, b.llm.get("int8_blocks"))
         cells = [b.label, b.target, b.precision, recipe, _mib(b.bytes), _mib(b.llm.get("bytes_per_token")), _ppl(f),
                  _num(f.get("kl_mean"), "{:.3g}"), _pct(b.agreement), _budget(b)]
         for d in devices:
