@@ -177,6 +177,52 @@ def test_each_error_status_over_raw_http(server):
         _client(server).chat.completions.create(model=M, messages=[{"role": "user", "content": "lamp " * 2000}])
 
 
+def test_out_of_vocabulary_ids_and_a_tiny_temperature_fail_no_other_request(server, bundle):
+    """Token ids outside the vocabulary (>= its size, or beyond int64) are one 400 for their request, not a
+    failed prefill batch or an accepted garbage prompt; a temperature of 1e-310 samples the argmax instead of
+    ending the engine (every later request 503)."""
+    vocab = json.loads((bundle / "model" / "genai_config.json").read_text())["model"]["vocab_size"]
+    c = _client(server)
+    for bad in (vocab, 2 ** 63, 2 ** 70):
+        with pytest.raises(openai.BadRequestError, match="vocabulary") as e:
+            c.completions.create(model=M, prompt=[1, 2, bad], max_tokens=4)
+        assert e.value.status_code == 400 and e.value.code == "invalid_value"
+    ok = c.completions.create(model=M, prompt=[1, 2, vocab - 1], max_tokens=2, temperature=0)
+    assert ok.usage.completion_tokens == 2
+    greedy = c.completions.create(model=M, prompt="Count: one two", max_tokens=8, temperature=0)
+    tiny = c.completions.create(model=M, prompt="Count: one two", max_tokens=8, temperature=1e-310, seed=3)
+    assert tiny.choices[0].text == greedy.choices[0].text
+    assert _chat(c, QUESTIONS[0]).choices[0].finish_reason == "stop"   # the engine still generates
+
+
+def test_sample_subtracts_the_max_before_the_temperature():
+    import numpy as np
+
+    from edgekit.runtime.llm_batch import SamplingParams, _sample
+
+    x = np.random.default_rng(0).standard_normal(257).astype(np.float32) * 4
+    for t, k, p in ((1e-310, 0, 1.0), (1e-300, 5, 0.9), (5e-324, 0, 0.5)):
+        got = {_sample(x, SamplingParams(max_tokens=1, temperature=t, top_k=k, top_p=p), np.random.default_rng(s))
+               for s in range(5)}
+        assert got == {int(x.argmax())}
+
+
+def test_released_kv_row_reads_zeros():
+    """The KV buffers are shared anonymous memory: a released row's pages are freed (MADV_REMOVE), so the row
+    reads zeros; MADV_DONTNEED would leave the pages, and their data, in memory."""
+    import numpy as np
+
+    from edgekit.runtime.llm_batch import _KVBuffer
+
+    b = _KVBuffer(3, 2, 512, 8, np.float32)    # rows of 32 KiB: whole pages
+    try:
+        b.array[:] = 1.0
+        b.release_row(1)
+        assert not b.array[1].any() and b.array[0].all() and b.array[2].all()
+    finally:
+        b.close()
+
+
 # -- batching ------------------------------------------------------------------------------------------
 
 def test_eight_concurrent_streams_batch_and_equal_single_stream_greedy(server):
@@ -330,6 +376,155 @@ def test_hot_swap_under_chat_load_fails_no_request(bundle, tmp_path):
         _wait_for(lambda: srv.json("GET", "/v2/models/later/ready")[0] == 200, timeout=60)
         st, body = srv.json("POST", "/v1/completions", {"model": "later", "prompt": "Count: one", "max_tokens": 4})
         assert st == 200 and body["usage"]["completion_tokens"] == 4 and body["system_fingerprint"] == sha_later[:12]
+
+
+@pytest.fixture(scope="module")
+def swapped(bundle, tmp_path_factory):
+    """An LLMEntry that served `bundle` (1 thread) and swapped in a second release loaded without --threads while
+    the thread probe fails if it runs: (entry, old release, new release, try_load's result)."""
+    from edgekit.runtime import llmthreads
+    from edgekit.serve.llm_entry import LLMEntry
+    from edgekit.serve.models import Source
+
+    v2 = tmp_path_factory.mktemp("swapped") / "v2"
+    shutil.copytree(bundle, v2)
+    man = json.loads((v2 / "manifest.json").read_text())
+    man["note"] = "release 2: the same weights, another release"
+    (v2 / "manifest.json").write_text(json.dumps(man))
+    kw = {"check": False, "max_sequences": 4, "max_queue": 4, "kv_cache_mb": None}
+    entry = LLMEntry(Source(M, "bundle", bundle))
+    assert entry.try_load(bundle, threads=1, **kw), entry.failure
+    old = entry.active
+
+    def no_probe(*a, **k):
+        raise AssertionError("the thread probe ran during a hot swap")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(llmthreads, "choose", no_probe)
+        mp.setattr(llmthreads, "choose_spinning", no_probe)
+        ok = entry.try_load(v2, threads=None, **kw)
+    try:
+        yield entry, old, entry.active, ok
+    finally:
+        entry.close()
+
+
+def test_hot_swap_without_threads_takes_the_active_count_and_runs_no_probe(swapped):
+    entry, old, new, ok = swapped
+    assert ok and entry.failure is None, entry.failure
+    assert new is not old and new.threads == old.threads == 1
+
+
+def test_hot_swap_frees_the_old_session_and_drops_the_old_release(swapped):
+    entry, old, new, ok = swapped
+    assert ok and old.engine.join(20)
+    _wait_for(lambda: entry.retiring == [], timeout=10)   # no reference kept once it drained
+    assert old.engine.decoder.session is None and old.engine.decoder.buffers == []
+    assert new.engine.decoder.session is not None and entry.ready
+
+
+def _asgi(entry, path, doc, on_read=None):
+    """One POST through the LLM API in-process: (status, JSON body). on_read() runs while the body is read."""
+    import asyncio
+
+    from edgekit.serve.metrics import Metrics
+    from edgekit.serve.openai_api import LLMApi
+
+    raw = json.dumps(doc).encode()
+
+    async def read_body(scope, receive):
+        if on_read is not None:
+            on_read()
+        return raw
+
+    async def receive():   # the client stays
+        await asyncio.sleep(3600)
+
+    out = []
+
+    async def send(msg):
+        out.append(msg)
+
+    api = LLMApi([entry], Metrics(), read_body=read_body, authorized=lambda scope: True)
+    asyncio.run(api({"type": "http", "path": path, "method": "POST", "headers": []}, receive, send))
+    return out[0]["status"], json.loads(b"".join(m.get("body", b"") for m in out[1:]))
+
+
+def test_generate_pins_and_encodes_with_the_release_active_after_the_body(swapped):
+    """/v2 .../versions/V/generate chooses the release once the body is in: a swap during the body's read is
+    seen by the version pin (404 for the release swapped out, 200 from the one swapped in)."""
+    entry, old, new, ok = swapped
+    assert ok
+
+    def swap():
+        entry.active = new
+
+    try:
+        entry.active = old
+        st, body = _asgi(entry, f"/v2/models/{M}/versions/{old.version}/generate",
+                         {"text_input": "Count: one two", "max_tokens": 4}, on_read=swap)
+        assert st == 404 and new.version in body["error"], body
+        entry.active = old
+        st, body = _asgi(entry, f"/v2/models/{M}/versions/{new.version}/generate",
+                         {"text_input": "Count: one two", "max_tokens": 4}, on_read=swap)
+        assert st == 200 and body["model_version"] == new.version and body["usage"]["completion_tokens"] == 4
+    finally:
+        entry.active = new
+
+
+def test_prompt_of_megabytes_is_refused_before_it_is_tokenized(swapped, monkeypatch):
+    """A text longer than the context x 64 characters cannot fit: context_length_exceeded at once, without
+    tokenizing megabytes on the event loop."""
+    entry, old, new, ok = swapped
+
+    def no_encode(*a, **k):
+        raise AssertionError("the huge prompt was tokenized")
+
+    monkeypatch.setattr(new.tokenizer, "encode", no_encode)
+    monkeypatch.setattr(new.tokenizer, "chat_ids", no_encode)
+    huge = "lamp " * 600_000   # 3 MB
+    st, body = _asgi(entry, "/v1/completions", {"model": M, "prompt": huge, "max_tokens": 2})
+    assert st == 400 and body["error"]["code"] == "context_length_exceeded", body
+    st, body = _asgi(entry, "/v1/chat/completions", {"model": M, "messages": [{"role": "user", "content": huge}]})
+    assert st == 400 and body["error"]["code"] == "context_length_exceeded", body
+    st, body = _asgi(entry, f"/v2/models/{M}/generate", {"text_input": huge})
+    assert st == 400 and "context" in body["error"], body
+
+
+def test_a_failing_sample_ends_its_sequence_not_the_engine(swapped, monkeypatch):
+    """An exception while choosing one sequence's token (here: sampling) ends that sequence with an error; the
+    engine and the greedy sequence beside it go on."""
+    from edgekit.runtime import llm_batch
+    from edgekit.runtime.llm_batch import GenSequence, SamplingParams
+
+    entry, old, new, ok = swapped
+    eng = new.engine
+
+    def broken(*a, **k):
+        raise ValueError("probabilities contain NaN")
+
+    monkeypatch.setattr(llm_batch, "_sample", broken)
+    got = {"sampled": [], "greedy": []}
+    done = threading.Semaphore(0)
+
+    def on(key):
+        def on_events(evs):
+            got[key].extend(evs)
+            if any(k != "text" for k, _ in evs):
+                done.release()
+        return on_events
+
+    ids = new.tokenizer.encode("Count: one two")
+    with eng._cv:   # admitted together: one prefill, then the sampled one fails at its first token
+        eng.submit(GenSequence(ids, SamplingParams(max_tokens=8, temperature=0.8, seed=1), on("sampled")))
+        eng.submit(GenSequence(ids, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True), on("greedy")))
+    assert done.acquire(timeout=60) and done.acquire(timeout=60)
+    assert got["sampled"][-1][0] == "error" and "probabilities contain NaN" in got["sampled"][-1][1]
+    assert got["greedy"][-1] == ("done", "length") and eng.failed is None
+    monkeypatch.undo()
+    st, body = _asgi(entry, "/v1/completions", {"model": M, "prompt": "Count: one", "max_tokens": 3,
+                                                "temperature": 0.9, "seed": 2})
+    assert st == 200 and body["usage"]["completion_tokens"] == 3 and eng.kv_tokens == 0
 
 
 def test_kv_cache_budget_bounds_the_sequences_admitted(bundle):

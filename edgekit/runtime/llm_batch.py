@@ -52,7 +52,7 @@ import numpy as np
 
 from edgekit.errors import BundleError, DataError, EdgekitError
 from edgekit.runtime.llm import Tokenizer   # the runtime's: encode, chat_ids, stream (Tokenizer.of_folder)
-from edgekit.runtime.llmopts import SPIN_KEY, after_load
+from edgekit.runtime.llmopts import SPIN_KEY, after_load, trim_heap
 from edgekit.runtime.llmopts import hold_back as _hold_back  # stop strings held back as the generator does (one rule)
 
 log = logging.getLogger("edgekit.serve")
@@ -64,6 +64,10 @@ LONG_PREFILL_STEPS = 4                 # a chunk takes about this many decode st
 PREFILL_CHUNK_MIN = 64                 # smaller chunks cost much more per token (measured: 16 tokens ~2x, 64 ~1.2x)
 _EMA = 0.3
 _PAGE = mmap.PAGESIZE
+# mmap.mmap(-1, n) is a shared anonymous mapping (shmem): MADV_DONTNEED only unmaps its pages (they stay in
+# memory, with their data); MADV_REMOVE frees them (the row then reads zeros). Not MAP_PRIVATE: the huge-page
+# advice given to private anonymous mappings after the load (llmopts.huge_pages) would then cover the KV cache.
+_MADV_FREE_ROW = getattr(mmap, "MADV_REMOVE", mmap.MADV_DONTNEED)
 
 
 class Busy(EdgekitError):
@@ -101,8 +105,11 @@ class SamplingParams:
 
 
 def _sample(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator) -> int:
-    """One token from a row of logits: temperature, then top-k, then nucleus (top-p)."""
-    x = logits.astype(np.float64) / p.temperature
+    """One token from a row of logits: temperature, then top-k, then nucleus (top-p). The maximum is subtracted
+    before the division: a tiny temperature (1e-310) makes the others -inf (the argmax), never inf / NaN."""
+    x = logits.astype(np.float64)
+    with np.errstate(over="ignore"):   # -inf where a tiny temperature overflows: probability 0, as it should be
+        x = (x - x.max()) / p.temperature
     if 0 < p.top_k < x.size:
         cut = np.partition(x, -p.top_k)[-p.top_k]
         x = np.where(x >= cut, x, -np.inf)
@@ -175,7 +182,7 @@ class _KVBuffer:
         start = -(-row * self.row_bytes // _PAGE) * _PAGE
         end = ((row + 1) * self.row_bytes // _PAGE) * _PAGE
         if end > start:
-            self._mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+            self._mm.madvise(_MADV_FREE_ROW, start, end - start)
 
     def close(self) -> None:
         self.array = None
@@ -366,12 +373,17 @@ class BatchedDecoder:
             bv.release_row(row)
 
     def close(self) -> None:
+        """Free the KV buffers and the session (its weights: a retired release's go now, not with the last
+        reference to the release), then hand the freed heap back to the OS (llmopts.trim_heap)."""
         self._binding = None
         self._binding_key = None
         for bk, bv in self.buffers:
             bk.close()
             bv.close()
         self.buffers = []
+        self.session = None
+        self._ids = self._mask = self._pos = self._logits = None
+        trim_heap()
 
 
 # -- the scheduler ----------------------------------------------------------------------------------------
@@ -408,6 +420,7 @@ class LLMEngine:
         self._cv = threading.Condition()
         self._retiring = False
         self._closed = threading.Event()
+        self._on_closed: List[Callable[[], None]] = []
         self._thread = threading.Thread(target=self._run, name=f"edgekit-llm-{name}", daemon=True)
         self._thread.start()
 
@@ -419,6 +432,11 @@ class LLMEngine:
         if n >= self.capacity:
             raise TooLong(f"the prompt is {n} tokens; the model's context is {self.capacity} tokens "
                           f"(the prompt and at least one new token must fit)")
+        vocab = self.decoder.vocab
+        lo, hi = min(seq.prompt_ids), max(seq.prompt_ids)
+        if lo < 0 or hi >= vocab:
+            raise DataError(f"token id {lo if lo < 0 else hi} is not in the model's vocabulary "
+                            f"(ids 0 to {vocab - 1})")
         seq.params.max_tokens = min(seq.params.max_tokens, self.capacity - n)
         seq.reserve = n + seq.params.max_tokens
         if seq.reserve > self.kv_budget_tokens:
@@ -452,6 +470,14 @@ class LLMEngine:
 
     def join(self, timeout: Optional[float] = None) -> bool:
         return self._closed.wait(timeout)
+
+    def when_closed(self, fn: Callable[[], None]) -> None:
+        """Call fn() (on the engine thread) once the thread has ended and freed its memory; at once if it has."""
+        with self._cv:
+            if not self._closed.is_set():
+                self._on_closed.append(fn)
+                return
+        fn()
 
     @property
     def kv_tokens(self) -> int:
@@ -509,7 +535,10 @@ class LLMEngine:
             self.decoder.close()
             with self._cv:
                 self._gauges()
-            self._closed.set()
+                self._closed.set()
+                calls, self._on_closed = self._on_closed, []
+            for fn in calls:
+                fn()
 
     @staticmethod
     def _deliver(events: Dict[GenSequence, list]) -> None:
@@ -631,12 +660,23 @@ class LLMEngine:
         seq._detok = self.tokenizer.stream()
         if self.metrics is not None:
             self.metrics.llm_prompt_tokens.inc(seq.prompt_tokens, **self.labels)
-        self._accept(seq, self._choose(seq, logits), events)
+        self._next(seq, None, logits, events)
 
     def _choose(self, seq: GenSequence, row: np.ndarray) -> int:
         if seq.params.greedy:
             return int(row.argmax())
         return _sample(row, seq.params, seq.rng)
+
+    def _next(self, seq: GenSequence, tok: Optional[int], row: Optional[np.ndarray], events) -> None:
+        """Choose (when `tok` is None) and accept seq's next token. A failure there (sampling, detokenizing) ends
+        this sequence with an error; the engine and the other sequences go on (_drop_finished frees its row)."""
+        try:
+            self._accept(seq, self._choose(seq, row) if tok is None else tok, events)
+        except Exception as e:  # one sequence's failure, reported to its client: not the engine's
+            log.error("model %s: request %s: choosing or decoding its next token failed: %s: %s", self.name,
+                      seq.request_id, type(e).__name__, e)
+            seq.finish = "error"
+            events.setdefault(seq, []).append(("error", f"generation failed: {type(e).__name__}: {e}"))
 
     def _step(self, events) -> None:
         act = self.active
@@ -651,11 +691,10 @@ class LLMEngine:
         if all(s.params.greedy for s in act):  # one argmax over the batch (no copy of the logits)
             picks = logits.argmax(-1).tolist()
         else:
-            picks = [int(logits[i].argmax()) if s.params.greedy else _sample(logits[i], s.params, s.rng)
-                     for i, s in enumerate(act)]
-        for s, tok in zip(list(act), picks):
+            picks = [None] * len(act)   # chosen per sequence in _next
+        for i, (s, tok) in enumerate(zip(list(act), picks)):
             s.length += 1
-            self._accept(s, tok, events)
+            self._next(s, tok, logits[i] if tok is None else None, events)
 
     def _accept(self, seq: GenSequence, tok: int, events) -> None:
         """A new token for `seq`: timing, end of sequence, text (with stop strings), length."""
@@ -756,6 +795,7 @@ class LLMRelease:
     load_seconds: float
     check: Optional[Dict[str, Any]]
     has_chat_template: bool
+    spinning: Optional[bool] = None    # whether ORT's intra-op threads spin, as measured at load (None: the bundle's)
     loaded_at: float = field(default_factory=time.time)
 
     kind = "llm"
@@ -771,12 +811,14 @@ class LLMRelease:
 
 
 def load_llm_release(name: str, sha: str, path: Path, *, threads: Optional[int], check: bool,
-                     max_sequences: int, max_queue: int, kv_cache_mb: Optional[float], metrics=None) -> LLMRelease:
-    """Load (and golden-check) a language model and start its engine. Raises EdgekitError."""
+                     max_sequences: int, max_queue: int, kv_cache_mb: Optional[float], metrics=None,
+                     spinning: Optional[bool] = None) -> LLMRelease:
+    """Load (and golden-check) a language model and start its engine. Raises EdgekitError. threads and
+    spinning given (a hot swap passes the active release's): no thread probe runs (runtime.llm.load_llm)."""
     from edgekit.runtime.llm import load_llm
 
     t0 = time.perf_counter()
-    lm = load_llm(path, threads=threads)
+    lm = load_llm(path, threads=threads, spinning=spinning)
     result = None
     if check and lm.manifest is not None and lm.manifest.get("golden"):
         result = lm.check()
@@ -807,7 +849,8 @@ def load_llm_release(name: str, sha: str, path: Path, *, threads: Optional[int],
                        labels={"model": name, "version": sha[:VERSION_CHARS]})
     rel = LLMRelease(name=name, sha256=sha, path=path, tokenizer=engine.tokenizer, engine=engine, context=context,
                      kv_bytes_per_token=decoder.kv_bytes_per_token, threads=used_threads, backend_version=version,
-                     load_seconds=time.perf_counter() - t0, check=result, has_chat_template=chat)
+                     load_seconds=time.perf_counter() - t0, check=result, has_chat_template=chat,
+                     spinning=spinning)
     try:
         _warm_up(rel)
     except BaseException:

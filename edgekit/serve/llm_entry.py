@@ -7,6 +7,7 @@ the old release's engine finishes the sequences it holds and then frees its memo
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -34,7 +35,8 @@ class LLMEntry(ModelEntry):
     def __init__(self, src):
         super().__init__(src)
         self.active: Optional[LLMRelease] = None
-        self.retiring: List[LLMRelease] = []     # replaced releases finishing their sequences
+        self.retiring: List[LLMRelease] = []     # replaced releases finishing their sequences (until drained)
+        self._retiring_lock = threading.Lock()
 
     @property
     def ready(self) -> bool:
@@ -69,23 +71,34 @@ class LLMEntry(ModelEntry):
 
     def _load(self, path: Path, **kw) -> LLMRelease:
         sha = path.name if self.source.kind == "deployed" else sha256_tree(path)
+        a = self.active
+        if a is not None and kw.get("threads") is None:
+            # a hot swap (no --threads): the active release's count, not a thread probe timing decode steps while
+            # the old engine decodes on the same cores (a skewed choice, and slower streams meanwhile)
+            kw = dict(kw, threads=a.threads, spinning=a.spinning)
         return load_llm_release(self.name, sha, path, **kw)
+
+    def _drained(self, old: LLMRelease) -> None:
+        """A replaced release's engine ended (its session and KV buffers freed): no reference to it is kept."""
+        with self._retiring_lock:
+            self.retiring = [r for r in self.retiring if r is not old]
 
     def _swapped(self, old: Optional[LLMRelease], rel: LLMRelease) -> None:
         if old is not None:
             old.engine.retire()
-            self.retiring.append(old)
+            with self._retiring_lock:
+                self.retiring.append(old)
+            old.engine.when_closed(lambda: self._drained(old))
             log.info("model %s: swapped %s -> %s (loaded, checked and warmed up in %.2f s); %s finishes its "
                      "%d sequence(s)", self.name, old.version, rel.version, rel.load_seconds, old.version,
                      len(old.engine.sequences))
         else:
             log.info("model %s: serving %s (language model, context %d, %d sequences, loaded in %.2f s)",
                      self.name, rel.version, rel.context, rel.engine.max_sequences, rel.load_seconds)
-        self.retiring = [r for r in self.retiring if not r.engine.join(0)]
 
     def close(self, timeout: float = 10.0) -> None:
         """Server shutdown: every sequence is cancelled, each engine ends and frees its memory."""
-        rels = ([self.active] if self.active else []) + self.retiring
+        rels = ([self.active] if self.active else []) + list(self.retiring)
         for rel in rels:
             for seq in rel.engine.sequences:
                 seq.cancel()

@@ -29,7 +29,7 @@ import re
 import threading
 import time
 import uuid
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from edgekit.bundle import check_name
 from edgekit.errors import BundleError, DataError
@@ -45,6 +45,10 @@ _V2_MODEL = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready)?/?$")
 _JSON = [(b"content-type", b"application/json")]
 _SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 MAX_STOP = 16
+# a prompt text longer than the context x this many characters is refused before it is tokenized (on the event
+# loop, where megabytes of text would stall every stream): no token of the tokenizers served is that long, so
+# such a text cannot fit the context anyway
+MAX_CHARS_PER_TOKEN = 64
 _PIECE = "\u0001edgekit-piece\u0001"   # where a streamed chunk's text goes in its pre-encoded JSON
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
@@ -406,21 +410,36 @@ class LLMApi:
             "edgekit": e.state()}))
 
     # -- running a sequence -----------------------------------------------------------------------------
-    def _start(self, entry: LLMEntry, ids: List[int], params: SamplingParams, rid: str, *, stream: bool):
-        """Submit to the active release's engine: (release, sequence, outbox). A release swapped between reading
-        `entry.active` and submitting (its engine retired: Retiring) is not the client's failure: the sequence
-        goes to the release active now."""
-        while True:
+    def _start(self, entry: LLMEntry, prompt, params: SamplingParams, rid: str, *, stream: bool, rel=None,
+               chars: int = 0, pinned: bool = False):
+        """Submit to `rel`, the release the request chose (None: the active one), the prompt's ids (`prompt`: a
+        list, or a function giving them for a release: its tokenizer's encoding; a text of `chars` characters is
+        refused before it is encoded when it cannot fit the context): (release, sequence, outbox). A release
+        swapped between the request's choice and submitting (its engine retired: Retiring) is not the client's
+        failure: the prompt goes to the release active now (encoded by its tokenizer), unless the request pinned
+        the version (404: that version is no longer served)."""
+        encode: Callable[[Any], List[int]] = prompt if callable(prompt) else (lambda r: prompt)
+        if rel is None:
             rel = entry.active
+        while True:
             if rel is None:
                 raise ApiError(503, f"model '{entry.name}' is not ready", "model_not_ready")
+            if chars and chars > rel.context * MAX_CHARS_PER_TOKEN:
+                raise TooLong(f"the prompt is {chars} characters; the model's context is {rel.context} tokens "
+                              f"(at most {rel.context * MAX_CHARS_PER_TOKEN} characters, {MAX_CHARS_PER_TOKEN} "
+                              f"a token)")
             box = _Outbox(asyncio.get_running_loop(), self.interval_for(rel) if stream else None)
-            seq = GenSequence(ids, params, box.put, request_id=rid)
+            seq = GenSequence(encode(rel), params, box.put, request_id=rid)
             try:
                 rel.engine.submit(seq)
             except Retiring:
-                if entry.active is rel:     # retired with no successor (the server closing): 429
+                now = entry.active
+                if now is rel:     # retired with no successor (the server closing): 429
                     raise
+                if pinned:
+                    raise ApiError(404, f"model '{entry.name}' has no version '{rel.version}' being served "
+                                        f"(serving {now.version if now else 'none'})") from None
+                rel = now
                 continue
             return rel, seq, box
 
@@ -475,10 +494,14 @@ class LLMApi:
         if rel is None:
             raise ApiError(503, f"model '{entry.name}' is not ready", "model_not_ready")
         params = sampling_from(doc, None if chat else 16)
+        chars = 0
         if chat:
             msgs = chat_messages(doc)
             prompt_text = json.dumps(msgs, ensure_ascii=False)
-            ids = rel.tokenizer.chat_ids(msgs)
+            chars = sum(len(m["content"]) for m in msgs)
+
+            def encode(r):
+                return r.tokenizer.chat_ids(msgs)
         else:
             prompt = doc.get("prompt")
             if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -486,17 +509,23 @@ class LLMApi:
             if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
                                                            for t in prompt):
                 ids, prompt_text = [int(t) for t in prompt], str(prompt)
-                if any(t < 0 for t in ids):
+                if any(t < 0 for t in ids):   # and below the vocabulary's size: the engine's submit
                     raise ApiError(400, "token ids must be >= 0", "invalid_value", "prompt")
+
+                def encode(r):
+                    return ids
             elif isinstance(prompt, str):
-                ids, prompt_text = rel.tokenizer.encode(prompt), prompt
+                prompt_text, chars = prompt, len(prompt)
+
+                def encode(r):
+                    return r.tokenizer.encode(prompt)
             else:
                 raise ApiError(400, "'prompt' must be a string (or one list of token ids)", "invalid_value",
                                "prompt")
         stream = bool(doc.get("stream", False))
         usage_chunk = bool((doc.get("stream_options") or {}).get("include_usage"))
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        rel, seq, q = self._start(entry, ids, params, rid, stream=stream)
+        rel, seq, q = self._start(entry, encode, params, rid, stream=stream, rel=rel, chars=chars)
         created = int(time.time())
         base = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
                 "model": entry.name, "system_fingerprint": rel.version}
@@ -561,14 +590,16 @@ class LLMApi:
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
 
     async def _generate(self, scope, receive, send, entry: LLMEntry, version: Optional[str], stream: bool) -> None:
-        """Triton's generate extension: {"text_input", "parameters": {...}} (or the fields at the top level)."""
+        """Triton's generate extension: {"text_input", "parameters": {...}} (or the fields at the top level).
+        The release is chosen once the body is in (a swap during its read is seen), and that one release answers
+        the version pin, encodes the text and generates."""
+        doc = _json_body(await self._read_body(scope, receive))
         rel = entry.active
         if rel is None:
             raise ApiError(503, f"model '{entry.name}' is not ready", "model_not_ready")
         if version is not None and not rel.matches(version):
             raise ApiError(404, f"model '{entry.name}' has no version '{version[:64]}' being served "
                                 f"(serving {rel.version})")
-        doc = _json_body(await self._read_body(scope, receive))
         text = doc.get("text_input")
         if not isinstance(text, str):
             raise ApiError(400, "'text_input' (a string) is required")
@@ -582,7 +613,8 @@ class LLMApi:
             params_doc["stop"] = params_doc["stop_words"]
         params = sampling_from(dict(params_doc, temperature=params_doc.get("temperature", 0.0)), 16)
         rid = "gen-" + uuid.uuid4().hex[:24]
-        rel, seq, q = self._start(entry, rel.tokenizer.encode(text), params, rid, stream=stream)
+        rel, seq, q = self._start(entry, lambda r: r.tokenizer.encode(text), params, rid, stream=stream, rel=rel,
+                                  chars=len(text), pinned=version not in (None, "", "current"))
         head = {"model_name": entry.name, "model_version": rel.version}
         if doc.get("id") is not None:
             head["id"] = str(doc["id"])
