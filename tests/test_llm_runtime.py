@@ -396,6 +396,39 @@ def test_chat_applies_the_bundles_template(lm):
     assert reply != lm.generate("What colour is the lamp?", max_new_tokens=30)
 
 
+def test_threads_share_one_tokenizer_per_variant(og_dir, monkeypatch):
+    """The templated (and the decoding) tokenizer is a second copy of the vocabulary, made on first use: threads
+    asking for it at once get one copy (four chats on a fresh load made four: +180 MiB each on Gemma 3)."""
+    import threading
+    import time
+
+    from edgekit.runtime.llm import Tokenizer
+
+    tok = Tokenizer(onnxruntime_genai, str(og_dir), onnxruntime_genai.Tokenizer(str(og_dir)))
+    made, make = [], tok._make
+
+    def slow():
+        made.append(threading.current_thread().name)
+        time.sleep(0.2)                      # the others arrive while the first is still parsing tokenizer.json
+        return make()
+
+    monkeypatch.setattr(tok, "_make", slow)
+    barrier, got = threading.Barrier(4), []
+
+    def ask():
+        barrier.wait()
+        got.append((tok._variant("add_special_tokens"), tok.encode_templated("<|im_start|>user\nhi<|im_end|>")))
+
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(got) == 4 and len(made) == 1
+    assert all(v is got[0][0] for v, _ in got) and all(ids == got[0][1] for _, ids in got)
+    assert tok._variant("add_special_tokens") is got[0][0] and len(made) == 1
+
+
 def test_conversation_carries_the_kv_cache(lm):
     conv = lm.conversation()
     r1 = conv.say("What colour is the lamp?", max_new_tokens=30)
@@ -790,6 +823,80 @@ def test_a_streamed_turn_never_started_leaves_the_conversation_whole(lm):
     assert r == lm.chat(conv.messages[:-1], max_new_tokens=30)
 
 
+def test_a_stream_left_open_is_cut_by_the_next_turn_and_stopped_by_reset(lm):
+    """A streamed reply enters the history when its stream ends, closed or let go. A say() while it is still open
+    ends it there (kept as cut, as closing it would) and then runs its own turn; a stream's bookkeeping never runs
+    after reset() or a later turn (it brought a forgotten turn back into messages and the KV cache)."""
+    import gc
+
+    lamp, box, door = "What colour is the lamp?", "What colour is the box?", "What colour is the door?"
+    conv = lm.conversation(max_new_tokens=30)
+    it = conv.say(lamp, stream=True)
+    first = next(it)
+    rb = conv.say(box)
+    assert [m["content"] for m in conv.messages] == [lamp, first, box, rb] and conv.turns == 2
+    assert rb == lm.chat(conv.messages[:-1], max_new_tokens=30)     # the box turn followed the cut lamp reply
+    assert list(it) == []                      # the old stream is over: nothing more, no bookkeeping
+    del it
+    gc.collect()
+    assert [m["content"] for m in conv.messages] == [lamp, first, box, rb] and conv.turns == 2
+    rd = conv.say(door)
+    assert conv.last["reprefill"] is False                           # the cache went on from the history ...
+    assert rd == lm.chat(conv.messages[:-1], max_new_tokens=30)      # ... and holds what it says
+    # a stream never started, then another turn: the first is closed unsaid and never runs later
+    before = list(conv.messages)
+    it = conv.say(lamp, stream=True)
+    rb = conv.say(box)
+    assert list(it) == []
+    assert conv.messages == before + [{"role": "user", "content": box}, {"role": "assistant", "content": rb}]
+    assert conv.turns == 4
+    # reset() while a reply streams: the reply stops, and closing or letting go of its stream brings nothing back
+    it = conv.say(door, stream=True)
+    next(it)
+    conv.reset()
+    assert conv.messages == [] and conv.token_count == 0 and conv.turns == 0
+    it.close()
+    del it
+    gc.collect()
+    assert conv.messages == [] and conv.token_count == 0 and conv.turns == 0 and conv._kv == []
+    r = conv.say(door)
+    assert conv.last["reprefill"] is False and conv.turns == 1
+    assert r == lm.chat([{"role": "user", "content": door}], max_new_tokens=30)
+
+
+def test_a_say_while_another_thread_reads_the_reply_is_one_line(lm, monkeypatch):
+    """A conversation takes one turn at a time: a say() (or reset()) while another thread is inside the previous
+    reply's stream is refused (closing it there would raise "generator already executing"), and that reply ends
+    as usual."""
+    import threading
+
+    inside, go, main = threading.Event(), threading.Event(), threading.current_thread()
+
+    def hold(g):
+        if g.steps == 2 and threading.current_thread() is not main:   # the reader, inside the reply's stream
+            inside.set()
+            assert go.wait(30)
+
+    orig = lm._generator
+    monkeypatch.setattr(lm, "_generator", lambda *a, **k: _Gen(orig(*a, **k), hold))
+    conv = lm.conversation(max_new_tokens=30)
+    it = conv.say("What colour is the lamp?", stream=True)
+    next(it)
+    reader = threading.Thread(target=lambda: list(it))
+    reader.start()
+    try:
+        assert inside.wait(30)
+        with pytest.raises(DataError, match="still being streamed"):
+            conv.say("What colour is the box?")
+        with pytest.raises(DataError, match="still being streamed"):
+            conv.reset()
+    finally:
+        go.set()
+        reader.join(30)
+    assert conv.turns == 1 and conv.messages[-1]["content"] == conv.last["text"]
+    assert conv.messages[0]["content"] == "What colour is the lamp?"
+
+
 def test_a_turn_keeps_room_for_its_reply_or_drops_old_turns(lm):
     conv = lm.conversation(max_new_tokens=40)
     long = "Count: " + " ".join(["one two three four five six seven eight nine ten"] * 3)
@@ -928,6 +1035,74 @@ def test_a_prompt_over_the_context_in_use_says_how_to_raise_it(bundle):
     with pytest.raises(DataError) as e:
         lm.benchmark(prompt_tokens=lm.max_context, new_tokens=4, runs=1)
     assert "this model takes up to" not in str(e.value) and "--context" not in (e.value.hint or "")
+
+
+def test_a_prompt_longer_than_the_models_longest_context_is_not_offered_more(bundle):
+    """--context is offered only where the prompt and one new token fit the model's longest context; a longer prompt
+    (or chat message) says it must be shortened, from the API and from `edgekit run --context`."""
+    from edgekit.cli import cli
+
+    lm = load(bundle, threads=1)
+    lm.context = 8
+    longest = lm.max_context
+    with pytest.raises(DataError) as e:          # the prompt and one new token fill the longest context: offered
+        lm._fit(longest - 1, 4)
+    assert f"raise it with --context N (lm.context = N) up to {longest}" in e.value.hint
+    with pytest.raises(DataError) as e:          # no room for one new token even there: not offered
+        lm._fit(longest, 4)
+    assert str(e.value).startswith(f"the prompt is {longest} tokens, longer than this model's longest context "
+                                   f"({longest} tokens") and "--context N" not in e.value.hint \
+        and "must be shortened" in e.value.hint
+    long = " ".join(["one two three four five six seven eight nine ten"] * (longest // 10 + 2))
+    assert len(lm.encode(long)) > longest
+    with pytest.raises(DataError) as e:
+        lm.generate(long, max_new_tokens=4)
+    assert "longer than this model's longest context" in str(e.value) and "--context N" not in e.value.hint
+    with pytest.raises(DataError) as e:
+        lm.conversation().say(long, max_new_tokens=2)
+    assert "does not fit" in str(e.value) and "longer than this model's longest context" in str(e.value) \
+        and "--context N" not in e.value.hint
+    r = CliRunner().invoke(cli, ["run", str(bundle), "--prompt", long, "--no-template", "--context", "8"])
+    assert r.exit_code == 2 and "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert "must be shortened" in r.output and "--context N" not in r.output
+
+
+@pytest.mark.parametrize("edit, key, said", [
+    (lambda m: m.update(target="x86-avx2"), "target", "'x86-avx2', not an object"),
+    (lambda m: m["llm"].update(context_default="big"), "llm.context_default", "'big', not a positive integer"),
+    (lambda m: m["llm"].update(context_max=True), "llm.context_max", "True, not a positive integer"),
+    (lambda m: m["target"]["runtime"].update(threads="4"), "target.runtime.threads", "'4', not a positive integer"),
+    (lambda m: m["llm"].update(kv_bytes_per_token=2048.5), "llm.kv_bytes_per_token", "2048.5, not a positive"),
+    (lambda m: m["model"]["files"].update({"tokenizer.json": "x"}), "model.files['tokenizer.json']", "'x', not an"),
+    (lambda m: m.update(model=["model"]), "model", "['model'], not an object"),
+], ids=["target", "context_default", "context_max", "threads", "kv_bytes_per_token", "files", "model"])
+def test_a_manifest_with_a_wrong_type_is_one_line_naming_the_file_and_the_key(bundle, tmp_path, edit, key, said):
+    """A hand-edited manifest whose sections or counts have the wrong type: load() raises one BundleError naming
+    manifest.json and the key (not an AttributeError / ValueError from deep in the load), `edgekit run` exits 2."""
+    from edgekit.cli import cli
+
+    copy = tmp_path / "edited"
+    shutil.copytree(bundle, copy)
+    man = json.loads((copy / "manifest.json").read_text())
+    edit(man)
+    (copy / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(BundleError) as e:
+        load(copy, threads=1)
+    assert f"manifest.json: {key} is {said}" in str(e.value) and "convert" in e.value.hint, str(e.value)
+    r = CliRunner().invoke(cli, ["run", str(copy), "--prompt", "Count: one", "--no-template"])
+    assert r.exit_code == 2 and "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert f"manifest.json: {key} is {said}" in r.output
+
+
+def test_a_manifest_key_left_null_or_out_takes_the_default(bundle, tmp_path):
+    copy = tmp_path / "nulls"
+    shutil.copytree(bundle, copy)
+    man = json.loads((copy / "manifest.json").read_text())
+    man["llm"].update(context_default=None, prompt_bos=None)
+    man["target"].pop("runtime")
+    (copy / "manifest.json").write_text(json.dumps(man))
+    lm = load(copy, threads=1)
+    assert lm.context == lm.max_context
 
 
 def test_a_template_that_takes_no_system_message_says_so_up_front(og_dir, tmp_path):

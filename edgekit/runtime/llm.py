@@ -39,7 +39,9 @@ For batching servers (edgekit.serve) the ONNX Runtime GenAI handles are attribut
 Teacher forcing: lm.logits(ids) -> float32 [len(ids), vocab], one pass (the golden check and fidelity use it; a
 bundle whose lm_head computes the last position only: one token at a time).
 Concurrency: generate / chat may run from several threads at once (each call has its own generator over the one
-model); lm.last is whichever finished last. A Conversation is for one thread.
+model); lm.last is whichever finished last. A Conversation is for one thread, one turn at a time: a say() ends
+the previous turn's stream if it is still open (its reply kept as cut), reset() stops it, and either is refused
+(DataError) while another thread is reading it.
 Loading verifies each file the manifest lists (size and sha256; verify=False: sizes only).
 Facts: lm.manifest (None for a bare folder), lm.path, lm.model_dir, lm.threads, lm.threads_requested,
 lm.threads_chosen_by, lm.load_ms (of which lm.verify_ms hashing the files, lm.probe_ms choosing the threads),
@@ -62,7 +64,9 @@ files on disk are never changed).
 from __future__ import annotations
 
 import json
+import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
 
@@ -187,6 +191,50 @@ def profile_threads(manifest: Optional[Mapping[str, Any]]) -> Optional[int]:
     return None
 
 
+# What the runtime reads from an LLM manifest, by type (a key absent or null is left to the defaults): a hand-edited
+# manifest with a wrong type is one BundleError naming the file and the key, not an AttributeError or ValueError
+# deep in the load (DESIGN, Errors). Integers: (key, the least value taken).
+_MANIFEST_OBJECTS = ("target", "target.llm", "target.runtime", "llm", "model", "model.files", "runtime", "recipe")
+_MANIFEST_INTS = (("target.llm.threads", 1), ("target.runtime.threads", 1), ("llm.context_default", 1),
+                  ("llm.context_max", 1), ("llm.kv_bytes_per_token", 1), ("llm.prompt_bos", 0),
+                  ("model.context", 1), ("model.bytes", 0), ("model.vocab", 1))
+_MANIFEST_STRINGS = ("name", "model.dir")
+
+
+def check_manifest(manifest: Mapping[str, Any], path: Path) -> None:
+    """BundleError (naming `path` and the key) where a key the runtime reads has the wrong type: the sections it
+    reads are objects, the counts integers (not true/false) at least their least value, names strings."""
+    def at(key: str) -> Any:
+        v: Any = manifest
+        for part in key.split("."):
+            v = v.get(part) if isinstance(v, Mapping) else None
+        return v
+
+    def bad(key: str, v: Any, what: str) -> BundleError:
+        shown = repr(v) if len(repr(v)) <= 40 else repr(v)[:37] + "..."
+        return BundleError(f"{key} is {shown}, not {what}", path=str(path),
+                           hint="set it back to what edgekit convert wrote, remove it, or convert the model again")
+
+    for key in _MANIFEST_OBJECTS:
+        v = at(key)
+        if v is not None and not isinstance(v, Mapping):
+            raise bad(key, v, "an object")
+    for rel, entry in (at("model.files") or {}).items():
+        if not isinstance(entry, Mapping):
+            raise bad(f"model.files[{rel!r}]", entry, "an object (bytes, sha256)")
+        n = entry.get("bytes")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise bad(f"model.files[{rel!r}].bytes", n, "an integer of 0 or more (the file's size)")
+    for key, least in _MANIFEST_INTS:
+        v = at(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < least):
+            raise bad(key, v, "a positive integer" if least >= 1 else "an integer of 0 or more")
+    for key in _MANIFEST_STRINGS:
+        v = at(key)
+        if v is not None and not isinstance(v, str):
+            raise bad(key, v, "a string")
+
+
 def load_llm(path: Union[str, Path], *, threads: Optional[int] = None, verify: bool = True,
              backend: Optional[str] = None, spinning: Optional[bool] = None) -> "LanguageModel":
     """Load an LLM bundle or a bare ONNX Runtime GenAI folder (see the module docstring). spinning: whether
@@ -210,6 +258,7 @@ def load_llm(path: Union[str, Path], *, threads: Optional[int] = None, verify: b
         if manifest.get("kind") != KIND:
             raise BundleError(f"not a language-model bundle (manifest kind {manifest.get('kind')!r})",
                               path=str(p), hint="load it with edgekit.runtime.load")
+        check_manifest(manifest, p / MANIFEST)
         if manifest.get("name"):
             from edgekit.bundle import check_name
 
@@ -320,6 +369,7 @@ class Tokenizer:
         self.og = og_tokenizer
         self._make = lambda: og.Tokenizer(og_model)
         self._variants: Dict[str, Any] = {}
+        self._variants_lock = threading.Lock()   # one tokenizer made per variant, however many threads ask at once
         self.bos = bos          # a BOS ONNX Runtime GenAI's tokenizer leaves out (llmopts.prompt_bos)
         self.template = template   # the chat template as transformers lays it out, where the folder's differs
         # special ids and the decoder's leading strip, which ORT GenAI's decoding gets wrong (runtime.llmdecode)
@@ -344,13 +394,18 @@ class Tokenizer:
 
     def _variant(self, option: str):
         """A second tokenizer with one option off (made on first use: a large vocabulary costs memory):
-        add_special_tokens (for templated text) or skip_special_tokens (decoding specials too)."""
+        add_special_tokens (for templated text) or skip_special_tokens (decoding specials too). Threads asking for
+        one not made yet wait for the first to make it (each copy costs ~180 MiB on Gemma 3's vocabulary)."""
         tok = self._variants.get(option)
-        if tok is None:
-            tok = self._make()
-            tok.update_options(**{option: "false"})
-            self._variants[option] = tok
-            trim_heap()   # what parsing tokenizer.json again freed (llmopts.trim_heap)
+        if tok is not None:
+            return tok
+        with self._variants_lock:
+            tok = self._variants.get(option)
+            if tok is None:
+                tok = self._make()
+                tok.update_options(**{option: "false"})
+                self._variants[option] = tok
+                trim_heap()   # what parsing tokenizer.json again freed (llmopts.trim_heap)
         return tok
 
     def encode(self, text: str) -> List[int]:
@@ -522,10 +577,19 @@ class LanguageModel:
         more = f" (this model takes up to {self.max_context})" if self.context < self.max_context else ""
         return f"the context in use is {self.context} tokens{more}"
 
-    def context_room(self, lead: str) -> str:
-        """How to raise the context, after `lead`, or "" where it is the model's longest already."""
-        return f"{lead}raise it with --context N (lm.context = N) up to {self.max_context}" \
-            if self.context < self.max_context else ""
+    def context_room(self, lead: str, need: Optional[int] = None) -> str:
+        """How to raise the context, after `lead`, or "" where that cannot help: the context in use is the model's
+        longest already, or the `need` tokens (a prompt and at least one new token) do not fit even that."""
+        if self.context >= self.max_context or (need is not None and need > self.max_context):
+            return ""
+        return f"{lead}raise it with --context N (lm.context = N) up to {self.max_context}"
+
+    def over_longest(self, lead: str, n: int) -> DataError:
+        """`n` tokens (after `lead`) leave no room for one new token even in the model's longest context: shortening
+        is the only way (no --context hint, which could not help)."""
+        return DataError(f"{lead} {n} tokens, longer than this model's longest context ({self.max_context} "
+                         "tokens, with at least one new token)",
+                         hint="it must be shortened: no --context holds it")
 
     def model_bytes(self) -> int:
         """The weights' bytes: the ONNX graph files and their external data (not the tokenizer and configs)."""
@@ -620,9 +684,11 @@ class LanguageModel:
     def _fit(self, n_prompt: int, max_new: int) -> int:
         if n_prompt < 1:
             raise DataError("the prompt is empty (no tokens)")
+        if n_prompt >= self.max_context:
+            raise self.over_longest("the prompt is", n_prompt)
         if n_prompt >= self.context:
             raise DataError(f"the prompt is {n_prompt} tokens; {self.context_words()}",
-                            hint="shorten the prompt" + self.context_room(", or "))
+                            hint="shorten the prompt" + self.context_room(", or ", need=n_prompt + 1))
         return min(max_new, self.context - n_prompt)
 
     def _run(self, t0: int, make_ids, opts: _Options, stream: bool):
@@ -766,7 +832,12 @@ class Conversation:
     a new one is added (some templates drop a reasoning model's thoughts), the cache is rewound to the longest
     common prefix of tokens and only the rest is run. A conversation that outgrows the context drops its
     oldest turns (the system message stays) and is prefilled again. A reply cut by a stop string or Ctrl-C is
-    kept as returned in `messages`; the cache keeps the tokens the model generated."""
+    kept as returned in `messages`; the cache keeps the tokens the model generated.
+
+    A turn enters the history when its reply ends (read to its end, or its stream closed or let go). A say()
+    while the previous turn's stream is still open ends that reply where its reader left it (kept as cut, as
+    closing the stream would) before the new turn; reset() stops it and forgets it. A stream never started says
+    nothing and is left out of the history."""
 
     def __init__(self, lm: LanguageModel, system: Optional[str] = None, **options):
         lm.require_chat_template()
@@ -776,9 +847,13 @@ class Conversation:
         _Options(**{k: v for k, v in options.items() if k != "stream"})    # check them now
         if system:   # a template that takes no system message says so now, not at every turn
             lm.tokenizer.apply_chat_template([{"role": "system", "content": system}, _HELLO])
+        self._turn = 0     # advanced by reset() and each say(): a reply's bookkeeping applies only in its own turn
+        self._open: Optional[weakref.ref] = None    # the stream of the turn in progress (say(stream=True))
         self.reset()
 
     def reset(self) -> None:
+        """Forget the history (the system message stays). A reply still streaming is stopped; its turn is not kept."""
+        self._close_open(forget=True)
         self.messages: List[Dict[str, str]] = [{"role": "system", "content": self.system}] if self.system else []
         self._kv: List[Dict[str, str]] = list(self.messages)   # messages as the cache holds them
         self._gen = None
@@ -801,6 +876,9 @@ class Conversation:
         merged = dict(self._defaults, **options)
         merged.pop("stream", None)
         opts = _Options(**merged)
+        self._close_open(forget=False)   # the previous turn's reply, if its stream is still open: kept as cut
+        self._turn += 1
+        turn = self._turn
         t0 = time.perf_counter_ns()
         lm = self.lm
         user = {"role": "user", "content": text}
@@ -836,10 +914,16 @@ class Conversation:
             self._search = search
         max_new = min(opts.max_new_tokens, lm.context - int(gen.token_count()) - len(new_ids))
         if max_new < 1:   # (the generator may have been rewound for this turn: the next one starts afresh)
+            held = int(gen.token_count()) + len(new_ids)   # the cache and the message templated (old turns dropped)
+            if held >= lm.max_context:
+                raise lm.over_longest("the message does not fit: templated (with any system message) it is", held)
             raise DataError(f"the message does not fit: {lm.context_words()}",
-                            hint="shorten it" + lm.context_room(", or "))
+                            hint="shorten it" + lm.context_room(", or ", need=held + 1))
 
         def on_end(s: Dict[str, Any]) -> None:    # the turn enters the history when its reply ends, however
+            if self._turn != turn:   # a stream closed or collected after reset() or a later turn: not the history's
+                return
+            self._open = None
             kept = gen if s.get("prompt_tokens") is not None else None   # else stopped before the prefill ran
             rewound = kept is not None and self._trim_to_reply(kept, s)
             self._gen = kept
@@ -856,7 +940,23 @@ class Conversation:
             self.last = s
 
         it = lm._stream(gen, new_ids, max_new, opts.stop, t0, stats, on_end=on_end, carry=carry)
+        self._open = weakref.ref(it)   # weak: a stream its reader lets go still ends (and is recorded) at once
         return it if stream else "".join(it)
+
+    def _close_open(self, forget: bool) -> None:
+        """End the stream of the turn in progress, if one is open: a started reply runs its bookkeeping (the turn
+        enters the history as cut); one never started is closed unsaid. forget (reset()): the turn counter moves
+        on first, so the reply's bookkeeping does nothing."""
+        it = self._open() if self._open is not None else None
+        if it is not None and it.gi_running:   # being read in another thread (close() would raise a ValueError)
+            raise DataError("this conversation's previous reply is still being streamed (in another thread)",
+                            hint="a conversation takes one turn at a time: read that reply to its end, or close "
+                                 "its stream, before the next say() or reset()")
+        if forget:
+            self._turn += 1
+        self._open = None
+        if it is not None:
+            it.close()
 
     @staticmethod
     def _unrun(gen) -> Optional[int]:

@@ -55,7 +55,7 @@ def benchmark(lm, prompt_tokens: int = 128, new_tokens: int = 128, runs: int = 3
     total = prompt_tokens + new_tokens
     if total > lm.context:
         raise DataError(f"prompt_tokens + new_tokens = {total} do not fit: {lm.context_words()}",
-                        hint="ask for fewer tokens" + lm.context_room(", or "))
+                        hint="ask for fewer tokens" + lm.context_room(", or ", need=total))
     clock = time.perf_counter_ns
     t = clock()
     ids = _prompt_ids(lm, prompt_tokens)
