@@ -572,6 +572,53 @@ def test_hot_swap_under_load_has_no_failed_request(tmp_path):
     assert f"release {shas['bad'][:12]} failed" in log and f"still serving {shas['v2'][:12]}" in log
 
 
+def test_hot_swap_loop_keeps_no_reference_to_the_release_it_replaced(tmp_path):
+    """After a swap the watch loop sleeps holding nothing of the retired release (a language model's weights
+    and tokenizer stayed in memory until the next reload); the swap is still counted."""
+    import asyncio
+    import gc
+    import weakref
+
+    from edgekit.serve.app import App
+    from edgekit.serve.metrics import Metrics
+
+    class Release:
+        load_seconds = 0.1
+
+    class Entry:
+        name, failure = "m", None
+
+        def __init__(self):
+            self.active, self.pending = Release(), [tmp_path]
+
+        ready = property(lambda self: self.active is not None)
+
+        def wants_reload(self):
+            return self.pending.pop() if self.pending else None
+
+        def try_load(self, path, **kw):
+            self.active = Release()
+            return True
+
+    e, metrics = Entry(), Metrics()
+    retired = weakref.ref(e.active)
+    app = App([e], None, metrics, poll_interval=0.01)
+
+    async def swap_then_look():
+        watch = asyncio.get_running_loop().create_task(app._follow_current())
+        try:
+            while e.pending or retired() is e.active:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)   # the loop is sleeping again
+            gc.collect()
+            return retired() is None
+        finally:
+            watch.cancel()
+
+    assert asyncio.run(swap_then_look())
+    assert metrics.swaps.values == {(("model", "m"),): 1.0} and metrics.swap_failures.values == {}
+
+
 def test_probe_checks_golden_outputs_through_the_api(two, tmp_path):
     from edgekit.runtime import releases
     from edgekit.serve.probe import probe
@@ -609,6 +656,69 @@ def test_cli_serve_stop_with_pid_file(two, tmp_path):
     out = subprocess.run([sys.executable, "-m", "edgekit.serve", "--stop", "--pid-file", str(pid_file)],
                          capture_output=True, text=True, timeout=60, cwd=str(ROOT))
     assert out.returncode == 2 and out.stderr.startswith("error: no server pid")
+
+
+def test_port_in_use_is_one_line_before_any_model_loads(cli, two, tmp_path, monkeypatch):
+    """A port another program listens on: one line naming it, exit 2, before a model is loaded or a pid file
+    written (uvicorn's own bind called sys.exit(3) after the load); a server that bound beside ours and
+    listened while our models loaded: the same line, not a traceback."""
+    import edgekit.serve.server as server
+
+    loaded = []
+    real_build = server.build
+    monkeypatch.setattr(server, "build", lambda *a: loaded.append(a) or real_build(*a))
+    pid_file = tmp_path / "serve.pid"
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        r = cli("serve", two, "--port", port, "--pid-file", pid_file)
+    assert r.exit_code == 2 and loaded == [] and not pid_file.exists(), r.output
+    assert r.output.strip().splitlines() == [
+        f"error: port {port} on 127.0.0.1 is in use by another program (choose another with --port, or stop the "
+        "server there first: edgekit serve --stop --pid-file FILE for one of ours)"]
+
+    with socket.socket() as other:   # bound, not listening: binding beside it succeeds (SO_REUSEADDR) ...
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        other.bind(("127.0.0.1", 0))
+        port = other.getsockname()[1]
+        monkeypatch.setattr(server, "build", lambda *a: other.listen() or loaded.append(a) or real_build(*a))
+        r = cli("serve", two, "--port", port)   # ... and it listens first, while our models load
+    assert r.exit_code == 2 and len(loaded) == 1, r.output
+    assert r.output.startswith(f"error: port {port} on 127.0.0.1 is in use") and "Traceback" not in r.output
+
+
+def test_port_0_reports_the_port_bound(two, tmp_path):
+    """--port 0: the 'serving on' line and the pid file's JSON give the port the system chose, and it answers."""
+    pid_file, log = tmp_path / "serve.pid", tmp_path / "serve.log"
+    with open(log, "w") as logf:
+        proc = subprocess.Popen([sys.executable, "-m", "edgekit.serve", str(two), "--port", "0",
+                                 "--pid-file", str(pid_file)], stdout=logf, stderr=subprocess.STDOUT,
+                                cwd=str(ROOT), env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        info_file = Path(str(pid_file) + ".json")
+        _wait_for(lambda: proc.poll() is not None or (info_file.is_file() and
+                                                      json.loads(info_file.read_text())["models"] == ["two"]))
+        assert proc.poll() is None, log.read_text()
+        info = json.loads(info_file.read_text())
+        port = info["port"]
+        assert port > 0 and info["url"] == f"http://127.0.0.1:{port}/v2"
+        assert f"serving on http://127.0.0.1:{port}/v2 " in log.read_text()
+        _wait_for(lambda: _ready(port))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def _ready(port: int) -> bool:
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        c.request("GET", "/v2/health/ready")
+        return c.getresponse().status == 200
+    except OSError:
+        return False
+    finally:
+        c.close()
 
 
 # --- helpers ---------------------------------------------------------------------------------

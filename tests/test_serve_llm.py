@@ -144,8 +144,10 @@ def test_each_error_status_over_raw_http(server):
 
     chat = "/v1/chat/completions"
     msgs = [{"role": "user", "content": "hi"}]
+    deep = b"[" * 20000 + b"]" * 20000   # past the JSON parser's recursion limit: a 400, not a 500
     cases = [
         (post(chat, b"{nope"), 400, "invalid_request_error", "invalid_json"),
+        (post(chat, b'{"messages": ' + deep + b"}"), 400, "invalid_request_error", "invalid_json"),
         (post(chat, {"model": M}), 400, "invalid_request_error", "invalid_value"),
         (post(chat, {"model": M, "messages": msgs, "max_tokens": 0}), 400, "invalid_request_error",
          "invalid_value"),
@@ -164,6 +166,8 @@ def test_each_error_status_over_raw_http(server):
     for (st, body), want_st, want_type, want_code in cases:
         assert st == want_st and body["error"]["type"] == want_type and body["error"]["code"] == want_code, body
         assert body["error"]["message"]
+    st, body = post("/v2/models/" + M + "/generate", b'{"text_input": ' + deep + b"}")
+    assert st == 400 and "nested too deeply" in body["error"]
     st, body = post("/v2/models/nope/generate", {"text_input": "x"})
     assert st == 404 and "does not exist" in body["error"]
     st, body = post("/v2/models/" + M + "/infer", {"inputs": []})

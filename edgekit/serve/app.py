@@ -105,10 +105,10 @@ class App:
                 path = e.wants_reload()
                 if path is None:
                     continue
-                before = e.active
+                had = e.active is not None  # not the release itself: a retired one is freed once drained
                 kw = self.llm_kwargs if getattr(e, "kind", None) == "llm" else self.load_kwargs
                 ok = await loop.run_in_executor(None, lambda: e.try_load(path, **kw))
-                if ok and before is not None:
+                if ok and had:
                     self.metrics.swaps.inc(model=e.name)
                 elif not ok:
                     self.metrics.swap_failures.inc(model=e.name)

@@ -664,6 +664,8 @@ def _json_body(raw: bytes) -> Dict[str, Any]:
         doc = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise ApiError(400, f"the request body is not valid JSON ({e})", "invalid_json") from None
+    except RecursionError:   # [[[[... a thousand deep: the parser's recursion limit, not a 500
+        raise ApiError(400, "the request body is not valid JSON (nested too deeply)", "invalid_json") from None
     if not isinstance(doc, dict):
         raise ApiError(400, "the request body must be a JSON object", "invalid_json")
     return doc

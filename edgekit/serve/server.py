@@ -6,9 +6,11 @@ and numpy, like edgekit.runtime.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -142,6 +144,58 @@ def build(paths: List[str], config: ServeConfig) -> Tuple["object", List[ModelEn
     return app, entries + llms
 
 
+def bind(host: str, port: int) -> List[socket.socket]:
+    """Bind host:port as uvicorn would (asyncio's create_server): a socket for each address the host
+    resolves to ('' or None: every interface), SO_REUSEADDR, an IPv6 socket for IPv6 only; with port 0
+    one free port for them all. Bound, not yet listening (a client is refused until the server is up),
+    yet a server already listening there is found now, before any model is loaded."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0,
+                                   socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ServeError(f"--host {host}: cannot resolve it ({e.strerror})",
+                         hint="give an address of this machine, e.g. 127.0.0.1 or 0.0.0.0") from None
+    seen, addrs = set(), []
+    for af, _, proto, _, sa in infos:
+        if (af, sa) not in seen:
+            seen.add((af, sa))
+            addrs.append((af, proto, sa))
+    for attempt in range(8):  # port 0: the port the first address got may be taken on another one
+        socks: List[socket.socket] = []
+        want = port
+        try:
+            for af, proto, sa in addrs:
+                s = socket.socket(af, socket.SOCK_STREAM, proto)
+                socks.append(s)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if af == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                s.bind((sa[0], want) + tuple(sa[2:]))
+                want = s.getsockname()[1]
+            return socks
+        except OSError as e:
+            for s in socks:
+                s.close()
+            if port == 0 and e.errno == errno.EADDRINUSE and attempt < 7:
+                continue
+            raise _listen_error(host, port, e) from None
+    raise AssertionError("unreachable")
+
+
+def _listen_error(host: str, port: int, e: OSError) -> ServeError:
+    if e.errno == errno.EADDRINUSE:
+        return ServeError(f"port {port} on {host} is in use by another program",
+                          hint="choose another with --port, or stop the server there first: "
+                               "edgekit serve --stop --pid-file FILE for one of ours")
+    if e.errno == errno.EACCES:
+        return ServeError(f"port {port} on {host} needs privileges this user does not have",
+                          hint="choose a port of 1024 or more with --port")
+    if e.errno == errno.EADDRNOTAVAIL:
+        return ServeError(f"--host {host} is not an address of this machine",
+                          hint="give one of its addresses, 127.0.0.1 or 0.0.0.0")
+    return ServeError(f"cannot listen on {host}:{port} ({e.strerror or e})")
+
+
 def serve(paths: List[str], config: ServeConfig, say=print) -> None:
     """Run until SIGINT/SIGTERM."""
     try:
@@ -149,13 +203,15 @@ def serve(paths: List[str], config: ServeConfig, say=print) -> None:
     except ImportError:
         raise ServeError("uvicorn is not installed", hint="pip install 'edgekit[serve]'") from None
     scheme = "https" if config.tls_cert else "http"
-    if config.pid_file:  # first: a supervisor sees the server running while its models load
-        write_pid(config.pid_file, {
-            "host": config.host, "port": config.port, "url": f"{scheme}://{config.host}:{config.port}/v2",
-            "auth": "bearer" if config.token else "none", "models": []})
+    socks = bind(config.host, config.port)  # first: a port in use is refused before a model is loaded
+    port = socks[0].getsockname()[1]       # the port bound (--port 0: the one the system chose)
     try:
+        if config.pid_file:  # then: a supervisor sees the server running while its models load
+            write_pid(config.pid_file, {
+                "host": config.host, "port": port, "url": f"{scheme}://{config.host}:{port}/v2",
+                "auth": "bearer" if config.token else "none", "models": []})
         app, entries = build(paths, config)
-        ucfg = uvicorn.Config(app, host=config.host, port=config.port, http=config.http, loop="auto",
+        ucfg = uvicorn.Config(app, host=config.host, port=port, http=config.http, loop="auto",
                               lifespan="on", access_log=config.access_log, log_level="warning",
                               server_header=False, date_header=False, timeout_keep_alive=30,
                               # connections beyond what the queue can hold get uvicorn's plain 503
@@ -163,6 +219,11 @@ def serve(paths: List[str], config: ServeConfig, say=print) -> None:
                               + config.max_sequences + 64,
                               ssl_certfile=config.tls_cert, ssl_keyfile=config.tls_key)
         server = uvicorn.Server(ucfg)
+        for s in socks:  # a server that bound beside ours while the models loaded may have listened first
+            try:
+                s.listen(ucfg.backlog)
+            except OSError as e:
+                raise _listen_error(config.host, port, e) from None
         for e in entries:
             a = e.active
             say(f"model {e.name}: " + (f"version {a.version} ({a.backend} {a.backend_version}, {a.format})"
@@ -170,19 +231,18 @@ def serve(paths: List[str], config: ServeConfig, say=print) -> None:
                 + (f"; language model: /v1/chat/completions, /v1/completions, /v2/models/{e.name}/generate "
                    f"(context {a.context}, up to {a.engine.max_sequences} sequences decoded together)"
                    if a is not None and getattr(e, "kind", None) == "llm" else ""))
-        say(f"serving on {scheme}://{config.host}:{config.port}/v2 "
+        say(f"serving on {scheme}://{config.host}:{port}/v2 "
             f"(auth: {'bearer token' if config.token else 'none'}; HTTP parser {http_parser(config.http)}; "
             f"max concurrency {config.max_concurrency}, "
             f"queue {config.max_queue}" + (f", batching up to {config.max_batch} within {config.max_delay_ms} ms"
                                            if config.max_batch > 1 else "") + ")")
         if config.pid_file:
             write_pid(config.pid_file, {
-                "host": config.host, "port": config.port, "url": f"{scheme}://{config.host}:{config.port}/v2",
+                "host": config.host, "port": port, "url": f"{scheme}://{config.host}:{port}/v2",
                 "auth": "bearer" if config.token else "none", "models": [e.name for e in entries]})
-        server.run()
+        server.run(sockets=socks)  # uvicorn serves on the sockets bound above
     finally:
-        if config.pid_file:
+        if config.pid_file:  # only when it is still this server's
             remove_pid(Path(config.pid_file), os.getpid())
-    if not server.started:
-        raise ServeError(f"could not listen on {config.host}:{config.port}",
-                         hint="is the port in use? choose another with --port")
+        for s in socks:
+            s.close()
