@@ -519,3 +519,167 @@ def test_split_gate_up_on_models_without_fused_layers():
     m = Gemma3ForConditionalGeneration(Gemma3Config(text_config=tc, vision_config=vc, mm_tokens_per_image=4))
     assert len(_decoder_layers(m)) == 2 and split_gate_up(m) == 0
     assert split_gate_up(torch.nn.Sequential(torch.nn.Linear(4, 8))) == 0
+
+
+def _sweep_config(arch: str):
+    """benchmarks/llm_arch_sweep.py's tiny configuration of `arch` (its `config` for make_tiny)."""
+    import transformers as T
+
+    hd = dict(head_dim=32)
+    return {
+        # LFM2-350M's form: short-convolution layers (conv states past.N.conv in the builder's graph) between
+        # full-attention layers
+        "lfm2": lambda c: (T.Lfm2ForCausalLM, T.Lfm2Config(
+            tie_word_embeddings=True, layer_types=["conv", "full_attention", "conv"], conv_L_cache=3,
+            block_multiple_of=64, block_auto_adjust_ff_dim=True, **c)),
+        # LFM2-8B-A1B's form: the first layer dense, then top-k MoE (routers the builder keeps float)
+        "lfm2moe": lambda c: (T.Lfm2MoeForCausalLM, T.Lfm2MoeConfig(
+            tie_word_embeddings=True, layer_types=["conv", "full_attention", "conv"], num_dense_layers=1,
+            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, use_expert_bias=True,
+            norm_topk_prob=True, **c)),
+        # Hunyuan-0.5B's form: "dynamic" RoPE with a fixed NTK alpha (static frequencies)
+        "hunyuan": lambda c: (T.HunYuanDenseV1ForCausalLM, T.HunYuanDenseV1Config(
+            tie_word_embeddings=True, rope_parameters={"rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0,
+                                                       "rope_theta": 1e4}, **hd, **c)),
+        # gemma4-12b-it's form: the full-attention layer's wider head in per_layer_config only
+        "gemma4_unified": lambda c: (T.Gemma4UnifiedForConditionalGeneration, T.Gemma4UnifiedConfig(
+            tie_word_embeddings=True, text_config=T.Gemma4UnifiedTextConfig(
+                tie_word_embeddings=True, sliding_window=16, global_head_dim=64, final_logit_softcapping=30.0,
+                layer_types=["sliding_attention", "sliding_attention", "full_attention"], **hd, **c))),
+    }[arch]
+
+
+@pytest.mark.parametrize("arch", ["lfm2", "lfm2moe", "hunyuan", "gemma4_unified"])
+def test_sweep_archs_convert_int8_as_their_float_model(arch, tmp_path):
+    """Architectures the builder exports that edgekit failed on (benchmarks/llm_arch_sweep.py), each converted INT8
+    and measured against its float model as the sweep does: LFM2's graph carries conv states (`past.N.conv`) the
+    fidelity decoder did not feed ("Required inputs ... are missing" on every build); LFM2-MoE's INT8 overrides
+    named the routers the builder keeps float (its "did not produce the requested int8 node"); HunYuan's "dynamic"
+    RoPE with a fixed alpha (static: the builder bakes it into theta) was refused as dynamic NTK; Gemma 4 unified's
+    per-layer head_dim made the builder's config.head_dim raise (AmbiguousGlobalPerLayerAttributeError)."""
+    from edgekit.convert.llm import LLMRecipe, convert_llm, decoder_matmuls, read_source
+    from edgekit.convert.llm_fidelity import OnnxDecoder
+    from edgekit.runtime import load
+
+    folder = make_tiny(arch, tmp_path / f"tiny-{arch}", config=_sweep_config(arch))
+    read_source(str(folder))                          # not refused (HunYuan: before the fix, as dynamic NTK)
+    val = tmp_path / "val.txt"
+    val.write_text(corpus_text(40, seed=7))
+    res = convert_llm(LLMRecipe(str(folder), ("x86-avx512-vnni",), precision="int8", val=str(val)),
+                      str(tmp_path / "out"))
+    row = res.bundles[0]
+    assert row.ok, row.reason
+    m = json.loads((row.path / "manifest.json").read_text())
+    fid = m["fidelity"]
+    print(json.dumps({k: fid[k] for k in ("tokens", "ppl_float", "ppl_increase", "kl_mean", "top1_agreement")}))
+    # as the other architectures' INT8 builds (sweep: +0.00% .. +0.04%, top-1 >= 99.4%)
+    assert fid["tokens"] > 600 and fid["top1_agreement"] >= 0.98 and abs(fid["ppl_increase"]) < 0.005, fid
+    assert fid["kl_mean"] < 1e-3, fid
+    dec = OnnxDecoder(row.path / "model", 1, 32, threads=1)
+    conv = ["past.0.conv", "past.2.conv"] if arch.startswith("lfm2") else []
+    assert [s[0] for s in dec.states] == conv and all(s[1] == [1, 64, 2] for s in dec.states), dec.states
+    names = [n for v in decoder_matmuls(row.path / "model" / "model.onnx").values() for n in v]
+    assert names and not any("/router/" in n for n in names), names
+    if arch == "lfm2moe":   # every MatMul but the two float routers is 8-bit
+        assert m["llm"]["int8_nodes"]["nodes"] == len(names) + 1, (m["llm"]["int8_nodes"], names)
+    log = Path(res.log_path).read_text()
+    assert ("builder config fix: Gemma 4 per-layer geometry: global_head_dim 64, num_global_key_value_heads 1"
+            in log) == (arch == "gemma4_unified")
+    lm = load(row.path)   # ONNX Runtime GenAI carries the conv states itself
+    lm.generate(corpus_text(3, seed=11), max_new_tokens=8)
+    assert lm.last["new_tokens"] > 0
+
+
+def test_builder_refusals_in_one_line(tmp_path):
+    """What the 0.18 builder cannot build right is refused by read_source before any work, in one line naming the
+    architecture, why and what to do (and the supported list): Gemma4ForConditionalGeneration (out of
+    supported_architectures), GraniteMoeHybrid with Mamba-2 layers or experts, GPT-OSS without its MXFP4 experts;
+    the checkpoints of those architectures it builds right, and HunYuan's dynamic RoPE without alpha, are not
+    touched by it (the last still refused as dynamic NTK)."""
+    import transformers as T
+
+    from edgekit.convert.llm import builder_refusal, read_source, supported_architectures
+    from edgekit.errors import SourceModelError
+
+    supported = supported_architectures()
+    assert "Gemma4ForConditionalGeneration" not in supported
+    for arch in ("Gemma4UnifiedForConditionalGeneration", "GraniteMoeHybridForCausalLM", "GptOssForCausalLM",
+                 "Lfm2ForCausalLM", "Lfm2MoeForCausalLM", "HunYuanDenseV1ForCausalLM"):
+        assert arch in supported, arch
+    common = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
+                  num_key_value_heads=1, max_position_embeddings=512)
+    granite = dict(tie_word_embeddings=True, shared_intermediate_size=128, mamba_n_heads=4, mamba_d_head=32,
+                   **common)
+    gemma4 = T.Gemma4Config(text_config=T.Gemma4TextConfig(
+        sliding_window=16, global_head_dim=64, hidden_size_per_layer_input=16, vocab_size_per_layer_input=512,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"], head_dim=32, **common))
+    cases = {   # name: (configuration, architecture, words the line holds)
+        "gemma4": (gemma4, "Gemma4ForConditionalGeneration", ("per-layer embeddings", "geglu",
+                                                              "Gemma4UnifiedForConditionalGeneration")),
+        "granite4_h": (T.GraniteMoeHybridConfig(layer_types=["mamba", "attention", "mamba"], num_local_experts=0,
+                                                position_embedding_type="nope", **granite),
+                       "GraniteMoeHybridForCausalLM", ("2 Mamba-2 (linear attention) layer(s)", "granite-4.0-micro")),
+        "granite4_moe": (T.GraniteMoeHybridConfig(layer_types=["attention"] * 3, num_local_experts=4, **granite),
+                         "GraniteMoeHybridForCausalLM", ("4 experts a layer",)),
+        "gptoss_bf16": (T.GptOssConfig(num_local_experts=4, num_experts_per_tok=2, head_dim=32, **common),
+                        "GptOssForCausalLM", ("saved in float", "mxfp4", "original MXFP4 checkpoint")),
+    }
+    for name, (cfg, arch, words) in cases.items():
+        folder = tmp_path / name
+        cfg.architectures = [arch]
+        cfg.save_pretrained(str(folder))   # config.json alone: refused before the weights are looked for
+        with pytest.raises(SourceModelError) as e:
+            read_source(str(folder))
+        line = str(e.value)
+        assert "\n" not in line and f"architecture {arch}: " in line and "supported: " in line, line
+        for w in words:
+            assert w in line, (w, line)
+        assert "weights" not in line.split("supported: ")[0], line
+    # the hub's own config.json forms: legacy layer names, the keys transformers defaults when missing
+    attn = {"model_type": "granitemoehybrid", "layer_types": ["attention"] * 3, "num_local_experts": 0}
+    assert builder_refusal(attn, "GraniteMoeHybridForCausalLM") is None          # granite-4.0-micro's form
+    assert "1 Mamba-2" in builder_refusal(dict(attn, layer_types=["attention", "mamba", "attention"]),
+                                          "GraniteMoeHybridForCausalLM")[0]
+    assert "8 experts" in builder_refusal({"layer_types": ["attention"] * 3}, "GraniteMoeHybridForCausalLM")[0]
+    assert builder_refusal({"num_local_experts": 0}, "GraniteMoeHybridForCausalLM") is not None  # linear attention
+    mxfp4 = {"quantization_config": {"quant_method": "mxfp4"}}
+    assert builder_refusal(mxfp4, "GptOssForCausalLM") is None
+    assert "quantized by 'quark'" in builder_refusal({"quantization_config": {"quant_method": "quark"}},
+                                                     "GptOssForCausalLM")[0]
+    assert builder_refusal({}, "LlamaForCausalLM") is None
+    # HunYuan's "dynamic" without alpha is dynamic NTK: still refused by the RoPE check (the builder would fail)
+    hy = tmp_path / "hunyuan-dynamic"
+    T.HunYuanDenseV1Config(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4},
+                           head_dim=32, **common).save_pretrained(str(hy))
+    cfg = json.loads((hy / "config.json").read_text())
+    cfg["architectures"] = ["HunYuanDenseV1ForCausalLM"]
+    (hy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SourceModelError, match="RoPE scaling type 'dynamic'"):
+        read_source(str(hy))
+
+
+def test_gemma4_geometry_only_where_the_builder_can_build_it():
+    """gemma4_geometry (the builder config fix) on transformers 5.25's heterogeneous Gemma 4 text configs: the full
+    layers' head_dim / kv heads given as the keys the builder reads; a non-Gemma-4 or homogeneous config left alone;
+    full layers of two geometries refused rather than built with one."""
+    import transformers as T
+
+    from edgekit.convert.llm_compat import gemma4_geometry
+
+    kw = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
+              num_key_value_heads=1, head_dim=32, sliding_window=16,
+              layer_types=["sliding_attention", "full_attention", "full_attention"])
+    cfg = T.Gemma4UnifiedConfig(text_config=T.Gemma4UnifiedTextConfig(global_head_dim=64, **kw))
+    from transformers.integrations.heterogeneity.configuration_utils import AmbiguousGlobalPerLayerAttributeError
+
+    with pytest.raises(AmbiguousGlobalPerLayerAttributeError):   # transformers 5.25: what the builder tripped on
+        cfg.text_config.head_dim
+    done = gemma4_geometry(cfg)
+    assert done and "global_head_dim 64" in done[0], done
+    for c in (cfg, cfg.text_config):
+        assert (c.global_head_dim, c.num_global_key_value_heads) == (64, 1)
+    assert cfg.text_config.head_dim == 32 and gemma4_geometry(cfg) == []          # the sliding layers'; once
+    assert gemma4_geometry(T.Qwen2Config(vocab_size=64)) == []
+    two = T.Gemma4UnifiedTextConfig(per_layer_config={"1": {"head_dim": 64}, "2": {"head_dim": 128}}, **kw)
+    with pytest.raises(NotImplementedError, match="per-layer geometry"):
+        gemma4_geometry(two)

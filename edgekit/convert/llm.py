@@ -109,12 +109,67 @@ def causal_lm_classes() -> set:
     return out
 
 
+# What the model builder dispatches but does not build right (onnxruntime-genai 0.18 with transformers 5.25, on
+# benchmarks/llm_arch_sweep.py's tiny checkpoints): architecture -> (why, what to do). Out of
+# supported_architectures; read_source refuses them in one line before any work.
+BUILDER_CANNOT: Dict[str, Tuple[str, str]] = {
+    "Gemma4ForConditionalGeneration": (
+        "ONNX Runtime GenAI's model builder builds it only with its Gemma 4 MoE class: the dense text decoders "
+        "(gemma-4-E2B / E4B / 31B) fail in it (their per-layer embeddings are not built), and the 26B-A4B's "
+        "experts become a geglu MoE node ONNX Runtime's CPU kernel refuses",
+        "no Gemma 4 checkpoint of this class converts with this builder; Gemma 3 (Gemma3ForCausalLM, "
+        "Gemma3ForConditionalGeneration) and Gemma 4's unified form (Gemma4UnifiedForConditionalGeneration) do"),
+}
+
+
 def supported_architectures() -> List[str]:
     """The architectures edgekit converts: those the installed model builder exports (builder_architectures) that
-    transformers' AutoModelForCausalLM also loads (causal_lm_classes). The builder's others (0.18: ChatGLM,
-    InternLM2, Phi-3 small / vision, Phi-4 multimodal, PhiMoE, Qwen2.5-VL, Qwen3-VL, Qwen3.5, Mistral 3, LFM2-VL /
-    Audio, VideoChat-Flash, Whisper) need remote code or another auto class for the float reference."""
-    return sorted(set(builder_architectures()) & causal_lm_classes())
+    transformers' AutoModelForCausalLM also loads (causal_lm_classes), less those it builds wrong (BUILDER_CANNOT).
+    The builder's others (0.18: ChatGLM, InternLM2, Phi-3 small / vision, Phi-4 multimodal, PhiMoE, Qwen2.5-VL,
+    Qwen3-VL, Qwen3.5, Mistral 3, LFM2-VL / Audio, VideoChat-Flash, Whisper) need remote code or another auto class
+    for the float reference. Some checkpoints of a supported architecture are still refused (builder_refusal)."""
+    return sorted((set(builder_architectures()) & causal_lm_classes()) - set(BUILDER_CANNOT))
+
+
+# transformers 5's names for GraniteMoeHybrid's legacy layer types (configuration_utils' remap)
+_LAYER_TYPE_NAMES = {"mamba": "linear_attention", "attention": "full_attention"}
+
+
+def builder_refusal(config: Dict[str, Any], arch: str) -> Optional[Tuple[str, str]]:
+    """Why the model builder cannot build this checkpoint of `arch` right, and what to do; None where nothing is
+    known against it. BUILDER_CANNOT's architectures; GraniteMoeHybrid with a Mamba-2 (linear attention) layer or
+    experts (granite-4.0-h-*, the MoE ones: the builder's Granite 4 class builds attention layers and the shared MLP
+    only, and crashes on a Mamba layer: 'NoneType' object has no attribute 'q_proj'); GPT-OSS not in its MXFP4
+    form (a dequantized BF16 re-upload: the builder reads the experts from the MXFP4 `*_blocks` / `*_scales`
+    tensors only)."""
+    if arch in BUILDER_CANNOT:
+        return BUILDER_CANNOT[arch]
+    c = text_config(config)
+    if arch == "GraniteMoeHybridForCausalLM":
+        types = c.get("layer_types") or c.get("layers_block_type")
+        # transformers' defaults where config.json names none: linear attention everywhere, 8 experts
+        kinds = [_LAYER_TYPE_NAMES.get(t, t) for t in types] if isinstance(types, list) else ["linear_attention"]
+        other = sorted({k for k in kinds if k != "full_attention"})
+        experts = c.get("num_local_experts", 8)
+        why = ([f"{kinds.count(k)} {'Mamba-2 (linear attention)' if k == 'linear_attention' else k} layer(s)"
+                for k in other] + ([f"{experts} experts a layer"] if isinstance(experts, int) and experts > 0
+                                   else []))
+        if why:
+            return (f"{' and '.join(why)}: ONNX Runtime GenAI's model builder builds GraniteMoeHybrid's attention "
+                    "layers and shared MLP only (it fails on a Mamba layer and would leave the experts out)",
+                    "the attention-only, expert-free Granite 4 checkpoints (granite-4.0-micro, granite-4.0-350m / "
+                    "1b: layer_types all \"attention\", num_local_experts 0) convert; the hybrid granite-4.0-h-* and "
+                    "MoE ones do not with this builder")
+    if arch == "GptOssForCausalLM":
+        qc = config.get("quantization_config")
+        method = qc.get("quant_method") if isinstance(qc, dict) else None
+        if method != "mxfp4":
+            return (f"gpt-oss {'quantized by ' + repr(method) if method else 'saved in float'} (no "
+                    "quantization_config.quant_method \"mxfp4\"): ONNX Runtime GenAI's model builder reads the "
+                    "experts only from the MXFP4 *_blocks / *_scales tensors of OpenAI's checkpoint",
+                    "convert the original MXFP4 checkpoint (openai/gpt-oss-20b, openai/gpt-oss-120b), not a "
+                    "dequantized (BF16) re-upload")
+    return None
 
 
 def builder_classes(arch: str) -> List[type]:
@@ -158,10 +213,24 @@ def rope_scaling_type(config: Dict[str, Any]) -> Optional[str]:
     return None
 
 
+def _rope_form(config: Dict[str, Any]) -> Dict[str, Any]:
+    """The flat RoPE settings of a config.json (rope_parameters or rope_scaling; {} where nested per layer type)."""
+    c = text_config(config)
+    for key in ("rope_parameters", "rope_scaling"):
+        rs = c.get(key)
+        if isinstance(rs, dict) and ("rope_type" in rs or "type" in rs):
+            return rs
+    return {}
+
+
 def _check_rope(p: Path, config: Dict[str, Any], arch: str) -> None:
     """Dynamic NTK RoPE is built only by the Llama-family builders (LlamaModel's RoPE setup); the others refuse it
-    once the float model is loaded (NotImplementedError, exit 1): refused here first, in one line."""
+    once the float model is loaded (NotImplementedError, exit 1): refused here first, in one line. HunYuan's
+    "dynamic" with a fixed NTK `alpha` (Hunyuan-0.5B-7B) is static RoPE at theta * alpha ** (d / (d - 2)), as
+    transformers 5 computes it (its ntk_alpha) and the builder's HunYuan model bakes into its theta: let through."""
     if rope_scaling_type(config) != "dynamic":
+        return
+    if arch == "HunYuanDenseV1ForCausalLM" and _rope_form(config).get("alpha"):
         return
     from onnxruntime_genai.models import builder
 
@@ -427,6 +496,10 @@ def read_source(path: str) -> LMSource:
     except ImportError:
         raise SourceModelError("converting a language model needs ONNX Runtime GenAI's model builder, torch and "
                                "transformers", path=str(p), hint="pip install 'edgekit[llm-convert]'") from None
+    refusal = builder_refusal(config, arch)
+    if refusal is not None:
+        raise SourceModelError(f"architecture {arch}: {refusal[0]}", path=str(p),
+                               hint=f"{refusal[1]}; supported: " + ", ".join(supported))
     if arch not in supported:
         if arch in builder_architectures():
             import transformers
@@ -875,14 +948,17 @@ def compact_json(path: Path) -> int:
 
 
 def decoder_matmuls(model_onnx: Path) -> Dict[int, List[str]]:
-    """The builder's MatMul node names per decoder layer (before quantization: the names overrides match)."""
+    """The builder's MatMul node names per decoder layer (before quantization: the names overrides match). A MoE
+    router's (`/moe/router/MatMul`) left float is not one: LFM2-MoE's builder keeps its routers float whatever an
+    override asks (an INT8 override fails the build), so they are neither overridden nor ladder candidates; one
+    the builder quantized (gpt-oss's: MatMulNBits) is. In a float graph every router is left out."""
     import onnx
 
     m = onnx.load(str(model_onnx), load_external_data=False)
     out: Dict[int, List[str]] = {}
     for n in m.graph.node:
         mt = re.match(r"^/model/layers\.(\d+)/.*/MatMul", n.name)
-        if mt and n.op_type in ("MatMul", "MatMulNBits"):
+        if mt and (n.op_type == "MatMulNBits" or (n.op_type == "MatMul" and "/moe/router/" not in n.name)):
             out.setdefault(int(mt.group(1)), []).append(re.sub(r"_Q\d+$", "", n.name))
     return out
 

@@ -36,6 +36,14 @@ against torch). The fix hands every type but `llama3` and `dynamic` to the base 
 linear and YaRN, and refuses what it does not know). `dynamic` (NTK) is built unscaled, which is what transformers
 5 computes up to `max_position_embeddings` (it rescales only past it), the context the builder's caches cover; the
 convert log says so.
+
+Gemma 4 (Gemma4UnifiedForConditionalGeneration: gemma4-12b-it's form): transformers 5.25 holds the full-attention
+layers' wider head (and their key / value heads) in `per_layer_config` only, and reading `config.head_dim` of such
+a heterogeneous configuration raises AmbiguousGlobalPerLayerAttributeError; the builder's Gemma 4 class reads
+`head_dim` (the sliding layers'), `global_head_dim` and `num_global_key_value_heads`, the keys the configuration
+had before. The fix gives the builder's configuration those keys from the per-layer geometry (and lets it read the
+top-level values, the sliding layers' own); geometry the builder cannot express (full layers differing among
+themselves, a per-layer override of anything else) fails the build instead.
 """
 
 from __future__ import annotations
@@ -46,6 +54,8 @@ import threading
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 NESTED_ROPE_MODELS = ("gemma3_text", "gemma3")   # model_type values whose nested rope_parameters need flattening
+# model_type values of the builder's Gemma 4 class (it reads global_head_dim / num_global_key_value_heads)
+GEMMA4_MODELS = ("gemma4", "gemma4_text", "gemma4_unified", "gemma4_unified_text")
 # model_type values whose transformers model windows every layer's attention by config.sliding_window (no layer_types)
 UNIFORM_WINDOW_MODELS = ("mistral", "phi3")
 
@@ -82,6 +92,37 @@ def window_every_layer(config: Any) -> List[str]:
     config.layer_types = ["sliding_attention"] * int(config.num_hidden_layers)
     return [f"layer_types = sliding_attention x {config.num_hidden_layers} (sliding_window {window} on every layer, "
             "as transformers applies it)"]
+
+
+def gemma4_geometry(config: Any) -> List[str]:
+    """Give a Gemma 4 `config` whose text configuration keeps the full-attention layers' head_dim / key-value heads
+    per layer (transformers 5.25: `per_layer_config`) the keys the builder reads (`global_head_dim`,
+    `num_global_key_value_heads`), and let it read the top-level (sliding-layer) values; returns what was set
+    (empty: nothing to do). NotImplementedError where the per-layer geometry is not the builder's two kinds."""
+    text = getattr(config, "text_config", None) or config
+    if {getattr(config, "model_type", None), getattr(text, "model_type", None)}.isdisjoint(GEMMA4_MODELS) \
+            or not getattr(text, "is_heterogeneous", False) or hasattr(text, "global_head_dim"):
+        return []
+    top = text.to_dict()
+    keys = ("head_dim", "num_key_value_heads")
+    other = sorted({k for o in (top.get("per_layer_config") or {}).values() for k in o} - set(keys))
+    kinds: Dict[str, set] = {}
+    for i, kind in enumerate(text.layer_types):
+        layer = text.per_layer_config[i]
+        kinds.setdefault(kind, set()).add(tuple(getattr(layer, k) for k in keys))
+    full, sliding = kinds.get("full_attention", set()), kinds.get("sliding_attention", set())
+    if other or len(full) != 1 or not sliding <= {tuple(top[k] for k in keys)}:
+        raise NotImplementedError(
+            f"{text.model_type}: per-layer geometry the builder's Gemma 4 class cannot build (one head_dim / "
+            f"key-value heads for the sliding layers, one for the full ones; per-layer overrides of "
+            f"{other or list(keys)}): full {sorted(full)}, sliding {sorted(sliding)}")
+    (head_dim, kv_heads), = full
+    for c in {id(config): config, id(text): text}.values():   # the builder copies text_config's keys to the top
+        c.allow_global_per_layer_attribute_access = True
+        c.global_head_dim, c.num_global_key_value_heads = head_dim, kv_heads
+    return [f"Gemma 4 per-layer geometry: global_head_dim {head_dim}, num_global_key_value_heads {kv_heads} (the "
+            f"full-attention layers'; head_dim {top['head_dim']}, key-value heads {top['num_key_value_heads']} the "
+            "sliding ones')"]
 
 
 def longrope_type(config: Any) -> List[str]:
@@ -160,7 +201,8 @@ def builder_config_fixes(log: List[str]) -> Iterator[None]:
             def fixed(*args, **kwargs):
                 details = original(*args, **kwargs)
                 cfg = details["hf_config"]
-                done = flatten_rope(cfg) + window_every_layer(cfg) + longrope_type(cfg) + yarn_defaults(cfg)
+                done = gemma4_geometry(cfg) + flatten_rope(cfg) + window_every_layer(cfg) + longrope_type(cfg) \
+                    + yarn_defaults(cfg)
                 log.extend(f"builder config fix: {d}" for d in done)
                 if rope_type(cfg) == "yarn":
                     if not yarn_ok:

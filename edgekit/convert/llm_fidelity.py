@@ -380,7 +380,9 @@ def _kl(ref_lp: np.ndarray, q_lp: np.ndarray) -> np.ndarray:
 
 class OnnxDecoder:
     """A builder's model.onnx (or a bundle's: its lm_head pruning taken out, llm_graph.unpruned) run
-    teacher-forced: all positions of a window at once, empty KV cache."""
+    teacher-forced: all positions of a window at once, empty KV cache, every other recurrent state the graph
+    carries (LFM2's short-convolution layers: `past.N.conv` [batch, hidden, L_cache - 1]) zero, as a generation
+    starts it. Each window is one pass from that empty state, so no present state is carried between calls."""
 
     def __init__(self, model_dir: Path, kv_heads: int, head_dim: int, threads: Optional[int] = None):
         import onnxruntime as ort
@@ -407,6 +409,15 @@ class OnnxDecoder:
                 heads = i.shape[1] if isinstance(i.shape[1], int) else kv_heads
                 dim = i.shape[3] if isinstance(i.shape[3], int) else head_dim
                 self.past.append((i.name, heads, dim, dt))
+        # the other past states (past.N.conv: ONNX Runtime GenAI starts them at zero): batch 1, the rest as declared
+        self.states = []
+        for i in self.session.get_inputs():
+            if i.name.startswith("past") and not i.name.startswith("past_key_values"):
+                rest = list(i.shape[1:])
+                if not all(isinstance(d, int) for d in rest):
+                    raise NotImplementedError(f"the graph's state input {i.name} has a dimension of no fixed size "
+                                              f"({i.shape}): its empty state is unknown to edgekit")
+                self.states.append((i.name, [1] + rest, np.float16 if "float16" in i.type else np.float32))
         names = {i.name for i in self.session.get_inputs()}
         self.has_positions = "position_ids" in names
         # the sliding window, as the runtime reads it (genai_config decoder.sliding_window; 0: none)
@@ -423,6 +434,8 @@ class OnnxDecoder:
         cap = max(ids.shape[1], self.local_window) if self.local_window > 0 else 0
         for name, heads, dim, dt in self.past:
             feed[name] = np.zeros((1, heads, cap, dim), dt)
+        for name, shape, dt in self.states:
+            feed[name] = np.zeros(shape, dt)
         return self.session.run(["logits"], feed)[0][0].astype(np.float32)
 
 
