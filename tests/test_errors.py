@@ -138,3 +138,91 @@ def test_training_tools_print_nothing_but_the_error(tmp_path, digits):
         assert p.returncode == 2
         assert p.stderr.strip().splitlines() == [_one_line(p.stderr)], p.stderr
         assert "nope.npz" in p.stderr and "not found" in p.stderr
+
+
+def test_threads_above_four_per_usable_cpu_refused_before_the_load(tmp_path, cli, monkeypatch):
+    """--threads 100000 hung (1000: 45 s on 2 CPUs): an explicit count past MAX_THREADS_PER_CPU x the usable CPUs
+    is one line naming them, said before the model is looked at (the missing path is not what it names); at the
+    bound it is taken as asked (oversubscribing on purpose stays possible)."""
+    from edgekit.errors import EdgekitError
+    from edgekit.runtime import threads as th
+
+    cap = th.MAX_THREADS_PER_CPU * th.usable_cpus()
+    assert th.choose_threads(cap, 4) == cap
+    with pytest.raises(EdgekitError, match=f"this process can use {th.usable_cpus()} .*give at most {cap}"):
+        th.choose_threads(cap + 1, 4)
+    q = tmp_path / "cpu.max"
+    q.write_text("150000 100000")   # a quota of 1.5 CPUs: 1 usable, 4 threads at most, the quota named
+    monkeypatch.setenv(th.CPU_MAX_ENV, str(q))
+    assert th.choose_threads(4, None) == 4
+    with pytest.raises(EdgekitError, match="can use 1 .*cgroup CPU quota 1.5.*give at most 4"):
+        th.choose_threads(5, None)
+    monkeypatch.delenv(th.CPU_MAX_ENV)
+    for cmd in (("run", tmp_path / "nothing", "-p", "hi"), ("bench", tmp_path / "nothing"),
+                ("chat", tmp_path / "nothing")):
+        r = cli(*cmd, "--threads", 100000)
+        assert r.exit_code == 2 and "threads 100000 is more than" in _one_line(r.stderr), r.output
+
+
+@pytest.mark.parametrize("option, value, words", [
+    ("--runs", 0, "--runs must be at least 1 (got 0)"), ("--warmup", -1, "--warmup must be at least 0 (got -1)"),
+    ("--prompt-tokens", 0, "--prompt-tokens must be at least 1"),
+    ("--new-tokens", 1, "--new-tokens must be at least 2"),
+])
+def test_bench_counts_checked_before_any_load(tmp_path, cli, option, value, words):
+    """In the CLI's option names, before a model is loaded (the missing path is not what it says)."""
+    r = cli("bench", tmp_path / "nothing", option, value)
+    assert r.exit_code == 2 and words in _one_line(r.stderr) and "benchmarking" not in r.stderr, r.output
+
+
+def test_bench_out_that_cannot_be_written_is_refused_before_measuring(tmp_path, cli):
+    """--out a directory, or under a file: one line naming the path, before any model is looked at."""
+    (tmp_path / "afile").write_text("x")
+    for out, words in ((tmp_path, f"{tmp_path}: Is a directory"),
+                       (tmp_path / "afile" / "r.json", f"{tmp_path / 'afile'}: Not a directory")):
+        r = cli("bench", tmp_path / "nothing", "--out", out)
+        line = _one_line(r.stderr)
+        assert r.exit_code == 2 and words in line and "choose another path" in line, r.output
+    assert (tmp_path / "afile").read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_an_oserror_on_a_path_is_one_line_exit_2_and_a_traceback_with_debug(tmp_path, cli, monkeypatch):
+    """A write that fails after the work (a full disk, a folder made read-only meanwhile): `error: PATH: strerror`,
+    exit 2, no traceback; --debug shows it."""
+    import errno
+
+    import edgekit.bundle
+    import edgekit.runtime
+
+    class Fake:
+        kind, backend, backend_version = None, "onnxruntime", "1"
+
+        def benchmark(self, runs, warmup):
+            return {"runs": runs}
+
+    def refuse(path, data):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(edgekit.runtime, "load", lambda *a, **k: Fake())
+    monkeypatch.setattr(edgekit.bundle, "write_json_atomic", refuse)
+    (tmp_path / "m.onnx").write_bytes(b"x")
+    out = tmp_path / "r.json"
+    r = cli("bench", tmp_path / "m.onnx", "--runs", 1, "--out", out)
+    assert r.exit_code == 2 and _one_line(r.stderr) == \
+        f"error: {out}: Read-only file system (choose another path; --debug for the traceback)", r.output
+    with pytest.raises(OSError):
+        cli("--debug", "bench", tmp_path / "m.onnx", "--runs", 1, "--out", out)
+
+
+def test_serve_parsers_refuse_deeply_nested_json_as_bad_json():
+    """[[[[... a hundred thousand deep: json's RecursionError was a 500; it is a 400 saying the JSON is bad."""
+    from edgekit.serve.protocol import ProtocolError, parse_infer
+    from edgekit.serve.repository import parse_index_request
+
+    deep = "[" * 100_000 + "]" * 100_000
+    body = ('{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": %s}]}' % deep).encode()
+    for parse in (lambda: parse_infer(body, None, 10 ** 6), lambda: parse_index_request(('{"ready": %s}' % deep)
+                                                                                         .encode())):
+        with pytest.raises(ProtocolError) as e:
+            parse()
+        assert e.value.status == 400 and "not valid JSON (nested too deeply)" in e.value.message

@@ -167,6 +167,49 @@ def test_context_option(cli, tiny_int4_avx2):  # noqa: F811
     assert "(reply cut at 2 tokens: --max-new-tokens)" in r.stderr
 
 
+def test_bench_checks_every_bundle_and_its_counts_before_benchmarking_any(cli, tiny_int4_avx2, tmp_path):  # noqa: F811
+    """`bench GOOD TRUNCATED --out F` benchmarked GOOD, then failed on the truncated copy and wrote nothing: the
+    damage is said first, nothing measured, nothing written. Counts are said in the CLI's names before the load."""
+    import shutil
+
+    trunc = tmp_path / "trunc"
+    shutil.copytree(tiny_int4_avx2, trunc)
+    data = trunc / "model" / "model.onnx.data"
+    data.write_bytes(data.read_bytes()[:1000])
+    r = cli("bench", tiny_int4_avx2, trunc, "--runs", 1, "--prompt-tokens", 4, "--new-tokens", 2,
+            "--out", tmp_path / "b.json")
+    line = _one_error_line(r)
+    assert str(trunc) in line and "model.onnx.data is 1000 bytes" in line and "damaged" in line, line
+    assert "benchmarking" not in r.stderr and not (tmp_path / "b.json").exists()
+    line = _one_error_line(cli("bench", tiny_int4_avx2, "--runs", 0))
+    assert line == "error: --runs must be at least 1 (got 0)" and "prompt_tokens" not in line
+
+
+def test_chat_with_stdin_closed_ends_as_at_end_of_input(tiny_int4_avx2):  # noqa: F811
+    """`edgekit chat B <&-`: Python's sys.stdin is None; that is the end of input (exit 0), not an AttributeError."""
+    for prog in (["-m", "edgekit.cli", "chat"], ["-m", "edgekit.runtime", "chat"]):
+        out = subprocess.run(["sh", "-c", 'exec "$@" <&-', "sh", sys.executable, *prog, str(tiny_int4_avx2)],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    from edgekit.runtime.llmchat import chat_loop
+
+    class LM:   # what chat_loop reads of a model before the first line
+        name, backend, backend_version, threads, context = "m", "b", "1", 1, 64
+
+        def conversation(self, **kw):
+            return None
+
+    import io
+
+    err = io.StringIO()
+    saved, sys.stdin = sys.stdin, None
+    try:
+        assert chat_loop(LM(), stdout=io.StringIO(), stderr=err) == 0
+    finally:
+        sys.stdin = saved
+    assert "/exit or Ctrl-D to leave" in err.getvalue()
+
+
 def test_device_runtime_context_json_and_cut_reply(tiny_int4_avx2):  # noqa: F811
     def runtime(*args):
         return subprocess.run([sys.executable, "-m", "edgekit.runtime", *map(str, args)], capture_output=True,

@@ -307,6 +307,33 @@ def test_llm_recipe_column_shows_what_applies_to_the_precision(tmp_path):
         assert llm_recipe(dataclasses.asdict(o)) == f"no quantization ({o.execution_provider})"
 
 
+def test_hand_edited_llm_manifest_with_wrong_types_renders_empty_marks(tmp_path):
+    """A manifest edited by hand (a figure "x", a section "oops" or 5, a list field 5, a byte count "x") is
+    rendered with the empty mark where a figure cannot be read, not a ValueError / TypeError from the renderer."""
+    from edgekit.report.render import _num, render
+
+    cases = {"tiny-rpi5-int4": dict(fidelity={"ppl": "x", "ppl_float": "y", "ppl_increase": "z", "kl_mean": True,
+                                              "top1_agreement": "high"}),
+             "tiny-rpi4-int4": dict(recipe="oops", fidelity=5, llm={"bytes_per_token": "x", "int8_nodes": 5}),
+             "tiny-jetson-int4": dict(recipe=5, fidelity="oops", llm="oops"),
+             "tiny-x86-avx2-int4": dict(recipe=dict(_llm_manifest("x", "int4")["recipe"], int8_layers=5,
+                                                    int8_matmuls=5, fp32_matmuls=True),
+                                        llm={"int8_nodes": {"blocks": 5}})}
+    for key, edits in cases.items():
+        man = dict(_llm_manifest(key.split("-", 1)[1].rsplit("-", 1)[0], "int4"), **edits)
+        (tmp_path / key).mkdir()
+        (tmp_path / key / "manifest.json").write_text(json.dumps(man))
+    (tmp_path / "tiny.convert.json").write_text(json.dumps({"name": "tiny", "kind": "llm", "bundles": [
+        {"path": str(tmp_path / "tiny-rpi4-int4"), "target": "rpi4", "format": "onnx-genai", "precision": "int4",
+         "bytes": "x", "recipe": "oops", "fidelity": ["x"]}]}))
+    data = col.collect(tmp_path, rollouts=[])
+    html = render(data)
+    assert "– → –" in _row(html, "tiny-rpi5-int4")
+    assert [b.llm["recipe"] for b in data.models[0].bundles if b.key == "tiny-jetson-int4"] == [{}]
+    assert "block 32, accuracy_level 4" in _row(html, "tiny-x86-avx2-int4")
+    assert [_num(v) for v in ("x", True, [], None, float("nan"), 10 ** 400, 2.5)] == ["–"] * 6 + ["2.5"]
+
+
 def test_llm_select_fastest_candidates_are_their_own_table_and_the_ladder_does_not_claim_the_bundle(tmp_path):
     """A --select fastest bundle: its timed candidates are shown (what, decode tok/s, where timed, meets, chosen),
     the Speed section does not say "Not measured", and the profile rung it did not ship is not presented as its

@@ -10,7 +10,8 @@ from edgekit.errors import EdgekitError
 
 
 class _Group(click.Group):
-    """Turns EdgekitError into one clear line and its exit code."""
+    """Turns EdgekitError into one clear line and its exit code; an OSError on a path the user named (an --out in a
+    read-only folder, a directory where a file goes, a full disk) into one line naming the path, exit 2."""
 
     def invoke(self, ctx):
         try:
@@ -20,6 +21,13 @@ class _Group(click.Group):
                 raise
             click.echo(f"error: {e}", err=True)
             ctx.exit(e.exit_code)
+        except OSError as e:
+            if e.filename is None or (ctx.obj and ctx.obj.get("debug")):
+                raise
+            where = e.filename if e.filename2 is None else e.filename2   # a rename's: the destination, not a temp
+            click.echo(f"error: {where}: {e.strerror or e} (choose another path; --debug for the traceback)",
+                       err=True)
+            ctx.exit(2)
 
 
 @click.group(cls=_Group)

@@ -69,6 +69,70 @@ def _refuse_context_for_others(context, paths) -> None:
         raise click.UsageError(f"--context is for language models; {path} is not one")
 
 
+def _check_counts(**given) -> None:
+    """Counts given as options, each at least its lowest (option name: (value, lowest)): one line naming the option,
+    before anything is loaded."""
+    from edgekit.errors import EdgekitError
+
+    for name, (value, lowest) in given.items():
+        if value is not None and value < lowest:
+            raise EdgekitError(f"--{name.replace('_', '-')} must be at least {lowest} (got {value})")
+
+
+def _check_threads(threads) -> None:
+    """--threads: at least 1, at most runtime.threads.MAX_THREADS_PER_CPU per usable CPU, said before the load."""
+    if threads is not None:
+        from edgekit.runtime.threads import check_threads
+
+        check_threads(threads)
+
+
+def _check_out(out) -> None:
+    """--out: a file that can be written (not a directory; its folder, or the nearest one above that exists since
+    the missing ones are made, a writable directory), said before anything is loaded or measured."""
+    import errno
+    import os
+    import tempfile
+    from pathlib import Path
+
+    p = Path(out)
+    if p.is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(p))
+    folder = p.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
+    with tempfile.TemporaryFile(dir=folder):   # a real write, as the report's will be (mode, ACLs, a read-only mount)
+        pass
+
+
+def _check_models(paths) -> None:
+    """Every MODEL of `edgekit bench`, before any is loaded or benchmarked: what a load refuses at once (a missing
+    path, a manifest that cannot be read, a model file missing or of the wrong size: a truncated copy), so the
+    second bundle's damage is said before the first one's minutes of measuring, not after them. A language
+    model's files are hashed by its own load, as before (not twice); an image model's bundle, small, here."""
+    from pathlib import Path
+
+    from edgekit.bundle import read_bundle
+    from edgekit.errors import BundleError
+    from edgekit.runtime.llm import GENAI_CONFIG, MANIFEST, llm_manifest, verify_files
+
+    for path in paths:
+        p = Path(path)
+        if p.is_dir():
+            manifest = llm_manifest(p)
+            if manifest is not None:
+                verify_files(p, manifest, hash_files=False)
+            elif (p / MANIFEST).is_file() or not (p / GENAI_CONFIG).is_file():
+                read_bundle(p, verify=True)
+        elif not p.is_file():
+            raise BundleError("no such file or bundle directory", path=str(p))
+        elif p.suffix.lower() not in (".tflite", ".onnx"):
+            raise BundleError("not a model edgekit can run", path=str(p),
+                              hint="give a bundle directory, a .tflite or an .onnx file")
+
+
 def _gen(lm, max_new_tokens, temperature, top_p, top_k, seed, stop, repetition_penalty):
     """The generation options given, over the model's own defaults (lm.generation_defaults)."""
     given = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "repetition_penalty": repetition_penalty}
@@ -99,6 +163,7 @@ def run(model, input_path, prompt, no_template, raw, backend, threads, as_json, 
     from edgekit.runtime import load
     from edgekit.runtime.__main__ import read_inputs
 
+    _check_threads(threads)
     m = load(model, backend=backend, threads=threads)
     _set_context(m, context, model)
     if getattr(m, "kind", None) == "llm":
@@ -148,7 +213,12 @@ def bench(models, runs, warmup, prompt_tokens, new_tokens, backend, threads, as_
     from edgekit.runtime.llmopts import reset_peak_rss
     from edgekit.runtime.report import bench_table
 
+    _check_counts(runs=(runs, 1), warmup=(warmup, 0), prompt_tokens=(prompt_tokens, 1), new_tokens=(new_tokens, 2))
+    _check_threads(threads)
+    if out:
+        _check_out(out)
     _refuse_context_for_others(context, models)
+    _check_models(models)
     reports = []
     m = None
     for i, path in enumerate(models):
@@ -193,6 +263,7 @@ def chat(model, threads, verbose, max_new_tokens, temperature, top_p, top_k, see
     from edgekit.runtime import load
     from edgekit.runtime.llmchat import chat_loop
 
+    _check_threads(threads)
     m = load(model, threads=threads)
     if getattr(m, "kind", None) != "llm":
         raise click.UsageError(f"{model} is not a language model (chat needs an LLM bundle)")

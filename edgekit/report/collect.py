@@ -305,6 +305,14 @@ def _numerics(record: Dict[str, Any], v: Dict[str, Any]) -> Optional[str]:
     return None
 
 
+def _int(v: Any) -> Optional[int]:
+    """A byte count as an int; None for one missing or not a number (a hand-edited "x")."""
+    try:
+        return None if v is None or isinstance(v, bool) else int(v)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
 def _bundle(key: str, model: str, record: Dict[str, Any], manifest: Dict[str, Any]) -> BundleInfo:
     v = dict(manifest.get("validation") or {})
     v.update({k: x for k, x in (record.get("validation") or {}).items() if x is not None})
@@ -327,7 +335,7 @@ def _bundle(key: str, model: str, record: Dict[str, Any], manifest: Dict[str, An
         v.setdefault("top1_agreement_fraction", fid.get("top1_agreement"))
     return BundleInfo(llm=llm,
         key=key, model=model, target=str(target), fmt=str(fmt), precision=_precision(manifest, record),
-        bytes=int(size) if size is not None else None, float_bytes=int(fbytes) if fbytes is not None else None,
+        bytes=_int(size), float_bytes=_int(fbytes),
         agreement=fraction(v, "top1_agreement", pct), accuracy_float=fraction(v, "accuracy_float", pct),
         accuracy_quant=_accuracy_quant(v, pct),
         snr_db=_first(prim, "snr_db", "snr"), max_abs_err=_first(prim, "max_abs_err", "max_abs_error"),
@@ -361,16 +369,18 @@ def _stale(key: str, model: str, manifest: Dict[str, Any]) -> BundleInfo:
 
 def _llm_info(record: Dict[str, Any], manifest: Dict[str, Any]) -> Dict[str, Any]:
     """A language-model bundle's figures, from its convert record and/or its manifest."""
-    ml = manifest.get("llm") if isinstance(manifest.get("llm"), dict) else {}
-    fid = dict(manifest.get("fidelity") or {}) if isinstance(manifest.get("fidelity"), dict) else {}
-    fid.update({k: x for k, x in (record.get("fidelity") or {}).items() if x is not None})
-    recipe = dict(manifest.get("recipe") or {})
-    recipe.update({k: x for k, x in (record.get("recipe") or {}).items() if x is not None})
+    def section(d: Dict[str, Any], name: str) -> Dict[str, Any]:   # a hand-edited "oops" or 5: none
+        return d.get(name) if isinstance(d.get(name), dict) else {}
+
+    ml = section(manifest, "llm")
+    fid = dict(section(manifest, "fidelity"))
+    fid.update({k: x for k, x in section(record, "fidelity").items() if x is not None})
+    recipe = dict(section(manifest, "recipe"))
+    recipe.update({k: x for k, x in section(record, "recipe").items() if x is not None})
+    blocks = section(ml, "int8_nodes").get("blocks")
     return {"bytes_per_token": _first(record, "bytes_per_token") or ml.get("bytes_per_token"),
             "kv_bytes_per_token": ml.get("kv_bytes_per_token"), "context_default": ml.get("context_default"),
-            "fidelity": fid, "recipe": recipe,
-            "int8_blocks": (ml.get("int8_nodes") or {}).get("blocks") if isinstance(ml.get("int8_nodes"), dict)
-            else None}
+            "fidelity": fid, "recipe": recipe, "int8_blocks": blocks if isinstance(blocks, dict) else None}
 
 
 def _is_llm_report(d: Any) -> bool:

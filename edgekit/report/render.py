@@ -50,14 +50,21 @@ def _id(*parts: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "-", "-".join(p for p in parts if p)).strip("-")
 
 
+def _isnum(v: Any) -> bool:
+    """A finite number (not a bool): what a figure read from a hand-edited manifest may not be ("x", true, [])."""
+    try:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    except OverflowError:   # an int past float's range (JSON allows 1e400 written as digits)
+        return False
+
+
 def _num(v: Optional[float], fmt: str = "{:.3g}", empty: str = "–") -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return empty
-    return fmt.format(v)
+    """A figure, or `empty` for one missing or not a finite number."""
+    return fmt.format(v) if _isnum(v) else empty
 
 
 def _pct(v: Optional[float], digits: int = 2) -> str:
-    return "–" if v is None else f"{v * 100:.{digits}f}"
+    return f"{v * 100:.{digits}f}" if _isnum(v) else "–"
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], *, cls: str = "", numeric: Sequence[int] = (),
@@ -482,12 +489,12 @@ def rollouts_section(rollouts: List[Dict[str, Any]]) -> str:
 
 
 def _mib(v: Optional[float]) -> str:
-    return _num(v / 2 ** 20 if v else None, "{:.2f}")
+    return _num(v / 2 ** 20 if _isnum(v) and v else None, "{:.2f}")
 
 
 def _rate(v: Optional[float]) -> str:
     """tok/s and the like: whole numbers with separators from 100 up."""
-    return _num(v, "{:,.0f}" if v is not None and v >= 100 else "{:.3g}")
+    return _num(v, "{:,.0f}" if _isnum(v) and v >= 100 else "{:.3g}")
 
 
 def _latest_llm(b: BundleInfo, device: str) -> Optional[Dict[str, Any]]:
@@ -500,7 +507,7 @@ def _ppl(f: Dict[str, Any]) -> str:
         return "–"
     inc = f.get("ppl_increase")
     return f"{_num(f.get('ppl_float'), '{:.4g}')} → {_num(f.get('ppl'), '{:.4g}')}" + (
-        "" if inc is None else f" ({inc * 100:+.1f}%)")
+        f" ({inc * 100:+.1f}%)" if _isnum(inc) else "")
 
 
 CALIBRATED_ALGOS = ("awq", "gptq", "awq_gptq")   # convert.llm_gptq.ALGOS (not imported: the report is stdlib only)
@@ -526,11 +533,11 @@ def llm_recipe(r: Dict[str, Any], int8_blocks: Optional[Dict[str, int]] = None) 
             parts.append("lm_head " + ("int8" if r["lm_head_int8"] else "int4"))
         if r.get("llama_mixed"):
             parts.append("llama.cpp's mixed layers int8")
-        if r.get("int8_layers"):
+        if isinstance(r.get("int8_layers"), (list, tuple)) and r["int8_layers"]:
             parts.append(f"layers {','.join(map(str, r['int8_layers']))} int8")
-        if r.get("int8_matmuls"):
+        if isinstance(r.get("int8_matmuls"), (list, tuple)) and r["int8_matmuls"]:
             parts.append(f"{len(r['int8_matmuls'])} measured MatMuls int8")
-    if r.get("fp32_matmuls"):
+    if isinstance(r.get("fp32_matmuls"), (list, tuple)) and r["fp32_matmuls"]:
         parts.append(f"{len(r['fp32_matmuls'])} measured MatMuls fp32")
     if r.get("head_block") and r.get("algo") in CALIBRATED_ALGOS and int4:
         parts.append(f"lm_head block {r['head_block']}")

@@ -56,12 +56,12 @@ def cut_note(stats: Dict[str, Any], max_new_tokens: Optional[int], context: int)
 def chat_loop(lm, *, system: Optional[str] = None, options: Optional[Dict[str, Any]] = None,
               stdin: Optional[TextIO] = None, stdout: Optional[TextIO] = None, stderr: Optional[TextIO] = None,
               verbose: bool = False, prompt: str = ">>> ") -> int:
-    """Run the chat until /exit or end of input; returns 0."""
+    """Run the chat until /exit or end of input (a closed stdin, `<&-`, is one: sys.stdin is None); returns 0."""
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
     conv = lm.conversation(system=system, **(options or {}))
-    tty = bool(getattr(stdin, "isatty", lambda: False)()) and stdin is sys.stdin
+    tty = stdin is not None and bool(getattr(stdin, "isatty", lambda: False)()) and stdin is sys.stdin
     if tty:
         try:
             import readline  # noqa: F401  (line editing and history for input())
@@ -74,7 +74,7 @@ def chat_loop(lm, *, system: Optional[str] = None, options: Optional[Dict[str, A
             if tty:
                 line = input(prompt)
             else:
-                line = stdin.readline()
+                line = stdin.readline() if stdin is not None else ""
                 if not line:
                     break
         except KeyboardInterrupt:

@@ -99,16 +99,38 @@ def cpu_budget(cpu_max: Optional[str] = None) -> Dict[str, object]:
     return {"affinity": affinity_cpus(), "cgroup_cpu_limit": limit, "usable": usable_cpus(cpu_max)}
 
 
+# An explicit thread count may oversubscribe the usable CPUs (a user measuring that, a quota read lower than the
+# cores a burst may use), but not without bound: 1000 threads on 2 CPUs take ~45 s to load and run, 100000 never
+# finish. 4 per usable CPU leaves every sensible experiment possible (192 cores: up to 768).
+MAX_THREADS_PER_CPU = 4
+
+
+def check_threads(explicit: int, cpu_max: Optional[str] = None) -> int:
+    """An explicit thread count (--threads, load(threads=)): at least 1 and at most MAX_THREADS_PER_CPU x the usable
+    CPUs; returns it as an int. Raises EdgekitError (one line, naming the usable CPUs) otherwise."""
+    from edgekit.errors import EdgekitError
+
+    n = int(explicit)
+    if n < 1:
+        raise EdgekitError(f"threads must be at least 1 (got {explicit})")
+    usable = usable_cpus(cpu_max)
+    cap = MAX_THREADS_PER_CPU * usable
+    if n > cap:
+        aff, limit = affinity_cpus(), cgroup_cpu_limit(cpu_max)
+        why = f"its CPU affinity {aff}" + (f", cgroup CPU quota {limit:g}" if limit is not None else "")
+        raise EdgekitError(f"threads {n} is more than {MAX_THREADS_PER_CPU} per usable CPU; this process can use "
+                           f"{usable} ({why})",
+                           hint=f"give at most {cap}, or leave it out to let edgekit choose")
+    return n
+
+
 def choose_threads(explicit: Optional[int], profile: Optional[int],
                    cpu_max: Optional[str] = None) -> Optional[int]:
-    """Threads to run with: an explicit request as given; otherwise the profile's count
-    clamped to the CPUs this process may use; with neither, the usable CPUs."""
+    """Threads to run with: an explicit request as given (check_threads: at least 1, at most
+    MAX_THREADS_PER_CPU x the usable CPUs); otherwise the profile's count clamped to the CPUs this
+    process may use; with neither, the usable CPUs."""
     if explicit is not None:
-        if int(explicit) < 1:
-            from edgekit.errors import EdgekitError
-
-            raise EdgekitError(f"threads must be at least 1 (got {explicit})")
-        return int(explicit)
+        return check_threads(explicit, cpu_max)
     usable = usable_cpus(cpu_max)
     if profile is None:
         return usable

@@ -62,6 +62,8 @@ def _load_json(raw: bytes) -> Dict[str, Any]:
         doc = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise ProtocolError(400, f"the request body is not valid JSON ({e})") from None
+    except RecursionError:   # [[[[... a thousand deep: the parser's recursion limit, not a 500
+        raise ProtocolError(400, "the request body is not valid JSON (nested too deeply)") from None
     if not isinstance(doc, dict):
         raise ProtocolError(400, "the request body must be a JSON object")
     return doc

@@ -37,6 +37,8 @@ def parse_index_request(body: bytes) -> bool:
         doc = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise ProtocolError(400, f"the repository index request is not valid JSON ({e})") from None
+    except RecursionError:   # [[[[... a thousand deep: the parser's recursion limit, not a 500
+        raise ProtocolError(400, "the repository index request is not valid JSON (nested too deeply)") from None
     if not isinstance(doc, dict):
         raise ProtocolError(400, "the repository index request must be a JSON object, e.g. {\"ready\": true}")
     ready = doc.get("ready", False)
