@@ -544,8 +544,9 @@ def llm_recipe(r: Dict[str, Any], int8_blocks: Optional[Dict[str, int]] = None) 
     cpu = ep == "cpu"
     if r.get("int8_symmetric") and cpu:        # LLMBuildOptions.int8_blocks
         blocks = sorted({int(k) for k in int8_blocks or {} if str(k).isdigit()}, reverse=True)
-        parts.append("int8 symmetric" + ((f" block {'/'.join(map(str, blocks))}" if blocks else
-                                          " block 64 (lm_head 128 where its K allows)") if int4 else ""))
+        # the blocks the manifest records; none where it does not (older converters wrote the lm_head at 64 where
+        # this one writes 128: a rule stated here would be a guess about that build)
+        parts.append("int8 symmetric" + (f" block {'/'.join(map(str, blocks))}" if blocks and int4 else ""))
     if r.get("half_scales") and cpu:           # LLMBuildOptions.fp16_scales
         parts.append("fp16 scales")
     return ", ".join(str(x) for x in parts if x) or "–"

@@ -948,15 +948,18 @@ class Conversation:
         enters the history as cut); one never started is closed unsaid. forget (reset()): the turn counter moves
         on first, so the reply's bookkeeping does nothing."""
         it = self._open() if self._open is not None else None
-        if it is not None and it.gi_running:   # being read in another thread (close() would raise a ValueError)
-            raise DataError("this conversation's previous reply is still being streamed (in another thread)",
-                            hint="a conversation takes one turn at a time: read that reply to its end, or close "
-                                 "its stream, before the next say() or reset()")
         if forget:
             self._turn += 1
-        self._open = None
         if it is not None:
-            it.close()
+            try:   # close() raises ValueError while another thread is inside the generator (gi_running)
+                it.close()
+            except ValueError:
+                if forget:
+                    self._turn -= 1   # nothing was done: the reply in progress keeps its turn
+                raise DataError("this conversation's previous reply is still being streamed (in another thread)",
+                                hint="a conversation takes one turn at a time: read that reply to its end, or "
+                                     "close its stream, before the next say() or reset()") from None
+        self._open = None
 
     @staticmethod
     def _unrun(gen) -> Optional[int]:
