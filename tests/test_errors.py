@@ -214,6 +214,34 @@ def test_an_oserror_on_a_path_is_one_line_exit_2_and_a_traceback_with_debug(tmp_
         cli("--debug", "bench", tmp_path / "m.onnx", "--runs", 1, "--out", out)
 
 
+def test_device_runtime_bench_oserror_on_out_is_one_line(tmp_path, monkeypatch, capsys):
+    """`python -m edgekit.runtime bench --out DIR` (the device's CLI) wrote its traceback after the benchmark: one
+    line naming the path, exit 2; --debug raises."""
+    import errno
+
+    import edgekit.bundle
+    import edgekit.runtime
+    from edgekit.runtime.__main__ import main
+
+    class Fake:
+        kind, backend, backend_version = None, "onnxruntime", "1"
+
+        def benchmark(self, runs, warmup, **_):
+            return {"runs": runs}
+
+    def refuse(path, data):
+        raise OSError(errno.EISDIR, "Is a directory", str(path))
+
+    monkeypatch.setattr(edgekit.runtime, "load", lambda *a, **k: Fake())
+    monkeypatch.setattr(edgekit.bundle, "write_json_atomic", refuse)
+    (tmp_path / "m.onnx").write_bytes(b"x")
+    assert main(["bench", str(tmp_path / "m.onnx"), "--runs", "1", "--out", str(tmp_path)]) == 2
+    assert _one_line(capsys.readouterr().err) == \
+        f"error: {tmp_path}: Is a directory (choose another path; --debug for the traceback)"
+    with pytest.raises(OSError):
+        main(["--debug", "bench", str(tmp_path / "m.onnx"), "--runs", "1", "--out", str(tmp_path)])
+
+
 def test_serve_parsers_refuse_deeply_nested_json_as_bad_json():
     """[[[[... a hundred thousand deep: json's RecursionError was a 500; it is a 400 saying the JSON is bad."""
     from edgekit.serve.protocol import ProtocolError, parse_infer

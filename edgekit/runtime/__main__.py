@@ -125,6 +125,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as e:           # a path the user gave (--out a directory, a read-only folder): one line
+        if args.debug or not (e.filename or e.filename2):
+            raise
+        print(f"error: {e.filename2 or e.filename}: {e.strerror} (choose another path; --debug for the "
+              "traceback)", file=sys.stderr)
+        return 2
 
 
 def _dispatch(args) -> int:
