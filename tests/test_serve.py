@@ -710,6 +710,43 @@ def test_port_0_reports_the_port_bound(two, tmp_path):
         proc.wait(timeout=20)
 
 
+def test_bind_skips_a_family_the_machine_lacks(monkeypatch):
+    """A host resolving to IPv6 and IPv4 ('' or localhost) on a machine without IPv6 (ipv6.disable=1: a socket
+    of AF_INET6 cannot be made, EAFNOSUPPORT): the IPv4 address is bound, as asyncio's create_server (uvicorn's
+    bind before) skips the family; only when no address can be bound is it one line."""
+    import errno
+
+    import edgekit.serve.server as server
+    from edgekit.serve.server import ServeError
+
+    real_socket = socket.socket
+
+    def no_ipv6(family=socket.AF_INET, *a, **k):
+        if family == socket.AF_INET6:
+            raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+        return real_socket(family, *a, **k)
+
+    def both(host, port, *a, **k):   # as glibc answers '' / localhost where ::1 is in /etc/hosts: IPv6 first
+        ip6, ip4 = ("::1", "127.0.0.1") if host == "localhost" else ("::", "0.0.0.0")
+        return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", (ip6, port, 0, 0)),
+                (socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip4, port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", both)
+    monkeypatch.setattr(socket, "socket", no_ipv6)
+    for host, want in (("", "0.0.0.0"), ("localhost", "127.0.0.1")):
+        socks = server.bind(host, 0)
+        try:
+            assert [(s.family, s.getsockname()[0]) for s in socks] == [(socket.AF_INET, want)]
+            assert socks[0].getsockname()[1] > 0
+        finally:
+            for s in socks:
+                s.close()
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, port, *a, **k: both(host, port)[:1])
+    with pytest.raises(ServeError, match="cannot open a socket") as e:
+        server.bind("::1", 0)
+    assert "IPv4 address" in e.value.hint
+
+
 def _ready(port: int) -> bool:
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     try:

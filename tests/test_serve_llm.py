@@ -419,6 +419,48 @@ def test_hot_swap_without_threads_takes_the_active_count_and_runs_no_probe(swapp
     assert new is not old and new.threads == old.threads == 1
 
 
+def test_hot_swap_at_two_threads_with_no_spinning_recorded_runs_no_probe(bundle, tmp_path):
+    """A hot swap (no --threads) while the active release runs 2 threads with its spinning unknown (None: a
+    manifest from before the spinning was measured): the new release gets a spinning (genai_config.json's), so
+    load_llm's choose_spinning does not time it beside the decoding engine; a new release whose manifest has
+    its own measured count for this machine loads at that count (and its measured spinning), not the active's."""
+    from edgekit.runtime import llmthreads, threadprobe
+    from edgekit.runtime.llmopts import spinning_of
+    from edgekit.serve.llm_entry import LLMEntry
+    from edgekit.serve.models import Source
+
+    kw = {"check": False, "max_sequences": 2, "max_queue": 2, "kv_cache_mb": None}
+    entry = LLMEntry(Source(M, "bundle", bundle))
+    assert entry.try_load(bundle, threads=1, **kw), entry.failure
+    entry.active.threads, entry.active.spinning = 2, None     # as a release at 2 threads, spinning unmeasured
+    genai = json.loads((bundle / "model" / "genai_config.json").read_text())
+    releases = []
+    for name, choice in (("v2", None), ("v3", dict(threadprobe.machine(), tried=[1, 2], threads=1,
+                                                    spinning_chosen=not spinning_of(genai)))):
+        rel = tmp_path / name
+        shutil.copytree(bundle, rel)
+        man = json.loads((rel / "manifest.json").read_text())
+        man.setdefault("runtime", {}).pop("threads_choice", None)
+        if choice is not None:
+            man["runtime"]["threads_choice"] = choice
+        (rel / "manifest.json").write_text(json.dumps(man))
+        releases.append(rel)
+
+    def no_probe(*a, **k):
+        raise AssertionError("the thread probe ran during a hot swap")
+
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(llmthreads, "choose", no_probe)
+            mp.setattr(llmthreads, "choose_spinning", no_probe)
+            assert entry.try_load(releases[0], threads=None, **kw), entry.failure
+            assert entry.active.threads == 2 and entry.active.spinning is spinning_of(genai)
+            assert entry.try_load(releases[1], threads=None, **kw), entry.failure
+            assert entry.active.threads == 1 and entry.active.spinning is (not spinning_of(genai))
+    finally:
+        entry.close()
+
+
 def test_hot_swap_frees_the_old_session_and_drops_the_old_release(swapped):
     entry, old, new, ok = swapped
     assert ok and old.engine.join(20)
@@ -495,6 +537,19 @@ def test_prompt_of_megabytes_is_refused_before_it_is_tokenized(swapped, monkeypa
     assert st == 400 and "context" in body["error"], body
 
 
+def test_prompt_of_81_character_tokens_that_fits_is_not_refused(swapped, monkeypatch):
+    """SmolLM2's and Qwen2.5's vocabularies have tokens of 81 characters ("\n" + 80 spaces): a prompt of such
+    tokens that fits the context is served, not refused by the characters-per-token bound taken for a prompt
+    too long to tokenize (here the tokenizer stands in for theirs: one token per 81 characters)."""
+    entry, old, new, ok = swapped
+    piece = "\n" + " " * 80
+    monkeypatch.setattr(new.tokenizer, "encode", lambda text: [5] * (len(text) // len(piece)))
+    n = new.context - 4
+    st, body = _asgi(entry, "/v1/completions", {"model": M, "prompt": piece * n, "max_tokens": 2,
+                                                "temperature": 0})
+    assert st == 200 and body["usage"]["prompt_tokens"] == n, body
+
+
 def test_a_failing_sample_ends_its_sequence_not_the_engine(swapped, monkeypatch):
     """An exception while choosing one sequence's token (here: sampling) ends that sequence with an error; the
     engine and the greedy sequence beside it go on."""
@@ -529,6 +584,63 @@ def test_a_failing_sample_ends_its_sequence_not_the_engine(swapped, monkeypatch)
     st, body = _asgi(entry, "/v1/completions", {"model": M, "prompt": "Count: one", "max_tokens": 3,
                                                 "temperature": 0.9, "seed": 2})
     assert st == 200 and body["usage"]["completion_tokens"] == 3 and eng.kv_tokens == 0
+
+
+def test_a_sequence_failure_is_logged_counted_and_only_its_own(caplog):
+    """_next: a failure sampling one sequence's token or decoding its text ends that sequence (an error event,
+    finished with reason "error" in the metrics, logged with its traceback); a failure in the engine's own
+    bookkeeping (here: a metric) is not taken for the sequence's: it goes up, to fail the engine."""
+    import logging
+
+    import numpy as np
+
+    from edgekit.runtime import llm_batch
+    from edgekit.runtime.llm_batch import GenSequence, LLMEngine, SamplingParams
+    from edgekit.serve.metrics import Metrics
+
+    eng = object.__new__(LLMEngine)   # the token path alone: no decoder, no thread
+    eng.name, eng.labels, eng.eos, eng.capacity = "m", {"model": "m", "version": "v"}, {0}, 64
+    eng.metrics = Metrics()
+
+    class Detok:
+        def __init__(self, fail):
+            self.fail = fail
+
+        def decode(self, tok):
+            if self.fail:
+                raise RuntimeError("TokenizerStream: invalid token")
+            return "x"
+
+    def seq(temperature, fail_decode=False):
+        s = GenSequence([1, 2], SamplingParams(max_tokens=4, temperature=temperature, seed=1), lambda evs: None)
+        s._detok = Detok(fail_decode)
+        return s
+
+    def errors():
+        return eng.metrics.llm_finished.values.get(tuple(sorted(dict(eng.labels, reason="error").items())), 0)
+
+    row = np.arange(8, dtype=np.float32)
+    events = {}
+    sampled, decoded, fine = seq(0.8), seq(0.0, fail_decode=True), seq(0.0)
+    with caplog.at_level(logging.ERROR, logger="edgekit.serve"), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(llm_batch, "_sample", lambda *a: (_ for _ in ()).throw(ValueError("probabilities contain NaN")))
+        eng._next(sampled, None, row, events)
+        eng._next(decoded, None, row, events)
+        eng._next(fine, None, row, events)
+    assert events[sampled] == [("error", "generation failed: ValueError: probabilities contain NaN")]
+    assert events[decoded] == [("error", "generation failed: RuntimeError: TokenizerStream: invalid token")]
+    assert events[fine] == [("text", "x")] and fine.tokens == [7] and fine.finish is None
+    assert sampled.finish == decoded.finish == "error" and errors() == 2
+    logged = [r for r in caplog.records if "its next token failed" in r.getMessage()]
+    assert len(logged) == 2 and all(r.exc_info for r in logged)
+
+    def broken(*a, **k):
+        raise RuntimeError("the metric failed")
+
+    eng.metrics.llm_ttft.observe = broken     # the engine's own: not this sequence's input
+    with pytest.raises(RuntimeError, match="the metric failed"):
+        eng._next(seq(0.0), 3, None, {})
+    assert errors() == 2
 
 
 def test_kv_cache_budget_bounds_the_sequences_admitted(bundle):

@@ -63,6 +63,10 @@ PREFILL_CHUNK: Optional[int] = None   # a longer prompt's tokens per chunk; None
 LONG_PREFILL_STEPS = 4                 # a chunk takes about this many decode steps' time
 PREFILL_CHUNK_MIN = 64                 # smaller chunks cost much more per token (measured: 16 tokens ~2x, 64 ~1.2x)
 _EMA = 0.3
+# what choosing one sequence's token (numpy's sampling: NaN probabilities are a ValueError) or decoding its text
+# (ONNX Runtime GenAI's TokenizerStream: RuntimeError; UnicodeDecodeError is a ValueError) raises for that
+# sequence's input: it ends that request; anything else raised in the engine's loop fails the engine
+SEQUENCE_ERRORS = (ValueError, ArithmeticError, RuntimeError)
 _PAGE = mmap.PAGESIZE
 # mmap.mmap(-1, n) is a shared anonymous mapping (shmem): MADV_DONTNEED only unmaps its pages (they stay in
 # memory, with their data); MADV_REMOVE frees them (the row then reads zeros). Not MAP_PRIVATE: the huge-page
@@ -668,15 +672,25 @@ class LLMEngine:
         return _sample(row, seq.params, seq.rng)
 
     def _next(self, seq: GenSequence, tok: Optional[int], row: Optional[np.ndarray], events) -> None:
-        """Choose (when `tok` is None) and accept seq's next token. A failure there (sampling, detokenizing) ends
-        this sequence with an error; the engine and the other sequences go on (_drop_finished frees its row)."""
-        try:
-            self._accept(seq, self._choose(seq, row) if tok is None else tok, events)
-        except Exception as e:  # one sequence's failure, reported to its client: not the engine's
-            log.error("model %s: request %s: choosing or decoding its next token failed: %s: %s", self.name,
-                      seq.request_id, type(e).__name__, e)
-            seq.finish = "error"
-            events.setdefault(seq, []).append(("error", f"generation failed: {type(e).__name__}: {e}"))
+        """Choose (when `tok` is None) and accept seq's next token. A failure choosing it (sampling its row) or
+        decoding its text (_accept) ends this sequence with an error; the engine and the other sequences go on
+        (_drop_finished frees its row). Any other failure (the engine's own bookkeeping) fails the engine."""
+        if tok is None:
+            try:
+                tok = self._choose(seq, row)
+            except SEQUENCE_ERRORS as e:
+                self._sequence_failed(seq, "choosing", e, events)
+                return
+        self._accept(seq, tok, events)
+
+    def _sequence_failed(self, seq: GenSequence, what: str, e: BaseException, events) -> None:
+        """One sequence's token could not be chosen or decoded (called in the except clause: the traceback is
+        logged): it ends with an error for its client, counted as finished with reason "error"."""
+        log.exception("model %s: request %s: %s its next token failed", self.name, seq.request_id, what)
+        seq.finish = "error"
+        if self.metrics is not None:
+            self.metrics.llm_finished.inc(reason="error", **self.labels)
+        events.setdefault(seq, []).append(("error", f"generation failed: {type(e).__name__}: {e}"))
 
     def _step(self, events) -> None:
         act = self.active
@@ -715,7 +729,11 @@ class LLMEngine:
             self._flush(seq, evs)
             self._finish_event(seq, "stop", events)
             return
-        piece = seq._detok.decode(tok)
+        try:
+            piece = seq._detok.decode(tok)
+        except SEQUENCE_ERRORS as e:
+            self._sequence_failed(seq, "decoding", e, events)
+            return
         stops = seq.params.stop
         if stops:
             seq._pending += piece

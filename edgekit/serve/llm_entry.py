@@ -9,9 +9,10 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from edgekit.bundle import sha256_tree
+from edgekit.errors import BundleError
 from edgekit.runtime.llm_batch import VERSION_CHARS, LLMRelease, load_llm_release
 from edgekit.serve.models import ModelEntry
 
@@ -25,6 +26,41 @@ def is_llm_path(path: Optional[Path]) -> bool:
     from edgekit.runtime.llm import is_llm
 
     return is_llm(path)
+
+
+def swap_threads(path: Path, threads: int, spinning: Optional[bool]) -> Tuple[int, bool]:
+    """The thread count and spinning a release hot-swapped in loads with, given the active release's: the new
+    bundle's own measured choice where its manifest has one for this machine (as load_llm's auto path reads it:
+    threadprobe.from_manifest), else the active count; its spinning as measured with that count, else the
+    active release's (at the same count), else what the new bundle's genai_config.json says. Never None: with
+    more than one thread and spinning None, load_llm would time spinning both ways beside the decoding engine
+    (llmthreads.choose_spinning). A manifest that cannot be read is load_llm's BundleError, as it would be."""
+    from edgekit.runtime.llm import GENAI_CONFIG, MANIFEST, _read_json, check_manifest, profile_threads
+    from edgekit.runtime.llmopts import spinning_of
+    from edgekit.runtime.threadprobe import from_manifest
+    from edgekit.runtime.threads import choose_threads
+
+    model_dir, spin = path, None
+    if (path / MANIFEST).is_file():
+        manifest = _read_json(path / MANIFEST, MANIFEST)
+        check_manifest(manifest, path / MANIFEST)
+        got = from_manifest(manifest.get("runtime") or {}, choose_threads(None, profile_threads(manifest)))
+        if got is not None:
+            count, choice = got
+            if isinstance(choice.get("spinning_chosen"), bool):
+                spin = choice["spinning_chosen"]   # measured with that count
+            if count != threads:
+                spinning = None                    # the active release's was measured at another count
+            threads = count
+        model_dir = path / (manifest.get("model") or {}).get("dir", "model")
+    if spin is None:
+        spin = spinning
+    if spin is None:
+        try:
+            spin = spinning_of(_read_json(model_dir / GENAI_CONFIG, GENAI_CONFIG))
+        except BundleError:   # load_llm says what is wrong with the folder; the probe never runs before that
+            spin = True       # ONNX Runtime's default
+    return threads, spin
 
 
 class LLMEntry(ModelEntry):
@@ -73,9 +109,10 @@ class LLMEntry(ModelEntry):
         sha = path.name if self.source.kind == "deployed" else sha256_tree(path)
         a = self.active
         if a is not None and kw.get("threads") is None:
-            # a hot swap (no --threads): the active release's count, not a thread probe timing decode steps while
-            # the old engine decodes on the same cores (a skewed choice, and slower streams meanwhile)
-            kw = dict(kw, threads=a.threads, spinning=a.spinning)
+            # a hot swap (no --threads): no thread probe timing decode steps while the old engine decodes on the
+            # same cores (a skewed choice, and slower streams meanwhile)
+            threads, spinning = swap_threads(path, a.threads, a.spinning)
+            kw = dict(kw, threads=threads, spinning=spinning)
         return load_llm_release(self.name, sha, path, **kw)
 
     def _drained(self, old: LLMRelease) -> None:

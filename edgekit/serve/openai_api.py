@@ -46,9 +46,11 @@ _JSON = [(b"content-type", b"application/json")]
 _SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 MAX_STOP = 16
 # a prompt text longer than the context x this many characters is refused before it is tokenized (on the event
-# loop, where megabytes of text would stall every stream): no token of the tokenizers served is that long, so
-# such a text cannot fit the context anyway
-MAX_CHARS_PER_TOKEN = 64
+# loop, where megabytes of text would stall every stream): such a text cannot fit the context anyway where no
+# token is longer. The longest tokens of the vocabularies served: SmolLM2's and Qwen2.5's 81 characters ("\n" and
+# 80 spaces; 80 '#' is another), Gemma 3's 31; twice that leaves room for others. Measuring the served
+# tokenizer's own at load would read its tokenizer.json (Gemma 3's 33 MB: ~0.9 s and a transient ~200 MB)
+MAX_CHARS_PER_TOKEN = 128
 _PIECE = "\u0001edgekit-piece\u0001"   # where a streamed chunk's text goes in its pre-encoded JSON
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",

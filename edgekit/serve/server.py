@@ -146,8 +146,9 @@ def build(paths: List[str], config: ServeConfig) -> Tuple["object", List[ModelEn
 
 def bind(host: str, port: int) -> List[socket.socket]:
     """Bind host:port as uvicorn would (asyncio's create_server): a socket for each address the host
-    resolves to ('' or None: every interface), SO_REUSEADDR, an IPv6 socket for IPv6 only; with port 0
-    one free port for them all. Bound, not yet listening (a client is refused until the server is up),
+    resolves to ('' or None: every interface), SO_REUSEADDR, an IPv6 socket for IPv6 only; an address whose
+    family this machine cannot open a socket of (IPv6 disabled in the kernel) skipped; with port 0 one free
+    port for them all. Bound, not yet listening (a client is refused until the server is up),
     yet a server already listening there is found now, before any model is loaded."""
     try:
         infos = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0,
@@ -163,15 +164,22 @@ def bind(host: str, port: int) -> List[socket.socket]:
     for attempt in range(8):  # port 0: the port the first address got may be taken on another one
         socks: List[socket.socket] = []
         want = port
+        no_family: Optional[OSError] = None
         try:
             for af, proto, sa in addrs:
-                s = socket.socket(af, socket.SOCK_STREAM, proto)
+                try:
+                    s = socket.socket(af, socket.SOCK_STREAM, proto)
+                except OSError as e:   # a family this machine lacks (IPv6 disabled: EAFNOSUPPORT): skipped, as
+                    no_family = e      # asyncio's create_server skips it; the host's other addresses are served
+                    continue
                 socks.append(s)
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 if af == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
                     s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 s.bind((sa[0], want) + tuple(sa[2:]))
                 want = s.getsockname()[1]
+            if not socks:      # not one of the host's addresses has a socket here
+                raise no_family or OSError(errno.EADDRNOTAVAIL, "no address")
             return socks
         except OSError as e:
             for s in socks:
@@ -193,6 +201,9 @@ def _listen_error(host: str, port: int, e: OSError) -> ServeError:
     if e.errno == errno.EADDRNOTAVAIL:
         return ServeError(f"--host {host} is not an address of this machine",
                           hint="give one of its addresses, 127.0.0.1 or 0.0.0.0")
+    if e.errno == errno.EAFNOSUPPORT:   # every address the host resolves to is of a family this machine lacks
+        return ServeError(f"--host {host}: this machine cannot open a socket for its addresses ({e.strerror})",
+                          hint="IPv6 may be disabled here: give an IPv4 address, 127.0.0.1 or 0.0.0.0")
     return ServeError(f"cannot listen on {host}:{port} ({e.strerror or e})")
 
 
