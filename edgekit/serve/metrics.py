@@ -149,7 +149,8 @@ class Metrics:
         self.llm_kv_capacity = Gauge(p + "llm_kv_cache_capacity_bytes",
                                      "KV-cache bytes the server may fill (--kv-cache-mb, or slots x context).", lk)
         self.llm_finished = Counter(p + "llm_sequences_finished_total",
-                                    "Sequences ended, by reason (stop, length, cancelled: the client left).", lk)
+                                    "Sequences ended, by reason (stop, length, cancelled: the client left, error: its "
+                                    "sampling or detokenizing failed).", lk)
         self.llm_batch = Histogram(p + "llm_decode_batch_size", "Sequences decoded together per step.", lk,
                                    BATCH_BUCKETS)
         self._all = [self.requests, self.failures, self.request_latency, self.inference_latency,
