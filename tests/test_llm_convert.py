@@ -605,6 +605,198 @@ def test_unloadable_float_model_one_line_nothing_left(cli, tmp_path):
     assert str(d) in line and "cannot load the float model" in line, line
 
 
+def _reweigh(d: Path, change) -> None:
+    """The folder's model.safetensors with its tensors dict passed through change(dict) -> dict."""
+    from safetensors.torch import load_file, save_file
+
+    w = load_file(str(d / "model.safetensors"))
+    save_file({k: v.contiguous() for k, v in change(w).items()}, str(d / "model.safetensors"),
+              metadata={"format": "pt"})
+
+
+def _reconfig(d: Path, **changes) -> None:
+    """config.json with `changes` (a value None: the key removed)."""
+    cfg = json.loads((d / "config.json").read_text())
+    for k, v in changes.items():
+        cfg.pop(k, None) if v is None else cfg.__setitem__(k, v)
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def test_config_json_that_does_not_match_the_weights_refused_in_one_line(cli, tmp_path, capfd):
+    """A config.json transformers builds another model from than the weights hold is refused before any build, one
+    line naming what differs, nothing left in --out, transformers' LOAD REPORT kept off the terminal. It was: no
+    num_hidden_layers -> transformers' default 32 layers, 31 of them random, and a traceback at the bundle; a config
+    naming fewer layers than the checkpoint -> a truncated model built, measured against the same truncated float
+    model, exit 0; every weight name prefixed `base_model.` -> a random model, the ladder's 5 rungs, and advice to
+    loosen the floor; another intermediate_size -> transformers' traceback after its report."""
+    cases = {
+        "nolayers": (lambda d: _reconfig(d, num_hidden_layers=None),
+                     ["missing (first model.layers.1.", "32 layers built"]),
+        "fewer": (lambda d: _reweigh(d, lambda w: dict(w, **{k.replace("layers.0.", "layers.1."): v.clone()
+                                                               for k, v in w.items() if "layers.0." in k})),
+                  ["unexpected (first model.layers.1.", "(1 layers built)"]),
+        "prefix": (lambda d: _reweigh(d, lambda w: {f"base_model.{k}": v for k, v in w.items()}),
+                   ["missing (first lm_head.weight)", "unexpected (first base_model.", "prefix"]),
+        "shape": (lambda d: _reconfig(d, intermediate_size=32),
+                  ["of another shape (first model.layers.0.mlp.down_proj.weight: [32, 64] in the checkpoint, "
+                   "[32, 32] from config.json)"]),
+    }
+    for name, (spoil, words) in cases.items():
+        d = _random_llama(tmp_path / name)
+        spoil(d)
+        out = tmp_path / f"out-{name}"
+        capfd.readouterr()
+        line = _one_error_line(cli("convert", d, "-t", "x86-avx512-vnni", "--precision", "int8", "--out", out,
+                                   "--quiet", "--val-tokens", "64"), out)
+        assert f"{d}: config.json does not match the weights: " in line, line
+        assert all(w in line for w in words), (name, line)
+        assert "LOAD REPORT" not in capfd.readouterr().err
+
+
+def test_float_model_of_a_matching_checkpoint_loads(tmp_path):
+    """check_loading_info refuses nothing transformers itself lets go: a tied checkpoint without lm_head.weight (as
+    tinylm's tied_lm makes it), an untied one (the real SmolLM2, tied, and gemma-3-270m load as they are: checked by
+    hand)."""
+    from edgekit.convert.llm_fidelity import FloatModel
+
+    tied = _random_llama(tmp_path / "tied")
+    _reconfig(tied, tie_word_embeddings=True)
+    _reweigh(tied, lambda w: dict({k: v for k, v in w.items() if k != "lm_head.weight"},
+                                  **{"model.embed_tokens.weight": w["lm_head.weight"]}))
+    for d in (tied, _random_llama(tmp_path / "untied")):
+        fm = FloatModel(d, threads=1)
+        assert fm.params > 0 and "LOAD REPORT" not in fm.load_report
+
+
+def test_config_json_value_of_the_wrong_type_named_not_the_tokenizer(cli, tmp_path):
+    """A value transformers' strict configuration class rejects (num_hidden_layers "1", a string) is config.json's
+    fault, said in one line naming the field and its value; it was the tokenizer's ("transformers cannot load the
+    tokenizer: StrictDataclassFieldValidationError: Validation error for field 'num_hidden_layers':", cut there, and
+    a hint that the download may be incomplete)."""
+    d = _random_llama(tmp_path / "strval")
+    _reconfig(d, num_hidden_layers="1")
+    out = tmp_path / "out"
+    line = _one_error_line(cli("convert", d, "-t", "x86-avx512-vnni", "--precision", "int8", "--out", out,
+                               "--quiet"), out)
+    assert "config.json" in line and "num_hidden_layers" in line and "'1'" in line, line
+    assert "tokenizer" not in line and "download" not in line, line
+
+
+def test_chat_template_that_does_not_parse_refused_in_one_line(cli, tmp_path):
+    """A chat template with a syntax error renders no conversation: the bundle's every chat failed on the device with
+    "the chat template cannot render these messages". Refused before any work, naming the file (chat_template.jinja,
+    or tokenizer_config.json's chat_template) and jinja's error; a template that parses is taken."""
+    from edgekit.convert.llm import chat_templates, read_source
+    from edgekit.errors import SourceModelError
+
+    d = _random_llama(tmp_path / "badtpl")
+    (d / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }")
+    out = tmp_path / "out"
+    line = _one_error_line(cli("convert", d, "-t", "x86-avx512-vnni", "--precision", "int8", "--out", out,
+                               "--quiet"), out)
+    assert "chat_template.jinja does not parse as a Jinja template: unexpected '}'" in line, line
+    (d / "chat_template.jinja").unlink()
+    tc = json.loads((d / "tokenizer_config.json").read_text())
+    tc["chat_template"] = "{% if messages %}{{ messages[0].content }}"   # no endif
+    (d / "tokenizer_config.json").write_text(json.dumps(tc))
+    with pytest.raises(SourceModelError, match="tokenizer_config.json's chat_template does not parse .*endif"):
+        read_source(str(d))
+    tc["chat_template"] = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    (d / "tokenizer_config.json").write_text(json.dumps(tc))
+    assert read_source(str(d)) and chat_templates(d)[0][0] == "tokenizer_config.json's chat_template"
+
+
+def test_val_tokens_too_few_names_the_flag(cli, tmp_path):
+    """--val-tokens 5 is named as the flag the user gave, without the window no option sets."""
+    from edgekit.convert.llm import LLMRecipe
+    from edgekit.errors import EdgekitError
+
+    d = _random_llama(tmp_path / "m")
+    out = tmp_path / "out"
+    line = _one_error_line(cli("convert", d, "-t", "x86-avx512-vnni", "--val-tokens", "5", "--out", out), out)
+    assert "--val-tokens 5" in line and "32" in line and "window" not in line, line
+    with pytest.raises(EdgekitError, match="window 8"):
+        LLMRecipe(str(d), ("x86-avx2",), window=8)
+
+
+def test_interrupted_convert_leaves_nothing_and_keeps_the_earlier_log(tmp_path, monkeypatch, cli):
+    """Ctrl-C during a conversion gets the cleanup a refusal gets: a --out this run made is gone (it held a 42-byte
+    log), and over an earlier run's output its log (the one its NAME.convert.json names) and bundle are as they were,
+    no temporary log left; a finished run's log is in place."""
+    import edgekit.convert.llm as llm
+    from edgekit.errors import SourceModelError
+
+    d = _random_llama(tmp_path / "m")
+    recipe = llm.LLMRecipe(str(d), ("x86-avx512-vnni",), precision="int8", name="m", val_tokens=64)
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as mp:
+        mp.setattr(llm, "_walk", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            llm.convert_llm(recipe, str(tmp_path / "fresh"))
+    assert not (tmp_path / "fresh").exists()
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "m.convert.log").write_text("the earlier run's log\n")
+    (old / "m.convert.json").write_text('{"log": "old/m.convert.log"}')
+    with monkeypatch.context() as mp:
+        mp.setattr(llm, "_walk", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            llm.convert_llm(recipe, str(old))
+    assert sorted(p.name for p in old.iterdir()) == ["m.convert.json", "m.convert.log"]
+    assert (old / "m.convert.log").read_text() == "the earlier run's log\n"
+    with monkeypatch.context() as mp:   # a refusal mid-run: the same
+        mp.setattr(llm, "_walk", lambda *a, **k: (_ for _ in ()).throw(SourceModelError("no")))
+        with pytest.raises(SourceModelError):
+            llm.convert_llm(recipe, str(old))
+    assert (old / "m.convert.log").read_text() == "the earlier run's log\n"
+    with monkeypatch.context() as mp:   # the CLI: exit 130 as a Ctrl-C'd `edgekit run`, one line, no traceback
+        mp.setattr(llm, "_walk", interrupt)
+        r = cli("convert", d, "-t", "x86-avx512-vnni", "--precision", "int8", "--name", "m", "--val-tokens", "64",
+                "-o", tmp_path / "viacli")
+    assert r.exit_code == 130 and "Traceback" not in r.output and not (tmp_path / "viacli").exists(), r.output
+
+
+def test_bundle_write_failure_on_a_full_disk_is_one_readable_line(tmp_path, monkeypatch):
+    """A full disk while the bundle is copied: shutil.copytree's shutil.Error (a list of (source, destination,
+    reason) for every file) was the row's reason as that list's repr cut at 300 characters; now the first file's
+    error and how many more, and for no space / a read-only file system what to do."""
+    import errno
+    import io
+    import shutil
+    from types import SimpleNamespace
+
+    import edgekit.convert.llm as llm
+
+    dest = tmp_path / "out" / "m-x86-avx2-int4"
+    s = SimpleNamespace(log=io.StringIO())
+    nospace = "[Errno 28] No space left on device: '/tmp/edgekit-llm-x/build-0/{0}' -> 'out/.m.tmp-1/model/{0}'"
+    errors = {
+        "nospace": (shutil.Error([("/tmp/edgekit-llm-x/build-0/model.onnx.data", "out/.m.tmp-1/model/model.onnx.data",
+                                   nospace.format("model.onnx.data")),
+                                  ("/tmp/edgekit-llm-x/build-0/model.onnx", "out/.m.tmp-1/model/model.onnx",
+                                   nospace.format("model.onnx"))]),
+                    "OSError: [Errno 28] No space left on device: model.onnx.data (and 1 other file(s)) (free space "
+                    f"on the disk of {dest.parent} or choose another --out; its traceback is in the convert log)"),
+        "readonly": (OSError(errno.EROFS, "Read-only file system", str(dest)),
+                     f"{dest.parent} is on a read-only file system: choose another --out"),
+        "other": (OSError(errno.EACCES, "Permission denied", str(dest)), "(its traceback is in the convert log)"),
+    }
+    for name, (exc, words) in errors.items():
+        def fail(*a, exc=exc):
+            raise exc
+
+        monkeypatch.setattr(llm, "_stage_bundle", fail)
+        with pytest.raises(llm.BundleWriteError) as e:
+            llm._write_bundle(s, None, None, None, {}, dest)
+        line = str(e.value)
+        assert line.startswith("writing the bundle failed at copying the build: ") and words in line, line
+        assert "[(" not in line and "\n" not in line and e.value.stage == "bundle"
+    assert "No space left" in s.log.getvalue()   # the traceback in the log
+
+
 def test_too_little_memory_for_the_builder_one_line_nothing_left(cli, tmp_path, monkeypatch):
     """Where the builder's memory would not fit even after the float model is dropped, the run ends before the
     builder starts with one line (what it needs, what is available, what to do), not the OOM killer's silence."""

@@ -73,7 +73,8 @@ def test_int8_matmuls_are_builder_overrides(tmp_path):
     """The matmuls rung's choice reaches the builder as per-node INT8 overrides, and the recipe says so."""
     from edgekit.convert.llm import LLMBuildOptions, LMSource
 
-    src = LMSource(tmp_path, {"tie_word_embeddings": True}, "LlamaForCausalLM", "0" * 64, 0)
+    src = LMSource(tmp_path, {"tie_word_embeddings": True, "num_hidden_layers": 12, "hidden_size": 64,
+                              "num_attention_heads": 2, "intermediate_size": 128}, "LlamaForCausalLM", "0" * 64, 0)
     names = ("/model/layers.11/mlp/down_proj/MatMul", "/model/layers.2/attn/qkv_proj/MatMul")
     o = LLMBuildOptions("int4", int8_matmuls=names)
     extra, target = o.builder_args(src, {})
@@ -85,3 +86,31 @@ def test_int8_matmuls_are_builder_overrides(tmp_path):
     assert {"11.down_proj (int8)", "2.qkv_proj (int8)"} <= set(o.wide_layers(tied=True))
     assert LLMBuildOptions("int8", int8_matmuls=names).builder_args(src, {})[1]["quant_config"]["weights"][
         "overrides"] == []
+
+
+def test_lfm2_matmuls_reach_its_linears(tmp_path):
+    """Every decoder MatMul the builder writes for LFM2 (benchmarks/llm_arch_sweep.py's tiny lfm2: conv, attention,
+    conv layers) maps to the Linears it holds: the MLP's gate / up / down_proj nodes are feed_forward.w1 / w3 / w2
+    and the attention's o_proj is self_attn.out_proj (the builder's aliases), which were never measured, chosen or
+    calibrated and stayed asymmetric INT8; a conv layer's in_proj / out_proj are its conv's."""
+    from test_llm_archs import _sweep_config, make_tiny
+
+    from edgekit.convert.llm import LLMBuildOptions, decoder_matmuls, read_source, run_builder
+    from edgekit.convert.llm_fidelity import FloatModel
+
+    folder = make_tiny("lfm2", tmp_path / "tiny-lfm2", steps=0, config=_sweep_config("lfm2"))
+    run_builder(read_source(str(folder)), LLMBuildOptions("fp32"), tmp_path / "build", tmp_path / "cache", {})
+    matmuls = decoder_matmuls(tmp_path / "build" / "model.onnx")
+    model = FloatModel(folder, threads=1).model
+    mods = ls.matmul_modules(model, matmuls)
+    names = [n for v in matmuls.values() for n in v]
+    assert len(names) == 15 and [n for n in names if n not in mods] == []
+    layers = model.model.layers
+    for i in range(3):
+        ff = layers[i].feed_forward
+        assert [mods[f"/model/layers.{i}/mlp/{p}/MatMul"] for p in ("gate_proj", "up_proj", "down_proj")] == [
+            [ff.w1], [ff.w3], [ff.w2]]
+    attn = layers[1].self_attn
+    assert mods["/model/layers.1/attn/o_proj/MatMul"] == [attn.out_proj]
+    assert mods["/model/layers.1/attn/qkv_proj/MatMul"] == [attn.q_proj, attn.k_proj, attn.v_proj]
+    assert mods["/model/layers.0/conv/out_proj/MatMul"] == [layers[0].conv.out_proj]

@@ -260,3 +260,25 @@ def test_peft_adapter_folder_refused_in_one_line(cli, tmp_path):
     assert "PEFT adapter" in line and "merge" in line, line
     with pytest.raises(SourceModelError, match="PEFT adapter"):
         read_source(str(d))
+
+
+def test_sizes_config_json_omits_are_transformers_defaults_and_none_refused(tmp_path):
+    """LMSource.dims (the manifest's sizes, the KV cache, the fidelity decoder's heads) reads a size config.json's
+    text settings omit as transformers does: its configuration class's default (gemma-3-4b-it's text_config names no
+    num_attention_heads: 8, not 0). Where neither gives num_hidden_layers / hidden_size / num_attention_heads, one
+    line naming the key, not a TypeError at the bundle (dims()["layers"] None)."""
+    from edgekit.convert.llm import LMSource, read_source
+
+    text = {"model_type": "gemma3_text", "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128}
+    d = _folder(tmp_path / "gemma3mm", arch="Gemma3ForConditionalGeneration", model_type="gemma3",
+                text_config=text)
+    dims = read_source(str(d)).dims()
+    assert dims["layers"] == 2 and dims["hidden"] == 64 and dims["heads"] == 8, dims   # Gemma3TextConfig's
+    assert dims["kv_heads"] == 4 and dims["head_dim"] == 256, dims
+    bare = LMSource(d, {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 2}, "LlamaForCausalLM",
+                    "0" * 64, 0)   # transformers could not read it: no defaults
+    with pytest.raises(SourceModelError, match="config.json has no num_hidden_layers"):
+        bare.dims()
+    bare.config["num_hidden_layers"] = 0
+    with pytest.raises(SourceModelError, match="num_hidden_layers is 0, not a whole number above 0"):
+        bare.dims()

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import io
 import json
 import logging
@@ -276,25 +277,34 @@ CONFIG_UNREAD: Tuple[type, ...] = (ValueError, OSError)
 CONFIG_BAD_VALUE: Tuple[type, ...] = (AttributeError, TypeError, KeyError, ArithmeticError, RuntimeError)
 
 
-def effective_tie(path: os.PathLike, config: Dict[str, Any]) -> bool:
-    """Whether the model ties its lm_head to the embedding table, as transformers (and the model builder, which
-    reads the same AutoConfig) takes it: the configuration class's value, its default where config.json omits
-    the key; the model's own setting where it has one (transformers ties by it: Gemma3ForConditionalGeneration's
-    top level), else its text config's. config_tie where transformers cannot read the config (CONFIG_UNREAD); a
-    value the configuration class trips over (CONFIG_BAD_VALUE) is a SourceModelError naming it; anything else it
-    raises is not caught. Remote code is never run (nor asked about on a terminal)."""
+def auto_config(path: os.PathLike, strict: bool = False):
+    """transformers' configuration object of the folder (what transformers and the model builder build from: a key
+    config.json omits at its class's default), None where transformers cannot read it (CONFIG_UNREAD, or is not
+    installed). A value the configuration class trips over (CONFIG_BAD_VALUE) is a SourceModelError naming it; with
+    `strict`, so is a value its strict dataclass rejects (huggingface_hub's StrictDataclassError: "4" for
+    num_hidden_layers), else that reads as unreadable. Anything else it raises is not caught. Remote code is never
+    run (nor asked about on a terminal)."""
     try:
         from huggingface_hub.errors import StrictDataclassError
         from transformers import AutoConfig
         from transformers.utils import logging as hf_logging
     except ImportError:   # no transformers: what the dict says
-        return config_tie(config)
+        return None
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()   # its notes on unusual token ids are not this check's business
     try:
-        cfg = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
-    except CONFIG_UNREAD + (StrictDataclassError,):
-        return config_tie(config)
+        return AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+    except StrictDataclassError as e:
+        if not strict:
+            return None
+        # "Validation error for field 'num_hidden_layers':\n    TypeError: Field 'num_hidden_layers' expected int,
+        # got str (value: '4')": its lines in one
+        why = "; ".join(ln.strip() for ln in str(e).splitlines() if ln.strip()).replace(":;", ":")
+        raise SourceModelError(f"config.json: a value its configuration class rejects: {why[:300]}", path=str(path),
+                               hint="fix the value in config.json (a number written as a number, not a string); "
+                                    "--debug shows the traceback") from None
+    except CONFIG_UNREAD:
+        return None
     except CONFIG_BAD_VALUE as e:   # a value its configuration class trips over: the config is wrong, said in a line
         from edgekit.convert.llm_fidelity import load_error
 
@@ -304,13 +314,55 @@ def effective_tie(path: os.PathLike, config: Dict[str, Any]) -> bool:
                               "shows the traceback") from None
     finally:
         hf_logging.set_verbosity(level)
-    value = getattr(cfg, "tie_word_embeddings", None)
-    if value is None:
+
+
+def _tie_of(cfg, config: Dict[str, Any]) -> bool:
+    """effective_tie's answer from auto_config's object (None: the dict's, config_tie)."""
+    value = getattr(cfg, "tie_word_embeddings", None) if cfg is not None else None
+    if value is None and cfg is not None:
         try:
             value = getattr(cfg.get_text_config(), "tie_word_embeddings", None)
         except ValueError:   # transformers 5: more than one text config, none the text config
             value = None
     return config_tie(config) if value is None else bool(value)
+
+
+def effective_tie(path: os.PathLike, config: Dict[str, Any]) -> bool:
+    """Whether the model ties its lm_head to the embedding table, as transformers (and the model builder, which
+    reads the same AutoConfig) takes it: the configuration class's value, its default where config.json omits
+    the key; the model's own setting where it has one (transformers ties by it: Gemma3ForConditionalGeneration's
+    top level), else its text config's. config_tie where transformers cannot read the config (CONFIG_UNREAD, a
+    value its strict dataclass rejects); a value the configuration class trips over (CONFIG_BAD_VALUE) is a
+    SourceModelError naming it (auto_config)."""
+    return _tie_of(auto_config(path), config)
+
+
+# the sizes LMSource.dims reads from config.json's text settings, with transformers' class defaults where it omits
+# them (gemma-3-4b-it's text_config names no num_attention_heads): those without which no bundle can be described
+DIM_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+            "vocab_size", "max_position_embeddings")
+REQUIRED_DIMS = ("num_hidden_layers", "hidden_size", "num_attention_heads")
+
+
+def class_dims(cfg) -> Dict[str, Any]:
+    """DIM_KEYS of auto_config's object's text config (transformers' values: config.json's, else its class's
+    defaults); {} where there is none."""
+    if cfg is None:
+        return {}
+    try:
+        text = cfg.get_text_config()
+    except ValueError:
+        return {}
+    out = {}
+    for k in DIM_KEYS:
+        try:
+            v = getattr(text, k, None)
+        except (AttributeError, ValueError, RuntimeError):   # a per-layer attribute (Gemma 4's head_dim: its
+            # AmbiguousGlobalPerLayerAttributeError) has no one value
+            v = None
+        if isinstance(v, int) and not isinstance(v, bool):
+            out[k] = v
+    return out
 
 
 @dataclass
@@ -321,6 +373,9 @@ class LMSource:
     sha256: str
     bytes: int
     tied_embeddings: Optional[bool] = None   # read_source: effective_tie; None: config_tie of the dict
+    # DIM_KEYS as transformers reads them (class_dims: its class defaults where config.json omits one); read where
+    # config.json's text settings have no value
+    defaults: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def tied(self) -> bool:
@@ -332,13 +387,27 @@ class LMSource:
         return min(int(self.dims()["max_positions"] or t.llm.context_max), t.llm.context_max)
 
     def dims(self) -> Dict[str, Any]:
+        """The model's sizes: config.json's text settings, transformers' class defaults (`defaults`) where it has
+        none. Without num_hidden_layers, hidden_size or num_attention_heads (a whole number above 0) from either, a
+        SourceModelError naming the key."""
         c = text_config(self.config)
-        heads = int(c.get("num_attention_heads", 0) or 0)
-        hidden = int(c.get("hidden_size", 0) or 0)
-        return {"vocab": c.get("vocab_size"), "layers": c.get("num_hidden_layers"), "hidden": hidden,
-                "heads": heads, "kv_heads": int(c.get("num_key_value_heads", heads) or heads),
-                "head_dim": int(c.get("head_dim") or (hidden // heads if heads else 0)),
-                "max_positions": c.get("max_position_embeddings")}
+
+        def get(k):
+            v = c.get(k)
+            return self.defaults.get(k) if v is None else v
+
+        for k in REQUIRED_DIMS:
+            v = get(k)
+            if not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+                raise SourceModelError(
+                    "config.json " + (f"has no {k}" if v is None else f"{k} is {v!r}, not a whole number above 0"),
+                    path=str(self.path), hint=f"write the checkpoint's {k} into config.json (the one its weights "
+                                              "were saved with), or fetch the checkpoint again")
+        layers, hidden, heads = get("num_hidden_layers"), get("hidden_size"), get("num_attention_heads")
+        return {"vocab": get("vocab_size"), "layers": layers, "hidden": hidden,
+                "heads": heads, "kv_heads": int(get("num_key_value_heads") or heads),
+                "head_dim": int(get("head_dim") or hidden // heads),
+                "max_positions": get("max_position_embeddings")}
 
 
 # what a Git LFS pointer file holds in place of the file (a clone without git-lfs, or GIT_LFS_SKIP_SMUDGE=1): about
@@ -473,6 +542,55 @@ def _check_tokenizer_source(p: Path) -> None:
                                    "does for the bundle)", path=str(p), hint=e.hint) from None
 
 
+def chat_templates(p: Path) -> List[Tuple[str, str]]:
+    """The folder's chat templates as (where, text): chat_template.jinja, else tokenizer_config.json's chat_template
+    (a string, or transformers' list of {"name", "template"}); those a bundle's tokenizer carries and the runtime
+    renders (runtime.llmtemplate.source_template reads the first)."""
+    jinja = p / "chat_template.jinja"
+    try:
+        if jinja.is_file():
+            return [("chat_template.jinja", jinja.read_text(encoding="utf-8"))]
+        tc = json.loads((p / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):   # unreadable, not UTF-8, not JSON: the tokenizer's checks say so
+        return []
+    t = tc.get("chat_template") if isinstance(tc, dict) else None
+    if isinstance(t, str):
+        return [("tokenizer_config.json's chat_template", t)]
+    if isinstance(t, list):
+        return [(f"tokenizer_config.json's chat_template {d.get('name')!r}", d["template"]) for d in t
+                if isinstance(d, dict) and isinstance(d.get("template"), str)]
+    return []
+
+
+def _check_chat_template(p: Path) -> None:
+    """Refuse a chat template that does not compile as Jinja (a `}` short of `}}`, an unknown filter...):
+    transformers renders none of the conversations with it, and the bundle's every chat would fail on the device
+    with a message blaming the messages. Compiled as transformers compiles it; a template that compiles but refuses
+    a conversation (raise_exception on a system message) is not this check's business (_template_check)."""
+    found = chat_templates(p)
+    if not found:
+        return
+    from jinja2 import TemplateSyntaxError
+
+    try:   # transformers' own compilation: its {% generation %} tag, filters and globals
+        from transformers.utils.chat_template_utils import _compile_jinja_template as compile_template
+    except ImportError:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        compile_template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                         extensions=["jinja2.ext.loopcontrols"]).parse
+    for where, text in found:
+        try:
+            compile_template(text)
+        except ImportError:   # a jinja2 transformers refuses to render with: its own error, where it renders
+            return
+        except TemplateSyntaxError as e:   # a syntax error; an unknown filter or test (TemplateAssertionError)
+            raise SourceModelError(f"{where} does not parse as a Jinja template: {e.message} (line {e.lineno})",
+                                   path=str(p), hint="fix the template (the checkpoint's original, or fetch the "
+                                                     "file again): transformers and the device render every chat "
+                                                     "with it") from None
+
+
 def read_source(path: str) -> LMSource:
     """Check a Hugging Face causal-LM folder before any work: config, architecture, weights. A hub cache
     repository folder (models--ORG--NAME) is read at its refs/main snapshot (hf_config.hub_snapshot)."""
@@ -525,9 +643,13 @@ def read_source(path: str) -> LMSource:
                                hint="download the checkpoint's remaining shards")
     files = source_files(p, config)
     _check_lfs_pointers(p, files)
+    cfg = auto_config(p, strict=True)   # a value its class rejects: config.json's fault, said before the tokenizer's
     _check_tokenizer_source(p)
+    _check_chat_template(p)
+    # its sizes (dims) are checked where first read: the k_quant block check, the session's context, both before
+    # any build (a stand-in folder transformers cannot read is still a source here)
     return LMSource(p, config, arch, sha256_files(p, files), sum(f.stat().st_size for f in files),
-                    effective_tie(p, config))
+                    _tie_of(cfg, config), class_dims(cfg))
 
 
 def source_files(p: Path, config: Optional[Dict[str, Any]] = None) -> List[Path]:
@@ -609,8 +731,8 @@ class LLMBuildOptions:
         """Blocks of an INT4 build's 8-bit lm_head (the first dividing K, else int8_blocks'): 128, then 64. The
         lm_head is the largest matrix a token reads (Gemma 3 270M's 262,144 x 640 is 62% of its weights), and MLAS's
         8-bit M = 1 kernel runs it much faster at 128 (1 thread, EPYC: 262,144 x 640 13.3 -> 7.6 ms, Qwen2.5-0.5B's
-        151,936 x 896 8.6 -> 7.8 ms; Qwen2.5-0.5B's shapes decoded 36.3 -> 38.4 tok/s, 6 rounds alternating) with
-        fewer scales; its own cost, measured alone on 750 held-out tokens against the float lm_head: Gemma 3 270M's
+        151,936 x 896 8.6 -> 7.8 ms; in whole models, 6 rounds alternating, medians: Qwen2.5-0.5B's shapes decoded
+        36.3 -> 38.4 tok/s, Gemma 3 270M 41.6 -> 42.6, the ranges overlapping) with fewer scales; its own cost, measured alone on 750 held-out tokens against the float lm_head: Gemma 3 270M's
         KL 0.0009 -> 0.0016, perplexity +0.04% -> +0.13% (an INT4 build's KL is ~0.07). Where 128 does not divide K
         (SmolLM2's 576) it stays 64: padded to 128 it was 10% faster alone but 9% larger, KL 0.0021 -> 0.0035. The
         last position's logits are then not bit-identical between one row and a batch (MLAS sums a 128-block's
@@ -1042,8 +1164,11 @@ class LLMRecipe:
         if self.compat_check not in LLM_COMPAT:
             raise EdgekitError(f"compatibility check {self.compat_check!r} is not one a language model takes",
                                hint="one of " + ", ".join(LLM_COMPAT) + " (accept-crash is for TFLite artifacts)")
-        if self.val_tokens < 32 or self.window < 16:
-            raise EdgekitError("val_tokens must be at least 32 and window at least 16")
+        if self.val_tokens < 32:
+            raise EdgekitError(f"--val-tokens {self.val_tokens}: fidelity is measured on at least 32 tokens",
+                               hint="give --val-tokens 32 or more (default 1024)")
+        if self.window < 16:   # not a CLI option: the API's
+            raise EdgekitError(f"window {self.window}: a teacher-forced window is at least 16 tokens")
 
     def floor_for(self, precision: str) -> LLMFloor:
         """The floor a row starting at `precision` must meet (its ladder's rungs too)."""
@@ -1185,6 +1310,8 @@ class _Session:
         self.floor = recipe.floor
         progress.say(f"{src.path.name}: loading the float model ({src.architecture}) in torch")
         self.float = FloatModel(src.path)
+        if self.float.load_report:   # transformers' notes on loading the weights: the log's, not the terminal's
+            log.write(f"loading the float model:\n{self.float.load_report}\n")
         if recipe.val:
             vp = Path(recipe.val)
             try:
@@ -1708,10 +1835,37 @@ def _write_bundle(s: _Session, row: LLMRow, t: TargetProfile, opts: LLMBuildOpti
         _stage_bundle(s, row, t, opts, rec, dest, device_check, at)
     except WRITE_FAILURES + _ort_errors() as e:
         s.log.write(f"writing {dest.name} failed at {at.step}:\n{traceback.format_exc()}\n")
-        detail = str(e).splitlines()[0][:300] if str(e).strip() else ""
-        raise BundleWriteError(f"writing the bundle failed at {at.step}: {type(e).__name__}"
-                               + (f": {detail}" if detail else ""), stage="bundle",
-                               hint="its traceback is in the convert log") from None
+        what, detail, code = _write_failure(e)
+        raise BundleWriteError(f"writing the bundle failed at {at.step}: {what}" + (f": {detail}" if detail else ""),
+                               stage="bundle",
+                               hint=(f"free space on the disk of {dest.parent} or choose another --out; "
+                                     if code == errno.ENOSPC else
+                                     f"{dest.parent} is on a read-only file system: choose another --out; "
+                                     if code == errno.EROFS else "") + "its traceback is in the convert log") from None
+
+
+_ERRNO = re.compile(r"\[Errno (\d+)\] ([^:]*)")
+
+
+def _write_failure(e: BaseException) -> Tuple[str, str, Optional[int]]:
+    """(the exception's type name, its message's first line (at most 300 characters), its errno) for the line a
+    failed bundle write ends with. shutil.copytree's shutil.Error holds a list of (source, destination, reason) for
+    every file that failed: the first reason is the message ("[Errno 28] No space left on device: SRC -> DST": the
+    error and DST's file name), its errno read from it, and how many more there were."""
+    code = getattr(e, "errno", None)
+    if isinstance(e, shutil.Error) and e.args and isinstance(e.args[0], list) and e.args[0]:
+        entries = e.args[0]
+        first = entries[0]
+        why = str(first[-1]) if isinstance(first, (tuple, list)) and first else str(first)
+        m = _ERRNO.match(why)
+        if m:
+            code = int(m.group(1))
+            dst = first[1] if isinstance(first, (tuple, list)) and len(first) == 3 else None
+            why = f"[Errno {code}] {m.group(2)}" + (f": {Path(str(dst)).name}" if dst else "")
+        more = f" (and {len(entries) - 1} other file(s))" if len(entries) > 1 else ""
+        return "OSError", (why.splitlines()[0][:300] if why.strip() else "?") + more, code
+    detail = str(e).splitlines()[0][:300] if str(e).strip() else ""
+    return type(e).__name__, detail, code
 
 
 # what _write_bundle turns into a failed row (a BundleWriteError) rather than a traceback: a tool it runs refusing
@@ -2170,21 +2324,28 @@ def convert_llm(recipe: LLMRecipe, out: str = "build", *, progress: Optional[Pro
     made = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / f"{name}.convert.log"
+    # the log is written under a temporary name and renamed into place with the report: a run that ends early
+    # leaves an earlier run's log (the one its NAME.convert.json names) as it was
+    work_log = out_dir / f".{name}.convert.log.tmp-{os.getpid()}"
     import torch
 
     threads = torch.get_num_threads()   # the float model sets its own (free cores); put back afterwards
     try:
-        result = _convert(recipe, src, plans, out_dir, name, log_path, progress, device)
-    except EdgekitError:
-        # a user's problem that ends the run (the float model unreadable, too little memory for the builder): its
-        # half-written log goes, and the --out folder this run made where nothing else is in it
-        log_path.unlink(missing_ok=True)
+        result = _convert(recipe, src, plans, out_dir, name, work_log, progress, device)
+    except (EdgekitError, KeyboardInterrupt):
+        # a user's problem that ends the run (the float model unreadable, too little memory for the builder), or
+        # Ctrl-C: its half-written log goes, and the --out folder this run made where nothing else is in it (the
+        # bundles are staged beside their destination and removed by staged_dir as the exception passes)
+        work_log.unlink(missing_ok=True)
         if made:
             with contextlib.suppress(OSError):
                 out_dir.rmdir()
         raise
     finally:
         torch.set_num_threads(threads)
+        if work_log.exists():   # the run's log, in place (a bug's too: beside its traceback)
+            os.replace(work_log, log_path)
+    result.log_path = log_path
     result.report_path = out_dir / f"{name}.convert.json"
     write_json_atomic(result.report_path, result.to_dict())
     if result.failed:

@@ -21,8 +21,10 @@ Only this module and edgekit.convert.llm import torch / transformers (on the con
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -111,6 +113,66 @@ def load_error(folder: Path, what: str, e: BaseException, hint: Optional[str] = 
                                  "names is installed; --debug shows the traceback")
 
 
+@contextlib.contextmanager
+def _captured_load_report():
+    """transformers' warnings while it loads weights (its LOAD REPORT of missing / unexpected / mismatched keys) kept
+    out of the terminal: the lines are collected into the list yielded (check_loading_info says what matters)."""
+    import logging
+
+    lines: List[str] = []
+
+    class _Keep(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    logger = logging.getLogger("transformers.modeling_utils")
+    handler, propagate = _Keep(logging.WARNING), logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+
+
+def _natural(name: str):
+    """'model.layers.10.x' after 'model.layers.4.x' (numbers compared as numbers)."""
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", name)]
+
+
+def check_loading_info(folder: Path, model, info: Dict[str, Any]) -> None:
+    """Refuse a model transformers built otherwise than the checkpoint's weights (from_pretrained's
+    output_loading_info): weights the model has that the checkpoint lacks (initialised at random: a config.json
+    without num_hidden_layers builds transformers' default of 32 layers; every name with a prefix such as
+    `base_model.`), weights the checkpoint has that the model does not take (config.json naming fewer layers than
+    the weights hold: a truncated model, measured against itself), and weights of another shape. Names transformers
+    itself lets go (a tied lm_head, its _keys_to_ignore_on_load_* patterns, old rotary buffers) are not in the info."""
+    missing = sorted(info.get("missing_keys") or (), key=_natural)
+    unexpected = sorted(info.get("unexpected_keys") or (), key=_natural)
+    mismatched = sorted(info.get("mismatched_keys") or (), key=lambda t: _natural(str(t[0])))
+    if not (missing or unexpected or mismatched):
+        return
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} weight(s) missing (first {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (first {unexpected[0]})")
+    if mismatched:
+        name, ckpt, built = mismatched[0][:3]
+        parts.append(f"{len(mismatched)} of another shape (first {name}: {list(ckpt)} in the checkpoint, "
+                     f"{list(built)} from config.json)")
+    try:
+        layers = getattr(model.config.get_text_config(), "num_hidden_layers", None)
+    except (AttributeError, ValueError):
+        layers = None
+    raise SourceModelError("config.json does not match the weights: " + ", ".join(parts), path=str(folder),
+                           hint="check config.json's num_hidden_layers" + (f" ({layers} layers built)" if layers
+                                                                             else "")
+                                + " and sizes against the weights, and the weight names' prefix (no 'base_model.' "
+                                  "or 'model.model.'); or fetch the checkpoint again")
+
+
 # generate()'s options that change which token a greedy or sampled step picks (logits processors), at the values
 # that leave the logits alone. transformers 5 fills every option a call leaves unset (None) from the checkpoint's
 # generation_config.json: Qwen2.5-Instruct's repetition_penalty 1.1, other checkpoints' no_repeat_ngram_size,
@@ -159,6 +221,7 @@ class FloatModel:
             raise load_error(self.folder, "tokenizer", e) from e
         self._auto = AutoModelForCausalLM
         self._model = None   # read now (the parameter count) and by .model after a release() dropped it
+        self.load_report = ""   # transformers' warnings while loading the weights (for the convert log)
         self.params = int(sum(p.numel() for p in self.model.parameters()))
         self._ref: Dict[int, np.ndarray] = {}
         torch.set_num_threads(threads or free_cores())
@@ -168,11 +231,18 @@ class FloatModel:
         """The torch model, read from the folder again if release() dropped it."""
         if self._model is None:
             try:
-                m = self._auto.from_pretrained(str(self.folder), dtype=self.torch.float32).eval()
+                # shapes that differ are loaded (and refused by check_loading_info in one line), not raised on
+                # after a report the terminal does not show
+                with _captured_load_report() as report:
+                    m, info = self._auto.from_pretrained(str(self.folder), dtype=self.torch.float32,
+                                                         output_loading_info=True, ignore_mismatched_sizes=True)
             except EdgekitError:
                 raise
             except Exception as e:
                 raise load_error(self.folder, "float model", e) from e
+            self.load_report = "\n".join(report)
+            check_loading_info(self.folder, m, info)
+            m.eval()
             split_gate_up(m)   # Phi-3's fused gate_up_proj as the builder writes it: two MatMuls, two Linears
             self._model = m
         return self._model

@@ -40,9 +40,11 @@ CALIBRATION_PROMPTS = (
 
 # builder node segment -> the Hugging Face Linear names it packs
 _PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-# builder node segment -> the Hugging Face Linear it names otherwise (phi-2's attention output is `dense`; without
-# this its node was never measured, chosen or calibrated)
-_RENAMED = {"o_proj": ("dense",)}
+# builder node segment -> the Hugging Face Linears it may name otherwise, each alternative a tuple (phi-2's attention
+# output is `dense`, LFM2's `out_proj`; LFM2's feed_forward is w1 / w3 / w2 for gate / up / down, which its builder
+# aliases): without these their nodes were never measured, chosen or calibrated, and stayed asymmetric INT8
+_RENAMED = {"o_proj": (("dense",), ("out_proj",)), "gate_proj": (("w1",),), "up_proj": (("w3",),),
+            "down_proj": (("w2",),)}
 
 
 def kquant_search(x, bits: int):
@@ -100,7 +102,8 @@ def fake_quant(w, block: int, bits: int, algo: str):
 
 def matmul_modules(model, matmuls: Dict[int, List[str]]) -> Dict[str, List[Any]]:
     """The builder's decoder MatMul node names -> the torch Linear modules whose weights each one holds (a packed
-    qkv_proj holds q/k/v; phi-2's o_proj is its `dense`; Phi-3's gate_proj / up_proj, which the builder splits from
+    qkv_proj holds q/k/v; phi-2's o_proj is its `dense`, LFM2's its `out_proj`, LFM2's gate / up / down_proj its
+    feed_forward's w1 / w3 / w2; Phi-3's gate_proj / up_proj, which the builder splits from
     its fused gate_up_proj, are the two Linears llm_fidelity.split_gate_up makes of it: the model is split first
     if it was not, as FloatModel loads it). Nodes without a match are left out (never measured, never chosen,
     never calibrated)."""
@@ -115,7 +118,7 @@ def matmul_modules(model, matmuls: Dict[int, List[str]]) -> Dict[str, List[Any]]
         linears = {n.rsplit(".", 1)[-1]: m for n, m in layers[i].named_modules() if isinstance(m, torch.nn.Linear)}
         for node in names:
             seg = node.rstrip("/").split("/")[-2] if "/" in node else node
-            for want in ((seg,),) if seg in linears else (_PACKED.get(seg, (seg,)), _RENAMED.get(seg, ())):
+            for want in ((seg,),) if seg in linears else (_PACKED.get(seg, (seg,)), *_RENAMED.get(seg, ())):
                 mods = [linears[w] for w in want if w in linears]
                 if mods and len(mods) == len(want):
                     out[node] = mods
