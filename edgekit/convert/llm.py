@@ -892,8 +892,9 @@ BUILDER_FP32_COPIES = 2.5
 # run is refused in one line (_Session._make_room) rather than killed by the OOM killer inside the builder; between
 # it and BUILDER_FP32_COPIES the build is tried (the 1.5B build above fit a 14 GiB cgroup with 2.05)
 BUILDER_FP32_MEASURED = 2.2
-# An untied embedding table's 8-bit block (llm_gptq.quantize_embedding): the first dividing the hidden size, as
-# the 8-bit lm_head's (LLMBuildOptions.int8_blocks). CPU builds: GatherBlockQuantized on CUDA is not measured here.
+# An untied embedding table's 8-bit block (llm_gptq.quantize_embedding): the first dividing the hidden size (a
+# Gather reads one row a token: its block costs no speed; a tied table is the lm_head's, at int8_head_blocks). CPU
+# builds: GatherBlockQuantized on CUDA is not measured here.
 EMBED_BLOCKS = (64, 32, 16)
 @contextlib.contextmanager
 def _quantizer_hooks(progress: Optional[Progress], label: str, log: io.StringIO):
