@@ -166,6 +166,11 @@ def test_each_error_status_over_raw_http(server):
     for (st, body), want_st, want_type, want_code in cases:
         assert st == want_st and body["error"]["type"] == want_type and body["error"]["code"] == want_code, body
         assert body["error"]["message"]
+    for path, doc, param in ((chat, {"model": M, "messages": [{"role": "user", "content": "lamp " * 2000}]},
+                              "messages"),
+                             ("/v1/completions", {"model": M, "prompt": "lamp " * 2000}, "prompt")):
+        st, body = post(path, doc)   # the param names the field that holds the text
+        assert st == 400 and body["error"]["code"] == "context_length_exceeded" and body["error"]["param"] == param
     st, body = post("/v2/models/" + M + "/generate", b'{"text_input": ' + deep + b"}")
     assert st == 400 and "nested too deeply" in body["error"]
     st, body = post("/v2/models/nope/generate", {"text_input": "x"})

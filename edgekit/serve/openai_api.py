@@ -358,7 +358,8 @@ class LLMApi:
         except EngineFailed as e:
             err = ApiError(503, str(e), "model_not_ready")
         except TooLong as e:
-            err = ApiError(400, str(e), "context_length_exceeded", "messages")
+            err = ApiError(400, str(e), "context_length_exceeded",   # the field holding the text, per endpoint
+                           "messages" if path.rstrip("/").endswith("/chat/completions") else "prompt")
         except DataError as e:
             err = ApiError(400, str(e), "invalid_value")
         except ApiError as e:
