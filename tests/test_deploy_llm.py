@@ -208,6 +208,21 @@ def test_new_release_sharing_files_sends_only_what_differs(lab, bundle, tmp_path
     assert p.rehashed_bytes == 0 and p.plan.raw["rehashed_bytes"] == 0
 
 
+def test_hand_edited_llm_manifest_is_one_line_before_any_upload(bundle, tmp_path):
+    """deploy reads a language model's context and KV bytes for its memory check: a manifest edited by hand to a
+    wrong type there is the runtime's one line naming manifest.json and the key (it was a ValueError)."""
+    from edgekit.deploy import artifact
+    from edgekit.errors import BundleError
+
+    copy = tmp_path / bundle.name
+    shutil.copytree(bundle, copy)
+    man = json.loads((copy / "manifest.json").read_text())
+    man.setdefault("llm", {})["context_default"] = "big"
+    (copy / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(BundleError, match="llm.context_default is 'big'"):
+        artifact.read_one(copy)
+
+
 def test_release_id_from_the_stores_verified_digests(tmp_path):
     """releases.store/activate given the object store's verified digests compute the release id from them
     (bundle.sha256_tree's formula) without reading the files, and refuse a directory that is not exactly
