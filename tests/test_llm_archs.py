@@ -588,6 +588,17 @@ def test_sweep_archs_convert_int8_as_their_float_model(arch, tmp_path):
     lm = load(row.path)   # ONNX Runtime GenAI carries the conv states itself
     lm.generate(corpus_text(3, seed=11), max_new_tokens=8)
     assert lm.last["new_tokens"] > 0
+    # the batching server (edgekit serve) holds KV rows of one size only: LFM2's conv states and Gemma 4's
+    # wider full-attention layers are one line saying so before any request (they failed at the first one)
+    from edgekit.errors import BundleError
+    from edgekit.runtime.llm_batch import BatchedDecoder
+
+    cfg = json.loads((row.path / "model" / "genai_config.json").read_text())
+    if arch.startswith("lfm2") or arch == "gemma4_unified":
+        with pytest.raises(BundleError, match="convolution states" if arch.startswith("lfm2") else "sizes every layer"):
+            BatchedDecoder(row.path / "model", cfg, threads=1, slots=2, capacity=64)
+    else:
+        BatchedDecoder(row.path / "model", cfg, threads=1, slots=2, capacity=64).close()
 
 
 def test_builder_refusals_in_one_line(tmp_path):

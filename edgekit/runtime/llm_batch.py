@@ -254,9 +254,26 @@ class BatchedDecoder:
             wanted.add(self.in_pos)
         missing = sorted(wanted - set(have))
         extra = sorted(set(have) - wanted)
+        conv = [n for n in extra if n.startswith("past.") and n.endswith(".conv")]
+        if conv:   # LFM2: short-convolution layers carry a state of their own, which this server's rows do not hold
+            raise BundleError(f"the batching server does not hold the convolution states this model's layers carry "
+                              f"({', '.join(conv[:3])}{', ...' if len(conv) > 3 else ''}: LFM2's form)",
+                              path=str(model_dir),
+                              hint="edgekit run / chat (and LanguageModel.generate / chat) run it; edgekit serve "
+                                   "does not yet")
         if missing or extra:
             raise BundleError(f"the decoder graph's inputs do not fit the batching server (missing {missing}, "
                               f"unexpected {extra})", path=str(model_dir))
+        odd = sorted({(i, int(have[k].shape[1]), int(have[k].shape[3])) for i, (k, _) in enumerate(self.past)
+                      if isinstance(have[k].shape[1], int) and isinstance(have[k].shape[3], int)
+                      and (have[k].shape[1], have[k].shape[3]) != (self.kv_heads, self.head_dim)})
+        if odd:   # Gemma 4: full-attention layers with another head size / KV head count than the sliding ones
+            i, heads, dim = odd[0]
+            raise BundleError(f"layer {i}'s KV cache is {heads} heads x {dim} where genai_config says "
+                              f"{self.kv_heads} x {self.head_dim} ({len(odd)} such layer(s)): the batching server "
+                              "sizes every layer alike", path=str(model_dir),
+                              hint="edgekit run / chat (and LanguageModel.generate / chat) run it; edgekit serve "
+                                   "does not yet")
         kv_type = have[self.past[0][0]].type
         self.kv_dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16}.get(kv_type)
         if self.kv_dtype is None:
