@@ -757,6 +757,23 @@ def test_interrupted_convert_leaves_nothing_and_keeps_the_earlier_log(tmp_path, 
         r = cli("convert", d, "-t", "x86-avx512-vnni", "--precision", "int8", "--name", "m", "--val-tokens", "64",
                 "-o", tmp_path / "viacli")
     assert r.exit_code == 130 and "Traceback" not in r.output and not (tmp_path / "viacli").exists(), r.output
+    # interrupted after one target's bundle was written over an earlier run: that bundle stays with this run's log,
+    # and the earlier report (which no longer describes the folder) goes; the CLI says what stayed
+    walk, calls = llm._walk, []
+
+    def second_interrupts(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return walk(*a, **k)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(llm, "_walk", second_interrupts)
+        r = cli("convert", d, "-t", "x86-avx512-vnni", "-t", "x86-avx2", "--precision", "int8", "--name", "m",
+                "--val-tokens", "64", "-o", old)
+    assert r.exit_code == 130 and "1 bundle(s) finished before it stay" in r.output, r.output
+    assert sorted(p.name for p in old.iterdir()) == ["m-x86-avx512-vnni-int8", "m.convert.log"], list(old.iterdir())
+    assert (old / "m.convert.log").read_text() != "the earlier run's log\n"
 
 
 def test_bundle_write_failure_on_a_full_disk_is_one_readable_line(tmp_path, monkeypatch):

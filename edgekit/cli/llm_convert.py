@@ -183,8 +183,11 @@ def convert_language_model(ctx, p) -> None:
         if html_report and e.result is not None:   # a missed floor still writes its report (DESIGN: Errors)
             _html_report(p["out"], err=True)
         raise
-    except KeyboardInterrupt:   # convert_llm cleaned up what this run wrote; exit as a Ctrl-C'd `edgekit run` does
-        click.echo("interrupted: nothing of this run was kept", err=True)
+    except KeyboardInterrupt as e:   # convert_llm removed the unfinished step; exit as a Ctrl-C'd `edgekit run` does
+        kept = getattr(e, "kept", [])
+        click.echo("interrupted: " + (f"{len(kept)} bundle(s) finished before it stay, with this run's log and no "
+                                      f"report: {', '.join(kept)}" if kept else "nothing of this run was kept"),
+                   err=True)
         raise click.exceptions.Exit(130)
     if p["as_json"]:
         click.echo(json.dumps(result.to_dict(), indent=2, default=str))

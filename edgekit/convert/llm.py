@@ -2331,12 +2331,26 @@ def convert_llm(recipe: LLMRecipe, out: str = "build", *, progress: Optional[Pro
     import torch
 
     threads = torch.get_num_threads()   # the float model sets its own (free cores); put back afterwards
+    written: List[Path] = []   # bundles this run finished writing (a multi-target run, or Ctrl-C while cleaning up)
     try:
-        result = _convert(recipe, src, plans, out_dir, name, work_log, progress, device)
-    except (EdgekitError, KeyboardInterrupt):
-        # a user's problem that ends the run (the float model unreadable, too little memory for the builder), or
-        # Ctrl-C: its half-written log goes, and the --out folder this run made where nothing else is in it (the
-        # bundles are staged beside their destination and removed by staged_dir as the exception passes)
+        result = _convert(recipe, src, plans, out_dir, name, work_log, progress, device, written)
+    except KeyboardInterrupt as e:
+        # Ctrl-C: the step in progress goes (bundles are staged beside their destination and removed by staged_dir
+        # as the exception passes). Bundles already finished stay: this run's log stays with them as NAME's log, and
+        # an earlier run's report, which no longer describes them, goes. Nothing finished: as a refusal, below.
+        e.kept = [str(p) for p in written]
+        if written:
+            os.replace(work_log, log_path)
+            (out_dir / f"{name}.convert.json").unlink(missing_ok=True)
+        else:
+            work_log.unlink(missing_ok=True)
+            if made:
+                with contextlib.suppress(OSError):
+                    out_dir.rmdir()
+        raise
+    except EdgekitError:
+        # a user's problem that ends the run (the float model unreadable, too little memory for the builder): its
+        # half-written log goes, and the --out folder this run made where nothing else is in it
         work_log.unlink(missing_ok=True)
         if made:
             with contextlib.suppress(OSError):
@@ -2375,7 +2389,7 @@ def _failure_hint(row: LLMRow) -> str:
 
 
 def _convert(recipe: LLMRecipe, src: LMSource, plans, out_dir: Path, name: str, log_path: Path,
-             progress: Progress, device=None) -> LLMConvertResult:
+             progress: Progress, device=None, written: Optional[List[Path]] = None) -> LLMConvertResult:
     with tempfile.TemporaryDirectory(prefix="edgekit-llm-") as wd, open(log_path, "w", encoding="utf-8") as log:
         log.write(f"edgekit {edgekit.__version__} convert {recipe.model} (language model)\n")
         s = _Session(recipe, src, Path(wd), progress, log)
@@ -2427,6 +2441,9 @@ def _convert(recipe: LLMRecipe, src: LMSource, plans, out_dir: Path, name: str, 
                     _write_bundle(s, row, t, chosen, rec, dest)
                 except EdgekitError as e:   # the stage it failed at (BundleWriteError, compat's ConversionError)
                     row.ok, row.reason, row.stage = False, str(e), getattr(e, "stage", None) or "bundle"
+                else:
+                    if written is not None:
+                        written.append(dest)
             row.seconds = time.monotonic() - t0
             s.keep_for = s.keep_for[1:]   # this row's builds are written or failed: those no later row takes go
             s.sweep()
