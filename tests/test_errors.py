@@ -213,6 +213,13 @@ def test_an_oserror_on_a_path_is_one_line_exit_2_and_a_traceback_with_debug(tmp_
     with pytest.raises(OSError):
         cli("--debug", "bench", tmp_path / "m.onnx", "--runs", 1, "--out", out)
 
+    def no_tool(path, data):   # a missing executable is ENOENT naming it: not the user's path, not "choose another"
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "unshare")
+
+    monkeypatch.setattr(edgekit.bundle, "write_json_atomic", no_tool)
+    with pytest.raises(FileNotFoundError):
+        cli("bench", tmp_path / "m.onnx", "--runs", 1, "--out", out)
+
 
 def test_device_runtime_bench_oserror_on_out_is_one_line(tmp_path, monkeypatch, capsys):
     """`python -m edgekit.runtime bench --out DIR` (the device's CLI) wrote its traceback after the benchmark: one

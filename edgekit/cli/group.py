@@ -5,8 +5,15 @@ from __future__ import annotations
 
 import click
 
+import errno
+
 from edgekit import __version__
 from edgekit.errors import EdgekitError
+
+# the OSErrors a path the user chose can meet, where "choose another path" is the advice; others (a missing
+# executable is ENOENT with its name as the filename) keep their traceback: they are not the user's path
+PATH_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EISDIR, errno.ENOTDIR,
+               errno.EEXIST, errno.ENAMETOOLONG, errno.EXDEV}
 
 
 class _Group(click.Group):
@@ -22,7 +29,7 @@ class _Group(click.Group):
             click.echo(f"error: {e}", err=True)
             ctx.exit(e.exit_code)
         except OSError as e:
-            if e.filename is None or (ctx.obj and ctx.obj.get("debug")):
+            if e.filename is None or e.errno not in PATH_ERRNOS or (ctx.obj and ctx.obj.get("debug")):
                 raise
             where = e.filename if e.filename2 is None else e.filename2   # a rename's: the destination, not a temp
             click.echo(f"error: {where}: {e.strerror or e} (choose another path; --debug for the traceback)",

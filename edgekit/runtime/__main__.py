@@ -126,7 +126,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except OSError as e:           # a path the user gave (--out a directory, a read-only folder): one line
-        if args.debug or not (e.filename or e.filename2):
+        import errno
+
+        path_errors = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EISDIR,
+                       errno.ENOTDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.EXDEV}   # as edgekit's CLI
+        if args.debug or not (e.filename or e.filename2) or e.errno not in path_errors:
             raise
         print(f"error: {e.filename2 or e.filename}: {e.strerror} (choose another path; --debug for the "
               "traceback)", file=sys.stderr)
