@@ -730,9 +730,10 @@ class LLMBuildOptions:
     def int8_head_blocks(self) -> Tuple[int, ...]:
         """Blocks of an INT4 build's 8-bit lm_head (the first dividing K, else int8_blocks'): 128, then 64. The
         lm_head is the largest matrix a token reads (Gemma 3 270M's 262,144 x 640 is 62% of its weights), and MLAS's
-        8-bit M = 1 kernel runs it much faster at 128 (1 thread, EPYC: 262,144 x 640 13.3 -> 7.6 ms, Qwen2.5-0.5B's
-        151,936 x 896 8.6 -> 7.8 ms; in whole models, 6 rounds alternating, medians: Qwen2.5-0.5B's shapes decoded
-        36.3 -> 38.4 tok/s, Gemma 3 270M 41.6 -> 42.6, the ranges overlapping) with fewer scales; its own cost, measured alone on 750 held-out tokens against the float lm_head: Gemma 3 270M's
+        8-bit M = 1 kernel alone runs it faster at 128 (1 thread, EPYC: 262,144 x 640 13.3 -> 7.6 ms, Qwen2.5-0.5B's
+        151,936 x 896 8.6 -> 7.8 ms); in whole models a few percent (6 rounds alternating, medians: Qwen2.5-0.5B's
+        shapes decoded 36.3 -> 38.4 tok/s, Gemma 3 270M 41.6 -> 42.6, the ranges overlapping), with fewer scales.
+        Its own cost, measured alone on 750 held-out tokens against the float lm_head: Gemma 3 270M's
         KL 0.0009 -> 0.0016, perplexity +0.04% -> +0.13% (an INT4 build's KL is ~0.07). Where 128 does not divide K
         (SmolLM2's 576) it stays 64: padded to 128 it was 10% faster alone but 9% larger, KL 0.0021 -> 0.0035. The
         last position's logits are then not bit-identical between one row and a batch (MLAS sums a 128-block's

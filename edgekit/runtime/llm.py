@@ -48,10 +48,10 @@ lm.threads_chosen_by, lm.load_ms (of which lm.verify_ms hashing the files, lm.pr
 lm.backend ("onnxruntime-genai"), lm.backend_version, lm.kind == "llm",
 lm.generation_defaults (the checkpoint's own sampling settings: what the CLIs use unless told otherwise).
 
-Threads (as for other bundles): `threads=` as given (1 to 4 per usable CPU); otherwise, for a bundle, the count measured fastest among
-1, 2, 4 ... up to the ceiling: the manifest's measured choice (runtime.threads_choice, written by
-`convert --select fastest`), a probe cached for these model files, or a probe of decode speed run at this first
-load and cached (runtime.llmthreads; EDGEKIT_THREAD_PROBE=0: none). The ceiling is the target profile's
+Threads (as for other bundles): `threads=` as given (1 to 4 per usable CPU); otherwise, for a bundle, the count
+measured fastest among 1, 2, 4 ... up to the ceiling: the manifest's measured choice (runtime.threads_choice,
+written by `convert --select fastest`), a probe cached for these model files, or a probe of decode speed run at
+this first load and cached (runtime.llmthreads; EDGEKIT_THREAD_PROBE=0: none). The ceiling is the target profile's
 `runtime.threads` (its `llm.threads` where the profile has one), clamped to the CPUs this process may use
 (runtime.threads); a bare folder uses those usable CPUs. lm.threads_chosen_by (argument, manifest, cache, probe,
 profile, usable CPUs) and lm.threads_choice (the figures) say how. Whether ORT's intra-op threads spin

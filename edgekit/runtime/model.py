@@ -92,10 +92,10 @@ def load(path: Union[str, Path], *, backend: Optional[str] = None, threads: Opti
     (`runtime.backend`: the backend `--select fastest` timed the artifact on, e.g. openvino),
     used when it is installed and can open the model, else the next available backend runs it
     and `model.backend_note` says why (also in benchmark reports and golden checks).
-    Threads: `threads=` is used as given (1 to 4 per usable CPU: threads.check_threads); otherwise, for a bundle, the count measured fastest:
-    the manifest's measured choice, a cached probe, or a probe timed here once and cached (see
-    runtime.threadprobe), never above the target profile's count clamped to the CPUs this process
-    may use (affinity and cgroup quota, see runtime.threads); that ceiling where a probe is not
+    Threads: `threads=` is used as given (1 to 4 per usable CPU: threads.check_threads); otherwise, for a
+    bundle, the count measured fastest: the manifest's measured choice, a cached probe, or a probe timed
+    here once and cached (see runtime.threadprobe), never above the target profile's count clamped to the
+    CPUs this process may use (affinity and cgroup quota, see runtime.threads); that ceiling where a probe is not
     cheap. A bare file without `threads=` uses those usable CPUs. `model.threads_requested` and
     `model.threads` say what was asked and what is used; `model.threads_chosen_by` (argument,
     manifest, probe, cache, profile, usable CPUs) and `model.threads_choice` why.
