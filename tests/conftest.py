@@ -16,6 +16,19 @@ sys.path.insert(0, str(ROOT / "examples"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
+@pytest.fixture(autouse=True)
+def _edgekit_debug_restored():
+    """`edgekit --debug` run in-process (the cli fixture) sets EDGEKIT_DEBUG in this process's environment, for the
+    native-output code it reaches: put it back after each test, or every later subprocess runs in debug mode (the
+    libraries' noise on its terminal, a --json stdout no longer JSON alone)."""
+    before = os.environ.get("EDGEKIT_DEBUG")
+    yield
+    if before is None:
+        os.environ.pop("EDGEKIT_DEBUG", None)
+    else:
+        os.environ["EDGEKIT_DEBUG"] = before
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _edgekit_cache(tmp_path_factory):
     """load()'s cached thread probes (runtime.threadprobe) go to a directory of this run, not ~/.cache."""
