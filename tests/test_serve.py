@@ -678,14 +678,28 @@ def test_port_in_use_is_one_line_before_any_model_loads(cli, two, tmp_path, monk
         f"error: port {port} on 127.0.0.1 is in use by another program (choose another with --port, or stop the "
         "server there first: edgekit serve --stop --pid-file FILE for one of ours)"]
 
-    with socket.socket() as other:   # bound, not listening: binding beside it succeeds (SO_REUSEADDR) ...
-        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        other.bind(("127.0.0.1", 0))
-        port = other.getsockname()[1]
-        monkeypatch.setattr(server, "build", lambda *a: other.listen() or loaded.append(a) or real_build(*a))
-        r = cli("serve", two, "--port", port)   # ... and it listens first, while our models load
-    assert r.exit_code == 2 and len(loaded) == 1, r.output
-    assert r.output.startswith(f"error: port {port} on 127.0.0.1 is in use") and "Traceback" not in r.output
+    # bound, not listening: binding beside it succeeds (SO_REUSEADDR) ... and it listens first, while our models
+    # load. In its own process: the models loaded in this one (beside TensorFlow, which the digits fixture imports)
+    # and left by the refusal broke pytest's own capture files at teardown
+    code = (
+        "import socket, sys\n"
+        "import edgekit.serve.server as server\n"
+        "from edgekit.cli import cli\n"
+        "other = socket.socket()\n"
+        "other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+        "other.bind(('127.0.0.1', 0))\n"
+        "port = other.getsockname()[1]\n"
+        "real = server.build\n"
+        "server.build = lambda *a: (other.listen(), print('loading', flush=True), real(*a))[-1]\n"
+        "print(port, flush=True)\n"
+        f"sys.argv = ['edgekit', 'serve', {str(two)!r}, '--port', str(port)]\n"
+        "cli()\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(ROOT), timeout=300,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    port = p.stdout.split()[0]
+    assert p.returncode == 2 and p.stdout.split()[1:] == ["loading"], (p.stdout, p.stderr)
+    last = p.stderr.strip().splitlines()[-1]   # after the server's log line of the model it loaded
+    assert last.startswith(f"error: port {port} on 127.0.0.1 is in use") and "Traceback" not in p.stderr, p.stderr
 
 
 def test_port_0_reports_the_port_bound(two, tmp_path):
