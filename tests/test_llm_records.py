@@ -73,7 +73,7 @@ def test_algo_not_applied_to_a_profiles_precision_is_said(tiny_src, tmp_path, mo
     from edgekit.convert import llm as llm_mod
     from edgekit.progress import Progress
 
-    def no_work(recipe, src, plans, out_dir, name, log_path, progress, device=None):
+    def no_work(recipe, src, plans, out_dir, name, log_path, progress, device=None, written=None):
         return llm_mod.LLMConvertResult(name, recipe.to_dict(), {}, "", recipe.floor, log_path=log_path)
 
     monkeypatch.setattr(llm_mod, "_convert", no_work)
